@@ -1,0 +1,488 @@
+"""`hydra-ablate`: run the local stack (`serve`, `demo`) and drive the API from a shell (submit, status, result, …).
+
+Client commands read the server from --url / HYDRA_URL and the key from --api-key / HYDRA_API_KEY. Any failure
+(an API error, an unreachable server, a bad spec file, a failed job) ends in one red line and exit code 1 rather
+than a traceback: the message is the API's problem detail, which already says what to change.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import io
+import json
+import logging
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar, get_args
+
+import msgspec
+import typer
+import yaml
+from rich.console import Console
+from rich.text import Text
+
+from client.http import FIGURE_NAMES, HydraClient, HydraError
+from client.render import jobs_table, job_progress, models_table, result_csv, result_table, status_table
+from service.schemas import AblationKind, JobRequest, JobResult, JobStatus, MetricName, PositionScope, PresetName
+
+log = logging.getLogger("hydra-ablate")
+app = typer.Typer(
+    help="Causal ablation experiments on transformer LMs (the Hydra effect) as a REST service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_DATASET = "known_1000"
+BUILTIN_MODEL = "smollm2-135m"
+
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A str Enum of the schema's literal values: typer shows and checks them as choices (works on every typer)."""
+    return enum.Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
+
+
+Ablation = _choices("Ablation", get_args(AblationKind))
+Positions = _choices("Positions", get_args(PositionScope))
+Metric = _choices("Metric", get_args(MetricName))
+Preset = _choices("Preset", get_args(PresetName))
+Dataset = _choices("Dataset", (DEFAULT_DATASET,))
+ResultFormat = _choices("ResultFormat", ("table", "json", "csv"))
+FigureFormatChoice = _choices("FigureFormatChoice", ("png", "svg"))
+FigureName = _choices("FigureName", FIGURE_NAMES)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class CliFailure(Exception):
+    """A failure to report as one line: a bad spec, a job that failed, a file that cannot be written."""
+
+
+# --- spec files and flags ------------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """A JobRequest document from a JSON or YAML file ('-' reads stdin); YAML unless the name ends in .json."""
+    name = str(path)
+    try:
+        text = sys.stdin.read() if name == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliFailure(f"cannot read spec file {name}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise CliFailure(f"spec file {name} is not valid {'JSON' if name.endswith('.json') else 'YAML'}: {exc}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CliFailure(f"spec file {name} must hold a mapping of JobRequest fields, not a {type(data).__name__}")
+    return data
+
+
+def split_components(value: str) -> list[str]:
+    """'attn, mlp.3,head.2.1' -> ['attn', 'mlp.3', 'head.2.1']."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def merge_request(
+    spec: Mapping[str, Any],
+    *,
+    model: str | None = None,
+    prompts: list[str] | None = None,
+    components: list[str] | None = None,
+    ablation: str | None = None,
+    positions: str | None = None,
+    metric: str | None = None,
+    preset: str | None = None,
+    dataset: str | None = None,
+    limit: int | None = None,
+    samples: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The spec file's fields overridden by the flags that were given.
+
+    Prompts and a dataset are alternative prompt sources, so a flag for one drops the file's other
+    (with the answers and counterfactuals that belonged to the file's prompts). `--limit` slices the file's
+    dataset, or the built-in one when there is none.
+    """
+    request = dict(spec)
+    simple = {
+        "model": model,
+        "components": components,
+        "ablation": ablation,
+        "positions": positions,
+        "metric": metric,
+        "preset": preset,
+        "resample_samples": samples,
+        "seed": seed,
+    }
+    request.update({key: value for key, value in simple.items() if value is not None})
+    if prompts:
+        request["prompts"] = list(prompts)
+        request.pop("dataset", None)
+    if dataset is not None or limit is not None:
+        if prompts:
+            raise CliFailure("--dataset/--limit and --prompt are alternatives: give one source of prompts")
+        current = request.get("dataset")
+        ref = dict(current) if isinstance(current, Mapping) else {}
+        if dataset is not None and ref.get("name") not in (None, dataset):
+            ref = {}  # another dataset: the file's slice and filters do not apply to it
+        ref["name"] = dataset or ref.get("name") or DEFAULT_DATASET
+        if limit is not None:
+            ref["limit"] = limit
+        request["dataset"] = ref
+        for key in ("prompts", "answers", "counterfactuals"):
+            request.pop(key, None)
+    return request
+
+
+def to_job_request(request: Mapping[str, Any]) -> JobRequest:
+    """Check the request against the wire schema before sending, so typos fail locally with the field's path."""
+    try:
+        return msgspec.convert(dict(request), JobRequest)
+    except msgspec.ValidationError as exc:
+        raise CliFailure(f"invalid job request: {exc}") from exc
+
+
+# --- shared plumbing -----------------------------------------------------------------------------------------------
+
+
+def handled(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn expected failures into one red line and exit code 1 (130 on Ctrl-C), never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            err.print(Text("interrupted", style="yellow"))
+            raise typer.Exit(130) from None
+        except (HydraError, CliFailure, TimeoutError, OSError) as exc:
+            err.print(Text.assemble(("error: ", "bold red"), (_explain(exc), "red")), soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _explain(exc: BaseException) -> str:
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, HydraError) and exc.status in (401, 403):
+        message += " (pass --api-key or set HYDRA_API_KEY)"
+    return message
+
+
+UrlOption = Annotated[
+    str | None, typer.Option("--url", envvar="HYDRA_URL", help="API base URL (default http://127.0.0.1:8000)")
+]
+KeyOption = Annotated[str | None, typer.Option("--api-key", envvar="HYDRA_API_KEY", help="sent as X-API-Key")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="print the API's JSON instead of a table")]
+
+
+def _value(choice: enum.Enum | None) -> str | None:
+    return None if choice is None else str(choice.value)
+
+
+def show(table: object) -> None:
+    """Print a table; when stdout is a file or pipe, wide enough that no column is cut (rich assumes 80)."""
+    console = out if out.is_terminal else Console(width=200)
+    console.print(table)
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")
+
+
+def follow(client: HydraClient, job_id: str, poll_s: float = 0.5) -> JobStatus:
+    """Poll a job to its end behind a live progress bar (stderr, so stdout stays the job's output)."""
+    with job_progress(console=err) as bar:
+        task = bar.add_task("queued", total=None)
+
+        def update(status: JobStatus) -> None:
+            total = status.progress.total or None
+            bar.update(task, completed=status.progress.done, total=total, description=status.status)
+
+        return client.wait(job_id, poll_s=poll_s, on_progress=update)
+
+
+def require_success(status: JobStatus) -> None:
+    if status.status != "succeeded":
+        reason = f": {status.error}" if status.error else ""
+        raise CliFailure(f"job {status.id} {status.status}{reason}")
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    try:
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    except OSError as exc:
+        raise CliFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err, show_path=False, log_time_format="[%X]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# --- commands ------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handled
+def serve(
+    host: Annotated[str, typer.Option(help="interface the API listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Celery worker processes (one job at a time each)")] = 1,
+    ready_timeout: Annotated[float, typer.Option(help="seconds to wait for the workers to load models")] = 600,
+) -> None:
+    """Run Redis (embedded unless REDIS_URL is set), the API and the workers until Ctrl-C or SIGTERM."""
+    from client.stack import Stack
+
+    _setup_logging()
+    stack = Stack(host=host, port=port, workers=workers)
+    try:
+        stack.start()
+        stack.wait_ready(timeout_s=ready_timeout)
+    except BaseException:
+        stack.stop()
+        raise
+    log.info("ready: %s (OpenAPI at %s/schema); Ctrl-C stops", stack.api_url, stack.api_url)
+    stack.run_until_signal()
+
+
+@app.command()
+@handled
+def submit(
+    spec_file: Annotated[str | None, typer.Argument(help="JobRequest as JSON or YAML ('-' for stdin)")] = None,
+    model: Annotated[str | None, typer.Option(help="model id (see `hydra-ablate models`)")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="a prompt (repeatable)")] = None,
+    components: Annotated[str | None, typer.Option(help="comma-separated, e.g. attn,mlp or attn.3,head.2.1")] = None,
+    ablation: Annotated[Ablation | None, typer.Option()] = None,
+    positions: Annotated[Positions | None, typer.Option()] = None,
+    metric: Annotated[Metric | None, typer.Option()] = None,
+    preset: Annotated[Preset | None, typer.Option()] = None,
+    dataset: Annotated[Dataset | None, typer.Option(help="a built-in prompt set")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="use the dataset's first N prompts")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="resample sources per prompt")] = None,
+    seed: Annotated[int | None, typer.Option(min=0)] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="show progress, then the result table")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="sent as Idempotency-Key")] = None,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Submit a job from a spec file and/or flags (flags win); prints the job id."""
+    spec = load_spec(spec_file) if spec_file else {}
+    request = merge_request(
+        spec,
+        model=model,
+        prompts=prompt,
+        components=split_components(components) if components is not None else None,
+        ablation=_value(ablation),
+        positions=_value(positions),
+        metric=_value(metric),
+        preset=_value(preset),
+        dataset=_value(dataset),
+        limit=limit,
+        samples=samples,
+        seed=seed,
+    )
+    with HydraClient(url, api_key) as client:
+        status = client.submit(to_job_request(request), idempotency_key=idempotency_key)
+        out.print(status.id, highlight=False)
+        if wait:
+            final = follow(client, status.id)
+            require_success(final)
+            show(result_table(client.result(status.id)))
+
+
+@app.command()
+@handled
+def status(job_id: str, as_json: JsonFlag = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """A job's state, progress and error."""
+    with HydraClient(url, api_key) as client:
+        job = client.status(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        show(status_table(job))
+
+
+@app.command()
+@handled
+def result(
+    job_id: str,
+    format: Annotated[ResultFormat, typer.Option("--format", "-f")] = ResultFormat("table"),
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """A finished job's result: summary table, full JSON, or CSV (one row per prompt × component)."""
+    with HydraClient(url, api_key) as client:
+        job_result = client.result(job_id)
+    if output is not None:
+        _write(output, render_result(job_result, format.value))
+        err.print(f"wrote {output}", highlight=False)
+    elif format.value == "table":
+        show(result_table(job_result))
+    else:
+        sys.stdout.write(render_result(job_result, format.value))
+
+
+def render_result(job_result: JobResult, format: str) -> str:
+    """The result as text in one of the `result --format` choices (the table without colour, for files)."""
+    if format == "json":
+        return msgspec.json.format(msgspec.json.encode(job_result), indent=2).decode() + "\n"
+    if format == "csv":
+        return result_csv(job_result)
+    buffer = io.StringIO()
+    Console(file=buffer, width=160, no_color=True, force_terminal=False).print(result_table(job_result))
+    return buffer.getvalue()
+
+
+@app.command()
+@handled
+def figure(
+    job_id: str,
+    name: Annotated[FigureName, typer.Argument()],
+    format: Annotated[FigureFormatChoice, typer.Option("--format", "-f")] = FigureFormatChoice("png"),
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="default: JOB-NAME.FORMAT")] = None,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Save one of a finished job's figures."""
+    with HydraClient(url, api_key) as client:
+        data = client.figure(job_id, name.value, format.value)
+    path = output or Path(f"{job_id}-{name.value}.{format.value}")
+    _write(path, data)
+    out.print(f"saved {path} ({len(data)} bytes)", highlight=False)
+
+
+@app.command()
+@handled
+def models(as_json: JsonFlag = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """The models the workers serve."""
+    with HydraClient(url, api_key) as client:
+        infos = client.models()
+    if as_json:
+        _print_json(infos)
+    else:
+        show(models_table(infos))
+
+
+@app.command()
+@handled
+def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """Cancel a queued or running job."""
+    with HydraClient(url, api_key) as client:
+        show(status_table(client.cancel(job_id)))
+
+
+@app.command("list")
+@handled
+def list_jobs(
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    as_json: JsonFlag = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Jobs, newest first."""
+    with HydraClient(url, api_key) as client:
+        page = client.list(offset=offset, limit=limit)
+    if as_json:
+        _print_json(page)
+    else:
+        show(jobs_table(page))
+
+
+@app.command()
+@handled
+def demo(
+    prompts: Annotated[int, typer.Option(min=2, help="known_1000 prompts to sweep")] = 8,
+    samples: Annotated[int, typer.Option(min=1, help="resample sources per prompt (< prompts)")] = 3,
+    port: Annotated[int, typer.Option(help="API port (another free one if taken)")] = 8000,
+    ready_timeout: Annotated[float, typer.Option(help="seconds to wait for the stack")] = 600,
+    figure_path: Annotated[Path, typer.Option("--figure", help="where to save te_vs_de")] = Path(
+        "hydra-demo-te_vs_de.png"
+    ),
+    url: Annotated[str | None, typer.Option("--url", help="use this running API instead of starting a stack")] = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Start a local stack, run a small Hydra sweep on the built-in model, print the table, save the figure."""
+    from client.stack import Stack
+    from service.embedded_redis import free_port
+
+    _setup_logging()
+    stack: Stack | None = None
+    try:
+        if url is None:
+            if not _port_free("127.0.0.1", port):
+                log.info("port %d is taken; using a free one", port)
+                port = free_port()
+            stack = Stack(port=port)
+            stack.start()
+            stack.wait_ready(timeout_s=ready_timeout)
+            url = stack.api_url
+            log.info("ready: %s", url)
+        with HydraClient(url, api_key) as client:
+            run_demo(client, prompts, samples, figure_path)
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def run_demo(client: HydraClient, prompts: int, samples: int, figure_path: Path) -> None:
+    """The demo's job against a ready API: submit, follow, print the table, fetch the headline figure."""
+    served = [info.id for info in client.models()]
+    if not served:
+        raise CliFailure("the API advertises no models: no worker has loaded one")
+    model = BUILTIN_MODEL if BUILTIN_MODEL in served else served[0]
+    request = {
+        "preset": "hydra",
+        "model": model,
+        "dataset": {"name": DEFAULT_DATASET, "limit": prompts},
+        "resample_samples": samples,
+    }
+    job = client.submit(request)
+    log.info("job %s: Hydra preset on %s, %d prompts × %d resample sources", job.id, model, prompts, samples)
+    final = follow(client, job.id)
+    require_success(final)
+    show(result_table(client.result(job.id)))
+    try:
+        png = client.figure(job.id, "te_vs_de", "png")
+    except HydraError as exc:
+        if exc.status != 404:
+            raise
+        out.print(f"note: this server has no figures endpoint yet (404); skipped {figure_path}", highlight=False)
+        return
+    _write(figure_path, png)
+    out.print(f"saved {figure_path} ({len(png)} bytes)", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point (`hydra-ablate`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

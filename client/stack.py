@@ -1,0 +1,117 @@
+"""The local stack behind `hydra-ablate serve`: embedded Redis (when REDIS_URL is unset), the API, Celery workers.
+
+Each part is a child process; `Stack.stop` ends them in reverse order so that no job message is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.embedded_redis import EmbeddedRedis
+
+log = logging.getLogger("hydra-ablate")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("HYDRA_DATA_DIR", Path.home() / ".cache" / "hydra-ablate"))
+
+
+@dataclass
+class Stack:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    data_dir: Path = field(default_factory=default_data_dir)
+    redis: EmbeddedRedis | None = None
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if not env.get("REDIS_URL"):
+            self.redis = EmbeddedRedis(data_dir=self.data_dir / "redis")
+            self.redis.start()
+            env["REDIS_URL"] = self.redis.url
+            log.info("embedded Redis listening on %s (append-only file in %s)", self.redis.url, self.redis.data_dir)
+        else:
+            log.info("using Redis at %s", env["REDIS_URL"])
+        api = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
+        self._spawn("api", [*api, "--host", self.host, "--port", str(self.port), "--log-level", "warning"], env)
+        log.info("API listening on %s (OpenAPI at %s/schema)", self.api_url, self.api_url)
+        for index in range(self.workers):
+            command = [
+                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                "-Q", env.get("HYDRA_QUEUE", "hydra"), "-c", "1", "-n", f"hydra{index}@%h", "--loglevel", "INFO",
+            ]
+            self._spawn(f"worker {index}", command, env)
+            log.info("worker %d started (Celery, 1 process)", index)
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        # Own session: Ctrl-C reaches only this process, which then stops the children in order.
+        self.processes.append((name, subprocess.Popen(command, env=env, start_new_session=True)))
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Until /ready says Redis and at least one worker answer, and the workers advertised their models."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.api_url, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                try:
+                    if client.get("/ready").status_code == 200 and client.get("/v1/models").json():
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"the stack was not ready within {timeout_s:.0f}s")
+
+    def check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode}")
+
+    def stop(self) -> None:
+        for name, process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in reversed(self.processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in 30 s; killing it", name)
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        log.info("stopped")
+
+    def run_until_signal(self) -> None:
+        """Block until Ctrl-C or SIGTERM (or a child dies), then stop everything."""
+        stopping = {"now": False}
+
+        def request_stop(signum: int, _frame: object) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            stopping["now"] = True
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stopping["now"]:
+                self.check_alive()
+                time.sleep(0.2)
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,135 @@
+"""/v1/jobs: submit, inspect, fetch results of and cancel ablation jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.exceptions import ClientException, NotFoundException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_409_CONFLICT
+
+from service.controllers.problems import problem_responses
+from service.errors import BackendUnavailable
+from service.queue import JobQueue
+from service.resolve import ablation_count, resolve
+from service.schemas import JobPage, JobRequest, JobResult, JobStatus
+from service.settings import Settings
+from service.store import JobStore
+
+JobId = FromPath[str]
+
+
+def _conflict(detail: str) -> ClientException:
+    return ClientException(status_code=HTTP_409_CONFLICT, detail=detail)
+
+
+def _not_found(job_id: str) -> NotFoundException:
+    return NotFoundException(detail=f"job {job_id} not found (unknown, or its results have expired)")
+
+
+class JobsController(Controller):
+    path = "/v1/jobs"
+    tags = ("jobs",)
+
+    @post(
+        "/",
+        status_code=HTTP_202_ACCEPTED,
+        sync_to_thread=True,
+        summary="Submit an ablation job",
+        description=(
+            "Validates and resolves the request (preset, then defaults; component kinds expanded to explicit "
+            "names), stores the job and queues it. Answers 202 with the queued job; poll GET /v1/jobs/{job_id}."
+        ),
+        responses=problem_responses(400, 422, 503),
+    )
+    def submit(
+        self,
+        data: JSONBody[JobRequest],
+        store: NamedDependency[JobStore],
+        queue: NamedDependency[JobQueue],
+        settings: NamedDependency[Settings],
+    ) -> JobStatus:
+        models = {info.id: info for info in store.models()}
+        spec = resolve(data, models, settings)
+        status = store.create(spec, ablation_count(spec))
+        try:
+            queue.enqueue(status.id)
+        except Exception as exc:  # kombu raises its own OperationalError family; any failure means not queued
+            store.mark_failed(status.id, f"could not be queued: {exc}")
+            raise BackendUnavailable(f"the job queue is unavailable, job {status.id} was not queued: {exc}") from exc
+        return status
+
+    @get(
+        "/",
+        sync_to_thread=True,
+        summary="List jobs, newest first",
+        responses=problem_responses(400, 503),
+    )
+    def list_jobs(
+        self,
+        store: NamedDependency[JobStore],
+        offset: Annotated[int, QueryParameter(ge=0, description="jobs to skip, newest first")] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=500, description="jobs per page")] = 50,
+    ) -> JobPage:
+        return store.page(offset, limit)
+
+    @get(
+        "/{job_id:str}",
+        sync_to_thread=True,
+        summary="A job's status and progress",
+        responses=problem_responses(400, 404, 503),
+    )
+    def get_job(self, job_id: JobId, store: NamedDependency[JobStore]) -> JobStatus:
+        status = store.status(job_id)
+        if status is None:
+            raise _not_found(job_id)
+        return status
+
+    @get(
+        "/{job_id:str}/result",
+        sync_to_thread=True,
+        summary="A finished job's result",
+        description="409 while the job is queued or running, and for failed or cancelled jobs (detail says why).",
+        responses={
+            200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
+            **problem_responses(400, 404, 409, 503),
+        },
+    )
+    def get_result(self, job_id: JobId, store: NamedDependency[JobStore]) -> Response[bytes]:
+        # The worker stored the encoded JobResult: serve those bytes as they are instead of decoding and re-encoding.
+        status = store.status(job_id)
+        if status is None:
+            raise _not_found(job_id)
+        if status.status in ("queued", "running"):
+            done, total = status.progress.done, status.progress.total
+            raise _conflict(f"job {job_id} is {status.status} ({done}/{total} ablations done); no result yet")
+        if status.status == "failed":
+            raise _conflict(f"job {job_id} failed: {status.error or 'no error message'}")
+        if status.status == "cancelled":
+            raise _conflict(f"job {job_id} was cancelled; it has no result")
+        result = store.result(job_id)
+        if result is None:
+            raise _not_found(job_id)
+        return Response(content=result, media_type="application/json")
+
+    @delete(
+        "/{job_id:str}",
+        status_code=HTTP_202_ACCEPTED,
+        sync_to_thread=True,
+        summary="Cancel a job",
+        description=(
+            "A queued job never starts; a running job stops at the worker's next check. Answers 202 with the "
+            "cancelled job (also when it was already cancelled); 409 when it had already succeeded or failed."
+        ),
+        responses=problem_responses(400, 404, 409, 503),
+    )
+    def cancel(self, job_id: JobId, store: NamedDependency[JobStore]) -> JobStatus:
+        status = store.request_cancel(job_id)
+        if status is None:
+            raise _not_found(job_id)
+        if status.status in ("succeeded", "failed"):
+            raise _conflict(f"job {job_id} already {status.status}; there is nothing to cancel")
+        return status

@@ -1,0 +1,25 @@
+"""/v1/models: the models the workers serve, as they advertised them."""
+
+from __future__ import annotations
+
+from litestar import Controller, get
+from litestar.di import NamedDependency
+
+from service.controllers.problems import problem_responses
+from service.schemas import ModelInfo
+from service.store import JobStore
+
+
+class ModelsController(Controller):
+    path = "/v1/models"
+    tags = ("models",)
+
+    @get(
+        "/",
+        sync_to_thread=True,
+        summary="Models available to jobs",
+        description="Advertised by the workers when they load a model; empty until a worker has started.",
+        responses=problem_responses(503),
+    )
+    def list_models(self, store: NamedDependency[JobStore]) -> list[ModelInfo]:
+        return store.models()

@@ -1,0 +1,253 @@
+"""Turn a JobRequest into a JobSpec: presets and defaults applied, prompts and components made explicit.
+
+Pure (no Redis, no HTTP): given the advertised models it either returns the exact spec a worker will run or
+raises ValidationProblem with a message that says what to change. Doing all of this before queueing means a
+bad request fails in milliseconds instead of on a GPU an hour later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from msgspec import UNSET
+
+from service import datasets
+from service.errors import ValidationProblem
+from service.schemas import DatasetRef, JobRequest, JobSpec, ModelInfo
+from service.settings import Settings
+
+DEFAULTS: dict[str, Any] = {
+    "model": "smollm2-135m",
+    "components": ["attn", "mlp"],
+    "ablation": "resample",
+    "positions": "final",
+    "metric": "logit",
+    "norm_scale": "clean",
+    "resample_samples": 1,
+    "resample_from": "next",
+    "seed": 0,
+}
+
+# The Hydra-effect paper's setup (McGrath et al., 2023): resample ablation of every layer's attention and MLP,
+# 15 random sources per prompt, centred logit of the target, on factual-recall prompts.
+PRESETS: dict[str, dict[str, Any]] = {
+    "hydra": {
+        "components": ["attn", "mlp"],
+        "ablation": "resample",
+        "resample_samples": 15,
+        "resample_from": "random",
+        "positions": "final",
+        "metric": "centered_logit",
+    },
+}
+PRESET_DATASETS: dict[str, DatasetRef] = {"hydra": DatasetRef(name="known_1000")}
+
+_KIND_ORDER = {"attn": 0, "head": 1, "mlp": 2}  # within a layer: attention, its heads, then the MLP
+
+
+def ablation_count(spec: JobSpec) -> int:
+    """Ablated runs in a job: prompts × components × resample samples (one sample for mean and zero)."""
+    samples = spec.resample_samples if spec.ablation == "resample" else 1
+    return len(spec.prompts) * len(spec.components) * samples
+
+
+def resolve(request: JobRequest, models: Mapping[str, ModelInfo], settings: Settings) -> JobSpec:
+    """The spec a worker runs; raises ValidationProblem for anything that could not run as asked."""
+    preset = PRESETS.get(request.preset, {}) if request.preset is not UNSET else {}
+
+    def pick(name: str) -> Any:
+        value = getattr(request, name)
+        if value is not UNSET:
+            return value
+        return preset.get(name, DEFAULTS[name])
+
+    info = _model(pick("model"), models)
+    prompts, answers, dataset = _prompts(request)
+    n = len(prompts)
+    answers = _per_prompt("answers", answers, n)
+    counterfactuals = _per_prompt(
+        "counterfactuals", None if request.counterfactuals is UNSET else list(request.counterfactuals), n
+    )
+    metric = pick("metric")
+    if metric == "logit_diff" and counterfactuals is None:
+        raise ValidationProblem(
+            "metric logit_diff needs counterfactuals: one counterfactual answer per prompt", "counterfactuals"
+        )
+    if metric != "logit_diff" and counterfactuals is not None:
+        raise ValidationProblem(
+            f"counterfactuals are only used by metric logit_diff (this job's metric is {metric})", "counterfactuals"
+        )
+
+    ablation = pick("ablation")
+    samples = _samples(request, ablation, pick("resample_samples"), n)
+    mean_reference = _mean_reference(request, ablation)
+    components = expand_components(pick("components"), info)
+
+    total = n * len(components) * samples
+    if total > settings.max_ablations:
+        raise ValidationProblem(
+            f"too many ablations: {n:,} prompts × {len(components):,} components × {samples} samples = {total:,}, "
+            f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
+            "components"
+        )
+
+    return JobSpec(
+        model=info.id,
+        prompts=prompts,
+        answers=answers,
+        counterfactuals=counterfactuals,
+        components=components,
+        ablation=ablation,
+        positions=pick("positions"),
+        metric=metric,
+        norm_scale=pick("norm_scale"),
+        resample_samples=samples,
+        resample_from=pick("resample_from"),
+        mean_reference_prompts=mean_reference,
+        seed=pick("seed"),
+        preset=None if request.preset is UNSET else request.preset,
+        dataset=dataset,
+    )
+
+
+def _model(model_id: str, models: Mapping[str, ModelInfo]) -> ModelInfo:
+    if model_id in models:
+        return models[model_id]
+    if not models:
+        raise ValidationProblem(
+            f"unknown model {model_id!r}: no models are available yet (no worker has advertised one)", "model"
+        )
+    raise ValidationProblem(f"unknown model {model_id!r}: available models are {', '.join(sorted(models))}", "model")
+
+
+def _prompts(request: JobRequest) -> tuple[list[str], list[str] | None, DatasetRef | None]:
+    """Exactly one source of prompts, after the preset; answers from the request or from the dataset."""
+    dataset = request.dataset if request.dataset is not UNSET else None
+    has_prompts = request.prompts is not UNSET
+    if dataset is None and not has_prompts and request.preset is not UNSET:
+        dataset = PRESET_DATASETS.get(request.preset)
+    if has_prompts and dataset is not None:
+        raise ValidationProblem("give either prompts or dataset, not both", "dataset")
+    answers = None if request.answers is UNSET else list(request.answers)
+    if has_prompts:
+        return list(request.prompts), answers, None
+    if dataset is None:
+        raise ValidationProblem("no prompts: give prompts (a list of strings) or dataset (e.g. known_1000)", "prompts")
+    prompts, dataset_answers = datasets.select(dataset)
+    if not prompts:
+        raise ValidationProblem(_empty_slice(dataset), "dataset")
+    if dataset.use_answers:
+        if answers is not None:
+            raise ValidationProblem("give answers or dataset.use_answers, not both", "answers")
+        answers = dataset_answers
+    return prompts, answers, dataset
+
+
+def _empty_slice(ref: DatasetRef) -> str:
+    available = len(datasets.select(DatasetRef(name=ref.name, relation=ref.relation))[0])
+    where = ref.name if ref.relation is None else f"{ref.name} relation {ref.relation}"
+    if available == 0:
+        known = ", ".join(datasets.relations(ref.name))
+        return f"dataset {where} has no prompts; its relations are {known}"
+    return f"dataset slice is empty: {where} has {available} prompts and offset is {ref.offset}"
+
+
+def _per_prompt(name: str, values: list[str] | None, n: int) -> list[str] | None:
+    if values is not None and len(values) != n:
+        raise ValidationProblem(
+            f"{name} has {len(values)} entries but there are {n} prompts; give exactly one per prompt", name
+        )
+    return values
+
+
+def _samples(request: JobRequest, ablation: str, samples: int, n: int) -> int:
+    if ablation != "resample":
+        if request.resample_samples is not UNSET and request.resample_samples != 1:
+            raise ValidationProblem(
+                f"resample_samples only applies to ablation resample (this job's ablation is {ablation})",
+                "resample_samples",
+            )
+        return 1
+    if n < 2:
+        raise ValidationProblem(
+            f"ablation resample needs at least 2 prompts (each prompt takes the replacement from another prompt); "
+            f"got {n}. Use ablation mean or zero for a single prompt",
+            "prompts",
+        )
+    if samples > n - 1:
+        raise ValidationProblem(
+            f"resample_samples {samples} is too many for {n} prompts: a prompt is never its own source, so at most "
+            f"{n - 1} samples; give at least {samples + 1} prompts or lower resample_samples",
+            "resample_samples",
+        )
+    return samples
+
+
+def _mean_reference(request: JobRequest, ablation: str) -> list[str] | None:
+    if request.mean_reference is UNSET:
+        return None
+    if ablation != "mean":
+        raise ValidationProblem(
+            f"mean_reference only applies to ablation mean (this job's ablation is {ablation})", "mean_reference"
+        )
+    prompts, _ = datasets.select(request.mean_reference)
+    if not prompts:
+        raise ValidationProblem(_empty_slice(request.mean_reference), "mean_reference")
+    return prompts
+
+
+def expand_components(names: Sequence[str], info: ModelInfo) -> list[str]:
+    """Explicit component names in the user's order, without duplicates.
+
+    The bare kinds `attn`, `mlp` and `head` expand together, at the place of the first of them, ordered by layer
+    (attn.L, head.L.0…, mlp.L); `head.L` expands in place to every head of layer L.
+    """
+    expanded: list[str] = []
+    kinds: list[tuple[int, int, int, str]] = []
+    kinds_at: int | None = None
+    for index, name in enumerate(names):
+        kind, *raw_numbers = name.split(".")
+        numbers = [int(x) for x in raw_numbers]
+        field = f"components[{index}]"
+        if not numbers:
+            if kinds_at is None:
+                kinds_at = len(expanded)
+            if kind == "head":
+                kinds += [
+                    (layer, _KIND_ORDER[kind], h, f"head.{layer}.{h}")
+                    for layer in range(info.n_layers)
+                    for h in range(info.n_heads)
+                ]
+            else:
+                kinds += [(layer, _KIND_ORDER[kind], 0, f"{kind}.{layer}") for layer in range(info.n_layers)]
+            continue
+        _check_layer(name, numbers[0], info, field)
+        if kind in ("attn", "mlp"):
+            if len(numbers) != 1:
+                raise ValidationProblem(
+                    f"component {name!r} is not valid: {kind} takes one index, the layer ({kind}.L)", field
+                )
+            expanded.append(f"{kind}.{numbers[0]}")
+        elif len(numbers) == 1:
+            expanded += [f"head.{numbers[0]}.{h}" for h in range(info.n_heads)]
+        else:
+            if not 0 <= numbers[1] < info.n_heads:
+                raise ValidationProblem(
+                    f"component {name!r}: head {numbers[1]} is out of range: model {info.id} has "
+                    f"{info.n_heads} heads per layer (0–{info.n_heads - 1})",
+                    field,
+                )
+            expanded.append(f"head.{numbers[0]}.{numbers[1]}")
+    if kinds_at is not None:
+        expanded[kinds_at:kinds_at] = [name for *_, name in sorted(kinds)]
+    return list(dict.fromkeys(expanded))
+
+
+def _check_layer(name: str, layer: int, info: ModelInfo, field: str) -> None:
+    if not 0 <= layer < info.n_layers:
+        raise ValidationProblem(
+            f"component {name!r}: layer {layer} is out of range: model {info.id} has {info.n_layers} layers "
+            f"(0–{info.n_layers - 1})",
+            field,
+        )

@@ -1,0 +1,218 @@
+"""The API's wire types (msgspec Structs): one source of truth for the API, the worker and the clients.
+
+No torch here: the worker imports these to encode results; the API imports them to validate and serve.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+AblationKind = Literal["resample", "mean", "zero"]
+PositionScope = Literal["final", "all"]
+MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
+NormScaleMode = Literal["clean", "ablated"]
+ResampleFrom = Literal["next", "random"]
+PresetName = Literal["hydra"]
+
+Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
+ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}$")]
+
+
+class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A built-in prompt set, sliced; `relation` filters by Wikidata property (e.g. P36)."""
+
+    name: Literal["known_1000"]
+    limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    offset: Annotated[int, Meta(ge=0)] = 0
+    relation: Annotated[str, Meta(pattern=r"^P\d+$")] | None = None
+    use_answers: bool = False  # take the dataset's answers as targets instead of the clean top token
+
+
+class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A job as submitted; unset fields come from the preset, then from the defaults."""
+
+    preset: PresetName | UnsetType = UNSET
+    model: Annotated[str, Meta(min_length=1, max_length=512)] | UnsetType = UNSET
+    prompts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
+    dataset: DatasetRef | UnsetType = UNSET
+    answers: list[Prompt] | UnsetType = UNSET
+    counterfactuals: list[Prompt] | UnsetType = UNSET
+    components: Annotated[list[ComponentName], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
+    ablation: AblationKind | UnsetType = UNSET
+    positions: PositionScope | UnsetType = UNSET
+    metric: MetricName | UnsetType = UNSET
+    norm_scale: NormScaleMode | UnsetType = UNSET
+    resample_samples: Annotated[int, Meta(ge=1, le=64)] | UnsetType = UNSET
+    resample_from: ResampleFrom | UnsetType = UNSET
+    mean_reference: DatasetRef | UnsetType = UNSET
+    seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | UnsetType = UNSET
+
+
+class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A job fully resolved: explicit prompts and component names, every option set. What the worker runs."""
+
+    model: str
+    prompts: list[str]
+    answers: list[str] | None
+    counterfactuals: list[str] | None
+    components: list[str]
+    ablation: AblationKind
+    positions: PositionScope
+    metric: MetricName
+    norm_scale: NormScaleMode
+    resample_samples: int
+    resample_from: ResampleFrom
+    mean_reference_prompts: list[str] | None
+    seed: int
+    preset: PresetName | None = None
+    dataset: DatasetRef | None = None
+
+
+class Progress(Struct):
+    done: int
+    total: int
+
+
+class JobStatus(Struct, kw_only=True):
+    id: str
+    status: JobState
+    model: str
+    progress: Progress
+    error: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class JobPage(Struct, kw_only=True):
+    items: list[JobStatus]
+    total: int
+    offset: int
+    limit: int
+
+
+class ModelInfo(Struct, kw_only=True):
+    id: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    vocab_size: int
+    parallel_blocks: bool
+    source: str
+
+
+class Regression(Struct, kw_only=True):
+    """Least-squares fit y = slope·x + intercept; nulls when x has no spread."""
+
+    slope: float | None
+    intercept: float | None
+    r2: float | None
+    n: int
+
+
+class PromptResult(Struct, kw_only=True):
+    prompt: str
+    target_id: int
+    target_token: str
+    clean_metric: float
+    top2_gap: float
+    near_tie: bool
+    sources: list[int]
+    total_effect: list[float]
+    direct_effect: list[float]
+    compensation: list[float]
+    norm_response: list[float]
+    response: list[list[float]]
+    clean_direct_effect: list[float]
+
+
+class ComponentSummary(Struct, kw_only=True):
+    component: str
+    direct_effect_mean: float
+    direct_effect_se: float
+    total_effect_mean: float
+    total_effect_se: float
+    compensation_mean: float
+    compensation_se: float
+    compensation_attn_mean: float
+    compensation_mlp_mean: float
+    norm_response_mean: float
+    compensation_vs_direct: Regression
+
+
+class Summary(Struct, kw_only=True):
+    n_prompts: int
+    components: list[ComponentSummary]
+    response_matrix: list[list[float]]
+    clean_direct_effect_mean: list[float]
+    total_vs_direct: Regression
+    near_ties: int
+
+
+class Provenance(Struct, kw_only=True):
+    spec: JobSpec
+    model_id: str
+    model_source: str
+    model_revision: str | None
+    model_file_sha256: str | None
+    architecture: str
+    dtype: str
+    device: str
+    library_versions: dict[str, str]
+    seed: int
+    engine: str
+    worker: str
+    elapsed_s: float
+
+
+class JobResult(Struct, kw_only=True):
+    id: str
+    model: str
+    components: list[str]
+    response_basis: list[str]
+    prompts: list[PromptResult]
+    summary: Summary
+    provenance: Provenance
+
+
+def encode(value: object) -> bytes:
+    return msgspec.json.encode(value)
+
+
+# Documents of the API's own endpoints and errors (added for the OpenAPI schema; the worker does not use them).
+
+
+class FieldError(Struct, kw_only=True):
+    """One malformed field of a request, as reported by request parsing."""
+
+    message: str
+    key: str | None = None
+    source: str | None = None
+
+
+class ProblemDetails(Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details: every error response (`application/problem+json`)."""
+
+    status: int
+    title: str
+    detail: str
+    type: str | None = None
+    instance: str | None = None
+    field: str | None = None  # 422: the request field to change
+    errors: list[FieldError] | None = None  # 400: every malformed field
+
+
+class Health(Struct, kw_only=True):
+    status: Literal["ok"]
+
+
+class Readiness(Struct, kw_only=True):
+    status: Literal["ready"]
+    redis: bool
+    workers: int

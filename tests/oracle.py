@@ -1,0 +1,560 @@
+"""Brute-force reference implementation of every measure in docs/definitions.md.
+
+This module is the independent check on the engine (worker/engine/): it shares no code with it. It is written to be
+obviously right, not fast:
+
+* every prompt is run on its own (batch of one, no padding);
+* every ablation is one full forward pass of the Hugging Face model, with the component's output replaced by a
+  forward hook (attn / mlp) or by a forward pre-hook on the output projection (heads: the head's slice of the
+  projection's input is replaced, which replaces the head's contribution exactly, since it is linear in that slice);
+* the metric is computed from the model's real full-vocabulary logits of each ablated run;
+* DE, responses and the clean direct effects are computed from the captured component outputs at the final position,
+  with the final norm's gain / bias / epsilon read from the model's own module, the norm's scale recomputed by hand;
+* all arithmetic after the forward passes is done in float64.
+
+Entry point: `oracle_sweep(model, spec, inputs, sources=None) -> SweepResult`. For `resample_from: "random"` the
+engine's pairing must be passed as `sources` (one list per prompt), since the oracle cannot reproduce a random draw.
+
+Module layout by `config.model_type` (checked against transformers 5.24's modelling code: every attention module
+returns `(attn_output, attn_weights)`, every MLP returns a tensor):
+
+| model_type            | blocks                     | attention (output[0]) | head projection (Linear / Conv1D) | final norm                   |
+|-----------------------|----------------------------|-----------------------|-----------------------------------|------------------------------|
+| llama, qwen2, mistral | model.model.layers[i]      | .self_attn            | .self_attn.o_proj (Linear)        | model.model.norm (RMSNorm)   |
+| gpt2                  | model.transformer.h[i]     | .attn                 | .attn.c_proj (Conv1D, W is in×out)| model.transformer.ln_f (LN)  |
+| gpt_neox              | model.gpt_neox.layers[i]   | .attention            | .attention.dense (Linear)         | gpt_neox.final_layer_norm(LN)|
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from worker.engine.types import PromptMeasures, SweepInputs, SweepResult, SweepSpec
+
+# --------------------------------------------------------------------------------------------------------------------
+# Locating the model's modules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelParts:
+    model_type: str
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    parallel: bool  # GPT-NeoX use_parallel_residual: attention and MLP both read the block's input
+    attn: list[nn.Module]  # returns a tuple whose first element is the attention block's output
+    mlp: list[nn.Module]  # returns a tensor
+    out_proj: list[nn.Module]  # its input is the concatenation of the query heads' outputs
+    out_proj_is_conv1d: bool  # GPT-2's Conv1D: y = x @ W + b with W of shape (in, out)
+    final_norm: nn.Module
+    norm_is_layernorm: bool
+    norm_eps: float
+    unembed: torch.Tensor  # (vocab, d_model)
+    unembed_bias: torch.Tensor | None
+
+
+def locate_parts(model: nn.Module) -> ModelParts:
+    config = model.config
+    model_type = config.model_type
+    if model_type in ("llama", "qwen2", "mistral"):
+        blocks = list(model.model.layers)
+        attn = [b.self_attn for b in blocks]
+        mlp = [b.mlp for b in blocks]
+        out_proj = [b.self_attn.o_proj for b in blocks]
+        conv1d = False
+        final_norm = model.model.norm
+        is_ln = False
+        eps = float(final_norm.variance_epsilon)
+        parallel = False
+    elif model_type == "gpt2":
+        blocks = list(model.transformer.h)
+        attn = [b.attn for b in blocks]
+        mlp = [b.mlp for b in blocks]
+        out_proj = [b.attn.c_proj for b in blocks]
+        conv1d = True
+        final_norm = model.transformer.ln_f
+        is_ln = True
+        eps = float(final_norm.eps)
+        parallel = False
+    elif model_type == "gpt_neox":
+        blocks = list(model.gpt_neox.layers)
+        attn = [b.attention for b in blocks]
+        mlp = [b.mlp for b in blocks]
+        out_proj = [b.attention.dense for b in blocks]
+        conv1d = False
+        final_norm = model.gpt_neox.final_layer_norm
+        is_ln = True
+        eps = float(final_norm.eps)
+        parallel = bool(config.use_parallel_residual)
+    else:
+        raise ValueError(f"oracle does not know model_type {model_type!r}")
+
+    n_heads = int(config.num_attention_heads)
+    if conv1d:
+        proj_in = out_proj[0].weight.shape[0]
+    else:
+        proj_in = out_proj[0].weight.shape[1]
+    assert proj_in % n_heads == 0
+    head_dim = proj_in // n_heads
+
+    lm_head = model.get_output_embeddings()
+    return ModelParts(
+        model_type=model_type,
+        n_layers=len(blocks),
+        n_heads=n_heads,
+        head_dim=head_dim,
+        parallel=parallel,
+        attn=attn,
+        mlp=mlp,
+        out_proj=out_proj,
+        out_proj_is_conv1d=conv1d,
+        final_norm=final_norm,
+        norm_is_layernorm=is_ln,
+        norm_eps=eps,
+        unembed=lm_head.weight.detach().double(),
+        unembed_bias=None if getattr(lm_head, "bias", None) is None else lm_head.bias.detach().double(),
+    )
+
+
+def head_matrix(parts: ModelParts, layer: int, head: int) -> torch.Tensor:
+    """M (head_dim, d_model) such that head `head`'s contribution is `slice @ M` (no bias)."""
+    proj = parts.out_proj[layer]
+    lo, hi = head * parts.head_dim, (head + 1) * parts.head_dim
+    if parts.out_proj_is_conv1d:
+        return proj.weight.detach().double()[lo:hi, :]
+    return proj.weight.detach().double()[:, lo:hi].T
+
+
+def response_basis(parts: ModelParts) -> list[str]:
+    names = []
+    for layer in range(parts.n_layers):
+        names.append(f"attn.{layer}")
+        names.append(f"mlp.{layer}")
+    return names
+
+
+@dataclass(frozen=True)
+class Component:
+    kind: str  # "attn" | "mlp" | "head"
+    layer: int
+    head: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "head":
+            return f"head.{self.layer}.{self.head}"
+        return f"{self.kind}.{self.layer}"
+
+
+def parse_component(name: str) -> Component:
+    bits = name.split(".")
+    if bits[0] in ("attn", "mlp") and len(bits) == 2:
+        return Component(bits[0], int(bits[1]))
+    if bits[0] == "head" and len(bits) == 3:
+        return Component("head", int(bits[1]), int(bits[2]))
+    raise ValueError(f"bad component name {name!r}")
+
+
+def downstream(component: str, n_layers: int, parallel: bool) -> set[str]:
+    """The layer components whose output at the final position can change when `component` is ablated."""
+    c = parse_component(component)
+    out: set[str] = set()
+    if c.kind in ("attn", "head") and not parallel:
+        out.add(f"mlp.{c.layer}")
+    for later in range(c.layer + 1, n_layers):
+        out.add(f"attn.{later}")
+        out.add(f"mlp.{later}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Forward passes with hooks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """What one forward pass of one prompt produced (float32 captures, batch dimension removed)."""
+
+    logits: torch.Tensor  # (vocab,) at the final position
+    x_final: torch.Tensor  # (d_model,) residual stream entering the final norm, final position
+    attn_out: list[torch.Tensor]  # per layer, (T, d_model)
+    mlp_out: list[torch.Tensor]  # per layer, (T, d_model)
+    head_in: list[torch.Tensor]  # per layer, (T, n_heads * head_dim): input of the output projection
+
+
+@dataclass
+class Ablation:
+    """Replace `component` at the given positions: `values[p]` is the replacement at position p.
+
+    For attn / mlp the replacement is a d_model vector (the block's output); for heads it is a head_dim vector (the
+    head's slice of the output projection's input).
+    """
+
+    component: Component
+    values: dict[int, torch.Tensor]
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: Ablation | None = None) -> RunRecord:
+    """One full forward pass of one prompt (1-D ids), optionally with one component replaced; records everything."""
+    assert ids.dim() == 1
+    T = ids.shape[0]
+    attn_out: list = [None] * parts.n_layers
+    mlp_out: list = [None] * parts.n_layers
+    head_in: list = [None] * parts.n_layers
+    x_final: list = [None]
+    handles = []
+
+    # (a) the ablation hooks, registered first so the capture hooks below see the replaced values.
+    if ablation is not None:
+        comp = ablation.component
+        if comp.kind == "head":
+            lo, hi = comp.head * parts.head_dim, (comp.head + 1) * parts.head_dim
+
+            def replace_head(module, args):
+                x = args[0].clone()
+                for p, v in ablation.values.items():
+                    x[0, p, lo:hi] = v.to(x.dtype)
+                return (x,) + tuple(args[1:])
+
+            handles.append(parts.out_proj[comp.layer].register_forward_pre_hook(replace_head))
+        else:
+            module = parts.attn[comp.layer] if comp.kind == "attn" else parts.mlp[comp.layer]
+
+            def replace_output(module, args, output):
+                out = _first(output).clone()
+                for p, v in ablation.values.items():
+                    out[0, p, :] = v.to(out.dtype)
+                if isinstance(output, tuple):
+                    return (out,) + tuple(output[1:])
+                return out
+
+            handles.append(module.register_forward_hook(replace_output))
+
+    # (b) the capture hooks.
+    def capture(store, layer):
+        def hook(module, args, output):
+            store[layer] = _first(output)[0].detach().clone()
+
+        return hook
+
+    def capture_input(store, layer):
+        def hook(module, args):
+            store[layer] = args[0][0].detach().clone()
+
+        return hook
+
+    def capture_final(module, args):
+        x_final[0] = args[0][0, -1].detach().clone()
+
+    for layer in range(parts.n_layers):
+        handles.append(parts.attn[layer].register_forward_hook(capture(attn_out, layer)))
+        handles.append(parts.mlp[layer].register_forward_hook(capture(mlp_out, layer)))
+        handles.append(parts.out_proj[layer].register_forward_pre_hook(capture_input(head_in, layer)))
+    handles.append(parts.final_norm.register_forward_pre_hook(capture_final))
+
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids.view(1, T))
+    finally:
+        for h in handles:
+            h.remove()
+    logits = out.logits[0, -1].detach().clone()
+    for layer in range(parts.n_layers):
+        assert attn_out[layer].shape[0] == T and mlp_out[layer].shape[0] == T
+    return RunRecord(logits=logits, x_final=x_final[0], attn_out=attn_out, mlp_out=mlp_out, head_in=head_in)
+
+
+def replacement_space_output(parts: ModelParts, rec: RunRecord, comp: Component) -> torch.Tensor:
+    """The component's clean output over all positions, in the space the ablation replaces: (T, dim), float64."""
+    if comp.kind == "attn":
+        return rec.attn_out[comp.layer].double()
+    if comp.kind == "mlp":
+        return rec.mlp_out[comp.layer].double()
+    lo, hi = comp.head * parts.head_dim, (comp.head + 1) * parts.head_dim
+    return rec.head_in[comp.layer][:, lo:hi].double()
+
+
+def to_residual(parts: ModelParts, comp: Component, v: torch.Tensor) -> torch.Tensor:
+    """Map a replacement-space vector to what it writes into the residual stream (heads: times their W_O slice)."""
+    if comp.kind == "head":
+        return v.double() @ head_matrix(parts, comp.layer, comp.head)
+    return v.double()
+
+
+def layer_output(rec: RunRecord, name: str) -> torch.Tensor:
+    """A layer component's output at the final position, float64."""
+    kind, layer = name.split(".")
+    store = rec.attn_out if kind == "attn" else rec.mlp_out
+    return store[int(layer)][-1].double()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Readout: final norm, metric, direct-effect map
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Readout:
+    def __init__(self, parts: ModelParts):
+        self.parts = parts
+        self.g = parts.final_norm.weight.detach().double()
+        bias = getattr(parts.final_norm, "bias", None)
+        self.b = None if bias is None else bias.detach().double()
+        self.eps = parts.norm_eps
+        self.is_ln = parts.norm_is_layernorm
+
+    def center(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.double()
+        return v - v.mean() if self.is_ln else v
+
+    def scale(self, x: torch.Tensor) -> float:
+        x = x.double()
+        if self.is_ln:
+            var = ((x - x.mean()) ** 2).mean()  # population variance, as LayerNorm uses
+            return math.sqrt(float(var) + self.eps)
+        return math.sqrt(float((x**2).mean()) + self.eps)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.g * self.center(x) / self.scale(x)
+        return y + self.b if self.b is not None else y
+
+    def f(self, w: torch.Tensor, v: torch.Tensor) -> float:
+        """The linear direct-effect map f(v) = w · (g ⊙ C v)."""
+        return float((w * (self.g * self.center(v))).sum())
+
+
+def metric_direction(parts: ModelParts, metric: str, target: int, counterfactual: int | None) -> torch.Tensor:
+    W = parts.unembed
+    if metric in ("logit", "logprob"):
+        return W[target].clone()
+    if metric == "centered_logit":
+        return W[target] - W.mean(dim=0)
+    if metric == "logit_diff":
+        return W[target] - W[counterfactual]
+    raise ValueError(metric)
+
+
+def metric_from_logits(logits: torch.Tensor, metric: str, target: int, counterfactual: int | None) -> float:
+    z = logits.double()
+    if metric == "logit":
+        return float(z[target])
+    if metric == "centered_logit":
+        return float(z[target] - z.mean())
+    if metric == "logit_diff":
+        return float(z[target] - z[counterfactual])
+    if metric == "logprob":
+        return float(torch.log_softmax(z, dim=0)[target])
+    raise ValueError(metric)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ablation replacements
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resample_values(src: torch.Tensor, T: int, positions: str) -> dict[int, torch.Tensor]:
+    """Right-aligned resampling: position j of a length-T prompt takes position j − T + S of the source (length S);
+    positions before the source's start take the source's mean over its own positions."""
+    S = src.shape[0]
+    wanted = [T - 1] if positions == "final" else list(range(T))
+    values = {}
+    for j in wanted:
+        p = j - T + S
+        values[j] = src[p] if p >= 0 else src.mean(dim=0)
+    return values
+
+
+def mean_vector(reference: list[torch.Tensor], positions: str) -> torch.Tensor:
+    """Mean of the clean outputs (each (T_i, dim)): over final positions, or over every position of every prompt."""
+    if positions == "final":
+        return torch.stack([r[-1] for r in reference]).mean(dim=0)
+    return torch.cat(reference, dim=0).mean(dim=0)
+
+
+def resample_sources(n: int, k: int, resample_from: str, given: list[list[int]] | None) -> list[list[int]]:
+    if k > n - 1:
+        raise ValueError(f"resample_samples={k} needs at least {k + 1} prompts, got {n}")
+    if resample_from == "next":
+        return [[(i + j) % n for j in range(1, k + 1)] for i in range(n)]
+    if given is None:
+        raise ValueError("resample_from='random': pass the engine's pairing as `sources`")
+    return [list(s) for s in given]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One ablated run of one prompt: its record and Δ_c (residual space, final position)."""
+
+    record: RunRecord
+    delta: torch.Tensor
+    source: int | None = None
+
+
+@dataclass
+class OracleDetail:
+    """Raw material of an oracle sweep, for self-consistency tests: clean records and every ablated run."""
+
+    clean: list[RunRecord] = field(default_factory=list)
+    runs: dict[tuple[int, str], list[_Run]] = field(default_factory=dict)  # (prompt, component) -> runs
+
+
+def oracle_sweep(
+    model: nn.Module,
+    spec: SweepSpec,
+    inputs: SweepInputs,
+    sources: list[list[int]] | None = None,
+    detail: OracleDetail | None = None,
+) -> SweepResult:
+    parts = locate_parts(model)
+    readout = Readout(parts)
+    basis = response_basis(parts)
+    prompts = [torch.as_tensor(t, dtype=torch.long).view(-1) for t in inputs.token_ids]
+    n = len(prompts)
+    components = [parse_component(c) for c in spec.components]
+    for c in components:
+        assert 0 <= c.layer < parts.n_layers, c
+        assert c.head is None or 0 <= c.head < parts.n_heads, c
+
+    # Clean runs.
+    clean = [run_model(model, parts, ids) for ids in prompts]
+    if detail is not None:
+        detail.clean = clean
+
+    # Mean-ablation reference (the job's prompts unless a reference set is given).
+    if spec.ablation == "mean":
+        if inputs.mean_reference_ids is not None:
+            ref_ids = [torch.as_tensor(t, dtype=torch.long).view(-1) for t in inputs.mean_reference_ids]
+            ref_records = [run_model(model, parts, ids) for ids in ref_ids]
+        else:
+            ref_records = clean
+        means = {
+            c.name: mean_vector([replacement_space_output(parts, r, c) for r in ref_records], spec.positions)
+            for c in components
+        }
+
+    pairing: list[list[int]] = [[] for _ in range(n)]
+    if spec.ablation == "resample":
+        pairing = resample_sources(n, spec.resample_samples, spec.resample_from, sources)
+
+    results: list[PromptMeasures] = []
+    for i, ids in enumerate(prompts):
+        T = ids.shape[0]
+        rec_c = clean[i]
+        logits_c = rec_c.logits.double()
+        if inputs.target_ids is not None:
+            target = int(inputs.target_ids[i])
+        else:
+            target = int(torch.argmax(rec_c.logits))
+        counterfactual = None
+        if spec.metric == "logit_diff":
+            assert inputs.counterfactual_ids is not None, "logit_diff needs counterfactual_ids"
+            counterfactual = int(inputs.counterfactual_ids[i])
+        top2 = torch.topk(logits_c, 2).values
+        top2_gap = float(top2[0] - top2[1])
+
+        w = metric_direction(parts, spec.metric, target, counterfactual)
+        m_clean = metric_from_logits(rec_c.logits, spec.metric, target, counterfactual)
+        s_clean = readout.scale(rec_c.x_final)
+        clean_de = {d: readout.f(w, layer_output(rec_c, d)) / s_clean for d in basis}
+
+        te_list, de_list, comp_list, resp_list, norm_list = [], [], [], [], []
+        for comp in components:
+            clean_rep = replacement_space_output(parts, rec_c, comp)  # (T, dim)
+            # The ablations to run: one per source for resample, one otherwise.
+            ablations: list[tuple[int | None, dict[int, torch.Tensor]]] = []
+            if spec.ablation == "zero":
+                wanted = [T - 1] if spec.positions == "final" else list(range(T))
+                ablations.append((None, {p: torch.zeros(clean_rep.shape[1], dtype=torch.float64) for p in wanted}))
+            elif spec.ablation == "mean":
+                wanted = [T - 1] if spec.positions == "final" else list(range(T))
+                ablations.append((None, {p: means[comp.name] for p in wanted}))
+            elif spec.ablation == "resample":
+                for src in pairing[i]:
+                    src_rep = replacement_space_output(parts, clean[src], comp)
+                    ablations.append((src, resample_values(src_rep, T, spec.positions)))
+            else:
+                raise ValueError(spec.ablation)
+
+            down = downstream(comp.name, parts.n_layers, parts.parallel)
+            per_run = []  # (TE, DE, compensation, response list, norm_response)
+            for src, values in ablations:
+                rec_a = run_model(model, parts, ids, Ablation(comp, values))
+                delta = to_residual(parts, comp, clean_rep[T - 1] - values[T - 1])
+                if detail is not None:
+                    detail.runs.setdefault((i, comp.name), []).append(_Run(rec_a, delta, src))
+
+                m_abl = metric_from_logits(rec_a.logits, spec.metric, target, counterfactual)
+                te = m_clean - m_abl
+                de = readout.f(w, delta) / s_clean
+                compensation = de - te
+                s_abl = readout.scale(rec_a.x_final)
+                response = []
+                for d in basis:
+                    if d not in down:
+                        response.append(0.0)
+                    elif spec.norm_scale == "clean":
+                        change = layer_output(rec_a, d) - layer_output(rec_c, d)
+                        response.append(readout.f(w, change) / s_clean)
+                    elif spec.norm_scale == "ablated":
+                        ablated_de = readout.f(w, layer_output(rec_a, d)) / s_abl
+                        response.append(ablated_de - clean_de[d])
+                    else:
+                        raise ValueError(spec.norm_scale)
+                norm_response = compensation - sum(response)
+                per_run.append((te, de, compensation, response, norm_response))
+
+            k = len(per_run)
+            te_list.append(sum(r[0] for r in per_run) / k)
+            de_list.append(sum(r[1] for r in per_run) / k)
+            comp_list.append(sum(r[2] for r in per_run) / k)
+            resp_list.append([sum(r[3][j] for r in per_run) / k for j in range(len(basis))])
+            norm_list.append(sum(r[4] for r in per_run) / k)
+
+        results.append(
+            PromptMeasures(
+                target_id=target,
+                clean_metric=m_clean,
+                top2_gap=top2_gap,
+                total_effect=te_list,
+                direct_effect=de_list,
+                compensation=comp_list,
+                response=resp_list,
+                norm_response=norm_list,
+                clean_direct_effect=[clean_de[d] for d in basis],
+                sources=list(pairing[i]),
+            )
+        )
+
+    return SweepResult(components=list(spec.components), response_basis=basis, prompts=results)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Helpers for tests
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def embedding_output(model: nn.Module, parts: ModelParts, ids: torch.Tensor) -> torch.Tensor:
+    """What the embedding layer writes into the residual stream, (T, d_model) float64 (for self-checks)."""
+    ids = ids.view(-1)
+    if parts.model_type in ("llama", "qwen2", "mistral"):
+        return model.model.embed_tokens.weight.detach().double()[ids]
+    if parts.model_type == "gpt2":
+        pos = torch.arange(ids.shape[0])
+        return (model.transformer.wte.weight[ids] + model.transformer.wpe.weight[pos]).detach().double()
+    if parts.model_type == "gpt_neox":
+        return model.gpt_neox.embed_in.weight.detach().double()[ids]
+    raise ValueError(parts.model_type)

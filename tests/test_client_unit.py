@@ -1,0 +1,416 @@
+"""The client side without a server: spec files and flags, rendering of a hand-built result, error mapping.
+
+End-to-end client/CLI tests against the real stack live elsewhere; everything here runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from client.cli import CliFailure, app, load_spec, merge_request, render_result, split_components, to_job_request
+from client.http import (
+    AsyncHydraClient,
+    HydraClient,
+    HydraConnectionError,
+    HydraError,
+    HydraProtocolError,
+    _Deadline,
+    _finish,
+    _job_path,
+    _status,
+    problem_from_response,
+)
+from client.render import models_table, result_csv, result_table
+from service.schemas import (
+    ComponentSummary,
+    DatasetRef,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    ModelInfo,
+    Progress,
+    PromptResult,
+    Provenance,
+    Regression,
+    Summary,
+)
+
+# --- fixtures: a small, fully hand-built result ---------------------------------------------------------------------
+
+
+def _prompt(text: str, token: str, te: list[float], de: list[float], norm: list[float]) -> PromptResult:
+    comp = [d - t for d, t in zip(de, te)]
+    return PromptResult(
+        prompt=text,
+        target_id=42,
+        target_token=token,
+        clean_metric=7.5,
+        top2_gap=1.25,
+        near_tie=False,
+        sources=[1],
+        total_effect=te,
+        direct_effect=de,
+        compensation=comp,
+        norm_response=norm,
+        response=[[0.0, c - n] for c, n in zip(comp, norm)],
+        clean_direct_effect=[0.3, -0.2],
+    )
+
+
+@pytest.fixture
+def result() -> JobResult:
+    prompts = [
+        _prompt('The Eiffel Tower is in the city of', " Paris", te=[0.25, 0.5], de=[0.75, 0.5], norm=[0.125, 0.0]),
+        _prompt('He said "hi, there" and', " left", te=[0.5, 1.0], de=[1.25, 1.0], norm=[0.25, 0.0]),
+    ]
+    components = [
+        ComponentSummary(
+            component="attn.0",
+            direct_effect_mean=1.0,
+            direct_effect_se=0.25,
+            total_effect_mean=0.375,
+            total_effect_se=0.125,
+            compensation_mean=0.625,
+            compensation_se=0.0625,
+            compensation_attn_mean=0.0,
+            compensation_mlp_mean=0.4375,
+            norm_response_mean=0.1875,
+            compensation_vs_direct=Regression(slope=0.5, intercept=0.125, r2=0.875, n=2),
+        ),
+        ComponentSummary(
+            component="mlp.0",
+            direct_effect_mean=0.75,
+            direct_effect_se=0.25,
+            total_effect_mean=0.75,
+            total_effect_se=0.25,
+            compensation_mean=0.0,
+            compensation_se=0.0,
+            compensation_attn_mean=0.0,
+            compensation_mlp_mean=0.0,
+            norm_response_mean=0.0,
+            compensation_vs_direct=Regression(slope=None, intercept=None, r2=None, n=2),
+        ),
+    ]
+    spec = JobSpec(
+        model="tiny",
+        prompts=[p.prompt for p in prompts],
+        answers=None,
+        counterfactuals=None,
+        components=["attn.0", "mlp.0"],
+        ablation="resample",
+        positions="final",
+        metric="centered_logit",
+        norm_scale="clean",
+        resample_samples=1,
+        resample_from="next",
+        mean_reference_prompts=None,
+        seed=0,
+    )
+    return JobResult(
+        id="job-1",
+        model="tiny",
+        components=["attn.0", "mlp.0"],
+        response_basis=["attn.0", "mlp.0"],
+        prompts=prompts,
+        summary=Summary(
+            n_prompts=2,
+            components=components,
+            response_matrix=[[0.0, 0.4375], [0.0, 0.0]],
+            clean_direct_effect_mean=[0.3, -0.2],
+            total_vs_direct=Regression(slope=-1.5, intercept=1.875, r2=1.0, n=2),
+            near_ties=0,
+        ),
+        provenance=Provenance(
+            spec=spec,
+            model_id="tiny",
+            model_source="memory",
+            model_revision=None,
+            model_file_sha256=None,
+            architecture="LlamaForCausalLM",
+            dtype="float32",
+            device="cpu",
+            library_versions={"torch": "2"},
+            seed=0,
+            engine="hooks",
+            worker="w0",
+            elapsed_s=0.5,
+        ),
+    )
+
+
+def _text(renderable: object) -> str:
+    console = Console(record=True, width=200, no_color=True)
+    console.print(renderable)
+    return console.export_text()
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: bound then released, so connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- spec files and flags -------------------------------------------------------------------------------------------
+
+
+def test_load_spec_reads_yaml_and_json(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("preset: hydra\ndataset:\n  name: known_1000\n  limit: 4\nresample_samples: 2\n")
+    expected = {"preset": "hydra", "dataset": {"name": "known_1000", "limit": 4}, "resample_samples": 2}
+    assert load_spec(yaml_file) == expected
+    json_file = tmp_path / "job.json"
+    json_file.write_text(json.dumps({"prompts": ["a b", "c d"], "ablation": "zero"}))
+    assert load_spec(json_file) == {"prompts": ["a b", "c d"], "ablation": "zero"}
+    empty = tmp_path / "empty.yml"
+    empty.write_text("")
+    assert load_spec(empty) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("list.yaml", "- a\n- b\n", "must hold a mapping"),
+        ("bad.json", "{not json", "not valid JSON"),
+        ("bad.yaml", "a: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_load_spec_rejects_non_mappings(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(CliFailure, match=message):
+        load_spec(path)
+
+
+def test_load_spec_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CliFailure, match="cannot read spec file"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_flags_win_over_the_spec_file() -> None:
+    spec = {"model": "a", "metric": "logit", "seed": 1, "components": ["attn"], "norm_scale": "ablated"}
+    merged = merge_request(spec, model="b", seed=7, components=split_components(" attn.3, mlp ,head.2.1,"))
+    assert merged == {
+        "model": "b",
+        "metric": "logit",
+        "seed": 7,
+        "components": ["attn.3", "mlp", "head.2.1"],
+        "norm_scale": "ablated",
+    }
+    assert spec["model"] == "a"  # the file's mapping is not modified
+
+
+def test_prompt_flags_replace_the_files_dataset() -> None:
+    merged = merge_request({"dataset": {"name": "known_1000", "limit": 5}, "metric": "logit"}, prompts=["x y", "z w"])
+    assert merged == {"prompts": ["x y", "z w"], "metric": "logit"}
+
+
+def test_dataset_flags_replace_the_files_prompts_and_keep_its_slice() -> None:
+    spec = {"prompts": ["a"], "answers": [" b"], "dataset": {"name": "known_1000", "relation": "P36"}}
+    merged = merge_request(spec, limit=3, samples=2)
+    assert merged == {"dataset": {"name": "known_1000", "relation": "P36", "limit": 3}, "resample_samples": 2}
+
+
+def test_limit_alone_uses_the_builtin_dataset() -> None:
+    merged = merge_request({"preset": "hydra"}, limit=8)
+    assert merged == {"preset": "hydra", "dataset": {"name": "known_1000", "limit": 8}}
+
+
+def test_prompts_and_dataset_flags_conflict() -> None:
+    with pytest.raises(CliFailure, match="alternatives"):
+        merge_request({}, prompts=["a"], dataset="known_1000")
+
+
+def test_request_is_checked_against_the_wire_schema() -> None:
+    request = to_job_request({"preset": "hydra", "dataset": {"name": "known_1000", "limit": 8}, "resample_samples": 3})
+    assert request.preset == "hydra"
+    assert request.dataset == DatasetRef(name="known_1000", limit=8)
+    assert request.resample_samples == 3
+    with pytest.raises(CliFailure, match=r"resample_samples"):
+        to_job_request({"resample_samples": 0})
+    with pytest.raises(CliFailure, match=r"unknown field `sample`"):
+        to_job_request({"sample": 3})
+
+
+# --- rendering ------------------------------------------------------------------------------------------------------
+
+
+def test_result_table_shows_each_component(result: JobResult) -> None:
+    text = _text(result_table(result))
+    attn = next(line for line in text.splitlines() if "attn.0" in line)
+    for cell in ("+1.000 ±0.250", "+0.375 ±0.125", "+0.625 ±0.062", "+0.438", "+0.188", "+0.500", "0.875"):
+        assert cell in attn, (cell, attn)
+    mlp = next(line for line in text.splitlines() if "mlp.0" in line)
+    assert "+0.750 ±0.250" in mlp and mlp.count("—") == 2  # no spread in DE: no slope, no R²
+    assert "tiny: resample ablation, centered_logit, 2 prompts" in text
+    assert "slope -1.500, R² 1.000, n=2" in text
+
+
+def test_result_csv_has_one_row_per_prompt_and_component(result: JobResult) -> None:
+    rows = list(csv.DictReader(io.StringIO(result_csv(result))))
+    assert [(row["prompt"][:6], row["component"]) for row in rows] == [
+        ("The Ei", "attn.0"),
+        ("The Ei", "mlp.0"),
+        ('He sai', "attn.0"),
+        ('He sai', "mlp.0"),
+    ]
+    quoted = rows[2]
+    assert quoted["prompt"] == 'He said "hi, there" and'  # commas and quotes survive the round trip
+    assert quoted["target_token"] == " left"
+    assert float(quoted["total_effect"]) == 0.5
+    assert float(quoted["direct_effect"]) == 1.25
+    assert float(quoted["compensation"]) == 0.75
+    assert float(quoted["norm_response"]) == 0.25
+
+
+def test_json_output_round_trips(result: JobResult) -> None:
+    assert msgspec.json.decode(render_result(result, "json"), type=JobResult) == result
+
+
+def test_table_output_for_files_is_plain_text(result: JobResult) -> None:
+    text = render_result(result, "table")
+    assert "\x1b[" not in text and "attn.0" in text and "+0.625 ±0.062" in text
+
+
+def test_models_table() -> None:
+    info = ModelInfo(
+        id="smollm2-135m",
+        architecture="llama",
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_model=576,
+        vocab_size=49152,
+        parallel_blocks=False,
+        source="SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+    line = next(line for line in _text(models_table([info])).splitlines() if "smollm2-135m" in line)
+    assert all(cell in line for cell in ("llama", "30", "9", "3", "576", "49152", "sequential"))
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+def _response(status: int, body: bytes, content_type: str, path: str = "/v1/jobs/abc") -> httpx.Response:
+    return httpx.Response(
+        status, content=body, headers={"content-type": content_type}, request=httpx.Request("GET", f"http://h{path}")
+    )
+
+
+def test_problem_details_become_hydra_errors() -> None:
+    body = {"status": 422, "title": "Unprocessable Content", "detail": "unknown model 'gpt9'", "field": "model"}
+    error = problem_from_response(_response(422, json.dumps(body).encode(), "application/problem+json"))
+    assert (error.status, error.title, error.detail) == (422, "Unprocessable Content", "unknown model 'gpt9'")
+    assert error.problem["field"] == "model"
+    assert str(error) == "422 Unprocessable Content: unknown model 'gpt9'"
+
+
+def test_non_problem_error_bodies_still_read_well() -> None:
+    html = b"<html>\n<body>\n  <h1>502 Bad Gateway</h1>\n</body></html>"
+    error = problem_from_response(_response(502, html, "text/html"))
+    assert error.status == 502 and error.title == "Bad Gateway"
+    assert "\n" not in str(error) and "502 Bad Gateway</h1>" in error.detail
+    empty = problem_from_response(_response(500, b"", "text/plain"))
+    assert str(empty) == "500 Internal Server Error"
+
+
+def test_finish_raises_on_error_and_on_a_malformed_success() -> None:
+    call = _status("abc")
+    problem = {"status": 404, "title": "Not Found", "detail": "job abc not found"}
+    with pytest.raises(HydraError) as raised:
+        _finish(call, _response(404, json.dumps(problem).encode(), "application/problem+json"))
+    assert raised.value.status == 404 and "job abc not found" in str(raised.value)
+    with pytest.raises(HydraProtocolError, match="did not return a JobStatus"):
+        _finish(call, _response(200, b'{"id": "abc"}', "application/json"))
+    ok = {"id": "abc", "status": "running", "model": "m", "progress": {"done": 3, "total": 9}, "created_at": "t"}
+    status = _finish(call, _response(200, json.dumps(ok).encode(), "application/json"))
+    assert status.progress == Progress(done=3, total=9) and status.error is None
+
+
+def test_job_ids_are_escaped_in_paths() -> None:
+    assert _job_path("a/b c", "figures", "te_vs_de") == "/v1/jobs/a%2Fb%20c/figures/te_vs_de"
+
+
+def test_wait_deadline() -> None:
+    def job(state: str) -> JobStatus:
+        return JobStatus(id="j", status=state, model="m", progress=Progress(done=1, total=4), created_at="t")
+
+    deadline = _Deadline("j", timeout_s=None)
+    assert deadline.check(job("succeeded")) and deadline.check(job("cancelled")) and not deadline.check(job("running"))
+    with pytest.raises(TimeoutError, match=r"job j is still queued \(1/4\) after 0s"):
+        _Deadline("j", timeout_s=0).check(job("queued"))
+
+
+def test_unreachable_server_is_a_connection_error() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with HydraClient(url) as client:
+        assert client.ready() is False
+        with pytest.raises(HydraConnectionError) as raised:
+            client.status("abc")
+    assert raised.value.status == 0 and url in str(raised.value) and "hydra-ablate serve" in str(raised.value)
+
+    async def run() -> None:
+        async with AsyncHydraClient(url) as client:
+            assert await client.ready() is False
+            with pytest.raises(HydraConnectionError):
+                await client.models()
+
+    asyncio.run(run())
+
+
+def test_url_and_key_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYDRA_URL", "http://example.invalid:9/")
+    monkeypatch.setenv("HYDRA_API_KEY", "s3cret")
+    with HydraClient() as client:
+        assert client.base_url == "http://example.invalid:9"
+        assert client._http.headers["X-API-Key"] == "s3cret"
+    with HydraClient("http://other:1", api_key="") as client:  # explicit arguments win, "" sends no key
+        assert client.base_url == "http://other:1" and "X-API-Key" not in client._http.headers
+    monkeypatch.delenv("HYDRA_URL")
+    monkeypatch.delenv("HYDRA_API_KEY")
+    with HydraClient() as client:
+        assert client.base_url == "http://127.0.0.1:8000" and "X-API-Key" not in client._http.headers
+
+
+def test_figure_format_is_checked() -> None:
+    with HydraClient("http://127.0.0.1:1") as client, pytest.raises(ValueError, match="png or svg"):
+        client.figure("abc", "te_vs_de", "gif")  # type: ignore[arg-type]
+
+
+# --- the CLI's failure modes ----------------------------------------------------------------------------------------
+
+
+def test_cli_reports_an_unreachable_server_in_one_line() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    outcome = CliRunner().invoke(app, ["status", "abc", "--url", url])
+    assert outcome.exit_code == 1
+    assert outcome.output.strip().splitlines() == [
+        f"error: Cannot reach the API: {url}: [Errno 111] Connection refused (is `hydra-ablate serve` running there?)"
+    ]
+    assert "Traceback" not in outcome.output
+
+
+def test_cli_rejects_a_bad_spec_before_sending(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("preset: hydra\nseed: -1\n")
+    outcome = CliRunner().invoke(app, ["submit", str(spec), "--url", "http://127.0.0.1:1"])
+    assert outcome.exit_code == 1
+    assert "invalid job request" in outcome.output and "seed" in outcome.output
+    assert "Cannot reach" not in outcome.output  # failed locally, never sent
+
+
+def test_cli_env_supplies_the_url() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    outcome = CliRunner().invoke(app, ["models"], env={"HYDRA_URL": url})
+    assert outcome.exit_code == 1 and url in outcome.output

@@ -1,0 +1,71 @@
+"""The clean run of one prompt: every layer component's output, the heads' inputs to W_O, and the readout inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.engine.architecture import Architecture
+from worker.engine.hooks import hooks_removed_on_exit, on_input, on_output
+
+
+@dataclass(frozen=True)
+class CleanRun:
+    """Clean activations of one prompt; positions are all T (scope "all") or just the final one (scope "final")."""
+
+    layer_out: torch.Tensor  # (2N, P, d): attn.0, mlp.0, attn.1, ... in response-basis order
+    head_in: torch.Tensor | None  # (N, P, H·hd): input of the output projection, when heads are ablated
+    x_final: torch.Tensor  # (d,): residual stream entering the final norm at the final position
+    logits_final: torch.Tensor  # (V,)
+    length: int
+
+    def final_layer_out(self) -> torch.Tensor:
+        return self.layer_out[:, -1, :]
+
+
+@torch.no_grad()
+def run_clean(
+    model: nn.Module, arch: Architecture, token_ids: torch.Tensor, *, all_positions: bool, with_heads: bool
+) -> CleanRun:
+    """One forward pass of one unpadded prompt, capturing what the sweep needs."""
+    keep = slice(None) if all_positions else slice(-1, None)
+    layer_out: list[torch.Tensor | None] = [None] * (2 * arch.n_layers)
+    head_in: list[torch.Tensor | None] = [None] * arch.n_layers
+    captured: dict[str, torch.Tensor] = {}
+
+    def keeper(slot: int):  # noqa: ANN202 - returns an edit callback
+        def keep_output(out: torch.Tensor) -> torch.Tensor:
+            layer_out[slot] = out[0, keep].clone()
+            return out
+
+        return keep_output
+
+    def keep_head_in(layer: int):  # noqa: ANN202
+        def keep_input(z: torch.Tensor) -> torch.Tensor:
+            head_in[layer] = z[0, keep].clone()
+            return z
+
+        return keep_input
+
+    def keep_x(x: torch.Tensor) -> torch.Tensor:
+        captured["x"] = x[0, -1].clone()
+        return x
+
+    with hooks_removed_on_exit() as handles:
+        for layer in range(arch.n_layers):
+            handles.append(arch.attn(layer).register_forward_hook(on_output(keeper(2 * layer))))
+            handles.append(arch.mlp(layer).register_forward_hook(on_output(keeper(2 * layer + 1))))
+            if with_heads:
+                handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep_head_in(layer))))
+        handles.append(arch.final_norm.register_forward_pre_hook(on_input(keep_x)))
+        logits = model(input_ids=token_ids.unsqueeze(0), use_cache=False).logits[0, -1]
+
+    return CleanRun(
+        layer_out=torch.stack([t for t in layer_out if t is not None]),
+        head_in=torch.stack([t for t in head_in if t is not None]) if with_heads else None,
+        x_final=captured["x"],
+        logits_final=logits.float(),
+        length=int(token_ids.shape[0]),
+    )

@@ -1,0 +1,59 @@
+"""The metric and the linear direct-effect map at the final position (docs/definitions.md, "Metric and readout")."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.architecture import Architecture
+from worker.engine.types import Metric
+
+
+class Readout:
+    """Reads a metric off final residual vectors, and maps component outputs to direct effects."""
+
+    def __init__(self, arch: Architecture, metric: Metric) -> None:
+        self.arch = arch
+        self.metric = metric
+        weight = arch.unembed.weight
+        bias = getattr(arch.unembed, "bias", None)
+        self.unembed_weight = weight
+        self.unembed_bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        self.mean_row = weight.mean(dim=0) if metric == "centered_logit" else None
+        self.eps = arch.norm_eps()
+        self.gain = arch.norm_weight()
+        self.centred = arch.family.norm_kind == "layer"
+
+    def direction(self, target: int, counterfactual: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vocabulary-space direction w of the metric and its constant bias term."""
+        w = self.unembed_weight[target]
+        b = self.unembed_bias[target]
+        if self.metric == "centered_logit":
+            assert self.mean_row is not None
+            w = w - self.mean_row
+            b = b - self.unembed_bias.mean()
+        elif self.metric == "logit_diff":
+            if counterfactual is None:
+                raise ValueError("metric logit_diff needs a counterfactual token per prompt")
+            w = w - self.unembed_weight[counterfactual]
+            b = b - self.unembed_bias[counterfactual]
+        return w, b
+
+    def direct_map(self, w: torch.Tensor) -> torch.Tensor:
+        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w."""
+        u = self.gain * w
+        return u - u.mean() if self.centred else u
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm's divisor s(x) for each row of x (…, d)."""
+        if self.centred:
+            return torch.sqrt(x.var(dim=-1, unbiased=False) + self.eps)
+        return torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)
+
+    def value(self, x: torch.Tensor, target: int, counterfactual: int | None) -> torch.Tensor:
+        """The metric for each row of final residual vectors x (B, d), through the model's own final norm."""
+        normed = self.arch.final_norm(x)
+        if self.metric == "logprob":
+            logits = self.arch.unembed(normed)
+            return torch.log_softmax(logits.float(), dim=-1)[:, target]
+        w, b = self.direction(target, counterfactual)
+        return normed @ w + b

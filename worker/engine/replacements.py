@@ -1,0 +1,70 @@
+"""What an ablated component's output is replaced with: resample sources, means, zeros (docs/definitions.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.clean import CleanRun
+from worker.engine.components import Component
+from worker.engine.types import ResampleFrom
+
+
+def resample_sources(n_prompts: int, samples: int, how: ResampleFrom, seed: int) -> list[list[int]]:
+    """For each prompt, `samples` distinct other prompts: (i+1..i+k) mod n, or drawn with the seed."""
+    if not 1 <= samples <= n_prompts - 1:
+        raise ValueError(f"resample needs 1 ≤ resample_samples ≤ n_prompts − 1 (got {samples} for {n_prompts} prompts)")
+    if how == "next":
+        return [[(i + j) % n_prompts for j in range(1, samples + 1)] for i in range(n_prompts)]
+    generator = torch.Generator().manual_seed(seed)
+    sources = []
+    for i in range(n_prompts):
+        others = torch.randperm(n_prompts - 1, generator=generator)[:samples]
+        sources.append([int(o) + (1 if o >= i else 0) for o in others])
+    return sources
+
+
+def align_to_length(source: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-align a source's per-position rows (S, e) to `length` rows; missing early rows take the source's mean."""
+    have = source.shape[0]
+    if have >= length:
+        return source[have - length :]
+    filler = source.mean(dim=0, keepdim=True).expand(length - have, -1)
+    return torch.cat([filler, source], dim=0)
+
+
+def component_rows(run: CleanRun, component: Component, head_dim: int) -> torch.Tensor:
+    """The clean rows (P, e) that an ablation of `component` replaces: its output, or its head's slice of W_O's input."""
+    if component.kind == "head":
+        assert run.head_in is not None and component.head is not None
+        cols = slice(component.head * head_dim, (component.head + 1) * head_dim)
+        return run.head_in[component.layer, :, cols]
+    slot = 2 * component.layer + (1 if component.kind == "mlp" else 0)
+    return run.layer_out[slot]
+
+
+class MeanActivations:
+    """Running means of every layer output and head input, over the positions a scope ablates."""
+
+    def __init__(self) -> None:
+        self._layer_sum: torch.Tensor | None = None
+        self._head_sum: torch.Tensor | None = None
+        self._count = 0
+
+    def add(self, run: CleanRun) -> None:
+        layer = run.layer_out.sum(dim=1)
+        heads = run.head_in.sum(dim=1) if run.head_in is not None else None
+        self._layer_sum = layer if self._layer_sum is None else self._layer_sum + layer
+        if heads is not None:
+            self._head_sum = heads if self._head_sum is None else self._head_sum + heads
+        self._count += run.layer_out.shape[1]
+
+    def as_clean_run_rows(self, component: Component, head_dim: int) -> torch.Tensor:
+        """The mean row (1, e) for `component`."""
+        if self._layer_sum is None:
+            raise ValueError("mean ablation needs at least one reference prompt")
+        if component.kind == "head":
+            assert self._head_sum is not None and component.head is not None
+            cols = slice(component.head * head_dim, (component.head + 1) * head_dim)
+            return (self._head_sum[component.layer, cols] / self._count).unsqueeze(0)
+        slot = 2 * component.layer + (1 if component.kind == "mlp" else 0)
+        return (self._layer_sum[slot] / self._count).unsqueeze(0)

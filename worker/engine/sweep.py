@@ -1,0 +1,282 @@
+"""The ablation sweep: for each prompt, every (component, replacement) run batched through the model with hooks.
+
+Read top to bottom: clean runs → replacements → batched ablated runs → measures (docs/definitions.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.engine.architecture import Architecture, describe
+from worker.engine.clean import CleanRun, run_clean
+from worker.engine.components import Component, is_downstream, layer_components, parse_component
+from worker.engine.hooks import hooks_removed_on_exit, on_input, on_output
+from worker.engine.readout import Readout
+from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
+from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepResult, SweepSpec
+
+ProgressCallback = Callable[[int, int], None]
+StopCheck = Callable[[], bool]
+DEFAULT_BATCH_TOKENS = 8192
+
+
+class SweepCancelled(RuntimeError):
+    """Raised between batches when `should_stop` says so."""
+
+
+@dataclass(frozen=True)
+class AblatedRun:
+    """One row of an ablated batch: which component, replaced by which rows (P, e)."""
+
+    component: Component
+    replacement: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AblatedOutputs:
+    layer_out_final: torch.Tensor  # (B, 2N, d)
+    x_final: torch.Tensor  # (B, d)
+
+
+@torch.no_grad()
+def run_sweep(
+    model: nn.Module,
+    spec: SweepSpec,
+    inputs: SweepInputs,
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> SweepResult:
+    """Every measure of docs/definitions.md for every prompt × component of `spec`."""
+    arch = describe(model)
+    components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
+    basis = layer_components(arch.n_layers)
+    n_prompts = len(inputs.token_ids)
+    all_positions = spec.positions == "all"
+    with_heads = any(c.kind == "head" for c in components)
+    readout = Readout(arch, spec.metric)
+
+    def clean(ids: torch.Tensor) -> CleanRun:
+        return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
+
+    runs = [clean(ids) for ids in inputs.token_ids]
+    sources = (
+        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed)
+        if spec.ablation == "resample"
+        else [[] for _ in range(n_prompts)]
+    )
+    means = _mean_activations(runs, [clean(ids) for ids in inputs.mean_reference_ids or []]) if spec.ablation == "mean" else None
+
+    samples = len(sources[0]) if spec.ablation == "resample" else 1
+    total = n_prompts * len(components) * samples
+    done = 0
+    measures: list[PromptMeasures] = []
+    for i, run in enumerate(runs):
+        if should_stop is not None and should_stop():
+            raise SweepCancelled("sweep cancelled")
+        target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
+        counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
+        ablations = [
+            AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
+            for c in components
+            for source in (sources[i] or [None])
+        ]
+        outputs = _run_ablated_batches(model, arch, inputs.token_ids[i], ablations, all_positions, batch_tokens)
+        measures.append(
+            _measure(
+                arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
+                spec.norm_scale,
+            )
+        )
+        done += len(ablations)
+        if on_progress is not None:
+            on_progress(done, total)
+    return SweepResult(
+        components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
+    )
+
+
+def _mean_activations(runs: list[CleanRun], reference_runs: list[CleanRun]) -> MeanActivations:
+    means = MeanActivations()
+    for run in reference_runs or runs:
+        means.add(run)
+    return means
+
+
+def _replacement(
+    component: Component,
+    run: CleanRun,
+    runs: list[CleanRun],
+    source: int | None,
+    means: MeanActivations | None,
+    arch: Architecture,
+    ablation: str,
+) -> torch.Tensor:
+    """The rows (P, e) that replace `component`'s clean rows in this prompt's ablated run."""
+    own = component_rows(run, component, arch.head_dim)
+    if ablation == "zero":
+        return torch.zeros_like(own)
+    if ablation == "mean":
+        assert means is not None
+        return means.as_clean_run_rows(component, arch.head_dim).expand_as(own)
+    assert source is not None
+    return align_to_length(component_rows(runs[source], component, arch.head_dim), own.shape[0])
+
+
+def _run_ablated_batches(
+    model: nn.Module,
+    arch: Architecture,
+    token_ids: torch.Tensor,
+    ablations: list[AblatedRun],
+    all_positions: bool,
+    batch_tokens: int,
+) -> AblatedOutputs:
+    rows_per_batch = max(1, batch_tokens // int(token_ids.shape[0]))
+    parts = [
+        _run_ablated_batch(model, arch, token_ids, ablations[start : start + rows_per_batch], all_positions)
+        for start in range(0, len(ablations), rows_per_batch)
+    ]
+    return AblatedOutputs(
+        layer_out_final=torch.cat([p.layer_out_final for p in parts]),
+        x_final=torch.cat([p.x_final for p in parts]),
+    )
+
+
+def _run_ablated_batch(
+    model: nn.Module, arch: Architecture, token_ids: torch.Tensor, batch: list[AblatedRun], all_positions: bool
+) -> AblatedOutputs:
+    """One forward pass of B copies of the prompt, row b with its own component replaced."""
+    positions = slice(None) if all_positions else slice(-1, None)
+    n_rows = len(batch)
+    layer_out_final = torch.empty(n_rows, 2 * arch.n_layers, arch.d_model, device=token_ids.device)
+    captured: dict[str, torch.Tensor] = {}
+
+    def rows_for(kind: str, layer: int) -> tuple[list[int], list[AblatedRun]]:
+        picked = [(b, a) for b, a in enumerate(batch) if a.component.kind == kind and a.component.layer == layer]
+        return [b for b, _ in picked], [a for _, a in picked]
+
+    def replace_block(kind: str, layer: int):  # noqa: ANN202 - returns an edit callback
+        slot = 2 * layer + (1 if kind == "mlp" else 0)
+        rows, runs = rows_for(kind, layer)
+
+        def edit(out: torch.Tensor) -> torch.Tensor:
+            if rows:
+                out = out.clone()
+                out[rows, positions] = torch.stack([a.replacement for a in runs]).to(out.dtype)
+            layer_out_final[:, slot] = out[:, -1].float()
+            return out
+
+        return edit
+
+    def replace_heads(layer: int):  # noqa: ANN202
+        rows, runs = rows_for("head", layer)
+
+        def edit(z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()
+            for b, a in zip(rows, runs, strict=True):
+                head = a.component.head
+                assert head is not None
+                z[b, positions, head * arch.head_dim : (head + 1) * arch.head_dim] = a.replacement.to(z.dtype)
+            return z
+
+        return edit, bool(rows)
+
+    def keep_x(x: torch.Tensor) -> torch.Tensor:
+        captured["x"] = x[:, -1].float()
+        return x
+
+    with hooks_removed_on_exit() as handles:
+        for layer in range(arch.n_layers):
+            handles.append(arch.attn(layer).register_forward_hook(on_output(replace_block("attn", layer))))
+            handles.append(arch.mlp(layer).register_forward_hook(on_output(replace_block("mlp", layer))))
+            head_edit, has_heads = replace_heads(layer)
+            if has_heads:
+                handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(head_edit)))
+        handles.append(arch.final_norm.register_forward_pre_hook(on_input(keep_x)))
+        batch_ids = token_ids.unsqueeze(0).expand(n_rows, -1)
+        model(input_ids=batch_ids, use_cache=False, logits_to_keep=1)
+    return AblatedOutputs(layer_out_final=layer_out_final, x_final=captured["x"])
+
+
+def _final_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
+    """Δ_c at the final position in residual-stream coordinates: clean output minus replacement."""
+    clean_rows = component_rows(run, ablation.component, arch.head_dim)
+    delta = clean_rows[-1] - ablation.replacement[-1]
+    if ablation.component.kind == "head":
+        assert ablation.component.head is not None
+        delta = arch.head_weight(ablation.component.layer, ablation.component.head) @ delta
+    return delta.float()
+
+
+def _responses(
+    readout: Readout,
+    outputs: AblatedOutputs,
+    clean_out: torch.Tensor,
+    u: torch.Tensor,
+    s_clean: torch.Tensor,
+    norm_scale: NormScale,
+) -> torch.Tensor:
+    """(B, 2N): each layer component's direct effect in the ablated run minus in the clean run."""
+    if norm_scale == "clean":
+        return (outputs.layer_out_final - clean_out) @ u / s_clean
+    s_ablated = readout.scale(outputs.x_final).unsqueeze(1)
+    return outputs.layer_out_final @ u / s_ablated - (clean_out @ u / s_clean)
+
+
+def _measure(
+    arch: Architecture,
+    readout: Readout,
+    run: CleanRun,
+    ablations: list[AblatedRun],
+    outputs: AblatedOutputs,
+    basis: list[Component],
+    target: int,
+    counterfactual: int | None,
+    samples: int,
+    sources: list[int],
+    norm_scale: NormScale,
+) -> PromptMeasures:
+    """All measures of one prompt, averaged over the `samples` runs of each component."""
+    w, _ = readout.direction(target, counterfactual)
+    u = readout.direct_map(w).float()
+    x_clean = run.x_final.float().unsqueeze(0)
+    s_clean = readout.scale(x_clean)[0]
+    clean_metric = readout.value(x_clean, target, counterfactual)[0]
+    clean_out = run.final_layer_out().float()  # (2N, d)
+    clean_direct = clean_out @ u / s_clean  # (2N,)
+
+    ablated_metric = readout.value(outputs.x_final, target, counterfactual)  # (B,)
+    total = clean_metric - ablated_metric
+    deltas = torch.stack([_final_delta(arch, run, a) for a in ablations])
+    direct = deltas @ u / s_clean
+    response = _responses(readout, outputs, clean_out, u, s_clean, norm_scale)
+    downstream = torch.tensor(
+        [[is_downstream(a.component, d, arch.parallel_blocks) for d in basis] for a in ablations],
+        dtype=torch.bool,
+        device=response.device,
+    )
+    response = torch.where(downstream, response, torch.zeros_like(response))
+    compensation = direct - total
+    norm_response = compensation - response.sum(dim=1)
+
+    def per_component(values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(-1, samples, *values.shape[1:]).mean(dim=1)
+
+    top2 = torch.topk(run.logits_final, 2).values
+    return PromptMeasures(
+        target_id=target,
+        clean_metric=float(clean_metric),
+        top2_gap=float(top2[0] - top2[1]),
+        total_effect=per_component(total).tolist(),
+        direct_effect=per_component(direct).tolist(),
+        compensation=per_component(compensation).tolist(),
+        response=per_component(response).tolist(),
+        norm_response=per_component(norm_response).tolist(),
+        clean_direct_effect=clean_direct.tolist(),
+        sources=list(sources),
+    )

@@ -1,0 +1,64 @@
+"""Inputs and outputs of the ablation engine: plain tensors and lists, no Redis, no HTTP.
+
+The definitions of every field are in docs/definitions.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Ablation = Literal["resample", "mean", "zero"]
+Positions = Literal["final", "all"]
+Metric = Literal["logit", "centered_logit", "logprob", "logit_diff"]
+NormScale = Literal["clean", "ablated"]
+ResampleFrom = Literal["next", "random"]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to ablate and how to measure it; components are explicit names (attn.L, mlp.L, head.L.H)."""
+
+    components: tuple[str, ...]
+    ablation: Ablation = "resample"
+    positions: Positions = "final"
+    metric: Metric = "logit"
+    norm_scale: NormScale = "clean"
+    resample_samples: int = 1
+    resample_from: ResampleFrom = "next"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SweepInputs:
+    """Tokenised prompts (1-D LongTensors, no padding) and optional per-prompt targets."""
+
+    token_ids: list[torch.Tensor]
+    target_ids: list[int] | None = None
+    counterfactual_ids: list[int] | None = None
+    mean_reference_ids: list[torch.Tensor] | None = None  # prompts whose mean activation defines `mean` ablation
+
+
+@dataclass
+class PromptMeasures:
+    """Every measure for one prompt; lists over `SweepSpec.components` (outer) and the response basis (inner)."""
+
+    target_id: int
+    clean_metric: float
+    top2_gap: float  # clean logit(top-1) − logit(top-2): small gaps flag near-tied targets
+    total_effect: list[float]
+    direct_effect: list[float]
+    compensation: list[float]
+    response: list[list[float]]  # [component][layer component of the response basis]
+    norm_response: list[float]
+    clean_direct_effect: list[float]  # over the response basis
+    sources: list[int] = field(default_factory=list)  # resample sources used for this prompt (empty otherwise)
+
+
+@dataclass
+class SweepResult:
+    components: list[str]
+    response_basis: list[str]  # attn.0, mlp.0, attn.1, ...
+    prompts: list[PromptMeasures]
