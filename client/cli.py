@@ -7,6 +7,7 @@ than a traceback: the message is the API's problem detail, which already says wh
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import io
@@ -14,9 +15,9 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar, get_args
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import msgspec
 import typer
@@ -24,9 +25,9 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
-from client.http import FIGURE_NAMES, HydraClient, HydraError
-from client.render import jobs_table, job_progress, models_table, result_csv, result_table, status_table
-from service.schemas import AblationKind, JobRequest, JobResult, JobStatus, MetricName, PositionScope, PresetName
+from client.http import HydraClient, HydraError
+from client.render import job_progress, jobs_table, models_table, result_csv, result_table, status_table
+from service.schemas import JobRequest, JobResult, JobStatus
 
 log = logging.getLogger("hydra-ablate")
 app = typer.Typer(
@@ -42,20 +43,53 @@ DEFAULT_DATASET = "known_1000"
 BUILTIN_MODEL = "smollm2-135m"
 
 
-
-def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
-    """A str Enum of the schema's literal values: typer shows and checks them as choices (works on every typer)."""
-    return enum.Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
+class Choice(enum.StrEnum):
+    """Typer shows and checks Enum members as choices on every typer version; a test keeps them equal to the schema."""
 
 
-Ablation = _choices("Ablation", get_args(AblationKind))
-Positions = _choices("Positions", get_args(PositionScope))
-Metric = _choices("Metric", get_args(MetricName))
-Preset = _choices("Preset", get_args(PresetName))
-Dataset = _choices("Dataset", (DEFAULT_DATASET,))
-ResultFormat = _choices("ResultFormat", ("table", "json", "csv"))
-FigureFormatChoice = _choices("FigureFormatChoice", ("png", "svg"))
-FigureName = _choices("FigureName", FIGURE_NAMES)
+class Ablation(Choice):
+    resample = "resample"
+    mean = "mean"
+    zero = "zero"
+
+
+class Positions(Choice):
+    final = "final"
+    all = "all"
+
+
+class Metric(Choice):
+    logit = "logit"
+    centered_logit = "centered_logit"
+    logprob = "logprob"
+    logit_diff = "logit_diff"
+
+
+class Preset(Choice):
+    hydra = "hydra"
+
+
+class Dataset(Choice):
+    known_1000 = "known_1000"
+
+
+class ResultFormat(Choice):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class FigureFormatChoice(Choice):
+    png = "png"
+    svg = "svg"
+
+
+class FigureName(Choice):
+    te_vs_de = "te_vs_de"
+    layer_effects = "layer_effects"
+    response_heatmap = "response_heatmap"
+    erasure = "erasure"
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -78,7 +112,8 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise CliFailure(f"spec file {name} is not valid {'JSON' if name.endswith('.json') else 'YAML'}: {exc}")
+        kind = "JSON" if name.endswith(".json") else "YAML"
+        raise CliFailure(f"spec file {name} is not valid {kind}: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -185,7 +220,7 @@ KeyOption = Annotated[str | None, typer.Option("--api-key", envvar="HYDRA_API_KE
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the API's JSON instead of a table")]
 
 
-def _value(choice: enum.Enum | None) -> str | None:
+def _value(choice: Choice | None) -> str | None:
     return None if choice is None else str(choice.value)
 
 
@@ -235,8 +270,18 @@ def _setup_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
 
 
+@contextlib.contextmanager
+def stack_failures() -> Iterator[None]:
+    """Stack raises RuntimeError when a child process dies: report it as a failure of the stack, not a bug."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise CliFailure(f"the local stack failed: {exc} (its log is above)") from exc
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "taken"
         try:
             sock.bind((host, port))
         except OSError:
@@ -259,15 +304,18 @@ def serve(
     from client.stack import Stack
 
     _setup_logging()
+    if not _port_free(host, port):
+        raise CliFailure(f"{host}:{port} is already in use; choose another with --port")
     stack = Stack(host=host, port=port, workers=workers)
-    try:
-        stack.start()
-        stack.wait_ready(timeout_s=ready_timeout)
-    except BaseException:
-        stack.stop()
-        raise
-    log.info("ready: %s (OpenAPI at %s/schema); Ctrl-C stops", stack.api_url, stack.api_url)
-    stack.run_until_signal()
+    with stack_failures():
+        try:
+            stack.start()
+            stack.wait_ready(timeout_s=ready_timeout)
+        except BaseException:
+            stack.stop()
+            raise
+        log.info("ready: %s (OpenAPI at %s/schema); Ctrl-C stops", stack.api_url, stack.api_url)
+        stack.run_until_signal()
 
 
 @app.command()
@@ -331,7 +379,7 @@ def status(job_id: str, as_json: JsonFlag = False, url: UrlOption = None, api_ke
 @handled
 def result(
     job_id: str,
-    format: Annotated[ResultFormat, typer.Option("--format", "-f")] = ResultFormat("table"),
+    format: Annotated[ResultFormat, typer.Option("--format", "-f")] = ResultFormat.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
@@ -364,14 +412,21 @@ def render_result(job_result: JobResult, format: str) -> str:
 def figure(
     job_id: str,
     name: Annotated[FigureName, typer.Argument()],
-    format: Annotated[FigureFormatChoice, typer.Option("--format", "-f")] = FigureFormatChoice("png"),
+    format: Annotated[FigureFormatChoice, typer.Option("--format", "-f")] = FigureFormatChoice.png,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: JOB-NAME.FORMAT")] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
     """Save one of a finished job's figures."""
     with HydraClient(url, api_key) as client:
-        data = client.figure(job_id, name.value, format.value)
+        try:
+            data = client.figure(job_id, name.value, format.value)
+        except HydraError as exc:
+            if exc.status == 404 and exc.detail in ("", exc.title):  # the route itself is missing, not the job
+                raise CliFailure(
+                    f"{exc}: this server does not serve figures (GET /v1/jobs/{{id}}/figures/{{name}})"
+                ) from exc
+            raise
     path = output or Path(f"{job_id}-{name.value}.{format.value}")
     _write(path, data)
     out.print(f"saved {path} ({len(data)} bytes)", highlight=False)
@@ -440,8 +495,9 @@ def demo(
                 log.info("port %d is taken; using a free one", port)
                 port = free_port()
             stack = Stack(port=port)
-            stack.start()
-            stack.wait_ready(timeout_s=ready_timeout)
+            with stack_failures():
+                stack.start()
+                stack.wait_ready(timeout_s=ready_timeout)
             url = stack.api_url
             log.info("ready: %s", url)
         with HydraClient(url, api_key) as client:

@@ -193,9 +193,7 @@ class _Deadline:
             return True
         if self.end is not None and time.monotonic() >= self.end:
             done, total = status.progress.done, status.progress.total
-            raise TimeoutError(
-                f"job {self.job_id} is still {status.status} ({done}/{total}) after {self.timeout_s:g}s"
-            )
+            raise TimeoutError(f"job {self.job_id} is still {status.status} ({done}/{total}) after {self.timeout_s:g}s")
         return False
 
 

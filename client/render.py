@@ -10,6 +10,7 @@ import csv
 import io
 from collections.abc import Sequence
 
+from rich import box
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,7 +20,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich import box
 from rich.table import Table
 
 from service.schemas import JobPage, JobResult, JobStatus, ModelInfo, Regression

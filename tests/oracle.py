@@ -264,10 +264,12 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
 
     try:
         with torch.no_grad():
-            out = model(input_ids=ids.view(1, T))
+            # logits_to_keep=1: the real full-vocabulary logits, at the final position only (the others are unused).
+            out = model(input_ids=ids.view(1, T), logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
+    assert out.logits.shape[:2] == (1, 1)
     logits = out.logits[0, -1].detach().clone()
     for layer in range(parts.n_layers):
         assert attn_out[layer].shape[0] == T and mlp_out[layer].shape[0] == T

@@ -11,6 +11,7 @@ import io
 import json
 import socket
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import httpx
 import msgspec
@@ -18,8 +19,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from client import cli
 from client.cli import CliFailure, app, load_spec, merge_request, render_result, split_components, to_job_request
 from client.http import (
+    FIGURE_NAMES,
     AsyncHydraClient,
     HydraClient,
     HydraConnectionError,
@@ -33,12 +36,17 @@ from client.http import (
 )
 from client.render import models_table, result_csv, result_table
 from service.schemas import (
+    AblationKind,
     ComponentSummary,
     DatasetRef,
     JobResult,
     JobSpec,
+    JobState,
     JobStatus,
+    MetricName,
     ModelInfo,
+    PositionScope,
+    PresetName,
     Progress,
     PromptResult,
     Provenance,
@@ -50,7 +58,7 @@ from service.schemas import (
 
 
 def _prompt(text: str, token: str, te: list[float], de: list[float], norm: list[float]) -> PromptResult:
-    comp = [d - t for d, t in zip(de, te)]
+    comp = [d - t for d, t in zip(de, te, strict=True)]
     return PromptResult(
         prompt=text,
         target_id=42,
@@ -63,7 +71,7 @@ def _prompt(text: str, token: str, te: list[float], de: list[float], norm: list[
         direct_effect=de,
         compensation=comp,
         norm_response=norm,
-        response=[[0.0, c - n] for c, n in zip(comp, norm)],
+        response=[[0.0, c - n] for c, n in zip(comp, norm, strict=True)],
         clean_direct_effect=[0.3, -0.2],
     )
 
@@ -71,7 +79,7 @@ def _prompt(text: str, token: str, te: list[float], de: list[float], norm: list[
 @pytest.fixture
 def result() -> JobResult:
     prompts = [
-        _prompt('The Eiffel Tower is in the city of', " Paris", te=[0.25, 0.5], de=[0.75, 0.5], norm=[0.125, 0.0]),
+        _prompt("The Eiffel Tower is in the city of", " Paris", te=[0.25, 0.5], de=[0.75, 0.5], norm=[0.125, 0.0]),
         _prompt('He said "hi, there" and', " left", te=[0.5, 1.0], de=[1.25, 1.0], norm=[0.25, 0.0]),
     ]
     components = [
@@ -262,8 +270,8 @@ def test_result_csv_has_one_row_per_prompt_and_component(result: JobResult) -> N
     assert [(row["prompt"][:6], row["component"]) for row in rows] == [
         ("The Ei", "attn.0"),
         ("The Ei", "mlp.0"),
-        ('He sai', "attn.0"),
-        ('He sai', "mlp.0"),
+        ("He sai", "attn.0"),
+        ("He sai", "mlp.0"),
     ]
     quoted = rows[2]
     assert quoted["prompt"] == 'He said "hi, there" and'  # commas and quotes survive the round trip
@@ -343,7 +351,7 @@ def test_job_ids_are_escaped_in_paths() -> None:
 
 
 def test_wait_deadline() -> None:
-    def job(state: str) -> JobStatus:
+    def job(state: JobState) -> JobStatus:
         return JobStatus(id="j", status=state, model="m", progress=Progress(done=1, total=4), created_at="t")
 
     deadline = _Deadline("j", timeout_s=None)
@@ -386,6 +394,23 @@ def test_url_and_key_default_from_the_environment(monkeypatch: pytest.MonkeyPatc
 def test_figure_format_is_checked() -> None:
     with HydraClient("http://127.0.0.1:1") as client, pytest.raises(ValueError, match="png or svg"):
         client.figure("abc", "te_vs_de", "gif")  # type: ignore[arg-type]
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------------
+
+
+def test_cli_choices_match_the_wire_schema() -> None:
+    """The CLI's option choices are Enums (portable across typer versions); they must offer exactly the schema's."""
+    pairs = [
+        (cli.Ablation, AblationKind),
+        (cli.Positions, PositionScope),
+        (cli.Metric, MetricName),
+        (cli.Preset, PresetName),
+    ]
+    for choice, literal in pairs:
+        assert [str(member) for member in choice] == list(get_args(literal))
+    assert [member.value for member in cli.FigureName] == list(FIGURE_NAMES)
+    assert [member.value for member in cli.Dataset] == list(get_args(get_type_hints(DatasetRef)["name"]))
 
 
 # --- the CLI's failure modes ----------------------------------------------------------------------------------------

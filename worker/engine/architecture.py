@@ -28,6 +28,10 @@ class Family:
     out_proj_is_conv1d: bool
     final_norm: Callable[[nn.Module], nn.Module]
     norm_kind: str  # "rms" or "layer"
+    attn_norm: str  # attribute of a block: the norm before attention
+    mlp_norm: str  # attribute of a block: the norm before the MLP
+    rotary: Callable[[nn.Module], nn.Module] | None  # the model's rotary embedding, None for learned positions
+    cache_keyword: str  # the keyword under which the attention module takes its key/value cache
 
 
 _LLAMA_LIKE = Family(
@@ -38,6 +42,10 @@ _LLAMA_LIKE = Family(
     out_proj_is_conv1d=False,
     final_norm=lambda m: m.model.norm,
     norm_kind="rms",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    rotary=lambda m: m.model.rotary_emb,
+    cache_keyword="cache",
 )
 
 _FAMILIES: dict[str, Family] = {
@@ -52,6 +60,10 @@ _FAMILIES: dict[str, Family] = {
         out_proj_is_conv1d=True,
         final_norm=lambda m: m.transformer.ln_f,
         norm_kind="layer",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        rotary=None,
+        cache_keyword="cache",
     ),
     "gpt_neox": Family(
         blocks=lambda m: m.gpt_neox.layers,
@@ -61,6 +73,10 @@ _FAMILIES: dict[str, Family] = {
         out_proj_is_conv1d=False,
         final_norm=lambda m: m.gpt_neox.final_layer_norm,
         norm_kind="layer",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        rotary=lambda m: m.gpt_neox.rotary_emb,
+        cache_keyword="layer_past",
     ),
 }
 
@@ -83,12 +99,19 @@ class Architecture:
     parallel_blocks: bool
     final_norm: nn.Module
     unembed: nn.Module
+    rotary: nn.Module | None
 
     def attn(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.family.attn)
 
     def mlp(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.family.mlp)
+
+    def attn_norm(self, layer: int) -> nn.Module:
+        return getattr(self.blocks[layer], self.family.attn_norm)
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        return getattr(self.blocks[layer], self.family.mlp_norm)
 
     def out_proj(self, layer: int) -> nn.Module:
         return getattr(self.attn(layer), self.family.out_proj)
@@ -145,4 +168,5 @@ def describe(model: nn.Module) -> Architecture:
         parallel_blocks=config.model_type == "gpt_neox" and _config_flag(config, "use_parallel_residual", True),
         final_norm=family.final_norm(model),
         unembed=model.get_output_embeddings(),
+        rotary=family.rotary(model) if family.rotary is not None else None,
     )

@@ -16,10 +16,13 @@ class CleanRun:
     """Clean activations of one prompt; positions are all T (scope "all") or just the final one (scope "final")."""
 
     layer_out: torch.Tensor  # (2N, P, d): attn.0, mlp.0, attn.1, ... in response-basis order
+    block_in: torch.Tensor  # (N, P, d): the residual stream entering each block
     head_in: torch.Tensor | None  # (N, P, H·hd): input of the output projection, when heads are ablated
     x_final: torch.Tensor  # (d,): residual stream entering the final norm at the final position
     logits_final: torch.Tensor  # (V,)
     length: int
+    past_keys: list[torch.Tensor]  # per layer (1, KV, T−1, hd): the prefix's keys (scope "final" only)
+    past_values: list[torch.Tensor]
 
     def final_layer_out(self) -> torch.Tensor:
         return self.layer_out[:, -1, :]
@@ -33,6 +36,7 @@ def run_clean(
     keep = slice(None) if all_positions else slice(-1, None)
     layer_out: list[torch.Tensor | None] = [None] * (2 * arch.n_layers)
     head_in: list[torch.Tensor | None] = [None] * arch.n_layers
+    block_in: list[torch.Tensor | None] = [None] * arch.n_layers
     captured: dict[str, torch.Tensor] = {}
 
     def keeper(slot: int):  # noqa: ANN202 - returns an edit callback
@@ -49,6 +53,14 @@ def run_clean(
 
         return keep_input
 
+    def keep_block_in(layer: int):  # noqa: ANN202
+        def keep_input(_module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            assert isinstance(hidden, torch.Tensor)
+            block_in[layer] = hidden[0, keep].clone()
+
+        return keep_input
+
     def keep_x(x: torch.Tensor) -> torch.Tensor:
         captured["x"] = x[0, -1].clone()
         return x
@@ -57,15 +69,29 @@ def run_clean(
         for layer in range(arch.n_layers):
             handles.append(arch.attn(layer).register_forward_hook(on_output(keeper(2 * layer))))
             handles.append(arch.mlp(layer).register_forward_hook(on_output(keeper(2 * layer + 1))))
+            handles.append(arch.blocks[layer].register_forward_pre_hook(keep_block_in(layer), with_kwargs=True))
             if with_heads:
                 handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep_head_in(layer))))
         handles.append(arch.final_norm.register_forward_pre_hook(on_input(keep_x)))
-        logits = model(input_ids=token_ids.unsqueeze(0), use_cache=False).logits[0, -1]
+        output = model(input_ids=token_ids.unsqueeze(0), use_cache=not all_positions)
+    logits = output.logits[0, -1]
+    past_keys, past_values = _prefix_cache(output) if not all_positions else ([], [])
 
     return CleanRun(
         layer_out=torch.stack([t for t in layer_out if t is not None]),
+        block_in=torch.stack([t for t in block_in if t is not None]),
         head_in=torch.stack([t for t in head_in if t is not None]) if with_heads else None,
         x_final=captured["x"],
         logits_final=logits.float(),
         length=int(token_ids.shape[0]),
+        past_keys=past_keys,
+        past_values=past_values,
     )
+
+
+def _prefix_cache(output: object) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keys and values (after rotary embedding) of every position but the last, per layer."""
+    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    cache = getattr(cache, "self_attention_cache", cache)
+    layers = cache.layers  # type: ignore[union-attr]
+    return [layer.keys[:, :, :-1].clone() for layer in layers], [layer.values[:, :, :-1].clone() for layer in layers]

@@ -1,12 +1,11 @@
-"""The ablation sweep: for each prompt, every (component, replacement) run batched through the model with hooks.
+"""The ablation sweep: clean runs, replacements, batched ablated runs (worker/engine/fast.py), then measures.
 
-Read top to bottom: clean runs → replacements → batched ablated runs → measures (docs/definitions.md).
+Read top to bottom; every measure is defined in docs/definitions.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from torch import nn
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
-from worker.engine.hooks import hooks_removed_on_exit, on_input, on_output
+from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
 from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepResult, SweepSpec
@@ -26,20 +25,6 @@ DEFAULT_BATCH_TOKENS = 8192
 
 class SweepCancelled(RuntimeError):
     """Raised between batches when `should_stop` says so."""
-
-
-@dataclass(frozen=True)
-class AblatedRun:
-    """One row of an ablated batch: which component, replaced by which rows (P, e)."""
-
-    component: Component
-    replacement: torch.Tensor
-
-
-@dataclass(frozen=True)
-class AblatedOutputs:
-    layer_out_final: torch.Tensor  # (B, 2N, d)
-    x_final: torch.Tensor  # (B, d)
 
 
 @torch.no_grad()
@@ -86,7 +71,7 @@ def run_sweep(
             for c in components
             for source in (sources[i] or [None])
         ]
-        outputs = _run_ablated_batches(model, arch, inputs.token_ids[i], ablations, all_positions, batch_tokens)
+        outputs = run_ablated(arch, run, ablations, all_positions, batch_tokens)
         measures.append(
             _measure(
                 arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
@@ -126,81 +111,6 @@ def _replacement(
         return means.as_clean_run_rows(component, arch.head_dim).expand_as(own)
     assert source is not None
     return align_to_length(component_rows(runs[source], component, arch.head_dim), own.shape[0])
-
-
-def _run_ablated_batches(
-    model: nn.Module,
-    arch: Architecture,
-    token_ids: torch.Tensor,
-    ablations: list[AblatedRun],
-    all_positions: bool,
-    batch_tokens: int,
-) -> AblatedOutputs:
-    rows_per_batch = max(1, batch_tokens // int(token_ids.shape[0]))
-    parts = [
-        _run_ablated_batch(model, arch, token_ids, ablations[start : start + rows_per_batch], all_positions)
-        for start in range(0, len(ablations), rows_per_batch)
-    ]
-    return AblatedOutputs(
-        layer_out_final=torch.cat([p.layer_out_final for p in parts]),
-        x_final=torch.cat([p.x_final for p in parts]),
-    )
-
-
-def _run_ablated_batch(
-    model: nn.Module, arch: Architecture, token_ids: torch.Tensor, batch: list[AblatedRun], all_positions: bool
-) -> AblatedOutputs:
-    """One forward pass of B copies of the prompt, row b with its own component replaced."""
-    positions = slice(None) if all_positions else slice(-1, None)
-    n_rows = len(batch)
-    layer_out_final = torch.empty(n_rows, 2 * arch.n_layers, arch.d_model, device=token_ids.device)
-    captured: dict[str, torch.Tensor] = {}
-
-    def rows_for(kind: str, layer: int) -> tuple[list[int], list[AblatedRun]]:
-        picked = [(b, a) for b, a in enumerate(batch) if a.component.kind == kind and a.component.layer == layer]
-        return [b for b, _ in picked], [a for _, a in picked]
-
-    def replace_block(kind: str, layer: int):  # noqa: ANN202 - returns an edit callback
-        slot = 2 * layer + (1 if kind == "mlp" else 0)
-        rows, runs = rows_for(kind, layer)
-
-        def edit(out: torch.Tensor) -> torch.Tensor:
-            if rows:
-                out = out.clone()
-                out[rows, positions] = torch.stack([a.replacement for a in runs]).to(out.dtype)
-            layer_out_final[:, slot] = out[:, -1].float()
-            return out
-
-        return edit
-
-    def replace_heads(layer: int):  # noqa: ANN202
-        rows, runs = rows_for("head", layer)
-
-        def edit(z: torch.Tensor) -> torch.Tensor:
-            z = z.clone()
-            for b, a in zip(rows, runs, strict=True):
-                head = a.component.head
-                assert head is not None
-                z[b, positions, head * arch.head_dim : (head + 1) * arch.head_dim] = a.replacement.to(z.dtype)
-            return z
-
-        return edit, bool(rows)
-
-    def keep_x(x: torch.Tensor) -> torch.Tensor:
-        captured["x"] = x[:, -1].float()
-        return x
-
-    with hooks_removed_on_exit() as handles:
-        for layer in range(arch.n_layers):
-            handles.append(arch.attn(layer).register_forward_hook(on_output(replace_block("attn", layer))))
-            handles.append(arch.mlp(layer).register_forward_hook(on_output(replace_block("mlp", layer))))
-            head_edit, has_heads = replace_heads(layer)
-            if has_heads:
-                handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(head_edit)))
-        handles.append(arch.final_norm.register_forward_pre_hook(on_input(keep_x)))
-        batch_ids = token_ids.unsqueeze(0).expand(n_rows, -1)
-        model(input_ids=batch_ids, use_cache=False, logits_to_keep=1)
-    return AblatedOutputs(layer_out_final=layer_out_final, x_final=captured["x"])
 
 
 def _final_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
