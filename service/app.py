@@ -14,6 +14,7 @@ from litestar.plugins.problem_details import ProblemDetailsPlugin
 
 from service.controllers import HealthController, JobsController, ModelsController
 from service.controllers.dependencies import dependencies
+from service.controllers.figures import FiguresController
 from service.errors import problem_details_config
 from service.queue import JobQueue
 from service.settings import Settings
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store.close()
 
     return Litestar(
-        route_handlers=[JobsController, ModelsController, HealthController],
+        route_handlers=[JobsController, FiguresController, ModelsController, HealthController],
         dependencies=dependencies(),
         state=State({"settings": settings, "store": store, "queue": queue}),
         plugins=[ProblemDetailsPlugin(problem_details_config())],

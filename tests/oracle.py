@@ -18,11 +18,12 @@ engine's pairing must be passed as `sources` (one list per prompt), since the or
 Module layout by `config.model_type` (checked against transformers 5.24's modelling code: every attention module
 returns `(attn_output, attn_weights)`, every MLP returns a tensor):
 
-| model_type            | blocks                     | attention (output[0]) | head projection (Linear / Conv1D) | final norm                   |
-|-----------------------|----------------------------|-----------------------|-----------------------------------|------------------------------|
-| llama, qwen2, mistral | model.model.layers[i]      | .self_attn            | .self_attn.o_proj (Linear)        | model.model.norm (RMSNorm)   |
-| gpt2                  | model.transformer.h[i]     | .attn                 | .attn.c_proj (Conv1D, W is in×out)| model.transformer.ln_f (LN)  |
-| gpt_neox              | model.gpt_neox.layers[i]   | .attention            | .attention.dense (Linear)         | gpt_neox.final_layer_norm(LN)|
+- llama, qwen2, mistral: blocks model.model.layers[i]; attention .self_attn; head projection .self_attn.o_proj
+  (Linear); final norm model.model.norm (RMSNorm).
+- gpt2: blocks model.transformer.h[i]; attention .attn; head projection .attn.c_proj (Conv1D, weight is in × out);
+  final norm model.transformer.ln_f (LayerNorm).
+- gpt_neox: blocks model.gpt_neox.layers[i]; attention .attention; head projection .attention.dense (Linear);
+  final norm model.gpt_neox.final_layer_norm (LayerNorm); parallel blocks iff config.use_parallel_residual.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ counterfactuals, a separate mean reference set, and prompts of different lengths
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -17,7 +16,6 @@ import torch
 
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import (
-    Ablation,
     OracleDetail,
     Readout,
     downstream,
@@ -34,7 +32,7 @@ from tests.oracle import (
     run_model,
 )
 from tests.tiny_models import TINY_ARCHS
-from worker.engine.types import PromptMeasures, SweepInputs, SweepResult, SweepSpec
+from worker.engine.types import SweepInputs, SweepResult, SweepSpec
 
 ATOL = 1e-4
 
@@ -117,6 +115,15 @@ def _check_coverage() -> None:
 
 
 _check_coverage()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and does not thrash when other test processes share the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _run_engine(model, spec: SweepSpec, inputs: SweepInputs, **kwargs) -> SweepResult:
@@ -400,7 +407,8 @@ def test_oracle_only_downstream_changes(tiny_models, prompt_set, arch: str, posi
                 elif d not in own:
                     assert change.abs().max() <= 1e-5, (arch, i, comp, d, float(change.abs().max()))
             if down and float(run.delta.abs().max()) > 1e-3:  # (Δ = 0 when the source's token is the same)
-                assert max(float((layer_output(run.record, d) - layer_output(clean, d)).abs().max()) for d in down) > 1e-3
+                biggest = max(float((layer_output(run.record, d) - layer_output(clean, d)).abs().max()) for d in down)
+                assert biggest > 1e-3, (arch, i, comp)
             actual = run.record.x_final.double() - clean.x_final.double()
             assert torch.allclose(moved, actual, atol=1e-4), (arch, i, comp)
 
@@ -443,7 +451,9 @@ def test_oracle_last_mlp_nothing_downstream(tiny_models, prompt_set, arch: str, 
     last = f"mlp.{parts.n_layers - 1}"
     for norm_scale in ("clean", "ablated"):
         spec = SweepSpec(components=(last,), ablation="zero", positions="all", metric=metric, norm_scale=norm_scale)
-        inputs = SweepInputs(token_ids=list(prompt_set.token_ids), counterfactual_ids=list(prompt_set.counterfactual_ids))
+        inputs = SweepInputs(
+            token_ids=list(prompt_set.token_ids), counterfactual_ids=list(prompt_set.counterfactual_ids)
+        )
         detail = OracleDetail()
         result = oracle_sweep(model, spec, inputs, detail=detail)
         for i, p in enumerate(result.prompts):

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, JSONBody, QueryParameter
-from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_409_CONFLICT
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
 
-from service.controllers.problems import problem_responses
+from service.controllers.problems import PROBLEM_JSON, problem_responses
 from service.errors import BackendUnavailable
+from service.exports import CSV_COLUMNS, EXPORT_ACCEPT, ExportFormat, export, negotiate
 from service.queue import JobQueue
 from service.resolve import ablation_count, resolve
-from service.schemas import JobPage, JobRequest, JobResult, JobStatus
+from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ProblemDetails
 from service.settings import Settings
 from service.store import JobStore
 
@@ -28,6 +31,60 @@ def _conflict(detail: str) -> ClientException:
 
 def _not_found(job_id: str) -> NotFoundException:
     return NotFoundException(detail=f"job {job_id} not found (unknown, or its results have expired)")
+
+
+def require_succeeded(store: JobStore, job_id: str) -> None:
+    """404 for an unknown job, 409 (saying why) until it has succeeded: shared by the result and figure routes."""
+    status = store.status(job_id)
+    if status is None:
+        raise _not_found(job_id)
+    if status.status in ("queued", "running"):
+        done, total = status.progress.done, status.progress.total
+        raise _conflict(f"job {job_id} is {status.status} ({done}/{total} ablations done); no result yet")
+    if status.status == "failed":
+        raise _conflict(f"job {job_id} failed: {status.error or 'no error message'}")
+    if status.status == "cancelled":
+        raise _conflict(f"job {job_id} was cancelled; it has no result")
+
+
+def finished_result(store: JobStore, job_id: str) -> bytes:
+    """The stored result of a succeeded job; 404 when it expired between the status check and the read."""
+    require_succeeded(store, job_id)
+    result = store.result(job_id)
+    if result is None:
+        raise _not_found(job_id)
+    return result
+
+
+def not_acceptable_response() -> dict[int, ResponseSpec]:
+    """The 406 entry of a negotiating route's OpenAPI responses (problems.problem_responses has no 406)."""
+    return {
+        HTTP_406_NOT_ACCEPTABLE: ResponseSpec(
+            data_container=ProblemDetails,
+            media_type=PROBLEM_JSON,
+            description="The Accept header allows none of the route's media types (the detail lists them)",
+            generate_examples=False,
+        )
+    }
+
+
+@dataclass
+class ResultOperation(Operation):
+    """The result route's OpenAPI operation: MessagePack and CSV beside JSON (a ResponseSpec documents one type)."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if not isinstance(ok, OpenAPIResponse) or not ok.content or "application/json" not in ok.content:
+            return
+        schema = ok.content["application/json"].schema
+        ok.description = "The job's result: JSON (default), MessagePack of the same JobResult, or CSV"
+        ok.content["application/msgpack"] = OpenAPIMediaType(schema=schema)
+        ok.content["text/csv"] = OpenAPIMediaType(
+            schema=Schema(
+                type=OpenAPIType.STRING,
+                description="A header row (" + ",".join(CSV_COLUMNS) + ") then one row per prompt × component",
+            )
+        )
 
 
 class JobsController(Controller):
@@ -92,28 +149,37 @@ class JobsController(Controller):
         "/{job_id:str}/result",
         sync_to_thread=True,
         summary="A finished job's result",
-        description="409 while the job is queued or running, and for failed or cancelled jobs (detail says why).",
+        description=(
+            "409 while the job is queued or running, and for failed or cancelled jobs (detail says why). "
+            "Formats, by `?format=` or else the Accept header: `json` (application/json, the default: the stored "
+            "document as it is), `msgpack` (application/msgpack or application/x-msgpack: the same JobResult in "
+            "MessagePack) and `csv` (text/csv: one row per prompt × component with the columns "
+            + ", ".join(CSV_COLUMNS)
+            + "). An Accept header that allows none of these is 406."
+        ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
             **problem_responses(400, 404, 409, 503),
+            **not_acceptable_response(),
         },
+        operation_class=ResultOperation,
     )
-    def get_result(self, job_id: JobId, store: NamedDependency[JobStore]) -> Response[bytes]:
-        # The worker stored the encoded JobResult: serve those bytes as they are instead of decoding and re-encoding.
-        status = store.status(job_id)
-        if status is None:
-            raise _not_found(job_id)
-        if status.status in ("queued", "running"):
-            done, total = status.progress.done, status.progress.total
-            raise _conflict(f"job {job_id} is {status.status} ({done}/{total} ablations done); no result yet")
-        if status.status == "failed":
-            raise _conflict(f"job {job_id} failed: {status.error or 'no error message'}")
-        if status.status == "cancelled":
-            raise _conflict(f"job {job_id} was cancelled; it has no result")
-        result = store.result(job_id)
-        if result is None:
-            raise _not_found(job_id)
-        return Response(content=result, media_type="application/json")
+    def get_result(
+        self,
+        request: Request[Any, Any, Any],
+        job_id: JobId,
+        store: NamedDependency[JobStore],
+        format: Annotated[  # noqa: A002 - the query parameter's public name
+            ExportFormat | None, QueryParameter(description="json, msgpack or csv; overrides the Accept header")
+        ] = None,
+    ) -> Response[bytes]:
+        fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
+        # The worker stored the encoded JobResult: JSON serves those bytes as they are; other formats decode them.
+        stored = finished_result(store, job_id)
+        headers = {"Vary": "Accept"}
+        if fmt == "csv":
+            headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
+        return Response(content=export(stored, fmt), media_type=media_type, headers=headers)
 
     @delete(
         "/{job_id:str}",

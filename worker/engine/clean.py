@@ -73,7 +73,7 @@ def run_clean(
             if with_heads:
                 handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep_head_in(layer))))
         handles.append(arch.final_norm.register_forward_pre_hook(on_input(keep_x)))
-        output = model(input_ids=token_ids.unsqueeze(0), use_cache=not all_positions)
+        output = model(input_ids=token_ids.unsqueeze(0), use_cache=not all_positions, logits_to_keep=1)
     logits = output.logits[0, -1]
     past_keys, past_values = _prefix_cache(output) if not all_positions else ([], [])
 
