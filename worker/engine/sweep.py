@@ -6,6 +6,7 @@ Read top to bottom; every measure is defined in docs/definitions.md.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -49,21 +50,29 @@ def run_sweep(
     def clean(ids: torch.Tensor) -> CleanRun:
         return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
 
-    runs = [clean(ids) for ids in inputs.token_ids]
     sources = (
         resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed)
         if spec.ablation == "resample"
         else [[] for _ in range(n_prompts)]
     )
-    means = _mean_activations(runs, [clean(ids) for ids in inputs.mean_reference_ids or []]) if spec.ablation == "mean" else None
+    measured = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
+    needed = set(measured) | {s for i in measured for s in sources[i]}
+    if spec.ablation == "mean" and inputs.mean_reference_ids is None:
+        needed = set(range(n_prompts))
+    runs = {i: clean(inputs.token_ids[i]) for i in sorted(needed)}
+    means = None
+    if spec.ablation == "mean":
+        reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
+        means = _mean_activations(reference or [runs[i] for i in range(n_prompts)])
 
     samples = len(sources[0]) if spec.ablation == "resample" else 1
-    total = n_prompts * len(components) * samples
+    total = len(measured) * len(components) * samples
     done = 0
     measures: list[PromptMeasures] = []
-    for i, run in enumerate(runs):
+    for i in measured:
         if should_stop is not None and should_stop():
             raise SweepCancelled("sweep cancelled")
+        run = runs[i]
         target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
         counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
         ablations = [
@@ -78,6 +87,7 @@ def run_sweep(
                 spec.norm_scale,
             )
         )
+        runs[i] = replace(run, past_keys=[], past_values=[])  # the prefix cache is needed only while measuring
         done += len(ablations)
         if on_progress is not None:
             on_progress(done, total)
@@ -86,9 +96,9 @@ def run_sweep(
     )
 
 
-def _mean_activations(runs: list[CleanRun], reference_runs: list[CleanRun]) -> MeanActivations:
+def _mean_activations(runs: list[CleanRun]) -> MeanActivations:
     means = MeanActivations()
-    for run in reference_runs or runs:
+    for run in runs:
         means.add(run)
     return means
 
@@ -96,7 +106,7 @@ def _mean_activations(runs: list[CleanRun], reference_runs: list[CleanRun]) -> M
 def _replacement(
     component: Component,
     run: CleanRun,
-    runs: list[CleanRun],
+    runs: dict[int, CleanRun],
     source: int | None,
     means: MeanActivations | None,
     arch: Architecture,

@@ -39,6 +39,8 @@ class SweepInputs:
     target_ids: list[int] | None = None
     counterfactual_ids: list[int] | None = None
     mean_reference_ids: list[torch.Tensor] | None = None  # prompts whose mean activation defines `mean` ablation
+    # Measure only these prompts (a chunk of a larger job); the others still serve as resample sources and means.
+    measure_indices: list[int] | None = None
 
 
 @dataclass
