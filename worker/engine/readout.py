@@ -40,20 +40,24 @@ class Readout:
 
     def direct_map(self, w: torch.Tensor) -> torch.Tensor:
         """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w."""
-        u = self.gain * w
+        u = self.gain.float() * w.float()
         return u - u.mean() if self.centred else u
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The final norm's divisor s(x) for each row of x (…, d)."""
+        """The final norm's divisor s(x) for each row of x (…, d), in float32."""
+        x = x.float()
         if self.centred:
             return torch.sqrt(x.var(dim=-1, unbiased=False) + self.eps)
         return torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)
 
     def value(self, x: torch.Tensor, target: int, counterfactual: int | None) -> torch.Tensor:
-        """The metric for each row of final residual vectors x (B, d), through the model's own final norm."""
-        normed = self.arch.final_norm(x)
+        """The metric for each row of final residual vectors x (B, d), through the model's own final norm.
+
+        The norm and unembedding run in the model's dtype; the result is float32 whatever that dtype is.
+        """
+        normed = self.arch.final_norm(x.to(self.gain.dtype))
         if self.metric == "logprob":
             logits = self.arch.unembed(normed)
             return torch.log_softmax(logits.float(), dim=-1)[:, target]
         w, b = self.direction(target, counterfactual)
-        return normed @ w + b
+        return normed.float() @ w.float() + b.float()
