@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.text import Text
 
 from client.http import HydraClient, HydraError
+from client.keys_cli import keys_app
 from client.render import job_progress, jobs_table, models_table, result_csv, result_table, status_table
 from service.schemas import JobRequest, JobResult, JobStatus
 
@@ -533,6 +534,9 @@ def run_demo(client: HydraClient, prompts: int, samples: int, figure_path: Path)
         return
     _write(figure_path, png)
     out.print(f"saved {figure_path} ({len(png)} bytes)", highlight=False)
+
+
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:

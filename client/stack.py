@@ -44,6 +44,9 @@ class Stack:
             self.redis = EmbeddedRedis(data_dir=self.data_dir / "redis")
             self.redis.start()
             env["REDIS_URL"] = self.redis.url
+            # The embedded default is a single-user local setup: the only case where auth may be off.
+            env.setdefault("HYDRA_AUTH", "off")
+            env.setdefault("HYDRA_ALLOW_NO_AUTH", "1")
             log.info("embedded Redis listening on %s (append-only file in %s)", self.redis.url, self.redis.data_dir)
         else:
             log.info("using Redis at %s", env["REDIS_URL"])

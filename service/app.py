@@ -6,27 +6,62 @@ environment; tests pass their own Settings.
 
 from __future__ import annotations
 
+import logging
+
+import redis
+import redis.asyncio
 from litestar import Litestar
+from litestar._openapi.schema_generation.plugins import StructSchemaPlugin
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Schema
 from litestar.plugins.problem_details import ProblemDetailsPlugin
+from litestar.typing import FieldDefinition
 
+from service.auth import ApiKeys, auth_middleware, keys_hash, security_components
 from service.controllers import HealthController, JobsController, ModelsController
 from service.controllers.dependencies import dependencies
 from service.controllers.figures import FiguresController
 from service.errors import problem_details_config
+from service.idempotency import IdempotencyRecords
+from service.limits import RateLimiter, TokenCounters
 from service.queue import JobQueue
 from service.settings import Settings
 from service.store import JobStore
+
+logger = logging.getLogger(__name__)
 
 API_TITLE = "hydra-ablate"
 API_VERSION = "1.0.0"
 API_DESCRIPTION = (
     "Runs causal ablation experiments on transformer language models: ablate attention, MLP or head outputs "
     "and measure direct effects, total effects and downstream compensation (the Hydra effect). Jobs run "
-    "asynchronously on GPU workers; every error is an RFC 9457 problem-details document."
+    "asynchronously on GPU workers; every error is an RFC 9457 problem-details document. Job routes need an API "
+    "key in the X-API-Key header; each key sees only its own jobs."
 )
+
+NO_AUTH_REFUSED = (
+    "HYDRA_AUTH=off turns access control off: every caller could read and cancel every job. Set "
+    "HYDRA_ALLOW_NO_AUTH=1 as well to confirm that this server is only reachable by you (the local "
+    "`hydra-ablate serve` stack does so with its embedded Redis), or configure API keys instead."
+)
+
+
+class StrictStructSchemaPlugin(StructSchemaPlugin):
+    """Structs that reject unknown fields say so in OpenAPI (`additionalProperties: false`), so generated clients
+    and fuzzers send what the server accepts; Litestar's own struct plugin leaves it out."""
+
+    def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
+        if not super().is_plugin_supported_field(field_definition):
+            return False
+        config = getattr(field_definition.type_, "__struct_config__", None)
+        return bool(config is not None and config.forbid_unknown_fields)
+
+    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: object) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)  # type: ignore[arg-type]
+        schema.additional_properties = False
+        return schema
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -36,24 +71,70 @@ def openapi_config() -> OpenAPIConfig:
         description=API_DESCRIPTION,
         path="/schema",
         render_plugins=[SwaggerRenderPlugin()],
+        components=security_components(),
     )
 
 
+def check_auth_settings(settings: Settings) -> None:
+    """Refuse to build an app without access control unless that was asked for twice (HYDRA_AUTH=off and
+    HYDRA_ALLOW_NO_AUTH=1)."""
+    if not settings.auth_enabled and not settings.allow_no_auth:
+        raise RuntimeError(NO_AUTH_REFUSED)
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
-    """A fresh app with its own Redis pool and Celery client; both are closed on shutdown."""
+    """A fresh app with its own Redis pools and Celery client; all are closed on shutdown."""
     settings = settings or Settings.from_env()
+    check_auth_settings(settings)
+    api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here
     store = JobStore.from_settings(settings)
     queue = JobQueue(settings)
+    state = State(
+        {
+            "settings": settings,
+            "store": store,
+            "queue": queue,
+            "api_keys": api_keys,
+            "idempotency": IdempotencyRecords(store.client, settings.key_prefix, settings.result_ttl_s),
+            "tokens": TokenCounters(),
+        }
+    )
 
-    def close_clients() -> None:
+    async def open_async_clients(app: Litestar) -> None:
+        # Auth and rate limiting run on the event loop: an asyncio Redis pool, made in the loop that serves.
+        client = redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        app.state.aredis = client
+        app.state.limiter = RateLimiter(client, settings)
+        await warn_without_keys(client)
+
+    async def warn_without_keys(client: redis.asyncio.Redis) -> None:
+        if not settings.auth_enabled or settings.api_keys.strip():
+            return
+        try:
+            count = await client.hlen(keys_hash(settings.key_prefix))
+        except redis.RedisError:
+            return  # /ready reports Redis; nothing to add here
+        if count == 0:
+            logger.warning(
+                "auth is on and no API key exists: job requests will get 401. Create one with "
+                "`hydra-ablate keys create NAME` (same REDIS_URL and HYDRA_KEY_PREFIX) or set HYDRA_API_KEYS"
+            )
+
+    async def close_clients(app: Litestar) -> None:
+        client = app.state.get("aredis")
+        if client is not None:
+            await client.aclose()
         queue.close()
         store.close()
 
     return Litestar(
         route_handlers=[JobsController, FiguresController, ModelsController, HealthController],
         dependencies=dependencies(),
-        state=State({"settings": settings, "store": store, "queue": queue}),
-        plugins=[ProblemDetailsPlugin(problem_details_config())],
+        state=state,
+        middleware=[auth_middleware()],
+        plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
+        request_max_body_size=settings.max_body_bytes,
+        on_startup=[open_async_clients],
         on_shutdown=[close_clients],
     )

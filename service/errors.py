@@ -15,6 +15,8 @@ import redis
 from litestar.exceptions import HTTPException
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException
 
+from service.store import ActiveJobsExceeded
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,6 +95,18 @@ def unavailable_to_problem(exc: BackendUnavailable) -> ProblemDetailsException:
     )
 
 
+def quota_to_problem(exc: ActiveJobsExceeded) -> ProblemDetailsException:
+    """429 without Retry-After: when a slot frees up depends on how long the owner's jobs run, not on a clock."""
+    return ProblemDetailsException(
+        status_code=HTTPStatus.TOO_MANY_REQUESTS,
+        title=_phrase(HTTPStatus.TOO_MANY_REQUESTS),
+        detail=(
+            f"too many jobs in flight: key {exc.owner!r} has {exc.active} queued or running jobs and this server "
+            f"allows {exc.cap}; wait for one to finish or cancel one (DELETE /v1/jobs/{{id}})"
+        ),
+    )
+
+
 def redis_to_problem(exc: redis.RedisError) -> ProblemDetailsException:
     logger.warning("redis error while serving a request: %s", exc)
     return unavailable_to_problem(BackendUnavailable(f"the job store (Redis) is unavailable: {exc}"))
@@ -116,6 +130,7 @@ def problem_details_config() -> ProblemDetailsConfig:
             HTTPException: http_to_problem,
             ValidationProblem: validation_to_problem,
             BackendUnavailable: unavailable_to_problem,
+            ActiveJobsExceeded: quota_to_problem,
             redis.RedisError: redis_to_problem,
             Exception: unexpected_to_problem,
         },

@@ -19,7 +19,7 @@ ResampleFrom = Literal["next", "random"]
 PresetName = Literal["hydra"]
 
 Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
-ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}$")]
+ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])")]
 
 
 class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -86,6 +86,7 @@ class JobStatus(Struct, kw_only=True):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    owner: str | None = None  # the name of the API key that submitted the job ("local" with auth off)
 
 
 class JobPage(Struct, kw_only=True):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SEVEN_DAYS_S = 7 * 24 * 3600
+MIB = 1024 * 1024
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -16,8 +20,8 @@ def _env_int(name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
 
 
@@ -34,6 +38,19 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    """on/off, true/false, yes/no or 1/0; anything else is a configuration error, not a silent default."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name} must be on or off (1/0, true/false), got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where jobs live and how big they may be; frozen so one app never sees two configurations."""
@@ -44,6 +61,20 @@ class Settings:
     max_ablations: int = 5_000_000  # prompts × components × resample samples, per job
     queue_name: str = "hydra"
     ready_timeout_s: float = 1.0  # how long /ready waits for a worker to answer a ping
+
+    # Access control. Off only on purpose: the app refuses to start with auth off unless allow_no_auth is set too,
+    # so a typo in a production environment cannot silently open every job to everyone.
+    auth_enabled: bool = True
+    allow_no_auth: bool = False
+    api_keys: str = field(default="", repr=False)  # HYDRA_API_KEYS: "name:key[:admin],…", hashed at start-up
+
+    # Limits per API key (0 switches a limit off). Counters live in Redis, so every API process shares them.
+    rate_limit_write: int = 120  # POST and DELETE requests per key per window
+    rate_limit_read: int = 1200  # GET requests on jobs per key per window (a client polling twice a second fits)
+    rate_window_s: int = 60
+    max_active_jobs: int = 100  # queued + running jobs per key
+    max_prompt_tokens: int = 512  # per prompt, counted with the model's published tokenizer
+    max_body_bytes: int = 10 * MIB  # request bodies above this are refused with 413 before parsing
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -56,4 +87,13 @@ class Settings:
             max_ablations=_env_int("HYDRA_MAX_ABLATIONS", defaults.max_ablations),
             queue_name=os.environ.get("HYDRA_QUEUE") or defaults.queue_name,
             ready_timeout_s=_env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
+            auth_enabled=_env_bool("HYDRA_AUTH", defaults.auth_enabled),
+            allow_no_auth=_env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
+            api_keys=os.environ.get("HYDRA_API_KEYS", defaults.api_keys),
+            rate_limit_write=_env_int("HYDRA_RATE_LIMIT_WRITE", defaults.rate_limit_write, minimum=0),
+            rate_limit_read=_env_int("HYDRA_RATE_LIMIT_READ", defaults.rate_limit_read, minimum=0),
+            rate_window_s=_env_int("HYDRA_RATE_WINDOW_S", defaults.rate_window_s),
+            max_active_jobs=_env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
+            max_prompt_tokens=_env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
+            max_body_bytes=_env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),
         )

@@ -5,12 +5,15 @@ Synchronous redis-py on purpose: the worker is synchronous, and the API calls it
 cancel that landed a moment earlier (and vice versa).
 
 Keys, under the configured prefix:
-  job:{id}     hash: id, status, model, spec (JobSpec JSON), created_at, started_at, finished_at (ISO-8601 UTC),
-               error, done, total
+  job:{id}     hash: id, status, model, owner (the API key's name), spec (JobSpec JSON), created_at, started_at,
+               finished_at (ISO-8601 UTC), error, done, total
   jobs         sorted set of job ids scored by creation time (newest first when paged)
+  jobs:owner:{name}   the same, for one owner's jobs only (so a key's listing never scans everyone's)
+  active:{name}       set of an owner's job ids that may still be queued or running (pruned when counted)
   result:{id}  the encoded JobResult
   cancel:{id}  present once a cancel was requested; the worker polls it between batches
   models       hash: model id -> ModelInfo JSON, as advertised by workers
+  tokenizer:{model id}  the model's Hugging Face tokenizers JSON, as published by workers
 The job keys expire `ttl_s` after the job's latest state change, so results live that long after finishing.
 """
 
@@ -80,6 +83,47 @@ return 1
 """
 
 
+# Registers a job and, with a cap, only when its owner has fewer than the cap of queued or running jobs: one script,
+# so two concurrent submits can never both take the last slot. The owner's active set is pruned on the way (jobs
+# that ended or expired leave it), which keeps the count right however the worker moves jobs on.
+# The job hashes of active members are read by key names built here from ARGV[5]: fine on one Redis (not Cluster).
+# KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set.
+# ARGV[1] job id, ARGV[2] ttl, ARGV[3] score, ARGV[4] cap (0: none), ARGV[5] job key prefix, ARGV[6..] fields.
+# Returns -1 when created, else the owner's active count (nothing written).
+_CREATE_CAPPED = """
+local cap = tonumber(ARGV[4])
+if cap > 0 then
+  local active = 0
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    local status = redis.call('HGET', ARGV[5] .. id, 'status')
+    if status == 'queued' or status == 'running' then
+      active = active + 1
+    else
+      redis.call('SREM', KEYS[4], id)
+    end
+  end
+  if active >= cap then return active end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+return -1
+"""
+
+
+class ActiveJobsExceeded(Exception):
+    """An owner already has `cap` queued or running jobs; the API answers 429 and names both numbers."""
+
+    def __init__(self, owner: str, active: int, cap: int) -> None:
+        super().__init__(f"{owner} has {active} queued or running jobs (limit {cap})")
+        self.owner = owner
+        self.active = active
+        self.cap = cap
+
+
 def utc_now() -> str:
     """ISO-8601 UTC with milliseconds and a Z, e.g. 2025-11-25T12:00:00.123Z."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -101,6 +145,7 @@ class JobStore:
         self._mark_succeeded = client.register_script(_MARK_SUCCEEDED)
         self._mark_failed = client.register_script(_MARK_FAILED)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
+        self._create_capped = client.register_script(_CREATE_CAPPED)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -125,6 +170,15 @@ class JobStore:
     def index_key(self) -> str:
         return f"{self.prefix}jobs"
 
+    def owner_index_key(self, owner: str) -> str:
+        return f"{self.prefix}jobs:owner:{owner}"
+
+    def active_key(self, owner: str) -> str:
+        return f"{self.prefix}active:{owner}"
+
+    def tokenizer_key(self, model_id: str) -> str:
+        return f"{self.prefix}tokenizer:{model_id}"
+
     @property
     def models_key(self) -> str:
         return f"{self.prefix}models"
@@ -133,11 +187,24 @@ class JobStore:
     def ping(self) -> bool:
         return bool(self.client.ping())
 
-    def create(self, spec: JobSpec, total: int) -> JobStatus:
-        """Register a queued job; the caller enqueues it afterwards."""
-        job_id = uuid.uuid4().hex
+    def create(
+        self,
+        spec: JobSpec,
+        total: int,
+        owner: str | None = None,
+        *,
+        job_id: str | None = None,
+        max_active: int = 0,
+    ) -> JobStatus:
+        """Register a queued job; the caller enqueues it afterwards.
+
+        With an `owner` the job is also indexed under it, and `max_active` > 0 caps that owner's queued and running
+        jobs (ActiveJobsExceeded, nothing written). `job_id` lets a caller pick the id before the job exists (an
+        idempotency record must name the job it will create).
+        """
+        job_id = job_id or uuid.uuid4().hex
         now = utc_now()
-        fields = {
+        fields: dict[str, Any] = {
             "id": job_id,
             "status": "queued",
             "model": spec.model,
@@ -146,12 +213,24 @@ class JobStore:
             "done": 0,
             "total": int(total),
         }
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.job_key(job_id), mapping=fields)
-        pipe.expire(self.job_key(job_id), self.ttl_s)
-        pipe.zadd(self.index_key, {job_id: time.time()})
-        pipe.execute()
-        return JobStatus(id=job_id, status="queued", model=spec.model, progress=Progress(0, int(total)), created_at=now)
+        status = JobStatus(
+            id=job_id, status="queued", model=spec.model, progress=Progress(0, int(total)), created_at=now, owner=owner
+        )
+        if owner is None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(self.job_key(job_id), mapping=fields)
+            pipe.expire(self.job_key(job_id), self.ttl_s)
+            pipe.zadd(self.index_key, {job_id: time.time()})
+            pipe.execute()
+            return status
+        fields["owner"] = owner
+        keys = [self.job_key(job_id), self.index_key, self.owner_index_key(owner), self.active_key(owner)]
+        flat = [item for pair in fields.items() for item in pair]
+        args = [job_id, self.ttl_s, time.time(), max(0, int(max_active)), self.job_key(""), *flat]
+        outcome = int(self._create_capped(keys=keys, args=args))
+        if outcome >= 0:
+            raise ActiveJobsExceeded(owner, outcome, int(max_active))
+        return status
 
     def status(self, job_id: str) -> JobStatus | None:
         return self._decode_status(self.client.hgetall(self.job_key(job_id)))
@@ -196,12 +275,13 @@ class JobStore:
     def result(self, job_id: str) -> bytes | None:
         return self.client.get(self.result_key(job_id))
 
-    def page(self, offset: int = 0, limit: int = 50) -> JobPage:
-        """Jobs newest first; ids whose job hash has expired are dropped from the index on the way."""
-        self._prune_index()
+    def page(self, offset: int = 0, limit: int = 50, owner: str | None = None) -> JobPage:
+        """Jobs newest first (only `owner`'s when given); ids whose job hash has expired are dropped on the way."""
+        index = self.index_key if owner is None else self.owner_index_key(owner)
+        self._prune_index(index)
         pipe = self.client.pipeline(transaction=True)
-        pipe.zcard(self.index_key)
-        pipe.zrevrange(self.index_key, offset, offset + limit - 1)
+        pipe.zcard(index)
+        pipe.zrevrange(index, offset, offset + limit - 1)
         total, ids = pipe.execute()
         pipe = self.client.pipeline(transaction=False)
         for raw_id in ids:
@@ -209,10 +289,11 @@ class JobStore:
         items = [s for s in (self._decode_status(h) for h in pipe.execute()) if s is not None]
         return JobPage(items=items, total=int(total), offset=offset, limit=limit)
 
-    def _prune_index(self, batch: int = 1000) -> None:
+    def _prune_index(self, index: str | None = None, batch: int = 1000) -> None:
         # A job hash lives at least ttl_s after creation, so only older index entries can point at nothing.
+        index = index or self.index_key
         cutoff = time.time() - self.ttl_s
-        candidates = self.client.zrangebyscore(self.index_key, "-inf", cutoff, start=0, num=batch)
+        candidates = self.client.zrangebyscore(index, "-inf", cutoff, start=0, num=batch)
         if not candidates:
             return
         pipe = self.client.pipeline(transaction=False)
@@ -220,7 +301,7 @@ class JobStore:
             pipe.exists(self.job_key(raw_id.decode()))
         gone = [raw_id for raw_id, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
         if gone:
-            self.client.zrem(self.index_key, *gone)
+            self.client.zrem(index, *gone)
 
     @staticmethod
     def _decode_status(fields: dict[bytes, bytes]) -> JobStatus | None:
@@ -238,6 +319,7 @@ class JobStore:
             created_at=f.get("created_at", ""),
             started_at=f.get("started_at"),
             finished_at=f.get("finished_at"),
+            owner=f.get("owner"),
         )
 
     # models
@@ -253,3 +335,8 @@ class JobStore:
             except msgspec.DecodeError:
                 logger.warning("ignoring a malformed model record %r", _text(model_id))
         return found
+
+    def tokenizer_json(self, model_id: str) -> str | None:
+        """The Hugging Face tokenizers JSON a worker published for `model_id`; None until one has."""
+        raw = self.client.get(self.tokenizer_key(model_id))
+        return None if raw is None else raw.decode()

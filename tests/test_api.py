@@ -26,6 +26,8 @@ from service.settings import Settings
 from service.store import JobStore
 
 PROBLEM = "application/problem+json"
+API_KEY = "test-api-key-for-tester"
+API_KEYS = f"tester:{API_KEY}"  # HYDRA_API_KEYS syntax: one non-admin key named "tester"
 
 SMOLLM = ModelInfo(
     id="smollm2-135m",
@@ -55,7 +57,11 @@ TINY = ModelInfo(
 def settings(redis_url: str) -> Iterator[Settings]:
     tag = uuid.uuid4().hex
     settings = Settings(
-        redis_url=redis_url, key_prefix=f"test-api:{tag}:", queue_name=f"hydra-test-{tag}", ready_timeout_s=0.3
+        redis_url=redis_url,
+        key_prefix=f"test-api:{tag}:",
+        queue_name=f"hydra-test-{tag}",
+        ready_timeout_s=0.3,
+        api_keys=API_KEYS,
     )
     yield settings
     client = redis.Redis.from_url(redis_url)
@@ -74,9 +80,16 @@ def store(settings: Settings) -> Iterator[JobStore]:
     store.close()
 
 
+def keyed_client(settings: Settings, key: str = API_KEY) -> TestClient:
+    """A TestClient of a fresh app that sends `key` as X-API-Key on every request."""
+    client = TestClient(create_app(settings))
+    client.headers["X-API-Key"] = key
+    return client
+
+
 @pytest.fixture
 def client(settings: Settings, store: JobStore) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+    with keyed_client(settings) as client:
         yield client
 
 
@@ -366,6 +379,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, tuple[str, ...]]] = [
         ("dataset slice is empty", "1209 prompts"),
     ),
     ("unknown relation", {"dataset": {"name": "known_1000", "relation": "P9999"}}, 422, ("has no prompts",)),
+    ("component with a trailing newline", {"prompts": TWO, "components": ["head\n"]}, 400, ("components",)),
 ]
 
 
@@ -399,7 +413,7 @@ def test_malformed_json_is_400(client: TestClient) -> None:
 
 
 def test_too_many_ablations(settings: Settings, store: JobStore) -> None:
-    with TestClient(create_app(replace(settings, max_ablations=1000))) as client:
+    with keyed_client(replace(settings, max_ablations=1000)) as client:
         body = {
             "model": "tiny",
             "dataset": {"name": "known_1000", "limit": 100},
@@ -415,7 +429,7 @@ def test_too_many_ablations(settings: Settings, store: JobStore) -> None:
 
 
 def test_no_models_advertised_yet(settings: Settings) -> None:
-    with TestClient(create_app(settings)) as client:
+    with keyed_client(settings) as client:
         assert client.get("/v1/models").json() == []
         assert_problem(client.post("/v1/jobs", json={"prompts": TWO}), 422, "no worker has advertised")
 
@@ -456,11 +470,13 @@ def test_ready_with_a_real_worker(settings: Settings, store: JobStore) -> None:
 
 @pytest.fixture
 def dead_redis_settings() -> Settings:
-    return Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="unused:", ready_timeout_s=0.3)
+    return Settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="unused:", ready_timeout_s=0.3, api_keys=API_KEYS
+    )
 
 
 def test_redis_down_is_503_not_500(dead_redis_settings: Settings) -> None:
-    with TestClient(create_app(dead_redis_settings)) as client:
+    with keyed_client(dead_redis_settings) as client:
         assert_problem(client.get("/ready"), 503, "Redis")
         assert_problem(client.post("/v1/jobs", json={"prompts": TWO}), 503, "Redis")
         assert_problem(client.get(f"/v1/jobs/{uuid.uuid4().hex}"), 503, "Redis")

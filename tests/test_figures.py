@@ -210,7 +210,12 @@ def store_succeeded(store: JobStore, result: JobResult) -> str:
 def settings(redis_url: str) -> Iterator[Settings]:
     tag = uuid.uuid4().hex
     settings = Settings(
-        redis_url=redis_url, key_prefix=f"test-fig:{tag}:", queue_name=f"hydra-test-{tag}", result_ttl_s=3600
+        redis_url=redis_url,
+        key_prefix=f"test-fig:{tag}:",
+        queue_name=f"hydra-test-{tag}",
+        result_ttl_s=3600,
+        auth_enabled=False,  # jobs here are stored without an owner, as in the local single-user setup
+        allow_no_auth=True,
     )
     yield settings
     client = redis.Redis.from_url(redis_url)

@@ -16,9 +16,11 @@ from litestar.exceptions import NotFoundException
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, PathParameter, QueryParameter
 
+from service.auth import SECURITY, Principal
 from service.controllers.jobs import finished_result, not_acceptable_response, require_succeeded
-from service.controllers.problems import problem_responses
+from service.controllers.problems import PROTECTED, problem_responses
 from service.exports import negotiate
+from service.limits import rate_limit
 from service.figures import (
     FIGURE_DESCRIPTIONS,
     FIGURE_MEDIA_TYPES,
@@ -73,6 +75,8 @@ _NAMES_DOC = "; ".join(f"`{name}`: {FIGURE_DESCRIPTIONS[name]}" for name in FIGU
 class FiguresController(Controller):
     path = "/v1/jobs"
     tags = ("figures",)
+    security = SECURITY
+    guards = [rate_limit]  # noqa: RUF012 - Litestar reads the class attribute
 
     @get(
         "/{job_id:str}/figures/{name:str}",
@@ -84,7 +88,7 @@ class FiguresController(Controller):
             f"{HEIGHT_PX} px. Rendered on first request and cached as long as the result lives. 404 for an unknown "
             "job or figure name, 409 until the job has succeeded."
         ),
-        responses={**problem_responses(400, 404, 409, 503), **not_acceptable_response()},
+        responses={**problem_responses(400, *PROTECTED, 404, 409, 503), **not_acceptable_response()},
         operation_class=FigureOperation,
     )
     def get_figure(
@@ -93,6 +97,7 @@ class FiguresController(Controller):
         job_id: FromPath[str],
         name: Annotated[str, PathParameter(description=f"one of {', '.join(FIGURE_NAMES)}")],
         store: NamedDependency[JobStore],
+        principal: NamedDependency[Principal],
         format: Annotated[  # noqa: A002 - the query parameter's public name
             FigureFormat | None, QueryParameter(description="png or svg; overrides the Accept header")
         ] = None,
@@ -100,7 +105,7 @@ class FiguresController(Controller):
         if name not in FIGURE_NAMES:
             raise NotFoundException(detail=f"unknown figure {name!r}; figures are {', '.join(FIGURE_NAMES)}")
         fmt, media_type = negotiate(format, request.accept, FIGURE_ACCEPT, "figures")
-        require_succeeded(store, job_id)
+        require_succeeded(store, job_id, principal)  # another key's job: 404
         data = cached_figure(store, job_id, name, fmt)  # type: ignore[arg-type]  # checked against FIGURE_NAMES
         disposition = f'inline; filename="{job_id}-{name}.{fmt}"'
         headers = {"Vary": "Accept", "Content-Disposition": disposition}

@@ -15,9 +15,11 @@ from service.store import JobStore
 
 
 class HealthController(Controller):
+    """Open (no API key): load balancers and orchestrators probe these."""
+
     tags = ("health",)
 
-    @get("/health", sync_to_thread=False, summary="Liveness")
+    @get("/health", sync_to_thread=False, summary="Liveness", exclude_from_auth=True)
     def health(self) -> Health:
         return Health(status="ok")
 
@@ -26,6 +28,7 @@ class HealthController(Controller):
         sync_to_thread=True,
         summary="Readiness: Redis answers and at least one worker answers a ping",
         responses=problem_responses(503),
+        exclude_from_auth=True,
     )
     def ready(
         self,

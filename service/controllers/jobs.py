@@ -10,12 +10,15 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
 
-from service.controllers.problems import PROBLEM_JSON, problem_responses
+from service.auth import SECURITY, Principal
+from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
 from service.errors import BackendUnavailable
 from service.exports import CSV_COLUMNS, EXPORT_ACCEPT, ExportFormat, export, negotiate
+from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyRecords
+from service.limits import TokenCounters, check_prompt_tokens, rate_limit
 from service.queue import JobQueue
 from service.resolve import ablation_count, resolve
 from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ProblemDetails
@@ -23,6 +26,7 @@ from service.settings import Settings
 from service.store import JobStore
 
 JobId = FromPath[str]
+MAX_OFFSET = 1_000_000_000  # far beyond any real listing; Redis ranges reject offsets past 64-bit integers
 
 
 def _conflict(detail: str) -> ClientException:
@@ -33,11 +37,19 @@ def _not_found(job_id: str) -> NotFoundException:
     return NotFoundException(detail=f"job {job_id} not found (unknown, or its results have expired)")
 
 
-def require_succeeded(store: JobStore, job_id: str) -> None:
-    """404 for an unknown job, 409 (saying why) until it has succeeded: shared by the result and figure routes."""
+def visible_status(store: JobStore, job_id: str, principal: Principal | None) -> JobStatus:
+    """The job's status, or 404 when it does not exist or belongs to another key: the same answer for both, so a
+    key cannot probe which job ids exist."""
     status = store.status(job_id)
-    if status is None:
+    if status is None or (principal is not None and not principal.may_see(status.owner)):
         raise _not_found(job_id)
+    return status
+
+
+def require_succeeded(store: JobStore, job_id: str, principal: Principal | None = None) -> None:
+    """404 for an unknown (or another key's) job, 409 (saying why) until it has succeeded: shared by the result and
+    figure routes."""
+    status = visible_status(store, job_id, principal)
     if status.status in ("queued", "running"):
         done, total = status.progress.done, status.progress.total
         raise _conflict(f"job {job_id} is {status.status} ({done}/{total} ablations done); no result yet")
@@ -47,9 +59,9 @@ def require_succeeded(store: JobStore, job_id: str) -> None:
         raise _conflict(f"job {job_id} was cancelled; it has no result")
 
 
-def finished_result(store: JobStore, job_id: str) -> bytes:
+def finished_result(store: JobStore, job_id: str, principal: Principal | None = None) -> bytes:
     """The stored result of a succeeded job; 404 when it expired between the status check and the read."""
-    require_succeeded(store, job_id)
+    require_succeeded(store, job_id, principal)
     result = store.result(job_id)
     if result is None:
         raise _not_found(job_id)
@@ -87,9 +99,54 @@ class ResultOperation(Operation):
         )
 
 
+def queue_job(
+    data: JobRequest,
+    job_id: str | None,
+    principal: Principal,
+    store: JobStore,
+    queue: JobQueue,
+    settings: Settings,
+    tokens: TokenCounters,
+) -> JobStatus:
+    """Resolve and check the request, register the job under the caller (within its cap) and hand it to Celery."""
+    models = {info.id: info for info in store.models()}
+    spec = resolve(data, models, settings)
+    check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
+    status = store.create(spec, ablation_count(spec), principal.name, job_id=job_id, max_active=settings.max_active_jobs)
+    try:
+        queue.enqueue(status.id)
+    except Exception as exc:  # kombu raises its own OperationalError family; any failure means not queued
+        store.mark_failed(status.id, f"could not be queued: {exc}")
+        raise BackendUnavailable(f"the job queue is unavailable, job {status.id} was not queued: {exc}") from exc
+    return status
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name=IDEMPOTENCY_HEADER,
+        min_length=1,
+        max_length=255,
+        description=(
+            "Makes the submit safe to retry: the same key (per API key) with the same body answers with the job "
+            "the first request created (202, same id, `Idempotent-Replayed: true`) and queues nothing; with a "
+            "different body it is a 409. Kept as long as jobs are."
+        ),
+    ),
+]
+
+
+def _conflict_on_submit() -> dict[int, str]:
+    return {409: "The Idempotency-Key was already used with a different request body (or that request is in flight)"}
+
+
 class JobsController(Controller):
+    """Every route needs an API key; each key sees and changes only its own jobs (admins: all of them)."""
+
     path = "/v1/jobs"
     tags = ("jobs",)
+    security = SECURITY
+    guards = [rate_limit]  # noqa: RUF012 - Litestar reads the class attribute
 
     @post(
         "/",
@@ -98,9 +155,12 @@ class JobsController(Controller):
         summary="Submit an ablation job",
         description=(
             "Validates and resolves the request (preset, then defaults; component kinds expanded to explicit "
-            "names), stores the job and queues it. Answers 202 with the queued job; poll GET /v1/jobs/{job_id}."
+            "names), stores the job and queues it. Answers 202 with the queued job; poll GET /v1/jobs/{job_id}. "
+            "Limits: the job size (prompts × components × samples), prompt length in characters and, where the "
+            "model's tokenizer is published, in tokens (422); queued + running jobs per API key and the request "
+            "rate (429); the body size (413)."
         ),
-        responses=problem_responses(400, 422, 503),
+        responses=problem_responses(400, 401, 409, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
     )
     def submit(
         self,
@@ -108,42 +168,46 @@ class JobsController(Controller):
         store: NamedDependency[JobStore],
         queue: NamedDependency[JobQueue],
         settings: NamedDependency[Settings],
-    ) -> JobStatus:
-        models = {info.id: info for info in store.models()}
-        spec = resolve(data, models, settings)
-        status = store.create(spec, ablation_count(spec))
-        try:
-            queue.enqueue(status.id)
-        except Exception as exc:  # kombu raises its own OperationalError family; any failure means not queued
-            store.mark_failed(status.id, f"could not be queued: {exc}")
-            raise BackendUnavailable(f"the job queue is unavailable, job {status.id} was not queued: {exc}") from exc
-        return status
+        principal: NamedDependency[Principal],
+        idempotency: NamedDependency[IdempotencyRecords],
+        tokens: NamedDependency[TokenCounters],
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[JobStatus]:
+        def create(job_id: str | None = None) -> JobStatus:
+            return queue_job(data, job_id, principal, store, queue, settings, tokens)
+
+        if idempotency_key is None:
+            return Response(create(), status_code=HTTP_202_ACCEPTED)
+        outcome = idempotency.submit_once(principal.name, idempotency_key, data, create, store.status)
+        headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
+        return Response(outcome.status, status_code=HTTP_202_ACCEPTED, headers=headers)
 
     @get(
         "/",
         sync_to_thread=True,
         summary="List jobs, newest first",
-        responses=problem_responses(400, 503),
+        description="The calling key's jobs; an admin key sees every job.",
+        responses=problem_responses(400, *PROTECTED, 503),
     )
     def list_jobs(
         self,
         store: NamedDependency[JobStore],
-        offset: Annotated[int, QueryParameter(ge=0, description="jobs to skip, newest first")] = 0,
+        principal: NamedDependency[Principal],
+        offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="jobs to skip, newest first")] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=500, description="jobs per page")] = 50,
     ) -> JobPage:
-        return store.page(offset, limit)
+        return store.page(offset, limit, owner=None if principal.admin else principal.name)
 
     @get(
         "/{job_id:str}",
         sync_to_thread=True,
         summary="A job's status and progress",
-        responses=problem_responses(400, 404, 503),
+        responses=problem_responses(400, *PROTECTED, 404, 503),
     )
-    def get_job(self, job_id: JobId, store: NamedDependency[JobStore]) -> JobStatus:
-        status = store.status(job_id)
-        if status is None:
-            raise _not_found(job_id)
-        return status
+    def get_job(
+        self, job_id: JobId, store: NamedDependency[JobStore], principal: NamedDependency[Principal]
+    ) -> JobStatus:
+        return visible_status(store, job_id, principal)
 
     @get(
         "/{job_id:str}/result",
@@ -159,7 +223,7 @@ class JobsController(Controller):
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
-            **problem_responses(400, 404, 409, 503),
+            **problem_responses(400, *PROTECTED, 404, 409, 503),
             **not_acceptable_response(),
         },
         operation_class=ResultOperation,
@@ -169,13 +233,14 @@ class JobsController(Controller):
         request: Request[Any, Any, Any],
         job_id: JobId,
         store: NamedDependency[JobStore],
+        principal: NamedDependency[Principal],
         format: Annotated[  # noqa: A002 - the query parameter's public name
             ExportFormat | None, QueryParameter(description="json, msgpack or csv; overrides the Accept header")
         ] = None,
     ) -> Response[bytes]:
         fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
         # The worker stored the encoded JobResult: JSON serves those bytes as they are; other formats decode them.
-        stored = finished_result(store, job_id)
+        stored = finished_result(store, job_id, principal)
         headers = {"Vary": "Accept"}
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
@@ -190,9 +255,12 @@ class JobsController(Controller):
             "A queued job never starts; a running job stops at the worker's next check. Answers 202 with the "
             "cancelled job (also when it was already cancelled); 409 when it had already succeeded or failed."
         ),
-        responses=problem_responses(400, 404, 409, 503),
+        responses=problem_responses(400, *PROTECTED, 404, 409, 503),
     )
-    def cancel(self, job_id: JobId, store: NamedDependency[JobStore]) -> JobStatus:
+    def cancel(
+        self, job_id: JobId, store: NamedDependency[JobStore], principal: NamedDependency[Principal]
+    ) -> JobStatus:
+        visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
         status = store.request_cancel(job_id)
         if status is None:
             raise _not_found(job_id)

@@ -18,8 +18,12 @@ class ModelsController(Controller):
         "/",
         sync_to_thread=True,
         summary="Models available to jobs",
-        description="Advertised by the workers when they load a model; empty until a worker has started.",
+        description=(
+            "Advertised by the workers when they load a model; empty until a worker has started. Open (no API key): "
+            "what a server offers is not a secret, and clients check it before asking for a key."
+        ),
         responses=problem_responses(503),
+        exclude_from_auth=True,
     )
     def list_models(self, store: NamedDependency[JobStore]) -> list[ModelInfo]:
         return store.models()

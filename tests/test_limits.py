@@ -1,0 +1,233 @@
+"""Per-key limits against the real app and the session's Redis: request rate (shared by API processes), jobs in
+flight, request body size and prompt length in tokens (with a real tokenizer built offline)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+from litestar.testing import TestClient
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from service.app import create_app
+from service.settings import MIB, Settings
+from service.store import ActiveJobsExceeded, JobStore
+from tests.test_api import assert_problem
+from tests.test_auth import ALICE, BOB, JOB, TWO, auth, settings, store  # noqa: F401 - fixtures
+
+__all__ = ["settings", "store"]
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def app_client(settings: Settings, **changes: Any) -> TestClient:
+    return TestClient(create_app(replace(settings, **changes)))
+
+
+def post(client: TestClient, key: str = ALICE, body: dict[str, Any] | None = None) -> Any:
+    return client.post("/v1/jobs", json=body or JOB, headers=auth(key))
+
+
+# --- request rate ----------------------------------------------------------------------------------------------
+
+
+def assert_rate_limited(response: Any, limit: int, window_s: int) -> int:
+    problem = assert_problem(response, 429, "rate limit", f"at most {limit}", f"per {window_s} s")
+    retry_after = int(response.headers["retry-after"])
+    assert 1 <= retry_after <= window_s, retry_after
+    assert f"retry in {retry_after} s" in problem["detail"]
+    return retry_after
+
+
+def test_reads_and_writes_are_limited_per_key(settings: Settings, store: JobStore) -> None:
+    with app_client(settings, rate_limit_read=3, rate_limit_write=2, rate_window_s=60) as client:
+        for _ in range(3):
+            assert client.get("/v1/jobs", headers=auth(ALICE)).status_code == 200
+        assert_rate_limited(client.get("/v1/jobs", headers=auth(ALICE)), 3, 60)
+        job_id = "0" * 32
+        assert_rate_limited(client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)), 3, 60)  # polling counts too
+
+        # Writes have their own budget, and another key has its own counters.
+        assert post(client).status_code == 202
+        assert post(client).status_code == 202
+        assert_rate_limited(post(client), 2, 60)
+        assert_rate_limited(client.delete(f"/v1/jobs/{job_id}", headers=auth(ALICE)), 2, 60)
+        assert client.get("/v1/jobs", headers=auth(BOB)).status_code == 200
+        assert post(client, BOB).status_code == 202
+
+        # Open routes are never limited.
+        assert all(client.get("/health").status_code == 200 for _ in range(5))
+
+
+def test_two_api_processes_share_the_limit(settings: Settings, store: JobStore) -> None:
+    """Two app instances (as two uvicorn processes would be) count into the same Redis window."""
+    limited = replace(settings, rate_limit_read=3, rate_window_s=60)
+    with TestClient(create_app(limited)) as first, TestClient(create_app(limited)) as second:
+        assert first.get("/v1/jobs", headers=auth(ALICE)).status_code == 200
+        assert second.get("/v1/jobs", headers=auth(ALICE)).status_code == 200
+        assert first.get("/v1/jobs", headers=auth(ALICE)).status_code == 200
+        assert_rate_limited(second.get("/v1/jobs", headers=auth(ALICE)), 3, 60)
+        assert_rate_limited(first.get("/v1/jobs", headers=auth(ALICE)), 3, 60)
+
+
+def test_the_window_reopens_after_retry_after(settings: Settings, store: JobStore) -> None:
+    with app_client(settings, rate_limit_read=1, rate_window_s=1) as client:
+        assert client.get("/v1/jobs", headers=auth(ALICE)).status_code == 200
+        retry_after = assert_rate_limited(client.get("/v1/jobs", headers=auth(ALICE)), 1, 1)
+        time.sleep(retry_after + 0.1)
+        assert client.get("/v1/jobs", headers=auth(ALICE)).status_code == 200
+
+
+def test_zero_switches_the_rate_limit_off(settings: Settings, store: JobStore) -> None:
+    with app_client(settings, rate_limit_read=0) as client:
+        assert all(client.get("/v1/jobs", headers=auth(ALICE)).status_code == 200 for _ in range(20))
+
+
+# --- jobs in flight ---------------------------------------------------------------------------------------------
+
+
+def test_queued_and_running_jobs_are_capped_per_key(
+    settings: Settings, store: JobStore, broker: redis.Redis
+) -> None:
+    with app_client(settings, max_active_jobs=2) as client:
+        first, second = post(client).json(), post(client).json()
+        response = post(client)
+        assert_problem(response, 429, "'alice' has 2 queued or running jobs", "allows 2", "cancel one")
+        assert "retry-after" not in response.headers  # when a slot frees depends on the jobs, not on a clock
+        assert broker.llen(settings.queue_name) == 2
+        assert post(client, BOB).status_code == 202  # another key's own budget
+
+        # A running job still counts; a finished or cancelled one frees its slot.
+        assert store.mark_running(first["id"])
+        assert_problem(post(client), 429)
+        assert store.mark_succeeded(first["id"], b"{}")
+        third = post(client)
+        assert third.status_code == 202
+        assert_problem(post(client), 429)
+        client.delete(f"/v1/jobs/{second['id']}", headers=auth(ALICE))
+        assert post(client).status_code == 202
+        assert client.get("/v1/jobs", headers=auth(ALICE)).json()["total"] == 4
+
+
+def test_the_cap_holds_under_concurrent_submits(store: JobStore) -> None:
+    """The check and the insert are one Redis script: ten racing creates, exactly three win."""
+    spec = _spec()
+
+    def create(_: int) -> bool:
+        try:
+            store.create(spec, 1, "racer", max_active=3)
+        except ActiveJobsExceeded:
+            return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        outcomes = list(pool.map(create, range(10)))
+    assert outcomes.count(True) == 3
+    assert store.page(owner="racer").total == 3
+
+
+def _spec() -> Any:
+    from service.schemas import JobSpec
+
+    return JobSpec(
+        model="tiny",
+        prompts=TWO,
+        answers=None,
+        counterfactuals=None,
+        components=["attn.0"],
+        ablation="resample",
+        positions="final",
+        metric="logit",
+        norm_scale="clean",
+        resample_samples=1,
+        resample_from="next",
+        mean_reference_prompts=None,
+        seed=0,
+    )
+
+
+# --- request body size -------------------------------------------------------------------------------------------
+
+
+def test_bodies_over_the_limit_are_413(settings: Settings, store: JobStore, broker: redis.Redis) -> None:
+    with app_client(settings, max_body_bytes=2000) as client:
+        body = {"model": "tiny", "prompts": ["x" * 1500, "y" * 1500], "components": ["attn.0"]}
+        assert_problem(post(client, body=body), 413)
+        assert post(client).status_code == 202  # small bodies still pass
+    assert broker.llen(settings.queue_name) == 1
+
+
+def test_the_default_body_limit_is_10_mib(settings: Settings, store: JobStore) -> None:
+    assert Settings().max_body_bytes == 10 * MIB
+    huge = b'{"model": "tiny", "prompts": ["' + b"a" * (10 * MIB) + b'"]}'
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/jobs", content=huge, headers={**auth(ALICE), "content-type": "application/json"})
+        assert_problem(response, 413)
+
+
+# --- prompt length in tokens ---------------------------------------------------------------------------------------
+
+
+def word_tokenizer_json() -> str:
+    """A real (tiny) tokenizers.Tokenizer: one token per whitespace-separated word."""
+    words = "[UNK] the capital of france is paris berlin germany a very long prompt".split()
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer.to_str()
+
+
+def test_prompts_over_the_token_limit_are_422(settings: Settings, store: JobStore) -> None:
+    store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())
+    assert store.tokenizer_json("tiny") == word_tokenizer_json()
+    with app_client(settings, max_prompt_tokens=5) as client:
+        ok = ["the capital of france is", "paris is"]
+        assert post(client, body={**JOB, "prompts": ok}).status_code == 202
+        too_long = ["the capital of france is", "a very long prompt of six", "short"]
+        problem = assert_problem(
+            post(client, body={**JOB, "prompts": too_long}),
+            422,
+            "prompts[1] is 6 tokens long for model tiny",
+            "limit of 5 tokens",
+        )
+        assert problem["field"] == "prompts[1]"
+
+
+def test_without_a_published_tokenizer_the_token_check_is_skipped(settings: Settings, store: JobStore) -> None:
+    assert store.tokenizer_json("tiny") is None
+    with app_client(settings, max_prompt_tokens=2) as client:
+        assert post(client, body={**JOB, "prompts": ["one two three four", "five six seven"]}).status_code == 202
+
+
+def test_limits_come_from_the_environment(monkeypatch: Any) -> None:
+    env = {
+        "HYDRA_RATE_LIMIT_WRITE": "7",
+        "HYDRA_RATE_LIMIT_READ": "0",
+        "HYDRA_RATE_WINDOW_S": "10",
+        "HYDRA_MAX_ACTIVE_JOBS": "3",
+        "HYDRA_MAX_PROMPT_TOKENS": "64",
+        "HYDRA_MAX_BODY_BYTES": "4096",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert (
+        settings.rate_limit_write,
+        settings.rate_limit_read,
+        settings.rate_window_s,
+        settings.max_active_jobs,
+        settings.max_prompt_tokens,
+        settings.max_body_bytes,
+    ) == (7, 0, 10, 3, 64, 4096)
+    monkeypatch.setenv("HYDRA_RATE_WINDOW_S", "0")
+    with pytest.raises(ValueError, match="HYDRA_RATE_WINDOW_S must be at least 1"):
+        Settings.from_env()
