@@ -52,8 +52,16 @@ def ablation_count(spec: JobSpec) -> int:
     return len(spec.prompts) * len(spec.components) * samples
 
 
-def resolve(request: JobRequest, models: Mapping[str, ModelInfo], settings: Settings) -> JobSpec:
-    """The spec a worker runs; raises ValidationProblem for anything that could not run as asked."""
+def resolve(
+    request: JobRequest,
+    models: Mapping[str, ModelInfo],
+    settings: Settings,
+    refused: Mapping[str, str] | None = None,
+) -> JobSpec:
+    """The spec a worker runs; raises ValidationProblem for anything that could not run as asked.
+
+    `refused` maps models that workers were configured with but cannot decompose to the reason.
+    """
     preset = PRESETS.get(request.preset, {}) if request.preset is not UNSET else {}
 
     def pick(name: str) -> Any:
@@ -62,7 +70,7 @@ def resolve(request: JobRequest, models: Mapping[str, ModelInfo], settings: Sett
             return value
         return preset.get(name, DEFAULTS[name])
 
-    info = _model(pick("model"), models)
+    info = _model(pick("model"), models, refused or {})
     prompts, answers, dataset = _prompts(request)
     n = len(prompts)
     answers = _per_prompt("answers", answers, n)
@@ -111,9 +119,11 @@ def resolve(request: JobRequest, models: Mapping[str, ModelInfo], settings: Sett
     )
 
 
-def _model(model_id: str, models: Mapping[str, ModelInfo]) -> ModelInfo:
+def _model(model_id: str, models: Mapping[str, ModelInfo], refused: Mapping[str, str]) -> ModelInfo:
     if model_id in models:
         return models[model_id]
+    if model_id in refused:
+        raise ValidationProblem(f"model {model_id!r} cannot be ablated: {refused[model_id]}", "model")
     if not models:
         raise ValidationProblem(
             f"unknown model {model_id!r}: no models are available yet (no worker has advertised one)", "model"

@@ -183,6 +183,10 @@ class JobStore:
     def models_key(self) -> str:
         return f"{self.prefix}models"
 
+    @property
+    def refused_key(self) -> str:
+        return f"{self.prefix}refused_models"
+
     # jobs
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -326,6 +330,15 @@ class JobStore:
     def advertise_model(self, info: ModelInfo) -> None:
         """A worker announces a model it serves; the API validates requests against these records."""
         self.client.hset(self.models_key, info.id, msgspec.json.encode(info))
+        self.client.hdel(self.refused_key, info.id)
+
+    def refuse_model(self, model_id: str, reason: str) -> None:
+        """A worker was configured with a model the engine cannot decompose; jobs for it get this reason."""
+        self.client.hset(self.refused_key, model_id, reason)
+        self.client.hdel(self.models_key, model_id)
+
+    def refused_models(self) -> dict[str, str]:
+        return {_text(k) or "": _text(v) or "" for k, v in self.client.hgetall(self.refused_key).items()}
 
     def models(self) -> list[ModelInfo]:
         found: list[ModelInfo] = []

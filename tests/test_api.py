@@ -401,6 +401,12 @@ def test_bad_requests_are_explained(
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
+def test_models_a_worker_refused_are_422_with_the_reason(client: TestClient, store: JobStore) -> None:
+    store.refuse_model("gemma-tiny", "final-logit soft-capping makes the readout non-linear; not supported")
+    problem = assert_problem(client.post("/v1/jobs", json={"model": "gemma-tiny", "prompts": TWO}), 422, "soft-capping")
+    assert problem["field"] == "model"
+
+
 def test_422_names_the_field(client: TestClient) -> None:
     problem = assert_problem(client.post("/v1/jobs", json={"prompts": TWO, "components": ["attn.40"]}), 422)
     assert problem["field"] == "components[0]"

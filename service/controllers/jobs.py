@@ -110,7 +110,7 @@ def queue_job(
 ) -> JobStatus:
     """Resolve and check the request, register the job under the caller (within its cap) and hand it to Celery."""
     models = {info.id: info for info in store.models()}
-    spec = resolve(data, models, settings)
+    spec = resolve(data, models, settings, store.refused_models())
     check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
     status = store.create(spec, ablation_count(spec), principal.name, job_id=job_id, max_active=settings.max_active_jobs)
     try:
