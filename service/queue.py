@@ -1,11 +1,40 @@
 """The Celery side of the API: publish job ids, ping workers. No task code here, so no torch is ever imported.
 
-The worker builds its Celery app from the same `celery_config`, so both ends agree on broker, queue and the
+The worker builds its Celery app from the same `celery_config`, so both ends agree on broker, queues and the
 delivery guarantees long GPU jobs need.
+
+Queues and tasks
+  `{HYDRA_QUEUE}` (default `hydra`)   `hydra.run_job(job_id)`: sent by the API; cheap, any worker plans the job's
+                                      chunks and sends one `hydra.run_chunk` per chunk.
+  `{HYDRA_QUEUE}.{model}`             `hydra.run_chunk(job_id, index, start, stop)`: one chunk of prompts, consumed
+                                      only by workers serving that model (`model_queue` sanitises the id). Workers
+                                      add these queues themselves on start (worker/celery_app.py), so
+                                      `celery -A worker.celery_app worker -Q hydra` is enough.
+
+Delivery guarantees and time limits (the numbers, with the defaults)
+  - `task_acks_late` + `task_reject_on_worker_lost`: a chunk is acknowledged after it ran. If the pool process
+    running it dies (SIGKILL, out-of-memory killer), the worker's main process requeues the message at once and
+    the chunk runs again (its writes are idempotent). The worker counts deliveries per chunk in Redis; the
+    delivery after `HYDRA_MAX_DELIVERIES` (3) fails the job with a message naming the chunk.
+  - If the whole worker dies without a shutdown (SIGKILL of the main process, the machine is lost), the message
+    stays unacknowledged in Redis until the broker's visibility timeout passes; then a worker puts it back on the
+    queue (at its start, or in its periodic sweep: every tenth of the timeout, at most every 100 s), and it runs
+    again, counted as another delivery. A warm or cold shutdown (SIGTERM, SIGINT) hands unacknowledged messages
+    back at once. The unacknowledged set (`unacked`, `unacked_index`) is per Redis database, not per queue:
+    deployments sharing one database should share these settings too.
+  - Hard time limit per task: `HYDRA_CHUNK_TIME_LIMIT_S` (21 600 s = 6 h); the pool process is killed and the
+    job fails. The soft limit is 5 minutes before it (a tenth of the limit when that is shorter than 50 minutes)
+    and fails the job cleanly from inside the chunk.
+  - Broker visibility timeout: `HYDRA_VISIBILITY_TIMEOUT_S`, default the hard limit plus one hour (7 h), and never
+    below the hard limit: a chunk still running can never be handed to a second worker. Keep chunks (prompts per
+    chunk, `HYDRA_CHUNK_PROMPTS`, default 64) well inside the limit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from typing import Any
 
 from celery import Celery
@@ -13,20 +42,76 @@ from celery import Celery
 from service.settings import Settings
 
 TASK_RUN_JOB = "hydra.run_job"
+TASK_RUN_CHUNK = "hydra.run_chunk"
 DAY_S = 24 * 3600
+HOUR_S = 3600
+DEFAULT_CHUNK_TIME_LIMIT_S = 6 * HOUR_S
+
+_QUEUE_SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def _positive_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def time_limits() -> tuple[float, float]:
+    """(soft, hard) time limits of one task in seconds, from HYDRA_CHUNK_TIME_LIMIT_S."""
+    hard = _positive_env("HYDRA_CHUNK_TIME_LIMIT_S", DEFAULT_CHUNK_TIME_LIMIT_S)
+    return hard - min(300.0, hard / 10), hard
+
+
+def visibility_timeout() -> float:
+    """Seconds before Redis hands an unacknowledged message to another worker: always above the hard limit."""
+    _, hard = time_limits()
+    configured = _positive_env("HYDRA_VISIBILITY_TIMEOUT_S", hard + min(float(HOUR_S), hard))
+    return max(configured, hard + 1)
+
+
+def broker_transport_options() -> dict[str, float]:
+    """The visibility timeout, and how often a consumer looks for messages past it: a tenth of it, at most 100 s
+    (kombu's default sweep: every 10th check of 10 s), so a short timeout also recovers quickly."""
+    timeout = visibility_timeout()
+    sweep = min(100.0, timeout / 10)
+    interval = min(10.0, sweep)
+    return {
+        "visibility_timeout": timeout,
+        "unacked_restore_interval": interval,
+        "unacked_restore_throttle": max(1, round(sweep / interval)),
+    }
+
+
+def model_queue(queue_name: str, model_id: str) -> str:
+    """The queue of one model's chunks: `hydra.smollm2-135m`; ids with other characters get a hash suffix."""
+    safe = _QUEUE_SAFE.sub("_", model_id)
+    if safe != model_id:
+        safe = f"{safe}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}"
+    return f"{queue_name}.{safe}"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Broker settings shared by the API and the worker."""
+    soft, hard = time_limits()
     return {
         "broker_url": settings.redis_url,
-        # A task is acknowledged after it ran, so a worker killed mid-job hands it back to the queue...
+        # A task is acknowledged after it ran, so a worker killed mid-chunk hands it back to the queue...
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # ...and a worker holds one job at a time (jobs are long and share one GPU).
+        # ...and a worker holds one task at a time (chunks are long and share one GPU).
         "worker_prefetch_multiplier": 1,
-        # The Redis broker redelivers unacknowledged tasks after the visibility timeout: keep it above any job.
-        "broker_transport_options": {"visibility_timeout": DAY_S},
+        # A chunk past the soft limit fails its job cleanly; past the hard limit its process is killed.
+        "task_soft_time_limit": soft,
+        "task_time_limit": hard,
+        # The Redis broker redelivers unacknowledged tasks after the visibility timeout: keep it above the limit.
+        "broker_transport_options": broker_transport_options(),
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -54,8 +139,13 @@ class JobQueue:
         self.celery_app = celery_app or make_celery_client(settings)
 
     def enqueue(self, job_id: str) -> None:
-        """Publish the job id on the hydra queue; the worker reads the spec from the JobStore."""
+        """Publish the job id on the hydra queue; a worker reads the spec from the JobStore and plans chunks."""
         self.celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=self.settings.queue_name)
+
+    def revoke(self, task_ids: list[str]) -> None:
+        """Tell every worker to drop these queued tasks (e.g. a cancelled job's chunks; see service/chunks.py)."""
+        if task_ids:
+            self.celery_app.control.revoke(task_ids)
 
     def worker_count(self, timeout: float = 1.0) -> int:
         """Workers that answered a broadcast ping within `timeout` seconds."""

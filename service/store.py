@@ -349,6 +349,10 @@ class JobStore:
                 logger.warning("ignoring a malformed model record %r", _text(model_id))
         return found
 
+    def publish_tokenizer(self, model_id: str, tokenizer_json: str) -> None:
+        """A worker shares its model's tokenizer so the API can count prompt tokens without loading the model."""
+        self.client.set(self.tokenizer_key(model_id), tokenizer_json)
+
     def tokenizer_json(self, model_id: str) -> str | None:
         """The Hugging Face tokenizers JSON a worker published for `model_id`; None until one has."""
         raw = self.client.get(self.tokenizer_key(model_id))

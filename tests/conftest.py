@@ -40,15 +40,28 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny random models saved with save_pretrained, served to the worker under aliases `tiny-<arch>`."""
     from tests.tiny_models import build_tiny_model
 
+    from tests.tiny_models import build_softcapped_model
+
     root = tmp_path_factory.mktemp("tiny-models")
-    return {f"tiny-{arch}": str(build_tiny_model(arch, root / arch)) for arch in STACK_TINY_ARCHS}
+    dirs = {f"tiny-{arch}": str(build_tiny_model(arch, root / arch)) for arch in STACK_TINY_ARCHS}
+    dirs["tiny-gemma2-softcapped"] = str(build_softcapped_model(root / "gemma2"))
+    return dirs
 
 
 @pytest.fixture(scope="session")
 def stack_env(redis_url: str, tiny_model_dirs: dict[str, str]) -> Iterator[dict[str, str]]:
     """The environment a worker and API of the test stack read (set before worker.celery_app is imported)."""
     models = ",".join(["smollm2-135m", *(f"{alias}={path}" for alias, path in tiny_model_dirs.items())])
-    env = {"REDIS_URL": redis_url, "HYDRA_KEY_PREFIX": STACK_PREFIX, "HYDRA_QUEUE": STACK_QUEUE, "HYDRA_MODELS": models}
+    env = {
+        "REDIS_URL": redis_url,
+        "HYDRA_KEY_PREFIX": STACK_PREFIX,
+        "HYDRA_QUEUE": STACK_QUEUE,
+        "HYDRA_MODELS": models,
+        # The test stack is the local single-user setup: auth off, as `hydra-ablate serve` runs it (test_auth.py
+        # covers auth on).
+        "HYDRA_AUTH": "off",
+        "HYDRA_ALLOW_NO_AUTH": "1",
+    }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
@@ -66,10 +79,13 @@ def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
     """A real Celery worker (solo pool, in a thread) consuming the test queue of the private Redis."""
     from celery.contrib.testing.worker import start_worker
 
-    from worker.celery_app import advertise_models, app
+    from worker.celery_app import advertise_models, app, served_queues
 
+    # The main queue (jobs are planned there) and one queue per served model (their chunks); `celery worker` adds
+    # the model queues itself on start, the in-thread test worker is told here.
+    queues = [STACK_QUEUE, *served_queues(STACK_QUEUE)]
     with start_worker(
-        app, pool="solo", concurrency=1, queues=[STACK_QUEUE], perform_ping_check=False, loglevel="WARNING"
+        app, pool="solo", concurrency=1, queues=queues, perform_ping_check=False, loglevel="WARNING"
     ) as worker:
         advertise_models()
         yield worker

@@ -127,6 +127,20 @@ def test_models_are_advertised_with_shapes(api: TestClient) -> None:
     assert "30" in out_of_range.json()["detail"]
 
 
+def test_a_model_the_engine_cannot_decompose_is_refused_at_submit_time(api: TestClient) -> None:
+    assert "tiny-gemma2-softcapped" not in {m["id"] for m in api.get("/v1/models").json()}
+    refused = api.post("/v1/jobs", json={"model": "tiny-gemma2-softcapped", "prompts": ["a b", "c d"]})
+    assert refused.status_code == 422
+    assert "soft-capping" in refused.json()["detail"]
+
+
+def test_workers_publish_tokenizers_so_the_api_caps_prompt_tokens(api: TestClient) -> None:
+    long_prompt = " ".join(["word"] * 600)
+    refused = api.post("/v1/jobs", json={"model": "tiny-llama", "prompts": [long_prompt, "short one"]})
+    assert refused.status_code == 422
+    assert "token" in refused.json()["detail"]
+
+
 @pytest.mark.slow
 def test_smollm2_held_out_prompts_match_brute_force(api: TestClient) -> None:
     """The built-in model end to end: held-out known_1000 prompts, every attn and MLP layer, 1e-3 as in issue 2."""

@@ -1,6 +1,8 @@
 """The Celery worker application: the broker settings shared with the API, the models this worker serves.
 
 Start it with `celery -A worker.celery_app worker -Q hydra -c 1` (one process per GPU), or `hydra-ablate serve`.
+On start the worker also consumes one queue per model it serves, `hydra.<model id>` (see `served_queues`), where
+the chunks of that model's jobs wait; `-Q hydra` (the main queue, where jobs are planned) is all a worker needs.
 """
 
 from __future__ import annotations
@@ -8,9 +10,9 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import celeryd_after_setup, worker_ready
 
-from service.queue import celery_config
+from service.queue import celery_config, model_queue
 from service.settings import Settings
 from service.store import JobStore
 from worker.model_sources import configured_sources
@@ -23,18 +25,48 @@ app.conf.update(celery_config(settings))
 app.conf.update(include=["worker.tasks"], task_default_queue=settings.queue_name)
 
 
+def served_queues(queue_name: str | None = None) -> list[str]:
+    """The chunk queues of the models in HYDRA_MODELS (not the main queue)."""
+    name = queue_name or settings.queue_name
+    try:
+        sources = configured_sources()
+    except Exception as error:  # noqa: BLE001 - a bad model entry is reported by advertise_models as well
+        log.error("cannot read the served models (HYDRA_MODELS): %s", error)
+        return []
+    return [model_queue(name, model_id) for model_id in sources]
+
+
+@celeryd_after_setup.connect
+def consume_model_queues(sender: str, instance: object, **_: object) -> None:
+    """After `-Q` was applied: add the queues of the models this worker serves (`celery worker` only)."""
+    queues = instance.app.amqp.queues  # type: ignore[attr-defined]
+    for name in served_queues():
+        queues.select_add(name)
+        log.info("%s consumes chunk queue %s", sender, name)
+
+
 @worker_ready.connect
 def advertise_models(**_: object) -> None:
     """Tell the API which models this worker can serve, with their shapes (from configs, no weights)."""
-    from worker.model_cache import model_info  # transformers is heavy: only in the worker, only here
+    from worker.engine.architecture import UnsupportedArchitecture  # transformers is heavy: worker only, here only
+    from worker.model_cache import model_info, tokenizer_json
 
     store = JobStore.from_settings(settings)
     try:
         for source in configured_sources().values():
             try:
-                store.advertise_model(model_info(source))
-                log.info("serving model %s (%s)", source.id, source.description)
+                info = model_info(source)
+            except UnsupportedArchitecture as error:
+                store.refuse_model(source.id, str(error))
+                log.error("cannot ablate model %s: %s", source.id, error)
+                continue
             except Exception as error:  # noqa: BLE001 - one bad model entry must not stop the worker
                 log.error("cannot serve model %s: %s", source.id, error)
+                continue
+            published = tokenizer_json(source)
+            if published is not None:
+                store.publish_tokenizer(source.id, published)
+            store.advertise_model(info)
+            log.info("serving model %s (%s)", source.id, source.description)
     finally:
         store.close()

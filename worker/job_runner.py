@@ -1,6 +1,6 @@
-"""Turns a resolved JobSpec into a JobResult: tokenise, run the engine, summarise, record provenance.
+"""The pieces every run of a job shares: tokenising a JobSpec for the engine, per-prompt results, provenance.
 
-Free of Redis and Celery so that it can be tested and benchmarked on its own.
+Free of Redis and Celery. `worker/chunking.py` runs a job (or a chunk of it) with these and merges chunks.
 """
 
 from __future__ import annotations
@@ -8,17 +8,18 @@ from __future__ import annotations
 import platform
 import socket
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import cast
 
 import torch
 
-from service.schemas import JobResult, JobSpec, PromptResult, Provenance
-from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
-from worker.engine.types import SweepInputs, SweepSpec
+from service.schemas import JobSpec, PromptResult, Provenance
+from worker.engine.types import PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
-from worker.summary import summarise
 
-ENGINE_NAME = "hooks-batched"
+ENGINE_NAME = "resume-at-layer (worker/engine/fast.py)"
 NEAR_TIE_GAP = {"float32": 1e-4, "float64": 1e-8}
 REDUCED_PRECISION_NEAR_TIE_GAP = 0.05
 
@@ -27,7 +28,7 @@ class JobInputError(ValueError):
     """The job cannot run on this model (e.g. an answer that tokenises to nothing); reported as the job's error."""
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in ("torch", "transformers", "gguf", "celery", "msgspec"):
         try:
@@ -37,40 +38,64 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _first_token(loaded: LoadedModel, text: str, what: str) -> int:
+def first_token(loaded: LoadedModel, text: str, what: str) -> int:
     ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
         raise JobInputError(f"{what} {text!r} tokenises to no tokens")
     return int(ids[0])
 
 
-def tokenise(loaded: LoadedModel, spec: JobSpec) -> SweepInputs:
+@dataclass
+class _Lazy(Sequence):  # type: ignore[type-arg]
+    """A list whose items are computed on first access (the engine reads only the prompts it needs)."""
+
+    texts: list[str]
+    make: Callable[[str], object]
+    _cache: dict[int, object] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int | slice) -> object:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index not in self._cache:
+            self._cache[index] = self.make(self.texts[index])
+        return self._cache[index]
+
+
+def tokenise_lazily(loaded: LoadedModel, spec: JobSpec, measure: list[int]) -> SweepInputs:
+    """The job's SweepInputs (every prompt, as `job_runner.tokenise`), measuring only `measure`."""
+
     def encode(text: str) -> torch.Tensor:
         ids = loaded.tokenizer(text).input_ids
         if not ids:
             raise JobInputError(f"prompt {text!r} tokenises to no tokens")
         return torch.tensor(ids, dtype=torch.long, device=loaded.device)
 
+    answers = spec.answers
+    counterfactuals = spec.counterfactuals
     return SweepInputs(
-        token_ids=[encode(p) for p in spec.prompts],
-        target_ids=[_first_token(loaded, a, "answer") for a in spec.answers] if spec.answers else None,
+        token_ids=cast(list[torch.Tensor], _Lazy(spec.prompts, encode)),
+        target_ids=(
+            cast(list[int], _Lazy(answers, lambda a: first_token(loaded, a, "answer"))) if answers else None
+        ),
         counterfactual_ids=(
-            [_first_token(loaded, a, "counterfactual") for a in spec.counterfactuals] if spec.counterfactuals else None
+            cast(list[int], _Lazy(counterfactuals, lambda a: first_token(loaded, a, "counterfactual")))
+            if counterfactuals
+            else None
         ),
         mean_reference_ids=[encode(p) for p in spec.mean_reference_prompts] if spec.mean_reference_prompts else None,
+        measure_indices=measure,
     )
 
 
-def execute(
-    job_id: str,
-    spec: JobSpec,
-    loaded: LoadedModel,
-    *,
-    on_progress: ProgressCallback | None = None,
-    should_stop: StopCheck | None = None,
-) -> JobResult:
-    started = time.perf_counter()
-    sweep_spec = SweepSpec(
+def sweep_spec(spec: JobSpec) -> SweepSpec:
+    return SweepSpec(
         components=tuple(spec.components),
         ablation=spec.ablation,
         positions=spec.positions,
@@ -80,27 +105,34 @@ def execute(
         resample_from=spec.resample_from,
         seed=spec.seed,
     )
-    sweep = run_sweep(loaded.model, sweep_spec, tokenise(loaded, spec), on_progress=on_progress, should_stop=should_stop)
-    near_tie_gap = NEAR_TIE_GAP.get(loaded.dtype, REDUCED_PRECISION_NEAR_TIE_GAP)
-    prompts = [
-        PromptResult(
-            prompt=text,
-            target_id=m.target_id,
-            target_token=loaded.tokenizer.decode([m.target_id]),
-            clean_metric=m.clean_metric,
-            top2_gap=m.top2_gap,
-            near_tie=m.top2_gap < near_tie_gap,
-            sources=m.sources,
-            total_effect=m.total_effect,
-            direct_effect=m.direct_effect,
-            compensation=m.compensation,
-            norm_response=m.norm_response,
-            response=m.response,
-            clean_direct_effect=m.clean_direct_effect,
-        )
-        for text, m in zip(spec.prompts, sweep.prompts, strict=True)
-    ]
-    provenance = Provenance(
+
+
+def near_tie_gap(loaded: LoadedModel) -> float:
+    return NEAR_TIE_GAP.get(loaded.dtype, REDUCED_PRECISION_NEAR_TIE_GAP)
+
+
+def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float) -> PromptResult:
+    """One prompt's measures as served (the same fields as `job_runner.execute`)."""
+    return PromptResult(
+        prompt=text,
+        target_id=m.target_id,
+        target_token=loaded.tokenizer.decode([m.target_id]),
+        clean_metric=m.clean_metric,
+        top2_gap=m.top2_gap,
+        near_tie=m.top2_gap < gap,
+        sources=m.sources,
+        total_effect=m.total_effect,
+        direct_effect=m.direct_effect,
+        compensation=m.compensation,
+        norm_response=m.norm_response,
+        response=m.response,
+        clean_direct_effect=m.clean_direct_effect,
+    )
+
+
+def provenance(loaded: LoadedModel, spec: JobSpec, started: float) -> Provenance:
+    """What it takes to reproduce a run: the spec, the exact model, the software, the machine."""
+    return Provenance(
         spec=spec,
         model_id=loaded.source.id,
         model_source=loaded.source.description,
@@ -109,18 +141,9 @@ def execute(
         architecture=str(loaded.model.config.model_type),
         dtype=loaded.dtype,
         device=loaded.device,
-        library_versions=_library_versions(),
+        library_versions=library_versions(),
         seed=spec.seed,
         engine=ENGINE_NAME,
         worker=socket.gethostname(),
         elapsed_s=time.perf_counter() - started,
-    )
-    return JobResult(
-        id=job_id,
-        model=spec.model,
-        components=sweep.components,
-        response_basis=sweep.response_basis,
-        prompts=prompts,
-        summary=summarise(sweep, near_tie_gap),
-        provenance=provenance,
     )

@@ -1,11 +1,19 @@
-"""Loading models once per worker process and keeping them (LRU, bounded by count)."""
+"""Loading models once per worker process and keeping them (LRU, bounded by count and by parameter memory).
+
+`HYDRA_MODEL_CACHE_SIZE` (2) models at most, and, when `HYDRA_MODEL_CACHE_BYTES` is set, at most that many bytes
+of parameters (and buffers) summed over the cached models: before a model loads, the least recently used ones are
+dropped until its estimated size (from its config, on the meta device: no weights) fits. A model larger than the
+whole budget still loads, alone.
+"""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +74,13 @@ def model_info(source: ModelSource) -> ModelInfo:
     )
 
 
+def tokenizer_json(source: ModelSource) -> str | None:
+    """The model's fast tokenizer as Hugging Face `tokenizers` JSON (None for slow tokenizers)."""
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **_load_kwargs(source))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else None
+
+
 def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The real loading path: a GGUF file, a local folder, or a hub id (where the hub is reachable)."""
     kwargs = _load_kwargs(source)
@@ -83,15 +98,76 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = to
     )
 
 
-class ModelCache:
-    """At most `capacity` loaded models per process; the least recently used is dropped first."""
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (tied weights counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def __init__(self, sources: dict[str, ModelSource], capacity: int = 2, device: str = "cpu") -> None:
+
+def estimate_bytes(source: ModelSource, dtype: torch.dtype = torch.float32) -> int:
+    """A model's parameter bytes once loaded in `dtype`, from its config alone (built on the meta device)."""
+    config = AutoConfig.from_pretrained(source.location, **_load_kwargs(source))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return parameter_bytes(model)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """HYDRA_DTYPE: float32 (default, exact to 1e-4), bfloat16 or float16 (GPU; README "Precision")."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"HYDRA_DTYPE must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ModelCache:
+    """At most `capacity` loaded models per process, and at most `max_bytes` of their parameters (when set).
+
+    The least recently used model is dropped first. `loader` and `estimator` are the real loading path by default
+    (tests pass stand-ins).
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, ModelSource],
+        capacity: int = 2,
+        device: str = "cpu",
+        max_bytes: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        *,
+        loader: Callable[[ModelSource, str], LoadedModel] | None = None,
+        estimator: Callable[[ModelSource], int] | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"the model cache needs room for at least one model, got capacity {capacity}")
         self.sources = sources
         self.capacity = capacity
         self.device = device
+        self.max_bytes = max_bytes
+        self.dtype = dtype
+        self._loader = loader or (lambda source, device: load_model(source, device=device, dtype=dtype))
+        self._estimator = estimator or (lambda source: estimate_bytes(source, dtype))
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    @property
+    def cached(self) -> list[str]:
+        """Model ids, least recently used first."""
+        return list(self._loaded)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._bytes.values())
 
     def get(self, model_id: str) -> LoadedModel:
         with self._lock:
@@ -100,10 +176,46 @@ class ModelCache:
                 return self._loaded[model_id]
             if model_id not in self.sources:
                 raise KeyError(f"this worker does not serve model '{model_id}'")
-            log.info("loading model %s from %s", model_id, self.sources[model_id].description)
-            loaded = load_model(self.sources[model_id], device=self.device)
+            source = self.sources[model_id]
+            self._make_room(self._estimate(source))
+            log.info("loading model %s from %s", model_id, source.description)
+            loaded = self._loader(source, self.device)
             self._loaded[model_id] = loaded
-            while len(self._loaded) > self.capacity:
-                evicted, _ = self._loaded.popitem(last=False)
-                log.info("evicted model %s", evicted)
+            self._bytes[model_id] = parameter_bytes(loaded.model)
+            self._make_room(0, keep=model_id)  # the estimate may have been low
             return loaded
+
+    def _estimate(self, source: ModelSource) -> int:
+        if self.max_bytes is None:
+            return 0
+        try:
+            return int(self._estimator(source))
+        except Exception as error:  # noqa: BLE001 - no estimate: the budget is enforced after loading instead
+            log.warning("cannot estimate the size of model %s before loading it: %s", source.id, error)
+            return 0
+
+    def _over(self, incoming: int, extra_slot: int) -> bool:
+        if len(self._loaded) + extra_slot > self.capacity:
+            return True
+        return self.max_bytes is not None and self.used_bytes + incoming > self.max_bytes
+
+    def _make_room(self, incoming: int, keep: str | None = None) -> None:
+        """Drop least recently used models until `incoming` more bytes (and one more model, unless `keep`) fit."""
+        extra_slot = 0 if keep is not None else 1
+        evicted = False
+        while self._over(incoming, extra_slot):
+            candidates = [model_id for model_id in self._loaded if model_id != keep]
+            if not candidates:
+                if keep is not None and self.max_bytes is not None:
+                    log.warning(
+                        "model %s needs %d bytes, more than the whole cache budget of %d bytes; keeping it alone",
+                        keep, self.used_bytes + incoming, self.max_bytes,
+                    )
+                break
+            victim = candidates[0]
+            del self._loaded[victim]
+            freed = self._bytes.pop(victim, 0)
+            evicted = True
+            log.info("evicted model %s (%d bytes of parameters)", victim, freed)
+        if evicted:
+            _release_memory(self.device)

@@ -14,6 +14,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
 
 from service.auth import SECURITY, Principal
+from service.chunks import ChunkBook
 from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
 from service.errors import BackendUnavailable
 from service.exports import CSV_COLUMNS, EXPORT_ACCEPT, ExportFormat, export, negotiate
@@ -258,7 +259,11 @@ class JobsController(Controller):
         responses=problem_responses(400, *PROTECTED, 404, 409, 503),
     )
     def cancel(
-        self, job_id: JobId, store: NamedDependency[JobStore], principal: NamedDependency[Principal]
+        self,
+        job_id: JobId,
+        store: NamedDependency[JobStore],
+        queue: NamedDependency[JobQueue],
+        principal: NamedDependency[Principal],
     ) -> JobStatus:
         visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
         status = store.request_cancel(job_id)
@@ -266,4 +271,6 @@ class JobsController(Controller):
             raise _not_found(job_id)
         if status.status in ("succeeded", "failed"):
             raise _conflict(f"job {job_id} already {status.status}; there is nothing to cancel")
+        # Queued chunks are dropped now; a running chunk sees the cancel flag at its next prompt.
+        queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
         return status

@@ -138,12 +138,15 @@ def _config_flag(config: object, name: str, default: bool) -> bool:
 def check_supported(config: object) -> None:
     """Refuse, with a reason, what the engine cannot decompose; shared by the worker's model registry."""
     model_type = getattr(config, "model_type", "?")
+    if getattr(config, "final_logit_softcapping", None):
+        raise UnsupportedArchitecture(
+            f"'{model_type}' caps its final logits (soft-capping), which makes the readout non-linear: "
+            "direct effects would not add up; not supported"
+        )
     if model_type not in _FAMILIES:
         raise UnsupportedArchitecture(
             f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if getattr(config, "final_logit_softcapping", None):
-        raise UnsupportedArchitecture("final-logit soft-capping makes the readout non-linear; not supported")
 
 
 def describe(model: nn.Module) -> Architecture:

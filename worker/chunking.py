@@ -1,0 +1,127 @@
+"""One chunk of a job (a contiguous range of its prompts) through the engine, and the merge of all chunks.
+
+Free of Redis and Celery; the pieces (tokenisation, per-prompt results, provenance) are in worker/job_runner.py.
+A job merged from chunks equals the job run in one piece (`execute`), to the last bit of every per-prompt value
+and so of the summary, because
+
+- the engine measures only the chunk's prompts (`SweepInputs.measure_indices`) while every prompt of the job stays
+  a resample source and part of the mean, and the resample pairing is drawn from the whole job's prompt count;
+- each prompt's ablated runs are batched per prompt, so a prompt's numbers do not depend on its neighbours;
+- floats travel through Redis as JSON, which msgspec writes as the shortest text that reads back to the same float;
+- the summary is computed once, over all prompts, by the same `summarise`.
+
+Prompts are tokenised lazily: a chunk tokenises only the prompts the engine touches (its own and their resample
+sources, or every prompt for `mean` ablation over the job's own prompts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import cast
+
+from service.chunks import ChunkResult
+from service.schemas import JobResult, JobSpec, Provenance
+from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
+from worker.engine.types import PromptMeasures, SweepResult
+from worker.job_runner import near_tie_gap, prompt_result, provenance, sweep_spec, tokenise_lazily
+from worker.model_cache import LoadedModel
+from worker.summary import summarise
+
+
+def execute_chunk(
+    job_id: str,
+    spec: JobSpec,
+    loaded: LoadedModel,
+    index: int,
+    start: int,
+    stop: int,
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> ChunkResult:
+    """Prompts `start:stop` of the job, with every other prompt available as a source (see the module doc)."""
+    if not 0 <= start < stop <= len(spec.prompts):
+        raise ValueError(f"chunk {index} covers prompts {start}:{stop}, outside the job's {len(spec.prompts)}")
+    started = time.perf_counter()
+    measure = list(range(start, stop))
+    sweep = run_sweep(
+        loaded.model,
+        sweep_spec(spec),
+        tokenise_lazily(loaded, spec, measure),
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
+    gap = near_tie_gap(loaded)
+    prompts = [prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)]
+    return ChunkResult(
+        index=index,
+        start=start,
+        stop=stop,
+        components=sweep.components,
+        response_basis=sweep.response_basis,
+        near_tie_gap=gap,
+        prompts=prompts,
+        provenance=provenance(loaded, spec, started),
+    )
+
+
+def _joined(values: Sequence[str]) -> str:
+    return ",".join(dict.fromkeys(values))  # distinct, in chunk order
+
+
+def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> JobResult:
+    """The JobResult of the whole job from all its chunks (any order): prompts in order, one summary over all.
+
+    Provenance is the first chunk's, with `worker` and `device` listing every distinct one used and `elapsed_s`
+    the chunks' compute time summed.
+    """
+    ordered = sorted(chunks, key=lambda c: c.index)
+    if not ordered:
+        raise ValueError(f"job {job_id} has no chunk results to merge")
+    expected = 0
+    for chunk in ordered:
+        if chunk.start != expected or len(chunk.prompts) != chunk.stop - chunk.start:
+            raise ValueError(f"chunk {chunk.index} of job {job_id} covers prompts {chunk.start}:{chunk.stop}, "
+                             f"expected to start at {expected} with {chunk.stop - chunk.start} prompts")
+        expected = chunk.stop
+    if expected != len(spec.prompts):
+        raise ValueError(f"the chunks of job {job_id} cover {expected} of its {len(spec.prompts)} prompts")
+    first = ordered[0]
+    prompts = [p for chunk in ordered for p in chunk.prompts]
+    # PromptResult carries every field summarise reads from PromptMeasures.
+    sweep = SweepResult(
+        components=first.components, response_basis=first.response_basis, prompts=cast(list[PromptMeasures], prompts)
+    )
+    merged_provenance = Provenance(
+        **{
+            **{f: getattr(first.provenance, f) for f in first.provenance.__struct_fields__},
+            "worker": _joined([c.provenance.worker for c in ordered]),
+            "device": _joined([c.provenance.device for c in ordered]),
+            "elapsed_s": sum(c.provenance.elapsed_s for c in ordered),
+        }
+    )
+    return JobResult(
+        id=job_id,
+        model=spec.model,
+        components=first.components,
+        response_basis=first.response_basis,
+        prompts=prompts,
+        summary=summarise(sweep, first.near_tie_gap),
+        provenance=merged_provenance,
+    )
+
+
+def execute(
+    job_id: str,
+    spec: JobSpec,
+    loaded: LoadedModel,
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> JobResult:
+    """The whole job in one piece: one chunk covering every prompt, merged."""
+    chunk = execute_chunk(
+        job_id, spec, loaded, 0, 0, len(spec.prompts), on_progress=on_progress, should_stop=should_stop
+    )
+    return merge_chunks(job_id, spec, [chunk])
