@@ -99,6 +99,13 @@ def resolve(
             f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
             "components"
         )
+    values = n * len(components) * (2 * info.n_layers + 6)
+    if values > settings.max_result_values:
+        raise ValidationProblem(
+            f"the result would hold {values:,} numbers ({n:,} prompts × {len(components):,} components × "
+            f"{2 * info.n_layers + 6} per pair), above this server's limit of {settings.max_result_values:,}; "
+            "split the job into several with fewer prompts"
+        )
 
     return JobSpec(
         model=info.id,

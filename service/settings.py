@@ -59,6 +59,9 @@ class Settings:
     key_prefix: str = "hydra:"
     result_ttl_s: int = SEVEN_DAYS_S
     max_ablations: int = 5_000_000  # prompts × components × resample samples, per job
+    # Numbers in a result (prompts × components × (2·layers + 6)): a stored result must stay well under Redis's
+    # 512 MB value limit, at about 20 bytes a number in JSON.
+    max_result_values: int = 25_000_000
     queue_name: str = "hydra"
     ready_timeout_s: float = 1.0  # how long /ready waits for a worker to answer a ping
 
@@ -85,6 +88,7 @@ class Settings:
             key_prefix=os.environ.get("HYDRA_KEY_PREFIX", defaults.key_prefix),
             result_ttl_s=_env_int("HYDRA_RESULT_TTL_S", defaults.result_ttl_s),
             max_ablations=_env_int("HYDRA_MAX_ABLATIONS", defaults.max_ablations),
+            max_result_values=_env_int("HYDRA_MAX_RESULT_VALUES", defaults.max_result_values),
             queue_name=os.environ.get("HYDRA_QUEUE") or defaults.queue_name,
             ready_timeout_s=_env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
             auth_enabled=_env_bool("HYDRA_AUTH", defaults.auth_enabled),

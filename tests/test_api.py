@@ -434,6 +434,13 @@ def test_too_many_ablations(settings: Settings, store: JobStore) -> None:
         )
 
 
+def test_results_too_large_for_redis_are_refused(settings: Settings, store: JobStore) -> None:
+    with keyed_client(replace(settings, max_result_values=10_000)) as client:
+        body = {"model": "tiny", "dataset": {"name": "known_1000", "limit": 200}, "components": ["head"]}
+        problem = assert_problem(client.post("/v1/jobs", json=body), 422, "limit of 10,000", "fewer prompts")
+        assert "200 prompts × 8 components" in problem["detail"]
+
+
 def test_no_models_advertised_yet(settings: Settings) -> None:
     with keyed_client(settings) as client:
         assert client.get("/v1/models").json() == []
@@ -457,21 +464,17 @@ def test_ready_is_503_without_a_worker(client: TestClient) -> None:
     assert_problem(client.get("/ready"), 503, "no worker answered")
 
 
-def test_ready_with_a_real_worker(settings: Settings, store: JobStore) -> None:
-    """A real Celery worker (in a thread, on the same broker) answers the readiness ping."""
-    from celery.contrib.testing.worker import start_worker
+def test_ready_with_a_real_worker(settings: Settings, store: JobStore, celery_worker: object) -> None:
+    """The session's real Celery worker (in a thread, on the same Redis) answers the readiness ping.
 
-    from service.queue import make_celery_client
-
+    (A second in-thread worker started and stopped here would stop the session worker's consumer as well.)
+    """
     settings = replace(settings, ready_timeout_s=2.0)  # an in-thread worker can take ~1 s to answer
-    worker_app = make_celery_client(settings)
-    with (
-        TestClient(create_app(settings)) as client,
-        start_worker(worker_app, pool="solo", perform_ping_check=False, shutdown_timeout=10),
-    ):
+    with TestClient(create_app(settings)) as client:
         response = client.get("/ready")
     assert response.status_code == 200, response.text
-    assert response.json() == {"status": "ready", "redis": True, "workers": 1}
+    assert response.json()["status"] == "ready" and response.json()["redis"] is True
+    assert response.json()["workers"] >= 1
 
 
 @pytest.fixture

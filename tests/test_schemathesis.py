@@ -24,11 +24,9 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-from celery.contrib.testing.worker import start_worker
 
 from service.app import create_app
 from service.embedded_redis import free_port
-from service.queue import make_celery_client
 from service.settings import Settings
 from service.store import JobStore
 from tests.test_api import SMOLLM, TINY
@@ -49,7 +47,13 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(redis_url: str) -> Iterator[Live]:
+def live(redis_url: str, celery_worker: object) -> Iterator[Live]:
+    """The app served by uvicorn; the session's real Celery worker (same Redis) answers /ready's ping.
+
+    Starting and stopping a second in-thread worker here would stop the session worker's consumer too (Celery's
+    worker state is per process), so the fuzzer shares the session worker; its queue is its own, so that worker
+    runs none of the fuzzer's jobs.
+    """
     tag = uuid.uuid4().hex
     settings = Settings(
         redis_url=redis_url,
@@ -65,10 +69,6 @@ def live(redis_url: str) -> Iterator[Live]:
     store.advertise_model(SMOLLM)
     store.advertise_model(TINY)
     job_id = store_succeeded(store, build_result(heads=2))
-    worker = start_worker(
-        make_celery_client(settings), pool="solo", perform_ping_check=False, shutdown_timeout=10, loglevel="ERROR"
-    )
-    worker.__enter__()  # a real worker on the test queue, so /ready can be 200 (it runs no tasks: none registered)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -82,7 +82,6 @@ def live(redis_url: str) -> Iterator[Live]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        worker.__exit__(None, None, None)
         for key in store.client.scan_iter(match=f"{settings.key_prefix}*"):
             store.client.delete(key)
         store.client.delete(settings.queue_name)

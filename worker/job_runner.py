@@ -69,7 +69,7 @@ class _Lazy(Sequence):  # type: ignore[type-arg]
 
 
 def tokenise_lazily(loaded: LoadedModel, spec: JobSpec, measure: list[int]) -> SweepInputs:
-    """The job's SweepInputs (every prompt, as `job_runner.tokenise`), measuring only `measure`."""
+    """The job's SweepInputs over every prompt (tokenised on first use), measuring only `measure`."""
 
     def encode(text: str) -> torch.Tensor:
         ids = loaded.tokenizer(text).input_ids
@@ -112,7 +112,7 @@ def near_tie_gap(loaded: LoadedModel) -> float:
 
 
 def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float) -> PromptResult:
-    """One prompt's measures as served (the same fields as `job_runner.execute`)."""
+    """One prompt's measures as the API serves them."""
     return PromptResult(
         prompt=text,
         target_id=m.target_id,

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.schemas import ModelInfo
-from worker.engine.architecture import check_supported, describe
+from worker.engine.architecture import check_supported, describe, has_parallel_blocks
 from worker.model_sources import ModelSource
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def model_info(source: ModelSource) -> ModelInfo:
         n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
         d_model=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
-        parallel_blocks=config.model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", True)),
+        parallel_blocks=has_parallel_blocks(config),
         source=source.description,
     )
 
@@ -85,7 +85,8 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = to
     """The real loading path: a GGUF file, a local folder, or a hub id (where the hub is reachable)."""
     kwargs = _load_kwargs(source)
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    # SDPA: the engine relies on its causal masking when it recomputes every position without a mask.
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, attn_implementation="sdpa", **kwargs)
     model = model.to(device).eval()
     describe(model)  # refuse unsupported layouts before any job runs
     file_path = source.file_path()

@@ -26,6 +26,7 @@ from celery import Task
 
 from service.chunks import ChunkBook, chunk_prompts, max_deliveries, plan_chunks
 from service.queue import TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
+from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
 from worker.celery_app import app, settings
@@ -65,12 +66,6 @@ def _job_state(store: JobStore, job_id: str) -> str | None:
     return None if raw is None else raw.decode()
 
 
-def _ablations(spec: JobSpec) -> int:
-    """The job's ablated runs, as the API counts them (service.resolve.ablation_count)."""
-    samples = spec.resample_samples if spec.ablation == "resample" else 1
-    return len(spec.prompts) * len(spec.components) * samples
-
-
 def _stop_other_chunks(job_id: str, own_task_id: str | None = None) -> None:
     """Revoke the queued chunks of a job that ended early (once per job); any that start anyway skip themselves."""
     book = chunk_book()
@@ -91,19 +86,27 @@ def _fail(job_id: str, error: str, own_task_id: str | None = None) -> str:
 
 
 class HydraTask(Task):
-    """Tasks whose hard time limit fails the job (the worker's main process calls `on_failure` then)."""
+    """Tasks whose every escaped failure fails the job, so no job stays `running` after its task ended.
+
+    The hard time limit lands here too (the worker's main process calls `on_failure` then).
+    """
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        if self.name != TASK_RUN_CHUNK or not isinstance(exc, TimeLimitExceeded) or not args:
+        if not args:
             return
-        job_id, index = args[0], args[1]
-        _, hard = time_limits()
-        _fail(
-            job_id,
-            f"chunk {index} of job {job_id} ran past the hard time limit of {hard:.0f} s and was killed; "
-            "raise HYDRA_CHUNK_TIME_LIMIT_S or lower HYDRA_CHUNK_PROMPTS",
-            task_id,
-        )
+        job_id = args[0]
+        if self.name == TASK_RUN_CHUNK and isinstance(exc, TimeLimitExceeded):
+            _, hard = time_limits()
+            reason = (
+                f"chunk {args[1]} of job {job_id} ran past the hard time limit of {hard:.0f} s and was killed; "
+                "raise HYDRA_CHUNK_TIME_LIMIT_S or lower HYDRA_CHUNK_PROMPTS"
+            )
+        else:
+            reason = f"internal error in {self.name}: {type(exc).__name__}: {exc}"
+        try:
+            _fail(job_id, reason, task_id)
+        except Exception:  # noqa: BLE001 - Redis itself may be what failed; the log keeps the reason
+            log.exception("job %s: could not record its failure (%s)", job_id, reason)
 
 
 @app.task(name=TASK_RUN_JOB, base=HydraTask)
@@ -200,7 +203,7 @@ def run_chunk(self: Task, job_id: str, index: int, start: int, stop: int) -> str
         return "skipped"  # cancelled between the two reads
 
     status = store.status(job_id)
-    total = status.progress.total if status is not None and status.progress.total else _ablations(spec)
+    total = status.progress.total if status is not None and status.progress.total else ablation_count(spec)
 
     def on_progress(done: int, _chunk_total: int) -> None:
         store.set_progress(job_id, book.record_progress(job_id, index, done), total)

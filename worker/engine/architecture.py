@@ -135,6 +135,11 @@ def _config_flag(config: object, name: str, default: bool) -> bool:
     return bool(default if value is None else value)
 
 
+def has_parallel_blocks(config: object) -> bool:
+    """Attention and MLP read the same block input (Pythia); GPT-NeoX defaults to it."""
+    return getattr(config, "model_type", None) == "gpt_neox" and _config_flag(config, "use_parallel_residual", True)
+
+
 def check_supported(config: object) -> None:
     """Refuse, with a reason, what the engine cannot decompose; shared by the worker's model registry."""
     model_type = getattr(config, "model_type", "?")
@@ -168,7 +173,7 @@ def describe(model: nn.Module) -> Architecture:
         head_dim=head_dim,
         d_model=d_model,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-        parallel_blocks=config.model_type == "gpt_neox" and _config_flag(config, "use_parallel_residual", True),
+        parallel_blocks=has_parallel_blocks(config),
         final_norm=family.final_norm(model),
         unembed=model.get_output_embeddings(),
         rotary=family.rotary(model) if family.rotary is not None else None,

@@ -158,7 +158,7 @@ def run_ablated_batch(
 def run_ablated(
     arch: Architecture, run: CleanRun, ablations: list[AblatedRun], all_positions: bool, batch_tokens: int
 ) -> AblatedOutputs:
-    """All of a prompt's ablated runs, in batches bounded by `batch_tokens` (rows × recomputed positions × layers)."""
+    """All of a prompt's ablated runs, in batches of at most `batch_tokens` rows × prompt length (× 2 for "all")."""
     per_row = max(1, run.length if not all_positions else run.length * 2)
     rows_per_batch = max(1, batch_tokens // per_row)
     parts = [

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.hooks import RemovableHandle
 
-# Edits a block output (B, T, d) in place of the original and returns the tensor to pass on.
+# Takes a module's output (or first input) and returns the tensor to pass on in its place.
 OutputEdit = Callable[[torch.Tensor], torch.Tensor]
 
 

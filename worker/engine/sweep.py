@@ -25,7 +25,7 @@ DEFAULT_BATCH_TOKENS = 8192
 
 
 class SweepCancelled(RuntimeError):
-    """Raised between batches when `should_stop` says so."""
+    """Raised between prompts when `should_stop` says so."""
 
 
 @torch.no_grad()
@@ -43,6 +43,7 @@ def run_sweep(
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
+    _check_window(model.config, inputs)
     all_positions = spec.positions == "all"
     with_heads = any(c.kind == "head" for c in components)
     readout = Readout(arch, spec.metric)
@@ -94,6 +95,16 @@ def run_sweep(
     return SweepResult(
         components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
     )
+
+
+def _check_window(config: object, inputs: SweepInputs) -> None:
+    """The engine recomputes positions with full causal attention: refuse prompts longer than a sliding window."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return
+    longest = max(int(ids.shape[0]) for ids in inputs.token_ids)
+    if longest > window:
+        raise ValueError(f"a prompt of {longest} tokens is longer than the model's sliding window ({window})")
 
 
 def _mean_activations(runs: list[CleanRun]) -> MeanActivations:
