@@ -460,8 +460,11 @@ def test_health(client: TestClient) -> None:
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_ready_is_503_without_a_worker(client: TestClient) -> None:
-    assert_problem(client.get("/ready"), 503, "no worker answered")
+def test_ready_is_503_without_a_worker(settings: Settings) -> None:
+    # Another Redis database: Celery's broadcast ping is per database, so the session's worker cannot answer it.
+    lonely = replace(settings, redis_url=settings.redis_url.rsplit("/", 1)[0] + "/11")
+    with keyed_client(lonely) as client:
+        assert_problem(client.get("/ready"), 503, "no worker answered")
 
 
 def test_ready_with_a_real_worker(settings: Settings, store: JobStore, celery_worker: object) -> None:

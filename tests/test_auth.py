@@ -102,7 +102,8 @@ def test_health_models_and_schema_stay_open(client: TestClient) -> None:
     assert client.get("/health").status_code == 200
     assert client.get("/v1/models").status_code == 200
     assert client.get("/schema/openapi.json").status_code == 200
-    assert_problem(client.get("/ready"), 503, "no worker")  # not ready, but not 401 either
+    ready = client.get("/ready")  # 200 or 503 depending on whether a worker shares this Redis: never 401
+    assert ready.status_code in (200, 503), ready.text
 
 
 def test_a_key_sees_only_its_own_jobs(client: TestClient, store: JobStore) -> None:

@@ -138,10 +138,30 @@ def test_merged_chunks_equal_the_job_in_one_piece(tiny_model_dirs: dict[str, str
     chunks = [execute_chunk("job", spec, loaded, c.index, c.start, c.stop) for c in plan_chunks(len(PROMPTS), 3)]
     chunks = [msgspec.json.decode(msgspec.json.encode(c), type=type(c)) for c in reversed(chunks)]  # via Redis
     merged = merge_chunks("job", spec, chunks)
-    assert msgspec.to_builtins(merged.prompts) == msgspec.to_builtins(whole.prompts)
-    assert msgspec.to_builtins(merged.summary) == msgspec.to_builtins(whole.summary)
+    assert_same_numbers(msgspec.to_builtins(merged.prompts), msgspec.to_builtins(whole.prompts))
+    assert_same_numbers(msgspec.to_builtins(merged.summary), msgspec.to_builtins(whole.summary))
     assert merged.components == whole.components and merged.response_basis == whole.response_basis
     assert merged.provenance.spec == spec
+
+
+# Prompts batched together at the final position share matrix products, so a different split into chunks changes
+# float32 rounding (never more than ~1e-6 here); everything else (targets, sources, structure) must be identical.
+FLOAT_TOLERANCE = 1e-5
+
+
+def assert_same_numbers(got: Any, want: Any, path: str = "") -> None:
+    if isinstance(want, float) and isinstance(got, float):
+        assert abs(got - want) <= FLOAT_TOLERANCE * (1 + abs(want)), (path, got, want)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for key in want:
+            assert_same_numbers(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for index, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_numbers(g, w, f"{path}[{index}]")
+    else:
+        assert got == want, (path, got, want)
 
 
 # --- through the API and the in-thread worker --------------------------------------------------------------------
@@ -194,8 +214,8 @@ def test_a_chunked_job_equals_the_same_job_in_one_chunk(
     monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "64")
     whole_status, whole = run(api, body)
 
-    assert chunked["prompts"] == whole["prompts"]
-    assert chunked["summary"] == whole["summary"]
+    assert_same_numbers(chunked["prompts"], whole["prompts"])
+    assert_same_numbers(chunked["summary"], whole["summary"])
     assert [p["prompt"] for p in chunked["prompts"]] == PROMPTS
     total = 10 * 7 * 2
     assert chunked_status["progress"] == whole_status["progress"] == {"done": total, "total": total}

@@ -37,7 +37,7 @@ COMPONENTS = [f"{kind}.{layer}" for layer in range(3) for kind in ("attn", "mlp"
     f"head.{layer}.{head}" for layer in range(3) for head in range(4)
 ]
 SAMPLES = 8
-CHUNK_PROMPTS = 3  # 3 chunks of ~2.5 s each on one CPU core
+CHUNK_PROMPTS = 3  # 3 chunks of a few seconds each (one ablated run per batch, see fault_env)
 VISIBILITY_TIMEOUT_S = 21
 
 
@@ -71,6 +71,8 @@ def fault_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "HYDRA_QUEUE": f"hydra-faults-{tag}",
         "HYDRA_MODELS": f"{MODEL}={model_dir}",
         "HYDRA_CHUNK_PROMPTS": str(CHUNK_PROMPTS),
+        # One ablated run per batch: slow enough chunks (seconds) for the test to kill a worker mid-chunk.
+        "HYDRA_BATCH_TOKENS": "1",
         "HYDRA_MAX_DELIVERIES": "3",
         "HYDRA_CHUNK_TIME_LIMIT_S": "20",
         "HYDRA_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
@@ -173,7 +175,17 @@ def reference(fault_env: dict[str, str]) -> JobResult:
     from worker.model_sources import ModelSource
 
     location = fault_env["HYDRA_MODELS"].split("=", 1)[1]
-    return execute("reference", job_spec(PROMPTS), load_model(ModelSource(id=MODEL, location=location)))
+    loaded = load_model(ModelSource(id=MODEL, location=location))
+    # The same batching as the workers (bit-identical numbers need the same arithmetic).
+    saved = os.environ.get("HYDRA_BATCH_TOKENS")
+    os.environ["HYDRA_BATCH_TOKENS"] = fault_env["HYDRA_BATCH_TOKENS"]
+    try:
+        return execute("reference", job_spec(PROMPTS), loaded)
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_BATCH_TOKENS")
+        else:
+            os.environ["HYDRA_BATCH_TOKENS"] = saved
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, worker: WorkerProcess | None = None) -> None:

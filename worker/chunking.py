@@ -1,12 +1,11 @@
 """One chunk of a job (a contiguous range of its prompts) through the engine, and the merge of all chunks.
 
 Free of Redis and Celery; the pieces (tokenisation, per-prompt results, provenance) are in worker/job_runner.py.
-A job merged from chunks equals the job run in one piece (`execute`), to the last bit of every per-prompt value
-and so of the summary, because
+A job merged from chunks equals the job run in one piece (`execute`) up to float32 rounding (prompts batched
+together share matrix products, so another split changes the last bits), because
 
 - the engine measures only the chunk's prompts (`SweepInputs.measure_indices`) while every prompt of the job stays
   a resample source and part of the mean, and the resample pairing is drawn from the whole job's prompt count;
-- each prompt's ablated runs are batched per prompt, so a prompt's numbers do not depend on its neighbours;
 - floats travel through Redis as JSON, which msgspec writes as the shortest text that reads back to the same float;
 - the summary is computed once, over all prompts, by the same `summarise`.
 
@@ -24,7 +23,7 @@ from service.chunks import ChunkResult
 from service.schemas import JobResult, JobSpec, Provenance
 from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
 from worker.engine.types import PromptMeasures, SweepResult
-from worker.job_runner import near_tie_gap, prompt_result, provenance, sweep_spec, tokenise_lazily
+from worker.job_runner import batch_tokens, near_tie_gap, prompt_result, provenance, sweep_spec, tokenise_lazily
 from worker.model_cache import LoadedModel
 from worker.summary import summarise
 
@@ -51,6 +50,7 @@ def execute_chunk(
         tokenise_lazily(loaded, spec, measure),
         on_progress=on_progress,
         should_stop=should_stop,
+        batch_tokens=batch_tokens(),
     )
     gap = near_tie_gap(loaded)
     prompts = [prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)]

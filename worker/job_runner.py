@@ -5,6 +5,7 @@ Free of Redis and Celery. `worker/chunking.py` runs a job (or a chunk of it) wit
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import time
@@ -16,12 +17,22 @@ from typing import cast
 import torch
 
 from service.schemas import JobSpec, PromptResult, Provenance
+from worker.engine.sweep import DEFAULT_BATCH_TOKENS
 from worker.engine.types import PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
 
 ENGINE_NAME = "resume-at-layer (worker/engine/fast.py)"
 NEAR_TIE_GAP = {"float32": 1e-4, "float64": 1e-8}
 REDUCED_PRECISION_NEAR_TIE_GAP = 0.05
+
+
+def batch_tokens() -> int:
+    """HYDRA_BATCH_TOKENS: the engine's memory budget per batch, in rows × prompt tokens (default 8192)."""
+    raw = os.environ.get("HYDRA_BATCH_TOKENS", "").strip()
+    value = int(raw) if raw else DEFAULT_BATCH_TOKENS
+    if value < 1:
+        raise ValueError(f"HYDRA_BATCH_TOKENS must be at least 1, got {value}")
+    return value
 
 
 class JobInputError(ValueError):

@@ -50,7 +50,10 @@ def cached_figure(store: JobStore, job_id: str, name: FigureName, fmt: FigureFor
     result = msgspec.json.decode(finished_result(store, job_id), type=JobResult)
     data = render(result, name, fmt)
     ttl_ms = store.client.pttl(store.result_key(job_id))  # -1 no expiry, -2 gone: fall back to the store's TTL
-    store.client.set(key, data, px=ttl_ms if ttl_ms > 0 else store.ttl_s * 1000)
+    # The cache must not outlive the result: the result's remaining time is read before the write, so take a
+    # margin for the time in between.
+    margin_ms = 100
+    store.client.set(key, data, px=max(1, ttl_ms - margin_ms) if ttl_ms > 0 else store.ttl_s * 1000)
     return data
 
 

@@ -97,39 +97,107 @@ def _replace_heads(edits: LayerEdits):  # noqa: ANN202 - returns a pre-hook edit
     return edit
 
 
-def _attention(
-    arch: Architecture, layer: int, x: torch.Tensor, position_embeddings: object, cache: PrefixCache | None
-) -> torch.Tensor:
-    kwargs: dict[str, object] = {"attention_mask": None, arch.family.cache_keyword: cache}
-    if position_embeddings is not None:
-        kwargs["position_embeddings"] = position_embeddings
-    output = arch.attn(layer)(x, **kwargs)
-    return output[0] if isinstance(output, tuple) else output
+class PaddedPrefixCache:
+    """The prefix caches of several prompts, left-padded to one length; each row reads its own prompt's."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], row_prompt: torch.Tensor) -> None:
+        self.keys = keys  # per layer (G, KV, P_max, hd)
+        self.values = values
+        self.row_prompt = row_prompt
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object, **__: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.row_prompt[: key_states.shape[0]]
+        keys = torch.cat([self.keys[layer_idx][rows], key_states], dim=2)
+        values = torch.cat([self.values[layer_idx][rows], value_states], dim=2)
+        return keys, values
+
+
+def _left_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+    """(1, KV, P_i, hd) each → (G, KV, length, hd), real positions at the right."""
+    padded = tensors[0].new_zeros(len(tensors), tensors[0].shape[1], length, tensors[0].shape[3])
+    for g, t in enumerate(tensors):
+        if t.shape[2]:
+            padded[g, :, length - t.shape[2] :] = t[0]
+    return padded
+
+
+class _Inputs:
+    """What the rows of a batch read from the clean runs: block inputs, clean outputs, keys and values, positions.
+
+    One prompt: everything broadcasts. Several prompts (scope "final" only): each row gathers its own prompt's,
+    the prefixes are left-padded and masked, and each row's position id is its own prompt's final position.
+    """
+
+    def __init__(self, arch: Architecture, runs: list[CleanRun], row_prompt: torch.Tensor, all_positions: bool):
+        self.arch = arch
+        self.single = len(runs) == 1
+        self.row_prompt = row_prompt
+        first = runs[0]
+        device = first.block_in.device
+        self.positions = first.block_in.shape[1]
+        self.block_in = torch.stack([r.block_in for r in runs])  # (G, N, P, d)
+        self.clean_final = torch.stack([r.final_layer_out() for r in runs])  # (G, 2N, d)
+        if self.single:
+            position_ids = torch.arange(first.length - self.positions, first.length, device=device).unsqueeze(0)
+            self.cache = None if all_positions else PrefixCache(first.past_keys, first.past_values)
+            self.mask: torch.Tensor | None = None
+        else:
+            assert not all_positions, "prompts are batched together only for the final position"
+            lengths = torch.tensor([r.length for r in runs], device=device)
+            longest = int(lengths.max()) - 1
+            position_ids = (lengths - 1)[row_prompt].unsqueeze(1)  # (B, 1)
+            self.cache = PaddedPrefixCache(
+                [_left_pad([r.past_keys[layer] for r in runs], longest) for layer in range(arch.n_layers)],
+                [_left_pad([r.past_values[layer] for r in runs], longest) for layer in range(arch.n_layers)],
+                row_prompt,
+            )
+            key_index = torch.arange(longest + 1, device=device)
+            first_real = longest - (lengths - 1)  # (G,): where each prompt's prefix starts after the padding
+            self.mask = (key_index.unsqueeze(0) >= first_real.unsqueeze(1))[row_prompt][:, None, None, :]
+        probe = self.block_in[0, 0, :1]
+        self.rotary = arch.rotary(probe.unsqueeze(0), position_ids) if arch.rotary is not None else None
+
+    def entering(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        return self.block_in[self.row_prompt[rows], layer] if not self.single else self.block_in[0, layer]
+
+    def clean_outputs(self) -> torch.Tensor:
+        return self.clean_final[self.row_prompt]
+
+    def attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        active = x.shape[0]
+        kwargs: dict[str, object] = {
+            "attention_mask": None if self.mask is None else self.mask[:active],
+            self.arch.family.cache_keyword: self.cache,
+        }
+        if self.rotary is not None:
+            cos, sin = self.rotary
+            kwargs["position_embeddings"] = (cos, sin) if self.single else (cos[:active], sin[:active])
+        output = self.arch.attn(layer)(x, **kwargs)
+        return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
-def run_ablated_batch(
-    arch: Architecture, run: CleanRun, batch: list[AblatedRun], all_positions: bool
+def run_ablated_rows(
+    arch: Architecture, runs: list[CleanRun], batch: list[tuple[int, AblatedRun]], all_positions: bool
 ) -> AblatedOutputs:
-    """Run the batch's rows from their own layers on; returns final-position outputs in the batch's order."""
-    order = sorted(range(len(batch)), key=lambda b: batch[b].component.layer)
-    rows = [batch[b] for b in order]
+    """Run each row (prompt index into `runs`, ablation) from its own layer on; outputs in the batch's order."""
+    order = sorted(range(len(batch)), key=lambda b: batch[b][1].component.layer)
+    rows = [batch[b][1] for b in order]
     edits = _edits_by_layer(arch, rows)
     entry = torch.tensor([a.component.layer for a in rows])
-    n_rows, positions = len(rows), run.block_in.shape[1]
-    device = run.block_in.device
+    row_prompt = torch.tensor([batch[b][0] for b in order])
+    inputs = _Inputs(arch, runs, row_prompt, all_positions)
+    n_rows = len(rows)
 
-    cache = None if all_positions else PrefixCache(run.past_keys, run.past_values)
-    position_ids = torch.arange(run.length - positions, run.length, device=device).unsqueeze(0)
-    position_embeddings = arch.rotary(run.block_in[:1], position_ids) if arch.rotary is not None else None
-
-    hidden = torch.empty(n_rows, positions, arch.d_model, dtype=run.block_in.dtype, device=device)
-    layer_out_final = run.final_layer_out().unsqueeze(0).repeat(n_rows, 1, 1)
+    hidden = torch.empty(n_rows, inputs.positions, arch.d_model, dtype=runs[0].block_in.dtype, device=runs[0].block_in.device)
+    layer_out_final = inputs.clean_outputs()
     for layer in range(arch.n_layers):
         active = int((entry <= layer).sum())
         entering = (entry == layer).nonzero().flatten()
         if entering.numel():
-            hidden[entering] = run.block_in[layer]
+            hidden[entering] = inputs.entering(layer, entering)
         if active == 0:
             continue
         h = hidden[:active]
@@ -137,7 +205,7 @@ def run_ablated_batch(
         with hooks_removed_on_exit() as handles:
             if layer_edits.head_rows:
                 handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(_replace_heads(layer_edits))))
-            attn = _attention(arch, layer, arch.attn_norm(layer)(h), position_embeddings, cache)
+            attn = inputs.attention(layer, arch.attn_norm(layer)(h))
         if layer_edits.attn_rows:
             attn = attn.clone()
             attn[layer_edits.attn_rows] = layer_edits.attn_values.to(attn.dtype)
@@ -156,16 +224,30 @@ def run_ablated_batch(
 
 
 def run_ablated(
-    arch: Architecture, run: CleanRun, ablations: list[AblatedRun], all_positions: bool, batch_tokens: int
-) -> AblatedOutputs:
-    """All of a prompt's ablated runs, in batches of at most `batch_tokens` rows × prompt length (× 2 for "all")."""
-    per_row = max(1, run.length if not all_positions else run.length * 2)
+    arch: Architecture,
+    prompts: list[tuple[CleanRun, list[AblatedRun]]],
+    all_positions: bool,
+    batch_tokens: int,
+) -> list[AblatedOutputs]:
+    """Every ablated run of several prompts, batched within the budget `batch_tokens` (rows × longest prompt,
+    × 2 for "all"); prompts share batches only at the final position. One AblatedOutputs per prompt."""
+    runs = [run for run, _ in prompts]
+    per_row = max(run.length for run in runs) * (2 if all_positions else 1)
     rows_per_batch = max(1, batch_tokens // per_row)
-    parts = [
-        run_ablated_batch(arch, run, ablations[start : start + rows_per_batch], all_positions)
-        for start in range(0, len(ablations), rows_per_batch)
-    ]
-    return AblatedOutputs(
-        layer_out_final=torch.cat([p.layer_out_final for p in parts]),
-        x_final=torch.cat([p.x_final for p in parts]),
-    )
+    rows = [(p, ablation) for p, (_, ablations) in enumerate(prompts) for ablation in ablations]
+    if all_positions and len(prompts) > 1:
+        raise ValueError("all-position ablations are batched one prompt at a time")
+    parts = []
+    for start in range(0, len(rows), rows_per_batch):
+        chunk = rows[start : start + rows_per_batch]
+        used = sorted({p for p, _ in chunk})
+        local = {p: k for k, p in enumerate(used)}
+        parts.append(run_ablated_rows(arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions))
+    layer_out = torch.cat([part.layer_out_final for part in parts])
+    x_final = torch.cat([part.x_final for part in parts])
+    outputs, offset = [], 0
+    for _, ablations in prompts:
+        n = len(ablations)
+        outputs.append(AblatedOutputs(layer_out_final=layer_out[offset : offset + n], x_final=x_final[offset : offset + n]))
+        offset += n
+    return outputs

@@ -70,31 +70,55 @@ def run_sweep(
     total = len(measured) * len(components) * samples
     done = 0
     measures: list[PromptMeasures] = []
-    for i in measured:
+    rows_per_prompt = len(components) * samples
+    for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, batch_tokens):
         if should_stop is not None and should_stop():
             raise SweepCancelled("sweep cancelled")
-        run = runs[i]
-        target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
-        counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
-        ablations = [
-            AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
-            for c in components
-            for source in (sources[i] or [None])
-        ]
-        outputs = run_ablated(arch, run, ablations, all_positions, batch_tokens)
-        measures.append(
-            _measure(
-                arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
-                spec.norm_scale,
+        work = []
+        for i in group:
+            run = runs[i]
+            ablations = [
+                AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
+                for c in components
+                for source in (sources[i] or [None])
+            ]
+            work.append((run, ablations))
+        for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, batch_tokens)):
+            target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
+            counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
+            measures.append(
+                _measure(
+                    arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
+                    spec.norm_scale,
+                )
             )
-        )
-        runs[i] = replace(run, past_keys=[], past_values=[])  # the prefix cache is needed only while measuring
-        done += len(ablations)
+            runs[i] = replace(run, past_keys=[], past_values=[])  # the prefix cache is needed only while measuring
+            done += len(ablations)
         if on_progress is not None:
             on_progress(done, total)
     return SweepResult(
         components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
     )
+
+
+def _prompt_groups(
+    measured: list[int], runs: dict[int, CleanRun], rows_per_prompt: int, all_positions: bool, batch_tokens: int
+) -> list[list[int]]:
+    """Consecutive prompts whose ablated runs fit one batch together (final position only; else one each)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in measured:
+        longest_with = max(longest, runs[i].length)
+        fits = (len(current) + 1) * rows_per_prompt * longest_with <= batch_tokens
+        if current and (all_positions or not fits):
+            groups.append(current)
+            current, longest_with = [], runs[i].length
+        current.append(i)
+        longest = longest_with
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _check_window(config: object, inputs: SweepInputs) -> None:
