@@ -72,6 +72,9 @@ def key_digest(key: str) -> str:
 
 
 def check_name(name: str) -> str:
+    """A valid key name; `local` is reserved for the owner of jobs made while auth was off."""
+    if name == LOCAL_OWNER:
+        raise ValueError(f"the key name {LOCAL_OWNER!r} is reserved (it owns the jobs made while auth is off)")
     if not _KEY_NAME.match(name):
         raise ValueError(
             f"invalid key name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-', starting with a letter or "

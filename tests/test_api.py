@@ -242,6 +242,16 @@ def test_result_of_failed_and_cancelled_jobs_is_409_with_the_reason(client: Test
     assert_problem(client.get(f"/v1/jobs/{cancelled['id']}/result"), 409, "cancelled")
 
 
+def test_a_restarted_api_loses_nothing(settings: Settings, store: JobStore) -> None:
+    """The API keeps no state of its own: a new process (a new app on the same Redis) serves every job."""
+    with keyed_client(settings) as before:
+        job = submit(before, model="tiny", prompts=["a", "b"], components=["attn.0"])
+        listed = before.get("/v1/jobs").json()
+    with keyed_client(settings) as after:
+        assert after.get(f"/v1/jobs/{job['id']}").json() == job
+        assert after.get("/v1/jobs").json() == listed
+
+
 def test_cancel(client: TestClient, store: JobStore) -> None:
     job = submit(client, model="tiny", prompts=["a", "b"], components=["attn.0"])
     response = client.delete(f"/v1/jobs/{job['id']}")

@@ -227,7 +227,7 @@ def test_env_keys_are_parsed_and_hashed() -> None:
     parsed = parse_api_keys(" alice:k1 , root:k2:admin ,")
     assert {p.name: p.admin for p in parsed.values()} == {"alice": False, "root": True}
     assert set(parsed) == {key_digest("k1"), key_digest("k2")}
-    for bad in ("alice", "alice:", "alice:k:owner", "bad name:k"):
+    for bad in ("alice", "alice:", "alice:k:owner", "bad name:k", "local:k"):
         with pytest.raises(ValueError):
             parse_api_keys(bad)
 
