@@ -17,7 +17,6 @@ Keys, under the JobStore's prefix, all expiring with the job's TTL:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,33 +25,21 @@ import redis
 from msgspec import Struct
 
 from service.schemas import PromptResult, Provenance
+from service.settings import env_int
 from service.store import JobStore
 
 DEFAULT_CHUNK_PROMPTS = 64
 DEFAULT_MAX_DELIVERIES = 3
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
-
-
 def chunk_prompts() -> int:
     """Prompts per chunk, read from HYDRA_CHUNK_PROMPTS when a job is planned."""
-    return _env_int("HYDRA_CHUNK_PROMPTS", DEFAULT_CHUNK_PROMPTS)
+    return env_int("HYDRA_CHUNK_PROMPTS", DEFAULT_CHUNK_PROMPTS)
 
 
 def max_deliveries() -> int:
     """How often one chunk may start before its job fails (its worker keeps dying): HYDRA_MAX_DELIVERIES."""
-    return _env_int("HYDRA_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES)
+    return env_int("HYDRA_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES)
 
 
 @dataclass(frozen=True)

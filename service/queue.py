@@ -33,13 +33,12 @@ Delivery guarantees and time limits (the numbers, with the defaults)
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from typing import Any
 
 from celery import Celery
 
-from service.settings import Settings
+from service.settings import Settings, env_float
 
 TASK_RUN_JOB = "hydra.run_job"
 TASK_RUN_CHUNK = "hydra.run_chunk"
@@ -50,29 +49,16 @@ DEFAULT_CHUNK_TIME_LIMIT_S = 6 * HOUR_S
 _QUEUE_SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
-def _positive_env(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {raw!r}")
-    return value
-
-
 def time_limits() -> tuple[float, float]:
     """(soft, hard) time limits of one task in seconds, from HYDRA_CHUNK_TIME_LIMIT_S."""
-    hard = _positive_env("HYDRA_CHUNK_TIME_LIMIT_S", DEFAULT_CHUNK_TIME_LIMIT_S)
+    hard = env_float("HYDRA_CHUNK_TIME_LIMIT_S", DEFAULT_CHUNK_TIME_LIMIT_S)
     return hard - min(300.0, hard / 10), hard
 
 
 def visibility_timeout() -> float:
     """Seconds before Redis hands an unacknowledged message to another worker: always above the hard limit."""
     _, hard = time_limits()
-    configured = _positive_env("HYDRA_VISIBILITY_TIMEOUT_S", hard + min(float(HOUR_S), hard))
+    configured = env_float("HYDRA_VISIBILITY_TIMEOUT_S", hard + min(float(HOUR_S), hard))
     return max(configured, hard + 1)
 
 

@@ -12,7 +12,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """An integer setting from the environment; a bad value is a configuration error, never a silent default."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -25,7 +26,8 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
-def _env_float(name: str, default: float) -> float:
+def env_float(name: str, default: float) -> float:
+    """A positive number from the environment (seconds, say); a bad value is a configuration error."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -86,18 +88,18 @@ class Settings:
         return cls(
             redis_url=os.environ.get("REDIS_URL") or defaults.redis_url,
             key_prefix=os.environ.get("HYDRA_KEY_PREFIX", defaults.key_prefix),
-            result_ttl_s=_env_int("HYDRA_RESULT_TTL_S", defaults.result_ttl_s),
-            max_ablations=_env_int("HYDRA_MAX_ABLATIONS", defaults.max_ablations),
-            max_result_values=_env_int("HYDRA_MAX_RESULT_VALUES", defaults.max_result_values),
+            result_ttl_s=env_int("HYDRA_RESULT_TTL_S", defaults.result_ttl_s),
+            max_ablations=env_int("HYDRA_MAX_ABLATIONS", defaults.max_ablations),
+            max_result_values=env_int("HYDRA_MAX_RESULT_VALUES", defaults.max_result_values),
             queue_name=os.environ.get("HYDRA_QUEUE") or defaults.queue_name,
-            ready_timeout_s=_env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
+            ready_timeout_s=env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
             auth_enabled=_env_bool("HYDRA_AUTH", defaults.auth_enabled),
             allow_no_auth=_env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
             api_keys=os.environ.get("HYDRA_API_KEYS", defaults.api_keys),
-            rate_limit_write=_env_int("HYDRA_RATE_LIMIT_WRITE", defaults.rate_limit_write, minimum=0),
-            rate_limit_read=_env_int("HYDRA_RATE_LIMIT_READ", defaults.rate_limit_read, minimum=0),
-            rate_window_s=_env_int("HYDRA_RATE_WINDOW_S", defaults.rate_window_s),
-            max_active_jobs=_env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
-            max_prompt_tokens=_env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
-            max_body_bytes=_env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),
+            rate_limit_write=env_int("HYDRA_RATE_LIMIT_WRITE", defaults.rate_limit_write, minimum=0),
+            rate_limit_read=env_int("HYDRA_RATE_LIMIT_READ", defaults.rate_limit_read, minimum=0),
+            rate_window_s=env_int("HYDRA_RATE_WINDOW_S", defaults.rate_window_s),
+            max_active_jobs=env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
+            max_prompt_tokens=env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
+            max_body_bytes=env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),
         )

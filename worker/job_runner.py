@@ -5,7 +5,6 @@ Free of Redis and Celery. `worker/chunking.py` runs a job (or a chunk of it) wit
 
 from __future__ import annotations
 
-import os
 import platform
 import socket
 import time
@@ -17,6 +16,7 @@ from typing import cast
 import torch
 
 from service.schemas import JobSpec, PromptResult, Provenance
+from service.settings import env_int
 from worker.engine.sweep import DEFAULT_BATCH_TOKENS
 from worker.engine.types import PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
@@ -28,11 +28,7 @@ REDUCED_PRECISION_NEAR_TIE_GAP = 0.05
 
 def batch_tokens() -> int:
     """HYDRA_BATCH_TOKENS: the engine's memory budget per batch, in rows × prompt tokens (default 8192)."""
-    raw = os.environ.get("HYDRA_BATCH_TOKENS", "").strip()
-    value = int(raw) if raw else DEFAULT_BATCH_TOKENS
-    if value < 1:
-        raise ValueError(f"HYDRA_BATCH_TOKENS must be at least 1, got {value}")
-    return value
+    return env_int("HYDRA_BATCH_TOKENS", DEFAULT_BATCH_TOKENS)
 
 
 class JobInputError(ValueError):
