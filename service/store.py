@@ -327,10 +327,25 @@ class JobStore:
         )
 
     # models
-    def advertise_model(self, info: ModelInfo) -> None:
-        """A worker announces a model it serves; the API validates requests against these records."""
+    def served_key(self, model_id: str) -> str:
+        return f"{self.prefix}served:{model_id}"
+
+    def advertise_model(self, info: ModelInfo, ttl_s: int | None = None) -> None:
+        """A worker announces a model it serves; the API validates requests against these records.
+
+        With `ttl_s` the model counts as served only while some worker keeps calling `keep_serving`: when the
+        last worker serving it stops, the API stops accepting jobs for it instead of queueing them forever.
+        """
         self.client.hset(self.models_key, info.id, msgspec.json.encode(info))
         self.client.hdel(self.refused_key, info.id)
+        self.client.set(self.served_key(info.id), b"1", ex=ttl_s)
+
+    def keep_serving(self, model_ids: list[str], ttl_s: int) -> None:
+        """A worker's heartbeat for the models it serves."""
+        with self.client.pipeline() as pipe:
+            for model_id in model_ids:
+                pipe.set(self.served_key(model_id), b"1", ex=ttl_s)
+            pipe.execute()
 
     def refuse_model(self, model_id: str, reason: str) -> None:
         """A worker was configured with a model the engine cannot decompose; jobs for it get this reason."""
@@ -341,8 +356,13 @@ class JobStore:
         return {_text(k) or "": _text(v) or "" for k, v in self.client.hgetall(self.refused_key).items()}
 
     def models(self) -> list[ModelInfo]:
+        """The models some live worker serves (see `advertise_model`)."""
         found: list[ModelInfo] = []
-        for model_id, raw in sorted(self.client.hgetall(self.models_key).items()):
+        records = sorted(self.client.hgetall(self.models_key).items())
+        alive = self.client.mget([self.served_key(_text(model_id) or "") for model_id, _ in records]) if records else []
+        for (model_id, raw), served in zip(records, alive, strict=True):
+            if served is None:
+                continue
             try:
                 found.append(msgspec.json.decode(raw, type=ModelInfo))
             except msgspec.DecodeError:

@@ -270,7 +270,18 @@ def test_models_are_advertised_and_listed(store: JobStore) -> None:
     store.advertise_model(model_info("alpha"))
     store.advertise_model(model_info("zeta", n_layers=6))  # re-advertising replaces the record
     store.client.hset(store.models_key, "broken", b"not json")
+    store.client.set(store.served_key("broken"), b"1")  # served, but its record is unreadable: skipped
     listed = store.models()
     assert [m.id for m in listed] == ["alpha", "zeta"]
     assert listed[1].n_layers == 6
     assert msgspec.json.decode(store.client.hget(store.models_key, "alpha"), type=ModelInfo) == model_info("alpha")
+
+
+def test_a_model_no_live_worker_renews_stops_being_offered(store: JobStore) -> None:
+    store.advertise_model(model_info("kept"), ttl_s=1)
+    store.advertise_model(model_info("lapsed"), ttl_s=1)
+    assert [m.id for m in store.models()] == ["kept", "lapsed"]
+    time.sleep(0.6)
+    store.keep_serving(["kept"], ttl_s=1)  # a worker's heartbeat
+    time.sleep(0.6)
+    assert [m.id for m in store.models()] == ["kept"]

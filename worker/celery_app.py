@@ -8,6 +8,8 @@ the chunks of that model's jobs wait; `-Q hydra` (the main queue, where jobs are
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from celery import Celery
 from celery.signals import celeryd_after_setup, worker_ready
@@ -18,6 +20,8 @@ from service.store import JobStore
 from worker.model_sources import configured_sources
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 20  # how often a worker renews the models it serves
+SERVED_TTL_S = 90  # a model no live worker renewed for this long is no longer offered
 
 settings = Settings.from_env()
 app = Celery("hydra-ablate")
@@ -52,6 +56,7 @@ def advertise_models(**_: object) -> None:
     from worker.model_cache import model_info, tokenizer_json
 
     store = JobStore.from_settings(settings)
+    served: list[str] = []
     try:
         for source in configured_sources().values():
             try:
@@ -66,7 +71,21 @@ def advertise_models(**_: object) -> None:
             published = tokenizer_json(source)
             if published is not None:
                 store.publish_tokenizer(source.id, published)
-            store.advertise_model(info)
+            store.advertise_model(info, ttl_s=SERVED_TTL_S)
+            served.append(source.id)
             log.info("serving model %s (%s)", source.id, source.description)
     finally:
         store.close()
+    if served:
+        threading.Thread(target=_heartbeat, args=(served,), name="hydra-heartbeat", daemon=True).start()
+
+
+def _heartbeat(model_ids: list[str]) -> None:
+    """Keep this worker's models advertised while the worker lives (they lapse SERVED_TTL_S after it dies)."""
+    store = JobStore.from_settings(settings)
+    while True:
+        time.sleep(HEARTBEAT_S)
+        try:
+            store.keep_serving(model_ids, SERVED_TTL_S)
+        except Exception as error:  # noqa: BLE001 - Redis may be briefly away; try again at the next beat
+            log.warning("heartbeat for %s failed: %s", ", ".join(model_ids), error)
