@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -96,3 +98,24 @@ def stack_settings(stack_env: dict[str, str]) -> object:
     from service.settings import Settings
 
     return Settings.from_env()
+
+
+@contextmanager
+def private_settings(redis_url: str, name: str, **overrides: object) -> Iterator[object]:
+    """Settings on a key prefix and queue of their own in the session's Redis, cleaned up afterwards."""
+    import redis
+
+    from service.settings import Settings
+
+    tag = uuid.uuid4().hex
+    settings = Settings(
+        redis_url=redis_url, key_prefix=f"test-{name}:{tag}:", queue_name=f"hydra-test-{tag}", **overrides
+    )
+    try:
+        yield settings
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{settings.key_prefix}*"):
+            client.delete(key)
+        client.delete(settings.queue_name)
+        client.close()

@@ -24,6 +24,7 @@ from service.queue import TASK_RUN_JOB
 from service.schemas import ModelInfo
 from service.settings import Settings
 from service.store import JobStore
+from tests.conftest import private_settings
 
 PROBLEM = "application/problem+json"
 API_KEY = "test-api-key-for-tester"
@@ -55,20 +56,8 @@ TINY = ModelInfo(
 
 @pytest.fixture
 def settings(redis_url: str) -> Iterator[Settings]:
-    tag = uuid.uuid4().hex
-    settings = Settings(
-        redis_url=redis_url,
-        key_prefix=f"test-api:{tag}:",
-        queue_name=f"hydra-test-{tag}",
-        ready_timeout_s=0.3,
-        api_keys=API_KEYS,
-    )
-    yield settings
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{settings.key_prefix}*"):
-        client.delete(key)
-    client.delete(settings.queue_name)
-    client.close()
+    with private_settings(redis_url, "api", ready_timeout_s=0.3, api_keys=API_KEYS) as settings:
+        yield settings
 
 
 @pytest.fixture

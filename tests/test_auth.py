@@ -23,6 +23,7 @@ from service.app import create_app
 from service.auth import KeyRing, key_digest, keys_hash, parse_api_keys
 from service.settings import Settings
 from service.store import JobStore
+from tests.conftest import private_settings
 from tests.test_api import SMOLLM, TINY, assert_problem
 
 ALICE, BOB, ROOT = "alice-key-1111", "bob-key-2222", "root-key-3333"
@@ -37,20 +38,8 @@ def auth(key: str) -> dict[str, str]:
 
 @pytest.fixture
 def settings(redis_url: str) -> Iterator[Settings]:
-    tag = uuid.uuid4().hex
-    settings = Settings(
-        redis_url=redis_url,
-        key_prefix=f"test-auth:{tag}:",
-        queue_name=f"hydra-test-{tag}",
-        ready_timeout_s=0.3,
-        api_keys=KEYS,
-    )
-    yield settings
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{settings.key_prefix}*"):
-        client.delete(key)
-    client.delete(settings.queue_name)
-    client.close()
+    with private_settings(redis_url, "auth", ready_timeout_s=0.3, api_keys=KEYS) as settings:
+        yield settings
 
 
 @pytest.fixture

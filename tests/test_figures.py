@@ -17,7 +17,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import redis
 from litestar.testing import TestClient
 from PIL import Image
 
@@ -34,6 +33,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store import JobStore
+from tests.conftest import private_settings
 
 PROBLEM = "application/problem+json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -208,20 +208,9 @@ def store_succeeded(store: JobStore, result: JobResult) -> str:
 
 @pytest.fixture
 def settings(redis_url: str) -> Iterator[Settings]:
-    tag = uuid.uuid4().hex
-    settings = Settings(
-        redis_url=redis_url,
-        key_prefix=f"test-fig:{tag}:",
-        queue_name=f"hydra-test-{tag}",
-        result_ttl_s=3600,
-        auth_enabled=False,  # jobs here are stored without an owner, as in the local single-user setup
-        allow_no_auth=True,
-    )
-    yield settings
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{settings.key_prefix}*"):
-        client.delete(key)
-    client.close()
+    # Jobs here are stored without an owner, as in the local single-user setup: auth off.
+    with private_settings(redis_url, "fig", result_ttl_s=3600, auth_enabled=False, allow_no_auth=True) as settings:
+        yield settings
 
 
 @pytest.fixture
