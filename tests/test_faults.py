@@ -30,6 +30,7 @@ from service.queue import JobQueue
 from service.schemas import JobResult, JobSpec, JobStatus
 from service.settings import Settings
 from service.store import JobStore
+from tests.numbers import assert_same_numbers
 
 MODEL = "tiny-fault"
 PROMPTS = [f"Sentence number {i} is about the weather in the city of Paris, which is famous for" for i in range(9)]
@@ -176,7 +177,7 @@ def reference(fault_env: dict[str, str]) -> JobResult:
 
     location = fault_env["HYDRA_MODELS"].split("=", 1)[1]
     loaded = load_model(ModelSource(id=MODEL, location=location))
-    # The same batching as the workers (bit-identical numbers need the same arithmetic).
+    # The same batching as the workers (so the numbers agree to float32 rounding; compared within tolerance).
     saved = os.environ.get("HYDRA_BATCH_TOKENS")
     os.environ["HYDRA_BATCH_TOKENS"] = fault_env["HYDRA_BATCH_TOKENS"]
     try:
@@ -226,12 +227,13 @@ def running_mid_chunk(book: ChunkBook, job_id: str, index: int, delivery: int) -
     return check
 
 
-def assert_same_numbers(store: JobStore, job_id: str, reference: JobResult) -> None:
+def assert_result_matches(store: JobStore, job_id: str, reference: JobResult) -> None:
+    """The workers' chunks against the job in one piece here: another process and split, so within tolerance."""
     raw = store.result(job_id)
     assert raw is not None
     result = msgspec.json.decode(raw, type=JobResult)
-    assert msgspec.to_builtins(result.prompts) == msgspec.to_builtins(reference.prompts)
-    assert msgspec.to_builtins(result.summary) == msgspec.to_builtins(reference.summary)
+    assert_same_numbers(msgspec.to_builtins(result.prompts), msgspec.to_builtins(reference.prompts))
+    assert_same_numbers(msgspec.to_builtins(result.summary), msgspec.to_builtins(reference.summary))
 
 
 def test_a_chunk_whose_pool_process_is_killed_runs_again_with_the_same_numbers(
@@ -246,7 +248,7 @@ def test_a_chunk_whose_pool_process_is_killed_runs_again_with_the_same_numbers(
     assert book.deliveries(job_id) == {0: 1, 1: 2, 2: 1}  # chunk 1 ran twice, counted once
     total = len(PROMPTS) * len(COMPONENTS) * SAMPLES
     assert (status.progress.done, status.progress.total) == (total, total)
-    assert_same_numbers(store, job_id, reference)
+    assert_result_matches(store, job_id, reference)
     assert worker.alive
 
 
@@ -289,6 +291,6 @@ def test_a_chunk_of_a_lost_worker_runs_on_a_fresh_worker_after_the_visibility_ti
         assert status.status == "succeeded", f"{status.error}\n{fresh.tail()}"
         assert time.monotonic() - killed_at >= VISIBILITY_TIMEOUT_S - 3  # chunk 0 waited for the timeout
         assert book.deliveries(job_id) == {0: 2, 1: 1, 2: 1}
-        assert_same_numbers(store, job_id, reference)
+        assert_result_matches(store, job_id, reference)
     finally:
         fresh.stop()
