@@ -11,7 +11,8 @@ again. A lease has an owner token (random per run of a chunk), so:
   service/chunks.py `record_result` and `fail_if_holder` here).
 
 Keys, under the JobStore's prefix:
-  lease:{id}:{index}   the holder's token, or "requeued:…" once the sweep has sent the chunk again
+  lease:{id}:{index}   the holder's token; "queued:<task id>" for a chunk sent but not started (looked at again
+                       after a long while: its message may have been lost), "requeued:…" once a sweep sent it again
   leases               sorted set of "{id}:{index}" scored by the lease's expiry in ms (Redis's clock, so the
                        workers' clocks need not agree)
 A lease key is absent when Redis lost the last writes before a crash; the holder's renewal then takes it back
@@ -27,18 +28,22 @@ import redis
 
 from service.store import JobStore, utc_now
 
-REQUEUED = "requeued:"
+QUEUED = "queued:"  # sent by the planner, not started yet
+REQUEUED = "requeued:"  # sent again by a sweep, not started yet
 
 _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function is_marker(holder)
+  return string.sub(holder, 1, 7) == 'queued:' or string.sub(holder, 1, 9) == 'requeued:'
+end
 """
 
 # KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] token, ARGV[3] lease ms, ARGV[4] key ttl s,
 # ARGV[5] the holder's token to take over ('' for none). Returns 1 when acquired, else the live holder's token.
 _ACQUIRE = _NOW_MS + """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[2] and holder ~= ARGV[5] and string.sub(holder, 1, 9) ~= 'requeued:' then
+if holder and holder ~= ARGV[2] and holder ~= ARGV[5] and not is_marker(holder) then
   local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
   if expiry > now then return holder end
 end
@@ -65,16 +70,31 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
+# KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] marker, ARGV[3] ms until looked at, ARGV[4] key ttl s.
+# Marks a chunk just sent (never started) unless a run holds it. Returns 1 when marked.
+_MARK_QUEUED = _NOW_MS + """
+local holder = redis.call('GET', KEYS[1])
+if holder and not is_marker(holder) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
 # KEYS[1] leases. ARGV[1] lease key prefix, ARGV[2] batch, ARGV[3] ms until a requeued chunk is looked at again,
 # ARGV[4] key ttl s. Marks every expired lease "requeued" (it stays in the set, so a sweep that dies before
-# sending is repeated) and returns their members. Lease keys are built here from ARGV[1]: fine on one Redis.
+# sending is repeated) and returns member, previous holder, member, previous holder, ... Lease keys are built
+# here from ARGV[1]: fine on one Redis.
 _REAP = _NOW_MS + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
 for _, member in ipairs(due) do
+  local key = ARGV[1] .. member
+  table.insert(out, member)
+  table.insert(out, redis.call('GET', key) or '')
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
-  redis.call('SET', ARGV[1] .. member, 'requeued:' .. now, 'EX', ARGV[4])
+  redis.call('SET', key, 'requeued:' .. now, 'EX', ARGV[4])
 end
-return due
+return out
 """
 
 # KEYS[1] job hash, KEYS[2] lease. ARGV[1] token, ARGV[2] error, ARGV[3] now (ISO), ARGV[4] ttl.
@@ -117,6 +137,7 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._reap = client.register_script(_REAP)
+        self._mark_queued = client.register_script(_MARK_QUEUED)
         self._fail_if_holder = client.register_script(_FAIL_IF_HOLDER)
 
     @classmethod
@@ -176,10 +197,24 @@ class Leases:
         raw = self.client.zrange(self.index_key, 0, -1, withscores=True)
         return {ChunkRef.parse(member.decode()): int(score) for member, score in raw}
 
-    def reap(self, recheck_s: float, batch: int = 100) -> list[ChunkRef]:
-        """Expired leases, marked "requeued" and looked at again after `recheck_s` unless their chunk starts."""
+    def mark_queued(self, job_id: str, index: int, task_id: str, recheck_s: float) -> bool:
+        """A chunk was just sent: if it has not started within `recheck_s`, a sweep looks for its message (a Redis
+        crash may have lost it). False when a run holds the chunk already."""
+        args = [ChunkRef(job_id, index).member, f"{QUEUED}{task_id}", int(recheck_s * 1000), self.ttl_s]
+        return bool(self._mark_queued(keys=self._keys(job_id, index), args=args))
+
+    def reap(self, recheck_s: float, batch: int = 100) -> list[tuple[ChunkRef, str]]:
+        """Expired leases with their previous holder (a run's token, or a queued/requeued marker when the chunk
+        never started), marked "requeued" and looked at again after `recheck_s` unless their chunk starts."""
         args = [f"{self.prefix}lease:", batch, int(recheck_s * 1000), self.ttl_s]
-        return [ChunkRef.parse(raw.decode()) for raw in self._reap(keys=[self.index_key], args=args)]
+        raw = self._reap(keys=[self.index_key], args=args)
+        pairs = zip(raw[0::2], raw[1::2], strict=True)
+        return [(ChunkRef.parse(member.decode()), holder.decode()) for member, holder in pairs]
+
+    @staticmethod
+    def never_started(holder: str) -> bool:
+        """True for the markers of a chunk sent but not started since (no run's token)."""
+        return holder == "" or holder.startswith((QUEUED, REQUEUED))
 
     def fail_if_holder(self, store: JobStore, job_id: str, index: int, token: str, error: str) -> int:
         """Fail the job unless another run took the chunk over: 1 failed, 0 already ended, -1 not the holder."""

@@ -7,6 +7,9 @@
 - Expired chunk leases (service/leases.py): the chunk's worker stopped renewing (it died, or lost Redis for
   longer than its lease); the chunk is sent again and the job's `note` says so. The worker that runs it counts
   the delivery, so a chunk whose workers keep vanishing fails its job after HYDRA_MAX_DELIVERIES.
+- Chunks sent but never started: the planner marks each chunk "queued"; one still not started after a long while
+  (10 leases, at least a minute) is sent again if its message is no longer waiting in the broker's queue (lost
+  with a Redis crash, or taken by a worker that died before it started the chunk), else looked at again later.
 
 Every worker runs `sweep` periodically (worker/maintenance.py, every HYDRA_SWEEP_S) and the API resends every
 unplanned job once at start-up. Sweeps are idempotent: two at once at worst send a message twice, and a job is
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SendJob = Callable[[str], None]
 SendChunk = Callable[[str, Chunk, str], str]  # (job id, chunk, model id) -> the new task's id
+Waiting = Callable[[str, str], bool]  # (model id, task id) -> is the message still waiting in the broker's queue
 
 
 @dataclass
@@ -63,23 +67,35 @@ def resend_unplanned(store: JobStore, send_job: SendJob, *, everything: bool = F
 
 
 def requeue_expired_chunks(
-    store: JobStore, book: ChunkBook, leases: Leases, send_chunk: SendChunk, recheck_s: float
+    store: JobStore,
+    book: ChunkBook,
+    leases: Leases,
+    send_chunk: SendChunk,
+    recheck_s: float,
+    waiting: Waiting | None = None,
 ) -> list[ChunkRef]:
-    """Send again every chunk whose lease expired; a requeued chunk not started within `recheck_s` is sent again."""
+    """Send again every chunk whose lease expired; a requeued chunk not started within `recheck_s` is looked at
+    again. A chunk that never started is sent again only when its message is no longer waiting in the broker
+    (`waiting(model id, task id)`; lost with a Redis crash, or taken by a worker that died before starting it)."""
     requeued: list[ChunkRef] = []
-    for ref in leases.reap(recheck_s):
+    for ref, holder in leases.reap(recheck_s):
         status = store.status(ref.job_id)
         plan = book.plan(ref.job_id) if status is not None else None
         if status is None or status.status not in ACTIVE_STATES or plan is None or ref.index >= len(plan):
             leases.release(ref.job_id, ref.index)  # the job ended (or expired): nothing to run
             continue
         chunk = plan[ref.index]
+        if Leases.never_started(holder) and waiting is not None:
+            task_id = book.task_ids(ref.job_id).get(ref.index)
+            if task_id is not None and waiting(status.model, task_id):
+                leases.mark_queued(ref.job_id, ref.index, task_id, recheck_s)  # a long queue: look again later
+                continue
+            why = "its message was not in the queue any more (lost, or taken by a worker that died)"
+        else:
+            why = "the worker running it stopped renewing its lease (it stopped, or lost Redis)"
         task_id = send_chunk(ref.job_id, chunk, status.model)
         book.record_task(ref.job_id, ref.index, task_id)
-        note = (
-            f"{utc_now()}: chunk {chunk.index} (prompts {chunk.start}-{chunk.stop - 1}) was sent to another worker: "
-            "the worker running it stopped renewing its lease (it stopped, or lost Redis)"
-        )
+        note = f"{utc_now()}: chunk {chunk.index} (prompts {chunk.start}-{chunk.stop - 1}) was sent again: {why}"
         store.set_note(ref.job_id, note)
         log.warning("job %s: %s", ref.job_id, note)
         requeued.append(ref)
@@ -87,10 +103,16 @@ def requeue_expired_chunks(
 
 
 def sweep(
-    store: JobStore, book: ChunkBook, leases: Leases, send_job: SendJob, send_chunk: SendChunk, recheck_s: float
+    store: JobStore,
+    book: ChunkBook,
+    leases: Leases,
+    send_job: SendJob,
+    send_chunk: SendChunk,
+    recheck_s: float,
+    waiting: Waiting | None = None,
 ) -> SweepReport:
     """One pass of both recoveries."""
     return SweepReport(
         resent_jobs=resend_unplanned(store, send_job),
-        requeued_chunks=requeue_expired_chunks(store, book, leases, send_chunk, recheck_s),
+        requeued_chunks=requeue_expired_chunks(store, book, leases, send_chunk, recheck_s, waiting),
     )

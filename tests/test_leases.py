@@ -146,11 +146,50 @@ def test_the_sweep_sends_a_lapsed_chunk_again_once_and_notes_why(store: JobStore
     assert (leases.holder(job_id, 1) or "").startswith(REQUEUED)
     assert leases.holder(ended, 0) is None  # a lease of an ended job is dropped, not sent
     note = store.status(job_id).note  # type: ignore[union-attr]
-    assert note is not None and "chunk 1 (prompts 2-3) was sent to another worker" in note
+    assert note is not None and "chunk 1 (prompts 2-3) was sent again: the worker running it stopped renewing" in note
     assert requeue_expired_chunks(store, book, leases, send_chunk, recheck_s=60) == []  # once, not every sweep
     # The run the sweep sent takes the requeued lease at once; the vanished holder cannot come back.
     assert leases.acquire(job_id, 1, "rerun", lease_s=60) is None
     assert not leases.renew(job_id, 1, "vanished", lease_s=60)
+
+
+def test_a_chunk_whose_message_was_lost_before_it_started_is_sent_again(store: JobStore, settings: Settings) -> None:
+    from service.queue import TASK_RUN_CHUNK, make_celery_client, model_queue, waiting_task_ids
+
+    book, leases = ChunkBook.for_store(store), Leases.for_store(store)
+    job_id = store.create(_spec(4), 4).id
+    book.record_plan(job_id, plan_chunks(4, 2), 2)
+    celery = make_celery_client(settings)
+    queue = model_queue(settings.queue_name, "tiny-llama")
+    try:
+        waiting_id = celery.send_task(TASK_RUN_CHUNK, args=[job_id, 0, 0, 2], queue=queue).id  # a real message
+    finally:
+        celery.close()
+    assert waiting_task_ids(store.client, queue) == {waiting_id}
+    book.record_task(job_id, 0, waiting_id)
+    book.record_task(job_id, 1, "a-message-lost-with-a-redis-crash")
+    for index, task_id in book.task_ids(job_id).items():
+        assert leases.mark_queued(job_id, index, task_id, recheck_s=0.2)
+    assert leases.acquire(job_id, 0, "a-run", lease_s=60) is None  # a marker never keeps a run out...
+    assert not leases.mark_queued(job_id, 0, waiting_id, recheck_s=0.2)  # ...and never replaces a run's lease
+    leases.release(job_id, 0, "a-run")
+    leases.mark_queued(job_id, 0, waiting_id, recheck_s=0.2)
+    time.sleep(0.3)
+
+    sent: list[int] = []
+
+    def send_chunk(job: str, chunk: Any, model: str) -> str:
+        sent.append(chunk.index)
+        return "resent-task"
+
+    def waiting(model_id: str, task_id: str) -> bool:
+        return task_id in waiting_task_ids(store.client, model_queue(settings.queue_name, model_id))
+
+    assert requeue_expired_chunks(store, book, leases, send_chunk, 60, waiting) == [ChunkRef(job_id, 1)]
+    assert sent == [1]  # chunk 0 still waits in the queue: not duplicated
+    assert (leases.holder(job_id, 0) or "").startswith("queued:") and leases.holder(job_id, 1) is not None
+    note = store.status(job_id).note  # type: ignore[union-attr]
+    assert note is not None and "chunk 1 (prompts 2-3) was sent again: its message was not in the queue" in note
 
 
 # --- jobs stored but never sent ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import threading
 
 from service.chunks import Chunk, ChunkBook
 from service.leases import Leases
-from service.queue import TASK_RUN_JOB
+from service.queue import TASK_RUN_JOB, model_queue, waiting_task_ids
 from service.recovery import SweepReport, sweep
 from service.settings import Settings
 from service.store import JobStore
@@ -37,8 +37,17 @@ def sweep_once(settings: Settings, worker_settings: WorkerSettings, store: JobSt
     def send(job_id: str, chunk: Chunk, model_id: str) -> str:
         return send_chunk(job_id, chunk, model_id)
 
-    recheck_s = max(60.0, RECHECK_LEASES * worker_settings.lease_s)
-    return sweep(store, ChunkBook.for_store(store), Leases.for_store(store), send_job, send, recheck_s)
+    def waiting(model_id: str, task_id: str) -> bool:
+        return task_id in waiting_task_ids(store.client, model_queue(settings.queue_name, model_id))
+
+    return sweep(
+        store, ChunkBook.for_store(store), Leases.for_store(store), send_job, send, recheck_s(worker_settings), waiting
+    )
+
+
+def recheck_s(worker_settings: WorkerSettings) -> float:
+    """How long a chunk sent (or sent again) may wait unstarted before a sweep looks for its message."""
+    return max(60.0, RECHECK_LEASES * worker_settings.lease_s)
 
 
 def _sweep_forever(settings: Settings, worker_settings: WorkerSettings) -> None:

@@ -45,6 +45,7 @@ from service.store import ACTIVE_STATES, JobStore
 from worker.celery_app import app, settings, worker_settings
 from worker.model_cache import ModelCache, parse_dtype
 from worker.model_sources import configured_sources
+from worker.maintenance import recheck_s
 from worker.redis_retry import RETRYABLE, RedisOutage, RedisRetry
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,9 @@ def run_job(job_id: str) -> str:
     for chunk in chunks:
         if chunk.index in sent:
             continue
-        book.record_task(job_id, chunk.index, send_chunk(job_id, chunk, spec.model))
+        task_id = send_chunk(job_id, chunk, spec.model)
+        book.record_task(job_id, chunk.index, task_id)
+        leases().mark_queued(job_id, chunk.index, task_id, recheck_s(worker_settings))
     store.mark_planned(job_id)
     log.info("job %s: %d prompts in %d chunks", job_id, len(spec.prompts), len(chunks))
     return f"planned {len(chunks)} chunks"
