@@ -42,11 +42,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.chunks import ChunkBook  # noqa: E402
-from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from service.leases import Leases  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from service.store import JobStore  # noqa: E402
+from service.chunks import ChunkBook
+from service.embedded_redis import EmbeddedRedis, free_port
+from service.leases import Leases
+from service.settings import Settings
+from service.store import JobStore
 
 MODEL = "tiny-chaos"
 API_KEY = "chaos-" + "k" * 32

@@ -38,7 +38,6 @@ import re
 from typing import Any
 
 import redis
-
 from celery import Celery
 
 from service.settings import Settings, env_float

@@ -43,7 +43,7 @@ class SweepReport:
 
 def _age_s(created_at: str, now: float) -> float:
     try:
-        return now - datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp()
+        return now - datetime.fromisoformat(created_at).timestamp()
     except ValueError:
         return 0.0
 

@@ -43,9 +43,9 @@ from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
 from worker.celery_app import app, settings, worker_settings
+from worker.maintenance import recheck_s
 from worker.model_cache import ModelCache, parse_dtype
 from worker.model_sources import configured_sources
-from worker.maintenance import recheck_s
 from worker.redis_retry import RETRYABLE, RedisOutage, RedisRetry
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class HydraTask(Task):
             reason = f"internal error in {self.name}: {type(exc).__name__}: {exc}"
         try:
             _fail(job_id, reason, task_id)
-        except Exception:  # noqa: BLE001 - Redis itself may be what failed; the log keeps the reason
+        except Exception:
             log.exception("job %s: could not record its failure (%s)", job_id, reason)
 
 
