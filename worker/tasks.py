@@ -133,10 +133,11 @@ class HydraTask(Task):
             log.exception("job %s: could not record its failure (%s)", job_id, reason)
 
 
-def send_chunk(job_id: str, chunk: Chunk, model_id: str) -> str:
+def send_chunk(job_id: str, chunk: Chunk, model_id: str, task_id: str | None = None) -> str:
     """Queue one chunk on its model's queue; returns the task id (recorded so a stopped job can revoke it)."""
     args = [job_id, chunk.index, chunk.start, chunk.stop]
-    return str(run_chunk.apply_async(args=args, queue=model_queue(settings.queue_name, model_id)).id)
+    queue = model_queue(settings.queue_name, model_id)
+    return str(run_chunk.apply_async(args=args, queue=queue, task_id=task_id).id)
 
 
 @app.task(name=TASK_RUN_JOB, base=HydraTask)
@@ -166,9 +167,10 @@ def run_job(job_id: str) -> str:
     for chunk in chunks:
         if chunk.index in sent:
             continue
-        task_id = send_chunk(job_id, chunk, spec.model)
-        book.record_task(job_id, chunk.index, task_id)
+        # Marked before it is sent, so that a chunk that starts at once is never marked after its run took the lease.
+        task_id = uuid.uuid4().hex
         leases().mark_queued(job_id, chunk.index, task_id, recheck_s(worker_settings))
+        book.record_task(job_id, chunk.index, send_chunk(job_id, chunk, spec.model, task_id))
     store.mark_planned(job_id)
     log.info("job %s: %d prompts in %d chunks", job_id, len(spec.prompts), len(chunks))
     return f"planned {len(chunks)} chunks"
