@@ -173,7 +173,13 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
                     f"prompt {i}: clean_direct_effect[{d}] engine {e.clean_direct_effect[j]:.6f} "
                     f"oracle {o.clean_direct_effect[j]:.6f}"
                 )
+        if (e.capped_total_effect is None) != (o.capped_total_effect is None):
+            bad.append(f"prompt {i}: capped_total_effect engine {e.capped_total_effect} oracle {o.capped_total_effect}")
         for k, comp in enumerate(oracle.components):
+            if e.capped_total_effect is not None and o.capped_total_effect is not None:
+                ev, ov = e.capped_total_effect[k], o.capped_total_effect[k]
+                if not _close(ev, ov, atol):
+                    bad.append(f"prompt {i} {comp}: capped_total_effect engine {ev:.6f} oracle {ov:.6f}")
             for name in ("total_effect", "direct_effect", "compensation", "norm_response"):
                 ev, ov = getattr(e, name)[k], getattr(o, name)[k]
                 if not _close(ev, ov, atol):

@@ -43,7 +43,6 @@ def run_sweep(
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
-    _check_window(model.config, inputs)
     all_positions = spec.positions == "all"
     with_heads = any(c.kind == "head" for c in components)
     readout = Readout(arch, spec.metric)
@@ -121,16 +120,6 @@ def _prompt_groups(
     return groups
 
 
-def _check_window(config: object, inputs: SweepInputs) -> None:
-    """The engine recomputes positions with full causal attention: refuse prompts longer than a sliding window."""
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return
-    longest = max(int(ids.shape[0]) for ids in inputs.token_ids)
-    if longest > window:
-        raise ValueError(f"a prompt of {longest} tokens is longer than the model's sliding window ({window})")
-
-
 def _mean_activations(runs: list[CleanRun]) -> MeanActivations:
     means = MeanActivations()
     for run in runs:
@@ -161,11 +150,29 @@ def _replacement(
 def _final_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
     """Δ_c at the final position in residual-stream coordinates: clean output minus replacement."""
     clean_rows = component_rows(run, ablation.component, arch.head_dim)
+    if ablation.component.kind == "head" and arch.post_norm:
+        return _post_norm_head_delta(arch, run, ablation)
     delta = clean_rows[-1] - ablation.replacement[-1]
     if ablation.component.kind == "head":
         assert ablation.component.head is not None
         delta = arch.head_weight(ablation.component.layer, ablation.component.head) @ delta
     return delta.float()
+
+
+def _post_norm_head_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
+    """A head's Δ in a post-norm block: the attention output's change when only that head's slice is replaced.
+
+    The post-norm is not linear, so the head's write is not its W_O slice times its change; every other input of
+    the block's output is its clean value at the final position, so this change is exactly the ablation's.
+    """
+    component = ablation.component
+    assert run.head_in is not None and component.head is not None
+    clean = run.head_in[component.layer, -1]
+    ablated = clean.clone()
+    ablated[component.head * arch.head_dim : (component.head + 1) * arch.head_dim] = ablation.replacement[-1]
+    both = torch.stack([clean, ablated]).unsqueeze(1)  # (2, 1, H·hd)
+    written = arch.attn_post_norm(component.layer)(arch.out_proj(component.layer)(both))
+    return (written[0, 0].float() - written[1, 0].float())
 
 
 def _responses(
@@ -222,6 +229,10 @@ def _measure(
     def per_component(values: torch.Tensor) -> torch.Tensor:
         return values.reshape(-1, samples, *values.shape[1:]).mean(dim=1)
 
+    capped_total = None
+    if readout.softcap is not None:
+        capped_clean = readout.capped_value(x_clean, target, counterfactual)[0]
+        capped_total = per_component(capped_clean - readout.capped_value(outputs.x_final, target, counterfactual))
     top2 = torch.topk(run.logits_final, 2).values
     return PromptMeasures(
         target_id=target,
@@ -234,4 +245,5 @@ def _measure(
         norm_response=per_component(norm_response).tolist(),
         clean_direct_effect=clean_direct.tolist(),
         sources=list(sources),
+        capped_total_effect=None if capped_total is None else capped_total.tolist(),
     )
