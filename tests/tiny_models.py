@@ -344,17 +344,14 @@ def build_tiny_model(arch: str, folder: Path | str, seed: int = 0) -> Path:
     return folder
 
 
-def build_softcapped_model(folder: Path | str) -> Path:
-    """A tiny Gemma-2 model: its final-logit soft-capping makes the readout non-linear, so workers must refuse it."""
-    from transformers import Gemma2Config
+def build_refused_model(folder: Path | str) -> Path:
+    """A tiny Mamba model: no residual stream of attention and MLP writes, so workers refuse it with the reason."""
+    from transformers import MambaConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer()
-    config = Gemma2Config(
-        vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HIDDEN // HEADS, final_logit_softcapping=30.0,
-    )
+    config = MambaConfig(vocab_size=len(tok), hidden_size=HIDDEN, state_size=4, num_hidden_layers=2)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -134,6 +134,7 @@ def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float)
         norm_response=m.norm_response,
         response=m.response,
         clean_direct_effect=m.clean_direct_effect,
+        capped_total_effect=m.capped_total_effect,
     )
 
 

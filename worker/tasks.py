@@ -29,7 +29,7 @@ from service.queue import TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
 from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
-from worker.celery_app import app, settings
+from worker.celery_app import app, served_device, settings
 from worker.model_cache import ModelCache, parse_dtype
 from worker.model_sources import configured_sources
 
@@ -55,7 +55,7 @@ def model_cache() -> ModelCache:
     return ModelCache(
         configured_sources(),
         capacity=capacity,
-        device=os.environ.get("HYDRA_DEVICE", "cpu"),
+        device=served_device(),
         max_bytes=max_bytes,
         dtype=parse_dtype(os.environ.get("HYDRA_DTYPE", "float32")),
     )

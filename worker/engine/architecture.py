@@ -168,6 +168,25 @@ _FAMILIES: dict[str, Family] = {
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))
 
+# What /v1/models calls each model_type (keys: exactly the supported architectures; tests check).
+FAMILY_NAMES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "mixtral": "Mixtral (MoE)",
+    "qwen2": "Qwen 2 / 2.5",
+    "qwen2_moe": "Qwen 2 MoE",
+    "qwen3": "Qwen 3",
+    "qwen3_moe": "Qwen 3 MoE",
+    "phi3": "Phi-3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3",
+    "olmo2": "OLMo 2",
+    "gpt2": "GPT-2",
+    "gptj": "GPT-J",
+    "gpt_neox": "GPT-NeoX (Pythia)",
+}
+
 # Families the engine knows it cannot decompose, with the reason (anything else unknown is refused generically).
 _NOT_DECOMPOSABLE = {
     "gemma3n": "Gemma 3n keeps several residual streams (AltUp) and feeds per-layer inputs to every block, so no "
