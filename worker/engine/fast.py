@@ -18,6 +18,7 @@ from worker.engine.architecture import Architecture
 from worker.engine.clean import CleanRun
 from worker.engine.components import Component
 from worker.engine.hooks import hooks_removed_on_exit, on_input
+from worker.engine.memory import BatchBudget, release_cached_memory
 
 
 @dataclass(frozen=True)
@@ -277,22 +278,35 @@ def run_ablated(
     arch: Architecture,
     prompts: list[tuple[CleanRun, list[AblatedRun]]],
     all_positions: bool,
-    batch_tokens: int,
+    batch_tokens: int | BatchBudget,
 ) -> list[AblatedOutputs]:
-    """Every ablated run of several prompts, batched within the budget `batch_tokens` (rows × longest prompt,
-    × 2 for "all"); prompts share batches only at the final position. One AblatedOutputs per prompt."""
+    """Every ablated run of several prompts, batched within the budget (rows × longest prompt, × 2 for "all");
+    prompts share batches only at the final position. One AblatedOutputs per prompt.
+
+    A batch that runs out of device memory is retried in halves, and the halved budget holds for the rest of the
+    sweep (`BatchBudget`); a single row that does not fit fails with `BatchDoesNotFit` and the reason.
+    """
+    budget = batch_tokens if isinstance(batch_tokens, BatchBudget) else BatchBudget(batch_tokens)
     runs = [run for run, _ in prompts]
     per_row = max(run.length for run in runs) * (2 if all_positions else 1)
-    rows_per_batch = max(1, batch_tokens // per_row)
     rows = [(p, ablation) for p, (_, ablations) in enumerate(prompts) for ablation in ablations]
     if all_positions and len(prompts) > 1:
         raise ValueError("all-position ablations are batched one prompt at a time")
+    device = runs[0].block_in.device
     parts = []
-    for start in range(0, len(rows), rows_per_batch):
-        chunk = rows[start : start + rows_per_batch]
+    start = 0
+    while start < len(rows):
+        chunk = rows[start : start + max(1, budget.tokens // per_row)]
         used = sorted({p for p, _ in chunk})
         local = {p: k for k, p in enumerate(used)}
-        parts.append(run_ablated_rows(arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions))
+        try:
+            part = run_ablated_rows(arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions)
+        except torch.OutOfMemoryError as error:
+            release_cached_memory(device)
+            budget.halve(per_row, error)
+            continue
+        parts.append(part)
+        start += len(chunk)
     layer_out = torch.cat([part.layer_out_final for part in parts])
     x_final = torch.cat([part.x_final for part in parts])
     outputs, offset = [], 0

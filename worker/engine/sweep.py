@@ -15,13 +15,19 @@ from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
 from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
+from worker.engine.memory import (
+    DEFAULT_BATCH_TOKENS,
+    BatchBudget,
+    BatchDoesNotFit,
+    device_batch_tokens,
+    release_cached_memory,
+)
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
 from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
-DEFAULT_BATCH_TOKENS = 8192
 
 
 class SweepCancelled(RuntimeError):
@@ -36,9 +42,13 @@ def run_sweep(
     *,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
 ) -> SweepResult:
-    """Every measure of docs/definitions.md for every prompt × component of `spec`."""
+    """Every measure of docs/definitions.md for every prompt × component of `spec`.
+
+    `batch_tokens=None`: the budget comes from the device (worker/engine/memory.py: free CUDA memory once the clean
+    runs are resident, the fixed default on a CPU).
+    """
     arch = describe(model)
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = layer_components(arch.n_layers)
@@ -48,7 +58,13 @@ def run_sweep(
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
-        return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
+        try:
+            return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
+        except torch.OutOfMemoryError as error:
+            release_cached_memory(ids.device)
+            raise BatchDoesNotFit(
+                f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: {error}"
+            ) from error
 
     sources = (
         resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed)
@@ -65,12 +81,17 @@ def run_sweep(
         reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
         means = _mean_activations(reference or [runs[i] for i in range(n_prompts)])
 
+    if batch_tokens is None:
+        parameter = next(model.parameters())
+        longest = max(run.length for run in runs.values())
+        batch_tokens = device_batch_tokens(arch, parameter.device, parameter.dtype, longest, all_positions)
+    budget = BatchBudget(batch_tokens)
     samples = len(sources[0]) if spec.ablation == "resample" else 1
     total = len(measured) * len(components) * samples
     done = 0
     measures: list[PromptMeasures] = []
     rows_per_prompt = len(components) * samples
-    for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, batch_tokens):
+    for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, budget):
         if should_stop is not None and should_stop():
             raise SweepCancelled("sweep cancelled")
         work = []
@@ -82,7 +103,7 @@ def run_sweep(
                 for source in (sources[i] or [None])
             ]
             work.append((run, ablations))
-        for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, batch_tokens)):
+        for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, budget)):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
             measures.append(
@@ -101,7 +122,7 @@ def run_sweep(
 
 
 def _prompt_groups(
-    measured: list[int], runs: dict[int, CleanRun], rows_per_prompt: int, all_positions: bool, batch_tokens: int
+    measured: list[int], runs: dict[int, CleanRun], rows_per_prompt: int, all_positions: bool, budget: BatchBudget
 ) -> list[list[int]]:
     """Consecutive prompts whose ablated runs fit one batch together (final position only; else one each)."""
     groups: list[list[int]] = []
@@ -109,7 +130,7 @@ def _prompt_groups(
     longest = 0
     for i in measured:
         longest_with = max(longest, runs[i].length)
-        fits = (len(current) + 1) * rows_per_prompt * longest_with <= batch_tokens
+        fits = (len(current) + 1) * rows_per_prompt * longest_with <= budget.tokens
         if current and (all_positions or not fits):
             groups.append(current)
             current, longest_with = [], runs[i].length
