@@ -21,7 +21,7 @@ from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_mo
 from tests.oracle import oracle_sweep
 from tests.test_engine_oracle import ATOL, compare_results
 from tests.tiny_models import TINY_ARCHS, build_refused_model, load_tiny_model
-from worker.engine.architecture import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, check_supported
+from worker.engine.architecture import FAMILY_NAMES, SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, check_supported
 from worker.engine.sweep import run_sweep
 from worker.engine.types import SweepInputs, SweepSpec
 
@@ -55,7 +55,7 @@ def test_every_supported_family_has_a_tiny_model() -> None:
     from tests.tiny_models import make_config
 
     covered = {make_config(arch, vocab_size=128).model_type for arch in TINY_ARCHS}
-    assert covered == set(SUPPORTED_ARCHITECTURES)
+    assert covered == set(SUPPORTED_ARCHITECTURES) == set(FAMILY_NAMES)
     assert len(covered) >= 12
 
 
