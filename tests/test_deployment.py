@@ -21,7 +21,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 def _compose_cli() -> list[str] | None:
     """`docker compose` (v2 plugin) or `docker-compose` (v1, e.g. Debian's); scripts/setup.sh installs the latter."""
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
         return [docker, "compose"]
     legacy = shutil.which("docker-compose")
     return [legacy] if legacy else None
@@ -34,13 +34,13 @@ def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "HYDRA_"))}
     return subprocess.run(
         [*cli, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, env={**clean, **env}, cwd=ROOT, timeout=60,
+        capture_output=True, text=True, env={**clean, **env}, cwd=ROOT, timeout=60, check=False,
     )
 
 
 def _stage(name: str) -> str:
     """The Dockerfile's text of one build stage."""
-    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", DOCKERFILE, flags=re.M | re.S)
+    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", DOCKERFILE, flags=re.MULTILINE | re.DOTALL)
     assert match, f"no stage {name!r} in the Dockerfile"
     return match.group(1)
 
@@ -101,13 +101,15 @@ def test_the_api_starts_without_torch_installed() -> None:
         "assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)\n"
         "print('ok')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_both_images_run_as_a_non_root_user() -> None:
     for stage in ("api", "worker"):
-        users = re.findall(r"^USER (\S+)", _stage(stage), flags=re.M)
+        users = re.findall(r"^USER (\S+)", _stage(stage), flags=re.MULTILINE)
         assert users and users[-1] not in ("root", "0"), stage
     assert "useradd" in _stage("base")
 

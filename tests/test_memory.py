@@ -49,7 +49,7 @@ class PretendDevice:
         self.attempted: list[int] = []
         self.ran: list[int] = []
 
-    def __call__(self, arch, runs, batch, all_positions):  # noqa: ANN001, ANN204 - same signature as the engine's
+    def __call__(self, arch, runs, batch, all_positions):  # the engine function's signature
         self.attempted.append(len(batch))
         if len(batch) > self.max_rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {len(batch)} rows > {self.max_rows})")
@@ -87,14 +87,14 @@ def test_a_row_that_does_not_fit_alone_fails_with_the_reason(
 
 
 def test_halving_keeps_whole_rows_and_stops_at_one() -> None:
-    budget = BatchBudget(tokens=100)
-    budget.halve(per_row=10, error=torch.OutOfMemoryError("x"))
+    budget = BatchBudget(tokens=1000)
+    budget.halve(per_row=10, rows=10, error=torch.OutOfMemoryError("x"))  # a 10-row batch failed
     assert budget.tokens == 50 and budget.halvings == 1
-    for _ in range(2):
-        budget.halve(per_row=10, error=torch.OutOfMemoryError("x"))
+    budget.halve(per_row=10, rows=5, error=torch.OutOfMemoryError("x"))
+    budget.halve(per_row=10, rows=2, error=torch.OutOfMemoryError("x"))
     assert budget.tokens == 10  # 5 rows → 2 rows → 1 row
-    with pytest.raises(BatchDoesNotFit):
-        budget.halve(per_row=10, error=torch.OutOfMemoryError("x"))
+    with pytest.raises(BatchDoesNotFit, match="even alone"):
+        budget.halve(per_row=10, rows=1, error=torch.OutOfMemoryError("x"))
 
 
 def test_the_budget_follows_the_model_shape(tiny_models: Callable[[str], PreTrainedModel]) -> None:  # noqa: F811

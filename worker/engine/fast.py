@@ -303,7 +303,7 @@ def run_ablated(
             part = run_ablated_rows(arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions)
         except torch.OutOfMemoryError as error:
             release_cached_memory(device)
-            budget.halve(per_row, error)
+            budget.halve(per_row, len(chunk), error)
             continue
         parts.append(part)
         start += len(chunk)

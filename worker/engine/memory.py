@@ -68,13 +68,14 @@ class BatchBudget:
     tokens: int
     halvings: int = 0
 
-    def halve(self, per_row: int, error: BaseException) -> None:
-        """After an out-of-memory error: half the rows per batch, or fail with the reason at one row."""
-        if self.tokens // per_row <= 1:
+    def halve(self, per_row: int, rows: int, error: BaseException) -> None:
+        """After a batch of `rows` rows ran out of memory: half as many rows per batch from now on, or fail with the
+        reason when a single row did not fit."""
+        if rows <= 1:
             raise BatchDoesNotFit(
                 f"one ablated run of a {per_row}-token batch row ran out of memory even alone: {error}"
             ) from error
-        self.tokens = max(per_row, (self.tokens // per_row // 2) * per_row)
+        self.tokens = (rows // 2) * per_row
         self.halvings += 1
 
 
