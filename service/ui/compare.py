@@ -50,6 +50,7 @@ def layer_tables(jobs: Sequence[Compared]) -> list[tuple[str, list[int], list[di
 
 def _panel(ax: Axes, jobs: Sequence[Compared], kind: str, slope: bool) -> None:
     from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
 
     colours = colormaps["tab10"]
     ax.axhline(0, color="0.3", linewidth=0.8)
@@ -72,6 +73,7 @@ def _panel(ax: Axes, jobs: Sequence[Compared], kind: str, slope: bool) -> None:
         return
     if slope:
         ax.axhline(-1, color="0.6", linewidth=0.8, linestyle=":")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
 

@@ -437,10 +437,11 @@ class UiController(Controller):
                 status_code=HTTP_400_BAD_REQUEST,
                 detail=f"pick {MIN_JOBS} to {MAX_JOBS} finished jobs to compare (got {len(unique)})",
             )
+        # Every id first (an unknown one is a 404 whatever the others' states), then every result (409 until done).
+        statuses = [await blocking(visible_status, store, job_id, principal) for job_id in unique]
         compared = []
-        for job_id in unique:
-            status = await blocking(visible_status, store, job_id, principal)
-            result = decode_result(await blocking(finished_result, store, job_id, principal))
+        for status in statuses:
+            result = await blocking(decode_result, await blocking(finished_result, store, status.id, principal))
             compared.append(Compared(f"{job_label(status)} ({status.model})", result))
         return compared
 

@@ -99,10 +99,16 @@ def form_body(form: Mapping[str, str]) -> dict[str, Any]:
     return body
 
 
+_API_FIELD = re.compile(r"^([A-Za-z_]+)(?:\[\d+\])?(?:\.([A-Za-z_]+))?")
+
+
 def form_field(api_field: str | None, sub: str | None = None) -> str:
-    """The form field an API field path is about ("" when none fits: shown above the form)."""
-    if not api_field:
+    """The form field an API field path (`components[3]`, `dataset.limit`) is about ("" when none fits: shown above
+    the form)."""
+    match = _API_FIELD.match(api_field or "")
+    if match is None:
         return ""
+    api_field, sub = match.group(1), sub or match.group(2)
     if api_field == "dataset":
         return f"dataset_{sub}" if sub and f"dataset_{sub}" in FORM_FIELDS else "source"
     if api_field == "answers":
