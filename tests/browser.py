@@ -78,7 +78,7 @@ def chromium(download_dir: Path, width: int = 1280, height: int = 800) -> Any:
     return driver
 
 
-def wait_for(check: Callable[[], T], timeout_s: float = 60.0, what: str = "condition") -> T:
+def wait_for(check: Callable[[], T | None], timeout_s: float = 60.0, what: str = "condition") -> T:
     """Poll `check` until it returns something truthy; its last value, or an AssertionError naming `what`."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -38,9 +38,7 @@ def base_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
     """The test stack's API with auth on and two keys, served over real HTTP."""
     from service.settings import Settings
 
-    settings = dataclasses.replace(
-        Settings.from_env(), auth_enabled=True, api_keys=f"alice:{ALICE_KEY},bob:{BOB_KEY}"
-    )
+    settings = dataclasses.replace(Settings.from_env(), auth_enabled=True, api_keys=f"alice:{ALICE_KEY},bob:{BOB_KEY}")
     with serve(create_app(settings)) as url:
         yield url
 
@@ -133,7 +131,10 @@ def test_the_lab_day_in_a_browser(browser: Any, base_url: str, shots: Path, tmp_
     error = driver.find_element(By.ID, "resample_samples-error").text
     assert "Expected `int`, got `str` - at `$.resample_samples`" in error
     assert driver.find_element(By.ID, "resample_samples").get_attribute("aria-invalid") == "true"
-    assert driver.find_element(By.ID, "prompts").get_attribute("value").splitlines()[0] == "Fact number 0 about the city of"
+    assert (
+        driver.find_element(By.ID, "prompts").get_attribute("value").splitlines()[0]
+        == "Fact number 0 about the city of"
+    )
     full_page_screenshot(driver, shots / "submit-error.png")
 
     # Submitted through the form; the jobs page's bar follows the job to 100%.
@@ -162,7 +163,7 @@ def test_the_lab_day_in_a_browser(browser: Any, base_url: str, shots: Path, tmp_
     full_page_screenshot(driver, shots / "job.png")
     driver.find_element(By.ID, "download-csv").click()
     downloads = tmp_path / "downloads"
-    csv_file = wait_for(lambda: next((p for p in downloads.glob("*.csv")), None), 30, "the CSV download")
+    csv_file: Path = wait_for(lambda: next(iter(downloads.glob("*.csv")), None), 30, "the CSV download")
     wait_for(lambda: not list(downloads.glob("*.crdownload")), 30, "the download to finish")
     rows = list(csv.reader(io.StringIO(csv_file.read_text())))
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 1 + 40 * 6  # 40 prompts × 3 layers × (attn, mlp)

@@ -110,11 +110,11 @@ def test_a_revoked_key_ends_its_sessions(settings: Settings) -> None:
 
 
 def test_no_key_is_asked_with_auth_off(redis_url: str) -> None:
-    with private_settings(redis_url, "ui-local", auth_enabled=False, allow_no_auth=True) as local:
-        with client_for(local) as client:  # type: ignore[arg-type]
-            page = client.get("/ui/jobs", follow_redirects=False)
-            assert page.status_code == 200 and "Local mode" in page.text
-            assert client.get("/ui/login", follow_redirects=False).headers["location"] == "/ui/jobs"
+    local_settings = private_settings(redis_url, "ui-local", auth_enabled=False, allow_no_auth=True)
+    with local_settings as local, client_for(local) as client:  # type: ignore[arg-type]
+        page = client.get("/ui/jobs", follow_redirects=False)
+        assert page.status_code == 200 and "Local mode" in page.text
+        assert client.get("/ui/login", follow_redirects=False).headers["location"] == "/ui/jobs"
 
 
 @pytest.mark.parametrize("path", ["/ui/login", "/ui/logout", "/ui/submit", "/ui/jobs/x/cancel", "/ui/jobs/x/delete"])
@@ -187,7 +187,11 @@ def test_unknown_and_other_keys_job_ids_are_404_pages(settings: Settings, store:
     with client_for(settings) as client:
         token = sign_in(client, BOB)
         for job_id in ("0" * 32, alices, "not-an-id", "..%2F..%2Fetc"):
-            for path in (f"/ui/jobs/{job_id}", f"/ui/jobs/{job_id}/figures/te_vs_de", f"/ui/jobs/{job_id}/download/csv"):
+            for path in (
+                f"/ui/jobs/{job_id}",
+                f"/ui/jobs/{job_id}/figures/te_vs_de",
+                f"/ui/jobs/{job_id}/download/csv",
+            ):
                 reply = client.get(path)
                 assert reply.status_code == 404, (path, reply.status_code)
                 if "%" not in job_id:  # an encoded slash matches no page route: the router's own 404 answers

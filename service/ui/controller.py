@@ -126,7 +126,7 @@ async def read_form(request: Request[Any, Any, Any], session: UiSession) -> dict
     """The posted form as single values, after the CSRF check (403 page when the token is missing or wrong)."""
     try:
         form = await request.form()
-    except Exception as exc:  # noqa: BLE001 - any unparseable body is the client's fault
+    except Exception as exc:
         raise HTTPException(status_code=HTTP_400_BAD_REQUEST, detail=f"the form could not be read: {exc}") from exc
     values = {key: str(form.get(key, "")) for key in form}
     if not session.csrf_ok(values.get(CSRF_FIELD)):
@@ -176,7 +176,14 @@ class UiController(Controller):
     # Every class the app maps to problem details is mapped here too: Litestar picks the most specific class.
     exception_handlers = {  # noqa: RUF012
         cls: html_error
-        for cls in (Exception, HTTPException, ValidationProblem, BackendUnavailable, ActiveJobsExceeded, redis.RedisError)
+        for cls in (
+            Exception,
+            HTTPException,
+            ValidationProblem,
+            BackendUnavailable,
+            ActiveJobsExceeded,
+            redis.RedisError,
+        )
     }
 
     @get("/")
@@ -186,13 +193,15 @@ class UiController(Controller):
     # --- signing in ------------------------------------------------------------------------------------------
 
     @get("/login")
-    async def login_page(self, ui: NamedDependency[UiSession], next: FromQuery[str | None] = None) -> Response[Any]:  # noqa: A002
+    async def login_page(self, ui: NamedDependency[UiSession], next: FromQuery[str | None] = None) -> Response[Any]:
         if not ui.auth_enabled:
             return see_other(ui, "/ui/jobs")
         return page(ui, "login", next=safe_next(next))
 
     @post("/login")
-    async def login(self, request: Request[Any, Any, Any], ui: NamedDependency[UiSession], state: State) -> Response[Any]:
+    async def login(
+        self, request: Request[Any, Any, Any], ui: NamedDependency[UiSession], state: State
+    ) -> Response[Any]:
         form = await read_form(request, ui)
         if not ui.auth_enabled:
             return see_other(ui, "/ui/jobs")

@@ -62,7 +62,10 @@ def _split(raw: str, pattern: str) -> list[str]:
 def form_body(form: Mapping[str, str]) -> dict[str, Any]:
     """The JSON body the form describes: only the fields the user filled in."""
     body: dict[str, Any] = {}
-    get = lambda name: (form.get(name) or "").strip()  # noqa: E731 - a local shorthand
+
+    def get(name: str) -> str:
+        return (form.get(name) or "").strip()
+
     for name in ("model", "preset", "ablation", "positions", "metric"):
         if get(name):
             body[name] = get(name)

@@ -28,6 +28,10 @@ SESSION_TTL_S = 12 * 3600  # a working day; signing in again is one paste
 CSRF_FIELD = "csrf_token"
 
 
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _session_key(prefix: str, session_id: str) -> str:
     return f"{prefix}ui:session:{hashlib.sha256(session_id.encode()).hexdigest()}"
 
@@ -72,14 +76,14 @@ class UiSessions:
         """The caller's session, or a fresh anonymous one (its cookie is set with the response)."""
         secure = connection.url.scheme == "https"
         session_id = connection.cookies.get(COOKIE_NAME, "")
-        record: dict[bytes, bytes] = {}
+        record: dict[str, str] = {}
         if session_id:
-            record = await self.client.hgetall(_session_key(self.prefix, session_id))
-        if not record:
+            raw = await self.client.hgetall(_session_key(self.prefix, session_id))
+            record = {_str(k): _str(v) for k, v in raw.items()}
+        if not record.get("csrf"):
             return await self._create(secure)
-        digest = record.get(b"key_digest", b"").decode()
-        principal = await self._principal(digest)
-        return UiSession(session_id, record[b"csrf"].decode(), principal, self.auth_enabled, secure)
+        principal = await self._principal(record.get("key_digest", ""))
+        return UiSession(session_id, record["csrf"], principal, self.auth_enabled, secure)
 
     async def _principal(self, digest: str) -> Principal | None:
         if not self.auth_enabled:
