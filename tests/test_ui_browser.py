@@ -61,13 +61,14 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def sign_in(driver: Any, base_url: str, key: str) -> None:
-    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     driver.delete_all_cookies()
     driver.get(f"{base_url}/ui/jobs")
     wait_for(lambda: "/ui/login" in driver.current_url, 10, "the sign-in page")
-    driver.find_element(By.ID, "api_key").send_keys(key)
-    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    # Keyboard only: the key field has focus on arrival, Enter submits.
+    assert driver.switch_to.active_element.get_attribute("id") == "api_key"
+    driver.switch_to.active_element.send_keys(key + Keys.ENTER)
     wait_for(lambda: driver.current_url.endswith("/ui/jobs"), 10, "the jobs page after signing in")
 
 

@@ -237,3 +237,20 @@ def test_cancel_then_delete_from_the_page(settings: Settings, store: JobStore) -
         left = [k for k in store.client.scan_iter(f"{settings.key_prefix}*") if job_id.encode() in k]
         assert left == []
         assert client.post(f"/ui/jobs/{job_id}/delete", data={"csrf_token": token}).status_code == 404
+
+
+def test_page_writes_count_against_the_keys_rate_limit(redis_url: str) -> None:
+    with private_settings(redis_url, "ui-rate", api_keys=f"alice:{ALICE}", rate_limit_write=2) as limited:
+        store = JobStore.from_settings(limited)  # type: ignore[arg-type]
+        job_id = queued_job(store, limited, "alice")  # type: ignore[arg-type]
+        with client_for(limited) as client:  # type: ignore[arg-type]
+            token = sign_in(client, ALICE)
+            answers = [
+                client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf_token": token}).status_code for _ in range(3)
+            ]
+            assert answers == [200, 200, 429]
+            refused = client.post(f"/ui/jobs/{job_id}/delete", data={"csrf_token": token})
+            assert (
+                refused.status_code == 429 and "rate limit" in refused.text and int(refused.headers["retry-after"]) > 0
+            )
+        store.close()

@@ -87,11 +87,20 @@ def signed_in(session: UiSession, request: Request[Any, Any, Any]) -> Principal:
     return session.principal
 
 
-def page(session: UiSession | None, name: str, status_code: int = 200, **context: Any) -> Template:
+def page(
+    session: UiSession | None, name: str, status_code: int = 200, headers: dict[str, str] | None = None, **context: Any
+) -> Template:
     """A page with the session's cookie (when it is new) and what the layout needs."""
     context.update(session=session, csrf_field=CSRF_FIELD, nav=name)
     cookies = session.cookies if session is not None else []
-    return Template(f"{name}.html.jinja", context=context, status_code=status_code, cookies=cookies)
+    return Template(
+        f"{name}.html.jinja", context=context, status_code=status_code, cookies=cookies, headers=headers or {}
+    )
+
+
+async def count_write(request: Request[Any, Any, Any], principal: Principal) -> None:
+    """Submits, cancels and deletes from the page count against the key's write limit, as the API's do (429)."""
+    await request.app.state.limiter.check("write", principal.name)
 
 
 def see_other(session: UiSession, path: str) -> Redirect:
@@ -154,8 +163,10 @@ def html_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     """Every error on a page route as an HTML page with its status."""
     if isinstance(exc, SignInRequired):
         return Redirect(f"/ui/login?next={quote(exc.next_path, safe='')}", status_code=HTTP_303_SEE_OTHER)
+    headers: dict[str, str] = {}
     if isinstance(exc, HTTPException):
         status, detail = exc.status_code, exc.detail
+        headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "retry-after"}
     elif isinstance(exc, ValidationProblem):
         status, detail = HTTP_422_UNPROCESSABLE_ENTITY, exc.detail
     elif isinstance(exc, ActiveJobsExceeded):
@@ -165,7 +176,7 @@ def html_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     else:
         logger.error("unhandled error on %s", request.url.path, exc_info=exc)
         status, detail = 500, "internal error; the server log has the details"
-    return page(None, "error", status_code=status, status=status, detail=detail)
+    return page(None, "error", status_code=status, headers=headers, status=status, detail=detail)
 
 
 class UiController(Controller):
@@ -322,6 +333,7 @@ class UiController(Controller):
     ) -> Response[Any]:
         principal = signed_in(ui, request)
         form = await read_form(request, ui)
+        await count_write(request, principal)
         values = {name: form.get(name, "") for name in forms.FORM_FIELDS}
         outcome = forms.parse_form(form)
         if outcome.request is None:
@@ -416,6 +428,7 @@ class UiController(Controller):
     ) -> Redirect:
         principal = signed_in(ui, request)
         await read_form(request, ui)
+        await count_write(request, principal)
         await blocking(cancel_job, store, queue, job_id, principal)
         return see_other(ui, f"/ui/jobs/{job_id}")
 
@@ -429,6 +442,7 @@ class UiController(Controller):
     ) -> Redirect:
         principal = signed_in(ui, request)
         await read_form(request, ui)
+        await count_write(request, principal)
         await blocking(visible_status, store, job_id, principal)
         deleted = await blocking(lambda: store.delete_finished(job_id, extra_job_keys(store, job_id)))
         if deleted is None:
