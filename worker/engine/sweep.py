@@ -14,6 +14,7 @@ from torch import nn
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
+from worker.engine.errors import InputError
 from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
@@ -128,7 +129,7 @@ def _check_window(config: object, inputs: SweepInputs) -> None:
         return
     longest = max(int(ids.shape[0]) for ids in inputs.token_ids)
     if longest > window:
-        raise ValueError(f"a prompt of {longest} tokens is longer than the model's sliding window ({window})")
+        raise InputError(f"a prompt of {longest} tokens is longer than the model's sliding window ({window})")
 
 
 def _mean_activations(runs: list[CleanRun]) -> MeanActivations:
