@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service import corpora
 from service.app import create_app
 from service.errors import ValidationProblem
+from service.figures import FIGURE_NAMES
 from service.resolve import resolve
 from service.schemas import CorpusRef, JobRequest, ModelInfo
 from service.settings import Settings
@@ -159,6 +160,12 @@ def test_the_preset_runs_on_the_builtin_corpus(api: TestClient) -> None:
     assert submitted.status_code == 202, submitted.text
     status = wait_terminal(api, submitted.json()["id"])
     assert status["status"] == "succeeded", status
-    summary = api.get(f"/v1/jobs/{submitted.json()['id']}/summary").json()
+    job_id = submitted.json()["id"]
+    summary = api.get(f"/v1/jobs/{job_id}/summary").json()
     assert summary["n_pairs"] == 3 * 5 and summary["top_fraction"] == 0.02
     assert len(summary["self_repair"]) == len(summary["components"]) > 0
+    assert summary["response_matrix"] == []  # position_responses "split": no full response vectors stored
+    for name in FIGURE_NAMES:  # every figure draws (or says why it cannot) for a per-position job
+        figure = api.get(f"/v1/jobs/{job_id}/figures/{name}")
+        assert figure.status_code == 200, (name, figure.text)
+        assert figure.content.startswith(b"\x89PNG")
