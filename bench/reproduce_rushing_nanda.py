@@ -67,13 +67,17 @@ def main() -> None:
         for i, v in enumerate((r.direct_effect_mean, r.total_effect_mean, r.heads_mean, r.mlps_mean, r.norm_mean)):
             sums[i] += v / config.num_attention_heads
     lines = [
-        f"# Rushing & Nanda preset on SmolLM2-135M: {args.documents} documents of known_1000_text, "
-        f"{args.max_tokens} tokens, {summary.n_pairs} (document, position) pairs, top "
-        f"{100 * (summary.top_fraction or 0):.0f}% per head ({repair[0].n_pairs if repair else 0} pairs); "
-        f"{elapsed:.0f} s on CPU",
+        (
+            f"# Rushing & Nanda preset on SmolLM2-135M: {args.documents} documents of known_1000_text, "
+            f"{args.max_tokens} tokens, {summary.n_pairs} (document, position) pairs, top "
+            f"{100 * (summary.top_fraction or 0):.0f}% per head ({repair[0].n_pairs if repair else 0} pairs); "
+            f"{elapsed:.0f} s on CPU"
+        ),
         "",
-        "Per layer, means over its heads of the per-head means over each head's top pairs (logit of the next token, "
-        "drops: clean − ablated; self-repair = DE − TE = their TE − DE).",
+        (
+            "Per layer, means over its heads of the per-head means over each head's top pairs (logit of the next "
+            "token, drops: clean − ablated; self-repair = DE − TE = their TE − DE)."
+        ),
         "",
         "| layer | DE | TE | self-repair | heads | MLPs | norm | norm share |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -86,10 +90,12 @@ def main() -> None:
                      f"{norm:.3f} | {share} |")
     lines += [
         "",
-        f"Heads: {len(repair)}; median self-repair fraction (self-repair / DE) {statistics.median(fractions):.2f}; "
-        f"heads with fraction > 1 (over-correction): {sum(f > 1 for f in fractions)}; with fraction < 0: "
-        f"{sum(f < 0 for f in fractions)}; norm share of the summed self-repair over all heads: "
-        f"{sum(r.norm_mean for r in repair) / total_repair:.2f}.",
+        (
+            f"Heads: {len(repair)}; median self-repair fraction (self-repair / DE) "
+            f"{statistics.median(fractions):.2f}; heads with fraction > 1 (over-correction): "
+            f"{sum(f > 1 for f in fractions)}; with fraction < 0: {sum(f < 0 for f in fractions)}; norm share of the "
+            f"summed self-repair over all heads: {sum(r.norm_mean for r in repair) / total_repair:.2f}."
+        ),
     ]
     (OUT / "rushing_nanda_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -706,8 +706,8 @@ def oracle_position_sweep(
                     ):
                         sums[name][k] += value
                     response_sum[:, k] += torch.tensor(response, dtype=torch.float64)
-            for name in sums:
-                fields[name].append(sums[name] / len(runs))
+            for name, summed in sums.items():
+                fields[name].append(summed / len(runs))
             fields["response"].append(response_sum / len(runs))
         prompt = {name: torch.stack(values) for name, values in fields.items()}
         prompt.update(

@@ -21,8 +21,8 @@ from typing import cast
 
 from service.chunks import ChunkResult
 from service.schemas import JobResult, JobSpec, Provenance
-from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
 from worker.engine.position_sweep import run_position_sweep
+from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
 from worker.engine.types import PositionSweepResult, PromptMeasures, SweepResult
 from worker.job_runner import (
     batch_tokens,

@@ -8,12 +8,12 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.response import Stream
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
 
 from service.auth import SECURITY, Principal
@@ -253,7 +253,7 @@ class JobsController(Controller):
         job_id: JobId,
         store: NamedDependency[JobStore],
         principal: NamedDependency[Principal],
-        format: Annotated[  # noqa: A002 - the query parameter's public name
+        format: Annotated[
             ExportFormat | None, QueryParameter(description="json, msgpack or csv; overrides the Accept header")
         ] = None,
     ) -> Response[bytes] | Stream:
@@ -314,6 +314,6 @@ class JobsController(Controller):
         # already stored: if the broker cannot take the revoke, chunks that start later skip themselves anyway.
         try:
             queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
-        except Exception:  # noqa: BLE001 - kombu's errors are not RedisError; the answer stays the stored cancel
+        except Exception:
             logger.warning("job %s: could not revoke its queued chunks", job_id, exc_info=True)
         return status
