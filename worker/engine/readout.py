@@ -41,9 +41,9 @@ class Readout:
         return w, b
 
     def direct_map(self, w: torch.Tensor) -> torch.Tensor:
-        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w."""
+        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w (rows of w: one u each)."""
         u = self.gain.float() * w.float()
-        return u - u.mean() if self.centred else u
+        return u - u.mean(dim=-1, keepdim=True) if self.centred else u
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's divisor s(x) for each row of x (…, d), in float32."""
