@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from worker.engine.architecture import Architecture, describe
+from worker.engine.errors import InputError
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import (
     Component,
@@ -29,11 +30,21 @@ from worker.engine.sweep import (
     ProgressCallback,
     StopCheck,
     SweepCancelled,
-    _check_window,
     _mean_activations,
     _replacement,
 )
 from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInputs, SweepSpec
+
+
+def _check_window(arch: Architecture, inputs: SweepInputs) -> None:
+    """Per-position runs are checked against the oracle only within every layer's sliding window: refuse longer."""
+    windows = [window for window in arch.sliding_windows if window]
+    longest = max(int(ids.shape[0]) for ids in inputs.token_ids)
+    if windows and longest > min(windows):
+        raise InputError(
+            f"a text of {longest} tokens is longer than the model's sliding window ({min(windows)}) for a per-position"
+            " job: cut it with max_tokens"
+        )
 
 
 def uses_position_engine(spec: SweepSpec) -> bool:
@@ -80,7 +91,7 @@ def run_position_sweep(
     heads_basis = spec.response_basis == "heads"
     basis = head_basis_components(arch.n_layers, arch.n_heads) if heads_basis else layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
-    _check_window(model.config, inputs)
+    _check_window(arch, inputs)
     with_heads = heads_basis or any(c.kind == "head" for c in components)
     readout = Readout(arch, spec.metric)
 
