@@ -23,7 +23,7 @@ from service.auth import ApiKeys, auth_middleware, keys_hash, security_component
 from service.controllers import HealthController, JobsController, ModelsController
 from service.controllers.dependencies import dependencies
 from service.controllers.figures import FiguresController
-from service.errors import problem_details_config
+from service.controllers.problems import problem_details_config
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
 from service.queue import JobQueue
