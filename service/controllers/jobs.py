@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
@@ -103,6 +105,37 @@ class ResultOperation(Operation):
         )
 
 
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+async def strict_job_request(request: Request[Any, Any, Any]) -> None:
+    """Parse the submit body strictly before Litestar does, so hostile bodies are 400s, not 500s.
+
+    Litestar decodes the body into untyped objects first, then converts them leniently: "0" becomes the number 0,
+    invalid UTF-8 inside a string raises UnicodeDecodeError and 50,000 nested arrays raise RecursionError, both
+    unhandled. A typed, strict msgspec decode checks UTF-8 and stops at the first value of the wrong type (the
+    schema nests three levels at most), so none of that reaches Litestar's decoder.
+    """
+    body = await request.body()
+    if not body:
+        return  # Litestar's own "no body" answer
+    try:
+        msgspec.json.decode(body, type=JobRequest)
+    except UnicodeDecodeError as exc:
+        raise ClientException(detail=f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _MSGSPEC_PATH.search(message)
+        key = match["path"] if match and match["path"] else None
+        text = message[: match.start()] if match else message
+        raise ClientException(
+            detail=f"Validation failed for {request.method} {request.url.path}",
+            extra=[{"message": text, "key": key, "source": "body"}],
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ClientException(detail=str(exc)) from None
+
+
 def queue_job(
     data: JobRequest,
     job_id: str | None,
@@ -165,6 +198,7 @@ class JobsController(Controller):
             "rate (429); the body size (413)."
         ),
         responses=problem_responses(400, 401, 409, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
+        before_request=strict_job_request,
     )
     def submit(
         self,
