@@ -131,6 +131,9 @@ class PromptResult(Struct, kw_only=True):
     norm_response: list[float]
     response: list[list[float]]
     clean_direct_effect: list[float]
+    # What the numbers do not show: e.g. an answer that tokenises to several tokens, of which only the first is
+    # measured. Empty when nothing needs saying.
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 class ComponentSummary(Struct, kw_only=True):

@@ -157,3 +157,25 @@ def test_smollm2_held_out_prompts_match_brute_force(api: TestClient) -> None:
     source = builtin_smollm2()
     assert_matches_oracle(result, brute_force(source.location, result, gguf_file=source.gguf_file), 1e-3)
     assert result["provenance"]["model_file_sha256"]
+
+
+def test_a_multi_token_answer_is_measured_by_its_first_token_and_the_result_says_so(api: TestClient) -> None:
+    body = {
+        "model": "tiny-llama",
+        "prompts": ["The capital of France is", "Water boils at a temperature of"],
+        "answers": [" Paris is a lovely city", " hot"],
+        "components": ["attn.0"],
+        "ablation": "zero",
+    }
+    submitted = api.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    status = wait_terminal(api, submitted.json()["id"])
+    assert status["status"] == "succeeded", status
+    result = api.get(f"/v1/jobs/{status['id']}/result").json()
+    long, short = result["prompts"]
+    assert len(long["warnings"]) == 1, long["warnings"]
+    warning = long["warnings"][0]
+    assert "' Paris is a lovely city'" in warning and "tokens; only its first token" in warning
+    assert f"(id {long['target_id']})" in warning
+    # A one-token answer needs no warning (" hot" may still be several tokens for this tokenizer: then it says so).
+    assert short["warnings"] == [] or "' hot'" in short["warnings"][0]

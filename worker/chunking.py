@@ -23,7 +23,15 @@ from service.chunks import ChunkResult
 from service.schemas import JobResult, JobSpec, Provenance
 from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
 from worker.engine.types import PromptMeasures, SweepResult
-from worker.job_runner import batch_tokens, near_tie_gap, prompt_result, provenance, sweep_spec, tokenise_lazily
+from worker.job_runner import (
+    batch_tokens,
+    near_tie_gap,
+    prompt_result,
+    prompt_warnings,
+    provenance,
+    sweep_spec,
+    tokenise_lazily,
+)
 from worker.model_cache import LoadedModel
 from worker.summary import summarise
 
@@ -53,7 +61,10 @@ def execute_chunk(
         batch_tokens=batch_tokens(),
     )
     gap = near_tie_gap(loaded)
-    prompts = [prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)]
+    prompts = [
+        prompt_result(loaded, spec.prompts[i], m, gap, prompt_warnings(loaded, spec, i))
+        for i, m in zip(measure, sweep.prompts, strict=True)
+    ]
     return ChunkResult(
         index=index,
         start=start,
