@@ -258,7 +258,7 @@ def _write(path: Path, data: str | bytes) -> None:
         if isinstance(data, bytes):
             path.write_bytes(data)
         else:
-            path.write_text(data, encoding="utf-8")
+            path.write_text(data, encoding="utf-8", newline="")  # as rendered: CSV keeps its CRLF rows
     except OSError as exc:
         raise CliFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
 
@@ -402,7 +402,7 @@ def render_result(job_result: JobResult, format: str) -> str:
     if format == "json":
         return msgspec.json.format(msgspec.json.encode(job_result), indent=2).decode() + "\n"
     if format == "csv":
-        return result_csv(job_result)
+        return result_csv(job_result)  # the API's format: CRLF rows, so files are written as bytes (see _write)
     buffer = io.StringIO()
     Console(file=buffer, width=160, no_color=True, force_terminal=False).print(result_table(job_result))
     return buffer.getvalue()

@@ -7,8 +7,6 @@ way: an explicit `?format=` wins, else the Accept header, else the first format 
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping
 from typing import Literal, TypeVar
 
@@ -17,7 +15,10 @@ from litestar.datastructures import Accept
 from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
+from service.result_csv import CSV_COLUMNS, to_csv
 from service.schemas import JobResult
+
+__all__ = ["CSV_COLUMNS", "EXPORT_ACCEPT", "EXPORT_MEDIA_TYPES", "ExportFormat", "export", "negotiate", "to_csv", "to_msgpack"]
 
 ExportFormat = Literal["json", "msgpack", "csv"]
 EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
@@ -32,53 +33,12 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
     "application/x-msgpack": "msgpack",
     "text/csv": "csv",
 }
-CSV_COLUMNS = (
-    "prompt_index",
-    "prompt",
-    "target_id",
-    "target_token",
-    "component",
-    "total_effect",
-    "direct_effect",
-    "compensation",
-    "norm_response",
-    "clean_metric",
-    "near_tie",
-)
 
 F = TypeVar("F", bound=str)
 
 
 def to_msgpack(result: JobResult) -> bytes:
     return msgspec.msgpack.encode(result)
-
-
-def to_csv(result: JobResult) -> bytes:
-    """One row per prompt × component (prompt-major, components in the result's order), UTF-8, CRLF rows.
-
-    Floats are written with Python's shortest round-trip repr, so reading them back gives the same numbers.
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
-    for index, prompt in enumerate(result.prompts):
-        for c, component in enumerate(result.components):
-            writer.writerow(
-                (
-                    index,
-                    prompt.prompt,
-                    prompt.target_id,
-                    prompt.target_token,
-                    component,
-                    repr(prompt.total_effect[c]),
-                    repr(prompt.direct_effect[c]),
-                    repr(prompt.compensation[c]),
-                    repr(prompt.norm_response[c]),
-                    repr(prompt.clean_metric),
-                    "true" if prompt.near_tie else "false",
-                )
-            )
-    return buffer.getvalue().encode("utf-8")
 
 
 def export(stored: bytes, fmt: ExportFormat) -> bytes:
