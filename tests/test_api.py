@@ -39,7 +39,7 @@ SMOLLM = ModelInfo(
     d_model=576,
     vocab_size=49152,
     parallel_blocks=False,
-    source="HuggingFaceTB/SmolLM2-135M",
+    source="builtin",
 )
 TINY = ModelInfo(
     id="tiny",
@@ -50,7 +50,7 @@ TINY = ModelInfo(
     d_model=8,
     vocab_size=100,
     parallel_blocks=True,
-    source="test",
+    source="local",
 )
 
 

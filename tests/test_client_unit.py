@@ -319,7 +319,7 @@ def test_models_table() -> None:
         d_model=576,
         vocab_size=49152,
         parallel_blocks=False,
-        source="SmolLM2-135M-Instruct.Q4_1.gguf",
+        source="builtin",
     )
     line = next(line for line in _text(models_table([info])).splitlines() if "smollm2-135m" in line)
     assert all(cell in line for cell in ("llama", "30", "9", "3", "576", "49152", "sequential"))

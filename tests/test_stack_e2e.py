@@ -122,6 +122,10 @@ def test_models_are_advertised_with_shapes(api: TestClient) -> None:
     assert models["smollm2-135m"]["n_layers"] == 30
     assert models["smollm2-135m"]["n_heads"] == 9
     assert models["tiny-gpt_neox_parallel"]["parallel_blocks"] is True
+    # Open without a key: a source kind, never where the weights lie on the worker's disk.
+    assert models["smollm2-135m"]["source"] == "builtin" and models["tiny-llama"]["source"] == "local"
+    listing = api.get("/v1/models", headers={"X-API-Key": ""}).text
+    assert "/" not in listing and "gguf" not in listing, listing
     out_of_range = api.post("/v1/jobs", json={"model": "smollm2-135m", "prompts": ["a", "b"], "components": ["mlp.30"]})
     assert out_of_range.status_code == 422
     assert "30" in out_of_range.json()["detail"]
