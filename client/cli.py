@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +29,7 @@ from rich.text import Text
 from client.http import HydraClient, HydraError
 from client.keys_cli import keys_app
 from client.render import job_progress, jobs_table, models_table, result_csv, result_table, status_table
+from service.redaction import install_log_redaction
 from service.schemas import JobRequest, JobResult, JobStatus
 
 log = logging.getLogger("hydra-ablate")
@@ -266,6 +268,7 @@ def _write(path: Path, data: str | bytes) -> None:
 def _setup_logging() -> None:
     from rich.logging import RichHandler
 
+    install_log_redaction()  # REDIS_URL passwords never reach a log line
     handler = RichHandler(console=err, show_path=False, log_time_format="[%X]")
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
@@ -300,17 +303,29 @@ def serve(
     port: Annotated[int, typer.Option(help="API port")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Celery worker processes (one job at a time each)")] = 1,
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for the workers to load models")] = 600,
+    allow_remote_without_auth: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote-without-auth",
+            help="listen on a non-loopback --host although auth is off (REDIS_URL unset); also "
+            "HYDRA_ALLOW_REMOTE_NO_AUTH=1",
+        ),
+    ] = False,
 ) -> None:
     """Run Redis (embedded unless REDIS_URL is set), the API and the workers until Ctrl-C or SIGTERM."""
-    from client.stack import Stack
+    from client.stack import Stack, check_exposure
 
     _setup_logging()
+    try:
+        check_exposure(host, dict(os.environ), allow_remote_without_auth)
+    except ValueError as exc:
+        raise CliFailure(str(exc)) from None
     if not _port_free(host, port):
         raise CliFailure(f"{host}:{port} is already in use; choose another with --port")
     stack = Stack(host=host, port=port, workers=workers)
     with stack_failures():
         try:
-            stack.start()
+            stack.start(allow_remote_without_auth)
             stack.wait_ready(timeout_s=ready_timeout)
         except BaseException:
             stack.stop()

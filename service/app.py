@@ -26,6 +26,7 @@ from service.controllers.figures import FiguresController
 from service.controllers.problems import problem_details_config
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
+from service.redaction import install_log_redaction
 from service.queue import JobQueue
 from service.settings import Settings
 from service.store import JobStore
@@ -84,6 +85,7 @@ def check_auth_settings(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     """A fresh app with its own Redis pools and Celery client; all are closed on shutdown."""
+    install_log_redaction()  # REDIS_URL passwords never reach a log line
     settings = settings or Settings.from_env()
     check_auth_settings(settings)
     api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here

@@ -15,11 +15,13 @@ from celery import Celery
 from celery.signals import celeryd_after_setup, worker_ready
 
 from service.queue import celery_config, model_queue
+from service.redaction import install_log_redaction
 from service.settings import Settings
 from service.store import JobStore
 from worker.model_sources import configured_sources
 
 log = logging.getLogger(__name__)
+install_log_redaction()  # REDIS_URL passwords never reach a log line (Celery's own banner masks them too)
 HEARTBEAT_S = 20  # how often a worker renews the models it serves
 SERVED_TTL_S = 90  # a model no live worker renewed for this long is no longer offered
 
