@@ -26,6 +26,7 @@ from service.controllers.figures import FiguresController
 from service.controllers.problems import problem_details_config
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
+from service.readiness import Shared, probe
 from service.redaction import install_log_redaction
 from service.queue import JobQueue
 from service.settings import Settings
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "api_keys": api_keys,
             "idempotency": IdempotencyRecords(store.client, settings.key_prefix, settings.result_ttl_s),
             "tokens": TokenCounters(),
+            "readiness": Shared(lambda: probe(store, queue, settings), settings.ready_cache_s),
         }
     )
 

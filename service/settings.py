@@ -67,6 +67,7 @@ class Settings:
     max_result_values: int = 25_000_000
     queue_name: str = "hydra"
     ready_timeout_s: float = 1.0  # how long /ready waits for a worker to answer a ping
+    ready_cache_s: float = 2.0  # how long /ready reuses a worker ping's answer (one ping at a time, shared)
 
     # Access control. Off only on purpose: the app refuses to start with auth off unless allow_no_auth is set too,
     # so a typo in a production environment cannot silently open every job to everyone.
@@ -94,6 +95,7 @@ class Settings:
             max_result_values=env_int("HYDRA_MAX_RESULT_VALUES", defaults.max_result_values),
             queue_name=os.environ.get("HYDRA_QUEUE") or defaults.queue_name,
             ready_timeout_s=env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
+            ready_cache_s=env_float("HYDRA_READY_CACHE_S", defaults.ready_cache_s),
             auth_enabled=env_bool("HYDRA_AUTH", defaults.auth_enabled),
             allow_no_auth=env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
             api_keys=os.environ.get("HYDRA_API_KEYS", defaults.api_keys),
