@@ -99,28 +99,48 @@ class TokenCounters:
 
     Parsing a 50k-vocabulary tokenizer takes ~0.1 s, so a parsed one is kept and only rebuilt when the published
     JSON changes; the short refresh means a worker publishing a new tokenizer is noticed within a minute.
+
+    Single flight: one thread per model fetches and parses; on a cold start the others wait for it (50 concurrent
+    first submits used to fetch and parse the same 1.6 MB fifty times), and on a refresh they keep using the
+    previous tokenizer meanwhile.
     """
 
     def __init__(self, refresh_s: float = 60.0) -> None:
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, str | None, Any]] = {}  # model -> (fetched at, JSON digest, tokenizer)
+        self._flights: dict[str, threading.Lock] = {}  # model -> held by the thread loading it
+        self.loads = 0  # tokenizers fetched and parsed (for tests and benchmarks)
 
     def get(self, store: JobStore, model_id: str) -> Any | None:
         """The model's tokenizers.Tokenizer, or None when none is published (or the package is missing)."""
         if Tokenizer is None:
             return None
-        now = time.monotonic()
         with self._lock:
             cached = self._cache.get(model_id)
-        if cached is not None and now - cached[0] < self.refresh_s:
+            flight = self._flights.setdefault(model_id, threading.Lock())
+        if cached is not None and time.monotonic() - cached[0] < self.refresh_s:
             return cached[2]
+        if not flight.acquire(blocking=cached is None):
+            return cached[2] if cached is not None else None  # another thread refreshes it: use the one we have
+        try:
+            with self._lock:
+                cached = self._cache.get(model_id)  # the thread we waited for may have loaded it
+            if cached is not None and time.monotonic() - cached[0] < self.refresh_s:
+                return cached[2]
+            return self._load(store, model_id, cached)
+        finally:
+            flight.release()
+
+    def _load(self, store: JobStore, model_id: str, cached: tuple[float, str | None, Any] | None) -> Any | None:
+        now = time.monotonic()
         text = store.tokenizer_json(model_id)
         digest = None if text is None else hashlib.sha256(text.encode()).hexdigest()
         if cached is not None and cached[1] == digest:
             tokenizer = cached[2]
         else:
             tokenizer = None if text is None else _parse(text)
+            self.loads += 1
         with self._lock:
             self._cache[model_id] = (now, digest, tokenizer)
         return tokenizer
