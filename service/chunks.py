@@ -84,9 +84,12 @@ for _, value in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + tonumber(val
 return sum
 """
 
-# KEYS[1] chunk result, KEYS[2] chunks_done hash. ARGV[1] result, ARGV[2] index, ARGV[3] ttl.
-# Returns the number of chunks done when this call recorded the chunk first, else -1 (a redelivered chunk).
+# KEYS[1] chunk result, KEYS[2] chunks_done hash, KEYS[3] job hash. ARGV[1] result, ARGV[2] index, ARGV[3] ttl.
+# Returns the number of chunks done when this call recorded the chunk first, else -1 (a redelivered chunk, or a job
+# that has ended: its partials were dropped when it ended, see store.py, and none may appear afterwards).
 _RECORD_RESULT = """
+local status = redis.call('HGET', KEYS[3], 'status')
+if status ~= 'queued' and status ~= 'running' then return -1 end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], '1')
@@ -192,7 +195,7 @@ class ChunkBook:
     # results
     def record_result(self, job_id: str, index: int, result: ChunkResult) -> int:
         """Store a chunk's result; returns chunks done now, or -1 when this chunk had been recorded before."""
-        keys = [self.result_key(job_id, index), self._key("chunks_done", job_id)]
+        keys = [self.result_key(job_id, index), self._key("chunks_done", job_id), f"{self.prefix}job:{job_id}"]
         return int(self._record_result(keys=keys, args=[msgspec.json.encode(result), str(index), self.ttl_s]))
 
     def is_done(self, job_id: str, index: int) -> bool:

@@ -18,7 +18,7 @@ from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 from service.result_csv import CSV_COLUMNS, to_csv
 from service.schemas import JobResult
 
-__all__ = ["CSV_COLUMNS", "EXPORT_ACCEPT", "EXPORT_MEDIA_TYPES", "ExportFormat", "export", "negotiate", "to_csv", "to_msgpack"]
+__all__ = ["CSV_COLUMNS", "EXPORT_ACCEPT", "accepts_gzip", "EXPORT_MEDIA_TYPES", "ExportFormat", "export", "negotiate", "to_csv", "to_msgpack"]
 
 ExportFormat = Literal["json", "msgpack", "csv"]
 EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
@@ -47,6 +47,27 @@ def export(stored: bytes, fmt: ExportFormat) -> bytes:
         return stored
     result = msgspec.json.decode(stored, type=JobResult)
     return to_msgpack(result) if fmt == "msgpack" else to_csv(result)
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip` or `*` with a non-zero q; RFC 9110 12.5.3)."""
+    if not accept_encoding:
+        return False
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        name, _, params = item.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        weights[name.strip().lower()] = q
+    if "gzip" in weights:
+        return weights["gzip"] > 0
+    return weights.get("*", 0.0) > 0
 
 
 def negotiate(query: F | None, accept: Accept, offered: Mapping[str, F], what: str) -> tuple[F, str]:

@@ -15,12 +15,14 @@ Tokens: the workers publish each model's tokenizer (Hugging Face `tokenizers` JS
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import redis.asyncio
 from litestar.connection import ASGIConnection
 from litestar.exceptions import TooManyRequestsException
@@ -36,6 +38,8 @@ try:  # optional at run time: without it the token cap is skipped, the character
 except ImportError:  # pragma: no cover - installed with transformers
     Tokenizer = None  # type: ignore[assignment,misc]
 
+logger = logging.getLogger(__name__)
+
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 # KEYS[1] counter. ARGV[1] window in ms. Returns {count, ms until the window ends}.
@@ -48,6 +52,11 @@ if count == 1 or ttl < 0 then
 end
 return {count, ttl}
 """
+
+
+def is_out_of_memory(exc: redis.RedisError) -> bool:
+    """A write refused because Redis reached maxmemory (directly, or from inside a script)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 class RateLimiter:
@@ -68,7 +77,16 @@ class RateLimiter:
         limit = self.limits[bucket]
         if limit <= 0:
             return
-        count, ttl_ms = await self._hit(keys=[self.counter_key(bucket, name)], args=[self.window_ms])
+        try:
+            count, ttl_ms = await self._hit(keys=[self.counter_key(bucket, name)], args=[self.window_ms])
+        except redis.ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Redis is full (maxmemory, noeviction): the counter cannot be written. Refusing the request would turn
+            # every read into a 503 although reads still work; let it through uncounted (a submit then fails on its
+            # own write with a 503 that says Redis is full).
+            logger.warning("rate limit not counted for %r: Redis is out of memory (%s)", name, exc)
+            return
         if int(count) > limit:
             retry_after = max(1, math.ceil(int(ttl_ms) / 1000))
             kind = "submit and cancel" if bucket == "write" else "read"

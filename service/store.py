@@ -10,7 +10,8 @@ Keys, under the configured prefix:
   jobs         sorted set of job ids scored by creation time (newest first when paged)
   jobs:owner:{name}   the same, for one owner's jobs only (so a key's listing never scans everyone's)
   active:{name}       set of an owner's job ids that may still be queued or running (pruned when counted)
-  result:{id}  the encoded JobResult
+  result:{id}  the encoded JobResult, gzip-compressed (results of the full preset are tens of MB of JSON; numbers
+               compress several-fold). Results written before compression (plain JSON) are still read.
   cancel:{id}  present once a cancel was requested; the worker polls it between batches
   models       hash: model id -> ModelInfo JSON, as advertised by workers
   tokenizer:{model id}  the model's Hugging Face tokenizers JSON, as published by workers
@@ -19,6 +20,7 @@ The job keys expire `ttl_s` after the job's latest state change, so results live
 
 from __future__ import annotations
 
+import gzip
 import logging
 import time
 import uuid
@@ -62,23 +64,38 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS[1] job hash. ARGV[1] error, ARGV[2] now, ARGV[3] ttl.
-_MARK_FAILED = """
+# A job that ends without a result keeps no chunk partials (they can be as large as the result): the partials of
+# the chunks recorded in the chunks_done hash are deleted in the same script that ends the job. The chunk
+# recorder (service/chunks.py) refuses to store a partial once the job has ended, so none can appear afterwards.
+# KEYS[n] chunks_done hash, ARGV[m] partial key prefix ("{prefix}chunk:{id}:").
+_DROP_PARTIALS = """
+local function drop_partials(done_key, partial_prefix)
+  for _, index in ipairs(redis.call('HKEYS', done_key)) do
+    redis.call('DEL', partial_prefix .. index)
+  end
+end
+"""
+
+# KEYS[1] job hash, KEYS[2] chunks_done. ARGV[1] error, ARGV[2] now, ARGV[3] ttl, ARGV[4] partial key prefix.
+_MARK_FAILED = _DROP_PARTIALS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+drop_partials(KEYS[2], ARGV[4])
 return 1
 """
 
-# KEYS[1] job hash, KEYS[2] cancel flag. ARGV[1] now, ARGV[2] ttl. Returns -1 absent, 0 unchanged, 1 cancelled.
-_REQUEST_CANCEL = """
+# KEYS[1] job hash, KEYS[2] cancel flag, KEYS[3] chunks_done. ARGV[1] now, ARGV[2] ttl, ARGV[3] partial key prefix.
+# Returns -1 absent, 0 unchanged, 1 cancelled.
+_REQUEST_CANCEL = _DROP_PARTIALS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+drop_partials(KEYS[3], ARGV[3])
 return 1
 """
 
@@ -114,6 +131,24 @@ return -1
 """
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+EVICTED = (
+    "the job succeeded but its result is gone from Redis (evicted under memory pressure: the Redis of this "
+    "deployment must run with maxmemory-policy noeviction, see README); submit the job again"
+)
+
+
+def compress_result(encoded: bytes) -> bytes:
+    """The stored form of a result: gzip (level 6: ~4x smaller JSON at ~50 MB/s), no timestamp, so the same result
+    always gives the same bytes."""
+    return gzip.compress(encoded, compresslevel=6, mtime=0)
+
+
+def decompress_result(stored: bytes) -> bytes:
+    """The result's JSON from its stored form (plain JSON from before compression passes through)."""
+    return gzip.decompress(stored) if stored.startswith(GZIP_MAGIC) else stored
+
+
 class ActiveJobsExceeded(Exception):
     """An owner already has `cap` queued or running jobs; the API answers 429 and names both numbers."""
 
@@ -131,6 +166,13 @@ def utc_now() -> str:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
+
+
+def _unless_evicted(status: JobStatus, has_result: bool) -> JobStatus:
+    """A succeeded job must have its result: without it (an evicting Redis dropped the key) it reads as failed."""
+    if status.status != "succeeded" or has_result:
+        return status
+    return msgspec.structs.replace(status, status="failed", error=EVICTED)
 
 
 class JobStore:
@@ -165,6 +207,14 @@ class JobStore:
 
     def cancel_key(self, job_id: str) -> str:
         return f"{self.prefix}cancel:{job_id}"
+
+    def chunks_done_key(self, job_id: str) -> str:
+        """The chunk book's hash of recorded chunks (service/chunks.py names it the same way)."""
+        return f"{self.prefix}chunks_done:{job_id}"
+
+    def partial_key_prefix(self, job_id: str) -> str:
+        """Chunk partial results are `{this}{index}` (service/chunks.py, ChunkBook.result_key)."""
+        return f"{self.prefix}chunk:{job_id}:"
 
     @property
     def index_key(self) -> str:
@@ -237,7 +287,13 @@ class JobStore:
         return status
 
     def status(self, job_id: str) -> JobStatus | None:
-        return self._decode_status(self.client.hgetall(self.job_key(job_id)))
+        """The job's status; a succeeded job whose result is gone (evicted) reads as failed, saying so."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.job_key(job_id))
+        pipe.exists(self.result_key(job_id))
+        fields, has_result = pipe.execute()
+        status = self._decode_status(fields)
+        return None if status is None else _unless_evicted(status, bool(has_result))
 
     def spec(self, job_id: str) -> JobSpec | None:
         raw = self.client.hget(self.job_key(job_id), "spec")
@@ -253,21 +309,27 @@ class JobStore:
         return bool(self._set_progress(keys=[self.job_key(job_id)], args=[int(done), int(total)]))
 
     def mark_succeeded(self, job_id: str, result: bytes) -> bool:
-        """Store the result and finish a running job; False (result dropped) if it was cancelled meanwhile."""
+        """Store the result (the encoded JobResult; stored compressed) and finish a running job; False (result
+        dropped) if it was cancelled meanwhile."""
         return bool(
             self._mark_succeeded(
-                keys=[self.job_key(job_id), self.result_key(job_id)], args=[result, utc_now(), self.ttl_s]
+                keys=[self.job_key(job_id), self.result_key(job_id)],
+                args=[compress_result(result), utc_now(), self.ttl_s],
             )
         )
 
     def mark_failed(self, job_id: str, error: str) -> bool:
-        """Fail a queued or running job with a message for the user; False if it had already ended."""
-        return bool(self._mark_failed(keys=[self.job_key(job_id)], args=[error, utc_now(), self.ttl_s]))
+        """Fail a queued or running job with a message for the user (its chunk partials are dropped); False if it
+        had already ended."""
+        keys = [self.job_key(job_id), self.chunks_done_key(job_id)]
+        return bool(self._mark_failed(keys=keys, args=[error, utc_now(), self.ttl_s, self.partial_key_prefix(job_id)]))
 
     def request_cancel(self, job_id: str) -> JobStatus | None:
-        """Cancel a queued or running job (the worker stops at its next check); finished jobs stay as they are."""
+        """Cancel a queued or running job (the worker stops at its next check; chunk partials are dropped now);
+        finished jobs stay as they are."""
         outcome = self._request_cancel(
-            keys=[self.job_key(job_id), self.cancel_key(job_id)], args=[utc_now(), self.ttl_s]
+            keys=[self.job_key(job_id), self.cancel_key(job_id), self.chunks_done_key(job_id)],
+            args=[utc_now(), self.ttl_s, self.partial_key_prefix(job_id)],
         )
         if int(outcome) < 0:
             return None
@@ -277,7 +339,16 @@ class JobStore:
         return bool(self.client.exists(self.cancel_key(job_id)))
 
     def result(self, job_id: str) -> bytes | None:
-        return self.client.get(self.result_key(job_id))
+        """The encoded JobResult (JSON), decompressed."""
+        stored = self.client.get(self.result_key(job_id))
+        return None if stored is None else decompress_result(stored)
+
+    def result_gzip(self, job_id: str) -> bytes | None:
+        """The result's JSON gzip-compressed, as stored: served as is to clients that accept gzip."""
+        stored = self.client.get(self.result_key(job_id))
+        if stored is None or stored.startswith(GZIP_MAGIC):
+            return stored
+        return compress_result(stored)  # written before results were compressed
 
     def page(self, offset: int = 0, limit: int = 50, owner: str | None = None) -> JobPage:
         """Jobs newest first (only `owner`'s when given); ids whose job hash has expired are dropped on the way."""
@@ -291,6 +362,13 @@ class JobStore:
         for raw_id in ids:
             pipe.hgetall(self.job_key(raw_id.decode()))
         items = [s for s in (self._decode_status(h) for h in pipe.execute()) if s is not None]
+        succeeded = [item for item in items if item.status == "succeeded"]
+        if succeeded:
+            pipe = self.client.pipeline(transaction=False)
+            for item in succeeded:
+                pipe.exists(self.result_key(item.id))
+            present = {item.id: bool(found) for item, found in zip(succeeded, pipe.execute(), strict=True)}
+            items = [_unless_evicted(item, present.get(item.id, True)) for item in items]
         return JobPage(items=items, total=int(total), offset=offset, limit=limit)
 
     def _prune_index(self, index: str | None = None, batch: int = 1000) -> None:

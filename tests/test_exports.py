@@ -43,7 +43,7 @@ def test_json_is_the_default_and_the_stored_bytes(
     ):
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("application/json")
-        assert response.headers["vary"] == "Accept"
+        assert response.headers["vary"] == "Accept, Accept-Encoding"
         assert response.content == store.result(job_id)
         assert msgspec.json.decode(response.content, type=JobResult) == result
 

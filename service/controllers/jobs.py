@@ -20,7 +20,7 @@ from service.auth import SECURITY, Principal
 from service.chunks import ChunkBook
 from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
 from service.errors import BackendUnavailable
-from service.exports import CSV_COLUMNS, EXPORT_ACCEPT, ExportFormat, export, negotiate
+from service.exports import CSV_COLUMNS, EXPORT_ACCEPT, ExportFormat, accepts_gzip, export, negotiate
 from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyRecords
 from service.limits import TokenCounters, check_prompt_tokens, rate_limit
 from service.queue import JobQueue
@@ -65,10 +65,13 @@ def require_succeeded(store: JobStore, job_id: str, principal: Principal | None 
         raise _conflict(f"job {job_id} was cancelled; it has no result")
 
 
-def finished_result(store: JobStore, job_id: str, principal: Principal | None = None) -> bytes:
-    """The stored result of a succeeded job; 404 when it expired between the status check and the read."""
+def finished_result(
+    store: JobStore, job_id: str, principal: Principal | None = None, compressed: bool = False
+) -> bytes:
+    """The stored result of a succeeded job (its JSON, or gzip of it as stored when `compressed`); 404 when it
+    expired between the status check and the read."""
     require_succeeded(store, job_id, principal)
-    result = store.result(job_id)
+    result = store.result_gzip(job_id) if compressed else store.result(job_id)
     if result is None:
         raise _not_found(job_id)
     return result
@@ -257,7 +260,8 @@ class JobsController(Controller):
             "document as it is), `msgpack` (application/msgpack or application/x-msgpack: the same JobResult in "
             "MessagePack) and `csv` (text/csv: one row per prompt × component with the columns "
             + ", ".join(CSV_COLUMNS)
-            + "). An Accept header that allows none of these is 406."
+            + "). An Accept header that allows none of these is 406. JSON comes gzip-compressed (Content-Encoding: "
+            "gzip) when the request's Accept-Encoding allows gzip, as stored; otherwise uncompressed."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
@@ -277,9 +281,13 @@ class JobsController(Controller):
         ] = None,
     ) -> Response[bytes]:
         fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
-        # The worker stored the encoded JobResult: JSON serves those bytes as they are; other formats decode them.
+        headers = {"Vary": "Accept, Accept-Encoding"}
+        # Results are stored as gzip of their JSON: a client that accepts gzip gets those bytes as they are (no
+        # decompression, a fraction of the transfer); others get the JSON, and other formats are built from it.
+        if fmt == "json" and accepts_gzip(request.headers.get("accept-encoding")):
+            headers["Content-Encoding"] = "gzip"
+            return Response(content=finished_result(store, job_id, principal, compressed=True), media_type=media_type, headers=headers)
         stored = finished_result(store, job_id, principal)
-        headers = {"Vary": "Accept"}
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
         return Response(content=export(stored, fmt), media_type=media_type, headers=headers)
