@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import PROMPTS, _quantile, start_stack  # noqa: E402 - after the path set-up
+from service.schemas import TERMINAL_STATES  # noqa: E402
 
 
 def _hammer_process(url: str, clients: int, duration_s: float, counts: Any) -> None:
@@ -65,7 +66,7 @@ def _finished_job(url: str, key: str) -> str:
         body = {"model": served[0], "prompts": PROMPTS, "components": ["attn.0"]}
         job_id = str(http.post("/v1/jobs", json=body).json()["id"])
         for _ in range(600):
-            if http.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"):
+            if http.get(f"/v1/jobs/{job_id}").json()["status"] in TERMINAL_STATES:
                 return job_id
             time.sleep(0.1)
     raise SystemExit("the job did not finish")

@@ -16,11 +16,10 @@ from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
 from service.result_csv import CSV_COLUMNS, to_csv
-from service.schemas import JobResult
+from service.schemas import ExportFormat, JobResult
 
 __all__ = ["CSV_COLUMNS", "EXPORT_ACCEPT", "accepts_gzip", "EXPORT_MEDIA_TYPES", "ExportFormat", "export", "negotiate", "to_csv", "to_msgpack"]
 
-ExportFormat = Literal["json", "msgpack", "csv"]
 EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
     "json": "application/json",
     "msgpack": "application/msgpack",

@@ -16,17 +16,15 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, get_args
 
-from service.schemas import JobResult
+from service.schemas import FigureFormat, FigureName, JobResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure"]
-FigureFormat = Literal["png", "svg"]
-FIGURE_NAMES: tuple[FigureName, ...] = ("te_vs_de", "layer_effects", "response_heatmap", "erasure")
+FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
 FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml"}
 FIGSIZE_IN = (12.0, 8.0)
 DPI = 100

@@ -5,18 +5,26 @@ No torch here: the worker imports these to encode results; the API imports them 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+# Every option list of the service is defined once, here; the engine, the CLI's choices, the figure routes and the
+# clients derive theirs from these (typing.get_args).
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE_STATES: tuple[JobState, ...] = ("queued", "running")
+TERMINAL_STATES: tuple[JobState, ...] = tuple(s for s in get_args(JobState) if s not in ACTIVE_STATES)
 AblationKind = Literal["resample", "mean", "zero"]
 PositionScope = Literal["final", "all"]
 MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
 PresetName = Literal["hydra"]
+DatasetName = Literal["known_1000"]
+FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure"]
+FigureFormat = Literal["png", "svg"]
+ExportFormat = Literal["json", "msgpack", "csv"]
 # Where a served model's weights come from, as the open model list shows it: never a file-system path.
 ModelSourceKind = Literal["builtin", "local", "hub"]
 
@@ -27,7 +35,7 @@ ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(att
 class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
     """A built-in prompt set, sliced; `relation` filters by Wikidata property (e.g. P36)."""
 
-    name: Literal["known_1000"]
+    name: DatasetName
     limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     offset: Annotated[int, Meta(ge=0)] = 0
     relation: Annotated[str, Meta(pattern=r"^P\d+$")] | None = None

@@ -30,13 +30,13 @@ from typing import Any
 import msgspec
 import redis
 
-from service.schemas import JobPage, JobSpec, JobStatus, ModelInfo, Progress
+from service.schemas import ACTIVE_STATES, TERMINAL_STATES, JobPage, JobSpec, JobStatus, ModelInfo, Progress
+
+__all__ = ["ACTIVE_STATES", "TERMINAL_STATES", "ActiveJobsExceeded", "JobStore"]
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "running")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 # KEYS[1] job hash, KEYS[2] cancel flag. ARGV[1] now (ISO), ARGV[2] ttl seconds.
 _MARK_RUNNING = """

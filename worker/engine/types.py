@@ -6,15 +6,26 @@ The definitions of every field are in docs/definitions.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
-Ablation = Literal["resample", "mean", "zero"]
-Positions = Literal["final", "all"]
-Metric = Literal["logit", "centered_logit", "logprob", "logit_diff"]
-NormScale = Literal["clean", "ablated"]
-ResampleFrom = Literal["next", "random"]
+# The option lists are the API's (one definition, service/schemas.py: msgspec only, no HTTP, no Redis).
+from service.schemas import AblationKind as Ablation
+from service.schemas import MetricName as Metric
+from service.schemas import NormScaleMode as NormScale
+from service.schemas import PositionScope as Positions
+from service.schemas import ResampleFrom
+
+__all__ = [
+    "Ablation",
+    "Metric",
+    "NormScale",
+    "Positions",
+    "PromptMeasures",
+    "ResampleFrom",
+    "SweepInputs",
+    "SweepResult",
+    "SweepSpec",
+]
 
 
 @dataclass(frozen=True)
