@@ -34,7 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.schemas import TERMINAL_STATES  # noqa: E402 - after the path set-up
+from service.schemas import TERMINAL_STATES
 
 TERMINAL = set(TERMINAL_STATES)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

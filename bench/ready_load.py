@@ -26,8 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.load import PROMPTS, _quantile, start_stack  # noqa: E402 - after the path set-up
-from service.schemas import TERMINAL_STATES  # noqa: E402
+from bench.load import PROMPTS, _quantile, start_stack
+from service.schemas import TERMINAL_STATES
 
 
 def _hammer_process(url: str, clients: int, duration_s: float, counts: Any) -> None:

@@ -114,7 +114,7 @@ class Stack:
                 raise RuntimeError(f"{name} exited with code {process.returncode}")
 
     def stop(self) -> None:
-        for name, process in reversed(self.processes):
+        for _name, process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for name, process in reversed(self.processes):

@@ -27,10 +27,10 @@ from service.controllers.figures import FiguresController
 from service.controllers.problems import problem_details_config
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
-from service.readiness import Shared, probe
-from service.redaction import install_log_redaction
 from service.queue import JobQueue
+from service.readiness import Shared, probe
 from service.recovery import resend_unplanned
+from service.redaction import install_log_redaction
 from service.settings import Settings
 from service.store import JobStore
 from service.ui import ui_handlers, ui_template_config

@@ -8,7 +8,7 @@ way: an explicit `?format=` wins, else the Accept header, else the first format 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import msgspec
 from litestar.datastructures import Accept
@@ -18,7 +18,17 @@ from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 from service.result_csv import CSV_COLUMNS, to_csv
 from service.schemas import ExportFormat, JobResult
 
-__all__ = ["CSV_COLUMNS", "EXPORT_ACCEPT", "accepts_gzip", "EXPORT_MEDIA_TYPES", "ExportFormat", "export", "negotiate", "to_csv", "to_msgpack"]
+__all__ = [
+    "CSV_COLUMNS",
+    "EXPORT_ACCEPT",
+    "EXPORT_MEDIA_TYPES",
+    "ExportFormat",
+    "accepts_gzip",
+    "export",
+    "negotiate",
+    "to_csv",
+    "to_msgpack",
+]
 
 EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
     "json": "application/json",

@@ -167,7 +167,7 @@ class TokenCounters:
 def _parse(text: str) -> Any | None:
     try:
         return Tokenizer.from_str(text)
-    except Exception:  # a malformed publication must not take submissions down: skip the check instead
+    except Exception:  # noqa: BLE001 - a malformed publication must not take submissions down: skip the check
         return None
 
 

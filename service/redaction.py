@@ -22,7 +22,7 @@ def redact(text: str) -> str:
 
 
 class _RedactedRecord(logging.LogRecord):
-    def getMessage(self) -> str:  # noqa: N802 - logging's name
+    def getMessage(self) -> str:
         return redact(super().getMessage())
 
 

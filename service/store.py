@@ -34,7 +34,6 @@ import msgspec
 import redis
 
 from service.schemas import ACTIVE_STATES, TERMINAL_STATES, JobPage, JobSpec, JobStatus, ModelInfo, Progress
-
 from service.settings import Settings
 
 __all__ = ["ACTIVE_STATES", "TERMINAL_STATES", "ActiveJobsExceeded", "JobStore"]

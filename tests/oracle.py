@@ -274,7 +274,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 x = args[0].clone()
                 for p, v in ablation.values.items():
                     x[0, p, lo:hi] = v.to(x.dtype)
-                return (x,) + tuple(args[1:])
+                return (x, *tuple(args[1:]))
 
             handles.append(parts.out_proj[comp.layer].register_forward_pre_hook(replace_head))
         else:
@@ -285,7 +285,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 for p, v in ablation.values.items():
                     out[0, p, :] = v.to(out.dtype)
                 if isinstance(output, tuple):
-                    return (out,) + tuple(output[1:])
+                    return (out, *tuple(output[1:]))
                 return out
 
             handles.append(module.register_forward_hook(replace_output))

@@ -18,7 +18,7 @@ from service.app import create_app
 from service.settings import MIB, Settings
 from service.store import ActiveJobsExceeded, JobStore
 from tests.test_api import assert_problem
-from tests.test_auth import ALICE, BOB, JOB, TWO, auth, settings, store  # noqa: F401 - fixtures
+from tests.test_auth import ALICE, BOB, JOB, TWO, auth, settings, store
 
 __all__ = ["settings", "store"]
 

@@ -25,7 +25,6 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-
 from service.app import create_app
 from service.embedded_redis import free_port
 from service.settings import Settings
@@ -227,7 +226,8 @@ def test_options_raw_non_utf8_bodies_and_deep_nesting_never_get_a_server_error(l
         for method, path, body in hostile_requests(live):
             response = http.request(method, path, content=body)
             if response.status_code >= 500:
-                failures.append(f"{method} {path} ({len(body or b'')} bytes): {response.status_code} {response.text[:200]}")
+                size = len(body or b"")
+                failures.append(f"{method} {path} ({size} bytes): {response.status_code} {response.text[:200]}")
             elif response.status_code >= 400 and not response.headers["content-type"].startswith(
                 "application/problem+json"
             ):

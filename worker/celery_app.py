@@ -8,7 +8,6 @@ the chunks of that model's jobs wait; `-Q hydra` (the main queue, where jobs are
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 

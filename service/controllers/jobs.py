@@ -125,7 +125,8 @@ async def strict_job_request(request: Request[Any, Any, Any]) -> None:
     try:
         msgspec.json.decode(body, type=JobRequest)
     except UnicodeDecodeError as exc:
-        raise ClientException(detail=f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        detail = f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        raise ClientException(detail=detail) from None
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _MSGSPEC_PATH.search(message)
@@ -152,7 +153,9 @@ def queue_job(
     models = {info.id: info for info in store.models()}
     spec = resolve(data, models, settings, store.refused_models())
     check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
-    status = store.create(spec, ablation_count(spec), principal.name, job_id=job_id, max_active=settings.max_active_jobs)
+    status = store.create(
+        spec, ablation_count(spec), principal.name, job_id=job_id, max_active=settings.max_active_jobs
+    )
     try:
         queue.enqueue(status.id)
     except Exception as exc:  # kombu raises its own OperationalError family; any failure means not queued
@@ -173,7 +176,7 @@ def cancel_job(store: JobStore, queue: JobQueue, job_id: str, principal: Princip
     # already stored: if the broker cannot take the revoke, chunks that start later skip themselves anyway.
     try:
         queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
-    except Exception:  # noqa: BLE001 - kombu's errors are not RedisError; the answer stays the stored cancel
+    except Exception:
         logger.warning("job %s: could not revoke its queued chunks", job_id, exc_info=True)
     return status
 
@@ -293,7 +296,7 @@ class JobsController(Controller):
         job_id: JobId,
         store: NamedDependency[JobStore],
         principal: NamedDependency[Principal],
-        format: Annotated[  # noqa: A002 - the query parameter's public name
+        format: Annotated[
             ExportFormat | None, QueryParameter(description="json, msgpack or csv; overrides the Accept header")
         ] = None,
     ) -> Response[bytes]:
@@ -303,7 +306,8 @@ class JobsController(Controller):
         # decompression, a fraction of the transfer); others get the JSON, and other formats are built from it.
         if fmt == "json" and accepts_gzip(request.headers.get("accept-encoding")):
             headers["Content-Encoding"] = "gzip"
-            return Response(content=finished_result(store, job_id, principal, compressed=True), media_type=media_type, headers=headers)
+            compressed = finished_result(store, job_id, principal, compressed=True)
+            return Response(content=compressed, media_type=media_type, headers=headers)
         stored = finished_result(store, job_id, principal)
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'

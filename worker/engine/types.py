@@ -6,6 +6,7 @@ The definitions of every field are in docs/definitions.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 # The option lists are the API's (one definition, service/schemas.py: msgspec only, no HTTP, no Redis).
