@@ -437,7 +437,8 @@ class JobStore:
         """Jobs newest first (only `owner`'s when given); ids whose job hash has expired are dropped on the way."""
         index = self.index_key if owner is None else self.owner_index_key(owner)
         self._prune_index(index)
-        pipe = self.client.pipeline(transaction=True)
+        # No MULTI: at maxmemory Redis refuses a transaction even of reads, and a listing must keep working.
+        pipe = self.client.pipeline(transaction=False)
         pipe.zcard(index)
         pipe.zrevrange(index, offset, offset + limit - 1)
         total, ids = pipe.execute()
