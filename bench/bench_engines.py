@@ -67,7 +67,8 @@ SHAPES: dict[str, dict[str, int]] = {
     "llama-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
                  "intermediate_size": 11008},  # Llama 2 7B (the paper's model size)
 }
-OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}  # set from the command line
+# Set from the command line.
+OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}
 
 
 @dataclass
@@ -484,7 +485,9 @@ def main() -> None:
         machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     report: dict[str, Any] = {"machine": machine, "prompts": args.prompts, "scenarios": {}}
     for scenario in args.scenarios.split(","):
-        results = {engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")}
+        results = {
+            engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")
+        }
         fast = results["fast"]
         flops = fast["flops_per_ablation"]
         fast["gflops_achieved"] = None if flops is None else flops * fast["rate"] / 1e9

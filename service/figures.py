@@ -16,17 +16,15 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, get_args
 
-from service.schemas import JobResult
+from service.schemas import FigureFormat, FigureName, JobResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair"]
-FigureFormat = Literal["png", "svg"]
-FIGURE_NAMES: tuple[FigureName, ...] = ("te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair")
+FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
 FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml"}
 FIGSIZE_IN = (12.0, 8.0)
 DPI = 100
@@ -324,7 +322,7 @@ def _self_repair(fig: Figure, result: JobResult) -> None:
             sums[i] += value
     order = sorted(by_layer)
     for i, (label, colour) in enumerate((("heads", "tab:blue"), ("MLPs", "tab:orange"), ("norm", "tab:green"))):
-        shares = [by_layer[l][i] / by_layer[l][3] if by_layer[l][3] else float("nan") for l in order]
+        shares = [by_layer[layer][i] / by_layer[layer][3] if by_layer[layer][3] else float("nan") for layer in order]
         right.plot(order, shares, marker="o", color=colour, label=label)
     right.axhline(0, color="grey", linewidth=0.5)
     right.set_xlabel("layer of the ablated component")

@@ -274,7 +274,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 x = args[0].clone()
                 for p, v in ablation.values.items():
                     x[0, p, lo:hi] = v.to(x.dtype)
-                return (x,) + tuple(args[1:])
+                return (x, *tuple(args[1:]))
 
             handles.append(parts.out_proj[comp.layer].register_forward_pre_hook(replace_head))
         else:
@@ -285,7 +285,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 for p, v in ablation.values.items():
                     out[0, p, :] = v.to(out.dtype)
                 if isinstance(output, tuple):
-                    return (out,) + tuple(output[1:])
+                    return (out, *tuple(output[1:]))
                 return out
 
             handles.append(module.register_forward_hook(replace_output))
@@ -751,7 +751,8 @@ def oracle_position_sweep(
                 runs = [{p: means[comp.name] for p in range(T)}]
             else:
                 runs = [
-                    resample_values(replacement_space_output(parts, clean[src][0], comp), T, "all") for src in pairing[i]
+                    resample_values(replacement_space_output(parts, clean[src][0], comp), T, "all")
+                    for src in pairing[i]
                 ]
             sums = {k: torch.zeros(len(measured), dtype=torch.float64) for k in fields if k != "response"}
             response_sum = torch.zeros(len(basis), len(measured), dtype=torch.float64)

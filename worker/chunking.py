@@ -29,6 +29,7 @@ from worker.job_runner import (
     near_tie_gap,
     position_prompt_result,
     prompt_result,
+    prompt_warnings,
     provenance,
     sweep_spec,
     tokenise_lazily,
@@ -73,7 +74,8 @@ def execute_chunk(
         ]
     else:
         prompts = [
-            prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)
+            prompt_result(loaded, spec.prompts[i], m, gap, prompt_warnings(loaded, spec, i))
+            for i, m in zip(measure, sweep.prompts, strict=True)
         ]
     return ChunkResult(
         index=index,

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from worker.engine.architecture import Architecture, describe
-from worker.engine.errors import InputError
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import (
     Component,
@@ -21,6 +20,7 @@ from worker.engine.components import (
     layer_components,
     parse_component,
 )
+from worker.engine.errors import InputError
 from worker.engine.fast import AblatedRun
 from worker.engine.position_fast import head_directions, project_heads, run_ablated_projected
 from worker.engine.readout import Readout
@@ -220,7 +220,8 @@ def _measure_prompt(
         total.append(clean_metric - metric_at(arch, readout, out.x, targets))
         clean_rows = [_to_residual(arch, a.component, component_rows(run, a.component, arch.head_dim)) for a in chunk]
         replaced = [_to_residual(arch, a.component, a.replacement) for a in chunk]
-        direct.append(torch.stack([((c - r) * u).sum(dim=-1) for c, r in zip(clean_rows, replaced)]) / s_clean)
+        pairs = zip(clean_rows, replaced, strict=True)
+        direct.append(torch.stack([((c - r) * u).sum(dim=-1) for c, r in pairs]) / s_clean)
         unembed.append(torch.stack([(c * u).sum(dim=-1) for c in clean_rows]) / s_clean)
         if spec.norm_scale == "clean":
             response.append(out.change / s_clean)
