@@ -21,10 +21,10 @@ from worker.engine.components import (
     parse_component,
 )
 from worker.engine.fast import AblatedRun
+from worker.engine.memory import DEFAULT_BATCH_TOKENS, device_batch_tokens
 from worker.engine.position_fast import head_directions, project_heads, run_ablated_projected
 from worker.engine.readout import Readout
 from worker.engine.replacements import component_rows, resample_sources
-from worker.engine.memory import DEFAULT_BATCH_TOKENS, device_batch_tokens
 from worker.engine.sweep import ProgressCallback, StopCheck, SweepCancelled, _mean_activations, _replacement
 from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInputs, SweepSpec
 
