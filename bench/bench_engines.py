@@ -128,7 +128,8 @@ def corpus_ids(loaded: Loaded, scenario: dict[str, Any]) -> list[Any]:
     from service.corpora import documents
 
     docs = documents("known_1000_text")[: scenario["documents"] + 1]
-    return [torch.tensor(loaded.tokenizer(d).input_ids[: scenario["max_tokens"]]) for d in docs]
+    ids = [loaded.tokenizer(d).input_ids[: scenario["max_tokens"]] for d in docs]
+    return [torch.tensor(i, device=OPTIONS["device"]) for i in ids]
 
 
 def run_fast_positions(scenario: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +154,8 @@ def run_fast_positions(scenario: dict[str, Any]) -> dict[str, Any]:
         for c, name in enumerate(names)
     }
     return {"engine": "fast", "ablations": ablations, "seconds": elapsed, "rate": ablations / elapsed,
-            "peak_rss_mb": peak_rss_mb(), "flops_per_ablation": None, "values": values}
+            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(), "flops_per_ablation": None,
+            "values": values}
 
 
 def run_peer_positions(engine: str, scenario: dict[str, Any], peer_ablations: int) -> dict[str, Any]:
@@ -179,7 +181,7 @@ def run_peer_positions(engine: str, scenario: dict[str, Any], peer_ablations: in
         values[f"0/{name}"] = (clean_logits - logits[positions, targets]).tolist()
     elapsed = time.perf_counter() - started
     return {"engine": engine, "ablations": len(work), "seconds": elapsed, "rate": len(work) / elapsed,
-            "peak_rss_mb": peak_rss_mb(), "values": values}
+            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(), "values": values}
 
 
 def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
