@@ -24,6 +24,7 @@ class CleanRun:
     length: int
     past_keys: list[torch.Tensor]  # per layer (1, KV, T−1, hd): the prefix's keys (scope "final" only)
     past_values: list[torch.Tensor]
+    x_all: torch.Tensor | None = None  # (T, d): residual stream entering the final norm at every position ("all")
 
     def final_layer_out(self) -> torch.Tensor:
         return self.layer_out[:, -1, :]
@@ -64,6 +65,8 @@ def run_clean(
 
     def keep_x(x: torch.Tensor) -> torch.Tensor:
         captured["x"] = x[0, -1].clone()
+        if all_positions:
+            captured["x_all"] = x[0].clone()
         return x
 
     with hooks_removed_on_exit() as handles:
@@ -90,6 +93,7 @@ def run_clean(
         length=int(token_ids.shape[0]),
         past_keys=past_keys,
         past_values=past_values,
+        x_all=captured.get("x_all"),
     )
 
 

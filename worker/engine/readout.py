@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from worker.engine.architecture import Architecture
+from worker.engine.errors import InputError
 from worker.engine.types import Metric
 
 
@@ -34,15 +35,15 @@ class Readout:
             b = b - self.unembed_bias.mean()
         elif self.metric == "logit_diff":
             if counterfactual is None:
-                raise ValueError("metric logit_diff needs a counterfactual token per prompt")
+                raise InputError("metric logit_diff needs a counterfactual token per prompt")
             w = w - self.unembed_weight[counterfactual]
             b = b - self.unembed_bias[counterfactual]
         return w, b
 
     def direct_map(self, w: torch.Tensor) -> torch.Tensor:
-        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w."""
+        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w (rows of w: one u each)."""
         u = self.gain.float() * w.float()
-        return u - u.mean() if self.centred else u
+        return u - u.mean(dim=-1, keepdim=True) if self.centred else u
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's divisor s(x) for each row of x (…, d), in float32."""
@@ -72,7 +73,7 @@ class Readout:
         if self.metric in ("logit", "logit_diff"):
             rows = [target] if self.metric == "logit" else [target, counterfactual]
             if None in rows:
-                raise ValueError("metric logit_diff needs a counterfactual token per prompt")
+                raise InputError("metric logit_diff needs a counterfactual token per prompt")
             picked = self._capped(normed @ self.unembed_weight[rows].float().T + self.unembed_bias[rows].float())
             return picked[:, 0] if self.metric == "logit" else picked[:, 0] - picked[:, 1]
         logits = self._capped(self.arch.unembed(normed.to(self.gain.dtype)).float())
