@@ -64,7 +64,7 @@ def test_compose_config_resolves_with_the_promised_settings() -> None:
     for setting in ("--requirepass", "--maxmemory ", "--maxmemory-policy noeviction", "--appendonly yes"):
         assert setting in command, setting
     assert redis["environment"]["REDIS_PASSWORD"] == "s3cret" and "s3cret" not in command
-    assert redis["environment"]["REDIS_MAXMEMORY"] == "0"  # no cap unless REDIS_MAXMEMORY says so
+    assert redis["environment"]["REDIS_MAXMEMORY"] == "4gb"  # a cap by default: results must not fill the host
     for name in ("api", "worker"):
         assert services[name]["environment"]["REDIS_URL"] == "redis://:s3cret@redis:6379/0"
 
