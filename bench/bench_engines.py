@@ -2,6 +2,11 @@
 write it), on SmolLM2-135M and the known_1000 prompts. Not a test: prints a table and writes JSON.
 
     python bench/bench_engines.py [--prompts 100] [--peer-ablations 120] [--out bench/results.json]
+        [--model smollm2|llama-360m|llama-1b|llama-1.1b|llama-7b] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+`--model llama-…` builds a randomly initialised Llama of that shape (weights need not be trained for timing; the
+SmolLM2 tokenizer and its 49,152-token vocabulary serve every shape). On CUDA, peak memory is the allocator's peak
+(`torch.cuda.max_memory_allocated`) besides the process's peak RSS.
 
 Each scenario runs each engine in its own subprocess (so peak memory is per engine), on the same prompts; the
 peers run on a subset large enough for a stable per-ablation rate, and the numbers they share with the fast engine
@@ -44,6 +49,20 @@ def component_names(kinds: list[str], n_layers: int, n_heads: int) -> list[str]:
     return names
 
 
+# Randomly initialised Llama shapes (hidden, layers, heads, kv heads, MLP width) of well-known models.
+SHAPES: dict[str, dict[str, int]] = {
+    "llama-360m": {"hidden_size": 960, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
+                   "intermediate_size": 2560},  # SmolLM2-360M
+    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "intermediate_size": 8192},  # Llama 3.2 1B
+    "llama-1.1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+                   "intermediate_size": 5632},  # TinyLlama 1.1B
+    "llama-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "intermediate_size": 11008},  # Llama 2 7B (the paper's model size)
+}
+OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}  # set from the command line
+
+
 @dataclass
 class Loaded:
     model: Any
@@ -54,17 +73,44 @@ class Loaded:
 def load(n_prompts: int) -> Loaded:
     import torch
 
-    from worker.model_cache import load_model
+    from worker.model_cache import DTYPES, load_model
     from worker.model_sources import builtin_smollm2
 
     torch.manual_seed(0)
-    loaded = load_model(builtin_smollm2())
+    dtype, device = DTYPES[OPTIONS["dtype"]], OPTIONS["device"]
     rows = json.loads((ROOT / "service" / "data" / "known_1000.json").read_text())
-    return Loaded(loaded.model, loaded.tokenizer, [r["prompt"] for r in rows[:n_prompts]])
+    prompts = [r["prompt"] for r in rows[:n_prompts]]
+    if OPTIONS["model"] == "smollm2":
+        loaded = load_model(builtin_smollm2(), device=device, dtype=dtype)
+        return Loaded(loaded.model, loaded.tokenizer, prompts)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    source = builtin_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **SHAPES[OPTIONS["model"]])
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    return Loaded(model, tokenizer, prompts)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mb() -> float | None:
+    import torch
+
+    if OPTIONS["device"].startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def synchronise() -> None:
+    import torch
+
+    if OPTIONS["device"].startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
@@ -83,12 +129,16 @@ def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
         resample_samples=scenario["samples"],
         resample_from="next",
     )
-    ids = [torch.tensor(loaded.tokenizer(p).input_ids) for p in loaded.prompts]
+    device = OPTIONS["device"]
+    ids = [torch.tensor(loaded.tokenizer(p).input_ids, device=device) for p in loaded.prompts]
+    synchronise()
     started = time.perf_counter()
-    result = run_sweep(loaded.model, spec, SweepInputs(token_ids=ids))
+    # batch_tokens=None: the budget the workers use (from free memory on CUDA, the fixed default on a CPU)
+    result = run_sweep(loaded.model, spec, SweepInputs(token_ids=ids), batch_tokens=None)
+    synchronise()
     elapsed = time.perf_counter() - started
     ablations = len(ids) * len(names) * scenario["samples"]
-    flops_per_ablation = _fast_flops_per_ablation(loaded, spec, ids, ablations)
+    flops_per_ablation = _fast_flops_per_ablation(loaded, spec, ids, ablations) if OPTIONS["flops"] == "on" else None
     # Work shared with the peers (they use the first resample source only): the same sweep with one source.
     comparable = result if spec.resample_samples == 1 else run_sweep(
         loaded.model, replace(spec, resample_samples=1), SweepInputs(token_ids=ids)
@@ -99,6 +149,7 @@ def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
         "seconds": elapsed,
         "rate": ablations / elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
         "flops_per_ablation": flops_per_ablation,
         "values": _effects_by_key(comparable, names),
     }
@@ -146,12 +197,13 @@ def run_peer(engine: str, scenario: dict[str, Any], n_prompts: int, peer_ablatio
     config = loaded.model.config
     names = component_names(scenario["components"], config.num_hidden_layers, config.num_attention_heads)
     work = peer_work(scenario, n_prompts, peer_ablations, names)
-    ids = [torch.tensor(loaded.tokenizer(p).input_ids) for p in loaded.prompts]
+    ids = [torch.tensor(loaded.tokenizer(p).input_ids, device=OPTIONS["device"]) for p in loaded.prompts]
     needed = sorted({name for _, name in work})
     clean = [_clean_pass(loaded.model, prompt_ids, needed) for prompt_ids in ids]
     ablate = _hooks_ablation if engine == "hooks" else _nnsight_ablation(loaded)
     metric = _metric(scenario["metric"])
     values: dict[str, list[float]] = {}
+    synchronise()
     started = time.perf_counter()
     for i, name in work:
         logits, _ = clean[i]
@@ -159,6 +211,7 @@ def run_peer(engine: str, scenario: dict[str, Any], n_prompts: int, peer_ablatio
         rows = _replacement_rows(clean[(i + 1) % n_prompts][1][name], ids[i].shape[0], scenario["positions"])
         ablated = ablate(loaded.model, ids[i], name, rows)
         values[f"{i}/{name}"] = [metric(logits, target) - metric(ablated, target), float("nan")]
+    synchronise()
     elapsed = time.perf_counter() - started
     return {
         "engine": engine,
@@ -166,14 +219,15 @@ def run_peer(engine: str, scenario: dict[str, Any], n_prompts: int, peer_ablatio
         "seconds": elapsed,
         "rate": len(work) / elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
         "values": values,
     }
 
 
 def _metric(name: str) -> Any:
     if name == "centered_logit":
-        return lambda logits, t: float(logits[t] - logits.mean())
-    return lambda logits, t: float(logits[t])
+        return lambda logits, t: float(logits[t].float() - logits.float().mean())
+    return lambda logits, t: float(logits[t].float())
 
 
 def _site(model: Any, name: str) -> tuple[Any, str, slice]:
@@ -279,13 +333,19 @@ def matmul_gflops() -> float:
     """This machine's float32 matmul rate (GFLOP/s) on 2048×2048 matrices, best of 10 timings."""
     import torch
 
-    size = 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    from worker.model_cache import DTYPES
+
+    size = 2048 if OPTIONS["device"] == "cpu" else 8192
+    dtype = DTYPES[OPTIONS["dtype"]]
+    a = torch.randn(size, size, device=OPTIONS["device"], dtype=dtype)
+    b = torch.randn(size, size, device=OPTIONS["device"], dtype=dtype)
     best = 0.0
     for _ in range(10):
+        synchronise()
         started = time.perf_counter()
         for _ in range(5):
             a @ b
+        synchronise()
         best = max(best, 5 * 2 * size**3 / (time.perf_counter() - started) / 1e9)
     return best
 
@@ -303,6 +363,7 @@ def spawn(engine: str, scenario: str, prompts: int, peer_ablations: int) -> dict
     command = [
         sys.executable, __file__, "--child", "--engine", engine, "--scenario", scenario,
         "--prompts", str(prompts), "--peer-ablations", str(peer_ablations),
+        *(f"--{key}={value}" for key, value in OPTIONS.items()),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -324,23 +385,31 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--engines", default="fast,hooks,nnsight")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *SHAPES])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--flops", default="on", choices=["on", "off"], help="count the fast engine's FLOPs (a rerun)")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--engine")
     parser.add_argument("--scenario")
     args = parser.parse_args()
+    OPTIONS.update(model=args.model, device=args.device, dtype=args.dtype, flops=args.flops)
     if args.child:
         child(args)
         return
 
     import torch
 
-    machine = {"torch_threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops()}
+    machine = {"torch_threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops(), **OPTIONS}
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     report: dict[str, Any] = {"machine": machine, "prompts": args.prompts, "scenarios": {}}
     for scenario in args.scenarios.split(","):
         results = {engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")}
         fast = results["fast"]
-        fast["gflops_achieved"] = fast["flops_per_ablation"] * fast["rate"] / 1e9
-        fast["fraction_of_matmul_rate"] = fast["gflops_achieved"] / machine["matmul_gflops"]
+        flops = fast["flops_per_ablation"]
+        fast["gflops_achieved"] = None if flops is None else flops * fast["rate"] / 1e9
+        fast["fraction_of_matmul_rate"] = None if flops is None else fast["gflops_achieved"] / machine["matmul_gflops"]
         summary = {}
         for engine, out in results.items():
             summary[engine] = {
@@ -349,11 +418,13 @@ def main() -> None:
                 "ablations_per_s": round(out["rate"], 2),
                 "speedup_of_fast": round(fast["rate"] / out["rate"], 1),
                 "peak_rss_mb": round(out["peak_rss_mb"]),
+                "peak_device_mb": None if out.get("peak_device_mb") is None else round(out["peak_device_mb"]),
                 "max_abs_diff_vs_fast": max_difference(fast["values"], out["values"])
                 if engine != "fast" else None,
             }
-        summary["fast"]["gflops_achieved"] = round(fast["gflops_achieved"], 2)
-        summary["fast"]["fraction_of_matmul_rate"] = round(fast["fraction_of_matmul_rate"], 3)
+        if flops is not None:
+            summary["fast"]["gflops_achieved"] = round(fast["gflops_achieved"], 2)
+            summary["fast"]["fraction_of_matmul_rate"] = round(fast["fraction_of_matmul_rate"], 3)
         report["scenarios"][scenario] = summary
         print(json.dumps({scenario: summary}, indent=2), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

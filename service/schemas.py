@@ -100,7 +100,7 @@ class JobPage(Struct, kw_only=True):
 
 class ModelInfo(Struct, kw_only=True):
     id: str
-    architecture: str
+    architecture: str  # the config's model_type, e.g. "gemma2"
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -108,6 +108,12 @@ class ModelInfo(Struct, kw_only=True):
     vocab_size: int
     parallel_blocks: bool
     source: str
+    # Defaults keep the records of workers that predate these fields readable.
+    family: str = ""  # e.g. "Gemma 2"
+    dtype: str = "float32"  # what the worker runs the model in (HYDRA_DTYPE)
+    device: str = "cpu"  # where (HYDRA_DEVICE), e.g. "cuda:0"
+    device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU's model name
+    final_logit_softcap: float | None = None  # Gemma 2: results then carry capped_total_effect too
 
 
 class Regression(Struct, kw_only=True):
@@ -133,6 +139,9 @@ class PromptResult(Struct, kw_only=True):
     norm_response: list[float]
     response: list[list[float]]
     clean_direct_effect: list[float]
+    # Soft-capped models only (Gemma 2): TE read on the model's capped logits; the other measures are read on the
+    # pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). Null for every other model.
+    capped_total_effect: list[float] | None = None
 
 
 class ComponentSummary(Struct, kw_only=True):

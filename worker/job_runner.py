@@ -5,6 +5,7 @@ Free of Redis and Celery. `worker/chunking.py` runs a job (or a chunk of it) wit
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import time
@@ -18,7 +19,7 @@ import torch
 from service.schemas import JobSpec, PromptResult, Provenance
 from service.settings import env_int
 from worker.engine.errors import InputError
-from worker.engine.sweep import DEFAULT_BATCH_TOKENS
+from worker.engine.memory import DEFAULT_BATCH_TOKENS
 from worker.engine.types import PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
 
@@ -27,8 +28,11 @@ NEAR_TIE_GAP = {"float32": 1e-4, "float64": 1e-8}
 REDUCED_PRECISION_NEAR_TIE_GAP = 0.05
 
 
-def batch_tokens() -> int:
-    """HYDRA_BATCH_TOKENS: the engine's memory budget per batch, in rows × prompt tokens (default 8192)."""
+def batch_tokens() -> int | None:
+    """HYDRA_BATCH_TOKENS: a fixed budget per batch in rows × prompt tokens; unset, the engine derives it from the
+    device (free CUDA memory and the model's size; 8192 on a CPU: worker/engine/memory.py)."""
+    if not os.environ.get("HYDRA_BATCH_TOKENS", "").strip():
+        return None
     return env_int("HYDRA_BATCH_TOKENS", DEFAULT_BATCH_TOKENS)
 
 
@@ -135,6 +139,7 @@ def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float)
         norm_response=m.norm_response,
         response=m.response,
         clean_direct_effect=m.clean_direct_effect,
+        capped_total_effect=m.capped_total_effect,
     )
 
 

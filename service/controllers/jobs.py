@@ -125,6 +125,23 @@ def queue_job(
     return status
 
 
+def cancel_job(store: JobStore, queue: JobQueue, job_id: str, principal: Principal | None) -> JobStatus:
+    """Cancel a queued or running job: 404 for an unknown (or another key's) job, 409 once it has finished."""
+    visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
+    status = store.request_cancel(job_id)
+    if status is None:
+        raise _not_found(job_id)
+    if status.status in ("succeeded", "failed"):
+        raise _conflict(f"job {job_id} already {status.status}; there is nothing to cancel")
+    # Queued chunks are dropped now; a running chunk sees the job cancelled at its next prompt. The cancel is
+    # already stored: if the broker cannot take the revoke, chunks that start later skip themselves anyway.
+    try:
+        queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
+    except Exception:  # noqa: BLE001 - kombu's errors are not RedisError; the answer stays the stored cancel
+        logger.warning("job %s: could not revoke its queued chunks", job_id, exc_info=True)
+    return status
+
+
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
@@ -268,16 +285,4 @@ class JobsController(Controller):
         queue: NamedDependency[JobQueue],
         principal: NamedDependency[Principal],
     ) -> JobStatus:
-        visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
-        status = store.request_cancel(job_id)
-        if status is None:
-            raise _not_found(job_id)
-        if status.status in ("succeeded", "failed"):
-            raise _conflict(f"job {job_id} already {status.status}; there is nothing to cancel")
-        # Queued chunks are dropped now; a running chunk sees the job cancelled at its next prompt. The cancel is
-        # already stored: if the broker cannot take the revoke, chunks that start later skip themselves anyway.
-        try:
-            queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
-        except Exception:  # noqa: BLE001 - kombu's errors are not RedisError; the answer stays the stored cancel
-            logger.warning("job %s: could not revoke its queued chunks", job_id, exc_info=True)
-        return status
+        return cancel_job(store, queue, job_id, principal)

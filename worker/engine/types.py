@@ -57,6 +57,9 @@ class PromptMeasures:
     norm_response: list[float]
     clean_direct_effect: list[float]  # over the response basis
     sources: list[int] = field(default_factory=list)  # resample sources used for this prompt (empty otherwise)
+    # Soft-capped models (Gemma 2) only: TE of the same metric read on the capped logits; every other measure is
+    # read on the pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). None for other models.
+    capped_total_effect: list[float] | None = None
 
 
 @dataclass
