@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -35,6 +36,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "heads": {"components": ["head"], "positions": "final", "samples": 1, "metric": "logit"},
     # (c) every attn and MLP layer ablated at all positions
     "all_positions": {"components": ["attn", "mlp"], "positions": "all", "samples": 1, "metric": "logit"},
+    # (d) the rushing_nanda preset's work: every head resample-ablated at every position of a 64-token document
+    # of the built-in corpus, measured at every position (next-token target, head response basis); the fast engine
+    # measures `documents` documents, the peers run `--peer-ablations` heads of the first one (one forward pass
+    # each, reading the logits at every position)
+    "rushing_nanda": {"components": ["head"], "positions": "all", "samples": 1, "metric": "logit",
+                      "per_position": True, "documents": 1, "max_tokens": 64},
 }
 
 
@@ -60,7 +67,8 @@ SHAPES: dict[str, dict[str, int]] = {
     "llama-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
                  "intermediate_size": 11008},  # Llama 2 7B (the paper's model size)
 }
-OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}  # set from the command line
+# Set from the command line.
+OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}
 
 
 @dataclass
@@ -111,6 +119,69 @@ def synchronise() -> None:
 
     if OPTIONS["device"].startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def corpus_ids(loaded: Loaded, scenario: dict[str, Any]) -> list[Any]:
+    """The first documents of the built-in corpus (one more than measured: a resample source), cut to max_tokens."""
+    import torch
+
+    from service.corpora import documents
+
+    docs = documents("known_1000_text")[: scenario["documents"] + 1]
+    ids = [loaded.tokenizer(d).input_ids[: scenario["max_tokens"]] for d in docs]
+    return [torch.tensor(i, device=OPTIONS["device"]) for i in ids]
+
+
+def run_fast_positions(scenario: dict[str, Any]) -> dict[str, Any]:
+    from worker.engine.position_sweep import run_position_sweep
+    from worker.engine.types import SweepInputs, SweepSpec
+
+    loaded = load(1)
+    config = loaded.model.config
+    names = component_names(scenario["components"], config.num_hidden_layers, config.num_attention_heads)
+    spec = SweepSpec(
+        components=tuple(names), positions="all", metric=scenario["metric"], resample_from="next",
+        measure_positions="all", target="next_token", response_basis="heads",
+    )
+    ids = corpus_ids(loaded, scenario)
+    measured = list(range(scenario["documents"]))
+    started = time.perf_counter()
+    result = run_position_sweep(loaded.model, spec, SweepInputs(token_ids=ids, measure_indices=measured))
+    elapsed = time.perf_counter() - started
+    ablations = len(measured) * len(names)
+    values = {
+        f"{i}/{name}": prompt.total_effect[c].tolist() for i, prompt in enumerate(result.prompts)
+        for c, name in enumerate(names)
+    }
+    return {"engine": "fast", "ablations": ablations, "seconds": elapsed, "rate": ablations / elapsed,
+            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(), "flops_per_ablation": None,
+            "values": values}
+
+
+def run_peer_positions(engine: str, scenario: dict[str, Any], peer_ablations: int) -> dict[str, Any]:
+    """One forward pass per ablated head over the whole document, the target logit read at every position."""
+    import torch
+
+    loaded = load(1)
+    config = loaded.model.config
+    names = component_names(scenario["components"], config.num_hidden_layers, config.num_attention_heads)
+    work = [name for name in names[:: max(1, len(names) // peer_ablations)]][:peer_ablations]
+    ids = corpus_ids(loaded, scenario)
+    reads = [d[:-1] for d in ids]
+    targets = ids[0][1:]
+    clean = [_clean_pass(loaded.model, r, work, all_logits=True) for r in reads[:2]]
+    ablate = _hooks_ablation if engine == "hooks" else _nnsight_ablation(loaded)
+    positions = torch.arange(targets.shape[0])
+    clean_logits = clean[0][0][positions, targets]
+    values: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    for name in work:
+        rows = _replacement_rows(clean[1][1][name], reads[0].shape[0], "all")
+        logits = ablate(loaded.model, reads[0], name, rows, all_logits=True)
+        values[f"0/{name}"] = (clean_logits - logits[positions, targets]).tolist()
+    elapsed = time.perf_counter() - started
+    return {"engine": engine, "ablations": len(work), "seconds": elapsed, "rate": len(work) / elapsed,
+            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(), "values": values}
 
 
 def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
@@ -253,7 +324,7 @@ def _register(module: Any, where: str, edit: Any) -> Any:
     return module.register_forward_hook(hook)
 
 
-def _clean_pass(model: Any, ids: Any, names: list[str]) -> tuple[Any, dict[str, Any]]:
+def _clean_pass(model: Any, ids: Any, names: list[str], all_logits: bool = False) -> tuple[Any, dict[str, Any]]:
     """Clean final logits and each needed component's clean activations (all positions)."""
     import torch
 
@@ -268,7 +339,8 @@ def _clean_pass(model: Any, ids: Any, names: list[str]) -> tuple[Any, dict[str, 
 
         handles.append(_register(module, where, keep))
     with torch.no_grad():
-        logits = model(ids.unsqueeze(0)).logits[0, -1]
+        logits = model(ids.unsqueeze(0)).logits[0]
+    logits = logits if all_logits else logits[-1]
     for handle in handles:
         handle.remove()
     return logits, saved
@@ -285,7 +357,7 @@ def _replacement_rows(source: Any, length: int, positions: str) -> Any:
     return torch.cat([source.mean(0, keepdim=True).expand(length - source.shape[0], -1), source])
 
 
-def _hooks_ablation(model: Any, ids: Any, name: str, rows: Any) -> Any:
+def _hooks_ablation(model: Any, ids: Any, name: str, rows: Any, all_logits: bool = False) -> Any:
     """Plain PyTorch hooks, one forward pass (TransformerLens' run_with_hooks does the same)."""
     import torch
 
@@ -299,7 +371,8 @@ def _hooks_ablation(model: Any, ids: Any, name: str, rows: Any) -> Any:
     handle = _register(module, where, patch)
     try:
         with torch.no_grad():
-            return model(ids.unsqueeze(0)).logits[0, -1]
+            logits = model(ids.unsqueeze(0)).logits[0]
+            return logits if all_logits else logits[-1]
     finally:
         handle.remove()
 
@@ -310,7 +383,7 @@ def _nnsight_ablation(loaded: Loaded) -> Any:
 
     lm = LanguageModel(loaded.model, tokenizer=loaded.tokenizer)
 
-    def ablate(_model: Any, ids: Any, name: str, rows: Any) -> Any:
+    def ablate(_model: Any, ids: Any, name: str, rows: Any, all_logits: bool = False) -> Any:
         import torch
 
         kind, layer = name.split(".")[0], int(name.split(".")[1])
@@ -323,7 +396,7 @@ def _nnsight_ablation(loaded: Loaded) -> Any:
                 block.mlp.output[0, -rows.shape[0] :, cols] = rows
             else:
                 block.self_attn.o_proj.input[0, -rows.shape[0] :, cols] = rows
-            logits = lm.lm_head.output[0, -1].save()
+            logits = (lm.lm_head.output[0] if all_logits else lm.lm_head.output[0, -1]).save()
         return logits
 
     return ablate
@@ -352,7 +425,10 @@ def matmul_gflops() -> float:
 
 def child(args: argparse.Namespace) -> None:
     scenario = SCENARIOS[args.scenario]
-    if args.engine == "fast":
+    if scenario.get("per_position"):
+        out = (run_fast_positions(scenario) if args.engine == "fast"
+               else run_peer_positions(args.engine, scenario, args.peer_ablations))
+    elif args.engine == "fast":
         out = run_fast(scenario, args.prompts)
     else:
         out = run_peer(args.engine, scenario, args.prompts, args.peer_ablations)
@@ -373,9 +449,15 @@ def spawn(engine: str, scenario: str, prompts: int, peer_ablations: int) -> dict
 
 
 def max_difference(fast: dict[str, list[float]], peer: dict[str, list[float]]) -> float | None:
-    """Max |TE_fast − TE_peer| over the (prompt, component) pairs both ran with the same (first) source."""
+    """Max |TE_fast − TE_peer| over the (prompt, component) pairs both ran with the same (first) source; per-position
+    scenarios compare the TE at every position."""
     shared = [key for key in peer if key in fast]
-    return max(abs(fast[key][0] - peer[key][0]) for key in shared) if shared else None
+    if not shared:
+        return None
+    final_only = all(len(peer[key]) == 2 and math.isnan(peer[key][1]) for key in shared)  # [TE, nan]
+    if final_only:
+        return max(abs(fast[key][0] - peer[key][0]) for key in shared)
+    return max(abs(a - b) for key in shared for a, b in zip(fast[key], peer[key], strict=True))
 
 
 def main() -> None:
@@ -405,7 +487,9 @@ def main() -> None:
         machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     report: dict[str, Any] = {"machine": machine, "prompts": args.prompts, "scenarios": {}}
     for scenario in args.scenarios.split(","):
-        results = {engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")}
+        results = {
+            engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")
+        }
         fast = results["fast"]
         flops = fast["flops_per_ablation"]
         fast["gflops_achieved"] = None if flops is None else flops * fast["rate"] / 1e9

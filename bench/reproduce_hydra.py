@@ -20,13 +20,13 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.http import HydraClient  # noqa: E402
-from client.stack import Stack  # noqa: E402
-from service.embedded_redis import free_port  # noqa: E402
-from service.schemas import JobResult  # noqa: E402
+from client.http import FIGURE_NAMES, HydraClient
+from client.stack import Stack
+from service.embedded_redis import free_port
+from service.schemas import JobResult
 
 OUT = ROOT / "docs" / "reproduction"
-FIGURES = ("te_vs_de", "layer_effects", "response_heatmap", "erasure")
+FIGURES = FIGURE_NAMES  # service/schemas.py: FigureName
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

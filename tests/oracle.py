@@ -274,7 +274,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 x = args[0].clone()
                 for p, v in ablation.values.items():
                     x[0, p, lo:hi] = v.to(x.dtype)
-                return (x,) + tuple(args[1:])
+                return (x, *tuple(args[1:]))
 
             handles.append(parts.out_proj[comp.layer].register_forward_pre_hook(replace_head))
         else:
@@ -285,7 +285,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 for p, v in ablation.values.items():
                     out[0, p, :] = v.to(out.dtype)
                 if isinstance(output, tuple):
-                    return (out,) + tuple(output[1:])
+                    return (out, *tuple(output[1:]))
                 return out
 
             handles.append(module.register_forward_hook(replace_output))
@@ -638,3 +638,162 @@ def embedding_output(model: nn.Module, parts: ModelParts, ids: torch.Tensor) -> 
     if parts.model_type == "gpt_neox":
         return model.gpt_neox.embed_in.weight.detach().double()[ids]
     raise ValueError(parts.model_type)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every position (docs/definitions.md, "Every position"): one full forward pass per ablation, every position read
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_model_positions(
+    model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: Ablation | None = None
+) -> tuple[RunRecord, torch.Tensor]:
+    """`run_model`, plus the residual stream entering the final norm at every position, (T, d_model)."""
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args):
+        captured.append(args[0][0].detach().clone())
+
+    handle = parts.final_norm.register_forward_pre_hook(capture)
+    try:
+        record = run_model(model, parts, ids, ablation)
+    finally:
+        handle.remove()
+    return record, captured[-1]
+
+
+def hand_logits(parts: ModelParts, readout: Readout, x: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of one residual vector, by hand in float64: W_U · norm(x) (+ bias)."""
+    logits = parts.unembed @ readout.norm(x)
+    return logits + parts.unembed_bias if parts.unembed_bias is not None else logits
+
+
+def position_basis(parts: ModelParts, heads: bool) -> list[str]:
+    if not heads:
+        return response_basis(parts)
+    names = []
+    for layer in range(parts.n_layers):
+        names += [f"head.{layer}.{h}" for h in range(parts.n_heads)]
+        names.append(f"mlp.{layer}")
+    return names
+
+
+def basis_output(parts: ModelParts, rec: RunRecord, name: str, p: int) -> torch.Tensor:
+    """What basis entry `name` writes into the residual stream at position p, float64."""
+    c = parse_component(name)
+    if c.kind == "head":
+        lo, hi = c.head * parts.head_dim, (c.head + 1) * parts.head_dim
+        return rec.head_in[c.layer][p, lo:hi].double() @ head_matrix(parts, c.layer, c.head)
+    store = rec.attn_out if c.kind == "attn" else rec.mlp_out
+    return store[c.layer][p].double()
+
+
+def oracle_position_sweep(
+    model: nn.Module, spec: SweepSpec, inputs: SweepInputs, sources: list[list[int]] | None = None
+) -> dict[str, object]:
+    """Per-position measures, brute force: {components, response_basis, prompts: [dict of float64 tensors]}.
+
+    Each prompt's dict: positions, target_ids (P,), clean_metric (P,), total_effect / direct_effect / unembed_effect
+    / compensation / norm_response (C, P), response (C, R, P), clean_direct_effect (R, P).
+    """
+    assert spec.positions == "all", "the per-position measures ablate at every position"
+    parts = locate_parts(model)
+    readout = Readout(parts)
+    heads = spec.response_basis == "heads"
+    basis = position_basis(parts, heads)
+    full = [torch.as_tensor(t, dtype=torch.long).view(-1) for t in inputs.token_ids]
+    prompts = [ids[:-1] for ids in full] if spec.target == "next_token" else full
+    n = len(prompts)
+    components = [parse_component(c) for c in spec.components]
+    clean = [run_model_positions(model, parts, ids) for ids in prompts]
+
+    if spec.ablation == "mean":
+        if inputs.mean_reference_ids is not None:
+            refs = [torch.as_tensor(t, dtype=torch.long).view(-1) for t in inputs.mean_reference_ids]
+            ref_records = [run_model(model, parts, ids) for ids in refs]
+        else:
+            ref_records = [rec for rec, _ in clean]
+        means = {
+            c.name: mean_vector([replacement_space_output(parts, r, c) for r in ref_records], "all") for c in components
+        }
+    pairing: list[list[int]] = [[] for _ in range(n)]
+    if spec.ablation == "resample":
+        pairing = resample_sources(n, spec.resample_samples, spec.resample_from, sources)
+
+    def is_down(comp: Component, name: str) -> bool:
+        layer_name = name if not name.startswith("head.") else "attn." + name.split(".")[1]
+        return layer_name in downstream(comp.name, parts.n_layers, parts.parallel)
+
+    results = []
+    for i, ids in enumerate(prompts):
+        T = ids.shape[0]
+        rec_c, x_c = clean[i]
+        logits_c = [hand_logits(parts, readout, x_c[p]) for p in range(T)]
+        if spec.target == "next_token":
+            targets = [int(t) for t in full[i][1:]]
+        elif inputs.target_ids is not None:
+            targets = [int(inputs.target_ids[i])] * T
+        else:
+            targets = [int(torch.argmax(z)) for z in logits_c]
+        measured = list(range(T)) if spec.measure_positions == "all" else [T - 1]
+        w = [metric_direction(parts, spec.metric, targets[p], None) for p in range(T)]
+        s_c = [readout.scale(x_c[p]) for p in range(T)]
+        m_c = [metric_from_logits(logits_c[p], spec.metric, targets[p], None) for p in range(T)]
+        clean_de = [[readout.f(w[p], basis_output(parts, rec_c, d, p)) / s_c[p] for p in measured] for d in basis]
+
+        fields = {k: [] for k in ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response")}
+        fields["response"] = []
+        for comp in components:
+            clean_rep = replacement_space_output(parts, rec_c, comp)
+            if spec.ablation == "zero":
+                runs = [{p: torch.zeros(clean_rep.shape[1], dtype=torch.float64) for p in range(T)}]
+            elif spec.ablation == "mean":
+                runs = [{p: means[comp.name] for p in range(T)}]
+            else:
+                runs = [
+                    resample_values(replacement_space_output(parts, clean[src][0], comp), T, "all")
+                    for src in pairing[i]
+                ]
+            sums = {k: torch.zeros(len(measured), dtype=torch.float64) for k in fields if k != "response"}
+            response_sum = torch.zeros(len(basis), len(measured), dtype=torch.float64)
+            for values in runs:
+                rec_a, x_a = run_model_positions(model, parts, ids, Ablation(comp, values))
+                for k, p in enumerate(measured):
+                    m_a = metric_from_logits(hand_logits(parts, readout, x_a[p]), spec.metric, targets[p], None)
+                    te = m_c[p] - m_a
+                    de = readout.f(w[p], to_residual(parts, comp, clean_rep[p] - values[p])) / s_c[p]
+                    unembed = readout.f(w[p], to_residual(parts, comp, clean_rep[p])) / s_c[p]
+                    s_a = readout.scale(x_a[p])
+                    response = []
+                    for d in basis:
+                        if not is_down(comp, d):
+                            response.append(0.0)
+                            continue
+                        out_a, out_c = basis_output(parts, rec_a, d, p), basis_output(parts, rec_c, d, p)
+                        if spec.norm_scale == "clean":
+                            response.append(readout.f(w[p], out_a - out_c) / s_c[p])
+                        else:
+                            response.append(readout.f(w[p], out_a) / s_a - readout.f(w[p], out_c) / s_c[p])
+                    compensation = de - te
+                    for name, value in (
+                        ("total_effect", te),
+                        ("direct_effect", de),
+                        ("unembed_effect", unembed),
+                        ("compensation", compensation),
+                        ("norm_response", compensation - sum(response)),
+                    ):
+                        sums[name][k] += value
+                    response_sum[:, k] += torch.tensor(response, dtype=torch.float64)
+            for name, summed in sums.items():
+                fields[name].append(summed / len(runs))
+            fields["response"].append(response_sum / len(runs))
+        prompt = {name: torch.stack(values) for name, values in fields.items()}
+        prompt.update(
+            positions=measured,
+            target_ids=torch.tensor([targets[p] for p in measured]),
+            clean_metric=torch.tensor([m_c[p] for p in measured], dtype=torch.float64),
+            clean_direct_effect=torch.tensor(clean_de, dtype=torch.float64),
+            sources=list(pairing[i]),
+        )
+        results.append(prompt)
+    return {"components": list(spec.components), "response_basis": basis, "prompts": results}

@@ -110,7 +110,7 @@ def test_what_cannot_be_decomposed_is_refused_with_the_reason(tmp_path: Path) ->
 
     with pytest.raises(UnsupportedArchitecture, match="bidirectional attention"):
         check_supported(Gemma3TextConfig(use_bidirectional_attention=True))
-    with pytest.raises(UnsupportedArchitecture, match="not supported; supported: .*gemma2"):
+    with pytest.raises(UnsupportedArchitecture, match=r"not supported; supported: .*gemma2"):
         check_supported(AutoConfig.for_model("bert"))
 
 

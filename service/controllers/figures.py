@@ -20,7 +20,6 @@ from service.auth import SECURITY, Principal
 from service.controllers.jobs import finished_result, not_acceptable_response, require_succeeded
 from service.controllers.problems import PROTECTED, problem_responses
 from service.exports import negotiate
-from service.limits import rate_limit
 from service.figures import (
     FIGURE_DESCRIPTIONS,
     FIGURE_MEDIA_TYPES,
@@ -31,6 +30,7 @@ from service.figures import (
     FigureName,
     render,
 )
+from service.limits import rate_limit
 from service.schemas import JobResult
 from service.store import JobStore
 
@@ -101,7 +101,7 @@ class FiguresController(Controller):
         name: Annotated[str, PathParameter(description=f"one of {', '.join(FIGURE_NAMES)}")],
         store: NamedDependency[JobStore],
         principal: NamedDependency[Principal],
-        format: Annotated[  # noqa: A002 - the query parameter's public name
+        format: Annotated[
             FigureFormat | None, QueryParameter(description="png or svg; overrides the Accept header")
         ] = None,
     ) -> Response[bytes]:

@@ -24,6 +24,7 @@ class CleanRun:
     length: int
     past_keys: list[torch.Tensor]  # per layer (1, KV, T−1, hd): the prefix's keys (scope "final" only)
     past_values: list[torch.Tensor]
+    x_all: torch.Tensor | None = None  # (T, d): residual stream entering the final norm at every position ("all")
 
     def final_layer_out(self) -> torch.Tensor:
         return self.layer_out[:, -1, :]
@@ -40,21 +41,21 @@ def run_clean(
     block_in: list[torch.Tensor | None] = [None] * arch.n_layers
     captured: dict[str, torch.Tensor] = {}
 
-    def keeper(slot: int):  # noqa: ANN202 - returns an edit callback
+    def keeper(slot: int):
         def keep_output(out: torch.Tensor) -> torch.Tensor:
             layer_out[slot] = out[0, keep].clone()
             return out
 
         return keep_output
 
-    def keep_head_in(layer: int):  # noqa: ANN202
+    def keep_head_in(layer: int):
         def keep_input(z: torch.Tensor) -> torch.Tensor:
             head_in[layer] = z[0, keep].clone()
             return z
 
         return keep_input
 
-    def keep_block_in(layer: int):  # noqa: ANN202
+    def keep_block_in(layer: int):
         def keep_input(_module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             assert isinstance(hidden, torch.Tensor)
@@ -64,6 +65,8 @@ def run_clean(
 
     def keep_x(x: torch.Tensor) -> torch.Tensor:
         captured["x"] = x[0, -1].clone()
+        if all_positions:
+            captured["x_all"] = x[0].clone()
         return x
 
     with hooks_removed_on_exit() as handles:
@@ -90,6 +93,7 @@ def run_clean(
         length=int(token_ids.shape[0]),
         past_keys=past_keys,
         past_values=past_values,
+        x_all=captured.get("x_all"),
     )
 
 

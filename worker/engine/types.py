@@ -6,15 +6,34 @@ The definitions of every field are in docs/definitions.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-Ablation = Literal["resample", "mean", "zero"]
-Positions = Literal["final", "all"]
-Metric = Literal["logit", "centered_logit", "logprob", "logit_diff"]
-NormScale = Literal["clean", "ablated"]
-ResampleFrom = Literal["next", "random"]
+# The option lists are the API's (one definition, service/schemas.py: msgspec only, no HTTP, no Redis).
+from service.schemas import AblationKind as Ablation
+from service.schemas import MeasurePositions, ResampleFrom
+from service.schemas import MetricName as Metric
+from service.schemas import NormScaleMode as NormScale
+from service.schemas import PositionScope as Positions
+from service.schemas import ResponseBasisName as ResponseBasis
+from service.schemas import TargetName as Target
+
+__all__ = [
+    "Ablation",
+    "MeasurePositions",
+    "Metric",
+    "NormScale",
+    "PositionMeasures",
+    "PositionSweepResult",
+    "Positions",
+    "PromptMeasures",
+    "ResampleFrom",
+    "ResponseBasis",
+    "SweepInputs",
+    "SweepResult",
+    "SweepSpec",
+    "Target",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +48,10 @@ class SweepSpec:
     resample_samples: int = 1
     resample_from: ResampleFrom = "next"
     seed: int = 0
+    # Per-position measurement (worker/engine/position_sweep.py; docs/definitions.md, "Every position").
+    measure_positions: MeasurePositions = "final"
+    target: Target = "clean_top"  # given target_ids win over "clean_top"
+    response_basis: ResponseBasis = "layers"
 
 
 @dataclass(frozen=True)
@@ -67,3 +90,33 @@ class SweepResult:
     components: list[str]
     response_basis: list[str]  # attn.0, mlp.0, attn.1, ...
     prompts: list[PromptMeasures]
+
+
+@dataclass
+class PositionMeasures:
+    """Every measure of one prompt at each measured position (the last axis, P); C components, R basis entries."""
+
+    positions: list[int]  # the measured positions, as indices into the tokens the model read
+    target_ids: torch.Tensor  # (P,) long
+    clean_metric: torch.Tensor  # (P,)
+    top2_gap: torch.Tensor  # (P,) clean logit(top-1) − logit(top-2)
+    total_effect: torch.Tensor  # (C, P)
+    direct_effect: torch.Tensor  # (C, P)
+    unembed_effect: torch.Tensor  # (C, P): the ablated component's clean direct effect onto the target
+    compensation: torch.Tensor  # (C, P)
+    response: torch.Tensor  # (C, R, P)
+    norm_response: torch.Tensor  # (C, P)
+    clean_direct_effect: torch.Tensor  # (R, P)
+    sources: list[int] = field(default_factory=list)
+
+    @property
+    def compensatory_effect(self) -> torch.Tensor:
+        """(C, P): Σ over the downstream basis entries of the responses (the final norm excluded)."""
+        return self.response.sum(dim=1)
+
+
+@dataclass
+class PositionSweepResult:
+    components: list[str]
+    response_basis: list[str]  # layers: attn.0, mlp.0, ...; heads: head.0.0, ..., mlp.0, head.1.0, ...
+    prompts: list[PositionMeasures]
