@@ -394,6 +394,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--only", nargs="*", help="scenario names to run (baseline always runs first)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: still stop the stack
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="hydra-chaos-") as tmp:
         stack = start_stack(Path(tmp))

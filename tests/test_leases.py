@@ -293,3 +293,28 @@ def test_a_worker_with_a_bad_setting_does_not_start(redis_url: str) -> None:
     assert "hydra-ablate worker: bad configuration: HYDRA_MODEL_CACHE_SIZE must be an integer, got 'two'" in (
         finished.stderr + finished.stdout
     )
+
+
+def test_a_real_redis_restart_is_ridden_out_by_the_retry(tmp_path: Path) -> None:
+    """A private Redis (append-only file) shut down and started again 2 s later: a store call made while it is
+    away returns once it is back, with the data written before the outage."""
+    import threading
+
+    from service.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    store = JobStore.from_settings(Settings(redis_url=server.url, key_prefix="restart:"), socket_timeout=5)
+    try:
+        job_id = store.create(_spec(), 4).id
+        server.stop()  # SIGTERM: Redis writes its append-only file and exits, as `redis-cli shutdown` does
+        restart = threading.Timer(2.0, server.start)
+        restart.start()
+        retry = RedisRetry(budget_s=30)
+        status = retry.call("read the job", lambda: store.status(job_id))
+        restart.join()
+        assert status is not None and status.status == "queued"
+        assert retry.outage_since is None
+    finally:
+        store.close()
+        server.stop()

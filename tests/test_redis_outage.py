@@ -127,9 +127,9 @@ def test_a_longer_redis_outage_fails_the_job_with_the_reason_once_redis_is_back(
     worker: WorkerProcess, private_redis: EmbeddedRedis, store: JobStore, queue: JobQueue
 ) -> None:
     book = ChunkBook.for_store(store)
-    job_id = submit(store, queue, job_spec(PROMPTS[:3]))  # one chunk
+    job_id = submit(store, queue, job_spec(PROMPTS[:3], samples=2))  # one chunk
     deadline = time.monotonic() + 90
-    while not running_mid_chunk(book, job_id, 0, delivery=1)() and time.monotonic() < deadline:
+    while not running_mid_chunk(book, job_id, 0, delivery=1, samples=2)() and time.monotonic() < deadline:
         time.sleep(0.02)
     take_redis_away(private_redis, LONG_OUTAGE_S)
     back_at = time.monotonic()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.architecture import Architecture
+from worker.engine.errors import InputError
 
 DEFAULT_BATCH_TOKENS = 8192
 # Leave this share of the free memory unused: the allocator's fragmentation and the readout's transient tensors.
@@ -20,8 +21,9 @@ HEADROOM = 0.25
 MAX_BATCH_TOKENS = 1 << 20  # past this, batches are bound by the GPU's arithmetic, not its memory
 
 
-class BatchDoesNotFit(ValueError):
-    """Not even one ablated run fits in the device's memory; the job fails with this reason."""
+class BatchDoesNotFit(InputError):
+    """Not even one ablated run fits in the device's memory; the job fails with this reason (as an input error:
+    shorter prompts or a larger device are the fix, not a bug)."""
 
 
 def bytes_per_row_token(arch: Architecture, dtype: torch.dtype, longest: int, all_positions: bool) -> int:
