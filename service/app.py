@@ -23,12 +23,15 @@ from service.auth import ApiKeys, auth_middleware, keys_hash, security_component
 from service.controllers import HealthController, JobsController, ModelsController
 from service.controllers.dependencies import dependencies
 from service.controllers.figures import FiguresController
+from service.controllers.strict_query import reject_unknown_query
+from service.controllers.webhooks import WebhooksController
 from service.errors import problem_details_config
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
 from service.queue import JobQueue
 from service.settings import Settings
 from service.store import JobStore
+from service.webhooks import finish_hook
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here
     store = JobStore.from_settings(settings)
     queue = JobQueue(settings)
+    store.on_finished = finish_hook(store, queue.notify)  # a job cancelled here gets its webhook too
     state = State(
         {
             "settings": settings,
@@ -128,7 +132,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store.close()
 
     return Litestar(
-        route_handlers=[JobsController, FiguresController, ModelsController, HealthController],
+        route_handlers=[JobsController, FiguresController, ModelsController, HealthController, WebhooksController],
+        guards=[reject_unknown_query],
         dependencies=dependencies(),
         state=state,
         middleware=[auth_middleware()],

@@ -17,8 +17,35 @@ MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
 PresetName = Literal["hydra"]
+# Where a job is (issue 12): queued → loading_model → clean_passes → ablating → merging → finished. A chunked job's
+# phase only moves forward, so parallel chunks never make it jump back.
+JobPhase = Literal["queued", "loading_model", "clean_passes", "ablating", "merging", "finished"]
+JOB_PHASES: tuple[str, ...] = ("queued", "loading_model", "clean_passes", "ablating", "merging", "finished")
 
 Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
+JobName = Annotated[str, Meta(min_length=1, max_length=200, description="A label for people; not unique")]
+Tag = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$",
+        description="Letters, digits and _ . : / - (starting with a letter or digit); filter jobs by it",
+    ),
+]
+MetadataValue = str | int | float | bool | None
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+MAX_METADATA_BYTES = 4096  # the metadata object as JSON; checked on submit (422) because a schema cannot say it
+CallbackUrl = Annotated[
+    str,
+    Meta(
+        min_length=8,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Where the final status is POSTed (signed, retried); private and loopback hosts are refused "
+        "unless the operator allows them (HYDRA_CALLBACK_ALLOW)",
+    ),
+]
 ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])")]
 
 
@@ -50,6 +77,17 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     resample_from: ResampleFrom | UnsetType = UNSET
     mean_reference: DatasetRef | UnsetType = UNSET
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | UnsetType = UNSET
+    # Labels and notifications (issue 12): stored beside the job, never part of what the worker runs.
+    name: JobName | UnsetType = UNSET
+    tags: Annotated[list[Tag], Meta(max_length=20, description="At most 20 tags")] | UnsetType = UNSET
+    metadata: (
+        Annotated[
+            dict[MetadataKey, MetadataValue],
+            Meta(max_length=50, description="Free key-value pairs (at most 50 keys, 4 KiB as JSON), returned as given"),
+        ]
+        | UnsetType
+    ) = UNSET
+    callback_url: CallbackUrl | UnsetType = UNSET
 
 
 class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,8 +111,23 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Progress(Struct):
+    """Ablated runs done of the job's total, and measured prompts done of its prompts."""
+
     done: int
     total: int
+    prompts_done: int = 0
+    prompts_total: int = 0
+
+
+class CallbackAttempt(Struct, kw_only=True):
+    """One POST of the job's final status to its callback_url."""
+
+    attempt: int
+    at: str
+    status_code: int | None = None  # the receiver's HTTP status; null when it could not be reached
+    error: str | None = None  # why the attempt failed; null for a 2xx
+    duration_ms: float
+    delivered: bool
 
 
 class JobStatus(Struct, kw_only=True):
@@ -87,6 +140,12 @@ class JobStatus(Struct, kw_only=True):
     started_at: str | None = None
     finished_at: str | None = None
     owner: str | None = None  # the name of the API key that submitted the job ("local" with auth off)
+    phase: JobPhase = "queued"
+    name: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    metadata: dict[str, MetadataValue] = msgspec.field(default_factory=dict)
+    callback_url: str | None = None
+    callbacks: list[CallbackAttempt] = msgspec.field(default_factory=list)
 
 
 class JobPage(Struct, kw_only=True):
@@ -217,3 +276,22 @@ class Readiness(Struct, kw_only=True):
     status: Literal["ready"]
     redis: bool
     workers: int
+
+
+class BatchRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Many jobs in one request: all are checked first, and either every job is queued or none is."""
+
+    jobs: Annotated[list[JobRequest], Meta(min_length=1, max_length=100, description="1 to 100 job requests")]
+
+
+class BatchAccepted(Struct, kw_only=True):
+    """The queued jobs, in the order of the request."""
+
+    jobs: list[JobStatus]
+
+
+class WebhookSecret(Struct, kw_only=True):
+    """The secret that signs this API key's webhook deliveries (see the Hydra-Signature header)."""
+
+    key: str
+    secret: str

@@ -26,7 +26,7 @@ SERVED_TTL_S = 90  # a model no live worker renewed for this long is no longer o
 settings = Settings.from_env()
 app = Celery("hydra-ablate")
 app.conf.update(celery_config(settings))
-app.conf.update(include=["worker.tasks"], task_default_queue=settings.queue_name)
+app.conf.update(include=["worker.tasks", "worker.webhooks"], task_default_queue=settings.queue_name)
 
 
 def served_queues(queue_name: str | None = None) -> list[str]:

@@ -21,7 +21,7 @@ from typing import cast
 
 from service.chunks import ChunkResult
 from service.schemas import JobResult, JobSpec, Provenance
-from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
+from worker.engine.sweep import PhaseCallback, ProgressCallback, StopCheck, run_sweep
 from worker.engine.types import PromptMeasures, SweepResult
 from worker.job_runner import batch_tokens, near_tie_gap, prompt_result, provenance, sweep_spec, tokenise_lazily
 from worker.model_cache import LoadedModel
@@ -38,6 +38,7 @@ def execute_chunk(
     *,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> ChunkResult:
     """Prompts `start:stop` of the job, with every other prompt available as a source (see the module doc)."""
     if not 0 <= start < stop <= len(spec.prompts):
@@ -51,6 +52,7 @@ def execute_chunk(
         on_progress=on_progress,
         should_stop=should_stop,
         batch_tokens=batch_tokens(),
+        on_phase=on_phase,
     )
     gap = near_tie_gap(loaded)
     prompts = [prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)]

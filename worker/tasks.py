@@ -25,7 +25,7 @@ from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Task
 
 from service.chunks import ChunkBook, chunk_prompts, max_deliveries, plan_chunks
-from service.queue import TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
+from service.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
 from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
@@ -38,7 +38,14 @@ log = logging.getLogger(__name__)
 
 @cache
 def job_store() -> JobStore:
-    return JobStore.from_settings(settings)
+    from service.webhooks import finish_hook
+
+    store = JobStore.from_settings(settings)
+    # A job this worker finishes (or fails) gets its webhook queued (worker/webhooks.py).
+    store.on_finished = finish_hook(store, lambda job_id: app.send_task(
+        TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=settings.queue_name
+    ))
+    return store
 
 
 @cache
@@ -149,6 +156,7 @@ def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
     missing = [i for i, chunk in enumerate(partial) if chunk is None]
     if missing:
         return _fail(job_id, f"internal error: the partial results of chunks {missing} of job {job_id} are missing")
+    store.advance_phase(job_id, "merging")
     try:
         merged = merge_chunks(job_id, spec, [chunk for chunk in partial if chunk is not None])
     except Exception as error:
@@ -205,16 +213,24 @@ def run_chunk(self: Task, job_id: str, index: int, start: int, stop: int) -> str
     status = store.status(job_id)
     total = status.progress.total if status is not None and status.progress.total else ablation_count(spec)
 
+    per_prompt = max(1, total // max(1, len(spec.prompts)))  # every prompt has the same number of ablations
+
     def on_progress(done: int, _chunk_total: int) -> None:
-        store.set_progress(job_id, book.record_progress(job_id, index, done), total)
+        summed = book.record_progress(job_id, index, done)
+        store.set_progress(job_id, summed, total, prompts_done=summed // per_prompt)
+
+    def on_phase(phase: str) -> None:
+        store.advance_phase(job_id, phase)
 
     def should_stop() -> bool:
         return _job_state(store, job_id) != "running"
 
     try:
+        on_phase("loading_model")
         loaded = model_cache().get(spec.model)
         result = execute_chunk(
-            job_id, spec, loaded, index, start, stop, on_progress=on_progress, should_stop=should_stop
+            job_id, spec, loaded, index, start, stop, on_progress=on_progress, should_stop=should_stop,
+            on_phase=on_phase,
         )
     except SweepCancelled:
         log.info("job %s stopped (%s) while chunk %d ran", job_id, _job_state(store, job_id), index)

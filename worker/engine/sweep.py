@@ -21,6 +21,7 @@ from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepRes
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
+PhaseCallback = Callable[[str], None]  # "clean_passes", then "ablating"
 DEFAULT_BATCH_TOKENS = 8192
 
 
@@ -37,8 +38,13 @@ def run_sweep(
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    on_phase: PhaseCallback | None = None,
 ) -> SweepResult:
-    """Every measure of docs/definitions.md for every prompt × component of `spec`."""
+    """Every measure of docs/definitions.md for every prompt × component of `spec`.
+
+    `on_progress(done, total)` is called after each measured prompt; `on_phase` when the clean passes start and
+    when the ablated runs start.
+    """
     arch = describe(model)
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = layer_components(arch.n_layers)
@@ -60,6 +66,8 @@ def run_sweep(
     needed = set(measured) | {s for i in measured for s in sources[i]}
     if spec.ablation == "mean" and inputs.mean_reference_ids is None:
         needed = set(range(n_prompts))
+    if on_phase is not None:
+        on_phase("clean_passes")
     runs = {i: clean(inputs.token_ids[i]) for i in sorted(needed)}
     means = None
     if spec.ablation == "mean":
@@ -71,6 +79,8 @@ def run_sweep(
     done = 0
     measures: list[PromptMeasures] = []
     rows_per_prompt = len(components) * samples
+    if on_phase is not None:
+        on_phase("ablating")
     for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, batch_tokens):
         if should_stop is not None and should_stop():
             raise SweepCancelled("sweep cancelled")
@@ -94,8 +104,8 @@ def run_sweep(
             )
             runs[i] = replace(run, past_keys=[], past_values=[])  # the prefix cache is needed only while measuring
             done += len(ablations)
-        if on_progress is not None:
-            on_progress(done, total)
+            if on_progress is not None:  # per prompt, not per batch: progress moves smoothly on long prompts
+                on_progress(done, total)
     return SweepResult(
         components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
     )
