@@ -19,11 +19,12 @@ from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
 from service.schemas import JobResult
 
-ExportFormat = Literal["json", "msgpack", "csv"]
+ExportFormat = Literal["json", "msgpack", "csv", "parquet"]
 EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
     "json": "application/json",
     "msgpack": "application/msgpack",
     "csv": "text/csv",
+    "parquet": "application/vnd.apache.parquet",  # service/parquet.py, streamed
 }
 # Accept header values understood by the result endpoint, in the order preferred for `*/*`.
 EXPORT_ACCEPT: dict[str, ExportFormat] = {
@@ -31,6 +32,8 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
     "application/msgpack": "msgpack",
     "application/x-msgpack": "msgpack",
     "text/csv": "csv",
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
 }
 CSV_COLUMNS = (
     "prompt_index",
@@ -86,6 +89,10 @@ def export(stored: bytes, fmt: ExportFormat) -> bytes:
     if fmt == "json":
         return stored
     result = msgspec.json.decode(stored, type=JobResult)
+    if fmt == "parquet":
+        from service.parquet import to_parquet  # pyarrow is heavy: imported on first use
+
+        return to_parquet(result)
     return to_msgpack(result) if fmt == "msgpack" else to_csv(result)
 
 

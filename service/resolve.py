@@ -123,6 +123,7 @@ def resolve(
         seed=pick("seed"),
         preset=None if request.preset is UNSET else request.preset,
         dataset=dataset,
+        prompt_fields=None if dataset is None else datasets.prompt_fields(dataset),
     )
 
 

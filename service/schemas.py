@@ -5,7 +5,7 @@ No torch here: the worker imports these to encode results; the API imports them 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -90,6 +90,15 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     callback_url: CallbackUrl | UnsetType = UNSET
 
 
+class PromptFields(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A dataset prompt's own fields, kept with the spec so results and exports can be grouped by them."""
+
+    relation: str
+    subject: str
+    answer: str
+    dataset_index: int  # the record's index in the dataset file (known_id for known_1000)
+
+
 class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     """A job fully resolved: explicit prompts and component names, every option set. What the worker runs."""
 
@@ -108,6 +117,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int
     preset: PresetName | None = None
     dataset: DatasetRef | None = None
+    prompt_fields: list[PromptFields] | None = None  # one per prompt when they come from a dataset
 
 
 class Progress(Struct):
@@ -239,6 +249,19 @@ class JobResult(Struct, kw_only=True):
     prompts: list[PromptResult]
     summary: Summary
     provenance: Provenance
+
+    def to_pandas(self, table: str = "long") -> Any:
+        """A pandas DataFrame of the result: "long" (prompt × component), "summary", "response" (the response
+        matrix, long), "response_mean" or "prompts"; see hydra_ablate_client/tables.py."""
+        from hydra_ablate_client.tables import to_pandas
+
+        return to_pandas(self, table)  # type: ignore[arg-type]
+
+    def to_arrow(self, table: str = "long") -> Any:
+        """The same tables as pyarrow.Table."""
+        from hydra_ablate_client.tables import to_arrow
+
+        return to_arrow(self, table)  # type: ignore[arg-type]
 
 
 def encode(value: object) -> bytes:

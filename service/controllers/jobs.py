@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import anyio.to_thread
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
@@ -109,8 +109,15 @@ class ResultOperation(Operation):
         if not isinstance(ok, OpenAPIResponse) or not ok.content or "application/json" not in ok.content:
             return
         schema = ok.content["application/json"].schema
-        ok.description = "The job's result: JSON (default), MessagePack of the same JobResult, or CSV"
+        ok.description = "The job's result: JSON (default), MessagePack of the same JobResult, CSV or Parquet"
         ok.content["application/msgpack"] = OpenAPIMediaType(schema=schema)
+        ok.content["application/vnd.apache.parquet"] = OpenAPIMediaType(
+            schema=Schema(
+                type=OpenAPIType.STRING,
+                format="binary",
+                description="Apache Parquet: one row per prompt × component (see the route's description)",
+            )
+        )
         ok.content["text/csv"] = OpenAPIMediaType(
             schema=Schema(
                 type=OpenAPIType.STRING,
@@ -380,9 +387,12 @@ class JobsController(Controller):
             "409 while the job is queued or running, and for failed or cancelled jobs (detail says why). "
             "Formats, by `?format=` or else the Accept header: `json` (application/json, the default: the stored "
             "document as it is), `msgpack` (application/msgpack or application/x-msgpack: the same JobResult in "
-            "MessagePack) and `csv` (text/csv: one row per prompt × component with the columns "
+            "MessagePack), `csv` (text/csv: one row per prompt × component with the columns "
             + ", ".join(CSV_COLUMNS)
-            + "). An Accept header that allows none of these is 406."
+            + ") and `parquet` (application/vnd.apache.parquet: the long table, one row per prompt × component with "
+            "every measure, the response vector and the dataset fields; the rest of the result in the file's "
+            "`hydra.result` metadata; streamed row group by row group). An Accept header that allows none of these "
+            "is 406."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
@@ -398,13 +408,20 @@ class JobsController(Controller):
         store: NamedDependency[JobStore],
         principal: NamedDependency[Principal],
         format: Annotated[  # noqa: A002 - the query parameter's public name
-            ExportFormat | None, QueryParameter(description="json, msgpack or csv; overrides the Accept header")
+            ExportFormat | None,
+            QueryParameter(description="json, msgpack, csv or parquet; overrides the Accept header"),
         ] = None,
-    ) -> Response[bytes]:
+    ) -> Response[bytes] | Stream:
         fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
         # The worker stored the encoded JobResult: JSON serves those bytes as they are; other formats decode them.
         stored = finished_result(store, job_id, principal)
         headers = {"Vary": "Accept"}
+        if fmt == "parquet":  # streamed: one row group at a time (service/parquet.py)
+            headers["Content-Disposition"] = f'attachment; filename="{job_id}.parquet"'
+            from service.parquet import iter_parquet  # pyarrow is heavy: imported on first use
+
+            result = msgspec.json.decode(stored, type=JobResult)
+            return Stream(iter_parquet(result), media_type=media_type, headers=headers)  # type: ignore[return-value]
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
         return Response(content=export(stored, fmt), media_type=media_type, headers=headers)
