@@ -23,6 +23,7 @@ from service.auth import ApiKeys, auth_middleware, keys_hash, security_component
 from service.controllers import HealthController, JobsController, ModelsController
 from service.controllers.dependencies import dependencies
 from service.controllers.figures import FiguresController
+from service.controllers.metrics import metrics
 from service.controllers.strict_query import reject_unknown_query
 from service.controllers.webhooks import WebhooksController
 from service.errors import problem_details_config
@@ -31,6 +32,13 @@ from service.limits import RateLimiter, TokenCounters
 from service.queue import JobQueue
 from service.settings import Settings
 from service.store import JobStore
+from service.metrics import AppMetrics
+from service.observability import (
+    add_headers,
+    configure_json_logging,
+    json_logs_requested,
+    observability_middleware,
+)
 from service.webhooks import finish_hook
 
 logger = logging.getLogger(__name__)
@@ -101,8 +109,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "api_keys": api_keys,
             "idempotency": IdempotencyRecords(store.client, settings.key_prefix, settings.result_ttl_s),
             "tokens": TokenCounters(),
+            "metrics": AppMetrics(store, settings),
         }
     )
+    if json_logs_requested():
+        configure_json_logging()
 
     async def open_async_clients(app: Litestar) -> None:
         # Auth and rate limiting run on the event loop: an asyncio Redis pool, made in the loop that serves.
@@ -132,11 +143,19 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store.close()
 
     return Litestar(
-        route_handlers=[JobsController, FiguresController, ModelsController, HealthController, WebhooksController],
+        route_handlers=[
+            JobsController,
+            FiguresController,
+            ModelsController,
+            HealthController,
+            WebhooksController,
+            metrics,
+        ],
         guards=[reject_unknown_query],
         dependencies=dependencies(),
         state=state,
-        middleware=[auth_middleware()],
+        middleware=[observability_middleware, auth_middleware()],
+        before_send=[add_headers],
         plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,

@@ -50,6 +50,15 @@ return {count, ttl}
 """
 
 
+class RateSpent(Exception):
+    """The cause of a rate-limit 429: the limit and when its window resets (for the RateLimit-* headers)."""
+
+    def __init__(self, limit: int, reset_s: int) -> None:
+        super().__init__(limit, reset_s)
+        self.limit = limit
+        self.reset_s = reset_s
+
+
 class RateLimiter:
     """Fixed-window request counters per key name and bucket ("read" or "write"), shared through Redis."""
 
@@ -63,14 +72,18 @@ class RateLimiter:
     def counter_key(self, bucket: str, name: str) -> str:
         return f"{self.prefix}rate:{bucket}:{name}"
 
-    async def check(self, bucket: str, name: str) -> None:
-        """Count one request; TooManyRequestsException with Retry-After once the window's limit is spent."""
+    async def check(self, bucket: str, name: str) -> tuple[int, int, int] | None:
+        """Count one request; TooManyRequestsException with Retry-After once the window's limit is spent.
+
+        Returns (limit, remaining, seconds until the window resets) for the RateLimit-* headers; None without a limit.
+        """
         limit = self.limits[bucket]
         if limit <= 0:
-            return
+            return None
         count, ttl_ms = await self._hit(keys=[self.counter_key(bucket, name)], args=[self.window_ms])
+        reset_s = max(1, math.ceil(int(ttl_ms) / 1000))
         if int(count) > limit:
-            retry_after = max(1, math.ceil(int(ttl_ms) / 1000))
+            retry_after = reset_s
             kind = "submit and cancel" if bucket == "write" else "read"
             raise TooManyRequestsException(
                 detail=(
@@ -78,13 +91,24 @@ class RateLimiter:
                     f"{name!r}; retry in {retry_after} s"
                 ),
                 headers={"Retry-After": str(retry_after)},
-            )
+            ) from RateSpent(limit, reset_s)
+        return limit, limit - int(count), reset_s
 
 
 async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard on the job routes (after authentication, so it counts per key, not per IP)."""
+    from service.observability import RATE_STATE_KEY
+
     bucket = "write" if connection.scope.get("method") in WRITE_METHODS else "read"
-    await connection.app.state.limiter.check(bucket, connection.user.name)
+    limiter: RateLimiter = connection.app.state.limiter
+    try:
+        counted = await limiter.check(bucket, connection.user.name)
+    except TooManyRequestsException as exc:
+        if isinstance(exc.__cause__, RateSpent):
+            connection.scope.setdefault("state", {})[RATE_STATE_KEY] = (exc.__cause__.limit, 0, exc.__cause__.reset_s)
+        raise
+    if counted is not None:  # the observability middleware turns it into RateLimit-* headers
+        connection.scope.setdefault("state", {})[RATE_STATE_KEY] = counted
 
 
 class TokenCounters:

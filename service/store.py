@@ -522,6 +522,22 @@ class JobStore:
                 found.append(raw_id)
             start += batch
 
+    def count_by_status(self, batch: int = 1000) -> dict[str, int]:
+        """Jobs kept, by status (every state present, zero when none): one pipelined read per `batch` jobs."""
+        counts = dict.fromkeys((*ACTIVE_STATES, *TERMINAL_STATES), 0)
+        start = 0
+        while True:
+            ids = self.client.zrange(self.index_key, start, start + batch - 1)
+            if not ids:
+                return counts
+            pipe = self.client.pipeline(transaction=False)
+            for raw_id in ids:
+                pipe.hget(self.job_key(raw_id.decode()), "status")
+            for status in pipe.execute():
+                if status is not None and status.decode() in counts:
+                    counts[status.decode()] += 1
+            start += batch
+
     def _prune_index(self, index: str | None = None, batch: int = 1000) -> None:
         # A job hash lives at least ttl_s after creation, so only older index entries can point at nothing.
         index = index or self.index_key

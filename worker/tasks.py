@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import cache
 from typing import Any
 
@@ -31,6 +32,7 @@ from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
 from worker.celery_app import app, settings
 from worker.model_cache import ModelCache, parse_dtype
+from worker import stats
 from worker.model_sources import configured_sources
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,19 @@ log = logging.getLogger(__name__)
 def job_store() -> JobStore:
     from service.webhooks import finish_hook
 
+    from worker.stats import job_finished
+
     store = JobStore.from_settings(settings)
-    # A job this worker finishes (or fails) gets its webhook queued (worker/webhooks.py).
-    store.on_finished = finish_hook(store, lambda job_id: app.send_task(
-        TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=settings.queue_name
-    ))
+    # A job this worker finishes (or fails) is timed and gets its webhook queued (worker/webhooks.py).
+    notify = finish_hook(
+        store, lambda job_id: app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=settings.queue_name)
+    )
+
+    def on_finished(job_id: str) -> None:
+        job_finished(store, job_id)
+        notify(job_id)
+
+    store.on_finished = on_finished
     return store
 
 
@@ -227,7 +237,9 @@ def run_chunk(self: Task, job_id: str, index: int, start: int, stop: int) -> str
 
     try:
         on_phase("loading_model")
-        loaded = model_cache().get(spec.model)
+        cache = model_cache()
+        loaded = stats.load_model(store, spec.model in cache.cached, lambda: cache.get(spec.model))
+        chunk_started = time.perf_counter()
         result = execute_chunk(
             job_id, spec, loaded, index, start, stop, on_progress=on_progress, should_stop=should_stop,
             on_phase=on_phase,
@@ -249,6 +261,7 @@ def run_chunk(self: Task, job_id: str, index: int, start: int, stop: int) -> str
     except Exception as error:
         log.exception("job %s: chunk %d failed", job_id, index)
         return _fail(job_id, f"internal error: {type(error).__name__}: {error}", own_id)
+    stats.chunk_done(store, time.perf_counter() - chunk_started, (stop - start) * per_prompt)
     done = book.record_result(job_id, index, result)
     if done < 0:
         return "duplicate"
