@@ -33,6 +33,7 @@ from service.queue import JobQueue
 from service.settings import Settings
 from service.store import JobStore
 from service.metrics import AppMetrics
+from service.openapi_polish import operation_id, polish
 from service.observability import (
     add_headers,
     configure_json_logging,
@@ -83,6 +84,7 @@ def openapi_config() -> OpenAPIConfig:
         path="/schema",
         render_plugins=[SwaggerRenderPlugin()],
         components=security_components(),
+        operation_id_creator=operation_id,
     )
 
 
@@ -142,7 +144,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         queue.close()
         store.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             JobsController,
             FiguresController,
@@ -162,3 +164,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         on_startup=[open_async_clients],
         on_shutdown=[close_clients],
     )
+    polish(app.openapi_schema)  # built once here and cached: /schema serves the polished document
+    return app

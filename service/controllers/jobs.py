@@ -438,6 +438,7 @@ class JobsController(Controller):
             "and events: 204, and the job is 404 from then on."
         ),
         responses={
+            202: ResponseSpec(data_container=JobStatus, description="The job, now cancelled", generate_examples=False),
             204: ResponseSpec(data_container=None, description="The finished job and its result were deleted"),
             **problem_responses(400, *PROTECTED, 404, 503),
         },
