@@ -119,9 +119,29 @@ def _examples(openapi: OpenAPI) -> None:
             media.examples = examples
 
 
+def _operations(openapi: OpenAPI) -> list[Any]:
+    methods = ("get", "put", "post", "delete", "patch")
+    return [op for item in (openapi.paths or {}).values() for op in (getattr(item, m, None) for m in methods) if op]
+
+
+def _optional_parameters(openapi: OpenAPI) -> None:
+    """An optional query or header parameter is simply left out: no `null` in its type or enum."""
+    for operation in _operations(openapi):
+        for parameter in operation.parameters or []:
+            schema = getattr(parameter, "schema", None)
+            if getattr(parameter, "required", False) or not isinstance(schema, Schema):
+                continue
+            if isinstance(schema.type, list):
+                kept = [t for t in schema.type if t != OpenAPIType.NULL]
+                schema.type = kept[0] if len(kept) == 1 else kept
+            if schema.enum:
+                schema.enum = [value for value in schema.enum if value is not None]
+
+
 def polish(openapi: OpenAPI) -> OpenAPI:
     """Apply every step above in place (the app caches the object, so /schema serves the polished document)."""
     _fix(openapi)
+    _optional_parameters(openapi)
     _describe(openapi)
     _examples(openapi)
     return openapi
