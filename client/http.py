@@ -25,7 +25,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ModelInfo
+from hydra_ablate_client.schemas import JobPage, JobRequest, JobResult, JobStatus, ModelInfo
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
