@@ -43,7 +43,7 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
         pass
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
+    except (OSError, UnicodeError, ValueError) as exc:  # IDNA refuses over-long labels with a UnicodeError
         raise CallbackRefused(f"its host {host!r} does not resolve ({exc})") from None
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
@@ -54,13 +54,17 @@ class CallbackRefused(Exception):
 
 def check_callback_url(url: str, allowed: Iterable[IpNetwork]) -> None:
     """Raise CallbackRefused unless every address the URL's host resolves to is public or allowed."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname, _ = parts.hostname, parts.port  # both raise ValueError on a malformed authority
+    except ValueError as exc:
+        raise CallbackRefused(f"it is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise CallbackRefused("it must be an absolute http:// or https:// URL")
     if parts.username or parts.password:
         raise CallbackRefused("it must not carry credentials; the delivery is signed instead")
     allowed = tuple(allowed)
-    for address in _addresses(parts.hostname):
+    for address in _addresses(hostname):
         if any(address in network for network in allowed):
             continue
         if not address.is_global or address.is_multicast:

@@ -126,11 +126,23 @@ def test_batch_submit_queues_every_job_or_none(client: TestClient, store: JobSto
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/x", "http://[::1]/x", "http://169.254.169.254/"],
+    [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "http://10.1.2.3/x",
+        "http://[::1]/x",
+        "http://169.254.169.254/",
+        "http://0/",
+    ],
 )
 def test_private_and_loopback_callback_urls_are_refused(client: TestClient, url: str) -> None:
     body = assert_problem(client.post("/v1/jobs", json={**JOB, "callback_url": url}), 422, "HYDRA_CALLBACK_ALLOW")
     assert body["field"] == "callback_url"
+
+
+@pytest.mark.parametrize("url", ["http://" + "x" * 70 + ".org/", "http://[abc/", "http://host:99999/", "https://u:p@example.org/"])
+def test_malformed_callback_urls_are_422_not_500(client: TestClient, url: str) -> None:
+    assert_problem(client.post("/v1/jobs", json={**JOB, "callback_url": url}), 422)
 
 
 def test_the_operator_allow_list_admits_loopback(settings: Any, store: JobStore) -> None:
