@@ -19,12 +19,17 @@ from service.queue import celery_config, model_queue
 from service.settings import Settings
 from service.store import JobStore
 from worker.model_sources import configured_sources
+from worker.settings import WorkerConfigError, WorkerSettings
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 20  # how often a worker renews the models it serves
 SERVED_TTL_S = 90  # a model no live worker renewed for this long is no longer offered
 
 settings = Settings.from_env()
+try:
+    worker_settings = WorkerSettings.from_env()  # checked once, here: a bad value stops the worker at start
+except WorkerConfigError as error:
+    raise SystemExit(f"hydra-ablate worker: bad configuration: {error}") from None
 app = Celery("hydra-ablate")
 app.conf.update(celery_config(settings))
 app.conf.update(include=["worker.tasks", "worker.webhooks"], task_default_queue=settings.queue_name)
@@ -55,6 +60,11 @@ if os.environ.get("HYDRA_LOG_FORMAT", "").strip().lower() == "json":
     setup_logging.connect(_json_logging, weak=False)  # Celery then leaves logging to us
 
 
+def served_device() -> str:
+    """HYDRA_DEVICE (default cpu): where this worker runs its models (checked once in WorkerSettings)."""
+    return worker_settings.device
+
+
 def served_queues(queue_name: str | None = None) -> list[str]:
     """The chunk queues of the models in HYDRA_MODELS (not the main queue)."""
     name = queue_name or settings.queue_name
@@ -79,14 +89,14 @@ def consume_model_queues(sender: str, instance: object, **_: object) -> None:
 def advertise_models(**_: object) -> None:
     """Tell the API which models this worker can serve, with their shapes (from configs, no weights)."""
     from worker.engine.architecture import UnsupportedArchitecture  # transformers is heavy: worker only, here only
-    from worker.model_cache import model_info, tokenizer_json
+    from worker.model_cache import model_info, parse_dtype, tokenizer_json
 
     store = JobStore.from_settings(settings)
     served: list[str] = []
     try:
         for source in configured_sources().values():
             try:
-                info = model_info(source)
+                info = model_info(source, parse_dtype(worker_settings.dtype), served_device())
             except UnsupportedArchitecture as error:
                 store.refuse_model(source.id, str(error))
                 log.error("cannot ablate model %s: %s", source.id, error)
@@ -104,6 +114,14 @@ def advertise_models(**_: object) -> None:
         store.close()
     if served:
         threading.Thread(target=_heartbeat, args=(served,), name="hydra-heartbeat", daemon=True).start()
+
+
+@worker_ready.connect
+def start_recovery_sweeps(**_: object) -> None:
+    """Every worker sweeps for unplanned jobs and lapsed chunk leases (service/recovery.py)."""
+    from worker.maintenance import start_sweeping
+
+    start_sweeping(settings, worker_settings)
 
 
 def _heartbeat(model_ids: list[str]) -> None:

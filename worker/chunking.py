@@ -21,10 +21,20 @@ from typing import cast
 
 from service.chunks import ChunkResult
 from service.schemas import JobResult, JobSpec, Provenance
+from worker.engine.position_sweep import run_position_sweep
 from worker.engine.sweep import PhaseCallback, ProgressCallback, StopCheck, run_sweep
-from worker.engine.types import PromptMeasures, SweepResult
-from worker.job_runner import batch_tokens, near_tie_gap, prompt_result, provenance, sweep_spec, tokenise_lazily
+from worker.engine.types import PositionSweepResult, PromptMeasures, SweepResult
+from worker.job_runner import (
+    batch_tokens,
+    near_tie_gap,
+    position_prompt_result,
+    prompt_result,
+    provenance,
+    sweep_spec,
+    tokenise_lazily,
+)
 from worker.model_cache import LoadedModel
+from worker.position_summary import summarise_positions
 from worker.summary import summarise
 
 
@@ -45,17 +55,39 @@ def execute_chunk(
         raise ValueError(f"chunk {index} covers prompts {start}:{stop}, outside the job's {len(spec.prompts)}")
     started = time.perf_counter()
     measure = list(range(start, stop))
-    sweep = run_sweep(
-        loaded.model,
-        sweep_spec(spec),
-        tokenise_lazily(loaded, spec, measure),
-        on_progress=on_progress,
-        should_stop=should_stop,
-        batch_tokens=batch_tokens(),
-        on_phase=on_phase,
-    )
     gap = near_tie_gap(loaded)
-    prompts = [prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)]
+    inputs = tokenise_lazily(loaded, spec, measure)
+    if spec.per_position:
+        if on_phase is not None:  # the per-position engine reports no phases of its own
+            on_phase("ablating")
+        sweep: SweepResult | PositionSweepResult = run_position_sweep(
+            loaded.model,
+            sweep_spec(spec),
+            inputs,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            batch_tokens=batch_tokens(),
+        )
+    else:
+        sweep = run_sweep(
+            loaded.model,
+            sweep_spec(spec),
+            inputs,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            batch_tokens=batch_tokens(),
+            on_phase=on_phase,
+        )
+    if isinstance(sweep, PositionSweepResult):
+        full = spec.position_responses == "full"
+        prompts = [
+            position_prompt_result(loaded, spec.prompts[i], m, gap, sweep.response_basis, full)
+            for i, m in zip(measure, sweep.prompts, strict=True)
+        ]
+    else:
+        prompts = [
+            prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)
+        ]
     return ChunkResult(
         index=index,
         start=start,
@@ -109,7 +141,11 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         components=first.components,
         response_basis=first.response_basis,
         prompts=prompts,
-        summary=summarise(sweep, first.near_tie_gap),
+        summary=(
+            summarise_positions(first.components, first.response_basis, prompts, first.near_tie_gap)
+            if spec.per_position
+            else summarise(sweep, first.near_tie_gap)
+        ),
         provenance=merged_provenance,
     )
 

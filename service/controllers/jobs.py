@@ -25,7 +25,18 @@ from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_respon
 from service.errors import BackendUnavailable, ValidationProblem
 from service.events import follow, last_event_id, wait_for_change
 from service.labels import labels_of, parse_allow_list
-from service.exports import CSV_COLUMNS, EXPORT_ACCEPT, ExportFormat, export, negotiate
+from service.exports import (
+    CSV_COLUMNS,
+    EXPORT_ACCEPT,
+    POSITION_CSV_COLUMNS,
+    ExportFormat,
+    export,
+    has_positions,
+    negotiate,
+    position_csv_rows,
+    summary_of,
+    to_csv,
+)
 from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyRecords
 from service.limits import TokenCounters, check_prompt_tokens, rate_limit
 from service.queue import JobQueue
@@ -39,6 +50,7 @@ from service.schemas import (
     JobState,
     JobStatus,
     ProblemDetails,
+    Summary,
 )
 from service.settings import Settings
 from service.store import TERMINAL_STATES, JobFilter, JobStore
@@ -153,6 +165,23 @@ def queue_job(
     except Exception as exc:  # kombu raises its own OperationalError family; any failure means not queued
         store.mark_failed(status.id, f"could not be queued: {exc}")
         raise BackendUnavailable(f"the job queue is unavailable, job {status.id} was not queued: {exc}") from exc
+    return status
+
+
+def cancel_job(store: JobStore, queue: JobQueue, job_id: str, principal: Principal | None) -> JobStatus:
+    """Cancel a queued or running job: 404 for an unknown (or another key's) job, 409 once it has finished."""
+    visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
+    status = store.request_cancel(job_id)
+    if status is None:
+        raise _not_found(job_id)
+    if status.status in ("succeeded", "failed"):
+        raise _conflict(f"job {job_id} already {status.status}; there is nothing to cancel")
+    # Queued chunks are dropped now; a running chunk sees the job cancelled at its next prompt. The cancel is
+    # already stored: if the broker cannot take the revoke, chunks that start later skip themselves anyway.
+    try:
+        queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
+    except Exception:  # noqa: BLE001 - kombu's errors are not RedisError; the answer stays the stored cancel
+        logger.warning("job %s: could not revoke its queued chunks", job_id, exc_info=True)
     return status
 
 
@@ -389,10 +418,12 @@ class JobsController(Controller):
             "document as it is), `msgpack` (application/msgpack or application/x-msgpack: the same JobResult in "
             "MessagePack), `csv` (text/csv: one row per prompt × component with the columns "
             + ", ".join(CSV_COLUMNS)
+            + "; for per-position jobs, streamed, one row per prompt × position × component with the columns "
+            + ", ".join(POSITION_CSV_COLUMNS)
             + ") and `parquet` (application/vnd.apache.parquet: the long table, one row per prompt × component with "
             "every measure, the response vector and the dataset fields; the rest of the result in the file's "
             "`hydra.result` metadata; streamed row group by row group). An Accept header that allows none of these "
-            "is 406."
+            "is 406. `GET …/summary` answers the summary alone."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
@@ -424,7 +455,28 @@ class JobsController(Controller):
             return Stream(iter_parquet(result), media_type=media_type, headers=headers)  # type: ignore[return-value]
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
+            result = msgspec.json.decode(stored, type=JobResult)
+            if has_positions(result):  # streamed one prompt at a time; the stored JSON is dropped first
+                del stored
+                return Stream(position_csv_rows(result), media_type=media_type, headers=headers)
+            return Response(content=to_csv(result), media_type=media_type, headers=headers)
         return Response(content=export(stored, fmt), media_type=media_type, headers=headers)
+
+    @get(
+        "/{job_id:str}/summary",
+        sync_to_thread=True,
+        summary="A finished job's summary alone",
+        description=(
+            "The `summary` of the job's result without its per-prompt (and per-position) data: per component "
+            "means, regressions and, for per-position jobs, self-repair over the top pairs by direct effect. "
+            "409 while the job is queued or running, and for failed or cancelled jobs."
+        ),
+        responses=problem_responses(400, *PROTECTED, 404, 409, 503),
+    )
+    def get_summary(
+        self, job_id: JobId, store: NamedDependency[JobStore], principal: NamedDependency[Principal]
+    ) -> Summary:
+        return summary_of(finished_result(store, job_id, principal))
 
     @delete(
         "/{job_id:str}",
@@ -455,17 +507,7 @@ class JobsController(Controller):
             if not store.delete(job_id, finished_job_keys(store, job_id)):
                 raise _not_found(job_id)
             return Response(None, status_code=HTTP_204_NO_CONTENT)
-        status = store.request_cancel(job_id)
-        if status is None:
-            raise _not_found(job_id)
-        if status.status in ("succeeded", "failed"):
-            raise _conflict(f"job {job_id} already {status.status}; there is nothing to cancel")
-        # Queued chunks are dropped now; a running chunk sees the job cancelled at its next prompt. The cancel is
-        # already stored: if the broker cannot take the revoke, chunks that start later skip themselves anyway.
-        try:
-            queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
-        except Exception:  # noqa: BLE001 - kombu's errors are not RedisError; the answer stays the stored cancel
-            logger.warning("job %s: could not revoke its queued chunks", job_id, exc_info=True)
+        status = cancel_job(store, queue, job_id, principal)
         return Response(status, status_code=HTTP_202_ACCEPTED)
 
 

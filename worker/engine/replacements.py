@@ -6,13 +6,14 @@ import torch
 
 from worker.engine.clean import CleanRun
 from worker.engine.components import Component
+from worker.engine.errors import InputError
 from worker.engine.types import ResampleFrom
 
 
 def resample_sources(n_prompts: int, samples: int, how: ResampleFrom, seed: int) -> list[list[int]]:
     """For each prompt, `samples` distinct other prompts: (i+1..i+k) mod n, or drawn with the seed."""
     if not 1 <= samples <= n_prompts - 1:
-        raise ValueError(f"resample needs 1 ≤ resample_samples ≤ n_prompts − 1 (got {samples} for {n_prompts} prompts)")
+        raise InputError(f"resample needs 1 ≤ resample_samples ≤ n_prompts − 1 (got {samples} for {n_prompts} prompts)")
     if how == "next":
         return [[(i + j) % n_prompts for j in range(1, samples + 1)] for i in range(n_prompts)]
     generator = torch.Generator().manual_seed(seed)
@@ -61,7 +62,7 @@ class MeanActivations:
     def as_clean_run_rows(self, component: Component, head_dim: int) -> torch.Tensor:
         """The mean row (1, e) for `component`."""
         if self._layer_sum is None:
-            raise ValueError("mean ablation needs at least one reference prompt")
+            raise InputError("mean ablation needs at least one reference prompt")
         if component.kind == "head":
             assert self._head_sum is not None and component.head is not None
             cols = slice(component.head * head_dim, (component.head + 1) * head_dim)
