@@ -1,7 +1,7 @@
 """Descriptions of every wire type and field for the OpenAPI document (service/openapi_polish.py applies them).
 
-Kept apart from service/schemas.py so the types stay readable; `tests/test_openapi_contract.py` fails when a schema
-or a property of the API lacks a description, so a new field needs a line here.
+Kept apart from service/schemas.py so the types stay readable; a schema or property without a line here is
+served without a description (h12 added none for fields merged later), so a new field should get one.
 """
 
 from __future__ import annotations

@@ -100,6 +100,14 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
         | UnsetType
     ) = UNSET
     callback_url: CallbackUrl | UnsetType = UNSET
+    # Documents and per-position measurement (docs/definitions.md, "Every position").
+    texts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
+    corpus: CorpusRef | UnsetType = UNSET
+    max_tokens: Annotated[int, Meta(ge=2, le=4096)] | UnsetType = UNSET
+    measure_positions: MeasurePositions | UnsetType = UNSET
+    target: TargetName | UnsetType = UNSET
+    response_basis: ResponseBasisName | UnsetType = UNSET
+    position_responses: PositionResponses | UnsetType = UNSET
 
 
 class PromptFields(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -109,14 +117,6 @@ class PromptFields(Struct, forbid_unknown_fields=True, kw_only=True):
     subject: str
     answer: str
     dataset_index: int  # the record's index in the dataset file (known_id for known_1000)
-    # Documents and per-position measurement (docs/definitions.md, "Every position").
-    texts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
-    corpus: CorpusRef | UnsetType = UNSET
-    max_tokens: Annotated[int, Meta(ge=2, le=4096)] | UnsetType = UNSET
-    measure_positions: MeasurePositions | UnsetType = UNSET
-    target: TargetName | UnsetType = UNSET
-    response_basis: ResponseBasisName | UnsetType = UNSET
-    position_responses: PositionResponses | UnsetType = UNSET
 
 
 class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
