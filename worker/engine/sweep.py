@@ -49,8 +49,7 @@ def run_sweep(
     """Every measure of docs/definitions.md for every prompt × component of `spec`.
 
     `batch_tokens=None`: the budget comes from the device (worker/engine/memory.py: free CUDA memory once the clean
-    runs are resident, the fixed default on a CPU). `on_progress(done, total)` is called after each measured
-    prompt; `on_phase` when the clean passes start and when the ablated runs start.
+    runs are resident, the fixed default on a CPU).
     """
     arch = describe(model)
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
@@ -66,7 +65,8 @@ def run_sweep(
         except torch.OutOfMemoryError as error:
             release_cached_memory(ids.device)
             raise BatchDoesNotFit(
-                f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: {error}"
+                f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: "
+                f"{error}"
             ) from error
 
     sources = (
@@ -110,7 +110,8 @@ def run_sweep(
                 for source in (sources[i] or [None])
             ]
             work.append((run, ablations))
-        for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, budget)):
+        outputs_per_run = run_ablated(arch, work, all_positions, budget)
+        for i, (run, ablations), outputs in zip(group, work, outputs_per_run, strict=True):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
             measures.append(
