@@ -25,7 +25,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from service.schemas import (
+from hydra_ablate_client.schemas import (
     TERMINAL_STATES,
     FigureFormat,
     FigureName,

@@ -24,9 +24,20 @@ from service.auth import ApiKeys, auth_middleware, keys_hash, security_component
 from service.controllers import HealthController, JobsController, ModelsController
 from service.controllers.dependencies import dependencies
 from service.controllers.figures import FiguresController
+from service.controllers.metrics import metrics
 from service.controllers.problems import problem_details_config
+from service.controllers.strict_query import reject_unknown_query
+from service.controllers.webhooks import WebhooksController
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
+from service.metrics import AppMetrics
+from service.observability import (
+    add_headers,
+    configure_json_logging,
+    json_logs_requested,
+    observability_middleware,
+)
+from service.openapi_polish import operation_id, polish
 from service.queue import JobQueue
 from service.readiness import Shared, probe
 from service.recovery import resend_unplanned
@@ -34,6 +45,7 @@ from service.redaction import install_log_redaction
 from service.settings import Settings
 from service.store import JobStore
 from service.ui import ui_handlers, ui_template_config
+from service.webhooks import finish_hook
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +89,7 @@ def openapi_config() -> OpenAPIConfig:
         path="/schema",
         render_plugins=[SwaggerRenderPlugin()],
         components=security_components(),
+        operation_id_creator=operation_id,
     )
 
 
@@ -95,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here
     store = JobStore.from_settings(settings)
     queue = JobQueue(settings)
+    store.on_finished = finish_hook(store, queue.notify)  # a job cancelled here gets its webhook too
     state = State(
         {
             "settings": settings,
@@ -104,8 +118,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "idempotency": IdempotencyRecords(store.client, settings.key_prefix, settings.result_ttl_s),
             "tokens": TokenCounters(),
             "readiness": Shared(lambda: probe(store, queue, settings), settings.ready_cache_s),
+            "metrics": AppMetrics(store, settings),
         }
     )
+    if json_logs_requested():
+        configure_json_logging()
 
     async def open_async_clients(app: Litestar) -> None:
         # Auth and rate limiting run on the event loop: an asyncio Redis pool, made in the loop that serves.
@@ -142,15 +159,27 @@ def create_app(settings: Settings | None = None) -> Litestar:
         queue.close()
         store.close()
 
-    return Litestar(
-        route_handlers=[JobsController, FiguresController, ModelsController, HealthController, *ui_handlers()],
+    app = Litestar(
+        route_handlers=[
+            JobsController,
+            FiguresController,
+            ModelsController,
+            HealthController,
+            WebhooksController,
+            metrics,
+            *ui_handlers(),
+        ],
         template_config=ui_template_config(),
+        guards=[reject_unknown_query],
         dependencies=dependencies(),
         state=state,
-        middleware=[auth_middleware()],
+        middleware=[observability_middleware, auth_middleware()],
+        before_send=[add_headers],
         plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,
         on_startup=[open_async_clients, resend_unplanned_jobs],
         on_shutdown=[close_clients],
     )
+    polish(app.openapi_schema)  # built once here and cached: /schema serves the polished document
+    return app

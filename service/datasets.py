@@ -10,7 +10,7 @@ from importlib import resources
 
 import msgspec
 
-from service.schemas import DatasetRef
+from service.schemas import DatasetRef, PromptFields
 
 
 class KnownFact(msgspec.Struct):
@@ -19,6 +19,8 @@ class KnownFact(msgspec.Struct):
     prompt: str
     attribute: str
     relation_id: str
+    subject: str = ""
+    known_id: int = -1
 
 
 @cache
@@ -34,9 +36,21 @@ def relations(name: str) -> list[str]:
     return sorted({fact.relation_id for fact in load(name)})
 
 
-def select(ref: DatasetRef) -> tuple[list[str], list[str]]:
-    """Prompts and answers of the slice; answers start with a space so they tokenise as the next word."""
+def _slice(ref: DatasetRef) -> list[KnownFact]:
     facts = [f for f in load(ref.name) if ref.relation is None or f.relation_id == ref.relation]
     end = None if ref.limit is None else ref.offset + ref.limit
-    chosen = facts[ref.offset : end]
+    return facts[ref.offset : end]
+
+
+def select(ref: DatasetRef) -> tuple[list[str], list[str]]:
+    """Prompts and answers of the slice; answers start with a space so they tokenise as the next word."""
+    chosen = _slice(ref)
     return [f.prompt for f in chosen], [" " + f.attribute for f in chosen]
+
+
+def prompt_fields(ref: DatasetRef) -> list[PromptFields]:
+    """The slice's records as result tables show them: relation, subject and answer (without the leading space)."""
+    return [
+        PromptFields(relation=f.relation_id, subject=f.subject, answer=f.attribute, dataset_index=f.known_id)
+        for f in _slice(ref)
+    ]

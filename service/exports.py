@@ -44,6 +44,7 @@ EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
     "json": "application/json",
     "msgpack": "application/msgpack",
     "csv": "text/csv",
+    "parquet": "application/vnd.apache.parquet",  # service/parquet.py, streamed
 }
 # Accept header values understood by the result endpoint, in the order preferred for `*/*`.
 EXPORT_ACCEPT: dict[str, ExportFormat] = {
@@ -51,6 +52,8 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
     "application/msgpack": "msgpack",
     "application/x-msgpack": "msgpack",
     "text/csv": "csv",
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
 }
 
 # Per-position jobs (results with `positions` columns): one row per prompt × measured position × component.
@@ -123,6 +126,10 @@ def export(stored: bytes, fmt: ExportFormat) -> bytes:
     if fmt == "json":
         return stored
     result = msgspec.json.decode(stored, type=JobResult)
+    if fmt == "parquet":
+        from service.parquet import to_parquet  # pyarrow is heavy: imported on first use
+
+        return to_parquet(result)
     return to_msgpack(result) if fmt == "msgpack" else to_csv(result)
 
 

@@ -59,6 +59,15 @@ def is_out_of_memory(exc: redis.RedisError) -> bool:
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
+class RateSpent(Exception):
+    """The cause of a rate-limit 429: the limit and when its window resets (for the RateLimit-* headers)."""
+
+    def __init__(self, limit: int, reset_s: int) -> None:
+        super().__init__(limit, reset_s)
+        self.limit = limit
+        self.reset_s = reset_s
+
+
 class RateLimiter:
     """Fixed-window request counters per key name and bucket ("read" or "write"), shared through Redis."""
 
@@ -72,11 +81,14 @@ class RateLimiter:
     def counter_key(self, bucket: str, name: str) -> str:
         return f"{self.prefix}rate:{bucket}:{name}"
 
-    async def check(self, bucket: str, name: str) -> None:
-        """Count one request; TooManyRequestsException with Retry-After once the window's limit is spent."""
+    async def check(self, bucket: str, name: str) -> tuple[int, int, int] | None:
+        """Count one request; TooManyRequestsException with Retry-After once the window's limit is spent.
+
+        Returns (limit, remaining, seconds until the window resets) for the RateLimit-* headers; None without a limit.
+        """
         limit = self.limits[bucket]
         if limit <= 0:
-            return
+            return None
         try:
             count, ttl_ms = await self._hit(keys=[self.counter_key(bucket, name)], args=[self.window_ms])
         except redis.ResponseError as exc:
@@ -86,9 +98,10 @@ class RateLimiter:
             # every read into a 503 although reads still work; let it through uncounted (a submit then fails on its
             # own write with a 503 that says Redis is full).
             logger.warning("rate limit not counted for %r: Redis is out of memory (%s)", name, exc)
-            return
+            return None
+        reset_s = max(1, math.ceil(int(ttl_ms) / 1000))
         if int(count) > limit:
-            retry_after = max(1, math.ceil(int(ttl_ms) / 1000))
+            retry_after = reset_s
             kind = "submit and cancel" if bucket == "write" else "read"
             raise TooManyRequestsException(
                 detail=(
@@ -96,7 +109,8 @@ class RateLimiter:
                     f"{name!r}; retry in {retry_after} s"
                 ),
                 headers={"Retry-After": str(retry_after)},
-            )
+            ) from RateSpent(limit, reset_s)
+        return limit, limit - int(count), reset_s
 
 
 async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -105,11 +119,21 @@ async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRout
     OPTIONS passes the authentication middleware without a key (CORS preflights carry none), so it has no caller
     to count against; its handler only lists the allowed methods, touching neither Redis nor a model.
     """
+    from service.observability import RATE_STATE_KEY
+
     user = connection.scope.get("user")
     if user is None:
         return
     bucket = "write" if connection.scope.get("method") in WRITE_METHODS else "read"
-    await connection.app.state.limiter.check(bucket, user.name)
+    limiter: RateLimiter = connection.app.state.limiter
+    try:
+        counted = await limiter.check(bucket, user.name)
+    except TooManyRequestsException as exc:
+        if isinstance(exc.__cause__, RateSpent):
+            connection.scope.setdefault("state", {})[RATE_STATE_KEY] = (exc.__cause__.limit, 0, exc.__cause__.reset_s)
+        raise
+    if counted is not None:  # the observability middleware turns it into RateLimit-* headers
+        connection.scope.setdefault("state", {})[RATE_STATE_KEY] = counted
 
 
 class TokenCounters:

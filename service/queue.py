@@ -44,6 +44,7 @@ from service.settings import Settings, env_float
 
 TASK_RUN_JOB = "hydra.run_job"
 TASK_RUN_CHUNK = "hydra.run_chunk"
+TASK_DELIVER_CALLBACK = "hydra.deliver_callback"  # worker/webhooks.py: one webhook attempt (issue 12)
 DAY_S = 24 * 3600
 HOUR_S = 3600
 DEFAULT_CHUNK_TIME_LIMIT_S = 6 * HOUR_S
@@ -121,7 +122,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": settings.queue_name,
-        "task_routes": {TASK_RUN_JOB: {"queue": settings.queue_name}},
+        "task_routes": {
+            TASK_RUN_JOB: {"queue": settings.queue_name},
+            TASK_DELIVER_CALLBACK: {"queue": settings.queue_name},
+        },
         # Job state and results live in the JobStore; Celery keeps none.
         "task_ignore_result": True,
         "result_backend": None,
@@ -146,6 +150,10 @@ class JobQueue:
     def enqueue(self, job_id: str) -> None:
         """Publish the job id on the hydra queue; a worker reads the spec from the JobStore and plans chunks."""
         self.celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=self.settings.queue_name)
+
+    def notify(self, job_id: str) -> None:
+        """Queue the webhook delivery of a finished job (worker/webhooks.py retries it)."""
+        self.celery_app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=self.settings.queue_name)
 
     def revoke(self, task_ids: list[str]) -> None:
         """Tell every worker to drop these queued tasks (e.g. a cancelled job's chunks; see service/chunks.py)."""

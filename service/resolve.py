@@ -162,6 +162,7 @@ def resolve(
         seed=pick("seed"),
         preset=None if request.preset is UNSET else request.preset,
         dataset=dataset,
+        prompt_fields=None if dataset is None else datasets.prompt_fields(dataset),
         max_tokens=max_tokens,
         corpus=corpus,
         **options,

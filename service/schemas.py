@@ -5,7 +5,7 @@ No torch here: the worker imports these to encode results; the API imports them 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -28,11 +28,38 @@ PositionResponses = Literal["split", "full"]
 DatasetName = Literal["known_1000"]
 FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair"]
 FigureFormat = Literal["png", "svg"]
-ExportFormat = Literal["json", "msgpack", "csv"]
+ExportFormat = Literal["json", "msgpack", "csv", "parquet"]
 # Where a served model's weights come from, as the open model list shows it: never a file-system path.
 ModelSourceKind = Literal["builtin", "local", "hub"]
+# Where a job is (issue 12): queued → loading_model → clean_passes → ablating → merging → finished. A chunked job's
+# phase only moves forward, so parallel chunks never make it jump back.
+JobPhase = Literal["queued", "loading_model", "clean_passes", "ablating", "merging", "finished"]
+JOB_PHASES: tuple[JobPhase, ...] = get_args(JobPhase)
 
 Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
+JobName = Annotated[str, Meta(min_length=1, max_length=200, description="A label for people; not unique")]
+Tag = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$",
+        description="Letters, digits and _ . : / - (starting with a letter or digit); filter jobs by it",
+    ),
+]
+MetadataValue = str | int | float | bool | None
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+MAX_METADATA_BYTES = 4096  # the metadata object as JSON; checked on submit (422) because a schema cannot say it
+CallbackUrl = Annotated[
+    str,
+    Meta(
+        min_length=8,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Where the final status is POSTed (signed, retried); private and loopback hosts are refused "
+        "unless the operator allows them (HYDRA_CALLBACK_ALLOW)",
+    ),
+]
 ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])")]
 
 
@@ -72,6 +99,17 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     resample_from: ResampleFrom | UnsetType = UNSET
     mean_reference: DatasetRef | UnsetType = UNSET
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | UnsetType = UNSET
+    # Labels and notifications (issue 12): stored beside the job, never part of what the worker runs.
+    name: JobName | UnsetType = UNSET
+    tags: Annotated[list[Tag], Meta(max_length=20, description="At most 20 tags")] | UnsetType = UNSET
+    metadata: (
+        Annotated[
+            dict[MetadataKey, MetadataValue],
+            Meta(max_length=50, description="Free key-value pairs (at most 50 keys, 4 KiB as JSON), returned as given"),
+        ]
+        | UnsetType
+    ) = UNSET
+    callback_url: CallbackUrl | UnsetType = UNSET
     # Documents and per-position measurement (docs/definitions.md, "Every position").
     texts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
     corpus: CorpusRef | UnsetType = UNSET
@@ -80,6 +118,15 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     target: TargetName | UnsetType = UNSET
     response_basis: ResponseBasisName | UnsetType = UNSET
     position_responses: PositionResponses | UnsetType = UNSET
+
+
+class PromptFields(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A dataset prompt's own fields, kept with the spec so results and exports can be grouped by them."""
+
+    relation: str
+    subject: str
+    answer: str
+    dataset_index: int  # the record's index in the dataset file (known_id for known_1000)
 
 
 class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -100,6 +147,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int
     preset: PresetName | None = None
     dataset: DatasetRef | None = None
+    prompt_fields: list[PromptFields] | None = None  # one per prompt when they come from a dataset
     max_tokens: int | None = None  # texts are cut to their first max_tokens tokens (None: uncut)
     measure_positions: MeasurePositions = "final"
     target: TargetName = "clean_top"  # given answers win over clean_top
@@ -114,8 +162,23 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Progress(Struct):
+    """Ablated runs done of the job's total, and measured prompts done of its prompts."""
+
     done: int
     total: int
+    prompts_done: int = 0
+    prompts_total: int = 0
+
+
+class CallbackAttempt(Struct, kw_only=True):
+    """One POST of the job's final status to its callback_url."""
+
+    attempt: int
+    at: str
+    status_code: int | None = None  # the receiver's HTTP status; null when it could not be reached
+    error: str | None = None  # why the attempt failed; null for a 2xx
+    duration_ms: float
+    delivered: bool
 
 
 class JobStatus(Struct, kw_only=True):
@@ -128,6 +191,12 @@ class JobStatus(Struct, kw_only=True):
     started_at: str | None = None
     finished_at: str | None = None
     owner: str | None = None  # the name of the API key that submitted the job ("local" with auth off)
+    phase: JobPhase = "queued"
+    name: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    metadata: dict[str, MetadataValue] = msgspec.field(default_factory=dict)
+    callback_url: str | None = None
+    callbacks: list[CallbackAttempt] = msgspec.field(default_factory=list)
     # What recovery did to a job that is still active (e.g. a chunk sent again after its worker vanished).
     note: str | None = None
 
@@ -297,6 +366,19 @@ class JobResult(Struct, kw_only=True):
     summary: Summary
     provenance: Provenance
 
+    def to_pandas(self, table: str = "long") -> Any:
+        """A pandas DataFrame of the result: "long" (prompt × component), "summary", "response" (the response
+        matrix, long), "response_mean" or "prompts"; see hydra_ablate_client/tables.py."""
+        from hydra_ablate_client.tables import to_pandas
+
+        return to_pandas(self, table)  # type: ignore[arg-type]
+
+    def to_arrow(self, table: str = "long") -> Any:
+        """The same tables as pyarrow.Table."""
+        from hydra_ablate_client.tables import to_arrow
+
+        return to_arrow(self, table)  # type: ignore[arg-type]
+
 
 def encode(value: object) -> bytes:
     return msgspec.json.encode(value)
@@ -333,3 +415,22 @@ class Readiness(Struct, kw_only=True):
     status: Literal["ready"]
     redis: bool
     workers: int
+
+
+class BatchRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Many jobs in one request: all are checked first, and either every job is queued or none is."""
+
+    jobs: Annotated[list[JobRequest], Meta(min_length=1, max_length=100, description="1 to 100 job requests")]
+
+
+class BatchAccepted(Struct, kw_only=True):
+    """The queued jobs, in the order of the request."""
+
+    jobs: list[JobStatus]
+
+
+class WebhookSecret(Struct, kw_only=True):
+    """The secret that signs this API key's webhook deliveries (see the Hydra-Signature header)."""
+
+    key: str
+    secret: str

@@ -83,6 +83,13 @@ class Settings:
     max_prompt_tokens: int = 512  # per prompt, counted with the model's published tokenizer
     max_body_bytes: int = 10 * MIB  # request bodies above this are refused with 413 before parsing
 
+    # Webhooks (service/webhooks.py): networks a callback_url may resolve to although they are private or loopback
+    # (comma-separated CIDRs, HYDRA_CALLBACK_ALLOW), and the delivery's retry schedule.
+    callback_allow: str = ""
+    callback_max_attempts: int = 6
+    callback_backoff_s: float = 5.0  # the first retry's delay; each later one doubles it
+    callback_timeout_s: float = 10.0
+
     @classmethod
     def from_env(cls) -> Settings:
         """Settings from REDIS_URL and HYDRA_* variables; unset ones keep the defaults."""
@@ -105,4 +112,8 @@ class Settings:
             max_active_jobs=env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
             max_prompt_tokens=env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
             max_body_bytes=env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),
+            callback_allow=os.environ.get("HYDRA_CALLBACK_ALLOW", defaults.callback_allow),
+            callback_max_attempts=env_int("HYDRA_CALLBACK_MAX_ATTEMPTS", defaults.callback_max_attempts),
+            callback_backoff_s=env_float("HYDRA_CALLBACK_BACKOFF_S", defaults.callback_backoff_s),
+            callback_timeout_s=env_float("HYDRA_CALLBACK_TIMEOUT_S", defaults.callback_timeout_s),
         )

@@ -15,6 +15,11 @@ Keys, under the configured prefix:
   cancel:{id}  present once a cancel was requested; the worker polls it between batches
   models       hash: model id -> ModelInfo JSON, as advertised by workers
   tokenizer:{model id}  the model's Hugging Face tokenizers JSON, as published by workers
+  events:{id}  stream of the job's status snapshots, one per change (created, running, phase, progress, finished):
+               what GET /v1/jobs/{id}/events and ?wait= read (service/events.py); capped at EVENTS_MAXLEN entries
+  callbacks:{id}  list of CallbackAttempt JSON, one per webhook delivery attempt (service/webhooks.py)
+The job hash also holds, from issue 12: name, tags (JSON list), metadata (JSON object), callback_url, phase and
+prompts_done / prompts_total.
   unplanned    sorted set of job ids stored but not yet planned by a worker, scored by when to send them again
                (written with the job, in the same script, so a job stored is a job that will reach the queue;
                see service/recovery.py)
@@ -27,13 +32,25 @@ import gzip
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import redis
 
-from service.schemas import ACTIVE_STATES, TERMINAL_STATES, JobPage, JobSpec, JobStatus, ModelInfo, Progress
+from service.schemas import (
+    ACTIVE_STATES,
+    JOB_PHASES,
+    TERMINAL_STATES,
+    CallbackAttempt,
+    JobPage,
+    JobSpec,
+    JobStatus,
+    ModelInfo,
+    Progress,
+)
 from service.settings import Settings
 
 __all__ = ["ACTIVE_STATES", "TERMINAL_STATES", "ActiveJobsExceeded", "JobStore"]
@@ -44,6 +61,33 @@ logger = logging.getLogger(__name__)
 # storing and sending it, or the message was lost); each later try waits twice as long, up to RESEND_MAX_S.
 RESEND_AFTER_S = 30.0
 RESEND_MAX_S = 3600.0
+EVENTS_MAXLEN = 2000  # status snapshots kept per job: phases are never lost, per-prompt progress is thinned out
+
+
+@dataclass(frozen=True)
+class JobLabels:
+    """What a submitter attaches to a job besides the spec: for people and tools, never read by the engine."""
+
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """List filters; all given ones must match. Times are ISO-8601 (compared as UTC instants)."""
+
+    status: str | None = None
+    model: str | None = None
+    tag: str | None = None
+    created_after: float | None = None  # unix seconds, exclusive
+    created_before: float | None = None  # unix seconds, exclusive
+
+    @property
+    def scans(self) -> bool:
+        """Whether the job hashes must be read to filter (time bounds alone are a range of the index)."""
+        return self.status is not None or self.model is not None or self.tag is not None
 
 # KEYS[1] job hash, KEYS[2] cancel flag. ARGV[1] now (ISO), ARGV[2] ttl seconds.
 _MARK_RUNNING = """
@@ -58,6 +102,25 @@ return 1
 _SET_PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'done', ARGV[1], 'total', ARGV[2])
+return 1
+"""
+
+# KEYS[1] job hash. ARGV[1] prompts done.
+_SET_PROMPTS_DONE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'prompts_done', ARGV[1])
+return 1
+"""
+
+# KEYS[1] job hash. ARGV[1] the phase, ARGV[2] its rank, ARGV[3..] every phase in order. Only moves forward, and
+# only while the job runs: chunks of one job report phases in parallel.
+_ADVANCE_PHASE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local current = redis.call('HGET', KEYS[1], 'phase') or 'queued'
+local rank = 0
+for i = 3, #ARGV do if ARGV[i] == current then rank = i - 3 end end
+if tonumber(ARGV[2]) <= rank then return 0 end
+redis.call('HSET', KEYS[1], 'phase', ARGV[1])
 return 1
 """
 
@@ -196,6 +259,19 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _label_fields(labels: JobLabels) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if labels.name is not None:
+        fields["name"] = labels.name
+    if labels.tags:
+        fields["tags"] = msgspec.json.encode(labels.tags)
+    if labels.metadata:
+        fields["metadata"] = msgspec.json.encode(labels.metadata)
+    if labels.callback_url is not None:
+        fields["callback_url"] = labels.callback_url
+    return fields
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
 
@@ -220,6 +296,10 @@ class JobStore:
         self._mark_failed = client.register_script(_MARK_FAILED)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._create_capped = client.register_script(_CREATE_CAPPED)
+        self._set_prompts_done = client.register_script(_SET_PROMPTS_DONE)
+        self._advance_phase = client.register_script(_ADVANCE_PHASE)
+        # Called with a job id after the job reached a final state here (the webhook dispatcher hooks in).
+        self.on_finished: Callable[[str], None] | None = None
         self._delete_finished = client.register_script(_DELETE_FINISHED)
         self._set_note = client.register_script(_SET_NOTE)
 
@@ -262,6 +342,12 @@ class JobStore:
     def active_key(self, owner: str) -> str:
         return f"{self.prefix}active:{owner}"
 
+    def events_key(self, job_id: str) -> str:
+        return f"{self.prefix}events:{job_id}"
+
+    def callbacks_key(self, job_id: str) -> str:
+        return f"{self.prefix}callbacks:{job_id}"
+
     def tokenizer_key(self, model_id: str) -> str:
         return f"{self.prefix}tokenizer:{model_id}"
 
@@ -289,6 +375,7 @@ class JobStore:
         *,
         job_id: str | None = None,
         max_active: int = 0,
+        labels: JobLabels | None = None,
     ) -> JobStatus:
         """Register a queued job; the caller enqueues it afterwards.
 
@@ -309,9 +396,23 @@ class JobStore:
             "created_at": now,
             "done": 0,
             "total": int(total),
+            "phase": "queued",
+            "prompts_done": 0,
+            "prompts_total": len(spec.prompts),
         }
+        labels = labels or JobLabels()
+        fields.update(_label_fields(labels))
         status = JobStatus(
-            id=job_id, status="queued", model=spec.model, progress=Progress(0, int(total)), created_at=now, owner=owner
+            id=job_id,
+            status="queued",
+            model=spec.model,
+            progress=Progress(0, int(total), 0, len(spec.prompts)),
+            created_at=now,
+            owner=owner,
+            name=labels.name,
+            tags=list(labels.tags),
+            metadata=dict(labels.metadata),
+            callback_url=labels.callback_url,
         )
         if owner is None:
             pipe = self.client.pipeline(transaction=True)
@@ -320,6 +421,7 @@ class JobStore:
             pipe.zadd(self.index_key, {job_id: time.time()})
             pipe.zadd(self.unplanned_key, {job_id: time.time() + RESEND_AFTER_S})
             pipe.execute()
+            self.emit(job_id, status)
             return status
         fields["owner"] = owner
         keys = [
@@ -332,6 +434,7 @@ class JobStore:
         outcome = int(self._create_capped(keys=keys, args=args))
         if outcome >= 0:
             raise ActiveJobsExceeded(owner, outcome, int(max_active))
+        self.emit(job_id, status)
         return status
 
     def status(self, job_id: str) -> JobStatus | None:
@@ -341,7 +444,11 @@ class JobStore:
         pipe.exists(self.result_key(job_id))
         fields, has_result = pipe.execute()
         status = self._decode_status(fields)
-        return None if status is None else _unless_evicted(status, bool(has_result))
+        if status is None:
+            return None
+        if status.callback_url is not None:
+            status.callbacks = self.callbacks(job_id)
+        return _unless_evicted(status, bool(has_result))
 
     def spec(self, job_id: str) -> JobSpec | None:
         raw = self.client.hget(self.job_key(job_id), "spec")
@@ -350,27 +457,125 @@ class JobStore:
     def mark_running(self, job_id: str) -> bool:
         """Claim a queued job for a worker; False when it was cancelled, already claimed, finished or expired."""
         keys = [self.job_key(job_id), self.cancel_key(job_id)]
-        return bool(self._mark_running(keys=keys, args=[utc_now(), self.ttl_s]))
+        return self._emitting(job_id, bool(self._mark_running(keys=keys, args=[utc_now(), self.ttl_s])))
 
-    def set_progress(self, job_id: str, done: int, total: int) -> bool:
+    def set_progress(self, job_id: str, done: int, total: int, prompts_done: int | None = None) -> bool:
         """Record progress of a running job; False (and nothing written) once it is no longer running."""
-        return bool(self._set_progress(keys=[self.job_key(job_id)], args=[int(done), int(total)]))
+        changed = bool(self._set_progress(keys=[self.job_key(job_id)], args=[int(done), int(total)]))
+        if changed and prompts_done is not None:
+            self._set_prompts_done(keys=[self.job_key(job_id)], args=[int(prompts_done)])
+        return self._emitting(job_id, changed)
+
+    def advance_phase(self, job_id: str, phase: str) -> bool:
+        """Move a running job to a later phase (JOB_PHASES); False when it is not running or already past it."""
+        rank = JOB_PHASES.index(phase)
+        changed = bool(self._advance_phase(keys=[self.job_key(job_id)], args=[phase, rank, *JOB_PHASES]))
+        return self._emitting(job_id, changed)
 
     def mark_succeeded(self, job_id: str, result: bytes) -> bool:
         """Store the result (the encoded JobResult; stored compressed) and finish a running job; False (result
         dropped) if it was cancelled meanwhile."""
-        return bool(
+        changed = bool(
             self._mark_succeeded(
                 keys=[self.job_key(job_id), self.result_key(job_id)],
                 args=[compress_result(result), utc_now(), self.ttl_s],
             )
         )
+        return self._finishing(job_id, changed)
 
     def mark_failed(self, job_id: str, error: str) -> bool:
         """Fail a queued or running job with a message for the user (its chunk partials are dropped); False if it
         had already ended."""
         keys = [self.job_key(job_id), self.chunks_done_key(job_id)]
-        return bool(self._mark_failed(keys=keys, args=[error, utc_now(), self.ttl_s, self.partial_key_prefix(job_id)]))
+        changed = bool(
+            self._mark_failed(keys=keys, args=[error, utc_now(), self.ttl_s, self.partial_key_prefix(job_id)])
+        )
+        return self._finishing(job_id, changed)
+
+    # events (issue 12): a snapshot per change, for server-sent events, long polls and webhooks
+    def emit(self, job_id: str, status: JobStatus | None = None) -> None:
+        """Append the job's current status to its event stream (capped, expiring with the job)."""
+        status = status or self.status(job_id)
+        if status is None:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.events_key(job_id), {"status": msgspec.json.encode(status)}, maxlen=EVENTS_MAXLEN)
+        pipe.expire(self.events_key(job_id), self.ttl_s)
+        pipe.execute()
+
+    def _emitting(self, job_id: str, changed: bool) -> bool:
+        if changed:
+            try:
+                self.emit(job_id)
+            except redis.RedisError:  # the state change stands; listeners re-read the status when they wake
+                logger.warning("job %s: could not append its event", job_id, exc_info=True)
+        return changed
+
+    def _finishing(self, job_id: str, changed: bool) -> bool:
+        self._emitting(job_id, changed)
+        if changed and self.on_finished is not None:
+            try:
+                self.on_finished(job_id)
+            except Exception:
+                logger.warning("job %s: its finish hook failed", job_id, exc_info=True)
+        return changed
+
+    def events(self, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, JobStatus]]:
+        """(event id, status) appended after `after` ("0": from the start); with `block_ms`, waits that long for one."""
+        answer = self.client.xread({self.events_key(job_id): after}, block=block_ms)
+        found: list[tuple[str, JobStatus]] = []
+        for _, entries in answer or []:
+            for event_id, fields in entries:
+                raw = fields.get(b"status")
+                if raw is not None:
+                    found.append((event_id.decode(), msgspec.json.decode(raw, type=JobStatus)))
+        return found
+
+    def last_event_id(self, job_id: str) -> str:
+        """The id of the job's latest event ("0-0" when it has none)."""
+        latest = self.client.xrevrange(self.events_key(job_id), count=1)
+        return latest[0][0].decode() if latest else "0-0"
+
+    def record_callback(self, job_id: str, attempt: CallbackAttempt) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(self.callbacks_key(job_id), msgspec.json.encode(attempt))
+        pipe.expire(self.callbacks_key(job_id), self.ttl_s)
+        pipe.execute()
+
+    def callbacks(self, job_id: str) -> list[CallbackAttempt]:
+        raw = self.client.lrange(self.callbacks_key(job_id), 0, -1)
+        return [msgspec.json.decode(item, type=CallbackAttempt) for item in raw]
+
+    def delete(self, job_id: str, extra_keys: list[str] | None = None) -> bool:
+        """Remove a finished job with its result, events, callbacks and `extra_keys` (figures, chunk bookkeeping).
+
+        False (nothing removed) unless the job exists and has ended: a running job is cancelled, not deleted.
+        """
+        key = self.job_key(job_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    status, owner = pipe.hmget(key, "status", "owner")
+                    if status is None or status.decode() not in TERMINAL_STATES:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.delete(
+                        key,
+                        self.result_key(job_id),
+                        self.cancel_key(job_id),
+                        self.events_key(job_id),
+                        self.callbacks_key(job_id),
+                        *(extra_keys or []),
+                    )
+                    pipe.zrem(self.index_key, job_id)
+                    if owner is not None:
+                        pipe.zrem(self.owner_index_key(owner.decode()), job_id)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def set_note(self, job_id: str, note: str) -> bool:
         """Tell pollers what happened to an active job (e.g. a chunk sent again); False once it has ended."""
@@ -399,6 +604,7 @@ class JobStore:
         )
         if int(outcome) < 0:
             return None
+        self._finishing(job_id, int(outcome) == 1)
         return self.status(job_id)
 
     def is_cancelled(self, job_id: str) -> bool:
@@ -433,15 +639,28 @@ class JobStore:
         outcome = int(self._delete_finished(keys=keys, args=[job_id]))
         return None if outcome < 0 else outcome == 1
 
-    def page(self, offset: int = 0, limit: int = 50, owner: str | None = None) -> JobPage:
-        """Jobs newest first (only `owner`'s when given); ids whose job hash has expired are dropped on the way."""
+    def page(
+        self, offset: int = 0, limit: int = 50, owner: str | None = None, filters: JobFilter | None = None
+    ) -> JobPage:
+        """Jobs newest first (only `owner`'s when given); ids whose job hash has expired are dropped on the way.
+
+        Time bounds are a range of the creation-time index. Status, model and tag filters read the fields of every
+        job in that range (in batches, pipelined), so they cost one small read per job of the caller's listing.
+        """
         index = self.index_key if owner is None else self.owner_index_key(owner)
         self._prune_index(index)
-        # No MULTI: at maxmemory Redis refuses a transaction even of reads, and a listing must keep working.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zcard(index)
-        pipe.zrevrange(index, offset, offset + limit - 1)
-        total, ids = pipe.execute()
+        filters = filters or JobFilter()
+        high = "+inf" if filters.created_before is None else f"({filters.created_before}"
+        low = "-inf" if filters.created_after is None else f"({filters.created_after}"
+        if not filters.scans:
+            # No MULTI: at maxmemory Redis refuses a transaction even of reads, and a listing must keep working.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zcount(index, low, high)
+            pipe.zrevrangebyscore(index, high, low, start=offset, num=limit)
+            total, ids = pipe.execute()
+        else:
+            matching = self._matching(index, high, low, filters)
+            total, ids = len(matching), matching[offset : offset + limit]
         pipe = self.client.pipeline(transaction=False)
         for raw_id in ids:
             pipe.hgetall(self.job_key(raw_id.decode()))
@@ -454,6 +673,45 @@ class JobStore:
             present = {item.id: bool(found) for item, found in zip(succeeded, pipe.execute(), strict=True)}
             items = [_unless_evicted(item, present.get(item.id, True)) for item in items]
         return JobPage(items=items, total=int(total), offset=offset, limit=limit)
+
+    def _matching(self, index: str, high: str, low: str, filters: JobFilter, batch: int = 500) -> list[bytes]:
+        """Ids in the index's score range whose status, model and tags match, newest first."""
+        found: list[bytes] = []
+        start = 0
+        while True:
+            ids = self.client.zrevrangebyscore(index, high, low, start=start, num=batch)
+            if not ids:
+                return found
+            pipe = self.client.pipeline(transaction=False)
+            for raw_id in ids:
+                pipe.hmget(self.job_key(raw_id.decode()), "status", "model", "tags")
+            for raw_id, (status, model, tags) in zip(ids, pipe.execute(), strict=True):
+                if status is None:
+                    continue
+                if filters.status is not None and status.decode() != filters.status:
+                    continue
+                if filters.model is not None and (model or b"").decode() != filters.model:
+                    continue
+                if filters.tag is not None and filters.tag not in (msgspec.json.decode(tags) if tags else []):
+                    continue
+                found.append(raw_id)
+            start += batch
+
+    def count_by_status(self, batch: int = 1000) -> dict[str, int]:
+        """Jobs kept, by status (every state present, zero when none): one pipelined read per `batch` jobs."""
+        counts = dict.fromkeys((*ACTIVE_STATES, *TERMINAL_STATES), 0)
+        start = 0
+        while True:
+            ids = self.client.zrange(self.index_key, start, start + batch - 1)
+            if not ids:
+                return counts
+            pipe = self.client.pipeline(transaction=False)
+            for raw_id in ids:
+                pipe.hget(self.job_key(raw_id.decode()), "status")
+            for status in pipe.execute():
+                if status is not None and status.decode() in counts:
+                    counts[status.decode()] += 1
+            start += batch
 
     def _prune_index(self, index: str | None = None, batch: int = 1000) -> None:
         # A job hash lives at least ttl_s after creation, so only older index entries can point at nothing.
@@ -476,16 +734,27 @@ class JobStore:
         f: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items() if k != b"spec"}
         if "id" not in f or "status" not in f:  # a half-expired or foreign hash
             return None
+        finished = f["status"] in TERMINAL_STATES
         return JobStatus(
             id=f["id"],
             status=f["status"],
             model=f.get("model", ""),
-            progress=Progress(int(f.get("done", 0)), int(f.get("total", 0))),
+            progress=Progress(
+                int(f.get("done", 0)),
+                int(f.get("total", 0)),
+                int(f.get("prompts_total", 0)) if f["status"] == "succeeded" else int(f.get("prompts_done", 0)),
+                int(f.get("prompts_total", 0)),
+            ),
             error=f.get("error"),
             created_at=f.get("created_at", ""),
             started_at=f.get("started_at"),
             finished_at=f.get("finished_at"),
             owner=f.get("owner"),
+            phase="finished" if finished else f.get("phase", "queued"),
+            name=f.get("name") or None,
+            tags=msgspec.json.decode(f["tags"]) if f.get("tags") else [],
+            metadata=msgspec.json.decode(f["metadata"]) if f.get("metadata") else {},
+            callback_url=f.get("callback_url") or None,
             note=f.get("note"),
         )
 

@@ -61,6 +61,10 @@ def stack_env(redis_url: str, tiny_model_dirs: dict[str, str]) -> Iterator[dict[
         # covers auth on).
         "HYDRA_AUTH": "off",
         "HYDRA_ALLOW_NO_AUTH": "1",
+        # Webhook tests post to a receiver on loopback, which only an operator allow-list admits; retries are quick.
+        "HYDRA_CALLBACK_ALLOW": "127.0.0.0/8",
+        "HYDRA_CALLBACK_BACKOFF_S": "0.2",
+        "HYDRA_CALLBACK_MAX_ATTEMPTS": "4",
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)

@@ -114,7 +114,7 @@ def test_submit_queues_the_job_and_publishes_it_on_the_broker(
     prompts = ["The capital of France is", "Rome is in"]
     job = submit(client, model="tiny", prompts=prompts, components=["attn.1", "mlp.2"])
     assert job["status"] == "queued" and job["model"] == "tiny"
-    assert job["progress"] == {"done": 0, "total": 2 * 2 * 1}
+    assert job["progress"] == {"done": 0, "total": 2 * 2 * 1, "prompts_done": 0, "prompts_total": 2}
     assert client.get(f"/v1/jobs/{job['id']}").json() == job
 
     assert broker.llen(settings.queue_name) == 1
@@ -208,7 +208,7 @@ def test_result_is_409_until_the_job_succeeds(client: TestClient, store: JobStor
     assert store.mark_running(job["id"])
     store.set_progress(job["id"], 1, 4)
     assert_problem(client.get(f"/v1/jobs/{job['id']}/result"), 409, "running", "1/4")
-    assert client.get(f"/v1/jobs/{job['id']}").json()["progress"] == {"done": 1, "total": 4}
+    assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["done"] == 1
 
     result = b'{"id": "%s", "note": "stored bytes are served as they are"}' % job["id"].encode()
     assert store.mark_succeeded(job["id"], result)
@@ -217,7 +217,8 @@ def test_result_is_409_until_the_job_succeeds(client: TestClient, store: JobStor
     assert response.headers["content-type"].startswith("application/json")
     assert response.content == result
     status = client.get(f"/v1/jobs/{job['id']}").json()
-    assert status["status"] == "succeeded" and status["progress"] == {"done": 4, "total": 4}
+    progress = {"done": 4, "total": 4, "prompts_done": 2, "prompts_total": 2}
+    assert status["status"] == "succeeded" and status["progress"] == progress
 
 
 def test_result_of_failed_and_cancelled_jobs_is_409_with_the_reason(client: TestClient, store: JobStore) -> None:
@@ -247,8 +248,10 @@ def test_cancel(client: TestClient, store: JobStore) -> None:
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
     assert store.is_cancelled(job["id"]) and not store.mark_running(job["id"])
+    # A second DELETE finds the job finished (cancelled): it deletes it (issue 12).
     again = client.delete(f"/v1/jobs/{job['id']}")
-    assert again.status_code == 202 and again.json()["status"] == "cancelled"
+    assert again.status_code == 204 and not again.content
+    assert_problem(client.get(f"/v1/jobs/{job['id']}"), 404, job["id"])
 
     running = submit(client, model="tiny", prompts=["a", "b"], components=["attn.0"])
     store.mark_running(running["id"])
@@ -258,8 +261,14 @@ def test_cancel(client: TestClient, store: JobStore) -> None:
     finished = submit(client, model="tiny", prompts=["a", "b"], components=["attn.0"])
     store.mark_running(finished["id"])
     store.mark_succeeded(finished["id"], b"{}")
-    assert_problem(client.delete(f"/v1/jobs/{finished['id']}"), 409, "already succeeded")
-    assert client.get(f"/v1/jobs/{finished['id']}").json()["status"] == "succeeded"
+    figure = f"{store.prefix}figure:{finished['id']}:erasure:png"
+    store.client.set(figure, b"png bytes")  # a cached figure goes with its job
+    assert client.delete(f"/v1/jobs/{finished['id']}").status_code == 204
+    assert_problem(client.get(f"/v1/jobs/{finished['id']}"), 404, finished["id"])
+    assert_problem(client.get(f"/v1/jobs/{finished['id']}/result"), 404, finished["id"])
+    assert store.result(finished["id"]) is None and not store.client.exists(figure)
+    assert finished["id"] not in [job["id"] for job in client.get("/v1/jobs").json()["items"]]
+    assert_problem(client.delete(f"/v1/jobs/{finished['id']}"), 404, finished["id"])
 
 
 def test_paging(client: TestClient) -> None:

@@ -254,7 +254,7 @@ def test_openapi_declares_the_api_key_scheme(client: TestClient) -> None:
     }
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            protected = path.startswith("/v1/jobs")
+            protected = path.startswith(("/v1/jobs", "/v1/webhooks"))
             assert operation.get("security") == ([{"ApiKey": []}] if protected else None), (method, path)
             if protected:
                 assert {"401", "429"} <= operation["responses"].keys(), (method, path)

@@ -8,11 +8,12 @@ the chunks of that model's jobs wait; `-Q hydra` (the main queue, where jobs are
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_ready
+from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun, worker_ready
 
 from service.queue import celery_config, model_queue
 from service.redaction import install_log_redaction
@@ -33,7 +34,32 @@ except WorkerConfigError as error:
     raise SystemExit(f"hydra-ablate worker: bad configuration: {error}") from None
 app = Celery("hydra-ablate")
 app.conf.update(celery_config(settings))
-app.conf.update(include=["worker.tasks"], task_default_queue=settings.queue_name)
+app.conf.update(include=["worker.tasks", "worker.webhooks"], task_default_queue=settings.queue_name)
+
+
+@task_prerun.connect
+def _job_context(task_id: str, task: object, args: tuple[object, ...] | None = None, **_: object) -> None:
+    """Every log line of a task names its job (HYDRA_LOG_FORMAT=json shows it as job_id)."""
+    from service.observability import job_id_var
+
+    job_id_var.set(str(args[0]) if args else None)
+
+
+@task_postrun.connect
+def _job_context_end(**_: object) -> None:
+    from service.observability import job_id_var
+
+    job_id_var.set(None)
+
+
+def _json_logging(**_: object) -> None:
+    from service.observability import configure_json_logging
+
+    configure_json_logging()
+
+
+if os.environ.get("HYDRA_LOG_FORMAT", "").strip().lower() == "json":
+    setup_logging.connect(_json_logging, weak=False)  # Celery then leaves logging to us
 
 
 def served_device() -> str:

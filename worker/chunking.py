@@ -22,7 +22,7 @@ from typing import cast
 from service.chunks import ChunkResult
 from service.schemas import JobResult, JobSpec, Provenance
 from worker.engine.position_sweep import run_position_sweep
-from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
+from worker.engine.sweep import PhaseCallback, ProgressCallback, StopCheck, run_sweep
 from worker.engine.types import PositionSweepResult, PromptMeasures, SweepResult
 from worker.job_runner import (
     batch_tokens,
@@ -49,6 +49,7 @@ def execute_chunk(
     *,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> ChunkResult:
     """Prompts `start:stop` of the job, with every other prompt available as a source (see the module doc)."""
     if not 0 <= start < stop <= len(spec.prompts):
@@ -57,15 +58,27 @@ def execute_chunk(
     measure = list(range(start, stop))
     gap = near_tie_gap(loaded)
     inputs = tokenise_lazily(loaded, spec, measure)
-    run = run_position_sweep if spec.per_position else run_sweep
-    sweep = run(
-        loaded.model,
-        sweep_spec(spec),
-        inputs,
-        on_progress=on_progress,
-        should_stop=should_stop,
-        batch_tokens=batch_tokens(),
-    )
+    if spec.per_position:
+        if on_phase is not None:  # the per-position engine reports no phases of its own
+            on_phase("ablating")
+        sweep: SweepResult | PositionSweepResult = run_position_sweep(
+            loaded.model,
+            sweep_spec(spec),
+            inputs,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            batch_tokens=batch_tokens(),
+        )
+    else:
+        sweep = run_sweep(
+            loaded.model,
+            sweep_spec(spec),
+            inputs,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            batch_tokens=batch_tokens(),
+            on_phase=on_phase,
+        )
     if isinstance(sweep, PositionSweepResult):
         full = spec.position_responses == "full"
         prompts = [

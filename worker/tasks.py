@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from functools import cache
 from typing import Any
@@ -38,10 +39,11 @@ from celery import Task
 
 from service.chunks import LEASE_LOST, Chunk, ChunkBook, chunk_prompts, max_deliveries, plan_chunks
 from service.leases import Leases
-from service.queue import TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
+from service.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
 from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
+from worker import stats
 from worker.celery_app import app, settings, worker_settings
 from worker.maintenance import recheck_s
 from worker.model_cache import ModelCache, parse_dtype
@@ -54,8 +56,22 @@ REDIS_SOCKET_TIMEOUT_S = 10.0
 
 @cache
 def job_store() -> JobStore:
+    from service.webhooks import finish_hook
+    from worker.stats import job_finished
+
     # A socket timeout: a Redis that hangs (rather than refuses) must not hang a chunk past its retry budget.
-    return JobStore.from_settings(settings, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    store = JobStore.from_settings(settings, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    # A job this worker finishes (or fails) is timed and gets its webhook queued (worker/webhooks.py).
+    notify = finish_hook(
+        store, lambda job_id: app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=settings.queue_name)
+    )
+
+    def on_finished(job_id: str) -> None:
+        job_finished(store, job_id)
+        notify(job_id)
+
+    store.on_finished = on_finished
+    return store
 
 
 @cache
@@ -185,6 +201,7 @@ def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
     missing = [i for i, chunk in enumerate(partial) if chunk is None]
     if missing:
         return _fail(job_id, f"internal error: the partial results of chunks {missing} of job {job_id} are missing")
+    store.advance_phase(job_id, "merging")
     try:
         merged = merge_chunks(job_id, spec, [chunk for chunk in partial if chunk is not None])
     except Exception as error:
@@ -356,13 +373,18 @@ class ChunkRun:
         status = self.redis("read the job", lambda: store.status(job_id))
         total = status.progress.total if status is not None and status.progress.total else ablation_count(spec)
 
+        per_prompt = max(1, total // max(1, len(spec.prompts)))  # every prompt has the same number of ablations
+
+        def report(done: int) -> None:
+            summed = book.record_progress(job_id, index, done)
+            store.set_progress(job_id, summed, total, prompts_done=summed // per_prompt)
+
         def on_progress(done: int, _chunk_total: int) -> None:
             # Skipped while Redis is away (the next report catches up; progress only ever rises).
-            self.retry.poll(
-                "report progress",
-                lambda: store.set_progress(job_id, book.record_progress(job_id, index, done), total),
-                False,
-            )
+            self.retry.poll("report progress", lambda: report(done), False)
+
+        def on_phase(phase: str) -> None:
+            self.retry.poll("report the phase", lambda: store.advance_phase(job_id, phase), False)
 
         def should_stop() -> bool:
             if self.lost.is_set():
@@ -377,9 +399,13 @@ class ChunkRun:
             )
 
         try:
-            loaded = model_cache().get(spec.model)
+            on_phase("loading_model")
+            cache = model_cache()
+            loaded = stats.load_model(store, spec.model in cache.cached, lambda: cache.get(spec.model))
+            chunk_started = time.perf_counter()
             result = execute_chunk(
-                job_id, spec, loaded, index, self.start, self.stop, on_progress=on_progress, should_stop=should_stop
+                job_id, spec, loaded, index, self.start, self.stop, on_progress=on_progress, should_stop=should_stop,
+                on_phase=on_phase,
             )
         except SweepCancelled:
             if self.lost.is_set() or not self.redis(
@@ -406,6 +432,7 @@ class ChunkRun:
                 f"internal error in chunk {index} of job {job_id}: {type(error).__name__}: {error} "
                 "(the worker's log has the details)"
             )
+        stats.chunk_done(store, time.perf_counter() - chunk_started, (self.stop - self.start) * per_prompt)
         done = self.redis(
             "record the chunk's result", lambda: book.record_result(job_id, index, result, self.token)
         )

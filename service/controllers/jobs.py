@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
+import anyio.to_thread
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
@@ -14,13 +17,14 @@ from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
-from litestar.response import Stream
-from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
+from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
 
 from service.auth import SECURITY, Principal
 from service.chunks import ChunkBook
 from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
-from service.errors import BackendUnavailable
+from service.errors import BackendUnavailable, ValidationProblem
+from service.events import follow, last_event_id, wait_for_change
 from service.exports import (
     CSV_COLUMNS,
     EXPORT_ACCEPT,
@@ -35,12 +39,23 @@ from service.exports import (
     to_csv,
 )
 from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyRecords
+from service.labels import labels_of, parse_allow_list
 from service.limits import TokenCounters, check_prompt_tokens, rate_limit
 from service.queue import JobQueue
 from service.resolve import ablation_count, resolve
-from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ProblemDetails, Summary
+from service.schemas import (
+    BatchAccepted,
+    BatchRequest,
+    JobPage,
+    JobRequest,
+    JobResult,
+    JobState,
+    JobStatus,
+    ProblemDetails,
+    Summary,
+)
 from service.settings import Settings
-from service.store import JobStore
+from service.store import TERMINAL_STATES, JobFilter, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +126,15 @@ class ResultOperation(Operation):
         if not isinstance(ok, OpenAPIResponse) or not ok.content or "application/json" not in ok.content:
             return
         schema = ok.content["application/json"].schema
-        ok.description = "The job's result: JSON (default), MessagePack of the same JobResult, or CSV"
+        ok.description = "The job's result: JSON (default), MessagePack of the same JobResult, CSV or Parquet"
         ok.content["application/msgpack"] = OpenAPIMediaType(schema=schema)
+        ok.content["application/vnd.apache.parquet"] = OpenAPIMediaType(
+            schema=Schema(
+                type=OpenAPIType.STRING,
+                format="binary",
+                description="Apache Parquet: one row per prompt × component (see the route's description)",
+            )
+        )
         ok.content["text/csv"] = OpenAPIMediaType(
             schema=Schema(
                 type=OpenAPIType.STRING,
@@ -165,9 +187,15 @@ def queue_job(
     """Resolve and check the request, register the job under the caller (within its cap) and hand it to Celery."""
     models = {info.id: info for info in store.models()}
     spec = resolve(data, models, settings, store.refused_models())
+    labels = labels_of(data, parse_allow_list(settings.callback_allow))
     check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
     status = store.create(
-        spec, ablation_count(spec), principal.name, job_id=job_id, max_active=settings.max_active_jobs
+        spec,
+        ablation_count(spec),
+        principal.name,
+        job_id=job_id,
+        max_active=settings.max_active_jobs,
+        labels=labels,
     )
     try:
         queue.enqueue(status.id)
@@ -256,11 +284,58 @@ class JobsController(Controller):
         headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
         return Response(outcome.status, status_code=HTTP_202_ACCEPTED, headers=headers)
 
+    @post(
+        "/batch",
+        status_code=HTTP_202_ACCEPTED,
+        sync_to_thread=True,
+        summary="Submit many jobs at once",
+        operation_id="submitJobBatch",
+        description=(
+            "Up to 100 job requests in one body. Every request is resolved and checked first (a 422 names the "
+            "job, e.g. `jobs[3].prompts`); then all are queued, or, when one cannot be (the per-key cap), the ones "
+            "already queued are cancelled and the whole batch is refused. Answers 202 with the jobs in order."
+        ),
+        responses=problem_responses(400, 401, 413, 422, 429, 503),
+    )
+    def submit_batch(
+        self,
+        data: JSONBody[BatchRequest],
+        store: NamedDependency[JobStore],
+        queue: NamedDependency[JobQueue],
+        settings: NamedDependency[Settings],
+        principal: NamedDependency[Principal],
+        tokens: NamedDependency[TokenCounters],
+    ) -> Response[BatchAccepted]:
+        models = {info.id: info for info in store.models()}
+        refused = store.refused_models()
+        allowed = parse_allow_list(settings.callback_allow)
+        for index, request in enumerate(data.jobs):  # check every job before queueing any
+            try:
+                spec = resolve(request, models, settings, refused)
+                labels_of(request, allowed)
+                check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
+            except ValidationProblem as problem:
+                field = f"jobs[{index}].{problem.field}" if problem.field else f"jobs[{index}]"
+                raise ValidationProblem(f"jobs[{index}]: {problem.detail}", field) from None
+        queued: list[JobStatus] = []
+        try:
+            for request in data.jobs:
+                queued.append(queue_job(request, None, principal, store, queue, settings, tokens))
+        except BaseException:
+            for status in queued:  # all or nothing: a half-queued batch would be re-sent whole by the client
+                store.request_cancel(status.id)
+            raise
+        return Response(BatchAccepted(jobs=queued), status_code=HTTP_202_ACCEPTED)
+
     @get(
         "/",
         sync_to_thread=True,
         summary="List jobs, newest first",
-        description="The calling key's jobs; an admin key sees every job.",
+        operation_id="listJobs",
+        description=(
+            "The calling key's jobs (an admin key sees every job), filtered by any of status, model, tag and "
+            "creation time; `total` counts the jobs that match. Unknown query parameters are a 400."
+        ),
         responses=problem_responses(400, *PROTECTED, 503),
     )
     def list_jobs(
@@ -269,19 +344,107 @@ class JobsController(Controller):
         principal: NamedDependency[Principal],
         offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="jobs to skip, newest first")] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=500, description="jobs per page")] = 50,
+        status: Annotated[JobState | None, QueryParameter(description="only jobs in this state")] = None,
+        model: Annotated[
+            str | None, QueryParameter(min_length=1, max_length=512, description="only jobs of this model id")
+        ] = None,
+        tag: Annotated[
+            str | None, QueryParameter(min_length=1, max_length=64, description="only jobs carrying this tag")
+        ] = None,
+        created_after: Annotated[
+            datetime | None, QueryParameter(description="only jobs created after this instant (ISO-8601)")
+        ] = None,
+        created_before: Annotated[
+            datetime | None, QueryParameter(description="only jobs created before this instant (ISO-8601)")
+        ] = None,
     ) -> JobPage:
-        return store.page(offset, limit, owner=None if principal.admin else principal.name)
+        filters = JobFilter(
+            status=status,
+            model=model,
+            tag=tag,
+            created_after=None if created_after is None else _timestamp(created_after),
+            created_before=None if created_before is None else _timestamp(created_before),
+        )
+        return store.page(offset, limit, owner=None if principal.admin else principal.name, filters=filters)
 
     @get(
         "/{job_id:str}",
-        sync_to_thread=True,
         summary="A job's status and progress",
+        operation_id="getJob",
+        description=(
+            "With `?wait=S` (a long poll, at most 60 s) the answer waits until the job's status, phase or progress "
+            "changes, or S seconds pass, whichever is first; a finished job answers at once."
+        ),
         responses=problem_responses(400, *PROTECTED, 404, 503),
     )
-    def get_job(
-        self, job_id: JobId, store: NamedDependency[JobStore], principal: NamedDependency[Principal]
+    async def get_job(
+        self,
+        request: Request[Any, Any, Any],
+        job_id: JobId,
+        store: NamedDependency[JobStore],
+        principal: NamedDependency[Principal],
+        wait: Annotated[
+            float | None,
+            QueryParameter(ge=0, le=60, description="seconds to wait for the next change (long poll)"),
+        ] = None,
     ) -> JobStatus:
-        return visible_status(store, job_id, principal)
+        if not wait:
+            return await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
+        client = request.app.state.aredis
+        after = await last_event_id(client, store, job_id)  # read before the status, so no change slips between
+        status = await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
+        if status.status in TERMINAL_STATES:
+            return status
+        await wait_for_change(client, store, job_id, after, wait)
+        return await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
+
+    @get(
+        "/{job_id:str}/events",
+        summary="Stream a job's status and progress (server-sent events)",
+        operation_id="streamJobEvents",
+        description=(
+            "A `text/event-stream` of the job's changes until it ends: `event: status` when its state or phase "
+            "changes, `event: progress` for progress, each with the JobStatus as JSON `data` and an `id`; a "
+            "comment every few quiet seconds keeps proxies from closing the stream; `event: end` closes it. The "
+            "stream starts with the changes already kept (every phase of the job), or after `Last-Event-ID`."
+        ),
+        responses={
+            200: ResponseSpec(
+                data_container=str,
+                media_type="text/event-stream",
+                description="Server-sent events, each `data` a JobStatus",
+                generate_examples=False,
+            ),
+            **problem_responses(400, *PROTECTED, 404, 503),
+        },
+    )
+    async def job_events(
+        self,
+        request: Request[Any, Any, Any],
+        job_id: JobId,
+        store: NamedDependency[JobStore],
+        principal: NamedDependency[Principal],
+        last_event: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Last-Event-ID",
+                pattern=r"^\d+-\d+$",
+                description="Resume after this event id (browsers send it on reconnect)",
+            ),
+        ] = None,
+    ) -> ServerSentEvent:
+        await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
+        client = request.app.state.aredis
+
+        async def messages() -> AsyncIterator[ServerSentEventMessage]:
+            async for event in follow(client, store, job_id, after=last_event or "0"):
+                if event.kind == "keepalive":
+                    yield ServerSentEventMessage(comment="keep-alive")
+                    continue
+                data = msgspec.json.encode(event.status).decode() if event.status is not None else "null"
+                yield ServerSentEventMessage(data=data, event=event.kind, id=event.event_id)
+
+        return ServerSentEvent(messages(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @get(
         "/{job_id:str}/result",
@@ -291,13 +454,15 @@ class JobsController(Controller):
             "409 while the job is queued or running, and for failed or cancelled jobs (detail says why). "
             "Formats, by `?format=` or else the Accept header: `json` (application/json, the default: the stored "
             "document as it is), `msgpack` (application/msgpack or application/x-msgpack: the same JobResult in "
-            "MessagePack) and `csv` (text/csv: one row per prompt × component with the columns "
+            "MessagePack), `csv` (text/csv: one row per prompt × component with the columns "
             + ", ".join(CSV_COLUMNS)
             + "; for per-position jobs, streamed, one row per prompt × position × component with the columns "
             + ", ".join(POSITION_CSV_COLUMNS)
-            + "). An Accept header that allows none of these is 406. `GET …/summary` answers the summary alone. "
-            "JSON comes gzip-compressed (Content-Encoding: gzip) when the request's Accept-Encoding allows gzip, as "
-            "stored; otherwise uncompressed."
+            + ") and `parquet` (application/vnd.apache.parquet: the long table, one row per prompt × component with "
+            "every measure, the response vector and the dataset fields; the rest of the result in the file's "
+            "`hydra.result` metadata; streamed row group by row group). An Accept header that allows none of these "
+            "is 406. `GET …/summary` answers the summary alone. JSON comes gzip-compressed (Content-Encoding: gzip) "
+            "when the request's Accept-Encoding allows gzip, as stored; otherwise uncompressed."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
@@ -313,7 +478,8 @@ class JobsController(Controller):
         store: NamedDependency[JobStore],
         principal: NamedDependency[Principal],
         format: Annotated[
-            ExportFormat | None, QueryParameter(description="json, msgpack or csv; overrides the Accept header")
+            ExportFormat | None,
+            QueryParameter(description="json, msgpack, csv or parquet; overrides the Accept header"),
         ] = None,
     ) -> Response[bytes] | Stream:
         fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
@@ -325,6 +491,12 @@ class JobsController(Controller):
             compressed = finished_result(store, job_id, principal, compressed=True)
             return Response(content=compressed, media_type=media_type, headers=headers)
         stored = finished_result(store, job_id, principal)
+        if fmt == "parquet":  # streamed: one row group at a time (service/parquet.py)
+            headers["Content-Disposition"] = f'attachment; filename="{job_id}.parquet"'
+            from service.parquet import iter_parquet  # pyarrow is heavy: imported on first use
+
+            result = msgspec.json.decode(stored, type=JobResult)
+            return Stream(iter_parquet(result), media_type=media_type, headers=headers)  # type: ignore[return-value]
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
             result = msgspec.json.decode(stored, type=JobResult)
@@ -354,12 +526,18 @@ class JobsController(Controller):
         "/{job_id:str}",
         status_code=HTTP_202_ACCEPTED,
         sync_to_thread=True,
-        summary="Cancel a job",
+        summary="Cancel a running job, or delete a finished one",
+        operation_id="cancelOrDeleteJob",
         description=(
-            "A queued job never starts; a running job stops at the worker's next check. Answers 202 with the "
-            "cancelled job (also when it was already cancelled); 409 when it had already succeeded or failed."
+            "A queued job never starts; a running job stops at the worker's next check: both answer 202 with the "
+            "cancelled job. A finished job (succeeded, failed or cancelled) is deleted with its result, figures "
+            "and events: 204, and the job is 404 from then on."
         ),
-        responses=problem_responses(400, *PROTECTED, 404, 409, 503),
+        responses={
+            202: ResponseSpec(data_container=JobStatus, description="The job, now cancelled", generate_examples=False),
+            204: ResponseSpec(data_container=None, description="The finished job and its result were deleted"),
+            **problem_responses(400, *PROTECTED, 404, 503),
+        },
     )
     def cancel(
         self,
@@ -367,5 +545,31 @@ class JobsController(Controller):
         store: NamedDependency[JobStore],
         queue: NamedDependency[JobQueue],
         principal: NamedDependency[Principal],
-    ) -> JobStatus:
-        return cancel_job(store, queue, job_id, principal)
+    ) -> Response[JobStatus | None]:
+        current = visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
+        if current.status in TERMINAL_STATES:
+            if not store.delete(job_id, finished_job_keys(store, job_id)):
+                raise _not_found(job_id)
+            return Response(None, status_code=HTTP_204_NO_CONTENT)
+        status = cancel_job(store, queue, job_id, principal)
+        return Response(status, status_code=HTTP_202_ACCEPTED)
+
+
+def _timestamp(moment: datetime) -> float:
+    """Unix seconds; a time without a zone is taken as UTC (the API writes every time in UTC)."""
+    if moment.tzinfo is None:
+        from datetime import UTC
+
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def finished_job_keys(store: JobStore, job_id: str) -> list[str]:
+    """Everything a finished job leaves besides its hash and result: cached figures and chunk bookkeeping."""
+    from service.controllers.figures import figure_key  # that module imports this one
+    from service.figures import FIGURE_NAMES
+
+    book = ChunkBook.for_store(store)
+    figure_keys = [figure_key(store, job_id, name, fmt) for name in FIGURE_NAMES for fmt in ("png", "svg")]
+    n_chunks = book.n_chunks(job_id) or 0
+    return [*figure_keys, *book.keys(job_id), *(book.result_key(job_id, i) for i in range(n_chunks))]

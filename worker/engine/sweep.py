@@ -28,6 +28,7 @@ from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepRes
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
+PhaseCallback = Callable[[str], None]  # "clean_passes", then "ablating"
 
 
 class SweepCancelled(RuntimeError):
@@ -43,6 +44,7 @@ def run_sweep(
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+    on_phase: PhaseCallback | None = None,
 ) -> SweepResult:
     """Every measure of docs/definitions.md for every prompt × component of `spec`.
 
@@ -76,6 +78,8 @@ def run_sweep(
     needed = set(measured) | {s for i in measured for s in sources[i]}
     if spec.ablation == "mean" and inputs.mean_reference_ids is None:
         needed = set(range(n_prompts))
+    if on_phase is not None:
+        on_phase("clean_passes")
     runs = {i: clean(inputs.token_ids[i]) for i in sorted(needed)}
     means = None
     if spec.ablation == "mean":
@@ -92,6 +96,8 @@ def run_sweep(
     done = 0
     measures: list[PromptMeasures] = []
     rows_per_prompt = len(components) * samples
+    if on_phase is not None:
+        on_phase("ablating")
     for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, budget):
         if should_stop is not None and should_stop():
             raise SweepCancelled("sweep cancelled")
@@ -116,8 +122,8 @@ def run_sweep(
             )
             runs[i] = replace(run, past_keys=[], past_values=[])  # the prefix cache is needed only while measuring
             done += len(ablations)
-        if on_progress is not None:
-            on_progress(done, total)
+            if on_progress is not None:  # per prompt, not per batch: progress moves smoothly on long prompts
+                on_progress(done, total)
     return SweepResult(
         components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
     )

@@ -1,0 +1,41 @@
+"""Unknown query parameters are a 400, as unknown body fields are: `?stauts=failed` must not silently list all jobs.
+
+An app-wide guard compares the request's query names with the ones its handler declares (Litestar's own kwargs
+model of the handler, computed once per handler and path shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import ValidationException
+from litestar.handlers.base import BaseRouteHandler
+
+_known: dict[tuple[int, frozenset[str]], frozenset[str]] = {}
+
+
+def _declared(handler: BaseRouteHandler, path_params: frozenset[str]) -> frozenset[str]:
+    cache_key = (id(handler), path_params)
+    names = _known.get(cache_key)
+    if names is None:
+        # Only the path parameters' names matter to the kwargs model (they are not query parameters).
+        model = handler.create_kwargs_model(dict.fromkeys(path_params))  # type: ignore[arg-type]
+        names = frozenset(param.field_alias for param in model.expected_query_params)
+        _known[cache_key] = names
+    return names
+
+
+async def reject_unknown_query(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """400 naming every query parameter the route does not take (and the ones it does)."""
+    if not connection.query_params:
+        return
+    declared = _declared(handler, frozenset(connection.path_params))
+    unknown = sorted(set(connection.query_params) - declared)
+    if unknown:
+        accepted = ", ".join(sorted(declared)) or "none"
+        raise ValidationException(
+            detail=f"unknown query parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
+            f"(this route accepts: {accepted})",
+            extra=[{"key": name, "source": "query", "message": "unknown query parameter"} for name in unknown],
+        )

@@ -1,0 +1,35 @@
+"""/v1/webhooks/secret: the secret that signs the calling key's webhook deliveries (service/webhooks.py)."""
+
+from __future__ import annotations
+
+from litestar import Controller, get
+from litestar.di import NamedDependency
+
+from service.auth import SECURITY, Principal
+from service.controllers.problems import PROTECTED, problem_responses
+from service.limits import rate_limit
+from service.schemas import WebhookSecret
+from service.store import JobStore
+from service.webhooks import key_secret
+
+
+class WebhooksController(Controller):
+    path = "/v1/webhooks"
+    tags = ("webhooks",)
+    security = SECURITY
+    guards = [rate_limit]  # noqa: RUF012 - Litestar reads the class attribute
+
+    @get(
+        "/secret",
+        sync_to_thread=True,
+        summary="The secret that signs this key's webhooks",
+        operation_id="getWebhookSecret",
+        description=(
+            "Deliveries to a job's callback_url carry `Hydra-Timestamp` (unix seconds) and `Hydra-Signature: "
+            "v1=<hex HMAC-SHA256(secret, timestamp + '.' + body)>`; verify both and reject old timestamps. The "
+            "secret is made on first use and is the same for every job of the key."
+        ),
+        responses=problem_responses(400, *PROTECTED, 503),
+    )
+    def secret(self, store: NamedDependency[JobStore], principal: NamedDependency[Principal]) -> WebhookSecret:
+        return WebhookSecret(key=principal.name, secret=key_secret(store.client, store.prefix, principal.name))

@@ -1,0 +1,142 @@
+"""Prometheus metrics (prometheus-client): GET /metrics on every API process.
+
+Two kinds of series:
+- per API process: `hydra_http_request_duration_seconds{method,route,status}` (this process's requests);
+- cluster-wide, read from Redis at scrape time: jobs by status, queue depth per queue, and what the workers
+  recorded in Redis (`WorkerStats`): job and chunk durations, ablations done, model load time, cache hits/misses.
+
+Several workers: they do not serve HTTP at all; each adds its observations to shared counters in Redis (one HINCRBY
+per observation), so scraping any API process sees every worker, however many run, and nothing is lost when a
+worker restarts. With several API processes, scrape each for its HTTP latency; the cluster-wide series are the same
+on all of them (aggregate with `max without(instance)`, not `sum`). Ablations per second:
+`rate(hydra_ablations_total[1m])`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from service.queue import model_queue
+from service.settings import Settings
+from service.store import ACTIVE_STATES, TERMINAL_STATES, JobStore
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
+LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+HISTOGRAMS: dict[str, tuple[str, Sequence[float]]] = {
+    "job_duration_seconds": ("Seconds from a job's start to its end, by final state", DURATION_BUCKETS),
+    "chunk_duration_seconds": ("Seconds one chunk of prompts took on a worker", DURATION_BUCKETS),
+    "model_load_seconds": ("Seconds a worker took to load a model (cache misses only)", LOAD_BUCKETS),
+}
+COUNTERS: dict[str, str] = {
+    "ablations": "Ablated runs done by all workers (rate() of it: ablations per second)",
+    "model_cache_hits": "Chunks whose model was already loaded on the worker",
+    "model_cache_misses": "Chunks whose worker had to load the model",
+}
+
+
+def _bucket_label(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class WorkerStats:
+    """What workers add to the cluster-wide metrics: counters and histograms as fields of one Redis hash."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.key = f"{prefix}metrics"
+
+    def observe(self, name: str, value: float, label: str = "") -> None:
+        """One observation of histogram `name` (HISTOGRAMS), with an optional label value (e.g. the final state)."""
+        _, buckets = HISTOGRAMS[name]
+        base = f"{name}|{label}"
+        pipe = self.client.pipeline(transaction=False)
+        for bound in (*buckets, math.inf):
+            if value <= bound:
+                pipe.hincrby(self.key, f"{base}|bucket|{_bucket_label(bound)}", 1)
+        pipe.hincrbyfloat(self.key, f"{base}|sum", float(value))
+        pipe.hincrby(self.key, f"{base}|count", 1)
+        pipe.execute()
+
+    def add(self, name: str, amount: float = 1) -> None:
+        """Raise counter `name` (COUNTERS)."""
+        if name not in COUNTERS:
+            raise KeyError(name)
+        self.client.hincrbyfloat(self.key, f"{name}||total", float(amount))
+
+    def read(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.client.hgetall(self.key).items()}
+
+
+class ClusterCollector(Collector):
+    """The Redis-backed series, read at scrape time."""
+
+    def __init__(self, store: JobStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.stats = WorkerStats(store.client, store.prefix)
+
+    def collect(self) -> Iterator[Any]:
+        jobs = GaugeMetricFamily("hydra_jobs", "Jobs kept in Redis, by status", labels=["status"])
+        for status, count in self.store.count_by_status().items():
+            jobs.add_metric([status], count)
+        yield jobs
+        depth = GaugeMetricFamily("hydra_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
+        queues = [self.settings.queue_name] + [
+            model_queue(self.settings.queue_name, info.id) for info in self.store.models()
+        ]
+        pipe = self.store.client.pipeline(transaction=False)
+        for name in queues:
+            pipe.llen(name)
+        for name, length in zip(queues, pipe.execute(), strict=True):
+            depth.add_metric([name], int(length))
+        yield depth
+        yield from self._worker_series(self.stats.read())
+
+    def _worker_series(self, fields: dict[str, float]) -> Iterator[Any]:
+        for name, documentation in COUNTERS.items():
+            counter = CounterMetricFamily(f"hydra_{name}", documentation)
+            counter.add_metric([], fields.get(f"{name}||total", 0.0))
+            yield counter
+        for name, (documentation, buckets) in HISTOGRAMS.items():
+            labels = sorted({key.split("|")[1] for key in fields if key.startswith(f"{name}|")})
+            label_names = ["status"] if name == "job_duration_seconds" else []
+            family = HistogramMetricFamily(f"hydra_{name}", documentation, labels=label_names)
+            for label in labels or ([] if label_names else [""]):
+                base = f"{name}|{label}"
+                cumulative = [
+                    (_bucket_label(bound), fields.get(f"{base}|bucket|{_bucket_label(bound)}", 0.0))
+                    for bound in (*buckets, math.inf)
+                ]
+                family.add_metric(
+                    [label] if label_names else [], cumulative, sum_value=fields.get(f"{base}|sum", 0.0)
+                )
+            yield family
+
+
+class AppMetrics:
+    """One app's registry: its HTTP latency histogram and the cluster-wide collector."""
+
+    def __init__(self, store: JobStore, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
+        self.http = Histogram(
+            "hydra_http_request_duration_seconds",
+            "Seconds to answer an HTTP request, by method, route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.registry.register(ClusterCollector(store, settings))
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http.labels(method, route, str(status)).observe(seconds)
+
+
+STATES = (*ACTIVE_STATES, *TERMINAL_STATES)
