@@ -30,17 +30,6 @@ from worker.engine.sweep import ProgressCallback, StopCheck, SweepCancelled, _me
 from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInputs, SweepSpec
 
 
-def _check_window(arch: Architecture, inputs: SweepInputs) -> None:
-    """Per-position runs are checked against the oracle only within every layer's sliding window: refuse longer."""
-    windows = [window for window in arch.sliding_windows if window]
-    longest = max(int(ids.shape[0]) for ids in inputs.token_ids)
-    if windows and longest > min(windows):
-        raise InputError(
-            f"a text of {longest} tokens is longer than the model's sliding window ({min(windows)}) for a per-position"
-            " job: cut it with max_tokens"
-        )
-
-
 def uses_position_engine(spec: SweepSpec) -> bool:
     """Whether a spec needs this engine (any per-position option away from the final-position defaults)."""
     return spec.measure_positions == "all" or spec.target == "next_token" or spec.response_basis == "heads"
@@ -90,7 +79,6 @@ def run_position_sweep(
     heads_basis = spec.response_basis == "heads"
     basis = head_basis_components(arch.n_layers, arch.n_heads) if heads_basis else layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
-    _check_window(arch, inputs)
     with_heads = heads_basis or any(c.kind == "head" for c in components)
     readout = Readout(arch, spec.metric)
 
