@@ -20,7 +20,6 @@ from worker.engine.components import (
     layer_components,
     parse_component,
 )
-from worker.engine.errors import InputError
 from worker.engine.fast import AblatedRun
 from worker.engine.memory import DEFAULT_BATCH_TOKENS, device_batch_tokens
 from worker.engine.position_fast import head_directions, project_heads, run_ablated_projected
