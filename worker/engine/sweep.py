@@ -15,9 +15,10 @@ from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
 from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
+from worker.engine.measures import ablated_profile, decompose, read_direct
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
-from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepResult, SweepSpec
+from worker.engine.types import NormScale, PatchSample, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -52,23 +53,25 @@ def run_sweep(
         return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
 
     sources = (
-        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed)
+        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed, inputs.resample_groups)
         if spec.ablation == "resample"
         else [[] for _ in range(n_prompts)]
     )
-    measured = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
+    candidates = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
+    runs = {i: clean(inputs.token_ids[i]) for i in candidates}
+    measured = _correct_only(candidates, runs, inputs.target_ids) if spec.only_correct else candidates
     needed = set(measured) | {s for i in measured for s in sources[i]}
     if spec.ablation == "mean" and inputs.mean_reference_ids is None:
         needed = set(range(n_prompts))
-    runs = {i: clean(inputs.token_ids[i]) for i in sorted(needed)}
+    runs.update({i: clean(inputs.token_ids[i]) for i in sorted(needed - set(runs))})
     means = None
     if spec.ablation == "mean":
         reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
         means = _mean_activations(reference or [runs[i] for i in range(n_prompts)])
 
     samples = len(sources[0]) if spec.ablation == "resample" else 1
-    total = len(measured) * len(components) * samples
-    done = 0
+    total = len(candidates) * len(components) * samples
+    done = (len(candidates) - len(measured)) * len(components) * samples  # left-out prompts count as done
     measures: list[PromptMeasures] = []
     rows_per_prompt = len(components) * samples
     for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, batch_tokens):
@@ -86,12 +89,12 @@ def run_sweep(
         for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, batch_tokens)):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
-            measures.append(
-                _measure(
-                    arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
-                    spec.norm_scale,
-                )
+            measure = _measure(
+                arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
+                spec.norm_scale, spec.keep_samples,
             )
+            measure.index = i
+            measures.append(measure)
             runs[i] = replace(run, past_keys=[], past_values=[])  # the prefix cache is needed only while measuring
             done += len(ablations)
         if on_progress is not None:
@@ -99,6 +102,13 @@ def run_sweep(
     return SweepResult(
         components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
     )
+
+
+def _correct_only(candidates: list[int], runs: dict[int, CleanRun], target_ids: list[int] | None) -> list[int]:
+    """The prompts whose clean top token is their target (the paper's prompt selection)."""
+    if target_ids is None:
+        raise ValueError("only_correct needs a target (the answer's first token) per prompt")
+    return [i for i in candidates if int(runs[i].logits_final.argmax()) == int(target_ids[i])]
 
 
 def _prompt_groups(
@@ -158,14 +168,23 @@ def _replacement(
     return align_to_length(component_rows(runs[source], component, arch.head_dim), own.shape[0])
 
 
+def _to_residual(arch: Architecture, component: Component, v: torch.Tensor) -> torch.Tensor:
+    """A replacement-space vector as what it writes into the residual stream (a head's slice times its W_O)."""
+    if component.kind == "head":
+        assert component.head is not None
+        v = arch.head_weight(component.layer, component.head) @ v
+    return v.float()
+
+
 def _final_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
     """Δ_c at the final position in residual-stream coordinates: clean output minus replacement."""
     clean_rows = component_rows(run, ablation.component, arch.head_dim)
-    delta = clean_rows[-1] - ablation.replacement[-1]
-    if ablation.component.kind == "head":
-        assert ablation.component.head is not None
-        delta = arch.head_weight(ablation.component.layer, ablation.component.head) @ delta
-    return delta.float()
+    return _to_residual(arch, ablation.component, clean_rows[-1] - ablation.replacement[-1])
+
+
+def _final_clean(arch: Architecture, run: CleanRun, component: Component) -> torch.Tensor:
+    """The component's clean output at the final position, in residual-stream coordinates."""
+    return _to_residual(arch, component, component_rows(run, component, arch.head_dim)[-1])
 
 
 def _responses(
@@ -195,6 +214,7 @@ def _measure(
     samples: int,
     sources: list[int],
     norm_scale: NormScale,
+    keep_samples: bool = False,
 ) -> PromptMeasures:
     """All measures of one prompt, averaged over the `samples` runs of each component."""
     w, _ = readout.direction(target, counterfactual)
@@ -215,13 +235,15 @@ def _measure(
         dtype=torch.bool,
         device=response.device,
     )
-    response = torch.where(downstream, response, torch.zeros_like(response))
-    compensation = direct - total
-    norm_response = compensation - response.sum(dim=1)
+    response = torch.where(downstream, response, torch.zeros_like(response)).double()
+    compensatory, norm_response = decompose(total, direct, response)
+    unembed = read_direct(torch.stack([_final_clean(arch, run, a.component) for a in ablations]), u, s_clean)
 
     def per_component(values: torch.Tensor) -> torch.Tensor:
         return values.reshape(-1, samples, *values.shape[1:]).mean(dim=1)
 
+    compensatory_mean = per_component(compensatory).tolist()
+    norm_mean = per_component(norm_response).tolist()
     top2 = torch.topk(run.logits_final, 2).values
     return PromptMeasures(
         target_id=target,
@@ -229,9 +251,38 @@ def _measure(
         top2_gap=float(top2[0] - top2[1]),
         total_effect=per_component(total).tolist(),
         direct_effect=per_component(direct).tolist(),
-        compensation=per_component(compensation).tolist(),
+        # compensation = compensatory_effect + norm_response exactly (in float64), by construction.
+        compensation=[ce + nr for ce, nr in zip(compensatory_mean, norm_mean, strict=True)],
         response=per_component(response).tolist(),
-        norm_response=per_component(norm_response).tolist(),
+        norm_response=norm_mean,
         clean_direct_effect=clean_direct.tolist(),
         sources=list(sources),
+        unembed_effect=per_component(unembed).tolist(),
+        compensatory_effect=compensatory_mean,
+        samples=_patch_samples(readout, outputs, u, s_clean, norm_scale, total, direct, sources, samples)
+        if keep_samples
+        else None,
     )
+
+
+def _patch_samples(
+    readout: Readout,
+    outputs: AblatedOutputs,
+    u: torch.Tensor,
+    s_clean: torch.Tensor,
+    norm_scale: NormScale,
+    total: torch.Tensor,
+    direct: torch.Tensor,
+    sources: list[int],
+    samples: int,
+) -> list[list[PatchSample]]:
+    """Every ablated run's own TE, DE and profile, grouped by component (rows are component-major)."""
+    scale = s_clean.expand(outputs.x_final.shape[0]) if norm_scale == "clean" else readout.scale(outputs.x_final)
+    profile = ablated_profile(outputs.layer_out_final, u, scale).tolist()
+    te, de = total.tolist(), direct.tolist()
+    patches = [
+        PatchSample(source=sources[b % samples] if sources else None, total_effect=te[b], direct_effect=de[b],
+                    profile=profile[b])
+        for b in range(len(te))
+    ]
+    return [patches[k : k + samples] for k in range(0, len(patches), samples)]
