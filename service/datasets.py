@@ -34,9 +34,18 @@ def relations(name: str) -> list[str]:
     return sorted({fact.relation_id for fact in load(name)})
 
 
-def select(ref: DatasetRef) -> tuple[list[str], list[str]]:
-    """Prompts and answers of the slice; answers start with a space so they tokenise as the next word."""
+def _chosen(ref: DatasetRef) -> list[KnownFact]:
     facts = [f for f in load(ref.name) if ref.relation is None or f.relation_id == ref.relation]
     end = None if ref.limit is None else ref.offset + ref.limit
-    chosen = facts[ref.offset : end]
+    return facts[ref.offset : end]
+
+
+def select(ref: DatasetRef) -> tuple[list[str], list[str]]:
+    """Prompts and answers of the slice; answers start with a space so they tokenise as the next word."""
+    chosen = _chosen(ref)
     return [f.prompt for f in chosen], [" " + f.attribute for f in chosen]
+
+
+def select_relations(ref: DatasetRef) -> list[str]:
+    """The relation (Wikidata property) of every prompt of the slice, in `select`'s order."""
+    return [f.relation_id for f in _chosen(ref)]

@@ -27,18 +27,26 @@ DEFAULTS: dict[str, Any] = {
     "resample_samples": 1,
     "resample_from": "next",
     "seed": 0,
+    "keep_samples": False,
+    "only_correct": False,
+    "resample_within": "job",
 }
 
-# The Hydra-effect paper's setup (McGrath et al., 2023): resample ablation of every layer's attention and MLP,
-# 15 random sources per prompt, centred logit of the target, on factual-recall prompts.
+# The Hydra-effect paper's setup (McGrath et al., 2023): resample ablation of every layer's attention and MLP at
+# the final position, 15 random sources per prompt drawn from the dataset, centred logit of the clean top token,
+# on the factual-recall prompts the model answers correctly (only_correct). Sources come from the whole job, as in
+# the paper's App. A; `resample_within: "relation"` is available but cannot be the preset's on known_1000, whose
+# relations P190 (1 prompt) and P138 (9) have fewer than 16 prompts.
 PRESETS: dict[str, dict[str, Any]] = {
     "hydra": {
         "components": ["attn", "mlp"],
         "ablation": "resample",
         "resample_samples": 15,
         "resample_from": "random",
+        "resample_within": "job",
         "positions": "final",
         "metric": "centered_logit",
+        "only_correct": True,
     },
 }
 PRESET_DATASETS: dict[str, DatasetRef] = {"hydra": DatasetRef(name="known_1000")}
@@ -89,6 +97,19 @@ def resolve(
 
     ablation = pick("ablation")
     samples = _samples(request, ablation, pick("resample_samples"), n)
+    only_correct = pick("only_correct")
+    if only_correct and answers is None and dataset is None and request.only_correct is UNSET:
+        only_correct = False  # the preset selects correct answers only where there are answers to compare with
+    if only_correct and answers is None:
+        if dataset is None:
+            raise ValidationProblem(
+                "only_correct needs an answer per prompt (give answers, or use a dataset, whose answers are used)",
+                "only_correct",
+            )
+        answers = datasets.select(dataset)[1]  # the clean top token is compared with each answer's first token
+    resample_within = pick("resample_within")
+    groups = _resample_groups(resample_within, ablation, dataset, samples)
+    keep_samples = pick("keep_samples")
     mean_reference = _mean_reference(request, ablation)
     components = expand_components(pick("components"), info)
 
@@ -99,12 +120,14 @@ def resolve(
             f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
             "components"
         )
-    values = n * len(components) * (2 * info.n_layers + 6)
+    per_pair = 2 * info.n_layers + 8 + (samples * (2 * info.n_layers + 3) if keep_samples else 0)
+    values = n * len(components) * per_pair
     if values > settings.max_result_values:
         raise ValidationProblem(
             f"the result would hold {values:,} numbers ({n:,} prompts × {len(components):,} components × "
-            f"{2 * info.n_layers + 6} per pair), above this server's limit of {settings.max_result_values:,}; "
-            "split the job into several with fewer prompts"
+            f"{per_pair} per pair{', with keep_samples' if keep_samples else ''}), above this server's limit of "
+            f"{settings.max_result_values:,}; split the job into several with fewer prompts"
+            + (" or leave keep_samples off" if keep_samples else "")
         )
 
     return JobSpec(
@@ -123,7 +146,40 @@ def resolve(
         seed=pick("seed"),
         preset=None if request.preset is UNSET else request.preset,
         dataset=dataset,
+        keep_samples=keep_samples,
+        only_correct=only_correct,
+        resample_within=resample_within,
+        resample_groups=groups,
     )
+
+
+def _resample_groups(within: str, ablation: str, dataset: DatasetRef | None, samples: int) -> list[int] | None:
+    """Per prompt, the number of its relation (resample_within "relation"); every relation needs samples + 1."""
+    if within == "job":
+        return None
+    if ablation != "resample":
+        raise ValidationProblem(
+            f"resample_within only applies to ablation resample (this job's ablation is {ablation})", "resample_within"
+        )
+    if dataset is None:
+        raise ValidationProblem(
+            "resample_within \"relation\" needs a dataset (its prompts carry their relation); give dataset instead "
+            "of prompts, or use resample_within \"job\"",
+            "resample_within",
+        )
+    relations = datasets.select_relations(dataset)
+    numbers = {r: k for k, r in enumerate(sorted(set(relations)))}
+    counts = {r: relations.count(r) for r in numbers}
+    small = sorted(r for r, c in counts.items() if c < samples + 1)
+    if small:
+        listed = ", ".join(f"{r} ({counts[r]})" for r in small)
+        raise ValidationProblem(
+            f"resample_within \"relation\" with resample_samples {samples} needs {samples + 1} prompts per relation; "
+            f"these relations have fewer: {listed}. Lower resample_samples, filter dataset.relation, or use "
+            "resample_within \"job\"",
+            "resample_within",
+        )
+    return [numbers[r] for r in relations]
 
 
 def _model(model_id: str, models: Mapping[str, ModelInfo], refused: Mapping[str, str]) -> ModelInfo:

@@ -190,7 +190,7 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
     return bad
 
 
-def _compare_samples(e, o, i: int, k: int, comp: str, basis: list[str], atol: float) -> list[str]:  # noqa: ANN001
+def _compare_samples(e, o, i: int, k: int, comp: str, basis: list[str], atol: float) -> list[str]:
     """Per-patch data: present in both or in neither; each patch's source, TE, DE and profile agree."""
     if (e.samples is None) != (o.samples is None):
         return [f"prompt {i} {comp}: samples engine {e.samples is not None} oracle {o.samples is not None}"]

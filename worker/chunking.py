@@ -53,7 +53,7 @@ def execute_chunk(
         batch_tokens=batch_tokens(),
     )
     gap = near_tie_gap(loaded)
-    prompts = [prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)]
+    prompts = [prompt_result(loaded, spec.prompts[m.index], m, gap) for m in sweep.prompts]
     return ChunkResult(
         index=index,
         start=start,
@@ -64,6 +64,10 @@ def execute_chunk(
         prompts=prompts,
         provenance=provenance(loaded, spec, started),
     )
+
+
+class NoPromptKept(ValueError):
+    """only_correct left out every prompt of the job: there is nothing to summarise (the job fails with this)."""
 
 
 def _joined(values: Sequence[str]) -> str:
@@ -81,7 +85,11 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         raise ValueError(f"job {job_id} has no chunk results to merge")
     expected = 0
     for chunk in ordered:
-        if chunk.start != expected or len(chunk.prompts) != chunk.stop - chunk.start:
+        indices = [p.index for p in chunk.prompts]
+        # only_correct leaves prompts out; otherwise a chunk holds every prompt of its range, in order.
+        complete = indices == list(range(chunk.start, chunk.stop))
+        inside = indices == sorted(set(indices)) and all(chunk.start <= i < chunk.stop for i in indices)
+        if chunk.start != expected or not (complete or (spec.only_correct and inside)):
             raise ValueError(f"chunk {chunk.index} of job {job_id} covers prompts {chunk.start}:{chunk.stop}, "
                              f"expected to start at {expected} with {chunk.stop - chunk.start} prompts")
         expected = chunk.stop
@@ -89,6 +97,11 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         raise ValueError(f"the chunks of job {job_id} cover {expected} of its {len(spec.prompts)} prompts")
     first = ordered[0]
     prompts = [p for chunk in ordered for p in chunk.prompts]
+    if not prompts:
+        raise NoPromptKept(
+            f"only_correct kept none of the job's {len(spec.prompts)} prompts: the model's clean top token is never "
+            "the first token of the answer"
+        )
     # PromptResult carries every field summarise reads from PromptMeasures.
     sweep = SweepResult(
         components=first.components, response_basis=first.response_basis, prompts=cast(list[PromptMeasures], prompts)
@@ -107,7 +120,9 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         components=first.components,
         response_basis=first.response_basis,
         prompts=prompts,
-        summary=summarise(sweep, first.near_tie_gap),
+        summary=summarise(
+            sweep, first.near_tie_gap, seed=spec.seed, n_candidates=len(spec.prompts), only_correct=spec.only_correct
+        ),
         provenance=merged_provenance,
     )
 

@@ -15,7 +15,7 @@ from typing import cast
 
 import torch
 
-from service.schemas import JobSpec, PromptResult, Provenance
+from service.schemas import JobSpec, PatchSample, PromptResult, Provenance
 from service.settings import env_int
 from worker.engine.sweep import DEFAULT_BATCH_TOKENS
 from worker.engine.types import PromptMeasures, SweepInputs, SweepSpec
@@ -98,6 +98,7 @@ def tokenise_lazily(loaded: LoadedModel, spec: JobSpec, measure: list[int]) -> S
         ),
         mean_reference_ids=[encode(p) for p in spec.mean_reference_prompts] if spec.mean_reference_prompts else None,
         measure_indices=measure,
+        resample_groups=spec.resample_groups if spec.resample_within == "relation" else None,
     )
 
 
@@ -111,6 +112,8 @@ def sweep_spec(spec: JobSpec) -> SweepSpec:
         resample_samples=spec.resample_samples,
         resample_from=spec.resample_from,
         seed=spec.seed,
+        keep_samples=spec.keep_samples,
+        only_correct=spec.only_correct,
     )
 
 
@@ -121,6 +124,7 @@ def near_tie_gap(loaded: LoadedModel) -> float:
 def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float) -> PromptResult:
     """One prompt's measures as the API serves them."""
     return PromptResult(
+        index=m.index,
         prompt=text,
         target_id=m.target_id,
         target_token=loaded.tokenizer.decode([m.target_id]),
@@ -134,6 +138,15 @@ def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float)
         norm_response=m.norm_response,
         response=m.response,
         clean_direct_effect=m.clean_direct_effect,
+        unembed_effect=m.unembed_effect,
+        compensatory_effect=m.compensatory_effect,
+        samples=None
+        if m.samples is None
+        else [
+            [PatchSample(source=s.source, total_effect=s.total_effect, direct_effect=s.direct_effect, profile=s.profile)
+             for s in patches]
+            for patches in m.samples
+        ],
     )
 
 

@@ -142,7 +142,7 @@ def run_job(job_id: str) -> str:
 
 def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
     """Build the JobResult from every chunk's partial result and finish the job (idempotent)."""
-    from worker.chunking import merge_chunks
+    from worker.chunking import NoPromptKept, merge_chunks
 
     store, book = job_store(), chunk_book()
     partial = book.results(job_id, range(n_chunks))
@@ -151,6 +151,8 @@ def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
         return _fail(job_id, f"internal error: the partial results of chunks {missing} of job {job_id} are missing")
     try:
         merged = merge_chunks(job_id, spec, [chunk for chunk in partial if chunk is not None])
+    except NoPromptKept as error:
+        return _fail(job_id, str(error))
     except Exception as error:
         log.exception("job %s: merging its chunks failed", job_id)
         return _fail(job_id, f"internal error: merging the chunks failed: {type(error).__name__}: {error}")
