@@ -83,6 +83,7 @@ class ResultFormat(Choice):
 class FigureFormatChoice(Choice):
     png = "png"
     svg = "svg"
+    pdf = "pdf"
 
 
 class FigureName(Choice):
@@ -90,6 +91,10 @@ class FigureName(Choice):
     layer_effects = "layer_effects"
     response_heatmap = "response_heatmap"
     erasure = "erasure"
+    profile = "profile"
+    fig2 = "fig2"
+    fig7 = "fig7"
+    fig8 = "fig8"
 
 
 P = ParamSpec("P")
@@ -415,13 +420,19 @@ def figure(
     name: Annotated[FigureName, typer.Argument()],
     format: Annotated[FigureFormatChoice, typer.Option("--format", "-f")] = FigureFormatChoice.png,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: JOB-NAME.FORMAT")] = None,
+    width: Annotated[int | None, typer.Option(help="pixels (default 1200)")] = None,
+    height: Annotated[int | None, typer.Option(help="pixels (default 800)")] = None,
+    dpi: Annotated[int | None, typer.Option(help="dots per inch (default 100)")] = None,
+    prompt: Annotated[int | None, typer.Option(help="profile: position in the result's prompts")] = None,
+    component: Annotated[str | None, typer.Option(help="profile: the ablated component")] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
     """Save one of a finished job's figures."""
+    options = {"width": width, "height": height, "dpi": dpi, "prompt": prompt, "component": component}
     with HydraClient(url, api_key) as client:
         try:
-            data = client.figure(job_id, name.value, format.value)
+            data = client.figure(job_id, name.value, format.value, **options)
         except HydraError as exc:
             if exc.status == 404 and exc.detail in ("", exc.title):  # the route itself is missing, not the job
                 raise CliFailure(
