@@ -29,7 +29,7 @@ from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ModelInfo
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-FIGURE_NAMES = ("te_vs_de", "layer_effects", "response_heatmap", "erasure")
+FIGURE_NAMES = ("te_vs_de", "layer_effects", "response_heatmap", "erasure", "profile", "fig2", "fig7", "fig8")
 FigureFormat = Literal["png", "svg", "pdf"]
 _FIGURE_MEDIA = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 ModelList = list[ModelInfo]  # module-level alias: inside the client classes `list` is a method name
