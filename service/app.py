@@ -10,6 +10,7 @@ import logging
 
 import redis
 import redis.asyncio
+from anyio import to_thread
 from litestar import Litestar
 from litestar._openapi.schema_generation.plugins import StructSchemaPlugin
 from litestar.datastructures import State
@@ -27,6 +28,7 @@ from service.errors import problem_details_config
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
 from service.queue import JobQueue
+from service.recovery import resend_unplanned
 from service.settings import Settings
 from service.store import JobStore
 
@@ -107,6 +109,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.limiter = RateLimiter(client, settings)
         await warn_without_keys(client)
 
+    async def resend_unplanned_jobs(app: Litestar) -> None:
+        # Jobs stored but never sent (this API may have died between the two steps): send them now; workers'
+        # periodic sweeps do the same later (service/recovery.py).
+        try:
+            await to_thread.run_sync(lambda: resend_unplanned(store, queue.enqueue, everything=True))
+        except Exception as error:  # noqa: BLE001 - Redis or the broker may be down at start; workers sweep too
+            logger.warning("could not send the stored but unplanned jobs at start-up: %s", error)
+
     async def warn_without_keys(client: redis.asyncio.Redis) -> None:
         if not settings.auth_enabled or settings.api_keys.strip():
             return
@@ -135,6 +145,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,
-        on_startup=[open_async_clients],
+        on_startup=[open_async_clients, resend_unplanned_jobs],
         on_shutdown=[close_clients],
     )

@@ -13,6 +13,7 @@ Keys, under the JobStore's prefix, all expiring with the job's TTL:
   chunk:{id}:{index}    the chunk's encoded ChunkResult
   chunks_done:{id}      hash: chunk index -> 1 (HSETNX); the chunk whose write makes HLEN = n_chunks merges
   revoked:{id}          SET NX guard: the chunks of a stopped job are revoked once
+  lease:{id}:{index}    which run of the chunk holds it now (service/leases.py); recording is fenced by it
 """
 
 from __future__ import annotations
@@ -84,15 +85,23 @@ for _, value in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + tonumber(val
 return sum
 """
 
-# KEYS[1] chunk result, KEYS[2] chunks_done hash. ARGV[1] result, ARGV[2] index, ARGV[3] ttl.
-# Returns the number of chunks done when this call recorded the chunk first, else -1 (a redelivered chunk).
+# KEYS[1] chunk result, KEYS[2] chunks_done hash, KEYS[3] the chunk's lease (service/leases.py).
+# ARGV[1] result, ARGV[2] index, ARGV[3] ttl, ARGV[4] the recording run's lease token ('' records unfenced).
+# Returns the number of chunks done when this call recorded the chunk first, -1 for a chunk recorded before,
+# -2 when another run holds the chunk's lease (this run is stale: it records nothing).
 _RECORD_RESULT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
+if ARGV[4] ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if holder and holder ~= ARGV[4] then return -2 end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], '1')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return redis.call('HLEN', KEYS[2])
 """
+
+LEASE_LOST = -2
 
 
 class ChunkBook:
@@ -115,6 +124,10 @@ class ChunkBook:
 
     def result_key(self, job_id: str, index: int) -> str:
         return f"{self.prefix}chunk:{job_id}:{index}"
+
+    def lease_key(self, job_id: str, index: int) -> str:
+        """The chunk's lease (written by service/leases.py; the same key name)."""
+        return f"{self.prefix}lease:{job_id}:{index}"
 
     def keys(self, job_id: str) -> list[str]:
         kinds = ("planned", "plan", "chunk_tasks", "deliveries", "progress", "chunks_done", "revoked")
@@ -190,10 +203,12 @@ class ChunkBook:
         return {int(k): int(v) for k, v in raw.items()}
 
     # results
-    def record_result(self, job_id: str, index: int, result: ChunkResult) -> int:
-        """Store a chunk's result; returns chunks done now, or -1 when this chunk had been recorded before."""
-        keys = [self.result_key(job_id, index), self._key("chunks_done", job_id)]
-        return int(self._record_result(keys=keys, args=[msgspec.json.encode(result), str(index), self.ttl_s]))
+    def record_result(self, job_id: str, index: int, result: ChunkResult, lease_token: str = "") -> int:
+        """Store a chunk's result; returns chunks done now, -1 when this chunk had been recorded before, or
+        LEASE_LOST (nothing stored) when `lease_token` no longer holds the chunk's lease."""
+        keys = [self.result_key(job_id, index), self._key("chunks_done", job_id), self.lease_key(job_id, index)]
+        args = [msgspec.json.encode(result), str(index), self.ttl_s, lease_token]
+        return int(self._record_result(keys=keys, args=args))
 
     def is_done(self, job_id: str, index: int) -> bool:
         return bool(self.client.hexists(self._key("chunks_done", job_id), str(index)))

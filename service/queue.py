@@ -33,9 +33,11 @@ Delivery guarantees and time limits (the numbers, with the defaults)
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Any
 
+import redis
 from celery import Celery
 
 from service.settings import Settings, env_float
@@ -73,6 +75,23 @@ def broker_transport_options() -> dict[str, float]:
         "unacked_restore_interval": interval,
         "unacked_restore_throttle": max(1, round(sweep / interval)),
     }
+
+
+# kombu's Redis transport keeps one list per queue and priority step: the queue's name for priority 0, then
+# "<queue>\x06\x16<step>" (kombu.transport.redis: PRIORITY_STEPS, and the separator of its priority lists).
+_PRIORITY_LIST_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def waiting_task_ids(client: redis.Redis, queue: str) -> set[str]:
+    """Ids of the tasks waiting (not yet taken by a worker) in a Celery queue on the Redis broker."""
+    found: set[str] = set()
+    for suffix in _PRIORITY_LIST_SUFFIXES:
+        for raw in client.lrange(queue + suffix, 0, -1):
+            try:
+                found.add(str(json.loads(raw)["headers"]["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
 
 
 def model_queue(queue_name: str, model_id: str) -> str:

@@ -98,6 +98,8 @@ class JobStatus(Struct, kw_only=True):
     started_at: str | None = None
     finished_at: str | None = None
     owner: str | None = None  # the name of the API key that submitted the job ("local" with auth off)
+    # What recovery did to a job that is still active (e.g. a chunk sent again after its worker vanished).
+    note: str | None = None
 
 
 class JobPage(Struct, kw_only=True):

@@ -14,6 +14,9 @@ Keys, under the configured prefix:
   cancel:{id}  present once a cancel was requested; the worker polls it between batches
   models       hash: model id -> ModelInfo JSON, as advertised by workers
   tokenizer:{model id}  the model's Hugging Face tokenizers JSON, as published by workers
+  unplanned    sorted set of job ids stored but not yet planned by a worker, scored by when to send them again
+               (written with the job, in the same script, so a job stored is a job that will reach the queue;
+               see service/recovery.py)
 The job keys expire `ttl_s` after the job's latest state change, so results live that long after finishing.
 """
 
@@ -34,6 +37,10 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("queued", "running")
+# A stored job not planned by a worker this long after it was sent is sent again (the API may have died between
+# storing and sending it, or the message was lost); each later try waits twice as long, up to RESEND_MAX_S.
+RESEND_AFTER_S = 30.0
+RESEND_MAX_S = 3600.0
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 # KEYS[1] job hash, KEYS[2] cancel flag. ARGV[1] now (ISO), ARGV[2] ttl seconds.
@@ -62,6 +69,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# KEYS[1] job hash. ARGV[1] note. A note on an active job only (never re-creates an expired hash).
+_SET_NOTE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'note', ARGV[1])
+return 1
+"""
+
 # KEYS[1] job hash. ARGV[1] error, ARGV[2] now, ARGV[3] ttl.
 _MARK_FAILED = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -87,8 +102,9 @@ return 1
 # so two concurrent submits can never both take the last slot. The owner's active set is pruned on the way (jobs
 # that ended or expired leave it), which keeps the count right however the worker moves jobs on.
 # The job hashes of active members are read by key names built here from ARGV[5]: fine on one Redis (not Cluster).
-# KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set.
-# ARGV[1] job id, ARGV[2] ttl, ARGV[3] score, ARGV[4] cap (0: none), ARGV[5] job key prefix, ARGV[6..] fields.
+# KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set, KEYS[5] unplanned set.
+# ARGV[1] job id, ARGV[2] ttl, ARGV[3] score, ARGV[4] cap (0: none), ARGV[5] job key prefix,
+# ARGV[6] when to send again if not planned by then, ARGV[7..] fields.
 # Returns -1 when created, else the owner's active count (nothing written).
 _CREATE_CAPPED = """
 local cap = tonumber(ARGV[4])
@@ -104,12 +120,13 @@ if cap > 0 then
   end
   if active >= cap then return active end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
 return -1
 """
 
@@ -146,11 +163,14 @@ class JobStore:
         self._mark_failed = client.register_script(_MARK_FAILED)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._create_capped = client.register_script(_CREATE_CAPPED)
+        self._set_note = client.register_script(_SET_NOTE)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JobStore:
+    def from_settings(cls, settings: Settings, socket_timeout: float | None = None) -> JobStore:
         """A store with its own connection pool (bytes, not decoded: results are stored raw)."""
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=socket_timeout, health_check_interval=30
+        )
         return cls(client, key_prefix=settings.key_prefix, ttl_s=settings.result_ttl_s)
 
     def close(self) -> None:
@@ -180,6 +200,10 @@ class JobStore:
         return f"{self.prefix}tokenizer:{model_id}"
 
     @property
+    def unplanned_key(self) -> str:
+        return f"{self.prefix}unplanned"
+
+    @property
     def models_key(self) -> str:
         return f"{self.prefix}models"
 
@@ -201,6 +225,9 @@ class JobStore:
         max_active: int = 0,
     ) -> JobStatus:
         """Register a queued job; the caller enqueues it afterwards.
+
+        The job is also recorded as not yet planned, in the same transaction: if the caller dies before its
+        message is sent (or the message is lost), the recovery sweep (service/recovery.py) sends it again.
 
         With an `owner` the job is also indexed under it, and `max_active` > 0 caps that owner's queued and running
         jobs (ActiveJobsExceeded, nothing written). `job_id` lets a caller pick the id before the job exists (an
@@ -225,12 +252,17 @@ class JobStore:
             pipe.hset(self.job_key(job_id), mapping=fields)
             pipe.expire(self.job_key(job_id), self.ttl_s)
             pipe.zadd(self.index_key, {job_id: time.time()})
+            pipe.zadd(self.unplanned_key, {job_id: time.time() + RESEND_AFTER_S})
             pipe.execute()
             return status
         fields["owner"] = owner
-        keys = [self.job_key(job_id), self.index_key, self.owner_index_key(owner), self.active_key(owner)]
+        keys = [
+            self.job_key(job_id), self.index_key, self.owner_index_key(owner), self.active_key(owner),
+            self.unplanned_key,
+        ]  # fmt: skip
         flat = [item for pair in fields.items() for item in pair]
-        args = [job_id, self.ttl_s, time.time(), max(0, int(max_active)), self.job_key(""), *flat]
+        now = time.time()
+        args = [job_id, self.ttl_s, now, max(0, int(max_active)), self.job_key(""), now + RESEND_AFTER_S, *flat]
         outcome = int(self._create_capped(keys=keys, args=args))
         if outcome >= 0:
             raise ActiveJobsExceeded(owner, outcome, int(max_active))
@@ -263,6 +295,24 @@ class JobStore:
     def mark_failed(self, job_id: str, error: str) -> bool:
         """Fail a queued or running job with a message for the user; False if it had already ended."""
         return bool(self._mark_failed(keys=[self.job_key(job_id)], args=[error, utc_now(), self.ttl_s]))
+
+    def set_note(self, job_id: str, note: str) -> bool:
+        """Tell pollers what happened to an active job (e.g. a chunk sent again); False once it has ended."""
+        return bool(self._set_note(keys=[self.job_key(job_id)], args=[note]))
+
+    # jobs stored but not yet planned (see service/recovery.py)
+    def mark_planned(self, job_id: str) -> None:
+        """A worker has sent every chunk of the job (or dropped it): it no longer needs sending again."""
+        self.client.zrem(self.unplanned_key, job_id)
+
+    def unplanned(self, due_by: float | None = None, limit: int = 1000) -> list[str]:
+        """Job ids stored but not yet planned; only those due to be sent again by `due_by` (epoch s) if given."""
+        top = "+inf" if due_by is None else due_by
+        return [raw.decode() for raw in self.client.zrangebyscore(self.unplanned_key, "-inf", top, start=0, num=limit)]
+
+    def defer_unplanned(self, job_id: str, until: float) -> None:
+        """Look at an unplanned job again at `until` (epoch s), unless a worker plans it first."""
+        self.client.zadd(self.unplanned_key, {job_id: until}, xx=True)
 
     def request_cancel(self, job_id: str) -> JobStatus | None:
         """Cancel a queued or running job (the worker stops at its next check); finished jobs stay as they are."""
@@ -324,6 +374,7 @@ class JobStore:
             started_at=f.get("started_at"),
             finished_at=f.get("finished_at"),
             owner=f.get("owner"),
+            note=f.get("note"),
         )
 
     # models

@@ -20,7 +20,8 @@ from service.chunks import Chunk, ChunkBook, plan_chunks
 from service.queue import TASK_RUN_JOB, model_queue, time_limits, visibility_timeout
 from service.schemas import JobSpec
 from service.store import JobStore
-from worker.model_cache import LoadedModel, ModelCache
+from worker.engine.errors import InputError
+from worker.model_cache import LoadedModel, ModelCache, ModelNotServed
 from tests.numbers import assert_same_numbers
 from worker.model_sources import ModelSource
 
@@ -84,7 +85,7 @@ def test_model_cache_evicts_least_recently_used_until_the_new_model_fits() -> No
     cache.get("huge")  # larger than the whole budget: loads alone
     assert cache.cached == ["huge"]
     assert loads == ["a", "b", "c", "b", "huge"]
-    with pytest.raises(KeyError):
+    with pytest.raises(ModelNotServed, match="does not serve model 'unknown'"):
         cache.get("unknown")
     by_count = ModelCache(sources, capacity=1, loader=loader)
     by_count.get("a"), by_count.get("b")
@@ -316,13 +317,21 @@ def _planned_job(store: JobStore, n_prompts: int, chunk_size: int) -> tuple[str,
 @pytest.mark.parametrize(
     ("raised", "message"),
     [
-        (RuntimeError("boom"), "internal error: RuntimeError: boom"),
-        (ValueError("prompt 'x' is bad"), "prompt 'x' is bad"),
+        # Bugs (any exception but the engine's InputError) are internal errors: type and message, no traceback.
+        (RuntimeError("boom"), "internal error in chunk 0 of job {job_id}: RuntimeError: boom"),
+        (ValueError("an engine bug"), "internal error in chunk 0 of job {job_id}: ValueError: an engine bug"),
+        # Input errors are the user's to fix: their message is the job's error, as is.
+        (InputError("prompt 'x' is bad"), "prompt 'x' is bad"),
         ("soft-time-limit", "ran past the time limit of"),
     ],
 )
 def test_an_exception_in_a_chunk_fails_the_job(
-    celery_worker: object, store: JobStore, monkeypatch: pytest.MonkeyPatch, raised: Any, message: str
+    celery_worker: object,
+    store: JobStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    raised: Any,
+    message: str,
 ) -> None:
     import worker.chunking
     from celery.exceptions import SoftTimeLimitExceeded
@@ -335,10 +344,18 @@ def test_an_exception_in_a_chunk_fails_the_job(
     monkeypatch.setattr(worker.chunking, "execute_chunk", explode)
     job_id, _ = _planned_job(store, 4, 2)
     ChunkBook.for_store(store).record_task(job_id, 1, "task-of-chunk-1")
-    assert run_chunk.apply(args=[job_id, 0, 0, 2]).get() == "failed"
+    with caplog.at_level("ERROR", logger="worker.tasks"):
+        assert run_chunk.apply(args=[job_id, 0, 0, 2]).get() == "failed"
     status = store.status(job_id)
     assert status is not None and status.status == "failed" and status.error is not None
-    assert message in status.error
+    assert message.format(job_id=job_id) in status.error
+    assert "Traceback" not in status.error
+    logged = [record for record in caplog.records if record.exc_info]
+    if isinstance(raised, InputError) or raised == "soft-time-limit":
+        assert status.error == message or raised == "soft-time-limit"
+        assert not logged
+    else:  # the bug's traceback is in the worker's log
+        assert logged and logged[0].exc_info is not None and logged[0].exc_info[1] is raised
     assert run_chunk.apply(args=[job_id, 1, 2, 4]).get() == "skipped"  # the job's other chunks skip themselves
 
 

@@ -1,13 +1,18 @@
-"""Workers that die mid-chunk, for real: a `celery worker` subprocess (prefork, one pool process) is SIGKILLed.
+"""Workers that die mid-chunk, for real: `celery worker` subprocesses (prefork, one pool process) are SIGKILLed.
 
 - Pool process killed (what the out-of-memory killer does): the worker's main process requeues the chunk at once
-  (acks_late + reject_on_worker_lost) and a new pool process runs it again; the job's numbers are unchanged.
+  (acks_late + reject_on_worker_lost); the new run sees that the lease holder's process is gone, takes the lease
+  over and runs the chunk again; the job's numbers are unchanged.
 - Pool process killed at every delivery: the delivery after HYDRA_MAX_DELIVERIES fails the job with a message.
-- Whole worker killed: the chunk stays unacknowledged until the visibility timeout (21 s here, with a 20 s time
-  limit), then a fresh worker runs it.
+- A worker paused past its lease (SIGSTOP: a frozen machine, a partition): another worker's sweep sends the chunk
+  again and it runs there; the paused one, resumed, finds its lease gone and stops without recording.
+- Whole worker killed (the machine vanished): its lease lapses and another worker runs the chunk within
+  lease + sweep (8 s + 1 s here; 120 s + 30 s by default), not after the broker's visibility timeout (600 s here,
+  7 h by default).
 
-The worker runs against its own Redis database (own broker keys), key prefix and queue, with its own tiny model,
-so the session's in-thread worker never sees these tasks. The reference is the job run in one piece in-process.
+The workers run against their own Redis database (own broker keys), key prefix and queue, with their own tiny
+model, so the session's in-thread worker never sees these tasks. The reference is the job run in one piece
+in-process.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import psutil
 import pytest
 
 from service.chunks import ChunkBook
+from service.leases import Leases
 from service.queue import JobQueue
 from service.schemas import JobResult, JobSpec, JobStatus
 from service.settings import Settings
@@ -39,7 +45,9 @@ COMPONENTS = [f"{kind}.{layer}" for layer in range(3) for kind in ("attn", "mlp"
 ]
 SAMPLES = 8
 CHUNK_PROMPTS = 3  # 3 chunks of a few seconds each (one ablated run per batch, see fault_env)
-VISIBILITY_TIMEOUT_S = 21
+VISIBILITY_TIMEOUT_S = 600  # far above the lease: recovery below must come from the lease, not the broker
+LEASE_S = 8
+SWEEP_S = 1
 
 
 def job_spec(prompts: list[str], components: list[str] = COMPONENTS, samples: int = SAMPLES) -> JobSpec:
@@ -75,8 +83,11 @@ def fault_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
         # One ablated run per batch: slow enough chunks (seconds) for the test to kill a worker mid-chunk.
         "HYDRA_BATCH_TOKENS": "1",
         "HYDRA_MAX_DELIVERIES": "3",
-        "HYDRA_CHUNK_TIME_LIMIT_S": "20",
+        "HYDRA_CHUNK_TIME_LIMIT_S": "300",  # generous: a loaded machine runs these chunks slowly
         "HYDRA_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+        "HYDRA_LEASE_S": str(LEASE_S),
+        "HYDRA_SWEEP_S": str(SWEEP_S),
+        "HYDRA_REDIS_OUTAGE_S": "4",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
@@ -138,6 +149,27 @@ class WorkerProcess:
             time.sleep(0.02)
         raise AssertionError(f"the worker has no pool process\n{self.tail()}")
 
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Until the worker consumes (its log says `ready.`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if " ready." in self.log.read_text(errors="replace"):
+                return
+            if not self.alive:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"the worker did not get ready\n{self.tail()}")
+
+    def runs(self, pid: int) -> bool:
+        """True when `pid` is this worker's pool process."""
+        return self.alive and any(child.pid == pid for child in psutil.Process(self.process.pid).children())
+
+    def pause(self) -> None:
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def kill_pool_process(self) -> None:
         os.kill(self.pool_process().pid, signal.SIGKILL)
 
@@ -168,25 +200,29 @@ def worker(fault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
         process.stop()
 
 
-@pytest.fixture(scope="module")
-def reference(fault_env: dict[str, str]) -> JobResult:
-    """The job in one piece, in this process, on the same model folder."""
+def compute_reference(env: dict[str, str], spec: JobSpec) -> JobResult:
+    """The job in one piece, in this process, on the workers' model folder and batching (so the numbers agree to
+    float32 rounding; compared within tolerance)."""
     from worker.chunking import execute
     from worker.model_cache import load_model
     from worker.model_sources import ModelSource
 
-    location = fault_env["HYDRA_MODELS"].split("=", 1)[1]
+    location = env["HYDRA_MODELS"].split("=", 1)[1]
     loaded = load_model(ModelSource(id=MODEL, location=location))
-    # The same batching as the workers (so the numbers agree to float32 rounding; compared within tolerance).
     saved = os.environ.get("HYDRA_BATCH_TOKENS")
-    os.environ["HYDRA_BATCH_TOKENS"] = fault_env["HYDRA_BATCH_TOKENS"]
+    os.environ["HYDRA_BATCH_TOKENS"] = env["HYDRA_BATCH_TOKENS"]
     try:
-        return execute("reference", job_spec(PROMPTS), loaded)
+        return execute("reference", spec, loaded)
     finally:
         if saved is None:
             os.environ.pop("HYDRA_BATCH_TOKENS")
         else:
             os.environ["HYDRA_BATCH_TOKENS"] = saved
+
+
+@pytest.fixture(scope="module")
+def reference(fault_env: dict[str, str]) -> JobResult:
+    return compute_reference(fault_env, job_spec(PROMPTS))
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, worker: WorkerProcess | None = None) -> None:
@@ -216,9 +252,11 @@ def wait_terminal(store: JobStore, job_id: str, timeout_s: float, worker: Worker
     return status
 
 
-def running_mid_chunk(book: ChunkBook, job_id: str, index: int, delivery: int) -> Callable[[], bool]:
+def running_mid_chunk(
+    book: ChunkBook, job_id: str, index: int, delivery: int, samples: int = SAMPLES
+) -> Callable[[], bool]:
     """True once the chunk's `delivery`-th run has measured at least one prompt (and more are left)."""
-    per_prompt = len(COMPONENTS) * SAMPLES
+    per_prompt = len(COMPONENTS) * samples
 
     def check() -> bool:
         done = book.progress(job_id).get(index, 0)
@@ -271,26 +309,74 @@ def test_a_chunk_whose_worker_keeps_dying_fails_the_job(
     assert wait_terminal(store, quick, 60, worker).status == "succeeded"
 
 
-def test_a_chunk_of_a_lost_worker_runs_on_a_fresh_worker_after_the_visibility_timeout(
-    worker: WorkerProcess,
-    fault_env: dict[str, str],
-    store: JobStore,
-    book: ChunkBook,
-    queue: JobQueue,
-    reference: JobResult,
-    tmp_path: Path,
-) -> None:
-    job_id = submit(store, queue, job_spec(PROMPTS))
-    wait_for(running_mid_chunk(book, job_id, 0, delivery=1), 90, "chunk 0 to be running", worker)
-    worker.kill()  # the whole worker: no shutdown, so chunk 0 stays unacknowledged in Redis
-    killed_at = time.monotonic()
-
-    fresh = WorkerProcess(fault_env, tmp_path / "fresh-worker.log")
+@pytest.fixture(scope="module")
+def standby(fault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """A second worker on the same queues, ready before the fault (a machine standing by)."""
+    process = WorkerProcess(fault_env, tmp_path_factory.mktemp("standby-logs") / "standby.log")
     try:
-        status = wait_terminal(store, job_id, 120, fresh)
-        assert status.status == "succeeded", f"{status.error}\n{fresh.tail()}"
-        assert time.monotonic() - killed_at >= VISIBILITY_TIMEOUT_S - 3  # chunk 0 waited for the timeout
-        assert book.deliveries(job_id) == {0: 2, 1: 1, 2: 1}
-        assert_result_matches(store, job_id, reference)
+        process.wait_ready()
+        yield process
     finally:
-        fresh.stop()
+        process.stop()
+
+
+SMALL = job_spec(PROMPTS[:6], samples=4)  # two chunks: enough to lose one, quick to rerun
+
+
+@pytest.fixture(scope="module")
+def small_reference(fault_env: dict[str, str]) -> JobResult:
+    return compute_reference(fault_env, SMALL)
+
+
+def running_chunk_0(
+    store: JobStore, book: ChunkBook, workers: list[WorkerProcess], job_id: str
+) -> tuple[WorkerProcess, WorkerProcess]:
+    """Wait until chunk 0 runs (mid-chunk); returns (the worker running it, the other one), found by the lease
+    holder's process id."""
+    wait_for(running_mid_chunk(book, job_id, 0, delivery=1, samples=4), 120, "chunk 0 to be running", workers[0])
+    holder = Leases.for_store(store).holder(job_id, 0)
+    assert holder is not None
+    pid = int(holder.split(":")[1])
+    running = [w for w in workers if w.runs(pid)]
+    assert len(running) == 1, holder
+    return running[0], next(w for w in workers if w is not running[0])
+
+
+def test_a_paused_worker_loses_its_chunk_to_another_and_records_nothing_when_it_resumes(
+    worker: WorkerProcess, standby: WorkerProcess, store: JobStore, book: ChunkBook, queue: JobQueue,
+    small_reference: JobResult,
+) -> None:  # fmt: skip
+    job_id = submit(store, queue, SMALL)
+    holder, other = running_chunk_0(store, book, [worker, standby], job_id)
+    holder.pause()  # frozen: no heartbeat, but its process lives
+    try:
+        wait_for(lambda: book.deliveries(job_id).get(0) == 2, 180, "chunk 0 to run on the other worker", other)
+        assert "chunk 0 (prompts 0-2) was sent again" in (store.status(job_id).note or "")  # type: ignore[union-attr]
+    finally:
+        holder.resume()  # while the other worker runs chunk 0: the old holder must notice and stop
+    status = wait_terminal(store, job_id, 180, other)
+    assert status.status == "succeeded", f"{status.error}\n{other.tail()}"
+    wait_for(lambda: "chunk 0 lost its lease" in holder.log.read_text(errors="replace") or
+             "another run holds its lease" in holder.log.read_text(errors="replace"),
+             60, "the resumed worker to notice it lost the lease", holder)  # fmt: skip
+    assert book.deliveries(job_id) == {0: 2, 1: 1}
+    assert_result_matches(store, job_id, small_reference)
+
+
+def test_a_chunk_of_a_vanished_worker_runs_on_another_worker_within_the_lease(
+    worker: WorkerProcess, standby: WorkerProcess, store: JobStore, book: ChunkBook, queue: JobQueue,
+    small_reference: JobResult,
+) -> None:  # fmt: skip
+    job_id = submit(store, queue, SMALL)
+    holder, other = running_chunk_0(store, book, [worker, standby], job_id)
+    holder.kill()  # main and pool process at once: no shutdown, chunk 0 stays unacknowledged in the broker
+    killed_at = time.monotonic()
+    # The lapsed lease is noticed and the chunk sent to the live worker within lease + sweep (+ slack for a loaded
+    # machine), far below the broker's visibility timeout; it runs there once that worker is free.
+    wait_for(lambda: "chunk 0 (prompts 0-2) was sent again" in (store.status(job_id).note or ""),  # type: ignore[union-attr]
+             LEASE_S + SWEEP_S + 30, "chunk 0 to be sent to the other worker", other)  # fmt: skip
+    assert time.monotonic() - killed_at < LEASE_S + SWEEP_S + 30 < VISIBILITY_TIMEOUT_S
+    status = wait_terminal(store, job_id, 180, other)
+    assert status.status == "succeeded", f"{status.error}\n{other.tail()}"
+    assert book.deliveries(job_id) == {0: 2, 1: 1}
+    assert_result_matches(store, job_id, small_reference)

@@ -18,12 +18,17 @@ from service.queue import celery_config, model_queue
 from service.settings import Settings
 from service.store import JobStore
 from worker.model_sources import configured_sources
+from worker.settings import WorkerConfigError, WorkerSettings
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 20  # how often a worker renews the models it serves
 SERVED_TTL_S = 90  # a model no live worker renewed for this long is no longer offered
 
 settings = Settings.from_env()
+try:
+    worker_settings = WorkerSettings.from_env()  # checked once, here: a bad value stops the worker at start
+except WorkerConfigError as error:
+    raise SystemExit(f"hydra-ablate worker: bad configuration: {error}") from None
 app = Celery("hydra-ablate")
 app.conf.update(celery_config(settings))
 app.conf.update(include=["worker.tasks"], task_default_queue=settings.queue_name)
@@ -78,6 +83,14 @@ def advertise_models(**_: object) -> None:
         store.close()
     if served:
         threading.Thread(target=_heartbeat, args=(served,), name="hydra-heartbeat", daemon=True).start()
+
+
+@worker_ready.connect
+def start_recovery_sweeps(**_: object) -> None:
+    """Every worker sweeps for unplanned jobs and lapsed chunk leases (service/recovery.py)."""
+    from worker.maintenance import start_sweeping
+
+    start_sweeping(settings, worker_settings)
 
 
 def _heartbeat(model_ids: list[str]) -> None:

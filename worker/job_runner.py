@@ -17,6 +17,7 @@ import torch
 
 from service.schemas import JobSpec, PatchSample, PromptResult, Provenance
 from service.settings import env_int
+from worker.engine.errors import InputError
 from worker.engine.sweep import DEFAULT_BATCH_TOKENS
 from worker.engine.types import PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
@@ -31,7 +32,7 @@ def batch_tokens() -> int:
     return env_int("HYDRA_BATCH_TOKENS", DEFAULT_BATCH_TOKENS)
 
 
-class JobInputError(ValueError):
+class JobInputError(InputError):
     """The job cannot run on this model (e.g. an answer that tokenises to nothing); reported as the job's error."""
 
 

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from service.schemas import ModelInfo
 from worker.engine.architecture import check_supported, describe, has_parallel_blocks
+from worker.engine.errors import InputError
 from worker.model_sources import ModelSource
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ def _release_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+class ModelNotServed(InputError):
+    """A job reached a worker that does not serve its model (HYDRA_MODELS differs between workers?)."""
+
+
 class ModelCache:
     """At most `capacity` loaded models per process, and at most `max_bytes` of their parameters (when set).
 
@@ -176,7 +181,7 @@ class ModelCache:
                 self._loaded.move_to_end(model_id)
                 return self._loaded[model_id]
             if model_id not in self.sources:
-                raise KeyError(f"this worker does not serve model '{model_id}'")
+                raise ModelNotServed(f"this worker does not serve model '{model_id}'")
             source = self.sources[model_id]
             self._make_room(self._estimate(source))
             log.info("loading model %s from %s", model_id, source.description)

@@ -12,33 +12,50 @@ Every failure becomes the job's error, never a crashed worker; a failed or cance
 at their next prompt and revokes (or, when they start, skips) the queued ones. Each start of a chunk is counted:
 the delivery after `HYDRA_MAX_DELIVERIES` fails the job (its worker keeps dying). Delivery and time-limit settings
 are described in service/queue.py. Redis keys are described in service/chunks.py.
+
+Faults (README "Guarantees under faults"):
+- A chunk runs under a lease with the run's own token (service/leases.py), renewed by a heartbeat thread; a
+  second delivery while the lease lives does not run, and a run that lost its lease stops at its next prompt and
+  records nothing. A chunk whose worker vanished is sent again by any worker's sweep (service/recovery.py).
+- Every Redis call of a chunk rides out an outage of up to HYDRA_REDIS_OUTAGE_S (worker/redis_retry.py); after
+  a longer one the chunk fails its job with that reason as soon as Redis is back.
+- Errors: the engine's InputError (worker/engine/errors.py) is the user's to fix and becomes the job's error as
+  is; anything else is a bug, logged with its traceback and reported as an internal error (no traceback).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import uuid
 from functools import cache
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Task
 
-from service.chunks import ChunkBook, chunk_prompts, max_deliveries, plan_chunks
+from service.chunks import LEASE_LOST, Chunk, ChunkBook, chunk_prompts, max_deliveries, plan_chunks
+from service.leases import Leases
 from service.queue import TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
 from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
-from worker.celery_app import app, settings
+from worker.celery_app import app, settings, worker_settings
+from worker.maintenance import recheck_s
 from worker.model_cache import ModelCache, parse_dtype
 from worker.model_sources import configured_sources
+from worker.redis_retry import RETRYABLE, RedisOutage, RedisRetry
 
 log = logging.getLogger(__name__)
+REDIS_SOCKET_TIMEOUT_S = 10.0
 
 
 @cache
 def job_store() -> JobStore:
-    return JobStore.from_settings(settings)
+    # A socket timeout: a Redis that hangs (rather than refuses) must not hang a chunk past its retry budget.
+    return JobStore.from_settings(settings, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
 
 
 @cache
@@ -47,17 +64,19 @@ def chunk_book() -> ChunkBook:
 
 
 @cache
+def leases() -> Leases:
+    return Leases.for_store(job_store())
+
+
+@cache
 def model_cache() -> ModelCache:
     """One cache per worker process: models load on first use and stay (LRU by count and parameter bytes)."""
-    capacity = int(os.environ.get("HYDRA_MODEL_CACHE_SIZE", "2"))
-    raw_bytes = os.environ.get("HYDRA_MODEL_CACHE_BYTES", "").strip()
-    max_bytes = int(float(raw_bytes)) if raw_bytes else None
     return ModelCache(
         configured_sources(),
-        capacity=capacity,
-        device=os.environ.get("HYDRA_DEVICE", "cpu"),
-        max_bytes=max_bytes,
-        dtype=parse_dtype(os.environ.get("HYDRA_DTYPE", "float32")),
+        capacity=worker_settings.model_cache_size,
+        device=worker_settings.device,
+        max_bytes=worker_settings.model_cache_bytes,
+        dtype=parse_dtype(worker_settings.dtype),
     )
 
 
@@ -95,6 +114,11 @@ class HydraTask(Task):
         if not args:
             return
         job_id = args[0]
+        if isinstance(exc, RETRYABLE):
+            # Redis went away outside the retried calls: the job is not failed for a blip. An unplanned job is
+            # sent again and a chunk's lapsed lease is reaped by the recovery sweep (service/recovery.py).
+            log.warning("job %s: %s lost Redis (%s); the recovery sweep will send it again", job_id, self.name, exc)
+            return
         if self.name == TASK_RUN_CHUNK and isinstance(exc, TimeLimitExceeded):
             _, hard = time_limits()
             reason = (
@@ -105,8 +129,15 @@ class HydraTask(Task):
             reason = f"internal error in {self.name}: {type(exc).__name__}: {exc}"
         try:
             _fail(job_id, reason, task_id)
-        except Exception:  # noqa: BLE001 - Redis itself may be what failed; the log keeps the reason
+        except Exception:
             log.exception("job %s: could not record its failure (%s)", job_id, reason)
+
+
+def send_chunk(job_id: str, chunk: Chunk, model_id: str, task_id: str | None = None) -> str:
+    """Queue one chunk on its model's queue; returns the task id (recorded so a stopped job can revoke it)."""
+    args = [job_id, chunk.index, chunk.start, chunk.stop]
+    queue = model_queue(settings.queue_name, model_id)
+    return str(run_chunk.apply_async(args=args, queue=queue, task_id=task_id).id)
 
 
 @app.task(name=TASK_RUN_JOB, base=HydraTask)
@@ -116,8 +147,10 @@ def run_job(job_id: str) -> str:
     spec = store.spec(job_id)
     if spec is None:
         log.warning("job %s is unknown or expired; dropping it", job_id)
+        store.mark_planned(job_id)
         return "missing"
     if _job_state(store, job_id) not in ACTIVE_STATES:
+        store.mark_planned(job_id)
         return "skipped"
     claimed = book.claim_planning(job_id)
     chunks = book.plan(job_id)
@@ -129,14 +162,17 @@ def run_job(job_id: str) -> str:
         book.record_plan(job_id, chunks, size)
     sent = book.task_ids(job_id)
     if not claimed and len(sent) >= len(chunks):
+        store.mark_planned(job_id)
         return "already planned"
-    queue = model_queue(settings.queue_name, spec.model)
     for chunk in chunks:
         if chunk.index in sent:
             continue
-        task = run_chunk.apply_async(args=[job_id, chunk.index, chunk.start, chunk.stop], queue=queue)
-        book.record_task(job_id, chunk.index, task.id)
-    log.info("job %s: %d prompts in %d chunks on queue %s", job_id, len(spec.prompts), len(chunks), queue)
+        # Marked before it is sent, so that a chunk that starts at once is never marked after its run took the lease.
+        task_id = uuid.uuid4().hex
+        leases().mark_queued(job_id, chunk.index, task_id, recheck_s(worker_settings))
+        book.record_task(job_id, chunk.index, send_chunk(job_id, chunk, spec.model, task_id))
+    store.mark_planned(job_id)
+    log.info("job %s: %d prompts in %d chunks", job_id, len(spec.prompts), len(chunks))
     return f"planned {len(chunks)} chunks"
 
 
@@ -162,82 +198,233 @@ def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
     return "merged after the job ended"
 
 
+def _holder_is_dead(holder: str) -> bool:
+    """A lease token names its process (host:pid:random): a holder on this machine whose process is gone (a killed
+    pool process, redelivered at once by Celery) need not wait for its lease to expire."""
+    host, _, rest = holder.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class ChunkRun:
+    """One run of one chunk: its lease and heartbeat, its Redis retries, its outcome recorded exactly once."""
+
+    def __init__(self, task_id: str | None, job_id: str, index: int, start: int, stop: int) -> None:
+        self.task_id = task_id
+        self.job_id, self.index, self.start, self.stop = job_id, index, start, stop
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self.retry = RedisRetry(worker_settings.redis_outage_s)
+        self.store, self.book, self.leases = job_store(), chunk_book(), leases()
+        self.lost = threading.Event()  # set by the heartbeat once another run has the lease
+        self._finished = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def prompts(self) -> str:
+        return f"prompts {self.start}-{self.stop - 1}"
+
+    def redis(self, what: str, fn: Any) -> Any:
+        return self.retry.call(what, fn)
+
+    # the lease
+    def _renew_until_finished(self) -> None:
+        while not self._finished.wait(worker_settings.renew_s):
+            try:
+                renewed = self.leases.renew(self.job_id, self.index, self.token, worker_settings.lease_s)
+            except RETRYABLE:
+                continue  # Redis is away: the lease outlives any outage the chunk rides out (see WorkerSettings)
+            if not renewed:
+                log.warning("job %s: chunk %d lost its lease to another run; stopping", self.job_id, self.index)
+                self.lost.set()
+                return
+
+    def _start_heartbeat(self) -> None:
+        self._heartbeat = threading.Thread(target=self._renew_until_finished, name="hydra-lease", daemon=True)
+        self._heartbeat.start()
+
+    def _release(self) -> None:
+        self._finished.set()
+        try:
+            self.leases.release(self.job_id, self.index, self.token)
+        except RETRYABLE:
+            pass  # the lease expires by itself; a sweep then finds the chunk done (or its job ended)
+
+    def _fail(self, error: str) -> str:
+        """Fail the job, unless another run has taken the chunk over (then this run just stops)."""
+        outcome = self.redis(
+            "record the job's failure",
+            lambda: self.leases.fail_if_holder(self.store, self.job_id, self.index, self.token, error),
+        )
+        if outcome < 0:
+            log.warning("job %s: chunk %d lost its lease; not recording: %s", self.job_id, self.index, error)
+            return "lease lost"
+        _stop_other_chunks(self.job_id, self.task_id)
+        return "failed"
+
+    def run(self) -> str:
+        try:
+            return self._run()
+        except RedisOutage as outage:
+            return self._give_up(outage)
+        finally:
+            self._finished.set()
+
+    def _give_up(self, outage: RedisOutage) -> str:
+        """Redis stayed away longer than the budget: fail the job with that reason once Redis is back."""
+        reason = (
+            f"chunk {self.index} ({self.prompts}) of job {self.job_id} stopped: {outage}; retry the job once Redis "
+            "is stable, or raise HYDRA_REDIS_OUTAGE_S"
+        )
+        log.error("job %s: %s", self.job_id, reason)
+        _, hard = time_limits()
+        outcome = self.retry.until_back(
+            "record the job's failure",
+            lambda: self.leases.fail_if_holder(self.store, self.job_id, self.index, self.token, reason),
+            limit_s=hard,
+        )
+        self._release()
+        return "failed" if outcome >= 0 else "lease lost"
+
+    def _run(self) -> str:
+        job_id, index = self.job_id, self.index
+        store, book = self.store, self.book
+        spec = self.redis("read the job", lambda: store.spec(job_id))
+        if spec is None:
+            log.warning("job %s is unknown or expired; dropping its chunk %d", job_id, index)
+            return "missing"
+        state = self.redis("read the job's state", lambda: _job_state(store, job_id))
+        n_chunks = self.redis("read the chunk plan", lambda: book.n_chunks(job_id))
+        if n_chunks is None:
+            if state in ACTIVE_STATES:
+                error = f"internal error: job {job_id} has no chunk plan (expired?)"
+                self.redis("record the job's failure", lambda: store.mark_failed(job_id, error))
+                _stop_other_chunks(job_id, self.task_id)
+                return "failed"
+            return "missing"
+        if self.redis("read the chunk's outcome", lambda: book.is_done(job_id, index)):
+            # A redelivery of a finished chunk (or sent again by a sweep): if the worker that was to merge died,
+            # merge now.
+            self.redis("drop the chunk's lease", lambda: self.leases.release(job_id, index))
+            done = self.redis("read the chunks done", lambda: book.done_indices(job_id))
+            if state == "running" and len(done) == n_chunks:
+                return self._merge(spec, n_chunks)
+            return "duplicate"
+        if state not in ACTIVE_STATES:
+            self.redis("drop the chunk's lease", lambda: self.leases.release(job_id, index))
+            _stop_other_chunks(job_id, self.task_id)
+            return "skipped"
+        holder = self.redis(
+            "take the chunk's lease",
+            lambda: self.leases.acquire(job_id, index, self.token, worker_settings.lease_s, dead=_holder_is_dead),
+        )
+        if holder is not None:
+            log.warning("job %s: chunk %d is running elsewhere (%s); not running it twice", job_id, index, holder)
+            return "running elsewhere"
+        self._start_heartbeat()
+        try:
+            return self._run_leased(spec, state, n_chunks)
+        finally:
+            self._release()
+
+    def _run_leased(self, spec: JobSpec, state: str | None, n_chunks: int) -> str:
+        from worker.chunking import execute_chunk
+        from worker.engine.errors import InputError
+        from worker.engine.sweep import SweepCancelled
+
+        job_id, index, store, book = self.job_id, self.index, self.store, self.book
+        deliveries = self.redis("count the delivery", lambda: book.count_delivery(job_id, index))
+        limit = max_deliveries()
+        if deliveries > limit:
+            return self._fail(
+                f"chunk {index} ({self.prompts}) of job {job_id} was delivered {deliveries} times; "
+                f"its worker keeps dying (out of memory?). At most {limit} deliveries are allowed "
+                "(HYDRA_MAX_DELIVERIES); fewer prompts per chunk (HYDRA_CHUNK_PROMPTS) need less memory"
+            )
+        if deliveries > 1:
+            log.warning("job %s: chunk %d delivered again (%d of at most %d)", job_id, index, deliveries, limit)
+        if state == "queued":
+            claimed = self.redis("mark the job running", lambda: store.mark_running(job_id))
+            if not claimed and self.redis("read the job's state", lambda: _job_state(store, job_id)) != "running":
+                return "skipped"  # cancelled between the two reads
+
+        status = self.redis("read the job", lambda: store.status(job_id))
+        total = status.progress.total if status is not None and status.progress.total else ablation_count(spec)
+
+        def on_progress(done: int, _chunk_total: int) -> None:
+            # Skipped while Redis is away (the next report catches up; progress only ever rises).
+            self.retry.poll(
+                "report progress",
+                lambda: store.set_progress(job_id, book.record_progress(job_id, index, done), total),
+                False,
+            )
+
+        def should_stop() -> bool:
+            if self.lost.is_set():
+                return True
+            return bool(
+                self.retry.poll(
+                    "check for a cancel",
+                    lambda: _job_state(store, job_id) != "running"
+                    or not self.leases.still_holds(job_id, index, self.token),
+                    False,
+                )
+            )
+
+        try:
+            loaded = model_cache().get(spec.model)
+            result = execute_chunk(
+                job_id, spec, loaded, index, self.start, self.stop, on_progress=on_progress, should_stop=should_stop
+            )
+        except SweepCancelled:
+            if self.lost.is_set() or not self.redis(
+                "check the lease", lambda: self.leases.still_holds(job_id, index, self.token)
+            ):
+                log.warning("job %s: chunk %d stopped: another run holds its lease", job_id, index)
+                return "lease lost"
+            log.info("job %s stopped while chunk %d ran", job_id, index)
+            _stop_other_chunks(job_id, self.task_id)
+            return "stopped"
+        except SoftTimeLimitExceeded:
+            soft, _ = time_limits()
+            return self._fail(
+                f"chunk {index} ({self.prompts}) of job {job_id} ran past the time limit of {soft:.0f} s; "
+                "raise HYDRA_CHUNK_TIME_LIMIT_S or lower HYDRA_CHUNK_PROMPTS"
+            )
+        except RedisOutage:
+            raise
+        except InputError as error:
+            return self._fail(str(error))
+        except Exception as error:
+            log.exception("job %s: chunk %d failed", job_id, index)
+            return self._fail(
+                f"internal error in chunk {index} of job {job_id}: {type(error).__name__}: {error} "
+                "(the worker's log has the details)"
+            )
+        done = self.redis(
+            "record the chunk's result", lambda: book.record_result(job_id, index, result, self.token)
+        )
+        if done == LEASE_LOST:
+            log.warning("job %s: chunk %d finished after another run took its lease; not recorded", job_id, index)
+            return "lease lost"
+        if done < 0:
+            return "duplicate"
+        if done == n_chunks:
+            return self._merge(spec, n_chunks)
+        return "recorded"
+
+    def _merge(self, spec: JobSpec, n_chunks: int) -> str:
+        return str(self.redis("merge the job", lambda: _merge(self.job_id, spec, n_chunks)))
+
+
 @app.task(name=TASK_RUN_CHUNK, base=HydraTask, bind=True)
 def run_chunk(self: Task, job_id: str, index: int, start: int, stop: int) -> str:
-    """Run prompts `start:stop` of a job; the chunk that completes the job merges it."""
-    from worker.chunking import execute_chunk
-    from worker.engine.sweep import SweepCancelled
-    from worker.job_runner import JobInputError
-
-    store, book = job_store(), chunk_book()
-    own_id = self.request.id
-    spec = store.spec(job_id)
-    if spec is None:
-        log.warning("job %s is unknown or expired; dropping its chunk %d", job_id, index)
-        return "missing"
-    state = _job_state(store, job_id)
-    n_chunks = book.n_chunks(job_id)
-    if n_chunks is None:
-        if state in ACTIVE_STATES:
-            return _fail(job_id, f"internal error: job {job_id} has no chunk plan (expired?)", own_id)
-        return "missing"
-    if book.is_done(job_id, index):
-        # A redelivery of a finished chunk: if the worker that was to merge died, merge now.
-        if state == "running" and len(book.done_indices(job_id)) == n_chunks:
-            return _merge(job_id, spec, n_chunks)
-        return "duplicate"
-    if state not in ACTIVE_STATES:
-        _stop_other_chunks(job_id, own_id)
-        return "skipped"
-    deliveries = book.count_delivery(job_id, index)
-    limit = max_deliveries()
-    if deliveries > limit:
-        return _fail(
-            job_id,
-            f"chunk {index} (prompts {start}-{stop - 1}) of job {job_id} was delivered {deliveries} times; "
-            f"its worker keeps dying (out of memory?). At most {limit} deliveries are allowed "
-            "(HYDRA_MAX_DELIVERIES); fewer prompts per chunk (HYDRA_CHUNK_PROMPTS) need less memory",
-            own_id,
-        )
-    if deliveries > 1:
-        log.warning("job %s: chunk %d delivered again (%d of at most %d)", job_id, index, deliveries, limit)
-    if state == "queued" and not store.mark_running(job_id) and _job_state(store, job_id) != "running":
-        return "skipped"  # cancelled between the two reads
-
-    status = store.status(job_id)
-    total = status.progress.total if status is not None and status.progress.total else ablation_count(spec)
-
-    def on_progress(done: int, _chunk_total: int) -> None:
-        store.set_progress(job_id, book.record_progress(job_id, index, done), total)
-
-    def should_stop() -> bool:
-        return _job_state(store, job_id) != "running"
-
-    try:
-        loaded = model_cache().get(spec.model)
-        result = execute_chunk(
-            job_id, spec, loaded, index, start, stop, on_progress=on_progress, should_stop=should_stop
-        )
-    except SweepCancelled:
-        log.info("job %s stopped (%s) while chunk %d ran", job_id, _job_state(store, job_id), index)
-        _stop_other_chunks(job_id, own_id)
-        return "stopped"
-    except SoftTimeLimitExceeded:
-        soft, _ = time_limits()
-        return _fail(
-            job_id,
-            f"chunk {index} (prompts {start}-{stop - 1}) of job {job_id} ran past the time limit of {soft:.0f} s; "
-            "raise HYDRA_CHUNK_TIME_LIMIT_S or lower HYDRA_CHUNK_PROMPTS",
-            own_id,
-        )
-    except (JobInputError, KeyError, ValueError) as error:
-        return _fail(job_id, str(error), own_id)
-    except Exception as error:
-        log.exception("job %s: chunk %d failed", job_id, index)
-        return _fail(job_id, f"internal error: {type(error).__name__}: {error}", own_id)
-    done = book.record_result(job_id, index, result)
-    if done < 0:
-        return "duplicate"
-    if done == n_chunks:
-        return _merge(job_id, spec, n_chunks)
-    return "recorded"
+    """Run prompts `start:stop` of a job under a lease; the chunk that completes the job merges it."""
+    return ChunkRun(self.request.id, job_id, index, start, stop).run()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.engine.errors import InputError
+
 
 @dataclass(frozen=True)
 class Component:
@@ -17,18 +19,18 @@ class Component:
 
 
 def parse_component(name: str, n_layers: int, n_heads: int) -> Component:
-    """Parse an explicit name; raises ValueError with a readable reason."""
+    """Parse an explicit name; raises InputError (a ValueError) with a readable reason."""
     parts = name.split(".")
     kind = parts[0]
     expected = 3 if kind == "head" else 2
     if kind not in ("attn", "mlp", "head") or len(parts) != expected or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"bad component name '{name}': use attn.L, mlp.L or head.L.H")
+        raise InputError(f"bad component name '{name}': use attn.L, mlp.L or head.L.H")
     layer = int(parts[1])
     if layer >= n_layers:
-        raise ValueError(f"component '{name}': layer {layer} out of range (model has {n_layers} layers)")
+        raise InputError(f"component '{name}': layer {layer} out of range (model has {n_layers} layers)")
     head = int(parts[2]) if kind == "head" else None
     if head is not None and head >= n_heads:
-        raise ValueError(f"component '{name}': head {head} out of range (model has {n_heads} heads)")
+        raise InputError(f"component '{name}': head {head} out of range (model has {n_heads} heads)")
     return Component(kind, layer, head)
 
 

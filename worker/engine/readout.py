@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from worker.engine.architecture import Architecture
+from worker.engine.errors import InputError
 from worker.engine.types import Metric
 
 
@@ -33,7 +34,7 @@ class Readout:
             b = b - self.unembed_bias.mean()
         elif self.metric == "logit_diff":
             if counterfactual is None:
-                raise ValueError("metric logit_diff needs a counterfactual token per prompt")
+                raise InputError("metric logit_diff needs a counterfactual token per prompt")
             w = w - self.unembed_weight[counterfactual]
             b = b - self.unembed_bias[counterfactual]
         return w, b

@@ -6,6 +6,7 @@ import torch
 
 from worker.engine.clean import CleanRun
 from worker.engine.components import Component
+from worker.engine.errors import InputError
 from worker.engine.types import ResampleFrom
 
 
@@ -20,7 +21,7 @@ def resample_sources(
     """
     if groups is None:
         if not 1 <= samples <= n_prompts - 1:
-            raise ValueError(
+            raise InputError(
                 f"resample needs 1 ≤ resample_samples ≤ n_prompts − 1 (got {samples} for {n_prompts} prompts)"
             )
         if how == "next":
@@ -32,13 +33,13 @@ def resample_sources(
             sources.append([int(o) + (1 if o >= i else 0) for o in others])
         return sources
     if len(groups) != n_prompts:
-        raise ValueError(f"{len(groups)} resample groups for {n_prompts} prompts")
+        raise InputError(f"{len(groups)} resample groups for {n_prompts} prompts")
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     small = sorted({g for g, m in members.items() if len(m) - 1 < samples})
     if samples < 1 or small:
-        raise ValueError(f"resample within groups needs {samples + 1} prompts per group; groups {small} have fewer")
+        raise InputError(f"resample within groups needs {samples + 1} prompts per group; groups {small} have fewer")
     generator = torch.Generator().manual_seed(seed)
     sources = []
     for i, g in enumerate(groups):
@@ -90,7 +91,7 @@ class MeanActivations:
     def as_clean_run_rows(self, component: Component, head_dim: int) -> torch.Tensor:
         """The mean row (1, e) for `component`."""
         if self._layer_sum is None:
-            raise ValueError("mean ablation needs at least one reference prompt")
+            raise InputError("mean ablation needs at least one reference prompt")
         if component.kind == "head":
             assert self._head_sum is not None and component.head is not None
             cols = slice(component.head * head_dim, (component.head + 1) * head_dim)

@@ -14,6 +14,7 @@ from torch import nn
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
+from worker.engine.errors import InputError
 from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.measures import ablated_profile, decompose, read_direct
 from worker.engine.readout import Readout
@@ -107,7 +108,7 @@ def run_sweep(
 def _correct_only(candidates: list[int], runs: dict[int, CleanRun], target_ids: list[int] | None) -> list[int]:
     """The prompts whose clean top token is their target (the paper's prompt selection)."""
     if target_ids is None:
-        raise ValueError("only_correct needs a target (the answer's first token) per prompt")
+        raise InputError("only_correct needs a target (the answer's first token) per prompt")
     return [i for i in candidates if int(runs[i].logits_final.argmax()) == int(target_ids[i])]
 
 
@@ -138,7 +139,7 @@ def _check_window(config: object, inputs: SweepInputs) -> None:
         return
     longest = max(int(ids.shape[0]) for ids in inputs.token_ids)
     if longest > window:
-        raise ValueError(f"a prompt of {longest} tokens is longer than the model's sliding window ({window})")
+        raise InputError(f"a prompt of {longest} tokens is longer than the model's sliding window ({window})")
 
 
 def _mean_activations(runs: list[CleanRun]) -> MeanActivations:

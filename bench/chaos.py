@@ -1,0 +1,416 @@
+"""Chaos run on a real local stack: faults injected while jobs run, and what became of the jobs. Not a test.
+
+    python bench/chaos.py                         # prints a report
+    python bench/chaos.py --json bench/chaos-cpu.json
+
+Starts, in a temporary folder: a private redis-server with append-only persistence, two `celery worker`
+processes (prefork, one pool process each) and a uvicorn API with API keys, all serving a tiny random Llama built
+offline (tests/tiny_models.py), 3 prompts per chunk and one ablated run per batch so that chunks take seconds.
+Lease, sweep and Redis-outage settings are the defaults (120 s, 30 s, 60 s): the times below are what a
+deployment gets. Scenarios, in order (`SCENARIOS`; add one by appending a function of the Stack that returns a
+dict with at least "ok"):
+
+  baseline        an undisturbed job; its result is the reference for the others
+  redis_restart   Redis shut down mid-chunk (as `redis-cli shutdown`), restarted 8 s later: the job succeeded
+                  with the same numbers (max |difference| against the reference, tolerance 1e-5 relative)
+  api_killed      the API killed between storing a job and queueing it, then restarted: the job ran
+  hostile_inputs  requests built to break the API (`HOSTILE_INPUTS`; extend the list): responses >= 500 counted
+  worker_killed   the worker running chunk 0 SIGKILLed, main and pool process at once (the machine vanished):
+                  the job succeeded; seconds until another worker ran the chunk, against the 10-minute target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.chunks import ChunkBook
+from service.embedded_redis import EmbeddedRedis, free_port
+from service.leases import Leases
+from service.settings import Settings
+from service.store import JobStore
+
+MODEL = "tiny-chaos"
+API_KEY = "chaos-" + "k" * 32
+TOLERANCE = 1e-5  # tests/numbers.py: chunked = unchunked up to 1e-5, relative to the value's size
+TARGET_RECOVERY_S = 600.0  # issue 9: a vanished worker's chunk runs elsewhere within 10 minutes by default
+OUTAGE_S = 8.0
+PROMPTS = [f"Sentence number {i} is about the weather in the city of Paris, which is famous for" for i in range(9)]
+JOB = {
+    "model": MODEL,
+    "prompts": PROMPTS,
+    "components": ["attn", "mlp", "head.1.2", "head.2.3"],
+    "ablation": "resample",
+    "resample_samples": 8,
+    "seed": 5,
+}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+# uvicorn serving the app; with DIE_BEFORE_PUBLISH set the process SIGKILLs itself when Celery is about to publish
+# a task, i.e. after POST /v1/jobs stored the job and before it was queued.
+SERVER = """
+import os, signal, sys
+if os.environ.get("DIE_BEFORE_PUBLISH"):
+    from celery.signals import before_task_publish
+
+    @before_task_publish.connect(weak=False)
+    def _die(**_):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+import uvicorn
+uvicorn.run("service.app:create_app", factory=True, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+@dataclass
+class Stack:
+    folder: Path
+    redis: EmbeddedRedis
+    env: dict[str, str]
+    port: int
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    api: subprocess.Popen[bytes] | None = None
+    reference: dict[str, Any] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": API_KEY}
+
+    def store(self) -> JobStore:
+        return JobStore.from_settings(Settings(redis_url=self.redis.url, key_prefix=self.env["HYDRA_KEY_PREFIX"]))
+
+    # processes
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        name = f"chaos-{len(self.workers)}"
+        command = [
+            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "prefork", "-c", "1",
+            "-Q", self.env["HYDRA_QUEUE"], "-n", f"{name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        log = (self.folder / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            command, env={**os.environ, **self.env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.workers.append(process)
+        deadline = time.monotonic() + 180
+        while " ready." not in (self.folder / f"{name}.log").read_text(errors="replace"):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"worker {name} did not start; see {self.folder / f'{name}.log'}")
+            time.sleep(0.2)
+        return process
+
+    def start_api(self, die_before_publish: bool = False) -> None:
+        self.stop_api()
+        extra = {"DIE_BEFORE_PUBLISH": "1"} if die_before_publish else {}
+        log = (self.folder / "api.log").open("ab")
+        self.api = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(self.port)], env={**os.environ, **self.env, **extra},
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while True:
+            with suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            if time.monotonic() > deadline or self.api.poll() is not None:
+                raise RuntimeError(f"the API did not start; see {self.folder / 'api.log'}")
+            time.sleep(0.2)
+
+    def stop_api(self) -> None:
+        if self.api is not None and self.api.poll() is None:
+            self.api.terminate()
+            try:
+                self.api.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.api.kill()
+                self.api.wait()
+        self.api = None
+
+    def close(self) -> None:
+        self.stop_api()
+        for process in self.workers:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.workers:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.redis.stop()
+
+    # jobs
+    def submit(self, body: dict[str, Any] | None = None) -> str:
+        response = httpx.post(f"{self.url}/v1/jobs", json=body or JOB, headers=self.headers, timeout=60)
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    def wait(self, job_id: str, timeout_s: float = 600) -> dict[str, Any]:
+        """Poll through the API as a client would (answers other than 200, e.g. while Redis is away, are retried)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with suppress(httpx.TransportError):
+                response = httpx.get(f"{self.url}/v1/jobs/{job_id}", headers=self.headers, timeout=10)
+                if response.status_code == 200 and response.json()["status"] in TERMINAL:
+                    return dict(response.json())
+            time.sleep(0.2)
+        raise RuntimeError(f"job {job_id} did not finish within {timeout_s} s")
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/v1/jobs/{job_id}/result", headers=self.headers, timeout=60)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def wait_mid_chunk(self, job_id: str, index: int) -> None:
+        """Until chunk `index` has measured something and has more to do."""
+        store = self.store()
+        book = ChunkBook.for_store(store)
+        deadline = time.monotonic() + 300
+        try:
+            while time.monotonic() < deadline:
+                if book.progress(job_id).get(index, 0) > 0 and not book.is_done(job_id, index):
+                    return
+                time.sleep(0.02)
+        finally:
+            store.close()
+        raise RuntimeError(f"chunk {index} of job {job_id} never ran")
+
+
+def numbers_differ(got: Any, want: Any, path: str = "") -> tuple[float, list[str]]:
+    """(largest relative float difference, non-float mismatches) between two decoded results."""
+    if isinstance(want, float) and isinstance(got, (float, int)):
+        return abs(got - want) / (1 + abs(want)), []
+    if isinstance(want, dict) and isinstance(got, dict):
+        if got.keys() != want.keys():
+            return 0.0, [f"{path}: keys differ"]
+        pairs = [(got[k], want[k], f"{path}.{k}") for k in want]
+    elif isinstance(want, list) and isinstance(got, list):
+        if len(got) != len(want):
+            return 0.0, [f"{path}: lengths differ"]
+        pairs = [(g, w, f"{path}[{i}]") for i, (g, w) in enumerate(zip(got, want, strict=True))]
+    else:
+        return 0.0, [] if got == want else [f"{path}: {got!r} != {want!r}"]
+    worst, mismatches = 0.0, []
+    for g, w, p in pairs:
+        diff, bad = numbers_differ(g, w, p)
+        worst, mismatches = max(worst, diff), mismatches + bad
+    return worst, mismatches
+
+
+def compare(stack: Stack, result: dict[str, Any]) -> dict[str, Any]:
+    assert stack.reference is not None
+    diff, mismatches = numbers_differ(
+        {"prompts": result["prompts"], "summary": result["summary"]},
+        {"prompts": stack.reference["prompts"], "summary": stack.reference["summary"]},
+    )
+    return {"max_relative_difference": diff, "mismatches": mismatches[:5], "same_numbers": diff <= TOLERANCE
+            and not mismatches}  # fmt: skip
+
+
+# --- scenarios ----------------------------------------------------------------------------------------------------
+
+
+def baseline(stack: Stack) -> dict[str, Any]:
+    started = time.monotonic()
+    job_id = stack.submit()
+    status = stack.wait(job_id)
+    if status["status"] == "succeeded":
+        stack.reference = stack.result(job_id)
+    return {"ok": status["status"] == "succeeded", "status": status["status"], "seconds": time.monotonic() - started}
+
+
+def redis_restart(stack: Stack) -> dict[str, Any]:
+    started = time.monotonic()
+    job_id = stack.submit()
+    stack.wait_mid_chunk(job_id, 1)
+    stack.redis.stop()  # SIGTERM: Redis writes its append-only file and exits, as `redis-cli shutdown` does
+    time.sleep(OUTAGE_S)
+    stack.redis.start()
+    status = stack.wait(job_id)
+    report: dict[str, Any] = {"status": status["status"], "error": status.get("error"), "outage_s": OUTAGE_S}
+    if status["status"] == "succeeded":
+        report.update(compare(stack, stack.result(job_id)))
+    store = stack.store()
+    report["deliveries"] = ChunkBook.for_store(store).deliveries(job_id)
+    store.close()
+    report["seconds"] = time.monotonic() - started
+    report["ok"] = status["status"] == "succeeded" and report.get("same_numbers", False)
+    return report
+
+
+def api_killed(stack: Stack) -> dict[str, Any]:
+    stack.start_api(die_before_publish=True)
+    key = {"Idempotency-Key": f"chaos-{uuid.uuid4().hex}"}
+    died = False
+    try:
+        httpx.post(f"{stack.url}/v1/jobs", json=JOB, headers={**stack.headers, **key}, timeout=60)
+    except httpx.TransportError:
+        died = True
+    assert stack.api is not None
+    stack.api.wait(timeout=30)
+    store = stack.store()
+    unplanned = store.unplanned()
+    store.close()
+    restarted = time.monotonic()
+    stack.start_api()
+    retried = httpx.post(f"{stack.url}/v1/jobs", json=JOB, headers={**stack.headers, **key}, timeout=60)
+    job_id = retried.json().get("id") if retried.status_code == 202 else None
+    status = stack.wait(job_id) if job_id else {"status": f"retry answered {retried.status_code}"}
+    return {
+        "ok": died and job_id in unplanned and status["status"] == "succeeded",
+        "api_died_mid_request": died,
+        "stored_but_unqueued": job_id in unplanned,
+        "retry_replayed_same_job": retried.headers.get("Idempotent-Replayed") == "true",
+        "status": status["status"],
+        "seconds_from_restart_to_done": time.monotonic() - restarted,
+    }
+
+
+# (name, method, path, headers, body): requests built to break the API. Each must get a 4xx, never >= 500.
+DEEP = 50_000
+HOSTILE_INPUTS: list[tuple[str, str, str, dict[str, str], bytes | None]] = [
+    ("OPTIONS /v1/jobs without a key", "OPTIONS", "/v1/jobs", {}, None),
+    ("OPTIONS /v1/jobs/{id} without a key", "OPTIONS", "/v1/jobs/0123456789abcdef", {}, None),
+    ("invalid UTF-8 inside a JSON string", "POST", "/v1/jobs", {"content-type": "application/json"},
+     b'{"model": "tiny-chaos", "prompts": ["caf\xe9 \xff\xfe"]}'),
+    ("raw non-UTF-8 body", "POST", "/v1/jobs", {"content-type": "application/json"}, b"\xff\xfe\xfd\x00\x81"),
+    (f"{DEEP:,}-deep array nesting", "POST", "/v1/jobs", {"content-type": "application/json"},
+     b"[" * DEEP + b"]" * DEEP),
+    (f"{DEEP:,}-deep nesting inside a field", "POST", "/v1/jobs", {"content-type": "application/json"},
+     b'{"model": "tiny-chaos", "prompts": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+]  # fmt: skip
+
+
+def hostile_inputs(stack: Stack) -> dict[str, Any]:
+    answers: dict[str, int | str] = {}
+    for name, method, path, headers, body in HOSTILE_INPUTS:
+        for keyed in (False, True):
+            label = f"{name}{' (with key)' if keyed else ''}"
+            sent = {**headers, **(stack.headers if keyed else {})}
+            try:
+                response = httpx.request(method, f"{stack.url}{path}", headers=sent, content=body, timeout=30)
+                answers[label] = response.status_code
+            except httpx.TransportError as error:
+                answers[label] = f"transport error: {type(error).__name__}"
+    failures = {k: v for k, v in answers.items() if not isinstance(v, int) or v >= 500}
+    return {"ok": not failures, "responses_500_or_worse": len(failures), "answers": answers}
+
+
+def worker_killed(stack: Stack) -> dict[str, Any]:
+    job_id = stack.submit()
+    stack.wait_mid_chunk(job_id, 0)
+    store = stack.store()
+    book, leases = ChunkBook.for_store(store), Leases.for_store(store)
+    holder = leases.holder(job_id, 0) or ""
+    pid = int(holder.split(":")[1])
+    victim = next(w for w in stack.workers if any(c.pid == pid for c in psutil.Process(w.pid).children()))
+    os.killpg(victim.pid, signal.SIGKILL)  # main and pool process at once: nothing is handed back
+    victim.wait()
+    killed = time.monotonic()
+    recovered_s = None
+    while time.monotonic() - killed < TARGET_RECOVERY_S + 60:
+        if book.deliveries(job_id).get(0, 0) >= 2:
+            recovered_s = time.monotonic() - killed
+            break
+        time.sleep(0.1)
+    status = stack.wait(job_id)
+    report: dict[str, Any] = {
+        "status": status["status"],
+        "seconds_until_chunk_ran_elsewhere": recovered_s,
+        "seconds_until_job_done": time.monotonic() - killed,
+        "target_s": TARGET_RECOVERY_S,
+        "note": status.get("note"),
+        "deliveries": book.deliveries(job_id),
+    }
+    store.close()
+    if status["status"] == "succeeded":
+        report.update(compare(stack, stack.result(job_id)))
+    report["ok"] = (
+        status["status"] == "succeeded" and recovered_s is not None and recovered_s < TARGET_RECOVERY_S
+        and report.get("same_numbers", False)
+    )  # fmt: skip
+    return report
+
+
+SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [baseline, redis_restart, api_killed, hostile_inputs, worker_killed]
+
+
+def start_stack(folder: Path) -> Stack:
+    from tests.tiny_models import build_tiny_model
+
+    model_dir = build_tiny_model("llama", folder / MODEL)
+    redis = EmbeddedRedis(folder / "redis")
+    redis.start()
+    env = {
+        "REDIS_URL": redis.url,
+        "HYDRA_KEY_PREFIX": "chaos:",
+        "HYDRA_QUEUE": "hydra-chaos",
+        "HYDRA_MODELS": f"{MODEL}={model_dir}",
+        "HYDRA_API_KEYS": f"chaos:{API_KEY}",
+        "HYDRA_CHUNK_PROMPTS": "3",
+        "HYDRA_BATCH_TOKENS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    stack = Stack(folder=folder, redis=redis, env=env, port=free_port())
+    stack.start_worker()
+    stack.start_worker()
+    stack.start_api()
+    return stack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--only", nargs="*", help="scenario names to run (baseline always runs first)")
+    args = parser.parse_args()
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="hydra-chaos-") as tmp:
+        stack = start_stack(Path(tmp))
+        try:
+            for scenario in SCENARIOS:
+                if args.only and scenario is not baseline and scenario.__name__ not in args.only:
+                    continue
+                started = time.monotonic()
+                try:
+                    outcome = scenario(stack)
+                except Exception as error:  # noqa: BLE001 - a scenario that breaks is reported, the rest run
+                    outcome = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+                outcome.setdefault("seconds", time.monotonic() - started)
+                report[scenario.__name__] = outcome
+                print(f"{scenario.__name__:15s} {'OK  ' if outcome['ok'] else 'FAIL'} "
+                      f"{json.dumps({k: v for k, v in outcome.items() if k != 'ok'}, default=str)}", flush=True)
+        finally:
+            stack.close()
+    report["all_ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    sys.exit(0 if report["all_ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

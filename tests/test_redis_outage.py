@@ -1,0 +1,145 @@
+"""Redis goes away mid-chunk, for real: a private redis-server with append-only persistence is shut down (as
+`redis-cli shutdown` does) while a `celery worker` subprocess runs a chunk, then restarted on the same port.
+
+- Back within the budget (8 s here, HYDRA_REDIS_OUTAGE_S=12; 60 s by default): the chunk rides it out and the
+  job succeeds with the same numbers, every chunk run once.
+- Away longer than the budget (16 s): the job fails with a reason naming the outage, once Redis is back; nothing
+  stays "running".
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.chunks import ChunkBook
+from service.embedded_redis import EmbeddedRedis
+from service.queue import JobQueue
+from service.schemas import JobResult
+from service.settings import Settings
+from service.store import JobStore
+from tests.test_faults import (
+    CHUNK_PROMPTS,
+    MODEL,
+    PROMPTS,
+    WorkerProcess,
+    assert_result_matches,
+    compute_reference,
+    job_spec,
+    running_mid_chunk,
+    submit,
+    wait_terminal,
+)
+
+OUTAGE_BUDGET_S = 12
+SHORT_OUTAGE_S = 8
+LONG_OUTAGE_S = 16
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(data_dir=tmp_path_factory.mktemp("outage-redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def outage_env(private_redis: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from tests.tiny_models import build_tiny_model
+
+    model_dir = build_tiny_model("llama", tmp_path_factory.mktemp("outage-model") / MODEL)
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "REDIS_URL": private_redis.url,
+        "HYDRA_KEY_PREFIX": f"test-outage-{tag}:",
+        "HYDRA_QUEUE": f"hydra-outage-{tag}",
+        "HYDRA_MODELS": f"{MODEL}={model_dir}",
+        "HYDRA_CHUNK_PROMPTS": str(CHUNK_PROMPTS),
+        "HYDRA_BATCH_TOKENS": "1",  # slow enough chunks (seconds) to take Redis away mid-chunk
+        "HYDRA_REDIS_OUTAGE_S": str(OUTAGE_BUDGET_S),
+        "HYDRA_LEASE_S": "40",  # above the budget: an outage the chunk survives never costs it its lease
+        "HYDRA_SWEEP_S": "1",
+        "HYDRA_CHUNK_TIME_LIMIT_S": "300",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def store(outage_env: dict[str, str]) -> Iterator[JobStore]:
+    store = JobStore.from_settings(
+        Settings(redis_url=outage_env["REDIS_URL"], key_prefix=outage_env["HYDRA_KEY_PREFIX"])
+    )
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def queue(outage_env: dict[str, str]) -> Iterator[JobQueue]:
+    queue = JobQueue(Settings(redis_url=outage_env["REDIS_URL"], queue_name=outage_env["HYDRA_QUEUE"]))
+    yield queue
+    queue.close()
+
+
+@pytest.fixture(scope="module")
+def worker(outage_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(outage_env, tmp_path_factory.mktemp("outage-logs") / "worker.log")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def take_redis_away(server: EmbeddedRedis, seconds: float) -> None:
+    """Shut Redis down (it writes its append-only file and exits), wait, start it again on the same port."""
+    server.stop()
+    time.sleep(seconds)
+    server.start()
+
+
+def test_a_redis_outage_within_the_budget_is_ridden_out_with_the_same_numbers(
+    worker: WorkerProcess, private_redis: EmbeddedRedis, store: JobStore, queue: JobQueue, outage_env: dict[str, str]
+) -> None:
+    reference: JobResult = compute_reference(outage_env, job_spec(PROMPTS))
+    book = ChunkBook.for_store(store)
+    job_id = submit(store, queue, job_spec(PROMPTS))
+    deadline = time.monotonic() + 90
+    while not running_mid_chunk(book, job_id, 1, delivery=1)() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    take_redis_away(private_redis, SHORT_OUTAGE_S)
+
+    status = wait_terminal(store, job_id, 120, worker)
+    assert status.status == "succeeded", f"{status.error}\n{worker.tail()}"
+    assert book.deliveries(job_id) == {0: 1, 1: 1, 2: 1}  # rode out, not run again
+    assert_result_matches(store, job_id, reference)
+    assert "Redis unreachable while trying to" in Path(worker.log).read_text(errors="replace")
+
+
+def test_a_longer_redis_outage_fails_the_job_with_the_reason_once_redis_is_back(
+    worker: WorkerProcess, private_redis: EmbeddedRedis, store: JobStore, queue: JobQueue
+) -> None:
+    book = ChunkBook.for_store(store)
+    job_id = submit(store, queue, job_spec(PROMPTS[:3]))  # one chunk
+    deadline = time.monotonic() + 90
+    while not running_mid_chunk(book, job_id, 0, delivery=1)() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    take_redis_away(private_redis, LONG_OUTAGE_S)
+    back_at = time.monotonic()
+
+    status = wait_terminal(store, job_id, 60, worker)
+    assert status.status == "failed", worker.tail()
+    assert status.error is not None
+    assert f"chunk 0 (prompts 0-2) of job {job_id} stopped: Redis was unreachable for more than" in status.error
+    assert "HYDRA_REDIS_OUTAGE_S" in status.error
+    assert time.monotonic() - back_at < 30  # recorded as soon as Redis is back, not after some long timeout
+    # The worker serves the next job.
+    quick = submit(store, queue, job_spec(PROMPTS[:2], components=["mlp.0"], samples=1))
+    assert wait_terminal(store, quick, 60, worker).status == "succeeded"
