@@ -21,7 +21,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from service.schemas import JobResult
 
@@ -254,7 +254,8 @@ def _layer_ticks(ax: Axes, layers: list[int]) -> None:
     """Every layer while two-digit labels fit at 9 pt (about 25 px each at 100 dpi), else every second or fifth."""
     spec = ax.get_subplotspec()
     columns = spec.get_gridspec().ncols if spec is not None else 1
-    width_px = ax.figure.get_figwidth() * ax.figure.dpi / columns * 0.85
+    figure = cast("Figure", ax.figure)
+    width_px = figure.get_figwidth() * figure.dpi / columns * 0.85
     fits = max(1, int(width_px // 25))
     step = next((s for s in (1, 2, 5, 10) if len(layers) / s <= fits), 20)
     shown = layers[::step]
@@ -461,7 +462,7 @@ def render(
     style = {"font.size": MIN_FONT_PT + 2, "axes.titlesize": MIN_FONT_PT + 3, "axes.labelsize": MIN_FONT_PT + 2,
              "xtick.labelsize": MIN_FONT_PT + 1, "ytick.labelsize": MIN_FONT_PT + 1, "legend.fontsize": MIN_FONT_PT + 1,
              "figure.titlesize": MIN_FONT_PT + 4}
-    with _RENDER_LOCK, matplotlib.rc_context(style):
+    with _RENDER_LOCK, matplotlib.rc_context(cast(Any, style)):
         fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
         FigureCanvasAgg(fig)
         if name == "profile":

@@ -162,13 +162,13 @@ def fig2(fig: Figure, result: JobResult) -> None:
         ax.set_ylim(lo - pad, hi + pad)  # the central 99% of the points: a few outliers do not flatten the rest
     for kind, colour, marker in (("attn", "tab:blue", "o"), ("mlp", "tab:orange", "s")):
         rows = _by_kind(result, kind)
-        layers = [layer for layer, _, _ in rows]
+        layer_list = [layer for layer, _, _ in rows]
         corr = [np.nan if s.unembed_drop_correlation is None else s.unembed_drop_correlation for _, _, s in rows]
         share = [s.unembed_exceeds_drop_share for _, _, s in rows]
         label = "attention" if kind == "attn" else "MLP"
         if rows:
-            ax_c.plot(layers, corr, color=colour, marker=marker, markersize=4, label=label)
-            ax_d.plot(layers, share, color=colour, marker=marker, markersize=4, label=label)
+            ax_c.plot(layer_list, corr, color=colour, marker=marker, markersize=4, label=label)
+            ax_d.plot(layer_list, share, color=colour, marker=marker, markersize=4, label=label)
     ax_c.set_title("(c) correlation of Δunembed with the drop, across prompts")
     ax_c.set_ylabel("Pearson r")
     ax_c.set_ylim(-1.05, 1.05)
@@ -258,6 +258,7 @@ def fig7(fig: Figure, result: JobResult) -> None:
         _diagonals(ax_b, xs, ys)
         fit = summary.ce_vs_unembed
         line_x = np.array(ax_b.get_xlim())
+        assert fit.slope is not None and fit.intercept is not None  # r2 is set only with a slope
         ax_b.plot(line_x, fit.slope * line_x + fit.intercept, color="tab:red", linewidth=2,
                   label=f"fit: {_fit_text(fit)}")
         ax_b.set_title(f"(b) attention layer {layer}, the best fit")
@@ -343,8 +344,8 @@ def fig8(fig: Figure, result: JobResult) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper left")
         _layer_ticks(ax, list(range(_n_layers(result))))
-    layers = [layer for layer, _, _ in rows]
-    picks = [layers[len(layers) // 2], layers[min(len(layers) - 1, (4 * len(layers)) // 5)]]
+    ablated = [layer for layer, _, _ in rows]
+    picks = [ablated[len(ablated) // 2], ablated[min(len(ablated) - 1, (4 * len(ablated)) // 5)]]
     for ax, layer, letter in ((ax_c, picks[0], "c"), (ax_d, picks[1], "d")):
         c = next(col for lay, col, _ in rows if lay == layer)
         summary = next(s for lay, _, s in rows if lay == layer)
