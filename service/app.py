@@ -31,6 +31,7 @@ from service.queue import JobQueue
 from service.recovery import resend_unplanned
 from service.settings import Settings
 from service.store import JobStore
+from service.ui import ui_handlers, ui_template_config
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store.close()
 
     return Litestar(
-        route_handlers=[JobsController, FiguresController, ModelsController, HealthController],
+        route_handlers=[JobsController, FiguresController, ModelsController, HealthController, *ui_handlers()],
+        template_config=ui_template_config(),
         dependencies=dependencies(),
         state=state,
         middleware=[auth_middleware()],

@@ -123,7 +123,12 @@ class ApiKeys:
             return LOCAL
         if not key:
             return None
-        digest = key_digest(key)
+        return await self.principal_for_digest(key_digest(key), client)
+
+    async def principal_for_digest(self, digest: str, client: redis.asyncio.Redis) -> Principal | None:
+        """The key whose SHA-256 is `digest` (what a web-page session keeps instead of the key itself)."""
+        if not self.enabled:
+            return LOCAL
         # Env keys: compare_digest against every one, so timing does not tell how close a guess came.
         match: Principal | None = None
         for known, principal in self._env.items():

@@ -29,10 +29,12 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure", "profile", "fig2", "fig7", "fig8"]
+FigureName = Literal[
+    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
+]
 FigureFormat = Literal["png", "svg", "pdf"]
 FIGURE_NAMES: tuple[FigureName, ...] = (
-    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "profile", "fig2", "fig7", "fig8"
+    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
 )
 FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 DPI = 100
@@ -41,6 +43,7 @@ FIGSIZE_IN = (WIDTH_PX / DPI, HEIGHT_PX / DPI)
 MIN_PX, MAX_PX = 400, 4000
 MIN_DPI, MAX_DPI = 50, 400
 MIN_FONT_PT = 8.0
+PAPER_FIGURES: frozenset[FigureName] = frozenset({"profile", "fig2", "fig7", "fig8"})  # final-position jobs only
 
 FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "te_vs_de": "per-prompt total vs direct effect of every component, y = x and the TE-on-DE fit (slope, R²)",
@@ -56,6 +59,8 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "fig7": "the paper's Fig. 7: CE against Δunembed for attention (coloured by depth), the best-fitting layer, MLP "
     "layers, and slope (95% bootstrap interval) and R² per layer",
     "fig8": "the paper's Fig. 8: CE's attention part and MLP part regressed on Δunembed, per attention layer",
+    "self_repair": "per-position jobs: per component, mean DE against mean TE over its top 2% pairs by DE with "
+    "y = x (Rushing & Nanda Fig. 1), and per layer the shares of self-repair done by heads, MLPs and the norm",
 }
 
 _UNITS = {"centered_logit": "centred logit", "logit": "logit", "logprob": "log-probability", "logit_diff": "logit difference"}
@@ -295,6 +300,10 @@ def _response_heatmap(fig: Figure, result: JobResult) -> None:
     that component's compensation. Colour limits: the 99th percentile of |value|, symmetric."""
     import numpy as np
 
+    if not result.summary.response_matrix:
+        _no_data(fig.add_subplot(), "this per-position job stored only the heads / MLPs / norm split "
+                 "(position_responses 'split'):\nsee the self_repair figure, or run with position_responses 'full'")
+        return
     matrix = np.array(result.summary.response_matrix, dtype=float).reshape(
         len(result.components), len(result.response_basis)
     )
@@ -342,6 +351,51 @@ def _response_heatmap(fig: Figure, result: JobResult) -> None:
                  "row + norm = compensation; CE = row sum")
 
 
+def _no_data(ax: Axes, message: str) -> None:
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, transform=ax.transAxes)
+
+
+def _self_repair(fig: Figure, result: JobResult) -> None:
+    """Rushing & Nanda's Fig. 1 in our terms (their TE and DE are ours negated; the plot uses ours), and per layer
+    the share of the self-repair done by downstream heads, MLPs and the final norm."""
+    repair = result.summary.self_repair
+    left, right = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    if not repair:
+        _no_data(left, "no self-repair summary: not a per-position job")
+        right.set_axis_off()
+        return
+    layers = [parse_component(r.component)[1] for r in repair]
+    de = [r.direct_effect_mean for r in repair]
+    te = [r.total_effect_mean for r in repair]
+    points = left.scatter(de, te, c=layers, cmap="viridis", s=18, edgecolors="none")
+    low, high = _limits(_finite(de + te))
+    left.plot([low, high], [low, high], color="black", linewidth=1, label="y = x (no self-repair)")
+    left.axhline(0, color="grey", linewidth=0.5)
+    left.set_xlabel(f"mean direct effect over each component's top {100 * (result.summary.top_fraction or 0):.0f}% "
+                    "pairs (clean − ablated)")
+    left.set_ylabel("mean total effect over the same pairs (clean − ablated)")
+    left.set_title("below y = x: self-repair (DE − TE = their TE − DE)")
+    left.legend(loc="upper left")
+    fig.colorbar(points, ax=left, label="layer")
+
+    by_layer: dict[int, list[float]] = {}
+    for layer, r in zip(layers, repair, strict=True):
+        sums = by_layer.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
+        for i, value in enumerate((r.heads_mean, r.mlps_mean, r.norm_mean, r.self_repair_mean)):
+            sums[i] += value
+    order = sorted(by_layer)
+    for i, (label, colour) in enumerate((("heads", "tab:blue"), ("MLPs", "tab:orange"), ("norm", "tab:green"))):
+        shares = [by_layer[l][i] / by_layer[l][3] if by_layer[l][3] else float("nan") for l in order]
+        right.plot(order, shares, marker="o", color=colour, label=label)
+    right.axhline(0, color="grey", linewidth=0.5)
+    right.set_xlabel("layer of the ablated component")
+    right.set_ylabel("share of the layer's summed self-repair")
+    right.set_title("who repairs: heads + MLPs + norm = 1 (shares of a small sum can be large)")
+    right.legend()
+    fig.suptitle(f"{result.model}: self-repair over the top pairs by direct effect ({_metric(result)})")
+
+
 def _erasure(fig: Figure, result: JobResult) -> None:
     """What each layer writes onto the target in the clean run (negative late MLPs: erasure), and how much less they
     erase when an attention layer that promotes the target is ablated (the erasure regressions)."""
@@ -384,7 +438,7 @@ def _erasure(fig: Figure, result: JobResult) -> None:
 
     n_layers = len(layers)
     late = [f"mlp.{layer}" for layer in layers[-4:]]
-    fits = [e for e in result.summary.erasure if e.mlp in late]
+    fits = [e for e in (result.summary.erasure or []) if e.mlp in late]
     for mlp, colour in zip(late, ("tab:olive", "tab:cyan", "tab:pink", "tab:brown"), strict=False):
         points = sorted((parse_component(e.ablated)[1], e.fit.slope) for e in fits if e.mlp == mlp and e.fit.slope
                         is not None)
@@ -400,7 +454,8 @@ def _erasure(fig: Figure, result: JobResult) -> None:
     if fits:
         ax_fit.legend(loc="upper left", ncols=4, framealpha=0.9)
     else:
-        ax_fit.text(0.5, 0.5, "no attention ablations: no erasure regressions", transform=ax_fit.transAxes,
+        why = "not computed for per-position jobs" if result.summary.erasure is None else "no attention ablations"
+        ax_fit.text(0.5, 0.5, f"{why}: no erasure regressions", transform=ax_fit.transAxes,
                     ha="center", va="center", color="0.4")
     ax_fit.set_xlim(-0.5, n_layers - 0.5)
     _layer_ticks(ax_fit, layers)
@@ -416,6 +471,7 @@ def _drawers() -> dict[str, Callable[..., None]]:
         "layer_effects": _layer_effects,
         "response_heatmap": _response_heatmap,
         "erasure": _erasure,
+        "self_repair": _self_repair,
         "profile": paper_figures.profile,
         "fig2": paper_figures.fig2,
         "fig7": paper_figures.fig7,
@@ -457,6 +513,11 @@ def render(
     if fmt not in FIGURE_MEDIA_TYPES:
         raise ValueError(f"figure format must be png, svg or pdf, not {fmt!r}")
     check_size(width, height, dpi)
+    if name in PAPER_FIGURES and result.provenance.spec.per_position:
+        raise FigureOptionError(
+            f"figure {name!r} is not available for per-position jobs: the paper's figures are drawn from the "
+            "final-position statistics across prompts (see self_repair, te_vs_de and layer_effects)"
+        )
     buffer = io.BytesIO()
     metadata = {"Date": None} if fmt == "svg" else ({"CreationDate": None} if fmt == "pdf" else None)
     style = {"font.size": MIN_FONT_PT + 2, "axes.titlesize": MIN_FONT_PT + 3, "axes.labelsize": MIN_FONT_PT + 2,

@@ -131,6 +131,21 @@ return -1
 """
 
 
+# KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set, KEYS[5..] the job's other keys.
+# ARGV[1] job id. Returns -1 absent, 0 still queued or running (nothing removed), 1 deleted.
+_DELETE_FINISHED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status == 'queued' or status == 'running' then return 0 end
+redis.call('DEL', unpack(KEYS, 5))
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
+return 1
+"""
+
+
 class ActiveJobsExceeded(Exception):
     """An owner already has `cap` queued or running jobs; the API answers 429 and names both numbers."""
 
@@ -163,6 +178,7 @@ class JobStore:
         self._mark_failed = client.register_script(_MARK_FAILED)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._create_capped = client.register_script(_CREATE_CAPPED)
+        self._delete_finished = client.register_script(_DELETE_FINISHED)
         self._set_note = client.register_script(_SET_NOTE)
 
     @classmethod
@@ -328,6 +344,23 @@ class JobStore:
 
     def result(self, job_id: str) -> bytes | None:
         return self.client.get(self.result_key(job_id))
+
+    def delete_finished(self, job_id: str, other_keys: list[str]) -> bool | None:
+        """Remove a finished job, its result and `other_keys` (chunk and figure keys) for good; None when the job
+        does not exist, False (nothing removed) while it is still queued or running: cancel it first."""
+        raw_owner = self.client.hget(self.job_key(job_id), "owner")
+        owner = raw_owner.decode() if isinstance(raw_owner, bytes) else (raw_owner or "")
+        keys = [
+            self.job_key(job_id),
+            self.index_key,
+            self.owner_index_key(owner),
+            self.active_key(owner),
+            self.result_key(job_id),
+            self.cancel_key(job_id),
+            *other_keys,
+        ]
+        outcome = int(self._delete_finished(keys=keys, args=[job_id]))
+        return None if outcome < 0 else outcome == 1
 
     def page(self, offset: int = 0, limit: int = 50, owner: str | None = None) -> JobPage:
         """Jobs newest first (only `owner`'s when given); ids whose job hash has expired are dropped on the way."""
