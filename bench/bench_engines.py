@@ -67,7 +67,8 @@ SHAPES: dict[str, dict[str, int]] = {
     "llama-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
                  "intermediate_size": 11008},  # Llama 2 7B (the paper's model size)
 }
-OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}  # set from the command line
+# Set from the command line.
+OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}
 
 
 @dataclass
@@ -127,7 +128,8 @@ def corpus_ids(loaded: Loaded, scenario: dict[str, Any]) -> list[Any]:
     from service.corpora import documents
 
     docs = documents("known_1000_text")[: scenario["documents"] + 1]
-    return [torch.tensor(loaded.tokenizer(d).input_ids[: scenario["max_tokens"]]) for d in docs]
+    ids = [loaded.tokenizer(d).input_ids[: scenario["max_tokens"]] for d in docs]
+    return [torch.tensor(i, device=OPTIONS["device"]) for i in ids]
 
 
 def run_fast_positions(scenario: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +154,8 @@ def run_fast_positions(scenario: dict[str, Any]) -> dict[str, Any]:
         for c, name in enumerate(names)
     }
     return {"engine": "fast", "ablations": ablations, "seconds": elapsed, "rate": ablations / elapsed,
-            "peak_rss_mb": peak_rss_mb(), "flops_per_ablation": None, "values": values}
+            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(), "flops_per_ablation": None,
+            "values": values}
 
 
 def run_peer_positions(engine: str, scenario: dict[str, Any], peer_ablations: int) -> dict[str, Any]:
@@ -178,7 +181,7 @@ def run_peer_positions(engine: str, scenario: dict[str, Any], peer_ablations: in
         values[f"0/{name}"] = (clean_logits - logits[positions, targets]).tolist()
     elapsed = time.perf_counter() - started
     return {"engine": engine, "ablations": len(work), "seconds": elapsed, "rate": len(work) / elapsed,
-            "peak_rss_mb": peak_rss_mb(), "values": values}
+            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(), "values": values}
 
 
 def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
@@ -484,7 +487,9 @@ def main() -> None:
         machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     report: dict[str, Any] = {"machine": machine, "prompts": args.prompts, "scenarios": {}}
     for scenario in args.scenarios.split(","):
-        results = {engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")}
+        results = {
+            engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")
+        }
         fast = results["fast"]
         flops = fast["flops_per_ablation"]
         fast["gflops_achieved"] = None if flops is None else flops * fast["rate"] / 1e9

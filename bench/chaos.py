@@ -355,7 +355,13 @@ def worker_killed(stack: Stack) -> dict[str, Any]:
     return report
 
 
-SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [baseline, redis_restart, api_killed, hostile_inputs, worker_killed]
+SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [
+    baseline,
+    redis_restart,
+    api_killed,
+    hostile_inputs,
+    worker_killed,
+]
 
 
 def start_stack(folder: Path) -> Stack:

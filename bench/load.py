@@ -34,7 +34,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from service.schemas import TERMINAL_STATES
+
+TERMINAL = set(TERMINAL_STATES)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TINY_ALIAS = "tiny-bench"
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "My favourite colour is"]

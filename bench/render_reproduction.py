@@ -17,12 +17,12 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.figures import render  # noqa: E402
-from service.schemas import ComponentSummary, Fit, JobResult  # noqa: E402
+from service.figures import render
+from service.schemas import ComponentSummary, FigureName, Fit, JobResult
 
 RAW = ROOT / ".bench-out"
 OUT = ROOT / "docs" / "reproduction"
-FIGURES = {
+FIGURES: dict[str, tuple[FigureName, ...]] = {
     "correct": ("fig2", "fig7", "fig8", "erasure", "response_heatmap", "layer_effects", "te_vs_de"),
     "all": ("fig2", "fig7", "fig8", "erasure"),
     "all_attn5": ("fig7", "fig8"),
@@ -38,8 +38,8 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def slope_cell(fit: Fit) -> str:
-    if fit.slope is None:
+def slope_cell(fit: Fit | None) -> str:
+    if fit is None or fit.slope is None:
         return "–"
     mark = " *" if fit.excludes_one and (fit.slope_ci_high or 0) < 1 else ""
     return f"{fit.slope:.2f} [{fmt(fit.slope_ci_low)}, {fmt(fit.slope_ci_high)}]{mark}"
@@ -64,7 +64,8 @@ def table(result: JobResult) -> str:
             lines.append(
                 f"| {layer} | {fmt(c.unembed_effect_mean)} | {fmt(c.total_effect_mean)} | "
                 f"{fmt(c.compensatory_effect_mean)} | {fmt(c.norm_response_mean)} | {slope_cell(c.ce_vs_unembed)} | "
-                f"{fmt(c.ce_vs_unembed.r2)} | {fmt(c.ce_vs_direct.slope)} | {fmt(c.unembed_drop_correlation)} | "
+                f"{fmt(c.ce_vs_unembed.r2 if c.ce_vs_unembed else None)} | "
+                f"{fmt(c.ce_vs_direct.slope if c.ce_vs_direct else None)} | {fmt(c.unembed_drop_correlation)} | "
                 f"{fmt(c.unembed_exceeds_drop_share)} |"
             )
     selection = result.summary.selection

@@ -23,10 +23,10 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.http import HydraClient  # noqa: E402
-from client.stack import Stack  # noqa: E402
-from service.embedded_redis import free_port  # noqa: E402
-from service.schemas import JobResult  # noqa: E402
+from client.http import HydraClient
+from client.stack import Stack
+from service.embedded_redis import free_port
+from service.schemas import JobResult
 
 OUT = ROOT / "docs" / "reproduction"
 RAW = ROOT / ".bench-out"

@@ -13,11 +13,12 @@ import functools
 import io
 import json
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, get_args
 
 import msgspec
 import typer
@@ -28,7 +29,19 @@ from rich.text import Text
 from client.http import HydraClient, HydraError
 from client.keys_cli import keys_app
 from client.render import job_progress, jobs_table, models_table, result_csv, result_table, status_table
-from service.schemas import JobRequest, JobResult, JobStatus
+from service.redaction import install_log_redaction
+from service.schemas import (
+    AblationKind,
+    DatasetName,
+    FigureFormat,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    MetricName,
+    PositionScope,
+    PresetName,
+)
+from service.schemas import FigureName as FigureNameLiteral
 
 log = logging.getLogger("hydra-ablate")
 app = typer.Typer(
@@ -48,53 +61,33 @@ class Choice(enum.StrEnum):
     """Typer shows and checks Enum members as choices on every typer version; a test keeps them equal to the schema."""
 
 
-class Ablation(Choice):
-    resample = "resample"
-    mean = "mean"
-    zero = "zero"
+def choices(name: str, values: object) -> Any:
+    """A Choice enum whose members are the values of a Literal of service/schemas.py (one definition per list)."""
+    return Choice(name, [(value, value) for value in get_args(values)])
 
 
-class Positions(Choice):
-    final = "final"
-    all = "all"
+if TYPE_CHECKING:  # type checkers see the Literals; Typer gets Enums, whose members it shows and checks
+    Ablation = AblationKind
+    Positions = PositionScope
+    Metric = MetricName
+    Preset = PresetName
+    Dataset = DatasetName
+    FigureName = FigureNameLiteral
+    FigureFormatChoice = FigureFormat
+else:
+    Ablation = choices("Ablation", AblationKind)
+    Positions = choices("Positions", PositionScope)
+    Metric = choices("Metric", MetricName)
+    Preset = choices("Preset", PresetName)
+    Dataset = choices("Dataset", DatasetName)
+    FigureName = choices("FigureName", FigureNameLiteral)
+    FigureFormatChoice = choices("FigureFormatChoice", FigureFormat)
 
 
-class Metric(Choice):
-    logit = "logit"
-    centered_logit = "centered_logit"
-    logprob = "logprob"
-    logit_diff = "logit_diff"
-
-
-class Preset(Choice):
-    hydra = "hydra"
-
-
-class Dataset(Choice):
-    known_1000 = "known_1000"
-
-
-class ResultFormat(Choice):
+class ResultFormat(Choice):  # the CLI's own list: a table, or the API's JSON or CSV
     table = "table"
     json = "json"
     csv = "csv"
-
-
-class FigureFormatChoice(Choice):
-    png = "png"
-    svg = "svg"
-    pdf = "pdf"
-
-
-class FigureName(Choice):
-    te_vs_de = "te_vs_de"
-    layer_effects = "layer_effects"
-    response_heatmap = "response_heatmap"
-    erasure = "erasure"
-    profile = "profile"
-    fig2 = "fig2"
-    fig7 = "fig7"
-    fig8 = "fig8"
 
 
 P = ParamSpec("P")
@@ -226,8 +219,13 @@ KeyOption = Annotated[str | None, typer.Option("--api-key", envvar="HYDRA_API_KE
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the API's JSON instead of a table")]
 
 
-def _value(choice: Choice | None) -> str | None:
-    return None if choice is None else str(choice.value)
+def _text(choice: object) -> str:
+    """A choice's value (Typer passes Enum members; the type checker sees the schema's Literal strings)."""
+    return str(getattr(choice, "value", choice))
+
+
+def _value(choice: object) -> str | None:
+    return None if choice is None else _text(choice)
 
 
 def show(table: object) -> None:
@@ -263,7 +261,7 @@ def _write(path: Path, data: str | bytes) -> None:
         if isinstance(data, bytes):
             path.write_bytes(data)
         else:
-            path.write_text(data, encoding="utf-8")
+            path.write_text(data, encoding="utf-8", newline="")  # as rendered: CSV keeps its CRLF rows
     except OSError as exc:
         raise CliFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
 
@@ -271,6 +269,7 @@ def _write(path: Path, data: str | bytes) -> None:
 def _setup_logging() -> None:
     from rich.logging import RichHandler
 
+    install_log_redaction()  # REDIS_URL passwords never reach a log line
     handler = RichHandler(console=err, show_path=False, log_time_format="[%X]")
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
@@ -305,17 +304,29 @@ def serve(
     port: Annotated[int, typer.Option(help="API port")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Celery worker processes (one job at a time each)")] = 1,
     ready_timeout: Annotated[float, typer.Option(help="seconds to wait for the workers to load models")] = 600,
+    allow_remote_without_auth: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote-without-auth",
+            help="listen on a non-loopback --host although auth is off (REDIS_URL unset); also "
+            "HYDRA_ALLOW_REMOTE_NO_AUTH=1",
+        ),
+    ] = False,
 ) -> None:
     """Run Redis (embedded unless REDIS_URL is set), the API and the workers until Ctrl-C or SIGTERM."""
-    from client.stack import Stack
+    from client.stack import Stack, check_exposure
 
     _setup_logging()
+    try:
+        check_exposure(host, dict(os.environ), allow_remote_without_auth)
+    except ValueError as exc:
+        raise CliFailure(str(exc)) from None
     if not _port_free(host, port):
         raise CliFailure(f"{host}:{port} is already in use; choose another with --port")
     stack = Stack(host=host, port=port, workers=workers)
     with stack_failures():
         try:
-            stack.start()
+            stack.start(allow_remote_without_auth)
             stack.wait_ready(timeout_s=ready_timeout)
         except BaseException:
             stack.stop()
@@ -407,7 +418,7 @@ def render_result(job_result: JobResult, format: str) -> str:
     if format == "json":
         return msgspec.json.format(msgspec.json.encode(job_result), indent=2).decode() + "\n"
     if format == "csv":
-        return result_csv(job_result)
+        return result_csv(job_result)  # the API's format: CRLF rows, so files are written as bytes (see _write)
     buffer = io.StringIO()
     Console(file=buffer, width=160, no_color=True, force_terminal=False).print(result_table(job_result))
     return buffer.getvalue()
@@ -418,7 +429,7 @@ def render_result(job_result: JobResult, format: str) -> str:
 def figure(
     job_id: str,
     name: Annotated[FigureName, typer.Argument()],
-    format: Annotated[FigureFormatChoice, typer.Option("--format", "-f")] = FigureFormatChoice.png,
+    format: Annotated[FigureFormatChoice, typer.Option("--format", "-f")] = "png",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: JOB-NAME.FORMAT")] = None,
     width: Annotated[int | None, typer.Option(help="pixels (default 1200)")] = None,
     height: Annotated[int | None, typer.Option(help="pixels (default 800)")] = None,
@@ -432,14 +443,14 @@ def figure(
     options = {"width": width, "height": height, "dpi": dpi, "prompt": prompt, "component": component}
     with HydraClient(url, api_key) as client:
         try:
-            data = client.figure(job_id, name.value, format.value, **options)
+            data = client.figure(job_id, _text(name), _text(format), **options)  # type: ignore[arg-type]
         except HydraError as exc:
             if exc.status == 404 and exc.detail in ("", exc.title):  # the route itself is missing, not the job
                 raise CliFailure(
                     f"{exc}: this server does not serve figures (GET /v1/jobs/{{id}}/figures/{{name}})"
                 ) from exc
             raise
-    path = output or Path(f"{job_id}-{name.value}.{format.value}")
+    path = output or Path(f"{job_id}-{_text(name)}.{_text(format)}")
     _write(path, data)
     out.print(f"saved {path} ({len(data)} bytes)", highlight=False)
 

@@ -19,18 +19,25 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar, get_args
 from urllib.parse import quote
 
 import httpx
 import msgspec
 
-from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ModelInfo
+from service.schemas import (
+    TERMINAL_STATES,
+    FigureFormat,
+    FigureName,
+    JobPage,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    ModelInfo,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-FIGURE_NAMES = ("te_vs_de", "layer_effects", "response_heatmap", "erasure", "profile", "fig2", "fig7", "fig8")
-FigureFormat = Literal["png", "svg", "pdf"]
+FIGURE_NAMES: tuple[str, ...] = get_args(FigureName)
 _FIGURE_MEDIA = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 ModelList = list[ModelInfo]  # module-level alias: inside the client classes `list` is a method name
 
@@ -133,7 +140,7 @@ def _submit(request: Mapping[str, Any] | JobRequest, idempotency_key: str | None
 
 
 def _figure(job_id: str, name: str, format: str, options: Mapping[str, Any] | None = None) -> _Call[bytes]:
-    if format not in _FIGURE_MEDIA:
+    if format not in get_args(FigureFormat):
         raise ValueError(f"figure format must be png, svg or pdf, not {format!r}")
     path = _job_path(job_id, "figures", name)
     headers = {"Accept": f"{_FIGURE_MEDIA[format]}, application/problem+json"}

@@ -6,8 +6,6 @@ The column meanings are those of docs/definitions.md.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 
 from rich import box
@@ -22,9 +20,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from service.result_csv import to_csv
 from service.schemas import JobPage, JobResult, JobStatus, ModelInfo, Regression
 
-CSV_COLUMNS = ("prompt", "target_token", "component", "total_effect", "direct_effect", "compensation", "norm_response")
 STATUS_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
 
 
@@ -80,24 +78,8 @@ def result_table(result: JobResult) -> Table:
 
 
 def result_csv(result: JobResult) -> str:
-    """One row per prompt × ablated component (long format: ready for pandas / a spreadsheet pivot)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for prompt in result.prompts:
-        for index, component in enumerate(result.components):
-            writer.writerow(
-                (
-                    prompt.prompt,
-                    prompt.target_token,
-                    component,
-                    prompt.total_effect[index],
-                    prompt.direct_effect[index],
-                    prompt.compensation[index],
-                    prompt.norm_response[index],
-                )
-            )
-    return out.getvalue()
+    """The API's CSV of the result (service/result_csv.py: one format for both), as text with CRLF rows."""
+    return to_csv(result).decode("utf-8")
 
 
 def models_table(models: Sequence[ModelInfo]) -> Table:

@@ -17,8 +17,36 @@ from pathlib import Path
 import httpx
 
 from service.embedded_redis import EmbeddedRedis
+from service.redaction import redact
+from service.settings import env_bool
 
 log = logging.getLogger("hydra-ablate")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+ALLOW_REMOTE_NO_AUTH = "HYDRA_ALLOW_REMOTE_NO_AUTH"
+
+
+def auth_off(env: dict[str, str]) -> bool:
+    """Whether the API of a stack started with `env` runs without access control (the embedded default)."""
+    default = "off" if not env.get("REDIS_URL") else "on"
+    return not env_bool("HYDRA_AUTH", default == "on", env)
+
+
+def check_exposure(host: str, env: dict[str, str], allow: bool = False) -> None:
+    """Refuse to listen beyond loopback with auth off: every job would be open to the whole network.
+
+    Allowed only when asked for explicitly (`serve --allow-remote-without-auth` or HYDRA_ALLOW_REMOTE_NO_AUTH=1).
+    """
+    if host in LOOPBACK_HOSTS or not auth_off(env):
+        return
+    if allow or env_bool(ALLOW_REMOTE_NO_AUTH, False, env):
+        log.warning("listening on %s with auth off: anyone who can reach this port can read and cancel every job", host)
+        return
+    raise ValueError(
+        f"refusing to listen on {host} with auth off (REDIS_URL unset: the embedded single-user setup, or "
+        "HYDRA_AUTH=off): anyone on the network could read and cancel every job. Listen on 127.0.0.1, or turn auth "
+        "on (set REDIS_URL and HYDRA_AUTH=on, then `hydra-ablate keys create NAME`), or pass "
+        f"--allow-remote-without-auth (or set {ALLOW_REMOTE_NO_AUTH}=1) if this network is yours alone"
+    )
 
 
 def default_data_dir() -> Path:
@@ -38,8 +66,9 @@ class Stack:
     def api_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, allow_remote_without_auth: bool = False) -> None:
         env = dict(os.environ)
+        check_exposure(self.host, env, allow_remote_without_auth)
         if not env.get("REDIS_URL"):
             self.redis = EmbeddedRedis(data_dir=self.data_dir / "redis")
             self.redis.start()
@@ -49,7 +78,7 @@ class Stack:
             env.setdefault("HYDRA_ALLOW_NO_AUTH", "1")
             log.info("embedded Redis listening on %s (append-only file in %s)", self.redis.url, self.redis.data_dir)
         else:
-            log.info("using Redis at %s", env["REDIS_URL"])
+            log.info("using Redis at %s", redact(env["REDIS_URL"]))
         api = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
         self._spawn("api", [*api, "--host", self.host, "--port", str(self.port), "--log-level", "warning"], env)
         log.info("API listening on %s (OpenAPI at %s/schema)", self.api_url, self.api_url)
@@ -85,7 +114,7 @@ class Stack:
                 raise RuntimeError(f"{name} exited with code {process.returncode}")
 
     def stop(self) -> None:
-        for name, process in reversed(self.processes):
+        for _name, process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for name, process in reversed(self.processes):

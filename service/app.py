@@ -24,11 +24,13 @@ from service.auth import ApiKeys, auth_middleware, keys_hash, security_component
 from service.controllers import HealthController, JobsController, ModelsController
 from service.controllers.dependencies import dependencies
 from service.controllers.figures import FiguresController
-from service.errors import problem_details_config
+from service.controllers.problems import problem_details_config
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
 from service.queue import JobQueue
+from service.readiness import Shared, probe
 from service.recovery import resend_unplanned
+from service.redaction import install_log_redaction
 from service.settings import Settings
 from service.store import JobStore
 from service.ui import ui_handlers, ui_template_config
@@ -87,6 +89,7 @@ def check_auth_settings(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     """A fresh app with its own Redis pools and Celery client; all are closed on shutdown."""
+    install_log_redaction()  # REDIS_URL passwords never reach a log line
     settings = settings or Settings.from_env()
     check_auth_settings(settings)
     api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here
@@ -100,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "api_keys": api_keys,
             "idempotency": IdempotencyRecords(store.client, settings.key_prefix, settings.result_ttl_s),
             "tokens": TokenCounters(),
+            "readiness": Shared(lambda: probe(store, queue, settings), settings.ready_cache_s),
         }
     )
 

@@ -85,11 +85,14 @@ for _, value in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + tonumber(val
 return sum
 """
 
-# KEYS[1] chunk result, KEYS[2] chunks_done hash, KEYS[3] the chunk's lease (service/leases.py).
+# KEYS[1] chunk result, KEYS[2] chunks_done hash, KEYS[3] the chunk's lease (service/leases.py), KEYS[4] job hash.
 # ARGV[1] result, ARGV[2] index, ARGV[3] ttl, ARGV[4] the recording run's lease token ('' records unfenced).
-# Returns the number of chunks done when this call recorded the chunk first, -1 for a chunk recorded before,
+# Returns the number of chunks done when this call recorded the chunk first, -1 for a chunk recorded before or a
+# job that has ended (its partials were dropped when it ended, see store.py, and none may appear afterwards),
 # -2 when another run holds the chunk's lease (this run is stale: it records nothing).
 _RECORD_RESULT = """
+local status = redis.call('HGET', KEYS[4], 'status')
+if status ~= 'queued' and status ~= 'running' then return -1 end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
 if ARGV[4] ~= '' then
   local holder = redis.call('GET', KEYS[3])
@@ -204,9 +207,14 @@ class ChunkBook:
 
     # results
     def record_result(self, job_id: str, index: int, result: ChunkResult, lease_token: str = "") -> int:
-        """Store a chunk's result; returns chunks done now, -1 when this chunk had been recorded before, or
-        LEASE_LOST (nothing stored) when `lease_token` no longer holds the chunk's lease."""
-        keys = [self.result_key(job_id, index), self._key("chunks_done", job_id), self.lease_key(job_id, index)]
+        """Store a chunk's result; returns chunks done now, -1 when this chunk had been recorded before (or the job
+        has ended), or LEASE_LOST (nothing stored) when `lease_token` no longer holds the chunk's lease."""
+        keys = [
+            self.result_key(job_id, index),
+            self._key("chunks_done", job_id),
+            self.lease_key(job_id, index),
+            f"{self.prefix}job:{job_id}",
+        ]
         args = [msgspec.json.encode(result), str(index), self.ttl_s, lease_token]
         return int(self._record_result(keys=keys, args=args))
 

@@ -33,6 +33,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+ENDPOINT_FILE = "endpoint"  # in the data folder while the server runs: its URL, for `hydra-ablate keys`
+
+
+def running_embedded_url(data_dir: Path) -> str | None:
+    """The URL of the embedded Redis that runs with `data_dir`, or None when none does.
+
+    The endpoint file could be stale (a killed stack) and its port reused by another Redis, so the server must
+    also say that its working folder is this one before it counts.
+    """
+    try:
+        url = (Path(data_dir) / ENDPOINT_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        served = client.config_get("dir").get("dir")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    if served is None or Path(served.decode() if isinstance(served, bytes) else served).resolve() != Path(
+        data_dir
+    ).resolve():
+        return None
+    return url
+
+
 class EmbeddedRedis:
     """Runs redis-server on 127.0.0.1 with append-only persistence in `data_dir`."""
 
@@ -68,6 +95,7 @@ class EmbeddedRedis:
                 raise RuntimeError(f"redis-server exited early; see {self.data_dir / 'redis.log'}")
             try:
                 if client.ping():
+                    (self.data_dir / ENDPOINT_FILE).write_text(self.url + "\n", encoding="utf-8")
                     return
             except redis.ConnectionError:
                 time.sleep(0.05)
@@ -76,6 +104,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self._process is None:
             return
+        (self.data_dir / ENDPOINT_FILE).unlink(missing_ok=True)
         self._process.terminate()
         try:
             self._process.wait(timeout=10)

@@ -12,18 +12,34 @@ import io
 import sys
 from array import array
 from collections.abc import Iterator, Mapping
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import msgspec
 from litestar.datastructures import Accept
 from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
-from service.schemas import JobResult, Summary
+from service.result_csv import CSV_COLUMNS, to_csv
+from service.schemas import ExportFormat, JobResult, Summary
 
 assert sys.byteorder == "little", "per-position arrays are little-endian float32"
 
-ExportFormat = Literal["json", "msgpack", "csv"]
+__all__ = [
+    "CSV_COLUMNS",
+    "EXPORT_ACCEPT",
+    "EXPORT_MEDIA_TYPES",
+    "POSITION_CSV_COLUMNS",
+    "ExportFormat",
+    "accepts_gzip",
+    "export",
+    "has_positions",
+    "negotiate",
+    "position_csv_rows",
+    "summary_of",
+    "to_csv",
+    "to_msgpack",
+]
+
 EXPORT_MEDIA_TYPES: dict[ExportFormat, str] = {
     "json": "application/json",
     "msgpack": "application/msgpack",
@@ -36,19 +52,6 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
     "application/x-msgpack": "msgpack",
     "text/csv": "csv",
 }
-CSV_COLUMNS = (
-    "prompt_index",
-    "prompt",
-    "target_id",
-    "target_token",
-    "component",
-    "total_effect",
-    "direct_effect",
-    "compensation",
-    "norm_response",
-    "clean_metric",
-    "near_tie",
-)
 
 # Per-position jobs (results with `positions` columns): one row per prompt × measured position × component.
 POSITION_CSV_COLUMNS = (
@@ -115,40 +118,33 @@ def to_msgpack(result: JobResult) -> bytes:
     return msgspec.msgpack.encode(result)
 
 
-def to_csv(result: JobResult) -> bytes:
-    """One row per prompt × component (prompt-major, components in the result's order), UTF-8, CRLF rows.
-
-    Floats are written with Python's shortest round-trip repr, so reading them back gives the same numbers.
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
-    for index, prompt in enumerate(result.prompts):
-        for c, component in enumerate(result.components):
-            writer.writerow(
-                (
-                    index,
-                    prompt.prompt,
-                    prompt.target_id,
-                    prompt.target_token,
-                    component,
-                    repr(prompt.total_effect[c]),
-                    repr(prompt.direct_effect[c]),
-                    repr(prompt.compensation[c]),
-                    repr(prompt.norm_response[c]),
-                    repr(prompt.clean_metric),
-                    "true" if prompt.near_tie else "false",
-                )
-            )
-    return buffer.getvalue().encode("utf-8")
-
-
 def export(stored: bytes, fmt: ExportFormat) -> bytes:
     """The stored JSON result in `fmt`; JSON is returned untouched (no decode/encode of a possibly large body)."""
     if fmt == "json":
         return stored
     result = msgspec.json.decode(stored, type=JobResult)
     return to_msgpack(result) if fmt == "msgpack" else to_csv(result)
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip` or `*` with a non-zero q; RFC 9110 12.5.3)."""
+    if not accept_encoding:
+        return False
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        name, _, params = item.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        weights[name.strip().lower()] = q
+    if "gzip" in weights:
+        return weights["gzip"] > 0
+    return weights.get("*", 0.0) > 0
 
 
 def negotiate(query: F | None, accept: Accept, offered: Mapping[str, F], what: str) -> tuple[F, str]:

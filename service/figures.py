@@ -21,21 +21,15 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast, get_args
 
-from service.schemas import JobResult
+from service.schemas import FigureFormat, FigureName, JobResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FigureName = Literal[
-    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
-]
-FigureFormat = Literal["png", "svg", "pdf"]
-FIGURE_NAMES: tuple[FigureName, ...] = (
-    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
-)
+FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
 FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 DPI = 100
 WIDTH_PX, HEIGHT_PX = 1200, 800
@@ -63,7 +57,9 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "y = x (Rushing & Nanda Fig. 1), and per layer the shares of self-repair done by heads, MLPs and the norm",
 }
 
-_UNITS = {"centered_logit": "centred logit", "logit": "logit", "logprob": "log-probability", "logit_diff": "logit difference"}
+_UNITS = {
+    "centered_logit": "centred logit", "logit": "logit", "logprob": "log-probability", "logit_diff": "logit difference"
+}
 
 KIND_MARKERS = {"attn": "o", "mlp": "s", "head": "^"}
 KIND_COLOURS = {"attn": "tab:blue", "mlp": "tab:orange"}
@@ -386,7 +382,7 @@ def _self_repair(fig: Figure, result: JobResult) -> None:
             sums[i] += value
     order = sorted(by_layer)
     for i, (label, colour) in enumerate((("heads", "tab:blue"), ("MLPs", "tab:orange"), ("norm", "tab:green"))):
-        shares = [by_layer[l][i] / by_layer[l][3] if by_layer[l][3] else float("nan") for l in order]
+        shares = [by_layer[layer][i] / by_layer[layer][3] if by_layer[layer][3] else float("nan") for layer in order]
         right.plot(order, shares, marker="o", color=colour, label=label)
     right.axhline(0, color="grey", linewidth=0.5)
     right.set_xlabel("layer of the ablated component")
@@ -430,7 +426,8 @@ def _erasure(fig: Figure, result: JobResult) -> None:
     ax.set_ylabel(f"mean clean Δunembed ({unit})")
     ax.set_title(f"what each layer writes onto the target in the clean run ({len(negatives)} negative: erasure)")
     # A fixed legend: one patch per kind and the erasure hatch, in a corner the bars rarely reach.
-    handles = [Patch(facecolor=KIND_COLOURS["attn"], label="attention"), Patch(facecolor=KIND_COLOURS["mlp"], label="MLP"),
+    handles = [Patch(facecolor=KIND_COLOURS["attn"], label="attention"),
+               Patch(facecolor=KIND_COLOURS["mlp"], label="MLP"),
                Patch(facecolor="white", edgecolor="crimson", hatch="///", label="negative: erases the target")]
     ax.legend(handles=handles, loc="upper left", ncols=3, framealpha=0.9)
     ax.grid(True, axis="y", alpha=0.3)

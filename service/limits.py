@@ -15,12 +15,14 @@ Tokens: the workers publish each model's tokenizer (Hugging Face `tokenizers` JS
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import redis.asyncio
 from litestar.connection import ASGIConnection
 from litestar.exceptions import TooManyRequestsException
@@ -36,6 +38,8 @@ try:  # optional at run time: without it the token cap is skipped, the character
 except ImportError:  # pragma: no cover - installed with transformers
     Tokenizer = None  # type: ignore[assignment,misc]
 
+logger = logging.getLogger(__name__)
+
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 # KEYS[1] counter. ARGV[1] window in ms. Returns {count, ms until the window ends}.
@@ -48,6 +52,11 @@ if count == 1 or ttl < 0 then
 end
 return {count, ttl}
 """
+
+
+def is_out_of_memory(exc: redis.RedisError) -> bool:
+    """A write refused because Redis reached maxmemory (directly, or from inside a script)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 class RateLimiter:
@@ -68,7 +77,16 @@ class RateLimiter:
         limit = self.limits[bucket]
         if limit <= 0:
             return
-        count, ttl_ms = await self._hit(keys=[self.counter_key(bucket, name)], args=[self.window_ms])
+        try:
+            count, ttl_ms = await self._hit(keys=[self.counter_key(bucket, name)], args=[self.window_ms])
+        except redis.ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Redis is full (maxmemory, noeviction): the counter cannot be written. Refusing the request would turn
+            # every read into a 503 although reads still work; let it through uncounted (a submit then fails on its
+            # own write with a 503 that says Redis is full).
+            logger.warning("rate limit not counted for %r: Redis is out of memory (%s)", name, exc)
+            return
         if int(count) > limit:
             retry_after = max(1, math.ceil(int(ttl_ms) / 1000))
             kind = "submit and cancel" if bucket == "write" else "read"
@@ -82,9 +100,16 @@ class RateLimiter:
 
 
 async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard on the job routes (after authentication, so it counts per key, not per IP)."""
+    """Guard on the job routes (after authentication, so it counts per key, not per IP).
+
+    OPTIONS passes the authentication middleware without a key (CORS preflights carry none), so it has no caller
+    to count against; its handler only lists the allowed methods, touching neither Redis nor a model.
+    """
+    user = connection.scope.get("user")
+    if user is None:
+        return
     bucket = "write" if connection.scope.get("method") in WRITE_METHODS else "read"
-    await connection.app.state.limiter.check(bucket, connection.user.name)
+    await connection.app.state.limiter.check(bucket, user.name)
 
 
 class TokenCounters:
@@ -92,28 +117,48 @@ class TokenCounters:
 
     Parsing a 50k-vocabulary tokenizer takes ~0.1 s, so a parsed one is kept and only rebuilt when the published
     JSON changes; the short refresh means a worker publishing a new tokenizer is noticed within a minute.
+
+    Single flight: one thread per model fetches and parses; on a cold start the others wait for it (50 concurrent
+    first submits used to fetch and parse the same 1.6 MB fifty times), and on a refresh they keep using the
+    previous tokenizer meanwhile.
     """
 
     def __init__(self, refresh_s: float = 60.0) -> None:
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, str | None, Any]] = {}  # model -> (fetched at, JSON digest, tokenizer)
+        self._flights: dict[str, threading.Lock] = {}  # model -> held by the thread loading it
+        self.loads = 0  # tokenizers fetched and parsed (for tests and benchmarks)
 
     def get(self, store: JobStore, model_id: str) -> Any | None:
         """The model's tokenizers.Tokenizer, or None when none is published (or the package is missing)."""
         if Tokenizer is None:
             return None
-        now = time.monotonic()
         with self._lock:
             cached = self._cache.get(model_id)
-        if cached is not None and now - cached[0] < self.refresh_s:
+            flight = self._flights.setdefault(model_id, threading.Lock())
+        if cached is not None and time.monotonic() - cached[0] < self.refresh_s:
             return cached[2]
+        if not flight.acquire(blocking=cached is None):
+            return cached[2] if cached is not None else None  # another thread refreshes it: use the one we have
+        try:
+            with self._lock:
+                cached = self._cache.get(model_id)  # the thread we waited for may have loaded it
+            if cached is not None and time.monotonic() - cached[0] < self.refresh_s:
+                return cached[2]
+            return self._load(store, model_id, cached)
+        finally:
+            flight.release()
+
+    def _load(self, store: JobStore, model_id: str, cached: tuple[float, str | None, Any] | None) -> Any | None:
+        now = time.monotonic()
         text = store.tokenizer_json(model_id)
         digest = None if text is None else hashlib.sha256(text.encode()).hexdigest()
         if cached is not None and cached[1] == digest:
             tokenizer = cached[2]
         else:
             tokenizer = None if text is None else _parse(text)
+            self.loads += 1
         with self._lock:
             self._cache[model_id] = (now, digest, tokenizer)
         return tokenizer
@@ -122,7 +167,7 @@ class TokenCounters:
 def _parse(text: str) -> Any | None:
     try:
         return Tokenizer.from_str(text)
-    except Exception:  # a malformed publication must not take submissions down: skip the check instead
+    except Exception:  # noqa: BLE001 - a malformed publication must not take submissions down: skip the check
         return None
 
 

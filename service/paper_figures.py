@@ -148,7 +148,8 @@ def fig2(fig: Figure, result: JobResult) -> None:
                 ax.scatter(np.full(len(values), layer + offset), values, s=3, color=colour, alpha=0.15, linewidths=0,
                            rasterized=rasterized)
             means = [np.mean([getattr(p, field)[c] for p in result.prompts]) for _, c, _ in rows]
-            ax.plot(layers + offset, means, color=colour, marker="o", markersize=4, linewidth=1.5, label=f"{label}, mean")
+            ax.plot(layers + offset, means, color=colour, marker="o", markersize=4, linewidth=1.5,
+                    label=f"{label}, mean")
         ax.axhline(0, color="0.3", linewidth=0.8)
         ax.set_title(f"({letter}) {'attention' if kind == 'attn' else 'MLP'} layers: per prompt (dots) and mean")
         ax.set_xlabel("layer")
@@ -231,6 +232,15 @@ def _diagonals(ax: Axes, xs: list[float], ys: list[float]) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _fit(summary: ComponentSummary) -> Fit:
+    """The component's CE-on-Δunembed fit; set for every final-position job (render refuses per-position jobs)."""
+    if summary.ce_vs_unembed is None:
+        from service.figures import FigureOptionError
+
+        raise FigureOptionError(f"{summary.component} has no CE-on-Δunembed fit (a per-position job)")
+    return summary.ce_vs_unembed
+
+
 def _fit_text(fit: Fit) -> str:
     if fit.slope is None:
         return f"no fit (n = {fit.n})"
@@ -249,14 +259,14 @@ def fig7(fig: Figure, result: JobResult) -> None:
     _scatter_by_depth(ax_a, result, "attn", "(a) attention layers: CE against Δunembed")
     _scatter_by_depth(ax_c, result, "mlp", "(c) MLP layers: CE against Δunembed")
     attn = _by_kind(result, "attn")
-    fitted = [(s.ce_vs_unembed.r2, layer, c, s) for layer, c, s in attn if s.ce_vs_unembed.r2 is not None]
+    fitted = [(best_r2, layer, c, s) for layer, c, s in attn if (best_r2 := _fit(s).r2) is not None]
     if fitted:
         _, layer, c, summary = max(fitted, key=lambda row: row[0])
         xs = [p.unembed_effect[c] for p in result.prompts]
         ys = [p.compensatory_effect[c] for p in result.prompts]
         ax_b.scatter(xs, ys, s=8, alpha=0.6, color="tab:blue", linewidths=0, label="one prompt")
         _diagonals(ax_b, xs, ys)
-        fit = summary.ce_vs_unembed
+        fit = _fit(summary)
         line_x = np.array(ax_b.get_xlim())
         assert fit.slope is not None and fit.intercept is not None  # r2 is set only with a slope
         ax_b.plot(line_x, fit.slope * line_x + fit.intercept, color="tab:red", linewidth=2,
@@ -268,7 +278,7 @@ def fig7(fig: Figure, result: JobResult) -> None:
     else:
         _empty(ax_b, "no attention layer could be fitted")
     for kind, colour, marker, offset in (("attn", "tab:blue", "o", -0.12), ("mlp", "tab:orange", "s", 0.12)):
-        rows = [(layer, s.ce_vs_unembed) for layer, _, s in _by_kind(result, kind) if s.ce_vs_unembed.slope is not None]
+        rows = [(layer, _fit(s)) for layer, _, s in _by_kind(result, kind) if _fit(s).slope is not None]
         if not rows:
             continue
         layers = np.array([layer for layer, _ in rows], dtype=float) + offset
@@ -283,7 +293,7 @@ def fig7(fig: Figure, result: JobResult) -> None:
                   label=f"{label}: R²")
     ax_d.axhline(1, color="0.35", linestyle="--", linewidth=1)
     ax_d.axhline(0, color="0.3", linewidth=0.8)
-    _robust_ylim(ax_d, [s.ce_vs_unembed.slope for _, _, s in _by_kind(result, "attn") + _by_kind(result, "mlp")])
+    _robust_ylim(ax_d, [_fit(s).slope for _, _, s in _by_kind(result, "attn") + _by_kind(result, "mlp")])
     ax_d.set_title("(d) slope of CE on Δunembed (95% CI) and R² per layer")
     ax_d.set_xlabel("ablated layer")
     ax_d.set_ylabel("slope (dimensionless) / R²")

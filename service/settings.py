@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 SEVEN_DAYS_S = 7 * 24 * 3600
@@ -40,9 +41,9 @@ def env_float(name: str, default: float) -> float:
     return value
 
 
-def _env_bool(name: str, default: bool) -> bool:
+def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
     """on/off, true/false, yes/no or 1/0; anything else is a configuration error, not a silent default."""
-    raw = os.environ.get(name)
+    raw = (os.environ if environ is None else environ).get(name)
     if raw is None or raw.strip() == "":
         return default
     value = raw.strip().lower()
@@ -66,6 +67,7 @@ class Settings:
     max_result_values: int = 25_000_000
     queue_name: str = "hydra"
     ready_timeout_s: float = 1.0  # how long /ready waits for a worker to answer a ping
+    ready_cache_s: float = 2.0  # how long /ready reuses a worker ping's answer (one ping at a time, shared)
 
     # Access control. Off only on purpose: the app refuses to start with auth off unless allow_no_auth is set too,
     # so a typo in a production environment cannot silently open every job to everyone.
@@ -93,8 +95,9 @@ class Settings:
             max_result_values=env_int("HYDRA_MAX_RESULT_VALUES", defaults.max_result_values),
             queue_name=os.environ.get("HYDRA_QUEUE") or defaults.queue_name,
             ready_timeout_s=env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
-            auth_enabled=_env_bool("HYDRA_AUTH", defaults.auth_enabled),
-            allow_no_auth=_env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
+            ready_cache_s=env_float("HYDRA_READY_CACHE_S", defaults.ready_cache_s),
+            auth_enabled=env_bool("HYDRA_AUTH", defaults.auth_enabled),
+            allow_no_auth=env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
             api_keys=os.environ.get("HYDRA_API_KEYS", defaults.api_keys),
             rate_limit_write=env_int("HYDRA_RATE_LIMIT_WRITE", defaults.rate_limit_write, minimum=0),
             rate_limit_read=env_int("HYDRA_RATE_LIMIT_READ", defaults.rate_limit_read, minimum=0),

@@ -10,7 +10,8 @@ Keys, under the configured prefix:
   jobs         sorted set of job ids scored by creation time (newest first when paged)
   jobs:owner:{name}   the same, for one owner's jobs only (so a key's listing never scans everyone's)
   active:{name}       set of an owner's job ids that may still be queued or running (pruned when counted)
-  result:{id}  the encoded JobResult
+  result:{id}  the encoded JobResult, gzip-compressed (results of the full preset are tens of MB of JSON; numbers
+               compress several-fold). Results written before compression (plain JSON) are still read.
   cancel:{id}  present once a cancel was requested; the worker polls it between batches
   models       hash: model id -> ModelInfo JSON, as advertised by workers
   tokenizer:{model id}  the model's Hugging Face tokenizers JSON, as published by workers
@@ -22,6 +23,7 @@ The job keys expire `ttl_s` after the job's latest state change, so results live
 
 from __future__ import annotations
 
+import gzip
 import logging
 import time
 import uuid
@@ -31,17 +33,17 @@ from typing import Any
 import msgspec
 import redis
 
-from service.schemas import JobPage, JobSpec, JobStatus, ModelInfo, Progress
+from service.schemas import ACTIVE_STATES, TERMINAL_STATES, JobPage, JobSpec, JobStatus, ModelInfo, Progress
 from service.settings import Settings
+
+__all__ = ["ACTIVE_STATES", "TERMINAL_STATES", "ActiveJobsExceeded", "JobStore"]
 
 logger = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "running")
 # A stored job not planned by a worker this long after it was sent is sent again (the API may have died between
 # storing and sending it, or the message was lost); each later try waits twice as long, up to RESEND_MAX_S.
 RESEND_AFTER_S = 30.0
 RESEND_MAX_S = 3600.0
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 # KEYS[1] job hash, KEYS[2] cancel flag. ARGV[1] now (ISO), ARGV[2] ttl seconds.
 _MARK_RUNNING = """
@@ -69,6 +71,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# A job that ends without a result keeps no chunk partials (they can be as large as the result): the partials of
+# the chunks recorded in the chunks_done hash are deleted in the same script that ends the job. The chunk
+# recorder (service/chunks.py) refuses to store a partial once the job has ended, so none can appear afterwards.
+# KEYS[n] chunks_done hash, ARGV[m] partial key prefix ("{prefix}chunk:{id}:").
+_DROP_PARTIALS = """
+local function drop_partials(done_key, partial_prefix)
+  for _, index in ipairs(redis.call('HKEYS', done_key)) do
+    redis.call('DEL', partial_prefix .. index)
+  end
+end
+"""
+
 # KEYS[1] job hash. ARGV[1] note. A note on an active job only (never re-creates an expired hash).
 _SET_NOTE = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -77,23 +91,26 @@ redis.call('HSET', KEYS[1], 'note', ARGV[1])
 return 1
 """
 
-# KEYS[1] job hash. ARGV[1] error, ARGV[2] now, ARGV[3] ttl.
-_MARK_FAILED = """
+# KEYS[1] job hash, KEYS[2] chunks_done. ARGV[1] error, ARGV[2] now, ARGV[3] ttl, ARGV[4] partial key prefix.
+_MARK_FAILED = _DROP_PARTIALS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+drop_partials(KEYS[2], ARGV[4])
 return 1
 """
 
-# KEYS[1] job hash, KEYS[2] cancel flag. ARGV[1] now, ARGV[2] ttl. Returns -1 absent, 0 unchanged, 1 cancelled.
-_REQUEST_CANCEL = """
+# KEYS[1] job hash, KEYS[2] cancel flag, KEYS[3] chunks_done. ARGV[1] now, ARGV[2] ttl, ARGV[3] partial key prefix.
+# Returns -1 absent, 0 unchanged, 1 cancelled.
+_REQUEST_CANCEL = _DROP_PARTIALS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+drop_partials(KEYS[3], ARGV[3])
 return 1
 """
 
@@ -131,6 +148,24 @@ return -1
 """
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+EVICTED = (
+    "the job succeeded but its result is gone from Redis (evicted under memory pressure: the Redis of this "
+    "deployment must run with maxmemory-policy noeviction, see README); submit the job again"
+)
+
+
+def compress_result(encoded: bytes) -> bytes:
+    """The stored form of a result: gzip (level 6: ~4x smaller JSON at ~50 MB/s), no timestamp, so the same result
+    always gives the same bytes."""
+    return gzip.compress(encoded, compresslevel=6, mtime=0)
+
+
+def decompress_result(stored: bytes) -> bytes:
+    """The result's JSON from its stored form (plain JSON from before compression passes through)."""
+    return gzip.decompress(stored) if stored.startswith(GZIP_MAGIC) else stored
+
+
 # KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set, KEYS[5..] the job's other keys.
 # ARGV[1] job id. Returns -1 absent, 0 still queued or running (nothing removed), 1 deleted.
 _DELETE_FINISHED = """
@@ -163,6 +198,13 @@ def utc_now() -> str:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
+
+
+def _unless_evicted(status: JobStatus, has_result: bool) -> JobStatus:
+    """A succeeded job must have its result: without it (an evicting Redis dropped the key) it reads as failed."""
+    if status.status != "succeeded" or has_result:
+        return status
+    return msgspec.structs.replace(status, status="failed", error=EVICTED)
 
 
 class JobStore:
@@ -201,6 +243,14 @@ class JobStore:
 
     def cancel_key(self, job_id: str) -> str:
         return f"{self.prefix}cancel:{job_id}"
+
+    def chunks_done_key(self, job_id: str) -> str:
+        """The chunk book's hash of recorded chunks (service/chunks.py names it the same way)."""
+        return f"{self.prefix}chunks_done:{job_id}"
+
+    def partial_key_prefix(self, job_id: str) -> str:
+        """Chunk partial results are `{this}{index}` (service/chunks.py, ChunkBook.result_key)."""
+        return f"{self.prefix}chunk:{job_id}:"
 
     @property
     def index_key(self) -> str:
@@ -285,7 +335,13 @@ class JobStore:
         return status
 
     def status(self, job_id: str) -> JobStatus | None:
-        return self._decode_status(self.client.hgetall(self.job_key(job_id)))
+        """The job's status; a succeeded job whose result is gone (evicted) reads as failed, saying so."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.job_key(job_id))
+        pipe.exists(self.result_key(job_id))
+        fields, has_result = pipe.execute()
+        status = self._decode_status(fields)
+        return None if status is None else _unless_evicted(status, bool(has_result))
 
     def spec(self, job_id: str) -> JobSpec | None:
         raw = self.client.hget(self.job_key(job_id), "spec")
@@ -301,16 +357,20 @@ class JobStore:
         return bool(self._set_progress(keys=[self.job_key(job_id)], args=[int(done), int(total)]))
 
     def mark_succeeded(self, job_id: str, result: bytes) -> bool:
-        """Store the result and finish a running job; False (result dropped) if it was cancelled meanwhile."""
+        """Store the result (the encoded JobResult; stored compressed) and finish a running job; False (result
+        dropped) if it was cancelled meanwhile."""
         return bool(
             self._mark_succeeded(
-                keys=[self.job_key(job_id), self.result_key(job_id)], args=[result, utc_now(), self.ttl_s]
+                keys=[self.job_key(job_id), self.result_key(job_id)],
+                args=[compress_result(result), utc_now(), self.ttl_s],
             )
         )
 
     def mark_failed(self, job_id: str, error: str) -> bool:
-        """Fail a queued or running job with a message for the user; False if it had already ended."""
-        return bool(self._mark_failed(keys=[self.job_key(job_id)], args=[error, utc_now(), self.ttl_s]))
+        """Fail a queued or running job with a message for the user (its chunk partials are dropped); False if it
+        had already ended."""
+        keys = [self.job_key(job_id), self.chunks_done_key(job_id)]
+        return bool(self._mark_failed(keys=keys, args=[error, utc_now(), self.ttl_s, self.partial_key_prefix(job_id)]))
 
     def set_note(self, job_id: str, note: str) -> bool:
         """Tell pollers what happened to an active job (e.g. a chunk sent again); False once it has ended."""
@@ -331,9 +391,11 @@ class JobStore:
         self.client.zadd(self.unplanned_key, {job_id: until}, xx=True)
 
     def request_cancel(self, job_id: str) -> JobStatus | None:
-        """Cancel a queued or running job (the worker stops at its next check); finished jobs stay as they are."""
+        """Cancel a queued or running job (the worker stops at its next check; chunk partials are dropped now);
+        finished jobs stay as they are."""
         outcome = self._request_cancel(
-            keys=[self.job_key(job_id), self.cancel_key(job_id)], args=[utc_now(), self.ttl_s]
+            keys=[self.job_key(job_id), self.cancel_key(job_id), self.chunks_done_key(job_id)],
+            args=[utc_now(), self.ttl_s, self.partial_key_prefix(job_id)],
         )
         if int(outcome) < 0:
             return None
@@ -343,7 +405,16 @@ class JobStore:
         return bool(self.client.exists(self.cancel_key(job_id)))
 
     def result(self, job_id: str) -> bytes | None:
-        return self.client.get(self.result_key(job_id))
+        """The encoded JobResult (JSON), decompressed."""
+        stored = self.client.get(self.result_key(job_id))
+        return None if stored is None else decompress_result(stored)
+
+    def result_gzip(self, job_id: str) -> bytes | None:
+        """The result's JSON gzip-compressed, as stored: served as is to clients that accept gzip."""
+        stored = self.client.get(self.result_key(job_id))
+        if stored is None or stored.startswith(GZIP_MAGIC):
+            return stored
+        return compress_result(stored)  # written before results were compressed
 
     def delete_finished(self, job_id: str, other_keys: list[str]) -> bool | None:
         """Remove a finished job, its result and `other_keys` (chunk and figure keys) for good; None when the job
@@ -366,7 +437,8 @@ class JobStore:
         """Jobs newest first (only `owner`'s when given); ids whose job hash has expired are dropped on the way."""
         index = self.index_key if owner is None else self.owner_index_key(owner)
         self._prune_index(index)
-        pipe = self.client.pipeline(transaction=True)
+        # No MULTI: at maxmemory Redis refuses a transaction even of reads, and a listing must keep working.
+        pipe = self.client.pipeline(transaction=False)
         pipe.zcard(index)
         pipe.zrevrange(index, offset, offset + limit - 1)
         total, ids = pipe.execute()
@@ -374,6 +446,13 @@ class JobStore:
         for raw_id in ids:
             pipe.hgetall(self.job_key(raw_id.decode()))
         items = [s for s in (self._decode_status(h) for h in pipe.execute()) if s is not None]
+        succeeded = [item for item in items if item.status == "succeeded"]
+        if succeeded:
+            pipe = self.client.pipeline(transaction=False)
+            for item in succeeded:
+                pipe.exists(self.result_key(item.id))
+            present = {item.id: bool(found) for item, found in zip(succeeded, pipe.execute(), strict=True)}
+            items = [_unless_evicted(item, present.get(item.id, True)) for item in items]
         return JobPage(items=items, total=int(total), offset=offset, limit=limit)
 
     def _prune_index(self, index: str | None = None, batch: int = 1000) -> None:

@@ -228,7 +228,7 @@ def paper_downstream(component: str, n_layers: int, parallel: bool) -> set[str]:
     respond and is left out."""
     c = parse_component(component)
     first_mlp = c.layer if c.kind in ("attn", "head") and not parallel else c.layer + 1
-    return {f"attn.{l}" for l in range(c.layer + 1, n_layers)} | {f"mlp.{l}" for l in range(first_mlp, n_layers)}
+    return {f"attn.{k}" for k in range(c.layer + 1, n_layers)} | {f"mlp.{k}" for k in range(first_mlp, n_layers)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 x = args[0].clone()
                 for p, v in ablation.values.items():
                     x[0, p, lo:hi] = v.to(x.dtype)
-                return (x,) + tuple(args[1:])
+                return (x, *tuple(args[1:]))
 
             handles.append(parts.out_proj[comp.layer].register_forward_pre_hook(replace_head))
         else:
@@ -295,7 +295,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
                 for p, v in ablation.values.items():
                     out[0, p, :] = v.to(out.dtype)
                 if isinstance(output, tuple):
-                    return (out,) + tuple(output[1:])
+                    return (out, *tuple(output[1:]))
                 return out
 
             handles.append(module.register_forward_hook(replace_output))
@@ -613,7 +613,7 @@ def oracle_sweep(
                     else:
                         raise ValueError(spec.norm_scale)
                 norm_response = compensation - sum(response)
-                ce = sum(r for d, r in zip(basis, response) if d in paper_set)
+                ce = sum(r for d, r in zip(basis, response, strict=True) if d in paper_set)
                 s_profile = s_clean if spec.norm_scale == "clean" else s_abl
                 profile = [readout.f(w, layer_output(rec_a, d)) / s_profile for d in basis]
                 per_run.append((te, de, compensation, response, norm_response, ce, profile, src, capped_te))
@@ -787,7 +787,8 @@ def oracle_position_sweep(
                 runs = [{p: means[comp.name] for p in range(T)}]
             else:
                 runs = [
-                    resample_values(replacement_space_output(parts, clean[src][0], comp), T, "all") for src in pairing[i]
+                    resample_values(replacement_space_output(parts, clean[src][0], comp), T, "all")
+                    for src in pairing[i]
                 ]
             sums = {k: torch.zeros(len(measured), dtype=torch.float64) for k in fields if k != "response"}
             response_sum = torch.zeros(len(basis), len(measured), dtype=torch.float64)

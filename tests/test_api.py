@@ -39,7 +39,7 @@ SMOLLM = ModelInfo(
     d_model=576,
     vocab_size=49152,
     parallel_blocks=False,
-    source="HuggingFaceTB/SmolLM2-135M",
+    source="builtin",
 )
 TINY = ModelInfo(
     id="tiny",
@@ -50,7 +50,7 @@ TINY = ModelInfo(
     d_model=8,
     vocab_size=100,
     parallel_blocks=True,
-    source="test",
+    source="local",
 )
 
 
@@ -509,4 +509,21 @@ def test_the_service_package_never_imports_torch() -> None:
     )
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_worker_process_never_loads_litestar() -> None:
+    """Domain errors are plain exceptions (service/errors.py); the HTTP mapping lives in the app. A worker that
+    imports its task modules (and through them resolve, store, chunks, queue) loads no web framework."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, worker.celery_app, worker.tasks, worker.job_runner, worker.chunking, service.resolve\n"
+        "loaded = sorted(m for m in sys.modules if m == 'litestar' or m.startswith('litestar.'))\n"
+        "assert not loaded, f'the worker loaded {loaded[:5]}'\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

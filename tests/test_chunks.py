@@ -20,9 +20,9 @@ from service.chunks import Chunk, ChunkBook, plan_chunks
 from service.queue import TASK_RUN_JOB, model_queue, time_limits, visibility_timeout
 from service.schemas import JobSpec
 from service.store import JobStore
+from tests.numbers import assert_same_numbers
 from worker.engine.errors import InputError
 from worker.model_cache import LoadedModel, ModelCache, ModelNotServed
-from tests.numbers import assert_same_numbers
 from worker.model_sources import ModelSource
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -130,8 +130,7 @@ PROMPTS = [f"Prompt number {i} says that the sky over town {i % 4} is" for i in 
     ids=["resample", "mean-all-positions", "mean-reference", "zero-logit-diff"],
 )
 def test_merged_chunks_equal_the_job_in_one_piece(tiny_model_dirs: dict[str, str], overrides: dict[str, Any]) -> None:
-    from worker.chunking import execute_chunk, merge_chunks
-    from worker.chunking import execute
+    from worker.chunking import execute, execute_chunk, merge_chunks
     from worker.model_cache import load_model
 
     loaded = load_model(ModelSource(id="tiny-llama", location=tiny_model_dirs["tiny-llama"]))
@@ -333,9 +332,9 @@ def test_an_exception_in_a_chunk_fails_the_job(
     raised: Any,
     message: str,
 ) -> None:
-    import worker.chunking
     from celery.exceptions import SoftTimeLimitExceeded
 
+    import worker.chunking
     from worker.tasks import run_chunk
 
     def explode(*_: Any, **__: Any) -> None:
@@ -376,8 +375,7 @@ def test_a_hard_time_limit_fails_the_job(celery_worker: object, store: JobStore)
 def test_a_redelivered_last_chunk_merges_when_its_merger_died(
     celery_worker: object, store: JobStore, tiny_model_dirs: dict[str, str]
 ) -> None:
-    from worker.chunking import execute_chunk
-    from worker.chunking import execute
+    from worker.chunking import execute, execute_chunk
     from worker.model_cache import load_model
     from worker.tasks import run_chunk
 

@@ -304,6 +304,24 @@ def test_result_csv_has_one_row_per_prompt_and_component(result: JobResult) -> N
     assert float(quoted["norm_response"]) == 0.25
 
 
+def test_the_cli_csv_is_the_api_csv(result: JobResult) -> None:
+    """One CSV format: `hydra-ablate result --format csv` writes the bytes `GET …/result?format=csv` serves."""
+    from service.exports import CSV_COLUMNS, export
+
+    text = render_result(result, "csv")
+    assert text.encode("utf-8") == export(msgspec.json.encode(result), "csv")
+    assert text.splitlines()[0].split(",") == list(CSV_COLUMNS)
+    assert text.count("\r\n") == text.count("\n") == 1 + len(result.prompts) * len(result.components)
+
+
+def test_the_cli_writes_csv_files_byte_for_byte(result: JobResult, tmp_path: Path) -> None:
+    from client.cli import _write
+
+    path = tmp_path / "r.csv"
+    _write(path, render_result(result, "csv"))
+    assert path.read_bytes() == render_result(result, "csv").encode("utf-8")
+
+
 def test_json_output_round_trips(result: JobResult) -> None:
     assert msgspec.json.decode(render_result(result, "json"), type=JobResult) == result
 
@@ -323,7 +341,7 @@ def test_models_table() -> None:
         d_model=576,
         vocab_size=49152,
         parallel_blocks=False,
-        source="SmolLM2-135M-Instruct.Q4_1.gguf",
+        source="builtin",
     )
     line = next(line for line in _text(models_table([info])).splitlines() if "smollm2-135m" in line)
     assert all(cell in line for cell in ("llama", "30", "9", "3", "576", "49152", "sequential"))

@@ -162,7 +162,7 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
         bad.append(f"number of prompts: engine {len(engine.prompts)} != oracle {len(oracle.prompts)}")
         return bad
     basis = oracle.response_basis
-    for i, (e, o) in enumerate(zip(engine.prompts, oracle.prompts)):
+    for i, (e, o) in enumerate(zip(engine.prompts, oracle.prompts, strict=True)):
         if e.target_id != o.target_id:
             bad.append(f"prompt {i}: target_id engine {e.target_id} != oracle {o.target_id}")
         if list(e.sources) != list(o.sources):
@@ -206,7 +206,7 @@ def _compare_samples(e, o, i: int, k: int, comp: str, basis: list[str], atol: fl
     bad = []
     if len(e.samples[k]) != len(o.samples[k]):
         return [f"prompt {i} {comp}: {len(e.samples[k])} patches, oracle {len(o.samples[k])}"]
-    for n, (ep, op) in enumerate(zip(e.samples[k], o.samples[k])):
+    for n, (ep, op) in enumerate(zip(e.samples[k], o.samples[k], strict=True)):
         if ep.source != op.source:
             bad.append(f"prompt {i} {comp} patch {n}: source engine {ep.source} oracle {op.source}")
         for name in ("total_effect", "direct_effect"):
@@ -315,7 +315,7 @@ def test_engine_removes_hooks_when_interrupted(tiny_models, prompt_set, arch: st
 
     try:
         _run_engine(model, case.spec(("attn.0", "mlp.1")), case.inputs(prompt_set), should_stop=lambda: True)
-    except Exception:  # whatever the engine does to signal a stop, it must clean up
+    except Exception:  # noqa: BLE001 - whatever the engine does to signal a stop, it must clean up
         pass
     assert _all_hooks(model) == []
 
@@ -468,7 +468,7 @@ def test_oracle_zero_ablation_direct_effects(tiny_models, prompt_set, arch: str)
     result = oracle_sweep(model, spec, inputs, detail=detail)
     basis = result.response_basis
     for i, p in enumerate(result.prompts):
-        de = dict(zip(result.components, p.direct_effect))
+        de = dict(zip(result.components, p.direct_effect, strict=True))
         for j, d in enumerate(basis):
             assert abs(de[d] - p.clean_direct_effect[j]) < 1e-9
         if parts.post_norm:  # a post-norm rescales the heads' sum: their DEs need not add up (docs/definitions.md)
@@ -540,7 +540,7 @@ def test_oracle_norm_modes_and_decomposition(tiny_models, prompt_set, arch: str)
         )
         for mode in ("clean", "ablated")
     }
-    for pc, pa in zip(results["clean"].prompts, results["ablated"].prompts):
+    for pc, pa in zip(results["clean"].prompts, results["ablated"].prompts, strict=True):
         for k in range(len(ALL_COMPONENTS)):
             for name in ("total_effect", "direct_effect", "compensation"):
                 assert getattr(pc, name)[k] == getattr(pa, name)[k]

@@ -10,6 +10,7 @@ import pytest
 from litestar.testing import TestClient
 
 from service.exports import CSV_COLUMNS, to_csv
+from service.result_csv import neutralise
 from service.schemas import JobResult
 from service.store import JobStore
 from tests import test_figures
@@ -42,7 +43,7 @@ def test_json_is_the_default_and_the_stored_bytes(
     ):
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("application/json")
-        assert response.headers["vary"] == "Accept"
+        assert response.headers["vary"] == "Accept, Accept-Encoding"
         assert response.content == store.result(job_id)
         assert msgspec.json.decode(response.content, type=JobResult) == result
 
@@ -84,8 +85,8 @@ def test_csv_has_one_row_per_prompt_and_component(
     for record in records:
         p = result.prompts[int(record["prompt_index"])]
         c = result.components.index(record["component"])
-        assert record["prompt"] == p.prompt  # quotes, commas and newlines survive quoting
-        assert int(record["target_id"]) == p.target_id and record["target_token"] == p.target_token
+        assert record["prompt"] == neutralise(p.prompt)  # quotes, commas and newlines survive quoting
+        assert int(record["target_id"]) == p.target_id and record["target_token"] == neutralise(p.target_token)
         assert float(record["total_effect"]) == p.total_effect[c]  # exact: shortest round-trip repr
         assert float(record["direct_effect"]) == p.direct_effect[c]
         assert float(record["compensation"]) == p.compensation[c]
@@ -95,6 +96,26 @@ def test_csv_has_one_row_per_prompt_and_component(
     assert [(r["prompt_index"], r["component"]) for r in records[:2]] == [("0", "attn.0"), ("0", "mlp.0")]
     assert sum(r["near_tie"] == "true" for r in records) == len(result.components)
     assert response.content == to_csv(result)
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_as_formulas_are_neutralised(
+    client: TestClient, store: JobStore
+) -> None:
+    """OWASP CSV injection: text cells starting with =, +, -, @, tab or CR get a leading quote; numbers do not."""
+    hostile = ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3 is", "@SUM(A1)", "\tTAB", "\rCR", "plain"]
+    result = build_result(prompts=hostile, heads=1)
+    result = msgspec.structs.replace(
+        result, prompts=[msgspec.structs.replace(p, target_token="=cmd|' /C calc'!A0") for p in result.prompts]
+    )
+    job_id = store_succeeded(store, result)
+    response = client.get(f"/v1/jobs/{job_id}/result", params={"format": "csv"})
+    assert response.status_code == 200, response.text
+    assert b"\r\n" in response.content and response.content.count(b"\r\n") == response.content.count(b"\n")
+    header, *rows = list(csv.reader(io.StringIO(response.content.decode("utf-8"), newline="")))
+    prompts = {row[header.index("prompt")] for row in rows}
+    assert prompts == {"'" + text for text in hostile[:-1]} | {"plain"}
+    assert {row[header.index("target_token")] for row in rows} == {"'=cmd|' /C calc'!A0"}
+    assert all(not row[header.index("total_effect")].startswith("'") for row in rows)
 
 
 def test_unknown_formats_are_refused(client: TestClient, stored: tuple[str, JobResult]) -> None:

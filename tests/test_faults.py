@@ -295,7 +295,11 @@ def test_a_chunk_whose_worker_keeps_dying_fails_the_job(
 ) -> None:
     job_id = submit(store, queue, job_spec(PROMPTS[:3], samples=2))  # one chunk
     for delivery in (1, 2, 3):
-        wait_for(lambda: book.deliveries(job_id).get(0) == delivery, 60, f"delivery {delivery} of chunk 0", worker)
+        wait_for(
+            lambda delivery=delivery: book.deliveries(job_id).get(0) == delivery,  # type: ignore[misc]
+            60, f"delivery {delivery} of chunk 0",
+            worker,
+        )
         worker.kill_pool_process()
 
     status = wait_terminal(store, job_id, 60, worker)

@@ -117,7 +117,8 @@ def test_cuda_out_of_memory_halves_the_batch_and_keeps_the_numbers(
     prompt_set: PromptSet, _memory_cap: Callable[[int], None]  # noqa: F811
 ) -> None:
     model = _mid_sized_llama()
-    spec = SweepSpec(components=tuple(f"{k}.{layer}" for layer in range(8) for k in ("attn", "mlp")), resample_samples=3)
+    components = tuple(f"{k}.{layer}" for layer in range(8) for k in ("attn", "mlp"))
+    spec = SweepSpec(components=components, resample_samples=3)
     inputs = _on(SweepInputs(token_ids=prompt_set.token_ids), CUDA)
     reference = run_sweep(model, spec, inputs, batch_tokens=64)  # small batches: fits anywhere
     _memory_cap(96 * 2**20)  # 96 MiB beyond the model: a 1M-token batch cannot fit, small ones can

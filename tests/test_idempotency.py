@@ -15,7 +15,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.store import JobStore
 from tests.test_api import assert_problem
-from tests.test_auth import ALICE, BOB, JOB, TWO, auth, client, settings, store  # noqa: F401 - fixtures
+from tests.test_auth import ALICE, BOB, JOB, TWO, auth, client, settings, store
 
 __all__ = ["client", "settings", "store"]
 

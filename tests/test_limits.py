@@ -18,7 +18,7 @@ from service.app import create_app
 from service.settings import MIB, Settings
 from service.store import ActiveJobsExceeded, JobStore
 from tests.test_api import assert_problem
-from tests.test_auth import ALICE, BOB, JOB, TWO, auth, settings, store  # noqa: F401 - fixtures
+from tests.test_auth import ALICE, BOB, JOB, TWO, auth, settings, store
 
 __all__ = ["settings", "store"]
 
@@ -200,6 +200,38 @@ def test_prompts_over_the_token_limit_are_422(settings: Settings, store: JobStor
             "limit of 5 tokens",
         )
         assert problem["field"] == "prompts[1]"
+
+
+def test_concurrent_first_submits_fetch_and_parse_the_tokenizer_once(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single flight: 50 threads asking for a cold model's tokenizer at once cause one fetch and one parse."""
+    import threading
+
+    from service import limits
+
+    words = [f"w{i}" for i in range(50_000)]  # a big vocabulary: parsing takes long enough for threads to pile up
+    big = Tokenizer(models.WordLevel({word: i for i, word in enumerate([*words, "[UNK]"])}, unk_token="[UNK]"))
+    store.client.set(store.tokenizer_key("tiny"), big.to_str())
+    parses: list[int] = []
+    real_parse = limits._parse
+    monkeypatch.setattr(limits, "_parse", lambda text: parses.append(1) or real_parse(text))
+    counters = limits.TokenCounters()
+    start = threading.Barrier(50)
+    got: list[object] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(counters.get(store, "tiny"))
+
+    threads = [threading.Thread(target=ask) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(parses) == 1, f"{len(parses)} parses"
+    assert len(got) == 50 and got[0] is not None and all(t is got[0] for t in got)
+    assert counters.loads == 1
 
 
 def test_without_a_published_tokenizer_the_token_check_is_skipped(settings: Settings, store: JobStore) -> None:

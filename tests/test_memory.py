@@ -100,7 +100,8 @@ def test_halving_keeps_whole_rows_and_stops_at_one() -> None:
 def test_the_budget_follows_the_model_shape(tiny_models: Callable[[str], PreTrainedModel]) -> None:  # noqa: F811
     """Bigger models, longer prompts and wider dtypes cost more per row-token; a CPU keeps the fixed default."""
     llama, gpt2 = describe(tiny_models("llama")), describe(tiny_models("gpt2"))
-    assert bytes_per_row_token(llama, torch.float32, 20, False) == 2 * bytes_per_row_token(llama, torch.float16, 20, False)
+    half = bytes_per_row_token(llama, torch.float16, 20, False)
+    assert bytes_per_row_token(llama, torch.float32, 20, False) == 2 * half
     assert bytes_per_row_token(llama, torch.float32, 40, False) > bytes_per_row_token(llama, torch.float32, 20, False)
     assert bytes_per_row_token(gpt2, torch.float32, 20, True) > 0
     assert device_batch_tokens(llama, torch.device("cpu"), torch.float32, 20, False) == DEFAULT_BATCH_TOKENS

@@ -17,6 +17,7 @@ import torch
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import oracle_position_sweep
 from tests.tiny_models import TINY_ARCHS
+from worker.engine.architecture import describe
 from worker.engine.position_sweep import run_position_sweep
 from worker.engine.replacements import resample_sources
 from worker.engine.types import PositionSweepResult, SweepInputs, SweepSpec
@@ -89,6 +90,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def _refused(model: torch.nn.Module) -> bool:
+    """Post-norm blocks and soft-capped logits: the per-position engine refuses them (no definition yet)."""
+    arch = describe(model)
+    return arch.post_norm or arch.final_logit_softcap is not None
+
+
 def _disagreements(engine: PositionSweepResult, oracle: dict, atol: float) -> list[str]:
     bad = []
     assert engine.response_basis == oracle["response_basis"]
@@ -108,6 +115,10 @@ def _disagreements(engine: PositionSweepResult, oracle: dict, atol: float) -> li
 def test_per_position_measures_match_the_oracle(arch: str, case: Case, tiny_models, prompt_set) -> None:  # noqa: F811
     model = tiny_models(arch)
     spec, inputs = case.spec(), case.inputs(prompt_set)
+    if _refused(model):
+        with pytest.raises(ValueError, match="not yet defined"):
+            run_position_sweep(model, spec, inputs)
+        return
     engine = run_position_sweep(model, spec, inputs, batch_tokens=64)  # small batches: several per prompt
     pairing = resample_sources(len(inputs.token_ids), case.samples, case.resample_from, 5)  # type: ignore[arg-type]
     oracle = oracle_position_sweep(model, spec, inputs, sources=pairing if case.ablation == "resample" else None)
@@ -119,6 +130,8 @@ def test_per_position_measures_match_the_oracle(arch: str, case: Case, tiny_mode
 def test_split_closes_and_heads_add_up_to_their_layer(arch: str, tiny_models, prompt_set) -> None:  # noqa: F811
     """heads + MLPs + norm = compensation at every position; Σ_h response(head.L.h) = response(attn.L)."""
     model = tiny_models(arch)
+    if _refused(model):
+        pytest.skip("the per-position engine refuses this architecture (checked above)")
     base = CASES[0].spec()
     inputs = CASES[0].inputs(prompt_set)
     heads = run_position_sweep(model, base, inputs)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import pytest
 import redis
 import schemathesis
@@ -24,7 +25,6 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-
 from service.app import create_app
 from service.embedded_redis import free_port
 from service.settings import Settings
@@ -33,6 +33,7 @@ from tests.test_api import SMOLLM, TINY
 from tests.test_figures import build_result, store_succeeded
 
 ADMIN_KEY = "schemathesis-admin-key"
+USER_KEY = "schemathesis-user-key"  # a second, non-admin key: the same inputs under another owner
 CHECKS = [not_a_server_error, response_schema_conformance]
 # Per operation and mode: reaches every documented status of this API and takes ~15 s on 2 cores; raise it with
 # HYDRA_FUZZ_EXAMPLES for a longer hunt (500 ran clean).
@@ -60,7 +61,7 @@ def live(redis_url: str, celery_worker: object) -> Iterator[Live]:
         key_prefix=f"test-st:{tag}:",
         queue_name=f"hydra-test-{tag}",
         ready_timeout_s=2.0,  # an in-thread worker can take ~1 s to answer a ping
-        api_keys=f"fuzzer:{ADMIN_KEY}:admin",
+        api_keys=f"fuzzer:{ADMIN_KEY}:admin,other:{USER_KEY}",
         rate_limit_read=0,  # the fuzzer is one key sending hundreds of requests a second
         rate_limit_write=0,
         max_active_jobs=0,  # nothing runs the queued jobs: a cap would turn most submits into 429s
@@ -162,3 +163,73 @@ def test_the_fuzzed_server_is_still_consistent(live: Live) -> None:
         assert client.exists(f"{live.settings.key_prefix}job:{live.job_id}")
     finally:
         client.close()
+
+
+# Per operation: the second key's share of the hunt (its own owner, no admin rights).
+OTHER_KEY_EXAMPLES = max(1, EXAMPLES // 3)
+
+
+@pytest.mark.parametrize(
+    "label", sorted({label for label, mode in operation_cases() if mode is GenerationMode.POSITIVE})
+)
+def test_a_second_key_gets_no_server_errors_either(label: str, api_schema: schemathesis.BaseSchema, live: Live) -> None:
+    method, path = label.split(" ", 1)
+    operation = api_schema[path][method]
+
+    @given(case=operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
+    @hypothesis_settings(
+        max_examples=OTHER_KEY_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    def fuzz(case: schemathesis.Case) -> None:
+        case.call_and_validate(base_url=live.url, headers={"X-API-Key": USER_KEY}, checks=CHECKS)
+
+    fuzz()
+
+
+def test_the_second_key_cannot_see_the_first_keys_job(live: Live) -> None:
+    with httpx.Client(base_url=live.url, headers={"X-API-Key": USER_KEY}, timeout=30) as other:
+        assert other.get(f"/v1/jobs/{live.job_id}").status_code == 404
+        assert other.get(f"/v1/jobs/{live.job_id}/result").status_code == 404
+        assert other.delete(f"/v1/jobs/{live.job_id}").status_code == 404
+
+
+def hostile_requests(live: Live) -> list[tuple[str, str, bytes | None]]:
+    """(method, path, raw body) for every operation of the app: OPTIONS on each path, and for each method a body of
+    invalid UTF-8 inside a JSON string and a 50,000-deep nesting, whether or not the route takes a body."""
+    document = create_app(Settings()).openapi_schema.to_schema()
+    depth = 50_000
+    bodies = [
+        b'{"model": "tiny", "prompts": ["caf\xc3\x28", "\xff\xfe\xfd"]}',
+        b'{"prompts": ' + b"[" * depth + b"]" * depth + b"}",
+        b"[" * depth + b"]" * depth,
+        b"\xff\xfe{\x00",  # not even text
+    ]
+    requests: list[tuple[str, str, bytes | None]] = []
+    for template, operations in document["paths"].items():
+        path = template.replace("{job_id}", live.job_id).replace("{name}", "te_vs_de")
+        requests.append(("OPTIONS", path, None))
+        for method in operations:
+            requests.extend((method.upper(), path, body) for body in bodies)
+    return requests
+
+
+@pytest.mark.parametrize("key", [None, ADMIN_KEY, USER_KEY], ids=["no-key", "admin-key", "user-key"])
+def test_options_raw_non_utf8_bodies_and_deep_nesting_never_get_a_server_error(live: Live, key: str | None) -> None:
+    """Inputs a schema-driven fuzzer does not generate: answered 2xx or 4xx, every 4xx as problem details."""
+    headers = {"Content-Type": "application/json"} | ({"X-API-Key": key} if key else {})
+    failures = []
+    with httpx.Client(base_url=live.url, headers=headers, timeout=60) as http:
+        for method, path, body in hostile_requests(live):
+            response = http.request(method, path, content=body)
+            if response.status_code >= 500:
+                size = len(body or b"")
+                failures.append(f"{method} {path} ({size} bytes): {response.status_code} {response.text[:200]}")
+            elif response.status_code >= 400 and not response.headers["content-type"].startswith(
+                "application/problem+json"
+            ):
+                failures.append(f"{method} {path}: {response.status_code} is not problem details")
+    assert not failures, "\n".join(failures)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,6 +122,10 @@ def test_models_are_advertised_with_shapes(api: TestClient) -> None:
     assert models["smollm2-135m"]["n_layers"] == 30
     assert models["smollm2-135m"]["n_heads"] == 9
     assert models["tiny-gpt_neox_parallel"]["parallel_blocks"] is True
+    # Open without a key: a source kind, never where the weights lie on the worker's disk.
+    assert models["smollm2-135m"]["source"] == "builtin" and models["tiny-llama"]["source"] == "local"
+    listing = api.get("/v1/models", headers={"X-API-Key": ""}).text
+    assert "/tmp" not in listing and "site-packages" not in listing and ".gguf" not in listing, listing
     # Family, precision and device, as the worker publishes them (service/ never imports torch to know them).
     assert models["smollm2-135m"]["family"] == "Llama"
     assert models["tiny-gpt_neox_parallel"]["family"] == "GPT-NeoX (Pythia)"
@@ -177,3 +181,25 @@ def test_smollm2_held_out_prompts_match_brute_force(api: TestClient) -> None:
     source = builtin_smollm2()
     assert_matches_oracle(result, brute_force(source.location, result, gguf_file=source.gguf_file), 1e-3)
     assert result["provenance"]["model_file_sha256"]
+
+
+def test_a_multi_token_answer_is_measured_by_its_first_token_and_the_result_says_so(api: TestClient) -> None:
+    body = {
+        "model": "tiny-llama",
+        "prompts": ["The capital of France is", "Water boils at a temperature of"],
+        "answers": [" Paris is a lovely city", " hot"],
+        "components": ["attn.0"],
+        "ablation": "zero",
+    }
+    submitted = api.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    status = wait_terminal(api, submitted.json()["id"])
+    assert status["status"] == "succeeded", status
+    result = api.get(f"/v1/jobs/{status['id']}/result").json()
+    long, short = result["prompts"]
+    assert len(long["warnings"]) == 1, long["warnings"]
+    warning = long["warnings"][0]
+    assert "' Paris is a lovely city'" in warning and "tokens; only its first token" in warning
+    assert f"(id {long['target_id']})" in warning
+    # A one-token answer needs no warning (" hot" may still be several tokens for this tokenizer: then it says so).
+    assert short["warnings"] == [] or "' hot'" in short["warnings"][0]

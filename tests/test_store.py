@@ -46,7 +46,7 @@ def model_info(model_id: str, n_layers: int = 4) -> ModelInfo:
         d_model=8,
         vocab_size=100,
         parallel_blocks=False,
-        source="test",
+        source="local",
     )
 
 

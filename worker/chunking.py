@@ -29,6 +29,7 @@ from worker.job_runner import (
     near_tie_gap,
     position_prompt_result,
     prompt_result,
+    prompt_warnings,
     provenance,
     sweep_spec,
     tokenise_lazily,
@@ -73,7 +74,10 @@ def execute_chunk(
         ]
     else:
         # only_correct may leave prompts out: each result carries its index in the job.
-        prompts = [prompt_result(loaded, spec.prompts[m.index], m, gap) for m in sweep.prompts]
+        prompts = [
+            prompt_result(loaded, spec.prompts[m.index], m, gap, prompt_warnings(loaded, spec, m.index))
+            for m in sweep.prompts
+        ]
     return ChunkResult(
         index=index,
         start=start,

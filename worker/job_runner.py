@@ -131,7 +131,31 @@ def near_tie_gap(loaded: LoadedModel) -> float:
     return NEAR_TIE_GAP.get(loaded.dtype, REDUCED_PRECISION_NEAR_TIE_GAP)
 
 
-def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float) -> PromptResult:
+def truncation_warning(loaded: LoadedModel, text: str, what: str) -> str | None:
+    """Targets are single tokens: say so when `text` tokenises to more, naming the token that is measured."""
+    ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) <= 1:
+        return None
+    return (
+        f"{what} {text!r} tokenises to {len(ids)} tokens; only its first token "
+        f"{loaded.tokenizer.decode([int(ids[0])])!r} (id {int(ids[0])}) is measured"
+    )
+
+
+def prompt_warnings(loaded: LoadedModel, spec: JobSpec, index: int) -> list[str]:
+    """What the numbers of prompt `index` do not show (see PromptResult.warnings)."""
+    found = []
+    for what, texts in (("answer", spec.answers), ("counterfactual", spec.counterfactuals)):
+        if texts:
+            warning = truncation_warning(loaded, texts[index], what)
+            if warning is not None:
+                found.append(warning)
+    return found
+
+
+def prompt_result(
+    loaded: LoadedModel, text: str, m: PromptMeasures, gap: float, warnings: list[str] | None = None
+) -> PromptResult:
     """One prompt's measures as the API serves them."""
     return PromptResult(
         index=m.index,
@@ -158,6 +182,7 @@ def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float)
             for patches in m.samples
         ],
         capped_total_effect=m.capped_total_effect,
+        warnings=warnings or [],
     )
 
 

@@ -85,7 +85,7 @@ def model_info(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
         d_model=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
         parallel_blocks=has_parallel_blocks(config),
-        source=source.description,
+        source=source.kind,  # not the location: the model list is open to callers without a key
     )
 
 

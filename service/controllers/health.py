@@ -1,17 +1,17 @@
-"""Liveness (/health: the process answers) and readiness (/ready: Redis and at least one worker answer)."""
+"""Liveness (/health: the process answers) and readiness (/ready: Redis and at least one worker answer).
+
+Both are async and hold no request thread: /ready shares one probe (Redis ping, Celery worker ping, in one worker
+thread) between concurrent callers and reuses it briefly (service/readiness.py), so unauthenticated probes cannot
+starve the job routes.
+"""
 
 from __future__ import annotations
 
-import redis
 from litestar import Controller, get
-from litestar.di import NamedDependency
+from litestar.datastructures import State
 
 from service.controllers.problems import problem_responses
-from service.errors import BackendUnavailable
-from service.queue import JobQueue
 from service.schemas import Health, Readiness
-from service.settings import Settings
-from service.store import JobStore
 
 
 class HealthController(Controller):
@@ -25,28 +25,13 @@ class HealthController(Controller):
 
     @get(
         "/ready",
-        sync_to_thread=True,
         summary="Readiness: Redis answers and at least one worker answers a ping",
+        description=(
+            "The check (Redis ping, worker ping) is shared: concurrent callers wait for the same one, and its answer "
+            "is reused for HYDRA_READY_CACHE_S seconds."
+        ),
         responses=problem_responses(503),
         exclude_from_auth=True,
     )
-    def ready(
-        self,
-        store: NamedDependency[JobStore],
-        queue: NamedDependency[JobQueue],
-        settings: NamedDependency[Settings],
-    ) -> Readiness:
-        try:
-            store.ping()
-        except redis.RedisError as exc:
-            raise BackendUnavailable(f"not ready: Redis at the configured REDIS_URL does not answer ({exc})") from exc
-        try:
-            workers = queue.worker_count(timeout=settings.ready_timeout_s)
-        except Exception as exc:  # the broker connection can fail in kombu's own exception types
-            raise BackendUnavailable(f"not ready: the broker could not ping workers ({exc})") from exc
-        if workers < 1:
-            raise BackendUnavailable(
-                f"not ready: Redis answers but no worker answered a ping within {settings.ready_timeout_s:g} s "
-                f"(start a worker consuming queue {settings.queue_name!r})"
-            )
-        return Readiness(status="ready", redis=True, workers=workers)
+    async def ready(self, state: State) -> Readiness:
+        return await state.readiness.get()  # type: ignore[no-any-return]

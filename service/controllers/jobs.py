@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from service.exports import (
     EXPORT_ACCEPT,
     POSITION_CSV_COLUMNS,
     ExportFormat,
+    accepts_gzip,
     export,
     has_positions,
     negotiate,
@@ -76,10 +78,13 @@ def require_succeeded(store: JobStore, job_id: str, principal: Principal | None 
         raise _conflict(f"job {job_id} was cancelled; it has no result")
 
 
-def finished_result(store: JobStore, job_id: str, principal: Principal | None = None) -> bytes:
-    """The stored result of a succeeded job; 404 when it expired between the status check and the read."""
+def finished_result(
+    store: JobStore, job_id: str, principal: Principal | None = None, compressed: bool = False
+) -> bytes:
+    """The stored result of a succeeded job (its JSON, or gzip of it as stored when `compressed`); 404 when it
+    expired between the status check and the read."""
     require_succeeded(store, job_id, principal)
-    result = store.result(job_id)
+    result = store.result_gzip(job_id) if compressed else store.result(job_id)
     if result is None:
         raise _not_found(job_id)
     return result
@@ -116,6 +121,38 @@ class ResultOperation(Operation):
         )
 
 
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+async def strict_job_request(request: Request[Any, Any, Any]) -> None:
+    """Parse the submit body strictly before Litestar does, so hostile bodies are 400s, not 500s.
+
+    Litestar decodes the body into untyped objects first, then converts them leniently: "0" becomes the number 0,
+    invalid UTF-8 inside a string raises UnicodeDecodeError and 50,000 nested arrays raise RecursionError, both
+    unhandled. A typed, strict msgspec decode checks UTF-8 and stops at the first value of the wrong type (the
+    schema nests three levels at most), so none of that reaches Litestar's decoder.
+    """
+    body = await request.body()
+    if not body:
+        return  # Litestar's own "no body" answer
+    try:
+        msgspec.json.decode(body, type=JobRequest)
+    except UnicodeDecodeError as exc:
+        detail = f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        raise ClientException(detail=detail) from None
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _MSGSPEC_PATH.search(message)
+        key = match["path"] if match and match["path"] else None
+        text = message[: match.start()] if match else message
+        raise ClientException(
+            detail=f"Validation failed for {request.method} {request.url.path}",
+            extra=[{"message": text, "key": key, "source": "body"}],
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ClientException(detail=str(exc)) from None
+
+
 def queue_job(
     data: JobRequest,
     job_id: str | None,
@@ -129,7 +166,9 @@ def queue_job(
     models = {info.id: info for info in store.models()}
     spec = resolve(data, models, settings, store.refused_models())
     check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
-    status = store.create(spec, ablation_count(spec), principal.name, job_id=job_id, max_active=settings.max_active_jobs)
+    status = store.create(
+        spec, ablation_count(spec), principal.name, job_id=job_id, max_active=settings.max_active_jobs
+    )
     try:
         queue.enqueue(status.id)
     except Exception as exc:  # kombu raises its own OperationalError family; any failure means not queued
@@ -150,7 +189,7 @@ def cancel_job(store: JobStore, queue: JobQueue, job_id: str, principal: Princip
     # already stored: if the broker cannot take the revoke, chunks that start later skip themselves anyway.
     try:
         queue.revoke(ChunkBook.for_store(store).pending_task_ids(job_id))
-    except Exception:  # noqa: BLE001 - kombu's errors are not RedisError; the answer stays the stored cancel
+    except Exception:
         logger.warning("job %s: could not revoke its queued chunks", job_id, exc_info=True)
     return status
 
@@ -195,6 +234,7 @@ class JobsController(Controller):
             "rate (429); the body size (413)."
         ),
         responses=problem_responses(400, 401, 409, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
+        before_request=strict_job_request,
     )
     def submit(
         self,
@@ -255,7 +295,9 @@ class JobsController(Controller):
             + ", ".join(CSV_COLUMNS)
             + "; for per-position jobs, streamed, one row per prompt × position × component with the columns "
             + ", ".join(POSITION_CSV_COLUMNS)
-            + "). An Accept header that allows none of these is 406. `GET …/summary` answers the summary alone."
+            + "). An Accept header that allows none of these is 406. `GET …/summary` answers the summary alone. "
+            "JSON comes gzip-compressed (Content-Encoding: gzip) when the request's Accept-Encoding allows gzip, as "
+            "stored; otherwise uncompressed."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
@@ -275,9 +317,14 @@ class JobsController(Controller):
         ] = None,
     ) -> Response[bytes] | Stream:
         fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
-        # The worker stored the encoded JobResult: JSON serves those bytes as they are; other formats decode them.
+        headers = {"Vary": "Accept, Accept-Encoding"}
+        # Results are stored as gzip of their JSON: a client that accepts gzip gets those bytes as they are (no
+        # decompression, a fraction of the transfer); others get the JSON, and other formats are built from it.
+        if fmt == "json" and accepts_gzip(request.headers.get("accept-encoding")):
+            headers["Content-Encoding"] = "gzip"
+            compressed = finished_result(store, job_id, principal, compressed=True)
+            return Response(content=compressed, media_type=media_type, headers=headers)
         stored = finished_result(store, job_id, principal)
-        headers = {"Vary": "Accept"}
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
             result = msgspec.json.decode(stored, type=JobResult)

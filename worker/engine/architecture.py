@@ -326,7 +326,8 @@ def check_supported(config: object) -> None:
     """Refuse, with a reason, what the engine cannot decompose; shared by the worker's model registry."""
     model_type = str(getattr(config, "model_type", "?"))
     if model_type in _NOT_DECOMPOSABLE:
-        raise UnsupportedArchitecture(f"architecture '{model_type}' cannot be decomposed: {_NOT_DECOMPOSABLE[model_type]}")
+        reason = _NOT_DECOMPOSABLE[model_type]
+        raise UnsupportedArchitecture(f"architecture '{model_type}' cannot be decomposed: {reason}")
     if model_type not in _FAMILIES:
         raise UnsupportedArchitecture(
             f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"

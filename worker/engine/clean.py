@@ -41,21 +41,21 @@ def run_clean(
     block_in: list[torch.Tensor | None] = [None] * arch.n_layers
     captured: dict[str, torch.Tensor] = {}
 
-    def keeper(slot: int):  # noqa: ANN202 - returns an edit callback
+    def keeper(slot: int):
         def keep_output(out: torch.Tensor) -> torch.Tensor:
             layer_out[slot] = out[0, keep].clone()
             return out
 
         return keep_output
 
-    def keep_head_in(layer: int):  # noqa: ANN202
+    def keep_head_in(layer: int):
         def keep_input(z: torch.Tensor) -> torch.Tensor:
             head_in[layer] = z[0, keep].clone()
             return z
 
         return keep_input
 
-    def keep_block_in(layer: int):  # noqa: ANN202
+    def keep_block_in(layer: int):
         def keep_input(_module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             assert isinstance(hidden, torch.Tensor)

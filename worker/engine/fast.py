@@ -88,7 +88,7 @@ def _edits_by_layer(arch: Architecture, batch: list[AblatedRun]) -> list[LayerEd
     return edits
 
 
-def _replace_heads(edits: LayerEdits):  # noqa: ANN202 - returns a pre-hook edit
+def _replace_heads(edits: LayerEdits):
     def edit(z: torch.Tensor) -> torch.Tensor:
         z = z.clone()
         for row, cols, value in zip(edits.head_rows, edits.head_slices, edits.head_values, strict=True):
@@ -241,7 +241,8 @@ def run_ablated_rows(
     inputs = _Inputs(arch, runs, row_prompt, all_positions)
     n_rows = len(rows)
 
-    hidden = torch.empty(n_rows, inputs.positions, arch.d_model, dtype=runs[0].block_in.dtype, device=runs[0].block_in.device)
+    like = runs[0].block_in
+    hidden = torch.empty(n_rows, inputs.positions, arch.d_model, dtype=like.dtype, device=like.device)
     layer_out_final = inputs.clean_outputs()
     for layer in range(arch.n_layers):
         active = int((entry <= layer).sum())
@@ -312,6 +313,7 @@ def run_ablated(
     outputs, offset = [], 0
     for _, ablations in prompts:
         n = len(ablations)
-        outputs.append(AblatedOutputs(layer_out_final=layer_out[offset : offset + n], x_final=x_final[offset : offset + n]))
+        span = slice(offset, offset + n)
+        outputs.append(AblatedOutputs(layer_out_final=layer_out[span], x_final=x_final[span]))
         offset += n
     return outputs

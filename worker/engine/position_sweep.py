@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from worker.engine.architecture import Architecture, describe
-from worker.engine.errors import InputError
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import (
     Component,
@@ -21,18 +20,13 @@ from worker.engine.components import (
     layer_components,
     parse_component,
 )
+from worker.engine.errors import InputError
 from worker.engine.fast import AblatedRun
+from worker.engine.memory import DEFAULT_BATCH_TOKENS, device_batch_tokens
 from worker.engine.position_fast import head_directions, project_heads, run_ablated_projected
 from worker.engine.readout import Readout
 from worker.engine.replacements import component_rows, resample_sources
-from worker.engine.sweep import (
-    DEFAULT_BATCH_TOKENS,
-    ProgressCallback,
-    StopCheck,
-    SweepCancelled,
-    _mean_activations,
-    _replacement,
-)
+from worker.engine.sweep import ProgressCallback, StopCheck, SweepCancelled, _mean_activations, _replacement
 from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInputs, SweepSpec
 
 
@@ -82,11 +76,16 @@ def run_position_sweep(
     *,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
 ) -> PositionSweepResult:
-    """Every per-position measure for every prompt × component of `spec`."""
+    """Every per-position measure for every prompt × component of `spec` (`batch_tokens=None`: from the device)."""
     arch = describe(model)
     check_position_spec(spec, inputs.target_ids is not None)
+    if arch.post_norm or arch.final_logit_softcap is not None:
+        raise ValueError(
+            f"per-position measures are not yet defined for '{arch.model_type}' (post-norm blocks or soft-capped "
+            "logits): use measure_positions 'final' with the layer response basis"
+        )
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     heads_basis = spec.response_basis == "heads"
     basis = head_basis_components(arch.n_layers, arch.n_heads) if heads_basis else layer_components(arch.n_layers)
@@ -113,6 +112,10 @@ def run_position_sweep(
         reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
         means = _mean_activations(reference or [runs[i] for i in range(n_prompts)])
 
+    if batch_tokens is None:
+        parameter = next(model.parameters())
+        longest = max(run.length for run in runs.values())
+        batch_tokens = device_batch_tokens(arch, parameter.device, parameter.dtype, longest, True)
     samples = len(sources[0]) if spec.ablation == "resample" else 1
     total = len(measured) * len(components) * samples
     done = 0
@@ -220,7 +223,8 @@ def _measure_prompt(
         total.append(clean_metric - metric_at(arch, readout, out.x, targets))
         clean_rows = [_to_residual(arch, a.component, component_rows(run, a.component, arch.head_dim)) for a in chunk]
         replaced = [_to_residual(arch, a.component, a.replacement) for a in chunk]
-        direct.append(torch.stack([((c - r) * u).sum(dim=-1) for c, r in zip(clean_rows, replaced)]) / s_clean)
+        pairs = zip(clean_rows, replaced, strict=True)
+        direct.append(torch.stack([((c - r) * u).sum(dim=-1) for c, r in pairs]) / s_clean)
         unembed.append(torch.stack([(c * u).sum(dim=-1) for c in clean_rows]) / s_clean)
         if spec.norm_scale == "clean":
             response.append(out.change / s_clean)

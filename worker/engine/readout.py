@@ -18,7 +18,8 @@ class Readout:
         weight = arch.unembed.weight
         bias = getattr(arch.unembed, "bias", None)
         self.unembed_weight = weight
-        self.unembed_bias = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        self.unembed_bias = bias if bias is not None else zeros
         self.mean_row = weight.mean(dim=0) if metric == "centered_logit" else None
         self.eps = arch.norm_eps()
         self.gain = arch.norm_weight()
@@ -41,7 +42,7 @@ class Readout:
         return w, b
 
     def direct_map(self, w: torch.Tensor) -> torch.Tensor:
-        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w (rows of w: one u each)."""
+        """u with f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w (rows of w: one u each)."""
         u = self.gain.float() * w.float()
         return u - u.mean(dim=-1, keepdim=True) if self.centred else u
 

@@ -63,7 +63,7 @@ def align_to_length(source: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def component_rows(run: CleanRun, component: Component, head_dim: int) -> torch.Tensor:
-    """The clean rows (P, e) that an ablation of `component` replaces: its output, or its head's slice of W_O's input."""
+    """The clean rows (P, e) an ablation of `component` replaces: its output, or its head's slice of W_O's input."""
     if component.kind == "head":
         assert run.head_in is not None and component.head is not None
         cols = slice(component.head * head_dim, (component.head + 1) * head_dim)

@@ -65,7 +65,8 @@ def run_sweep(
         except torch.OutOfMemoryError as error:
             release_cached_memory(ids.device)
             raise BatchDoesNotFit(
-                f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: {error}"
+                f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: "
+                f"{error}"
             ) from error
 
     sources = (
@@ -107,7 +108,8 @@ def run_sweep(
                 for source in (sources[i] or [None])
             ]
             work.append((run, ablations))
-        for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, budget)):
+        outputs_per_run = run_ablated(arch, work, all_positions, budget)
+        for i, (run, ablations), outputs in zip(group, work, outputs_per_run, strict=True):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
             measure = _measure(

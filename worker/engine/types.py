@@ -6,20 +6,35 @@ The definitions of every field are in docs/definitions.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+# The option lists are the API's (one definition, service/schemas.py: msgspec only, no HTTP, no Redis).
+from service.schemas import AblationKind as Ablation
+from service.schemas import MeasurePositions, ResampleFrom
+from service.schemas import MetricName as Metric
+from service.schemas import NormScaleMode as NormScale
+from service.schemas import PositionScope as Positions
+from service.schemas import ResponseBasisName as ResponseBasis
+from service.schemas import TargetName as Target
 from worker.engine.measures import compensatory_effect
 
-Ablation = Literal["resample", "mean", "zero"]
-Positions = Literal["final", "all"]
-Metric = Literal["logit", "centered_logit", "logprob", "logit_diff"]
-NormScale = Literal["clean", "ablated"]
-ResampleFrom = Literal["next", "random"]
-MeasurePositions = Literal["final", "all"]
-Target = Literal["clean_top", "next_token"]
-ResponseBasis = Literal["layers", "heads"]
+__all__ = [
+    "Ablation",
+    "MeasurePositions",
+    "Metric",
+    "NormScale",
+    "PositionMeasures",
+    "PositionSweepResult",
+    "Positions",
+    "PromptMeasures",
+    "ResampleFrom",
+    "ResponseBasis",
+    "SweepInputs",
+    "SweepResult",
+    "SweepSpec",
+    "Target",
+]
 
 
 @dataclass(frozen=True)

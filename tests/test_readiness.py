@@ -1,0 +1,70 @@
+"""/ready holds no request thread: concurrent probes share one Celery ping (real app under uvicorn, real Redis,
+real Celery control ping with no worker answering, so each ping takes the full ready timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.embedded_redis import free_port
+from service.queue import JobQueue
+from service.settings import Settings
+from tests.conftest import private_settings
+
+
+@pytest.fixture
+def served(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[float]]]:
+    """The app on a free port; the list records when each real worker ping started."""
+    pings: list[float] = []
+    original = JobQueue.worker_count
+
+    def counted(self: JobQueue, timeout: float = 1.0) -> int:
+        pings.append(time.monotonic())
+        return original(self, timeout)
+
+    monkeypatch.setattr(JobQueue, "worker_count", counted)
+    with private_settings(redis_url, "ready", ready_timeout_s=1.0, ready_cache_s=60.0, api_keys="u:k") as settings:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}", pings
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+
+
+def test_concurrent_ready_probes_share_one_worker_ping(served: tuple[str, list[float]]) -> None:
+    url, pings = served
+
+    async def probe_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            return await asyncio.gather(*(http.get("/ready") for _ in range(20)))
+
+    responses = asyncio.run(probe_all())
+    assert {r.status_code for r in responses} == {503}
+    assert all("no worker answered" in r.json()["detail"] for r in responses)
+    assert len(pings) == 1, f"{len(pings)} pings for 20 concurrent probes"
+    # Within the cache window the answer is reused: no new ping.
+    assert httpx.get(f"{url}/ready", timeout=10).status_code == 503
+    assert len(pings) == 1
+
+
+def test_settings_read_the_cache_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYDRA_READY_CACHE_S", "0.5")
+    assert Settings.from_env().ready_cache_s == 0.5
+    monkeypatch.setenv("HYDRA_READY_CACHE_S", "soon")
+    with pytest.raises(ValueError, match="HYDRA_READY_CACHE_S"):
+        Settings.from_env()
