@@ -1,7 +1,9 @@
-"""Reproduce the paper's setup (the `hydra` preset) on SmolLM2-135M over all 1,209 known_1000 prompts, through the
-service itself, and write the per-layer table, the summary and the figures to docs/reproduction/.
+"""Reproduce the paper's setup (the `hydra` preset) on SmolLM2-135M through the service itself, over the prompts the
+model answers correctly (the paper's selection) and over all 1,209 known_1000 prompts; plus one small job with
+per-patch samples for Fig. 1/3. Writes the summaries (JSON, small) to docs/reproduction/ and the raw results
+(large, not committed) to .bench-out/; bench/render_reproduction.py then draws the figures and the table.
 
-    python bench/reproduce_hydra.py [--url http://127.0.0.1:8000] [--limit N]
+    python bench/reproduce_hydra.py [--url http://127.0.0.1:8000] [--limit N] [--runs correct,samples,all]
 
 Without --url it starts its own stack (embedded Redis, API, one worker) on a free port.
 """
@@ -13,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -20,51 +23,87 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.http import FIGURE_NAMES, HydraClient
+from client.http import HydraClient
 from client.stack import Stack
 from service.embedded_redis import free_port
 from service.schemas import JobResult
 
 OUT = ROOT / "docs" / "reproduction"
-FIGURES = FIGURE_NAMES  # service/schemas.py: FigureName
+RAW = ROOT / ".bench-out"
+
+# name -> the request (on top of the hydra preset, whose only_correct is true).
+RUNS: dict[str, dict[str, object]] = {
+    "correct": {"preset": "hydra"},
+    # Fig. 1/3: per-patch profiles for the correctly answered prompts among the first 60.
+    "samples": {"preset": "hydra", "dataset": {"name": "known_1000", "limit": 60}, "keep_samples": True},
+    "all": {"preset": "hydra", "only_correct": False},
+    # All prompts, attention layers only: the paper's Fig. 7 claim is about attention layers, and each prompt's
+    # numbers equal the full job's (the resample pairing does not depend on the components).
+    "all_attn": {"preset": "hydra", "only_correct": False, "components": ["attn"]},
+    # The same with 5 sources per prompt instead of 15: what fits in the time a shared 2-core CPU leaves (the
+    # regression is across prompts; fewer patches make each prompt's CE noisier, not biased).
+    "all_attn5": {"preset": "hydra", "only_correct": False, "components": ["attn"], "resample_samples": 5},
+}
 
 
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def summary_document(result: JobResult, elapsed: float, request: dict[str, object]) -> dict[str, object]:
+    """Everything but the per-prompt data: the spec (without its prompt lists), provenance and the summary."""
+    spec = msgspec.to_builtins(result.provenance.spec)
+    for key in ("prompts", "answers", "resample_groups"):
+        spec.pop(key, None)
+    return {
+        "job": result.id,
+        "request": request,
+        "elapsed_s": elapsed,
+        "n_prompts": result.summary.n_prompts,
+        "spec": spec,
+        "provenance": {k: v for k, v in msgspec.to_builtins(result.provenance).items() if k != "spec"},
+        "summary": msgspec.to_builtins(result.summary),
+        "components": result.components,
+        "response_basis": result.response_basis,
+    }
 
 
-def layer_table(result: JobResult) -> str:
-    """One row per layer: attention and MLP side by side (means over prompts)."""
-    by_name = {c.component: c for c in result.summary.components}
-    basis = result.response_basis
-    clean = dict(zip(basis, result.summary.clean_direct_effect_mean, strict=True))
-    lines = [
-        "| layer | attn DE | attn TE | attn comp. | of which attn / mlp / norm | attn slope (R²) "
-        "| mlp DE | mlp TE | mlp comp. | of which attn / mlp / norm | mlp slope (R²) | clean DE attn / mlp |",
-        "|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|---|",
-    ]
-    n_layers = len(basis) // 2
-    for layer in range(n_layers):
-        cells = [str(layer)]
-        for kind in ("attn", "mlp"):
-            c = by_name[f"{kind}.{layer}"]
-            fit = c.compensation_vs_direct
-            cells += [
-                fmt(c.direct_effect_mean),
-                fmt(c.total_effect_mean),
-                fmt(c.compensation_mean),
-                f"{fmt(c.compensation_attn_mean)} / {fmt(c.compensation_mlp_mean)} / {fmt(c.norm_response_mean)}",
-                f"{fmt(fit.slope)} ({fmt(fit.r2)})",
-            ]
-        cells.append(f"{fmt(clean[f'attn.{layer}'])} / {fmt(clean[f'mlp.{layer}'])}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _parse(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def run(client: HydraClient, name: str, request: dict[str, object], adopt: str | None = None) -> None:
+    """Submit the run (or follow the already submitted job `adopt`), wait, and write its files."""
+    started = time.perf_counter()
+    job = client.status(adopt) if adopt else client.submit(request)
+    logging.info("%s: job %s %s: %s", name, job.id, "adopted" if adopt else "submitted", request)
+    last = {"t": 0.0}
+
+    def report(status: object) -> None:
+        if time.monotonic() - last["t"] > 60:
+            last["t"] = time.monotonic()
+            logging.info("%s: progress %s/%s", name, status.progress.done, status.progress.total)  # type: ignore[attr-defined]
+
+    final = client.wait(job.id, poll_s=2.0, on_progress=report)
+    if final.status != "succeeded":
+        raise SystemExit(f"{name}: job ended {final.status}: {final.error}")
+    # The job's own running time (started → finished), whether this script submitted it or adopted it.
+    elapsed = (_parse(final.finished_at) - _parse(final.started_at)) if final.started_at and final.finished_at else (
+        time.perf_counter() - started
+    )
+    result = client.result(job.id)
+    RAW.mkdir(parents=True, exist_ok=True)
+    (RAW / f"hydra_smollm2_{name}.json").write_bytes(msgspec.json.encode(result))
+    OUT.mkdir(parents=True, exist_ok=True)
+    if name != "samples":
+        document = summary_document(result, elapsed, request)
+        (OUT / f"hydra_smollm2_{name}_summary.json").write_text(json.dumps(document, indent=1))
+    selection = result.summary.selection
+    logging.info("%s: done in %.0f s: %d of %d prompts kept", name, elapsed, selection.n_kept, selection.n_candidates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default=None)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only (default: all 1,209)")
+    parser.add_argument("--runs", default="correct,samples,all", help="which runs, comma-separated")
+    parser.add_argument("--adopt", action="append", default=[], help="NAME=JOB_ID: follow a job already submitted")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -76,47 +115,16 @@ def main() -> None:
         stack.wait_ready()
         url = stack.api_url
     try:
-        request: dict[str, object] = {"preset": "hydra"}
-        if args.limit:
-            request["dataset"] = {"name": "known_1000", "limit": args.limit}
         with HydraClient(url, timeout=600) as client:
-            started = time.perf_counter()
-            job = client.submit(request)
-            logging.info("job %s submitted: %s", job.id, request)
-            last = {"t": 0.0}
-
-            def report(status: object) -> None:
-                if time.monotonic() - last["t"] > 30:
-                    last["t"] = time.monotonic()
-                    logging.info("progress %s/%s", status.progress.done, status.progress.total)  # type: ignore[attr-defined]
-
-            final = client.wait(job.id, poll_s=2.0, on_progress=report)
-            if final.status != "succeeded":
-                raise SystemExit(f"job ended {final.status}: {final.error}")
-            elapsed = time.perf_counter() - started
-            result = client.result(job.id)
-            OUT.mkdir(parents=True, exist_ok=True)
-            for name in FIGURES:
-                (OUT / f"{name}.png").write_bytes(client.figure(job.id, name, "png"))
+            adopted = dict(item.split("=", 1) for item in args.adopt)
+            for name in args.runs.split(","):
+                request = dict(RUNS[name])
+                if args.limit and "dataset" not in request:
+                    request["dataset"] = {"name": "known_1000", "limit": args.limit}
+                run(client, name, request, adopted.get(name))
     finally:
         if stack is not None:
             stack.stop()
-
-    summary = {
-        "job": result.id,
-        "elapsed_s": elapsed,
-        "n_prompts": result.summary.n_prompts,
-        "spec": msgspec.to_builtins(result.provenance.spec),
-        "provenance": {k: v for k, v in msgspec.to_builtins(result.provenance).items() if k != "spec"},
-        "summary": msgspec.to_builtins(result.summary),
-        "components": result.components,
-        "response_basis": result.response_basis,
-    }
-    summary["spec"].pop("prompts", None)
-    (OUT / "hydra_smollm2_summary.json").write_text(json.dumps(summary, indent=1))
-    (OUT / "layer_table.md").write_text(layer_table(result) + "\n")
-    print(layer_table(result))
-    print(f"\n{result.summary.n_prompts} prompts, {len(result.components)} components, {elapsed:.0f} s")
 
 
 if __name__ == "__main__":

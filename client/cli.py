@@ -431,13 +431,19 @@ def figure(
     name: Annotated[FigureName, typer.Argument()],
     format: Annotated[FigureFormatChoice, typer.Option("--format", "-f")] = "png",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: JOB-NAME.FORMAT")] = None,
+    width: Annotated[int | None, typer.Option(help="pixels (default 1200)")] = None,
+    height: Annotated[int | None, typer.Option(help="pixels (default 800)")] = None,
+    dpi: Annotated[int | None, typer.Option(help="dots per inch (default 100)")] = None,
+    prompt: Annotated[int | None, typer.Option(help="profile: position in the result's prompts")] = None,
+    component: Annotated[str | None, typer.Option(help="profile: the ablated component")] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
     """Save one of a finished job's figures."""
+    options = {"width": width, "height": height, "dpi": dpi, "prompt": prompt, "component": component}
     with HydraClient(url, api_key) as client:
         try:
-            data = client.figure(job_id, _text(name), _text(format))  # type: ignore[arg-type]
+            data = client.figure(job_id, _text(name), _text(format), **options)  # type: ignore[arg-type]
         except HydraError as exc:
             if exc.status == 404 and exc.detail in ("", exc.title):  # the route itself is missing, not the job
                 raise CliFailure(

@@ -38,6 +38,7 @@ from hydra_ablate_client.schemas import (
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 FIGURE_NAMES: tuple[str, ...] = get_args(FigureName)
+_FIGURE_MEDIA = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 ModelList = list[ModelInfo]  # module-level alias: inside the client classes `list` is a method name
 
 T = TypeVar("T")
@@ -138,13 +139,13 @@ def _submit(request: Mapping[str, Any] | JobRequest, idempotency_key: str | None
     return _Call("POST", "/v1/jobs", _decoder(JobStatus), content=msgspec.json.encode(request), headers=headers)
 
 
-def _figure(job_id: str, name: str, format: str) -> _Call[bytes]:
+def _figure(job_id: str, name: str, format: str, options: Mapping[str, Any] | None = None) -> _Call[bytes]:
     if format not in get_args(FigureFormat):
-        raise ValueError(f"figure format must be png or svg, not {format!r}")
-    accept = "image/png" if format == "png" else "image/svg+xml"
+        raise ValueError(f"figure format must be png, svg or pdf, not {format!r}")
     path = _job_path(job_id, "figures", name)
-    headers = {"Accept": f"{accept}, application/problem+json"}
-    return _Call("GET", path, _raw, params={"format": format}, headers=headers)
+    headers = {"Accept": f"{_FIGURE_MEDIA[format]}, application/problem+json"}
+    params = {"format": format, **{k: v for k, v in (options or {}).items() if v is not None}}
+    return _Call("GET", path, _raw, params=params, headers=headers)
 
 
 def _status(job_id: str) -> _Call[JobStatus]:
@@ -248,9 +249,10 @@ class HydraClient:
         """A succeeded job's result; HydraError 409 while it runs or when it failed (the detail says which)."""
         return self._send(_result(job_id))
 
-    def figure(self, job_id: str, name: str, format: FigureFormat = "png") -> bytes:
-        """A rendered figure of a succeeded job (names in FIGURE_NAMES), as PNG or SVG bytes."""
-        return self._send(_figure(job_id, name, format))
+    def figure(self, job_id: str, name: str, format: FigureFormat = "png", **options: Any) -> bytes:
+        """A rendered figure of a succeeded job (names in FIGURE_NAMES), as PNG, SVG or PDF bytes; `options` are
+        the figure's query parameters (width, height, dpi, prompt, component)."""
+        return self._send(_figure(job_id, name, format, options))
 
     def cancel(self, job_id: str) -> JobStatus:
         return self._send(_cancel(job_id))
@@ -320,8 +322,8 @@ class AsyncHydraClient:
     async def result(self, job_id: str) -> JobResult:
         return await self._send(_result(job_id))
 
-    async def figure(self, job_id: str, name: str, format: FigureFormat = "png") -> bytes:
-        return await self._send(_figure(job_id, name, format))
+    async def figure(self, job_id: str, name: str, format: FigureFormat = "png", **options: Any) -> bytes:
+        return await self._send(_figure(job_id, name, format, options))
 
     async def cancel(self, job_id: str) -> JobStatus:
         return await self._send(_cancel(job_id))

@@ -54,3 +54,8 @@ def prompt_fields(ref: DatasetRef) -> list[PromptFields]:
         PromptFields(relation=f.relation_id, subject=f.subject, answer=f.attribute, dataset_index=f.known_id)
         for f in _slice(ref)
     ]
+
+
+def select_relations(ref: DatasetRef) -> list[str]:
+    """The relation (Wikidata property) of every prompt of the slice, in `select`'s order."""
+    return [f.relation_id for f in _slice(ref)]

@@ -5,8 +5,13 @@ figure manager or GUI backend; renders are still serialised by a lock, since mat
 and drawing holds the GIL anyway. matplotlib is imported inside the drawing
 functions: it costs about half a second, and the API, the worker and the CLI import this module for its names.
 
-Every figure has one fixed size, 12 × 8 inches at 100 dpi: a PNG is exactly 1200 × 800 pixels and an SVG is
-864 × 576 pt. Nothing crops it (no tight bounding box); constrained layout fits the content inside that frame.
+A figure's size is `width` × `height` pixels at `dpi` (default 1200 × 800 at 100 dpi, so 12 × 8 in): a PNG is
+exactly that many pixels, an SVG or PDF that many inches (width / dpi) in points. Nothing crops it (no tight bounding
+box); constrained layout fits the content inside that frame. Text is at least 8 pt (`MIN_FONT_PT`). Effects are in
+the job's metric; for the paper's `centered_logit` the unit is "centred logit".
+
+The paper's figures (McGrath et al. 2023: Fig. 1/3 `profile`, Fig. 2 `fig2`, Fig. 7 `fig7`, Fig. 8 `fig8`) are in
+service/paper_figures.py; this module has the service's own four and the rendering.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 from service.schemas import FigureFormat, FigureName, JobResult
 
@@ -25,18 +30,35 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
-FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml"}
-FIGSIZE_IN = (12.0, 8.0)
+FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 DPI = 100
-WIDTH_PX, HEIGHT_PX = int(FIGSIZE_IN[0] * DPI), int(FIGSIZE_IN[1] * DPI)
+WIDTH_PX, HEIGHT_PX = 1200, 800
+FIGSIZE_IN = (WIDTH_PX / DPI, HEIGHT_PX / DPI)
+MIN_PX, MAX_PX = 400, 4000
+MIN_DPI, MAX_DPI = 50, 400
+MIN_FONT_PT = 8.0
+PAPER_FIGURES: frozenset[FigureName] = frozenset({"profile", "fig2", "fig7", "fig8"})  # final-position jobs only
 
 FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "te_vs_de": "per-prompt total vs direct effect of every component, y = x and the TE-on-DE fit (slope, R²)",
-    "layer_effects": "mean DE, TE and compensation per layer (± SE), attention and MLP panels",
-    "response_heatmap": "mean downstream response: ablated component × response basis, plus the norm's share",
-    "erasure": "mean clean direct effect of every layer component; negative bars are erasure",
+    "layer_effects": "mean DE, TE, the paper's compensatory effect CE and the norm's part per layer (± SE)",
+    "response_heatmap": "mean downstream response: attention and MLP ablations apart, × responding layer, plus the "
+    "final norm's part; robust symmetric colour limits",
+    "erasure": "mean clean direct effect of every layer component (negative: erasure), and the late MLPs' response "
+    "to attention ablations regressed on the ablated layer's Δunembed",
+    "profile": "the paper's Fig. 1/3 for one prompt (`prompt`) and ablated component (`component`): clean "
+    "per-layer Δunembed, the ablated run's, and one faint line per resample patch (needs keep_samples)",
+    "fig2": "the paper's Fig. 2: Δunembed and the ablation's drop per layer, their correlation across prompts, and "
+    "the share of prompts with Δunembed > drop",
+    "fig7": "the paper's Fig. 7: CE against Δunembed for attention (coloured by depth), the best-fitting layer, MLP "
+    "layers, and slope (95% bootstrap interval) and R² per layer",
+    "fig8": "the paper's Fig. 8: CE's attention part and MLP part regressed on Δunembed, per attention layer",
     "self_repair": "per-position jobs: per component, mean DE against mean TE over its top 2% pairs by DE with "
     "y = x (Rushing & Nanda Fig. 1), and per layer the shares of self-repair done by heads, MLPs and the norm",
+}
+
+_UNITS = {
+    "centered_logit": "centred logit", "logit": "logit", "logprob": "log-probability", "logit_diff": "logit difference"
 }
 
 KIND_MARKERS = {"attn": "o", "mlp": "s", "head": "^"}
@@ -59,7 +81,20 @@ def _finite(values: Iterable[float]) -> list[float]:
 
 
 def _metric(result: JobResult) -> str:
-    return result.provenance.spec.metric
+    """The unit every effect is in, as axis labels write it."""
+    metric = result.provenance.spec.metric
+    return _UNITS.get(metric, metric)
+
+
+def robust_bound(values: Iterable[float], quantile: float = 0.99) -> float:
+    """A symmetric colour limit: the `quantile` of |values| (so one outlier does not wash the map out), > 0."""
+    import numpy as np
+
+    finite = np.abs(np.array(_finite(values), dtype=float))
+    finite = finite[finite > 0]
+    if finite.size == 0:
+        return 1.0
+    return float(np.quantile(finite, quantile))
 
 
 def _limits(values: list[float]) -> tuple[float, float]:
@@ -143,7 +178,7 @@ def _te_vs_de(fig: Figure, result: JobResult) -> None:
         transform=ax.transAxes,
         va="top",
         ha="left",
-        fontsize=11,
+        fontsize=MIN_FONT_PT + 3,
         bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.6"},
     )
     ax.set_xlim(lo, hi)
@@ -190,101 +225,126 @@ def _layer_panel(ax: Axes, result: JobResult, kind: str) -> None:
         ),
         key=lambda row: row[0],
     )
-    ax.set_title(f"{kind} blocks")
+    ax.set_title(f"{kind} ablated")
     ax.axhline(0, color="0.3", linewidth=0.8)
     if not rows:
-        ax.text(
-            0.5,
-            0.5,
-            f"no {kind} components were ablated",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            color="0.4",
-        )
+        ax.text(0.5, 0.5, f"no {kind} components were ablated", transform=ax.transAxes, ha="center", va="center",
+                color="0.4")
         return
     x = np.array([layer for layer, _ in rows], dtype=float)
-    width = 0.27
+    width = 0.2
     series = (
-        ("direct effect", "tab:blue", [s.direct_effect_mean for _, s in rows], [s.direct_effect_se for _, s in rows]),
-        ("total effect", "tab:green", [s.total_effect_mean for _, s in rows], [s.total_effect_se for _, s in rows]),
-        ("compensation", "tab:red", [s.compensation_mean for _, s in rows], [s.compensation_se for _, s in rows]),
+        ("Δunembed (paper's x)", "tab:purple", [s.unembed_effect_mean for _, s in rows],
+         [s.unembed_effect_se for _, s in rows]),
+        ("drop: total effect", "tab:green", [s.total_effect_mean for _, s in rows],
+         [s.total_effect_se for _, s in rows]),
+        ("CE (downstream layers)", "tab:red", [s.compensatory_effect_mean for _, s in rows],
+         [s.compensatory_effect_se for _, s in rows]),
+        ("final norm's part", "0.55", [s.norm_response_mean for _, s in rows], [0.0 for _ in rows]),
     )
-    for offset, (label, colour, means, ses) in zip((-width, 0.0, width), series, strict=True):
-        ax.bar(
-            x + offset,
-            means,
-            width,
-            yerr=ses,
-            color=colour,
-            label=label,
-            capsize=2,
-            error_kw={"elinewidth": 0.8, "ecolor": "0.2"},
-        )
-    ax.set_xticks(x, [str(int(layer)) for layer in x], fontsize=8 if len(rows) > 24 else 10)
-    ax.legend(loc="best", fontsize=9)
+    for offset, (label, colour, means, ses) in zip((-1.5 * width, -0.5 * width, 0.5 * width, 1.5 * width), series,
+                                                   strict=True):
+        ax.bar(x + offset, means, width, yerr=ses, color=colour, label=label, capsize=1.5,
+               error_kw={"elinewidth": 0.7, "ecolor": "0.2"})
+    _layer_ticks(ax, [int(layer) for layer in x])
+    ax.legend(loc="upper left", ncols=4, fontsize=MIN_FONT_PT + 1)
     ax.grid(True, axis="y", alpha=0.3)
+
+
+def _layer_ticks(ax: Axes, layers: list[int]) -> None:
+    """Every layer while two-digit labels fit at 9 pt (about 25 px each at 100 dpi), else every second or fifth."""
+    spec = ax.get_subplotspec()
+    columns = spec.get_gridspec().ncols if spec is not None else 1
+    figure = cast("Figure", ax.figure)
+    width_px = figure.get_figwidth() * figure.dpi / columns * 0.85
+    fits = max(1, int(width_px // 25))
+    step = next((s for s in (1, 2, 5, 10) if len(layers) / s <= fits), 20)
+    shown = layers[::step]
+    ax.set_xticks(shown, [str(layer) for layer in shown])
+    ax.tick_params(axis="both", labelsize=MIN_FONT_PT + 1)
 
 
 def _layer_effects(fig: Figure, result: JobResult) -> None:
     """Where the repair happens by depth; heads are left out because per-head bars would not fit a layer axis."""
     axes = fig.subplots(2, 1, sharex=True)
-    metric = _metric(result)
+    unit = _metric(result)
     for ax, kind in zip(axes, ("attn", "mlp"), strict=True):
         _layer_panel(ax, result, kind)
-        ax.set_ylabel(f"mean over prompts ({metric})")
-    axes[-1].set_xlabel("layer")
+        ax.set_ylabel(f"mean over prompts ({unit})")
+    axes[-1].set_xlabel("ablated layer")
     heads = sum(1 for name in result.components if parse_component(name)[0] == "head")
-    title = f"{result.model}: mean direct effect, total effect and compensation per layer (± SE)"
+    title = (f"{result.model}: mean Δunembed, drop (TE), the paper's compensatory effect and the norm's part per "
+             f"layer (± SE, {result.summary.n_prompts} prompts)")
     if heads:
         title += f"\n{heads} head components not shown here (see te_vs_de)"
     fig.suptitle(title)
 
 
-def _ticks(ax: Axes, axis: str, labels: list[str]) -> None:
-    """Label every row/column while they fit (a 30-layer model's 60 components do), else every k-th."""
-    step = max(1, math.ceil(len(labels) / 64))
-    positions = list(range(0, len(labels), step))
-    fontsize = 9 if len(labels) <= 24 else 6
+def _heat_ticks(ax: Axes, axis: str, layers: list[int]) -> None:
+    step = 1 if len(layers) <= 16 else (2 if len(layers) <= 32 else 4)
+    positions = list(range(0, len(layers), step))
+    labels = [str(layers[i]) for i in positions]
     if axis == "x":
-        ax.set_xticks(positions, [labels[i] for i in positions], rotation=90, fontsize=fontsize)
+        ax.set_xticks(positions, labels)
     else:
-        ax.set_yticks(positions, [labels[i] for i in positions], fontsize=fontsize)
+        ax.set_yticks(positions, labels)
+    ax.tick_params(axis="both", labelsize=MIN_FONT_PT + 1)
 
 
 def _response_heatmap(fig: Figure, result: JobResult) -> None:
-    """Which layers respond to each ablation; each row plus its norm cell sums to that component's compensation."""
+    """Which layers respond to each ablation, attention and MLP ablations apart; each row plus its norm cell sums to
+    that component's compensation. Colour limits: the 99th percentile of |value|, symmetric."""
     import numpy as np
 
-    ax = fig.add_subplot()
     if not result.summary.response_matrix:
-        _no_data(ax, "this per-position job stored only the heads / MLPs / norm split (position_responses 'split'):"
-                 "\nsee the self_repair figure, or run with position_responses 'full'")
+        _no_data(fig.add_subplot(), "this per-position job stored only the heads / MLPs / norm split "
+                 "(position_responses 'split'):\nsee the self_repair figure, or run with position_responses 'full'")
         return
     matrix = np.array(result.summary.response_matrix, dtype=float).reshape(
         len(result.components), len(result.response_basis)
     )
-    norm_column = np.array([[s.norm_response_mean] for s in result.summary.components], dtype=float)
-    values = np.hstack([matrix, norm_column]) if len(norm_column) == len(matrix) else matrix
-    finite = values[np.isfinite(values)]
-    bound = float(np.abs(finite).max()) if finite.size else 0.0
-    bound = bound if bound > 0 else 1.0
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
-    columns = [*result.response_basis, "norm"][: values.shape[1]]
-    _ticks(ax, "x", columns)
-    _ticks(ax, "y", list(result.components))
-    if values.shape[1] > matrix.shape[1]:
-        ax.axvline(matrix.shape[1] - 0.5, color="black", linewidth=1.5)
-    if values.size <= 200:
-        for (row, col), value in np.ndenumerate(values):
-            if math.isfinite(value) and value != 0:
-                colour = "white" if abs(value) > 0.6 * bound else "black"
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
-    metric = _metric(result)
-    ax.set_xlabel("responding layer component (response basis); last column: the final norm's share")
-    ax.set_ylabel("ablated component")
-    ax.set_title(f"{result.model}: mean downstream response to each ablation ({metric}); " "row + norm = compensation")
-    fig.colorbar(image, ax=ax, label=f"mean response ({metric})")
+    norm_column = np.array([s.norm_response_mean for s in result.summary.components], dtype=float)
+    parsed = [parse_component(name) for name in result.components]
+    basis = [parse_component(name) for name in result.response_basis]
+    bound = robust_bound([*matrix.ravel().tolist(), *norm_column.tolist()])
+    grid = fig.add_gridspec(2, 3, width_ratios=[12, 12, 1])
+    unit = _metric(result)
+    image = None
+    for row, ablated_kind in enumerate(("attn", "mlp")):
+        rows = sorted((layer, c) for c, (k, layer) in enumerate(parsed) if k == ablated_kind)
+        for col, responding in enumerate(("attn", "mlp", "norm")):
+            ax = fig.add_subplot(grid[row, col])
+            if not rows:
+                ax.set_axis_off()
+                if col == 0:
+                    ax.text(0.5, 0.5, f"no {ablated_kind} ablations", ha="center", va="center", color="0.4")
+                continue
+            if responding == "norm":
+                values = norm_column[[c for _, c in rows]][:, None]
+                cols: list[int] = [0]
+            else:
+                cols = [d for d, (k, _) in enumerate(basis) if k == responding]
+                values = matrix[np.ix_([c for _, c in rows], cols)]
+            image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+            if responding == "norm":
+                ax.set_xticks([0], ["norm"])
+                ax.set_yticks([])
+                ax.tick_params(axis="both", labelsize=MIN_FONT_PT + 1)
+            else:
+                _heat_ticks(ax, "x", [basis[d][1] for d in cols])
+                if col == 0:
+                    _heat_ticks(ax, "y", [layer for layer, _ in rows])
+                    ax.set_ylabel(f"ablated {ablated_kind} layer")
+                else:
+                    ax.set_yticks([])
+                ax.set_xlabel(f"responding {responding} layer")
+            if row == 0:
+                ax.set_title({"attn": "attention responses", "mlp": "MLP responses", "norm": "norm"}[responding])
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, label=f"mean response ({unit}); colour clipped at ±{bound:.3g}",
+                     extend="both", shrink=0.9)
+    fig.suptitle(f"{result.model}: mean downstream response to each ablation ({unit}); "
+                 "row + norm = compensation; CE = row sum")
 
 
 def _no_data(ax: Axes, message: str) -> None:
@@ -333,10 +393,11 @@ def _self_repair(fig: Figure, result: JobResult) -> None:
 
 
 def _erasure(fig: Figure, result: JobResult) -> None:
-    """What each layer writes onto the target in the clean run; late MLPs that push it down are erasure."""
+    """What each layer writes onto the target in the clean run (negative late MLPs: erasure), and how much less they
+    erase when an attention layer that promotes the target is ablated (the erasure regressions)."""
     from matplotlib.patches import Patch
 
-    ax = fig.add_subplot()
+    ax, ax_fit = fig.subplots(2, 1)
     width = 0.4
     basis = [parse_component(name) for name in result.response_basis]
     values = result.summary.clean_direct_effect_mean
@@ -344,70 +405,127 @@ def _erasure(fig: Figure, result: JobResult) -> None:
         points = [(layer, v) for (k, layer), v in zip(basis, values, strict=True) if k == kind]
         if not points:
             continue
-        layers = [layer + offset for layer, _ in points]
-        heights = [v for _, v in points]
-        bars = ax.bar(layers, heights, width, color=KIND_COLOURS[kind], label=kind)
-        for bar, height in zip(bars, heights, strict=True):
+        bars = ax.bar([layer + offset for layer, _ in points], [v for _, v in points], width,
+                      color=KIND_COLOURS[kind])
+        for bar, (_, height) in zip(bars, points, strict=True):
             if height < 0:
                 bar.set_edgecolor("crimson")
-                bar.set_linewidth(1.8)
+                bar.set_linewidth(1.4)
                 bar.set_hatch("///")
     negatives = [(v, name) for name, v in zip(result.response_basis, values, strict=True) if v < 0]
     if negatives:
         worst, name = min(negatives)
         layer = parse_component(name)[1] + (-width / 2 if name.startswith("attn") else width / 2)
-        ax.annotate(
-            f"{name}: {worst:+.3f}",
-            xy=(layer, worst),
-            xytext=(0, -18),
-            textcoords="offset points",
-            ha="center",
-            va="top",
-            color="crimson",
-            fontsize=10,
-        )
+        ax.annotate(f"{name}: {worst:+.3f}", xy=(layer, worst), xytext=(0, -14), textcoords="offset points",
+                    ha="center", va="top", color="crimson", fontsize=MIN_FONT_PT + 2)
     ax.axhline(0, color="0.3", linewidth=0.8)
     layers = sorted({layer for _, layer in basis})
-    ax.set_xticks(layers, [str(layer) for layer in layers], fontsize=8 if len(layers) > 24 else 10)
-    metric = _metric(result)
+    _layer_ticks(ax, layers)
+    unit = _metric(result)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"mean clean direct effect ({metric})")
-    ax.set_title(
-        f"{result.model}: what each layer writes onto the target in the clean run "
-        f"({len(negatives)} negative: erasure)"
-    )
-    handles, _ = ax.get_legend_handles_labels()
-    handles.append(
-        Patch(facecolor="white", edgecolor="crimson", hatch="///", label="negative (pushes the target down)")
-    )
-    ax.legend(handles=handles, loc="best")
+    ax.set_ylabel(f"mean clean Δunembed ({unit})")
+    ax.set_title(f"what each layer writes onto the target in the clean run ({len(negatives)} negative: erasure)")
+    # A fixed legend: one patch per kind and the erasure hatch, in a corner the bars rarely reach.
+    handles = [Patch(facecolor=KIND_COLOURS["attn"], label="attention"),
+               Patch(facecolor=KIND_COLOURS["mlp"], label="MLP"),
+               Patch(facecolor="white", edgecolor="crimson", hatch="///", label="negative: erases the target")]
+    ax.legend(handles=handles, loc="upper left", ncols=3, framealpha=0.9)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.margins(y=0.12)
+    ax.margins(y=0.15)
+
+    n_layers = len(layers)
+    late = [f"mlp.{layer}" for layer in layers[-4:]]
+    fits = [e for e in (result.summary.erasure or []) if e.mlp in late]
+    for mlp, colour in zip(late, ("tab:olive", "tab:cyan", "tab:pink", "tab:brown"), strict=False):
+        points = sorted((parse_component(e.ablated)[1], e.fit.slope) for e in fits if e.mlp == mlp and e.fit.slope
+                        is not None)
+        if points:
+            ax_fit.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=colour,
+                        label=f"{mlp} response")
+    ax_fit.axhline(0, color="0.3", linewidth=0.8)
+    ax_fit.set_xlabel("ablated attention layer")
+    ax_fit.set_ylabel("slope on the ablated layer's Δunembed\n(centred-logit change per unit)" if unit ==
+                      "centred logit" else f"slope ({unit} per {unit})")
+    ax_fit.set_title("erasure regressions: a late MLP's response on the ablated attention layer's Δunembed "
+                     "(positive: it erases less)")
+    if fits:
+        ax_fit.legend(loc="upper left", ncols=4, framealpha=0.9)
+    else:
+        why = "not computed for per-position jobs" if result.summary.erasure is None else "no attention ablations"
+        ax_fit.text(0.5, 0.5, f"{why}: no erasure regressions", transform=ax_fit.transAxes,
+                    ha="center", va="center", color="0.4")
+    ax_fit.set_xlim(-0.5, n_layers - 0.5)
+    _layer_ticks(ax_fit, layers)
+    ax_fit.grid(True, alpha=0.3)
+    fig.suptitle(f"{result.model}: erasure ({result.summary.n_prompts} prompts)")
 
 
-DRAWERS: dict[FigureName, Callable[[Figure, JobResult], None]] = {
-    "te_vs_de": _te_vs_de,
-    "layer_effects": _layer_effects,
-    "response_heatmap": _response_heatmap,
-    "erasure": _erasure,
-    "self_repair": _self_repair,
-}
+def _drawers() -> dict[str, Callable[..., None]]:
+    from service import paper_figures
+
+    return {
+        "te_vs_de": _te_vs_de,
+        "layer_effects": _layer_effects,
+        "response_heatmap": _response_heatmap,
+        "erasure": _erasure,
+        "self_repair": _self_repair,
+        "profile": paper_figures.profile,
+        "fig2": paper_figures.fig2,
+        "fig7": paper_figures.fig7,
+        "fig8": paper_figures.fig8,
+    }
 
 
-def render(result: JobResult, name: FigureName, fmt: FigureFormat = "png") -> bytes:
-    """One figure as PNG (1200 × 800 px) or SVG bytes; CPU-bound, so callers run it off the event loop."""
+class FigureOptionError(ValueError):
+    """A figure option out of range (size, dpi, prompt or component); the message says what to change."""
+
+
+def check_size(width: int, height: int, dpi: int) -> None:
+    if not (MIN_PX <= width <= MAX_PX and MIN_PX <= height <= MAX_PX):
+        raise FigureOptionError(f"width and height must be {MIN_PX}–{MAX_PX} px (got {width} × {height})")
+    if not MIN_DPI <= dpi <= MAX_DPI:
+        raise FigureOptionError(f"dpi must be {MIN_DPI}–{MAX_DPI} (got {dpi})")
+
+
+def render(
+    result: JobResult,
+    name: FigureName,
+    fmt: FigureFormat = "png",
+    *,
+    width: int = WIDTH_PX,
+    height: int = HEIGHT_PX,
+    dpi: int = DPI,
+    prompt: int | None = None,
+    component: str | None = None,
+) -> bytes:
+    """One figure as PNG (exactly width × height px), SVG or PDF bytes; CPU-bound, so callers run it off the
+    event loop. `prompt` (a position in result.prompts) and `component` choose the profile figure's example."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if name not in DRAWERS:
+    drawers = _drawers()
+    if name not in drawers:
         raise ValueError(f"unknown figure {name!r}; figures are {', '.join(FIGURE_NAMES)}")
     if fmt not in FIGURE_MEDIA_TYPES:
-        raise ValueError(f"figure format must be png or svg, not {fmt!r}")
+        raise ValueError(f"figure format must be png, svg or pdf, not {fmt!r}")
+    check_size(width, height, dpi)
+    if name in PAPER_FIGURES and result.provenance.spec.per_position:
+        raise FigureOptionError(
+            f"figure {name!r} is not available for per-position jobs: the paper's figures are drawn from the "
+            "final-position statistics across prompts (see self_repair, te_vs_de and layer_effects)"
+        )
     buffer = io.BytesIO()
-    metadata = {"Date": None} if fmt == "svg" else None  # no timestamp in the SVG
-    with _RENDER_LOCK:
-        fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
+    metadata = {"Date": None} if fmt == "svg" else ({"CreationDate": None} if fmt == "pdf" else None)
+    style = {"font.size": MIN_FONT_PT + 2, "axes.titlesize": MIN_FONT_PT + 3, "axes.labelsize": MIN_FONT_PT + 2,
+             "xtick.labelsize": MIN_FONT_PT + 1, "ytick.labelsize": MIN_FONT_PT + 1, "legend.fontsize": MIN_FONT_PT + 1,
+             "figure.titlesize": MIN_FONT_PT + 4}
+    with _RENDER_LOCK, matplotlib.rc_context(cast(Any, style)):
+        fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
         FigureCanvasAgg(fig)
-        DRAWERS[name](fig, result)
-        fig.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
+        if name == "profile":
+            drawers[name](fig, result, prompt=prompt, component=component)
+        else:
+            drawers[name](fig, result)
+        fig.savefig(buffer, format=fmt, dpi=dpi, metadata=metadata)
     return buffer.getvalue()

@@ -27,6 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "resample_samples": 1,
     "resample_from": "next",
     "seed": 0,
+    "keep_samples": False,
+    "only_correct": False,
+    "resample_within": "job",
     "max_tokens": None,
     "measure_positions": "final",
     "target": "clean_top",
@@ -34,16 +37,21 @@ DEFAULTS: dict[str, Any] = {
     "position_responses": "split",
 }
 
-# The Hydra-effect paper's setup (McGrath et al., 2023): resample ablation of every layer's attention and MLP,
-# 15 random sources per prompt, centred logit of the target, on factual-recall prompts.
+# The Hydra-effect paper's setup (McGrath et al., 2023): resample ablation of every layer's attention and MLP at
+# the final position, 15 random sources per prompt drawn from the dataset, centred logit of the clean top token,
+# on the factual-recall prompts the model answers correctly (only_correct). Sources come from the whole job, as in
+# the paper's App. A; `resample_within: "relation"` is available but cannot be the preset's on known_1000, whose
+# relations P190 (1 prompt) and P138 (9) have fewer than 16 prompts.
 PRESETS: dict[str, dict[str, Any]] = {
     "hydra": {
         "components": ["attn", "mlp"],
         "ablation": "resample",
         "resample_samples": 15,
         "resample_from": "random",
+        "resample_within": "job",
         "positions": "final",
         "metric": "centered_logit",
+        "only_correct": True,
     },
     # Rushing & Nanda 2024: every head resample-ablated at every position of natural text, measured at every
     # position with the true next token as target, direct effects with the clean final-norm scale, responses per
@@ -114,6 +122,25 @@ def resolve(
 
     ablation = pick("ablation")
     samples = _samples(request, ablation, pick("resample_samples"), n)
+    options = {name: pick(name) for name in ("measure_positions", "target", "response_basis", "position_responses")}
+    per_position = options["measure_positions"] == "all" or options["target"] == "next_token" or (
+        options["response_basis"] == "heads"
+    )
+    if per_position:
+        _check_paper_options_final_only(pick("only_correct"), pick("keep_samples"), pick("resample_within"))
+    only_correct = pick("only_correct")
+    if only_correct and answers is None and dataset is None and request.only_correct is UNSET:
+        only_correct = False  # the preset selects correct answers only where there are answers to compare with
+    if only_correct and answers is None:
+        if dataset is None:
+            raise ValidationProblem(
+                "only_correct needs an answer per prompt (give answers, or use a dataset, whose answers are used)",
+                "only_correct",
+            )
+        answers = datasets.select(dataset)[1]  # the clean top token is compared with each answer's first token
+    resample_within = pick("resample_within")
+    groups = _resample_groups(resample_within, ablation, dataset, samples)
+    keep_samples = pick("keep_samples")
     mean_reference = _mean_reference(request, ablation)
     components = expand_components(pick("components"), info)
 
@@ -124,11 +151,7 @@ def resolve(
             f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
             "components"
         )
-    options = {name: pick(name) for name in ("measure_positions", "target", "response_basis", "position_responses")}
     max_tokens = pick("max_tokens")
-    per_position = options["measure_positions"] == "all" or options["target"] == "next_token" or (
-        options["response_basis"] == "heads"
-    )
     if per_position:
         _check_position_options(pick("positions"), metric, options, answers)
         values = _position_values(n, len(components), info, options, max_tokens or settings.max_prompt_tokens)
@@ -137,13 +160,18 @@ def resolve(
             "positions"
         )
     else:
-        values = n * len(components) * (2 * info.n_layers + 6)
-        what = f"{n:,} prompts × {len(components):,} components × {2 * info.n_layers + 6} per pair"
+        per_pair = 2 * info.n_layers + 8 + (samples * (2 * info.n_layers + 3) if keep_samples else 0)
+        values = n * len(components) * per_pair
+        what = (
+            f"{n:,} prompts × {len(components):,} components × {per_pair} per pair"
+            f"{', with keep_samples' if keep_samples else ''}"
+        )
     if values > settings.max_result_values:
         raise ValidationProblem(
             f"the result would hold {values:,} numbers ({what}), above this server's limit of "
             f"{settings.max_result_values:,}; split the job into several with fewer prompts"
             + (", lower max_tokens or use position_responses 'split'" if per_position else "")
+            + (" or leave keep_samples off" if keep_samples else "")
         )
 
     return JobSpec(
@@ -163,10 +191,43 @@ def resolve(
         preset=None if request.preset is UNSET else request.preset,
         dataset=dataset,
         prompt_fields=None if dataset is None else datasets.prompt_fields(dataset),
+        keep_samples=keep_samples,
+        only_correct=only_correct,
+        resample_within=resample_within,
+        resample_groups=groups,
         max_tokens=max_tokens,
         corpus=corpus,
         **options,
     )
+
+
+def _resample_groups(within: str, ablation: str, dataset: DatasetRef | None, samples: int) -> list[int] | None:
+    """Per prompt, the number of its relation (resample_within "relation"); every relation needs samples + 1."""
+    if within == "job":
+        return None
+    if ablation != "resample":
+        raise ValidationProblem(
+            f"resample_within only applies to ablation resample (this job's ablation is {ablation})", "resample_within"
+        )
+    if dataset is None:
+        raise ValidationProblem(
+            "resample_within \"relation\" needs a dataset (its prompts carry their relation); give dataset instead "
+            "of prompts, or use resample_within \"job\"",
+            "resample_within",
+        )
+    relations = datasets.select_relations(dataset)
+    numbers = {r: k for k, r in enumerate(sorted(set(relations)))}
+    counts = {r: relations.count(r) for r in numbers}
+    small = sorted(r for r, c in counts.items() if c < samples + 1)
+    if small:
+        listed = ", ".join(f"{r} ({counts[r]})" for r in small)
+        raise ValidationProblem(
+            f"resample_within \"relation\" with resample_samples {samples} needs {samples + 1} prompts per relation; "
+            f"these relations have fewer: {listed}. Lower resample_samples, filter dataset.relation, or use "
+            "resample_within \"job\"",
+            "resample_within",
+        )
+    return [numbers[r] for r in relations]
 
 
 def _model(model_id: str, models: Mapping[str, ModelInfo], refused: Mapping[str, str]) -> ModelInfo:
@@ -219,6 +280,21 @@ def _prompts(request: JobRequest) -> tuple[list[str], list[str] | None, DatasetR
             raise ValidationProblem("give answers or dataset.use_answers, not both", "answers")
         answers = dataset_answers
     return prompts, answers, dataset, None
+
+
+def _check_paper_options_final_only(only_correct: bool, keep_samples: bool, resample_within: str) -> None:
+    """The paper's prompt selection and per-patch data are defined for final-position jobs only."""
+    for name, used in (
+        ("only_correct", only_correct),
+        ("keep_samples", keep_samples),
+        ("resample_within", resample_within != "job"),
+    ):
+        if used:
+            raise ValidationProblem(
+                f"{name} is for final-position jobs; per-position jobs (measure_positions 'all', target "
+                "'next_token' or response_basis 'heads') do not support it",
+                name,
+            )
 
 
 def _check_position_options(positions: str, metric: str, options: dict[str, str], answers: list[str] | None) -> None:

@@ -20,14 +20,17 @@ PositionScope = Literal["final", "all"]
 MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
+ResampleWithin = Literal["job", "relation"]
 PresetName = Literal["hydra", "rushing_nanda"]
 MeasurePositions = Literal["final", "all"]
 TargetName = Literal["clean_top", "next_token"]
 ResponseBasisName = Literal["layers", "heads"]
 PositionResponses = Literal["split", "full"]
 DatasetName = Literal["known_1000"]
-FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair"]
-FigureFormat = Literal["png", "svg"]
+FigureName = Literal[
+    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
+]
+FigureFormat = Literal["png", "svg", "pdf"]
 ExportFormat = Literal["json", "msgpack", "csv", "parquet"]
 # Where a served model's weights come from, as the open model list shows it: never a file-system path.
 ModelSourceKind = Literal["builtin", "local", "hub"]
@@ -110,6 +113,12 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
         | UnsetType
     ) = UNSET
     callback_url: CallbackUrl | UnsetType = UNSET
+    # Return every resample patch's TE, DE and ablated per-layer profile (PromptResult.samples).
+    keep_samples: bool | UnsetType = UNSET
+    # Measure only prompts whose clean top token is the first token of their answer (the paper's selection).
+    only_correct: bool | UnsetType = UNSET
+    # Draw resample sources from the whole job, or from the prompts of the same dataset relation.
+    resample_within: ResampleWithin | UnsetType = UNSET
     # Documents and per-position measurement (docs/definitions.md, "Every position").
     texts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
     corpus: CorpusRef | UnsetType = UNSET
@@ -148,6 +157,10 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     preset: PresetName | None = None
     dataset: DatasetRef | None = None
     prompt_fields: list[PromptFields] | None = None  # one per prompt when they come from a dataset
+    keep_samples: bool = False
+    only_correct: bool = False
+    resample_within: ResampleWithin = "job"
+    resample_groups: list[int] | None = None  # per prompt, its relation's number (resample_within "relation")
     max_tokens: int | None = None  # texts are cut to their first max_tokens tokens (None: uncut)
     measure_positions: MeasurePositions = "final"
     target: TargetName = "clean_top"  # given answers win over clean_top
@@ -227,14 +240,35 @@ class ModelInfo(Struct, kw_only=True):
 
 
 class Regression(Struct, kw_only=True):
-    """Least-squares fit y = slope·x + intercept; nulls when x has no spread."""
+    """Least-squares fit y = slope·x + intercept across prompts, labelled with what it regresses on what; nulls
+    when x has no spread."""
 
+    y: str  # the regressed quantity (a PromptResult field, or a part of one)
+    x: str
     slope: float | None
     intercept: float | None
     r2: float | None
     n: int
 
 
+class Fit(Regression, kw_only=True):
+    """A Regression with a seeded percentile-bootstrap interval for the slope (prompts resampled with replacement)."""
+
+    slope_ci_low: float | None
+    slope_ci_high: float | None
+    ci_level: float
+    n_boot: int
+    excludes_zero: bool | None  # the interval lies entirely above or below 0
+    excludes_one: bool | None  # ... 1 (below 1: the repair is partial, the paper's Fig. 7d claim)
+
+
+class PatchSample(Struct, kw_only=True):
+    """One ablated run of one prompt and component (one resample source; the single run for mean and zero)."""
+
+    source: int | None
+    total_effect: float
+    direct_effect: float
+    profile: list[float]  # Δ̃unembed(k, l): every layer component's direct effect in this ablated run
 class PositionColumns(Struct, kw_only=True):
     """One prompt's per-position measures, as little-endian float32 arrays (base64 in JSON), row-major.
 
@@ -261,6 +295,7 @@ class PositionColumns(Struct, kw_only=True):
 
 
 class PromptResult(Struct, kw_only=True):
+    index: int  # the prompt's position in the job's prompts (only_correct leaves some out)
     prompt: str
     target_id: int
     target_token: str
@@ -270,10 +305,13 @@ class PromptResult(Struct, kw_only=True):
     sources: list[int]
     total_effect: list[float]
     direct_effect: list[float]
-    compensation: list[float]
+    compensation: list[float]  # = compensatory_effect + norm_response, exactly
     norm_response: list[float]
     response: list[list[float]]
     clean_direct_effect: list[float]
+    unembed_effect: list[float]  # the paper's Δunembed of the ablated component (Eq. 10)
+    compensatory_effect: list[float]  # the paper's CE (Eq. 33–34): Σ downstream responses, norm excluded
+    samples: list[list[PatchSample]] | None = None  # [component][patch], with keep_samples
     # Soft-capped models only (Gemma 2): TE read on the model's capped logits; the other measures are read on the
     # pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). Null for every other model.
     capped_total_effect: list[float] | None = None
@@ -292,10 +330,43 @@ class ComponentSummary(Struct, kw_only=True):
     total_effect_se: float
     compensation_mean: float
     compensation_se: float
-    compensation_attn_mean: float
-    compensation_mlp_mean: float
+    compensation_attn_mean: float  # mean of CE's attention part (Σ downstream attention responses)
+    compensation_mlp_mean: float  # mean of CE's MLP part
     norm_response_mean: float
-    compensation_vs_direct: Regression
+    compensation_vs_direct: Regression  # compensation (CE + norm) on DE, across prompts
+    unembed_effect_mean: float
+    unembed_effect_se: float
+    compensatory_effect_mean: float
+    compensatory_effect_se: float
+    # Fig. 7: CE on the paper's x (Δunembed) and on DE; Fig. 8: CE's attention and MLP parts on the same x's.
+    # The paper's statistics are across prompts at the final position: null for per-position jobs.
+    ce_vs_unembed: Fit | None = None
+    ce_vs_direct: Fit | None = None
+    ce_attn_vs_unembed: Fit | None = None
+    ce_mlp_vs_unembed: Fit | None = None
+    ce_attn_vs_direct: Fit | None = None
+    ce_mlp_vs_direct: Fit | None = None
+    # Fig. 2: Pearson correlation across prompts of Δunembed with the drop (TE), and the share with Δunembed > TE.
+    unembed_drop_correlation: float | None = None
+    unembed_exceeds_drop_share: float | None = None
+
+
+class ErasureFit(Struct, kw_only=True):
+    """For an ablated attention layer: one downstream MLP's response regressed on the layer's Δunembed."""
+
+    ablated: str
+    mlp: str
+    clean_direct_effect_mean: float  # the MLP's mean clean direct effect (negative: it erases the target)
+    response_mean: float
+    fit: Regression
+
+
+class Selection(Struct, kw_only=True):
+    """Which prompts the summary covers."""
+
+    only_correct: bool
+    n_candidates: int  # prompts in the job
+    n_kept: int  # prompts measured (all, or those whose clean top token is the answer's first token)
 
 
 class Quantiles(Struct, kw_only=True):
@@ -330,11 +401,13 @@ class SelfRepair(Struct, kw_only=True):
 
 class Summary(Struct, kw_only=True):
     n_prompts: int
+    selection: Selection
     components: list[ComponentSummary]
     response_matrix: list[list[float]]
     clean_direct_effect_mean: list[float]
-    total_vs_direct: Regression
+    total_vs_direct: Regression  # mean TE on mean DE, across components
     near_ties: int
+    erasure: list[ErasureFit] | None = None  # null for per-position jobs
     # Per-position jobs: pairs are (prompt, position); near_ties counts pairs.
     n_pairs: int | None = None
     top_fraction: float | None = None

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from worker.engine.types import PromptMeasures, SweepInputs, SweepResult, SweepSpec
+from worker.engine.types import PatchSample, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 # --------------------------------------------------------------------------------------------------------------------
 # Locating the model's modules
@@ -219,6 +219,16 @@ def downstream(component: str, n_layers: int, parallel: bool) -> set[str]:
         out.add(f"attn.{later}")
         out.add(f"mlp.{later}")
     return out
+
+
+def paper_downstream(component: str, n_layers: int, parallel: bool) -> set[str]:
+    """The downstream sets of the compensatory effect, as McGrath et al. (2023) Eq. 33–34 write them: an attention
+    layer (or one of its heads) ablated at m sums attention from m+1 and MLPs from m; an MLP ablated at m sums both
+    from m+1. Parallel blocks: the MLP of layer m reads the block's input, not attention m's output, so it cannot
+    respond and is left out."""
+    c = parse_component(component)
+    first_mlp = c.layer if c.kind in ("attn", "head") and not parallel else c.layer + 1
+    return {f"attn.{k}" for k in range(c.layer + 1, n_layers)} | {f"mlp.{k}" for k in range(first_mlp, n_layers)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -522,6 +532,8 @@ def oracle_sweep(
     for i, ids in enumerate(prompts):
         T = ids.shape[0]
         rec_c = clean[i]
+        if spec.only_correct and int(torch.argmax(rec_c.logits)) != int(inputs.target_ids[i]):
+            continue  # the paper's selection: only prompts whose clean top token is the answer
         logits_c = rec_c.logits.double()
         if inputs.target_ids is not None:
             target = int(inputs.target_ids[i])
@@ -541,6 +553,7 @@ def oracle_sweep(
         clean_de = {d: readout.f(w, layer_output(rec_c, d)) / s_clean for d in basis}
 
         te_list, de_list, comp_list, resp_list, norm_list, capped_list = [], [], [], [], [], []
+        unembed_list, ce_list, sample_list = [], [], []
         for comp in components:
             clean_rep = replacement_space_output(parts, rec_c, comp)  # (T, dim)
             # The ablations to run: one per source for resample, one otherwise.
@@ -559,7 +572,19 @@ def oracle_sweep(
                 raise ValueError(spec.ablation)
 
             down = downstream(comp.name, parts.n_layers, parts.parallel)
-            per_run = []  # (TE, DE, compensation, response list, norm_response)
+            paper_set = paper_downstream(comp.name, parts.n_layers, parts.parallel)
+            # Δunembed (Eq. 10): the component's clean output at the final position onto w, clean scale.
+            if comp.kind == "head" and parts.post_norm:
+                # A post-norm block's head has no additive write: its clean output is what the block writes less
+                # what it writes with that head zeroed at the final position (a brute-force run).
+                zeroed = run_model(
+                    model, parts, ids, Ablation(comp, {T - 1: torch.zeros(clean_rep.shape[1], dtype=torch.float64)})
+                )
+                written = layer_output(rec_c, f"attn.{comp.layer}") - layer_output(zeroed, f"attn.{comp.layer}")
+            else:
+                written = to_residual(parts, comp, clean_rep[T - 1])
+            unembed_list.append(readout.f(w, written) / s_clean)
+            per_run = []  # (TE, DE, compensation, response list, norm_response, CE, profile, source)
             for src, values in ablations:
                 rec_a = run_model(model, parts, ids, Ablation(comp, values))
                 if comp.kind == "head" and parts.post_norm:
@@ -588,7 +613,10 @@ def oracle_sweep(
                     else:
                         raise ValueError(spec.norm_scale)
                 norm_response = compensation - sum(response)
-                per_run.append((te, de, compensation, response, norm_response, capped_te))
+                ce = sum(r for d, r in zip(basis, response, strict=True) if d in paper_set)
+                s_profile = s_clean if spec.norm_scale == "clean" else s_abl
+                profile = [readout.f(w, layer_output(rec_a, d)) / s_profile for d in basis]
+                per_run.append((te, de, compensation, response, norm_response, ce, profile, src, capped_te))
 
             k = len(per_run)
             te_list.append(sum(r[0] for r in per_run) / k)
@@ -596,7 +624,11 @@ def oracle_sweep(
             comp_list.append(sum(r[2] for r in per_run) / k)
             resp_list.append([sum(r[3][j] for r in per_run) / k for j in range(len(basis))])
             norm_list.append(sum(r[4] for r in per_run) / k)
-            capped_list.append(sum(r[5] for r in per_run) / k)
+            ce_list.append(sum(r[5] for r in per_run) / k)
+            sample_list.append(
+                [PatchSample(source=r[7], total_effect=r[0], direct_effect=r[1], profile=r[6]) for r in per_run]
+            )
+            capped_list.append(sum(r[8] for r in per_run) / k)
 
         results.append(
             PromptMeasures(
@@ -610,6 +642,10 @@ def oracle_sweep(
                 norm_response=norm_list,
                 clean_direct_effect=[clean_de[d] for d in basis],
                 sources=list(pairing[i]),
+                unembed_effect=unembed_list,
+                compensatory_effect=ce_list,
+                samples=sample_list if spec.keep_samples else None,
+                index=i,
                 capped_total_effect=capped_list if parts.softcap else None,
             )
         )

@@ -11,7 +11,7 @@ import io
 import json
 import socket
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import cast, get_args, get_type_hints
 
 import httpx
 import msgspec
@@ -51,8 +51,11 @@ from service.schemas import (
     PromptResult,
     Provenance,
     Regression,
+    Selection,
     Summary,
 )
+from worker.engine.types import PromptMeasures, SweepResult
+from worker.summary import summarise
 
 # --- fixtures: a small, fully hand-built result ---------------------------------------------------------------------
 
@@ -60,6 +63,7 @@ from service.schemas import (
 def _prompt(text: str, token: str, te: list[float], de: list[float], norm: list[float]) -> PromptResult:
     comp = [d - t for d, t in zip(de, te, strict=True)]
     return PromptResult(
+        index=0,
         prompt=text,
         target_id=42,
         target_token=token,
@@ -73,7 +77,18 @@ def _prompt(text: str, token: str, te: list[float], de: list[float], norm: list[
         norm_response=norm,
         response=[[0.0, c - n] for c, n in zip(comp, norm, strict=True)],
         clean_direct_effect=[0.3, -0.2],
+        unembed_effect=de,
+        compensatory_effect=[c - n for c, n in zip(comp, norm, strict=True)],
     )
+
+
+def _paper_fields(name: str, prompts: list[PromptResult]) -> dict[str, object]:
+    """The paper's summary fields of one component, as the service's own summarise computes them."""
+    sweep = SweepResult(components=["attn.0", "mlp.0"], response_basis=["attn.0", "mlp.0"],
+                        prompts=cast(list[PromptMeasures], prompts))
+    summary = next(c for c in summarise(sweep, 1e-4).components if c.component == name)
+    old = set(ComponentSummary.__struct_fields__[:11])
+    return {f: getattr(summary, f) for f in ComponentSummary.__struct_fields__ if f not in old}
 
 
 @pytest.fixture
@@ -94,7 +109,9 @@ def result() -> JobResult:
             compensation_attn_mean=0.0,
             compensation_mlp_mean=0.4375,
             norm_response_mean=0.1875,
-            compensation_vs_direct=Regression(slope=0.5, intercept=0.125, r2=0.875, n=2),
+            compensation_vs_direct=Regression(y="compensation", x="direct_effect", slope=0.5, intercept=0.125,
+                                              r2=0.875, n=2),
+            **_paper_fields("attn.0", prompts),
         ),
         ComponentSummary(
             component="mlp.0",
@@ -107,7 +124,9 @@ def result() -> JobResult:
             compensation_attn_mean=0.0,
             compensation_mlp_mean=0.0,
             norm_response_mean=0.0,
-            compensation_vs_direct=Regression(slope=None, intercept=None, r2=None, n=2),
+            compensation_vs_direct=Regression(y="compensation", x="direct_effect", slope=None, intercept=None,
+                                              r2=None, n=2),
+            **_paper_fields("mlp.0", prompts),
         ),
     ]
     spec = JobSpec(
@@ -133,10 +152,13 @@ def result() -> JobResult:
         prompts=prompts,
         summary=Summary(
             n_prompts=2,
+            selection=Selection(only_correct=False, n_candidates=2, n_kept=2),
+            erasure=[],
             components=components,
             response_matrix=[[0.0, 0.4375], [0.0, 0.0]],
             clean_direct_effect_mean=[0.3, -0.2],
-            total_vs_direct=Regression(slope=-1.5, intercept=1.875, r2=1.0, n=2),
+            total_vs_direct=Regression(y="total_effect.mean", x="direct_effect.mean", slope=-1.5, intercept=1.875,
+                                       r2=1.0, n=2),
             near_ties=0,
         ),
         provenance=Provenance(
@@ -410,7 +432,7 @@ def test_url_and_key_default_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_figure_format_is_checked() -> None:
-    with HydraClient("http://127.0.0.1:1") as client, pytest.raises(ValueError, match="png or svg"):
+    with HydraClient("http://127.0.0.1:1") as client, pytest.raises(ValueError, match="png, svg or pdf"):
         client.figure("abc", "te_vs_de", "gif")  # type: ignore[arg-type]
 
 

@@ -55,6 +55,7 @@ class Case:
     seed: int = 0
     given_targets: bool = False
     mean_reference: bool = False
+    keep_samples: bool = True
 
     @property
     def id(self) -> str:
@@ -77,6 +78,7 @@ class Case:
             resample_samples=self.resample_samples,
             resample_from=self.resample_from,
             seed=self.seed,
+            keep_samples=self.keep_samples,
         )
 
     def inputs(self, ps: PromptSet) -> SweepInputs:
@@ -90,7 +92,7 @@ class Case:
 
 # A covering set: each option value appears at least once, and the combinations vary.
 CASES = (
-    Case("resample", "final", "logit", "clean", 1, "next"),
+    Case("resample", "final", "logit", "clean", 1, "next", keep_samples=False),
     Case("resample", "all", "centered_logit", "ablated", 2, "random", seed=7),
     Case("resample", "all", "logit_diff", "clean", 3, "next", given_targets=True),
     Case("resample", "final", "logprob", "ablated", 2, "random", seed=11),
@@ -181,7 +183,9 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
                 ev, ov = e.capped_total_effect[k], o.capped_total_effect[k]
                 if not _close(ev, ov, atol):
                     bad.append(f"prompt {i} {comp}: capped_total_effect engine {ev:.6f} oracle {ov:.6f}")
-            for name in ("total_effect", "direct_effect", "compensation", "norm_response"):
+            names = ("total_effect", "direct_effect", "compensation", "norm_response", "unembed_effect",
+                     "compensatory_effect")
+            for name in names:
                 ev, ov = getattr(e, name)[k], getattr(o, name)[k]
                 if not _close(ev, ov, atol):
                     bad.append(f"prompt {i} {comp}: {name} engine {ev:.6f} oracle {ov:.6f}")
@@ -189,6 +193,28 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
                 ev, ov = e.response[k][j], o.response[k][j]
                 if not _close(ev, ov, atol):
                     bad.append(f"prompt {i} {comp}: response[{d}] engine {ev:.6f} oracle {ov:.6f}")
+            bad += _compare_samples(e, o, i, k, comp, basis, atol)
+    return bad
+
+
+def _compare_samples(e, o, i: int, k: int, comp: str, basis: list[str], atol: float) -> list[str]:
+    """Per-patch data: present in both or in neither; each patch's source, TE, DE and profile agree."""
+    if (e.samples is None) != (o.samples is None):
+        return [f"prompt {i} {comp}: samples engine {e.samples is not None} oracle {o.samples is not None}"]
+    if e.samples is None:
+        return []
+    bad = []
+    if len(e.samples[k]) != len(o.samples[k]):
+        return [f"prompt {i} {comp}: {len(e.samples[k])} patches, oracle {len(o.samples[k])}"]
+    for n, (ep, op) in enumerate(zip(e.samples[k], o.samples[k], strict=True)):
+        if ep.source != op.source:
+            bad.append(f"prompt {i} {comp} patch {n}: source engine {ep.source} oracle {op.source}")
+        for name in ("total_effect", "direct_effect"):
+            if not _close(getattr(ep, name), getattr(op, name), atol):
+                bad.append(f"prompt {i} {comp} patch {n}: {name} engine {getattr(ep, name)} oracle {getattr(op, name)}")
+        for j, d in enumerate(basis):
+            if not _close(ep.profile[j], op.profile[j], atol):
+                bad.append(f"prompt {i} {comp} patch {n}: profile[{d}] engine {ep.profile[j]} oracle {op.profile[j]}")
     return bad
 
 
@@ -234,6 +260,8 @@ def test_engine_decomposition_closes(tiny_models, prompt_set, arch: str, case: C
             tol = ATOL * (1 + abs(te))
             assert abs(comp_v - (sum(p.response[k]) + p.norm_response[k])) <= tol, (i, comp)
             assert abs(comp_v - (de - te)) <= tol, (i, comp)
+            # The paper's CE plus the norm's part is the service's compensation, exactly (not within a tolerance).
+            assert p.compensatory_effect[k] + p.norm_response[k] == comp_v, (i, comp)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -520,3 +548,53 @@ def test_oracle_norm_modes_and_decomposition(tiny_models, prompt_set, arch: str)
                 te = p.total_effect[k]
                 assert abs(p.compensation[k] - (sum(p.response[k]) + p.norm_response[k])) <= 1e-9 * (1 + abs(te))
         assert pc.clean_direct_effect == pa.clean_direct_effect
+
+
+# ====================================================================================================================
+# The paper's prompt selection and resample groups
+# ====================================================================================================================
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_engine_only_correct_matches_oracle(tiny_models, prompt_set, arch: str) -> None:  # noqa: F811
+    """only_correct keeps exactly the prompts whose clean top token is the target; the rest are still sources."""
+    model = tiny_models(arch)
+    tops = [int(torch.argmax(run_model(model, locate_parts(model), ids).logits)) for ids in prompt_set.token_ids]
+    targets = [t if i % 2 == 0 else (t + 1) % model.config.vocab_size for i, t in enumerate(tops)]
+    spec = SweepSpec(components=ALL_COMPONENTS, metric="centered_logit", resample_samples=3, only_correct=True,
+                     keep_samples=True)
+    inputs = SweepInputs(token_ids=list(prompt_set.token_ids), target_ids=targets)
+    engine = _run_engine(model, spec, inputs)
+    assert [p.index for p in engine.prompts] == [0, 2]
+    oracle = oracle_sweep(model, spec, inputs)
+    assert [p.index for p in oracle.prompts] == [0, 2]
+    bad = compare_results(engine, oracle)
+    assert not bad, "\n".join(bad[:25])
+
+
+@pytest.mark.parametrize("how", ["next", "random"])
+def test_resample_groups_stay_within_group(how: str) -> None:
+    from worker.engine.replacements import resample_sources
+
+    groups = [0, 1, 0, 2, 1, 0, 2, 0, 1, 2]
+    sources = resample_sources(len(groups), 2, how, seed=5, groups=groups)
+    for i, picked in enumerate(sources):
+        assert len(set(picked)) == 2 and i not in picked
+        assert all(groups[s] == groups[i] for s in picked), (i, picked)
+    assert resample_sources(len(groups), 2, how, seed=5, groups=groups) == sources  # seeded, reproducible
+    with pytest.raises(ValueError, match="groups"):
+        resample_sources(len(groups), 3, how, seed=5, groups=groups)  # groups 1 and 2 have only 3 prompts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox_parallel"])
+def test_unembed_effect_is_the_clean_direct_effect(tiny_models, prompt_set, arch: str) -> None:  # noqa: F811
+    """Δunembed of attn.L / mlp.L is its clean direct effect; with zero ablation DE equals it (Eq. 28)."""
+    model = tiny_models(arch)
+    spec = SweepSpec(components=ALL_COMPONENTS, ablation="zero", metric="centered_logit")
+    result = _run_engine(model, spec, SweepInputs(token_ids=list(prompt_set.token_ids)))
+    for p in result.prompts:
+        for k, comp in enumerate(result.components):
+            assert abs(p.unembed_effect[k] - p.direct_effect[k]) <= ATOL
+            if not comp.startswith("head."):
+                slot = result.response_basis.index(comp)
+                assert abs(p.unembed_effect[k] - p.clean_direct_effect[slot]) <= ATOL

@@ -7,13 +7,12 @@ summary is computed from the per-prompt numbers exactly as docs/definitions.md d
 from __future__ import annotations
 
 import io
-import math
 import random
 import struct
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -22,18 +21,12 @@ from PIL import Image
 
 from service.app import create_app
 from service.figures import FIGURE_NAMES, HEIGHT_PX, WIDTH_PX, render
-from service.schemas import (
-    ComponentSummary,
-    JobResult,
-    JobSpec,
-    PromptResult,
-    Provenance,
-    Regression,
-    Summary,
-)
+from service.schemas import JobResult, JobSpec, PromptResult, Provenance
 from service.settings import Settings
 from service.store import JobStore
 from tests.conftest import private_settings
+from worker.engine.types import PromptMeasures, SweepResult
+from worker.summary import summarise
 
 PROBLEM = "application/problem+json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,29 +34,6 @@ PROMPTS = ["The Eiffel Tower is in", "The capital of Japan is", 'She said "yes",
 
 
 # --- a plausible JobResult ------------------------------------------------------------------------------------------
-
-
-def _regression(x: list[float], y: list[float]) -> Regression:
-    n = len(x)
-    if n < 2:
-        return Regression(slope=None, intercept=None, r2=None, n=n)
-    mx, my = sum(x) / n, sum(y) / n
-    sxx = sum((a - mx) ** 2 for a in x)
-    if sxx <= 1e-18:
-        return Regression(slope=None, intercept=None, r2=None, n=n)
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
-    intercept = my - slope * mx
-    total = sum((b - my) ** 2 for b in y)
-    residual = sum((b - (slope * a + intercept)) ** 2 for a, b in zip(x, y, strict=True))
-    return Regression(slope=slope, intercept=intercept, r2=1 - residual / total if total > 1e-18 else None, n=n)
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
 def _downstream(ablated: str, basis: list[str]) -> list[bool]:
@@ -106,6 +76,7 @@ def build_result(n_layers: int = 3, prompts: list[str] | None = None, heads: int
             response.append(r)
         rows.append(
             PromptResult(
+                index=i,
                 prompt=text,
                 target_id=1000 + i,
                 target_token=f" tok{i}",
@@ -119,31 +90,13 @@ def build_result(n_layers: int = 3, prompts: list[str] | None = None, heads: int
                 norm_response=norm,
                 response=response,
                 clean_direct_effect=clean_direct,
+                unembed_effect=[d + rng.uniform(-0.1, 0.1) for d in de],
+                compensatory_effect=[sum(r) for r in response],
             )
         )
-    summaries = []
-    for c, name in enumerate(components):
-        de_c = [p.direct_effect[c] for p in rows]
-        te_c = [p.total_effect[c] for p in rows]
-        comp_c = [p.compensation[c] for p in rows]
-        (de_m, de_se), (te_m, te_se), (co_m, co_se) = _mean_se(de_c), _mean_se(te_c), _mean_se(comp_c)
-        attn = [sum(v for v, b in zip(p.response[c], basis, strict=True) if b.startswith("attn")) for p in rows]
-        summaries.append(
-            ComponentSummary(
-                component=name,
-                direct_effect_mean=de_m,
-                direct_effect_se=de_se,
-                total_effect_mean=te_m,
-                total_effect_se=te_se,
-                compensation_mean=co_m,
-                compensation_se=co_se,
-                compensation_attn_mean=sum(attn) / len(rows),
-                compensation_mlp_mean=sum(sum(p.response[c]) for p in rows) / len(rows) - sum(attn) / len(rows),
-                norm_response_mean=sum(p.norm_response[c] for p in rows) / len(rows),
-                compensation_vs_direct=_regression(de_c, comp_c),
-            )
-        )
-    n = len(rows)
+    # The summary follows from the prompts by the service's own summarise (tested against numpy in test_stats).
+    sweep = SweepResult(components=components, response_basis=basis, prompts=cast(list[PromptMeasures], rows))
+    summary = summarise(sweep, 1e-4, seed=seed)
     spec = JobSpec(
         model="tiny",
         prompts=texts,
@@ -165,18 +118,7 @@ def build_result(n_layers: int = 3, prompts: list[str] | None = None, heads: int
         components=components,
         response_basis=basis,
         prompts=rows,
-        summary=Summary(
-            n_prompts=n,
-            components=summaries,
-            response_matrix=[
-                [sum(p.response[c][d] for p in rows) / n for d in range(len(basis))] for c in range(len(components))
-            ],
-            clean_direct_effect_mean=[sum(p.clean_direct_effect[d] for p in rows) / n for d in range(len(basis))],
-            total_vs_direct=_regression(
-                [s.direct_effect_mean for s in summaries], [s.total_effect_mean for s in summaries]
-            ),
-            near_ties=sum(p.near_tie for p in rows),
-        ),
+        summary=summary,
         provenance=Provenance(
             spec=spec,
             model_id="tiny",
@@ -294,12 +236,14 @@ def test_figures_label_what_they_show(result: JobResult) -> None:
         layers = render(result, "layer_effects", "svg").decode()
         heatmap = render(result, "response_heatmap", "svg").decode()
         erasure = render(result, "erasure", "svg").decode()
-    assert "direct effect (centered_logit)" in te_vs_de and "total effect (centered_logit)" in te_vs_de
+    assert "direct effect (centred logit)" in te_vs_de and "total effect (centred logit)" in te_vs_de
     slope, r2 = result.summary.total_vs_direct.slope, result.summary.total_vs_direct.r2
     assert f"slope {slope:.3f}" in te_vs_de and f"R² {r2:.3f}" in te_vs_de
     assert "y = x" in te_vs_de
-    assert "attn blocks" in layers and "mlp blocks" in layers and "2 head components not shown" in layers
-    assert "ablated component" in heatmap and "mlp.2" in heatmap and "head.1.1" in heatmap
+    assert "attn ablated" in layers and "mlp ablated" in layers and "2 head components not shown" in layers
+    assert "Δunembed (paper's x)" in layers and "CE (downstream layers)" in layers and "final norm's part" in layers
+    assert "ablated attn layer" in heatmap and "responding mlp layer" in heatmap and "norm" in heatmap
+    assert "colour clipped at" in heatmap
     assert "mlp.2: " in erasure and "erasure" in erasure  # the late MLP's negative bar is called out
 
 
@@ -323,7 +267,9 @@ def test_accept_header_chooses_the_format(client: TestClient, store: JobStore, r
     assert client.get(path, params={"format": "png"}, headers={"Accept": "image/svg+xml"}).content.startswith(
         PNG_SIGNATURE
     )
-    assert_problem(client.get(path, headers={"Accept": "application/pdf"}), 406, "image/png", "image/svg+xml")
+    assert client.get(path, headers={"Accept": "application/pdf"}).content.startswith(b"%PDF-")
+    assert_problem(client.get(path, headers={"Accept": "text/csv"}), 406, "image/png", "image/svg+xml",
+                   "application/pdf")
     assert_problem(client.get(path, params={"format": "gif"}), 400, "format")
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service import corpora
 from service.app import create_app
 from service.errors import ValidationProblem
-from service.figures import FIGURE_NAMES
+from service.figures import FIGURE_NAMES, PAPER_FIGURES
 from service.resolve import resolve
 from service.schemas import CorpusRef, JobRequest, ModelInfo
 from service.settings import Settings
@@ -130,6 +130,13 @@ def test_a_rushing_nanda_job_on_texts_matches_the_oracle_position_by_position(
         # The split closes at every position: heads + MLPs + norm = compensation.
         split = sum(_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response"))
         assert torch.allclose(split, _arrays(columns, "compensation", n_components), atol=1e-5, rtol=0)
+        # The paper's CE at every position: the oracle's downstream responses summed (the norm excluded).
+        ce = _arrays(columns, "compensatory_effect", n_components)
+        assert torch.allclose(ce, expected["response"].sum(dim=1), atol=1e-4, rtol=0)
+        # The per-prompt lists hold the last measured position.
+        unembed = _arrays(columns, "unembed_effect", n_components)
+        assert served["unembed_effect"] == pytest.approx(unembed[:, -1].tolist(), abs=1e-6)
+        assert served["compensatory_effect"] == pytest.approx(ce[:, -1].tolist(), abs=1e-6)
 
     summary = api.get(f"/v1/jobs/{job_id}/summary")
     assert summary.status_code == 200 and summary.json() == result["summary"]
@@ -167,5 +174,24 @@ def test_the_preset_runs_on_the_builtin_corpus(api: TestClient) -> None:
     assert summary["response_matrix"] == []  # position_responses "split": no full response vectors stored
     for name in FIGURE_NAMES:  # every figure draws (or says why it cannot) for a per-position job
         figure = api.get(f"/v1/jobs/{job_id}/figures/{name}")
+        if name in PAPER_FIGURES:  # drawn from final-position statistics across prompts: a 400 that says so
+            assert figure.status_code == 400, (name, figure.text)
+            assert "not available for per-position jobs" in figure.json()["detail"]
+            continue
         assert figure.status_code == 200, (name, figure.text)
         assert figure.content.startswith(b"\x89PNG")
+    components = summary["components"]
+    assert all(c["ce_vs_unembed"] is None and c["unembed_drop_correlation"] is None for c in components)
+    assert all(isinstance(c["compensatory_effect_mean"], float) for c in components)
+    assert summary["erasure"] is None and summary["selection"]["n_kept"] == 3
+
+
+@pytest.mark.parametrize(
+    "option", [{"only_correct": True}, {"keep_samples": True}, {"resample_within": "relation"}]
+)
+def test_paper_options_are_refused_for_per_position_jobs(api: TestClient, option: dict[str, Any]) -> None:
+    body = {"preset": "rushing_nanda", "model": "tiny-gpt2", "corpus": {"name": "known_1000_text", "limit": 3},
+            "max_tokens": 6, **option}
+    refused = api.post("/v1/jobs", json=body)
+    assert refused.status_code == 422, refused.text
+    assert "final-position jobs" in refused.json()["detail"]

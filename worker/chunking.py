@@ -82,13 +82,14 @@ def execute_chunk(
     if isinstance(sweep, PositionSweepResult):
         full = spec.position_responses == "full"
         prompts = [
-            position_prompt_result(loaded, spec.prompts[i], m, gap, sweep.response_basis, full)
+            position_prompt_result(loaded, i, spec.prompts[i], m, gap, sweep.response_basis, full)
             for i, m in zip(measure, sweep.prompts, strict=True)
         ]
     else:
+        # only_correct may leave prompts out: each result carries its index in the job.
         prompts = [
-            prompt_result(loaded, spec.prompts[i], m, gap, prompt_warnings(loaded, spec, i))
-            for i, m in zip(measure, sweep.prompts, strict=True)
+            prompt_result(loaded, spec.prompts[m.index], m, gap, prompt_warnings(loaded, spec, m.index))
+            for m in sweep.prompts
         ]
     return ChunkResult(
         index=index,
@@ -100,6 +101,10 @@ def execute_chunk(
         prompts=prompts,
         provenance=provenance(loaded, spec, started),
     )
+
+
+class NoPromptKept(ValueError):
+    """only_correct left out every prompt of the job: there is nothing to summarise (the job fails with this)."""
 
 
 def _joined(values: Sequence[str]) -> str:
@@ -117,7 +122,11 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         raise ValueError(f"job {job_id} has no chunk results to merge")
     expected = 0
     for chunk in ordered:
-        if chunk.start != expected or len(chunk.prompts) != chunk.stop - chunk.start:
+        indices = [p.index for p in chunk.prompts]
+        # only_correct leaves prompts out; otherwise a chunk holds every prompt of its range, in order.
+        complete = indices == list(range(chunk.start, chunk.stop))
+        inside = indices == sorted(set(indices)) and all(chunk.start <= i < chunk.stop for i in indices)
+        if chunk.start != expected or not (complete or (spec.only_correct and inside)):
             raise ValueError(f"chunk {chunk.index} of job {job_id} covers prompts {chunk.start}:{chunk.stop}, "
                              f"expected to start at {expected} with {chunk.stop - chunk.start} prompts")
         expected = chunk.stop
@@ -125,6 +134,11 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         raise ValueError(f"the chunks of job {job_id} cover {expected} of its {len(spec.prompts)} prompts")
     first = ordered[0]
     prompts = [p for chunk in ordered for p in chunk.prompts]
+    if not prompts:
+        raise NoPromptKept(
+            f"only_correct kept none of the job's {len(spec.prompts)} prompts: the model's clean top token is never "
+            "the first token of the answer"
+        )
     # PromptResult carries every field summarise reads from PromptMeasures.
     sweep = SweepResult(
         components=first.components, response_basis=first.response_basis, prompts=cast(list[PromptMeasures], prompts)
@@ -146,7 +160,10 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         summary=(
             summarise_positions(first.components, first.response_basis, prompts, first.near_tie_gap)
             if spec.per_position
-            else summarise(sweep, first.near_tie_gap)
+            else summarise(
+                sweep, first.near_tie_gap, seed=spec.seed, n_candidates=len(spec.prompts),
+                only_correct=spec.only_correct,
+            )
         ),
         provenance=merged_provenance,
     )

@@ -16,7 +16,7 @@ from typing import cast
 
 import torch
 
-from service.schemas import JobSpec, PositionColumns, PromptResult, Provenance
+from service.schemas import JobSpec, PatchSample, PositionColumns, PromptResult, Provenance
 from service.settings import env_int
 from worker.engine.errors import InputError
 from worker.engine.memory import DEFAULT_BATCH_TOKENS
@@ -105,6 +105,7 @@ def tokenise_lazily(loaded: LoadedModel, spec: JobSpec, measure: list[int]) -> S
         ),
         mean_reference_ids=[encode(p) for p in spec.mean_reference_prompts] if spec.mean_reference_prompts else None,
         measure_indices=measure,
+        resample_groups=spec.resample_groups if spec.resample_within == "relation" else None,
     )
 
 
@@ -118,6 +119,8 @@ def sweep_spec(spec: JobSpec) -> SweepSpec:
         resample_samples=spec.resample_samples,
         resample_from=spec.resample_from,
         seed=spec.seed,
+        keep_samples=spec.keep_samples,
+        only_correct=spec.only_correct,
         measure_positions=spec.measure_positions,
         target=spec.target,
         response_basis=spec.response_basis,
@@ -155,6 +158,7 @@ def prompt_result(
 ) -> PromptResult:
     """One prompt's measures as the API serves them."""
     return PromptResult(
+        index=m.index,
         prompt=text,
         target_id=m.target_id,
         target_token=loaded.tokenizer.decode([m.target_id]),
@@ -168,6 +172,15 @@ def prompt_result(
         norm_response=m.norm_response,
         response=m.response,
         clean_direct_effect=m.clean_direct_effect,
+        unembed_effect=m.unembed_effect,
+        compensatory_effect=m.compensatory_effect,
+        samples=None
+        if m.samples is None
+        else [
+            [PatchSample(source=s.source, total_effect=s.total_effect, direct_effect=s.direct_effect, profile=s.profile)
+             for s in patches]
+            for patches in m.samples
+        ],
         capped_total_effect=m.capped_total_effect,
         warnings=warnings or [],
     )
@@ -179,7 +192,13 @@ def float32_bytes(values: torch.Tensor) -> bytes:
 
 
 def position_prompt_result(
-    loaded: LoadedModel, text: str, m: PositionMeasures, gap: float, basis: list[str], full_responses: bool
+    loaded: LoadedModel,
+    index: int,
+    text: str,
+    m: PositionMeasures,
+    gap: float,
+    basis: list[str],
+    full_responses: bool,
 ) -> PromptResult:
     """One prompt's per-position measures as the API serves them; the per-prompt lists hold the last position."""
     is_mlp = torch.tensor([name.startswith("mlp.") for name in basis])
@@ -187,6 +206,7 @@ def position_prompt_result(
     mlps = m.response[:, is_mlp].sum(dim=1)
     last = int(m.target_ids[-1])
     return PromptResult(
+        index=index,
         prompt=text,
         target_id=last,
         target_token=loaded.tokenizer.decode([last]),
@@ -200,6 +220,8 @@ def position_prompt_result(
         norm_response=m.norm_response[:, -1].tolist(),
         response=[],  # per position in `positions` (split, or full with position_responses "full")
         clean_direct_effect=m.clean_direct_effect[:, -1].tolist(),
+        unembed_effect=m.unembed_effect[:, -1].tolist(),
+        compensatory_effect=m.compensatory_effect[:, -1].tolist(),
         positions=PositionColumns(
             positions=m.positions,
             target_ids=m.target_ids.tolist(),

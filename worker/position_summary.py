@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from service.schemas import ComponentSummary, PositionColumns, PromptResult, Quantiles, SelfRepair, Summary
+from service.schemas import ComponentSummary, PositionColumns, PromptResult, Quantiles, Selection, SelfRepair, Summary
 from worker.summary import regression
 
 TOP_FRACTION = 0.02  # the paper's top 2% of (position, token) pairs by direct effect
@@ -72,6 +72,8 @@ def summarise_positions(
     total = _pairs(prompts, "total_effect", c)
     direct = _pairs(prompts, "direct_effect", c)
     compensation = _pairs(prompts, "compensation", c)
+    unembed = _pairs(prompts, "unembed_effect", c)
+    compensatory = _pairs(prompts, "compensatory_effect", c)
     heads = _pairs(prompts, "response_heads", c)
     mlps = _pairs(prompts, "response_mlps", c)
     norm = _pairs(prompts, "norm_response", c)
@@ -90,6 +92,8 @@ def summarise_positions(
         de_mean, de_se = _mean_se(direct[i])
         te_mean, te_se = _mean_se(total[i])
         comp_mean, comp_se = _mean_se(compensation[i])
+        un_mean, un_se = _mean_se(unembed[i])
+        ce_mean, ce_se = _mean_se(compensatory[i])
         summaries.append(
             ComponentSummary(
                 component=name,
@@ -102,15 +106,27 @@ def summarise_positions(
                 compensation_attn_mean=float(heads[i].mean()),
                 compensation_mlp_mean=float(mlps[i].mean()),
                 norm_response_mean=float(norm[i].mean()),
-                compensation_vs_direct=regression(direct[i], compensation[i]),
+                compensation_vs_direct=regression(
+                    direct[i].numpy(), compensation[i].numpy(), y_name="compensation", x_name="direct_effect"
+                ),
+                # Means over pairs like every other field here; the paper's fits (across prompts at the final
+                # position) stay null for per-position jobs.
+                unembed_effect_mean=un_mean,
+                unembed_effect_se=un_se,
+                compensatory_effect_mean=ce_mean,
+                compensatory_effect_se=ce_se,
             )
         )
     return Summary(
         n_prompts=len(prompts),
+        selection=Selection(only_correct=False, n_candidates=len(prompts), n_kept=len(prompts)),
         components=summaries,
         response_matrix=response_matrix,
         clean_direct_effect_mean=clean_direct.mean(dim=1).tolist(),
-        total_vs_direct=regression(direct.mean(dim=1), total.mean(dim=1)),
+        total_vs_direct=regression(
+            direct.mean(dim=1).numpy(), total.mean(dim=1).numpy(), y_name="total_effect.mean",
+            x_name="direct_effect.mean",
+        ),
         near_ties=int((gaps < near_tie_gap).sum()),
         n_pairs=int(direct.shape[1]),
         top_fraction=TOP_FRACTION,

@@ -1,56 +1,96 @@
-"""Per-job statistics over prompts: means, standard errors, regressions, the response matrix."""
+"""Per-job statistics over prompts: means, standard errors, the paper's regressions, the response matrix.
+
+Every regression is labelled with what it regresses on what (`Regression.y` on `Regression.x`); the names are
+PromptResult fields, `compensatory_effect.attn` / `.mlp` for CE's attention and MLP parts, and `response[d]` for one
+downstream component's response.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-import torch
+import numpy as np
 
-from service.schemas import ComponentSummary, Regression, Summary
+from service.schemas import ComponentSummary, ErasureFit, Fit, Regression, Selection, Summary
 from worker.engine.types import SweepResult
+from worker.stats import CI_LEVEL, N_BOOT, bootstrap_slopes, excludes, ols, pearson, percentile_interval
 
 
-def regression(x: torch.Tensor, y: torch.Tensor) -> Regression:
+def regression(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, y_name: str, x_name: str
+) -> Regression:
     """Least squares y ≈ slope·x + intercept, with R²; nulls when x has no spread."""
-    n = int(x.numel())
-    x, y = x.double(), y.double()
-    if n < 2:
-        return Regression(slope=None, intercept=None, r2=None, n=n)
-    dx, dy = x - x.mean(), y - y.mean()
-    sxx = float((dx * dx).sum())
-    if sxx <= 1e-18:
-        return Regression(slope=None, intercept=None, r2=None, n=n)
-    slope = float((dx * dy).sum()) / sxx
-    intercept = float(y.mean()) - slope * float(x.mean())
-    residual = float(((y - (slope * x + intercept)) ** 2).sum())
-    total = float((dy * dy).sum())
-    r2 = 1.0 - residual / total if total > 1e-18 else None
-    return Regression(slope=slope, intercept=intercept, r2=r2, n=n)
+    line = ols(x, y)
+    return Regression(y=y_name, x=x_name, slope=line.slope, intercept=line.intercept, r2=line.r2, n=line.n)
 
 
-def _mean_se(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error over prompts (dimension 0)."""
+def fit(x: np.ndarray, y: np.ndarray, *, y_name: str, x_name: str, seed: int, n_boot: int = N_BOOT) -> Fit:
+    """`regression` plus the seeded 95% percentile-bootstrap interval of the slope (prompts resampled)."""
+    line = ols(x, y)
+    interval = percentile_interval(bootstrap_slopes(x, y, seed, n_boot)) if line.slope is not None else None
+    return Fit(
+        y=y_name,
+        x=x_name,
+        slope=line.slope,
+        intercept=line.intercept,
+        r2=line.r2,
+        n=line.n,
+        slope_ci_low=None if interval is None else interval[0],
+        slope_ci_high=None if interval is None else interval[1],
+        ci_level=CI_LEVEL,
+        n_boot=n_boot,
+        excludes_zero=excludes(interval, 0.0),
+        excludes_one=excludes(interval, 1.0),
+    )
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error over prompts (axis 0)."""
     n = values.shape[0]
     mean = float(values.mean())
-    se = float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    se = float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
     return mean, se
 
 
-def summarise(result: SweepResult, near_tie_gap: float) -> Summary:
+def _field(prompts: Sequence[object], name: str) -> np.ndarray:
+    return np.asarray([getattr(p, name) for p in prompts], dtype=np.float64)
+
+
+def summarise(
+    result: SweepResult,
+    near_tie_gap: float,
+    *,
+    seed: int = 0,
+    n_candidates: int | None = None,
+    only_correct: bool = False,
+) -> Summary:
     prompts = result.prompts
-    total = torch.tensor([p.total_effect for p in prompts], dtype=torch.float64)  # (P, C)
-    direct = torch.tensor([p.direct_effect for p in prompts], dtype=torch.float64)
-    compensation = torch.tensor([p.compensation for p in prompts], dtype=torch.float64)
-    norm = torch.tensor([p.norm_response for p in prompts], dtype=torch.float64)
-    response = torch.tensor([p.response for p in prompts], dtype=torch.float64)  # (P, C, R)
-    clean_direct = torch.tensor([p.clean_direct_effect for p in prompts], dtype=torch.float64)  # (P, R)
-    is_attn = torch.tensor([name.startswith("attn.") for name in result.response_basis])
+    if not prompts:
+        raise ValueError("no prompt to summarise: only_correct kept none of the job's prompts")
+    total = _field(prompts, "total_effect")  # (P, C)
+    direct = _field(prompts, "direct_effect")
+    compensation = _field(prompts, "compensation")
+    norm = _field(prompts, "norm_response")
+    unembed = _field(prompts, "unembed_effect")
+    ce = _field(prompts, "compensatory_effect")
+    response = _field(prompts, "response")  # (P, C, R)
+    clean_direct = _field(prompts, "clean_direct_effect")  # (P, R)
+    is_attn = np.array([name.startswith("attn.") for name in result.response_basis])
+    ce_attn = response[:, :, is_attn].sum(axis=-1)
+    ce_mlp = response[:, :, ~is_attn].sum(axis=-1)
 
     components = []
     for c, name in enumerate(result.components):
         de_mean, de_se = _mean_se(direct[:, c])
         te_mean, te_se = _mean_se(total[:, c])
         comp_mean, comp_se = _mean_se(compensation[:, c])
+        un_mean, un_se = _mean_se(unembed[:, c])
+        ce_mean, ce_se = _mean_se(ce[:, c])
+        xs = {"unembed_effect": unembed[:, c], "direct_effect": direct[:, c]}
+        ys = {"compensatory_effect": ce[:, c], "compensatory_effect.attn": ce_attn[:, c],
+              "compensatory_effect.mlp": ce_mlp[:, c]}
+        fits = {(y, x): fit(xs[x], ys[y], y_name=y, x_name=x, seed=seed) for y in ys for x in xs}
         components.append(
             ComponentSummary(
                 component=name,
@@ -60,17 +100,65 @@ def summarise(result: SweepResult, near_tie_gap: float) -> Summary:
                 total_effect_se=te_se,
                 compensation_mean=comp_mean,
                 compensation_se=comp_se,
-                compensation_attn_mean=float(response[:, c, is_attn].sum(dim=-1).mean()),
-                compensation_mlp_mean=float(response[:, c, ~is_attn].sum(dim=-1).mean()),
+                compensation_attn_mean=float(ce_attn[:, c].mean()),
+                compensation_mlp_mean=float(ce_mlp[:, c].mean()),
                 norm_response_mean=float(norm[:, c].mean()),
-                compensation_vs_direct=regression(direct[:, c], compensation[:, c]),
+                compensation_vs_direct=regression(
+                    direct[:, c], compensation[:, c], y_name="compensation", x_name="direct_effect"
+                ),
+                unembed_effect_mean=un_mean,
+                unembed_effect_se=un_se,
+                compensatory_effect_mean=ce_mean,
+                compensatory_effect_se=ce_se,
+                ce_vs_unembed=fits[("compensatory_effect", "unembed_effect")],
+                ce_vs_direct=fits[("compensatory_effect", "direct_effect")],
+                ce_attn_vs_unembed=fits[("compensatory_effect.attn", "unembed_effect")],
+                ce_mlp_vs_unembed=fits[("compensatory_effect.mlp", "unembed_effect")],
+                ce_attn_vs_direct=fits[("compensatory_effect.attn", "direct_effect")],
+                ce_mlp_vs_direct=fits[("compensatory_effect.mlp", "direct_effect")],
+                unembed_drop_correlation=pearson(unembed[:, c], total[:, c]),
+                unembed_exceeds_drop_share=float((unembed[:, c] > total[:, c]).mean()),
             )
         )
     return Summary(
         n_prompts=len(prompts),
+        selection=Selection(
+            only_correct=only_correct,
+            n_candidates=len(prompts) if n_candidates is None else n_candidates,
+            n_kept=len(prompts),
+        ),
         components=components,
-        response_matrix=response.mean(dim=0).tolist(),
-        clean_direct_effect_mean=clean_direct.mean(dim=0).tolist(),
-        total_vs_direct=regression(direct.mean(dim=0), total.mean(dim=0)),
+        response_matrix=response.mean(axis=0).tolist(),
+        clean_direct_effect_mean=clean_direct.mean(axis=0).tolist(),
+        total_vs_direct=regression(
+            direct.mean(axis=0), total.mean(axis=0), y_name="total_effect.mean", x_name="direct_effect.mean"
+        ),
         near_ties=sum(1 for p in prompts if p.top2_gap < near_tie_gap),
+        erasure=_erasure(result, unembed, response, clean_direct),
     )
+
+
+def _erasure(
+    result: SweepResult, unembed: np.ndarray, response: np.ndarray, clean_direct: np.ndarray
+) -> list[ErasureFit]:
+    """For every ablated attention layer, each MLP at or after its layer: that MLP's response on the layer's
+    Δunembed across prompts (the paper's erasure: late MLPs erase less when a layer promoting the target is gone)."""
+    fits = []
+    for c, name in enumerate(result.components):
+        if not name.startswith("attn."):
+            continue
+        layer = int(name.split(".")[1])
+        for d, other in enumerate(result.response_basis):
+            if not other.startswith("mlp.") or int(other.split(".")[1]) < layer:
+                continue
+            fits.append(
+                ErasureFit(
+                    ablated=name,
+                    mlp=other,
+                    clean_direct_effect_mean=float(clean_direct[:, d].mean()),
+                    response_mean=float(response[:, c, d].mean()),
+                    fit=regression(unembed[:, c], response[:, c, d], y_name=f"response[{other}]",
+                                   x_name="unembed_effect"),
+                )
+            )
+    return fits

@@ -43,7 +43,7 @@ from service.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, m
 from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
-from worker import stats
+from worker import metrics as stats
 from worker.celery_app import app, settings, worker_settings
 from worker.maintenance import recheck_s
 from worker.model_cache import ModelCache, parse_dtype
@@ -57,7 +57,7 @@ REDIS_SOCKET_TIMEOUT_S = 10.0
 @cache
 def job_store() -> JobStore:
     from service.webhooks import finish_hook
-    from worker.stats import job_finished
+    from worker.metrics import job_finished
 
     # A socket timeout: a Redis that hangs (rather than refuses) must not hang a chunk past its retry budget.
     store = JobStore.from_settings(settings, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
@@ -194,7 +194,7 @@ def run_job(job_id: str) -> str:
 
 def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
     """Build the JobResult from every chunk's partial result and finish the job (idempotent)."""
-    from worker.chunking import merge_chunks
+    from worker.chunking import NoPromptKept, merge_chunks
 
     store, book = job_store(), chunk_book()
     partial = book.results(job_id, range(n_chunks))
@@ -204,6 +204,8 @@ def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
     store.advance_phase(job_id, "merging")
     try:
         merged = merge_chunks(job_id, spec, [chunk for chunk in partial if chunk is not None])
+    except NoPromptKept as error:
+        return _fail(job_id, str(error))
     except Exception as error:
         log.exception("job %s: merging its chunks failed", job_id)
         return _fail(job_id, f"internal error: merging the chunks failed: {type(error).__name__}: {error}")

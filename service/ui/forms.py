@@ -26,7 +26,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Optional request fields other issues add to the schema: the form offers them once the schema has them.
 OPTIONAL_FIELDS = ("name", "tags")
 TEXT_FIELDS = ("name",)
-DATASET_FLAGS = tuple(f for f in ("use_answers", "only_correct") if f in DatasetRef.__struct_fields__)
+# Dataset checkboxes: `use_answers` is a field of the dataset reference, `only_correct` (the paper's selection of
+# prompts the model answers correctly) a field of the request; the form offers each where the schema has it.
+DATASET_FLAGS = tuple(
+    f for f in ("use_answers", "only_correct") if f in DatasetRef.__struct_fields__ or f in JobRequest.__struct_fields__
+)
 FORM_FIELDS = (
     "name", "tags", "model", "preset", "source", "prompts", "dataset_limit", "dataset_offset", "dataset_relation",
     *(f"dataset_{flag}" for flag in DATASET_FLAGS), "components", "ablation", "positions", "metric",
@@ -89,7 +93,7 @@ def form_body(form: Mapping[str, str]) -> dict[str, Any]:
             dataset["relation"] = get("dataset_relation")
         for flag in DATASET_FLAGS:
             if get(f"dataset_{flag}"):
-                dataset[flag] = True
+                (dataset if flag in DatasetRef.__struct_fields__ else body)[flag] = True
         body["dataset"] = dataset
     elif source == "prompts":
         # An empty box is sent as an empty list: the API's "at least one prompt" message, unless a preset brings

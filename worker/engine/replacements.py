@@ -10,17 +10,46 @@ from worker.engine.errors import InputError
 from worker.engine.types import ResampleFrom
 
 
-def resample_sources(n_prompts: int, samples: int, how: ResampleFrom, seed: int) -> list[list[int]]:
-    """For each prompt, `samples` distinct other prompts: (i+1..i+k) mod n, or drawn with the seed."""
-    if not 1 <= samples <= n_prompts - 1:
-        raise InputError(f"resample needs 1 ≤ resample_samples ≤ n_prompts − 1 (got {samples} for {n_prompts} prompts)")
-    if how == "next":
-        return [[(i + j) % n_prompts for j in range(1, samples + 1)] for i in range(n_prompts)]
+def resample_sources(
+    n_prompts: int, samples: int, how: ResampleFrom, seed: int, groups: list[int] | None = None
+) -> list[list[int]]:
+    """For each prompt, `samples` distinct other prompts: (i+1..i+k) mod n, or drawn with the seed.
+
+    With `groups` (one label per prompt), prompt i draws only among the other prompts of its own group: "next"
+    takes the following members of the group cyclically, "random" the first `samples` of a seeded permutation of
+    them. Without groups this is exactly the whole-job draw (the same pairing as before groups existed).
+    """
+    if groups is None:
+        if not 1 <= samples <= n_prompts - 1:
+            raise InputError(
+                f"resample needs 1 ≤ resample_samples ≤ n_prompts − 1 (got {samples} for {n_prompts} prompts)"
+            )
+        if how == "next":
+            return [[(i + j) % n_prompts for j in range(1, samples + 1)] for i in range(n_prompts)]
+        generator = torch.Generator().manual_seed(seed)
+        sources = []
+        for i in range(n_prompts):
+            others = torch.randperm(n_prompts - 1, generator=generator)[:samples]
+            sources.append([int(o) + (1 if o >= i else 0) for o in others])
+        return sources
+    if len(groups) != n_prompts:
+        raise InputError(f"{len(groups)} resample groups for {n_prompts} prompts")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    small = sorted({g for g, m in members.items() if len(m) - 1 < samples})
+    if samples < 1 or small:
+        raise InputError(f"resample within groups needs {samples + 1} prompts per group; groups {small} have fewer")
     generator = torch.Generator().manual_seed(seed)
     sources = []
-    for i in range(n_prompts):
-        others = torch.randperm(n_prompts - 1, generator=generator)[:samples]
-        sources.append([int(o) + (1 if o >= i else 0) for o in others])
+    for i, g in enumerate(groups):
+        group = members[g]
+        at = group.index(i)
+        if how == "next":
+            sources.append([group[(at + j) % len(group)] for j in range(1, samples + 1)])
+            continue
+        others = torch.randperm(len(group) - 1, generator=generator)[:samples]
+        sources.append([group[int(o) + (1 if o >= at else 0)] for o in others])
     return sources
 
 

@@ -14,7 +14,9 @@ from torch import nn
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
+from worker.engine.errors import InputError
 from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
+from worker.engine.measures import ablated_profile, decompose, read_direct
 from worker.engine.memory import (
     DEFAULT_BATCH_TOKENS,
     BatchBudget,
@@ -24,7 +26,7 @@ from worker.engine.memory import (
 )
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
-from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepResult, SweepSpec
+from worker.engine.types import NormScale, PatchSample, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -70,17 +72,19 @@ def run_sweep(
             ) from error
 
     sources = (
-        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed)
+        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed, inputs.resample_groups)
         if spec.ablation == "resample"
         else [[] for _ in range(n_prompts)]
     )
-    measured = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
+    candidates = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
+    if on_phase is not None:
+        on_phase("clean_passes")
+    runs = {i: clean(inputs.token_ids[i]) for i in candidates}
+    measured = _correct_only(candidates, runs, inputs.target_ids) if spec.only_correct else candidates
     needed = set(measured) | {s for i in measured for s in sources[i]}
     if spec.ablation == "mean" and inputs.mean_reference_ids is None:
         needed = set(range(n_prompts))
-    if on_phase is not None:
-        on_phase("clean_passes")
-    runs = {i: clean(inputs.token_ids[i]) for i in sorted(needed)}
+    runs.update({i: clean(inputs.token_ids[i]) for i in sorted(needed - set(runs))})
     means = None
     if spec.ablation == "mean":
         reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
@@ -92,8 +96,8 @@ def run_sweep(
         batch_tokens = device_batch_tokens(arch, parameter.device, parameter.dtype, longest, all_positions)
     budget = BatchBudget(batch_tokens)
     samples = len(sources[0]) if spec.ablation == "resample" else 1
-    total = len(measured) * len(components) * samples
-    done = 0
+    total = len(candidates) * len(components) * samples
+    done = (len(candidates) - len(measured)) * len(components) * samples  # left-out prompts count as done
     measures: list[PromptMeasures] = []
     rows_per_prompt = len(components) * samples
     if on_phase is not None:
@@ -114,12 +118,12 @@ def run_sweep(
         for i, (run, ablations), outputs in zip(group, work, outputs_per_run, strict=True):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
-            measures.append(
-                _measure(
-                    arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
-                    spec.norm_scale,
-                )
+            measure = _measure(
+                arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
+                spec.norm_scale, spec.keep_samples,
             )
+            measure.index = i
+            measures.append(measure)
             runs[i] = replace(run, past_keys=[], past_values=[])  # the prefix cache is needed only while measuring
             done += len(ablations)
             if on_progress is not None:  # per prompt, not per batch: progress moves smoothly on long prompts
@@ -127,6 +131,13 @@ def run_sweep(
     return SweepResult(
         components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
     )
+
+
+def _correct_only(candidates: list[int], runs: dict[int, CleanRun], target_ids: list[int] | None) -> list[int]:
+    """The prompts whose clean top token is their target (the paper's prompt selection)."""
+    if target_ids is None:
+        raise InputError("only_correct needs a target (the answer's first token) per prompt")
+    return [i for i in candidates if int(runs[i].logits_final.argmax()) == int(target_ids[i])]
 
 
 def _prompt_groups(
@@ -176,32 +187,50 @@ def _replacement(
     return align_to_length(component_rows(runs[source], component, arch.head_dim), own.shape[0])
 
 
+def _to_residual(arch: Architecture, component: Component, v: torch.Tensor) -> torch.Tensor:
+    """A replacement-space vector as what it writes into the residual stream (a head's slice times its W_O)."""
+    if component.kind == "head":
+        assert component.head is not None
+        v = arch.head_weight(component.layer, component.head) @ v
+    return v.float()
+
+
 def _final_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
     """Δ_c at the final position in residual-stream coordinates: clean output minus replacement."""
-    clean_rows = component_rows(run, ablation.component, arch.head_dim)
     if ablation.component.kind == "head" and arch.post_norm:
-        return _post_norm_head_delta(arch, run, ablation)
-    delta = clean_rows[-1] - ablation.replacement[-1]
-    if ablation.component.kind == "head":
-        assert ablation.component.head is not None
-        delta = arch.head_weight(ablation.component.layer, ablation.component.head) @ delta
-    return delta.float()
+        return _post_norm_head_change(arch, run, ablation.component, ablation.replacement[-1])
+    clean_rows = component_rows(run, ablation.component, arch.head_dim)
+    return _to_residual(arch, ablation.component, clean_rows[-1] - ablation.replacement[-1])
 
 
-def _post_norm_head_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
+def _final_clean(arch: Architecture, run: CleanRun, component: Component) -> torch.Tensor:
+    """The component's clean output at the final position, in residual-stream coordinates.
+
+    A head of a post-norm block has no additive write of its own (the norm mixes every head), so its clean output is
+    what the block writes less what it writes with that head's slice zeroed: the Δ of zero-ablating it, which is
+    exactly its W_O slice times its output in a pre-norm block.
+    """
+    rows = component_rows(run, component, arch.head_dim)
+    if component.kind == "head" and arch.post_norm:
+        return _post_norm_head_change(arch, run, component, torch.zeros_like(rows[-1]))
+    return _to_residual(arch, component, rows[-1])
+
+
+def _post_norm_head_change(
+    arch: Architecture, run: CleanRun, component: Component, replacement: torch.Tensor
+) -> torch.Tensor:
     """A head's Δ in a post-norm block: the attention output's change when only that head's slice is replaced.
 
     The post-norm is not linear, so the head's write is not its W_O slice times its change; every other input of
     the block's output is its clean value at the final position, so this change is exactly the ablation's.
     """
-    component = ablation.component
     assert run.head_in is not None and component.head is not None
     clean = run.head_in[component.layer, -1]
     ablated = clean.clone()
-    ablated[component.head * arch.head_dim : (component.head + 1) * arch.head_dim] = ablation.replacement[-1]
+    ablated[component.head * arch.head_dim : (component.head + 1) * arch.head_dim] = replacement
     both = torch.stack([clean, ablated]).unsqueeze(1)  # (2, 1, H·hd)
     written = arch.attn_post_norm(component.layer)(arch.out_proj(component.layer)(both))
-    return (written[0, 0].float() - written[1, 0].float())
+    return written[0, 0].float() - written[1, 0].float()
 
 
 def _responses(
@@ -231,6 +260,7 @@ def _measure(
     samples: int,
     sources: list[int],
     norm_scale: NormScale,
+    keep_samples: bool = False,
 ) -> PromptMeasures:
     """All measures of one prompt, averaged over the `samples` runs of each component."""
     w, _ = readout.direction(target, counterfactual)
@@ -251,13 +281,15 @@ def _measure(
         dtype=torch.bool,
         device=response.device,
     )
-    response = torch.where(downstream, response, torch.zeros_like(response))
-    compensation = direct - total
-    norm_response = compensation - response.sum(dim=1)
+    response = torch.where(downstream, response, torch.zeros_like(response)).double()
+    compensatory, norm_response = decompose(total, direct, response)
+    unembed = read_direct(torch.stack([_final_clean(arch, run, a.component) for a in ablations]), u, s_clean)
 
     def per_component(values: torch.Tensor) -> torch.Tensor:
         return values.reshape(-1, samples, *values.shape[1:]).mean(dim=1)
 
+    compensatory_mean = per_component(compensatory).tolist()
+    norm_mean = per_component(norm_response).tolist()
     capped_total = None
     if readout.softcap is not None:
         capped_clean = readout.capped_value(x_clean, target, counterfactual)[0]
@@ -269,10 +301,39 @@ def _measure(
         top2_gap=float(top2[0] - top2[1]),
         total_effect=per_component(total).tolist(),
         direct_effect=per_component(direct).tolist(),
-        compensation=per_component(compensation).tolist(),
+        # compensation = compensatory_effect + norm_response exactly (in float64), by construction.
+        compensation=[ce + nr for ce, nr in zip(compensatory_mean, norm_mean, strict=True)],
         response=per_component(response).tolist(),
-        norm_response=per_component(norm_response).tolist(),
+        norm_response=norm_mean,
         clean_direct_effect=clean_direct.tolist(),
         sources=list(sources),
+        unembed_effect=per_component(unembed).tolist(),
+        compensatory_effect=compensatory_mean,
+        samples=_patch_samples(readout, outputs, u, s_clean, norm_scale, total, direct, sources, samples)
+        if keep_samples
+        else None,
         capped_total_effect=None if capped_total is None else capped_total.tolist(),
     )
+
+
+def _patch_samples(
+    readout: Readout,
+    outputs: AblatedOutputs,
+    u: torch.Tensor,
+    s_clean: torch.Tensor,
+    norm_scale: NormScale,
+    total: torch.Tensor,
+    direct: torch.Tensor,
+    sources: list[int],
+    samples: int,
+) -> list[list[PatchSample]]:
+    """Every ablated run's own TE, DE and profile, grouped by component (rows are component-major)."""
+    scale = s_clean.expand(outputs.x_final.shape[0]) if norm_scale == "clean" else readout.scale(outputs.x_final)
+    profile = ablated_profile(outputs.layer_out_final, u, scale).tolist()
+    te, de = total.tolist(), direct.tolist()
+    patches = [
+        PatchSample(source=sources[b % samples] if sources else None, total_effect=te[b], direct_effect=de[b],
+                    profile=profile[b])
+        for b in range(len(te))
+    ]
+    return [patches[k : k + samples] for k in range(0, len(patches), samples)]

@@ -17,6 +17,7 @@ from service.schemas import NormScaleMode as NormScale
 from service.schemas import PositionScope as Positions
 from service.schemas import ResponseBasisName as ResponseBasis
 from service.schemas import TargetName as Target
+from worker.engine.measures import compensatory_effect
 
 __all__ = [
     "Ablation",
@@ -48,6 +49,8 @@ class SweepSpec:
     resample_samples: int = 1
     resample_from: ResampleFrom = "next"
     seed: int = 0
+    keep_samples: bool = False  # also return every resample patch's TE, DE and ablated profile
+    only_correct: bool = False  # measure only prompts whose clean top token is their target (`target_ids`)
     # Per-position measurement (worker/engine/position_sweep.py; docs/definitions.md, "Every position").
     measure_positions: MeasurePositions = "final"
     target: Target = "clean_top"  # given target_ids win over "clean_top"
@@ -64,6 +67,18 @@ class SweepInputs:
     mean_reference_ids: list[torch.Tensor] | None = None  # prompts whose mean activation defines `mean` ablation
     # Measure only these prompts (a chunk of a larger job); the others still serve as resample sources and means.
     measure_indices: list[int] | None = None
+    # Resample groups: prompt i takes its sources among the prompts of its own group (e.g. the same relation).
+    resample_groups: list[int] | None = None
+
+
+@dataclass
+class PatchSample:
+    """One ablated run (one resample source, or the single mean/zero run) of one prompt and component."""
+
+    source: int | None
+    total_effect: float
+    direct_effect: float
+    profile: list[float]  # Δ̃unembed(k, l): every layer component's direct effect in the ablated run
 
 
 @dataclass
@@ -80,6 +95,11 @@ class PromptMeasures:
     norm_response: list[float]
     clean_direct_effect: list[float]  # over the response basis
     sources: list[int] = field(default_factory=list)  # resample sources used for this prompt (empty otherwise)
+    # The paper's measures (docs/definitions.md, "The paper's measures"); per component.
+    unembed_effect: list[float] = field(default_factory=list)  # Δunembed of the ablated component (Eq. 10)
+    compensatory_effect: list[float] = field(default_factory=list)  # CE (Eq. 33–34), norm excluded
+    samples: list[list[PatchSample]] | None = None  # [component][patch], when `keep_samples`
+    index: int = -1  # the prompt's index in the job (prompts may be left out by `only_correct`)
     # Soft-capped models (Gemma 2) only: TE of the same metric read on the capped logits; every other measure is
     # read on the pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). None for other models.
     capped_total_effect: list[float] | None = None
@@ -111,8 +131,8 @@ class PositionMeasures:
 
     @property
     def compensatory_effect(self) -> torch.Tensor:
-        """(C, P): Σ over the downstream basis entries of the responses (the final norm excluded)."""
-        return self.response.sum(dim=1)
+        """(C, P): the paper's CE at every position (worker/engine/measures.py, one definition for both engines)."""
+        return compensatory_effect(self.response.movedim(1, -1))
 
 
 @dataclass
