@@ -328,7 +328,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, tuple[str, ...]]] = [
         ("layer 4 is out of range: model tiny has 4 layers (0–3)",),
     ),
     ("two indices on mlp", {"prompts": TWO, "components": ["mlp.1.2"]}, 422, ("mlp takes one index",)),
-    ("prompts and dataset", {"prompts": TWO, "dataset": {"name": "known_1000"}}, 422, ("not both",)),
+    ("prompts and dataset", {"prompts": TWO, "dataset": {"name": "known_1000"}}, 422, ("not prompts and dataset",)),
     ("no prompts", {"model": "tiny"}, 422, ("no prompts",)),
     (
         "mismatched answers",
