@@ -26,7 +26,7 @@ Columns = dict[str, list[Any]]
 
 _COMPONENT = re.compile(r"^(attn|mlp|head)(?:\.(\d+))?(?:\.(\d+))?$")
 # Per-prompt lists that are not indexed by component.
-_NOT_PER_COMPONENT = frozenset({"sources", "response", "clean_direct_effect"})
+_NOT_PER_COMPONENT = frozenset({"sources", "response", "clean_direct_effect", "warnings"})
 PROMPT_SCALARS = ("target_id", "target_token", "clean_metric", "top2_gap", "near_tie")
 DATASET_COLUMNS = ("relation", "subject", "answer", "dataset_index")
 
@@ -63,7 +63,14 @@ def dataset_fields(result: Any) -> list[Any] | None:
     """The per-prompt dataset records (relation, subject, answer) when the job named a dataset."""
     spec = getattr(getattr(result, "provenance", None), "spec", None)
     fields = getattr(spec, "prompt_fields", None)
-    return list(fields) if fields and len(fields) == len(result.prompts) else None
+    # One record per prompt of the job; a result may measure only some of them (only_correct): look up by index.
+    return list(fields) if fields and len(fields) == len(spec.prompts) else None
+
+
+def prompt_index(prompt: Any, position: int) -> int:
+    """The prompt's index in the job (results of only_correct jobs leave prompts out); older results: position."""
+    index = getattr(prompt, "index", None)
+    return position if index is None else int(index)
 
 
 def _prompt_columns(result: Any, with_dataset: bool) -> list[str]:
@@ -90,7 +97,8 @@ def iter_long(result: Any, start: int = 0, stop: int | None = None) -> Iterator[
     parsed = [parse_component(name) for name in result.components]
     for index in range(start, len(result.prompts) if stop is None else stop):
         prompt = result.prompts[index]
-        head = _prompt_values(index, prompt, None if records is None else records[index])
+        job_index = prompt_index(prompt, index)
+        head = _prompt_values(job_index, prompt, None if records is None else records[job_index])
         lists = [getattr(prompt, name) for name in measures]
         for c, name in enumerate(result.components):
             yield [*head, name, *parsed[c], *(values[c] for values in lists)]
@@ -130,7 +138,8 @@ def summary_table(result: Any) -> Columns:
 
 def response_table(result: Any) -> Columns:
     columns: Columns = {name: [] for name in ("prompt_index", "component", "response_component", "response")}
-    for index, prompt in enumerate(result.prompts):
+    for position, prompt in enumerate(result.prompts):
+        index = prompt_index(prompt, position)
         for c, name in enumerate(result.components):
             for b, basis in enumerate(result.response_basis):
                 columns["prompt_index"].append(index)
@@ -153,8 +162,10 @@ def response_mean_table(result: Any) -> Columns:
 def prompts_table(result: Any) -> Columns:
     records = dataset_fields(result)
     names = _prompt_columns(result, records is not None)
+    indices = [prompt_index(p, position) for position, p in enumerate(result.prompts)]
     rows = (
-        _prompt_values(i, p, None if records is None else records[i]) for i, p in enumerate(result.prompts)
+        _prompt_values(i, p, None if records is None else records[i])
+        for i, p in zip(indices, result.prompts, strict=True)
     )
     return _columns(names, rows)
 

@@ -130,6 +130,7 @@ def from_parquet(table: pa.Table) -> JobResult:
         group = rows[start : start + n]
         first = group[0]
         fields: dict[str, Any] = {
+            "index": first["prompt_index"],
             "prompt": first["prompt"],
             **{name: first[name] for name in ("target_id", "target_token", "clean_metric", "top2_gap", "near_tie")},
             **{name: first[name] for name in PROMPT_LISTS},

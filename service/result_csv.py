@@ -45,7 +45,8 @@ def to_csv(result: JobResult) -> bytes:
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
-    for index, prompt in enumerate(result.prompts):
+    for prompt in result.prompts:
+        index = prompt.index  # its place in the job: only_correct jobs leave prompts out
         text, token = neutralise(prompt.prompt), neutralise(prompt.target_token)
         for c, component in enumerate(result.components):
             writer.writerow(
