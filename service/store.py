@@ -634,6 +634,8 @@ class JobStore:
             self.active_key(owner),
             self.result_key(job_id),
             self.cancel_key(job_id),
+            self.events_key(job_id),
+            self.callbacks_key(job_id),
             *other_keys,
         ]
         outcome = int(self._delete_finished(keys=keys, args=[job_id]))

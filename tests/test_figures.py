@@ -122,7 +122,7 @@ def build_result(n_layers: int = 3, prompts: list[str] | None = None, heads: int
         provenance=Provenance(
             spec=spec,
             model_id="tiny",
-            model_source="test",
+            model_source="local",
             model_revision=None,
             model_file_sha256=None,
             architecture="llama",

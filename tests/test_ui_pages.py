@@ -25,7 +25,7 @@ from tests.conftest import private_settings
 
 ALICE, BOB = "alice-pages-key-0123456789", "bob-pages-key-0123456789"
 TINY = ModelInfo(id="tiny", architecture="llama", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, vocab_size=100,
-                 parallel_blocks=False, source="test")  # fmt: skip
+                 parallel_blocks=False, source="local")  # fmt: skip
 
 
 @pytest.fixture()

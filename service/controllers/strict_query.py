@@ -12,17 +12,20 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
-_known: dict[tuple[int, frozenset[str]], frozenset[str]] = {}
+# Keyed by id(), holding the handler too: an id is reused once its object is gone (apps made and dropped, as tests
+# do), so an entry counts only for the very handler it was computed for.
+_known: dict[tuple[int, frozenset[str]], tuple[BaseRouteHandler, frozenset[str]]] = {}
 
 
 def _declared(handler: BaseRouteHandler, path_params: frozenset[str]) -> frozenset[str]:
     cache_key = (id(handler), path_params)
-    names = _known.get(cache_key)
-    if names is None:
-        # Only the path parameters' names matter to the kwargs model (they are not query parameters).
-        model = handler.create_kwargs_model(dict.fromkeys(path_params))  # type: ignore[arg-type]
-        names = frozenset(param.field_alias for param in model.expected_query_params)
-        _known[cache_key] = names
+    cached = _known.get(cache_key)
+    if cached is not None and cached[0] is handler:
+        return cached[1]
+    # Only the path parameters' names matter to the kwargs model (they are not query parameters).
+    model = handler.create_kwargs_model(dict.fromkeys(path_params))  # type: ignore[arg-type]
+    names = frozenset(param.field_alias for param in model.expected_query_params)
+    _known[cache_key] = (handler, names)
     return names
 
 
