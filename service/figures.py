@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure"]
+FigureName = Literal["te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair"]
 FigureFormat = Literal["png", "svg"]
-FIGURE_NAMES: tuple[FigureName, ...] = ("te_vs_de", "layer_effects", "response_heatmap", "erasure")
+FIGURE_NAMES: tuple[FigureName, ...] = ("te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair")
 FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml"}
 FIGSIZE_IN = (12.0, 8.0)
 DPI = 100
@@ -37,6 +37,8 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "layer_effects": "mean DE, TE and compensation per layer (± SE), attention and MLP panels",
     "response_heatmap": "mean downstream response: ablated component × response basis, plus the norm's share",
     "erasure": "mean clean direct effect of every layer component; negative bars are erasure",
+    "self_repair": "per-position jobs: per component, mean DE against mean TE over its top 2% pairs by DE with "
+    "y = x (Rushing & Nanda Fig. 1), and per layer the shares of self-repair done by heads, MLPs and the norm",
 }
 
 KIND_MARKERS = {"attn": "o", "mlp": "s", "head": "^"}
@@ -257,6 +259,10 @@ def _response_heatmap(fig: Figure, result: JobResult) -> None:
     import numpy as np
 
     ax = fig.add_subplot()
+    if not result.summary.response_matrix:
+        _no_data(ax, "this per-position job stored only the heads / MLPs / norm split (position_responses 'split'):"
+                 "\nsee the self_repair figure, or run with position_responses 'full'")
+        return
     matrix = np.array(result.summary.response_matrix, dtype=float).reshape(
         len(result.components), len(result.response_basis)
     )
@@ -281,6 +287,51 @@ def _response_heatmap(fig: Figure, result: JobResult) -> None:
     ax.set_ylabel("ablated component")
     ax.set_title(f"{result.model}: mean downstream response to each ablation ({metric}); " "row + norm = compensation")
     fig.colorbar(image, ax=ax, label=f"mean response ({metric})")
+
+
+def _no_data(ax: Axes, message: str) -> None:
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, transform=ax.transAxes)
+
+
+def _self_repair(fig: Figure, result: JobResult) -> None:
+    """Rushing & Nanda's Fig. 1 in our terms (their TE and DE are ours negated; the plot uses ours), and per layer
+    the share of the self-repair done by downstream heads, MLPs and the final norm."""
+    repair = result.summary.self_repair
+    left, right = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    if not repair:
+        _no_data(left, "no self-repair summary: not a per-position job")
+        right.set_axis_off()
+        return
+    layers = [parse_component(r.component)[1] for r in repair]
+    de = [r.direct_effect_mean for r in repair]
+    te = [r.total_effect_mean for r in repair]
+    points = left.scatter(de, te, c=layers, cmap="viridis", s=18, edgecolors="none")
+    low, high = _limits(_finite(de + te))
+    left.plot([low, high], [low, high], color="black", linewidth=1, label="y = x (no self-repair)")
+    left.axhline(0, color="grey", linewidth=0.5)
+    left.set_xlabel(f"mean direct effect over each component's top {100 * (result.summary.top_fraction or 0):.0f}% "
+                    "pairs (clean − ablated)")
+    left.set_ylabel("mean total effect over the same pairs (clean − ablated)")
+    left.set_title("below y = x: self-repair (DE − TE = their TE − DE)")
+    left.legend(loc="upper left")
+    fig.colorbar(points, ax=left, label="layer")
+
+    by_layer: dict[int, list[float]] = {}
+    for layer, r in zip(layers, repair, strict=True):
+        sums = by_layer.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
+        for i, value in enumerate((r.heads_mean, r.mlps_mean, r.norm_mean, r.self_repair_mean)):
+            sums[i] += value
+    order = sorted(by_layer)
+    for i, (label, colour) in enumerate((("heads", "tab:blue"), ("MLPs", "tab:orange"), ("norm", "tab:green"))):
+        shares = [by_layer[l][i] / by_layer[l][3] if by_layer[l][3] else float("nan") for l in order]
+        right.plot(order, shares, marker="o", color=colour, label=label)
+    right.axhline(0, color="grey", linewidth=0.5)
+    right.set_xlabel("layer of the ablated component")
+    right.set_ylabel("share of the layer's summed self-repair")
+    right.set_title("who repairs: heads + MLPs + norm = 1 (shares of a small sum can be large)")
+    right.legend()
+    fig.suptitle(f"{result.model}: self-repair over the top pairs by direct effect ({_metric(result)})")
 
 
 def _erasure(fig: Figure, result: JobResult) -> None:
@@ -341,6 +392,7 @@ DRAWERS: dict[FigureName, Callable[[Figure, JobResult], None]] = {
     "layer_effects": _layer_effects,
     "response_heatmap": _response_heatmap,
     "erasure": _erasure,
+    "self_repair": _self_repair,
 }
 
 

@@ -130,6 +130,8 @@ def check_prompt_tokens(spec: JobSpec, tokenizer_for: Callable[[str], Any | None
     """422 naming the first prompt over `max_prompt_tokens` (with its count); nothing to do without a tokenizer."""
     if settings.max_prompt_tokens <= 0:
         return
+    if spec.max_tokens is not None and spec.max_tokens <= settings.max_prompt_tokens:
+        return  # every text is cut to max_tokens before it reaches the model
     tokenizer = tokenizer_for(spec.model)
     if tokenizer is None:
         return

@@ -12,9 +12,9 @@ from typing import Any
 
 from msgspec import UNSET
 
-from service import datasets
+from service import corpora, datasets
 from service.errors import ValidationProblem
-from service.schemas import DatasetRef, JobRequest, JobSpec, ModelInfo
+from service.schemas import CorpusRef, DatasetRef, JobRequest, JobSpec, ModelInfo
 from service.settings import Settings
 
 DEFAULTS: dict[str, Any] = {
@@ -27,6 +27,11 @@ DEFAULTS: dict[str, Any] = {
     "resample_samples": 1,
     "resample_from": "next",
     "seed": 0,
+    "max_tokens": None,
+    "measure_positions": "final",
+    "target": "clean_top",
+    "response_basis": "layers",
+    "position_responses": "split",
 }
 
 # The Hydra-effect paper's setup (McGrath et al., 2023): resample ablation of every layer's attention and MLP,
@@ -40,8 +45,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "positions": "final",
         "metric": "centered_logit",
     },
+    # Rushing & Nanda 2024: every head resample-ablated at every position of natural text, measured at every
+    # position with the true next token as target, direct effects with the clean final-norm scale, responses per
+    # downstream head and MLP.
+    "rushing_nanda": {
+        "components": ["head"],
+        "ablation": "resample",
+        "resample_samples": 1,
+        "resample_from": "random",
+        "positions": "all",
+        "measure_positions": "all",
+        "target": "next_token",
+        "metric": "logit",
+        "norm_scale": "clean",
+        "response_basis": "heads",
+        "max_tokens": 64,
+    },
 }
 PRESET_DATASETS: dict[str, DatasetRef] = {"hydra": DatasetRef(name="known_1000")}
+PRESET_CORPORA: dict[str, CorpusRef] = {"rushing_nanda": CorpusRef(name="known_1000_text")}
+# Numbers per (prompt, position, component) in a per-position result, besides the optional full responses:
+# total, direct, unembed, compensation, compensatory, heads, mlps, norm.
+POSITION_COLUMNS = 8
 
 _KIND_ORDER = {"attn": 0, "head": 1, "mlp": 2}  # within a layer: attention, its heads, then the MLP
 
@@ -71,7 +96,7 @@ def resolve(
         return preset.get(name, DEFAULTS[name])
 
     info = _model(pick("model"), models, refused or {})
-    prompts, answers, dataset = _prompts(request)
+    prompts, answers, dataset, corpus = _prompts(request)
     n = len(prompts)
     answers = _per_prompt("answers", answers, n)
     counterfactuals = _per_prompt(
@@ -99,12 +124,26 @@ def resolve(
             f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
             "components"
         )
-    values = n * len(components) * (2 * info.n_layers + 6)
+    options = {name: pick(name) for name in ("measure_positions", "target", "response_basis", "position_responses")}
+    max_tokens = pick("max_tokens")
+    per_position = options["measure_positions"] == "all" or options["target"] == "next_token" or (
+        options["response_basis"] == "heads"
+    )
+    if per_position:
+        _check_position_options(pick("positions"), metric, options, answers)
+        values = _position_values(n, len(components), info, options, max_tokens or settings.max_prompt_tokens)
+        what = (
+            f"{n:,} prompts × {len(components):,} components × up to {max_tokens or settings.max_prompt_tokens} "
+            "positions"
+        )
+    else:
+        values = n * len(components) * (2 * info.n_layers + 6)
+        what = f"{n:,} prompts × {len(components):,} components × {2 * info.n_layers + 6} per pair"
     if values > settings.max_result_values:
         raise ValidationProblem(
-            f"the result would hold {values:,} numbers ({n:,} prompts × {len(components):,} components × "
-            f"{2 * info.n_layers + 6} per pair), above this server's limit of {settings.max_result_values:,}; "
-            "split the job into several with fewer prompts"
+            f"the result would hold {values:,} numbers ({what}), above this server's limit of "
+            f"{settings.max_result_values:,}; split the job into several with fewer prompts"
+            + (", lower max_tokens or use position_responses 'split'" if per_position else "")
         )
 
     return JobSpec(
@@ -123,6 +162,9 @@ def resolve(
         seed=pick("seed"),
         preset=None if request.preset is UNSET else request.preset,
         dataset=dataset,
+        max_tokens=max_tokens,
+        corpus=corpus,
+        **options,
     )
 
 
@@ -138,19 +180,36 @@ def _model(model_id: str, models: Mapping[str, ModelInfo], refused: Mapping[str,
     raise ValidationProblem(f"unknown model {model_id!r}: available models are {', '.join(sorted(models))}", "model")
 
 
-def _prompts(request: JobRequest) -> tuple[list[str], list[str] | None, DatasetRef | None]:
-    """Exactly one source of prompts, after the preset; answers from the request or from the dataset."""
+def _prompts(request: JobRequest) -> tuple[list[str], list[str] | None, DatasetRef | None, CorpusRef | None]:
+    """Exactly one source of prompts (prompts, dataset, texts or corpus), after the preset; answers from the request
+    or from the dataset."""
     dataset = request.dataset if request.dataset is not UNSET else None
-    has_prompts = request.prompts is not UNSET
-    if dataset is None and not has_prompts and request.preset is not UNSET:
+    corpus = request.corpus if request.corpus is not UNSET else None
+    given = [name for name in ("prompts", "dataset", "texts", "corpus") if getattr(request, name) is not UNSET]
+    if len(given) > 1:
+        raise ValidationProblem(f"give one of prompts, dataset, texts or corpus, not {' and '.join(given)}", given[1])
+    if not given and request.preset is not UNSET:
         dataset = PRESET_DATASETS.get(request.preset)
-    if has_prompts and dataset is not None:
-        raise ValidationProblem("give either prompts or dataset, not both", "dataset")
+        corpus = PRESET_CORPORA.get(request.preset)
     answers = None if request.answers is UNSET else list(request.answers)
-    if has_prompts:
-        return list(request.prompts), answers, None
+    if request.prompts is not UNSET:
+        return list(request.prompts), answers, None, None
+    if request.texts is not UNSET:
+        return list(request.texts), answers, None, None
+    if corpus is not None:
+        texts = corpora.select(corpus)
+        if not texts:
+            total = len(corpora.documents(corpus.name))
+            raise ValidationProblem(
+                f"corpus slice is empty: {corpus.name} has {total} documents and offset is {corpus.offset}", "corpus"
+            )
+        return texts, answers, None, corpus
     if dataset is None:
-        raise ValidationProblem("no prompts: give prompts (a list of strings) or dataset (e.g. known_1000)", "prompts")
+        raise ValidationProblem(
+            "no prompts: give prompts (a list of strings), texts (documents), dataset (e.g. known_1000) or corpus "
+            "(e.g. known_1000_text)",
+            "prompts",
+        )
     prompts, dataset_answers = datasets.select(dataset)
     if not prompts:
         raise ValidationProblem(_empty_slice(dataset), "dataset")
@@ -158,7 +217,38 @@ def _prompts(request: JobRequest) -> tuple[list[str], list[str] | None, DatasetR
         if answers is not None:
             raise ValidationProblem("give answers or dataset.use_answers, not both", "answers")
         answers = dataset_answers
-    return prompts, answers, dataset
+    return prompts, answers, dataset, None
+
+
+def _check_position_options(positions: str, metric: str, options: dict[str, str], answers: list[str] | None) -> None:
+    """The per-position engine's rules (worker/engine/position_sweep.py checks them again)."""
+    if positions != "all":
+        raise ValidationProblem(
+            "measure_positions 'all', target 'next_token' and response_basis 'heads' ablate the component at every "
+            f"position: set positions to 'all' (it is {positions!r})",
+            "positions",
+        )
+    if metric == "logit_diff":
+        raise ValidationProblem(
+            "metric logit_diff has one counterfactual per prompt, not per position: use logit, centered_logit or "
+            "logprob with per-position measures",
+            "metric",
+        )
+    if answers is not None and options["target"] == "next_token":
+        raise ValidationProblem("give answers or target 'next_token', not both", "target")
+    if answers is not None and options["measure_positions"] == "all":
+        raise ValidationProblem(
+            "answers are one target per prompt: with measure_positions 'all' use target 'next_token' or "
+            "'clean_top'",
+            "answers",
+        )
+
+
+def _position_values(n: int, n_components: int, info: ModelInfo, options: dict[str, str], positions: int) -> int:
+    """Numbers a per-position result holds at most (every prompt at `positions` tokens)."""
+    basis = info.n_layers * (info.n_heads + 1 if options["response_basis"] == "heads" else 2)
+    per_pair = POSITION_COLUMNS + (basis if options["position_responses"] == "full" else 0)
+    return n * positions * (n_components * per_pair + basis + 4)
 
 
 def _empty_slice(ref: DatasetRef) -> str:

@@ -16,7 +16,11 @@ PositionScope = Literal["final", "all"]
 MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
-PresetName = Literal["hydra"]
+PresetName = Literal["hydra", "rushing_nanda"]
+MeasurePositions = Literal["final", "all"]
+TargetName = Literal["clean_top", "next_token"]
+ResponseBasisName = Literal["layers", "heads"]
+PositionResponses = Literal["split", "full"]
 
 Prompt = Annotated[str, Meta(min_length=1, max_length=4000)]
 ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])")]
@@ -30,6 +34,14 @@ class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
     offset: Annotated[int, Meta(ge=0)] = 0
     relation: Annotated[str, Meta(pattern=r"^P\d+$")] | None = None
     use_answers: bool = False  # take the dataset's answers as targets instead of the clean top token
+
+
+class CorpusRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A built-in natural-text corpus (documents, see service/corpora.py), sliced."""
+
+    name: Literal["known_1000_text"]
+    limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    offset: Annotated[int, Meta(ge=0)] = 0
 
 
 class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -50,6 +62,14 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     resample_from: ResampleFrom | UnsetType = UNSET
     mean_reference: DatasetRef | UnsetType = UNSET
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | UnsetType = UNSET
+    # Documents and per-position measurement (docs/definitions.md, "Every position").
+    texts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
+    corpus: CorpusRef | UnsetType = UNSET
+    max_tokens: Annotated[int, Meta(ge=2, le=4096)] | UnsetType = UNSET
+    measure_positions: MeasurePositions | UnsetType = UNSET
+    target: TargetName | UnsetType = UNSET
+    response_basis: ResponseBasisName | UnsetType = UNSET
+    position_responses: PositionResponses | UnsetType = UNSET
 
 
 class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -70,6 +90,17 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int
     preset: PresetName | None = None
     dataset: DatasetRef | None = None
+    max_tokens: int | None = None  # texts are cut to their first max_tokens tokens (None: uncut)
+    measure_positions: MeasurePositions = "final"
+    target: TargetName = "clean_top"  # given answers win over clean_top
+    response_basis: ResponseBasisName = "layers"
+    position_responses: PositionResponses = "split"
+    corpus: CorpusRef | None = None
+
+    @property
+    def per_position(self) -> bool:
+        """Measured by the per-position engine (results carry `positions` columns)."""
+        return self.measure_positions == "all" or self.target == "next_token" or self.response_basis == "heads"
 
 
 class Progress(Struct):
@@ -100,7 +131,7 @@ class JobPage(Struct, kw_only=True):
 
 class ModelInfo(Struct, kw_only=True):
     id: str
-    architecture: str
+    architecture: str  # the config's model_type, e.g. "gemma2"
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -108,6 +139,12 @@ class ModelInfo(Struct, kw_only=True):
     vocab_size: int
     parallel_blocks: bool
     source: str
+    # Defaults keep the records of workers that predate these fields readable.
+    family: str = ""  # e.g. "Gemma 2"
+    dtype: str = "float32"  # what the worker runs the model in (HYDRA_DTYPE)
+    device: str = "cpu"  # where (HYDRA_DEVICE), e.g. "cuda:0"
+    device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU's model name
+    final_logit_softcap: float | None = None  # Gemma 2: results then carry capped_total_effect too
 
 
 class Regression(Struct, kw_only=True):
@@ -117,6 +154,31 @@ class Regression(Struct, kw_only=True):
     intercept: float | None
     r2: float | None
     n: int
+
+
+class PositionColumns(Struct, kw_only=True):
+    """One prompt's per-position measures, as little-endian float32 arrays (base64 in JSON), row-major.
+
+    `P` measured positions, `C` components, `R` response-basis entries. Arrays (C, P): total_effect, direct_effect,
+    unembed_effect, compensation, compensatory_effect, response_heads (Σ of the downstream attention/head
+    responses), response_mlps (Σ of the downstream MLP responses), norm_response. response (C, R, P) only with
+    `position_responses: "full"`. clean_direct_effect (R, P). Decode with `numpy.frombuffer(x, "<f4")`.
+    """
+
+    positions: list[int]  # indices into the tokens the model read
+    target_ids: list[int]
+    clean_metric: bytes  # (P,)
+    top2_gap: bytes  # (P,)
+    total_effect: bytes
+    direct_effect: bytes
+    unembed_effect: bytes
+    compensation: bytes
+    compensatory_effect: bytes
+    response_heads: bytes
+    response_mlps: bytes
+    norm_response: bytes
+    clean_direct_effect: bytes
+    response: bytes | None = None
 
 
 class PromptResult(Struct, kw_only=True):
@@ -133,6 +195,11 @@ class PromptResult(Struct, kw_only=True):
     norm_response: list[float]
     response: list[list[float]]
     clean_direct_effect: list[float]
+    # Soft-capped models only (Gemma 2): TE read on the model's capped logits; the other measures are read on the
+    # pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). Null for every other model.
+    capped_total_effect: list[float] | None = None
+    # Per-position jobs: every measure per (position, component); the lists above hold the last measured position.
+    positions: PositionColumns | None = None
 
 
 class ComponentSummary(Struct, kw_only=True):
@@ -149,6 +216,36 @@ class ComponentSummary(Struct, kw_only=True):
     compensation_vs_direct: Regression
 
 
+class Quantiles(Struct, kw_only=True):
+    p05: float
+    p25: float
+    p50: float
+    p75: float
+    p95: float
+
+
+class SelfRepair(Struct, kw_only=True):
+    """One component's self-repair over its top (position, token) pairs by direct effect (Rushing & Nanda 2024).
+
+    Their sign: TE and DE are changes (ablated − clean), ours are drops (clean − ablated), so their self-repair
+    TE − DE equals our compensation DE − TE. Pairs are the top `top_fraction` by our DE (their most negative DE).
+    """
+
+    component: str
+    n_pairs: int
+    direct_effect_threshold: float  # the smallest DE kept
+    direct_effect_mean: float
+    total_effect_mean: float
+    self_repair_mean: float  # = compensation mean
+    self_repair_se: float
+    heads_mean: float  # downstream attention heads' part (attention layers with response_basis "layers")
+    mlps_mean: float
+    norm_mean: float
+    norm_share: float | None  # norm_mean / self_repair_mean (None when that is 0)
+    self_repair_fraction: float | None  # self_repair_mean / direct_effect_mean
+    self_repair_quantiles: Quantiles
+
+
 class Summary(Struct, kw_only=True):
     n_prompts: int
     components: list[ComponentSummary]
@@ -156,6 +253,10 @@ class Summary(Struct, kw_only=True):
     clean_direct_effect_mean: list[float]
     total_vs_direct: Regression
     near_ties: int
+    # Per-position jobs: pairs are (prompt, position); near_ties counts pairs.
+    n_pairs: int | None = None
+    top_fraction: float | None = None
+    self_repair: list[SelfRepair] | None = None
 
 
 class Provenance(Struct, kw_only=True):

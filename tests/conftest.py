@@ -34,19 +34,17 @@ def _offline() -> None:
 
 STACK_PREFIX = "test-stack:"
 STACK_QUEUE = "hydra-test"
-STACK_TINY_ARCHS = ("llama", "gpt2", "gpt_neox_parallel")
+STACK_TINY_ARCHS = ("llama", "gpt2", "gpt_neox_parallel", "gemma2")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny random models saved with save_pretrained, served to the worker under aliases `tiny-<arch>`."""
-    from tests.tiny_models import build_tiny_model
-
-    from tests.tiny_models import build_softcapped_model
+    from tests.tiny_models import build_refused_model, build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     dirs = {f"tiny-{arch}": str(build_tiny_model(arch, root / arch)) for arch in STACK_TINY_ARCHS}
-    dirs["tiny-gemma2-softcapped"] = str(build_softcapped_model(root / "gemma2"))
+    dirs["tiny-mamba"] = str(build_refused_model(root / "mamba"))
     return dirs
 
 

@@ -24,6 +24,21 @@ returns `(attn_output, attn_weights)`, every MLP returns a tensor):
   final norm model.transformer.ln_f (LayerNorm).
 - gpt_neox: blocks model.gpt_neox.layers[i]; attention .attention; head projection .attention.dense (Linear);
   final norm model.gpt_neox.final_layer_norm (LayerNorm); parallel blocks iff config.use_parallel_residual.
+- mixtral, qwen2_moe, qwen3, qwen3_moe, phi3: laid out like llama (the MoE block is .mlp; QK-norm is inside
+  .self_attn; phi3's o_proj is a plain Linear).
+- gemma: like llama, but every RMSNorm multiplies by (1 + weight).
+- gemma2, gemma3_text: sandwich blocks; what attention writes into the residual stream is the output of
+  .post_attention_layernorm, what the MLP writes is the output of .post_feedforward_layernorm: those modules are
+  hooked (captured and replaced). RMSNorm gain (1 + weight). gemma2 soft-caps its final logits.
+- olmo2: post-norm blocks; hooked modules .post_attention_layernorm and .post_feedforward_layernorm.
+- gptj: blocks model.transformer.h[i]; attention .attn, head projection .attn.out_proj (Linear); final norm
+  model.transformer.ln_f (LayerNorm); attention and MLP both read ln_1 of the block input (parallel).
+
+In post-norm blocks a head's write is not linear in its slice, so the oracle takes a head's Δ from the two runs
+themselves: the attention block's output at the final position in the clean run minus in the ablated run (only the
+head changed there). With final-logit soft-capping the metric is read on the pre-cap logits (the lm_head's output,
+captured by a hook), except `logprob`, read on the model's (capped) output; `capped_total_effect` is TE read on the
+model's output logits.
 """
 
 from __future__ import annotations
@@ -48,8 +63,8 @@ class ModelParts:
     n_heads: int
     head_dim: int
     parallel: bool  # GPT-NeoX use_parallel_residual: attention and MLP both read the block's input
-    attn: list[nn.Module]  # returns a tuple whose first element is the attention block's output
-    mlp: list[nn.Module]  # returns a tensor
+    attn: list[nn.Module]  # its output (or output[0]) is what attention writes into the residual stream
+    mlp: list[nn.Module]  # its output is what the MLP writes into the residual stream
     out_proj: list[nn.Module]  # its input is the concatenation of the query heads' outputs
     out_proj_is_conv1d: bool  # GPT-2's Conv1D: y = x @ W + b with W of shape (in, out)
     final_norm: nn.Module
@@ -57,12 +72,18 @@ class ModelParts:
     norm_eps: float
     unembed: torch.Tensor  # (vocab, d_model)
     unembed_bias: torch.Tensor | None
+    gain_offset: float = 0.0  # Gemma's RMSNorm: gain = 1 + weight
+    post_norm: bool = False  # attention's write is a norm's output (heads' deltas come from the runs)
+    softcap: float | None = None  # final-logit soft-capping
+    lm_head: nn.Module | None = None  # its output is the pre-cap logits
 
 
 def locate_parts(model: nn.Module) -> ModelParts:
     config = model.config
     model_type = config.model_type
-    if model_type in ("llama", "qwen2", "mistral"):
+    gain_offset = 0.0
+    post_norm = False
+    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma"):
         blocks = list(model.model.layers)
         attn = [b.self_attn for b in blocks]
         mlp = [b.mlp for b in blocks]
@@ -70,8 +91,31 @@ def locate_parts(model: nn.Module) -> ModelParts:
         conv1d = False
         final_norm = model.model.norm
         is_ln = False
-        eps = float(final_norm.variance_epsilon)
+        eps = float(getattr(final_norm, "variance_epsilon", getattr(final_norm, "eps", None)))
         parallel = False
+        gain_offset = 1.0 if model_type == "gemma" else 0.0
+    elif model_type in ("gemma2", "gemma3_text", "olmo2"):
+        blocks = list(model.model.layers)
+        attn = [b.post_attention_layernorm for b in blocks]
+        mlp = [b.post_feedforward_layernorm for b in blocks]
+        out_proj = [b.self_attn.o_proj for b in blocks]
+        conv1d = False
+        final_norm = model.model.norm
+        is_ln = False
+        eps = float(getattr(final_norm, "variance_epsilon", getattr(final_norm, "eps", None)))
+        parallel = False
+        gain_offset = 0.0 if model_type == "olmo2" else 1.0
+        post_norm = True
+    elif model_type == "gptj":
+        blocks = list(model.transformer.h)
+        attn = [b.attn for b in blocks]
+        mlp = [b.mlp for b in blocks]
+        out_proj = [b.attn.out_proj for b in blocks]
+        conv1d = False
+        final_norm = model.transformer.ln_f
+        is_ln = True
+        eps = float(final_norm.eps)
+        parallel = True
     elif model_type == "gpt2":
         blocks = list(model.transformer.h)
         attn = [b.attn for b in blocks]
@@ -119,6 +163,10 @@ def locate_parts(model: nn.Module) -> ModelParts:
         norm_eps=eps,
         unembed=lm_head.weight.detach().double(),
         unembed_bias=None if getattr(lm_head, "bias", None) is None else lm_head.bias.detach().double(),
+        gain_offset=gain_offset,
+        post_norm=post_norm,
+        softcap=getattr(config, "final_logit_softcapping", None) or None,
+        lm_head=lm_head,
     )
 
 
@@ -182,11 +230,12 @@ def downstream(component: str, n_layers: int, parallel: bool) -> set[str]:
 class RunRecord:
     """What one forward pass of one prompt produced (float32 captures, batch dimension removed)."""
 
-    logits: torch.Tensor  # (vocab,) at the final position
+    logits: torch.Tensor  # (vocab,) at the final position: the model's output (soft-capped where the model caps)
     x_final: torch.Tensor  # (d_model,) residual stream entering the final norm, final position
     attn_out: list[torch.Tensor]  # per layer, (T, d_model)
     mlp_out: list[torch.Tensor]  # per layer, (T, d_model)
     head_in: list[torch.Tensor]  # per layer, (T, n_heads * head_dim): input of the output projection
+    raw_logits: torch.Tensor | None = None  # (vocab,): the lm_head's output at the final position (before any cap)
 
 
 @dataclass
@@ -262,6 +311,13 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
         handles.append(parts.mlp[layer].register_forward_hook(capture(mlp_out, layer)))
         handles.append(parts.out_proj[layer].register_forward_pre_hook(capture_input(head_in, layer)))
     handles.append(parts.final_norm.register_forward_pre_hook(capture_final))
+    raw: list = [None]
+    if parts.lm_head is not None:
+
+        def capture_raw(module, args, output):
+            raw[0] = output[0, -1].detach().clone()
+
+        handles.append(parts.lm_head.register_forward_hook(capture_raw))
 
     try:
         with torch.no_grad():
@@ -274,7 +330,9 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
     logits = out.logits[0, -1].detach().clone()
     for layer in range(parts.n_layers):
         assert attn_out[layer].shape[0] == T and mlp_out[layer].shape[0] == T
-    return RunRecord(logits=logits, x_final=x_final[0], attn_out=attn_out, mlp_out=mlp_out, head_in=head_in)
+    return RunRecord(
+        logits=logits, x_final=x_final[0], attn_out=attn_out, mlp_out=mlp_out, head_in=head_in, raw_logits=raw[0]
+    )
 
 
 def replacement_space_output(parts: ModelParts, rec: RunRecord, comp: Component) -> torch.Tensor:
@@ -309,7 +367,7 @@ def layer_output(rec: RunRecord, name: str) -> torch.Tensor:
 class Readout:
     def __init__(self, parts: ModelParts):
         self.parts = parts
-        self.g = parts.final_norm.weight.detach().double()
+        self.g = parts.final_norm.weight.detach().double() + parts.gain_offset
         bias = getattr(parts.final_norm, "bias", None)
         self.b = None if bias is None else bias.detach().double()
         self.eps = parts.norm_eps
@@ -344,6 +402,13 @@ def metric_direction(parts: ModelParts, metric: str, target: int, counterfactual
     if metric == "logit_diff":
         return W[target] - W[counterfactual]
     raise ValueError(metric)
+
+
+def metric_logits(rec: RunRecord, metric: str) -> torch.Tensor:
+    """The logits a metric is read on: pre-cap for the linear metrics, the model's output for logprob."""
+    if metric == "logprob" or rec.raw_logits is None:
+        return rec.logits
+    return rec.raw_logits
 
 
 def metric_from_logits(logits: torch.Tensor, metric: str, target: int, counterfactual: int | None) -> float:
@@ -470,11 +535,12 @@ def oracle_sweep(
         top2_gap = float(top2[0] - top2[1])
 
         w = metric_direction(parts, spec.metric, target, counterfactual)
-        m_clean = metric_from_logits(rec_c.logits, spec.metric, target, counterfactual)
+        m_clean = metric_from_logits(metric_logits(rec_c, spec.metric), spec.metric, target, counterfactual)
+        m_clean_capped = metric_from_logits(rec_c.logits, spec.metric, target, counterfactual)
         s_clean = readout.scale(rec_c.x_final)
         clean_de = {d: readout.f(w, layer_output(rec_c, d)) / s_clean for d in basis}
 
-        te_list, de_list, comp_list, resp_list, norm_list = [], [], [], [], []
+        te_list, de_list, comp_list, resp_list, norm_list, capped_list = [], [], [], [], [], []
         for comp in components:
             clean_rep = replacement_space_output(parts, rec_c, comp)  # (T, dim)
             # The ablations to run: one per source for resample, one otherwise.
@@ -496,11 +562,15 @@ def oracle_sweep(
             per_run = []  # (TE, DE, compensation, response list, norm_response)
             for src, values in ablations:
                 rec_a = run_model(model, parts, ids, Ablation(comp, values))
-                delta = to_residual(parts, comp, clean_rep[T - 1] - values[T - 1])
+                if comp.kind == "head" and parts.post_norm:
+                    delta = layer_output(rec_c, f"attn.{comp.layer}") - layer_output(rec_a, f"attn.{comp.layer}")
+                else:
+                    delta = to_residual(parts, comp, clean_rep[T - 1] - values[T - 1])
                 if detail is not None:
                     detail.runs.setdefault((i, comp.name), []).append(_Run(rec_a, delta, src))
 
-                m_abl = metric_from_logits(rec_a.logits, spec.metric, target, counterfactual)
+                m_abl = metric_from_logits(metric_logits(rec_a, spec.metric), spec.metric, target, counterfactual)
+                capped_te = m_clean_capped - metric_from_logits(rec_a.logits, spec.metric, target, counterfactual)
                 te = m_clean - m_abl
                 de = readout.f(w, delta) / s_clean
                 compensation = de - te
@@ -518,7 +588,7 @@ def oracle_sweep(
                     else:
                         raise ValueError(spec.norm_scale)
                 norm_response = compensation - sum(response)
-                per_run.append((te, de, compensation, response, norm_response))
+                per_run.append((te, de, compensation, response, norm_response, capped_te))
 
             k = len(per_run)
             te_list.append(sum(r[0] for r in per_run) / k)
@@ -526,6 +596,7 @@ def oracle_sweep(
             comp_list.append(sum(r[2] for r in per_run) / k)
             resp_list.append([sum(r[3][j] for r in per_run) / k for j in range(len(basis))])
             norm_list.append(sum(r[4] for r in per_run) / k)
+            capped_list.append(sum(r[5] for r in per_run) / k)
 
         results.append(
             PromptMeasures(
@@ -539,6 +610,7 @@ def oracle_sweep(
                 norm_response=norm_list,
                 clean_direct_effect=[clean_de[d] for d in basis],
                 sources=list(pairing[i]),
+                capped_total_effect=capped_list if parts.softcap else None,
             )
         )
 
@@ -553,11 +625,174 @@ def oracle_sweep(
 def embedding_output(model: nn.Module, parts: ModelParts, ids: torch.Tensor) -> torch.Tensor:
     """What the embedding layer writes into the residual stream, (T, d_model) float64 (for self-checks)."""
     ids = ids.view(-1)
-    if parts.model_type in ("llama", "qwen2", "mistral"):
+    if parts.model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2"):
         return model.model.embed_tokens.weight.detach().double()[ids]
+    if parts.model_type in ("gemma", "gemma2", "gemma3_text"):  # embeddings times sqrt(d_model), in the model dtype
+        weight = model.model.embed_tokens.weight.detach()
+        return (weight[ids] * torch.tensor(model.config.hidden_size**0.5, dtype=weight.dtype)).double()
+    if parts.model_type == "gptj":
+        return model.transformer.wte.weight.detach().double()[ids]
     if parts.model_type == "gpt2":
         pos = torch.arange(ids.shape[0])
         return (model.transformer.wte.weight[ids] + model.transformer.wpe.weight[pos]).detach().double()
     if parts.model_type == "gpt_neox":
         return model.gpt_neox.embed_in.weight.detach().double()[ids]
     raise ValueError(parts.model_type)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every position (docs/definitions.md, "Every position"): one full forward pass per ablation, every position read
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_model_positions(
+    model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: Ablation | None = None
+) -> tuple[RunRecord, torch.Tensor]:
+    """`run_model`, plus the residual stream entering the final norm at every position, (T, d_model)."""
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args):
+        captured.append(args[0][0].detach().clone())
+
+    handle = parts.final_norm.register_forward_pre_hook(capture)
+    try:
+        record = run_model(model, parts, ids, ablation)
+    finally:
+        handle.remove()
+    return record, captured[-1]
+
+
+def hand_logits(parts: ModelParts, readout: Readout, x: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of one residual vector, by hand in float64: W_U · norm(x) (+ bias)."""
+    logits = parts.unembed @ readout.norm(x)
+    return logits + parts.unembed_bias if parts.unembed_bias is not None else logits
+
+
+def position_basis(parts: ModelParts, heads: bool) -> list[str]:
+    if not heads:
+        return response_basis(parts)
+    names = []
+    for layer in range(parts.n_layers):
+        names += [f"head.{layer}.{h}" for h in range(parts.n_heads)]
+        names.append(f"mlp.{layer}")
+    return names
+
+
+def basis_output(parts: ModelParts, rec: RunRecord, name: str, p: int) -> torch.Tensor:
+    """What basis entry `name` writes into the residual stream at position p, float64."""
+    c = parse_component(name)
+    if c.kind == "head":
+        lo, hi = c.head * parts.head_dim, (c.head + 1) * parts.head_dim
+        return rec.head_in[c.layer][p, lo:hi].double() @ head_matrix(parts, c.layer, c.head)
+    store = rec.attn_out if c.kind == "attn" else rec.mlp_out
+    return store[c.layer][p].double()
+
+
+def oracle_position_sweep(
+    model: nn.Module, spec: SweepSpec, inputs: SweepInputs, sources: list[list[int]] | None = None
+) -> dict[str, object]:
+    """Per-position measures, brute force: {components, response_basis, prompts: [dict of float64 tensors]}.
+
+    Each prompt's dict: positions, target_ids (P,), clean_metric (P,), total_effect / direct_effect / unembed_effect
+    / compensation / norm_response (C, P), response (C, R, P), clean_direct_effect (R, P).
+    """
+    assert spec.positions == "all", "the per-position measures ablate at every position"
+    parts = locate_parts(model)
+    readout = Readout(parts)
+    heads = spec.response_basis == "heads"
+    basis = position_basis(parts, heads)
+    full = [torch.as_tensor(t, dtype=torch.long).view(-1) for t in inputs.token_ids]
+    prompts = [ids[:-1] for ids in full] if spec.target == "next_token" else full
+    n = len(prompts)
+    components = [parse_component(c) for c in spec.components]
+    clean = [run_model_positions(model, parts, ids) for ids in prompts]
+
+    if spec.ablation == "mean":
+        if inputs.mean_reference_ids is not None:
+            refs = [torch.as_tensor(t, dtype=torch.long).view(-1) for t in inputs.mean_reference_ids]
+            ref_records = [run_model(model, parts, ids) for ids in refs]
+        else:
+            ref_records = [rec for rec, _ in clean]
+        means = {
+            c.name: mean_vector([replacement_space_output(parts, r, c) for r in ref_records], "all") for c in components
+        }
+    pairing: list[list[int]] = [[] for _ in range(n)]
+    if spec.ablation == "resample":
+        pairing = resample_sources(n, spec.resample_samples, spec.resample_from, sources)
+
+    def is_down(comp: Component, name: str) -> bool:
+        layer_name = name if not name.startswith("head.") else "attn." + name.split(".")[1]
+        return layer_name in downstream(comp.name, parts.n_layers, parts.parallel)
+
+    results = []
+    for i, ids in enumerate(prompts):
+        T = ids.shape[0]
+        rec_c, x_c = clean[i]
+        logits_c = [hand_logits(parts, readout, x_c[p]) for p in range(T)]
+        if spec.target == "next_token":
+            targets = [int(t) for t in full[i][1:]]
+        elif inputs.target_ids is not None:
+            targets = [int(inputs.target_ids[i])] * T
+        else:
+            targets = [int(torch.argmax(z)) for z in logits_c]
+        measured = list(range(T)) if spec.measure_positions == "all" else [T - 1]
+        w = [metric_direction(parts, spec.metric, targets[p], None) for p in range(T)]
+        s_c = [readout.scale(x_c[p]) for p in range(T)]
+        m_c = [metric_from_logits(logits_c[p], spec.metric, targets[p], None) for p in range(T)]
+        clean_de = [[readout.f(w[p], basis_output(parts, rec_c, d, p)) / s_c[p] for p in measured] for d in basis]
+
+        fields = {k: [] for k in ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response")}
+        fields["response"] = []
+        for comp in components:
+            clean_rep = replacement_space_output(parts, rec_c, comp)
+            if spec.ablation == "zero":
+                runs = [{p: torch.zeros(clean_rep.shape[1], dtype=torch.float64) for p in range(T)}]
+            elif spec.ablation == "mean":
+                runs = [{p: means[comp.name] for p in range(T)}]
+            else:
+                runs = [
+                    resample_values(replacement_space_output(parts, clean[src][0], comp), T, "all") for src in pairing[i]
+                ]
+            sums = {k: torch.zeros(len(measured), dtype=torch.float64) for k in fields if k != "response"}
+            response_sum = torch.zeros(len(basis), len(measured), dtype=torch.float64)
+            for values in runs:
+                rec_a, x_a = run_model_positions(model, parts, ids, Ablation(comp, values))
+                for k, p in enumerate(measured):
+                    m_a = metric_from_logits(hand_logits(parts, readout, x_a[p]), spec.metric, targets[p], None)
+                    te = m_c[p] - m_a
+                    de = readout.f(w[p], to_residual(parts, comp, clean_rep[p] - values[p])) / s_c[p]
+                    unembed = readout.f(w[p], to_residual(parts, comp, clean_rep[p])) / s_c[p]
+                    s_a = readout.scale(x_a[p])
+                    response = []
+                    for d in basis:
+                        if not is_down(comp, d):
+                            response.append(0.0)
+                            continue
+                        out_a, out_c = basis_output(parts, rec_a, d, p), basis_output(parts, rec_c, d, p)
+                        if spec.norm_scale == "clean":
+                            response.append(readout.f(w[p], out_a - out_c) / s_c[p])
+                        else:
+                            response.append(readout.f(w[p], out_a) / s_a - readout.f(w[p], out_c) / s_c[p])
+                    compensation = de - te
+                    for name, value in (
+                        ("total_effect", te),
+                        ("direct_effect", de),
+                        ("unembed_effect", unembed),
+                        ("compensation", compensation),
+                        ("norm_response", compensation - sum(response)),
+                    ):
+                        sums[name][k] += value
+                    response_sum[:, k] += torch.tensor(response, dtype=torch.float64)
+            for name, summed in sums.items():
+                fields[name].append(summed / len(runs))
+            fields["response"].append(response_sum / len(runs))
+        prompt = {name: torch.stack(values) for name, values in fields.items()}
+        prompt.update(
+            positions=measured,
+            target_ids=torch.tensor([targets[p] for p in measured]),
+            clean_metric=torch.tensor([m_c[p] for p in measured], dtype=torch.float64),
+            clean_direct_effect=torch.tensor(clean_de, dtype=torch.float64),
+            sources=list(pairing[i]),
+        )
+        results.append(prompt)
+    return {"components": list(spec.components), "response_basis": basis, "prompts": results}

@@ -401,8 +401,8 @@ def test_bad_requests_are_explained(
 
 
 def test_models_a_worker_refused_are_422_with_the_reason(client: TestClient, store: JobStore) -> None:
-    store.refuse_model("gemma-tiny", "final-logit soft-capping makes the readout non-linear; not supported")
-    problem = assert_problem(client.post("/v1/jobs", json={"model": "gemma-tiny", "prompts": TWO}), 422, "soft-capping")
+    store.refuse_model("mamba-tiny", "architecture 'mamba' cannot be decomposed: Mamba has no attention or MLP blocks")
+    problem = assert_problem(client.post("/v1/jobs", json={"model": "mamba-tiny", "prompts": TWO}), 422, "decomposed")
     assert problem["field"] == "model"
 
 

@@ -25,6 +25,7 @@ from tests.oracle import (
     locate_parts,
     metric_direction,
     metric_from_logits,
+    metric_logits,
     oracle_sweep,
     parse_component,
     resample_values,
@@ -173,7 +174,13 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
                     f"prompt {i}: clean_direct_effect[{d}] engine {e.clean_direct_effect[j]:.6f} "
                     f"oracle {o.clean_direct_effect[j]:.6f}"
                 )
+        if (e.capped_total_effect is None) != (o.capped_total_effect is None):
+            bad.append(f"prompt {i}: capped_total_effect engine {e.capped_total_effect} oracle {o.capped_total_effect}")
         for k, comp in enumerate(oracle.components):
+            if e.capped_total_effect is not None and o.capped_total_effect is not None:
+                ev, ov = e.capped_total_effect[k], o.capped_total_effect[k]
+                if not _close(ev, ov, atol):
+                    bad.append(f"prompt {i} {comp}: capped_total_effect engine {ev:.6f} oracle {ov:.6f}")
             for name in ("total_effect", "direct_effect", "compensation", "norm_response"):
                 ev, ov = getattr(e, name)[k], getattr(o, name)[k]
                 if not _close(ev, ov, atol):
@@ -366,8 +373,12 @@ def test_oracle_residual_and_readout(tiny_models, prompt_set, arch: str) -> None
         logits = readout.norm(rec.x_final) @ parts.unembed.T
         if parts.unembed_bias is not None:
             logits = logits + parts.unembed_bias
-        assert torch.allclose(logits, rec.logits.double(), atol=1e-4)
-        # The head slices times their W_O slices, plus the projection's bias, are the attention output.
+        assert torch.allclose(logits, metric_logits(rec, "logit").double(), atol=1e-4)
+        if parts.softcap is not None:  # the model's output is the pre-cap logits, capped
+            capped = parts.softcap * torch.tanh(logits / parts.softcap)
+            assert torch.allclose(capped, rec.logits.double(), atol=1e-4)
+        # The head slices times their W_O slices, plus the projection's bias, are the attention output (through
+        # the block's post-norm where it has one).
         for layer in range(parts.n_layers):
             heads = sum(
                 rec.head_in[layer][-1, h * parts.head_dim : (h + 1) * parts.head_dim].double()
@@ -377,6 +388,8 @@ def test_oracle_residual_and_readout(tiny_models, prompt_set, arch: str) -> None
             bias = parts.out_proj[layer].bias
             if bias is not None:
                 heads = heads + bias.double()
+            if parts.post_norm:
+                heads = parts.attn[layer](heads.float().view(1, 1, -1))[0, 0].double()
             assert torch.allclose(heads, rec.attn_out[layer][-1].double(), atol=1e-5)
         # The logits are not near-constant (the random init is non-trivial).
         assert rec.logits.std() > 0.3
@@ -416,7 +429,7 @@ def test_oracle_only_downstream_changes(tiny_models, prompt_set, arch: str, posi
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_oracle_zero_ablation_direct_effects(tiny_models, prompt_set, arch: str) -> None:  # noqa: F811
     """Zero ablation at the final position: DE(c) is c's clean direct effect; the heads' DEs plus the projection
-    bias add up to the attention block's clean direct effect."""
+    bias add up to the attention block's clean direct effect (blocks without a post-norm)."""
     model = tiny_models(arch)
     parts = locate_parts(model)
     readout = Readout(parts)
@@ -430,6 +443,8 @@ def test_oracle_zero_ablation_direct_effects(tiny_models, prompt_set, arch: str)
         de = dict(zip(result.components, p.direct_effect))
         for j, d in enumerate(basis):
             assert abs(de[d] - p.clean_direct_effect[j]) < 1e-9
+        if parts.post_norm:  # a post-norm rescales the heads' sum: their DEs need not add up (docs/definitions.md)
+            continue
         w = metric_direction(parts, "centered_logit", p.target_id, None)
         s = readout.scale(detail.clean[i].x_final)
         for layer in range(parts.n_layers):
@@ -462,6 +477,10 @@ def test_oracle_last_mlp_nothing_downstream(tiny_models, prompt_set, arch: str, 
             (run,) = detail.runs[(i, last)]
             x_clean = detail.clean[i].x_final.double()
             logits = readout.norm(x_clean - run.delta) @ parts.unembed.T
+            if parts.unembed_bias is not None:  # GPT-J's lm_head has a bias
+                logits = logits + parts.unembed_bias
+            if parts.softcap is not None and metric == "logprob":  # logprob: the model's own (capped) distribution
+                logits = parts.softcap * torch.tanh(logits / parts.softcap)
             cf = prompt_set.counterfactual_ids[i] if metric == "logit_diff" else None
             te = p.clean_metric - metric_from_logits(logits, metric, p.target_id, cf)
             assert abs(te - p.total_effect[0]) < 1e-4, (arch, i, te, p.total_effect[0])

@@ -122,16 +122,36 @@ def test_models_are_advertised_with_shapes(api: TestClient) -> None:
     assert models["smollm2-135m"]["n_layers"] == 30
     assert models["smollm2-135m"]["n_heads"] == 9
     assert models["tiny-gpt_neox_parallel"]["parallel_blocks"] is True
+    # Family, precision and device, as the worker publishes them (service/ never imports torch to know them).
+    assert models["smollm2-135m"]["family"] == "Llama"
+    assert models["tiny-gpt_neox_parallel"]["family"] == "GPT-NeoX (Pythia)"
+    assert models["tiny-gemma2"]["family"] == "Gemma 2"
+    assert models["tiny-gemma2"]["final_logit_softcap"] == 3.0
+    assert models["tiny-llama"]["final_logit_softcap"] is None
+    for info in models.values():
+        assert info["dtype"] == "float32" and info["device"] == "cpu" and info["device_name"]
     out_of_range = api.post("/v1/jobs", json={"model": "smollm2-135m", "prompts": ["a", "b"], "components": ["mlp.30"]})
     assert out_of_range.status_code == 422
     assert "30" in out_of_range.json()["detail"]
 
 
 def test_a_model_the_engine_cannot_decompose_is_refused_at_submit_time(api: TestClient) -> None:
-    assert "tiny-gemma2-softcapped" not in {m["id"] for m in api.get("/v1/models").json()}
-    refused = api.post("/v1/jobs", json={"model": "tiny-gemma2-softcapped", "prompts": ["a b", "c d"]})
+    assert "tiny-mamba" not in {m["id"] for m in api.get("/v1/models").json()}
+    refused = api.post("/v1/jobs", json={"model": "tiny-mamba", "prompts": ["a b", "c d"]})
     assert refused.status_code == 422
-    assert "soft-capping" in refused.json()["detail"]
+    assert "cannot be decomposed" in refused.json()["detail"]
+
+
+def test_a_soft_capped_model_runs_and_reports_both_total_effects(api: TestClient) -> None:
+    """Gemma 2 through the whole stack: TE on the pre-cap logit plus `capped_total_effect` on the model's output."""
+    body = {"model": "tiny-gemma2", "prompts": ["a b c", "d e f g", "h i"], "components": ["attn.1", "mlp.0"]}
+    job_id = api.post("/v1/jobs", json=body).json()["id"]
+    assert wait_terminal(api, job_id)["status"] == "succeeded"
+    result = api.get(f"/v1/jobs/{job_id}/result").json()
+    assert result["provenance"]["architecture"] == "gemma2"
+    for prompt in result["prompts"]:
+        assert len(prompt["capped_total_effect"]) == 2
+        assert prompt["capped_total_effect"] != prompt["total_effect"]
 
 
 def test_workers_publish_tokenizers_so_the_api_caps_prompt_tokens(api: TestClient) -> None:

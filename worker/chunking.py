@@ -21,10 +21,20 @@ from typing import cast
 
 from service.chunks import ChunkResult
 from service.schemas import JobResult, JobSpec, Provenance
+from worker.engine.position_sweep import run_position_sweep
 from worker.engine.sweep import ProgressCallback, StopCheck, run_sweep
-from worker.engine.types import PromptMeasures, SweepResult
-from worker.job_runner import batch_tokens, near_tie_gap, prompt_result, provenance, sweep_spec, tokenise_lazily
+from worker.engine.types import PositionSweepResult, PromptMeasures, SweepResult
+from worker.job_runner import (
+    batch_tokens,
+    near_tie_gap,
+    position_prompt_result,
+    prompt_result,
+    provenance,
+    sweep_spec,
+    tokenise_lazily,
+)
 from worker.model_cache import LoadedModel
+from worker.position_summary import summarise_positions
 from worker.summary import summarise
 
 
@@ -44,16 +54,27 @@ def execute_chunk(
         raise ValueError(f"chunk {index} covers prompts {start}:{stop}, outside the job's {len(spec.prompts)}")
     started = time.perf_counter()
     measure = list(range(start, stop))
-    sweep = run_sweep(
+    gap = near_tie_gap(loaded)
+    inputs = tokenise_lazily(loaded, spec, measure)
+    run = run_position_sweep if spec.per_position else run_sweep
+    sweep = run(
         loaded.model,
         sweep_spec(spec),
-        tokenise_lazily(loaded, spec, measure),
+        inputs,
         on_progress=on_progress,
         should_stop=should_stop,
         batch_tokens=batch_tokens(),
     )
-    gap = near_tie_gap(loaded)
-    prompts = [prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)]
+    if isinstance(sweep, PositionSweepResult):
+        full = spec.position_responses == "full"
+        prompts = [
+            position_prompt_result(loaded, spec.prompts[i], m, gap, sweep.response_basis, full)
+            for i, m in zip(measure, sweep.prompts, strict=True)
+        ]
+    else:
+        prompts = [
+            prompt_result(loaded, spec.prompts[i], m, gap) for i, m in zip(measure, sweep.prompts, strict=True)
+        ]
     return ChunkResult(
         index=index,
         start=start,
@@ -107,7 +128,11 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         components=first.components,
         response_basis=first.response_basis,
         prompts=prompts,
-        summary=summarise(sweep, first.near_tie_gap),
+        summary=(
+            summarise_positions(first.components, first.response_basis, prompts, first.near_tie_gap)
+            if spec.per_position
+            else summarise(sweep, first.near_tie_gap)
+        ),
         provenance=merged_provenance,
     )
 

@@ -5,6 +5,7 @@ Free of Redis and Celery. `worker/chunking.py` runs a job (or a chunk of it) wit
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import time
@@ -15,11 +16,11 @@ from typing import cast
 
 import torch
 
-from service.schemas import JobSpec, PromptResult, Provenance
+from service.schemas import JobSpec, PositionColumns, PromptResult, Provenance
 from service.settings import env_int
 from worker.engine.errors import InputError
-from worker.engine.sweep import DEFAULT_BATCH_TOKENS
-from worker.engine.types import PromptMeasures, SweepInputs, SweepSpec
+from worker.engine.memory import DEFAULT_BATCH_TOKENS
+from worker.engine.types import PositionMeasures, PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
 
 ENGINE_NAME = "resume-at-layer (worker/engine/fast.py)"
@@ -27,8 +28,11 @@ NEAR_TIE_GAP = {"float32": 1e-4, "float64": 1e-8}
 REDUCED_PRECISION_NEAR_TIE_GAP = 0.05
 
 
-def batch_tokens() -> int:
-    """HYDRA_BATCH_TOKENS: the engine's memory budget per batch, in rows × prompt tokens (default 8192)."""
+def batch_tokens() -> int | None:
+    """HYDRA_BATCH_TOKENS: a fixed budget per batch in rows × prompt tokens; unset, the engine derives it from the
+    device (free CUDA memory and the model's size; 8192 on a CPU: worker/engine/memory.py)."""
+    if not os.environ.get("HYDRA_BATCH_TOKENS", "").strip():
+        return None
     return env_int("HYDRA_BATCH_TOKENS", DEFAULT_BATCH_TOKENS)
 
 
@@ -81,6 +85,8 @@ def tokenise_lazily(loaded: LoadedModel, spec: JobSpec, measure: list[int]) -> S
 
     def encode(text: str) -> torch.Tensor:
         ids = loaded.tokenizer(text).input_ids
+        if spec.max_tokens is not None:
+            ids = ids[: spec.max_tokens]  # documents are cut to their first max_tokens tokens
         if not ids:
             raise JobInputError(f"prompt {text!r} tokenises to no tokens")
         return torch.tensor(ids, dtype=torch.long, device=loaded.device)
@@ -112,6 +118,9 @@ def sweep_spec(spec: JobSpec) -> SweepSpec:
         resample_samples=spec.resample_samples,
         resample_from=spec.resample_from,
         seed=spec.seed,
+        measure_positions=spec.measure_positions,
+        target=spec.target,
+        response_basis=spec.response_basis,
     )
 
 
@@ -135,6 +144,53 @@ def prompt_result(loaded: LoadedModel, text: str, m: PromptMeasures, gap: float)
         norm_response=m.norm_response,
         response=m.response,
         clean_direct_effect=m.clean_direct_effect,
+        capped_total_effect=m.capped_total_effect,
+    )
+
+
+def float32_bytes(values: torch.Tensor) -> bytes:
+    """Little-endian float32, row-major: how per-position arrays travel and are stored."""
+    return values.detach().to(torch.float32).contiguous().cpu().numpy().astype("<f4").tobytes()
+
+
+def position_prompt_result(
+    loaded: LoadedModel, text: str, m: PositionMeasures, gap: float, basis: list[str], full_responses: bool
+) -> PromptResult:
+    """One prompt's per-position measures as the API serves them; the per-prompt lists hold the last position."""
+    is_mlp = torch.tensor([name.startswith("mlp.") for name in basis])
+    heads = m.response[:, ~is_mlp].sum(dim=1)
+    mlps = m.response[:, is_mlp].sum(dim=1)
+    last = int(m.target_ids[-1])
+    return PromptResult(
+        prompt=text,
+        target_id=last,
+        target_token=loaded.tokenizer.decode([last]),
+        clean_metric=float(m.clean_metric[-1]),
+        top2_gap=float(m.top2_gap[-1]),
+        near_tie=bool(m.top2_gap[-1] < gap),
+        sources=m.sources,
+        total_effect=m.total_effect[:, -1].tolist(),
+        direct_effect=m.direct_effect[:, -1].tolist(),
+        compensation=m.compensation[:, -1].tolist(),
+        norm_response=m.norm_response[:, -1].tolist(),
+        response=[],  # per position in `positions` (split, or full with position_responses "full")
+        clean_direct_effect=m.clean_direct_effect[:, -1].tolist(),
+        positions=PositionColumns(
+            positions=m.positions,
+            target_ids=m.target_ids.tolist(),
+            clean_metric=float32_bytes(m.clean_metric),
+            top2_gap=float32_bytes(m.top2_gap),
+            total_effect=float32_bytes(m.total_effect),
+            direct_effect=float32_bytes(m.direct_effect),
+            unembed_effect=float32_bytes(m.unembed_effect),
+            compensation=float32_bytes(m.compensation),
+            compensatory_effect=float32_bytes(m.compensatory_effect),
+            response_heads=float32_bytes(heads),
+            response_mlps=float32_bytes(mlps),
+            norm_response=float32_bytes(m.norm_response),
+            clean_direct_effect=float32_bytes(m.clean_direct_effect),
+            response=float32_bytes(m.response) if full_responses else None,
+        ),
     )
 
 

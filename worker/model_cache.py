@@ -21,7 +21,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.schemas import ModelInfo
-from worker.engine.architecture import check_supported, describe, has_parallel_blocks
+from worker.devices import device_name, normalise_device
+from worker.engine.architecture import (
+    FAMILY_NAMES,
+    attention_implementation,
+    check_supported,
+    describe,
+    final_logit_softcap,
+    has_parallel_blocks,
+)
 from worker.engine.errors import InputError
 from worker.model_sources import ModelSource
 
@@ -57,12 +65,18 @@ def _load_kwargs(source: ModelSource) -> dict[str, object]:
     return {"gguf_file": source.gguf_file} if source.gguf_file else {}
 
 
-def model_info(source: ModelSource) -> ModelInfo:
-    """Shape facts from the config alone (no weights), for the API to validate jobs against."""
+def model_info(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelInfo:
+    """Shape facts from the config alone (no weights), for the API to validate jobs against, plus where and in what
+    precision this worker runs the model."""
     config = AutoConfig.from_pretrained(source.location, **_load_kwargs(source))
     check_supported(config)
     n_heads = int(config.num_attention_heads)
     return ModelInfo(
+        family=FAMILY_NAMES[str(config.model_type)],
+        dtype=str(dtype).removeprefix("torch."),
+        device=normalise_device(device),
+        device_name=device_name(device),
+        final_logit_softcap=final_logit_softcap(config),
         id=source.id,
         architecture=str(config.model_type),
         n_layers=int(config.num_hidden_layers),
@@ -86,8 +100,12 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = to
     """The real loading path: a GGUF file, a local folder, or a hub id (where the hub is reachable)."""
     kwargs = _load_kwargs(source)
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    # SDPA: the engine relies on its causal masking when it recomputes every position without a mask.
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    # SDPA (eager only where the model's attention needs it); the engine passes explicit masks wherever SDPA's
+    # implicit causal mask would not do (eager attention, sliding windows, padded batches).
+    config = AutoConfig.from_pretrained(source.location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.location, dtype=dtype, attn_implementation=attention_implementation(config), **kwargs
+    )
     model = model.to(device).eval()
     describe(model)  # refuse unsupported layouts before any job runs
     file_path = source.file_path()

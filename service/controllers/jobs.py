@@ -6,24 +6,37 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
 
 from service.auth import SECURITY, Principal
 from service.chunks import ChunkBook
 from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
 from service.errors import BackendUnavailable
-from service.exports import CSV_COLUMNS, EXPORT_ACCEPT, ExportFormat, export, negotiate
+from service.exports import (
+    CSV_COLUMNS,
+    EXPORT_ACCEPT,
+    POSITION_CSV_COLUMNS,
+    ExportFormat,
+    export,
+    has_positions,
+    negotiate,
+    position_csv_rows,
+    summary_of,
+    to_csv,
+)
 from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyRecords
 from service.limits import TokenCounters, check_prompt_tokens, rate_limit
 from service.queue import JobQueue
 from service.resolve import ablation_count, resolve
-from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ProblemDetails
+from service.schemas import JobPage, JobRequest, JobResult, JobStatus, ProblemDetails, Summary
 from service.settings import Settings
 from service.store import JobStore
 
@@ -240,7 +253,9 @@ class JobsController(Controller):
             "document as it is), `msgpack` (application/msgpack or application/x-msgpack: the same JobResult in "
             "MessagePack) and `csv` (text/csv: one row per prompt × component with the columns "
             + ", ".join(CSV_COLUMNS)
-            + "). An Accept header that allows none of these is 406."
+            + "; for per-position jobs, streamed, one row per prompt × position × component with the columns "
+            + ", ".join(POSITION_CSV_COLUMNS)
+            + "). An Accept header that allows none of these is 406. `GET …/summary` answers the summary alone."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
@@ -255,17 +270,38 @@ class JobsController(Controller):
         job_id: JobId,
         store: NamedDependency[JobStore],
         principal: NamedDependency[Principal],
-        format: Annotated[  # noqa: A002 - the query parameter's public name
+        format: Annotated[
             ExportFormat | None, QueryParameter(description="json, msgpack or csv; overrides the Accept header")
         ] = None,
-    ) -> Response[bytes]:
+    ) -> Response[bytes] | Stream:
         fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
         # The worker stored the encoded JobResult: JSON serves those bytes as they are; other formats decode them.
         stored = finished_result(store, job_id, principal)
         headers = {"Vary": "Accept"}
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
+            result = msgspec.json.decode(stored, type=JobResult)
+            if has_positions(result):  # streamed one prompt at a time; the stored JSON is dropped first
+                del stored
+                return Stream(position_csv_rows(result), media_type=media_type, headers=headers)
+            return Response(content=to_csv(result), media_type=media_type, headers=headers)
         return Response(content=export(stored, fmt), media_type=media_type, headers=headers)
+
+    @get(
+        "/{job_id:str}/summary",
+        sync_to_thread=True,
+        summary="A finished job's summary alone",
+        description=(
+            "The `summary` of the job's result without its per-prompt (and per-position) data: per component "
+            "means, regressions and, for per-position jobs, self-repair over the top pairs by direct effect. "
+            "409 while the job is queued or running, and for failed or cancelled jobs."
+        ),
+        responses=problem_responses(400, *PROTECTED, 404, 409, 503),
+    )
+    def get_summary(
+        self, job_id: JobId, store: NamedDependency[JobStore], principal: NamedDependency[Principal]
+    ) -> Summary:
+        return summary_of(finished_result(store, job_id, principal))
 
     @delete(
         "/{job_id:str}",

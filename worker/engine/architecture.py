@@ -1,37 +1,52 @@
 """Where each component lives in a Hugging Face causal LM, per architecture family.
 
 The engine never hard-codes module paths elsewhere: everything it touches is located here, so a new family is
-one entry in `_FAMILIES`.
+one entry in `_FAMILIES`. A family says how a decoder block is wired, since the engine re-runs blocks itself:
+
+- pre-norm blocks (Llama and most others): `x + attn(norm(x))`, then `x + mlp(norm(x))`;
+- post-norm blocks (OLMo 2: no pre-norms; Gemma 2/3: both, "sandwich"): the component's output is the post-norm's
+  output, `x + post_norm(attn(pre_norm(x)))`: what a component writes into the residual stream is what it is;
+- parallel blocks (GPT-J, Pythia): attention and MLP read the same block input, `x + attn(n1(x)) + mlp(n2(x))`.
+
+Attention variants (grouped/multi-query, QK-norm, logit soft-capping, partial rotary) live inside the model's own
+attention module and need nothing here; sliding windows (Mistral, Gemma 2/3, Qwen) and per-layer rotary tables
+(Gemma 3) do, because the engine builds the attention masks and position embeddings of the rows it recomputes.
+MoE MLPs (Mixtral, Qwen-MoE) are the `mlp.L` component as a whole: router and experts are inside the module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 
 class UnsupportedArchitecture(ValueError):
-    """The model cannot be decomposed linearly at the readout (or its layout is unknown)."""
+    """The model cannot be decomposed into components writing to one residual stream (or its layout is unknown)."""
 
 
 @dataclass(frozen=True)
 class Family:
-    """How to find the blocks of one model family."""
+    """How to find the blocks of one model family, and how a block is wired."""
 
     blocks: Callable[[nn.Module], nn.ModuleList]
-    attn: str  # attribute of a block whose output[0] is the attention output
+    attn: str  # attribute of a block whose output[0] is the attention output (before any post-norm)
     mlp: str
     out_proj: str  # attribute of the attention module: the projection whose input is the concatenated heads
     out_proj_is_conv1d: bool
     final_norm: Callable[[nn.Module], nn.Module]
     norm_kind: str  # "rms" or "layer"
-    attn_norm: str  # attribute of a block: the norm before attention
-    mlp_norm: str  # attribute of a block: the norm before the MLP
+    attn_norm: str | None  # attribute of a block: the norm before attention (None: OLMo 2 has none)
+    mlp_norm: str | None  # attribute of a block: the norm before the MLP
     rotary: Callable[[nn.Module], nn.Module] | None  # the model's rotary embedding, None for learned positions
     cache_keyword: str  # the keyword under which the attention module takes its key/value cache
+    attn_post_norm: str | None = None  # attribute of a block: the norm applied to the attention output (post-norm)
+    mlp_post_norm: str | None = None
+    gain_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    rotary_per_layer_type: bool = False  # Gemma 3: local and global layers use different rotary tables
+    parallel: Callable[[object], bool] = lambda config: False
 
 
 _LLAMA_LIKE = Family(
@@ -48,10 +63,66 @@ _LLAMA_LIKE = Family(
     cache_keyword="cache",
 )
 
+_GEMMA = Family(
+    blocks=lambda m: m.model.layers,
+    attn="self_attn",
+    mlp="mlp",
+    out_proj="o_proj",
+    out_proj_is_conv1d=False,
+    final_norm=lambda m: m.model.norm,
+    norm_kind="rms",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    rotary=lambda m: m.model.rotary_emb,
+    cache_keyword="cache",
+    gain_offset=1.0,
+)
+
+# Gemma 2 and 3: "sandwich" blocks, a norm before and after each of attention and MLP.
+_GEMMA_SANDWICH = Family(
+    blocks=lambda m: m.model.layers,
+    attn="self_attn",
+    mlp="mlp",
+    out_proj="o_proj",
+    out_proj_is_conv1d=False,
+    final_norm=lambda m: m.model.norm,
+    norm_kind="rms",
+    attn_norm="input_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    rotary=lambda m: m.model.rotary_emb,
+    cache_keyword="cache",
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    gain_offset=1.0,
+)
+
 _FAMILIES: dict[str, Family] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,  # the sparse MoE block is the `mlp` attribute
     "qwen2": _LLAMA_LIKE,
+    "qwen2_moe": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,  # QK-norm is inside the attention module
+    "qwen3_moe": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,  # fused qkv and gate/up projections; o_proj is a plain Linear
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA_SANDWICH,
+    "gemma3_text": replace(_GEMMA_SANDWICH, rotary_per_layer_type=True),
+    "olmo2": Family(
+        blocks=lambda m: m.model.layers,
+        attn="self_attn",
+        mlp="mlp",
+        out_proj="o_proj",
+        out_proj_is_conv1d=False,
+        final_norm=lambda m: m.model.norm,
+        norm_kind="rms",
+        attn_norm=None,
+        mlp_norm=None,
+        rotary=lambda m: m.model.rotary_emb,
+        cache_keyword="cache",
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+    ),
     "gpt2": Family(
         blocks=lambda m: m.transformer.h,
         attn="attn",
@@ -65,6 +136,20 @@ _FAMILIES: dict[str, Family] = {
         rotary=None,
         cache_keyword="cache",
     ),
+    "gptj": Family(
+        blocks=lambda m: m.transformer.h,
+        attn="attn",
+        mlp="mlp",
+        out_proj="out_proj",
+        out_proj_is_conv1d=False,
+        final_norm=lambda m: m.transformer.ln_f,
+        norm_kind="layer",
+        attn_norm="ln_1",
+        mlp_norm="ln_1",  # one norm feeds both branches
+        rotary=lambda m: m.transformer.rotary_emb,
+        cache_keyword="cache",
+        parallel=lambda config: True,
+    ),
     "gpt_neox": Family(
         blocks=lambda m: m.gpt_neox.layers,
         attn="attention",
@@ -77,10 +162,40 @@ _FAMILIES: dict[str, Family] = {
         mlp_norm="post_attention_layernorm",
         rotary=lambda m: m.gpt_neox.rotary_emb,
         cache_keyword="layer_past",
+        parallel=lambda config: _config_flag(config, "use_parallel_residual", True),
     ),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(_FAMILIES))
+
+# What /v1/models calls each model_type (keys: exactly the supported architectures; tests check).
+FAMILY_NAMES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "mixtral": "Mixtral (MoE)",
+    "qwen2": "Qwen 2 / 2.5",
+    "qwen2_moe": "Qwen 2 MoE",
+    "qwen3": "Qwen 3",
+    "qwen3_moe": "Qwen 3 MoE",
+    "phi3": "Phi-3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3",
+    "olmo2": "OLMo 2",
+    "gpt2": "GPT-2",
+    "gptj": "GPT-J",
+    "gpt_neox": "GPT-NeoX (Pythia)",
+}
+
+# Families the engine knows it cannot decompose, with the reason (anything else unknown is refused generically).
+_NOT_DECOMPOSABLE = {
+    "gemma3n": "Gemma 3n keeps several residual streams (AltUp) and feeds per-layer inputs to every block, so no "
+    "single residual stream sums the components' outputs",
+    "mamba": "Mamba has no attention or MLP blocks writing into a residual stream that a final readout sums",
+    "falcon_mamba": "Falcon-Mamba has no attention or MLP blocks writing into a residual stream that a final readout "
+    "sums",
+    "recurrent_gemma": "RecurrentGemma's recurrent blocks carry state across positions outside the residual stream",
+}
 
 
 @dataclass(frozen=True)
@@ -100,6 +215,10 @@ class Architecture:
     final_norm: nn.Module
     unembed: nn.Module
     rotary: nn.Module | None
+    sliding_windows: tuple[int | None, ...]  # per layer: how many keys a query sees (itself included), None = all
+    layer_types: tuple[str, ...] | None  # per layer, for per-layer-type rotary tables (Gemma 3)
+    final_logit_softcap: float | None  # Gemma 2: logits = cap · tanh(z / cap)
+    eager_attention: bool  # attention runs without SDPA's implicit causal mask: the engine passes every mask
 
     def attn(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.family.attn)
@@ -107,11 +226,32 @@ class Architecture:
     def mlp(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.family.mlp)
 
+    def _norm(self, layer: int, name: str | None) -> nn.Module:
+        return nn.Identity() if name is None else getattr(self.blocks[layer], name)
+
     def attn_norm(self, layer: int) -> nn.Module:
-        return getattr(self.blocks[layer], self.family.attn_norm)
+        return self._norm(layer, self.family.attn_norm)
 
     def mlp_norm(self, layer: int) -> nn.Module:
-        return getattr(self.blocks[layer], self.family.mlp_norm)
+        return self._norm(layer, self.family.mlp_norm)
+
+    def attn_post_norm(self, layer: int) -> nn.Module:
+        return self._norm(layer, self.family.attn_post_norm)
+
+    def mlp_post_norm(self, layer: int) -> nn.Module:
+        return self._norm(layer, self.family.mlp_post_norm)
+
+    @property
+    def post_norm(self) -> bool:
+        """A component's output is a norm's output: not linear in its heads (their deltas are computed, not summed)."""
+        return self.family.attn_post_norm is not None
+
+    def attn_writer(self, layer: int) -> nn.Module:
+        """The module whose output is what attention writes into the residual stream (the `attn.L` component)."""
+        return self.attn_post_norm(layer) if self.family.attn_post_norm else self.attn(layer)
+
+    def mlp_writer(self, layer: int) -> nn.Module:
+        return self.mlp_post_norm(layer) if self.family.mlp_post_norm else self.mlp(layer)
 
     def out_proj(self, layer: int) -> nn.Module:
         return getattr(self.attn(layer), self.family.out_proj)
@@ -127,7 +267,23 @@ class Architecture:
         return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-5)))
 
     def norm_weight(self) -> torch.Tensor:
-        return self.final_norm.weight
+        """The final norm's effective gain g (Gemma stores g − 1)."""
+        weight = self.final_norm.weight
+        return weight + self.family.gain_offset if self.family.gain_offset else weight
+
+    def position_embeddings(self, layer: int, probe: torch.Tensor, position_ids: torch.Tensor) -> object:
+        """The rotary (cos, sin) of `position_ids` for one layer's attention (None for learned positions)."""
+        if self.rotary is None:
+            return None
+        if self.family.rotary_per_layer_type and self.layer_types is not None:
+            return self.rotary(probe, position_ids, self.layer_types[layer])
+        return self.rotary(probe, position_ids)
+
+    def rotary_key(self, layer: int) -> str:
+        """Layers with the same key share position embeddings."""
+        if self.family.rotary_per_layer_type and self.layer_types is not None:
+            return self.layer_types[layer]
+        return "all"
 
 
 def _config_flag(config: object, name: str, default: bool) -> bool:
@@ -136,21 +292,49 @@ def _config_flag(config: object, name: str, default: bool) -> bool:
 
 
 def has_parallel_blocks(config: object) -> bool:
-    """Attention and MLP read the same block input (Pythia); GPT-NeoX defaults to it."""
-    return getattr(config, "model_type", None) == "gpt_neox" and _config_flag(config, "use_parallel_residual", True)
+    """Attention and MLP read the same block input (GPT-J; Pythia, where GPT-NeoX defaults to it)."""
+    family = _FAMILIES.get(str(getattr(config, "model_type", "")))
+    return family is not None and family.parallel(config)
+
+
+def sliding_windows(config: object, n_layers: int) -> tuple[int | None, ...]:
+    """Per layer, the number of keys a query attends to (itself included), as the model's own masks build them.
+
+    Models with `layer_types` (Gemma 2/3, Qwen 2/3, Qwen2-MoE) window only their "sliding_attention" layers; the
+    others (Mistral, Mixtral, Phi-3, Qwen3-MoE) window every layer when `sliding_window` is set.
+    """
+    window = getattr(config, "sliding_window", None) or None
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return (None,) * n_layers
+    if layer_types is not None:
+        return tuple(int(window) if kind == "sliding_attention" else None for kind in layer_types[:n_layers])
+    return (int(window),) * n_layers
+
+
+def final_logit_softcap(config: object) -> float | None:
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def attention_implementation(config: object) -> str:
+    """SDPA, except where the model's attention needs eager (Gemma 2's attention-logit soft-capping)."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
 
 def check_supported(config: object) -> None:
     """Refuse, with a reason, what the engine cannot decompose; shared by the worker's model registry."""
-    model_type = getattr(config, "model_type", "?")
-    if getattr(config, "final_logit_softcapping", None):
-        raise UnsupportedArchitecture(
-            f"'{model_type}' caps its final logits (soft-capping), which makes the readout non-linear: "
-            "direct effects would not add up; not supported"
-        )
+    model_type = str(getattr(config, "model_type", "?"))
+    if model_type in _NOT_DECOMPOSABLE:
+        raise UnsupportedArchitecture(f"architecture '{model_type}' cannot be decomposed: {_NOT_DECOMPOSABLE[model_type]}")
     if model_type not in _FAMILIES:
         raise UnsupportedArchitecture(
             f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedArchitecture(
+            f"'{model_type}' with bidirectional attention: an ablation at the final position would change every "
+            "earlier position too, which is not a causal decoder; not supported"
         )
 
 
@@ -163,6 +347,7 @@ def describe(model: nn.Module) -> Architecture:
     d_model = int(config.hidden_size)
     head_dim = int(getattr(config, "head_dim", None) or d_model // n_heads)
     blocks = family.blocks(model)
+    layer_types = getattr(config, "layer_types", None)
     return Architecture(
         model_type=config.model_type,
         family=family,
@@ -173,8 +358,12 @@ def describe(model: nn.Module) -> Architecture:
         head_dim=head_dim,
         d_model=d_model,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-        parallel_blocks=has_parallel_blocks(config),
+        parallel_blocks=family.parallel(config),
         final_norm=family.final_norm(model),
         unembed=model.get_output_embeddings(),
         rotary=family.rotary(model) if family.rotary is not None else None,
+        sliding_windows=sliding_windows(config, len(blocks)),
+        layer_types=tuple(layer_types) if layer_types is not None else None,
+        final_logit_softcap=final_logit_softcap(config),
+        eager_attention=getattr(config, "_attn_implementation", "sdpa") != "sdpa",
     )

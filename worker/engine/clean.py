@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from worker.engine.architecture import Architecture
 from worker.engine.hooks import hooks_removed_on_exit, on_input, on_output
@@ -23,6 +24,7 @@ class CleanRun:
     length: int
     past_keys: list[torch.Tensor]  # per layer (1, KV, T−1, hd): the prefix's keys (scope "final" only)
     past_values: list[torch.Tensor]
+    x_all: torch.Tensor | None = None  # (T, d): residual stream entering the final norm at every position ("all")
 
     def final_layer_out(self) -> torch.Tensor:
         return self.layer_out[:, -1, :]
@@ -63,17 +65,22 @@ def run_clean(
 
     def keep_x(x: torch.Tensor) -> torch.Tensor:
         captured["x"] = x[0, -1].clone()
+        if all_positions:
+            captured["x_all"] = x[0].clone()
         return x
 
     with hooks_removed_on_exit() as handles:
         for layer in range(arch.n_layers):
-            handles.append(arch.attn(layer).register_forward_hook(on_output(keeper(2 * layer))))
-            handles.append(arch.mlp(layer).register_forward_hook(on_output(keeper(2 * layer + 1))))
+            handles.append(arch.attn_writer(layer).register_forward_hook(on_output(keeper(2 * layer))))
+            handles.append(arch.mlp_writer(layer).register_forward_hook(on_output(keeper(2 * layer + 1))))
             handles.append(arch.blocks[layer].register_forward_pre_hook(keep_block_in(layer), with_kwargs=True))
             if with_heads:
                 handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep_head_in(layer))))
         handles.append(arch.final_norm.register_forward_pre_hook(on_input(keep_x)))
-        output = model(input_ids=token_ids.unsqueeze(0), use_cache=not all_positions, logits_to_keep=1)
+        # A cache built without the config keeps every position of every layer: a sliding-window layer's own cache
+        # would drop the keys beyond its window, which the padded batches of fast.py still index by position.
+        cache = None if all_positions else DynamicCache()
+        output = model(input_ids=token_ids.unsqueeze(0), use_cache=not all_positions, cache=cache, logits_to_keep=1)
     logits = output.logits[0, -1]
     past_keys, past_values = _prefix_cache(output) if not all_positions else ([], [])
 
@@ -86,6 +93,7 @@ def run_clean(
         length=int(token_ids.shape[0]),
         past_keys=past_keys,
         past_values=past_values,
+        x_all=captured.get("x_all"),
     )
 
 

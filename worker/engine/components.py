@@ -39,6 +39,15 @@ def layer_components(n_layers: int) -> list[Component]:
     return [Component(kind, layer) for layer in range(n_layers) for kind in ("attn", "mlp")]
 
 
+def head_basis_components(n_layers: int, n_heads: int) -> list[Component]:
+    """The head response basis: head.0.0, …, head.0.H−1, mlp.0, head.1.0, … (attention split into its heads)."""
+    return [
+        c
+        for layer in range(n_layers)
+        for c in [*(Component("head", layer, h) for h in range(n_heads)), Component("mlp", layer)]
+    ]
+
+
 def is_downstream(ablated: Component, other: Component, parallel_blocks: bool) -> bool:
     """Can `other`'s output at the final position change when `ablated` is ablated there? (docs/definitions.md)"""
     if other.layer > ablated.layer:

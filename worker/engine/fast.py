@@ -18,6 +18,7 @@ from worker.engine.architecture import Architecture
 from worker.engine.clean import CleanRun
 from worker.engine.components import Component
 from worker.engine.hooks import hooks_removed_on_exit, on_input
+from worker.engine.memory import BatchBudget, release_cached_memory
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,13 @@ class _Inputs:
         self.positions = first.block_in.shape[1]
         self.block_in = torch.stack([r.block_in for r in runs])  # (G, N, P, d)
         self.clean_final = torch.stack([r.final_layer_out() for r in runs])  # (G, 2N, d)
+        self.eager = arch.eager_attention
+        self.longest_prefix = 0
+        self.first_real: torch.Tensor | None = None
         if self.single:
             position_ids = torch.arange(first.length - self.positions, first.length, device=device).unsqueeze(0)
             self.cache = None if all_positions else PrefixCache(first.past_keys, first.past_values)
-            self.mask: torch.Tensor | None = None
+            self.length = first.length
         else:
             assert not all_positions, "prompts are batched together only for the final position"
             lengths = torch.tensor([r.length for r in runs], device=device)
@@ -153,11 +157,12 @@ class _Inputs:
                 [_left_pad([r.past_values[layer] for r in runs], longest) for layer in range(arch.n_layers)],
                 row_prompt,
             )
-            key_index = torch.arange(longest + 1, device=device)
-            first_real = longest - (lengths - 1)  # (G,): where each prompt's prefix starts after the padding
-            self.mask = (key_index.unsqueeze(0) >= first_real.unsqueeze(1))[row_prompt][:, None, None, :]
-        probe = self.block_in[0, 0, :1]
-        self.rotary = arch.rotary(probe.unsqueeze(0), position_ids) if arch.rotary is not None else None
+            self.longest_prefix = longest
+            self.first_real = (longest - (lengths - 1))[row_prompt]  # (B,): where each row's real prefix starts
+        self.position_ids = position_ids
+        self.probe = self.block_in[0, 0, :1].unsqueeze(0)
+        self._rotary: dict[str, object] = {}
+        self._masks: dict[int | None, torch.Tensor | None] = {}
 
     def entering(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         return self.block_in[self.row_prompt[rows], layer] if not self.single else self.block_in[0, layer]
@@ -165,15 +170,60 @@ class _Inputs:
     def clean_outputs(self) -> torch.Tensor:
         return self.clean_final[self.row_prompt]
 
+    def _position_embeddings(self, layer: int, active: int) -> object:
+        key = self.arch.rotary_key(layer)
+        if key not in self._rotary:
+            self._rotary[key] = self.arch.position_embeddings(layer, self.probe, self.position_ids)
+        embeddings = self._rotary[key]
+        if self.single or embeddings is None:
+            return embeddings
+        return tuple(t[:active] for t in embeddings)  # type: ignore[attr-defined]
+
+    def _mask(self, window: int | None) -> torch.Tensor | None:
+        """The additive attention mask of every row for one window size (None: no mask is needed).
+
+        Keys are the clean prefix then the recomputed positions. A key is visible when it is a real position (not
+        left padding), not in the future, and within the layer's sliding window (`window` keys, the query's own
+        included). Eager attention has no implicit causal mask, so it gets an explicit one for several positions.
+        """
+        if window in self._masks:
+            return self._masks[window]
+        dtype, device = self.block_in.dtype, self.block_in.device
+        allowed: torch.Tensor | None = None
+        if not self.single:
+            assert self.first_real is not None
+            keys = torch.arange(self.longest_prefix + 1, device=device)
+            allowed = keys.unsqueeze(0) >= self.first_real.unsqueeze(1)  # (B, K)
+            if window is not None:
+                allowed = allowed & (keys >= self.longest_prefix + 1 - window).unsqueeze(0)
+            allowed = allowed[:, None, None, :]
+        elif self.cache is not None:  # one prompt, final position: the query sees the prefix and itself
+            if window is not None and self.length > window:
+                keys = torch.arange(self.length, device=device)
+                allowed = (keys >= self.length - window)[None, None, None, :]
+        elif self.eager or (window is not None and self.length > window):  # one prompt, every position
+            query = torch.arange(self.length, device=device).unsqueeze(1)
+            keys = torch.arange(self.length, device=device).unsqueeze(0)
+            allowed = keys <= query
+            if window is not None:
+                allowed = allowed & (keys > query - window)
+            allowed = allowed[None, None]
+        mask = None
+        if allowed is not None:
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        self._masks[window] = mask
+        return mask
+
     def attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         active = x.shape[0]
+        mask = self._mask(self.arch.sliding_windows[layer])
         kwargs: dict[str, object] = {
-            "attention_mask": None if self.mask is None else self.mask[:active],
+            "attention_mask": mask if mask is None or mask.shape[0] == 1 else mask[:active],
             self.arch.family.cache_keyword: self.cache,
         }
-        if self.rotary is not None:
-            cos, sin = self.rotary
-            kwargs["position_embeddings"] = (cos, sin) if self.single else (cos[:active], sin[:active])
+        embeddings = self._position_embeddings(layer, active)
+        if embeddings is not None:
+            kwargs["position_embeddings"] = embeddings
         output = self.arch.attn(layer)(x, **kwargs)
         return output[0] if isinstance(output, tuple) else output
 
@@ -206,11 +256,12 @@ def run_ablated_rows(
             if layer_edits.head_rows:
                 handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(_replace_heads(layer_edits))))
             attn = inputs.attention(layer, arch.attn_norm(layer)(h))
+        attn = arch.attn_post_norm(layer)(attn)  # identity unless post-norm blocks: replacements are its outputs
         if layer_edits.attn_rows:
             attn = attn.clone()
             attn[layer_edits.attn_rows] = layer_edits.attn_values.to(attn.dtype)
         mlp_input = h if arch.parallel_blocks else h + attn
-        mlp = arch.mlp(layer)(arch.mlp_norm(layer)(mlp_input))
+        mlp = arch.mlp_post_norm(layer)(arch.mlp(layer)(arch.mlp_norm(layer)(mlp_input)))
         if layer_edits.mlp_rows:
             mlp = mlp.clone()
             mlp[layer_edits.mlp_rows] = layer_edits.mlp_values.to(mlp.dtype)
@@ -227,22 +278,35 @@ def run_ablated(
     arch: Architecture,
     prompts: list[tuple[CleanRun, list[AblatedRun]]],
     all_positions: bool,
-    batch_tokens: int,
+    batch_tokens: int | BatchBudget,
 ) -> list[AblatedOutputs]:
-    """Every ablated run of several prompts, batched within the budget `batch_tokens` (rows × longest prompt,
-    × 2 for "all"); prompts share batches only at the final position. One AblatedOutputs per prompt."""
+    """Every ablated run of several prompts, batched within the budget (rows × longest prompt, × 2 for "all");
+    prompts share batches only at the final position. One AblatedOutputs per prompt.
+
+    A batch that runs out of device memory is retried in halves, and the halved budget holds for the rest of the
+    sweep (`BatchBudget`); a single row that does not fit fails with `BatchDoesNotFit` and the reason.
+    """
+    budget = batch_tokens if isinstance(batch_tokens, BatchBudget) else BatchBudget(batch_tokens)
     runs = [run for run, _ in prompts]
     per_row = max(run.length for run in runs) * (2 if all_positions else 1)
-    rows_per_batch = max(1, batch_tokens // per_row)
     rows = [(p, ablation) for p, (_, ablations) in enumerate(prompts) for ablation in ablations]
     if all_positions and len(prompts) > 1:
         raise ValueError("all-position ablations are batched one prompt at a time")
+    device = runs[0].block_in.device
     parts = []
-    for start in range(0, len(rows), rows_per_batch):
-        chunk = rows[start : start + rows_per_batch]
+    start = 0
+    while start < len(rows):
+        chunk = rows[start : start + max(1, budget.tokens // per_row)]
         used = sorted({p for p, _ in chunk})
         local = {p: k for k, p in enumerate(used)}
-        parts.append(run_ablated_rows(arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions))
+        try:
+            part = run_ablated_rows(arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions)
+        except torch.OutOfMemoryError as error:
+            release_cached_memory(device)
+            budget.halve(per_row, len(chunk), error)
+            continue
+        parts.append(part)
+        start += len(chunk)
     layer_out = torch.cat([part.layer_out_final for part in parts])
     x_final = torch.cat([part.x_final for part in parts])
     outputs, offset = [], 0

@@ -23,6 +23,7 @@ class Readout:
         self.eps = arch.norm_eps()
         self.gain = arch.norm_weight()
         self.centred = arch.family.norm_kind == "layer"
+        self.softcap = arch.final_logit_softcap  # Gemma 2: the model's logits are cap · tanh(z / cap)
 
     def direction(self, target: int, counterfactual: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The vocabulary-space direction w of the metric and its constant bias term."""
@@ -40,9 +41,9 @@ class Readout:
         return w, b
 
     def direct_map(self, w: torch.Tensor) -> torch.Tensor:
-        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w."""
+        """u such that f(v) = u · v: the gain (and, for LayerNorm, the centring) folded into w (rows of w: one u each)."""
         u = self.gain.float() * w.float()
-        return u - u.mean() if self.centred else u
+        return u - u.mean(dim=-1, keepdim=True) if self.centred else u
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's divisor s(x) for each row of x (…, d), in float32."""
@@ -57,8 +58,25 @@ class Readout:
         The norm and unembedding run in the model's dtype; the result is float32 whatever that dtype is.
         """
         normed = self.arch.final_norm(x.to(self.gain.dtype))
-        if self.metric == "logprob":
-            logits = self.arch.unembed(normed)
-            return torch.log_softmax(logits.float(), dim=-1)[:, target]
+        if self.metric == "logprob":  # a log-probability exists only for the model's own (capped) distribution
+            logits = self._capped(self.arch.unembed(normed).float())
+            return torch.log_softmax(logits, dim=-1)[:, target]
         w, b = self.direction(target, counterfactual)
         return normed.float() @ w.float() + b.float()
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+    def capped_value(self, x: torch.Tensor, target: int, counterfactual: int | None) -> torch.Tensor:
+        """The metric read on the model's soft-capped logits (docs/definitions.md, "Final-logit soft-capping")."""
+        normed = self.arch.final_norm(x.to(self.gain.dtype)).float()
+        if self.metric in ("logit", "logit_diff"):
+            rows = [target] if self.metric == "logit" else [target, counterfactual]
+            if None in rows:
+                raise InputError("metric logit_diff needs a counterfactual token per prompt")
+            picked = self._capped(normed @ self.unembed_weight[rows].float().T + self.unembed_bias[rows].float())
+            return picked[:, 0] if self.metric == "logit" else picked[:, 0] - picked[:, 1]
+        logits = self._capped(self.arch.unembed(normed.to(self.gain.dtype)).float())
+        if self.metric == "centered_logit":
+            return logits[:, target] - logits.mean(dim=-1)
+        return torch.log_softmax(logits, dim=-1)[:, target]

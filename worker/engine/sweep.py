@@ -14,15 +14,20 @@ from torch import nn
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
-from worker.engine.errors import InputError
 from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
+from worker.engine.memory import (
+    DEFAULT_BATCH_TOKENS,
+    BatchBudget,
+    BatchDoesNotFit,
+    device_batch_tokens,
+    release_cached_memory,
+)
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
 from worker.engine.types import NormScale, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
-DEFAULT_BATCH_TOKENS = 8192
 
 
 class SweepCancelled(RuntimeError):
@@ -37,20 +42,29 @@ def run_sweep(
     *,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
 ) -> SweepResult:
-    """Every measure of docs/definitions.md for every prompt × component of `spec`."""
+    """Every measure of docs/definitions.md for every prompt × component of `spec`.
+
+    `batch_tokens=None`: the budget comes from the device (worker/engine/memory.py: free CUDA memory once the clean
+    runs are resident, the fixed default on a CPU).
+    """
     arch = describe(model)
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
-    _check_window(model.config, inputs)
     all_positions = spec.positions == "all"
     with_heads = any(c.kind == "head" for c in components)
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
-        return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
+        try:
+            return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
+        except torch.OutOfMemoryError as error:
+            release_cached_memory(ids.device)
+            raise BatchDoesNotFit(
+                f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: {error}"
+            ) from error
 
     sources = (
         resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed)
@@ -67,12 +81,17 @@ def run_sweep(
         reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
         means = _mean_activations(reference or [runs[i] for i in range(n_prompts)])
 
+    if batch_tokens is None:
+        parameter = next(model.parameters())
+        longest = max(run.length for run in runs.values())
+        batch_tokens = device_batch_tokens(arch, parameter.device, parameter.dtype, longest, all_positions)
+    budget = BatchBudget(batch_tokens)
     samples = len(sources[0]) if spec.ablation == "resample" else 1
     total = len(measured) * len(components) * samples
     done = 0
     measures: list[PromptMeasures] = []
     rows_per_prompt = len(components) * samples
-    for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, batch_tokens):
+    for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, budget):
         if should_stop is not None and should_stop():
             raise SweepCancelled("sweep cancelled")
         work = []
@@ -84,7 +103,7 @@ def run_sweep(
                 for source in (sources[i] or [None])
             ]
             work.append((run, ablations))
-        for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, batch_tokens)):
+        for i, (run, ablations), outputs in zip(group, work, run_ablated(arch, work, all_positions, budget)):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
             measures.append(
@@ -103,7 +122,7 @@ def run_sweep(
 
 
 def _prompt_groups(
-    measured: list[int], runs: dict[int, CleanRun], rows_per_prompt: int, all_positions: bool, batch_tokens: int
+    measured: list[int], runs: dict[int, CleanRun], rows_per_prompt: int, all_positions: bool, budget: BatchBudget
 ) -> list[list[int]]:
     """Consecutive prompts whose ablated runs fit one batch together (final position only; else one each)."""
     groups: list[list[int]] = []
@@ -111,7 +130,7 @@ def _prompt_groups(
     longest = 0
     for i in measured:
         longest_with = max(longest, runs[i].length)
-        fits = (len(current) + 1) * rows_per_prompt * longest_with <= batch_tokens
+        fits = (len(current) + 1) * rows_per_prompt * longest_with <= budget.tokens
         if current and (all_positions or not fits):
             groups.append(current)
             current, longest_with = [], runs[i].length
@@ -120,16 +139,6 @@ def _prompt_groups(
     if current:
         groups.append(current)
     return groups
-
-
-def _check_window(config: object, inputs: SweepInputs) -> None:
-    """The engine recomputes positions with full causal attention: refuse prompts longer than a sliding window."""
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return
-    longest = max(int(ids.shape[0]) for ids in inputs.token_ids)
-    if longest > window:
-        raise InputError(f"a prompt of {longest} tokens is longer than the model's sliding window ({window})")
 
 
 def _mean_activations(runs: list[CleanRun]) -> MeanActivations:
@@ -162,11 +171,29 @@ def _replacement(
 def _final_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
     """Δ_c at the final position in residual-stream coordinates: clean output minus replacement."""
     clean_rows = component_rows(run, ablation.component, arch.head_dim)
+    if ablation.component.kind == "head" and arch.post_norm:
+        return _post_norm_head_delta(arch, run, ablation)
     delta = clean_rows[-1] - ablation.replacement[-1]
     if ablation.component.kind == "head":
         assert ablation.component.head is not None
         delta = arch.head_weight(ablation.component.layer, ablation.component.head) @ delta
     return delta.float()
+
+
+def _post_norm_head_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
+    """A head's Δ in a post-norm block: the attention output's change when only that head's slice is replaced.
+
+    The post-norm is not linear, so the head's write is not its W_O slice times its change; every other input of
+    the block's output is its clean value at the final position, so this change is exactly the ablation's.
+    """
+    component = ablation.component
+    assert run.head_in is not None and component.head is not None
+    clean = run.head_in[component.layer, -1]
+    ablated = clean.clone()
+    ablated[component.head * arch.head_dim : (component.head + 1) * arch.head_dim] = ablation.replacement[-1]
+    both = torch.stack([clean, ablated]).unsqueeze(1)  # (2, 1, H·hd)
+    written = arch.attn_post_norm(component.layer)(arch.out_proj(component.layer)(both))
+    return (written[0, 0].float() - written[1, 0].float())
 
 
 def _responses(
@@ -223,6 +250,10 @@ def _measure(
     def per_component(values: torch.Tensor) -> torch.Tensor:
         return values.reshape(-1, samples, *values.shape[1:]).mean(dim=1)
 
+    capped_total = None
+    if readout.softcap is not None:
+        capped_clean = readout.capped_value(x_clean, target, counterfactual)[0]
+        capped_total = per_component(capped_clean - readout.capped_value(outputs.x_final, target, counterfactual))
     top2 = torch.topk(run.logits_final, 2).values
     return PromptMeasures(
         target_id=target,
@@ -235,4 +266,5 @@ def _measure(
         norm_response=per_component(norm_response).tolist(),
         clean_direct_effect=clean_direct.tolist(),
         sources=list(sources),
+        capped_total_effect=None if capped_total is None else capped_total.tolist(),
     )

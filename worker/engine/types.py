@@ -15,6 +15,9 @@ Positions = Literal["final", "all"]
 Metric = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScale = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
+MeasurePositions = Literal["final", "all"]
+Target = Literal["clean_top", "next_token"]
+ResponseBasis = Literal["layers", "heads"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class SweepSpec:
     resample_samples: int = 1
     resample_from: ResampleFrom = "next"
     seed: int = 0
+    # Per-position measurement (worker/engine/position_sweep.py; docs/definitions.md, "Every position").
+    measure_positions: MeasurePositions = "final"
+    target: Target = "clean_top"  # given target_ids win over "clean_top"
+    response_basis: ResponseBasis = "layers"
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,9 @@ class PromptMeasures:
     norm_response: list[float]
     clean_direct_effect: list[float]  # over the response basis
     sources: list[int] = field(default_factory=list)  # resample sources used for this prompt (empty otherwise)
+    # Soft-capped models (Gemma 2) only: TE of the same metric read on the capped logits; every other measure is
+    # read on the pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). None for other models.
+    capped_total_effect: list[float] | None = None
 
 
 @dataclass
@@ -64,3 +74,33 @@ class SweepResult:
     components: list[str]
     response_basis: list[str]  # attn.0, mlp.0, attn.1, ...
     prompts: list[PromptMeasures]
+
+
+@dataclass
+class PositionMeasures:
+    """Every measure of one prompt at each measured position (the last axis, P); C components, R basis entries."""
+
+    positions: list[int]  # the measured positions, as indices into the tokens the model read
+    target_ids: torch.Tensor  # (P,) long
+    clean_metric: torch.Tensor  # (P,)
+    top2_gap: torch.Tensor  # (P,) clean logit(top-1) − logit(top-2)
+    total_effect: torch.Tensor  # (C, P)
+    direct_effect: torch.Tensor  # (C, P)
+    unembed_effect: torch.Tensor  # (C, P): the ablated component's clean direct effect onto the target
+    compensation: torch.Tensor  # (C, P)
+    response: torch.Tensor  # (C, R, P)
+    norm_response: torch.Tensor  # (C, P)
+    clean_direct_effect: torch.Tensor  # (R, P)
+    sources: list[int] = field(default_factory=list)
+
+    @property
+    def compensatory_effect(self) -> torch.Tensor:
+        """(C, P): Σ over the downstream basis entries of the responses (the final norm excluded)."""
+        return self.response.sum(dim=1)
+
+
+@dataclass
+class PositionSweepResult:
+    components: list[str]
+    response_basis: list[str]  # layers: attn.0, mlp.0, ...; heads: head.0.0, ..., mlp.0, head.1.0, ...
+    prompts: list[PositionMeasures]

@@ -1,0 +1,171 @@
+"""Per-position jobs through the service: texts and the built-in corpus, the rushing_nanda preset, result-size
+estimates, per-position columns against the oracle, the streamed CSV and the summary endpoint."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from litestar.testing import TestClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from service import corpora
+from service.app import create_app
+from service.errors import ValidationProblem
+from service.figures import FIGURE_NAMES
+from service.resolve import resolve
+from service.schemas import CorpusRef, JobRequest, ModelInfo
+from service.settings import Settings
+from tests.oracle import oracle_position_sweep
+from tests.test_stack_e2e import wait_terminal
+from worker.engine.types import SweepInputs, SweepSpec
+
+SMOLLM = ModelInfo(
+    id="smollm2-135m", architecture="LlamaForCausalLM", n_layers=30, n_heads=9, n_kv_heads=3, d_model=576,
+    vocab_size=49152, parallel_blocks=False, source="HuggingFaceTB/SmolLM2-135M",
+)
+MODELS = {"smollm2-135m": SMOLLM}
+
+
+# --- resolving requests (pure) ------------------------------------------------------------------------------------
+
+
+def test_the_rushing_nanda_preset_resolves_to_the_papers_protocol_on_the_builtin_corpus() -> None:
+    spec = resolve(JobRequest(preset="rushing_nanda"), MODELS, Settings())
+    assert len(spec.components) == 270 and spec.components[0] == "head.0.0"
+    assert (spec.ablation, spec.positions, spec.measure_positions, spec.target) == ("resample", "all", "all",
+                                                                                     "next_token")
+    assert (spec.norm_scale, spec.response_basis, spec.metric, spec.max_tokens) == ("clean", "heads", "logit", 64)
+    assert spec.prompts == corpora.documents("known_1000_text") and len(spec.prompts) == 101
+    assert spec.corpus == CorpusRef(name="known_1000_text") and spec.per_position
+
+
+def test_a_job_of_100_documents_64_positions_and_270_heads_fits_the_result_cap() -> None:
+    texts = [f"document {i}" for i in range(100)]
+    spec = resolve(JobRequest(preset="rushing_nanda", texts=texts), MODELS, Settings())
+    assert len(spec.prompts) == 100 and len(spec.components) == 270
+    with pytest.raises(ValidationProblem, match="position_responses"):  # the full response vectors do not fit
+        resolve(JobRequest(preset="rushing_nanda", texts=texts, position_responses="full"), MODELS, Settings())
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"positions": "final"}, "positions"),
+        ({"metric": "logit_diff", "counterfactuals": ["x", "y"]}, "metric"),
+        ({"answers": [" a", " b"]}, "target"),
+        ({"prompts": ["a b c", "d e f"]}, "texts"),
+    ],
+)
+def test_per_position_options_without_a_definition_are_refused(request_fields: dict[str, Any], field: str) -> None:
+    fields = {"preset": "rushing_nanda", "texts": ["one two three", "four five six"], **request_fields}
+    with pytest.raises(ValidationProblem) as refused:
+        resolve(JobRequest(**fields), MODELS, Settings())
+    assert refused.value.field == field
+
+
+# --- through the stack ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def api(celery_worker: object, stack_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "2")  # several chunks, merged
+    with TestClient(create_app(stack_settings)) as client:
+        yield client
+
+
+def _arrays(columns: dict[str, Any], name: str, rows: int) -> torch.Tensor:
+    raw = __import__("base64").b64decode(columns[name])
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float64)).reshape(rows, -1)
+
+
+def test_a_rushing_nanda_job_on_texts_matches_the_oracle_position_by_position(
+    api: TestClient, tiny_model_dirs: dict[str, str]
+) -> None:
+    texts = [
+        "The quick brown fox jumps over the lazy dog near the river bank today",
+        "Paris is the capital of France and Berlin is the capital of Germany",
+        "Water boils at one hundred degrees Celsius at sea level on an ordinary day",
+        "One two three four five six seven eight nine ten eleven twelve",
+    ]
+    body = {"preset": "rushing_nanda", "model": "tiny-llama", "texts": texts, "max_tokens": 9,
+            "components": ["head.0.1", "head.1", "mlp.2"], "position_responses": "full"}
+    submitted = api.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    status = wait_terminal(api, job_id)
+    assert status["status"] == "succeeded", status
+    result = api.get(f"/v1/jobs/{job_id}/result").json()
+    spec = result["provenance"]["spec"]
+    assert spec["max_tokens"] == 9 and spec["response_basis"] == "heads"
+
+    location = tiny_model_dirs["tiny-llama"]
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+    ids = [torch.tensor(tokenizer(t).input_ids[:9]) for t in texts]
+    sweep_spec = SweepSpec(
+        components=tuple(result["components"]), ablation="resample", positions="all", metric="logit",
+        norm_scale="clean", resample_samples=1, resample_from="random", seed=0, measure_positions="all",
+        target="next_token", response_basis="heads",
+    )
+    oracle = oracle_position_sweep(model, sweep_spec, SweepInputs(token_ids=ids),
+                                   sources=[p["sources"] for p in result["prompts"]])
+    assert result["response_basis"] == oracle["response_basis"]
+    n_components, n_basis = len(result["components"]), len(result["response_basis"])
+    for served, expected in zip(result["prompts"], oracle["prompts"], strict=True):
+        columns = served["positions"]
+        assert columns["positions"] == expected["positions"] == list(range(8))  # 9 tokens: 8 read, 8 targets
+        assert columns["target_ids"] == expected["target_ids"].tolist()
+        for name in ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response"):
+            got = _arrays(columns, name, n_components)
+            assert torch.allclose(got, expected[name], atol=1e-4, rtol=0), (name, (got - expected[name]).abs().max())
+        response = _arrays(columns, "response", n_components * n_basis).reshape(n_components, n_basis, -1)
+        assert torch.allclose(response, expected["response"], atol=1e-4, rtol=0)
+        # The split closes at every position: heads + MLPs + norm = compensation.
+        split = sum(_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response"))
+        assert torch.allclose(split, _arrays(columns, "compensation", n_components), atol=1e-5, rtol=0)
+
+    summary = api.get(f"/v1/jobs/{job_id}/summary")
+    assert summary.status_code == 200 and summary.json() == result["summary"]
+    repair = {r["component"]: r for r in summary.json()["self_repair"]}
+    pairs = 4 * 8
+    assert summary.json()["n_pairs"] == pairs
+    assert repair["head.0.1"]["n_pairs"] == math.ceil(0.02 * pairs)
+    for r in repair.values():
+        closes = r["heads_mean"] + r["mlps_mean"] + r["norm_mean"]
+        assert abs(closes - r["self_repair_mean"]) < 1e-5
+        assert abs(r["self_repair_mean"] - (r["direct_effect_mean"] - r["total_effect_mean"])) < 1e-5
+
+    exported = api.get(f"/v1/jobs/{job_id}/result", params={"format": "csv"})
+    assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert len(rows) == 4 * 8 * n_components
+    first = result["prompts"][0]["positions"]
+    de = _arrays(first, "direct_effect", n_components)
+    for row in rows[: 8 * n_components]:
+        c = result["components"].index(row["component"])
+        assert float(row["direct_effect"]) == pytest.approx(float(de[c, int(row["position"])]), abs=1e-7)
+
+
+def test_the_preset_runs_on_the_builtin_corpus(api: TestClient) -> None:
+    body = {"preset": "rushing_nanda", "model": "tiny-gpt2", "corpus": {"name": "known_1000_text", "limit": 3},
+            "max_tokens": 6}
+    submitted = api.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    status = wait_terminal(api, submitted.json()["id"])
+    assert status["status"] == "succeeded", status
+    job_id = submitted.json()["id"]
+    summary = api.get(f"/v1/jobs/{job_id}/summary").json()
+    assert summary["n_pairs"] == 3 * 5 and summary["top_fraction"] == 0.02
+    assert len(summary["self_repair"]) == len(summary["components"]) > 0
+    assert summary["response_matrix"] == []  # position_responses "split": no full response vectors stored
+    for name in FIGURE_NAMES:  # every figure draws (or says why it cannot) for a per-position job
+        figure = api.get(f"/v1/jobs/{job_id}/figures/{name}")
+        assert figure.status_code == 200, (name, figure.text)
+        assert figure.content.startswith(b"\x89PNG")
