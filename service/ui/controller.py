@@ -150,7 +150,9 @@ def extra_job_keys(store: JobStore, job_id: str) -> list[str]:
     """Every key besides the job's own that a deleted job leaves behind: chunk bookkeeping and cached figures."""
     book = ChunkBook.for_store(store)
     n_chunks = book.n_chunks(job_id) or 0
-    keys = [*book.keys(job_id), *(book.result_key(job_id, i) for i in range(n_chunks))]
+    keys = [*book.keys(job_id)]
+    for index in range(n_chunks):
+        keys += [book.result_key(job_id, index), book.lease_key(job_id, index)]
     keys += [figure_key(store, job_id, name, fmt) for name in FIGURE_NAMES for fmt in FIGURE_MEDIA_TYPES]
     return keys
 
