@@ -30,7 +30,10 @@ def served(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         return original(self, timeout)
 
     monkeypatch.setattr(JobQueue, "worker_count", counted)
-    with private_settings(redis_url, "ready", ready_timeout_s=1.0, ready_cache_s=60.0, api_keys="u:k") as settings:
+    # A Redis database of its own: Celery's control broadcasts are scoped by database, so the session's test worker
+    # (database 0, started by other tests) does not answer this app's pings; here no worker must answer.
+    lone_db = redis_url.rsplit("/", 1)[0] + "/7"
+    with private_settings(lone_db, "ready", ready_timeout_s=1.0, ready_cache_s=60.0, api_keys="u:k") as settings:
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
