@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -146,8 +146,17 @@ class ResultOperation(Operation):
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
-async def strict_job_request(request: Request[Any, Any, Any]) -> None:
-    """Parse the submit body strictly before Litestar does, so hostile bodies are 400s, not 500s.
+def strict_body(body_type: type) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """A before_request hook that parses the body as `body_type` strictly before Litestar does (see below)."""
+
+    async def check(request: Request[Any, Any, Any]) -> None:
+        await _strict_decode(request, body_type)
+
+    return check
+
+
+async def _strict_decode(request: Request[Any, Any, Any], body_type: type) -> None:
+    """Parse a JSON body strictly before Litestar does, so hostile bodies are 400s, not 500s.
 
     Litestar decodes the body into untyped objects first, then converts them leniently: "0" becomes the number 0,
     invalid UTF-8 inside a string raises UnicodeDecodeError and 50,000 nested arrays raise RecursionError, both
@@ -158,7 +167,7 @@ async def strict_job_request(request: Request[Any, Any, Any]) -> None:
     if not body:
         return  # Litestar's own "no body" answer
     try:
-        msgspec.json.decode(body, type=JobRequest)
+        msgspec.json.decode(body, type=body_type)
     except UnicodeDecodeError as exc:
         detail = f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
         raise ClientException(detail=detail) from None
@@ -262,7 +271,7 @@ class JobsController(Controller):
             "rate (429); the body size (413)."
         ),
         responses=problem_responses(400, 401, 409, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
-        before_request=strict_job_request,
+        before_request=strict_body(JobRequest),
     )
     def submit(
         self,
@@ -288,6 +297,7 @@ class JobsController(Controller):
         "/batch",
         status_code=HTTP_202_ACCEPTED,
         sync_to_thread=True,
+        before_request=strict_body(BatchRequest),
         summary="Submit many jobs at once",
         operation_id="submitJobBatch",
         description=(
