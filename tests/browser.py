@@ -80,9 +80,16 @@ def chromium(download_dir: Path, width: int = 1280, height: int = 800) -> Any:
 
 def wait_for(check: Callable[[], T | None], timeout_s: float = 60.0, what: str = "condition") -> T:
     """Poll `check` until it returns something truthy; its last value, or an AssertionError naming `what`."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout_s
     while True:
-        value = check()
+        try:
+            value = check()
+        except (StaleElementReferenceException, NoSuchElementException):
+            # The page reloads itself when a job ends (and after form posts): the element is looked up again, as
+            # Selenium's own WebDriverWait does.
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
