@@ -7,6 +7,7 @@ environment; tests pass their own Settings.
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 import redis.asyncio
@@ -42,6 +43,7 @@ from service.queue import JobQueue
 from service.readiness import Shared, probe
 from service.recovery import resend_unplanned
 from service.redaction import install_log_redaction
+from service.redis_options import driver_options
 from service.settings import Settings
 from service.store import JobStore
 from service.ui import ui_handlers, ui_template_config
@@ -126,10 +128,25 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     async def open_async_clients(app: Litestar) -> None:
         # Auth and rate limiting run on the event loop: an asyncio Redis pool, made in the loop that serves.
-        client = redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        client = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, health_check_interval=30, **driver_options()
+        )
         app.state.aredis = client
         app.state.limiter = RateLimiter(client, settings)
         await warn_without_keys(client)
+
+    warm_stop = threading.Event()
+
+    async def warm_up(app: Litestar) -> None:
+        # A fresh API's first requests should cost what later ones do: tokenizers are parsed (and kept fresh) by a
+        # background thread, and the broker connection is opened now, not by the first submit of a burst.
+        threading.Thread(
+            target=state["tokens"].keep_warm, args=(store, warm_stop), name="hydra-tokenizers", daemon=True
+        ).start()
+        try:
+            await to_thread.run_sync(queue.connect)
+        except Exception as error:  # noqa: BLE001 - /ready reports the broker; the first submit connects again
+            logger.warning("could not connect to the broker at start-up: %s", error)
 
     async def resend_unplanned_jobs(app: Litestar) -> None:
         # Jobs stored but never sent (this API may have died between the two steps): send them now; workers'
@@ -153,6 +170,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             )
 
     async def close_clients(app: Litestar) -> None:
+        warm_stop.set()
         client = app.state.get("aredis")
         if client is not None:
             await client.aclose()
@@ -178,7 +196,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,
-        on_startup=[open_async_clients, resend_unplanned_jobs],
+        on_startup=[open_async_clients, warm_up, resend_unplanned_jobs],
         on_shutdown=[close_clients],
     )
     polish(app.openapi_schema)  # built once here and cached: /schema serves the polished document

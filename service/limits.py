@@ -174,6 +174,37 @@ class TokenCounters:
         finally:
             flight.release()
 
+    def keep_warm(self, store: JobStore, stop: threading.Event, idle_s: float = 1.0) -> None:
+        """Parse every advertised model's tokenizer ahead of the requests that need it, and refresh each one before
+        it goes stale, until `stop` is set: run in a background thread, so a request never pays for a parse (a
+        burst of first submits used to queue behind one), only a model advertised in the last `idle_s` may.
+        Redis errors are skipped: the next round tries again, and a request still loads on its own."""
+        if Tokenizer is None:
+            return
+        while not stop.is_set():
+            try:
+                for info in store.models():
+                    with self._lock:
+                        cached = self._cache.get(info.id)
+                    if cached is None or time.monotonic() - cached[0] > self.refresh_s / 2:
+                        self.refresh(store, info.id)
+            except Exception as error:  # noqa: BLE001 - Redis away or a malformed record: try again next round
+                logger.debug("tokenizer warm-up skipped a round: %s", error)
+            stop.wait(idle_s)
+
+    def refresh(self, store: JobStore, model_id: str) -> None:
+        """Fetch (and parse when it changed) one model's tokenizer now, unless another thread is doing so."""
+        with self._lock:
+            flight = self._flights.setdefault(model_id, threading.Lock())
+        if not flight.acquire(blocking=False):
+            return
+        try:
+            with self._lock:
+                cached = self._cache.get(model_id)
+            self._load(store, model_id, cached)
+        finally:
+            flight.release()
+
     def _load(self, store: JobStore, model_id: str, cached: tuple[float, str | None, Any] | None) -> Any | None:
         now = time.monotonic()
         text = store.tokenizer_json(model_id)

@@ -151,6 +151,11 @@ class JobQueue:
         """Publish the job id on the hydra queue; a worker reads the spec from the JobStore and plans chunks."""
         self.celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=self.settings.queue_name)
 
+    def connect(self) -> None:
+        """Open the broker connection of the producer pool now (the first publish would otherwise pay for it)."""
+        with self.celery_app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=1)
+
     def notify(self, job_id: str) -> None:
         """Queue the webhook delivery of a finished job (worker/webhooks.py retries it)."""
         self.celery_app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=self.settings.queue_name)

@@ -40,6 +40,7 @@ from typing import Any
 import msgspec
 import redis
 
+from service.redis_options import driver_options
 from service.schemas import (
     ACTIVE_STATES,
     JOB_PHASES,
@@ -307,7 +308,11 @@ class JobStore:
     def from_settings(cls, settings: Settings, socket_timeout: float | None = None) -> JobStore:
         """A store with its own connection pool (bytes, not decoded: results are stored raw)."""
         client = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_timeout=socket_timeout, health_check_interval=30
+            settings.redis_url,
+            socket_connect_timeout=5,
+            socket_timeout=socket_timeout,
+            health_check_interval=30,
+            **driver_options(),
         )
         return cls(client, key_prefix=settings.key_prefix, ttl_s=settings.result_ttl_s)
 

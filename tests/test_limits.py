@@ -234,6 +234,59 @@ def test_concurrent_first_submits_fetch_and_parse_the_tokenizer_once(
     assert counters.loads == 1
 
 
+def test_the_background_warmer_parses_tokenizers_before_any_request(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh API's first burst must not queue behind a parse: the warmer thread parses every advertised model's
+    tokenizer on its own, then requests only read the parsed one."""
+    import threading
+
+    from service import limits
+
+    store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())  # the other advertised model has none
+    parses: list[str] = []
+    real_parse = limits._parse
+    def parse(text: str) -> Any:
+        parses.append(threading.current_thread().name)
+        return real_parse(text)
+
+    monkeypatch.setattr(limits, "_parse", parse)
+    counters = limits.TokenCounters(refresh_s=60.0)
+    stop = threading.Event()
+    warmer = threading.Thread(target=counters.keep_warm, args=(store, stop, 0.05), name="warmer", daemon=True)
+    warmer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not parses and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # a few more rounds: a fresh tokenizer is not parsed again
+        assert parses == ["warmer"], f"parsed by {parses}"
+        assert counters.get(store, "tiny") is not None
+        assert parses == ["warmer"], "a request parsed although the warmer had"
+    finally:
+        stop.set()
+        warmer.join(timeout=5)
+    assert not warmer.is_alive(), "the warmer did not stop when asked"
+
+
+def test_new_redis_connections_do_not_look_up_the_driver_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py looks its version up with importlib.metadata for every new connection unless told it (~10 ms per
+    connection on a long sys.path); the service tells it once per process."""
+    import importlib.metadata
+
+    import redis.asyncio
+
+    from service.redis_options import driver_options
+
+    driver_options()  # computed once, before the lookups are forbidden
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: pytest.fail(f"looked up {name}'s version"))
+    for client in (
+        redis.Redis.from_url("redis://127.0.0.1:1/0", **driver_options()),
+        redis.asyncio.Redis.from_url("redis://127.0.0.1:1/0", **driver_options()),
+    ):
+        client.connection_pool.make_connection()
+
+
 def test_without_a_published_tokenizer_the_token_check_is_skipped(settings: Settings, store: JobStore) -> None:
     assert store.tokenizer_json("tiny") is None
     with app_client(settings, max_prompt_tokens=2) as client:
