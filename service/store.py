@@ -551,37 +551,6 @@ class JobStore:
         raw = self.client.lrange(self.callbacks_key(job_id), 0, -1)
         return [msgspec.json.decode(item, type=CallbackAttempt) for item in raw]
 
-    def delete(self, job_id: str, extra_keys: list[str] | None = None) -> bool:
-        """Remove a finished job with its result, events, callbacks and `extra_keys` (figures, chunk bookkeeping).
-
-        False (nothing removed) unless the job exists and has ended: a running job is cancelled, not deleted.
-        """
-        key = self.job_key(job_id)
-        with self.client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    status, owner = pipe.hmget(key, "status", "owner")
-                    if status is None or status.decode() not in TERMINAL_STATES:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.delete(
-                        key,
-                        self.result_key(job_id),
-                        self.cancel_key(job_id),
-                        self.events_key(job_id),
-                        self.callbacks_key(job_id),
-                        *(extra_keys or []),
-                    )
-                    pipe.zrem(self.index_key, job_id)
-                    if owner is not None:
-                        pipe.zrem(self.owner_index_key(owner.decode()), job_id)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
-
     def set_note(self, job_id: str, note: str) -> bool:
         """Tell pollers what happened to an active job (e.g. a chunk sent again); False once it has ended."""
         return bool(self._set_note(keys=[self.job_key(job_id)], args=[note]))
@@ -627,6 +596,21 @@ class JobStore:
             return stored
         return compress_result(stored)  # written before results were compressed
 
+    def figures_key(self, job_id: str) -> str:
+        """The set of the job's cached figure keys (one per name, format and size asked for)."""
+        return f"{self.prefix}figures:{job_id}"
+
+    def cache_figure(self, job_id: str, key: str, data: bytes, ttl_ms: int) -> None:
+        """Cache a rendered figure for `ttl_ms` and remember its key, so deleting the job finds every size of it."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(key, data, px=ttl_ms)
+        pipe.sadd(self.figures_key(job_id), key)
+        pipe.pexpire(self.figures_key(job_id), ttl_ms)  # every figure of a job expires with its result: same end
+        pipe.execute()
+
+    def cached_figure_keys(self, job_id: str) -> list[str]:
+        return [_text(key) or "" for key in self.client.smembers(self.figures_key(job_id))]
+
     def delete_finished(self, job_id: str, other_keys: list[str]) -> bool | None:
         """Remove a finished job, its result and `other_keys` (chunk and figure keys) for good; None when the job
         does not exist, False (nothing removed) while it is still queued or running: cancel it first."""
@@ -641,6 +625,7 @@ class JobStore:
             self.cancel_key(job_id),
             self.events_key(job_id),
             self.callbacks_key(job_id),
+            self.figures_key(job_id),
             *other_keys,
         ]
         outcome = int(self._delete_finished(keys=keys, args=[job_id]))

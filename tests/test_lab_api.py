@@ -106,6 +106,30 @@ def test_delete_of_a_failed_job_removes_it_and_its_events(client: TestClient, st
     assert_problem(client.get(f"/v1/jobs/{job['id']}"), 404)
 
 
+def test_delete_of_a_succeeded_job_leaves_no_key_behind(client: TestClient, store: JobStore) -> None:
+    """Result, events, chunk bookkeeping and every cached figure (default and custom sizes, every format) go."""
+    from service.chunks import ChunkBook
+
+    job_id = store_succeeded(store, build_result(prompts=["Paris is in", "Rome is in"]))
+    book = ChunkBook.for_store(store)
+    store.client.hset(book._key("plan", job_id), "n_chunks", 2)
+    store.client.set(book.result_key(job_id, 1), b"partial")
+    store.client.set(book.lease_key(job_id, 0), b"holder")
+    for params in ({}, {"format": "svg"}, {"width": 640, "height": 480, "dpi": 80}, {"format": "pdf"}):
+        response = client.get(f"/v1/jobs/{job_id}/figures/te_vs_de", params=params)
+        assert response.status_code == 200, (params, response.text)
+    assert len(store.cached_figure_keys(job_id)) == 4
+
+    def job_keys() -> list[bytes]:
+        return [key for key in store.client.scan_iter(f"{store.prefix}*") if job_id.encode() in key]
+
+    assert job_keys()
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert job_keys() == []
+    assert_problem(client.get(f"/v1/jobs/{job_id}"), 404)
+    assert_problem(client.delete(f"/v1/jobs/{job_id}"), 404)
+
+
 def test_batch_submit_queues_every_job_or_none(client: TestClient, store: JobStore) -> None:
     response = client.post("/v1/jobs/batch", json={"jobs": [{**JOB, "name": "one"}, {**JOB, "name": "two"}]})
     assert response.status_code == 202, response.text

@@ -17,6 +17,7 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType
 from litestar.params import FromPath, PathParameter, QueryParameter
 
 from service.auth import SECURITY, Principal
+from service.cleanup import figure_key as cache_key
 from service.controllers.jobs import finished_result, not_acceptable_response, require_succeeded
 from service.controllers.problems import PROTECTED, problem_responses
 from service.exports import negotiate
@@ -62,7 +63,7 @@ class FigureOptions:
 
 
 def figure_key(store: JobStore, job_id: str, name: str, fmt: str, options: FigureOptions | None = None) -> str:
-    return f"{store.prefix}figure:{job_id}:{name}:{fmt}{(options or FigureOptions()).key_suffix()}"
+    return cache_key(store, job_id, name, fmt, (options or FigureOptions()).key_suffix())
 
 
 def cached_figure(
@@ -84,7 +85,7 @@ def cached_figure(
     # The cache must not outlive the result: the result's remaining time is read before the write, so take a
     # margin for the time in between.
     margin_ms = 100
-    store.client.set(key, data, px=max(1, ttl_ms - margin_ms) if ttl_ms > 0 else store.ttl_s * 1000)
+    store.cache_figure(job_id, key, data, max(1, ttl_ms - margin_ms) if ttl_ms > 0 else store.ttl_s * 1000)
     return data
 
 

@@ -22,6 +22,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT, HTTP_4
 
 from service.auth import SECURITY, Principal
 from service.chunks import ChunkBook
+from service.cleanup import delete_finished_job
 from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
 from service.errors import BackendUnavailable, ValidationProblem
 from service.events import follow, last_event_id, wait_for_change
@@ -558,7 +559,7 @@ class JobsController(Controller):
     ) -> Response[JobStatus | None]:
         current = visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
         if current.status in TERMINAL_STATES:
-            if not store.delete(job_id, finished_job_keys(store, job_id)):
+            if delete_finished_job(store, job_id) is None:
                 raise _not_found(job_id)
             return Response(None, status_code=HTTP_204_NO_CONTENT)
         status = cancel_job(store, queue, job_id, principal)
@@ -572,14 +573,3 @@ def _timestamp(moment: datetime) -> float:
 
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
-
-
-def finished_job_keys(store: JobStore, job_id: str) -> list[str]:
-    """Everything a finished job leaves besides its hash and result: cached figures and chunk bookkeeping."""
-    from service.controllers.figures import figure_key  # that module imports this one
-    from service.figures import FIGURE_NAMES
-
-    book = ChunkBook.for_store(store)
-    figure_keys = [figure_key(store, job_id, name, fmt) for name in FIGURE_NAMES for fmt in ("png", "svg")]
-    n_chunks = book.n_chunks(job_id) or 0
-    return [*figure_keys, *book.keys(job_id), *(book.result_key(job_id, i) for i in range(n_chunks))]

@@ -35,8 +35,8 @@ from litestar.status_codes import (
 )
 
 from service.auth import Principal
-from service.chunks import ChunkBook
-from service.controllers.figures import cached_figure, figure_key
+from service.cleanup import delete_finished_job
+from service.controllers.figures import cached_figure
 from service.controllers.jobs import cancel_job, finished_result, queue_job, require_succeeded, visible_status
 from service.errors import BackendUnavailable, ValidationProblem
 from service.exports import EXPORT_ACCEPT, ExportFormat, export
@@ -144,17 +144,6 @@ async def read_form(request: Request[Any, Any, Any], session: UiSession) -> dict
             detail="the form's security token is missing or out of date; reload the page and send it again",
         )
     return values
-
-
-def extra_job_keys(store: JobStore, job_id: str) -> list[str]:
-    """Every key besides the job's own that a deleted job leaves behind: chunk bookkeeping and cached figures."""
-    book = ChunkBook.for_store(store)
-    n_chunks = book.n_chunks(job_id) or 0
-    keys = [*book.keys(job_id)]
-    for index in range(n_chunks):
-        keys += [book.result_key(job_id, index), book.lease_key(job_id, index)]
-    keys += [figure_key(store, job_id, name, fmt) for name in FIGURE_NAMES for fmt in FIGURE_MEDIA_TYPES]
-    return keys
 
 
 def decode_result(stored: bytes) -> JobResult:
@@ -446,7 +435,7 @@ class UiController(Controller):
         await read_form(request, ui)
         await count_write(request, principal)
         await blocking(visible_status, store, job_id, principal)
-        deleted = await blocking(lambda: store.delete_finished(job_id, extra_job_keys(store, job_id)))
+        deleted = await blocking(delete_finished_job, store, job_id)
         if deleted is None:
             raise NotFoundException(detail=f"job {job_id} not found")
         if not deleted:
