@@ -19,13 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "docs" / "reproduction"
+RAW = ROOT / ".bench-out"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--documents", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=OUT, help="where the summary, table and figure go")
     args = parser.parse_args()
+    out: Path = args.out
 
     import msgspec
 
@@ -53,9 +56,11 @@ def main() -> None:
     result = execute("rushing-nanda-smollm2", spec, loaded)
     elapsed = time.perf_counter() - started
     summary = result.summary
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "rushing_nanda_smollm2_summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
-    (OUT / "self_repair.png").write_bytes(render(result, "self_repair", "png"))
+    out.mkdir(parents=True, exist_ok=True)
+    RAW.mkdir(parents=True, exist_ok=True)  # the whole result (large, not committed): figures can be redrawn from it
+    (RAW / "rushing_nanda_result.json").write_bytes(msgspec.json.encode(result))
+    (out / "rushing_nanda_smollm2_summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
+    (out / "self_repair.png").write_bytes(render(result, "self_repair", "png"))
 
     repair = summary.self_repair or []
     fractions = [r.self_repair_fraction for r in repair if r.self_repair_fraction is not None]
@@ -97,7 +102,16 @@ def main() -> None:
             f"summed self-repair over all heads: {sum(r.norm_mean for r in repair) / total_repair:.2f}."
         ),
     ]
-    (OUT / "rushing_nanda_table.md").write_text("\n".join(lines) + "\n")
+    half = config.num_hidden_layers // 2
+    late = [sums for layer, sums in by_layer.items() if layer >= half]
+    late_repair = sum(de - te for de, te, *_ in late)
+    late_de = sum(de for de, *_ in late)
+    lines.append(
+        f"Layers {half}–{config.num_hidden_layers - 1} together (means per layer, summed): self-repair / DE "
+        f"{late_repair / late_de:.2f}; shares of the self-repair: heads {sum(s[2] for s in late) / late_repair:.2f}, "
+        f"MLPs {sum(s[3] for s in late) / late_repair:.2f}, norm {sum(s[4] for s in late) / late_repair:.2f}."
+    )
+    (out / "rushing_nanda_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({"elapsed_s": elapsed, "pairs": summary.n_pairs}))
 

@@ -381,14 +381,37 @@ def _self_repair(fig: Figure, result: JobResult) -> None:
         for i, value in enumerate((r.heads_mean, r.mlps_mean, r.norm_mean, r.self_repair_mean)):
             sums[i] += value
     order = sorted(by_layer)
+    counts = {layer: layers.count(layer) for layer in order}
+    # Per layer, the mean over its components of each part (logits): stacked bars, positive parts above zero and
+    # negative ones below, so a part that works against the repair shows as such; the dot is the self-repair.
+    above = [0.0] * len(order)
+    below = [0.0] * len(order)
     for i, (label, colour) in enumerate((("heads", "tab:blue"), ("MLPs", "tab:orange"), ("norm", "tab:green"))):
-        shares = [by_layer[layer][i] / by_layer[layer][3] if by_layer[layer][3] else float("nan") for layer in order]
-        right.plot(order, shares, marker="o", color=colour, label=label)
+        values = [by_layer[layer][i] / counts[layer] for layer in order]
+        bottoms = [a if v >= 0 else b for v, a, b in zip(values, above, below, strict=True)]
+        right.bar(order, values, bottom=bottoms, color=colour, label=label, width=0.8)
+        above = [a + max(v, 0.0) for a, v in zip(above, values, strict=True)]
+        below = [b + min(v, 0.0) for b, v in zip(below, values, strict=True)]
+    totals = [by_layer[layer][3] / counts[layer] for layer in order]
+    right.plot(order, totals, "o", color="black", markersize=4, label="self-repair (sum)")
     right.axhline(0, color="grey", linewidth=0.5)
     right.set_xlabel("layer of the ablated component")
-    right.set_ylabel("share of the layer's summed self-repair")
-    right.set_title("who repairs: heads + MLPs + norm = 1 (shares of a small sum can be large)")
-    right.legend()
+    right.set_ylabel(f"mean over the layer's components ({_UNITS.get(result.provenance.spec.metric, 'metric')})")
+    # The norm's share is a ratio: shown only where the layer's self-repair is at least a tenth of its direct effect
+    # (elsewhere a small denominator makes any share meaningless).
+    des = {layer: 0.0 for layer in order}
+    for layer, r in zip(layers, repair, strict=True):
+        des[layer] += r.direct_effect_mean / counts[layer]
+    shares = [
+        by_layer[layer][2] / by_layer[layer][3] if abs(total) >= 0.1 * abs(des[layer]) and total else float("nan")
+        for layer, total in zip(order, totals, strict=True)
+    ]
+    share_axis = right.twinx()
+    share_axis.plot(order, shares, "D", color="tab:green", markeredgecolor="black", markersize=5, label="norm share")
+    share_axis.set_ylim(-1, 1)
+    share_axis.set_ylabel("norm share of the self-repair (◆)")
+    right.set_title("who repairs, per layer (◆ norm share where self-repair ≥ DE / 10)")
+    right.legend(loc="upper left", fontsize="small")
     fig.suptitle(f"{result.model}: self-repair over the top pairs by direct effect ({_metric(result)})")
 
 
