@@ -279,12 +279,15 @@ def test_request_is_checked_against_the_wire_schema() -> None:
 def test_result_table_shows_each_component(result: JobResult) -> None:
     text = _text(result_table(result))
     attn = next(line for line in text.splitlines() if "attn.0" in line)
-    for cell in ("+1.000 ±0.250", "+0.375 ±0.125", "+0.625 ±0.062", "+0.438", "+0.188", "+0.500", "0.875"):
+    for cell in ("+1.000 ±0.250", "+0.375 ±0.125", "+0.625 ±0.062", "+0.438", "+0.188"):
         assert cell in attn, (cell, attn)
-    mlp = next(line for line in text.splitlines() if "mlp.0" in line)
-    assert "+0.750 ±0.250" in mlp and mlp.count("—") == 2  # no spread in DE: no slope, no R²
+    fit = next(line for line in text.splitlines() if "attn.0" in line and "compensation on DE" in line)
+    assert "+0.500" in fit and "0.875" in fit
+    mlp = next(line for line in text.splitlines() if "mlp.0" in line and "compensation on DE" in line)
+    assert mlp.count("—") == 3  # no spread in DE: no slope, no interval, no R²
+    assert "+0.750 ±0.250" in next(line for line in text.splitlines() if line.lstrip().startswith("mlp.0"))
     assert "tiny: resample ablation, centered_logit, 2 prompts" in text
-    assert "slope -1.500, R² 1.000, n=2" in text
+    assert "mean TE on mean DE across components: slope -1.500, R² 1.000, n=2" in text
 
 
 def test_result_csv_has_one_row_per_prompt_and_component(result: JobResult) -> None:
@@ -343,7 +346,7 @@ def test_models_table() -> None:
         parallel_blocks=False,
         source="builtin",
     )
-    line = next(line for line in _text(models_table([info])).splitlines() if "smollm2-135m" in line)
+    line = next(line for line in _text(models_table([info], wide=True)).splitlines() if "smollm2-135m" in line)
     assert all(cell in line for cell in ("llama", "30", "9", "3", "576", "49152", "sequential"))
 
 
