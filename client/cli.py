@@ -641,7 +641,7 @@ def wait_job(
     """
     with HydraClient(url, api_key) as client:
         final = follow(client, job_id, poll_s=poll)
-        show(status_table(final))
+        show(status_table(final, output_width()))
         if final.status == "succeeded" and show_result:
             show(result_view(client.result(job_id), output_width(), wide), wide)
     if final.status != "succeeded":
@@ -659,7 +659,7 @@ def status(job_id: str, as_json: JsonFlag = False, url: UrlOption = None, api_ke
     if as_json:
         _print_json(job)
     else:
-        show(status_table(job))
+        show(status_table(job, output_width()))
 
 
 @app.command()
@@ -744,7 +744,7 @@ def models(as_json: JsonFlag = False, wide: WideFlag = False, url: UrlOption = N
 def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
     """Cancel a queued or running job (it stops at its next prompt)."""
     with HydraClient(url, api_key) as client:
-        show(status_table(client.cancel(job_id)))
+        show(status_table(client.cancel(job_id), output_width()))
 
 
 @app.command("list")

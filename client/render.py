@@ -410,30 +410,37 @@ def _progress(status: JobStatus) -> str:
     return f"{status.progress.done}/{status.progress.total}"
 
 
-def status_table(status: JobStatus) -> Table:
-    """A job as key/value rows: what `hydra-ablate status` prints (long values wrap; the id is never cut)."""
-    table = Table(show_header=False, box=None)
+def status_table(status: JobStatus, width: int | None = None) -> RenderableType:
+    """A job as key/value rows: what `hydra-ablate status` prints (long values wrap; the id is never cut: below
+    about 44 columns each value goes on a line of its own under its name)."""
+    prompts = status.progress
+    rows = [
+        ("id", status.id),
+        ("status", _state(status)),
+        ("phase", status.phase),
+        ("model", status.model),
+        ("progress", f"{_progress(status)} ablations, {prompts.prompts_done}/{prompts.prompts_total} prompts"),
+        ("name", status.name or ""),
+        ("tags", ", ".join(status.tags)),
+        ("owner", status.owner or ""),
+        ("created", status.created_at),
+        ("started", status.started_at or "—"),
+        ("finished", status.finished_at or "—"),
+        ("note", status.note or ""),
+        ("error", f"[red]{status.error}[/]" if status.error else ""),
+    ]
+    rows = [(label, value) for label, value in rows if value]
+    label_width = max(len(label) for label, _ in rows)
+    if width is not None and width < label_width + 2 + len(status.id):
+        parts: list[RenderableType] = []
+        for label, value in rows:
+            parts += [Text(label, style="bold"), Text.assemble("  ", Text.from_markup(value))]
+        return Group(*parts)
+    table = Table(show_header=False, box=None, pad_edge=False, collapse_padding=True)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("id", status.id)
-    table.add_row("status", _state(status))
-    table.add_row("phase", status.phase)
-    table.add_row("model", status.model)
-    prompts = status.progress
-    table.add_row("progress", f"{_progress(status)} ablations, {prompts.prompts_done}/{prompts.prompts_total} prompts")
-    if status.name:
-        table.add_row("name", status.name)
-    if status.tags:
-        table.add_row("tags", ", ".join(status.tags))
-    if status.owner:
-        table.add_row("owner", status.owner)
-    table.add_row("created", status.created_at)
-    table.add_row("started", status.started_at or "—")
-    table.add_row("finished", status.finished_at or "—")
-    if status.note:
-        table.add_row("note", status.note)
-    if status.error:
-        table.add_row("error", f"[red]{status.error}[/]")
+    for label, value in rows:
+        table.add_row(label, value)
     return table
 
 
