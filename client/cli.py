@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -26,20 +27,28 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
-from client.http import HydraClient, HydraError
+from client.http import DEFAULT_URL, HydraClient, HydraError
 from client.keys_cli import keys_app
-from client.render import job_progress, jobs_table, models_table, result_csv, result_table, status_table
+from client.render import job_progress, jobs_table, models_table, natural_width, result_csv, result_view, status_table
 from service.redaction import install_log_redaction
 from service.schemas import (
     AblationKind,
+    CorpusName,
     DatasetName,
     FigureFormat,
     JobRequest,
     JobResult,
     JobStatus,
+    MeasurePositions,
     MetricName,
+    NormScaleMode,
+    PositionResponses,
     PositionScope,
     PresetName,
+    ResampleFrom,
+    ResampleWithin,
+    ResponseBasisName,
+    TargetName,
 )
 from service.schemas import FigureName as FigureNameLiteral
 
@@ -54,6 +63,7 @@ out = Console()
 err = Console(stderr=True)
 
 DEFAULT_DATASET = "known_1000"
+CORPUS_DEFAULT = "known_1000_text"
 BUILTIN_MODEL = "smollm2-135m"
 
 
@@ -74,6 +84,14 @@ if TYPE_CHECKING:  # type checkers see the Literals; Typer gets Enums, whose mem
     Dataset = DatasetName
     FigureName = FigureNameLiteral
     FigureFormatChoice = FigureFormat
+    NormScale = NormScaleMode
+    ResampleFromChoice = ResampleFrom
+    ResampleWithinChoice = ResampleWithin
+    MeasureChoice = MeasurePositions
+    Target = TargetName
+    ResponseBasis = ResponseBasisName
+    PositionResponsesChoice = PositionResponses
+    Corpus = CorpusName
 else:
     Ablation = choices("Ablation", AblationKind)
     Positions = choices("Positions", PositionScope)
@@ -82,6 +100,14 @@ else:
     Dataset = choices("Dataset", DatasetName)
     FigureName = choices("FigureName", FigureNameLiteral)
     FigureFormatChoice = choices("FigureFormatChoice", FigureFormat)
+    NormScale = choices("NormScale", NormScaleMode)
+    ResampleFromChoice = choices("ResampleFromChoice", ResampleFrom)
+    ResampleWithinChoice = choices("ResampleWithinChoice", ResampleWithin)
+    MeasureChoice = choices("MeasureChoice", MeasurePositions)
+    Target = choices("Target", TargetName)
+    ResponseBasis = choices("ResponseBasis", ResponseBasisName)
+    PositionResponsesChoice = choices("PositionResponsesChoice", PositionResponses)
+    Corpus = choices("Corpus", CorpusName)
 
 
 class ResultFormat(Choice):  # the CLI's own list: a table, or the API's JSON or CSV
@@ -96,6 +122,19 @@ R = TypeVar("R")
 
 class CliFailure(Exception):
     """A failure to report as one line: a bad spec, a job that failed, a file that cannot be written."""
+
+
+class Detached(Exception):
+    """Ctrl-C while following a job: the job goes on on the server; say so and how to cancel it."""
+
+    def __init__(self, job_id: str, base_url: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+        self.base_url = base_url
+
+    def cancel_command(self) -> str:
+        url = "" if self.base_url.rstrip("/") == DEFAULT_URL else f" --url {self.base_url}"
+        return f"hydra-ablate cancel {self.job_id}{url}"
 
 
 # --- spec files and flags ------------------------------------------------------------------------------------------
@@ -125,6 +164,28 @@ def split_components(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+SOURCES = ("prompts", "dataset", "texts", "corpus")  # alternative sources of prompts: a job names one
+CORPUS_PRESETS = frozenset({"rushing_nanda"})  # presets whose prompts come from a corpus (service/resolve.py)
+
+
+def parse_metadata(items: list[str]) -> dict[str, Any]:
+    """['run=3', 'note=first try', 'ok=true'] -> {'run': 3, 'note': 'first try', 'ok': True}.
+
+    A value that reads as a JSON scalar is that scalar; anything else is text.
+    """
+    metadata: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliFailure(f"--meta takes KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        metadata[key] = value if value is None or isinstance(value, (str, int, float, bool)) else raw
+    return metadata
+
+
 def merge_request(
     spec: Mapping[str, Any],
     *,
@@ -139,12 +200,23 @@ def merge_request(
     limit: int | None = None,
     samples: int | None = None,
     seed: int | None = None,
+    offset: int | None = None,
+    relation: str | None = None,
+    use_answers: bool | None = None,
+    texts: list[str] | None = None,
+    corpus: str | None = None,
+    answers: list[str] | None = None,
+    counterfactuals: list[str] | None = None,
+    tags: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """The spec file's fields overridden by the flags that were given.
 
-    Prompts and a dataset are alternative prompt sources, so a flag for one drops the file's other
-    (with the answers and counterfactuals that belonged to the file's prompts). `--limit` slices the file's
-    dataset, or the built-in one when there is none.
+    Prompts, texts, a dataset and a corpus are alternative prompt sources, so a flag for one drops the file's
+    others (with the answers and counterfactuals that belonged to the file's prompts, unless flags give them).
+    `--limit` / `--offset` slice the file's dataset or corpus, or the built-in dataset when there is none (the
+    built-in corpus for a corpus preset). `options` are further JobRequest fields (None: not given).
     """
     request = dict(spec)
     simple = {
@@ -156,24 +228,60 @@ def merge_request(
         "preset": preset,
         "resample_samples": samples,
         "seed": seed,
+        "answers": list(answers) if answers else None,
+        "counterfactuals": list(counterfactuals) if counterfactuals else None,
+        "tags": list(tags) if tags else None,
+        **options,
     }
-    request.update({key: value for key, value in simple.items() if value is not None})
+    slicing = {"limit": limit, "offset": offset}
+
+    def has(values: Mapping[str, Any]) -> bool:
+        return any(value is not None for value in values.values())
+
+    dataset_only = {"relation": relation, "use_answers": use_answers}
+    chosen = [
+        name
+        for name, given in (
+            ("--prompt", bool(prompts)),
+            ("--text", bool(texts)),
+            ("--dataset/--relation/--use-answers", dataset is not None or has(dataset_only)),
+            ("--corpus", corpus is not None),
+        )
+        if given
+    ]
+    if len(chosen) > 1:
+        raise CliFailure(f"{' and '.join(chosen)} are alternatives: give one source of prompts")
+    if chosen and chosen[0] in ("--prompt", "--text") and has(slicing):
+        raise CliFailure("--limit/--offset slice a dataset or corpus, not --prompt/--text: give one source of prompts")
+
+    def replace_source(key: str, value: Any) -> None:
+        for name in (*SOURCES, "answers", "counterfactuals"):
+            request.pop(name, None)
+        request[key] = value
+
     if prompts:
-        request["prompts"] = list(prompts)
-        request.pop("dataset", None)
-    if dataset is not None or limit is not None:
-        if prompts:
-            raise CliFailure("--dataset/--limit and --prompt are alternatives: give one source of prompts")
-        current = request.get("dataset")
+        replace_source("prompts", list(prompts))
+    elif texts:
+        replace_source("texts", list(texts))
+    elif chosen or has(slicing):
+        current_preset = preset or request.get("preset")
+        use_corpus = corpus is not None or (
+            dataset is None and not chosen and "dataset" not in request
+            and ("corpus" in request or current_preset in CORPUS_PRESETS)
+        )
+        key, default = ("corpus", CORPUS_DEFAULT) if use_corpus else ("dataset", DEFAULT_DATASET)
+        name = corpus if use_corpus else dataset
+        current = request.get(key)
         ref = dict(current) if isinstance(current, Mapping) else {}
-        if dataset is not None and ref.get("name") not in (None, dataset):
-            ref = {}  # another dataset: the file's slice and filters do not apply to it
-        ref["name"] = dataset or ref.get("name") or DEFAULT_DATASET
-        if limit is not None:
-            ref["limit"] = limit
-        request["dataset"] = ref
-        for key in ("prompts", "answers", "counterfactuals"):
-            request.pop(key, None)
+        if name is not None and ref.get("name") not in (None, name):
+            ref = {}  # another set: the file's slice and filters do not apply to it
+        ref["name"] = name or ref.get("name") or default
+        extra = slicing if use_corpus else {**slicing, **dataset_only}
+        ref.update({k: v for k, v in extra.items() if v is not None})
+        replace_source(key, ref)
+    request.update({key: value for key, value in simple.items() if value is not None})
+    if metadata:
+        request["metadata"] = {**(request.get("metadata") or {}), **metadata}
     return request
 
 
@@ -195,6 +303,17 @@ def handled(command: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
+        except Detached as detached:
+            err.print(
+                Text.assemble(
+                    ("stopped following; ", "yellow"),
+                    f"job {detached.job_id} goes on on the server. Cancel it with:\n  ",
+                    (detached.cancel_command(), "bold"),
+                ),
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
             err.print(Text("interrupted", style="yellow"))
             raise typer.Exit(130) from None
@@ -217,6 +336,9 @@ UrlOption = Annotated[
 ]
 KeyOption = Annotated[str | None, typer.Option("--api-key", envvar="HYDRA_API_KEY", help="sent as X-API-Key")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the API's JSON instead of a table")]
+WideFlag = Annotated[
+    bool, typer.Option("--wide", "-w", help="every column, however wide (default: what fits the terminal)")
+]
 
 
 def _text(choice: object) -> str:
@@ -228,26 +350,52 @@ def _value(choice: object) -> str | None:
     return None if choice is None else _text(choice)
 
 
-def show(table: object) -> None:
-    """Print a table; when stdout is a file or pipe, wide enough that no column is cut (rich assumes 80)."""
-    console = out if out.is_terminal else Console(width=200)
-    console.print(table)
+def output_width() -> int | None:
+    """The width to fit: COLUMNS when set, else the terminal's; None when stdout is a file or pipe (no limit)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if out.is_terminal:
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def show(renderable: object, wide: bool = False) -> None:
+    """Print what render.py built for output_width(); never narrower than it needs, so nothing is cut (with --wide,
+    or on a file or pipe, lines may be longer than the terminal)."""
+    width = output_width()
+    needed = natural_width(renderable)  # type: ignore[arg-type]
+    console = Console(
+        width=max(width or 0, needed) if (wide or width is None) else width,
+        force_terminal=out.is_terminal,
+        no_color=not out.is_terminal or None,  # type: ignore[arg-type]
+        highlight=False,
+    )
+    console.print(renderable)
 
 
 def _print_json(value: object) -> None:
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")
 
 
-def follow(client: HydraClient, job_id: str, poll_s: float = 0.5) -> JobStatus:
-    """Poll a job to its end behind a live progress bar (stderr, so stdout stays the job's output)."""
-    with job_progress(console=err) as bar:
-        task = bar.add_task("queued", total=None)
+def follow(client: HydraClient, job_id: str, poll_s: float = 0.5, detach: bool = True) -> JobStatus:
+    """Poll a job to its end behind a live progress bar (stderr, so stdout stays the job's output).
 
-        def update(status: JobStatus) -> None:
-            total = status.progress.total or None
-            bar.update(task, completed=status.progress.done, total=total, description=status.status)
+    Ctrl-C stops following, not the job: with `detach`, it raises Detached (the command then says how to cancel).
+    """
+    try:
+        with job_progress(console=err) as bar:
+            task = bar.add_task("queued", total=None)
 
-        return client.wait(job_id, poll_s=poll_s, on_progress=update)
+            def update(status: JobStatus) -> None:
+                total = status.progress.total or None
+                bar.update(task, completed=status.progress.done, total=total, description=status.status)
+
+            return client.wait(job_id, poll_s=poll_s, on_progress=update)
+    except KeyboardInterrupt:
+        if not detach:
+            raise
+        raise Detached(job_id, str(client.base_url)) from None
 
 
 def require_success(status: JobStatus) -> None:
@@ -340,17 +488,84 @@ def serve(
 def submit(
     spec_file: Annotated[str | None, typer.Argument(help="JobRequest as JSON or YAML ('-' for stdin)")] = None,
     model: Annotated[str | None, typer.Option(help="model id (see `hydra-ablate models`)")] = None,
+    preset: Annotated[
+        Preset | None, typer.Option(help="a named setup whose values fill the fields not given (hydra, rushing_nanda)")
+    ] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="a prompt (repeatable)")] = None,
-    components: Annotated[str | None, typer.Option(help="comma-separated, e.g. attn,mlp or attn.3,head.2.1")] = None,
-    ablation: Annotated[Ablation | None, typer.Option()] = None,
-    positions: Annotated[Positions | None, typer.Option()] = None,
-    metric: Annotated[Metric | None, typer.Option()] = None,
-    preset: Annotated[Preset | None, typer.Option()] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="a document, measured at every position (repeatable)")
+    ] = None,
     dataset: Annotated[Dataset | None, typer.Option(help="a built-in prompt set")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="use the dataset's first N prompts")] = None,
+    corpus: Annotated[Corpus | None, typer.Option(help="a built-in corpus of documents")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="use the dataset's (or corpus's) first N entries")] = None,
+    offset: Annotated[int | None, typer.Option(min=0, help="skip the dataset's (or corpus's) first N entries")] = None,
+    relation: Annotated[
+        str | None, typer.Option(help="only dataset prompts of this Wikidata relation, e.g. P36")
+    ] = None,
+    use_answers: Annotated[
+        bool | None, typer.Option("--use-answers", help="the dataset's answers as targets (not the clean top token)")
+    ] = None,
+    answer: Annotated[
+        list[str] | None, typer.Option("--answer", help="per prompt, the text whose first token is the target")
+    ] = None,
+    counterfactual: Annotated[
+        list[str] | None, typer.Option("--counterfactual", help="per prompt, the competing answer (logit_diff)")
+    ] = None,
+    components: Annotated[str | None, typer.Option(help="comma-separated, e.g. attn,mlp or attn.3,head.2.1")] = None,
+    ablation: Annotated[
+        Ablation | None, typer.Option(help="replace outputs by another prompt's, the mean, or 0")
+    ] = None,
+    positions: Annotated[Positions | None, typer.Option(help="ablate at the final position or at every one")] = None,
+    metric: Annotated[Metric | None, typer.Option(help="what is read on the target token")] = None,
+    norm_scale: Annotated[
+        NormScale | None, typer.Option(help="whose final-norm scale direct effects use: the clean or ablated run")
+    ] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="resample sources per prompt")] = None,
-    seed: Annotated[int | None, typer.Option(min=0)] = None,
+    resample_from: Annotated[
+        ResampleFromChoice | None, typer.Option(help="resample sources: the next prompt or random ones")
+    ] = None,
+    resample_within: Annotated[
+        ResampleWithinChoice | None,
+        typer.Option(help="draw resample sources from the whole job or the prompt's dataset relation"),
+    ] = None,
+    mean_reference: Annotated[
+        Dataset | None, typer.Option(help="mean ablation: the dataset whose mean activation replaces outputs")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="seed of the random resample pairing")] = None,
+    keep_samples: Annotated[
+        bool | None, typer.Option("--keep-samples", help="return every resample patch's TE, DE and layer profile")
+    ] = None,
+    only_correct: Annotated[
+        bool | None,
+        typer.Option("--only-correct", help="measure only prompts whose clean top token starts their answer"),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=2, max=4096, help="cut every prompt or text to its first N tokens")
+    ] = None,
+    measure_positions: Annotated[
+        MeasureChoice | None, typer.Option(help="measure at the final position or at every position")
+    ] = None,
+    target: Annotated[
+        Target | None, typer.Option(help="clean_top (the clean run's top token) or next_token (texts)")
+    ] = None,
+    response_basis: Annotated[
+        ResponseBasis | None, typer.Option(help="downstream responses per layer, or per head and MLP")
+    ] = None,
+    position_responses: Annotated[
+        PositionResponsesChoice | None,
+        typer.Option(help="per-position jobs: split sums (heads/MLPs/norm) or the full response vector"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="a label for people (not unique)")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="a label to filter jobs by (repeatable)")] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option("--meta", help="KEY=VALUE metadata, VALUE a JSON scalar or text (repeatable)"),
+    ] = None,
+    callback_url: Annotated[
+        str | None, typer.Option(help="where the final status is POSTed (signed webhook)")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="show progress, then the result table")] = False,
+    wide: WideFlag = False,
     idempotency_key: Annotated[str | None, typer.Option(help="sent as Idempotency-Key")] = None,
     url: UrlOption = None,
     api_key: KeyOption = None,
@@ -370,6 +585,28 @@ def submit(
         limit=limit,
         samples=samples,
         seed=seed,
+        offset=offset,
+        relation=relation,
+        use_answers=use_answers,
+        texts=text,
+        corpus=_value(corpus),
+        answers=answer,
+        counterfactuals=counterfactual,
+        tags=tag,
+        metadata=parse_metadata(meta) if meta else None,
+        norm_scale=_value(norm_scale),
+        resample_from=_value(resample_from),
+        resample_within=_value(resample_within),
+        mean_reference=None if mean_reference is None else {"name": _text(mean_reference)},
+        keep_samples=keep_samples,
+        only_correct=only_correct,
+        max_tokens=max_tokens,
+        measure_positions=_value(measure_positions),
+        target=_value(target),
+        response_basis=_value(response_basis),
+        position_responses=_value(position_responses),
+        name=name,
+        callback_url=callback_url,
     )
     with HydraClient(url, api_key) as client:
         status = client.submit(to_job_request(request), idempotency_key=idempotency_key)
@@ -377,19 +614,52 @@ def submit(
         if wait:
             final = follow(client, status.id)
             require_success(final)
-            show(result_table(client.result(status.id)))
+            show(result_view(client.result(status.id), output_width(), wide), wide)
+
+
+class WaitExit(enum.IntEnum):
+    """`hydra-ablate wait`'s exit codes."""
+
+    succeeded = 0
+    failed = 1
+    cancelled = 2
+
+
+@app.command("wait")
+@handled
+def wait_job(
+    job_id: str,
+    poll: Annotated[float, typer.Option(min=0.05, help="seconds between polls")] = 0.5,
+    show_result: Annotated[bool, typer.Option("--result", help="print the result table once it succeeded")] = False,
+    wide: WideFlag = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Re-attach to a job: its progress bar until it ends, then its final status.
+
+    Exit code 0 when it succeeded, 1 when it failed, 2 when it was cancelled; Ctrl-C stops following (130), not the job.
+    """
+    with HydraClient(url, api_key) as client:
+        final = follow(client, job_id, poll_s=poll)
+        show(status_table(final, output_width()))
+        if final.status == "succeeded" and show_result:
+            show(result_view(client.result(job_id), output_width(), wide), wide)
+    if final.status != "succeeded":
+        reason = f": {final.error}" if final.error else ""
+        err.print(Text(f"job {final.id} {final.status}{reason}", style="red"), soft_wrap=True, highlight=False)
+        raise typer.Exit(WaitExit[final.status] if final.status in WaitExit.__members__ else 1)
 
 
 @app.command()
 @handled
 def status(job_id: str, as_json: JsonFlag = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
-    """A job's state, progress and error."""
+    """A job's state, phase, progress, labels and error."""
     with HydraClient(url, api_key) as client:
         job = client.status(job_id)
     if as_json:
         _print_json(job)
     else:
-        show(status_table(job))
+        show(status_table(job, output_width()))
 
 
 @app.command()
@@ -398,29 +668,31 @@ def result(
     job_id: str,
     format: Annotated[ResultFormat, typer.Option("--format", "-f")] = ResultFormat.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
+    wide: WideFlag = False,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
-    """A finished job's result: summary table, full JSON, or CSV (one row per prompt × component)."""
+    """A finished job's result: summary tables, full JSON, or CSV (one row per prompt × component)."""
     with HydraClient(url, api_key) as client:
         job_result = client.result(job_id)
     if output is not None:
-        _write(output, render_result(job_result, format.value))
+        _write(output, render_result(job_result, format.value, wide))
         err.print(f"wrote {output}", highlight=False)
     elif format.value == "table":
-        show(result_table(job_result))
+        show(result_view(job_result, output_width(), wide), wide)
     else:
-        sys.stdout.write(render_result(job_result, format.value))
+        sys.stdout.write(render_result(job_result, format.value, wide))
 
 
-def render_result(job_result: JobResult, format: str) -> str:
-    """The result as text in one of the `result --format` choices (the table without colour, for files)."""
+def render_result(job_result: JobResult, format: str, wide: bool = False) -> str:
+    """The result as text in one of the `result --format` choices (the tables without colour, for files)."""
     if format == "json":
         return msgspec.json.format(msgspec.json.encode(job_result), indent=2).decode() + "\n"
     if format == "csv":
         return result_csv(job_result)  # the API's format: CRLF rows, so files are written as bytes (see _write)
+    view = result_view(job_result, None, wide)
     buffer = io.StringIO()
-    Console(file=buffer, width=160, no_color=True, force_terminal=False).print(result_table(job_result))
+    Console(file=buffer, width=natural_width(view), no_color=True, force_terminal=False).print(view)
     return buffer.getvalue()
 
 
@@ -457,22 +729,22 @@ def figure(
 
 @app.command()
 @handled
-def models(as_json: JsonFlag = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
+def models(as_json: JsonFlag = False, wide: WideFlag = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
     """The models the workers serve."""
     with HydraClient(url, api_key) as client:
         infos = client.models()
     if as_json:
         _print_json(infos)
     else:
-        show(models_table(infos))
+        show(models_table(infos, output_width(), wide), wide)
 
 
 @app.command()
 @handled
 def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
-    """Cancel a queued or running job."""
+    """Cancel a queued or running job (it stops at its next prompt)."""
     with HydraClient(url, api_key) as client:
-        show(status_table(client.cancel(job_id)))
+        show(status_table(client.cancel(job_id), output_width()))
 
 
 @app.command("list")
@@ -481,6 +753,7 @@ def list_jobs(
     offset: Annotated[int, typer.Option(min=0)] = 0,
     limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
     as_json: JsonFlag = False,
+    wide: WideFlag = False,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
@@ -490,7 +763,7 @@ def list_jobs(
     if as_json:
         _print_json(page)
     else:
-        show(jobs_table(page))
+        show(jobs_table(page, output_width(), wide), wide)
 
 
 @app.command()
@@ -544,9 +817,9 @@ def run_demo(client: HydraClient, prompts: int, samples: int, figure_path: Path)
     }
     job = client.submit(request)
     log.info("job %s: Hydra preset on %s, %d prompts × %d resample sources", job.id, model, prompts, samples)
-    final = follow(client, job.id)
+    final = follow(client, job.id, detach=False)  # Ctrl-C stops the demo's own stack, and the job with it
     require_success(final)
-    show(result_table(client.result(job.id)))
+    show(result_view(client.result(job.id), output_width()))
     try:
         png = client.figure(job.id, "te_vs_de", "png")
     except HydraError as exc:

@@ -68,6 +68,9 @@ class Stack:
 
     def start(self, allow_remote_without_auth: bool = False) -> None:
         env = dict(os.environ)
+        # This terminal shows the stack's own log and the CLI's progress bar: no line per HTTP request (every poll
+        # of a job would print one) unless asked for; the worker's model loading is quiet anyway (model_cache).
+        env.setdefault("HYDRA_ACCESS_LOG", "off")
         check_exposure(self.host, env, allow_remote_without_auth)
         if not env.get("REDIS_URL"):
             self.redis = EmbeddedRedis(data_dir=self.data_dir / "redis")

@@ -21,6 +21,8 @@ from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.settings import env_bool
+
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_STATE_KEY = "hydra_request_id"
 RATE_STATE_KEY = "hydra_rate_limit"  # scope["state"] key the rate-limit guard fills: (limit, remaining, reset_s)
@@ -45,6 +47,10 @@ def request_id_for(scope: Scope) -> str:
 
 def observability_middleware(app: ASGIApp) -> ASGIApp:
     """The outermost middleware of the app (see service/app.py); headers are added by `add_headers`."""
+
+    # HYDRA_ACCESS_LOG=off: no line per request (the local stack's default, whose terminal shows a progress bar);
+    # the metrics still count every request.
+    log_access = env_bool("HYDRA_ACCESS_LOG", True)
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,10 +81,11 @@ def observability_middleware(app: ASGIApp) -> ASGIApp:
             metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
             if metrics is not None:
                 metrics.observe_http(method, route, status, elapsed)
-            access_log.info(
-                "%s %s %d %.1f ms", method, scope.get("path", ""), status, elapsed * 1000,
-                extra={"route": route, "status_code": status, "duration_ms": round(elapsed * 1000, 3)},
-            )
+            if log_access:
+                access_log.info(
+                    "%s %s %d %.1f ms", method, scope.get("path", ""), status, elapsed * 1000,
+                    extra={"route": route, "status_code": status, "duration_ms": round(elapsed * 1000, 3)},
+                )
             request_id_var.reset(tokens[0])
             job_id_var.reset(tokens[1])
 

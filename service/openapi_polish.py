@@ -2,7 +2,7 @@
 
 - nullable types instead of one-element `oneOf`: `oneOf: [X]` (an optional field's only arm) becomes X, and
   `oneOf: [{type: T}, {type: null}]` becomes `type: [T, "null"]`;
-- a description on every schema and property (service/schema_docs.py);
+- a description on every schema and property (service/schema_docs.py) and every parameter;
 - examples on the submit body: the README's curl body and each preset;
 - readable operationIds (`operation_id`, used by OpenAPIConfig).
 """
@@ -138,10 +138,22 @@ def _optional_parameters(openapi: OpenAPI) -> None:
                 schema.enum = [value for value in schema.enum if value is not None]
 
 
+PARAMETER_DOCS = {"job_id": "The job id (32 hex digits), as POST /v1/jobs returned it"}
+
+
+def _describe_parameters(openapi: OpenAPI) -> None:
+    """Parameters declared without a description (path parameters) get PARAMETER_DOCS's."""
+    for operation in _operations(openapi):
+        for parameter in operation.parameters or []:
+            if not getattr(parameter, "description", None) and getattr(parameter, "name", None) in PARAMETER_DOCS:
+                parameter.description = PARAMETER_DOCS[parameter.name]  # type: ignore[union-attr]
+
+
 def polish(openapi: OpenAPI) -> OpenAPI:
     """Apply every step above in place (the app caches the object, so /schema serves the polished document)."""
     _fix(openapi)
     _optional_parameters(openapi)
     _describe(openapi)
+    _describe_parameters(openapi)
     _examples(openapi)
     return openapi

@@ -27,6 +27,7 @@ TargetName = Literal["clean_top", "next_token"]
 ResponseBasisName = Literal["layers", "heads"]
 PositionResponses = Literal["split", "full"]
 DatasetName = Literal["known_1000"]
+CorpusName = Literal["known_1000_text"]
 FigureName = Literal[
     "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
 ]
@@ -79,7 +80,7 @@ class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
 class CorpusRef(Struct, forbid_unknown_fields=True, kw_only=True):
     """A built-in natural-text corpus (documents, see service/corpora.py), sliced."""
 
-    name: Literal["known_1000_text"]
+    name: CorpusName
     limit: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     offset: Annotated[int, Meta(ge=0)] = 0
 

@@ -11,7 +11,7 @@ import io
 import json
 import socket
 from pathlib import Path
-from typing import cast, get_args, get_type_hints
+from typing import ClassVar, cast, get_args, get_type_hints
 
 import httpx
 import msgspec
@@ -39,6 +39,8 @@ from service.schemas import (
     AblationKind,
     ComponentSummary,
     DatasetRef,
+    JobPage,
+    JobRequest,
     JobResult,
     JobSpec,
     JobState,
@@ -279,12 +281,15 @@ def test_request_is_checked_against_the_wire_schema() -> None:
 def test_result_table_shows_each_component(result: JobResult) -> None:
     text = _text(result_table(result))
     attn = next(line for line in text.splitlines() if "attn.0" in line)
-    for cell in ("+1.000 ±0.250", "+0.375 ±0.125", "+0.625 ±0.062", "+0.438", "+0.188", "+0.500", "0.875"):
+    for cell in ("+1.000 ±0.250", "+0.375 ±0.125", "+0.625 ±0.062", "+0.438", "+0.188"):
         assert cell in attn, (cell, attn)
-    mlp = next(line for line in text.splitlines() if "mlp.0" in line)
-    assert "+0.750 ±0.250" in mlp and mlp.count("—") == 2  # no spread in DE: no slope, no R²
+    fit = next(line for line in text.splitlines() if "attn.0" in line and "compensation on DE" in line)
+    assert "+0.500" in fit and "0.875" in fit
+    mlp = next(line for line in text.splitlines() if "mlp.0" in line and "compensation on DE" in line)
+    assert mlp.count("—") == 3  # no spread in DE: no slope, no interval, no R²
+    assert "+0.750 ±0.250" in next(line for line in text.splitlines() if line.lstrip().startswith("mlp.0"))
     assert "tiny: resample ablation, centered_logit, 2 prompts" in text
-    assert "slope -1.500, R² 1.000, n=2" in text
+    assert "mean TE on mean DE across components: slope -1.500, R² 1.000, n=2" in text
 
 
 def test_result_csv_has_one_row_per_prompt_and_component(result: JobResult) -> None:
@@ -343,7 +348,7 @@ def test_models_table() -> None:
         parallel_blocks=False,
         source="builtin",
     )
-    line = next(line for line in _text(models_table([info])).splitlines() if "smollm2-135m" in line)
+    line = next(line for line in _text(models_table([info], wide=True)).splitlines() if "smollm2-135m" in line)
     assert all(cell in line for cell in ("llama", "30", "9", "3", "576", "49152", "sequential"))
 
 
@@ -479,3 +484,232 @@ def test_cli_env_supplies_the_url() -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     outcome = CliRunner().invoke(app, ["models"], env={"HYDRA_URL": url})
     assert outcome.exit_code == 1 and url in outcome.output
+
+
+# --- terminals: 80 columns, --wide, labelled regressions (issue "Fit into lab tooling", Terminal) ------------------
+
+LONG_COMPONENTS = ["head.29.8", "attn.28"]
+JOB_IDS = ["0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"]
+
+
+def _long_named(result: JobResult) -> JobResult:
+    """The fixture's result with component names as long as a 30-layer model's."""
+    rename = dict(zip(result.components, LONG_COMPONENTS, strict=True))
+    summary = msgspec.structs.replace(
+        result.summary,
+        components=[msgspec.structs.replace(c, component=rename[c.component]) for c in result.summary.components],
+    )
+    return msgspec.structs.replace(result, components=LONG_COMPONENTS, summary=summary)
+
+
+def _jobs() -> list[JobStatus]:
+    return [
+        JobStatus(id=JOB_IDS[0], status="succeeded", model="tiny-gpt_neox_parallel",
+                  progress=Progress(done=1800, total=1800), created_at="2025-01-02T03:04:05.123456+00:00",
+                  name="a fairly long name for this job", tags=["a", "b"]),
+        JobStatus(id=JOB_IDS[1], status="failed", model="smollm2-135m", progress=Progress(done=12, total=1800),
+                  created_at="2025-01-02T03:04:05.123456+00:00", error="the worker ran out of memory " * 4),
+    ]
+
+
+def _model() -> ModelInfo:
+    return ModelInfo(id="smollm2-135m", architecture="llama", n_layers=30, n_heads=9, n_kv_heads=3, d_model=576,
+                     vocab_size=49152, parallel_blocks=False, source="builtin", family="Llama 3",
+                     device_name="Intel(R) Xeon(R) Platinum 8480+")
+
+
+def _render(renderable: object, width: int) -> list[str]:
+    console = Console(record=True, width=width, no_color=True)
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+def _views(result: JobResult, width: int) -> dict[str, object]:
+    from client.render import jobs_table, result_view, status_table
+
+    jobs = _jobs()
+    return {
+        "result": result_view(_long_named(result), width),
+        "jobs": jobs_table(JobPage(items=jobs, total=2, offset=0, limit=50), width),
+        "models": models_table([_model()], width),
+        "status": status_table(jobs[1], width),
+    }
+
+
+@pytest.mark.parametrize("width", [80, 60, 40])
+def test_every_view_fits_the_terminal_and_cuts_no_id_or_component(result: JobResult, width: int) -> None:
+    for name, view in _views(result, width).items():
+        lines = _render(view, width)
+        too_long = [line for line in lines if len(line.rstrip()) > width]
+        assert not too_long, (name, too_long)
+        words = {word for line in lines for word in line.split()}
+        expected = {"result": LONG_COMPONENTS, "jobs": JOB_IDS, "models": ["smollm2-135m"], "status": JOB_IDS[1:]}
+        for identifier in expected[name]:
+            assert identifier in words, (name, identifier, lines)  # whole, on one line
+
+
+def test_narrow_tables_say_what_they_leave_out_and_wide_shows_it(result: JobResult) -> None:
+    from client.render import jobs_table, natural_width
+
+    page = JobPage(items=_jobs(), total=2, offset=0, limit=50)
+    narrow = "\n".join(_render(jobs_table(page, 80), 80))
+    assert "Not shown at this width" in narrow and "--wide" in narrow
+    wide = jobs_table(page, 80, wide=True)
+    text = "\n".join(_render(wide, natural_width(wide)))
+    for header in ("model", "created", "name", "phase", "tags", "owner", "error"):
+        assert header in text.splitlines()[2].split(), header
+    assert "2025-01-02T03:04:05.123456+00:00" in text and "tiny-gpt_neox_parallel" in text
+    models = "\n".join(_render(models_table([_model()], wide=True), 300))
+    assert "Intel(R) Xeon(R) Platinum 8480+" in models and "49152" in models
+
+
+def test_regressions_are_labelled_y_on_x(result: JobResult) -> None:
+    from client.render import regression_label, result_view
+
+    lines = _render(result_view(_long_named(result), 80), 80)
+    assert any("head.29.8" in line and "CE on Δunembed" in line for line in lines)
+    assert any("attn.28" in line and "compensation on DE" in line for line in lines)
+    assert any(line.startswith("mean TE on mean DE across components: slope -1.500") for line in lines)
+    wide = "\n".join(_render(result_view(result, None, wide=True), 300))
+    for label in ("CE on DE", "CE(attn) on Δunembed", "CE(mlp) on Δunembed", "CE(attn) on DE", "CE(mlp) on DE"):
+        assert label in wide, label
+    assert regression_label(Regression(y="response[mlp.5]", x="unembed_effect", slope=None, intercept=None, r2=None,
+                                       n=0)) == "response of mlp.5 on Δunembed"
+
+
+def test_cli_output_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli.output_width() == 80
+    monkeypatch.delenv("COLUMNS")
+    assert cli.output_width() is None  # a pipe (pytest's stdout): as wide as the tables need
+
+
+# --- submit exposes every job option; wait; Ctrl-C ----------------------------------------------------------------
+
+# JobRequest field -> the submit flag that sets it.
+SUBMIT_FLAGS = {
+    "preset": "--preset", "model": "--model", "prompts": "--prompt", "dataset": "--dataset", "answers": "--answer",
+    "counterfactuals": "--counterfactual", "components": "--components", "ablation": "--ablation",
+    "positions": "--positions", "metric": "--metric", "norm_scale": "--norm-scale", "resample_samples": "--samples",
+    "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed", "name": "--name",
+    "tags": "--tag", "metadata": "--meta", "callback_url": "--callback-url", "keep_samples": "--keep-samples",
+    "only_correct": "--only-correct", "resample_within": "--resample-within", "texts": "--text", "corpus": "--corpus",
+    "max_tokens": "--max-tokens", "measure_positions": "--measure-positions", "target": "--target",
+    "response_basis": "--response-basis", "position_responses": "--position-responses",
+}
+
+
+def test_submit_has_a_flag_with_help_for_every_job_request_field() -> None:
+    import typer.main
+
+    command = typer.main.get_command(app).commands["submit"]  # type: ignore[attr-defined]
+    options = {opt: param for param in command.params for opt in getattr(param, "opts", [])}
+    assert set(SUBMIT_FLAGS) == set(JobRequest.__struct_fields__), "a JobRequest field without a submit flag"
+    for field, flag in SUBMIT_FLAGS.items():
+        assert flag in options, (field, flag)
+        assert options[flag].help, flag
+
+
+class _FakeClient:
+    """Stands in for HydraClient in the CLI: records submits, plays a scripted sequence of statuses."""
+
+    submitted: ClassVar[list[JobRequest]] = []
+    script: ClassVar[list[JobStatus]] = []
+    interrupt: ClassVar[bool] = False
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None) -> None:
+        self.base_url = (base_url or "http://127.0.0.1:8000").rstrip("/")
+
+    def __enter__(self) -> _FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, request: JobRequest, idempotency_key: str | None = None) -> JobStatus:
+        self.submitted.append(request)
+        return _job_status(JOB_IDS[0], "queued")
+
+    def wait(self, job_id: str, poll_s: float = 0.5, on_progress: object = None) -> JobStatus:
+        for status in self.script:
+            on_progress(status)  # type: ignore[operator]
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return self.script[-1]
+
+
+def _job_status(job_id: str, state: str, error: str | None = None) -> JobStatus:
+    return JobStatus(id=job_id, status=state, model="tiny", progress=Progress(done=3, total=9),  # type: ignore[arg-type]
+                     created_at="2025-01-02T03:04:05+00:00", error=error)
+
+
+@pytest.fixture
+def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[_FakeClient]:
+    monkeypatch.setattr(cli, "HydraClient", _FakeClient)
+    _FakeClient.submitted = []
+    _FakeClient.script = []
+    _FakeClient.interrupt = False
+    return _FakeClient
+
+
+def test_submit_sends_every_option_it_is_given(fake_client: type[_FakeClient]) -> None:
+    outcome = CliRunner().invoke(app, [
+        "submit", "--model", "tiny", "--text", "One document.", "--text", "Another one.", "--components", "head",
+        "--ablation", "mean", "--norm-scale", "ablated", "--resample-from", "random", "--resample-within", "job",
+        "--mean-reference", "known_1000", "--seed", "3", "--keep-samples", "--only-correct", "--max-tokens", "32",
+        "--measure-positions", "all", "--positions", "all", "--target", "next_token", "--response-basis", "heads",
+        "--position-responses", "full", "--name", "docs", "--tag", "a", "--tag", "b:1", "--meta", "run=3",
+        "--meta", "note=first try", "--callback-url", "https://example.org/hook", "--metric", "logit",
+    ])
+    assert outcome.exit_code == 0, outcome.output
+    sent = fake_client.submitted[0]
+    assert sent.texts == ["One document.", "Another one."] and sent.components == ["head"]
+    assert (sent.ablation, sent.norm_scale, sent.resample_from, sent.resample_within) == ("mean", "ablated", "random",
+                                                                                          "job")
+    assert sent.mean_reference == DatasetRef(name="known_1000")
+    assert (sent.seed, sent.keep_samples, sent.only_correct, sent.max_tokens) == (3, True, True, 32)
+    assert (sent.measure_positions, sent.target, sent.response_basis, sent.position_responses) == (
+        "all", "next_token", "heads", "full")
+    assert (sent.name, sent.tags, sent.metadata) == ("docs", ["a", "b:1"], {"run": 3, "note": "first try"})
+    assert sent.callback_url == "https://example.org/hook"
+
+
+def test_submit_corpus_and_dataset_slices(fake_client: type[_FakeClient]) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["submit", "--corpus", "known_1000_text", "--limit", "4", "--offset", "2"]).exit_code == 0
+    assert runner.invoke(app, ["submit", "--preset", "rushing_nanda", "--limit", "5"]).exit_code == 0
+    assert runner.invoke(app, ["submit", "--relation", "P36", "--use-answers", "--answer", "x"]).exit_code == 0
+    corpus, preset, dataset = fake_client.submitted
+    assert corpus.corpus is not msgspec.UNSET and (corpus.corpus.limit, corpus.corpus.offset) == (4, 2)
+    assert preset.corpus is not msgspec.UNSET and preset.corpus.limit == 5  # the preset reads a corpus
+    assert dataset.dataset == DatasetRef(name="known_1000", relation="P36", use_answers=True)
+    assert dataset.answers == ["x"]
+    clash = runner.invoke(app, ["submit", "--text", "a b", "--corpus", "known_1000_text"])
+    assert clash.exit_code == 1 and "alternatives" in clash.output
+    bad_meta = runner.invoke(app, ["submit", "--meta", "novalue"])
+    assert bad_meta.exit_code == 1 and "KEY=VALUE" in bad_meta.output
+
+
+@pytest.mark.parametrize(("state", "code"), [("succeeded", 0), ("failed", 1), ("cancelled", 2)])
+def test_wait_ends_with_the_final_status_and_its_exit_code(fake_client: type[_FakeClient], state: str,
+                                                          code: int) -> None:
+    fake_client.script = [_job_status(JOB_IDS[1], "running"),
+                          _job_status(JOB_IDS[1], state, "boom" if state == "failed" else None)]
+    outcome = CliRunner().invoke(app, ["wait", JOB_IDS[1]])
+    assert outcome.exit_code == code, outcome.output
+    assert JOB_IDS[1] in outcome.output and state in outcome.output
+    if state == "failed":
+        assert "boom" in outcome.output
+
+
+@pytest.mark.parametrize("command", [["wait", JOB_IDS[0]], ["submit", "-p", "a b", "-p", "c d", "--wait"]])
+def test_ctrl_c_while_following_says_the_job_goes_on_and_how_to_cancel(fake_client: type[_FakeClient],
+                                                                      command: list[str]) -> None:
+    fake_client.script = [_job_status(JOB_IDS[0], "running")]
+    fake_client.interrupt = True
+    outcome = CliRunner().invoke(app, [*command, "--url", "http://lab-box:9000"])
+    assert outcome.exit_code == 130, outcome.output
+    assert f"job {JOB_IDS[0]} goes on on the server" in outcome.output
+    assert f"hydra-ablate cancel {JOB_IDS[0]} --url http://lab-box:9000" in outcome.output.splitlines()[-1]
+    default = CliRunner().invoke(app, command)
+    assert default.output.splitlines()[-1].strip() == f"hydra-ablate cancel {JOB_IDS[0]}"  # the default URL: no --url

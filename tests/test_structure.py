@@ -26,6 +26,14 @@ def test_cli_choices_are_derived_from_the_schemas() -> None:
         (cli.Dataset, schemas.DatasetName),
         (cli.FigureName, schemas.FigureName),
         (cli.FigureFormatChoice, schemas.FigureFormat),
+        (cli.Corpus, schemas.CorpusName),
+        (cli.NormScale, schemas.NormScaleMode),
+        (cli.ResampleFromChoice, schemas.ResampleFrom),
+        (cli.ResampleWithinChoice, schemas.ResampleWithin),
+        (cli.MeasureChoice, schemas.MeasurePositions),
+        (cli.Target, schemas.TargetName),
+        (cli.ResponseBasis, schemas.ResponseBasisName),
+        (cli.PositionResponsesChoice, schemas.PositionResponses),
     ]
     for choice, literal in pairs:
         assert tuple(member.value for member in choice) == get_args(literal)

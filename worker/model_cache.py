@@ -8,12 +8,15 @@ whole budget still loads, alone.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import hashlib
 import logging
 import threading
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +64,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Loading chatter that is not a problem: transformers' and gguf's progress bars (GGUF de-quantisation, "Loading
+# weights") and their advice-level warnings. In a worker they reach the log as one WARNING line per bar update,
+# in the terminal of `hydra-ablate serve` / `demo` beside the CLI's own progress bar.
+_QUIET_WARNING_MODULES = r"(transformers|gguf|huggingface_hub|tokenizers)(\.|$)"
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence the progress bars, info lines and warnings of loading a model, for the duration of the load only.
+
+    Errors stay visible: exceptions propagate as they are, and transformers' ERROR-level log lines are kept.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()  # transformers' own bars ("Loading weights") and huggingface_hub's
+    hf_logging.set_verbosity_error()
+    if gguf_tqdm is not None:  # the GGUF de-quantisation bar is a plain tqdm of that module
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)  # type: ignore[attr-defined]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=_QUIET_WARNING_MODULES)
+            yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm  # type: ignore[attr-defined]
+        hf_logging.set_verbosity(verbosity)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+
+
 def _load_kwargs(source: ModelSource) -> dict[str, object]:
     return {"gguf_file": source.gguf_file} if source.gguf_file else {}
 
@@ -68,7 +105,8 @@ def _load_kwargs(source: ModelSource) -> dict[str, object]:
 def model_info(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelInfo:
     """Shape facts from the config alone (no weights), for the API to validate jobs against, plus where and in what
     precision this worker runs the model."""
-    config = AutoConfig.from_pretrained(source.location, **_load_kwargs(source))
+    with quiet_loading():
+        config = AutoConfig.from_pretrained(source.location, **_load_kwargs(source))
     check_supported(config)
     n_heads = int(config.num_attention_heads)
     return ModelInfo(
@@ -91,7 +129,8 @@ def model_info(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
 
 def tokenizer_json(source: ModelSource) -> str | None:
     """The model's fast tokenizer as Hugging Face `tokenizers` JSON (None for slow tokenizers)."""
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **_load_kwargs(source))
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **_load_kwargs(source))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend.to_str() if backend is not None else None
 
@@ -99,13 +138,14 @@ def tokenizer_json(source: ModelSource) -> str | None:
 def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The real loading path: a GGUF file, a local folder, or a hub id (where the hub is reachable)."""
     kwargs = _load_kwargs(source)
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    # SDPA (eager only where the model's attention needs it); the engine passes explicit masks wherever SDPA's
-    # implicit causal mask would not do (eager attention, sliding windows, padded batches).
-    config = AutoConfig.from_pretrained(source.location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.location, dtype=dtype, attn_implementation=attention_implementation(config), **kwargs
-    )
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        # SDPA (eager only where the model's attention needs it); the engine passes explicit masks wherever SDPA's
+        # implicit causal mask would not do (eager attention, sliding windows, padded batches).
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=dtype, attn_implementation=attention_implementation(config), **kwargs
+        )
     model = model.to(device).eval()
     describe(model)  # refuse unsupported layouts before any job runs
     file_path = source.file_path()
@@ -126,7 +166,8 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 def estimate_bytes(source: ModelSource, dtype: torch.dtype = torch.float32) -> int:
     """A model's parameter bytes once loaded in `dtype`, from its config alone (built on the meta device)."""
-    config = AutoConfig.from_pretrained(source.location, **_load_kwargs(source))
+    with quiet_loading():
+        config = AutoConfig.from_pretrained(source.location, **_load_kwargs(source))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return parameter_bytes(model)
