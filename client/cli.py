@@ -814,9 +814,15 @@ def run_demo(client: HydraClient, prompts: int, samples: int, figure_path: Path)
         "model": model,
         "dataset": {"name": DEFAULT_DATASET, "limit": prompts},
         "resample_samples": samples,
+        # The preset keeps only the prompts the model answers correctly (the paper's selection); among a handful
+        # of prompts that can be none, and a demo must show numbers: it measures every prompt.
+        "only_correct": False,
     }
     job = client.submit(request)
-    log.info("job %s: Hydra preset on %s, %d prompts × %d resample sources", job.id, model, prompts, samples)
+    log.info(
+        "job %s: Hydra preset on %s, %d prompts (all measured, answered correctly or not) × %d resample sources",
+        job.id, model, prompts, samples,
+    )
     final = follow(client, job.id, detach=False)  # Ctrl-C stops the demo's own stack, and the job with it
     require_success(final)
     show(result_view(client.result(job.id), output_width()))

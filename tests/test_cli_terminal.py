@@ -214,3 +214,17 @@ def test_the_local_stack_turns_the_access_log_off_unless_asked(monkeypatch: pyte
     monkeypatch.setenv("HYDRA_ACCESS_LOG", "on")
     Stack().start()
     assert {env["HYDRA_ACCESS_LOG"] for env in spawned} == {"on"}
+
+
+def test_the_demo_shows_numbers_even_when_the_model_answers_none_of_its_prompts(
+    live_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hydra preset keeps only correctly answered prompts; a random tiny model answers none of the demo's few
+    known_1000 prompts, and the demo must still finish with its table and figure (it measures every prompt)."""
+    from client.cli import run_demo
+
+    figure = tmp_path / "demo.png"
+    with HydraClient(live_url) as client:
+        run_demo(client, 3, 2, figure)
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert "attn.0" in capsys.readouterr().out
