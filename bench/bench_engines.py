@@ -57,7 +57,7 @@ def component_names(kinds: list[str], n_layers: int, n_heads: int) -> list[str]:
 
 
 # Randomly initialised Llama shapes (hidden, layers, heads, kv heads, MLP width) of well-known models.
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict[str, Any]] = {  # LlamaConfig keyword arguments
     "llama-360m": {"hidden_size": 960, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
                    "intermediate_size": 2560},  # SmolLM2-360M
     "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,

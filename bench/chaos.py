@@ -213,7 +213,8 @@ def numbers_differ(got: Any, want: Any, path: str = "") -> tuple[float, list[str
         pairs = [(g, w, f"{path}[{i}]") for i, (g, w) in enumerate(zip(got, want, strict=True))]
     else:
         return 0.0, [] if got == want else [f"{path}: {got!r} != {want!r}"]
-    worst, mismatches = 0.0, []
+    worst = 0.0
+    mismatches: list[str] = []
     for g, w, p in pairs:
         diff, bad = numbers_differ(g, w, p)
         worst, mismatches = max(worst, diff), mismatches + bad

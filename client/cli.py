@@ -73,7 +73,9 @@ class Choice(enum.StrEnum):
 
 def choices(name: str, values: object) -> Any:
     """A Choice enum whose members are the values of a Literal of service/schemas.py (one definition per list)."""
-    return Choice(name, [(value, value) for value in get_args(values)])
+    # Enum's functional API, called on a member-less subclass: mypy models that API on Enum itself only.
+    subclass: Callable[..., Any] = Choice
+    return subclass(name, [(value, value) for value in get_args(values)])
 
 
 if TYPE_CHECKING:  # type checkers see the Literals; Typer gets Enums, whose members it shows and checks

@@ -62,6 +62,8 @@ def per_component_measures(result: Any) -> list[str]:
 def dataset_fields(result: Any) -> list[Any] | None:
     """The per-prompt dataset records (relation, subject, answer) when the job named a dataset."""
     spec = getattr(getattr(result, "provenance", None), "spec", None)
+    if spec is None:
+        return None
     fields = getattr(spec, "prompt_fields", None)
     # One record per prompt of the job; a result may measure only some of them (only_correct): look up by index.
     return list(fields) if fields and len(fields) == len(spec.prompts) else None

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# Lint before the tests (rule set in pyproject.toml, [tool.ruff.lint]); mypy is configured there too
-# (`mypy`), but not yet a gate: see README, "Hardening".
+# Lint and type-check before the tests (rule sets in pyproject.toml: [tool.ruff.lint] and [tool.mypy]).
 ruff check .
+mypy
 python -m pytest "$@"

@@ -33,11 +33,12 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.openapi.spec import Components, SecurityScheme
 
+from service.redis_replies import bytes_hash
 from service.settings import Settings
 
 API_KEY_HEADER = "X-API-Key"
 SECURITY_SCHEME = "ApiKey"  # the OpenAPI security scheme's name, also the WWW-Authenticate challenge
-SECURITY = [{SECURITY_SCHEME: []}]  # what protected routes declare in OpenAPI
+SECURITY: list[dict[str, list[str]]] = [{SECURITY_SCHEME: []}]  # what protected routes declare in OpenAPI
 LOCAL_OWNER = "local"  # who owns every job when auth is off
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"  # names become parts of Redis keys: no ':' or spaces
 _KEY_NAME = re.compile(KEY_NAME_PATTERN)
@@ -213,7 +214,7 @@ class KeyRing:
         return int(self.client.hdel(self.hash_key, *digests)) if digests else 0
 
     def _records(self) -> Iterable[tuple[bytes, KeyRecord]]:
-        for digest, raw in self.client.hgetall(self.hash_key).items():
+        for digest, raw in bytes_hash(self.client.hgetall(self.hash_key)).items():
             record = _decode_record(raw)
             if record is not None:
                 yield digest, record

@@ -25,6 +25,7 @@ import msgspec
 import redis
 from msgspec import Struct
 
+from service.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
 from service.schemas import PromptResult, Provenance
 from service.settings import env_int
 from service.store import JobStore
@@ -142,7 +143,7 @@ class ChunkBook:
         return bool(self.client.set(self._key("planned", job_id), "1", nx=True, ex=self.ttl_s))
 
     def record_plan(self, job_id: str, chunks: list[Chunk], chunk_size: int) -> None:
-        fields: dict[str, str | int] = {"n_chunks": len(chunks), "chunk_size": chunk_size}
+        fields: dict[FieldT, EncodableT] = {"n_chunks": len(chunks), "chunk_size": chunk_size}
         fields.update({str(c.index): f"{c.start}:{c.stop}" for c in chunks})
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self._key("plan", job_id), mapping=fields)
@@ -150,7 +151,8 @@ class ChunkBook:
         pipe.execute()
 
     def plan(self, job_id: str) -> list[Chunk] | None:
-        fields = {k.decode(): v.decode() for k, v in self.client.hgetall(self._key("plan", job_id)).items()}
+        plan = bytes_hash(self.client.hgetall(self._key("plan", job_id)))
+        fields = {k.decode(): v.decode() for k, v in plan.items()}
         if "n_chunks" not in fields:
             return None
         chunks = []
@@ -170,7 +172,7 @@ class ChunkBook:
         pipe.execute()
 
     def task_ids(self, job_id: str) -> dict[int, str]:
-        raw = self.client.hgetall(self._key("chunk_tasks", job_id))
+        raw = bytes_hash(self.client.hgetall(self._key("chunk_tasks", job_id)))
         return {int(k): v.decode() for k, v in raw.items()}
 
     def pending_task_ids(self, job_id: str) -> list[str]:
@@ -215,7 +217,7 @@ class ChunkBook:
             self.lease_key(job_id, index),
             f"{self.prefix}job:{job_id}",
         ]
-        args = [msgspec.json.encode(result), str(index), self.ttl_s, lease_token]
+        args: ScriptArgs = [msgspec.json.encode(result), str(index), self.ttl_s, lease_token]
         return int(self._record_result(keys=keys, args=args))
 
     def is_done(self, job_id: str, index: int) -> bool:

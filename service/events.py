@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgspec
 import redis.asyncio
 
+from service.redis_replies import bytes_hash, stream_read
 from service.schemas import JobStatus
 from service.store import TERMINAL_STATES, JobStore
 
@@ -30,7 +31,7 @@ class JobEvent:
 
 
 async def _status(client: redis.asyncio.Redis, store: JobStore, job_id: str) -> JobStatus | None:
-    return JobStore._decode_status(await client.hgetall(store.job_key(job_id)))
+    return JobStore._decode_status(bytes_hash(await client.hgetall(store.job_key(job_id))))
 
 
 def _kind(previous: JobStatus | None, current: JobStatus) -> str:
@@ -47,7 +48,7 @@ async def follow(
     cursor = after
     previous: JobStatus | None = None
     while True:
-        answer = await client.xread({key: cursor}, block=quiet_ms, count=200)
+        answer = stream_read(await client.xread({key: cursor}, block=quiet_ms, count=200))
         entries = [entry for _, batch in answer or [] for entry in batch]
         for raw_id, fields in entries:
             cursor = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import redis
 
+from service.redis_replies import ScriptArgs, bytes_or_none, scored_members
 from service.store import JobStore, utc_now
 
 QUEUED = "queued:"  # sent by the planner, not started yet
@@ -162,7 +163,7 @@ class Leases:
         `dead(holder)` may say that a holder is gone although its lease has not expired yet (a pool process on
         this machine that was killed): its lease is then taken over at once.
         """
-        args = [ChunkRef(job_id, index).member, token, int(lease_s * 1000), self.ttl_s, ""]
+        args: ScriptArgs = [ChunkRef(job_id, index).member, token, int(lease_s * 1000), self.ttl_s, ""]
         outcome = self._acquire(keys=self._keys(job_id, index), args=args)
         if outcome == 1:
             return None
@@ -180,33 +181,33 @@ class Leases:
 
     def renew(self, job_id: str, index: int, token: str, lease_s: float) -> bool:
         """Extend the lease by `lease_s` from now; False once another run or the sweep has taken it."""
-        args = [ChunkRef(job_id, index).member, token, int(lease_s * 1000), self.ttl_s]
+        args: ScriptArgs = [ChunkRef(job_id, index).member, token, int(lease_s * 1000), self.ttl_s]
         return bool(self._renew(keys=self._keys(job_id, index), args=args))
 
     def release(self, job_id: str, index: int, token: str = "") -> bool:
         """Give the lease up (only if `token` still holds it; an empty token drops it whoever holds it)."""
-        args = [ChunkRef(job_id, index).member, token]
+        args: ScriptArgs = [ChunkRef(job_id, index).member, token]
         return bool(self._release(keys=self._keys(job_id, index), args=args))
 
     def holder(self, job_id: str, index: int) -> str | None:
-        raw = self.client.get(self.key(job_id, index))
+        raw = bytes_or_none(self.client.get(self.key(job_id, index)))
         return None if raw is None else raw.decode()
 
     def expiries_ms(self) -> dict[ChunkRef, int]:
         """Every lease with its expiry (ms, Redis clock): for tests and operators."""
-        raw = self.client.zrange(self.index_key, 0, -1, withscores=True)
+        raw = scored_members(self.client.zrange(self.index_key, 0, -1, withscores=True))
         return {ChunkRef.parse(member.decode()): int(score) for member, score in raw}
 
     def mark_queued(self, job_id: str, index: int, task_id: str, recheck_s: float) -> bool:
         """A chunk was just sent: if it has not started within `recheck_s`, a sweep looks for its message (a Redis
         crash may have lost it). False when a run holds the chunk already."""
-        args = [ChunkRef(job_id, index).member, f"{QUEUED}{task_id}", int(recheck_s * 1000), self.ttl_s]
+        args: ScriptArgs = [ChunkRef(job_id, index).member, f"{QUEUED}{task_id}", int(recheck_s * 1000), self.ttl_s]
         return bool(self._mark_queued(keys=self._keys(job_id, index), args=args))
 
     def reap(self, recheck_s: float, batch: int = 100) -> list[tuple[ChunkRef, str]]:
         """Expired leases with their previous holder (a run's token, or a queued/requeued marker when the chunk
         never started), marked "requeued" and looked at again after `recheck_s` unless their chunk starts."""
-        args = [f"{self.prefix}lease:", batch, int(recheck_s * 1000), self.ttl_s]
+        args: ScriptArgs = [f"{self.prefix}lease:", batch, int(recheck_s * 1000), self.ttl_s]
         raw = self._reap(keys=[self.index_key], args=args)
         pairs = zip(raw[0::2], raw[1::2], strict=True)
         return [(ChunkRef.parse(member.decode()), holder.decode()) for member, holder in pairs]

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from service.queue import model_queue
+from service.redis_replies import bytes_hash
 from service.settings import Settings
 from service.store import ACTIVE_STATES, TERMINAL_STATES, JobStore
 
@@ -72,7 +73,7 @@ class WorkerStats:
         self.client.hincrbyfloat(self.key, f"{name}||total", float(amount))
 
     def read(self) -> dict[str, float]:
-        return {k.decode(): float(v) for k, v in self.client.hgetall(self.key).items()}
+        return {k.decode(): float(v) for k, v in bytes_hash(self.client.hgetall(self.key)).items()}
 
 
 class ClusterCollector(Collector):

@@ -41,6 +41,16 @@ import msgspec
 import redis
 
 from service.redis_options import driver_options
+from service.redis_replies import (
+    EncodableT,
+    FieldT,
+    ScriptArgs,
+    as_bytes,
+    bytes_list,
+    bytes_or_none,
+    stream_entries,
+    stream_read,
+)
 from service.schemas import (
     ACTIVE_STATES,
     JOB_PHASES,
@@ -260,8 +270,8 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _label_fields(labels: JobLabels) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
+def _label_fields(labels: JobLabels) -> dict[FieldT, EncodableT]:
+    fields: dict[FieldT, EncodableT] = {}
     if labels.name is not None:
         fields["name"] = labels.name
     if labels.tags:
@@ -273,8 +283,8 @@ def _label_fields(labels: JobLabels) -> dict[str, Any]:
     return fields
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
+def _text(value: bytes | str | None) -> str | None:
+    return None if value is None else as_bytes(value).decode()
 
 
 def _unless_evicted(status: JobStatus, has_result: bool) -> JobStatus:
@@ -393,7 +403,7 @@ class JobStore:
         """
         job_id = job_id or uuid.uuid4().hex
         now = utc_now()
-        fields: dict[str, Any] = {
+        fields: dict[FieldT, EncodableT] = {
             "id": job_id,
             "status": "queued",
             "model": spec.model,
@@ -434,8 +444,10 @@ class JobStore:
             self.unplanned_key,
         ]  # fmt: skip
         flat = [item for pair in fields.items() for item in pair]
-        now = time.time()
-        args = [job_id, self.ttl_s, now, max(0, int(max_active)), self.job_key(""), now + RESEND_AFTER_S, *flat]
+        now_s = time.time()
+        args: ScriptArgs = [
+            job_id, self.ttl_s, now_s, max(0, int(max_active)), self.job_key(""), now_s + RESEND_AFTER_S, *flat,
+        ]  # fmt: skip
         outcome = int(self._create_capped(keys=keys, args=args))
         if outcome >= 0:
             raise ActiveJobsExceeded(owner, outcome, int(max_active))
@@ -527,7 +539,7 @@ class JobStore:
 
     def events(self, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, JobStatus]]:
         """(event id, status) appended after `after` ("0": from the start); with `block_ms`, waits that long for one."""
-        answer = self.client.xread({self.events_key(job_id): after}, block=block_ms)
+        answer = stream_read(self.client.xread({self.events_key(job_id): after}, block=block_ms))
         found: list[tuple[str, JobStatus]] = []
         for _, entries in answer or []:
             for event_id, fields in entries:
@@ -538,7 +550,7 @@ class JobStore:
 
     def last_event_id(self, job_id: str) -> str:
         """The id of the job's latest event ("0-0" when it has none)."""
-        latest = self.client.xrevrange(self.events_key(job_id), count=1)
+        latest = stream_entries(self.client.xrevrange(self.events_key(job_id), count=1))
         return latest[0][0].decode() if latest else "0-0"
 
     def record_callback(self, job_id: str, attempt: CallbackAttempt) -> None:
@@ -563,7 +575,8 @@ class JobStore:
     def unplanned(self, due_by: float | None = None, limit: int = 1000) -> list[str]:
         """Job ids stored but not yet planned; only those due to be sent again by `due_by` (epoch s) if given."""
         top = "+inf" if due_by is None else due_by
-        return [raw.decode() for raw in self.client.zrangebyscore(self.unplanned_key, "-inf", top, start=0, num=limit)]
+        due = bytes_list(self.client.zrangebyscore(self.unplanned_key, "-inf", top, start=0, num=limit))
+        return [raw_id.decode() for raw_id in due]
 
     def defer_unplanned(self, job_id: str, until: float) -> None:
         """Look at an unplanned job again at `until` (epoch s), unless a worker plans it first."""
@@ -586,12 +599,12 @@ class JobStore:
 
     def result(self, job_id: str) -> bytes | None:
         """The encoded JobResult (JSON), decompressed."""
-        stored = self.client.get(self.result_key(job_id))
+        stored = bytes_or_none(self.client.get(self.result_key(job_id)))
         return None if stored is None else decompress_result(stored)
 
     def result_gzip(self, job_id: str) -> bytes | None:
         """The result's JSON gzip-compressed, as stored: served as is to clients that accept gzip."""
-        stored = self.client.get(self.result_key(job_id))
+        stored = bytes_or_none(self.client.get(self.result_key(job_id)))
         if stored is None or stored.startswith(GZIP_MAGIC):
             return stored
         return compress_result(stored)  # written before results were compressed
@@ -671,7 +684,7 @@ class JobStore:
         found: list[bytes] = []
         start = 0
         while True:
-            ids = self.client.zrevrangebyscore(index, high, low, start=start, num=batch)
+            ids = bytes_list(self.client.zrevrangebyscore(index, high, low, start=start, num=batch))
             if not ids:
                 return found
             pipe = self.client.pipeline(transaction=False)
@@ -691,10 +704,10 @@ class JobStore:
 
     def count_by_status(self, batch: int = 1000) -> dict[str, int]:
         """Jobs kept, by status (every state present, zero when none): one pipelined read per `batch` jobs."""
-        counts = dict.fromkeys((*ACTIVE_STATES, *TERMINAL_STATES), 0)
+        counts: dict[str, int] = dict.fromkeys((*ACTIVE_STATES, *TERMINAL_STATES), 0)
         start = 0
         while True:
-            ids = self.client.zrange(self.index_key, start, start + batch - 1)
+            ids = bytes_list(self.client.zrange(self.index_key, start, start + batch - 1))
             if not ids:
                 return counts
             pipe = self.client.pipeline(transaction=False)
@@ -709,7 +722,7 @@ class JobStore:
         # A job hash lives at least ttl_s after creation, so only older index entries can point at nothing.
         index = index or self.index_key
         cutoff = time.time() - self.ttl_s
-        candidates = self.client.zrangebyscore(index, "-inf", cutoff, start=0, num=batch)
+        candidates = bytes_list(self.client.zrangebyscore(index, "-inf", cutoff, start=0, num=batch))
         if not candidates:
             return
         pipe = self.client.pipeline(transaction=False)
@@ -800,4 +813,4 @@ class JobStore:
     def tokenizer_json(self, model_id: str) -> str | None:
         """The Hugging Face tokenizers JSON a worker published for `model_id`; None until one has."""
         raw = self.client.get(self.tokenizer_key(model_id))
-        return None if raw is None else raw.decode()
+        return None if raw is None else as_bytes(raw).decode()

@@ -6,10 +6,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from service.embedded_redis import EmbeddedRedis
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -96,14 +100,14 @@ def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
 
 
 @pytest.fixture()
-def stack_settings(stack_env: dict[str, str]) -> object:
+def stack_settings(stack_env: dict[str, str]) -> Settings:
     from service.settings import Settings
 
     return Settings.from_env()
 
 
 @contextmanager
-def private_settings(redis_url: str, name: str, **overrides: object) -> Iterator[object]:
+def private_settings(redis_url: str, name: str, **overrides: Any) -> Iterator[Settings]:
     """Settings on a key prefix and queue of their own in the session's Redis, cleaned up afterwards."""
     import redis
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -78,7 +79,31 @@ class ModelParts:
     lm_head: nn.Module | None = None  # its output is the pre-cap logits
 
 
-def locate_parts(model: nn.Module) -> ModelParts:
+def _norm_eps(norm: Any) -> float:
+    """RMSNorm's variance_epsilon, else the norm's eps."""
+    eps: Any = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return float(eps)
+
+
+def _target_ids(inputs: SweepInputs) -> list[int]:
+    """The given answer tokens (only_correct selects on them: a job with only_correct names its targets)."""
+    assert inputs.target_ids is not None, "only_correct needs target_ids"
+    return inputs.target_ids
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A module's `weight` parameter (torch types module attributes `Tensor | Module`)."""
+    return cast(torch.Tensor, module.weight)
+
+
+def _head(comp: Component) -> int:
+    assert comp.head is not None, "a head component names its head"
+    return comp.head
+
+
+# `model` is a Hugging Face PreTrainedModel: where its parts live differs per family, and torch types every module
+# attribute `Tensor | Module`, so it is walked untyped.
+def locate_parts(model: Any) -> ModelParts:
     config = model.config
     model_type = config.model_type
     gain_offset = 0.0
@@ -91,7 +116,7 @@ def locate_parts(model: nn.Module) -> ModelParts:
         conv1d = False
         final_norm = model.model.norm
         is_ln = False
-        eps = float(getattr(final_norm, "variance_epsilon", getattr(final_norm, "eps", None)))
+        eps = _norm_eps(final_norm)
         parallel = False
         gain_offset = 1.0 if model_type == "gemma" else 0.0
     elif model_type in ("gemma2", "gemma3_text", "olmo2"):
@@ -102,7 +127,7 @@ def locate_parts(model: nn.Module) -> ModelParts:
         conv1d = False
         final_norm = model.model.norm
         is_ln = False
-        eps = float(getattr(final_norm, "variance_epsilon", getattr(final_norm, "eps", None)))
+        eps = _norm_eps(final_norm)
         parallel = False
         gain_offset = 0.0 if model_type == "olmo2" else 1.0
         post_norm = True
@@ -175,8 +200,8 @@ def head_matrix(parts: ModelParts, layer: int, head: int) -> torch.Tensor:
     proj = parts.out_proj[layer]
     lo, hi = head * parts.head_dim, (head + 1) * parts.head_dim
     if parts.out_proj_is_conv1d:
-        return proj.weight.detach().double()[lo:hi, :]
-    return proj.weight.detach().double()[:, lo:hi].T
+        return _weight(proj).detach().double()[lo:hi, :]
+    return _weight(proj).detach().double()[:, lo:hi].T
 
 
 def response_basis(parts: ModelParts) -> list[str]:
@@ -278,7 +303,7 @@ def run_model(model: nn.Module, parts: ModelParts, ids: torch.Tensor, ablation: 
     if ablation is not None:
         comp = ablation.component
         if comp.kind == "head":
-            lo, hi = comp.head * parts.head_dim, (comp.head + 1) * parts.head_dim
+            lo, hi = _head(comp) * parts.head_dim, (_head(comp) + 1) * parts.head_dim
 
             def replace_head(module, args):
                 x = args[0].clone()
@@ -351,14 +376,14 @@ def replacement_space_output(parts: ModelParts, rec: RunRecord, comp: Component)
         return rec.attn_out[comp.layer].double()
     if comp.kind == "mlp":
         return rec.mlp_out[comp.layer].double()
-    lo, hi = comp.head * parts.head_dim, (comp.head + 1) * parts.head_dim
+    lo, hi = _head(comp) * parts.head_dim, (_head(comp) + 1) * parts.head_dim
     return rec.head_in[comp.layer][:, lo:hi].double()
 
 
 def to_residual(parts: ModelParts, comp: Component, v: torch.Tensor) -> torch.Tensor:
     """Map a replacement-space vector to what it writes into the residual stream (heads: times their W_O slice)."""
     if comp.kind == "head":
-        return v.double() @ head_matrix(parts, comp.layer, comp.head)
+        return v.double() @ head_matrix(parts, comp.layer, _head(comp))
     return v.double()
 
 
@@ -377,7 +402,7 @@ def layer_output(rec: RunRecord, name: str) -> torch.Tensor:
 class Readout:
     def __init__(self, parts: ModelParts):
         self.parts = parts
-        self.g = parts.final_norm.weight.detach().double() + parts.gain_offset
+        self.g = _weight(parts.final_norm).detach().double() + parts.gain_offset
         bias = getattr(parts.final_norm, "bias", None)
         self.b = None if bias is None else bias.detach().double()
         self.eps = parts.norm_eps
@@ -532,7 +557,7 @@ def oracle_sweep(
     for i, ids in enumerate(prompts):
         T = ids.shape[0]
         rec_c = clean[i]
-        if spec.only_correct and int(torch.argmax(rec_c.logits)) != int(inputs.target_ids[i]):
+        if spec.only_correct and int(torch.argmax(rec_c.logits)) != int(_target_ids(inputs)[i]):
             continue  # the paper's selection: only prompts whose clean top token is the answer
         logits_c = rec_c.logits.double()
         if inputs.target_ids is not None:
@@ -565,9 +590,9 @@ def oracle_sweep(
                 wanted = [T - 1] if spec.positions == "final" else list(range(T))
                 ablations.append((None, {p: means[comp.name] for p in wanted}))
             elif spec.ablation == "resample":
-                for src in pairing[i]:
-                    src_rep = replacement_space_output(parts, clean[src], comp)
-                    ablations.append((src, resample_values(src_rep, T, spec.positions)))
+                for source in pairing[i]:
+                    src_rep = replacement_space_output(parts, clean[source], comp)
+                    ablations.append((source, resample_values(src_rep, T, spec.positions)))
             else:
                 raise ValueError(spec.ablation)
 
@@ -658,7 +683,7 @@ def oracle_sweep(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def embedding_output(model: nn.Module, parts: ModelParts, ids: torch.Tensor) -> torch.Tensor:
+def embedding_output(model: Any, parts: ModelParts, ids: torch.Tensor) -> torch.Tensor:
     """What the embedding layer writes into the residual stream, (T, d_model) float64 (for self-checks)."""
     ids = ids.view(-1)
     if parts.model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2"):
@@ -718,15 +743,15 @@ def basis_output(parts: ModelParts, rec: RunRecord, name: str, p: int) -> torch.
     """What basis entry `name` writes into the residual stream at position p, float64."""
     c = parse_component(name)
     if c.kind == "head":
-        lo, hi = c.head * parts.head_dim, (c.head + 1) * parts.head_dim
-        return rec.head_in[c.layer][p, lo:hi].double() @ head_matrix(parts, c.layer, c.head)
+        lo, hi = _head(c) * parts.head_dim, (_head(c) + 1) * parts.head_dim
+        return rec.head_in[c.layer][p, lo:hi].double() @ head_matrix(parts, c.layer, _head(c))
     store = rec.attn_out if c.kind == "attn" else rec.mlp_out
     return store[c.layer][p].double()
 
 
 def oracle_position_sweep(
     model: nn.Module, spec: SweepSpec, inputs: SweepInputs, sources: list[list[int]] | None = None
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Per-position measures, brute force: {components, response_basis, prompts: [dict of float64 tensors]}.
 
     Each prompt's dict: positions, target_ids (P,), clean_metric (P,), total_effect / direct_effect / unembed_effect
@@ -777,7 +802,8 @@ def oracle_position_sweep(
         m_c = [metric_from_logits(logits_c[p], spec.metric, targets[p], None) for p in range(T)]
         clean_de = [[readout.f(w[p], basis_output(parts, rec_c, d, p)) / s_c[p] for p in measured] for d in basis]
 
-        fields = {k: [] for k in ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response")}
+        effects = ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response")
+        fields: dict[str, list[torch.Tensor]] = {k: [] for k in effects}
         fields["response"] = []
         for comp in components:
             clean_rep = replacement_space_output(parts, rec_c, comp)
@@ -823,7 +849,7 @@ def oracle_position_sweep(
             for name, summed in sums.items():
                 fields[name].append(summed / len(runs))
             fields["response"].append(response_sum / len(runs))
-        prompt = {name: torch.stack(values) for name, values in fields.items()}
+        prompt: dict[str, Any] = {name: torch.stack(values) for name, values in fields.items()}
         prompt.update(
             positions=measured,
             target_ids=torch.tensor([targets[p] for p in measured]),

@@ -21,9 +21,11 @@ from litestar.testing import TestClient
 from service.app import create_app
 from service.embedded_redis import free_port
 from service.queue import TASK_RUN_JOB
+from service.redis_replies import bytes_or_none
 from service.schemas import ModelInfo
 from service.settings import Settings
 from service.store import JobStore
+from tests.checks import present
 from tests.conftest import private_settings
 
 PROBLEM = "application/problem+json"
@@ -118,7 +120,7 @@ def test_submit_queues_the_job_and_publishes_it_on_the_broker(
     assert client.get(f"/v1/jobs/{job['id']}").json() == job
 
     assert broker.llen(settings.queue_name) == 1
-    message = json.loads(broker.lindex(settings.queue_name, 0))
+    message = json.loads(present(bytes_or_none(broker.lindex(settings.queue_name, 0))))
     assert message["headers"]["task"] == TASK_RUN_JOB
     args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     assert args == [job["id"]] and kwargs == {}
@@ -126,7 +128,7 @@ def test_submit_queues_the_job_and_publishes_it_on_the_broker(
 
 def test_submit_stores_the_resolved_spec(client: TestClient, store: JobStore) -> None:
     job = submit(client, model="tiny", prompts=["a", "b", "c"], components=["mlp.3", "attn", "mlp", "head.1"])
-    spec = store.spec(job["id"])
+    spec = present(store.spec(job["id"]))
     assert spec is not None
     assert spec.components == [
         "mlp.3",
@@ -152,7 +154,7 @@ def test_submit_stores_the_resolved_spec(client: TestClient, store: JobStore) ->
 
 def test_defaults_pick_smollm_and_every_layer(client: TestClient, store: JobStore) -> None:
     job = submit(client, prompts=["a", "b"])
-    spec = store.spec(job["id"])
+    spec = present(store.spec(job["id"]))
     assert spec.model == "smollm2-135m" and len(spec.components) == 60
     assert spec.components[:3] == ["attn.0", "mlp.0", "attn.1"]
 
@@ -160,7 +162,7 @@ def test_defaults_pick_smollm_and_every_layer(client: TestClient, store: JobStor
 def test_hydra_preset_runs_the_paper_setup_on_known_1000(client: TestClient, store: JobStore) -> None:
     dataset = {"name": "known_1000", "relation": "P36", "use_answers": True}
     job = submit(client, preset="hydra", model="tiny", dataset=dataset)
-    spec = store.spec(job["id"])
+    spec = present(store.spec(job["id"]))
     assert (spec.ablation, spec.resample_samples, spec.resample_from, spec.metric) == (
         "resample",
         15,
@@ -171,7 +173,7 @@ def test_hydra_preset_runs_the_paper_setup_on_known_1000(client: TestClient, sto
     assert job["progress"]["total"] == 49 * 8 * 15
 
     whole = submit(client, preset="hydra", model="tiny")
-    assert len(store.spec(whole["id"]).prompts) == 1209
+    assert len(present(store.spec(whole["id"])).prompts) == 1209
 
 
 def test_mean_ablation_counts_one_sample_and_resolves_its_reference(client: TestClient, store: JobStore) -> None:
@@ -184,8 +186,8 @@ def test_mean_ablation_counts_one_sample_and_resolves_its_reference(client: Test
         mean_reference={"name": "known_1000", "limit": 5},
     )
     assert job["progress"]["total"] == 1
-    spec = store.spec(job["id"])
-    assert spec.resample_samples == 1 and len(spec.mean_reference_prompts) == 5
+    spec = present(store.spec(job["id"]))
+    assert spec.resample_samples == 1 and len(present(spec.mean_reference_prompts)) == 5
 
 
 # --- reading jobs and results ---------------------------------------------------------------------------------

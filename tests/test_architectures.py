@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from service.schemas import AblationKind, MetricName, NormScaleMode, PositionScope
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import oracle_sweep
 from tests.test_engine_oracle import ATOL, compare_results
@@ -26,10 +27,10 @@ from worker.engine.architecture import FAMILY_NAMES, SUPPORTED_ARCHITECTURES, Un
 from worker.engine.sweep import run_sweep
 from worker.engine.types import SweepInputs, SweepSpec
 
-ABLATIONS = ("resample", "mean", "zero")
-POSITIONS = ("final", "all")
-METRICS = ("logit", "centered_logit", "logprob", "logit_diff")
-NORM_SCALES = ("clean", "ablated")
+ABLATIONS: tuple[AblationKind, ...] = ("resample", "mean", "zero")
+POSITIONS: tuple[PositionScope, ...] = ("final", "all")
+METRICS: tuple[MetricName, ...] = ("logit", "centered_logit", "logprob", "logit_diff")
+NORM_SCALES: tuple[NormScaleMode, ...] = ("clean", "ablated")
 PRODUCT = tuple(itertools.product(ABLATIONS, POSITIONS, METRICS, NORM_SCALES))
 COMPONENTS = ("mlp.0", "head.1.2")
 PROMPTS = (1, 3)  # tests/engine_fixtures.PROMPTS: the two longer than the sliding window
@@ -76,7 +77,7 @@ def test_every_option_combination_matches_the_oracle(tiny_models, prompt_set: Pr
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_soft_capped_model_reports_both_total_effects(tiny_models, prompt_set: PromptSet, metric: str) -> None:  # noqa: F811
+def test_soft_capped_model_reports_both_total_effects(tiny_models, prompt_set: PromptSet, metric: MetricName) -> None:  # noqa: F811
     """Gemma 2 (final logits capped at 3 in the tiny model, so the cap bites): TE, DE and the decomposition are on
     the pre-cap logits and close exactly; `capped_total_effect` is the TE of the model's real output; both match the
     oracle (test above), and the two differ, so neither is silently the other."""

@@ -21,8 +21,10 @@ from typer.testing import CliRunner
 from client.cli import app as cli_app
 from service.app import create_app
 from service.auth import KeyRing, key_digest, keys_hash, parse_api_keys
+from service.redis_replies import bytes_hash
 from service.settings import Settings
 from service.store import JobStore
+from tests.checks import present
 from tests.conftest import private_settings
 from tests.test_api import SMOLLM, TINY, assert_problem
 
@@ -98,7 +100,7 @@ def test_health_models_and_schema_stay_open(client: TestClient) -> None:
 def test_a_key_sees_only_its_own_jobs(client: TestClient, store: JobStore) -> None:
     mine = submit(client, ALICE)
     assert mine["owner"] == "alice"
-    assert store.status(mine["id"]).owner == "alice"
+    assert present(store.status(mine["id"])).owner == "alice"
     assert client.get(f"/v1/jobs/{mine['id']}", headers=auth(ALICE)).json()["id"] == mine["id"]
 
     # Another key: 404 everywhere, the same answer as for a job that never existed, and nothing changes.
@@ -109,7 +111,7 @@ def test_a_key_sees_only_its_own_jobs(client: TestClient, store: JobStore) -> No
         ("DELETE", f"/v1/jobs/{mine['id']}"),
     ]:
         assert_problem(client.request(method, path, headers=auth(BOB)), 404, mine["id"], "not found")
-    assert store.status(mine["id"]).status == "queued" and not store.is_cancelled(mine["id"])
+    assert present(store.status(mine["id"])).status == "queued" and not store.is_cancelled(mine["id"])
 
     # The owner can cancel it.
     assert client.delete(f"/v1/jobs/{mine['id']}", headers=auth(ALICE)).json()["status"] == "cancelled"
@@ -141,7 +143,7 @@ def test_an_admin_reads_and_cancels_any_job(client: TestClient, store: JobStore)
     assert_problem(client.get(f"/v1/jobs/{job['id']}/result", headers=auth(ROOT)), 409, "queued")
     assert client.delete(f"/v1/jobs/{job['id']}", headers=auth(ROOT)).json()["status"] == "cancelled"
     # Jobs created before auth existed have no owner: only admins see them.
-    legacy = store.create(store.spec(job["id"]), 1)
+    legacy = store.create(present(store.spec(job["id"])), 1)
     assert_problem(client.get(f"/v1/jobs/{legacy.id}", headers=auth(ALICE)), 404)
     assert client.get(f"/v1/jobs/{legacy.id}", headers=auth(ROOT)).status_code == 200
 
@@ -158,7 +160,7 @@ def test_key_ring_keys_work_until_revoked_and_only_digests_are_stored(
     job = submit(client, key)
     assert job["owner"] == "carol"
 
-    stored = raw.hgetall(keys_hash(settings.key_prefix))
+    stored = bytes_hash(raw.hgetall(keys_hash(settings.key_prefix)))
     assert list(stored) == [key_digest(key).encode()]
     assert key.encode() not in b"".join([*stored, *stored.values()])
     assert json.loads(stored[key_digest(key).encode()])["name"] == "carol"

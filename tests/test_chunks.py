@@ -58,7 +58,7 @@ def test_visibility_timeout_stays_above_the_time_limit(monkeypatch: pytest.Monke
 
 def _fake_loaded(model_id: str, n_params: int) -> LoadedModel:
     source = ModelSource(id=model_id, location=f"/nowhere/{model_id}")
-    model = nn.Linear(n_params, 1, bias=False)  # n_params float32 parameters
+    model: Any = nn.Linear(n_params, 1, bias=False)  # n_params float32 parameters, in place of a PreTrainedModel
     no_tokenizer: Any = None
     return LoadedModel(source=source, model=model, tokenizer=no_tokenizer, revision=None, file_sha256=None)
 

@@ -11,7 +11,7 @@ import io
 import json
 import socket
 from pathlib import Path
-from typing import ClassVar, cast, get_args, get_type_hints
+from typing import Any, ClassVar, cast, get_args, get_type_hints
 
 import httpx
 import msgspec
@@ -84,7 +84,7 @@ def _prompt(text: str, token: str, te: list[float], de: list[float], norm: list[
     )
 
 
-def _paper_fields(name: str, prompts: list[PromptResult]) -> dict[str, object]:
+def _paper_fields(name: str, prompts: list[PromptResult]) -> dict[str, Any]:
     """The paper's summary fields of one component, as the service's own summarise computes them."""
     sweep = SweepResult(components=["attn.0", "mlp.0"], response_basis=["attn.0", "mlp.0"],
                         prompts=cast(list[PromptMeasures], prompts))
@@ -446,7 +446,8 @@ def test_figure_format_is_checked() -> None:
 
 def test_cli_choices_match_the_wire_schema() -> None:
     """The CLI's option choices are Enums (portable across typer versions); they must offer exactly the schema's."""
-    pairs = [
+    # Enums at runtime; type checkers see the Literals (client/cli.py), hence Any.
+    pairs: list[tuple[Any, Any]] = [
         (cli.Ablation, AblationKind),
         (cli.Positions, PositionScope),
         (cli.Metric, MetricName),
@@ -454,8 +455,10 @@ def test_cli_choices_match_the_wire_schema() -> None:
     ]
     for choice, literal in pairs:
         assert [str(member) for member in choice] == list(get_args(literal))
-    assert [member.value for member in cli.FigureName] == list(FIGURE_NAMES)
-    assert [member.value for member in cli.Dataset] == list(get_args(get_type_hints(DatasetRef)["name"]))
+    figure_names: Any = cli.FigureName
+    datasets: Any = cli.Dataset
+    assert [member.value for member in figure_names] == list(FIGURE_NAMES)
+    assert [member.value for member in datasets] == list(get_args(get_type_hints(DatasetRef)["name"]))
 
 
 # --- the CLI's failure modes ----------------------------------------------------------------------------------------

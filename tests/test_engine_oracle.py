@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import pytest
 import torch
 
+from service.schemas import AblationKind, MetricName, NormScaleMode, PositionScope, ResampleFrom
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import (
     OracleDetail,
@@ -46,12 +48,12 @@ ALL_COMPONENTS = LAYER_COMPONENTS + HEADS
 class Case:
     """One engine configuration: the spec's options and which optional inputs are given."""
 
-    ablation: str
-    positions: str
-    metric: str
-    norm_scale: str
+    ablation: AblationKind
+    positions: PositionScope
+    metric: MetricName
+    norm_scale: NormScaleMode
     resample_samples: int = 1
-    resample_from: str = "next"
+    resample_from: ResampleFrom = "next"
     seed: int = 0
     given_targets: bool = False
     mean_reference: bool = False
@@ -59,7 +61,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        bits = [self.ablation, self.positions, self.metric, self.norm_scale]
+        bits: list[str] = [self.ablation, self.positions, self.metric, self.norm_scale]
         if self.ablation == "resample":
             bits.append(f"{self.resample_from}{self.resample_samples}")
         if self.given_targets:
@@ -408,12 +410,15 @@ def test_oracle_residual_and_readout(tiny_models, prompt_set, arch: str) -> None
         # The head slices times their W_O slices, plus the projection's bias, are the attention output (through
         # the block's post-norm where it has one).
         for layer in range(parts.n_layers):
-            heads = sum(
-                rec.head_in[layer][-1, h * parts.head_dim : (h + 1) * parts.head_dim].double()
-                @ head_matrix(parts, layer, h)
-                for h in range(parts.n_heads)
+            heads = cast(
+                torch.Tensor,
+                sum(
+                    rec.head_in[layer][-1, h * parts.head_dim : (h + 1) * parts.head_dim].double()
+                    @ head_matrix(parts, layer, h)
+                    for h in range(parts.n_heads)
+                ),
             )
-            bias = parts.out_proj[layer].bias
+            bias = cast("torch.Tensor | None", parts.out_proj[layer].bias)
             if bias is not None:
                 heads = heads + bias.double()
             if parts.post_norm:
@@ -425,7 +430,7 @@ def test_oracle_residual_and_readout(tiny_models, prompt_set, arch: str) -> None
 
 @pytest.mark.parametrize("positions", ["final", "all"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_oracle_only_downstream_changes(tiny_models, prompt_set, arch: str, positions: str) -> None:  # noqa: F811
+def test_oracle_only_downstream_changes(tiny_models, prompt_set, arch: str, positions: PositionScope) -> None:  # noqa: F811
     """In every ablated run, only downstream components change at the final position, the downstream ones do
     change, and the final residual moves by exactly −Δ_c + Σ_downstream (out_d(ablated) − out_d(clean))."""
     model = tiny_models(arch)
@@ -477,7 +482,7 @@ def test_oracle_zero_ablation_direct_effects(tiny_models, prompt_set, arch: str)
         s = readout.scale(detail.clean[i].x_final)
         for layer in range(parts.n_layers):
             total = sum(de[f"head.{layer}.{h}"] for h in range(parts.n_heads))
-            bias = parts.out_proj[layer].bias
+            bias = cast("torch.Tensor | None", parts.out_proj[layer].bias)
             if bias is not None:
                 total += readout.f(w, bias.detach().double()) / s
             assert abs(total - de[f"attn.{layer}"]) < 1e-4, (arch, i, layer)
@@ -485,7 +490,7 @@ def test_oracle_zero_ablation_direct_effects(tiny_models, prompt_set, arch: str)
 
 @pytest.mark.parametrize("metric", ["logit", "logprob", "logit_diff"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_oracle_last_mlp_nothing_downstream(tiny_models, prompt_set, arch: str, metric: str) -> None:  # noqa: F811
+def test_oracle_last_mlp_nothing_downstream(tiny_models, prompt_set, arch: str, metric: MetricName) -> None:  # noqa: F811
     """The last MLP has nothing downstream: no response, norm_response = compensation, and TE is exactly the change
     of the metric when Δ is removed from the clean residual and read out through the hand-written norm."""
     model = tiny_models(arch)
@@ -573,7 +578,7 @@ def test_engine_only_correct_matches_oracle(tiny_models, prompt_set, arch: str) 
 
 
 @pytest.mark.parametrize("how", ["next", "random"])
-def test_resample_groups_stay_within_group(how: str) -> None:
+def test_resample_groups_stay_within_group(how: ResampleFrom) -> None:
     from worker.engine.replacements import resample_sources
 
     groups = [0, 1, 0, 2, 1, 0, 2, 0, 1, 2]

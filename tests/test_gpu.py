@@ -61,7 +61,9 @@ def test_cuda_float32_matches_the_oracle(
     tiny_model_dir: Callable[[str], Path], prompt_set: PromptSet, arch: str, case: Case  # noqa: F811
 ) -> None:
     path = tiny_model_dir(arch)
-    engine = run_sweep(load_tiny_model(path).to(CUDA), case.spec(), _on(case.inputs(prompt_set), CUDA))
+    # transformers wraps `to` with functools.wraps: mypy takes the first argument for self
+    model = load_tiny_model(path).to(CUDA)  # type: ignore[arg-type]
+    engine = run_sweep(model, case.spec(), _on(case.inputs(prompt_set), CUDA))
     sources = [list(p.sources) for p in engine.prompts] if case.resample_from == "random" else None
     oracle = oracle_sweep(load_tiny_model(path), case.spec(), case.inputs(prompt_set), sources=sources)
     bad = compare_results(engine, oracle, ATOL)
@@ -77,7 +79,8 @@ def test_cuda_reduced_precision_within_the_documented_tolerance(
     spec = SweepSpec(components=("attn.0", "mlp.1", "head.1.2", "attn.2"), metric="logit")
     reference = oracle_sweep(load_tiny_model(path), spec, SweepInputs(token_ids=prompt_set.token_ids))
     targets = [p.target_id for p in reference.prompts]
-    model = load_tiny_model(path).to(device=CUDA, dtype=dtype)
+    # transformers wraps `to` with functools.wraps: mypy takes the first argument for self
+    model = load_tiny_model(path).to(device=CUDA, dtype=dtype)  # type: ignore[call-arg]
     reduced = run_sweep(model, spec, _on(SweepInputs(token_ids=prompt_set.token_ids, target_ids=targets), CUDA))
     scale = 1 + max(abs(p.clean_metric) for p in reference.prompts)
     for field in ("total_effect", "direct_effect"):

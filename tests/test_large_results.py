@@ -20,6 +20,7 @@ from litestar.testing import TestClient
 from service.app import create_app
 from service.chunks import ChunkBook, ChunkResult
 from service.embedded_redis import EmbeddedRedis, free_port
+from service.redis_replies import bytes_or_none
 from service.settings import Settings
 from service.store import GZIP_MAGIC, JobStore
 from tests.test_figures import build_result, store_succeeded
@@ -50,7 +51,7 @@ def store(private_redis: EmbeddedRedis) -> Iterator[JobStore]:
 def test_results_are_stored_gzip_compressed_and_read_back_as_json(store: JobStore) -> None:
     result = build_result(n_layers=6, prompts=[f"prompt {i}" for i in range(40)], heads=2)
     job_id = store_succeeded(store, result)
-    raw = store.client.get(store.result_key(job_id))
+    raw = bytes_or_none(store.client.get(store.result_key(job_id)))
     assert raw is not None and raw.startswith(GZIP_MAGIC)
     encoded = store.result(job_id)
     assert encoded is not None and msgspec.json.decode(encoded)["id"] == job_id

@@ -215,7 +215,12 @@ def test_concurrent_first_submits_fetch_and_parse_the_tokenizer_once(
     store.client.set(store.tokenizer_key("tiny"), big.to_str())
     parses: list[int] = []
     real_parse = limits._parse
-    monkeypatch.setattr(limits, "_parse", lambda text: parses.append(1) or real_parse(text))
+
+    def counting_parse(text: str) -> Any:
+        parses.append(1)
+        return real_parse(text)
+
+    monkeypatch.setattr(limits, "_parse", counting_parse)
     counters = limits.TokenCounters()
     start = threading.Barrier(50)
     got: list[object] = []

@@ -19,9 +19,10 @@ from service import datasets
 from service.app import create_app
 from service.chunks import plan_chunks
 from service.figures import FIGURE_NAMES, MIN_FONT_PT, render
-from service.schemas import DatasetRef, JobResult, JobSpec
+from service.schemas import DatasetRef, FigureName, JobResult, JobSpec
 from service.settings import Settings
 from service.store import JobStore
+from tests.checks import present
 from tests.conftest import private_settings
 from tests.test_figures import store_succeeded
 from worker.model_sources import ModelSource
@@ -131,7 +132,7 @@ def test_every_figure_of_a_real_job_in_every_format(
 
 
 @pytest.mark.parametrize("name", FINAL_POSITION_FIGURES)
-def test_no_text_below_eight_points(real_result: JobResult, name: str) -> None:
+def test_no_text_below_eight_points(real_result: JobResult, name: FigureName) -> None:
     import matplotlib
 
     with matplotlib.rc_context({"svg.fonttype": "none"}):
@@ -172,7 +173,7 @@ def test_summary_of_a_real_job_is_consistent(real_result: JobResult) -> None:
         for k in range(len(real_result.components)):
             assert p.compensatory_effect[k] + p.norm_response[k] == p.compensation[k]
     c = real_result.summary.components[0]
-    assert (c.ce_vs_unembed.y, c.ce_vs_unembed.x) == ("compensatory_effect", "unembed_effect")
+    assert (present(c.ce_vs_unembed).y, present(c.ce_vs_unembed).x) == ("compensatory_effect", "unembed_effect")
     assert real_result.summary.selection.n_kept == len(PROMPTS)
 
 

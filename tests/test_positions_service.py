@@ -7,7 +7,7 @@ import csv
 import io
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ from worker.engine.types import SweepInputs, SweepSpec
 
 SMOLLM = ModelInfo(
     id="smollm2-135m", architecture="LlamaForCausalLM", n_layers=30, n_heads=9, n_kv_heads=3, d_model=576,
-    vocab_size=49152, parallel_blocks=False, source="HuggingFaceTB/SmolLM2-135M",
+    vocab_size=49152, parallel_blocks=False, source="hub",
 )
 MODELS = {"smollm2-135m": SMOLLM}
 
@@ -128,7 +128,8 @@ def test_a_rushing_nanda_job_on_texts_matches_the_oracle_position_by_position(
         response = _arrays(columns, "response", n_components * n_basis).reshape(n_components, n_basis, -1)
         assert torch.allclose(response, expected["response"], atol=1e-4, rtol=0)
         # The split closes at every position: heads + MLPs + norm = compensation.
-        split = sum(_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response"))
+        parts = [_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response")]
+        split = cast(torch.Tensor, sum(parts))
         assert torch.allclose(split, _arrays(columns, "compensation", n_components), atol=1e-5, rtol=0)
         # The paper's CE at every position: the oracle's downstream responses summed (the norm excluded).
         ce = _arrays(columns, "compensatory_effect", n_components)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.checks import present
 from worker.engine.types import PromptMeasures, SweepResult
 from worker.stats import bootstrap_slopes, excludes, ols, pearson, percentile_interval
 from worker.summary import summarise
@@ -52,7 +53,7 @@ def test_bootstrap_matches_an_explicit_loop() -> None:
     index = np.random.default_rng(11).integers(0, x.size, size=(300, x.size))
     expected = np.array([np.polyfit(x[row], y[row], 1)[0] for row in index])
     np.testing.assert_allclose(slopes, expected, atol=1e-10)
-    low, high = percentile_interval(slopes)
+    low, high = present(percentile_interval(slopes))
     assert (low, high) == pytest.approx(tuple(np.percentile(expected, [2.5, 97.5])), abs=1e-10)
     assert np.array_equal(bootstrap_slopes(x, y, seed=11, n_boot=300), slopes)  # seeded: reproducible
 
@@ -94,15 +95,17 @@ def test_summary_fits_are_the_paper_regressions_on_the_right_axes() -> None:
         (c.ce_attn_vs_unembed, un, attn_part, ("compensatory_effect.attn", "unembed_effect")),
         (c.ce_mlp_vs_unembed, un, mlp_part, ("compensatory_effect.mlp", "unembed_effect")),
     ):
+        assert fit is not None
         assert (fit.y, fit.x) == names
         slope, intercept = np.polyfit(x, y, 1)
         assert fit.slope == pytest.approx(slope, abs=1e-9) and fit.intercept == pytest.approx(intercept, abs=1e-9)
-        assert fit.slope_ci_low < fit.slope < fit.slope_ci_high and fit.n_boot == 1000 and fit.ci_level == 0.95
-    assert c.ce_vs_unembed.excludes_zero and c.ce_vs_unembed.excludes_one  # slope ≈ 0.7
+        assert present(fit.slope_ci_low) < present(fit.slope) < present(fit.slope_ci_high)
+        assert fit.n_boot == 1000 and fit.ci_level == 0.95
+    assert present(c.ce_vs_unembed).excludes_zero and present(c.ce_vs_unembed).excludes_one  # slope ≈ 0.7
     assert c.unembed_drop_correlation == pytest.approx(np.corrcoef(un, te)[0, 1], abs=1e-12)
     assert c.unembed_exceeds_drop_share == pytest.approx(float(np.mean(un > te)))
     assert (summary.selection.n_candidates, summary.selection.n_kept, summary.selection.only_correct) == (100, n, True)
-    erasure = {(e.ablated, e.mlp): e for e in summary.erasure}
+    erasure = {(e.ablated, e.mlp): e for e in present(summary.erasure)}
     assert set(erasure) == {("attn.0", "mlp.0"), ("attn.0", "mlp.1")}
     assert erasure[("attn.0", "mlp.0")].fit.slope == pytest.approx(np.polyfit(un, mlp_part, 1)[0], abs=1e-9)
     assert erasure[("attn.0", "mlp.0")].clean_direct_effect_mean == -0.5

@@ -5,15 +5,18 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import Any
 
 import msgspec
 import pytest
 import redis
 
+from service.redis_replies import bytes_or_none
 from service.schemas import JobSpec, ModelInfo
 from service.store import JobStore
+from tests.checks import present
 
 TTL_S = 3600
 
@@ -95,9 +98,9 @@ def test_success_path(store: JobStore) -> None:
     running = store.status(job.id)
     assert running is not None and running.status == "running" and running.started_at is not None
     assert store.set_progress(job.id, 3, 4) is True
-    assert store.status(job.id).progress.done == 3
+    assert present(store.status(job.id)).progress.done == 3
     assert store.mark_succeeded(job.id, b'{"id": "x"}') is True
-    done = store.status(job.id)
+    done = present(store.status(job.id))
     assert done.status == "succeeded" and done.finished_at is not None
     assert (done.progress.done, done.progress.total) == (4, 4)
     assert store.result(job.id) == b'{"id": "x"}'
@@ -111,14 +114,14 @@ def test_success_path(store: JobStore) -> None:
 def test_failure_from_queued_and_from_running(store: JobStore) -> None:
     queued = store.create(make_spec(), total=4)
     assert store.mark_failed(queued.id, "spec could not be read") is True
-    failed = store.status(queued.id)
+    failed = present(store.status(queued.id))
     assert failed.status == "failed" and failed.error == "spec could not be read" and failed.finished_at
     assert store.mark_running(queued.id) is False
 
     running = store.create(make_spec(), total=4)
     store.mark_running(running.id)
     assert store.mark_failed(running.id, "CUDA out of memory") is True
-    assert store.status(running.id).error == "CUDA out of memory"
+    assert present(store.status(running.id)).error == "CUDA out of memory"
     assert store.mark_succeeded(running.id, b"{}") is False
     assert store.result(running.id) is None
 
@@ -130,20 +133,20 @@ def test_cancel_queued_job_never_starts(store: JobStore) -> None:
     assert store.is_cancelled(job.id)
     assert store.mark_running(job.id) is False
     assert store.mark_failed(job.id, "x") is False
-    assert store.status(job.id).status == "cancelled"
-    assert store.request_cancel(job.id).status == "cancelled"  # idempotent
+    assert present(store.status(job.id)).status == "cancelled"
+    assert present(store.request_cancel(job.id)).status == "cancelled"  # idempotent
 
 
 def test_cancel_running_job_wins_over_the_worker_finishing(store: JobStore) -> None:
     job = store.create(make_spec(), total=4)
     store.mark_running(job.id)
     store.set_progress(job.id, 2, 4)
-    assert store.request_cancel(job.id).status == "cancelled"
+    assert present(store.request_cancel(job.id)).status == "cancelled"
     assert store.is_cancelled(job.id)
     assert store.set_progress(job.id, 3, 4) is False
     assert store.mark_succeeded(job.id, b"{}") is False
     assert store.mark_failed(job.id, "stopped") is False
-    final = store.status(job.id)
+    final = present(store.status(job.id))
     assert final.status == "cancelled" and final.progress.done == 2
     assert store.result(job.id) is None
 
@@ -158,10 +161,10 @@ def test_cancel_after_finishing_changes_nothing(store: JobStore) -> None:
     assert store.result(job.id) == b"{}"
 
 
-def _race(*actions: object) -> list[object]:
+def _race(*actions: Callable[..., Any]) -> list[Any]:
     """Run the actions at the same instant on threads; their return values in order."""
     barrier = threading.Barrier(len(actions))
-    results: list[object] = [None] * len(actions)
+    results: list[Any] = [None] * len(actions)
 
     def run(i: int, action) -> None:  # type: ignore[no-untyped-def]
         barrier.wait()
@@ -183,7 +186,7 @@ def test_cancel_racing_a_finishing_worker_leaves_one_consistent_outcome(store: J
         succeeded, cancel = _race(
             lambda j=job.id: store.mark_succeeded(j, b'{"ok": true}'), lambda j=job.id: store.request_cancel(j)
         )
-        final = store.status(job.id)
+        final = present(store.status(job.id))
         if succeeded:
             assert final.status == "succeeded" and cancel.status == "succeeded"
             assert store.result(job.id) == b'{"ok": true}' and not store.is_cancelled(job.id)
@@ -198,10 +201,10 @@ def test_cancel_racing_a_claiming_worker(store: JobStore) -> None:
     for _ in range(40):
         job = store.create(make_spec(), total=4)
         claimed, _ = _race(lambda j=job.id: store.mark_running(j), lambda j=job.id: store.request_cancel(j))
-        assert store.status(job.id).status == "cancelled"  # cancel applies whether or not the claim came first
+        assert present(store.status(job.id)).status == "cancelled"  # cancel applies whether or not the claim came first
         assert store.is_cancelled(job.id)  # so a worker that claimed it sees the flag at its next check
         if not claimed:
-            assert store.status(job.id).started_at is None
+            assert present(store.status(job.id)).started_at is None
 
 
 def test_exactly_one_worker_claims_a_job(store: JobStore) -> None:
@@ -274,7 +277,8 @@ def test_models_are_advertised_and_listed(store: JobStore) -> None:
     listed = store.models()
     assert [m.id for m in listed] == ["alpha", "zeta"]
     assert listed[1].n_layers == 6
-    assert msgspec.json.decode(store.client.hget(store.models_key, "alpha"), type=ModelInfo) == model_info("alpha")
+    record = present(bytes_or_none(store.client.hget(store.models_key, "alpha")))
+    assert msgspec.json.decode(record, type=ModelInfo) == model_info("alpha")
 
 
 def test_a_model_no_live_worker_renews_stops_being_offered(store: JobStore) -> None:

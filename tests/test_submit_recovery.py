@@ -26,6 +26,7 @@ import pytest
 
 from service.embedded_redis import free_port
 from service.queue import waiting_task_ids
+from service.redis_replies import bytes_list
 from service.settings import Settings
 from service.store import JobStore
 from tests.conftest import private_settings
@@ -117,7 +118,7 @@ def test_a_job_stored_by_an_api_that_died_before_queueing_it_reaches_the_queue(
 
         with api_process(api_env(settings), port, tmp_path / "restarted-api.log") as url:
             # The restarted API sent it at start-up: its planning task waits on the queue for a worker.
-            assert [body_args(raw) for raw in store.client.lrange(settings.queue_name, 0, -1)] == [
+            assert [body_args(raw) for raw in bytes_list(store.client.lrange(settings.queue_name, 0, -1))] == [
                 ("hydra.run_job", [job_id])
             ]
             retried = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=60)

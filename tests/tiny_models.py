@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -181,9 +182,9 @@ def make_config(arch: str, vocab_size: int) -> PretrainedConfig:
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 
-def _decoder(vocab_size: int, ids: dict[str, int], **extra: object) -> dict[str, object]:
+def _decoder(vocab_size: int, ids: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Keyword arguments every Llama-style config shares (the shape above, no dropout, untied unless said)."""
-    base: dict[str, object] = dict(
+    base: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -200,13 +201,13 @@ def _decoder(vocab_size: int, ids: dict[str, int], **extra: object) -> dict[str,
     return base
 
 
-def _gemma(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _gemma(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import GemmaConfig
 
     return GemmaConfig(**_decoder(vocab_size, ids, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True))
 
 
-def _gemma2(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _gemma2(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import Gemma2Config
 
     return Gemma2Config(
@@ -217,7 +218,7 @@ def _gemma2(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
     )
 
 
-def _gemma3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _gemma3(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import Gemma3TextConfig
 
     return Gemma3TextConfig(
@@ -228,7 +229,7 @@ def _gemma3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
     )
 
 
-def _qwen3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _qwen3(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -238,13 +239,13 @@ def _qwen3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
     )
 
 
-def _mixtral(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _mixtral(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import MixtralConfig
 
     return MixtralConfig(**_decoder(vocab_size, ids, num_local_experts=4, num_experts_per_tok=2))
 
 
-def _qwen2_moe(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _qwen2_moe(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
@@ -255,7 +256,7 @@ def _qwen2_moe(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
     )
 
 
-def _qwen3_moe(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _qwen3_moe(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
@@ -263,7 +264,7 @@ def _qwen3_moe(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
     )
 
 
-def _phi3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _phi3(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import Phi3Config
 
     return Phi3Config(
@@ -271,13 +272,13 @@ def _phi3(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
     )
 
 
-def _olmo2(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _olmo2(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import Olmo2Config
 
     return Olmo2Config(**_decoder(vocab_size, ids))
 
 
-def _gptj(vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+def _gptj(vocab_size: int, ids: dict[str, Any]) -> PretrainedConfig:
     from transformers import GPTJConfig
 
     return GPTJConfig(

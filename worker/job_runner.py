@@ -153,6 +153,12 @@ def prompt_warnings(loaded: LoadedModel, spec: JobSpec, index: int) -> list[str]
     return found
 
 
+def token_text(loaded: LoadedModel, token_id: int) -> str:
+    """One token's text. `decode` of one id sequence is a str (transformers types it `str | list[str]`, the list
+    being what a batch of sequences gives)."""
+    return cast(str, loaded.tokenizer.decode([token_id]))
+
+
 def prompt_result(
     loaded: LoadedModel, text: str, m: PromptMeasures, gap: float, warnings: list[str] | None = None
 ) -> PromptResult:
@@ -161,7 +167,7 @@ def prompt_result(
         index=m.index,
         prompt=text,
         target_id=m.target_id,
-        target_token=loaded.tokenizer.decode([m.target_id]),
+        target_token=token_text(loaded, m.target_id),
         clean_metric=m.clean_metric,
         top2_gap=m.top2_gap,
         near_tie=m.top2_gap < gap,
@@ -209,7 +215,7 @@ def position_prompt_result(
         index=index,
         prompt=text,
         target_id=last,
-        target_token=loaded.tokenizer.decode([last]),
+        target_token=token_text(loaded, last),
         clean_metric=float(m.clean_metric[-1]),
         top2_gap=float(m.top2_gap[-1]),
         near_tie=bool(m.top2_gap[-1] < gap),

@@ -146,7 +146,8 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = to
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=dtype, attn_implementation=attention_implementation(config), **kwargs
         )
-    model = model.to(device).eval()
+    # transformers wraps `to` with functools.wraps, whose `_Wrapped` type is no method: mypy takes `device` for self.
+    model = model.to(device).eval()  # type: ignore[arg-type]
     describe(model)  # refuse unsupported layouts before any job runs
     file_path = source.file_path()
     return LoadedModel(

@@ -40,6 +40,7 @@ from celery import Task
 from service.chunks import LEASE_LOST, Chunk, ChunkBook, chunk_prompts, max_deliveries, plan_chunks
 from service.leases import Leases
 from service.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
+from service.redis_replies import bytes_or_none
 from service.resolve import ablation_count
 from service.schemas import JobSpec, encode
 from service.store import ACTIVE_STATES, JobStore
@@ -97,7 +98,7 @@ def model_cache() -> ModelCache:
 
 
 def _job_state(store: JobStore, job_id: str) -> str | None:
-    raw = store.client.hget(store.job_key(job_id), "status")
+    raw = bytes_or_none(store.client.hget(store.job_key(job_id), "status"))
     return None if raw is None else raw.decode()
 
 
@@ -383,7 +384,7 @@ class ChunkRun:
 
         def on_progress(done: int, _chunk_total: int) -> None:
             # Skipped while Redis is away (the next report catches up; progress only ever rises).
-            self.retry.poll("report progress", lambda: report(done), False)
+            self.retry.poll("report progress", lambda: report(done), None)
 
         def on_phase(phase: str) -> None:
             self.retry.poll("report the phase", lambda: store.advance_phase(job_id, phase), False)

@@ -13,7 +13,7 @@ import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ValidationException
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, PathParameter, QueryParameter
 
 from service.auth import SECURITY, Principal
@@ -39,6 +39,7 @@ from service.figures import (
     render,
 )
 from service.limits import rate_limit
+from service.redis_replies import bytes_or_none
 from service.schemas import JobResult
 from service.store import JobStore
 
@@ -72,7 +73,7 @@ def cached_figure(
     """The figure from the cache, else rendered from the stored result and cached until the result expires."""
     options = options or FigureOptions()
     key = figure_key(store, job_id, name, fmt, options)
-    cached = store.client.get(key)
+    cached = bytes_or_none(store.client.get(key))
     if cached is not None:
         return cached
     result = msgspec.json.decode(finished_result(store, job_id), type=JobResult)
@@ -94,7 +95,7 @@ class FigureOperation(Operation):
     """The figure route's OpenAPI operation: PNG and SVG bodies (a ResponseSpec documents one media type)."""
 
     def __post_init__(self) -> None:
-        binary = Schema(type=OpenAPIType.STRING, format="binary")  # type: ignore[arg-type]
+        binary = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
         self.responses = {
             **(self.responses or {}),
             "200": OpenAPIResponse(

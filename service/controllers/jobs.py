@@ -15,7 +15,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT, HTTP_406_NOT_ACCEPTABLE, HTTP_409_CONFLICT
@@ -132,7 +132,7 @@ class ResultOperation(Operation):
         ok.content["application/vnd.apache.parquet"] = OpenAPIMediaType(
             schema=Schema(
                 type=OpenAPIType.STRING,
-                format="binary",
+                format=OpenAPIFormat.BINARY,
                 description="Apache Parquet: one row per prompt × component (see the route's description)",
             )
         )

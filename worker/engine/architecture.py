@@ -18,9 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, TypeAlias, cast
 
 import torch
 from torch import nn
+
+# A loaded Hugging Face causal LM (a PreTrainedModel). Where its blocks, norms and rotary tables live differs per
+# family (model.layers, transformer.h, gpt_neox.layers ...), and torch types every module attribute
+# `Tensor | Module`: the per-family accessors below take the model untyped.
+HFModel: TypeAlias = Any
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A module's `weight` parameter (torch types module attributes `Tensor | Module`)."""
+    return cast(torch.Tensor, module.weight)
 
 
 class UnsupportedArchitecture(ValueError):
@@ -31,16 +42,16 @@ class UnsupportedArchitecture(ValueError):
 class Family:
     """How to find the blocks of one model family, and how a block is wired."""
 
-    blocks: Callable[[nn.Module], nn.ModuleList]
+    blocks: Callable[[HFModel], nn.ModuleList]
     attn: str  # attribute of a block whose output[0] is the attention output (before any post-norm)
     mlp: str
     out_proj: str  # attribute of the attention module: the projection whose input is the concatenated heads
     out_proj_is_conv1d: bool
-    final_norm: Callable[[nn.Module], nn.Module]
+    final_norm: Callable[[HFModel], nn.Module]
     norm_kind: str  # "rms" or "layer"
     attn_norm: str | None  # attribute of a block: the norm before attention (None: OLMo 2 has none)
     mlp_norm: str | None  # attribute of a block: the norm before the MLP
-    rotary: Callable[[nn.Module], nn.Module] | None  # the model's rotary embedding, None for learned positions
+    rotary: Callable[[HFModel], nn.Module] | None  # the model's rotary embedding, None for learned positions
     cache_keyword: str  # the keyword under which the attention module takes its key/value cache
     attn_post_norm: str | None = None  # attribute of a block: the norm applied to the attention output (post-norm)
     mlp_post_norm: str | None = None
@@ -258,7 +269,7 @@ class Architecture:
 
     def head_weight(self, layer: int, head: int) -> torch.Tensor:
         """W_O restricted to one head: (d_model, head_dim), so that contribution = z_head @ W.T."""
-        weight = self.out_proj(layer).weight
+        weight = weight_of(self.out_proj(layer))
         cols = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return weight[cols, :].T if self.family.out_proj_is_conv1d else weight[:, cols]
 
@@ -268,7 +279,7 @@ class Architecture:
 
     def norm_weight(self) -> torch.Tensor:
         """The final norm's effective gain g (Gemma stores g − 1)."""
-        weight = self.final_norm.weight
+        weight = weight_of(self.final_norm)
         return weight + self.family.gain_offset if self.family.gain_offset else weight
 
     def position_embeddings(self, layer: int, probe: torch.Tensor, position_ids: torch.Tensor) -> object:
@@ -341,7 +352,8 @@ def check_supported(config: object) -> None:
 
 def describe(model: nn.Module) -> Architecture:
     """Locate the components of a loaded model, or raise UnsupportedArchitecture."""
-    config = model.config
+    lm: HFModel = model
+    config = lm.config
     check_supported(config)
     family = _FAMILIES[config.model_type]
     n_heads = int(config.num_attention_heads)
@@ -358,10 +370,10 @@ def describe(model: nn.Module) -> Architecture:
         n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
         head_dim=head_dim,
         d_model=d_model,
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        vocab_size=int(lm.get_output_embeddings().weight.shape[0]),
         parallel_blocks=family.parallel(config),
         final_norm=family.final_norm(model),
-        unembed=model.get_output_embeddings(),
+        unembed=lm.get_output_embeddings(),
         rotary=family.rotary(model) if family.rotary is not None else None,
         sliding_windows=sliding_windows(config, len(blocks)),
         layer_types=tuple(layer_types) if layer_types is not None else None,

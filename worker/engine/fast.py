@@ -64,6 +64,12 @@ class LayerEdits:
     head_values: list[torch.Tensor]  # each (P, hd)
 
 
+def _head_slice(component: Component, head_dim: int) -> slice:
+    """The columns of the attention output projection's input that one head writes."""
+    assert component.head is not None, "a head component names its head"
+    return slice(component.head * head_dim, (component.head + 1) * head_dim)
+
+
 def _edits_by_layer(arch: Architecture, batch: list[AblatedRun]) -> list[LayerEdits]:
     edits = []
     for layer in range(arch.n_layers):
@@ -78,10 +84,7 @@ def _edits_by_layer(arch: Architecture, batch: list[AblatedRun]) -> list[LayerEd
                 mlp_rows=mlp,
                 mlp_values=torch.stack([batch[b].replacement for b in mlp]) if mlp else None,
                 head_rows=heads,
-                head_slices=[
-                    slice(batch[b].component.head * arch.head_dim, (batch[b].component.head + 1) * arch.head_dim)
-                    for b in heads
-                ],
+                head_slices=[_head_slice(batch[b].component, arch.head_dim) for b in heads],
                 head_values=[batch[b].replacement for b in heads],
             )
         )
@@ -143,6 +146,7 @@ class _Inputs:
         self.eager = arch.eager_attention
         self.longest_prefix = 0
         self.first_real: torch.Tensor | None = None
+        self.cache: PrefixCache | PaddedPrefixCache | None
         if self.single:
             position_ids = torch.arange(first.length - self.positions, first.length, device=device).unsqueeze(0)
             self.cache = None if all_positions else PrefixCache(first.past_keys, first.past_values)
@@ -259,11 +263,13 @@ def run_ablated_rows(
             attn = inputs.attention(layer, arch.attn_norm(layer)(h))
         attn = arch.attn_post_norm(layer)(attn)  # identity unless post-norm blocks: replacements are its outputs
         if layer_edits.attn_rows:
+            assert layer_edits.attn_values is not None  # stacked whenever there are rows
             attn = attn.clone()
             attn[layer_edits.attn_rows] = layer_edits.attn_values.to(attn.dtype)
         mlp_input = h if arch.parallel_blocks else h + attn
         mlp = arch.mlp_post_norm(layer)(arch.mlp(layer)(arch.mlp_norm(layer)(mlp_input)))
         if layer_edits.mlp_rows:
+            assert layer_edits.mlp_values is not None  # stacked whenever there are rows
             mlp = mlp.clone()
             mlp[layer_edits.mlp_rows] = layer_edits.mlp_values.to(mlp.dtype)
         hidden[:active] = mlp_input + mlp if not arch.parallel_blocks else h + attn + mlp

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.architecture import Architecture
+from worker.engine.architecture import Architecture, weight_of
 from worker.engine.clean import CleanRun
 from worker.engine.fast import AblatedRun, _edits_by_layer, _Inputs, _replace_heads
 from worker.engine.hooks import hooks_removed_on_exit, on_input
@@ -29,7 +29,7 @@ class ProjectedOutputs:
 
 def out_proj_full(arch: Architecture, layer: int) -> torch.Tensor:
     """The output projection as (d_model, H·hd), so that a row z of its input writes z @ W.T (bias apart)."""
-    weight = arch.out_proj(layer).weight
+    weight = weight_of(arch.out_proj(layer))
     return weight.T if arch.family.out_proj_is_conv1d else weight
 
 

@@ -25,7 +25,14 @@ from worker.engine.memory import DEFAULT_BATCH_TOKENS, device_batch_tokens
 from worker.engine.position_fast import head_directions, project_heads, run_ablated_projected
 from worker.engine.readout import Readout
 from worker.engine.replacements import component_rows, resample_sources
-from worker.engine.sweep import ProgressCallback, StopCheck, SweepCancelled, _mean_activations, _replacement
+from worker.engine.sweep import (
+    NO_SOURCE,
+    ProgressCallback,
+    StopCheck,
+    SweepCancelled,
+    _mean_activations,
+    _replacement,
+)
 from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInputs, SweepSpec
 
 
@@ -117,7 +124,7 @@ def run_position_sweep(
         ablations = [
             AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
             for c in components
-            for source in (sources[i] or [None])
+            for source in (sources[i] or NO_SOURCE)
         ]
         targets = _targets(arch, run, spec, inputs, i)
         measures.append(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.engine.architecture import Architecture
+from worker.engine.architecture import Architecture, weight_of
 from worker.engine.errors import InputError
 from worker.engine.types import Metric
 
@@ -15,7 +15,7 @@ class Readout:
     def __init__(self, arch: Architecture, metric: Metric) -> None:
         self.arch = arch
         self.metric = metric
-        weight = arch.unembed.weight
+        weight = weight_of(arch.unembed)
         bias = getattr(arch.unembed, "bias", None)
         self.unembed_weight = weight
         zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)

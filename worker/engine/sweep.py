@@ -31,6 +31,7 @@ from worker.engine.types import NormScale, PatchSample, PromptMeasures, SweepInp
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 PhaseCallback = Callable[[str], None]  # "clean_passes", then "ablating"
+NO_SOURCE: tuple[int | None, ...] = (None,)  # the one ablated run of a component when nothing is resampled
 
 
 class SweepCancelled(RuntimeError):
@@ -111,7 +112,7 @@ def run_sweep(
             ablations = [
                 AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
                 for c in components
-                for source in (sources[i] or [None])
+                for source in (sources[i] or NO_SOURCE)
             ]
             work.append((run, ablations))
         outputs_per_run = run_ablated(arch, work, all_positions, budget)
