@@ -25,8 +25,9 @@ from service.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The capital of France is", "Water boils at a temperature of"]
-SLOW_JOB = {"model": "tiny-llama", "prompts": [f"Item {i} of the list is" for i in range(300)],
-            "components": ["head"], "resample_samples": 16}
+SLOW_PROMPTS = [f"Item {i} of the list is" for i in range(300)]
+SLOW_JOB: dict[str, object] = {"model": "tiny-llama", "prompts": SLOW_PROMPTS, "components": ["head"],
+                               "resample_samples": 16}
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,8 @@ def test_wait_reattaches_and_exits_non_zero_for_a_cancelled_job(live_url: str) -
 
 def test_ctrl_c_leaves_the_job_running_and_prints_the_cancel_command(live_url: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"}
-    command = [sys.executable, "-m", "client.cli", "submit", "--model", SLOW_JOB["model"], "--components", "head",
-               "--samples", "16", *(arg for p in SLOW_JOB["prompts"] for arg in ("-p", p)), "--wait",
+    command = [sys.executable, "-m", "client.cli", "submit", "--model", "tiny-llama", "--components", "head",
+               "--samples", "16", *(arg for p in SLOW_PROMPTS for arg in ("-p", p)), "--wait",
                "--url", live_url]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job_id = ""

@@ -49,7 +49,8 @@ def _undescribed(schema: dict[str, object], where: str) -> list[str]:
         if isinstance(schema.get(key), dict):
             missing += _undescribed(schema[key], f"{where}[{key}]")  # type: ignore[arg-type]
     for key in ("oneOf", "anyOf", "allOf"):
-        for index, arm in enumerate(schema.get(key) or []):  # type: ignore[attr-defined]
+        arms = schema.get(key)
+        for index, arm in enumerate(arms if isinstance(arms, list) else []):
             if isinstance(arm, dict):
                 missing += _undescribed(arm, f"{where}<{key}{index}>")
     return missing
