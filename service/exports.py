@@ -19,7 +19,7 @@ from litestar.datastructures import Accept
 from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
-from service.result_csv import CSV_COLUMNS, to_csv
+from service.result_csv import CSV_COLUMNS, neutralise, to_csv
 from service.schemas import ExportFormat, JobResult, Summary
 
 assert sys.byteorder == "little", "per-position arrays are little-endian float32"
@@ -59,6 +59,7 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
 # Per-position jobs (results with `positions` columns): one row per prompt × measured position × component.
 POSITION_CSV_COLUMNS = (
     "prompt_index",
+    "prompt",
     "position",
     "target_id",
     "component",
@@ -71,8 +72,9 @@ POSITION_CSV_COLUMNS = (
     "response_mlps",
     "norm_response",
     "clean_metric",
+    "top2_gap",
 )
-_POSITION_ARRAYS = POSITION_CSV_COLUMNS[4:12]
+_POSITION_ARRAYS = POSITION_CSV_COLUMNS[5:13]
 
 F = TypeVar("F", bound=str)
 
@@ -98,20 +100,22 @@ def position_csv_rows(result: JobResult) -> Iterator[bytes]:
     writer.writerow(POSITION_CSV_COLUMNS)
     yield buffer.getvalue().encode("utf-8")
     n_components = len(result.components)
-    for index, prompt in enumerate(result.prompts):
+    for prompt in result.prompts:
         columns = prompt.positions
         if columns is None:
             continue
         buffer.seek(0)
         buffer.truncate()
         arrays = [array("f", getattr(columns, name)) for name in _POSITION_ARRAYS]
-        clean = array("f", columns.clean_metric)
+        clean, gap = array("f", columns.clean_metric), array("f", columns.top2_gap)
+        text = neutralise(prompt.prompt)
         n_positions = len(columns.positions)
         for p, (position, target) in enumerate(zip(columns.positions, columns.target_ids, strict=True)):
             for c, component in enumerate(result.components):
                 at = c * n_positions + p
                 writer.writerow(
-                    (index, position, target, component, *(repr(values[at]) for values in arrays), repr(clean[p]))
+                    (prompt.index, text, position, target, neutralise(component),
+                     *(repr(values[at]) for values in arrays), repr(clean[p]), repr(gap[p]))
                 )
         assert all(len(values) == n_components * n_positions for values in arrays)
         yield buffer.getvalue().encode("utf-8")

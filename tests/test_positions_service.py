@@ -9,7 +9,9 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from litestar.testing import TestClient
@@ -19,8 +21,9 @@ from service import corpora
 from service.app import create_app
 from service.errors import ValidationProblem
 from service.figures import FIGURE_NAMES, PAPER_FIGURES
+from service.parquet import PARQUET_MEDIA_TYPE, from_parquet, iter_parquet
 from service.resolve import resolve
-from service.schemas import CorpusRef, JobRequest, ModelInfo
+from service.schemas import CorpusRef, JobRequest, JobResult, ModelInfo
 from service.settings import Settings
 from tests.oracle import oracle_position_sweep
 from tests.test_stack_e2e import wait_terminal
@@ -149,15 +152,64 @@ def test_a_rushing_nanda_job_on_texts_matches_the_oracle_position_by_position(
         assert abs(closes - r["self_repair_mean"]) < 1e-5
         assert abs(r["self_repair_mean"] - (r["direct_effect_mean"] - r["total_effect_mean"])) < 1e-5
 
+    _exports_equal_the_json(api, job_id, result)
+
+
+PER_POSITION_ARRAYS = ("total_effect", "direct_effect", "unembed_effect", "compensation", "compensatory_effect",
+                       "response_heads", "response_mlps", "norm_response")
+
+
+def _exports_equal_the_json(api: TestClient, job_id: str, result: dict[str, Any]) -> None:
+    """CSV and Parquet (by ?format= and by Accept) hold every per-position row, equal to the JSON's arrays."""
+    n_components, n_basis = len(result["components"]), len(result["response_basis"])
+    expected = {}  # (prompt index, position, component) → {measure: value}
+    for prompt in result["prompts"]:
+        columns = prompt["positions"]
+        arrays = {name: _arrays(columns, name, n_components) for name in PER_POSITION_ARRAYS}
+        response = _arrays(columns, "response", n_components * n_basis).reshape(n_components, n_basis, -1)
+        per_position = {name: _arrays(columns, name, 1)[0] for name in ("clean_metric", "top2_gap")}
+        for p, position in enumerate(columns["positions"]):
+            for c, component in enumerate(result["components"]):
+                expected[(prompt["index"], position, component)] = {
+                    "prompt": prompt["prompt"], "target_id": columns["target_ids"][p],
+                    **{name: float(values[c, p]) for name, values in arrays.items()},
+                    **{name: float(values[p]) for name, values in per_position.items()},
+                    "response": response[c, :, p].tolist(),
+                }
+    assert len(expected) == 4 * 8 * n_components
+
     exported = api.get(f"/v1/jobs/{job_id}/result", params={"format": "csv"})
     assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(exported.text)))
-    assert len(rows) == 4 * 8 * n_components
-    first = result["prompts"][0]["positions"]
-    de = _arrays(first, "direct_effect", n_components)
-    for row in rows[: 8 * n_components]:
-        c = result["components"].index(row["component"])
-        assert float(row["direct_effect"]) == pytest.approx(float(de[c, int(row["position"])]), abs=1e-7)
+    assert len(rows) == len(expected)
+    for row in rows:
+        want = expected[(int(row["prompt_index"]), int(row["position"]), row["component"])]
+        assert row["prompt"] == want["prompt"] and int(row["target_id"]) == want["target_id"]
+        for name in (*PER_POSITION_ARRAYS, "clean_metric", "top2_gap"):
+            assert float(row[name]) == pytest.approx(want[name], abs=1e-6), name
+
+    as_json = msgspec.json.decode(api.get(f"/v1/jobs/{job_id}/result").content, type=JobResult)
+    for params, headers in (({"format": "parquet"}, {}), ({}, {"Accept": PARQUET_MEDIA_TYPE})):
+        exported = api.get(f"/v1/jobs/{job_id}/result", params=params, headers=headers)
+        assert exported.status_code == 200, exported.text
+        assert exported.headers["content-type"].startswith(PARQUET_MEDIA_TYPE)
+        table = pq.read_table(io.BytesIO(exported.content))
+        rows = table.to_pylist()
+        assert len(rows) == len(expected)
+        assert [(r["prompt_index"], r["position"], r["component"]) for r in rows] == list(expected)  # CSV's order
+        for row in rows:
+            want = expected[(row["prompt_index"], row["position"], row["component"])]
+            assert row["prompt"] == want["prompt"] and row["target_id"] == want["target_id"]
+            assert row["kind"] == row["component"].split(".")[0] and row["layer"] == int(row["component"].split(".")[1])
+            for name in (*PER_POSITION_ARRAYS, "clean_metric", "top2_gap"):
+                assert abs(row[name] - want[name]) <= 1e-6, (name, row[name], want[name])
+            assert np.allclose(row["response"], want["response"], atol=1e-6, rtol=0)
+        assert from_parquet(table) == as_json  # nothing of the JSON result is left out
+    # Written in row groups of whole prompts, one piece streamed per group (then the footer).
+    pieces = list(iter_parquet(as_json, rows_per_group=8 * n_components))
+    assert len(pieces) >= 4
+    parsed = pq.ParquetFile(io.BytesIO(b"".join(pieces)))
+    assert parsed.num_row_groups == 4 and from_parquet(parsed.read()) == as_json
 
 
 def test_the_preset_runs_on_the_builtin_corpus(api: TestClient) -> None:
