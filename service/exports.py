@@ -73,6 +73,7 @@ POSITION_CSV_COLUMNS = (
     "norm_response",
     "clean_metric",
     "top2_gap",
+    "capped_total_effect",  # soft-capped models (Gemma 2) only; empty otherwise
 )
 _POSITION_ARRAYS = POSITION_CSV_COLUMNS[5:13]
 
@@ -109,13 +110,15 @@ def position_csv_rows(result: JobResult) -> Iterator[bytes]:
         arrays = [array("f", getattr(columns, name)) for name in _POSITION_ARRAYS]
         clean, gap = array("f", columns.clean_metric), array("f", columns.top2_gap)
         text = neutralise(prompt.prompt)
+        capped = None if columns.capped_total_effect is None else array("f", columns.capped_total_effect)
         n_positions = len(columns.positions)
         for p, (position, target) in enumerate(zip(columns.positions, columns.target_ids, strict=True)):
             for c, component in enumerate(result.components):
                 at = c * n_positions + p
                 writer.writerow(
                     (prompt.index, text, position, target, neutralise(component),
-                     *(repr(values[at]) for values in arrays), repr(clean[p]), repr(gap[p]))
+                     *(repr(values[at]) for values in arrays), repr(clean[p]), repr(gap[p]),
+                     "" if capped is None else repr(capped[at]))
                 )
         assert all(len(values) == n_components * n_positions for values in arrays)
         yield buffer.getvalue().encode("utf-8")

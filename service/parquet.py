@@ -12,12 +12,13 @@ time and sent as they are written, so the export never holds a second full copy 
 Per-position results (prompts with `positions` columns) are written as the per-position long table instead: one row
 per prompt × measured position × component (prompt-major, then position, then component: the CSV's order), with
 the prompt's text, the position, its target, the position's clean metric and top-2 gap, every (component,
-position) measure as float32 (the stored precision, so the numbers are exactly the JSON's) and, with
-`position_responses: "full"`, the response vector over the basis. Row groups hold whole prompts, about
-`POSITION_ROWS_PER_GROUP` rows each, built with numpy straight from the stored float32 arrays (no Python list per
-number). `hydra.result` then holds the result with each prompt's per-component lists (the last position) and, of
-its `positions`, the positions, targets and `clean_direct_effect` (R, P), which is per basis entry, not per
-component; the other arrays are empty there and are the rows. `from_parquet` rebuilds the JSON result from both.
+position) measure as float32 (the stored precision, so the numbers are exactly the JSON's), the capped TE of
+soft-capped models and, with `position_responses: "full"`, the response vector over the basis. Row groups hold
+whole prompts, about `POSITION_ROWS_PER_GROUP` rows each, built with numpy straight from the stored float32 arrays
+(no Python list per number). `hydra.result` then holds the result with each prompt's per-component lists (the
+last position) and, of its `positions`, the positions, targets and `clean_direct_effect` (R, P), which is per
+basis entry, not per component; the other arrays are empty there and are the rows. `from_parquet` rebuilds the
+JSON result from both.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def position_schema(result: JobResult) -> pa.Schema:
         pa.field("head", pa.int64()),
         *(pa.field(name, pa.float32()) for name in (*POSITION_PROMPT_MEASURES, *POSITION_MEASURES)),
     ]
+    if any(p.positions is not None and p.positions.capped_total_effect is not None for p in result.prompts):
+        fields.append(pa.field("capped_total_effect", pa.float32()))
     if any(p.positions is not None and p.positions.response is not None for p in result.prompts):
         fields.append(pa.field("response", pa.list_(pa.float32())))
     return pa.schema(fields, metadata={METADATA_KEY: rest})
@@ -190,6 +193,13 @@ def _position_batch(result: JobResult, schema: pa.Schema, start: int, stop: int)
             parts[name].append(pa.array(np.repeat(_float32(getattr(columns, name)), n_components)))
         for name in POSITION_MEASURES:  # stored (C, P), rows are position-major: transpose
             parts[name].append(pa.array(_float32(getattr(columns, name)).reshape(n_components, n_positions).T.ravel()))
+        if "capped_total_effect" in parts:
+            capped = columns.capped_total_effect
+            parts["capped_total_effect"].append(
+                pa.nulls(rows, type=pa.float32())
+                if capped is None
+                else pa.array(_float32(capped).reshape(n_components, n_positions).T.ravel())
+            )
         if "response" in parts:
             if columns.response is None:
                 parts["response"].append(pa.nulls(rows, type=pa.list_(pa.float32())))
@@ -288,6 +298,7 @@ def _from_position_table(table: pa.Table, rest: JobResult) -> JobResult:
     n_components = len(rest.components)
     columns = {name: table.column(name).to_numpy() for name in (*POSITION_PROMPT_MEASURES, *POSITION_MEASURES)}
     response = table.column("response") if "response" in table.schema.names else None
+    capped = table.column("capped_total_effect") if "capped_total_effect" in table.schema.names else None
     prompts, offset = [], 0
     for prompt in rest.prompts:
         if prompt.positions is None:
@@ -303,6 +314,11 @@ def _from_position_table(table: pa.Table, rest: JobResult) -> JobResult:
         }
         filled.update({name: columns[name][span][::n_components].astype("<f4").tobytes()
                        for name in POSITION_PROMPT_MEASURES})
+        if capped is not None and capped[span.start].is_valid:
+            values = capped.slice(span.start, span.stop - span.start).to_numpy()
+            filled["capped_total_effect"] = np.ascontiguousarray(values.reshape(n_positions, n_components).T).astype(
+                "<f4"
+            ).tobytes()
         vectors = None
         if response is not None and response[span.start].is_valid:
             flat = np.asarray(response.slice(span.start, span.stop - span.start).combine_chunks().flatten())

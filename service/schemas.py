@@ -275,7 +275,8 @@ class PositionColumns(Struct, kw_only=True):
     `P` measured positions, `C` components, `R` response-basis entries. Arrays (C, P): total_effect, direct_effect,
     unembed_effect, compensation, compensatory_effect, response_heads (Σ of the downstream attention/head
     responses), response_mlps (Σ of the downstream MLP responses), norm_response. response (C, R, P) only with
-    `position_responses: "full"`. clean_direct_effect (R, P). Decode with `numpy.frombuffer(x, "<f4")`.
+    `position_responses: "full"`. clean_direct_effect (R, P). capped_total_effect (C, P) only for soft-capped
+    models. Decode with `numpy.frombuffer(x, "<f4")`.
     """
 
     positions: list[int]  # indices into the tokens the model read
@@ -292,6 +293,7 @@ class PositionColumns(Struct, kw_only=True):
     norm_response: bytes
     clean_direct_effect: bytes
     response: bytes | None = None
+    capped_total_effect: bytes | None = None  # (C, P), soft-capped models (Gemma 2) only: TE on the capped logits
 
 
 class PromptResult(Struct, kw_only=True):

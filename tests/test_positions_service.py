@@ -3,6 +3,7 @@ estimates, per-position columns against the oracle, the streamed CSV and the sum
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import math
@@ -22,8 +23,8 @@ from service.app import create_app
 from service.errors import ValidationProblem
 from service.figures import FIGURE_NAMES, PAPER_FIGURES
 from service.parquet import PARQUET_MEDIA_TYPE, from_parquet, iter_parquet
-from service.resolve import resolve
-from service.schemas import CorpusRef, JobRequest, JobResult, ModelInfo
+from service.resolve import _position_values, resolve
+from service.schemas import CorpusRef, JobRequest, JobResult, ModelInfo, PositionColumns
 from service.settings import Settings
 from tests.oracle import oracle_position_sweep
 from tests.test_stack_e2e import wait_terminal
@@ -153,6 +154,34 @@ def test_a_rushing_nanda_job_on_texts_matches_the_oracle_position_by_position(
         assert abs(r["self_repair_mean"] - (r["direct_effect_mean"] - r["total_effect_mean"])) < 1e-5
 
     _exports_equal_the_json(api, job_id, result)
+    _the_full_preset_fits_by_this_jobs_measured_size(api, job_id, result)
+
+
+REDIS_VALUE_LIMIT = 512 * 1024 * 1024
+
+
+def _the_full_preset_fits_by_this_jobs_measured_size(api: TestClient, job_id: str, result: dict[str, Any]) -> None:
+    """The submit-time size estimate bounds this real job's stored numbers; at this job's measured JSON bytes per
+    number, 100 documents × 64 positions × 270 heads (the preset on SmolLM2) stay under the cap and Redis's value
+    limit; and the summary comes without the per-position data."""
+    stored = api.get(f"/v1/jobs/{job_id}/result", headers={"Accept-Encoding": "identity"}).content
+    numbers = 0
+    for prompt in result["prompts"]:
+        columns = prompt["positions"]
+        numbers += sum(len(base64.b64decode(v)) // 4 for v in columns.values() if isinstance(v, str))
+        numbers += len(columns["positions"]) + len(columns["target_ids"])
+        numbers += sum(len(v) for v in prompt.values() if isinstance(v, list) and v and isinstance(v[0], float))
+    info = next(m for m in api.get("/v1/models").json() if m["id"] == "tiny-llama")
+    options = {"response_basis": "heads", "position_responses": "full"}
+    estimate = _position_values(4, len(result["components"]), msgspec.convert(info, ModelInfo), options, 9)
+    assert numbers <= estimate, (numbers, estimate)
+    bytes_per_number = len(stored) / numbers  # provenance and keys included: an overestimate for a large job
+    full = _position_values(100, 270, SMOLLM, {"response_basis": "heads", "position_responses": "split"}, 64)
+    assert full <= Settings().max_result_values
+    assert full * bytes_per_number < REDIS_VALUE_LIMIT, (full, bytes_per_number)
+    summary = api.get(f"/v1/jobs/{job_id}/summary")
+    assert summary.status_code == 200 and "positions" not in summary.json()
+    assert len(summary.content) * 4 < len(stored)
 
 
 PER_POSITION_ARRAYS = ("total_effect", "direct_effect", "unembed_effect", "compensation", "compensatory_effect",
@@ -247,3 +276,40 @@ def test_paper_options_are_refused_for_per_position_jobs(api: TestClient, option
     refused = api.post("/v1/jobs", json=body)
     assert refused.status_code == 422, refused.text
     assert "final-position jobs" in refused.json()["detail"]
+
+
+def test_the_capped_total_effect_of_a_soft_capped_model_is_exported_per_position() -> None:
+    """Soft-capped models carry capped_total_effect (C, P): CSV and Parquet rows hold it, from_parquet restores it."""
+    from service.exports import position_csv_rows
+    from tests.test_figures import build_result
+
+    base = build_result(prompts=["one two three", "four five"])
+    rng = np.random.default_rng(0)
+    n_components, n_basis = len(base.components), len(base.response_basis)
+
+    def f32(*shape: int) -> bytes:
+        return rng.standard_normal(shape).astype("<f4").tobytes()
+
+    prompts = []
+    for prompt, n_positions in zip(base.prompts, (3, 2), strict=True):
+        columns = PositionColumns(
+            positions=list(range(n_positions)), target_ids=list(range(10, 10 + n_positions)),
+            clean_metric=f32(n_positions), top2_gap=f32(n_positions),
+            **{name: f32(n_components, n_positions) for name in PER_POSITION_ARRAYS},
+            clean_direct_effect=f32(n_basis, n_positions), capped_total_effect=f32(n_components, n_positions),
+        )
+        prompts.append(msgspec.structs.replace(prompt, positions=columns))
+    result = msgspec.structs.replace(base, prompts=prompts)
+    result = msgspec.json.decode(msgspec.json.encode(result), type=JobResult)  # as stored
+
+    table = pq.read_table(io.BytesIO(b"".join(iter_parquet(result))))
+    assert from_parquet(table) == result
+    rows = table.to_pylist()
+    csv_rows = list(csv.DictReader(io.StringIO(b"".join(position_csv_rows(result)).decode())))
+    assert len(rows) == len(csv_rows) == (3 + 2) * n_components
+    for row, csv_row in zip(rows, csv_rows, strict=True):
+        prompt = result.prompts[row["prompt_index"]]
+        assert prompt.positions is not None
+        capped = np.frombuffer(prompt.positions.capped_total_effect or b"", dtype="<f4").reshape(n_components, -1)
+        want = float(capped[result.components.index(row["component"]), row["position"]])
+        assert row["capped_total_effect"] == want and float(csv_row["capped_total_effect"]) == want

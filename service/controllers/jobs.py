@@ -471,10 +471,11 @@ class JobsController(Controller):
             + ") and `parquet` (application/vnd.apache.parquet: the long table, one row per prompt × component with "
             "every measure, the response vector and the dataset fields; for per-position jobs one row per prompt × "
             "position × component with the prompt, position, target, clean metric, top-2 gap, every per-position "
-            "measure (float32) and, with position_responses full, the response vector; the rest of the result in "
-            "the file's `hydra.result` metadata; streamed row group by row group). An Accept header that allows none of these "
-            "is 406. `GET …/summary` answers the summary alone. JSON comes gzip-compressed (Content-Encoding: gzip) "
-            "when the request's Accept-Encoding allows gzip, as stored; otherwise uncompressed."
+            "measure (float32), the capped TE of soft-capped models and, with position_responses full, the "
+            "response vector; the rest of the result in the file's `hydra.result` metadata; streamed row group by "
+            "row group). An Accept header that allows none of these is 406. `GET …/summary` answers the summary "
+            "alone. JSON comes gzip-compressed (Content-Encoding: gzip) when the request's Accept-Encoding allows "
+            "gzip, as stored; otherwise uncompressed."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),

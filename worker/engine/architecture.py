@@ -262,6 +262,31 @@ class Architecture:
         cols = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return weight[cols, :].T if self.family.out_proj_is_conv1d else weight[:, cols]
 
+    def post_norm_head_change(
+        self, layer: int, head: int, head_in: torch.Tensor, replacement: torch.Tensor
+    ) -> torch.Tensor:
+        """A head's Δ in a post-norm block at each of P positions, (P, d) float32: the attention output's change
+        when only that head's slice of W_O's input (head_in, (P, H·hd)) is replaced by `replacement` (P, hd).
+
+        The post-norm is not linear, so the head's write is not its W_O slice times its change; every other input
+        of the block's output is its clean value at each position, so this change is exactly the ablation's.
+        """
+        ablated = head_in.clone()
+        ablated[:, head * self.head_dim : (head + 1) * self.head_dim] = replacement.to(ablated.dtype)
+        written = self.attn_post_norm(layer)(self.out_proj(layer)(torch.stack([head_in, ablated])))
+        return written[0].float() - written[1].float()
+
+    def attn_post_norm_scale(self, layer: int, attention: torch.Tensor) -> torch.Tensor:
+        """The attention post-norm's RMS divisor s(a) of each row of the attention output a (…, d), float32."""
+        norm = self.attn_post_norm(layer)
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        return torch.sqrt(attention.float().pow(2).mean(dim=-1) + eps)
+
+    def attn_post_norm_gain(self, layer: int) -> torch.Tensor:
+        """The attention post-norm's effective gain g (Gemma stores g − 1), float32."""
+        weight = self.attn_post_norm(layer).weight.float()
+        return weight + self.family.gain_offset if self.family.gain_offset else weight
+
     def norm_eps(self) -> float:
         norm = self.final_norm
         return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-5)))
