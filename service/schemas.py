@@ -237,6 +237,9 @@ class ModelInfo(Struct, kw_only=True):
     device: str = "cpu"  # where (HYDRA_DEVICE), e.g. "cuda:0"
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU's model name
     final_logit_softcap: float | None = None  # Gemma 2: results then carry capped_total_effect too
+    # Why per-position jobs cannot use response_basis "heads" on this model (post-norm blocks whose output
+    # projection has a bias); None where they can.
+    head_basis_refusal: str | None = None
 
 
 class Regression(Struct, kw_only=True):

@@ -138,3 +138,29 @@ def test_split_closes_and_heads_add_up_to_their_layer(arch: str, tiny_models, pr
         torch.testing.assert_close(per_layer_heads, lay.response[:, 0::2], atol=1e-5, rtol=0)
         torch.testing.assert_close(h.norm_response, lay.norm_response, atol=1e-5, rtol=0)
         assert float(h.response.abs().max()) > 0  # something responded: the check above is not vacuous
+
+
+def test_post_norm_blocks_with_an_output_bias_refuse_the_head_basis_and_run_the_layer_basis(
+    prompt_set: PromptSet,  # noqa: F811
+) -> None:
+    """OLMo 2 with attention_bias: no head basis (the post-norm rescales a bias that is no head's), refused with the
+    reason; the layer basis and head components still match the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import load_tokenizer, make_config, randomize_
+
+    config = make_config("olmo2", vocab_size=len(load_tokenizer()))
+    config.attention_bias = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomize_(model, 3)
+    assert model.model.layers[0].self_attn.o_proj.bias is not None
+    case = Case("resample", "logit", "clean", "next_token", "all", "heads")
+    inputs = case.inputs(prompt_set)
+    inputs = SweepInputs(token_ids=inputs.token_ids[:3])
+    with pytest.raises(ValueError, match="response_basis 'heads' is not defined"):
+        run_position_sweep(model, case.spec(), inputs)
+    spec = SweepSpec(**{**case.spec().__dict__, "response_basis": "layers"})
+    engine = run_position_sweep(model, spec, inputs, batch_tokens=64)
+    oracle = oracle_position_sweep(model, spec, inputs, sources=resample_sources(3, 1, "next", 5))
+    bad = _disagreements(engine, oracle, ATOL, capped_model=False)
+    assert not bad, "\n".join(bad)

@@ -337,6 +337,24 @@ def sliding_windows(config: object, n_layers: int) -> tuple[int | None, ...]:
     return (int(window),) * n_layers
 
 
+def head_basis_refusal(config: object) -> str | None:
+    """Why the per-position head response basis has no definition for this model (None: it has one).
+
+    In a post-norm block a head's basis output is its share of the block's output at the block's own scale
+    (docs/definitions.md, "Response basis"); an output-projection bias is rescaled by the post-norm without being
+    any head's, so the heads would not add up to their layer.
+    """
+    model_type = str(getattr(config, "model_type", ""))
+    family = _FAMILIES.get(model_type)
+    if family is None or family.attn_post_norm is None or not getattr(config, "attention_bias", False):
+        return None
+    return (
+        f"response_basis 'heads' is not defined for this '{model_type}' model: its blocks normalise the attention "
+        "output after an output projection with a bias, which the norm rescales but no head writes, so the heads' "
+        "shares would not add up to their layer; use response_basis 'layers' (head components are still measured)"
+    )
+
+
 def final_logit_softcap(config: object) -> float | None:
     cap = getattr(config, "final_logit_softcapping", None)
     return float(cap) if cap else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.engine.architecture import Architecture, describe
+from worker.engine.architecture import Architecture, describe, head_basis_refusal
 from worker.engine.clean import CleanRun
 from worker.engine.components import (
     Component,
@@ -79,11 +79,9 @@ def run_position_sweep(
     arch = describe(model)
     check_position_spec(spec, inputs.target_ids is not None)
     heads_basis = spec.response_basis == "heads"
-    if heads_basis and arch.post_norm and getattr(arch.out_proj(0), "bias", None) is not None:
-        raise ValueError(
-            f"the head response basis of '{arch.model_type}' is not defined: its attention output projection has a "
-            "bias, which the post-norm rescales but no head writes; use response_basis 'layers'"
-        )
+    refusal = head_basis_refusal(model.config)
+    if heads_basis and refusal is not None:
+        raise ValueError(refusal)
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = head_basis_components(arch.n_layers, arch.n_heads) if heads_basis else layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
