@@ -313,3 +313,29 @@ def test_the_capped_total_effect_of_a_soft_capped_model_is_exported_per_position
         capped = np.frombuffer(prompt.positions.capped_total_effect or b"", dtype="<f4").reshape(n_components, -1)
         want = float(capped[result.components.index(row["component"]), row["position"]])
         assert row["capped_total_effect"] == want and float(csv_row["capped_total_effect"]) == want
+
+
+def test_a_per_position_job_on_a_soft_capped_post_norm_model_runs_through_the_stack(api: TestClient) -> None:
+    """Gemma 2 (sandwich norms, soft-capped logits) per position, head basis: the worker stores capped_total_effect
+    per (component, position), the split closes, and the CSV and Parquet rows carry it."""
+    body = {"preset": "rushing_nanda", "model": "tiny-gemma2", "texts": ["a b c d e", "f g h i", "j k l m n o"],
+            "max_tokens": 5, "components": ["head.0.1", "attn.1", "mlp.1"]}
+    submitted = api.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    assert wait_terminal(api, job_id)["status"] == "succeeded"
+    result = api.get(f"/v1/jobs/{job_id}/result").json()
+    assert result["provenance"]["architecture"] == "gemma2"
+    n_components = len(result["components"])
+    for prompt in result["prompts"]:
+        columns = prompt["positions"]
+        capped = _arrays(columns, "capped_total_effect", n_components)
+        total = _arrays(columns, "total_effect", n_components)
+        assert capped.shape == total.shape and not torch.allclose(capped, total)
+        assert prompt["capped_total_effect"] == pytest.approx(capped[:, -1].tolist(), abs=1e-6)
+        split = sum(_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response"))
+        assert torch.allclose(split, _arrays(columns, "compensation", n_components), atol=1e-5, rtol=0)
+    rows = list(csv.DictReader(io.StringIO(api.get(f"/v1/jobs/{job_id}/result", params={"format": "csv"}).text)))
+    assert rows and all(row["capped_total_effect"] != "" for row in rows)
+    table = pq.read_table(io.BytesIO(api.get(f"/v1/jobs/{job_id}/result", params={"format": "parquet"}).content))
+    assert table.num_rows == len(rows) and table.column("capped_total_effect").null_count == 0

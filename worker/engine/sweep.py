@@ -169,10 +169,11 @@ def prompt_ablations(
     means: MeanActivations | None,
 ) -> list[AblatedRun]:
     """One prompt's ablated runs, component-major: each component once per resample source (once otherwise)."""
+    per_component: list[int | None] = [*sources] or [None]
     return [
         AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
         for c in components
-        for source in (sources or [None])
+        for source in per_component
     ]
 
 
