@@ -39,7 +39,7 @@ PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 METADATA_KEY = b"hydra.result"
 PROMPTS_PER_ROW_GROUP = 256
 PROMPT_LISTS = ("sources", "clean_direct_effect")
-POSITION_ROWS_PER_GROUP = 1 << 20
+POSITION_ROWS_PER_GROUP = 1 << 18  # ≈ 15 prompts of 64 positions × 270 heads
 # Per (component, position) arrays of PositionColumns, in column order; per position: clean_metric, top2_gap.
 POSITION_MEASURES = (
     "total_effect",
@@ -123,6 +123,9 @@ class _Sink:
         return data
 
 
+_TEXT = pa.dictionary(pa.int32(), pa.string())
+
+
 def position_schema(result: JobResult) -> pa.Schema:
     """The per-position long table's columns; `hydra.result` keeps what is not a row (see the module doc)."""
     stripped = [
@@ -142,11 +145,11 @@ def position_schema(result: JobResult) -> pa.Schema:
     rest = msgspec.json.encode(msgspec.structs.replace(result, prompts=stripped))
     fields = [
         pa.field("prompt_index", pa.int64()),
-        pa.field("prompt", pa.string()),
+        pa.field("prompt", _TEXT),  # dictionary-encoded: a prompt's text is held once, not once per row
         pa.field("position", pa.int64()),
         pa.field("target_id", pa.int64()),
-        pa.field("component", pa.string()),
-        pa.field("kind", pa.string()),
+        pa.field("component", _TEXT),
+        pa.field("kind", _TEXT),
         pa.field("layer", pa.int64()),
         pa.field("head", pa.int64()),
         *(pa.field(name, pa.float32()) for name in (*POSITION_PROMPT_MEASURES, *POSITION_MEASURES)),
@@ -167,7 +170,7 @@ def _position_batch(result: JobResult, schema: pa.Schema, start: int, stop: int)
     n_components = len(result.components)
     parsed = [parse_component(name) for name in result.components]
     per_component = [
-        pa.array(list(values), type=schema.field(name).type)
+        pa.array(list(values)).dictionary_encode() if name in ("component", "kind") else pa.array(list(values))
         for name, values in zip(
             ("component", "kind", "layer", "head"),
             [result.components, *([part[k] for part in parsed] for k in range(3))],
@@ -183,7 +186,9 @@ def _position_batch(result: JobResult, schema: pa.Schema, start: int, stop: int)
         n_positions = len(columns.positions)
         rows = n_positions * n_components
         parts["prompt_index"].append(pa.array(np.full(rows, prompt.index, dtype=np.int64)))
-        parts["prompt"].append(pa.array([prompt.prompt]).take(pa.array(np.zeros(rows, dtype=np.int64))))
+        parts["prompt"].append(
+            pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([prompt.prompt]))
+        )
         parts["position"].append(pa.array(np.repeat(np.asarray(columns.positions, dtype=np.int64), n_components)))
         parts["target_id"].append(pa.array(np.repeat(np.asarray(columns.target_ids, dtype=np.int64), n_components)))
         component_of_row = pa.array(np.tile(np.arange(n_components), n_positions))
@@ -208,11 +213,17 @@ def _position_batch(result: JobResult, schema: pa.Schema, start: int, stop: int)
                 flat = pa.array(np.ascontiguousarray(vectors).ravel())
                 offsets = pa.array(np.arange(0, rows * n_basis + 1, n_basis, dtype=np.int32))
                 parts["response"].append(pa.ListArray.from_arrays(offsets, flat))
-    arrays = [
-        pa.concat_arrays(parts[name]) if parts[name] else pa.array([], type=schema.field(name).type)
-        for name in schema.names
-    ]
+    arrays = [_concat(parts[name], schema.field(name).type) for name in schema.names]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _concat(pieces: list[Any], kind: pa.DataType) -> pa.Array:
+    """One column of a batch from its per-prompt pieces (dictionary pieces get one shared dictionary)."""
+    if not pieces:
+        return pa.array([], type=kind)
+    if pa.types.is_dictionary(kind):
+        return pa.chunked_array(pieces, type=kind).unify_dictionaries().combine_chunks()
+    return pa.concat_arrays([piece.cast(kind) for piece in pieces])
 
 
 def _position_groups(result: JobResult, rows_per_group: int) -> list[tuple[int, int]]:
