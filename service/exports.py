@@ -7,11 +7,7 @@ way: an explicit `?format=` wins, else the Accept header, else the first format 
 
 from __future__ import annotations
 
-import csv
-import io
-import sys
-from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TypeVar
 
 import msgspec
@@ -19,10 +15,8 @@ from litestar.datastructures import Accept
 from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
-from service.result_csv import CSV_COLUMNS, neutralise, to_csv
+from service.result_csv import CSV_COLUMNS, POSITION_CSV_COLUMNS, has_positions, position_csv_rows, to_csv
 from service.schemas import ExportFormat, JobResult, Summary
-
-assert sys.byteorder == "little", "per-position arrays are little-endian float32"
 
 __all__ = [
     "CSV_COLUMNS",
@@ -56,27 +50,6 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
     "application/x-parquet": "parquet",
 }
 
-# Per-position jobs (results with `positions` columns): one row per prompt × measured position × component.
-POSITION_CSV_COLUMNS = (
-    "prompt_index",
-    "prompt",
-    "position",
-    "target_id",
-    "component",
-    "total_effect",
-    "direct_effect",
-    "unembed_effect",
-    "compensation",
-    "compensatory_effect",
-    "response_heads",
-    "response_mlps",
-    "norm_response",
-    "clean_metric",
-    "top2_gap",
-    "capped_total_effect",  # soft-capped models (Gemma 2) only; empty otherwise
-)
-_POSITION_ARRAYS = POSITION_CSV_COLUMNS[5:13]
-
 F = TypeVar("F", bound=str)
 
 
@@ -88,40 +61,6 @@ class _SummaryOnly(msgspec.Struct):
 
 def summary_of(stored: bytes) -> Summary:
     return msgspec.json.decode(stored, type=_SummaryOnly).summary
-
-
-def has_positions(result: JobResult) -> bool:
-    return any(p.positions is not None for p in result.prompts)
-
-
-def position_csv_rows(result: JobResult) -> Iterator[bytes]:
-    """The CSV of a per-position result, one prompt at a time: the text of the whole table never exists at once."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(POSITION_CSV_COLUMNS)
-    yield buffer.getvalue().encode("utf-8")
-    n_components = len(result.components)
-    for prompt in result.prompts:
-        columns = prompt.positions
-        if columns is None:
-            continue
-        buffer.seek(0)
-        buffer.truncate()
-        arrays = [array("f", getattr(columns, name)) for name in _POSITION_ARRAYS]
-        clean, gap = array("f", columns.clean_metric), array("f", columns.top2_gap)
-        text = neutralise(prompt.prompt)
-        capped = None if columns.capped_total_effect is None else array("f", columns.capped_total_effect)
-        n_positions = len(columns.positions)
-        for p, (position, target) in enumerate(zip(columns.positions, columns.target_ids, strict=True)):
-            for c, component in enumerate(result.components):
-                at = c * n_positions + p
-                writer.writerow(
-                    (prompt.index, text, position, target, neutralise(component),
-                     *(repr(values[at]) for values in arrays), repr(clean[p]), repr(gap[p]),
-                     "" if capped is None else repr(capped[at]))
-                )
-        assert all(len(values) == n_components * n_positions for values in arrays)
-        yield buffer.getvalue().encode("utf-8")
 
 
 def to_msgpack(result: JobResult) -> bytes:

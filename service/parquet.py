@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hydra_ablate_client.tables import iter_long, long_column_names, parse_component
-from service.exports import has_positions
+from service.result_csv import has_positions
 from service.schemas import JobResult, PositionColumns
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"

@@ -279,8 +279,10 @@ def test_paper_options_are_refused_for_per_position_jobs(api: TestClient, option
 
 
 def test_the_capped_total_effect_of_a_soft_capped_model_is_exported_per_position() -> None:
-    """Soft-capped models carry capped_total_effect (C, P): CSV and Parquet rows hold it, from_parquet restores it."""
-    from service.exports import position_csv_rows
+    """Soft-capped models carry capped_total_effect (C, P): CSV and Parquet rows hold it, from_parquet restores it;
+    the CLI's CSV (client/render.py) is the API's per-position CSV."""
+    from client.render import result_csv
+    from service.result_csv import position_csv_rows, to_csv
     from tests.test_figures import build_result
 
     base = build_result(prompts=["one two three", "four five"])
@@ -305,7 +307,9 @@ def test_the_capped_total_effect_of_a_soft_capped_model_is_exported_per_position
     table = pq.read_table(io.BytesIO(b"".join(iter_parquet(result))))
     assert from_parquet(table) == result
     rows = table.to_pylist()
-    csv_rows = list(csv.DictReader(io.StringIO(b"".join(position_csv_rows(result)).decode())))
+    text = b"".join(position_csv_rows(result)).decode()
+    assert to_csv(result).decode() == result_csv(result) == text  # the CLI's CSV is the API's, per position too
+    csv_rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == len(csv_rows) == (3 + 2) * n_components
     for row, csv_row in zip(rows, csv_rows, strict=True):
         prompt = result.prompts[row["prompt_index"]]
