@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hydra_ablate_client.tables import iter_long, long_column_names, parse_component
-from service.result_csv import has_positions
+from service.result_csv import POSITION_MEASURES, has_positions
 from service.schemas import JobResult, PositionColumns
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
@@ -40,17 +40,6 @@ METADATA_KEY = b"hydra.result"
 PROMPTS_PER_ROW_GROUP = 256
 PROMPT_LISTS = ("sources", "clean_direct_effect")
 POSITION_ROWS_PER_GROUP = 1 << 18  # ≈ 15 prompts of 64 positions × 270 heads
-# Per (component, position) arrays of PositionColumns, in column order; per position: clean_metric, top2_gap.
-POSITION_MEASURES = (
-    "total_effect",
-    "direct_effect",
-    "unembed_effect",
-    "compensation",
-    "compensatory_effect",
-    "response_heads",
-    "response_mlps",
-    "norm_response",
-)
 POSITION_PROMPT_MEASURES = ("clean_metric", "top2_gap")
 
 _TYPES: dict[str, pa.DataType] = {

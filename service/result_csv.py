@@ -41,12 +41,8 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 assert sys.byteorder == "little", "per-position arrays are little-endian float32"
 
 # Per-position jobs (results with `positions` columns): one row per prompt × measured position × component.
-POSITION_CSV_COLUMNS = (
-    "prompt_index",
-    "prompt",
-    "position",
-    "target_id",
-    "component",
+# The per (component, position) arrays of PositionColumns, in column order (the CSV's and the Parquet file's).
+POSITION_MEASURES = (
     "total_effect",
     "direct_effect",
     "unembed_effect",
@@ -55,12 +51,18 @@ POSITION_CSV_COLUMNS = (
     "response_heads",
     "response_mlps",
     "norm_response",
+)
+POSITION_CSV_COLUMNS = (
+    "prompt_index",
+    "prompt",
+    "position",
+    "target_id",
+    "component",
+    *POSITION_MEASURES,
     "clean_metric",
     "top2_gap",
     "capped_total_effect",  # soft-capped models (Gemma 2) only; empty otherwise
 )
-_POSITION_ARRAYS = POSITION_CSV_COLUMNS[5:13]
-
 
 
 def neutralise(text: str) -> str:
@@ -114,7 +116,7 @@ def position_csv_rows(result: JobResult) -> Iterator[bytes]:
             continue
         buffer.seek(0)
         buffer.truncate()
-        arrays = [array("f", getattr(columns, name)) for name in _POSITION_ARRAYS]
+        arrays = [array("f", getattr(columns, name)) for name in POSITION_MEASURES]
         clean, gap = array("f", columns.clean_metric), array("f", columns.top2_gap)
         text = neutralise(prompt.prompt)
         capped = None if columns.capped_total_effect is None else array("f", columns.capped_total_effect)
