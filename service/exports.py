@@ -7,11 +7,7 @@ way: an explicit `?format=` wins, else the Accept header, else the first format 
 
 from __future__ import annotations
 
-import csv
-import io
-import sys
-from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TypeVar
 
 import msgspec
@@ -19,10 +15,8 @@ from litestar.datastructures import Accept
 from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 
-from service.result_csv import CSV_COLUMNS, to_csv
+from service.result_csv import CSV_COLUMNS, POSITION_CSV_COLUMNS, has_positions, position_csv_rows, to_csv
 from service.schemas import ExportFormat, JobResult, Summary
-
-assert sys.byteorder == "little", "per-position arrays are little-endian float32"
 
 __all__ = [
     "CSV_COLUMNS",
@@ -56,24 +50,6 @@ EXPORT_ACCEPT: dict[str, ExportFormat] = {
     "application/x-parquet": "parquet",
 }
 
-# Per-position jobs (results with `positions` columns): one row per prompt × measured position × component.
-POSITION_CSV_COLUMNS = (
-    "prompt_index",
-    "position",
-    "target_id",
-    "component",
-    "total_effect",
-    "direct_effect",
-    "unembed_effect",
-    "compensation",
-    "compensatory_effect",
-    "response_heads",
-    "response_mlps",
-    "norm_response",
-    "clean_metric",
-)
-_POSITION_ARRAYS = POSITION_CSV_COLUMNS[4:12]
-
 F = TypeVar("F", bound=str)
 
 
@@ -85,36 +61,6 @@ class _SummaryOnly(msgspec.Struct):
 
 def summary_of(stored: bytes) -> Summary:
     return msgspec.json.decode(stored, type=_SummaryOnly).summary
-
-
-def has_positions(result: JobResult) -> bool:
-    return any(p.positions is not None for p in result.prompts)
-
-
-def position_csv_rows(result: JobResult) -> Iterator[bytes]:
-    """The CSV of a per-position result, one prompt at a time: the text of the whole table never exists at once."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(POSITION_CSV_COLUMNS)
-    yield buffer.getvalue().encode("utf-8")
-    n_components = len(result.components)
-    for index, prompt in enumerate(result.prompts):
-        columns = prompt.positions
-        if columns is None:
-            continue
-        buffer.seek(0)
-        buffer.truncate()
-        arrays = [array("f", getattr(columns, name)) for name in _POSITION_ARRAYS]
-        clean = array("f", columns.clean_metric)
-        n_positions = len(columns.positions)
-        for p, (position, target) in enumerate(zip(columns.positions, columns.target_ids, strict=True)):
-            for c, component in enumerate(result.components):
-                at = c * n_positions + p
-                writer.writerow(
-                    (index, position, target, component, *(repr(values[at]) for values in arrays), repr(clean[p]))
-                )
-        assert all(len(values) == n_components * n_positions for values in arrays)
-        yield buffer.getvalue().encode("utf-8")
 
 
 def to_msgpack(result: JobResult) -> bytes:

@@ -154,6 +154,8 @@ def resolve(
     max_tokens = pick("max_tokens")
     if per_position:
         _check_position_options(pick("positions"), metric, options, answers)
+        if options["response_basis"] == "heads" and info.head_basis_refusal:
+            raise ValidationProblem(info.head_basis_refusal, "response_basis")
         values = _position_values(n, len(components), info, options, max_tokens or settings.max_prompt_tokens)
         what = (
             f"{n:,} prompts × {len(components):,} components × up to {max_tokens or settings.max_prompt_tokens} "

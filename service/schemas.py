@@ -238,6 +238,9 @@ class ModelInfo(Struct, kw_only=True):
     device: str = "cpu"  # where (HYDRA_DEVICE), e.g. "cuda:0"
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU's model name
     final_logit_softcap: float | None = None  # Gemma 2: results then carry capped_total_effect too
+    # Why per-position jobs cannot use response_basis "heads" on this model (post-norm blocks whose output
+    # projection has a bias); None where they can.
+    head_basis_refusal: str | None = None
 
 
 class Regression(Struct, kw_only=True):
@@ -276,7 +279,8 @@ class PositionColumns(Struct, kw_only=True):
     `P` measured positions, `C` components, `R` response-basis entries. Arrays (C, P): total_effect, direct_effect,
     unembed_effect, compensation, compensatory_effect, response_heads (Σ of the downstream attention/head
     responses), response_mlps (Σ of the downstream MLP responses), norm_response. response (C, R, P) only with
-    `position_responses: "full"`. clean_direct_effect (R, P). Decode with `numpy.frombuffer(x, "<f4")`.
+    `position_responses: "full"`. clean_direct_effect (R, P). capped_total_effect (C, P) only for soft-capped
+    models. Decode with `numpy.frombuffer(x, "<f4")`.
     """
 
     positions: list[int]  # indices into the tokens the model read
@@ -293,6 +297,7 @@ class PositionColumns(Struct, kw_only=True):
     norm_response: bytes
     clean_direct_effect: bytes
     response: bytes | None = None
+    capped_total_effect: bytes | None = None  # (C, P), soft-capped models (Gemma 2) only: TE on the capped logits
 
 
 class PromptResult(Struct, kw_only=True):

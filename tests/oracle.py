@@ -740,11 +740,29 @@ def position_basis(parts: ModelParts, heads: bool) -> list[str]:
 
 
 def basis_output(parts: ModelParts, rec: RunRecord, name: str, p: int) -> torch.Tensor:
-    """What basis entry `name` writes into the residual stream at position p, float64."""
+    """What basis entry `name` writes into the residual stream at position p, float64.
+
+    A head of a post-norm block: its W_O slice times its slice, through the post-norm (RMSNorm: gain ⊙ v / s) with
+    the scale s of the whole attention output W_O z_p (+ bias) at p, all by hand in float64.
+    """
     c = parse_component(name)
     if c.kind == "head":
         lo, hi = _head(c) * parts.head_dim, (_head(c) + 1) * parts.head_dim
-        return rec.head_in[c.layer][p, lo:hi].double() @ head_matrix(parts, c.layer, _head(c))
+        write = rec.head_in[c.layer][p, lo:hi].double() @ head_matrix(parts, c.layer, _head(c))
+        if not parts.post_norm:
+            return write
+        norm = parts.attn[c.layer]  # post-norm families: the post-attention norm's output is what attention writes
+        whole = sum(
+            rec.head_in[c.layer][p, h * parts.head_dim : (h + 1) * parts.head_dim].double()
+            @ head_matrix(parts, c.layer, h)
+            for h in range(parts.n_heads)
+        )
+        bias = getattr(parts.out_proj[c.layer], "bias", None)
+        if bias is not None:
+            whole = whole + bias.detach().double()
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", None)))
+        gain = norm.weight.detach().double() + parts.gain_offset
+        return gain * write / math.sqrt(float((whole**2).mean()) + eps)
     store = rec.attn_out if c.kind == "attn" else rec.mlp_out
     return store[c.layer][p].double()
 
@@ -785,6 +803,14 @@ def oracle_position_sweep(
         layer_name = name if not name.startswith("head.") else "attn." + name.split(".")[1]
         return layer_name in downstream(comp.name, parts.n_layers, parts.parallel)
 
+    def capped(z: torch.Tensor) -> torch.Tensor:
+        return z if parts.softcap is None else parts.softcap * torch.tanh(z / parts.softcap)
+
+    def metric(x: torch.Tensor, target: int, on_capped: bool = False) -> float:
+        """Pre-cap logits for logit / centered_logit; the model's capped distribution for logprob."""
+        z = hand_logits(parts, readout, x)
+        return metric_from_logits(capped(z) if on_capped or spec.metric == "logprob" else z, spec.metric, target, None)
+
     results = []
     for i, ids in enumerate(prompts):
         T = ids.shape[0]
@@ -799,14 +825,22 @@ def oracle_position_sweep(
         measured = list(range(T)) if spec.measure_positions == "all" else [T - 1]
         w = [metric_direction(parts, spec.metric, targets[p], None) for p in range(T)]
         s_c = [readout.scale(x_c[p]) for p in range(T)]
-        m_c = [metric_from_logits(logits_c[p], spec.metric, targets[p], None) for p in range(T)]
+        m_c = [metric(x_c[p], targets[p]) for p in range(T)]
+        m_c_capped = [metric(x_c[p], targets[p], on_capped=True) for p in range(T)]
         clean_de = [[readout.f(w[p], basis_output(parts, rec_c, d, p)) / s_c[p] for p in measured] for d in basis]
 
-        effects = ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response")
-        fields: dict[str, list[torch.Tensor]] = {k: [] for k in effects}
+        names = ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response",
+                 "capped_total_effect")
+        fields: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         fields["response"] = []
         for comp in components:
             clean_rep = replacement_space_output(parts, rec_c, comp)
+            post_norm_head = comp.kind == "head" and parts.post_norm
+            if post_norm_head:
+                # Δ of a post-norm block's head: what attention writes at p, less what it writes in a run with the
+                # head replaced at every position (at its own layer every other head still reads the clean input).
+                zeros = {p: torch.zeros(clean_rep.shape[1], dtype=torch.float64) for p in range(T)}
+                rec_zero, _ = run_model_positions(model, parts, ids, Ablation(comp, zeros))
             if spec.ablation == "zero":
                 runs = [{p: torch.zeros(clean_rep.shape[1], dtype=torch.float64) for p in range(T)}]
             elif spec.ablation == "mean":
@@ -821,10 +855,17 @@ def oracle_position_sweep(
             for values in runs:
                 rec_a, x_a = run_model_positions(model, parts, ids, Ablation(comp, values))
                 for k, p in enumerate(measured):
-                    m_a = metric_from_logits(hand_logits(parts, readout, x_a[p]), spec.metric, targets[p], None)
-                    te = m_c[p] - m_a
-                    de = readout.f(w[p], to_residual(parts, comp, clean_rep[p] - values[p])) / s_c[p]
-                    unembed = readout.f(w[p], to_residual(parts, comp, clean_rep[p])) / s_c[p]
+                    te = m_c[p] - metric(x_a[p], targets[p])
+                    capped_te = m_c_capped[p] - metric(x_a[p], targets[p], on_capped=True)
+                    if post_norm_head:
+                        attn_c = rec_c.attn_out[comp.layer][p].double()
+                        delta = attn_c - rec_a.attn_out[comp.layer][p].double()
+                        written = attn_c - rec_zero.attn_out[comp.layer][p].double()
+                    else:
+                        delta = to_residual(parts, comp, clean_rep[p] - values[p])
+                        written = to_residual(parts, comp, clean_rep[p])
+                    de = readout.f(w[p], delta) / s_c[p]
+                    unembed = readout.f(w[p], written) / s_c[p]
                     s_a = readout.scale(x_a[p])
                     response = []
                     for d in basis:
@@ -843,6 +884,7 @@ def oracle_position_sweep(
                         ("unembed_effect", unembed),
                         ("compensation", compensation),
                         ("norm_response", compensation - sum(response)),
+                        ("capped_total_effect", capped_te),
                     ):
                         sums[name][k] += value
                     response_sum[:, k] += torch.tensor(response, dtype=torch.float64)

@@ -287,6 +287,28 @@ def test_paging(client: TestClient) -> None:
     assert_problem(client.get("/v1/jobs", params={"limit": "many"}), 400, "limit")
 
 
+def test_a_per_position_head_basis_job_is_refused_where_the_model_has_no_head_basis(
+    client: TestClient, store: JobStore
+) -> None:
+    """Post-norm blocks with an output-projection bias (worker/engine/architecture.py, head_basis_refusal): the
+    per-position head basis has no definition there, so the submit is a 422 with the reason; the layer basis runs."""
+    from tests.tiny_models import make_config
+    from worker.engine.architecture import head_basis_refusal
+
+    config = make_config("olmo2", 100)
+    config.attention_bias = True
+    reason = head_basis_refusal(config)
+    assert reason is not None and head_basis_refusal(make_config("olmo2", 100)) is None
+    store.advertise_model(ModelInfo(
+        id="tiny-olmo2-bias", architecture="olmo2", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, vocab_size=100,
+        parallel_blocks=False, source="local", head_basis_refusal=reason,
+    ))
+    body = {"preset": "rushing_nanda", "model": "tiny-olmo2-bias", "texts": ["one two three", "four five six"]}
+    refused = assert_problem(client.post("/v1/jobs", json=body), 422, "response_basis 'heads' is not defined")
+    assert "response_basis" in refused["detail"]
+    submit(client, **body, response_basis="layers")
+
+
 def test_models_lists_what_workers_advertised(client: TestClient) -> None:
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models] == ["smollm2-135m", "tiny"]

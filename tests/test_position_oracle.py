@@ -1,10 +1,11 @@
 """The per-position engine (worker/engine/position_sweep.py) against the brute-force oracle
 (tests/oracle.py: `oracle_position_sweep`), on tiny random models of every architecture family.
 
-Covered for every architecture: resample (next and random sources, several samples), mean (own prompts and a
-reference set) and zero ablation at every position; measured at every position and at the final one; targets
-next_token, clean top token and given answers; metrics logit, centered_logit and logprob; norm scale clean and
-ablated; layer and head response bases; layer and head components.
+Covered for every architecture (post-norm blocks and final-logit soft-capping included): resample (next and
+random sources, several samples), mean (own prompts and a reference set) and zero ablation at every position;
+measured at every position and at the final one; targets next_token, clean top token and given answers; metrics
+logit, centered_logit and logprob; norm scale clean and ablated; layer and head response bases; layer and head
+components; on the soft-capped model (Gemma 2) the TE read on the capped logits too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import oracle_position_sweep
 from tests.tiny_models import TINY_ARCHS
-from worker.engine.architecture import describe
 from worker.engine.position_sweep import run_position_sweep
 from worker.engine.replacements import resample_sources
 from worker.engine.types import PositionSweepResult, SweepInputs, SweepSpec
@@ -90,20 +90,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _refused(model: torch.nn.Module) -> bool:
-    """Post-norm blocks and soft-capped logits: the per-position engine refuses them (no definition yet)."""
-    arch = describe(model)
-    return arch.post_norm or arch.final_logit_softcap is not None
-
-
-def _disagreements(engine: PositionSweepResult, oracle: dict, atol: float) -> list[str]:
+def _disagreements(engine: PositionSweepResult, oracle: dict, atol: float, capped_model: bool) -> list[str]:
     bad = []
     assert engine.response_basis == oracle["response_basis"]
     for i, (e, o) in enumerate(zip(engine.prompts, oracle["prompts"], strict=True)):
         assert e.positions == o["positions"], (e.positions, o["positions"])
         assert e.target_ids.tolist() == o["target_ids"].tolist()
         assert e.sources == o["sources"]
-        for name in (*FIELDS, "clean_metric", "clean_direct_effect"):
+        capped = e.capped_total_effect is not None
+        assert capped == capped_model, "capped_total_effect is reported exactly for soft-capped models"
+        for name in (*FIELDS, "clean_metric", "clean_direct_effect", *(("capped_total_effect",) if capped else ())):
             diff = (getattr(e, name).double() - o[name]).abs()
             if not bool(torch.isfinite(getattr(e, name)).all()) or float(diff.max()) > atol:
                 bad.append(f"prompt {i} {name}: max |engine − oracle| = {float(diff.max()):.2e}")
@@ -115,14 +111,11 @@ def _disagreements(engine: PositionSweepResult, oracle: dict, atol: float) -> li
 def test_per_position_measures_match_the_oracle(arch: str, case: Case, tiny_models, prompt_set) -> None:  # noqa: F811
     model = tiny_models(arch)
     spec, inputs = case.spec(), case.inputs(prompt_set)
-    if _refused(model):
-        with pytest.raises(ValueError, match="not yet defined"):
-            run_position_sweep(model, spec, inputs)
-        return
     engine = run_position_sweep(model, spec, inputs, batch_tokens=64)  # small batches: several per prompt
     pairing = resample_sources(len(inputs.token_ids), case.samples, case.resample_from, 5)  # type: ignore[arg-type]
     oracle = oracle_position_sweep(model, spec, inputs, sources=pairing if case.ablation == "resample" else None)
-    bad = _disagreements(engine, oracle, ATOL)
+    capped_model = getattr(model.config, "final_logit_softcapping", None) is not None
+    bad = _disagreements(engine, oracle, ATOL, capped_model)
     assert not bad, "\n".join(bad)
 
 
@@ -130,8 +123,6 @@ def test_per_position_measures_match_the_oracle(arch: str, case: Case, tiny_mode
 def test_split_closes_and_heads_add_up_to_their_layer(arch: str, tiny_models, prompt_set) -> None:  # noqa: F811
     """heads + MLPs + norm = compensation at every position; Σ_h response(head.L.h) = response(attn.L)."""
     model = tiny_models(arch)
-    if _refused(model):
-        pytest.skip("the per-position engine refuses this architecture (checked above)")
     base = CASES[0].spec()
     inputs = CASES[0].inputs(prompt_set)
     heads = run_position_sweep(model, base, inputs)
@@ -147,3 +138,29 @@ def test_split_closes_and_heads_add_up_to_their_layer(arch: str, tiny_models, pr
         torch.testing.assert_close(per_layer_heads, lay.response[:, 0::2], atol=1e-5, rtol=0)
         torch.testing.assert_close(h.norm_response, lay.norm_response, atol=1e-5, rtol=0)
         assert float(h.response.abs().max()) > 0  # something responded: the check above is not vacuous
+
+
+def test_post_norm_blocks_with_an_output_bias_refuse_the_head_basis_and_run_the_layer_basis(
+    prompt_set: PromptSet,  # noqa: F811
+) -> None:
+    """OLMo 2 with attention_bias: no head basis (the post-norm rescales a bias that is no head's), refused with the
+    reason; the layer basis and head components still match the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import load_tokenizer, make_config, randomize_
+
+    config = make_config("olmo2", vocab_size=len(load_tokenizer()))
+    config.attention_bias = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomize_(model, 3)
+    assert model.model.layers[0].self_attn.o_proj.bias is not None
+    case = Case("resample", "logit", "clean", "next_token", "all", "heads")
+    inputs = case.inputs(prompt_set)
+    inputs = SweepInputs(token_ids=inputs.token_ids[:3])
+    with pytest.raises(ValueError, match="response_basis 'heads' is not defined"):
+        run_position_sweep(model, case.spec(), inputs)
+    spec = SweepSpec(**{**case.spec().__dict__, "response_basis": "layers"})
+    engine = run_position_sweep(model, spec, inputs, batch_tokens=64)
+    oracle = oracle_position_sweep(model, spec, inputs, sources=resample_sources(3, 1, "next", 5))
+    bad = _disagreements(engine, oracle, ATOL, capped_model=False)
+    assert not bad, "\n".join(bad)

@@ -3,13 +3,16 @@ estimates, per-position columns against the oracle, the streamed CSV and the sum
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import math
 from collections.abc import Iterator
 from typing import Any, cast
 
+import msgspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from litestar.testing import TestClient
@@ -19,8 +22,9 @@ from service import corpora
 from service.app import create_app
 from service.errors import ValidationProblem
 from service.figures import FIGURE_NAMES, PAPER_FIGURES
-from service.resolve import resolve
-from service.schemas import CorpusRef, JobRequest, ModelInfo
+from service.parquet import PARQUET_MEDIA_TYPE, from_parquet, iter_parquet
+from service.resolve import _position_values, resolve
+from service.schemas import CorpusRef, JobRequest, JobResult, ModelInfo, PositionColumns
 from service.settings import Settings
 from tests.oracle import oracle_position_sweep
 from tests.test_stack_e2e import wait_terminal
@@ -150,15 +154,92 @@ def test_a_rushing_nanda_job_on_texts_matches_the_oracle_position_by_position(
         assert abs(closes - r["self_repair_mean"]) < 1e-5
         assert abs(r["self_repair_mean"] - (r["direct_effect_mean"] - r["total_effect_mean"])) < 1e-5
 
+    _exports_equal_the_json(api, job_id, result)
+    _the_full_preset_fits_by_this_jobs_measured_size(api, job_id, result)
+
+
+REDIS_VALUE_LIMIT = 512 * 1024 * 1024
+
+
+def _the_full_preset_fits_by_this_jobs_measured_size(api: TestClient, job_id: str, result: dict[str, Any]) -> None:
+    """The submit-time size estimate bounds this real job's stored numbers; at this job's measured JSON bytes per
+    number, 100 documents × 64 positions × 270 heads (the preset on SmolLM2) stay under the cap and Redis's value
+    limit; and the summary comes without the per-position data."""
+    stored = api.get(f"/v1/jobs/{job_id}/result", headers={"Accept-Encoding": "identity"}).content
+    numbers = 0
+    for prompt in result["prompts"]:
+        columns = prompt["positions"]
+        numbers += sum(len(base64.b64decode(v)) // 4 for v in columns.values() if isinstance(v, str))
+        numbers += len(columns["positions"]) + len(columns["target_ids"])
+        numbers += sum(len(v) for v in prompt.values() if isinstance(v, list) and v and isinstance(v[0], float))
+    info = next(m for m in api.get("/v1/models").json() if m["id"] == "tiny-llama")
+    options = {"response_basis": "heads", "position_responses": "full"}
+    estimate = _position_values(4, len(result["components"]), msgspec.convert(info, ModelInfo), options, 9)
+    assert numbers <= estimate, (numbers, estimate)
+    bytes_per_number = len(stored) / numbers  # provenance and keys included: an overestimate for a large job
+    full = _position_values(100, 270, SMOLLM, {"response_basis": "heads", "position_responses": "split"}, 64)
+    assert full <= Settings().max_result_values
+    assert full * bytes_per_number < REDIS_VALUE_LIMIT, (full, bytes_per_number)
+    summary = api.get(f"/v1/jobs/{job_id}/summary")
+    assert summary.status_code == 200 and "positions" not in summary.json()
+    assert len(summary.content) * 4 < len(stored)
+
+
+PER_POSITION_ARRAYS = ("total_effect", "direct_effect", "unembed_effect", "compensation", "compensatory_effect",
+                       "response_heads", "response_mlps", "norm_response")
+
+
+def _exports_equal_the_json(api: TestClient, job_id: str, result: dict[str, Any]) -> None:
+    """CSV and Parquet (by ?format= and by Accept) hold every per-position row, equal to the JSON's arrays."""
+    n_components, n_basis = len(result["components"]), len(result["response_basis"])
+    expected = {}  # (prompt index, position, component) → {measure: value}
+    for prompt in result["prompts"]:
+        columns = prompt["positions"]
+        arrays = {name: _arrays(columns, name, n_components) for name in PER_POSITION_ARRAYS}
+        response = _arrays(columns, "response", n_components * n_basis).reshape(n_components, n_basis, -1)
+        per_position = {name: _arrays(columns, name, 1)[0] for name in ("clean_metric", "top2_gap")}
+        for p, position in enumerate(columns["positions"]):
+            for c, component in enumerate(result["components"]):
+                expected[(prompt["index"], position, component)] = {
+                    "prompt": prompt["prompt"], "target_id": columns["target_ids"][p],
+                    **{name: float(values[c, p]) for name, values in arrays.items()},
+                    **{name: float(values[p]) for name, values in per_position.items()},
+                    "response": response[c, :, p].tolist(),
+                }
+    assert len(expected) == 4 * 8 * n_components
+
     exported = api.get(f"/v1/jobs/{job_id}/result", params={"format": "csv"})
     assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(exported.text)))
-    assert len(rows) == 4 * 8 * n_components
-    first = result["prompts"][0]["positions"]
-    de = _arrays(first, "direct_effect", n_components)
-    for row in rows[: 8 * n_components]:
-        c = result["components"].index(row["component"])
-        assert float(row["direct_effect"]) == pytest.approx(float(de[c, int(row["position"])]), abs=1e-7)
+    assert len(rows) == len(expected)
+    for row in rows:
+        want = expected[(int(row["prompt_index"]), int(row["position"]), row["component"])]
+        assert row["prompt"] == want["prompt"] and int(row["target_id"]) == want["target_id"]
+        for name in (*PER_POSITION_ARRAYS, "clean_metric", "top2_gap"):
+            assert float(row[name]) == pytest.approx(want[name], abs=1e-6), name
+
+    as_json = msgspec.json.decode(api.get(f"/v1/jobs/{job_id}/result").content, type=JobResult)
+    for params, headers in (({"format": "parquet"}, {}), ({}, {"Accept": PARQUET_MEDIA_TYPE})):
+        exported = api.get(f"/v1/jobs/{job_id}/result", params=params, headers=headers)
+        assert exported.status_code == 200, exported.text
+        assert exported.headers["content-type"].startswith(PARQUET_MEDIA_TYPE)
+        table = pq.read_table(io.BytesIO(exported.content))
+        rows = table.to_pylist()
+        assert len(rows) == len(expected)
+        assert [(r["prompt_index"], r["position"], r["component"]) for r in rows] == list(expected)  # CSV's order
+        for row in rows:
+            want = expected[(row["prompt_index"], row["position"], row["component"])]
+            assert row["prompt"] == want["prompt"] and row["target_id"] == want["target_id"]
+            assert row["kind"] == row["component"].split(".")[0] and row["layer"] == int(row["component"].split(".")[1])
+            for name in (*PER_POSITION_ARRAYS, "clean_metric", "top2_gap"):
+                assert abs(row[name] - want[name]) <= 1e-6, (name, row[name], want[name])
+            assert np.allclose(row["response"], want["response"], atol=1e-6, rtol=0)
+        assert from_parquet(table) == as_json  # nothing of the JSON result is left out
+    # Written in row groups of whole prompts, one piece streamed per group (then the footer).
+    pieces = list(iter_parquet(as_json, rows_per_group=8 * n_components))
+    assert len(pieces) >= 4
+    parsed = pq.ParquetFile(io.BytesIO(b"".join(pieces)))
+    assert parsed.num_row_groups == 4 and from_parquet(parsed.read()) == as_json
 
 
 def test_the_preset_runs_on_the_builtin_corpus(api: TestClient) -> None:
@@ -196,3 +277,70 @@ def test_paper_options_are_refused_for_per_position_jobs(api: TestClient, option
     refused = api.post("/v1/jobs", json=body)
     assert refused.status_code == 422, refused.text
     assert "final-position jobs" in refused.json()["detail"]
+
+
+def test_the_capped_total_effect_of_a_soft_capped_model_is_exported_per_position() -> None:
+    """Soft-capped models carry capped_total_effect (C, P): CSV and Parquet rows hold it, from_parquet restores it;
+    the CLI's CSV (client/render.py) is the API's per-position CSV."""
+    from client.render import result_csv
+    from service.result_csv import position_csv_rows, to_csv
+    from tests.test_figures import build_result
+
+    base = build_result(prompts=["one two three", "four five"])
+    rng = np.random.default_rng(0)
+    n_components, n_basis = len(base.components), len(base.response_basis)
+
+    def f32(*shape: int) -> bytes:
+        return rng.standard_normal(shape).astype("<f4").tobytes()
+
+    prompts = []
+    for prompt, n_positions in zip(base.prompts, (3, 2), strict=True):
+        columns = PositionColumns(
+            positions=list(range(n_positions)), target_ids=list(range(10, 10 + n_positions)),
+            clean_metric=f32(n_positions), top2_gap=f32(n_positions),
+            **{name: f32(n_components, n_positions) for name in PER_POSITION_ARRAYS},
+            clean_direct_effect=f32(n_basis, n_positions), capped_total_effect=f32(n_components, n_positions),
+        )
+        prompts.append(msgspec.structs.replace(prompt, positions=columns))
+    result = msgspec.structs.replace(base, prompts=prompts)
+    result = msgspec.json.decode(msgspec.json.encode(result), type=JobResult)  # as stored
+
+    table = pq.read_table(io.BytesIO(b"".join(iter_parquet(result))))
+    assert from_parquet(table) == result
+    rows = table.to_pylist()
+    text = b"".join(position_csv_rows(result)).decode()
+    assert to_csv(result).decode() == result_csv(result) == text  # the CLI's CSV is the API's, per position too
+    csv_rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == len(csv_rows) == (3 + 2) * n_components
+    for row, csv_row in zip(rows, csv_rows, strict=True):
+        prompt = result.prompts[row["prompt_index"]]
+        assert prompt.positions is not None
+        capped = np.frombuffer(prompt.positions.capped_total_effect or b"", dtype="<f4").reshape(n_components, -1)
+        want = float(capped[result.components.index(row["component"]), row["position"]])
+        assert row["capped_total_effect"] == want and float(csv_row["capped_total_effect"]) == want
+
+
+def test_a_per_position_job_on_a_soft_capped_post_norm_model_runs_through_the_stack(api: TestClient) -> None:
+    """Gemma 2 (sandwich norms, soft-capped logits) per position, head basis: the worker stores capped_total_effect
+    per (component, position), the split closes, and the CSV and Parquet rows carry it."""
+    body = {"preset": "rushing_nanda", "model": "tiny-gemma2", "texts": ["a b c d e", "f g h i", "j k l m n o"],
+            "max_tokens": 5, "components": ["head.0.1", "attn.1", "mlp.1"]}
+    submitted = api.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    assert wait_terminal(api, job_id)["status"] == "succeeded"
+    result = api.get(f"/v1/jobs/{job_id}/result").json()
+    assert result["provenance"]["architecture"] == "gemma2"
+    n_components = len(result["components"])
+    for prompt in result["prompts"]:
+        columns = prompt["positions"]
+        capped = _arrays(columns, "capped_total_effect", n_components)
+        total = _arrays(columns, "total_effect", n_components)
+        assert capped.shape == total.shape and not torch.allclose(capped, total)
+        assert prompt["capped_total_effect"] == pytest.approx(capped[:, -1].tolist(), abs=1e-6)
+        split = sum(_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response"))
+        assert torch.allclose(split, _arrays(columns, "compensation", n_components), atol=1e-5, rtol=0)
+    rows = list(csv.DictReader(io.StringIO(api.get(f"/v1/jobs/{job_id}/result", params={"format": "csv"}).text)))
+    assert rows and all(row["capped_total_effect"] != "" for row in rows)
+    table = pq.read_table(io.BytesIO(api.get(f"/v1/jobs/{job_id}/result", params={"format": "parquet"}).content))
+    assert table.num_rows == len(rows) and table.column("capped_total_effect").null_count == 0

@@ -228,6 +228,7 @@ def position_prompt_result(
         clean_direct_effect=m.clean_direct_effect[:, -1].tolist(),
         unembed_effect=m.unembed_effect[:, -1].tolist(),
         compensatory_effect=m.compensatory_effect[:, -1].tolist(),
+        capped_total_effect=None if m.capped_total_effect is None else m.capped_total_effect[:, -1].tolist(),
         positions=PositionColumns(
             positions=m.positions,
             target_ids=m.target_ids.tolist(),
@@ -243,6 +244,7 @@ def position_prompt_result(
             norm_response=float32_bytes(m.norm_response),
             clean_direct_effect=float32_bytes(m.clean_direct_effect),
             response=float32_bytes(m.response) if full_responses else None,
+            capped_total_effect=None if m.capped_total_effect is None else float32_bytes(m.capped_total_effect),
         ),
     )
 

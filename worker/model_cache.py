@@ -32,6 +32,7 @@ from worker.engine.architecture import (
     describe,
     final_logit_softcap,
     has_parallel_blocks,
+    head_basis_refusal,
 )
 from worker.engine.errors import InputError
 from worker.model_sources import ModelSource
@@ -115,6 +116,7 @@ def model_info(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
         device=normalise_device(device),
         device_name=device_name(device),
         final_logit_softcap=final_logit_softcap(config),
+        head_basis_refusal=head_basis_refusal(config),
         id=source.id,
         architecture=str(config.model_type),
         n_layers=int(config.num_hidden_layers),

@@ -470,10 +470,13 @@ class JobsController(Controller):
             + "; for per-position jobs, streamed, one row per prompt × position × component with the columns "
             + ", ".join(POSITION_CSV_COLUMNS)
             + ") and `parquet` (application/vnd.apache.parquet: the long table, one row per prompt × component with "
-            "every measure, the response vector and the dataset fields; the rest of the result in the file's "
-            "`hydra.result` metadata; streamed row group by row group). An Accept header that allows none of these "
-            "is 406. `GET …/summary` answers the summary alone. JSON comes gzip-compressed (Content-Encoding: gzip) "
-            "when the request's Accept-Encoding allows gzip, as stored; otherwise uncompressed."
+            "every measure, the response vector and the dataset fields; for per-position jobs one row per prompt × "
+            "position × component with the prompt, position, target, clean metric, top-2 gap, every per-position "
+            "measure (float32), the capped TE of soft-capped models and, with position_responses full, the "
+            "response vector; the rest of the result in the file's `hydra.result` metadata; streamed row group by "
+            "row group). An Accept header that allows none of these is 406. `GET …/summary` answers the summary "
+            "alone. JSON comes gzip-compressed (Content-Encoding: gzip) when the request's Accept-Encoding allows "
+            "gzip, as stored; otherwise uncompressed."
         ),
         responses={
             200: ResponseSpec(data_container=JobResult, description="The job's result", generate_examples=False),
@@ -507,6 +510,7 @@ class JobsController(Controller):
             from service.parquet import iter_parquet  # pyarrow is heavy: imported on first use
 
             result = msgspec.json.decode(stored, type=JobResult)
+            del stored  # the decoded result is the only copy while the row groups stream
             return Stream(iter_parquet(result), media_type=media_type, headers=headers)  # type: ignore[return-value]
         if fmt == "csv":
             headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'

@@ -273,6 +273,31 @@ class Architecture:
         cols = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return weight[cols, :].T if self.family.out_proj_is_conv1d else weight[:, cols]
 
+    def post_norm_head_change(
+        self, layer: int, head: int, head_in: torch.Tensor, replacement: torch.Tensor
+    ) -> torch.Tensor:
+        """A head's Δ in a post-norm block at each of P positions, (P, d) float32: the attention output's change
+        when only that head's slice of W_O's input (head_in, (P, H·hd)) is replaced by `replacement` (P, hd).
+
+        The post-norm is not linear, so the head's write is not its W_O slice times its change; every other input
+        of the block's output is its clean value at each position, so this change is exactly the ablation's.
+        """
+        ablated = head_in.clone()
+        ablated[:, head * self.head_dim : (head + 1) * self.head_dim] = replacement.to(ablated.dtype)
+        written = self.attn_post_norm(layer)(self.out_proj(layer)(torch.stack([head_in, ablated])))
+        return written[0].float() - written[1].float()
+
+    def attn_post_norm_scale(self, layer: int, attention: torch.Tensor) -> torch.Tensor:
+        """The attention post-norm's RMS divisor s(a) of each row of the attention output a (…, d), float32."""
+        norm = self.attn_post_norm(layer)
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        return torch.sqrt(attention.float().pow(2).mean(dim=-1) + eps)
+
+    def attn_post_norm_gain(self, layer: int) -> torch.Tensor:
+        """The attention post-norm's effective gain g (Gemma stores g − 1), float32."""
+        weight = self.attn_post_norm(layer).weight.float()
+        return weight + self.family.gain_offset if self.family.gain_offset else weight
+
     def norm_eps(self) -> float:
         norm = self.final_norm
         return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-5)))
@@ -321,6 +346,24 @@ def sliding_windows(config: object, n_layers: int) -> tuple[int | None, ...]:
     if layer_types is not None:
         return tuple(int(window) if kind == "sliding_attention" else None for kind in layer_types[:n_layers])
     return (int(window),) * n_layers
+
+
+def head_basis_refusal(config: object) -> str | None:
+    """Why the per-position head response basis has no definition for this model (None: it has one).
+
+    In a post-norm block a head's basis output is its share of the block's output at the block's own scale
+    (docs/definitions.md, "Response basis"); an output-projection bias is rescaled by the post-norm without being
+    any head's, so the heads would not add up to their layer.
+    """
+    model_type = str(getattr(config, "model_type", ""))
+    family = _FAMILIES.get(model_type)
+    if family is None or family.attn_post_norm is None or not getattr(config, "attention_bias", False):
+        return None
+    return (
+        f"response_basis 'heads' is not defined for this '{model_type}' model: its blocks normalise the attention "
+        "output after an output projection with a bias, which the norm rescales but no head writes, so the heads' "
+        "shares would not add up to their layer; use response_basis 'layers' (head components are still measured)"
+    )
 
 
 def final_logit_softcap(config: object) -> float | None:

@@ -10,6 +10,7 @@ Rows are sorted by entry layer, so the rows active at layer l are a prefix of th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -232,22 +233,35 @@ class _Inputs:
         return output[0] if isinstance(output, tuple) else output
 
 
-@torch.no_grad()
-def run_ablated_rows(
-    arch: Architecture, runs: list[CleanRun], batch: list[tuple[int, AblatedRun]], all_positions: bool
-) -> AblatedOutputs:
-    """Run each row (prompt index into `runs`, ablation) from its own layer on; outputs in the batch's order."""
-    order = sorted(range(len(batch)), key=lambda b: batch[b][1].component.layer)
-    rows = [batch[b][1] for b in order]
+@dataclass(frozen=True)
+class LayerStep:
+    """One layer of a batch driven by `drive_rows`: what the active rows' attention and MLP wrote."""
+
+    layer: int
+    active: int  # rows 0..active−1 have entered the stack by this layer
+    attn: torch.Tensor  # (active, P, d): attention's write (after any post-norm, with replacements)
+    mlp: torch.Tensor  # (active, P, d)
+    head_in: torch.Tensor | None  # (active, P, H·hd): W_O's input with the replaced heads (keep_head_in only)
+
+
+def entry_order(rows: list[AblatedRun]) -> tuple[list[int], torch.Tensor]:
+    """(order, restore): rows sorted by entry layer (stable), and the index that puts outputs back in row order."""
+    order = sorted(range(len(rows)), key=lambda b: rows[b].component.layer)
+    restore = torch.empty(len(rows), dtype=torch.long)
+    restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(rows))
+    return order, restore
+
+
+def drive_rows(
+    arch: Architecture, inputs: _Inputs, rows: list[AblatedRun], hidden: torch.Tensor, keep_head_in: bool = False
+) -> Iterator[LayerStep]:
+    """Run rows sorted by entry layer through the blocks, each from its own layer with the clean block input.
+
+    `hidden` (B, P, d) is the residual stream of every row, updated in place; after the last layer it is what
+    enters the final norm. Yields each layer's writes of the active rows (a prefix of the batch).
+    """
     edits = _edits_by_layer(arch, rows)
     entry = torch.tensor([a.component.layer for a in rows])
-    row_prompt = torch.tensor([batch[b][0] for b in order])
-    inputs = _Inputs(arch, runs, row_prompt, all_positions)
-    n_rows = len(rows)
-
-    like = runs[0].block_in
-    hidden = torch.empty(n_rows, inputs.positions, arch.d_model, dtype=like.dtype, device=like.device)
-    layer_out_final = inputs.clean_outputs()
     for layer in range(arch.n_layers):
         active = int((entry <= layer).sum())
         entering = (entry == layer).nonzero().flatten()
@@ -257,27 +271,48 @@ def run_ablated_rows(
             continue
         h = hidden[:active]
         layer_edits = edits[layer]
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_z(z: torch.Tensor, captured: dict[str, torch.Tensor] = captured) -> torch.Tensor:
+            captured["z"] = z
+            return z
+
         with hooks_removed_on_exit() as handles:
             if layer_edits.head_rows:
                 handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(_replace_heads(layer_edits))))
+            if keep_head_in:  # registered after the replacement, so it sees the replaced heads
+                handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep_z)))
             attn = inputs.attention(layer, arch.attn_norm(layer)(h))
         attn = arch.attn_post_norm(layer)(attn)  # identity unless post-norm blocks: replacements are its outputs
         if layer_edits.attn_rows:
             assert layer_edits.attn_values is not None  # stacked whenever there are rows
             attn = attn.clone()
-            attn[layer_edits.attn_rows] = layer_edits.attn_values.to(attn.dtype)
+            attn[layer_edits.attn_rows] = layer_edits.attn_values.to(attn.dtype)  # type: ignore[union-attr]
         mlp_input = h if arch.parallel_blocks else h + attn
         mlp = arch.mlp_post_norm(layer)(arch.mlp(layer)(arch.mlp_norm(layer)(mlp_input)))
         if layer_edits.mlp_rows:
             assert layer_edits.mlp_values is not None  # stacked whenever there are rows
             mlp = mlp.clone()
-            mlp[layer_edits.mlp_rows] = layer_edits.mlp_values.to(mlp.dtype)
+            mlp[layer_edits.mlp_rows] = layer_edits.mlp_values.to(mlp.dtype)  # type: ignore[union-attr]
         hidden[:active] = mlp_input + mlp if not arch.parallel_blocks else h + attn + mlp
-        layer_out_final[:active, 2 * layer] = attn[:, -1]
-        layer_out_final[:active, 2 * layer + 1] = mlp[:, -1]
+        yield LayerStep(layer=layer, active=active, attn=attn, mlp=mlp, head_in=captured.get("z"))
 
-    restore = torch.empty(n_rows, dtype=torch.long)
-    restore[torch.tensor(order)] = torch.arange(n_rows)
+
+@torch.no_grad()
+def run_ablated_rows(
+    arch: Architecture, runs: list[CleanRun], batch: list[tuple[int, AblatedRun]], all_positions: bool
+) -> AblatedOutputs:
+    """Run each row (prompt index into `runs`, ablation) from its own layer on; outputs in the batch's order."""
+    order, restore = entry_order([ablation for _, ablation in batch])
+    rows = [batch[b][1] for b in order]
+    row_prompt = torch.tensor([batch[b][0] for b in order])
+    inputs = _Inputs(arch, runs, row_prompt, all_positions)
+    like = runs[0].block_in
+    hidden = torch.empty(len(rows), inputs.positions, arch.d_model, dtype=like.dtype, device=like.device)
+    layer_out_final = inputs.clean_outputs()
+    for step in drive_rows(arch, inputs, rows, hidden):
+        layer_out_final[: step.active, 2 * step.layer] = step.attn[:, -1]
+        layer_out_final[: step.active, 2 * step.layer + 1] = step.mlp[:, -1]
     return AblatedOutputs(layer_out_final=layer_out_final[restore].float(), x_final=hidden[restore, -1].float())
 
 

@@ -1,6 +1,6 @@
 """Ablated runs of one prompt measured at every position, each entering the stack at its own layer.
 
-The same resume-at-layer scheme as worker/engine/fast.py (whose per-layer edits and block driving it reuses): a run
+The same resume-at-layer scheme as worker/engine/fast.py (whose block driving, `drive_rows`, it shares): a run
 that ablates a component of layer L starts at L from the clean block input, rows sorted by entry layer so the rows
 active at layer l are a prefix of the batch, and the heads of one layer share a batch. What differs is the output:
 instead of every layer output at the final position, each row returns, for every entry of the response basis and
@@ -17,8 +17,7 @@ import torch
 
 from worker.engine.architecture import Architecture, weight_of
 from worker.engine.clean import CleanRun
-from worker.engine.fast import AblatedRun, _edits_by_layer, _Inputs, _replace_heads
-from worker.engine.hooks import hooks_removed_on_exit, on_input
+from worker.engine.fast import AblatedRun, _Inputs, drive_rows, entry_order
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,13 @@ def out_proj_full(arch: Architecture, layer: int) -> torch.Tensor:
 
 
 def head_directions(arch: Architecture, layer: int, u: torch.Tensor) -> torch.Tensor:
-    """(P, H·hd): for each position, u_p mapped back through W_O, so that z · dirs = head contributions · u_p."""
+    """(P, H·hd): for each position, u_p mapped back through W_O, so that z · dirs = head contributions · u_p.
+
+    Post-norm blocks: u_p is first multiplied by the post-norm's gain, so that, divided by the post-norm's scale
+    of the whole attention output (`head_writes`), z · dirs is each head's share of what the block writes.
+    """
+    if arch.post_norm:
+        u = u * arch.attn_post_norm_gain(layer)
     return u @ out_proj_full(arch, layer).float()
 
 
@@ -42,6 +47,18 @@ def project_heads(arch: Architecture, z: torch.Tensor, dirs: torch.Tensor) -> to
     """(…, H, P): each head's contribution · u_p, from the out-projection input z (…, P, H·hd)."""
     per_head = (z.float() * dirs).unflatten(-1, (arch.n_heads, arch.head_dim)).sum(dim=-1)  # (…, P, H)
     return per_head.transpose(-1, -2)
+
+
+def head_writes(arch: Architecture, layer: int, z: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """(…, H, P): what each head writes · u_p (docs/definitions.md, "Response basis").
+
+    Pre-norm blocks: its W_O slice times its slice of z. Post-norm blocks: that, through the post-norm with the
+    scale s(a_p) of the whole attention output a_p = W_O z_p at that position, so the heads add up to `attn.L`.
+    """
+    writes = project_heads(arch, z, dirs)
+    if arch.post_norm:
+        writes = writes / arch.attn_post_norm_scale(layer, arch.out_proj(layer)(z)).unsqueeze(-2)
+    return writes
 
 
 def basis_width(arch: Architecture, heads_basis: bool) -> int:
@@ -56,57 +73,27 @@ def run_ablated_projected(
     """Every row of `batch` (ablations of one prompt at every position), outputs in the batch's order."""
     if heads_basis and run.head_in is None:
         raise ValueError("the head response basis needs the clean run's head inputs")
-    order = sorted(range(len(batch)), key=lambda b: batch[b].component.layer)
+    order, restore = entry_order(batch)
     rows = [batch[b] for b in order]
-    edits = _edits_by_layer(arch, rows)
-    entry = torch.tensor([a.component.layer for a in rows])
-    n_rows = len(rows)
-    inputs = _Inputs(arch, [run], torch.zeros(n_rows, dtype=torch.long), all_positions=True)
-    positions = inputs.positions
+    inputs = _Inputs(arch, [run], torch.zeros(len(rows), dtype=torch.long), all_positions=True)
     width = basis_width(arch, heads_basis)
-    change = torch.zeros(n_rows, arch.n_layers * width, positions, dtype=torch.float32, device=u.device)
-    hidden = torch.empty(n_rows, positions, arch.d_model, dtype=run.block_in.dtype, device=run.block_in.device)
-    for layer in range(arch.n_layers):
-        active = int((entry <= layer).sum())
-        entering = (entry == layer).nonzero().flatten()
-        if entering.numel():
-            hidden[entering] = inputs.entering(layer, entering)
-        if active == 0:
-            continue
-        h = hidden[:active]
-        layer_edits = edits[layer]
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep_z(z: torch.Tensor, captured: dict[str, torch.Tensor] = captured) -> torch.Tensor:
-            captured["z"] = z
-            return z
-
-        with hooks_removed_on_exit() as handles:
-            if layer_edits.head_rows:
-                handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(_replace_heads(layer_edits))))
-            if heads_basis:  # registered after the replacement, so it sees the replaced heads
-                handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep_z)))
-            attn = inputs.attention(layer, arch.attn_norm(layer)(h))
-        if layer_edits.attn_rows:
-            attn = attn.clone()
-            attn[layer_edits.attn_rows] = layer_edits.attn_values.to(attn.dtype)  # type: ignore[union-attr]
-        mlp_input = h if arch.parallel_blocks else h + attn
-        mlp = arch.mlp(layer)(arch.mlp_norm(layer)(mlp_input))
-        if layer_edits.mlp_rows:
-            mlp = mlp.clone()
-            mlp[layer_edits.mlp_rows] = layer_edits.mlp_values.to(mlp.dtype)  # type: ignore[union-attr]
-        hidden[:active] = mlp_input + mlp if not arch.parallel_blocks else h + attn + mlp
-
+    change = torch.zeros(len(rows), arch.n_layers * width, inputs.positions, dtype=torch.float32, device=u.device)
+    like = run.block_in
+    hidden = torch.empty(len(rows), inputs.positions, arch.d_model, dtype=like.dtype, device=like.device)
+    for step in drive_rows(arch, inputs, rows, hidden, keep_head_in=heads_basis):
+        layer, active = step.layer, step.active
         base = layer * width
         mlp_slot = 2 * layer + 1
-        change[:active, base + width - 1] = ((mlp.float() - run.layer_out[mlp_slot].float()) * u).sum(dim=-1)
+        change[:active, base + width - 1] = ((step.mlp.float() - run.layer_out[mlp_slot].float()) * u).sum(dim=-1)
         if heads_basis:
-            assert run.head_in is not None
-            z_change = captured["z"].float() - run.head_in[layer].float()
-            change[:active, base : base + arch.n_heads] = project_heads(arch, z_change, head_directions(arch, layer, u))
+            assert run.head_in is not None and step.head_in is not None
+            dirs = head_directions(arch, layer, u)
+            if arch.post_norm:  # each head's share changes with the block's scale: writes, not their difference
+                clean = head_writes(arch, layer, run.head_in[layer], dirs)
+                heads = head_writes(arch, layer, step.head_in, dirs) - clean
+            else:
+                heads = project_heads(arch, step.head_in.float() - run.head_in[layer].float(), dirs)
+            change[:active, base : base + arch.n_heads] = heads
         else:
-            change[:active, base] = ((attn.float() - run.layer_out[2 * layer].float()) * u).sum(dim=-1)
-
-    restore = torch.empty(n_rows, dtype=torch.long)
-    restore[torch.tensor(order)] = torch.arange(n_rows)
+            change[:active, base] = ((step.attn.float() - run.layer_out[2 * layer].float()) * u).sum(dim=-1)
     return ProjectedOutputs(change=change[restore], x=hidden[restore].float())

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.engine.architecture import Architecture, describe
-from worker.engine.clean import CleanRun, run_clean
+from worker.engine.architecture import Architecture, describe, head_basis_refusal
+from worker.engine.clean import CleanRun
 from worker.engine.components import (
     Component,
     head_basis_components,
@@ -21,17 +21,19 @@ from worker.engine.components import (
     parse_component,
 )
 from worker.engine.fast import AblatedRun
-from worker.engine.memory import DEFAULT_BATCH_TOKENS, device_batch_tokens
-from worker.engine.position_fast import head_directions, project_heads, run_ablated_projected
+from worker.engine.memory import DEFAULT_BATCH_TOKENS
+from worker.engine.position_fast import head_directions, head_writes, run_ablated_projected
 from worker.engine.readout import Readout
-from worker.engine.replacements import component_rows, resample_sources
+from worker.engine.replacements import component_rows
 from worker.engine.sweep import (
-    NO_SOURCE,
     ProgressCallback,
     StopCheck,
     SweepCancelled,
-    _mean_activations,
-    _replacement,
+    clean_run,
+    complete_clean_runs,
+    job_batch_tokens,
+    job_sources,
+    prompt_ablations,
 )
 from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInputs, SweepSpec
 
@@ -76,40 +78,26 @@ def run_position_sweep(
     """Every per-position measure for every prompt × component of `spec` (`batch_tokens=None`: from the device)."""
     arch = describe(model)
     check_position_spec(spec, inputs.target_ids is not None)
-    if arch.post_norm or arch.final_logit_softcap is not None:
-        raise ValueError(
-            f"per-position measures are not yet defined for '{arch.model_type}' (post-norm blocks or soft-capped "
-            "logits): use measure_positions 'final' with the layer response basis"
-        )
-    components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     heads_basis = spec.response_basis == "heads"
+    refusal = head_basis_refusal(model.config)
+    if heads_basis and refusal is not None:
+        raise ValueError(refusal)
+    components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = head_basis_components(arch.n_layers, arch.n_heads) if heads_basis else layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
     with_heads = heads_basis or any(c.kind == "head" for c in components)
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
-        return run_clean(model, arch, ids, all_positions=True, with_heads=with_heads)
+        return clean_run(model, arch, ids, all_positions=True, with_heads=with_heads)
 
-    sources = (
-        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed)
-        if spec.ablation == "resample"
-        else [[] for _ in range(n_prompts)]
-    )
+    sources = job_sources(spec, inputs)
     measured = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
-    needed = set(measured) | {s for i in measured for s in sources[i]}
-    if spec.ablation == "mean" and inputs.mean_reference_ids is None:
-        needed = set(range(n_prompts))
-    runs = {i: clean(model_tokens(inputs.token_ids[i], spec)) for i in sorted(needed)}
-    means = None
-    if spec.ablation == "mean":
-        reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
-        means = _mean_activations(reference or [runs[i] for i in range(n_prompts)])
-
-    if batch_tokens is None:
-        parameter = next(model.parameters())
-        longest = max(run.length for run in runs.values())
-        batch_tokens = device_batch_tokens(arch, parameter.device, parameter.dtype, longest, True)
+    runs: dict[int, CleanRun] = {}
+    means = complete_clean_runs(
+        runs, spec, inputs, measured, sources, lambda i: clean(model_tokens(inputs.token_ids[i], spec)), clean
+    )
+    batch_tokens = job_batch_tokens(model, arch, runs, batch_tokens, True)
     samples = len(sources[0]) if spec.ablation == "resample" else 1
     total = len(measured) * len(components) * samples
     done = 0
@@ -121,12 +109,8 @@ def run_position_sweep(
         if should_stop is not None and should_stop():
             raise SweepCancelled("sweep cancelled")
         run = runs[i]
-        ablations = [
-            AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
-            for c in components
-            for source in (sources[i] or NO_SOURCE)
-        ]
-        targets = _targets(arch, run, spec, inputs, i)
+        ablations = prompt_ablations(arch, spec, components, run, runs, sources[i], means)
+        targets = _targets(arch, readout, run, spec, inputs, i)
         measures.append(
             _measure_prompt(arch, readout, run, ablations, targets, downstream, samples, sources[i], spec, batch_tokens)
         )
@@ -138,30 +122,57 @@ def run_position_sweep(
     )
 
 
-def _clean_logits(arch: Architecture, run: CleanRun) -> torch.Tensor:
-    """(T, V) clean logits at every position, float32."""
+def _clean_logits(arch: Architecture, readout: Readout, run: CleanRun) -> torch.Tensor:
+    """(T, V) the model's clean output logits at every position (soft-capped where the model caps), float32."""
     assert run.x_all is not None
-    return arch.unembed(arch.final_norm(run.x_all)).float()
+    return readout.capped(arch.unembed(arch.final_norm(run.x_all)).float())
 
 
-def _targets(arch: Architecture, run: CleanRun, spec: SweepSpec, inputs: SweepInputs, i: int) -> torch.Tensor:
+def _targets(
+    arch: Architecture, readout: Readout, run: CleanRun, spec: SweepSpec, inputs: SweepInputs, i: int
+) -> torch.Tensor:
     """(T,) the target at every position the model read."""
     if spec.target == "next_token":
         return inputs.token_ids[i][1:].to(run.block_in.device)
     if inputs.target_ids is not None:  # measure_positions "final" only (check_position_spec)
         return torch.full((run.length,), int(inputs.target_ids[i]), dtype=torch.long, device=run.block_in.device)
-    return _clean_logits(arch, run).argmax(dim=-1)
+    return _clean_logits(arch, readout, run).argmax(dim=-1)
 
 
-def metric_at(arch: Architecture, readout: Readout, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The metric at every position of x (…, T, d), position p read at target[p]; float32."""
+def metric_at(
+    arch: Architecture, readout: Readout, x: torch.Tensor, targets: torch.Tensor, capped: bool = False
+) -> torch.Tensor:
+    """The metric at every position of x (…, T, d), position p read at target[p]; float32.
+
+    `logit` and `centered_logit` are read on the pre-cap logits (the linear readout the direct effects decompose),
+    `logprob` on the model's own (soft-capped) distribution; `capped=True` reads every metric on the capped logits
+    (docs/definitions.md, "Final-logit soft-capping").
+    """
     normed = arch.final_norm(x.to(readout.gain.dtype))
-    if readout.metric == "logprob":
-        logprobs = torch.log_softmax(arch.unembed(normed).float(), dim=-1)
-        index = targets.expand(*logprobs.shape[:-1]).unsqueeze(-1)
-        return logprobs.gather(-1, index).squeeze(-1)
+    if readout.metric == "logprob" or (capped and readout.softcap is not None):
+        logits = readout.capped(arch.unembed(normed).float())
+        index = targets.expand(*logits.shape[:-1]).unsqueeze(-1)
+        picked = logits.gather(-1, index).squeeze(-1)
+        if readout.metric == "logprob":
+            return picked - torch.logsumexp(logits, dim=-1)
+        return picked - logits.mean(dim=-1) if readout.metric == "centered_logit" else picked
     w, b = readout.direction(targets, None)  # type: ignore[arg-type]  # one row per position
     return (normed.float() * w.float()).sum(dim=-1) + b.float()
+
+
+def _residual_change(
+    arch: Architecture, run: CleanRun, component: Component, replacement: torch.Tensor
+) -> torch.Tensor:
+    """(T, d): Δ_c at every position, the component's clean write minus its write with `replacement` (T, e).
+
+    A head of a post-norm block: the attention output's change when only its slice is replaced at that position
+    (Architecture.post_norm_head_change); otherwise the rows times the head's W_O slice (layer components: as is).
+    """
+    if component.kind == "head" and arch.post_norm:
+        assert run.head_in is not None and component.head is not None
+        return arch.post_norm_head_change(component.layer, component.head, run.head_in[component.layer], replacement)
+    clean = component_rows(run, component, arch.head_dim)
+    return _to_residual(arch, component, clean) - _to_residual(arch, component, replacement)
 
 
 def _to_residual(arch: Architecture, component: Component, rows: torch.Tensor) -> torch.Tensor:
@@ -179,7 +190,7 @@ def _clean_projections(arch: Architecture, run: CleanRun, u: torch.Tensor, heads
         mlp = (run.layer_out[2 * layer + 1].float() * u).sum(dim=-1).unsqueeze(0)
         if heads_basis:
             assert run.head_in is not None
-            heads = project_heads(arch, run.head_in[layer], head_directions(arch, layer, u))
+            heads = head_writes(arch, layer, run.head_in[layer], head_directions(arch, layer, u))
             per_layer.append(torch.cat([heads, mlp]))
         else:
             per_layer.append(torch.cat([(run.layer_out[2 * layer].float() * u).sum(dim=-1).unsqueeze(0), mlp]))
@@ -207,19 +218,22 @@ def _measure_prompt(
     s_clean = readout.scale(x_clean)  # (T,)
     clean_metric = metric_at(arch, readout, x_clean, targets)  # (T,)
     clean_proj = _clean_projections(arch, run, u, heads_basis)  # (R, T)
-    top2 = torch.topk(_clean_logits(arch, run), 2, dim=-1).values
+    top2 = torch.topk(_clean_logits(arch, readout, run), 2, dim=-1).values
+    softcap = readout.softcap is not None
+    capped_clean = metric_at(arch, readout, x_clean, targets, capped=True) if softcap else None
 
     rows_per_batch = max(1, batch_tokens // (2 * run.length))
-    total, direct, unembed, response = [], [], [], []
+    total, capped_total, direct, unembed, response = [], [], [], [], []
     for start in range(0, len(ablations), rows_per_batch):
         chunk = ablations[start : start + rows_per_batch]
         out = run_ablated_projected(arch, run, chunk, u, heads_basis)
         total.append(clean_metric - metric_at(arch, readout, out.x, targets))
-        clean_rows = [_to_residual(arch, a.component, component_rows(run, a.component, arch.head_dim)) for a in chunk]
-        replaced = [_to_residual(arch, a.component, a.replacement) for a in chunk]
-        pairs = zip(clean_rows, replaced, strict=True)
-        direct.append(torch.stack([((c - r) * u).sum(dim=-1) for c, r in pairs]) / s_clean)
-        unembed.append(torch.stack([(c * u).sum(dim=-1) for c in clean_rows]) / s_clean)
+        if capped_clean is not None:
+            capped_total.append(capped_clean - metric_at(arch, readout, out.x, targets, capped=True))
+        deltas = [_residual_change(arch, run, a.component, a.replacement) for a in chunk]
+        direct.append(torch.stack([(delta * u).sum(dim=-1) for delta in deltas]) / s_clean)
+        writes = [_residual_change(arch, run, a.component, torch.zeros_like(a.replacement)) for a in chunk]
+        unembed.append(torch.stack([(write * u).sum(dim=-1) for write in writes]) / s_clean)
         if spec.norm_scale == "clean":
             response.append(out.change / s_clean)
         else:
@@ -251,4 +265,5 @@ def _measure_prompt(
         norm_response=per_component(norm_response).cpu(),
         clean_direct_effect=(clean_proj / s_clean).index_select(-1, keep).cpu(),
         sources=list(sources),
+        capped_total_effect=per_component(torch.cat(capped_total)).cpu() if capped_total else None,
     )

@@ -60,12 +60,13 @@ class Readout:
         """
         normed = self.arch.final_norm(x.to(self.gain.dtype))
         if self.metric == "logprob":  # a log-probability exists only for the model's own (capped) distribution
-            logits = self._capped(self.arch.unembed(normed).float())
+            logits = self.capped(self.arch.unembed(normed).float())
             return torch.log_softmax(logits, dim=-1)[:, target]
         w, b = self.direction(target, counterfactual)
         return normed.float() @ w.float() + b.float()
 
-    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's output logits from pre-cap logits (unchanged for models without final-logit soft-capping)."""
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
     def capped_value(self, x: torch.Tensor, target: int, counterfactual: int | None) -> torch.Tensor:
@@ -75,9 +76,9 @@ class Readout:
             rows = [target] if self.metric == "logit" else [target, counterfactual]
             if None in rows:
                 raise InputError("metric logit_diff needs a counterfactual token per prompt")
-            picked = self._capped(normed @ self.unembed_weight[rows].float().T + self.unembed_bias[rows].float())
+            picked = self.capped(normed @ self.unembed_weight[rows].float().T + self.unembed_bias[rows].float())
             return picked[:, 0] if self.metric == "logit" else picked[:, 0] - picked[:, 1]
-        logits = self._capped(self.arch.unembed(normed.to(self.gain.dtype)).float())
+        logits = self.capped(self.arch.unembed(normed.to(self.gain.dtype)).float())
         if self.metric == "centered_logit":
             return logits[:, target] - logits.mean(dim=-1)
         return torch.log_softmax(logits, dim=-1)[:, target]

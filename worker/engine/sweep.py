@@ -31,7 +31,6 @@ from worker.engine.types import NormScale, PatchSample, PromptMeasures, SweepInp
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 PhaseCallback = Callable[[str], None]  # "clean_passes", then "ablating"
-NO_SOURCE: tuple[int | None, ...] = (None,)  # the one ablated run of a component when nothing is resampled
 
 
 class SweepCancelled(RuntimeError):
@@ -63,39 +62,16 @@ def run_sweep(
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
-        try:
-            return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
-        except torch.OutOfMemoryError as error:
-            release_cached_memory(ids.device)
-            raise BatchDoesNotFit(
-                f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: "
-                f"{error}"
-            ) from error
+        return clean_run(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
 
-    sources = (
-        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed, inputs.resample_groups)
-        if spec.ablation == "resample"
-        else [[] for _ in range(n_prompts)]
-    )
+    sources = job_sources(spec, inputs)
     candidates = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
     if on_phase is not None:
         on_phase("clean_passes")
     runs = {i: clean(inputs.token_ids[i]) for i in candidates}
     measured = _correct_only(candidates, runs, inputs.target_ids) if spec.only_correct else candidates
-    needed = set(measured) | {s for i in measured for s in sources[i]}
-    if spec.ablation == "mean" and inputs.mean_reference_ids is None:
-        needed = set(range(n_prompts))
-    runs.update({i: clean(inputs.token_ids[i]) for i in sorted(needed - set(runs))})
-    means = None
-    if spec.ablation == "mean":
-        reference = [clean(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
-        means = _mean_activations(reference or [runs[i] for i in range(n_prompts)])
-
-    if batch_tokens is None:
-        parameter = next(model.parameters())
-        longest = max(run.length for run in runs.values())
-        batch_tokens = device_batch_tokens(arch, parameter.device, parameter.dtype, longest, all_positions)
-    budget = BatchBudget(batch_tokens)
+    means = complete_clean_runs(runs, spec, inputs, measured, sources, lambda i: clean(inputs.token_ids[i]), clean)
+    budget = BatchBudget(job_batch_tokens(model, arch, runs, batch_tokens, all_positions))
     samples = len(sources[0]) if spec.ablation == "resample" else 1
     total = len(candidates) * len(components) * samples
     done = (len(candidates) - len(measured)) * len(components) * samples  # left-out prompts count as done
@@ -109,12 +85,7 @@ def run_sweep(
         work = []
         for i in group:
             run = runs[i]
-            ablations = [
-                AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
-                for c in components
-                for source in (sources[i] or NO_SOURCE)
-            ]
-            work.append((run, ablations))
+            work.append((run, prompt_ablations(arch, spec, components, run, runs, sources[i], means)))
         outputs_per_run = run_ablated(arch, work, all_positions, budget)
         for i, (run, ablations), outputs in zip(group, work, outputs_per_run, strict=True):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
@@ -132,6 +103,78 @@ def run_sweep(
     return SweepResult(
         components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
     )
+
+
+def clean_run(
+    model: nn.Module, arch: Architecture, ids: torch.Tensor, *, all_positions: bool, with_heads: bool
+) -> CleanRun:
+    """`run_clean`, with a clean pass that runs out of memory failing as BatchDoesNotFit (with the reason)."""
+    try:
+        return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
+    except torch.OutOfMemoryError as error:
+        release_cached_memory(ids.device)
+        raise BatchDoesNotFit(
+            f"the clean forward pass of a {int(ids.shape[0])}-token prompt ran out of memory on {ids.device}: {error}"
+        ) from error
+
+
+def job_sources(spec: SweepSpec, inputs: SweepInputs) -> list[list[int]]:
+    """Each prompt's resample sources (empty lists for mean and zero ablation)."""
+    n_prompts = len(inputs.token_ids)
+    if spec.ablation != "resample":
+        return [[] for _ in range(n_prompts)]
+    return resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed, inputs.resample_groups)
+
+
+def complete_clean_runs(
+    runs: dict[int, CleanRun],
+    spec: SweepSpec,
+    inputs: SweepInputs,
+    measured: list[int],
+    sources: list[list[int]],
+    clean_prompt: Callable[[int], CleanRun],
+    clean_reference: Callable[[torch.Tensor], CleanRun],
+) -> MeanActivations | None:
+    """Add to `runs` the clean runs the ablations need (measured prompts, their sources, every prompt for a mean
+    over the job's own prompts); return the mean activations for mean ablation (None otherwise)."""
+    n_prompts = len(inputs.token_ids)
+    needed = set(measured) | {s for i in measured for s in sources[i]}
+    if spec.ablation == "mean" and inputs.mean_reference_ids is None:
+        needed = set(range(n_prompts))
+    runs.update({i: clean_prompt(i) for i in sorted(needed - set(runs))})
+    if spec.ablation != "mean":
+        return None
+    reference = [clean_reference(ids) for ids in inputs.mean_reference_ids] if inputs.mean_reference_ids else None
+    return _mean_activations(reference or [runs[i] for i in range(n_prompts)])
+
+
+def job_batch_tokens(
+    model: nn.Module, arch: Architecture, runs: dict[int, CleanRun], batch_tokens: int | None, all_positions: bool
+) -> int:
+    """The batch budget: as given, or (None) from the device once the clean runs are resident."""
+    if batch_tokens is not None:
+        return batch_tokens
+    parameter = next(model.parameters())
+    longest = max(run.length for run in runs.values())
+    return device_batch_tokens(arch, parameter.device, parameter.dtype, longest, all_positions)
+
+
+def prompt_ablations(
+    arch: Architecture,
+    spec: SweepSpec,
+    components: list[Component],
+    run: CleanRun,
+    runs: dict[int, CleanRun],
+    sources: list[int],
+    means: MeanActivations | None,
+) -> list[AblatedRun]:
+    """One prompt's ablated runs, component-major: each component once per resample source (once otherwise)."""
+    per_component: list[int | None] = [*sources] or [None]
+    return [
+        AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
+        for c in components
+        for source in per_component
+    ]
 
 
 def _correct_only(candidates: list[int], runs: dict[int, CleanRun], target_ids: list[int] | None) -> list[int]:
@@ -220,18 +263,10 @@ def _final_clean(arch: Architecture, run: CleanRun, component: Component) -> tor
 def _post_norm_head_change(
     arch: Architecture, run: CleanRun, component: Component, replacement: torch.Tensor
 ) -> torch.Tensor:
-    """A head's Δ in a post-norm block: the attention output's change when only that head's slice is replaced.
-
-    The post-norm is not linear, so the head's write is not its W_O slice times its change; every other input of
-    the block's output is its clean value at the final position, so this change is exactly the ablation's.
-    """
+    """A head's Δ in a post-norm block at the final position (Architecture.post_norm_head_change)."""
     assert run.head_in is not None and component.head is not None
-    clean = run.head_in[component.layer, -1]
-    ablated = clean.clone()
-    ablated[component.head * arch.head_dim : (component.head + 1) * arch.head_dim] = replacement
-    both = torch.stack([clean, ablated]).unsqueeze(1)  # (2, 1, H·hd)
-    written = arch.attn_post_norm(component.layer)(arch.out_proj(component.layer)(both))
-    return written[0, 0].float() - written[1, 0].float()
+    head_in = run.head_in[component.layer, -1:]
+    return arch.post_norm_head_change(component.layer, component.head, head_in, replacement.unsqueeze(0))[0]
 
 
 def _responses(

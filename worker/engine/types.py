@@ -128,6 +128,8 @@ class PositionMeasures:
     norm_response: torch.Tensor  # (C, P)
     clean_direct_effect: torch.Tensor  # (R, P)
     sources: list[int] = field(default_factory=list)
+    # Soft-capped models (Gemma 2) only: TE read on the capped logits at every position (C, P); None otherwise.
+    capped_total_effect: torch.Tensor | None = None
 
     @property
     def compensatory_effect(self) -> torch.Tensor:
