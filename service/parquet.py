@@ -159,10 +159,10 @@ def _position_batch(result: JobResult, schema: pa.Schema, start: int, stop: int)
     n_components = len(result.components)
     parsed = [parse_component(name) for name in result.components]
     per_component = [
-        pa.array(list(values)).dictionary_encode() if name in ("component", "kind") else pa.array(list(values))
+        pa.array(values).dictionary_encode() if name in ("component", "kind") else pa.array(values)
         for name, values in zip(
             ("component", "kind", "layer", "head"),
-            [result.components, *([part[k] for part in parsed] for k in range(3))],
+            [list(result.components), *([part[k] for part in parsed] for k in range(3))],
             strict=True,
         )
     ]

@@ -752,16 +752,16 @@ def basis_output(parts: ModelParts, rec: RunRecord, name: str, p: int) -> torch.
         if not parts.post_norm:
             return write
         norm = parts.attn[c.layer]  # post-norm families: the post-attention norm's output is what attention writes
-        whole = sum(
+        whole = torch.stack([
             rec.head_in[c.layer][p, h * parts.head_dim : (h + 1) * parts.head_dim].double()
             @ head_matrix(parts, c.layer, h)
             for h in range(parts.n_heads)
-        )
+        ]).sum(dim=0)
         bias = getattr(parts.out_proj[c.layer], "bias", None)
         if bias is not None:
             whole = whole + bias.detach().double()
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", None)))
-        gain = norm.weight.detach().double() + parts.gain_offset
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
+        gain = cast(torch.Tensor, norm.weight).detach().double() + parts.gain_offset
         return gain * write / math.sqrt(float((whole**2).mean()) + eps)
     store = rec.attn_out if c.kind == "attn" else rec.mlp_out
     return store[c.layer][p].double()

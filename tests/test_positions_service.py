@@ -338,7 +338,9 @@ def test_a_per_position_job_on_a_soft_capped_post_norm_model_runs_through_the_st
         total = _arrays(columns, "total_effect", n_components)
         assert capped.shape == total.shape and not torch.allclose(capped, total)
         assert prompt["capped_total_effect"] == pytest.approx(capped[:, -1].tolist(), abs=1e-6)
-        split = sum(_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response"))
+        split = torch.stack(
+            [_arrays(columns, n, n_components) for n in ("response_heads", "response_mlps", "norm_response")]
+        ).sum(dim=0)
         assert torch.allclose(split, _arrays(columns, "compensation", n_components), atol=1e-5, rtol=0)
     rows = list(csv.DictReader(io.StringIO(api.get(f"/v1/jobs/{job_id}/result", params={"format": "csv"}).text)))
     assert rows and all(row["capped_total_effect"] != "" for row in rows)

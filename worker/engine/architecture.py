@@ -295,7 +295,7 @@ class Architecture:
 
     def attn_post_norm_gain(self, layer: int) -> torch.Tensor:
         """The attention post-norm's effective gain g (Gemma stores g − 1), float32."""
-        weight = self.attn_post_norm(layer).weight.float()
+        weight = weight_of(self.attn_post_norm(layer)).float()
         return weight + self.family.gain_offset if self.family.gain_offset else weight
 
     def norm_eps(self) -> float:
