@@ -6,6 +6,7 @@ environment; tests pass their own Settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 
@@ -50,6 +51,7 @@ from service.ui import ui_handlers, ui_template_config
 from service.webhooks import finish_hook
 
 logger = logging.getLogger(__name__)
+WARM_CONNECTIONS = 32  # Redis connections opened at start-up per pool (asyncio and threads): a burst's worth
 
 API_TITLE = "hydra-ablate"
 API_VERSION = "1.0.0"
@@ -145,8 +147,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ).start()
         try:
             await to_thread.run_sync(queue.connect)
-        except Exception as error:  # noqa: BLE001 - /ready reports the broker; the first submit connects again
-            logger.warning("could not connect to the broker at start-up: %s", error)
+            # Redis connections for a burst: each pool grows by one connection per concurrent request, and a new
+            # connection costs a TCP handshake and a HELLO; open them now rather than during the first burst.
+            await asyncio.gather(*(app.state.aredis.ping() for _ in range(WARM_CONNECTIONS)))
+            await to_thread.run_sync(store.open_connections, WARM_CONNECTIONS)
+        except Exception as error:  # noqa: BLE001 - /ready reports Redis and the broker; requests connect anyway
+            logger.warning("could not open the Redis and broker connections at start-up: %s", error)
 
     async def resend_unplanned_jobs(app: Litestar) -> None:
         # Jobs stored but never sent (this API may have died between the two steps): send them now; workers'

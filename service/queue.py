@@ -140,6 +140,14 @@ def make_celery_client(settings: Settings) -> Celery:
     return app
 
 
+class SentTask:
+    """What a publish returns here: the task id, and nothing that would reach for a result backend."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+        self.ignored = True
+
+
 class JobQueue:
     """What the API needs from Celery: hand a job to the workers, and know whether any are listening."""
 
@@ -149,7 +157,15 @@ class JobQueue:
 
     def enqueue(self, job_id: str) -> None:
         """Publish the job id on the hydra queue; a worker reads the spec from the JobStore and plans chunks."""
-        self.celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=self.settings.queue_name)
+        self._send(TASK_RUN_JOB, [job_id])
+
+    def _send(self, task: str, args: list[object]) -> None:
+        # No result is ever read (the job store holds every outcome), so none is asked for: without
+        # `ignore_result` and a plain result class, Celery builds a result backend in every new request thread
+        # (its backend is thread-local), each time scanning the installed packages' entry points.
+        self.celery_app.send_task(
+            task, args=args, queue=self.settings.queue_name, ignore_result=True, result_cls=SentTask
+        )
 
     def connect(self) -> None:
         """Open the broker connection of the producer pool now (the first publish would otherwise pay for it)."""
@@ -158,7 +174,7 @@ class JobQueue:
 
     def notify(self, job_id: str) -> None:
         """Queue the webhook delivery of a finished job (worker/webhooks.py retries it)."""
-        self.celery_app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=self.settings.queue_name)
+        self._send(TASK_DELIVER_CALLBACK, [job_id, 1])
 
     def revoke(self, task_ids: list[str]) -> None:
         """Tell every worker to drop these queued tasks (e.g. a cancelled job's chunks; see service/chunks.py)."""

@@ -329,6 +329,19 @@ class JobStore:
     def close(self) -> None:
         self.client.close()
 
+    def open_connections(self, count: int) -> None:
+        """Put `count` connected connections in the pool now (at most the pool's own limit)."""
+        pool = self.client.connection_pool
+        taken = []
+        try:
+            for _ in range(count):
+                connection = pool.get_connection()
+                connection.connect()
+                taken.append(connection)
+        finally:
+            for connection in taken:
+                pool.release(connection)
+
     # keys
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"

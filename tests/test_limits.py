@@ -292,6 +292,40 @@ def test_new_redis_connections_do_not_look_up_the_driver_version(monkeypatch: py
         client.connection_pool.make_connection()
 
 
+def test_publishing_a_job_builds_no_result_backend_in_the_request_thread(settings: Settings, store: JobStore) -> None:
+    """Celery's result backend is per thread and costly to build (an entry-point scan); the API reads no results,
+    so a submit in a fresh thread must not build one."""
+    import threading
+
+    from service.queue import JobQueue
+
+    queue = JobQueue(settings)
+    built: list[bool] = []
+
+    def submit_once() -> None:
+        queue.enqueue("some-job")
+        built.append(hasattr(queue.celery_app._local, "backend"))
+
+    try:
+        thread = threading.Thread(target=submit_once)
+        thread.start()
+        thread.join(timeout=30)
+    finally:
+        queue.close()
+    assert built == [False]
+
+
+def test_the_app_opens_its_redis_connections_at_start(settings: Settings, store: JobStore) -> None:
+    """A burst of first requests must not each open a connection: the pools are filled at start-up."""
+    from service.app import WARM_CONNECTIONS
+
+    with app_client(settings) as client:
+        assert client.get("/health").status_code == 200
+        app_store = client.app.state.store
+        assert len(app_store.client.connection_pool._available_connections) >= WARM_CONNECTIONS
+        assert len(client.app.state.aredis.connection_pool._available_connections) >= WARM_CONNECTIONS
+
+
 def test_without_a_published_tokenizer_the_token_check_is_skipped(settings: Settings, store: JobStore) -> None:
     assert store.tokenizer_json("tiny") is None
     with app_client(settings, max_prompt_tokens=2) as client:
