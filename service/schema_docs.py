@@ -234,6 +234,10 @@ DOCS: dict[str, str] = {
     "ModelInfo.device": "Where the worker runs it (HYDRA_DEVICE), e.g. cuda:0",
     "ModelInfo.device_name": "The device's name, e.g. the GPU's or the CPU's model (null when unknown)",
     "ModelInfo.final_logit_softcap": "Gemma 2's final-logit soft cap (null for every other model)",
+    "ModelInfo.head_basis_refusal": (
+        "Why this model cannot run `response_basis: \"heads\"` (a post-norm block whose attention output "
+        "projection has a bias, which belongs to no head); null when it can"
+    ),
     "PromptResult.index": "The prompt's index in the job's prompts (only_correct leaves some out)",
     "PromptResult.unembed_effect": _E + "the paper's Δunembed: the component's clean output onto the target (Eq. 10)",
     "PromptResult.compensatory_effect": (
@@ -255,6 +259,9 @@ DOCS: dict[str, str] = {
         "positions, C components, R response-basis entries."
     ),
     "PositionColumns.positions": "The measured positions: indices into the tokens the model read",
+    "PositionColumns.capped_total_effect": (
+        "(C, P) soft-capped models only: total effect on the capped logits (null for every other model)"
+    ),
     "PositionColumns.target_ids": "Per measured position, the target token id",
     "PositionColumns.clean_metric": "(P,) the clean run's metric per position",
     "PositionColumns.top2_gap": "(P,) the clean top-1/top-2 logit gap per position",
