@@ -805,12 +805,16 @@ def demo(
             stack.stop()
 
 
-def run_demo(client: HydraClient, prompts: int, samples: int, figure_path: Path) -> None:
-    """The demo's job against a ready API: submit, follow, print the table, fetch the headline figure."""
+def run_demo(
+    client: HydraClient, prompts: int, samples: int, figure_path: Path, model: str | None = None
+) -> None:
+    """The demo's job against a ready API: submit, follow, print the table, fetch the headline figure (on `model`,
+    else the built-in model where served, else the first model served)."""
     served = [info.id for info in client.models()]
     if not served:
         raise CliFailure("the API advertises no models: no worker has loaded one")
-    model = BUILTIN_MODEL if BUILTIN_MODEL in served else served[0]
+    if model is None:
+        model = BUILTIN_MODEL if BUILTIN_MODEL in served else served[0]
     request = {
         "preset": "hydra",
         "model": model,

@@ -226,6 +226,6 @@ def test_the_demo_shows_numbers_even_when_the_model_answers_none_of_its_prompts(
 
     figure = tmp_path / "demo.png"
     with HydraClient(live_url) as client:
-        run_demo(client, 3, 2, figure)
+        run_demo(client, 3, 2, figure, model="tiny-llama")
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert "attn.0" in capsys.readouterr().out

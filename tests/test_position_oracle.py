@@ -73,8 +73,8 @@ class Case:
 
 
 CASES = (
-    Case("resample", "logit", "clean", "next_token", "all", "heads", samples=2),
-    Case("resample", "centered_logit", "ablated", "next_token", "all", "layers", resample_from="random"),
+    Case("resample", "logit", "clean", "next_token", "all", "heads"),
+    Case("resample", "centered_logit", "ablated", "next_token", "all", "layers", resample_from="random", samples=2),
     Case("mean", "logit", "ablated", "clean_top", "all", "heads"),
     Case("mean", "logprob", "clean", "next_token", "final", "layers", mean_reference=True),
     Case("zero", "logprob", "ablated", "next_token", "all", "heads"),
