@@ -10,15 +10,12 @@ from __future__ import annotations
 import base64
 import shutil
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import uvicorn
-from litestar import Litestar
+from tests.live_server import serve  # noqa: F401 - the browser tests serve the app with it
 
 T = TypeVar("T")
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
@@ -35,25 +32,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serve(app: Litestar) -> Iterator[str]:
-    """The app on a free port, served by uvicorn in a thread (lifespan included); yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="ui-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test API server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def chromium(download_dir: Path, width: int = 1280, height: int = 800) -> Any:

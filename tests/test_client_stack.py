@@ -6,20 +6,17 @@ import asyncio
 import csv
 import io
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from client.cli import app as cli_app
 from client.http import AsyncHydraClient, HydraClient, HydraError
 from service.app import create_app
-from service.embedded_redis import free_port
 from service.schemas import JobResult, JobStatus
+from tests.live_server import serve
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "My favourite colour is"]
 FIGURES = ("te_vs_de", "layer_effects", "response_heatmap", "erasure")
@@ -30,17 +27,8 @@ def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
     """The real app served over HTTP by uvicorn in a thread."""
     from service.settings import Settings
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings.from_env()), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve(create_app(Settings.from_env())) as url:
+        yield url
 
 
 def png_size(data: bytes) -> tuple[int, int]:

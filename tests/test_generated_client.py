@@ -8,17 +8,15 @@ import importlib
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from service.app import create_app
-from service.embedded_redis import free_port
+from tests.live_server import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 # The generator knows binary bodies as application/octet-stream; figures are image/png and image/svg+xml.
@@ -49,20 +47,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture()
 def live_server(celery_worker: object, stack_settings: Any) -> Iterator[str]:
-    port = free_port()
-    config = uvicorn.Config(create_app(stack_settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve(create_app(stack_settings)) as url:
+        yield url
 
 
 def test_a_generated_client_submits_polls_and_fetches_result_and_figure(generated: Any, live_server: str) -> None:

@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import gzip
 import http.client
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 import redis
-import uvicorn
 from litestar.testing import TestClient
 
 from service.app import create_app
 from service.chunks import ChunkBook, ChunkResult
-from service.embedded_redis import EmbeddedRedis, free_port
+from service.embedded_redis import EmbeddedRedis
 from service.redis_replies import bytes_or_none
 from service.settings import Settings
 from service.store import GZIP_MAGIC, JobStore
+from tests.live_server import serve
 from tests.test_figures import build_result, store_succeeded
 
 KEY = "memory-key"
@@ -68,19 +66,8 @@ def test_results_stored_before_compression_are_still_served(store: JobStore) -> 
 
 
 def served(settings: Settings) -> Iterator[int]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve(create_app(settings)) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture

@@ -4,19 +4,17 @@ real Celery control ping with no worker answering, so each ping takes the full r
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from service.app import create_app
-from service.embedded_redis import free_port
 from service.queue import JobQueue
 from service.settings import Settings
 from tests.conftest import private_settings
+from tests.live_server import serve
 
 
 @pytest.fixture
@@ -34,19 +32,8 @@ def served(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
     # (database 0, started by other tests) does not answer this app's pings; here no worker must answer.
     lone_db = redis_url.rsplit("/", 1)[0] + "/7"
     with private_settings(lone_db, "ready", ready_timeout_s=1.0, ready_cache_s=60.0, api_keys="u:k") as settings:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        try:
-            yield f"http://127.0.0.1:{port}", pings
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+        with serve(create_app(settings)) as url:
+            yield url, pings
 
 
 def test_concurrent_ready_probes_share_one_worker_ping(served: tuple[str, list[float]]) -> None:

@@ -9,8 +9,6 @@ of the result and figure routes are validated too.
 from __future__ import annotations
 
 import os
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,16 +18,15 @@ import httpx
 import pytest
 import redis
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
 from service.app import create_app
-from service.embedded_redis import free_port
 from service.settings import Settings
 from service.store import JobStore
+from tests.live_server import serve
 from tests.test_api import SMOLLM, TINY
 from tests.test_figures import build_result, store_succeeded
 
@@ -71,19 +68,10 @@ def live(redis_url: str, celery_worker: object) -> Iterator[Live]:
     store.advertise_model(SMOLLM)
     store.advertise_model(TINY)
     job_id = store_succeeded(store, build_result(heads=2))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
     try:
-        yield Live(f"http://127.0.0.1:{port}", settings, job_id)
+        with serve(create_app(settings)) as url:
+            yield Live(url, settings, job_id)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         for key in store.client.scan_iter(match=f"{settings.key_prefix}*"):
             store.client.delete(key)
         store.client.delete(settings.queue_name)
