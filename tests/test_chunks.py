@@ -145,6 +145,69 @@ def test_merged_chunks_equal_the_job_in_one_piece(tiny_model_dirs: dict[str, str
     assert merged.provenance.spec == spec
 
 
+def test_the_chunks_of_a_job_share_their_clean_runs(tiny_model_dirs: dict[str, str]) -> None:
+    """Each prompt's clean pass runs once per job, not once per chunk that needs it, and changes no number."""
+    from worker.chunking import execute_chunk, merge_chunks
+    from worker.model_cache import load_model
+
+    source = ModelSource(id="tiny-llama", location=tiny_model_dirs["tiny-llama"])
+    spec = _spec(PROMPTS, resample_samples=4)
+    plan = plan_chunks(len(PROMPTS), 3)
+    cached = load_model(source)
+    uncached = load_model(source)
+    uncached.clean_runs.max_bytes = 0  # keeps nothing: every clean pass runs
+    merged = {}
+    for name, loaded in (("cached", cached), ("uncached", uncached)):
+        chunks = [execute_chunk("job", spec, loaded, c.index, c.start, c.stop) for c in plan]
+        merged[name] = merge_chunks("job", spec, chunks)
+
+    runs = cached.clean_runs
+    assert runs.misses == len(PROMPTS) and len(runs) == len(PROMPTS)  # every prompt is a source somewhere
+    assert runs.hits > len(PROMPTS)  # 4 chunks × (own prompts + 4 sources each), far more than 10 distinct runs
+    assert uncached.clean_runs.hits == 0 and len(uncached.clean_runs) == 0
+    assert uncached.clean_runs.misses == runs.hits + runs.misses  # the passes the cache saved
+    assert_same_numbers(msgspec.to_builtins(merged["cached"].prompts), msgspec.to_builtins(merged["uncached"].prompts))
+
+
+def test_the_clean_run_cache_keeps_the_most_recent_runs_within_its_bytes(tiny_model_dirs: dict[str, str]) -> None:
+    import torch
+
+    from worker.engine.architecture import describe
+    from worker.engine.clean import CleanRunCache, run_clean
+    from worker.model_cache import load_model
+
+    loaded = load_model(ModelSource(id="tiny-llama", location=tiny_model_dirs["tiny-llama"]))
+    arch = describe(loaded.model)
+    prompts = [torch.tensor(loaded.tokenizer(p).input_ids) for p in PROMPTS[:4]]
+    computed: list[int] = []
+
+    def run(i: int, cache: CleanRunCache) -> object:
+        def compute() -> Any:
+            computed.append(i)
+            return run_clean(loaded.model, arch, prompts[i], all_positions=False, with_heads=False)
+
+        return cache.get(prompts[i], False, False, compute)
+
+    size = run_clean(loaded.model, arch, prompts[0], all_positions=False, with_heads=False).nbytes()
+    cache = CleanRunCache(max_bytes=int(2.5 * size))  # room for two runs of these (equally long) prompts
+    first = run(0, cache)
+    assert run(0, cache) is first and computed == [0]
+    run(1, cache)
+    run(0, cache)  # 0 is now the most recently used
+    run(2, cache)  # evicts 1, the least recently used
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes
+    run(0, cache)
+    run(1, cache)
+    assert computed == [0, 1, 2, 1]
+    # Another capture of the same prompt is another entry: a run without heads' inputs cannot serve one with them.
+    cache.get(prompts[0], False, True, lambda: run_clean(loaded.model, arch, prompts[0], all_positions=False,
+                                                          with_heads=True))
+    assert cache.misses == 5
+    tiny = CleanRunCache(max_bytes=size - 1)  # a run larger than the whole cache is returned, not kept
+    run(3, tiny)
+    assert len(tiny) == 0 and tiny.bytes == 0
+
+
 # --- through the API and the in-thread worker --------------------------------------------------------------------
 
 

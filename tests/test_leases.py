@@ -273,7 +273,12 @@ def test_worker_settings_are_checked_once_with_a_clear_message(monkeypatch: pyte
     monkeypatch.setenv("HYDRA_REDIS_OUTAGE_S", "10")
     parsed = WorkerSettings.from_env()
     assert (parsed.model_cache_bytes, parsed.lease_s, parsed.renew_s) == (8_000_000_000, 30.0, 7.5)
+    assert parsed.clean_cache_bytes == 1 << 30  # the default
+    monkeypatch.setenv("HYDRA_CLEAN_CACHE_BYTES", "0")  # off
+    assert WorkerSettings.from_env().clean_cache_bytes == 0
     for name, value, message in [
+        ("HYDRA_CLEAN_CACHE_BYTES", "-1", "HYDRA_CLEAN_CACHE_BYTES must be 0 or more, got -1"),
+        ("HYDRA_CLEAN_CACHE_BYTES", "1GB", "HYDRA_CLEAN_CACHE_BYTES must be a number of bytes, got '1GB'"),
         ("HYDRA_MODEL_CACHE_SIZE", "two", "HYDRA_MODEL_CACHE_SIZE must be an integer, got 'two'"),
         ("HYDRA_MODEL_CACHE_SIZE", "0", "HYDRA_MODEL_CACHE_SIZE must be at least 1"),
         ("HYDRA_DTYPE", "fp8", "HYDRA_DTYPE must be one of float32, bfloat16, float16"),

@@ -68,6 +68,7 @@ def execute_chunk(
             on_progress=on_progress,
             should_stop=should_stop,
             batch_tokens=batch_tokens(),
+            clean_cache=loaded.clean_runs,
         )
     else:
         sweep = run_sweep(
@@ -78,6 +79,7 @@ def execute_chunk(
             should_stop=should_stop,
             batch_tokens=batch_tokens(),
             on_phase=on_phase,
+            clean_cache=loaded.clean_runs,
         )
     if isinstance(sweep, PositionSweepResult):
         full = spec.position_responses == "full"

@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,8 +34,10 @@ from worker.engine.architecture import (
     has_parallel_blocks,
     head_basis_refusal,
 )
+from worker.engine.clean import CleanRunCache
 from worker.engine.errors import InputError
 from worker.model_sources import ModelSource
+from worker.settings import DEFAULT_CLEAN_CACHE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     revision: str | None
     file_sha256: str | None
+    # The clean runs of this model's recent prompts, on its device (worker/engine/clean.py): the chunks of a job
+    # share their sources' clean passes instead of each running them again.
+    clean_runs: CleanRunCache = field(default_factory=lambda: CleanRunCache(DEFAULT_CLEAN_CACHE_BYTES), compare=False)
 
     @property
     def dtype(self) -> str:
@@ -212,6 +217,7 @@ class ModelCache:
         max_bytes: int | None = None,
         dtype: torch.dtype = torch.float32,
         *,
+        clean_cache_bytes: int = DEFAULT_CLEAN_CACHE_BYTES,
         loader: Callable[[ModelSource, str], LoadedModel] | None = None,
         estimator: Callable[[ModelSource], int] | None = None,
     ) -> None:
@@ -222,6 +228,7 @@ class ModelCache:
         self.device = device
         self.max_bytes = max_bytes
         self.dtype = dtype
+        self.clean_cache_bytes = clean_cache_bytes
         self._loader = loader or (lambda source, device: load_model(source, device=device, dtype=dtype))
         self._estimator = estimator or (lambda source: estimate_bytes(source, dtype))
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -248,6 +255,7 @@ class ModelCache:
             self._make_room(self._estimate(source))
             log.info("loading model %s from %s", model_id, source.description)
             loaded = self._loader(source, self.device)
+            loaded.clean_runs.max_bytes = self.clean_cache_bytes
             self._loaded[model_id] = loaded
             self._bytes[model_id] = parameter_bytes(loaded.model)
             self._make_room(0, keep=model_id)  # the estimate may have been low

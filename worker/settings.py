@@ -13,10 +13,25 @@ from dataclasses import dataclass
 from service.settings import env_float, env_int
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the keys of worker.model_cache.DTYPES (checked there)
+DEFAULT_CLEAN_CACHE_BYTES = 1 << 30
 
 
 class WorkerConfigError(ValueError):
     """A worker setting is malformed or inconsistent; the worker does not start."""
+
+
+def _bytes_or_zero(name: str, default: int) -> int:
+    """A byte count from the environment, 0 included (off); 1e9 and 1073741824 both read."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {raw}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,9 @@ class WorkerSettings:
 
     model_cache_size: int = 2  # HYDRA_MODEL_CACHE_SIZE: models kept loaded per process
     model_cache_bytes: int | None = None  # HYDRA_MODEL_CACHE_BYTES: their parameter bytes at most (unset: no cap)
+    # HYDRA_CLEAN_CACHE_BYTES: clean runs kept per loaded model for the next chunks (worker/engine/clean.py), on the
+    # model's device; not counted in HYDRA_MODEL_CACHE_BYTES. 0 turns the cache off.
+    clean_cache_bytes: int = DEFAULT_CLEAN_CACHE_BYTES
     device: str = "cpu"  # HYDRA_DEVICE
     dtype: str = "float32"  # HYDRA_DTYPE
     # A running chunk renews its lease every quarter of HYDRA_LEASE_S; a chunk whose lease lapsed is sent to
@@ -48,6 +66,7 @@ class WorkerSettings:
             settings = cls(
                 model_cache_size=env_int("HYDRA_MODEL_CACHE_SIZE", defaults.model_cache_size),
                 model_cache_bytes=int(env_float("HYDRA_MODEL_CACHE_BYTES", 1.0)) if raw_bytes else None,
+                clean_cache_bytes=_bytes_or_zero("HYDRA_CLEAN_CACHE_BYTES", defaults.clean_cache_bytes),
                 device=os.environ.get("HYDRA_DEVICE", "").strip() or defaults.device,
                 dtype=os.environ.get("HYDRA_DTYPE", "").strip() or defaults.dtype,
                 lease_s=env_float("HYDRA_LEASE_S", defaults.lease_s),

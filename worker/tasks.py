@@ -94,6 +94,7 @@ def model_cache() -> ModelCache:
         device=worker_settings.device,
         max_bytes=worker_settings.model_cache_bytes,
         dtype=parse_dtype(worker_settings.dtype),
+        clean_cache_bytes=worker_settings.clean_cache_bytes,
     )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -28,6 +31,72 @@ class CleanRun:
 
     def final_layer_out(self) -> torch.Tensor:
         return self.layer_out[:, -1, :]
+
+    def nbytes(self) -> int:
+        total = 0
+        for f in fields(self):
+            value = getattr(self, f.name)
+            tensors = value if isinstance(value, list) else [value]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        return total
+
+
+CleanKey = tuple[bytes, bool, bool]  # (token ids, all positions, with heads)
+
+
+class CleanRunCache:
+    """Clean runs of one model kept across sweeps, least recently used first out, at most `max_bytes` in all.
+
+    The chunks of a job each need the clean runs of their prompts and of those prompts' resample sources (every
+    prompt of the job for mean ablation over its own prompts): without this, a job of n prompts with s sources
+    each ran up to n·(1 + s) clean passes, the same prompts again in every chunk; with it, n. A clean run is a
+    function of the model and the token ids alone (one unpadded prompt, no batching), so a cached run is the very
+    tensors a new pass would compute, not an approximation. Runs are never modified after they are made (CleanRun
+    is frozen and the engine only reads its tensors). Owned by the loaded model (worker/model_cache.py): a model
+    evicted from a worker takes its clean runs with it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._runs: OrderedDict[CleanKey, CleanRun] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def get(self, token_ids: torch.Tensor, all_positions: bool, with_heads: bool,
+            compute: Callable[[], CleanRun]) -> CleanRun:
+        key: CleanKey = (token_ids.cpu().numpy().tobytes(), all_positions, with_heads)
+        with self._lock:
+            run = self._runs.get(key)
+            if run is not None:
+                self._runs.move_to_end(key)
+                self.hits += 1
+                return run
+        run = compute()
+        size = run.nbytes()
+        with self._lock:
+            self.misses += 1
+            if size > self.max_bytes or key in self._runs:
+                return run
+            self._runs[key] = run
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._runs.popitem(last=False)
+                self._bytes -= evicted.nbytes()
+        return run
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
+            self._bytes = 0
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from worker.engine.architecture import Architecture, describe, head_basis_refusal
-from worker.engine.clean import CleanRun
+from worker.engine.clean import CleanRun, CleanRunCache
 from worker.engine.components import (
     Component,
     head_basis_components,
@@ -74,8 +74,10 @@ def run_position_sweep(
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+    clean_cache: CleanRunCache | None = None,
 ) -> PositionSweepResult:
-    """Every per-position measure for every prompt × component of `spec` (`batch_tokens=None`: from the device)."""
+    """Every per-position measure for every prompt × component of `spec` (`batch_tokens=None`: from the device;
+    `clean_cache`: clean runs kept from earlier sweeps on this model, as in run_sweep)."""
     arch = describe(model)
     check_position_spec(spec, inputs.target_ids is not None)
     heads_basis = spec.response_basis == "heads"
@@ -89,7 +91,7 @@ def run_position_sweep(
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
-        return clean_run(model, arch, ids, all_positions=True, with_heads=with_heads)
+        return clean_run(model, arch, ids, all_positions=True, with_heads=with_heads, cache=clean_cache)
 
     sources = job_sources(spec, inputs)
     measured = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from worker.engine.architecture import Architecture, describe
-from worker.engine.clean import CleanRun, run_clean
+from worker.engine.clean import CleanRun, CleanRunCache, run_clean
 from worker.engine.components import Component, is_downstream, layer_components, parse_component
 from worker.engine.errors import InputError
 from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
@@ -47,11 +47,13 @@ def run_sweep(
     should_stop: StopCheck | None = None,
     batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
     on_phase: PhaseCallback | None = None,
+    clean_cache: CleanRunCache | None = None,
 ) -> SweepResult:
     """Every measure of docs/definitions.md for every prompt × component of `spec`.
 
     `batch_tokens=None`: the budget comes from the device (worker/engine/memory.py: free CUDA memory once the clean
-    runs are resident, the fixed default on a CPU).
+    runs are resident, the fixed default on a CPU). `clean_cache`: clean runs kept from earlier sweeps on this model
+    (the other chunks of a job); None computes every one.
     """
     arch = describe(model)
     components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
@@ -62,7 +64,7 @@ def run_sweep(
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
-        return clean_run(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
+        return clean_run(model, arch, ids, all_positions=all_positions, with_heads=with_heads, cache=clean_cache)
 
     sources = job_sources(spec, inputs)
     candidates = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
@@ -106,9 +108,21 @@ def run_sweep(
 
 
 def clean_run(
-    model: nn.Module, arch: Architecture, ids: torch.Tensor, *, all_positions: bool, with_heads: bool
+    model: nn.Module,
+    arch: Architecture,
+    ids: torch.Tensor,
+    *,
+    all_positions: bool,
+    with_heads: bool,
+    cache: CleanRunCache | None = None,
 ) -> CleanRun:
-    """`run_clean`, with a clean pass that runs out of memory failing as BatchDoesNotFit (with the reason)."""
+    """`run_clean` (or the same run from `cache`), with a clean pass that runs out of memory failing as
+    BatchDoesNotFit (with the reason)."""
+    if cache is not None:
+        return cache.get(
+            ids, all_positions, with_heads,
+            lambda: clean_run(model, arch, ids, all_positions=all_positions, with_heads=with_heads),
+        )
     try:
         return run_clean(model, arch, ids, all_positions=all_positions, with_heads=with_heads)
     except torch.OutOfMemoryError as error:
