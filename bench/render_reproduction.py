@@ -25,7 +25,6 @@ OUT = ROOT / "docs" / "reproduction"
 FIGURES: dict[str, tuple[FigureName, ...]] = {
     "correct": ("fig2", "fig7", "fig8", "erasure", "response_heatmap", "layer_effects", "te_vs_de"),
     "all": ("fig2", "fig7", "fig8", "erasure"),
-    "all_attn5": ("fig7", "fig8"),
 }
 
 

@@ -37,12 +37,6 @@ RUNS: dict[str, dict[str, object]] = {
     # Fig. 1/3: per-patch profiles for the correctly answered prompts among the first 60.
     "samples": {"preset": "hydra", "dataset": {"name": "known_1000", "limit": 60}, "keep_samples": True},
     "all": {"preset": "hydra", "only_correct": False},
-    # All prompts, attention layers only: the paper's Fig. 7 claim is about attention layers, and each prompt's
-    # numbers equal the full job's (the resample pairing does not depend on the components).
-    "all_attn": {"preset": "hydra", "only_correct": False, "components": ["attn"]},
-    # The same with 5 sources per prompt instead of 15: what fits in the time a shared 2-core CPU leaves (the
-    # regression is across prompts; fewer patches make each prompt's CE noisier, not biased).
-    "all_attn5": {"preset": "hydra", "only_correct": False, "components": ["attn"], "resample_samples": 5},
 }
 
 
