@@ -45,13 +45,14 @@ from service.readiness import Shared, probe
 from service.recovery import resend_unplanned
 from service.redaction import install_log_redaction
 from service.redis_options import driver_options
+from service.served_models import ServedModels
 from service.settings import Settings
 from service.store import JobStore
 from service.ui import ui_handlers, ui_template_config
 from service.webhooks import finish_hook
 
 logger = logging.getLogger(__name__)
-WARM_CONNECTIONS = 32  # Redis connections opened at start-up per pool (asyncio and threads): a burst's worth
+WARM_CONNECTIONS = 64  # Redis connections opened at start-up per pool (asyncio and threads): a burst's worth
 
 API_TITLE = "hydra-ablate"
 API_VERSION = "1.0.0"
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "api_keys": api_keys,
             "idempotency": IdempotencyRecords(store.client, settings.key_prefix, settings.result_ttl_s),
             "tokens": TokenCounters(),
+            "served": ServedModels(),
             "readiness": Shared(lambda: probe(store, queue, settings), settings.ready_cache_s),
             "metrics": AppMetrics(store, settings),
         }

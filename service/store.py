@@ -39,6 +39,7 @@ from typing import Any
 
 import msgspec
 import redis
+import redis.asyncio
 
 from service.redis_options import driver_options
 from service.redis_replies import (
@@ -480,6 +481,20 @@ class JobStore:
             status.callbacks = self.callbacks(job_id)
         return _unless_evicted(status, bool(has_result))
 
+    async def status_async(self, client: redis.asyncio.Redis, job_id: str) -> JobStatus | None:
+        """`status` read with the event loop's own client (`client`: same server, same prefix): the API's status
+        route, polled most, then costs no hand-off to a worker thread and back."""
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.job_key(job_id))
+            pipe.exists(self.result_key(job_id))
+            fields, has_result = await pipe.execute()
+        status = self._decode_status(fields)
+        if status is None:
+            return None
+        if status.callback_url is not None:
+            status.callbacks = _callback_attempts(await client.lrange(self.callbacks_key(job_id), 0, -1))
+        return _unless_evicted(status, bool(has_result))
+
     def spec(self, job_id: str) -> JobSpec | None:
         raw = self.client.hget(self.job_key(job_id), "spec")
         return None if raw is None else msgspec.json.decode(raw, type=JobSpec)
@@ -573,8 +588,7 @@ class JobStore:
         pipe.execute()
 
     def callbacks(self, job_id: str) -> list[CallbackAttempt]:
-        raw = self.client.lrange(self.callbacks_key(job_id), 0, -1)
-        return [msgspec.json.decode(item, type=CallbackAttempt) for item in raw]
+        return _callback_attempts(self.client.lrange(self.callbacks_key(job_id), 0, -1))
 
     def set_note(self, job_id: str, note: str) -> bool:
         """Tell pollers what happened to an active job (e.g. a chunk sent again); False once it has ended."""
@@ -827,3 +841,7 @@ class JobStore:
         """The Hugging Face tokenizers JSON a worker published for `model_id`; None until one has."""
         raw = self.client.get(self.tokenizer_key(model_id))
         return None if raw is None else as_bytes(raw).decode()
+
+
+def _callback_attempts(raw: list[bytes | str] | list[bytes]) -> list[CallbackAttempt]:
+    return [msgspec.json.decode(item, type=CallbackAttempt) for item in raw]

@@ -15,6 +15,7 @@ from litestar.testing import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from service.app import create_app
+from service.errors import ValidationProblem
 from service.settings import MIB, Settings
 from service.store import ActiveJobsExceeded, JobStore
 from tests.test_api import assert_problem
@@ -355,3 +356,47 @@ def test_limits_come_from_the_environment(monkeypatch: Any) -> None:
     monkeypatch.setenv("HYDRA_RATE_WINDOW_S", "0")
     with pytest.raises(ValueError, match="HYDRA_RATE_WINDOW_S must be at least 1"):
         Settings.from_env()
+
+
+def test_submits_read_the_served_models_at_most_once_a_second_and_never_miss_a_new_one(
+    settings: Settings, store: JobStore
+) -> None:
+    """The model list is kept for a second (ServedModels); a model not in the kept list is looked up afresh before
+    a request is refused, so one advertised a moment ago is accepted at once, and a refused one says why."""
+    import msgspec
+
+    from service.schemas import JobRequest
+    from service.served_models import ServedModels
+    from tests.test_api import SMOLLM
+
+    served = ServedModels(max_age_s=60.0)
+    reads: list[int] = []
+    real_models = store.models
+
+    def counted() -> Any:
+        reads.append(1)
+        return real_models()
+
+    store.models = counted  # type: ignore[method-assign]
+
+    def request(model: str) -> JobRequest:
+        return msgspec.convert({**JOB, "model": model}, JobRequest)
+
+    assert served.resolve(request("tiny"), store, settings).model == "tiny"
+    for _ in range(5):
+        served.resolve(request("tiny"), store, settings)
+    assert len(reads) == 1  # one read for six submits within the minute
+
+    store.advertise_model(msgspec.structs.replace(SMOLLM, id="fresh-model"))  # after the list was kept
+    assert served.resolve(request("fresh-model"), store, settings).model == "fresh-model"
+    assert len(reads) == 2
+
+    store.refuse_model("odd-model", "its attention has no output projection")
+    with pytest.raises(ValidationProblem, match="cannot be ablated: its attention has no output projection"):
+        served.resolve(request("odd-model"), store, settings)
+    with pytest.raises(ValidationProblem, match="unknown model 'nowhere'"):
+        served.resolve(request("nowhere"), store, settings)
+    with pytest.raises(ValidationProblem, match="layer") as problem:  # not a model error: no second read
+        before = len(reads)
+        served.resolve(msgspec.convert({**JOB, "components": ["attn.99"]}, JobRequest), store, settings)
+    assert problem.value.field != "model" and len(reads) == before

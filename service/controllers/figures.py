@@ -16,8 +16,9 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, PathParameter, QueryParameter
 
-from service.auth import SECURITY, Principal
+from service.auth import SECURITY
 from service.cleanup import figure_key as cache_key
+from service.controllers.dependencies import RouteContext
 from service.controllers.jobs import finished_result, not_acceptable_response, require_succeeded
 from service.controllers.problems import PROTECTED, problem_responses
 from service.exports import negotiate
@@ -135,8 +136,7 @@ class FiguresController(Controller):
         request: Request[Any, Any, Any],
         job_id: FromPath[str],
         name: Annotated[str, PathParameter(description=f"one of {', '.join(FIGURE_NAMES)}")],
-        store: NamedDependency[JobStore],
-        principal: NamedDependency[Principal],
+        ctx: NamedDependency[RouteContext],
         format: Annotated[
             FigureFormat | None, QueryParameter(description="png, svg or pdf; overrides the Accept header")
         ] = None,
@@ -152,6 +152,7 @@ class FiguresController(Controller):
                            "largest Δunembed on that prompt)", max_length=32),
         ] = None,
     ) -> Response[bytes]:
+        store, principal = ctx.store, ctx.principal
         if name not in FIGURE_NAMES:
             raise NotFoundException(detail=f"unknown figure {name!r}; figures are {', '.join(FIGURE_NAMES)}")
         fmt, media_type = negotiate(format, request.accept, FIGURE_ACCEPT, "figures")

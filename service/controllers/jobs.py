@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
+import redis.asyncio
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, NotFoundException
@@ -23,6 +24,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT, HTTP_4
 from service.auth import SECURITY, Principal
 from service.chunks import ChunkBook
 from service.cleanup import delete_finished_job
+from service.controllers.dependencies import RouteContext
 from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
 from service.errors import BackendUnavailable, ValidationProblem
 from service.events import follow, last_event_id, wait_for_change
@@ -39,7 +41,7 @@ from service.exports import (
     summary_of,
     to_csv,
 )
-from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyRecords
+from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from service.labels import labels_of, parse_allow_list
 from service.limits import TokenCounters, check_prompt_tokens, rate_limit
 from service.queue import JobQueue
@@ -55,6 +57,7 @@ from service.schemas import (
     ProblemDetails,
     Summary,
 )
+from service.served_models import ServedModels
 from service.settings import Settings
 from service.store import TERMINAL_STATES, JobFilter, JobStore
 
@@ -75,7 +78,17 @@ def _not_found(job_id: str) -> NotFoundException:
 def visible_status(store: JobStore, job_id: str, principal: Principal | None) -> JobStatus:
     """The job's status, or 404 when it does not exist or belongs to another key: the same answer for both, so a
     key cannot probe which job ids exist."""
-    status = store.status(job_id)
+    return _visible(store.status(job_id), job_id, principal)
+
+
+async def visible_status_async(
+    client: redis.asyncio.Redis, store: JobStore, job_id: str, principal: Principal | None
+) -> JobStatus:
+    """`visible_status` on the event loop's Redis client (no worker thread): the route polled most uses it."""
+    return _visible(await store.status_async(client, job_id), job_id, principal)
+
+
+def _visible(status: JobStatus | None, job_id: str, principal: Principal | None) -> JobStatus:
     if status is None or (principal is not None and not principal.may_see(status.owner)):
         raise _not_found(job_id)
     return status
@@ -193,10 +206,10 @@ def queue_job(
     queue: JobQueue,
     settings: Settings,
     tokens: TokenCounters,
+    served: ServedModels,
 ) -> JobStatus:
     """Resolve and check the request, register the job under the caller (within its cap) and hand it to Celery."""
-    models = {info.id: info for info in store.models()}
-    spec = resolve(data, models, settings, store.refused_models())
+    spec = served.resolve(data, store, settings)
     labels = labels_of(data, parse_allow_list(settings.callback_allow))
     check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
     status = store.create(
@@ -277,20 +290,17 @@ class JobsController(Controller):
     def submit(
         self,
         data: JSONBody[JobRequest],
-        store: NamedDependency[JobStore],
-        queue: NamedDependency[JobQueue],
-        settings: NamedDependency[Settings],
-        principal: NamedDependency[Principal],
-        idempotency: NamedDependency[IdempotencyRecords],
-        tokens: NamedDependency[TokenCounters],
+        ctx: NamedDependency[RouteContext],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[JobStatus]:
+        store, queue, settings, principal, tokens = ctx.store, ctx.queue, ctx.settings, ctx.principal, ctx.tokens
+
         def create(job_id: str | None = None) -> JobStatus:
-            return queue_job(data, job_id, principal, store, queue, settings, tokens)
+            return queue_job(data, job_id, principal, store, queue, settings, tokens, ctx.served)
 
         if idempotency_key is None:
             return Response(create(), status_code=HTTP_202_ACCEPTED)
-        outcome = idempotency.submit_once(principal.name, idempotency_key, data, create, store.status)
+        outcome = ctx.idempotency.submit_once(principal.name, idempotency_key, data, create, store.status)
         headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
         return Response(outcome.status, status_code=HTTP_202_ACCEPTED, headers=headers)
 
@@ -311,12 +321,9 @@ class JobsController(Controller):
     def submit_batch(
         self,
         data: JSONBody[BatchRequest],
-        store: NamedDependency[JobStore],
-        queue: NamedDependency[JobQueue],
-        settings: NamedDependency[Settings],
-        principal: NamedDependency[Principal],
-        tokens: NamedDependency[TokenCounters],
+        ctx: NamedDependency[RouteContext],
     ) -> Response[BatchAccepted]:
+        store, queue, settings, principal, tokens = ctx.store, ctx.queue, ctx.settings, ctx.principal, ctx.tokens
         models = {info.id: info for info in store.models()}
         refused = store.refused_models()
         allowed = parse_allow_list(settings.callback_allow)
@@ -331,7 +338,7 @@ class JobsController(Controller):
         queued: list[JobStatus] = []
         try:
             for request in data.jobs:
-                queued.append(queue_job(request, None, principal, store, queue, settings, tokens))
+                queued.append(queue_job(request, None, principal, store, queue, settings, tokens, ctx.served))
         except BaseException:
             for status in queued:  # all or nothing: a half-queued batch would be re-sent whole by the client
                 store.request_cancel(status.id)
@@ -351,8 +358,7 @@ class JobsController(Controller):
     )
     def list_jobs(
         self,
-        store: NamedDependency[JobStore],
-        principal: NamedDependency[Principal],
+        ctx: NamedDependency[RouteContext],
         offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="jobs to skip, newest first")] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=500, description="jobs per page")] = 50,
         status: Annotated[JobState | None, QueryParameter(description="only jobs in this state")] = None,
@@ -369,6 +375,7 @@ class JobsController(Controller):
             datetime | None, QueryParameter(description="only jobs created before this instant (ISO-8601)")
         ] = None,
     ) -> JobPage:
+        store, principal = ctx.store, ctx.principal
         filters = JobFilter(
             status=status,
             model=model,
@@ -392,22 +399,22 @@ class JobsController(Controller):
         self,
         request: Request[Any, Any, Any],
         job_id: JobId,
-        store: NamedDependency[JobStore],
-        principal: NamedDependency[Principal],
+        ctx: NamedDependency[RouteContext],
         wait: Annotated[
             float | None,
             QueryParameter(ge=0, le=60, description="seconds to wait for the next change (long poll)"),
         ] = None,
     ) -> JobStatus:
-        if not wait:
-            return await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
+        store, principal = ctx.store, ctx.principal
         client = request.app.state.aredis
+        if not wait:
+            return await visible_status_async(client, store, job_id, principal)
         after = await last_event_id(client, store, job_id)  # read before the status, so no change slips between
-        status = await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
+        status = await visible_status_async(client, store, job_id, principal)
         if status.status in TERMINAL_STATES:
             return status
         await wait_for_change(client, store, job_id, after, wait)
-        return await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
+        return await visible_status_async(client, store, job_id, principal)
 
     @get(
         "/{job_id:str}/events",
@@ -433,8 +440,7 @@ class JobsController(Controller):
         self,
         request: Request[Any, Any, Any],
         job_id: JobId,
-        store: NamedDependency[JobStore],
-        principal: NamedDependency[Principal],
+        ctx: NamedDependency[RouteContext],
         last_event: Annotated[
             str | None,
             HeaderParameter(
@@ -444,6 +450,7 @@ class JobsController(Controller):
             ),
         ] = None,
     ) -> ServerSentEvent:
+        store, principal = ctx.store, ctx.principal
         await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
         client = request.app.state.aredis
 
@@ -489,13 +496,13 @@ class JobsController(Controller):
         self,
         request: Request[Any, Any, Any],
         job_id: JobId,
-        store: NamedDependency[JobStore],
-        principal: NamedDependency[Principal],
+        ctx: NamedDependency[RouteContext],
         format: Annotated[
             ExportFormat | None,
             QueryParameter(description="json, msgpack, csv or parquet; overrides the Accept header"),
         ] = None,
     ) -> Response[bytes] | Stream:
+        store, principal = ctx.store, ctx.principal
         fmt, media_type = negotiate(format, request.accept, EXPORT_ACCEPT, "results")
         headers = {"Vary": "Accept, Accept-Encoding"}
         # Results are stored as gzip of their JSON: a client that accepts gzip gets those bytes as they are (no
@@ -532,10 +539,8 @@ class JobsController(Controller):
         ),
         responses=problem_responses(400, *PROTECTED, 404, 409, 503),
     )
-    def get_summary(
-        self, job_id: JobId, store: NamedDependency[JobStore], principal: NamedDependency[Principal]
-    ) -> Summary:
-        return summary_of(finished_result(store, job_id, principal))
+    def get_summary(self, job_id: JobId, ctx: NamedDependency[RouteContext]) -> Summary:
+        return summary_of(finished_result(ctx.store, job_id, ctx.principal))
 
     @delete(
         "/{job_id:str}",
@@ -557,10 +562,9 @@ class JobsController(Controller):
     def cancel(
         self,
         job_id: JobId,
-        store: NamedDependency[JobStore],
-        queue: NamedDependency[JobQueue],
-        principal: NamedDependency[Principal],
+        ctx: NamedDependency[RouteContext],
     ) -> Response[JobStatus | None]:
+        store, queue, principal = ctx.store, ctx.queue, ctx.principal
         current = visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
         if current.status in TERMINAL_STATES:
             if delete_finished_job(store, job_id) is None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from litestar import Controller, get
 from litestar.di import NamedDependency
 
-from service.auth import SECURITY, Principal
+from service.auth import SECURITY
+from service.controllers.dependencies import RouteContext
 from service.controllers.problems import PROTECTED, problem_responses
 from service.limits import rate_limit
 from service.schemas import WebhookSecret
-from service.store import JobStore
 from service.webhooks import key_secret
 
 
@@ -31,5 +31,6 @@ class WebhooksController(Controller):
         ),
         responses=problem_responses(400, *PROTECTED, 503),
     )
-    def secret(self, store: NamedDependency[JobStore], principal: NamedDependency[Principal]) -> WebhookSecret:
-        return WebhookSecret(key=principal.name, secret=key_secret(store.client, store.prefix, principal.name))
+    def secret(self, ctx: NamedDependency[RouteContext]) -> WebhookSecret:
+        store, name = ctx.store, ctx.principal.name
+        return WebhookSecret(key=name, secret=key_secret(store.client, store.prefix, name))
