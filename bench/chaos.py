@@ -379,6 +379,9 @@ def start_stack(folder: Path) -> Stack:
         "HYDRA_API_KEYS": f"chaos:{API_KEY}",
         "HYDRA_CHUNK_PROMPTS": "3",
         "HYDRA_BATCH_TOKENS": "1",
+        # Every chunk runs its own clean passes (none kept from an earlier job or chunk), or a chunk of prompts
+        # seen before ends before the fault can be injected mid-chunk.
+        "HYDRA_CLEAN_CACHE_BYTES": "0",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),

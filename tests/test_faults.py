@@ -82,6 +82,9 @@ def fault_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "HYDRA_CHUNK_PROMPTS": str(CHUNK_PROMPTS),
         # One ablated run per batch: slow enough chunks (seconds) for the test to kill a worker mid-chunk.
         "HYDRA_BATCH_TOKENS": "1",
+        # Every chunk runs its own clean passes (none kept from an earlier job or chunk), or a chunk of prompts
+        # seen before ends before the fault can be injected mid-chunk.
+        "HYDRA_CLEAN_CACHE_BYTES": "0",
         "HYDRA_MAX_DELIVERIES": "3",
         "HYDRA_CHUNK_TIME_LIMIT_S": "300",  # generous: a loaded machine runs these chunks slowly
         "HYDRA_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),

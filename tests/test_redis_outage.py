@@ -63,6 +63,9 @@ def outage_env(private_redis: EmbeddedRedis, tmp_path_factory: pytest.TempPathFa
         "HYDRA_MODELS": f"{MODEL}={model_dir}",
         "HYDRA_CHUNK_PROMPTS": str(CHUNK_PROMPTS),
         "HYDRA_BATCH_TOKENS": "1",  # slow enough chunks (seconds) to take Redis away mid-chunk
+        # Every chunk runs its own clean passes (none kept from an earlier job or chunk), or a chunk of prompts
+        # seen before ends before the fault can be injected mid-chunk.
+        "HYDRA_CLEAN_CACHE_BYTES": "0",
         "HYDRA_REDIS_OUTAGE_S": str(OUTAGE_BUDGET_S),
         "HYDRA_LEASE_S": "40",  # above the budget: an outage the chunk survives never costs it its lease
         "HYDRA_SWEEP_S": "1",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar, get_args
+from typing import Any, ParamSpec, TypeVar, cast, get_args
 from urllib.parse import quote
 
 import anyio.to_thread
@@ -54,6 +54,7 @@ from service.ui.session import CSRF_FIELD, UiSession, UiSessions
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 LIST_WINDOW = 500  # newest jobs the list page filters (the API pages the rest)
 EXPORT_MEDIA: dict[str, str] = {}
 for _media, _fmt in EXPORT_ACCEPT.items():
@@ -70,9 +71,9 @@ class SignInRequired(Exception):
         self.next_path = next_path
 
 
-async def blocking(fn: Callable[..., T], *args: Any) -> T:
-    """Run a synchronous store or rendering call off the event loop."""
-    return await anyio.to_thread.run_sync(lambda: fn(*args))
+async def blocking(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a synchronous store or rendering call off the event loop (typed: mypy checks the arguments)."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
 async def provide_ui_session(request: Request[Any, Any, Any], state: State) -> UiSession:
@@ -331,7 +332,8 @@ class UiController(Controller):
             return await self._submit_form(ui, store, values, outcome.errors, HTTP_400_BAD_REQUEST)
         job_request = outcome.request
         try:
-            status = await blocking(queue_job, job_request, None, principal, store, queue, settings, tokens)
+            served = request.app.state.served
+            status = await blocking(queue_job, job_request, None, principal, store, queue, settings, tokens, served)
         except ValidationProblem as exc:
             errors = {forms.form_field(exc.field): exc.detail}
             return await self._submit_form(ui, store, values, errors, HTTP_422_UNPROCESSABLE_ENTITY)
@@ -404,7 +406,7 @@ class UiController(Controller):
         if fmt not in EXPORT_FORMATS:
             raise NotFoundException(detail=f"unknown format {fmt!r}; formats are {', '.join(EXPORT_FORMATS)}")
         stored = await blocking(finished_result, store, job_id, principal)
-        content = await blocking(export, stored, fmt)
+        content = await blocking(export, stored, cast(ExportFormat, fmt))  # checked against EXPORT_FORMATS above
         disposition = f'attachment; filename="{job_id}.{fmt}"'
         return Response(content=content, media_type=EXPORT_MEDIA[fmt], headers={"Content-Disposition": disposition})
 
