@@ -129,7 +129,10 @@ def test_the_lab_day_in_a_browser(browser: Any, base_url: str, shots: Path, tmp_
     # A bad value: the form comes back with the API's own message next to the field, the other values kept.
     prompts = "\n".join(f"Fact number {i} about the city of" for i in range(40))
     submit_form(driver, base_url, prompts, samples="many")
-    error = driver.find_element(By.ID, "resample_samples-error").text
+    # The click returns before the answer has replaced the page: wait for the message rather than read the old page.
+    error = wait_for(
+        lambda: next(iter(driver.find_elements(By.ID, "resample_samples-error")), None), 20, "the field's message"
+    ).text
     assert "Expected `int`, got `str` - at `$.resample_samples`" in error
     assert driver.find_element(By.ID, "resample_samples").get_attribute("aria-invalid") == "true"
     assert (
