@@ -45,7 +45,7 @@ from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from service.labels import labels_of, parse_allow_list
 from service.limits import TokenCounters, check_prompt_tokens, rate_limit
 from service.queue import JobQueue
-from service.resolve import ablation_count, resolve
+from service.resolve import ablation_count
 from service.schemas import (
     BatchAccepted,
     BatchRequest,
@@ -324,12 +324,10 @@ class JobsController(Controller):
         ctx: NamedDependency[RouteContext],
     ) -> Response[BatchAccepted]:
         store, queue, settings, principal, tokens = ctx.store, ctx.queue, ctx.settings, ctx.principal, ctx.tokens
-        models = {info.id: info for info in store.models()}
-        refused = store.refused_models()
         allowed = parse_allow_list(settings.callback_allow)
         for index, request in enumerate(data.jobs):  # check every job before queueing any
             try:
-                spec = resolve(request, models, settings, refused)
+                spec = ctx.served.resolve(request, store, settings)
                 labels_of(request, allowed)
                 check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
             except ValidationProblem as problem:

@@ -58,7 +58,7 @@ class CleanRunCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._runs: OrderedDict[CleanKey, CleanRun] = OrderedDict()
+        self._runs: OrderedDict[CleanKey, tuple[CleanRun, int]] = OrderedDict()  # key -> (run, its bytes)
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -75,28 +75,23 @@ class CleanRunCache:
             compute: Callable[[], CleanRun]) -> CleanRun:
         key: CleanKey = (token_ids.cpu().numpy().tobytes(), all_positions, with_heads)
         with self._lock:
-            run = self._runs.get(key)
-            if run is not None:
+            kept = self._runs.get(key)
+            if kept is not None:
                 self._runs.move_to_end(key)
                 self.hits += 1
-                return run
+                return kept[0]
         run = compute()
         size = run.nbytes()
         with self._lock:
             self.misses += 1
             if size > self.max_bytes or key in self._runs:
                 return run
-            self._runs[key] = run
+            self._runs[key] = (run, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, evicted = self._runs.popitem(last=False)
-                self._bytes -= evicted.nbytes()
+                _, (_, evicted_size) = self._runs.popitem(last=False)
+                self._bytes -= evicted_size
         return run
-
-    def clear(self) -> None:
-        with self._lock:
-            self._runs.clear()
-            self._bytes = 0
 
 
 @torch.no_grad()
