@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     check_auth_settings(settings)
     api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here
     store = JobStore.from_settings(settings)
-    queue = JobQueue(settings)
+    queue = JobQueue(settings, client=store.client)
     store.on_finished = finish_hook(store, queue.notify)  # a job cancelled here gets its webhook too
     state = State(
         {
@@ -144,8 +144,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def warm_up(app: Litestar) -> None:
         # A fresh API's first requests should cost what later ones do: tokenizers are parsed (and kept fresh) by a
         # background thread, and the broker connection is opened now, not by the first submit of a burst.
+        # The same thread re-reads the served models every half second, so submits resolve against a recent list
+        # without a Redis read (service/served_models.py).
+        served: ServedModels = state["served"]
         threading.Thread(
-            target=state["tokens"].keep_warm, args=(store, warm_stop), name="hydra-tokenizers", daemon=True
+            target=state["tokens"].keep_warm,
+            args=(store, warm_stop, 0.5, lambda: served.refreshed(store)),
+            name="hydra-warm",
+            daemon=True,
         ).start()
         try:
             await to_thread.run_sync(queue.connect)

@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -29,7 +29,7 @@ from litestar.exceptions import TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
 
 from service.errors import ValidationProblem
-from service.schemas import JobSpec
+from service.schemas import JobSpec, ModelInfo
 from service.settings import Settings
 from service.store import JobStore
 
@@ -174,16 +174,27 @@ class TokenCounters:
         finally:
             flight.release()
 
-    def keep_warm(self, store: JobStore, stop: threading.Event, idle_s: float = 1.0) -> None:
+    def keep_warm(
+        self,
+        store: JobStore,
+        stop: threading.Event,
+        idle_s: float = 1.0,
+        models: Callable[[], Iterable[ModelInfo]] | None = None,
+    ) -> None:
         """Parse every advertised model's tokenizer ahead of the requests that need it, and refresh each one before
         it goes stale, until `stop` is set: run in a background thread, so a request never pays for a parse (a
         burst of first submits used to queue behind one), only a model advertised in the last `idle_s` may.
-        Redis errors are skipped: the next round tries again, and a request still loads on its own."""
-        if Tokenizer is None:
+        `models` reads the advertised models (default `store.models`; the app's reads them into its
+        ServedModels on the way). Redis errors are skipped: the next round tries again, and a request still loads
+        on its own."""
+        if Tokenizer is None and models is None:
             return
+        read_models = models or store.models
         while not stop.is_set():
             try:
-                for info in store.models():
+                for info in read_models():
+                    if Tokenizer is None:
+                        continue
                     with self._lock:
                         cached = self._cache.get(info.id)
                     if cached is None or time.monotonic() - cached[0] > self.refresh_s / 2:
@@ -191,6 +202,17 @@ class TokenCounters:
             except Exception as error:  # noqa: BLE001 - Redis away or a malformed record: try again next round
                 logger.debug("tokenizer warm-up skipped a round: %s", error)
             stop.wait(idle_s)
+
+    def recent(self, model_id: str) -> tuple[bool, Any | None]:
+        """(True, the tokenizer or None when none is published) when a fresh one is kept; (False, None) when `get`
+        would read Redis. For the event loop, which must not."""
+        if Tokenizer is None:
+            return True, None
+        with self._lock:
+            cached = self._cache.get(model_id)
+        if cached is not None and time.monotonic() - cached[0] < self.refresh_s:
+            return True, cached[2]
+        return False, None
 
     def refresh(self, store: JobStore, model_id: str) -> None:
         """Fetch (and parse when it changed) one model's tokenizer now, unless another thread is doing so."""
@@ -235,9 +257,10 @@ def check_prompt_tokens(spec: JobSpec, tokenizer_for: Callable[[str], Any | None
     tokenizer = tokenizer_for(spec.model)
     if tokenizer is None:
         return
-    encodings = tokenizer.encode_batch(list(spec.prompts))
-    for index, encoding in enumerate(encodings):
-        count = len(encoding.ids)
+    # One prompt at a time: encode_batch hands the prompts to a pool of threads that spin while they wait, twice
+    # the CPU for the few short prompts of a typical job, on cores the API shares.
+    for index, prompt in enumerate(spec.prompts):
+        count = len(tokenizer.encode(prompt).ids)
         if count > settings.max_prompt_tokens:
             raise ValidationProblem(
                 f"prompts[{index}] is {count:,} tokens long for model {spec.model}, above this server's limit of "

@@ -40,6 +40,7 @@ from typing import Any
 import msgspec
 import redis
 import redis.asyncio
+from redis.commands.core import AsyncScript
 
 from service.redis_options import driver_options
 from service.redis_replies import (
@@ -194,10 +195,12 @@ return 1
 # so two concurrent submits can never both take the last slot. The owner's active set is pruned on the way (jobs
 # that ended or expired leave it), which keeps the count right however the worker moves jobs on.
 # The job hashes of active members are read by key names built here from ARGV[5]: fine on one Redis (not Cluster).
-# KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set, KEYS[5] unplanned set.
+# KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set, KEYS[5] unplanned set,
+# KEYS[6] the job's event stream.
 # ARGV[1] job id, ARGV[2] ttl, ARGV[3] score, ARGV[4] cap (0: none), ARGV[5] job key prefix,
-# ARGV[6] when to send again if not planned by then, ARGV[7..] fields.
-# Returns -1 when created, else the owner's active count (nothing written).
+# ARGV[6] when to send again if not planned by then, ARGV[7] the first event (the status, JSON), ARGV[8] the
+# stream's cap, ARGV[9..] fields.
+# Returns -1 when created (and its first event appended), else the owner's active count (nothing written).
 _CREATE_CAPPED = """
 local cap = tonumber(ARGV[4])
 if cap > 0 then
@@ -212,13 +215,15 @@ if cap > 0 then
   end
   if active >= cap then return active end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'status', ARGV[7])
+redis.call('EXPIRE', KEYS[6], ARGV[2])
 return -1
 """
 
@@ -293,6 +298,47 @@ def _unless_evicted(status: JobStatus, has_result: bool) -> JobStatus:
     if status.status != "succeeded" or has_result:
         return status
     return msgspec.structs.replace(status, status="failed", error=EVICTED)
+
+
+def _new_job(
+    spec: JobSpec, total: int, owner: str | None, job_id: str | None, labels: JobLabels | None
+) -> tuple[JobStatus, dict[FieldT, EncodableT]]:
+    """A queued job's status and the fields of its hash."""
+    job_id = job_id or uuid.uuid4().hex
+    now = utc_now()
+    labels = labels or JobLabels()
+    fields: dict[FieldT, EncodableT] = {
+        "id": job_id,
+        "status": "queued",
+        "model": spec.model,
+        "spec": msgspec.json.encode(spec),
+        "created_at": now,
+        "done": 0,
+        "total": int(total),
+        "phase": "queued",
+        "prompts_done": 0,
+        "prompts_total": len(spec.prompts),
+        **_label_fields(labels),
+    }
+    status = JobStatus(
+        id=job_id,
+        status="queued",
+        model=spec.model,
+        progress=Progress(0, int(total), 0, len(spec.prompts)),
+        created_at=now,
+        owner=owner,
+        name=labels.name,
+        tags=list(labels.tags),
+        metadata=dict(labels.metadata),
+        callback_url=labels.callback_url,
+    )
+    return status, fields
+
+
+def _created(status: JobStatus, outcome: int, owner: str, max_active: int) -> JobStatus:
+    if outcome >= 0:
+        raise ActiveJobsExceeded(owner, outcome, int(max_active))
+    return status
 
 
 class JobStore:
@@ -415,58 +461,52 @@ class JobStore:
         jobs (ActiveJobsExceeded, nothing written). `job_id` lets a caller pick the id before the job exists (an
         idempotency record must name the job it will create).
         """
-        job_id = job_id or uuid.uuid4().hex
-        now = utc_now()
-        fields: dict[FieldT, EncodableT] = {
-            "id": job_id,
-            "status": "queued",
-            "model": spec.model,
-            "spec": msgspec.json.encode(spec),
-            "created_at": now,
-            "done": 0,
-            "total": int(total),
-            "phase": "queued",
-            "prompts_done": 0,
-            "prompts_total": len(spec.prompts),
-        }
-        labels = labels or JobLabels()
-        fields.update(_label_fields(labels))
-        status = JobStatus(
-            id=job_id,
-            status="queued",
-            model=spec.model,
-            progress=Progress(0, int(total), 0, len(spec.prompts)),
-            created_at=now,
-            owner=owner,
-            name=labels.name,
-            tags=list(labels.tags),
-            metadata=dict(labels.metadata),
-            callback_url=labels.callback_url,
-        )
+        status, fields = _new_job(spec, total, owner, job_id, labels)
         if owner is None:
             pipe = self.client.pipeline(transaction=True)
-            pipe.hset(self.job_key(job_id), mapping=fields)
-            pipe.expire(self.job_key(job_id), self.ttl_s)
-            pipe.zadd(self.index_key, {job_id: time.time()})
-            pipe.zadd(self.unplanned_key, {job_id: time.time() + RESEND_AFTER_S})
+            pipe.hset(self.job_key(status.id), mapping=fields)
+            pipe.expire(self.job_key(status.id), self.ttl_s)
+            pipe.zadd(self.index_key, {status.id: time.time()})
+            pipe.zadd(self.unplanned_key, {status.id: time.time() + RESEND_AFTER_S})
             pipe.execute()
-            self.emit(job_id, status)
+            self.emit(status.id, status)
             return status
+        keys, args = self._create_capped_call(status, fields, owner, max_active)
+        return _created(status, int(self._create_capped(keys=keys, args=args)), owner, max_active)
+
+    async def create_async(
+        self,
+        client: redis.asyncio.Redis,
+        spec: JobSpec,
+        total: int,
+        owner: str,
+        *,
+        max_active: int = 0,
+        labels: JobLabels | None = None,
+    ) -> JobStatus:
+        """`create` for an owner, with the event loop's own client (`client`: same server, same prefix): one round
+        trip, the same script."""
+        status, fields = _new_job(spec, total, owner, None, labels)
+        keys, args = self._create_capped_call(status, fields, owner, max_active)
+        outcome = await AsyncScript(client, _CREATE_CAPPED)(keys=keys, args=args)
+        return _created(status, int(outcome), owner, max_active)
+
+    def _create_capped_call(
+        self, status: JobStatus, fields: dict[FieldT, EncodableT], owner: str, max_active: int
+    ) -> tuple[list[str], ScriptArgs]:
+        job_id = status.id
         fields["owner"] = owner
         keys = [
             self.job_key(job_id), self.index_key, self.owner_index_key(owner), self.active_key(owner),
-            self.unplanned_key,
+            self.unplanned_key, self.events_key(job_id),
         ]  # fmt: skip
         flat = [item for pair in fields.items() for item in pair]
         now_s = time.time()
         args: ScriptArgs = [
-            job_id, self.ttl_s, now_s, max(0, int(max_active)), self.job_key(""), now_s + RESEND_AFTER_S, *flat,
+            job_id, self.ttl_s, now_s, max(0, int(max_active)), self.job_key(""), now_s + RESEND_AFTER_S,
+            msgspec.json.encode(status), EVENTS_MAXLEN, *flat,
         ]  # fmt: skip
-        outcome = int(self._create_capped(keys=keys, args=args))
-        if outcome >= 0:
-            raise ActiveJobsExceeded(owner, outcome, int(max_active))
-        self.emit(job_id, status)
-        return status
+        return keys, args
 
     def status(self, job_id: str) -> JobStatus | None:
         """The job's status; a succeeded job whose result is gone (evicted) reads as failed, saying so."""

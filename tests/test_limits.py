@@ -400,3 +400,63 @@ def test_submits_read_the_served_models_at_most_once_a_second_and_never_miss_a_n
         before = len(reads)
         served.resolve(msgspec.convert({**JOB, "components": ["attn.99"]}, JobRequest), store, settings)
     assert problem.value.field != "model" and len(reads) == before
+
+
+def test_the_event_loop_checks_submits_against_what_is_kept_and_never_reads_redis_for_it(
+    settings: Settings, store: JobStore
+) -> None:
+    """The submit route runs on the event loop: it resolves against the kept model list and tokenizers only
+    (`resolve_recent`, `recent`), and says None (check in a thread) when the list is stale or lacks the model, or
+    the tokenizer is not kept; a request that is wrong in another way is refused at once."""
+    import msgspec
+
+    from service import limits
+    from service.schemas import JobRequest
+    from service.served_models import ServedModels
+
+    served = ServedModels(max_age_s=60.0)
+    request = msgspec.convert(JOB, JobRequest)
+    assert served.resolve_recent(request, settings) is None  # nothing read yet
+    reads: list[int] = []
+    real_models = store.models
+
+    def counted() -> Any:
+        reads.append(1)
+        return real_models()
+
+    store.models = counted  # type: ignore[method-assign]
+    assert [info.id for info in served.refreshed(store)] and reads == [1]  # what the warm-up thread calls
+    spec = served.resolve_recent(request, settings)
+    assert spec is not None and spec.model == JOB["model"] and reads == [1]
+    assert served.resolve_recent(msgspec.convert({**JOB, "model": "elsewhere"}, JobRequest), settings) is None
+    with pytest.raises(ValidationProblem, match="layer"):
+        served.resolve_recent(msgspec.convert({**JOB, "components": ["attn.99"]}, JobRequest), settings)
+    assert reads == [1]
+    stale = ServedModels(max_age_s=0.0)
+    stale.refreshed(store)
+    assert stale.resolve_recent(request, settings) is None
+
+    store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())
+    counters = limits.TokenCounters(refresh_s=60.0)
+    assert counters.recent("tiny") == (False, None)
+    tokenizer = counters.get(store, "tiny")
+    assert tokenizer is not None and counters.recent("tiny") == (True, tokenizer)
+    assert counters.recent("no-such-model") == (False, None)
+
+
+def test_the_app_keeps_the_served_models_fresh_for_the_event_loop(settings: Settings, store: JobStore) -> None:
+    """The app's warm-up thread re-reads the model list twice within its maximum age, so the submit route keeps
+    finding it fresh (no thread, no Redis read) for as long as the app runs."""
+    import msgspec
+
+    from service.schemas import JobRequest
+
+    request = msgspec.convert(JOB, JobRequest)
+    with app_client(settings) as client:
+        served = client.app.state.served
+        deadline = time.monotonic() + 10
+        while served.resolve_recent(request, settings) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(6):  # past the list's maximum age: it is still fresh
+            assert served.resolve_recent(request, settings) is not None
+            time.sleep(served.max_age_s / 2)

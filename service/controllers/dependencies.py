@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -36,6 +37,7 @@ class RouteContext:
     idempotency: IdempotencyRecords
     tokens: TokenCounters
     served: ServedModels
+    aredis: redis.asyncio.Redis  # the event loop's own client (made at start-up)
 
 
 def provide_context(request: Request[Any, Any, Any]) -> RouteContext:
@@ -48,6 +50,7 @@ def provide_context(request: Request[Any, Any, Any]) -> RouteContext:
         idempotency=state.idempotency,
         tokens=state.tokens,
         served=state.served,
+        aredis=state.aredis,
     )
 
 

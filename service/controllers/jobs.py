@@ -52,6 +52,7 @@ from service.schemas import (
     JobPage,
     JobRequest,
     JobResult,
+    JobSpec,
     JobState,
     JobStatus,
     ProblemDetails,
@@ -59,7 +60,7 @@ from service.schemas import (
 )
 from service.served_models import ServedModels
 from service.settings import Settings
-from service.store import TERMINAL_STATES, JobFilter, JobStore
+from service.store import TERMINAL_STATES, JobFilter, JobLabels, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,43 @@ async def _strict_decode(request: Request[Any, Any, Any], body_type: type) -> No
         raise ClientException(detail=str(exc)) from None
 
 
+def prepare_job(
+    data: JobRequest, store: JobStore, settings: Settings, tokens: TokenCounters, served: ServedModels
+) -> tuple[JobSpec, JobLabels]:
+    """Resolve and check the request (model, sizes, labels, prompt tokens); may read Redis."""
+    spec = served.resolve(data, store, settings)
+    labels = labels_of(data, parse_allow_list(settings.callback_allow))
+    check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
+    return spec, labels
+
+
+class _NotKept(Exception):
+    """What prepare_job needs is not kept in this process: read it from Redis (in a thread)."""
+
+
+def _prepare_from_kept(
+    data: JobRequest, settings: Settings, tokens: TokenCounters, served: ServedModels
+) -> tuple[JobSpec, JobLabels] | None:
+    """`prepare_job` from what this process keeps (the served models, the tokenizers), without touching Redis;
+    None when something must be read first."""
+
+    def kept_tokenizer(model_id: str) -> Any | None:
+        found, tokenizer = tokens.recent(model_id)
+        if not found:
+            raise _NotKept(model_id)
+        return tokenizer
+
+    spec = served.resolve_recent(data, settings)
+    if spec is None:
+        return None
+    labels = labels_of(data, parse_allow_list(settings.callback_allow))
+    try:
+        check_prompt_tokens(spec, kept_tokenizer, settings)
+    except _NotKept:
+        return None
+    return spec, labels
+
+
 def queue_job(
     data: JobRequest,
     job_id: str | None,
@@ -209,9 +247,7 @@ def queue_job(
     served: ServedModels,
 ) -> JobStatus:
     """Resolve and check the request, register the job under the caller (within its cap) and hand it to Celery."""
-    spec = served.resolve(data, store, settings)
-    labels = labels_of(data, parse_allow_list(settings.callback_allow))
-    check_prompt_tokens(spec, lambda model_id: tokens.get(store, model_id), settings)
+    spec, labels = prepare_job(data, store, settings, tokens, served)
     status = store.create(
         spec,
         ablation_count(spec),
@@ -222,10 +258,35 @@ def queue_job(
     )
     try:
         queue.enqueue(status.id)
-    except Exception as exc:  # kombu raises its own OperationalError family; any failure means not queued
+    except Exception as exc:  # any failure means not queued
         store.mark_failed(status.id, f"could not be queued: {exc}")
-        raise BackendUnavailable(f"the job queue is unavailable, job {status.id} was not queued: {exc}") from exc
+        raise _not_queued(status.id, exc) from exc
     return status
+
+
+async def queue_job_async(data: JobRequest, ctx: RouteContext) -> JobStatus:
+    """`queue_job` (without a chosen id) on the event loop: the submit route's path. The request is checked
+    against the models and tokenizers this process keeps fresh in the background; the job is stored (one script)
+    and its message pushed with the loop's own Redis client. Only when something is not kept (a model advertised
+    a moment ago, a tokenizer not parsed yet) is the check done in a thread, reading Redis."""
+    store, settings = ctx.store, ctx.settings
+    prepared = _prepare_from_kept(data, settings, ctx.tokens, ctx.served)
+    if prepared is None:
+        prepared = await anyio.to_thread.run_sync(prepare_job, data, store, settings, ctx.tokens, ctx.served)
+    spec, labels = prepared
+    status = await store.create_async(
+        ctx.aredis, spec, ablation_count(spec), ctx.principal.name, max_active=settings.max_active_jobs, labels=labels
+    )
+    try:
+        await ctx.queue.enqueue_async(ctx.aredis, status.id)
+    except Exception as exc:  # any failure means not queued
+        await anyio.to_thread.run_sync(store.mark_failed, status.id, f"could not be queued: {exc}")
+        raise _not_queued(status.id, exc) from exc
+    return status
+
+
+def _not_queued(job_id: str, exc: Exception) -> BackendUnavailable:
+    return BackendUnavailable(f"the job queue is unavailable, job {job_id} was not queued: {exc}")
 
 
 def cancel_job(store: JobStore, queue: JobQueue, job_id: str, principal: Principal | None) -> JobStatus:
@@ -275,7 +336,6 @@ class JobsController(Controller):
     @post(
         "/",
         status_code=HTTP_202_ACCEPTED,
-        sync_to_thread=True,
         summary="Submit an ablation job",
         description=(
             "Validates and resolves the request (preset, then defaults; component kinds expanded to explicit "
@@ -287,20 +347,25 @@ class JobsController(Controller):
         responses=problem_responses(400, 401, 409, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
         before_request=strict_body(JobRequest),
     )
-    def submit(
+    async def submit(
         self,
         data: JSONBody[JobRequest],
         ctx: NamedDependency[RouteContext],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[JobStatus]:
         store, queue, settings, principal, tokens = ctx.store, ctx.queue, ctx.settings, ctx.principal, ctx.tokens
+        if idempotency_key is None:
+            return Response(await queue_job_async(data, ctx), status_code=HTTP_202_ACCEPTED)
 
+        # With a key: the record is claimed before the job exists, naming its id (service/idempotency.py); a
+        # duplicate may wait for the first request's job. Done in a thread, on the store's own client.
         def create(job_id: str | None = None) -> JobStatus:
             return queue_job(data, job_id, principal, store, queue, settings, tokens, ctx.served)
 
-        if idempotency_key is None:
-            return Response(create(), status_code=HTTP_202_ACCEPTED)
-        outcome = ctx.idempotency.submit_once(principal.name, idempotency_key, data, create, store.status)
+        key = idempotency_key
+        outcome = await anyio.to_thread.run_sync(
+            lambda: ctx.idempotency.submit_once(principal.name, key, data, create, store.status)
+        )
         headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
         return Response(outcome.status, status_code=HTTP_202_ACCEPTED, headers=headers)
 
