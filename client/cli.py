@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -435,13 +434,9 @@ def stack_failures() -> Iterator[None]:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "taken"
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+    from service.serve import port_is_free
+
+    return port_is_free(host, port)
 
 
 # --- commands ------------------------------------------------------------------------------------------------------

@@ -1,6 +1,14 @@
 """The local stack behind `hydra-ablate serve`: embedded Redis (when REDIS_URL is unset), the API, Celery workers.
 
 Each part is a child process; `Stack.stop` ends them in reverse order so that no job message is lost.
+
+On one machine the API and the workers share the cores, and two settings keep requests fast while jobs run:
+- `HYDRA_API_PROCESSES` (default 2, at most the CPU count): API processes on the one port (service/serve.py: each
+  binds it with SO_REUSEPORT and the kernel spreads connections among them; Linux only, else one). Their HTTP
+  latency metrics are shared through `PROMETHEUS_MULTIPROC_DIR` (a folder of the data dir, emptied at start).
+- `HYDRA_WORKER_NICE` (default 10, 0 to turn off): the workers run at this lower CPU priority (their session's
+  autogroup too, which is what Linux schedules by), so a burst of requests is answered first and jobs take the
+  cycles it leaves. Jobs are not slower on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import httpx
 
 from service.embedded_redis import EmbeddedRedis
 from service.redaction import redact
-from service.settings import env_bool
+from service.serve import REUSE_PORT
+from service.settings import env_bool, env_int
 
 log = logging.getLogger("hydra-ablate")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -53,12 +62,23 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("HYDRA_DATA_DIR", Path.home() / ".cache" / "hydra-ablate"))
 
 
+def default_api_processes() -> int:
+    wanted = env_int("HYDRA_API_PROCESSES", 2)
+    return min(wanted, os.cpu_count() or 1) if REUSE_PORT else 1
+
+
+def default_worker_nice() -> int:
+    return env_int("HYDRA_WORKER_NICE", 10, minimum=0)
+
+
 @dataclass
 class Stack:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
     data_dir: Path = field(default_factory=default_data_dir)
+    api_processes: int = field(default_factory=default_api_processes)
+    worker_nice: int = field(default_factory=default_worker_nice)
     redis: EmbeddedRedis | None = None
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
 
@@ -82,20 +102,29 @@ class Stack:
             log.info("embedded Redis listening on %s (append-only file in %s)", self.redis.url, self.redis.data_dir)
         else:
             log.info("using Redis at %s", redact(env["REDIS_URL"]))
-        api = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
-        self._spawn("api", [*api, "--host", self.host, "--port", str(self.port), "--log-level", "warning"], env)
-        log.info("API listening on %s (OpenAPI at %s/schema)", self.api_url, self.api_url)
+        api_env = dict(env)
+        if self.api_processes > 1:
+            api_env["PROMETHEUS_MULTIPROC_DIR"] = str(shared_metrics_dir(self.data_dir))
+        api = [sys.executable, "-m", "service.serve", self.host, str(self.port), "warning"]
+        for index in range(self.api_processes):
+            self._spawn(f"api {index}" if self.api_processes > 1 else "api", api, api_env)
+        log.info(
+            "API listening on %s (OpenAPI at %s/schema; %d process%s)",
+            self.api_url, self.api_url, self.api_processes, "es" if self.api_processes > 1 else "",
+        )  # fmt: skip
         for index in range(self.workers):
             command = [
                 sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
                 "-Q", env.get("HYDRA_QUEUE", "hydra"), "-c", "1", "-n", f"hydra{index}@%h", "--loglevel", "INFO",
-            ]
-            self._spawn(f"worker {index}", command, env)
-            log.info("worker %d started (Celery, 1 process)", index)
+            ]  # fmt: skip
+            self._spawn(f"worker {index}", command, env, nice=self.worker_nice)
+            log.info("worker %d started (Celery, 1 process, nice %d)", index, self.worker_nice)
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str], nice: int = 0) -> None:
         # Own session: Ctrl-C reaches only this process, which then stops the children in order.
-        self.processes.append((name, subprocess.Popen(command, env=env, start_new_session=True)))
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        self.processes.append((name, process))
+        lower_priority(process.pid, nice)
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         """Until /ready says Redis and at least one worker answer, and the workers advertised their models."""
@@ -150,3 +179,30 @@ class Stack:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def shared_metrics_dir(data_dir: Path) -> Path:
+    """An empty folder for the API processes' shared metrics (prometheus-client's multiprocess mode)."""
+    folder = data_dir / "api-metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):  # a previous run's processes
+        stale.unlink()
+    return folder
+
+
+def lower_priority(pid: int, nice: int) -> None:
+    """Run process `pid` (just started, in a session of its own) and what it forks at CPU priority `nice`.
+
+    Linux schedules each session's autogroup as one unit (/proc/PID/autogroup), so the autogroup's nice value is
+    set as well; where that file is missing or not writable only the process's own value changes."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError as error:
+        log.warning("could not lower the priority of process %d: %s", pid, error)
+        return
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except OSError:
+        pass

@@ -7,20 +7,23 @@ Two kinds of series:
 
 Several workers: they do not serve HTTP at all; each adds its observations to shared counters in Redis (one HINCRBY
 per observation), so scraping any API process sees every worker, however many run, and nothing is lost when a
-worker restarts. With several API processes, scrape each for its HTTP latency; the cluster-wide series are the same
-on all of them (aggregate with `max without(instance)`, not `sum`). Ablations per second:
+worker restarts. With several API processes, scrape each for its HTTP latency (the local stack's processes share
+one port and their histograms instead: `AppMetrics`); the cluster-wide series are the same on all of them
+(aggregate with `max without(instance)`, not `sum`). Ablations per second:
 `rate(hydra_ablations_total[1m])`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.queue import model_queue
@@ -29,6 +32,7 @@ from service.settings import Settings
 from service.store import ACTIVE_STATES, TERMINAL_STATES, JobStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 HISTOGRAMS: dict[str, tuple[str, Sequence[float]]] = {
@@ -123,15 +127,23 @@ class ClusterCollector(Collector):
 
 
 class AppMetrics:
-    """One app's registry: its HTTP latency histogram and the cluster-wide collector."""
+    """One app's registry: its HTTP latency histogram and the cluster-wide collector.
+
+    Several API processes on one port (the local stack's HYDRA_API_PROCESSES, client/stack.py) cannot be scraped
+    one by one: they share their HTTP histograms through `PROMETHEUS_MULTIPROC_DIR` (prometheus-client's
+    multiprocess mode, chosen by that variable when the library is imported), and any of them answers /metrics
+    with the sum over all."""
 
     def __init__(self, store: JobStore, settings: Settings) -> None:
         self.registry = CollectorRegistry()
+        shared = os.environ.get(MULTIPROCESS_DIR)
+        if shared:
+            MultiProcessCollector(self.registry, path=shared)
         self.http = Histogram(
             "hydra_http_request_duration_seconds",
             "Seconds to answer an HTTP request, by method, route template and status",
             ["method", "route", "status"],
-            registry=self.registry,
+            registry=None if shared else self.registry,  # shared: collected from the folder, for every process
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.registry.register(ClusterCollector(store, settings))

@@ -191,18 +191,20 @@ def test_access_log_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, caplog: p
     assert request("off") == []
 
 
-def test_the_local_stack_turns_the_access_log_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_local_stack_turns_the_access_log_off_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from client.stack import Stack
 
     spawned: list[dict[str, str]] = []
-    monkeypatch.setattr(Stack, "_spawn", lambda self, name, command, env: spawned.append(env))
+    monkeypatch.setattr(Stack, "_spawn", lambda self, name, command, env, nice=0: spawned.append(env))
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.delenv("HYDRA_ACCESS_LOG", raising=False)
-    Stack().start()
+    Stack(data_dir=tmp_path).start()
     assert {env["HYDRA_ACCESS_LOG"] for env in spawned} == {"off"}
     spawned.clear()
     monkeypatch.setenv("HYDRA_ACCESS_LOG", "on")
-    Stack().start()
+    Stack(data_dir=tmp_path).start()
     assert {env["HYDRA_ACCESS_LOG"] for env in spawned} == {"on"}
 
 

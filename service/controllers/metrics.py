@@ -18,7 +18,8 @@ from service.metrics import CONTENT_TYPE
     description=(
         "Prometheus text format: jobs by status, queue depth per queue, job and chunk durations, ablations done "
         "(rate() for ablations per second), model load time and cache hits, HTTP latency by route. The job, queue "
-        "and worker series are cluster-wide (read from Redis); HTTP latency is this process's."
+        "and worker series are cluster-wide (read from Redis); HTTP latency is this process's (every process's where "
+        "several share one port, as in the local stack)."
     ),
     exclude_from_auth=True,
     tags=["operations"],
