@@ -28,7 +28,7 @@ from service.controllers.dependencies import dependencies
 from service.controllers.figures import FiguresController
 from service.controllers.metrics import metrics
 from service.controllers.problems import problem_details_config
-from service.controllers.strict_query import reject_unknown_query
+from service.controllers.strict_query import request_guard
 from service.controllers.webhooks import WebhooksController
 from service.idempotency import IdempotencyRecords
 from service.limits import RateLimiter, TokenCounters
@@ -202,7 +202,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             *ui_handlers(),
         ],
         template_config=ui_template_config(),
-        guards=[reject_unknown_query],
+        guards=[request_guard],
         dependencies=dependencies(),
         state=state,
         middleware=[observability_middleware, auth_middleware()],

@@ -293,6 +293,26 @@ def _text(value: bytes | str | None) -> str | None:
     return None if value is None else as_bytes(value).decode()
 
 
+# What a status read fetches of the job's hash (everything but the spec, which may hold thousands of prompts).
+STATUS_FIELDS = (
+    "status", "id", "model", "done", "total", "prompts_done", "prompts_total", "error", "created_at", "started_at",
+    "finished_at", "owner", "phase", "name", "tags", "metadata", "callback_url", "note",
+)  # fmt: skip
+
+# KEYS[1] job hash, KEYS[2] result. ARGV the fields to read (STATUS_FIELDS: the status first).
+# Returns {values, 1 when the job succeeded and its result exists else 0}: one command for a poll.
+_READ_STATUS = """
+local values = redis.call('HMGET', KEYS[1], unpack(ARGV))
+local has_result = 0
+if values[1] == 'succeeded' then has_result = redis.call('EXISTS', KEYS[2]) end
+return {values, has_result}
+"""
+
+
+def _status_fields(values: list[bytes | None]) -> dict[bytes, bytes]:
+    return {name.encode(): value for name, value in zip(STATUS_FIELDS, values, strict=True) if value is not None}
+
+
 def _unless_evicted(status: JobStatus, has_result: bool) -> JobStatus:
     """A succeeded job must have its result: without it (an evicting Redis dropped the key) it reads as failed."""
     if status.status != "succeeded" or has_result:
@@ -354,6 +374,7 @@ class JobStore:
         self._mark_failed = client.register_script(_MARK_FAILED)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._create_capped = client.register_script(_CREATE_CAPPED)
+        self._read_status = client.register_script(_READ_STATUS)
         self._set_prompts_done = client.register_script(_SET_PROMPTS_DONE)
         self._advance_phase = client.register_script(_ADVANCE_PHASE)
         # Called with a job id after the job reached a final state here (the webhook dispatcher hooks in).
@@ -510,11 +531,9 @@ class JobStore:
 
     def status(self, job_id: str) -> JobStatus | None:
         """The job's status; a succeeded job whose result is gone (evicted) reads as failed, saying so."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.job_key(job_id))
-        pipe.exists(self.result_key(job_id))
-        fields, has_result = pipe.execute()
-        status = self._decode_status(fields)
+        keys = [self.job_key(job_id), self.result_key(job_id)]
+        values, has_result = self._read_status(keys=keys, args=STATUS_FIELDS)
+        status = self._decode_status(_status_fields(values))
         if status is None:
             return None
         if status.callback_url is not None:
@@ -523,12 +542,10 @@ class JobStore:
 
     async def status_async(self, client: redis.asyncio.Redis, job_id: str) -> JobStatus | None:
         """`status` read with the event loop's own client (`client`: same server, same prefix): the API's status
-        route, polled most, then costs no hand-off to a worker thread and back."""
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.job_key(job_id))
-            pipe.exists(self.result_key(job_id))
-            fields, has_result = await pipe.execute()
-        status = self._decode_status(fields)
+        route, polled most, then costs no hand-off to a worker thread and back, and one command."""
+        keys = [self.job_key(job_id), self.result_key(job_id)]
+        values, has_result = await AsyncScript(client, _READ_STATUS)(keys=keys, args=STATUS_FIELDS)
+        status = self._decode_status(_status_fields(values))
         if status is None:
             return None
         if status.callback_url is not None:

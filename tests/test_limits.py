@@ -460,3 +460,18 @@ def test_the_app_keeps_the_served_models_fresh_for_the_event_loop(settings: Sett
         for _ in range(6):  # past the list's maximum age: it is still fresh
             assert served.resolve_recent(request, settings) is not None
             time.sleep(served.max_age_s / 2)
+
+
+def test_every_job_and_webhook_route_is_rate_limited(settings: Settings) -> None:
+    """The app's one guard limits the routes whose controllers opt in (service/controllers/strict_query.py): every
+    route under /v1/jobs and /v1/webhooks, and none of the open ones."""
+    from service.controllers.strict_query import RATE_LIMITED
+
+    app = create_app(settings)
+    limited = {
+        route.path: bool(handler.opt.get(RATE_LIMITED))
+        for route in app.routes
+        for handler in getattr(route, "route_handlers", [])
+    }
+    assert all(on for path, on in limited.items() if path.startswith(("/v1/jobs", "/v1/webhooks"))), limited
+    assert not any(limited[path] for path in ("/health", "/ready", "/metrics", "/v1/models"))

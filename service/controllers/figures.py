@@ -21,6 +21,7 @@ from service.cleanup import figure_key as cache_key
 from service.controllers.dependencies import RouteContext
 from service.controllers.jobs import finished_result, not_acceptable_response, require_succeeded
 from service.controllers.problems import PROTECTED, problem_responses
+from service.controllers.strict_query import RATE_LIMITED
 from service.exports import negotiate
 from service.figures import (
     DPI,
@@ -39,7 +40,6 @@ from service.figures import (
     check_size,
     render,
 )
-from service.limits import rate_limit
 from service.redis_replies import bytes_or_none
 from service.schemas import JobResult
 from service.store import JobStore
@@ -114,7 +114,7 @@ class FiguresController(Controller):
     path = "/v1/jobs"
     tags = ("figures",)
     security = SECURITY
-    guards = [rate_limit]  # noqa: RUF012 - Litestar reads the class attribute
+    opt = {RATE_LIMITED: True}  # noqa: RUF012 - read by the app's guard (service/controllers/strict_query.py)
 
     @get(
         "/{job_id:str}/figures/{name:str}",

@@ -26,6 +26,7 @@ from service.chunks import ChunkBook
 from service.cleanup import delete_finished_job
 from service.controllers.dependencies import RouteContext
 from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
+from service.controllers.strict_query import RATE_LIMITED
 from service.errors import BackendUnavailable, ValidationProblem
 from service.events import follow, last_event_id, wait_for_change
 from service.exports import (
@@ -43,7 +44,7 @@ from service.exports import (
 )
 from service.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from service.labels import labels_of, parse_allow_list
-from service.limits import TokenCounters, check_prompt_tokens, rate_limit
+from service.limits import TokenCounters, check_prompt_tokens
 from service.queue import JobQueue
 from service.resolve import ablation_count
 from service.schemas import (
@@ -331,7 +332,7 @@ class JobsController(Controller):
     path = "/v1/jobs"
     tags = ("jobs",)
     security = SECURITY
-    guards = [rate_limit]  # noqa: RUF012 - Litestar reads the class attribute
+    opt = {RATE_LIMITED: True}  # noqa: RUF012 - read by the app's guard (service/controllers/strict_query.py)
 
     @post(
         "/",

@@ -1,7 +1,8 @@
-"""Unknown query parameters are a 400, as unknown body fields are: `?stauts=failed` must not silently list all jobs.
+"""The app's guard: unknown query parameters are a 400, as unknown body fields are (`?stauts=failed` must not
+silently list all jobs), and rate-limited routes count the request.
 
-An app-wide guard compares the request's query names with the ones its handler declares (Litestar's own kwargs
-model of the handler, computed once per handler and path shape).
+The guard compares the request's query names with the ones its handler declares (Litestar's own kwargs model of
+the handler, computed once per handler and path shape).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
+
+from service.limits import rate_limit
 
 # Keyed by id(), holding the handler too: an id is reused once its object is gone (apps made and dropped, as tests
 # do), so an entry counts only for the very handler it was computed for.
@@ -42,3 +45,15 @@ async def reject_unknown_query(connection: ASGIConnection[Any, Any, Any, Any], h
             f"(this route accepts: {accepted})",
             extra=[{"key": name, "source": "query", "message": "unknown query parameter"} for name in unknown],
         )
+
+
+RATE_LIMITED = "rate_limited"  # a controller's opt key: its routes count against the caller's rate limit
+
+
+async def request_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The app's one guard: unknown query parameters, then the rate limit of routes whose layers set
+    `opt={RATE_LIMITED: True}`. One guard, not one per concern: Litestar copies the route handler for each guard
+    of each request (a twentieth of a status read's CPU for two)."""
+    await reject_unknown_query(connection, handler)
+    if handler.opt.get(RATE_LIMITED):
+        await rate_limit(connection, handler)

@@ -8,7 +8,7 @@ from litestar.di import NamedDependency
 from service.auth import SECURITY
 from service.controllers.dependencies import RouteContext
 from service.controllers.problems import PROTECTED, problem_responses
-from service.limits import rate_limit
+from service.controllers.strict_query import RATE_LIMITED
 from service.schemas import WebhookSecret
 from service.webhooks import key_secret
 
@@ -17,7 +17,7 @@ class WebhooksController(Controller):
     path = "/v1/webhooks"
     tags = ("webhooks",)
     security = SECURITY
-    guards = [rate_limit]  # noqa: RUF012 - Litestar reads the class attribute
+    opt = {RATE_LIMITED: True}  # noqa: RUF012 - read by the app's guard (service/controllers/strict_query.py)
 
     @get(
         "/secret",
