@@ -31,7 +31,7 @@ from service.controllers.problems import problem_details_config
 from service.controllers.strict_query import request_guard
 from service.controllers.webhooks import WebhooksController
 from service.idempotency import IdempotencyRecords
-from service.limits import RateLimiter, TokenCounters
+from service.limits import RATE_SCRIPT, RateLimiter, TokenCounters
 from service.metrics import AppMetrics
 from service.observability import (
     add_headers,
@@ -47,7 +47,7 @@ from service.redaction import install_log_redaction
 from service.redis_options import driver_options
 from service.served_models import ServedModels
 from service.settings import Settings
-from service.store import JobStore
+from service.store import LOOP_SCRIPTS, JobStore
 from service.ui import ui_handlers, ui_template_config
 from service.webhooks import finish_hook
 
@@ -158,6 +158,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # Redis connections for a burst: each pool grows by one connection per concurrent request, and a new
             # connection costs a TCP handshake and a HELLO; open them now rather than during the first burst.
             await asyncio.gather(*(app.state.aredis.ping() for _ in range(WARM_CONNECTIONS)))
+            for script in (*LOOP_SCRIPTS, RATE_SCRIPT):  # else a fresh Redis answers a burst's first calls NOSCRIPT
+                await app.state.aredis.script_load(script)
             await to_thread.run_sync(store.open_connections, WARM_CONNECTIONS)
         except Exception as error:  # noqa: BLE001 - /ready reports Redis and the broker; requests connect anyway
             logger.warning("could not open the Redis and broker connections at start-up: %s", error)

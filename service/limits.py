@@ -68,6 +68,9 @@ class RateSpent(Exception):
         self.reset_s = reset_s
 
 
+RATE_SCRIPT = _HIT  # loaded at the API's start-up with the store's loop scripts
+
+
 class RateLimiter:
     """Fixed-window request counters per key name and bucket ("read" or "write"), shared through Redis."""
 

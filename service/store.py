@@ -309,6 +309,11 @@ return {values, has_result}
 """
 
 
+# The scripts the API's event loop runs (`create_async`, `status_async`): loaded at start-up (service/app.py), so a
+# fresh Redis does not answer the first burst with NOSCRIPT and a second round trip per request.
+LOOP_SCRIPTS = (_CREATE_CAPPED, _READ_STATUS)
+
+
 def _status_fields(values: list[bytes | None]) -> dict[bytes, bytes]:
     return {name.encode(): value for name, value in zip(STATUS_FIELDS, values, strict=True) if value is not None}
 

@@ -475,3 +475,21 @@ def test_every_job_and_webhook_route_is_rate_limited(settings: Settings) -> None
     }
     assert all(on for path, on in limited.items() if path.startswith(("/v1/jobs", "/v1/webhooks"))), limited
     assert not any(limited[path] for path in ("/health", "/ready", "/metrics", "/v1/models"))
+
+
+def test_the_app_loads_its_event_loop_scripts_at_start_up(settings: Settings, broker: redis.Redis) -> None:
+    """A fresh Redis knows no script: without loading them first, every request of the first burst would get
+    NOSCRIPT and pay a second round trip."""
+    import hashlib
+
+    from service.limits import RATE_SCRIPT
+    from service.store import LOOP_SCRIPTS
+
+    digests = [hashlib.sha1(script.encode()).hexdigest() for script in (*LOOP_SCRIPTS, RATE_SCRIPT)]
+    broker.script_flush()  # as on a fresh server (redis-py reloads a flushed script where one is needed)
+    assert not any(broker.script_exists(*digests))
+    with app_client(settings):
+        deadline = time.monotonic() + 10
+        while not all(broker.script_exists(*digests)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(broker.script_exists(*digests))
