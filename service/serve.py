@@ -42,7 +42,9 @@ def main(argv: list[str]) -> None:
     host, port = argv[0], int(argv[1])
     log_level = argv[2] if len(argv) > 2 else "warning"
     sock = listening_socket(host, port, reuse_port=REUSE_PORT)
-    config = uvicorn.Config("service.app:create_app", factory=True, log_level=log_level)
+    # No uvicorn access log: the app logs requests itself (HYDRA_ACCESS_LOG, service/observability.py), and uvicorn
+    # formats its line's arguments (client address, quoted path) for every request even when the level hides it.
+    config = uvicorn.Config("service.app:create_app", factory=True, log_level=log_level, access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
 
 
