@@ -1,5 +1,5 @@
-"""The statistics helpers (worker/stats.py) and the summary's use of them, against numpy's own routines computed here
-on known data (np.polyfit, np.corrcoef, an explicit bootstrap loop, np.percentile)."""
+"""The statistics helpers (worker/fit_statistics.py) and the summary's use of them, against numpy's own routines
+computed here on known data (np.polyfit, np.corrcoef, an explicit bootstrap loop, np.percentile)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.checks import present
 from worker.engine.types import PromptMeasures, SweepResult
-from worker.stats import bootstrap_slopes, excludes, ols, pearson, percentile_interval
+from worker.fit_statistics import bootstrap_slopes, excludes, ols, pearson, percentile_interval
 from worker.summary import summarise
 
 

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from service.schemas import ComponentSummary, PositionColumns, PromptResult, Quantiles, Selection, SelfRepair, Summary
+from hydra_ablate_client.wire import (
+    ComponentSummary,
+    PositionColumns,
+    PromptResult,
+    Quantiles,
+    Selection,
+    SelfRepair,
+    Summary,
+)
 from worker.summary import regression
 
 TOP_FRACTION = 0.02  # the paper's top 2% of (position, token) pairs by direct effect

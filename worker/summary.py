@@ -12,9 +12,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.schemas import ComponentSummary, ErasureFit, Fit, Regression, Selection, Summary
+from hydra_ablate_client.wire import ComponentSummary, ErasureFit, Fit, Regression, Selection, Summary
 from worker.engine.types import SweepResult
-from worker.stats import CI_LEVEL, N_BOOT, bootstrap_slopes, excludes, ols, pearson, percentile_interval
+from worker.fit_statistics import (
+    CI_LEVEL,
+    N_BOOT,
+    bootstrap_slopes,
+    excludes,
+    ols,
+    pearson,
+    percentile_interval,
+)
 
 
 def regression(
