@@ -37,15 +37,17 @@ from service.api.openapi_polish import operation_id, polish
 from service.api.prometheus import AppMetrics
 from service.api.rate_limits import RATE_SCRIPT, RateLimiter
 from service.api.readiness import Shared, probe
+from service.api.stream_slots import StreamSlots
 from service.api.ui import ui_handlers, ui_template_config
 from service.core.api_keys import ApiKeys, keys_hash
 from service.core.callbacks import finish_hook
+from service.core.event_hub import EventHub
 from service.core.json_logging import configure_json_logging, json_logs_requested
 from service.core.prompt_tokens import TokenCounters
 from service.core.queue import JobQueue
 from service.core.recovery import resend_unplanned
 from service.core.redaction import install_log_redaction
-from service.core.redis_options import driver_options
+from service.core.redis_options import COMMAND_TIMEOUT_S, driver_options
 from service.core.served_models import ServedModels
 from service.core.settings import Settings
 from service.core.store import LOOP_SCRIPTS, JobStore
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "served": ServedModels(),
             "readiness": Shared(lambda: probe(store, queue, settings), settings.ready_cache_s),
             "metrics": AppMetrics(store, settings),
+            "stream_slots": StreamSlots(settings.max_streams_per_key, settings.max_streams),
         }
     )
     if json_logs_requested():
@@ -132,10 +135,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def open_async_clients(app: Litestar) -> None:
         # Auth and rate limiting run on the event loop: an asyncio Redis pool, made in the loop that serves.
         client = redis.asyncio.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, health_check_interval=30, **driver_options()
+            settings.redis_url,
+            socket_connect_timeout=5,
+            socket_timeout=COMMAND_TIMEOUT_S,
+            health_check_interval=30,
+            **driver_options(),
         )
         app.state.aredis = client
         app.state.limiter = RateLimiter(client, settings)
+        # Streams and long polls wait on this one subscription, not on a pooled connection each.
+        app.state.event_hub = EventHub(client, store.events_channel)
+        app.state.event_hub.start()
         await warn_without_keys(client)
 
     warm_stop = threading.Event()
@@ -195,6 +205,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def close_clients(app: Litestar) -> None:
         gc.unfreeze()
         warm_stop.set()
+        hub = app.state.get("event_hub")
+        if hub is not None:
+            await hub.close()
         client = app.state.get("aredis")
         if client is not None:
             await client.aclose()
