@@ -3,7 +3,7 @@
 # throughput of the fast engine against the hooks loop and nnsight on the same GPU, in bfloat16, on SmolLM2-135M and
 # on randomly initialised 1B- and 7B-shaped Llama configs, with peak memory, written to JSON:
 #   bash bench/gpu.sh [OUT_DIR]      (default bench/gpu-results; $OUT is used when set, as on the device machine)
-# Needs the project installed with a CUDA build of torch (README, "Deployment") and nnsight (pip install -e ".[bench]").
+# Needs the project installed with a CUDA build of torch (docs/operations/deployment.md) and nnsight (pip install -e ".[bench]").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/gpu-results}}"

@@ -1,5 +1,5 @@
 """Per-job statistics of a per-position job: over (prompt, position) pairs, and self-repair over each component's
-top pairs by direct effect (Rushing & Nanda 2024; docs/definitions.md, "Every position")."""
+top pairs by direct effect (Rushing & Nanda 2024; docs/concepts/definitions.md, "Every position")."""
 
 from __future__ import annotations
 
