@@ -139,7 +139,7 @@ def test_site_builds_strictly_with_repository_files_published(tmp_path: Path) ->
     for raw in (ROOT / "bench").glob("*.json"):
         assert (site / "results" / "bench" / raw.name).exists(), raw.name
     page = (site / "guides" / "first-sweep" / "index.html").read_text()
-    assert "to_pandas" in page and "def main" in page, "the script is not included in its page"
+    assert "run_sweep" in page and "to_pandas" in page, "the script is not included in its page"
     assert (site / "examples" / "first_sweep.png").exists()
 
 
