@@ -408,6 +408,14 @@ DOCS: dict[str, str] = {
     "SelfRepair.self_repair_share": "Mean over the kept pairs of clip(self-repair / unembed_effect, 0, 1)",
     "SelfRepair.norm_of_direct": "Unclipped ratio of means norm_mean / unembed_effect_mean (null when that is 0)",
     "SelfRepair.self_repair_fraction": "Unclipped ratio of means self_repair_mean / unembed_effect_mean",
+    "SelfRepair.self_repair_fraction_ci_low": (
+        "Lower end of self_repair_fraction's bootstrap interval (the ratio of each document resample's means); "
+        "above 1: the component over-corrects on average"
+    ),
+    "SelfRepair.self_repair_fraction_ci_high": "Upper end of self_repair_fraction's bootstrap interval",
+    "SelfRepair.over_correction_share": "Share of the kept pairs whose self-repair exceeds unembed_effect",
+    "SelfRepair.over_correction_ci_low": "Lower end of over_correction_share's bootstrap interval",
+    "SelfRepair.over_correction_ci_high": "Upper end of over_correction_share's bootstrap interval",
     "SelfRepair.self_repair_quantiles": "5/25/50/75/95% quantiles of the self-repair over the kept pairs",
     "SelfRepairLayer": "The mean self-repair of one layer's components of one kind (Rushing & Nanda's Fig. 1 trend).",
     "SelfRepairLayer.kind": "attn, mlp or head",

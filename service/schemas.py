@@ -456,6 +456,12 @@ class SelfRepair(Struct, kw_only=True):
     self_repair_share: float | None = None  # mean of clip(self-repair / unembed, 0, 1)
     norm_of_direct: float | None = None  # unclipped ratio of means: norm_mean / unembed_effect_mean
     self_repair_fraction: float | None  # unclipped ratio of means: self_repair_mean / unembed_effect_mean
+    self_repair_fraction_ci_low: float | None = None  # the same document resamples, ratio of their means
+    self_repair_fraction_ci_high: float | None = None
+    # Share of the kept pairs whose self-repair exceeds the direct effect (over-correction, R&N's "noisy").
+    over_correction_share: float | None = None
+    over_correction_ci_low: float | None = None
+    over_correction_ci_high: float | None = None
     self_repair_quantiles: Quantiles
 
 

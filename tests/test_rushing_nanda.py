@@ -126,6 +126,8 @@ def test_self_repair_follows_their_protocol(job: dict[str, Any]) -> None:
         un_mean = sum(q["unembed"] for q in top) / kept
         assert repair.norm_of_direct == pytest.approx(sum(q["norm"] for q in top) / kept / un_mean, abs=1e-4)
         assert repair.self_repair_fraction == pytest.approx(sum(repairs) / kept / un_mean, abs=1e-4)
+        over = sum(1 for r, q in zip(repairs, top, strict=True) if r > q["unembed"]) / kept
+        assert repair.over_correction_share == pytest.approx(over, abs=1e-12)
     assert by_de_differs  # selecting by the ablation's DE would have kept other pairs on this model
 
 
@@ -137,14 +139,20 @@ def test_intervals_resample_documents_and_the_layer_trend_uses_the_same_resample
     resampled: dict[str, list[float]] = {}
     for c, name in enumerate(HEADS):
         top = sorted(_pairs(prompts, c), key=lambda q: -q["unembed"])[:kept]
-        means = []
+        means, fractions = [], []
         for row in picks:
-            chosen = [q["de"] - q["te"] for doc in row for q in top if q["doc"] == doc]
-            means.append(sum(chosen) / len(chosen) if chosen else math.nan)
+            chosen = [q for doc in row for q in top if q["doc"] == doc]
+            repaired = sum(q["de"] - q["te"] for q in chosen)
+            means.append(repaired / len(chosen) if chosen else math.nan)
+            fractions.append(repaired / sum(q["unembed"] for q in chosen) if chosen else math.nan)
         resampled[name] = means
         repair = present(summary.self_repair)[c]
         low, high = present(percentile_interval(np.array(means)))
         assert (repair.self_repair_ci_low, repair.self_repair_ci_high) == pytest.approx((low, high), abs=1e-4)
+        low, high = present(percentile_interval(np.array(fractions)))  # ratio of the resample's means
+        assert (repair.self_repair_fraction_ci_low, repair.self_repair_fraction_ci_high) == pytest.approx(
+            (low, high), abs=1e-3
+        )
     layers = present(summary.self_repair_layers)
     assert [(t.kind, t.layer, t.n_components) for t in layers] == [("head", 0, 4), ("head", 1, 4)]
     for trend in layers:

@@ -150,10 +150,17 @@ def with_intervals(
 ) -> tuple[list[SelfRepair], list[SelfRepairLayer]]:
     """Bootstrap intervals, resampling whole documents (a document's pairs share its context, so they are not
     independent): each component's kept pairs stay fixed (the selection reads the clean run only) and a resample
-    takes every kept pair of every drawn document. The same resamples give the per-layer trend's intervals."""
+    takes every kept pair of every drawn document. The same resamples give the per-layer trend's intervals, and the
+    repaired fraction's (a ratio of the resample's means)."""
     k = len(repairs)
     repair_rows = [columns["direct"][c, top] - columns["total"][c, top] for c, top in enumerate(tops)]
-    share_rows = [share_of_direct(columns["norm"][c, top], columns["unembed"][c, top]) for c, top in enumerate(tops)]
+    unembed_rows = [columns["unembed"][c, top] for c, top in enumerate(tops)]
+    blocks = [
+        repair_rows,
+        [share_of_direct(columns["norm"][c, top], unembed_rows[c]) for c, top in enumerate(tops)],
+        unembed_rows,
+        [(repair > unembed).astype(np.float64) for repair, unembed in zip(repair_rows, unembed_rows, strict=True)],
+    ]
     width = max(top.size for top in tops)
 
     def padded(rows: list[np.ndarray]) -> np.ndarray:
@@ -162,17 +169,31 @@ def with_intervals(
             out[i, : row.size] = row
         return out
 
-    clusters = np.zeros((2 * k, width), dtype=np.int64)
-    for c, top in enumerate(tops):
-        clusters[c, : top.size] = clusters[k + c, : top.size] = documents[top]
+    clusters = np.zeros((len(blocks) * k, width), dtype=np.int64)
+    for b in range(len(blocks)):
+        for c, top in enumerate(tops):
+            clusters[b * k + c, : top.size] = documents[top]
     means, intervals = cluster_mean_interval(
-        np.vstack([padded(repair_rows), padded(share_rows)]), clusters, n_documents, seed
+        np.vstack([padded(block) for block in blocks]), clusters, n_documents, seed
     )
-    low = [None if interval is None else interval[0] for interval in intervals]
-    high = [None if interval is None else interval[1] for interval in intervals]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(means[:, 2 * k : 3 * k] != 0, means[:, :k] / means[:, 2 * k : 3 * k], np.nan)
+    fraction_intervals = [percentile_interval(fraction[:, c]) for c in range(k)]
+    low = [None if interval is None else interval[0] for interval in intervals + fraction_intervals]
+    high = [None if interval is None else interval[1] for interval in intervals + fraction_intervals]
     out = [
-        replace(r, self_repair_ci_low=low[c], self_repair_ci_high=high[c], norm_share_ci_low=low[k + c],
-                norm_share_ci_high=high[k + c])
+        replace(
+            r,
+            self_repair_ci_low=low[c],
+            self_repair_ci_high=high[c],
+            norm_share_ci_low=low[k + c],
+            norm_share_ci_high=high[k + c],
+            over_correction_share=float(blocks[3][c].mean()),
+            over_correction_ci_low=low[3 * k + c],
+            over_correction_ci_high=high[3 * k + c],
+            self_repair_fraction_ci_low=low[4 * k + c],
+            self_repair_fraction_ci_high=high[4 * k + c],
+        )
         for c, r in enumerate(repairs)
     ]
     groups: dict[tuple[ComponentKind, int], list[int]] = {}
