@@ -33,8 +33,10 @@ FigureName = Literal[
 ]
 FigureFormat = Literal["png", "svg", "pdf"]
 ExportFormat = Literal["json", "msgpack", "csv", "parquet"]
-# What a summary's bootstrap resamples: prompts one by one, or whole dataset relations (clusters of prompts).
+# What a fit's bootstrap resamples: prompts one by one, or whole dataset relations (clusters of prompts); a
+# per-position summary resamples documents.
 BootstrapUnit = Literal["prompt", "relation"]
+ResamplingUnit = Literal["prompt", "relation", "document"]
 # A component's kind, as its name starts (attn.L, mlp.L, head.L.H).
 ComponentKind = Literal["attn", "mlp", "head"]
 # Where a served model's weights come from, as the open model list shows it: never a file-system path.
@@ -479,7 +481,7 @@ class SelfRepairLayer(Struct, kw_only=True):
 class Resampling(Struct, kw_only=True):
     """How a summary's bootstrap intervals were drawn."""
 
-    unit: Literal["prompt", "relation", "document"]
+    unit: ResamplingUnit
     n_units: int
     n_boot: int
     ci_level: float
