@@ -86,7 +86,7 @@ def load(n_prompts: int) -> Loaded:
 
     torch.manual_seed(0)
     dtype, device = DTYPES[OPTIONS["dtype"]], OPTIONS["device"]
-    rows = json.loads((ROOT / "service" / "data" / "known_1000.json").read_text())
+    rows = json.loads((ROOT / "service" / "core" / "data" / "known_1000.json").read_text())
     prompts = [r["prompt"] for r in rows[:n_prompts]]
     if OPTIONS["model"] == "smollm2":
         loaded = load_model(builtin_smollm2(), device=device, dtype=dtype)
@@ -125,7 +125,7 @@ def corpus_ids(loaded: Loaded, scenario: dict[str, Any]) -> list[Any]:
     """The first documents of the built-in corpus (one more than measured: a resample source), cut to max_tokens."""
     import torch
 
-    from service.corpora import documents
+    from service.core.corpora import documents
 
     docs = documents("known_1000_text")[: scenario["documents"] + 1]
     ids = [loaded.tokenizer(d).input_ids[: scenario["max_tokens"]] for d in docs]

@@ -28,9 +28,9 @@ import httpx
 import msgspec
 import pytest
 
-from service.embedded_redis import EmbeddedRedis, free_port
-from service.settings import Settings
-from service.store import JobStore
+from service.core.embedded_redis import EmbeddedRedis, free_port
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.test_api import TINY
 from tests.test_faults import WorkerProcess
 from tests.test_lab_api import parse_sse

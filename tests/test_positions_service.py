@@ -17,14 +17,15 @@ import torch
 from litestar.testing import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service import corpora
-from service.app import create_app
-from service.errors import ValidationProblem
-from service.figures import FIGURE_NAMES, PAPER_FIGURES
-from service.parquet import PARQUET_MEDIA_TYPE, from_parquet, iter_parquet
-from service.resolve import _position_values, resolve
-from service.schemas import CorpusRef, JobRequest, JobResult, ModelInfo, PositionColumns
-from service.settings import Settings
+from hydra_ablate_client.vocabulary import FIGURE_NAMES
+from hydra_ablate_client.wire import CorpusRef, JobRequest, JobResult, ModelInfo, PositionColumns
+from service.api.app import create_app
+from service.core import corpora
+from service.core.errors import ValidationProblem
+from service.core.resolve import _position_values, resolve
+from service.core.settings import Settings
+from service.rendering.figures import PAPER_FIGURES
+from service.rendering.parquet import PARQUET_MEDIA_TYPE, from_parquet, iter_parquet
 from tests.oracle import oracle_position_sweep
 from tests.test_stack_e2e import wait_terminal
 from worker.engine.types import SweepInputs, SweepSpec
@@ -282,9 +283,9 @@ def test_paper_options_are_refused_for_per_position_jobs(api: TestClient, option
 
 def test_the_capped_total_effect_of_a_soft_capped_model_is_exported_per_position() -> None:
     """Soft-capped models carry capped_total_effect (C, P): CSV and Parquet rows hold it, from_parquet restores it;
-    the CLI's CSV (client/render.py) is the API's per-position CSV."""
-    from client.render import result_csv
-    from service.result_csv import position_csv_rows, to_csv
+    the CLI's CSV (cli/views.py) is the API's per-position CSV."""
+    from cli.views import result_csv
+    from service.rendering.result_csv import position_csv_rows, to_csv
     from tests.test_figures import build_result
 
     base = build_result(prompts=["one two three", "four five"])

@@ -15,17 +15,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.schemas import PromptResult, SelfRepair
+from hydra_ablate_client.wire import PromptResult, SelfRepair
 from tests.checks import present
 from tests.engine_fixtures import tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.tiny_models import load_tokenizer
 from worker.engine.position_sweep import run_position_sweep
 from worker.engine.types import SweepInputs, SweepSpec
+from worker.fit_statistics import percentile_interval
 from worker.job_runner import position_prompt_result
 from worker.model_cache import LoadedModel
 from worker.model_sources import ModelSource
 from worker.position_summary import share_of_direct, summarise_positions, top_count, top_pairs
-from worker.stats import percentile_interval
 
 TEXTS = (
     "The quick brown fox jumps over the lazy dog near the river",

@@ -12,12 +12,12 @@ import pytest
 import torch
 from litestar.testing import TestClient
 
-from service import datasets
-from service.app import create_app
-from service.errors import ValidationProblem
-from service.resolve import ablation_count, resolve
-from service.schemas import DatasetRef, JobRequest, ModelInfo
-from service.settings import Settings
+from hydra_ablate_client.wire import DatasetRef, JobRequest, ModelInfo
+from service.api.app import create_app
+from service.core import datasets
+from service.core.errors import ValidationProblem
+from service.core.resolve import ablation_count, resolve
+from service.core.settings import Settings
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import locate_parts as oracle_parts
 from tests.oracle import oracle_sweep, response_basis

@@ -1,6 +1,6 @@
-"""The statistics helpers (worker/stats.py) and the summary's use of them (worker/paper_fits.py, worker/summary.py),
-against references computed here without them: np.polyfit and np.corrcoef on explicitly built resamples, every
-permutation of a tiny set enumerated, Holm's procedure worked by hand, np.percentile."""
+"""The statistics helpers (worker/fit_statistics.py) and the summary's use of them (worker/paper_fits.py,
+worker/summary.py), against references computed here without them: np.polyfit and np.corrcoef on explicitly built
+resamples, every permutation of a tiny set enumerated, Holm's procedure worked by hand, np.percentile."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from tests.checks import present
 from worker.engine.types import DrawMeasures, PromptMeasures, SweepResult
-from worker.stats import (
+from worker.fit_statistics import (
     bootstrap_fits,
     bootstrap_weights,
     cluster_ids,

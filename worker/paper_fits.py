@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.schemas import BootstrapUnit, Fit
-from worker.stats import (
+from hydra_ablate_client.vocabulary import BootstrapUnit
+from hydra_ablate_client.wire import Fit
+from worker.fit_statistics import (
     CI_LEVEL,
     N_BOOT,
     bootstrap_fits,

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from msgspec.structs import replace
 
-from service.schemas import (
-    ComponentKind,
+from hydra_ablate_client.vocabulary import ComponentKind
+from hydra_ablate_client.wire import (
     ComponentSummary,
     PositionColumns,
     PromptResult,
@@ -30,7 +30,7 @@ from service.schemas import (
     SelfRepairLayer,
     Summary,
 )
-from worker.stats import CI_LEVEL, N_BOOT, cluster_mean_interval, percentile_interval
+from worker.fit_statistics import CI_LEVEL, N_BOOT, cluster_mean_interval, percentile_interval
 from worker.summary import regression
 
 TOP_FRACTION = 0.02  # Rushing & Nanda's top 2% of (position, token) pairs by the head's direct effect

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.schemas import ComponentSummary, ErasureFit, Regression, Resampling, Selection, Summary
+from hydra_ablate_client.wire import ComponentSummary, ErasureFit, Regression, Resampling, Selection, Summary
 from worker.engine.types import SweepResult
+from worker.fit_statistics import CI_LEVEL, N_BOOT, ols, pearson
 from worker.paper_fits import draw_values, paper_fits
-from worker.stats import CI_LEVEL, N_BOOT, ols, pearson
 
 
 def regression(

@@ -1,4 +1,4 @@
-"""The ablation sweep: clean runs, replacements, batched ablated runs (worker/engine/fast.py), then measures.
+"""The ablation sweep: clean runs, replacements, batched ablated runs (worker/engine/ablated_runs.py), then measures.
 
 Read top to bottom; every measure is defined in docs/definitions.md.
 """
@@ -11,11 +11,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from hydra_ablate_client.vocabulary import NormScaleMode
+from worker.engine.ablated_runs import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, CleanRunCache, run_clean
-from worker.engine.components import Component, is_downstream, layer_components, parse_component
+from worker.engine.components import Component, is_downstream, layer_components, model_component
 from worker.engine.errors import InputError
-from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.measures import ablated_profile, decompose, read_direct
 from worker.engine.memory import (
     DEFAULT_BATCH_TOKENS,
@@ -26,15 +27,7 @@ from worker.engine.memory import (
 )
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
-from worker.engine.types import (
-    DrawMeasures,
-    NormScale,
-    PatchSample,
-    PromptMeasures,
-    SweepInputs,
-    SweepResult,
-    SweepSpec,
-)
+from worker.engine.types import DrawMeasures, PatchSample, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -64,7 +57,7 @@ def run_sweep(
     (the other chunks of a job); None computes every one.
     """
     arch = describe(model)
-    components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
+    components = [model_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
     all_positions = spec.positions == "all"
@@ -302,7 +295,7 @@ def _responses(
     clean_out: torch.Tensor,
     u: torch.Tensor,
     s_clean: torch.Tensor,
-    norm_scale: NormScale,
+    norm_scale: NormScaleMode,
 ) -> torch.Tensor:
     """(B, 2N): each layer component's direct effect in the ablated run minus in the clean run."""
     if norm_scale == "clean":
@@ -322,7 +315,7 @@ def _measure(
     counterfactual: int | None,
     samples: int,
     sources: list[int],
-    norm_scale: NormScale,
+    norm_scale: NormScaleMode,
     keep_samples: bool = False,
     seeds: list[int] | None = None,
 ) -> PromptMeasures:
@@ -427,7 +420,7 @@ def _patch_samples(
     outputs: AblatedOutputs,
     u: torch.Tensor,
     s_clean: torch.Tensor,
-    norm_scale: NormScale,
+    norm_scale: NormScaleMode,
     total: torch.Tensor,
     direct: torch.Tensor,
     sources: list[int],

@@ -9,32 +9,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-# The option lists are the API's (one definition, service/schemas.py: msgspec only, no HTTP, no Redis).
-from service.schemas import AblationKind as Ablation
-from service.schemas import MeasurePositions, ResampleFrom
-from service.schemas import MetricName as Metric
-from service.schemas import NormScaleMode as NormScale
-from service.schemas import PositionScope as Positions
-from service.schemas import ResponseBasisName as ResponseBasis
-from service.schemas import TargetName as Target
+# The option lists are the service's (one definition, stdlib only: clients/python/hydra_ablate_client/vocabulary.py).
+from hydra_ablate_client.vocabulary import (
+    AblationKind,
+    MeasurePositions,
+    MetricName,
+    NormScaleMode,
+    PositionScope,
+    ResampleFrom,
+    ResponseBasisName,
+    TargetName,
+)
 from worker.engine.measures import compensatory_effect
 
 __all__ = [
-    "Ablation",
     "DrawMeasures",
-    "MeasurePositions",
-    "Metric",
-    "NormScale",
     "PositionMeasures",
     "PositionSweepResult",
-    "Positions",
     "PromptMeasures",
-    "ResampleFrom",
-    "ResponseBasis",
     "SweepInputs",
     "SweepResult",
     "SweepSpec",
-    "Target",
 ]
 
 
@@ -43,10 +38,10 @@ class SweepSpec:
     """What to ablate and how to measure it; components are explicit names (attn.L, mlp.L, head.L.H)."""
 
     components: tuple[str, ...]
-    ablation: Ablation = "resample"
-    positions: Positions = "final"
-    metric: Metric = "logit"
-    norm_scale: NormScale = "clean"
+    ablation: AblationKind = "resample"
+    positions: PositionScope = "final"
+    metric: MetricName = "logit"
+    norm_scale: NormScaleMode = "clean"
     resample_samples: int = 1
     resample_from: ResampleFrom = "next"
     seed: int = 0
@@ -57,8 +52,8 @@ class SweepSpec:
     only_correct: bool = False  # measure only prompts whose clean top token is their target (`target_ids`)
     # Per-position measurement (worker/engine/position_sweep.py; docs/definitions.md, "Every position").
     measure_positions: MeasurePositions = "final"
-    target: Target = "clean_top"  # given target_ids win over "clean_top"
-    response_basis: ResponseBasis = "layers"
+    target: TargetName = "clean_top"  # given target_ids win over "clean_top"
+    response_basis: ResponseBasisName = "layers"
 
 
 @dataclass(frozen=True)
