@@ -11,10 +11,11 @@ write the same keys. Each subcommand prints `RESULT {json}` as its last line; `t
 `--partial` after each engine, so that a time-out keeps what was measured before it.
 
 Throughput is the `hydra` preset's sweep (service/resolve.py: every attention and MLP layer, final position, 15
-resample sources, centred logit) on a randomly initialised Llama of the shape, in bfloat16, measured over
-consecutive chunks of the workers' size (64 prompts) of the 1,209 known_1000 prompts, by four engines:
+resample sources, centred logit) on a randomly initialised Llama of the shape, in bfloat16, on the 1,209
+known_1000 prompts (all of them serve as sources), by five engines, each for its share of the shape's time:
 
-- `fast`: the engine as workers run it, batch budget from free device memory (`batch_tokens=None`);
+- `fast`: the engine as workers run it, over consecutive chunks of the workers' 64 prompts (fewer where the
+  warm-up's rate says one would not fit the engine's share), batch budget from free device memory;
 - `fast_equal_batch`: the same engine held to one prompt's ablations (layers × 15 rows) per batch;
 - `hooks_batched`: plain forward hooks, one full forward pass per batch of that same number of rows, each row
   with its own component replaced (the hooks loop at an equal batch size);
@@ -281,12 +282,14 @@ def hydra_spec(setup: Setup) -> Any:
     )
 
 
-def chunk_size(where: torch.device, engine: str) -> int:
+def chunk_size(where: torch.device, engine: str, rate: float, seconds: float, rows_per_prompt: int) -> int:
     """Prompts per timed sweep: the workers' 64 for `fast` (its batches span prompts), 8 when batches are one
-    prompt's anyway; 2 on a CPU, where the dry run only checks that the code runs."""
+    prompt's anyway, fewer when the warm-up's rate (ablations/s) says that one such sweep would take most of the
+    engine's `seconds`; 2 on a CPU, where the dry run only checks that the code runs."""
     if where.type != "cuda":
         return 2
-    return CHUNK_PROMPTS if engine == "fast" else 8
+    fits = int(0.5 * rate * seconds / rows_per_prompt)
+    return max(1, min(CHUNK_PROMPTS if engine == "fast" else 8, fits))
 
 
 @contextmanager
@@ -352,7 +355,11 @@ def count_fast_flops(setup: Setup) -> dict[str, float]:
     ])
     ablations = len(measured) * len(setup.names) * setup.samples
     synchronise(setup.where)
-    return {"per_ablation": (sweep_flops - clean_flops) / ablations, "per_clean_pass": clean_flops / len(cleaned)}
+    began = time.perf_counter()  # the same sweep again, uncounted and warm: a first rate, to size the chunks
+    run_sweep(setup.model, hydra_spec(setup), inputs, batch_tokens=None)
+    synchronise(setup.where)
+    return {"per_ablation": (sweep_flops - clean_flops) / ablations, "per_clean_pass": clean_flops / len(cleaned),
+            "warm_ablations_per_s": ablations / (time.perf_counter() - began)}
 
 
 def _flops(work: Callable[[], Any]) -> float:
@@ -537,10 +544,10 @@ def throughput(name: str, until: float, partial: Path | None) -> dict[str, Any]:
         share = (deadline - time.monotonic()) * SHARES[engine] / left
         values: dict[str, float] = {}
         try:
+            size = chunk_size(setup.where, engine, report["fast_flops"]["warm_ablations_per_s"], share, rows)
             if engine == "fast":
-                measured = run_fast(setup, share, None, chunk_size(setup.where, engine), fast_values)
+                measured = run_fast(setup, share, None, size, fast_values)
             elif engine == "fast_equal_batch":
-                size = chunk_size(setup.where, engine)
                 measured = run_fast(setup, share, rows * info["longest_prompt_tokens"], size, None)
                 measured["batch_rows"] = rows
             elif engine == "hooks_batched":

@@ -68,10 +68,12 @@ def export_tokenizer(folder: Path) -> None:
 
 
 def travelling_bytes(carry: Path) -> dict[str, int]:
-    """Bytes that a device call sends: git's tracked and untracked-not-ignored files, and the carried folder."""
+    """Bytes that a device call sends: git's tracked and untracked-not-ignored files, a shared/ folder inside the
+    checkout (it travels, ignored or not), and the carried folder."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout.decode().split("\0")
-    tree = sum((ROOT / name).stat().st_size for name in listed if name and (ROOT / name).is_file())
+    files = {ROOT / name for name in listed if name} | set((ROOT / "shared").rglob("*"))
+    tree = sum(path.stat().st_size for path in files if path.is_file() and not path.is_symlink())
     carried = sum(path.stat().st_size for path in carry.rglob("*") if path.is_file())
     return {"working_tree": tree, "carried": carried, "total": tree + carried, "limit": LIMIT_BYTES}
 

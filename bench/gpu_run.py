@@ -230,7 +230,7 @@ def probe(run: Run, env: dict[str, str]) -> dict[str, Any] | None:
 
 def tests(run: Run, env: dict[str, str], which: str, imports: dict[str, Any], cpus: int) -> None:
     began = time.monotonic()
-    planned = min(240.0, 0.45 * run.budget_s, run.left() - 0.4 * run.budget_s)
+    planned = min(0.45 * run.budget_s, run.left() - 0.4 * run.budget_s)  # the rest: matmul and throughput
     lines = run.out / TEST_LINES
     lines.unlink(missing_ok=True)
     xdist = bool(imports.get("xdist", {}).get("ok"))
@@ -296,7 +296,7 @@ def matmul(run: Run, env: dict[str, str]) -> None:
     if found is None:
         run.error(f"the matrix-product rate was not measured (exit {code})")
     else:
-        say(f"bf16 matmul {found['size']}²: {found['tflops_median']:.1f} TFLOP/s (median)")
+        say(f"bf16 matmul {found['size']}²: {found['tflops_median']:.3g} TFLOP/s (median)")
     run.phase("matmul", planned, began, "ok" if found else "failed")
 
 
@@ -366,9 +366,10 @@ def project(run: Run) -> None:
     run.doc["projection"] = {
         "shape": PROJECTED_SHAPE, "scaled_down": shape["scaled_down"], "prompts": PROJECTED_PROMPTS,
         "ablations": ablations, "ablations_per_s": fast["ablations_per_s"], "seconds": seconds,
-        "minutes": seconds / 60, "measured_prompts": fast["prompts"],
-        "basis": "the fast engine's rate over consecutive 64-prompt chunks (clean passes and the clean-run cache "
-                 "included), every prompt measured (the preset's only_correct off)",
+        "minutes": seconds / 60, "measured_prompts": fast["prompts"], "chunk_prompts": fast["chunk_prompts"],
+        "basis": "the fast engine's rate over consecutive chunks of chunk_prompts prompts (the workers' 64 unless "
+                 "one would not fit its time), clean passes and the clean-run cache included, every prompt "
+                 "measured (the preset's only_correct off)",
     }
     scaled = shape["scaled_down"]
     speedup = shape["speedups"]["fast_equal_batch_vs_hooks_batched"]
@@ -397,14 +398,14 @@ def table(run: Run) -> None:
         print(f"  {name:32} {group['passed']} passed, {group['failed'] + group['error']} failed, "
               f"{group['skipped']} skipped")
     if doc.get("matmul"):
-        print(f"matmul bf16: {doc['matmul']['tflops_median']:.1f} TFLOP/s")
+        print(f"matmul bf16: {doc['matmul']['tflops_median']:.3g} TFLOP/s")
     print(f"{'shape':11} {'engine':17} {'abl/s':>10} {'peak MiB':>9} {'TFLOP/s':>8}")
     for shape, found in (doc.get("throughput") or {}).items():
         for engine, e in (found or {}).get("engines", {}).items():
             tflops = (found.get("tflops") or {}).get(engine)
             peak = e.get("peak_device_mib")
             print(f"{shape:11} {engine:17} {e['ablations_per_s']:>10.1f} "
-                  f"{'-' if peak is None else f'{peak:.0f}':>9} {'-' if tflops is None else f'{tflops:.1f}':>8}")
+                  f"{'-' if peak is None else f'{peak:.0f}':>9} {'-' if tflops is None else f'{tflops:.3g}':>8}")
         for ratio, value in (found or {}).get("speedups", {}).items():
             if value is not None:
                 print(f"{shape:11} {ratio:38} x{value:.1f}")
