@@ -31,6 +31,7 @@ from service.controllers.metrics import metrics
 from service.controllers.problems import problem_details_config
 from service.controllers.strict_query import request_guard
 from service.controllers.webhooks import WebhooksController
+from service.event_hub import EventHub
 from service.idempotency import IdempotencyRecords
 from service.limits import RATE_SCRIPT, RateLimiter, TokenCounters
 from service.metrics import AppMetrics
@@ -45,10 +46,11 @@ from service.queue import JobQueue
 from service.readiness import Shared, probe
 from service.recovery import resend_unplanned
 from service.redaction import install_log_redaction
-from service.redis_options import driver_options
+from service.redis_options import COMMAND_TIMEOUT_S, driver_options
 from service.served_models import ServedModels
 from service.settings import Settings
 from service.store import LOOP_SCRIPTS, JobStore
+from service.stream_slots import StreamSlots
 from service.ui import ui_handlers, ui_template_config
 from service.webhooks import finish_hook
 
@@ -126,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "served": ServedModels(),
             "readiness": Shared(lambda: probe(store, queue, settings), settings.ready_cache_s),
             "metrics": AppMetrics(store, settings),
+            "stream_slots": StreamSlots(settings.max_streams_per_key, settings.max_streams),
         }
     )
     if json_logs_requested():
@@ -134,10 +137,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def open_async_clients(app: Litestar) -> None:
         # Auth and rate limiting run on the event loop: an asyncio Redis pool, made in the loop that serves.
         client = redis.asyncio.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, health_check_interval=30, **driver_options()
+            settings.redis_url,
+            socket_connect_timeout=5,
+            socket_timeout=COMMAND_TIMEOUT_S,
+            health_check_interval=30,
+            **driver_options(),
         )
         app.state.aredis = client
         app.state.limiter = RateLimiter(client, settings)
+        # Streams and long polls wait on this one subscription, not on a pooled connection each.
+        app.state.event_hub = EventHub(client, store.events_channel)
+        app.state.event_hub.start()
         await warn_without_keys(client)
 
     warm_stop = threading.Event()
@@ -197,6 +207,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def close_clients(app: Litestar) -> None:
         gc.unfreeze()
         warm_stop.set()
+        hub = app.state.get("event_hub")
+        if hub is not None:
+            await hub.close()
         client = app.state.get("aredis")
         if client is not None:
             await client.aclose()

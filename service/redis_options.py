@@ -11,6 +11,12 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+# How long one read of an ordinary command may take on the API's event-loop client before it fails (503) instead of
+# hanging on a Redis that is gone. Set here, not left to redis-py, whose default changed between major versions
+# (none before 6, 5 s in 8). Nothing the API sends blocks in Redis: streams and long polls wait on the process's
+# subscription (service/event_hub.py), which reads with its own, shorter timeout.
+COMMAND_TIMEOUT_S = 5.0
+
 
 @cache
 def driver_options() -> dict[str, Any]:

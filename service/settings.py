@@ -82,6 +82,10 @@ class Settings:
     max_active_jobs: int = 100  # queued + running jobs per key
     max_prompt_tokens: int = 512  # per prompt, counted with the model's published tokenizer
     max_body_bytes: int = 10 * MIB  # request bodies above this are refused with 413 before parsing
+    # Event streams and waiting long polls held open per API process (service/stream_slots.py): per key and in all.
+    # The total stays well below a default 1024 open-file limit (each held request is a socket); 0 switches one off.
+    max_streams_per_key: int = 32
+    max_streams: int = 512
 
     # Webhooks (service/webhooks.py): networks a callback_url may resolve to although they are private or loopback
     # (comma-separated CIDRs, HYDRA_CALLBACK_ALLOW), and the delivery's retry schedule.
@@ -112,6 +116,8 @@ class Settings:
             max_active_jobs=env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
             max_prompt_tokens=env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
             max_body_bytes=env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),
+            max_streams_per_key=env_int("HYDRA_MAX_STREAMS_PER_KEY", defaults.max_streams_per_key, minimum=0),
+            max_streams=env_int("HYDRA_MAX_STREAMS", defaults.max_streams, minimum=0),
             callback_allow=os.environ.get("HYDRA_CALLBACK_ALLOW", defaults.callback_allow),
             callback_max_attempts=env_int("HYDRA_CALLBACK_MAX_ATTEMPTS", defaults.callback_max_attempts),
             callback_backoff_s=env_float("HYDRA_CALLBACK_BACKOFF_S", defaults.callback_backoff_s),

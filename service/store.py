@@ -16,7 +16,9 @@ Keys, under the configured prefix:
   models       hash: model id -> ModelInfo JSON, as advertised by workers
   tokenizer:{model id}  the model's Hugging Face tokenizers JSON, as published by workers
   events:{id}  stream of the job's status snapshots, one per change (created, running, phase, progress, finished):
-               what GET /v1/jobs/{id}/events and ?wait= read (service/events.py); capped at EVENTS_MAXLEN entries
+               what GET /v1/jobs/{id}/events and ?wait= read (service/events.py); capped at EVENTS_MAXLEN entries.
+               JobStore.emit also publishes the job id on the channel `job-events`, a hint that wakes the
+               API's waiters (service/event_hub.py); the create script does not: nobody waits on a new job.
   callbacks:{id}  list of CallbackAttempt JSON, one per webhook delivery attempt (service/webhooks.py)
 The job hash also holds, from issue 12: name, tags (JSON list), metadata (JSON object), callback_url, phase and
 prompts_done / prompts_total.
@@ -446,6 +448,11 @@ class JobStore:
     def events_key(self, job_id: str) -> str:
         return f"{self.prefix}events:{job_id}"
 
+    @property
+    def events_channel(self) -> str:
+        """The Pub/Sub channel on which each appended event's job id is published (channels are not keys)."""
+        return f"{self.prefix}job-events"
+
     def callbacks_key(self, job_id: str) -> str:
         return f"{self.prefix}callbacks:{job_id}"
 
@@ -601,13 +608,15 @@ class JobStore:
 
     # events (issue 12): a snapshot per change, for server-sent events, long polls and webhooks
     def emit(self, job_id: str, status: JobStatus | None = None) -> None:
-        """Append the job's current status to its event stream (capped, expiring with the job)."""
+        """Append the job's current status to its event stream (capped, expiring with the job) and tell the API
+        processes' subscriptions that the job changed."""
         status = status or self.status(job_id)
         if status is None:
             return
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(self.events_key(job_id), {"status": msgspec.json.encode(status)}, maxlen=EVENTS_MAXLEN)
         pipe.expire(self.events_key(job_id), self.ttl_s)
+        pipe.publish(self.events_channel, job_id)
         pipe.execute()
 
     def _emitting(self, job_id: str, changed: bool) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +26,7 @@ from service.auth import SECURITY, Principal
 from service.chunks import ChunkBook
 from service.cleanup import delete_finished_job
 from service.controllers.dependencies import RouteContext
-from service.controllers.problems import PROBLEM_JSON, PROTECTED, problem_responses
+from service.controllers.problems import PROBLEM_JSON, PROTECTED, held_request_responses, problem_responses
 from service.controllers.strict_query import RATE_LIMITED
 from service.errors import BackendUnavailable, ValidationProblem
 from service.events import follow, last_event_id, wait_for_change
@@ -455,9 +456,10 @@ class JobsController(Controller):
         operation_id="getJob",
         description=(
             "With `?wait=S` (a long poll, at most 60 s) the answer waits until the job's status, phase or progress "
-            "changes, or S seconds pass, whichever is first; a finished job answers at once."
+            "changes, or S seconds pass, whichever is first; a finished job answers at once. A waiting long poll "
+            "counts against the caps on held requests shared with event streams (429 with Retry-After past them)."
         ),
-        responses=problem_responses(400, *PROTECTED, 404, 503),
+        responses=held_request_responses(),
     )
     async def get_job(
         self,
@@ -477,7 +479,11 @@ class JobsController(Controller):
         status = await visible_status_async(client, store, job_id, principal)
         if status.status in TERMINAL_STATES:
             return status
-        await wait_for_change(client, store, job_id, after, wait)
+        slot = request.app.state.stream_slots.acquire(principal.name)  # TooManyStreams: 429
+        try:
+            await wait_for_change(client, request.app.state.event_hub, store, job_id, after, wait)
+        finally:
+            slot.release()
         return await visible_status_async(client, store, job_id, principal)
 
     @get(
@@ -488,7 +494,11 @@ class JobsController(Controller):
             "A `text/event-stream` of the job's changes until it ends: `event: status` when its state or phase "
             "changes, `event: progress` for progress, each with the JobStatus as JSON `data` and an `id`; a "
             "comment every few quiet seconds keeps proxies from closing the stream; `event: end` closes it. The "
-            "stream starts with the changes already kept (every phase of the job), or after `Last-Event-ID`."
+            "stream starts with the changes already kept (every phase of the job), or after `Last-Event-ID`. Open "
+            "streams are capped per API key and per server process, together with waiting long polls (429 with "
+            "Retry-After past a cap); a stream's place is freed when the job ends or the client disconnects. The "
+            "stream rides out a Redis outage of up to a minute (keep-alives go on); after that it closes without "
+            "`event: end`, to be resumed with `Last-Event-ID`."
         ),
         responses={
             200: ResponseSpec(
@@ -497,7 +507,7 @@ class JobsController(Controller):
                 description="Server-sent events, each `data` a JobStatus",
                 generate_examples=False,
             ),
-            **problem_responses(400, *PROTECTED, 404, 503),
+            **held_request_responses(),
         },
     )
     async def job_events(
@@ -516,17 +526,31 @@ class JobsController(Controller):
     ) -> ServerSentEvent:
         store, principal = ctx.store, ctx.principal
         await anyio.to_thread.run_sync(visible_status, store, job_id, principal)
-        client = request.app.state.aredis
+        state = request.app.state
+        client, hub = state.aredis, state.event_hub
+        slot = state.stream_slots.acquire(principal.name)  # TooManyStreams: 429, before the stream starts
 
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
-            async for event in follow(client, store, job_id, after=last_event or "0"):
-                if event.kind == "keepalive":
-                    yield ServerSentEventMessage(comment="keep-alive")
-                    continue
-                data = msgspec.json.encode(event.status).decode() if event.status is not None else "null"
-                yield ServerSentEventMessage(data=data, event=event.kind, id=event.event_id)
+            # The slot is freed when the stream ends (the job ended or vanished), or when the client disconnects:
+            # Litestar then cancels the task that iterates this generator, and `finally` runs.
+            try:
+                async for event in follow(client, hub, store, job_id, after=last_event or "0"):
+                    if event.kind == "keepalive":
+                        # A comment only: an empty `data:` line would be dispatched to EventSource as a message.
+                        yield ServerSentEventMessage(comment="keep-alive", data=None)
+                        continue
+                    data = msgspec.json.encode(event.status).decode() if event.status is not None else "null"
+                    yield ServerSentEventMessage(data=data, event=event.kind, id=event.event_id)
+            except redis.RedisError as error:
+                # The answer has started (200): all that is left is to end it cleanly, without an `end` event, so
+                # the client resumes with Last-Event-ID once Redis is back.
+                logger.warning("event stream of job %s ended: Redis stayed unavailable (%s)", job_id, error)
+            finally:
+                slot.release()
 
-        return ServerSentEvent(messages(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        stream = messages()
+        weakref.finalize(stream, slot.release)  # a stream dropped before its first step never reaches `finally`
+        return ServerSentEvent(stream, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @get(
         "/{job_id:str}/result",

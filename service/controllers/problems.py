@@ -21,6 +21,7 @@ from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetail
 from service.errors import BackendUnavailable, ValidationProblem
 from service.schemas import ProblemDetails
 from service.store import ActiveJobsExceeded
+from service.stream_slots import TooManyStreams
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ _DESCRIPTIONS = {
 PROTECTED = (401, 429)
 
 
+
 def problem_responses(*status_codes: int, descriptions: dict[int, str] | None = None) -> dict[int, ResponseSpec]:
     """ResponseSpecs for the given error statuses, all documented as problem details; `descriptions` overrides."""
     texts = {**_DESCRIPTIONS, **(descriptions or {})}
@@ -59,6 +61,17 @@ def problem_responses(*status_codes: int, descriptions: dict[int, str] | None = 
         )
         for code in status_codes
     }
+
+
+def held_request_responses() -> dict[int, ResponseSpec]:
+    """The errors of the routes that may hold a request open (an event stream, a long poll): their 429 also
+    covers the caps on held requests."""
+    held_429 = (
+        "Rate limit spent (with Retry-After, in seconds), or too many event streams and waiting long polls held "
+        "open, for this API key (HYDRA_MAX_STREAMS_PER_KEY) or on this server process (HYDRA_MAX_STREAMS), also "
+        "with Retry-After; close a stream, or poll without `wait`, meanwhile"
+    )
+    return problem_responses(400, *PROTECTED, 404, 503, descriptions={429: held_429})
 
 
 # --- exceptions to problem details --------------------------------------------------------------------------
@@ -122,15 +135,33 @@ def unavailable_to_problem(exc: BackendUnavailable) -> ProblemDetailsException:
     )
 
 
-def quota_to_problem(exc: ActiveJobsExceeded) -> ProblemDetailsException:
-    """429 without Retry-After: when a slot frees up depends on how long the owner's jobs run, not on a clock."""
+def _too_many(detail: str, headers: dict[str, str] | None = None) -> ProblemDetailsException:
     return ProblemDetailsException(
         status_code=HTTPStatus.TOO_MANY_REQUESTS,
         title=_phrase(HTTPStatus.TOO_MANY_REQUESTS),
-        detail=(
-            f"too many jobs in flight: key {exc.owner!r} has {exc.active} queued or running jobs and this server "
-            f"allows {exc.cap}; wait for one to finish or cancel one (DELETE /v1/jobs/{{id}})"
-        ),
+        detail=detail,
+        headers=headers,
+    )
+
+
+def streams_to_problem(exc: TooManyStreams) -> ProblemDetailsException:
+    """429 with Retry-After: held requests end on their own (a long poll within a minute)."""
+    if exc.per_key:
+        where = f"key {exc.owner!r} holds {exc.held}, the most this server allows per key (HYDRA_MAX_STREAMS_PER_KEY)"
+    else:
+        where = f"this server process holds {exc.held}, the most it allows in all (HYDRA_MAX_STREAMS)"
+    return _too_many(
+        f"too many event streams and waiting long polls: {where}; close one, or poll without `wait`, and retry in "
+        f"{exc.retry_after_s} s",
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
+
+
+def quota_to_problem(exc: ActiveJobsExceeded) -> ProblemDetailsException:
+    """429 without Retry-After: when a slot frees up depends on how long the owner's jobs run, not on a clock."""
+    return _too_many(
+        f"too many jobs in flight: key {exc.owner!r} has {exc.active} queued or running jobs and this server "
+        f"allows {exc.cap}; wait for one to finish or cancel one (DELETE /v1/jobs/{{id}})"
     )
 
 
@@ -158,6 +189,7 @@ def problem_details_config() -> ProblemDetailsConfig:
             ValidationProblem: validation_to_problem,
             BackendUnavailable: unavailable_to_problem,
             ActiveJobsExceeded: quota_to_problem,
+            TooManyStreams: streams_to_problem,
             redis.RedisError: redis_to_problem,
             Exception: unexpected_to_problem,
         },
