@@ -194,7 +194,9 @@ def install(run: Run, carry: Path, env: dict[str, str]) -> None:
     else:
         say(f"no carried wheels in {carry / 'wheels'}: using what this python3 has")
         status = "nothing carried"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(ROOT), env.get("PYTHONPATH", "")]))
+    # The checkout and its client package's folder (the project's own distributions, not installed there).
+    own = [str(ROOT), *(str(ROOT / folder) for folder in ("clients/python",) if (ROOT / folder).is_dir())]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), *own, env.get("PYTHONPATH", "")]))
     env["HYDRA_GPU_SITE"] = str(site)
     tokenizer = carry / "tokenizer"
     if (tokenizer / "tokenizer.json").exists():

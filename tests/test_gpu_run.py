@@ -124,7 +124,7 @@ def test_everything_the_run_imports_is_on_the_image_or_carried() -> None:
                                check=True, timeout=300)
     imported = {normalise(d) for d in json.loads(completed.stdout.splitlines()[-1])}
     assert {"torch", "transformers", "pytest", "msgspec", "redis"} <= imported
-    missing = imported - image_packages() - set(pinned_wheels()) - {"hydra-ablate"}
+    missing = imported - image_packages() - set(pinned_wheels()) - {"hydra-ablate", "hydra-ablate-client"}
     assert not missing, f"not on the GPU image and not carried (add them to bench/gpu_wheels.txt): {missing}"
 
 
