@@ -79,5 +79,12 @@ set -e
 echo "== exit $code after $(( $(date +%s) - started )) s; checking $work/out as the device tool returns it"
 checked=0
 "$VENV/bin/python" bench/gpu_run.py --check-out "$work/out" || checked=$?
-[ "$code" = 0 ] && [ "$checked" = 0 ] && echo "== dry run OK ($work/out)" || echo "== dry run FAILED ($work/out)"
+if [ "$code" = 0 ] && [ "$checked" = 0 ]; then
+    echo "== dry run OK: every phase ran, every test passed or was skipped with its reason ($work/out)"
+elif [ "$checked" = 0 ]; then
+    echo "== dry run: every phase ran and \$OUT is what a GPU run returns, but the run exited $code (a test failed"
+    echo "   or a phase reported an error: the summary above, $work/out/gpu-results.json)"
+else
+    echo "== dry run FAILED: the problems above ($work/out)"
+fi
 exit $(( code != 0 || checked != 0 ))

@@ -523,7 +523,7 @@ def throughput(name: str, until: float, partial: Path | None) -> dict[str, Any]:
     deadline = time.monotonic() + (until - time.time())
     seconds = deadline - time.monotonic()
     setup, info = build(name)
-    report: dict[str, Any] = {"model": name, **info, "engines": {}, "errors": {}}
+    report: dict[str, Any] = {"model": name, **info, "engines": {}, "errors": {}, "not_run": {}}
 
     def save() -> None:
         if partial is not None:
@@ -537,11 +537,13 @@ def throughput(name: str, until: float, partial: Path | None) -> dict[str, Any]:
     fast_values: dict[str, float] = {}
     rows = info["rows_per_prompt"]
     for k, engine in enumerate(ENGINES):
-        if time.monotonic() >= deadline:
-            report["errors"][engine] = f"not run: the shape's {seconds:.0f} s were used by the engines before it"
+        # On a GPU an engine that would start past the deadline is left out; on a CPU (the dry run, CI) every
+        # engine runs its one unit of work at least, since there the point is that each code path runs.
+        if time.monotonic() >= deadline and setup.where.type == "cuda":
+            report["not_run"][engine] = f"the shape's {seconds:.0f} s were used by the engines before it"
             continue
         left = sum(SHARES[e] for e in ENGINES[k:])
-        share = (deadline - time.monotonic()) * SHARES[engine] / left
+        share = max(0.0, (deadline - time.monotonic()) * SHARES[engine] / left)
         values: dict[str, float] = {}
         try:
             size = chunk_size(setup.where, engine, report["fast_flops"]["warm_ablations_per_s"], share, rows)

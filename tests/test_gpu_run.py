@@ -41,6 +41,8 @@ DEVICE_MODULES = ("tests.test_gpu", "tests.test_reduced_precision", "tests.test_
                   "bench.gpu_measure", "bench.gpu_pytest_report", "service.resolve", "service.datasets",
                   "worker.engine.sweep", "worker.engine.clean", "worker.settings")
 REMOVED_IN_3_12 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}
+# The checkout's import roots: the repository and the client package's folder (once it has one).
+IMPORT_ROOTS = os.pathsep.join(str(p) for p in (ROOT, ROOT / "clients" / "python") if p.is_dir())
 
 
 def image_packages() -> set[str]:
@@ -119,7 +121,7 @@ def test_everything_the_run_imports_is_on_the_image_or_carried() -> None:
         "found = md.packages_distributions()\n"
         "print(json.dumps(sorted({d for n in names - set(sys.stdlib_module_names) for d in found.get(n, [])})))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": IMPORT_ROOTS}
     completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                                check=True, timeout=300)
     imported = {normalise(d) for d in json.loads(completed.stdout.splitlines()[-1])}
@@ -226,7 +228,7 @@ def test_the_entry_point_runs_on_the_cpu_and_writes_what_a_gpu_run_writes(tmp_pa
               "load_tokenizer().save_pretrained(sys.argv[1])")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_TOKENIZER_DIR"}
     subprocess.run([sys.executable, "-c", export, str(carry / "tokenizer")], cwd=ROOT, check=True,
-                   env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
+                   env={**env, "PYTHONPATH": IMPORT_ROOTS}, timeout=300)
     env = {**env, "OUT": str(out), "HYDRA_GPU_DEVICE": "cpu", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     completed = subprocess.run(
         ["bash", "bench/gpu_run.sh", "--tests", "smoke", "--budget-s", "90", "--carry", str(carry),
