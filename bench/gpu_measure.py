@@ -10,7 +10,7 @@ shrink to at most 2 layers of width 64 and the matrices to 512², so that the sa
 write the same keys. Each subcommand prints `RESULT {json}` as its last line; `throughput` also rewrites
 `--partial` after each engine, so that a time-out keeps what was measured before it.
 
-Throughput is the `hydra` preset's sweep (service/resolve.py: every attention and MLP layer, final position, 15
+Throughput is the `hydra` preset's sweep (service/core/resolve.py: every attention and MLP layer, final position, 15
 resample sources, centred logit) on a randomly initialised Llama of the shape, in bfloat16, on the 1,209
 known_1000 prompts (all of them serve as sources), by five engines, each for its share of the shape's time:
 
@@ -54,7 +54,7 @@ DEVICE_ENV = "HYDRA_GPU_DEVICE"
 # The shapes measured, in order: SmolLM2-135M, Llama 3.2 1B, Llama 2 7B (bench/bench_engines.py SHAPES).
 GPU_SHAPES = ("llama-135m", "llama-1b", "llama-7b")
 PROJECTED_PROMPTS = 1209  # all of known_1000, the preset's dataset
-CHUNK_PROMPTS = 64  # the workers' chunk (HYDRA_CHUNK_PROMPTS's default, service/chunks.py)
+CHUNK_PROMPTS = 64  # the workers' chunk (HYDRA_CHUNK_PROMPTS's default, service/core/chunk_book.py)
 DTYPE = torch.bfloat16
 # Share of a shape's time after loading and warming up that each engine gets (it stops at its next unit of work
 # past its share; the fast engine measures at least one chunk, the peers at least one batch or ablation).
@@ -242,8 +242,8 @@ class Setup:
 def build(name: str) -> tuple[Setup, dict[str, Any]]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from service.datasets import load
-    from service.resolve import PRESETS
+    from service.core.datasets import load
+    from service.core.resolve import PRESETS
     from tests.tiny_models import load_tokenizer
 
     where = device()
@@ -272,7 +272,7 @@ def build(name: str) -> tuple[Setup, dict[str, Any]]:
 
 
 def hydra_spec(setup: Setup) -> Any:
-    from service.resolve import PRESETS
+    from service.core.resolve import PRESETS
     from worker.engine.types import SweepSpec
 
     preset = PRESETS["hydra"]
@@ -311,7 +311,7 @@ def run_fast(
     from worker.engine.clean import CleanRunCache
     from worker.engine.sweep import run_sweep
     from worker.engine.types import SweepInputs
-    from worker.settings import DEFAULT_CLEAN_CACHE_BYTES
+    from worker.worker_settings import DEFAULT_CLEAN_CACHE_BYTES
 
     spec = hydra_spec(setup)
     cache = CleanRunCache(DEFAULT_CLEAN_CACHE_BYTES)

@@ -50,7 +50,7 @@ def export_tokenizer(folder: Path) -> None:
 
     from transformers import AutoTokenizer
 
-    from service.datasets import load
+    from service.core.datasets import load
     from tests.tiny_models import TOKENIZER_DIR_ENV, load_tokenizer
 
     if os.environ.get(TOKENIZER_DIR_ENV):

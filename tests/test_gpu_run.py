@@ -38,8 +38,8 @@ MACHINE_START_S = 120  # a start takes a minute or more
 ENTRY_POINT_OVERHEAD_S = 30  # installing, the env probe and writing, beyond the phases' budget
 # What runs on the GPU machine's python3: everything the run imports from the checkout.
 DEVICE_MODULES = ("tests.test_gpu", "tests.test_reduced_precision", "tests.test_memory", "tests.conftest",
-                  "bench.gpu_measure", "bench.gpu_pytest_report", "service.resolve", "service.datasets",
-                  "worker.engine.sweep", "worker.engine.clean", "worker.settings")
+                  "bench.gpu_measure", "bench.gpu_pytest_report", "service.core.resolve", "service.core.datasets",
+                  "worker.engine.sweep", "worker.engine.clean", "worker.worker_settings")
 REMOVED_IN_3_12 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}
 # The checkout's import roots: the repository and the client package's folder (once it has one).
 IMPORT_ROOTS = os.pathsep.join(str(p) for p in (ROOT, ROOT / "clients" / "python") if p.is_dir())
