@@ -536,6 +536,10 @@ def submit(
         Dataset | None, typer.Option(help="mean ablation: the dataset whose mean activation replaces outputs")
     ] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="seed of the random resample pairing")] = None,
+    source_seeds: Annotated[
+        int | None,
+        typer.Option(min=1, max=16, help="independent draws of the random sources (seeds seed, seed+1, …)"),
+    ] = None,
     keep_samples: Annotated[
         bool | None, typer.Option("--keep-samples", help="return every resample patch's TE, DE and layer profile")
     ] = None,
@@ -602,6 +606,7 @@ def submit(
         resample_from=_value(resample_from),
         resample_within=_value(resample_within),
         mean_reference=None if mean_reference is None else {"name": _text(mean_reference)},
+        source_seeds=source_seeds,
         keep_samples=keep_samples,
         only_correct=only_correct,
         max_tokens=max_tokens,

@@ -246,6 +246,15 @@ def test_documented_cli_commands_and_flags_exist() -> None:
     assert seen >= 20, f"only {seen} hydra-ablate command lines found in the docs"
 
 
+def test_flags_named_in_the_cli_guide_exist() -> None:
+    """Every `--flag` the command-line guide names in its prose is an option of some hydra-ablate command."""
+    options = {opt for command in cli_commands().values() for param in command.params for opt in param.opts}
+    text = (DOCS / "guides" / "cli.md").read_text()
+    named = set(re.findall(r"`(--[a-z][a-z-]*)", text))
+    assert len(named) > 30
+    assert named - options == set(), f"flags in docs/guides/cli.md that no command has: {named - options}"
+
+
 def code_text(*extra: str) -> str:
     folders = ("service", "worker", "cli", "clients/python/hydra_ablate_client", *extra)
     return "\n".join(path.read_text() for folder in folders for path in (ROOT / folder).rglob("*.py"))

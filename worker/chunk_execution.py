@@ -145,6 +145,9 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
     sweep = SweepResult(
         components=first.components, response_basis=first.response_basis, prompts=cast(list[PromptMeasures], prompts)
     )
+    # Prompts of a dataset are resampled by relation in the summary's bootstrap (its clusters).
+    fields = spec.prompt_fields
+    relations = None if fields is None or spec.per_position else [fields[p.index].relation for p in prompts]
     merged_provenance = Provenance(
         **{
             **{f: getattr(first.provenance, f) for f in first.provenance.__struct_fields__},
@@ -160,11 +163,11 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
         response_basis=first.response_basis,
         prompts=prompts,
         summary=(
-            summarise_positions(first.components, first.response_basis, prompts, first.near_tie_gap)
+            summarise_positions(first.components, first.response_basis, prompts, first.near_tie_gap, seed=spec.seed)
             if spec.per_position
             else summarise(
                 sweep, first.near_tie_gap, seed=spec.seed, n_candidates=len(spec.prompts),
-                only_correct=spec.only_correct,
+                only_correct=spec.only_correct, relations=relations,
             )
         ),
         provenance=merged_provenance,

@@ -16,7 +16,7 @@ from typing import cast
 
 import torch
 
-from hydra_ablate_client.wire import JobSpec, PatchSample, PositionColumns, PromptResult, Provenance
+from hydra_ablate_client.wire import JobSpec, PatchSample, PositionColumns, PromptResult, Provenance, SourceDraw
 from service.core.settings import env_int
 from worker.engine.errors import InputError
 from worker.engine.memory import DEFAULT_BATCH_TOKENS
@@ -119,6 +119,7 @@ def sweep_spec(spec: JobSpec) -> SweepSpec:
         resample_samples=spec.resample_samples,
         resample_from=spec.resample_from,
         seed=spec.seed,
+        source_seeds=spec.source_seeds,
         keep_samples=spec.keep_samples,
         only_correct=spec.only_correct,
         measure_positions=spec.measure_positions,
@@ -189,6 +190,16 @@ def prompt_result(
         ],
         capped_total_effect=m.capped_total_effect,
         warnings=warnings or [],
+        draws=None
+        if m.draws is None
+        else [
+            SourceDraw(
+                seed=d.seed, sources=d.sources, total_effect=d.total_effect, direct_effect=d.direct_effect,
+                compensatory_effect=d.compensatory_effect, compensatory_effect_attn=d.compensatory_effect_attn,
+                compensatory_effect_mlp=d.compensatory_effect_mlp, norm_response=d.norm_response,
+            )
+            for d in m.draws
+        ],
     )
 
 

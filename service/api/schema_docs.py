@@ -30,6 +30,11 @@ DOCS: dict[str, str] = {
     "JobRequest.resample_from": "Where resample sources come from: the `next` prompt or `random` others",
     "JobRequest.mean_reference": "The prompts whose mean activation `mean` ablation uses (default: the job's own)",
     "JobRequest.seed": "Seed of the random resample pairing",
+    "JobRequest.source_seeds": (
+        "Independent draws of resample_samples sources per prompt (1 to 16; seeds seed, seed + 1, …), for "
+        "resample_from `random` at the final position: every measure averages all draws' runs, each draw's own "
+        "means are kept in `draws`, and the summary's bootstrap redraws them"
+    ),
     "JobRequest.name": "A label for people (at most 200 characters); not unique",
     "JobRequest.tags": "Labels to filter jobs by (GET /v1/jobs?tag=…); at most 20",
     "JobRequest.metadata": "Free key-value pairs returned as given (at most 50 keys and 4 KiB as JSON)",
@@ -159,6 +164,7 @@ DOCS: dict[str, str] = {
     "JobSpec.resample_from": "next or random",
     "JobSpec.mean_reference_prompts": "The prompts of the mean activation (null: the job's own)",
     "JobSpec.seed": "Seed of the resample pairing",
+    "JobSpec.source_seeds": "Independent draws of resample sources per prompt (seeds seed, seed + 1, …)",
     "JobSpec.preset": "The preset the request named (null when none)",
     "JobSpec.dataset": "The dataset slice the prompts came from (null when given explicitly)",
     "JobSpec.prompt_fields": "Per prompt dataset fields (null when the prompts were given explicitly)",
@@ -249,6 +255,19 @@ DOCS: dict[str, str] = {
     ),
     "PromptResult.positions": "Per-position jobs: every measure per (component, position) (null otherwise)",
     "PromptResult.warnings": "What the numbers do not show, e.g. a multi-token answer of which the first is measured",
+    "PromptResult.draws": (
+        "With source_seeds > 1: each draw's own means, in seed order (the per-prompt lists average every draw's "
+        "runs); null otherwise"
+    ),
+    "SourceDraw": "One independent draw of a prompt's resample sources: the means over its own runs, per component.",
+    "SourceDraw.seed": "The seed the draw's sources were drawn with",
+    "SourceDraw.sources": "The draw's resample sources (prompt indices)",
+    "SourceDraw.total_effect": _E + "TE over the draw's runs",
+    "SourceDraw.direct_effect": _E + "DE over the draw's runs",
+    "SourceDraw.compensatory_effect": _E + "CE over the draw's runs",
+    "SourceDraw.compensatory_effect_attn": _E + "CE's attention part over the draw's runs",
+    "SourceDraw.compensatory_effect_mlp": _E + "CE's MLP part over the draw's runs",
+    "SourceDraw.norm_response": _E + "the final norm's part of the compensation over the draw's runs",
     "PatchSample": "One ablated run of one prompt and component (one resample source; the single run for mean/zero).",
     "PatchSample.source": "The resample source's prompt index (null for mean and zero ablation)",
     "PatchSample.total_effect": "This run's total effect",
@@ -280,6 +299,21 @@ DOCS: dict[str, str] = {
     "Summary.n_pairs": "Per-position jobs: (prompt, position) pairs measured (null otherwise)",
     "Summary.top_fraction": "Per-position jobs: the share of pairs by direct effect that self_repair covers",
     "Summary.self_repair": "Per-position jobs: per component, self-repair over its top pairs (null otherwise)",
+    "Summary.self_repair_layers": (
+        "Per-position jobs: per layer and component kind, the mean self-repair of its components with an interval "
+        "(Rushing & Nanda's Fig. 1 trend line); null otherwise"
+    ),
+    "Summary.resampling": "How the summary's bootstrap intervals were drawn (unit, count, resamples, level, seed)",
+    "Summary.source_seeds": "The seeds of the source draws (source_seeds > 1); null with a single draw",
+    "Resampling": "How a summary's bootstrap intervals were drawn.",
+    "Resampling.unit": (
+        "What a resample draws with replacement: prompts, whole dataset relations (prompts clustered by relation), "
+        "or documents (per-position jobs)"
+    ),
+    "Resampling.n_units": "How many prompts, relations or documents there are to draw from",
+    "Resampling.n_boot": "Bootstrap resamples",
+    "Resampling.ci_level": "The intervals' level, e.g. 0.95",
+    "Resampling.seed": "The seed of numpy's PCG64 that draws the resamples (the job's seed)",
     "Selection": "Which prompts the summary covers.",
     "Selection.only_correct": "Whether only correctly answered prompts were kept",
     "Selection.n_candidates": "Prompts in the job",
@@ -298,13 +332,40 @@ DOCS: dict[str, str] = {
     "ComponentSummary.unembed_exceeds_drop_share": "Share of prompts with Δunembed > TE (Fig. 2)",
     "Regression.y": "The regressed quantity (a PromptResult field, or a part of one)",
     "Regression.x": "The regressor (a PromptResult field)",
-    "Fit": "A Regression with a seeded percentile-bootstrap interval of the slope (prompts resampled).",
+    "Fit": (
+        "A Regression with percentile-bootstrap intervals of slope and R² (prompts or whole relations resampled, "
+        "source draws redrawn), and for fits on Δunembed a permutation p-value of the slope with its Holm "
+        "adjustment across the job's components. With several source draws slope, intercept and r2 are the means "
+        "of each draw's own fit."
+    ),
     "Fit.slope_ci_low": "Lower end of the slope's interval (null without spread in x)",
     "Fit.slope_ci_high": "Upper end of the slope's interval (null without spread in x)",
-    "Fit.ci_level": "The interval's level, e.g. 0.95",
+    "Fit.ci_level": "The intervals' level, e.g. 0.95",
     "Fit.n_boot": "Bootstrap resamples",
-    "Fit.excludes_zero": "The interval lies entirely above or below 0 (null without spread)",
-    "Fit.excludes_one": "The interval lies entirely above or below 1 (below 1: the repair is partial)",
+    "Fit.excludes_zero": "Older one-sided reading: the interval lies entirely above or below 0 (null without spread)",
+    "Fit.excludes_one": (
+        "Older one-sided reading: the interval lies entirely above or below 1; use slope_in_unit_interval for the "
+        "paper's claim"
+    ),
+    "Fit.slope_in_unit_interval": (
+        "The whole slope interval lies in (0, 1): partial repair, the paper's \"slope below 1\" (null without spread)"
+    ),
+    "Fit.r2_ci_low": "Lower end of R²'s bootstrap interval (null when R² is undefined)",
+    "Fit.r2_ci_high": "Upper end of R²'s bootstrap interval",
+    "Fit.bootstrap_unit": "What the bootstrap resamples: `prompt`, or `relation` (a dataset's prompts by relation)",
+    "Fit.n_clusters": "Prompts or relations the bootstrap draws from",
+    "Fit.n_draws": "Independent source draws behind each prompt's point (source_seeds)",
+    "Fit.draw_slopes": "With several draws: each draw's own slope, in seed order (null with one draw)",
+    "Fit.draw_r2": "With several draws: each draw's own R², in seed order (null with one draw)",
+    "Fit.permutation_p": (
+        "Fits on Δunembed: two-sided permutation p-value of the slope, Δunembed shuffled across prompts, "
+        "(1 + #{|slope*| ≥ |slope|}) / (n_permutations + 1); null for fits on DE"
+    ),
+    "Fit.permutation_p_holm": (
+        "permutation_p adjusted by Holm–Bonferroni over every component's fit of the same y on x in this job"
+    ),
+    "Fit.n_permutations": "Permutations drawn (0 where there is no permutation test)",
+    "Fit.permutation_seed": "The seed of the permutations: numpy's PCG64 seeded with (seed, 1) (null without a test)",
     "ErasureFit": "For an ablated attention layer: one downstream MLP's response regressed on the layer's Δunembed.",
     "ErasureFit.ablated": "The ablated attention layer",
     "ErasureFit.mlp": "The downstream MLP",
@@ -318,21 +379,51 @@ DOCS: dict[str, str] = {
     "Quantiles.p75": "75th percentile",
     "Quantiles.p95": "95th percentile",
     "SelfRepair": (
-        "One component's self-repair over its top (prompt, position) pairs by direct effect (Rushing & Nanda 2024)."
+        "One component's self-repair over its top (prompt, position) pairs by its direct effect as Rushing & Nanda "
+        "define it: its clean write onto the target (unembed_effect)."
     ),
     "SelfRepair.component": "The component name",
-    "SelfRepair.n_pairs": "Pairs kept (the top top_fraction by direct effect)",
-    "SelfRepair.direct_effect_threshold": "The smallest direct effect kept",
-    "SelfRepair.direct_effect_mean": "Mean direct effect over the kept pairs",
+    "SelfRepair.kind": "attn, mlp or head",
+    "SelfRepair.layer": "The component's layer (the x of Rushing & Nanda's Fig. 1)",
+    "SelfRepair.n_pairs": "Pairs kept: int(top_fraction × pairs), at least 1, by unembed_effect",
+    "SelfRepair.unembed_effect_threshold": "The smallest clean write onto the target kept",
+    "SelfRepair.unembed_effect_mean": "Mean clean write onto the target over the kept pairs (R&N's direct effect)",
+    "SelfRepair.direct_effect_mean": "Mean DE (clean − ablated write of the component) over the kept pairs",
     "SelfRepair.total_effect_mean": "Mean total effect over the kept pairs",
-    "SelfRepair.self_repair_mean": "Mean self-repair (= compensation DE − TE)",
-    "SelfRepair.self_repair_se": "Standard error of the self-repair",
+    "SelfRepair.self_repair_mean": "Mean self-repair (= compensation DE − TE; R&N's Δlogit − Δ direct effect)",
+    "SelfRepair.self_repair_se": "Standard error of the self-repair (pairs treated as independent)",
+    "SelfRepair.self_repair_ci_low": "Lower end of the self-repair's bootstrap interval (documents resampled)",
+    "SelfRepair.self_repair_ci_high": "Upper end of the self-repair's bootstrap interval",
     "SelfRepair.heads_mean": "Mean part of downstream attention heads",
     "SelfRepair.mlps_mean": "Mean part of downstream MLPs",
     "SelfRepair.norm_mean": "Mean part of the final norm",
-    "SelfRepair.norm_share": "norm_mean / self_repair_mean (null when that is 0)",
-    "SelfRepair.self_repair_fraction": "self_repair_mean / direct_effect_mean (null when that is 0)",
+    "SelfRepair.norm_share": (
+        "R&N's LayerNorm share of the direct effect: mean over the kept pairs of clip(norm part / unembed_effect, "
+        "0, 1) (null when every ratio is 0/0)"
+    ),
+    "SelfRepair.norm_share_ci_low": "Lower end of norm_share's bootstrap interval (documents resampled)",
+    "SelfRepair.norm_share_ci_high": "Upper end of norm_share's bootstrap interval",
+    "SelfRepair.heads_share": "Mean over the kept pairs of clip(heads part / unembed_effect, 0, 1)",
+    "SelfRepair.mlps_share": "Mean over the kept pairs of clip(MLP part / unembed_effect, 0, 1)",
+    "SelfRepair.self_repair_share": "Mean over the kept pairs of clip(self-repair / unembed_effect, 0, 1)",
+    "SelfRepair.norm_of_direct": "Unclipped ratio of means norm_mean / unembed_effect_mean (null when that is 0)",
+    "SelfRepair.self_repair_fraction": "Unclipped ratio of means self_repair_mean / unembed_effect_mean",
+    "SelfRepair.self_repair_fraction_ci_low": (
+        "Lower end of self_repair_fraction's bootstrap interval (the ratio of each document resample's means); "
+        "above 1: the component over-corrects on average"
+    ),
+    "SelfRepair.self_repair_fraction_ci_high": "Upper end of self_repair_fraction's bootstrap interval",
+    "SelfRepair.over_correction_share": "Share of the kept pairs whose self-repair exceeds unembed_effect",
+    "SelfRepair.over_correction_ci_low": "Lower end of over_correction_share's bootstrap interval",
+    "SelfRepair.over_correction_ci_high": "Upper end of over_correction_share's bootstrap interval",
     "SelfRepair.self_repair_quantiles": "5/25/50/75/95% quantiles of the self-repair over the kept pairs",
+    "SelfRepairLayer": "The mean self-repair of one layer's components of one kind (Rushing & Nanda's Fig. 1 trend).",
+    "SelfRepairLayer.kind": "attn, mlp or head",
+    "SelfRepairLayer.layer": "The layer",
+    "SelfRepairLayer.n_components": "Components of this kind in this layer",
+    "SelfRepairLayer.self_repair_mean": "Mean over those components of their self_repair_mean",
+    "SelfRepairLayer.ci_low": "Lower end of its bootstrap interval (the components' document resamples)",
+    "SelfRepairLayer.ci_high": "Upper end of its bootstrap interval",
 }
 
 # A Fit is a Regression: its inherited fields read the same.

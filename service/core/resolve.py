@@ -17,6 +17,7 @@ from hydra_ablate_client.wire import CorpusRef, DatasetRef, JobRequest, JobSpec,
 from service.core import corpora, datasets
 from service.core.errors import ValidationProblem
 from service.core.settings import Settings
+from service.core.source_draws import check_source_seeds
 
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m",
@@ -28,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "resample_samples": 1,
     "resample_from": "next",
     "seed": 0,
+    "source_seeds": 1,
     "keep_samples": False,
     "only_correct": False,
     "resample_within": "job",
@@ -56,7 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Rushing & Nanda 2024: every head resample-ablated at every position of natural text, measured at every
     # position with the true next token as target, direct effects with the clean final-norm scale, responses per
-    # downstream head and MLP.
+    # downstream head and MLP. Their metric is the centred logit: their code loads GPT-2 and Pythia into
+    # TransformerLens with center_unembed=True, which subtracts W_U's mean over the vocabulary.
     "rushing_nanda": {
         "components": ["head"],
         "ablation": "resample",
@@ -65,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "positions": "all",
         "measure_positions": "all",
         "target": "next_token",
-        "metric": "logit",
+        "metric": "centered_logit",
         "norm_scale": "clean",
         "response_basis": "heads",
         "max_tokens": 64,
@@ -82,7 +85,7 @@ _KIND_ORDER = {"attn": 0, "head": 1, "mlp": 2}  # within a layer: attention, its
 
 def ablation_count(spec: JobSpec) -> int:
     """Ablated runs in a job: prompts × components × resample samples (one sample for mean and zero)."""
-    samples = spec.resample_samples if spec.ablation == "resample" else 1
+    samples = spec.resample_samples * spec.source_seeds if spec.ablation == "resample" else 1
     return len(spec.prompts) * len(spec.components) * samples
 
 
@@ -142,11 +145,13 @@ def resolve(
     keep_samples = pick("keep_samples")
     mean_reference = _mean_reference(request, ablation)
     components = expand_components(pick("components"), info)
+    draws = check_source_seeds(pick("source_seeds"), ablation, pick("resample_from"), per_position)
 
-    total = n * len(components) * samples
+    total = n * len(components) * samples * draws
     if total > settings.max_ablations:
+        runs = f"{samples} samples" + (f" × {draws} source draws" if draws > 1 else "")
         raise ValidationProblem(
-            f"too many ablations: {n:,} prompts × {len(components):,} components × {samples} samples = {total:,}, "
+            f"too many ablations: {n:,} prompts × {len(components):,} components × {runs} = {total:,}, "
             f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
             "components"
         )
@@ -161,7 +166,8 @@ def resolve(
             "positions"
         )
     else:
-        per_pair = 2 * info.n_layers + 8 + (samples * (2 * info.n_layers + 3) if keep_samples else 0)
+        per_pair = 2 * info.n_layers + 8 + (samples * draws * (2 * info.n_layers + 3) if keep_samples else 0)
+        per_pair += 7 * draws if draws > 1 else 0  # each draw's six means and its sources
         values = n * len(components) * per_pair
         what = (
             f"{n:,} prompts × {len(components):,} components × {per_pair} per pair"
@@ -189,6 +195,7 @@ def resolve(
         resample_from=pick("resample_from"),
         mean_reference_prompts=mean_reference,
         seed=pick("seed"),
+        source_seeds=draws,
         preset=None if request.preset is UNSET else request.preset,
         dataset=dataset,
         prompt_fields=None if dataset is None else datasets.prompt_fields(dataset),

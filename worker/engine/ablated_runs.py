@@ -224,7 +224,7 @@ class _Inputs:
         mask = self._mask(self.arch.sliding_windows[layer])
         kwargs: dict[str, object] = {
             "attention_mask": mask if mask is None or mask.shape[0] == 1 else mask[:active],
-            self.arch.family.cache_keyword: self.cache,
+            self.arch.cache_keyword: self.cache,
         }
         embeddings = self._position_embeddings(layer, active)
         if embeddings is not None:

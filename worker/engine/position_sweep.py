@@ -55,6 +55,8 @@ def check_position_spec(spec: SweepSpec, has_given_targets: bool) -> None:
         raise ValueError("metric logit_diff has one counterfactual per prompt, not per position: use another metric")
     if has_given_targets and (spec.measure_positions == "all" or spec.target == "next_token"):
         raise ValueError("given answers are one target per prompt: use them with measure_positions 'final' only")
+    if spec.source_seeds != 1:
+        raise ValueError("source_seeds serves the regressions across prompts at the final position: use 1 here")
 
 
 def model_tokens(ids: torch.Tensor, spec: SweepSpec) -> torch.Tensor:

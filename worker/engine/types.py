@@ -23,6 +23,7 @@ from hydra_ablate_client.vocabulary import (
 from worker.engine.measures import compensatory_effect
 
 __all__ = [
+    "DrawMeasures",
     "PositionMeasures",
     "PositionSweepResult",
     "PromptMeasures",
@@ -44,6 +45,9 @@ class SweepSpec:
     resample_samples: int = 1
     resample_from: ResampleFrom = "next"
     seed: int = 0
+    # Independent draws of `resample_samples` sources per prompt, drawn with seeds seed, seed + 1, …: every measure
+    # is averaged over all draws' runs, and each draw's own means are kept too (PromptMeasures.draws).
+    source_seeds: int = 1
     keep_samples: bool = False  # also return every resample patch's TE, DE and ablated profile
     only_correct: bool = False  # measure only prompts whose clean top token is their target (`target_ids`)
     # Per-position measurement (worker/engine/position_sweep.py; docs/concepts/definitions.md, "Every position").
@@ -77,6 +81,20 @@ class PatchSample:
 
 
 @dataclass
+class DrawMeasures:
+    """One draw's means (its `resample_samples` runs) of the measures the summary regresses; lists per component."""
+
+    seed: int
+    sources: list[int]
+    total_effect: list[float]
+    direct_effect: list[float]
+    compensatory_effect: list[float]
+    compensatory_effect_attn: list[float]  # CE's attention part: downstream attention responses summed
+    compensatory_effect_mlp: list[float]
+    norm_response: list[float]
+
+
+@dataclass
 class PromptMeasures:
     """Every measure for one prompt; lists over `SweepSpec.components` (outer) and the response basis (inner)."""
 
@@ -98,6 +116,8 @@ class PromptMeasures:
     # Soft-capped models (Gemma 2) only: TE of the same metric read on the capped logits; every other measure is
     # read on the pre-cap logits (docs/concepts/definitions.md, "Final-logit soft-capping"). None for other models.
     capped_total_effect: list[float] | None = None
+    # With `source_seeds` > 1: each draw's own means, in seed order (None with a single draw).
+    draws: list[DrawMeasures] | None = None
 
 
 @dataclass

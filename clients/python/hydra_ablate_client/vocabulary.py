@@ -33,6 +33,10 @@ FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
 FigureFormat = Literal["png", "svg", "pdf"]
 FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 ExportFormat = Literal["json", "msgpack", "csv", "parquet"]
+# What a fit's bootstrap resamples: prompts one by one, or whole dataset relations (clusters of prompts); a
+# per-position summary resamples documents.
+BootstrapUnit = Literal["prompt", "relation"]
+ResamplingUnit = Literal["prompt", "relation", "document"]
 # Where a served model's weights come from, as the open model list shows it: never a file-system path.
 ModelSourceKind = Literal["builtin", "local", "hub"]
 # Where a job is: queued → loading_model → clean_passes → ablating → merging → finished. A chunked job's phase only

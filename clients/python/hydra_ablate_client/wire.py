@@ -15,6 +15,8 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from hydra_ablate_client.vocabulary import (
     COMPONENT_PATTERN,
     AblationKind,
+    BootstrapUnit,
+    ComponentKind,
     CorpusName,
     DatasetName,
     JobPhase,
@@ -28,6 +30,7 @@ from hydra_ablate_client.vocabulary import (
     PresetName,
     ResampleFrom,
     ResampleWithin,
+    ResamplingUnit,
     ResponseBasisName,
     TargetName,
     is_per_position,
@@ -96,6 +99,8 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     resample_from: ResampleFrom | UnsetType = UNSET
     mean_reference: DatasetRef | UnsetType = UNSET
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | UnsetType = UNSET
+    # Independent draws of the resample sources (seeds seed, seed + 1, …); the summary's bootstrap redraws them.
+    source_seeds: Annotated[int, Meta(ge=1, le=16)] | UnsetType = UNSET
     # Labels and notifications (issue 12): stored beside the job, never part of what the worker runs.
     name: JobName | UnsetType = UNSET
     tags: Annotated[list[Tag], Meta(max_length=20, description="At most 20 tags")] | UnsetType = UNSET
@@ -149,6 +154,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     mean_reference_prompts: list[str] | None
     seed: int
     preset: PresetName | None = None
+    source_seeds: int = 1  # independent draws of resample_samples sources each (seeds seed, seed + 1, …)
     dataset: DatasetRef | None = None
     prompt_fields: list[PromptFields] | None = None  # one per prompt when they come from a dataset
     keep_samples: bool = False
@@ -249,14 +255,31 @@ class Regression(Struct, kw_only=True):
 
 
 class Fit(Regression, kw_only=True):
-    """A Regression with a seeded percentile-bootstrap interval for the slope (prompts resampled with replacement)."""
+    """A Regression with bootstrap intervals of slope and R² (prompts, or whole relations, resampled; source draws
+    redrawn), a permutation p-value of the slope and its Holm adjustment across the job's components.
+
+    With several source draws, slope, intercept and r2 are the means over draws of each draw's own fit."""
 
     slope_ci_low: float | None
     slope_ci_high: float | None
     ci_level: float
     n_boot: int
-    excludes_zero: bool | None  # the interval lies entirely above or below 0
-    excludes_one: bool | None  # ... 1 (below 1: the repair is partial, the paper's Fig. 7d claim)
+    # Older one-sided reading (kept for the reproduction tables): the interval lies entirely above or below 0 / 1.
+    excludes_zero: bool | None
+    excludes_one: bool | None
+    # The whole slope interval lies in (0, 1): the repair is partial (the paper's "slope below 1").
+    slope_in_unit_interval: bool | None = None
+    r2_ci_low: float | None = None
+    r2_ci_high: float | None = None
+    bootstrap_unit: BootstrapUnit = "prompt"
+    n_clusters: int = 0  # prompts or relations the bootstrap resamples
+    n_draws: int = 1  # independent source draws behind each prompt's point
+    draw_slopes: list[float | None] | None = None  # with several draws: each draw's slope, in seed order
+    draw_r2: list[float | None] | None = None
+    permutation_p: float | None = None  # two-sided, x shuffled across prompts
+    permutation_p_holm: float | None = None  # Holm-adjusted over every component's fit of the same y on x
+    n_permutations: int = 0
+    permutation_seed: int | None = None
 
 
 class PatchSample(Struct, kw_only=True):
@@ -266,6 +289,22 @@ class PatchSample(Struct, kw_only=True):
     total_effect: float
     direct_effect: float
     profile: list[float]  # Δ̃unembed(k, l): every layer component's direct effect in this ablated run
+
+
+class SourceDraw(Struct, kw_only=True):
+    """One independent draw of a prompt's resample sources (seed `seed`): the means over its own runs of the measures
+    the summary regresses, per component."""
+
+    seed: int
+    sources: list[int]
+    total_effect: list[float]
+    direct_effect: list[float]
+    compensatory_effect: list[float]
+    compensatory_effect_attn: list[float]  # CE's attention part
+    compensatory_effect_mlp: list[float]  # CE's MLP part
+    norm_response: list[float]
+
+
 class PositionColumns(Struct, kw_only=True):
     """One prompt's per-position measures, as little-endian float32 arrays (base64 in JSON), row-major.
 
@@ -319,6 +358,8 @@ class PromptResult(Struct, kw_only=True):
     # What the numbers do not show: e.g. an answer that tokenises to several tokens, of which only the first is
     # measured. Empty when nothing needs saying.
     warnings: list[str] = msgspec.field(default_factory=list)
+    # With source_seeds > 1: each draw's own means (the lists above average every draw's runs). Null otherwise.
+    draws: list[SourceDraw] | None = None
 
 
 class ComponentSummary(Struct, kw_only=True):
@@ -377,25 +418,64 @@ class Quantiles(Struct, kw_only=True):
 
 
 class SelfRepair(Struct, kw_only=True):
-    """One component's self-repair over its top (position, token) pairs by direct effect (Rushing & Nanda 2024).
+    """One component's self-repair over its top (position, token) pairs by its direct effect as Rushing & Nanda
+    define it: its clean write onto the target (our `unembed_effect`), not the ablation's DE.
 
-    Their sign: TE and DE are changes (ablated − clean), ours are drops (clean − ablated), so their self-repair
-    TE − DE equals our compensation DE − TE. Pairs are the top `top_fraction` by our DE (their most negative DE).
+    Their sign: their self-repair, Δlogit − Δ(the head's direct effect), is our compensation DE − TE. Shares of
+    the direct effect are their clipped per-pair ratios, clip(part / unembed_effect, 0, 1), averaged over the pairs.
     """
 
     component: str
+    kind: ComponentKind = "head"
+    layer: int = 0
     n_pairs: int
-    direct_effect_threshold: float  # the smallest DE kept
-    direct_effect_mean: float
+    unembed_effect_threshold: float = 0.0  # the smallest kept clean write (R&N's direct effect)
+    unembed_effect_mean: float = 0.0  # R&N's direct effect, mean over the kept pairs
+    direct_effect_mean: float  # our DE, clean − ablated write (not the selection quantity)
     total_effect_mean: float
     self_repair_mean: float  # = compensation mean
     self_repair_se: float
+    self_repair_ci_low: float | None = None  # bootstrap over documents (prompts)
+    self_repair_ci_high: float | None = None
     heads_mean: float  # downstream attention heads' part (attention layers with response_basis "layers")
     mlps_mean: float
     norm_mean: float
-    norm_share: float | None  # norm_mean / self_repair_mean (None when that is 0)
-    self_repair_fraction: float | None  # self_repair_mean / direct_effect_mean
+    norm_share: float | None  # R&N's LayerNorm share of the direct effect: mean of clip(norm / unembed, 0, 1)
+    norm_share_ci_low: float | None = None
+    norm_share_ci_high: float | None = None
+    heads_share: float | None = None  # mean of clip(heads / unembed, 0, 1)
+    mlps_share: float | None = None
+    self_repair_share: float | None = None  # mean of clip(self-repair / unembed, 0, 1)
+    norm_of_direct: float | None = None  # unclipped ratio of means: norm_mean / unembed_effect_mean
+    self_repair_fraction: float | None  # unclipped ratio of means: self_repair_mean / unembed_effect_mean
+    self_repair_fraction_ci_low: float | None = None  # the same document resamples, ratio of their means
+    self_repair_fraction_ci_high: float | None = None
+    # Share of the kept pairs whose self-repair exceeds the direct effect (over-correction, R&N's "noisy").
+    over_correction_share: float | None = None
+    over_correction_ci_low: float | None = None
+    over_correction_ci_high: float | None = None
     self_repair_quantiles: Quantiles
+
+
+class SelfRepairLayer(Struct, kw_only=True):
+    """Rushing & Nanda's Fig. 1 trend: the mean self-repair of one layer's components of one kind."""
+
+    kind: ComponentKind
+    layer: int
+    n_components: int
+    self_repair_mean: float  # mean over the layer's components of their self_repair_mean
+    ci_low: float | None  # the same document resamples as the components' intervals
+    ci_high: float | None
+
+
+class Resampling(Struct, kw_only=True):
+    """How a summary's bootstrap intervals were drawn."""
+
+    unit: ResamplingUnit
+    n_units: int
+    n_boot: int
+    ci_level: float
+    seed: int
 
 
 class Summary(Struct, kw_only=True):
@@ -411,6 +491,10 @@ class Summary(Struct, kw_only=True):
     n_pairs: int | None = None
     top_fraction: float | None = None
     self_repair: list[SelfRepair] | None = None
+    self_repair_layers: list[SelfRepairLayer] | None = None  # per-position jobs: Fig. 1's per-layer trend
+    # The bootstrap behind the summary's intervals; the seeds of the source draws (null with a single draw).
+    resampling: Resampling | None = None
+    source_seeds: list[int] | None = None
 
 
 class Provenance(Struct, kw_only=True):
