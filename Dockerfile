@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One Dockerfile, two images (README, "Deployment"):
+# One Dockerfile, two images (docs/operations/deployment.md):
 #   docker build --target api    -t hydra-ablate-api:TAG .     the Litestar API: no torch, no transformers
 #   docker build --target worker -t hydra-ablate-worker:TAG .  a Celery GPU worker: CUDA torch and the engine
 # docker-compose.yml builds both with one shared TAG (HYDRA_TAG). TORCH_INDEX picks the worker's torch build

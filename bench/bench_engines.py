@@ -350,7 +350,8 @@ def _clean_pass(model: Any, ids: Any, names: list[str], all_logits: bool = False
 
 
 def _replacement_rows(source: Any, length: int, positions: str) -> Any:
-    """The README's rule: final row only, or right-aligned rows with the source's mean filling a shorter source."""
+    """The rule of docs/concepts/definitions.md: final row only, or right-aligned rows with the source's mean filling a
+    shorter source."""
     import torch
 
     if positions == "final":

@@ -12,8 +12,9 @@ each written to $OUT/gpu-results.json as soon as it ends (a run stopped early ke
    `save_pretrained` folder (.gpu-carry/tokenizer, HYDRA_TOKENIZER_DIR), the model weights not at all;
 2. versions and the device (bench/gpu_measure.py env), checked against pyproject's worker bounds;
 3. the tests: tests/test_gpu.py (every family against the float32 oracle at 1e-4, bfloat16 and float16 within
-   README "Precision"'s tolerance, a real out-of-memory halved, a job that cannot fit), tests/test_reduced_precision.py
-   and tests/test_memory.py, on pytest-xdist workers where it is installed, one JSON line per test;
+   docs/concepts/precision.md's tolerance, a real out-of-memory halved, a job that cannot fit),
+   tests/test_reduced_precision.py and tests/test_memory.py, on pytest-xdist workers where it is installed, one JSON
+   line per test;
 4. the bfloat16 matrix-product rate (the ceiling for achieved TFLOP/s);
 5. throughput on SmolLM2-135M-, Llama-3.2-1B- and Llama-2-7B-shaped random models (bench/gpu_measure.py), each
    shape with its share of the time left; then the full preset's time projected for 1,209 prompts on the 7B shape.

@@ -2,8 +2,8 @@
 
     python bench/render_reproduction.py
 
-Reads .bench-out/hydra_smollm2_{correct,all,samples}.json (whichever exist), writes docs/reproduction/: the paper's
-figures as PNG (1200 × 800) from the correctly answered prompts, Fig. 7 also from all prompts, Fig. 1/3 from the
+Reads .bench-out/hydra_smollm2_{correct,all,samples}.json (whichever exist), writes docs/results/reproduction/: the
+paper's figures as PNG (1200 × 800) from the correctly answered prompts, Fig. 7 also from all prompts, Fig. 1/3 from the
 samples job, and layer_table_{run}.md with the paper's statistics per layer.
 """
 
@@ -22,7 +22,7 @@ from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult
 from service.rendering.figures import render
 
 RAW = ROOT / ".bench-out"
-OUT = ROOT / "docs" / "reproduction"
+OUT = ROOT / "docs" / "results" / "reproduction"
 FIGURES: dict[str, tuple[FigureName, ...]] = {
     "correct": ("fig2", "fig7", "fig8", "erasure", "response_heatmap", "layer_effects", "te_vs_de"),
     "all": ("fig2", "fig7", "fig8", "erasure"),

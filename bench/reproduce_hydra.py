@@ -1,6 +1,6 @@
 """Reproduce the paper's setup (the `hydra` preset) on SmolLM2-135M through the service itself, over the prompts the
 model answers correctly (the paper's selection) and over all 1,209 known_1000 prompts; plus one small job with
-per-patch samples for Fig. 1/3. Writes the summaries (JSON, small) to docs/reproduction/ and the raw results
+per-patch samples for Fig. 1/3. Writes the summaries (JSON, small) to docs/results/reproduction/ and the raw results
 (large, not committed) to .bench-out/; bench/render_reproduction.py then draws the figures and the table.
 
     python bench/reproduce_hydra.py [--url http://127.0.0.1:8000] [--limit N] [--runs correct,samples,all]
@@ -28,7 +28,7 @@ from hydra_ablate_client.http import HydraClient
 from hydra_ablate_client.wire import JobResult
 from service.core.embedded_redis import free_port
 
-OUT = ROOT / "docs" / "reproduction"
+OUT = ROOT / "docs" / "results" / "reproduction"
 RAW = ROOT / ".bench-out"
 
 # name -> the request (on top of the hydra preset, whose only_correct is true).

@@ -1,5 +1,6 @@
 """Reproduction of Rushing & Nanda 2024 (self-repair of single heads) on SmolLM2-135M with the rushing_nanda
-preset on the built-in corpus: summary JSON, a per-head table and the self_repair figure into docs/reproduction/.
+preset on the built-in corpus: summary JSON, a per-head table and the self_repair figure into
+docs/results/reproduction/.
 
     python bench/reproduce_rushing_nanda.py [--documents 8] [--max-tokens 32]
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OUT = ROOT / "docs" / "reproduction"
+OUT = ROOT / "docs" / "results" / "reproduction"
 RAW = ROOT / ".bench-out"
 
 

@@ -1,7 +1,7 @@
 """How results, jobs and models look in a terminal (rich tables) and in a spreadsheet (CSV).
 
 Pure functions of the wire types, no I/O, so the CLI, notebooks and the tests render exactly the same thing.
-The column meanings are those of docs/definitions.md.
+The column meanings are those of docs/concepts/definitions.md.
 
 Every table is built for a width (the terminal's, or `COLUMNS`): its columns come in three levels (always, by
 default, `--wide` only); the default ones that do not fit are left out (the caption says which), and when even the
@@ -43,7 +43,7 @@ STATUS_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "f
 ALWAYS, DEFAULT, WIDE = 0, 1, 2  # column levels
 _MEASURE = Console(width=100_000, no_color=True)
 
-# What a Regression's y and x name, as a reader of the paper says it (docs/definitions.md).
+# What a Regression's y and x name, as a reader of the paper says it (docs/concepts/definitions.md).
 QUANTITY_LABELS = {
     "compensatory_effect": "CE",
     "compensatory_effect.attn": "CE(attn)",

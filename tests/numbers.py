@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 # Prompts batched together at the final position share matrix products, so a different split into chunks changes
-# float32 rounding (never more than ~1e-6 seen); the README states chunked = unchunked up to 1e-5.
+# float32 rounding (never more than ~1e-6 seen); docs/operations/scaling-and-faults.md states chunked = unchunked up
+# to 1e-5.
 FLOAT_TOLERANCE = 1e-5
 
 

@@ -1,4 +1,4 @@
-"""Brute-force reference implementation of every measure in docs/definitions.md.
+"""Brute-force reference implementation of every measure in docs/concepts/definitions.md.
 
 This module is the independent check on the engine (worker/engine/): it shares no code with it. It is written to be
 obviously right, not fast:
@@ -702,7 +702,8 @@ def embedding_output(model: Any, parts: ModelParts, ids: torch.Tensor) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Every position (docs/definitions.md, "Every position"): one full forward pass per ablation, every position read
+# Every position (docs/concepts/definitions.md, "Every position"): one full forward pass per ablation, every position
+# read
 # --------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Deployment files: the compose file resolves (a real compose CLI, no daemon needed), the API image is torch-free,
-both images run as a non-root user, and the settings the README promises are the ones compose sets."""
+both images run as a non-root user, and the settings docs/operations/deployment.md promises are the ones compose
+sets."""
 
 from __future__ import annotations
 

@@ -482,7 +482,8 @@ def test_oracle_zero_ablation_direct_effects(tiny_models, prompt_set, arch: str)
         de = dict(zip(result.components, p.direct_effect, strict=True))
         for j, d in enumerate(basis):
             assert abs(de[d] - p.clean_direct_effect[j]) < 1e-9
-        if parts.post_norm:  # a post-norm rescales the heads' sum: their DEs need not add up (docs/definitions.md)
+        # A post-norm rescales the heads' sum: their DEs need not add up (docs/concepts/definitions.md).
+        if parts.post_norm:
             continue
         w = metric_direction(parts, "centered_logit", p.target_id, None)
         s = readout.scale(detail.clean[i].x_final)

@@ -1,7 +1,8 @@
 """Figures of a finished job: rendered by the real app from a real JobResult stored in the session's real Redis.
 
 `build_result` makes a small, internally consistent JobResult (3 layers × attn/mlp, 4 prompts by default): the
-summary is computed from the per-prompt numbers exactly as docs/definitions.md defines it. test_exports uses it too.
+summary is computed from the per-prompt numbers exactly as docs/concepts/definitions.md defines it. test_exports uses
+it too.
 """
 
 from __future__ import annotations

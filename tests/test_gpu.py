@@ -1,5 +1,5 @@
 """The engine on CUDA: every family against the float32 oracle (run on the CPU) at 1e-4 in float32, bfloat16 and
-float16 within the tolerance documented in README "Precision", and the memory behaviour on a real device.
+float16 within the tolerance documented in docs/concepts/precision.md, and the memory behaviour on a real device.
 
 Marked `gpu`; skipped, with the reason, where torch sees no CUDA device. `bash bench/gpu_run.sh` runs them first.
 `HYDRA_GPU_DEVICE=cpu` runs the same tests on the CPU (bench/gpu_dry_run.sh does, to rehearse a GPU run); the

@@ -1,5 +1,5 @@
 """bfloat16 / float16 models: the engine runs in the model's dtype and stays within the documented tolerance of the
-float32 oracle (README, "Precision"). Run on the CPU here; the same code path serves GPU workers."""
+float32 oracle (docs/concepts/precision.md). Run on the CPU here; the same code path serves GPU workers."""
 
 from __future__ import annotations
 

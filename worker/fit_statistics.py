@@ -1,8 +1,8 @@
 """Statistics across prompts: least squares, bootstrap intervals, permutation p-values, Holm's correction.
 
 Pure numpy in float64; every statistic is None (or NaN inside arrays) where it is undefined (too few points, no
-spread) instead of a NaN in the output, so results stay valid JSON. docs/definitions.md ("Per job") says what each
-one is; the tests check each against an independent computation (np.polyfit, explicit loops, exact enumeration).
+spread) instead of a NaN in the output, so results stay valid JSON. docs/concepts/definitions.md ("Per job") says what
+each one is; the tests check each against an independent computation (np.polyfit, explicit loops, exact enumeration).
 
 Shapes: `n` prompts, `S` source draws per prompt (1 without several draws), `F` fits computed together, `B`
 bootstrap resamples, `N` permutations.

@@ -185,7 +185,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """HYDRA_DTYPE: float32 (default, exact to 1e-4), bfloat16 or float16 (GPU; README "Precision")."""
+    """HYDRA_DTYPE: float32 (default, exact to 1e-4), bfloat16 or float16 (GPU; docs/concepts/precision.md)."""
     try:
         return DTYPES[name]
     except KeyError:

@@ -4,7 +4,7 @@ For every ablated component and every pair (y, x) of FITS: the least-squares lin
 mean over draws of each draw's line), bootstrap intervals of slope and R² that resample prompts (or whole dataset
 relations) and redraw the sources, and, for the fits on the paper's x (Δunembed), a permutation p-value of the
 slope with Δunembed shuffled across prompts and Holm's adjustment of those p-values over the job's components.
-docs/definitions.md ("Per job") defines each.
+docs/concepts/definitions.md ("Per job") defines each.
 """
 
 from __future__ import annotations

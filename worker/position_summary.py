@@ -1,5 +1,6 @@
 """Per-job statistics of a per-position job: over (prompt, position) pairs, and self-repair over each component's
-top pairs by its direct effect as Rushing & Nanda 2024 define it (docs/definitions.md, "Every position").
+top pairs by its direct effect as Rushing & Nanda 2024 define it (docs/concepts/definitions.md, "Every
+position").
 
 Their protocol, read in their code (starship006/backup_research, FINAL_figure_files/GOOD_breakdown_self_repair.py):
 a head's direct effect is its clean output through the final LayerNorm with the clean scale onto the (centred)

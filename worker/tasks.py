@@ -13,7 +13,7 @@ at their next prompt and revokes (or, when they start, skips) the queued ones. E
 the delivery after `HYDRA_MAX_DELIVERIES` fails the job (its worker keeps dying). Delivery and time-limit settings
 are described in service/core/queue.py. Redis keys are described in service/core/chunk_book.py.
 
-Faults (README "Guarantees under faults"):
+Faults (docs/operations/guarantees.md):
 - A chunk runs under a lease with the run's own token (service/core/leases.py), renewed by a heartbeat thread; a
   second delivery while the lease lives does not run, and a run that lost its lease stops at its next prompt and
   records nothing. A chunk whose worker vanished is sent again by any worker's sweep (service/core/recovery.py).

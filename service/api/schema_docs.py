@@ -98,7 +98,7 @@ DOCS: dict[str, str] = {
     "JobResult.prompts": "One entry per prompt, in submission order",
     "JobResult.summary": "Means, errors and regressions over all prompts",
     "JobResult.provenance": "Everything needed to reproduce the run",
-    "PromptResult": "One prompt's measures (see docs/definitions.md).",
+    "PromptResult": "One prompt's measures (see docs/concepts/definitions.md).",
     "PromptResult.prompt": "The prompt text",
     "PromptResult.target_id": "The target token id",
     "PromptResult.target_token": "The target token, decoded",

@@ -2,7 +2,7 @@
 
 Each prompt gets `source_seeds` draws of `resample_samples` sources, drawn with seeds seed, seed + 1, …; every
 measure averages all draws' runs and each draw's own means are kept (PromptResult.draws), so the summary's bootstrap
-can redraw the sources (docs/definitions.md, "Per job"). Pure: no Redis, no HTTP.
+can redraw the sources (docs/concepts/definitions.md, "Per job"). Pure: no Redis, no HTTP.
 """
 
 from __future__ import annotations

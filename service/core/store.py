@@ -225,7 +225,7 @@ return -1
 GZIP_MAGIC = b"\x1f\x8b"
 EVICTED = (
     "the job succeeded but its result is gone from Redis (evicted under memory pressure: the Redis of this "
-    "deployment must run with maxmemory-policy noeviction, see README); submit the job again"
+    "deployment must run with maxmemory-policy noeviction, see docs/operations/deployment.md); submit the job again"
 )
 
 

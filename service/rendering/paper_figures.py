@@ -3,8 +3,8 @@
 Fig. 1/3 `profile`: one prompt, one ablated component: the clean per-layer Δunembed, the ablated run's, and one
 faint line per resample patch. Fig. 2 `fig2`: Δunembed against the ablation's drop per layer. Fig. 7 `fig7`: the
 compensatory effect (CE) against Δunembed. Fig. 8 `fig8`: CE's attention and MLP parts. Sign conventions are the
-service's (docs/definitions.md): the drop is clean − ablated (the paper's −Δablate), CE and responses are ablated −
-clean, as in the paper. Only whole-layer components (attn.L, mlp.L) enter these figures.
+service's (docs/concepts/definitions.md): the drop is clean − ablated (the paper's −Δablate), CE and responses
+are ablated − clean, as in the paper. Only whole-layer components (attn.L, mlp.L) enter these figures.
 """
 
 from __future__ import annotations

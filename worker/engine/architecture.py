@@ -358,8 +358,8 @@ def head_basis_refusal(config: object) -> str | None:
     """Why the per-position head response basis has no definition for this model (None: it has one).
 
     In a post-norm block a head's basis output is its share of the block's output at the block's own scale
-    (docs/definitions.md, "Response basis"); an output-projection bias is rescaled by the post-norm without being
-    any head's, so the heads would not add up to their layer.
+    (docs/concepts/definitions.md, "Response basis"); an output-projection bias is rescaled by the post-norm without
+    being any head's, so the heads would not add up to their layer.
     """
     model_type = str(getattr(config, "model_type", ""))
     family = _FAMILIES.get(model_type)

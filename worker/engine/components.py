@@ -52,7 +52,8 @@ def head_basis_components(n_layers: int, n_heads: int) -> list[Component]:
 
 
 def is_downstream(ablated: Component, other: Component, parallel_blocks: bool) -> bool:
-    """Can `other`'s output at the final position change when `ablated` is ablated there? (docs/definitions.md)"""
+    """Can `other`'s output at the final position change when `ablated` is ablated there?
+    (docs/concepts/definitions.md)"""
     if other.layer > ablated.layer:
         return True
     same_layer_mlp_reads_attn = other.layer == ablated.layer and other.kind == "mlp" and ablated.kind != "mlp"

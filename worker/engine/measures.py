@@ -1,4 +1,4 @@
-"""The measures of one prompt, as functions over tensors (docs/definitions.md).
+"""The measures of one prompt, as functions over tensors (docs/concepts/definitions.md).
 
 Every function takes rows with arbitrary leading axes (ablated runs, and later positions) and reduces only the
 model axis `d`, so a per-position variant passes tensors with a position axis and gets one value per position.

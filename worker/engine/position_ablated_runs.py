@@ -50,7 +50,7 @@ def project_heads(arch: Architecture, z: torch.Tensor, dirs: torch.Tensor) -> to
 
 
 def head_writes(arch: Architecture, layer: int, z: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-    """(…, H, P): what each head writes · u_p (docs/definitions.md, "Response basis").
+    """(…, H, P): what each head writes · u_p (docs/concepts/definitions.md, "Response basis").
 
     Pre-norm blocks: its W_O slice times its slice of z. Post-norm blocks: that, through the post-norm with the
     scale s(a_p) of the whole attention output a_p = W_O z_p at that position, so the heads add up to `attn.L`.

@@ -1,4 +1,4 @@
-"""The sweep measured at every position (docs/definitions.md, "Every position"): components ablated at every
+"""The sweep measured at every position (docs/concepts/definitions.md, "Every position"): components ablated at every
 position of each prompt, every measure read at every measured position with its own target and its own clean norm
 scale, responses over the layer or the head basis.
 
@@ -151,7 +151,7 @@ def metric_at(
 
     `logit` and `centered_logit` are read on the pre-cap logits (the linear readout the direct effects decompose),
     `logprob` on the model's own (soft-capped) distribution; `capped=True` reads every metric on the capped logits
-    (docs/definitions.md, "Final-logit soft-capping").
+    (docs/concepts/definitions.md, "Final-logit soft-capping").
     """
     normed = arch.final_norm(x.to(readout.gain.dtype))
     if readout.metric == "logprob" or (capped and readout.softcap is not None):

@@ -1,4 +1,5 @@
-"""The metric and the linear direct-effect map at the final position (docs/definitions.md, "Metric and readout")."""
+"""The metric and the linear direct-effect map at the final position (docs/concepts/definitions.md, "Metric and
+readout")."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ class Readout:
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
     def capped_value(self, x: torch.Tensor, target: int, counterfactual: int | None) -> torch.Tensor:
-        """The metric read on the model's soft-capped logits (docs/definitions.md, "Final-logit soft-capping")."""
+        """The metric read on the model's soft-capped logits (docs/concepts/definitions.md, "Final-logit
+        soft-capping")."""
         normed = self.arch.final_norm(x.to(self.gain.dtype)).float()
         if self.metric in ("logit", "logit_diff"):
             rows = [target] if self.metric == "logit" else [target, counterfactual]

@@ -1,4 +1,5 @@
-"""What an ablated component's output is replaced with: resample sources, means, zeros (docs/definitions.md)."""
+"""What an ablated component's output is replaced with: resample sources, means, zeros
+(docs/concepts/definitions.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The ablation sweep: clean runs, replacements, batched ablated runs (worker/engine/ablated_runs.py), then measures.
 
-Read top to bottom; every measure is defined in docs/definitions.md.
+Read top to bottom; every measure is defined in docs/concepts/definitions.md.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run_sweep(
     on_phase: PhaseCallback | None = None,
     clean_cache: CleanRunCache | None = None,
 ) -> SweepResult:
-    """Every measure of docs/definitions.md for every prompt × component of `spec`.
+    """Every measure of docs/concepts/definitions.md for every prompt × component of `spec`.
 
     `batch_tokens=None`: the budget comes from the device (worker/engine/memory.py: free CUDA memory once the clean
     runs are resident, the fixed default on a CPU). `clean_cache`: clean runs kept from earlier sweeps on this model

@@ -1,6 +1,6 @@
 """Inputs and outputs of the ablation engine: plain tensors and lists, no Redis, no HTTP.
 
-The definitions of every field are in docs/definitions.md.
+The definitions of every field are in docs/concepts/definitions.md.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class SweepSpec:
     source_seeds: int = 1
     keep_samples: bool = False  # also return every resample patch's TE, DE and ablated profile
     only_correct: bool = False  # measure only prompts whose clean top token is their target (`target_ids`)
-    # Per-position measurement (worker/engine/position_sweep.py; docs/definitions.md, "Every position").
+    # Per-position measurement (worker/engine/position_sweep.py; docs/concepts/definitions.md, "Every position").
     measure_positions: MeasurePositions = "final"
     target: TargetName = "clean_top"  # given target_ids win over "clean_top"
     response_basis: ResponseBasisName = "layers"
@@ -108,13 +108,13 @@ class PromptMeasures:
     norm_response: list[float]
     clean_direct_effect: list[float]  # over the response basis
     sources: list[int] = field(default_factory=list)  # resample sources used for this prompt (empty otherwise)
-    # The paper's measures (docs/definitions.md, "The paper's measures"); per component.
+    # The paper's measures (docs/concepts/definitions.md, "The paper's measures"); per component.
     unembed_effect: list[float] = field(default_factory=list)  # Δunembed of the ablated component (Eq. 10)
     compensatory_effect: list[float] = field(default_factory=list)  # CE (Eq. 33–34), norm excluded
     samples: list[list[PatchSample]] | None = None  # [component][patch], when `keep_samples`
     index: int = -1  # the prompt's index in the job (prompts may be left out by `only_correct`)
     # Soft-capped models (Gemma 2) only: TE of the same metric read on the capped logits; every other measure is
-    # read on the pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). None for other models.
+    # read on the pre-cap logits (docs/concepts/definitions.md, "Final-logit soft-capping"). None for other models.
     capped_total_effect: list[float] | None = None
     # With `source_seeds` > 1: each draw's own means, in seed order (None with a single draw).
     draws: list[DrawMeasures] | None = None

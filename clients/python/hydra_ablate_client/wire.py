@@ -118,7 +118,7 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     only_correct: bool | UnsetType = UNSET
     # Draw resample sources from the whole job, or from the prompts of the same dataset relation.
     resample_within: ResampleWithin | UnsetType = UNSET
-    # Documents and per-position measurement (docs/definitions.md, "Every position").
+    # Documents and per-position measurement (docs/concepts/definitions.md, "Every position").
     texts: Annotated[list[Prompt], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
     corpus: CorpusRef | UnsetType = UNSET
     max_tokens: Annotated[int, Meta(ge=2, le=4096)] | UnsetType = UNSET
@@ -351,7 +351,7 @@ class PromptResult(Struct, kw_only=True):
     compensatory_effect: list[float]  # the paper's CE (Eq. 33–34): Σ downstream responses, norm excluded
     samples: list[list[PatchSample]] | None = None  # [component][patch], with keep_samples
     # Soft-capped models only (Gemma 2): TE read on the model's capped logits; the other measures are read on the
-    # pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). Null for every other model.
+    # pre-cap logits (docs/concepts/definitions.md, "Final-logit soft-capping"). Null for every other model.
     capped_total_effect: list[float] | None = None
     # Per-position jobs: every measure per (position, component); the lists above hold the last measured position.
     positions: PositionColumns | None = None
