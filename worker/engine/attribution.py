@@ -52,6 +52,7 @@ patched query or key set.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -92,7 +93,7 @@ ESTIMATES: tuple[EstimateName, ...] = get_args(EstimateName)
 # What each returned method estimates: the signed total effect, or its magnitude (|total_effect|).
 SIGNED, MAGNITUDE = "total_effect", "abs_total_effect"
 ESTIMATED: dict[str, str] = {"atp": SIGNED, "atp_qkfix": SIGNED, "atp_star": MAGNITUDE}
-DEFAULT_BATCH_PROMPTS = 64  # prompts per differentiable pass at the final position (one row each)
+DEFAULT_BATCH_PROMPTS = 128  # prompts per differentiable pass at the final position (one row each)
 
 
 @dataclass(frozen=True)
@@ -256,65 +257,71 @@ def _aligned_qk(rows: QKRows, positions: int) -> QKRows:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _layer_terms(delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """(R, 2N'): Δ (R, 2N', P, d) · g (2N', P, d), summed over positions and the model axis."""
-    return (delta.float() * grad.float().unsqueeze(0)).sum(dim=(-1, -2))
+@dataclass(frozen=True)
+class _Deltas:
+    """n − ñ for every output node of a batch of B prompts, R runs each (in the space the ablation replaces)."""
+
+    layer_out: torch.Tensor  # (B, R, 2N, P, d)
+    head_in: torch.Tensor | None  # (B, R, N, P, H·hd)
 
 
-def _head_terms(arch: Architecture, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """(R, N', H): Δ (R, N', P, H·hd) · g (N', P, H·hd), per head."""
-    per = delta.float() * grad.float().unsqueeze(0)
-    return per.unflatten(-1, (arch.n_heads, arch.head_dim)).sum(dim=(-1, -3))
+def _deltas(runs: list[CleanRun], reps: list[Replacements]) -> _Deltas:
+    layer_out = torch.stack([run.layer_out.unsqueeze(0) - rep.layer_out for run, rep in zip(runs, reps, strict=True)])
+    head_in = None
+    if reps[0].head_in is not None:
+        head_in = torch.stack([
+            _heads_of(run).unsqueeze(0) - rep.head_in for run, rep in zip(runs, reps, strict=True)
+            if rep.head_in is not None
+        ])
+    return _Deltas(layer_out, head_in)
 
 
 @dataclass
 class _Terms:
-    """Estimates of every node of one prompt's R runs: layer components (R, 2N), heads (R, N, H), and per head
-    query and key (R, N, H)."""
+    """Estimates of every node of a batch (B prompts, R runs each): layer components (B, R, 2N'), heads, head
+    queries and head keys (B, R, N', H), for the layers 0 … N' − 1 a gradient reaches."""
 
     layer_out: torch.Tensor
     heads: torch.Tensor | None = None
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
 
+    def map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> _Terms:
+        return _Terms(f(self.layer_out), *(None if t is None else f(t) for t in (self.heads, self.query, self.key)))
 
-def _out_terms(arch: Architecture, run: CleanRun, rep: Replacements, grads: NodeGradients, row: int) -> _Terms:
-    """The output nodes' terms for one prompt (batch row `row`) from gradients of layers 0 … grads.layers − 1."""
+
+def _out_terms(arch: Architecture, deltas: _Deltas, grads: NodeGradients) -> _Terms:
+    """(n − ñ) · ∂m/∂n for every output node of layers 0 … grads.layers − 1, summed over positions."""
     n = grads.layers
-    grad_out = torch.stack([g[row] for g in grads.layer_out])  # (2n, P, d)
-    delta_out = run.layer_out[: 2 * n].unsqueeze(0) - rep.layer_out[:, : 2 * n]  # (R, 2n, P, d)
-    terms = _Terms(_layer_terms(delta_out, grad_out))
-    if rep.head_in is not None:
-        grad_heads = torch.stack([g[row] for g in grads.head_in])  # (n, P, H·hd)
-        delta_heads = _heads_of(run)[:n].unsqueeze(0) - rep.head_in[:, :n]
-        terms.heads = _head_terms(arch, delta_heads, grad_heads)
+    grad_out = torch.stack(grads.layer_out, dim=1).float().unsqueeze(1)  # (B, 1, 2n, P, d)
+    terms = _Terms((deltas.layer_out[:, :, : 2 * n].float() * grad_out).sum(dim=(-1, -2)))  # (B, R, 2n)
+    if deltas.head_in is not None:
+        grad_heads = torch.stack(grads.head_in, dim=1).float().unsqueeze(1)  # (B, 1, n, P, H·hd)
+        per = deltas.head_in[:, :, :n].float() * grad_heads  # (B, R, n, P, H·hd)
+        terms.heads = per.unflatten(-1, (arch.n_heads, arch.head_dim)).sum(dim=(-1, -3))  # (B, R, n, H)
     return terms
 
 
 def _qk_terms(
-    calls: list[AttentionCall], probs_grads: list[torch.Tensor], rep: Replacements, row: int, fixed: bool
+    calls: list[AttentionCall], probs_grads: list[torch.Tensor], reps: list[Replacements], fixed: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, N', H) query and key terms of one prompt (batch row `row`) for layers 0 … N' − 1, QK-fixed or linear."""
-    assert rep.qk is not None
+    """(B, R, N', H) query and key terms for layers 0 … N' − 1, QK-fixed or linear (worker/engine/qk_fix.py); every
+    prompt of the batch patched at once, one run at a time."""
     estimate = qk_fixed if fixed else qk_linear
+    runs = len(reps[0].qk or [])
     query_terms, key_terms = [], []
     for layer, probs_grad in enumerate(probs_grads):
-        call = _row_call(calls[layer], row)
-        grad = probs_grad[row : row + 1]
-        query_terms.append(torch.cat([estimate(call, grad, query=r.query[layer][None]) for r in rep.qk]))
-        key_terms.append(torch.cat([estimate(call, grad, key=patched_keys(call, r.key[layer][None])) for r in rep.qk]))
-    return torch.stack(query_terms, dim=1), torch.stack(key_terms, dim=1)
-
-
-def _row_call(call: AttentionCall, row: int) -> AttentionCall:
-    """One batch row of an attention call (its own mask row: left padding differs between prompts)."""
-    mask = call.mask
-    if mask is not None and mask.shape[0] > 1:
-        mask = mask[row : row + 1]
-    return AttentionCall(
-        call.module, call.query[row : row + 1], call.key[row : row + 1], call.value[row : row + 1], mask,
-        call.keywords, call.probs[row : row + 1],
-    )
+        call = calls[layer]
+        per_run_q, per_run_k = [], []
+        for r in range(runs):
+            rows = [rep.qk[r] for rep in reps if rep.qk is not None]
+            new_query = torch.stack([row.query[layer] for row in rows])  # (B, H, P, hd)
+            new_key = torch.stack([row.key[layer] for row in rows])  # (B, KV, P, hd)
+            per_run_q.append(estimate(call, probs_grad, query=new_query))  # (B, H)
+            per_run_k.append(estimate(call, probs_grad, key=patched_keys(call, new_key)))
+        query_terms.append(torch.stack(per_run_q, dim=1))  # (B, R, H)
+        key_terms.append(torch.stack(per_run_k, dim=1))
+    return torch.stack(query_terms, dim=2), torch.stack(key_terms, dim=2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -409,33 +416,29 @@ def run_attribution(
                           rows_of(graph.attention, b) if graph.attention is not None else None, with_heads)
             for b, i in enumerate(group)
         ]
-        linear = [_out_terms(arch, runs[i], reps[b], full, b) for b, i in enumerate(group)]
-        fixed: list[_Terms] = []
+        deltas = _deltas(group_runs, reps)
+        linear = _out_terms(arch, deltas, full)
         if with_qk:
             assert graph.attention is not None and full.probs is not None
-            for b, terms in enumerate(linear):
-                terms.query, terms.key = _qk_terms(graph.attention, full.probs, reps[b], b, fixed=False)
+            linear.query, linear.key = _qk_terms(graph.attention, full.probs, reps, fixed=False)
         started = timer.add("atp", started)
-        stars: list[_Terms] = []
+        per_method = {"atp": linear}
         if star:
+            fixed = linear
             if with_qk:
                 assert graph.attention is not None and full.probs is not None
-                for b, terms in enumerate(linear):
-                    q, k = _qk_terms(graph.attention, full.probs, reps[b], b, fixed=True)
-                    fixed.append(_Terms(terms.layer_out, terms.heads, q, k))
-            else:
-                fixed = linear
+                query, key = _qk_terms(graph.attention, full.probs, reps, fixed=True)
+                fixed = _Terms(linear.layer_out, linear.heads, query, key)
             started = timer.add("atp_qkfix", started)
-            stars = _graddrop(arch, graph, hidden_grads, [runs[i] for i in group], reps, fixed)
+            per_method["atp_qkfix"] = fixed
+            per_method["atp_star"] = _graddrop(arch, graph, hidden_grads, deltas, reps, fixed)
             started = timer.add("atp_star", started)
         del graph, full, hidden_grads  # the graph's last references: nothing of it outlives the group
 
         for b, i in enumerate(group):
-            per_method = {"atp": linear[b]}
-            if star:
-                per_method["atp_qkfix"] = fixed[b]
-                per_method["atp_star"] = stars[b]
-            prompts.append(_prompt_estimates(i, targets[b], float(clean_metrics[b]), sources[i], nodes, per_method))
+            prompts.append(
+                _prompt_estimates(i, targets[b], float(clean_metrics[b]), sources[i], nodes, per_method, b)
+            )
         if on_progress is not None:
             on_progress(len(prompts), len(measured))
 
@@ -491,72 +494,61 @@ def _graddrop(
     arch: Architecture,
     graph: Graph,
     hidden_grads: list[torch.Tensor],
-    runs: list[CleanRun],
+    deltas: _Deltas,
     reps: list[Replacements],
-    fixed: list[_Terms],
-) -> list[_Terms]:
-    """AtP* per prompt: 1/(L − 1) Σ_ℓ |term_ℓ|, with term_ℓ the (QK-fixed) estimate under GradDrop_ℓ.
+    fixed: _Terms,
+) -> _Terms:
+    """AtP* for the batch: 1/(L − 1) Σ_ℓ |term_ℓ|, with term_ℓ the (QK-fixed) estimate under GradDrop_ℓ.
 
     For a node of layer j: term_ℓ is the estimate itself for ℓ < j (the dropped layer is below the node), 0 for
     ℓ = j, and, for ℓ > j, the estimate from `dropped_gradients(ℓ)`."""
     n = arch.n_layers
-    magnitude = [_Terms(f.layer_out.abs(), *(None if t is None else t.abs() for t in (f.heads, f.query, f.key)))
-                 for f in fixed]
+    magnitude = fixed.map(torch.abs)
     if n == 1:
         return magnitude
-    layer_of_slot = torch.arange(2 * n) // 2
-    below = [_scaled(m, layer_of_slot, torch.arange(n)) for m in magnitude]  # j · |term| for every node
+    layer_of_slot = (torch.arange(2 * n) // 2).float()  # attn.l, mlp.l → l
+    layer_index = torch.arange(n).float().view(-1, 1)  # (N, 1): broadcasts over heads
+    acc = _Terms(
+        magnitude.layer_out * layer_of_slot,  # j · |term|: the drops below the node
+        *(None if t is None else t * layer_index for t in (magnitude.heads, magnitude.query, magnitude.key)),
+    )
     for layer in range(1, n):
         grads = dropped_gradients(graph, hidden_grads, layer, retain=layer < n - 1)
-        for b, run in enumerate(runs):
-            terms = _out_terms(arch, run, reps[b], grads, b)
-            acc = below[b]
-            acc.layer_out[:, : 2 * layer] += terms.layer_out.abs()
-            if acc.heads is not None and terms.heads is not None:
-                acc.heads[:, :layer] += terms.heads.abs()
-            if acc.query is not None and acc.key is not None:
-                assert graph.attention is not None and grads.probs is not None
-                q, k = _qk_terms(graph.attention, grads.probs, reps[b], b, fixed=True)
-                acc.query[:, :layer] += q.abs()
-                acc.key[:, :layer] += k.abs()
-    return [_Terms(a.layer_out / (n - 1), *(None if t is None else t / (n - 1) for t in (a.heads, a.query, a.key)))
-            for a in below]
+        terms = _out_terms(arch, deltas, grads)
+        acc.layer_out[:, :, : 2 * layer] += terms.layer_out.abs()
+        if acc.heads is not None and terms.heads is not None:
+            acc.heads[:, :, :layer] += terms.heads.abs()
+        if acc.query is not None and acc.key is not None:
+            assert graph.attention is not None and grads.probs is not None
+            query, key = _qk_terms(graph.attention, grads.probs, reps, fixed=True)
+            acc.query[:, :, :layer] += query.abs()
+            acc.key[:, :, :layer] += key.abs()
+    return acc.map(lambda t: t / (n - 1))
 
 
-def _scaled(terms: _Terms, layer_of_slot: torch.Tensor, layers: torch.Tensor) -> _Terms:
-    """Each node's |term| times its layer index: the GradDrop terms of the layers below it, which are the estimate."""
-    per_layer = layers.view(1, -1, 1).float()
-    return _Terms(
-        terms.layer_out * layer_of_slot.view(1, -1).float(),
-        None if terms.heads is None else terms.heads * per_layer,
-        None if terms.query is None else terms.query * per_layer,
-        None if terms.key is None else terms.key * per_layer,
-    )
-
-
-def _node_values(terms: _Terms, node: Node) -> torch.Tensor:
-    """(R,): one node's estimate in each of the prompt's runs."""
+def _node_values(terms: _Terms, node: Node, row: int) -> torch.Tensor:
+    """(R,): one node's estimate in each of batch row `row`'s runs."""
     c = node.component
     if node.site == "q":
         assert terms.query is not None
-        return terms.query[:, c.layer, c.head]
+        return terms.query[row, :, c.layer, c.head]
     if node.site == "k":
         assert terms.key is not None
-        return terms.key[:, c.layer, c.head]
+        return terms.key[row, :, c.layer, c.head]
     if c.kind == "head":
         assert terms.heads is not None
-        return terms.heads[:, c.layer, c.head]
-    return terms.layer_out[:, 2 * c.layer + (1 if c.kind == "mlp" else 0)]
+        return terms.heads[row, :, c.layer, c.head]
+    return terms.layer_out[row, :, 2 * c.layer + (1 if c.kind == "mlp" else 0)]
 
 
 def _prompt_estimates(
     index: int, target: int, clean_metric: float, sources: list[int], nodes: list[Node],
-    per_method: dict[str, _Terms],
+    per_method: dict[str, _Terms], row: int,
 ) -> PromptEstimates:
     values: dict[str, list[float]] = {}
     per_run: dict[str, list[list[float]]] = {}
     for method, terms in per_method.items():
-        table = torch.stack([_node_values(terms, node) for node in nodes])  # (nodes, R)
+        table = torch.stack([_node_values(terms, node, row) for node in nodes])  # (nodes, R)
         per_run[method] = table.tolist()
         values[method] = table.mean(dim=1).tolist()
     return PromptEstimates(index=index, target_id=target, clean_metric=clean_metric, sources=list(sources),
