@@ -475,6 +475,49 @@ def test_final_position_batches_agree_with_one_prompt_at_a_time(
             assert a.values[method] == pytest.approx(b.values[method], rel=1e-4, abs=1e-5), method
 
 
+@pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_replacements_are_the_exact_engines(
+    ablation: str, scope: Positions, tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
+) -> None:
+    """ñ for every component, built for all components at once, is what the exact engine writes (prompt_ablations);
+    to float rounding: a shorter source's mean rows are reduced over a wider tensor here."""
+    from worker.engine.architecture import describe
+    from worker.engine.attribution import _mean_rows, _replacements
+    from worker.engine.components import Component
+    from worker.engine.sweep import clean_run, complete_clean_runs, job_sources, prompt_ablations
+
+    model = tiny_models("qwen2")
+    arch = describe(model)
+    comps = [Component(k, layer) for layer in range(arch.n_layers) for k in ("attn", "mlp")]
+    comps += [Component("head", layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
+    spec = SweepSpec(components=tuple(c.name for c in comps), ablation=ablation, positions=scope,  # type: ignore[arg-type]
+                     resample_samples=2)
+    inputs = SweepInputs(token_ids=prompt_set.token_ids, mean_reference_ids=prompt_set.mean_reference_ids)
+
+    def clean(ids: torch.Tensor) -> Any:
+        return clean_run(model, arch, ids, all_positions=scope == "all", with_heads=True)
+
+    runs = {i: clean(ids) for i, ids in enumerate(inputs.token_ids)}
+    sources = job_sources(spec, inputs)
+    means = complete_clean_runs(runs, spec, inputs, list(runs), sources, lambda i: runs[i], clean)
+    mean_rows = _mean_rows(arch, means, True) if means is not None else None
+    for i, run in runs.items():
+        rep = _replacements(ablation, run, runs, sources[i], mean_rows, None, None, None, True)
+        assert rep.head_in is not None
+        exact = prompt_ablations(arch, spec, comps, run, runs, sources[i], means)
+        per_component = len(exact) // len(comps)
+        for k, ablated in enumerate(exact):
+            c, r = ablated.component, k % per_component
+            if c.kind == "head":
+                assert c.head is not None
+                cols = slice(c.head * arch.head_dim, (c.head + 1) * arch.head_dim)
+                mine = rep.head_in[r, c.layer, :, cols]
+            else:
+                mine = rep.layer_out[r, 2 * c.layer + (c.kind == "mlp")]
+            assert torch.allclose(mine, ablated.replacement.to(mine.dtype), rtol=1e-6, atol=1e-7), (c.name, r)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Nothing left attached to the model
 # --------------------------------------------------------------------------------------------------------------------

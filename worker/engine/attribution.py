@@ -394,6 +394,7 @@ def run_attribution(
         started = timer.add("qk_rows", started)
 
     prompts: list[PromptEstimates] = []
+    columns = _node_columns(nodes, arch)
     worst = 0.0
     for group in _groups(measured, all_positions, batch_prompts):
         if should_stop is not None and should_stop():
@@ -435,10 +436,9 @@ def run_attribution(
             started = timer.add("atp_star", started)
         del graph, full, hidden_grads  # the graph's last references: nothing of it outlives the group
 
+        tables = {method: _flat(terms, arch).index_select(2, columns) for method, terms in per_method.items()}
         for b, i in enumerate(group):
-            prompts.append(
-                _prompt_estimates(i, targets[b], float(clean_metrics[b]), sources[i], nodes, per_method, b)
-            )
+            prompts.append(_prompt_estimates(i, targets[b], float(clean_metrics[b]), sources[i], tables, b))
         if on_progress is not None:
             on_progress(len(prompts), len(measured))
 
@@ -526,31 +526,35 @@ def _graddrop(
     return acc.map(lambda t: t / (n - 1))
 
 
-def _node_values(terms: _Terms, node: Node, row: int) -> torch.Tensor:
-    """(R,): one node's estimate in each of batch row `row`'s runs."""
-    c = node.component
-    if node.site == "q":
-        assert terms.query is not None
-        return terms.query[row, :, c.layer, c.head]
-    if node.site == "k":
-        assert terms.key is not None
-        return terms.key[row, :, c.layer, c.head]
-    if c.kind == "head":
-        assert terms.heads is not None
-        return terms.heads[row, :, c.layer, c.head]
-    return terms.layer_out[row, :, 2 * c.layer + (1 if c.kind == "mlp" else 0)]
+def _node_columns(nodes: list[Node], arch: Architecture) -> torch.Tensor:
+    """Each node's column in `_flat`: layer components, then heads, then head queries, then head keys."""
+    n, h = arch.n_layers, arch.n_heads
+    offsets = {"out": 2 * n, "q": 2 * n + n * h, "k": 2 * n + 2 * n * h}
+    columns = []
+    for node in nodes:
+        c = node.component
+        if c.kind == "head":
+            assert c.head is not None
+            columns.append(offsets[node.site] + c.layer * h + c.head)
+        else:
+            columns.append(2 * c.layer + (1 if c.kind == "mlp" else 0))
+    return torch.tensor(columns, dtype=torch.long)
+
+
+def _flat(terms: _Terms, arch: Architecture) -> torch.Tensor:
+    """(B, R, 2N + 3·N·H): every node's estimate in one row per run (zeros for kinds not estimated)."""
+    batch, runs = terms.layer_out.shape[:2]
+    empty = torch.zeros(batch, runs, arch.n_layers * arch.n_heads, dtype=terms.layer_out.dtype)
+    parts = [None if t is None else t.flatten(2) for t in (terms.heads, terms.query, terms.key)]
+    return torch.cat([terms.layer_out, *(empty if p is None else p for p in parts)], dim=2)
 
 
 def _prompt_estimates(
-    index: int, target: int, clean_metric: float, sources: list[int], nodes: list[Node],
-    per_method: dict[str, _Terms], row: int,
+    index: int, target: int, clean_metric: float, sources: list[int], tables: dict[str, torch.Tensor], row: int
 ) -> PromptEstimates:
-    values: dict[str, list[float]] = {}
-    per_run: dict[str, list[list[float]]] = {}
-    for method, terms in per_method.items():
-        table = torch.stack([_node_values(terms, node, row) for node in nodes])  # (nodes, R)
-        per_run[method] = table.tolist()
-        values[method] = table.mean(dim=1).tolist()
+    """One prompt's estimates from the batch's (B, R, nodes) tables."""
+    per_run = {method: table[row].T.tolist() for method, table in tables.items()}  # [node][run]
+    values = {method: table[row].mean(dim=0).tolist() for method, table in tables.items()}
     return PromptEstimates(index=index, target_id=target, clean_metric=clean_metric, sources=list(sources),
                            values=values, per_run=per_run)
 
