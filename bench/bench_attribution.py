@@ -66,7 +66,7 @@ def main() -> None:
     loaded = load_model(builtin_smollm2())
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = describe(model)
-    rows = json.loads((ROOT / "service" / "data" / "known_1000.json").read_text())[: args.prompts]
+    rows = json.loads((ROOT / "service" / "core" / "data" / "known_1000.json").read_text())[: args.prompts]
     ids = [torch.tensor(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows]
     names = component_names(args.components, arch.n_layers, arch.n_heads)
     spec = SweepSpec(components=tuple(names), ablation=args.ablation, positions=args.positions, metric=args.metric,

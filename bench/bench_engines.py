@@ -2,7 +2,8 @@
 write it), on SmolLM2-135M and the known_1000 prompts. Not a test: prints a table and writes JSON.
 
     python bench/bench_engines.py [--prompts 100] [--peer-ablations 120] [--out bench/results.json]
-        [--model smollm2|llama-360m|llama-1b|llama-1.1b|llama-7b] [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--model smollm2|llama-135m|llama-360m|llama-1b|llama-1.1b|llama-7b] [--device cpu|cuda]
+        [--dtype float32|bfloat16]
 
 `--model llama-…` builds a randomly initialised Llama of that shape (weights need not be trained for timing; the
 SmolLM2 tokenizer and its 49,152-token vocabulary serve every shape). On CUDA, peak memory is the allocator's peak
@@ -58,6 +59,8 @@ def component_names(kinds: list[str], n_layers: int, n_heads: int) -> list[str]:
 
 # Randomly initialised Llama shapes (hidden, layers, heads, kv heads, MLP width) of well-known models.
 SHAPES: dict[str, dict[str, Any]] = {  # LlamaConfig keyword arguments
+    "llama-135m": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                   "intermediate_size": 1536, "tie_word_embeddings": True},  # SmolLM2-135M
     "llama-360m": {"hidden_size": 960, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
                    "intermediate_size": 2560},  # SmolLM2-360M
     "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -86,7 +89,7 @@ def load(n_prompts: int) -> Loaded:
 
     torch.manual_seed(0)
     dtype, device = DTYPES[OPTIONS["dtype"]], OPTIONS["device"]
-    rows = json.loads((ROOT / "service" / "data" / "known_1000.json").read_text())
+    rows = json.loads((ROOT / "service" / "core" / "data" / "known_1000.json").read_text())
     prompts = [r["prompt"] for r in rows[:n_prompts]]
     if OPTIONS["model"] == "smollm2":
         loaded = load_model(builtin_smollm2(), device=device, dtype=dtype)
@@ -125,7 +128,7 @@ def corpus_ids(loaded: Loaded, scenario: dict[str, Any]) -> list[Any]:
     """The first documents of the built-in corpus (one more than measured: a resample source), cut to max_tokens."""
     import torch
 
-    from service.corpora import documents
+    from service.core.corpora import documents
 
     docs = documents("known_1000_text")[: scenario["documents"] + 1]
     ids = [loaded.tokenizer(d).input_ids[: scenario["max_tokens"]] for d in docs]

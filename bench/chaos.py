@@ -42,11 +42,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.chunks import ChunkBook
-from service.embedded_redis import EmbeddedRedis, free_port
-from service.leases import Leases
-from service.settings import Settings
-from service.store import JobStore
+from service.core.chunk_book import ChunkBook
+from service.core.embedded_redis import EmbeddedRedis, free_port
+from service.core.leases import Leases
+from service.core.settings import Settings
+from service.core.store import JobStore
 
 MODEL = "tiny-chaos"
 API_KEY = "chaos-" + "k" * 32
@@ -76,7 +76,7 @@ if os.environ.get("DIE_BEFORE_PUBLISH"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 import uvicorn
-uvicorn.run("service.app:create_app", factory=True, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+uvicorn.run("service.api.app:create_app", factory=True, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 

@@ -5,7 +5,7 @@ and JSON of submit and poll latencies (p50/p99), request counts, errors (5xx or 
     python bench/load.py --url http://127.0.0.1:8000 --api-key KEY     # a running server (loopback only)
     python bench/load.py --clients 50 --duration 60 --json bench/load.json
 
-Without --url it starts the `hydra-ablate serve` stack (client.stack.Stack) on a free port with REDIS_URL unset,
+Without --url it starts the `hydra-ablate serve` stack (cli.stack.Stack) on a free port with REDIS_URL unset,
 its data in a temporary folder, serving a tiny random Llama built offline (tests/tiny_models.py), so jobs finish in
 well under a second and the numbers measure the API rather than the model. Each client has its own API key
 (HYDRA_API_KEYS), so per-key limits apply per client, as they would for separate users. Bounded in time: the run
@@ -36,7 +36,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.schemas import TERMINAL_STATES
+from hydra_ablate_client.vocabulary import TERMINAL_STATES
 
 TERMINAL = set(TERMINAL_STATES)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -249,8 +249,8 @@ def check_loopback(url: str) -> str:
 
 def start_stack(exits: ExitStack, clients: int, workers: int, env_overrides: dict[str, str]) -> tuple[str, list[str]]:
     """The local stack on a free port with a tiny model; returns its URL and one API key per client."""
-    from client.stack import Stack
-    from service.embedded_redis import free_port
+    from cli.stack import Stack
+    from service.core.embedded_redis import free_port
     from tests.tiny_models import build_tiny_model
 
     scratch = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="hydra-load-")))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import PROMPTS, _quantile, start_stack
-from service.schemas import TERMINAL_STATES
+from hydra_ablate_client.vocabulary import TERMINAL_STATES
 
 
 def _hammer_process(url: str, clients: int, duration_s: float, counts: Any) -> None:

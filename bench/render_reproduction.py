@@ -17,8 +17,9 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.figures import render
-from service.schemas import ComponentSummary, FigureName, Fit, JobResult
+from hydra_ablate_client.vocabulary import FigureName
+from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult
+from service.rendering.figures import render
 
 RAW = ROOT / ".bench-out"
 OUT = ROOT / "docs" / "reproduction"

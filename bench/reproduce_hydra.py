@@ -23,10 +23,10 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.http import HydraClient
-from client.stack import Stack
-from service.embedded_redis import free_port
-from service.schemas import JobResult
+from cli.stack import Stack
+from hydra_ablate_client.http import HydraClient
+from hydra_ablate_client.wire import JobResult
+from service.core.embedded_redis import free_port
 
 OUT = ROOT / "docs" / "reproduction"
 RAW = ROOT / ".bench-out"

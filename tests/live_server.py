@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import uvicorn
 from litestar import Litestar
 
-from service.embedded_redis import free_port
+from service.core.embedded_redis import free_port
 
 
 @contextmanager

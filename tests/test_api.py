@@ -18,13 +18,13 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.embedded_redis import free_port
-from service.queue import TASK_RUN_JOB
-from service.redis_replies import bytes_or_none
-from service.schemas import ModelInfo
-from service.settings import Settings
-from service.store import JobStore
+from hydra_ablate_client.wire import ModelInfo
+from service.api.app import create_app
+from service.core.embedded_redis import free_port
+from service.core.queue import TASK_RUN_JOB
+from service.core.redis_replies import bytes_or_none
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.checks import present
 from tests.conftest import private_settings
 
@@ -534,10 +534,10 @@ def test_the_service_package_never_imports_torch() -> None:
     from pathlib import Path
 
     code = (
-        "import pkgutil, importlib, sys, service, service.controllers\n"
+        "import pkgutil, importlib, sys, service, service.api.controllers\n"
         "for m in pkgutil.walk_packages(service.__path__, 'service.'):\n"
         "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
-        "from service.app import create_app; create_app()\n"
+        "from service.api.app import create_app; create_app()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     root = Path(__file__).resolve().parent.parent
@@ -546,14 +546,15 @@ def test_the_service_package_never_imports_torch() -> None:
 
 
 def test_the_worker_process_never_loads_litestar() -> None:
-    """Domain errors are plain exceptions (service/errors.py); the HTTP mapping lives in the app. A worker that
+    """Domain errors are plain exceptions (service/core/errors.py); the HTTP mapping lives in the app. A worker that
     imports its task modules (and through them resolve, store, chunks, queue) loads no web framework."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = (
-        "import sys, worker.celery_app, worker.tasks, worker.job_runner, worker.chunking, service.resolve\n"
+        "import sys, worker.celery_app, worker.tasks, worker.callback_delivery, worker.maintenance\n"
+        "import worker.job_runner, worker.chunk_execution, service.core.resolve\n"
         "loaded = sorted(m for m in sys.modules if m == 'litestar' or m.startswith('litestar.'))\n"
         "assert not loaded, f'the worker loaded {loaded[:5]}'\n"
     )

@@ -1,5 +1,5 @@
-"""The local stack's API runs as several processes on one port (service/serve.py: SO_REUSEPORT), its workers at a
-lower CPU priority (client/stack.py). Real processes, a real embedded Redis, real connections: the kernel spreads
+"""The local stack's API runs as several processes on one port (service/api/serve.py: SO_REUSEPORT), its workers at a
+lower CPU priority (cli/stack.py). Real processes, a real embedded Redis, real connections: the kernel spreads
 the connections among the processes, /metrics counts every process's requests, a second stack cannot join the
 port, and a worker's whole session runs at the stack's nice value.
 """
@@ -18,9 +18,9 @@ import httpx
 import psutil
 import pytest
 
-from client.stack import Stack, lower_priority
-from service.embedded_redis import free_port
-from service.serve import REUSE_PORT, port_is_free
+from cli.stack import Stack, lower_priority
+from service.api.serve import REUSE_PORT, port_is_free
+from service.core.embedded_redis import free_port
 
 pytestmark = pytest.mark.skipif(not REUSE_PORT, reason="SO_REUSEPORT spreads connections on Linux only")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from service.schemas import AblationKind, MetricName, NormScaleMode, PositionScope
+from hydra_ablate_client.vocabulary import AblationKind, MetricName, NormScaleMode, PositionScope
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import oracle_sweep
 from tests.test_engine_oracle import ATOL, compare_results

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from hydra_ablate_client.vocabulary import MetricName, PositionScope
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import (
     Ablation,
@@ -49,12 +50,12 @@ from tests.oracle import (
 from tests.tiny_models import TINY_ARCHS, load_tiny_model
 from worker.engine.attribution import AttributionResult, run_attribution
 from worker.engine.sweep import SweepCancelled, run_sweep
-from worker.engine.types import Metric, Positions, SweepInputs, SweepSpec
+from worker.engine.types import SweepInputs, SweepSpec
 
 NODES = ("attn.1", "mlp.0", "head.0.1", "head.2.3", "mlp.2")
 GRADIENT_RTOL = 1e-3
 FULL = os.environ.get("HYDRA_ATTRIBUTION_CHECKS") == "full"
-SCOPES: tuple[Positions, ...] = ("final", "all")
+SCOPES: tuple[PositionScope, ...] = ("final", "all")
 
 
 def _cases(full: list[Any], covering: list[Any]) -> list[Any]:
@@ -119,13 +120,13 @@ AttentionInterface.register(FLOAT64_EAGER, _float64_eager)
 AttentionMaskInterface.register(FLOAT64_EAGER, eager_mask)
 
 
-def _metric(m64: nn.Module, ids: torch.Tensor, ablation: Ablation | None, metric: Metric, target: int,
+def _metric(m64: nn.Module, ids: torch.Tensor, ablation: Ablation | None, metric: MetricName, target: int,
             counterfactual: int | None) -> float:
     record = run_model(m64, locate_parts(m64), ids, ablation)
     return metric_from_logits(metric_logits(record, metric), metric, target, counterfactual)
 
 
-def _positions(length: int, scope: Positions) -> list[int]:
+def _positions(length: int, scope: PositionScope) -> list[int]:
     return [length - 1] if scope == "final" else list(range(length))
 
 
@@ -133,7 +134,7 @@ def _positions(length: int, scope: Positions) -> list[int]:
 # Gradients against finite differences, every family
 # --------------------------------------------------------------------------------------------------------------------
 
-FD_METRICS: dict[str, tuple[Metric, ...]] = {
+FD_METRICS: dict[str, tuple[MetricName, ...]] = {
     "llama": ("logit", "centered_logit", "logprob", "logit_diff"),
     "gemma2": ("logit", "logprob"),  # pre-cap logits, and the capped distribution
     "gpt2": ("logit", "centered_logit"),
@@ -190,7 +191,7 @@ def test_gradients_match_central_differences(
            [("llama", "final"), ("gemma2", "all")]),
 )
 def test_estimate_converges_to_exact_effect(
-    arch: str, scope: Positions, tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
+    arch: str, scope: PositionScope, tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
 ) -> None:
     """TE(εΔ)/ε → Î(Δ): the exact effect of the scaled resample patch, over ε, approaches the estimate, linearly."""
     model = tiny_models(arch)
@@ -311,7 +312,7 @@ def _node_term(name: str, delta: dict[str, torch.Tensor], grads: dict[str, torch
            [("llama", "final"), ("gpt_neox_parallel", "all"), ("olmo2", "all")]),
 )
 def test_graddrop_matches_its_definition(
-    arch: str, scope: Positions, tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
+    arch: str, scope: PositionScope, tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
 ) -> None:
     """AtP* = 1/(L − 1) Σ_ℓ |Δ · ∂m^(ℓ)/∂n|, with m^(ℓ) the model whose layer-ℓ writes are detached."""
     model = tiny_models(arch)
@@ -356,7 +357,7 @@ def _qk_hook(module: nn.Module, cols: slice, wanted: list[int]) -> Any:
 
 @pytest.mark.parametrize("scope", ["final", "all"])
 def test_qk_fix_matches_its_definition(
-    scope: Positions, tiny_model_dir: Callable[[str], Any], prompt_set: PromptSet,  # noqa: F811
+    scope: PositionScope, tiny_model_dir: Callable[[str], Any], prompt_set: PromptSet,  # noqa: F811
 ) -> None:
     """For a head's query or key (zero-ablated), on Llama (grouped-query: 4 query heads, 2 key/value heads):
 
@@ -478,7 +479,7 @@ def test_final_position_batches_agree_with_one_prompt_at_a_time(
 @pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
 @pytest.mark.parametrize("scope", SCOPES)
 def test_replacements_are_the_exact_engines(
-    ablation: str, scope: Positions, tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
+    ablation: str, scope: PositionScope, tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
 ) -> None:
     """ñ for every component, built for all components at once, is what the exact engine writes (prompt_ablations);
     to float rounding: a shorter source's mean rows are reduced over a wider tensor here."""

@@ -18,12 +18,12 @@ import redis
 from litestar.testing import TestClient
 from typer.testing import CliRunner
 
-from client.cli import app as cli_app
-from service.app import create_app
-from service.auth import KeyRing, key_digest, keys_hash, parse_api_keys
-from service.redis_replies import bytes_hash
-from service.settings import Settings
-from service.store import JobStore
+from cli.main import app as cli_app
+from service.api.app import create_app
+from service.core.api_keys import KeyRing, key_digest, keys_hash, parse_api_keys
+from service.core.redis_replies import bytes_hash
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.checks import present
 from tests.conftest import private_settings
 from tests.test_api import SMOLLM, TINY, assert_problem
@@ -204,7 +204,7 @@ def test_keys_cli_creates_lists_and_revokes(client: TestClient, settings: Settin
 
 
 def test_keys_cli_reports_an_unreachable_redis(monkeypatch: Any) -> None:
-    from service.embedded_redis import free_port
+    from service.core.embedded_redis import free_port
 
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     result = CliRunner().invoke(cli_app, ["keys", "list"])

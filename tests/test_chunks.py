@@ -16,10 +16,10 @@ import pytest
 from litestar.testing import TestClient
 from torch import nn
 
-from service.chunks import Chunk, ChunkBook, plan_chunks
-from service.queue import TASK_RUN_JOB, model_queue, time_limits, visibility_timeout
-from service.schemas import JobSpec
-from service.store import JobStore
+from hydra_ablate_client.wire import JobSpec
+from service.core.chunk_book import Chunk, ChunkBook, plan_chunks
+from service.core.queue import TASK_RUN_JOB, model_queue, time_limits, visibility_timeout
+from service.core.store import JobStore
 from tests.numbers import assert_same_numbers
 from worker.engine.errors import InputError
 from worker.model_cache import LoadedModel, ModelCache, ModelNotServed
@@ -130,7 +130,7 @@ PROMPTS = [f"Prompt number {i} says that the sky over town {i % 4} is" for i in 
     ids=["resample", "mean-all-positions", "mean-reference", "zero-logit-diff"],
 )
 def test_merged_chunks_equal_the_job_in_one_piece(tiny_model_dirs: dict[str, str], overrides: dict[str, Any]) -> None:
-    from worker.chunking import execute, execute_chunk, merge_chunks
+    from worker.chunk_execution import execute, execute_chunk, merge_chunks
     from worker.model_cache import load_model
 
     loaded = load_model(ModelSource(id="tiny-llama", location=tiny_model_dirs["tiny-llama"]))
@@ -147,7 +147,7 @@ def test_merged_chunks_equal_the_job_in_one_piece(tiny_model_dirs: dict[str, str
 
 def test_the_chunks_of_a_job_share_their_clean_runs(tiny_model_dirs: dict[str, str]) -> None:
     """Each prompt's clean pass runs once per job, not once per chunk that needs it, and changes no number."""
-    from worker.chunking import execute_chunk, merge_chunks
+    from worker.chunk_execution import execute_chunk, merge_chunks
     from worker.model_cache import load_model
 
     source = ModelSource(id="tiny-llama", location=tiny_model_dirs["tiny-llama"])
@@ -213,7 +213,7 @@ def test_the_clean_run_cache_keeps_the_most_recent_runs_within_its_bytes(tiny_mo
 
 @pytest.fixture()
 def api(celery_worker: object, stack_settings: Any) -> Iterator[TestClient]:
-    from service.app import create_app
+    from service.api.app import create_app
 
     with TestClient(create_app(stack_settings)) as client:  # the test stack runs without auth (conftest.py)
         yield client
@@ -399,13 +399,13 @@ def test_an_exception_in_a_chunk_fails_the_job(
 ) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
-    import worker.chunking
+    import worker.chunk_execution
     from worker.tasks import run_chunk
 
     def explode(*_: Any, **__: Any) -> None:
         raise SoftTimeLimitExceeded() if raised == "soft-time-limit" else raised
 
-    monkeypatch.setattr(worker.chunking, "execute_chunk", explode)
+    monkeypatch.setattr(worker.chunk_execution, "execute_chunk", explode)
     job_id, _ = _planned_job(store, 4, 2)
     ChunkBook.for_store(store).record_task(job_id, 1, "task-of-chunk-1")
     with caplog.at_level("ERROR", logger="worker.tasks"):
@@ -440,7 +440,7 @@ def test_a_hard_time_limit_fails_the_job(celery_worker: object, store: JobStore)
 def test_a_redelivered_last_chunk_merges_when_its_merger_died(
     celery_worker: object, store: JobStore, tiny_model_dirs: dict[str, str]
 ) -> None:
-    from worker.chunking import execute, execute_chunk
+    from worker.chunk_execution import execute, execute_chunk
     from worker.model_cache import load_model
     from worker.tasks import run_chunk
 

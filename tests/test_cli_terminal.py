@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app as cli_app
-from client.http import HydraClient
-from service.app import create_app
+from cli.main import app as cli_app
+from hydra_ablate_client.http import HydraClient
+from service.api.app import create_app
 from tests.live_server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ SLOW_JOB: dict[str, object] = {"model": "tiny-llama", "prompts": SLOW_PROMPTS, "
 @pytest.fixture(scope="module")
 def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
     """The real app served over HTTP by uvicorn in a thread (as tests/test_client_stack.py)."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     with serve(create_app(Settings.from_env())) as url:
         yield url
@@ -92,7 +92,7 @@ def test_wait_reattaches_and_exits_non_zero_for_a_cancelled_job(live_url: str) -
 
 def test_ctrl_c_leaves_the_job_running_and_prints_the_cancel_command(live_url: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"}
-    command = [sys.executable, "-m", "client.cli", "submit", "--model", "tiny-llama", "--components", "head",
+    command = [sys.executable, "-m", "cli.main", "submit", "--model", "tiny-llama", "--components", "head",
                "--samples", "16", *(arg for p in SLOW_PROMPTS for arg in ("-p", p)), "--wait",
                "--url", live_url]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -167,7 +167,7 @@ def test_the_builtin_gguf_loads_without_dequantisation_bars(capfd: pytest.Captur
 def test_access_log_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import asyncio
 
-    from service.observability import observability_middleware
+    from service.api.observability import observability_middleware
 
     async def inner(scope: object, receive: object, send: object) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
@@ -194,7 +194,7 @@ def test_access_log_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, caplog: p
 def test_the_local_stack_turns_the_access_log_off_unless_asked(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from client.stack import Stack
+    from cli.stack import Stack
 
     spawned: list[dict[str, str]] = []
     monkeypatch.setattr(Stack, "_spawn", lambda self, name, command, env, nice=0: spawned.append(env))
@@ -213,7 +213,7 @@ def test_the_demo_shows_numbers_even_when_the_model_answers_none_of_its_prompts(
 ) -> None:
     """The hydra preset keeps only correctly answered prompts; a random tiny model answers none of the demo's few
     known_1000 prompts, and the demo must still finish with its table and figure (it measures every prompt)."""
-    from client.cli import run_demo
+    from cli.main import run_demo
 
     figure = tmp_path / "demo.png"
     with HydraClient(live_url) as client:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app as cli_app
-from client.http import AsyncHydraClient, HydraClient, HydraError
-from service.app import create_app
-from service.schemas import JobResult, JobStatus
+from cli.main import app as cli_app
+from hydra_ablate_client.http import AsyncHydraClient, HydraClient, HydraError
+from hydra_ablate_client.wire import JobResult, JobStatus
+from service.api.app import create_app
 from tests.live_server import serve
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "My favourite colour is"]
@@ -25,7 +25,7 @@ FIGURES = ("te_vs_de", "layer_effects", "response_heatmap", "erasure")
 @pytest.fixture(scope="module")
 def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
     """The real app served over HTTP by uvicorn in a thread."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     with serve(create_app(Settings.from_env())) as url:
         yield url

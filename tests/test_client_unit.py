@@ -1,6 +1,6 @@
 """The client side without a server: spec files and flags, rendering of a hand-built result, error mapping.
 
-End-to-end client/CLI tests against the real stack live elsewhere; everything here runs in milliseconds.
+End-to-end cli/CLI tests against the real stack live elsewhere; everything here runs in milliseconds.
 """
 
 from __future__ import annotations
@@ -19,10 +19,18 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from client import cli
-from client.cli import CliFailure, app, load_spec, merge_request, render_result, split_components, to_job_request
-from client.http import (
-    FIGURE_NAMES,
+from cli import main
+from cli.main import (
+    CliFailure,
+    app,
+    load_spec,
+    merge_request,
+    render_result,
+    split_components,
+    to_job_request,
+)
+from cli.views import models_table, result_csv, result_table
+from hydra_ablate_client.http import (
     AsyncHydraClient,
     HydraClient,
     HydraConnectionError,
@@ -34,21 +42,16 @@ from client.http import (
     _status,
     problem_from_response,
 )
-from client.render import models_table, result_csv, result_table
-from service.schemas import (
-    AblationKind,
+from hydra_ablate_client.vocabulary import FIGURE_NAMES, AblationKind, JobState, MetricName, PositionScope, PresetName
+from hydra_ablate_client.wire import (
     ComponentSummary,
     DatasetRef,
     JobPage,
     JobRequest,
     JobResult,
     JobSpec,
-    JobState,
     JobStatus,
-    MetricName,
     ModelInfo,
-    PositionScope,
-    PresetName,
     Progress,
     PromptResult,
     Provenance,
@@ -311,7 +314,7 @@ def test_result_csv_has_one_row_per_prompt_and_component(result: JobResult) -> N
 
 def test_the_cli_csv_is_the_api_csv(result: JobResult) -> None:
     """One CSV format: `hydra-ablate result --format csv` writes the bytes `GET …/result?format=csv` serves."""
-    from service.exports import CSV_COLUMNS, export
+    from service.rendering.exports import CSV_COLUMNS, export
 
     text = render_result(result, "csv")
     assert text.encode("utf-8") == export(msgspec.json.encode(result), "csv")
@@ -320,7 +323,7 @@ def test_the_cli_csv_is_the_api_csv(result: JobResult) -> None:
 
 
 def test_the_cli_writes_csv_files_byte_for_byte(result: JobResult, tmp_path: Path) -> None:
-    from client.cli import _write
+    from cli.main import _write
 
     path = tmp_path / "r.csv"
     _write(path, render_result(result, "csv"))
@@ -446,17 +449,17 @@ def test_figure_format_is_checked() -> None:
 
 def test_cli_choices_match_the_wire_schema() -> None:
     """The CLI's option choices are Enums (portable across typer versions); they must offer exactly the schema's."""
-    # Enums at runtime; type checkers see the Literals (client/cli.py), hence Any.
+    # Enums at runtime; type checkers see the Literals (cli/main.py), hence Any.
     pairs: list[tuple[Any, Any]] = [
-        (cli.Ablation, AblationKind),
-        (cli.Positions, PositionScope),
-        (cli.Metric, MetricName),
-        (cli.Preset, PresetName),
+        (main.Ablation, AblationKind),
+        (main.Positions, PositionScope),
+        (main.Metric, MetricName),
+        (main.Preset, PresetName),
     ]
     for choice, literal in pairs:
         assert [str(member) for member in choice] == list(get_args(literal))
-    figure_names: Any = cli.FigureName
-    datasets: Any = cli.Dataset
+    figure_names: Any = main.FigureName
+    datasets: Any = main.Dataset
     assert [member.value for member in figure_names] == list(FIGURE_NAMES)
     assert [member.value for member in datasets] == list(get_args(get_type_hints(DatasetRef)["name"]))
 
@@ -528,7 +531,7 @@ def _render(renderable: object, width: int) -> list[str]:
 
 
 def _views(result: JobResult, width: int) -> dict[str, object]:
-    from client.render import jobs_table, result_view, status_table
+    from cli.views import jobs_table, result_view, status_table
 
     jobs = _jobs()
     return {
@@ -552,7 +555,7 @@ def test_every_view_fits_the_terminal_and_cuts_no_id_or_component(result: JobRes
 
 
 def test_narrow_tables_say_what_they_leave_out_and_wide_shows_it(result: JobResult) -> None:
-    from client.render import jobs_table, natural_width
+    from cli.views import jobs_table, natural_width
 
     page = JobPage(items=_jobs(), total=2, offset=0, limit=50)
     narrow = "\n".join(_render(jobs_table(page, 80), 80))
@@ -567,7 +570,7 @@ def test_narrow_tables_say_what_they_leave_out_and_wide_shows_it(result: JobResu
 
 
 def test_regressions_are_labelled_y_on_x(result: JobResult) -> None:
-    from client.render import regression_label, result_view
+    from cli.views import regression_label, result_view
 
     lines = _render(result_view(_long_named(result), 80), 80)
     assert any("head.29.8" in line and "CE on Δunembed" in line for line in lines)
@@ -582,9 +585,9 @@ def test_regressions_are_labelled_y_on_x(result: JobResult) -> None:
 
 def test_cli_output_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    assert cli.output_width() == 80
+    assert main.output_width() == 80
     monkeypatch.delenv("COLUMNS")
-    assert cli.output_width() is None  # a pipe (pytest's stdout): as wide as the tables need
+    assert main.output_width() is None  # a pipe (pytest's stdout): as wide as the tables need
 
 
 # --- submit exposes every job option; wait; Ctrl-C ----------------------------------------------------------------
@@ -594,7 +597,8 @@ SUBMIT_FLAGS = {
     "preset": "--preset", "model": "--model", "prompts": "--prompt", "dataset": "--dataset", "answers": "--answer",
     "counterfactuals": "--counterfactual", "components": "--components", "ablation": "--ablation",
     "positions": "--positions", "metric": "--metric", "norm_scale": "--norm-scale", "resample_samples": "--samples",
-    "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed", "name": "--name",
+    "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed",
+    "source_seeds": "--source-seeds", "name": "--name",
     "tags": "--tag", "metadata": "--meta", "callback_url": "--callback-url", "keep_samples": "--keep-samples",
     "only_correct": "--only-correct", "resample_within": "--resample-within", "texts": "--text", "corpus": "--corpus",
     "max_tokens": "--max-tokens", "measure_positions": "--measure-positions", "target": "--target",
@@ -648,7 +652,7 @@ def _job_status(job_id: str, state: str, error: str | None = None) -> JobStatus:
 
 @pytest.fixture
 def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[_FakeClient]:
-    monkeypatch.setattr(cli, "HydraClient", _FakeClient)
+    monkeypatch.setattr(main, "HydraClient", _FakeClient)
     _FakeClient.submitted = []
     _FakeClient.script = []
     _FakeClient.interrupt = False

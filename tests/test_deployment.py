@@ -82,8 +82,11 @@ def test_the_api_image_installs_no_torch() -> None:
     assert "torch" not in core and "transformers" not in core
     assert any(dep.startswith("torch") for dep in project["optional-dependencies"]["worker"])
     installs = re.findall(r"pip install ([^&\n\\]*)", _stage("api"))
-    assert installs == [". "], installs  # the project with its core dependencies, nothing else
-    assert 'pip install ".[worker]"' in _stage("worker")
+    # The client package (which the project depends on) and the project with its core dependencies, nothing else.
+    assert installs == ["./clients/python . "], installs
+    assert 'pip install ./clients/python ".[worker]"' in _stage("worker")
+    copied = re.findall(r"^COPY (\S+)", _stage("base"), flags=re.MULTILINE)
+    assert {"clients/python", "service", "worker", "cli"} <= set(copied), copied
 
 
 def test_the_api_starts_without_torch_installed() -> None:
@@ -95,8 +98,8 @@ def test_the_api_starts_without_torch_installed() -> None:
         "        if name.split('.')[0] in ('torch', 'transformers'):\n"
         "            raise ImportError(f'{name} is not in the API image')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from service.app import create_app\n"
-        "from service.settings import Settings\n"
+        "from service.api.app import create_app\n"
+        "from service.core.settings import Settings\n"
         "app = create_app(Settings())\n"
         "assert app.openapi_schema is not None\n"
         "assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)\n"

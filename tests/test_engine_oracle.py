@@ -15,7 +15,13 @@ from typing import cast
 import pytest
 import torch
 
-from service.schemas import AblationKind, MetricName, NormScaleMode, PositionScope, ResampleFrom
+from hydra_ablate_client.vocabulary import (
+    AblationKind,
+    MetricName,
+    NormScaleMode,
+    PositionScope,
+    ResampleFrom,
+)
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import (
     OracleDetail,

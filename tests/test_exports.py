@@ -9,10 +9,10 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from service.exports import CSV_COLUMNS, to_csv
-from service.result_csv import neutralise
-from service.schemas import JobResult
-from service.store import JobStore
+from hydra_ablate_client.wire import JobResult
+from service.core.store import JobStore
+from service.rendering.exports import CSV_COLUMNS, to_csv
+from service.rendering.result_csv import neutralise
 from tests import test_figures
 from tests.test_figures import assert_problem, build_result, store_succeeded
 

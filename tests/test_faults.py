@@ -30,12 +30,12 @@ import msgspec
 import psutil
 import pytest
 
-from service.chunks import ChunkBook
-from service.leases import Leases
-from service.queue import JobQueue
-from service.schemas import JobResult, JobSpec, JobStatus
-from service.settings import Settings
-from service.store import JobStore
+from hydra_ablate_client.wire import JobResult, JobSpec, JobStatus
+from service.core.chunk_book import ChunkBook
+from service.core.leases import Leases
+from service.core.queue import JobQueue
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.numbers import assert_same_numbers
 
 MODEL = "tiny-fault"
@@ -206,7 +206,7 @@ def worker(fault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 def compute_reference(env: dict[str, str], spec: JobSpec) -> JobResult:
     """The job in one piece, in this process, on the workers' model folder and batching (so the numbers agree to
     float32 rounding; compared within tolerance)."""
-    from worker.chunking import execute
+    from worker.chunk_execution import execute
     from worker.model_cache import load_model
     from worker.model_sources import ModelSource
 

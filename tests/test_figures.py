@@ -19,11 +19,12 @@ import pytest
 from litestar.testing import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.figures import FIGURE_NAMES, HEIGHT_PX, WIDTH_PX, render
-from service.schemas import JobResult, JobSpec, PromptResult, Provenance
-from service.settings import Settings
-from service.store import JobStore
+from hydra_ablate_client.vocabulary import FIGURE_NAMES
+from hydra_ablate_client.wire import JobResult, JobSpec, PromptResult, Provenance
+from service.api.app import create_app
+from service.core.settings import Settings
+from service.core.store import JobStore
+from service.rendering.figures import HEIGHT_PX, WIDTH_PX, render
 from tests.conftest import private_settings
 from worker.engine.types import PromptMeasures, SweepResult
 from worker.summary import summarise
@@ -260,7 +261,7 @@ def test_accept_header_chooses_the_format(client: TestClient, store: JobStore, r
     svg = client.get(path, headers={"Accept": "image/svg+xml, application/problem+json"})
     assert svg.headers["content-type"].startswith("image/svg+xml")
     assert_svg(svg.content)
-    png = client.get(path, headers={"Accept": "image/png, application/problem+json"})  # what client.http sends
+    png = client.get(path, headers={"Accept": "image/png, application/problem+json"})  # what the client sends
     assert png.headers["content-type"] == "image/png" and png.content.startswith(PNG_SIGNATURE)
     assert client.get(path, headers={"Accept": "image/*"}).headers["content-type"] == "image/png"
     # the query parameter wins over the header

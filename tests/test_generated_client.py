@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.live_server import serve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.redis_replies import bytes_or_none
-from service.settings import Settings
-from service.store import JobStore
+from service.api.app import create_app
+from service.core.redis_replies import bytes_or_none
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.checks import present
 from tests.test_api import assert_problem
 from tests.test_auth import ALICE, BOB, JOB, TWO, auth, client, settings, store

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from litestar.testing import TestClient
 
-from service.parquet import PARQUET_MEDIA_TYPE, from_parquet
-from service.schemas import JobResult, PromptFields
-from service.store import JobStore
+from hydra_ablate_client.wire import JobResult, PromptFields
+from service.core.store import JobStore
+from service.rendering.parquet import PARQUET_MEDIA_TYPE, from_parquet
 from tests import test_api
 from tests.test_api import assert_problem, submit
 from tests.test_figures import build_result
@@ -108,7 +108,7 @@ def test_delete_of_a_failed_job_removes_it_and_its_events(client: TestClient, st
 
 def test_delete_of_a_succeeded_job_leaves_no_key_behind(client: TestClient, store: JobStore) -> None:
     """Result, events, chunk bookkeeping and every cached figure (default and custom sizes, every format) go."""
-    from service.chunks import ChunkBook
+    from service.core.chunk_book import ChunkBook
 
     job_id = store_succeeded(store, build_result(prompts=["Paris is in", "Rome is in"]))
     book = ChunkBook.for_store(store)
@@ -308,7 +308,7 @@ def test_parquet_reads_back_equal_to_the_json_result(
 
 
 def test_parquet_is_streamed_in_row_groups(store: JobStore) -> None:
-    from service.parquet import iter_parquet
+    from service.rendering.parquet import iter_parquet
 
     result = build_result(prompts=[f"prompt {i}" for i in range(10)])
     pieces = list(iter_parquet(result, prompts_per_group=3))

@@ -13,8 +13,8 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.webhooks import verify
+from service.api.app import create_app
+from service.core.callbacks import verify
 from tests.test_lab_api import parse_sse
 from tests.test_stack_e2e import wait_terminal
 

@@ -14,12 +14,12 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.chunks import ChunkBook, ChunkResult
-from service.embedded_redis import EmbeddedRedis
-from service.redis_replies import bytes_or_none
-from service.settings import Settings
-from service.store import GZIP_MAGIC, JobStore
+from service.api.app import create_app
+from service.core.chunk_book import ChunkBook, ChunkResult
+from service.core.embedded_redis import EmbeddedRedis
+from service.core.redis_replies import bytes_or_none
+from service.core.settings import Settings
+from service.core.store import GZIP_MAGIC, JobStore
 from tests.live_server import serve
 from tests.test_figures import build_result, store_succeeded
 

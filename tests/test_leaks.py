@@ -11,11 +11,11 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from client.cli import app as cli_app
-from client.stack import Stack, check_exposure
-from service.auth import keys_hash
-from service.embedded_redis import EmbeddedRedis, free_port
-from service.redaction import install_log_redaction, redact
+from cli.main import app as cli_app
+from cli.stack import Stack, check_exposure
+from service.core.api_keys import keys_hash
+from service.core.embedded_redis import EmbeddedRedis, free_port
+from service.core.redaction import install_log_redaction, redact
 
 SECRET = "s3cret-Pa55"
 

@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 import redis
 
-from service.chunks import LEASE_LOST, ChunkBook, plan_chunks
-from service.leases import REQUEUED, ChunkRef, Leases
-from service.queue import JobQueue
-from service.recovery import requeue_expired_chunks, resend_unplanned
-from service.schemas import JobSpec
-from service.settings import Settings
-from service.store import RESEND_AFTER_S, JobStore
+from hydra_ablate_client.wire import JobSpec
+from service.core.chunk_book import LEASE_LOST, ChunkBook, plan_chunks
+from service.core.leases import REQUEUED, ChunkRef, Leases
+from service.core.queue import JobQueue
+from service.core.recovery import requeue_expired_chunks, resend_unplanned
+from service.core.settings import Settings
+from service.core.store import RESEND_AFTER_S, JobStore
 from tests.conftest import private_settings
 from worker.redis_retry import RedisOutage, RedisRetry
-from worker.settings import WorkerConfigError, WorkerSettings
+from worker.worker_settings import WorkerConfigError, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_a_holder_known_dead_is_taken_over_before_its_lease_expires(store: JobSt
 
 
 def test_recording_is_fenced_by_the_lease(store: JobStore) -> None:
-    from service.chunks import ChunkResult
+    from service.core.chunk_book import ChunkResult
 
     book, leases = ChunkBook.for_store(store), Leases.for_store(store)
     job_id = store.create(_spec(), 4).id
@@ -154,7 +154,7 @@ def test_the_sweep_sends_a_lapsed_chunk_again_once_and_notes_why(store: JobStore
 
 
 def test_a_chunk_whose_message_was_lost_before_it_started_is_sent_again(store: JobStore, settings: Settings) -> None:
-    from service.queue import TASK_RUN_CHUNK, make_celery_client, model_queue, waiting_task_ids
+    from service.core.queue import TASK_RUN_CHUNK, make_celery_client, model_queue, waiting_task_ids
 
     book, leases = ChunkBook.for_store(store), Leases.for_store(store)
     job_id = store.create(_spec(4), 4).id
@@ -265,7 +265,7 @@ def test_redis_calls_are_retried_with_backoff_within_the_budget() -> None:
 
 def test_worker_settings_are_checked_once_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.model_cache import DTYPES
-    from worker.settings import DTYPE_NAMES
+    from worker.worker_settings import DTYPE_NAMES
 
     assert tuple(DTYPES) == DTYPE_NAMES
     monkeypatch.setenv("HYDRA_MODEL_CACHE_BYTES", "8e9")
@@ -305,7 +305,7 @@ def test_a_real_redis_restart_is_ridden_out_by_the_retry(tmp_path: Path) -> None
     away returns once it is back, with the data written before the outage."""
     import threading
 
-    from service.embedded_redis import EmbeddedRedis
+    from service.core.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()

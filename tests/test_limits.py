@@ -14,10 +14,10 @@ import redis
 from litestar.testing import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from service.app import create_app
-from service.errors import ValidationProblem
-from service.settings import MIB, Settings
-from service.store import ActiveJobsExceeded, JobStore
+from service.api.app import create_app
+from service.core.errors import ValidationProblem
+from service.core.settings import MIB, Settings
+from service.core.store import ActiveJobsExceeded, JobStore
 from tests.test_api import assert_problem
 from tests.test_auth import ALICE, BOB, JOB, TWO, auth, settings, store
 
@@ -138,7 +138,7 @@ def test_the_cap_holds_under_concurrent_submits(store: JobStore) -> None:
 
 
 def _spec() -> Any:
-    from service.schemas import JobSpec
+    from hydra_ablate_client.wire import JobSpec
 
     return JobSpec(
         model="tiny",
@@ -209,20 +209,20 @@ def test_concurrent_first_submits_fetch_and_parse_the_tokenizer_once(
     """Single flight: 50 threads asking for a cold model's tokenizer at once cause one fetch and one parse."""
     import threading
 
-    from service import limits
+    from service.core import prompt_tokens
 
     words = [f"w{i}" for i in range(50_000)]  # a big vocabulary: parsing takes long enough for threads to pile up
     big = Tokenizer(models.WordLevel({word: i for i, word in enumerate([*words, "[UNK]"])}, unk_token="[UNK]"))
     store.client.set(store.tokenizer_key("tiny"), big.to_str())
     parses: list[int] = []
-    real_parse = limits._parse
+    real_parse = prompt_tokens._parse
 
     def counting_parse(text: str) -> Any:
         parses.append(1)
         return real_parse(text)
 
-    monkeypatch.setattr(limits, "_parse", counting_parse)
-    counters = limits.TokenCounters()
+    monkeypatch.setattr(prompt_tokens, "_parse", counting_parse)
+    counters = prompt_tokens.TokenCounters()
     start = threading.Barrier(50)
     got: list[object] = []
 
@@ -247,17 +247,17 @@ def test_the_background_warmer_parses_tokenizers_before_any_request(
     tokenizer on its own, then requests only read the parsed one."""
     import threading
 
-    from service import limits
+    from service.core import prompt_tokens
 
     store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())  # the other advertised model has none
     parses: list[str] = []
-    real_parse = limits._parse
+    real_parse = prompt_tokens._parse
     def parse(text: str) -> Any:
         parses.append(threading.current_thread().name)
         return real_parse(text)
 
-    monkeypatch.setattr(limits, "_parse", parse)
-    counters = limits.TokenCounters(refresh_s=60.0)
+    monkeypatch.setattr(prompt_tokens, "_parse", parse)
+    counters = prompt_tokens.TokenCounters(refresh_s=60.0)
     stop = threading.Event()
     warmer = threading.Thread(target=counters.keep_warm, args=(store, stop, 0.05), name="warmer", daemon=True)
     warmer.start()
@@ -282,7 +282,7 @@ def test_new_redis_connections_do_not_look_up_the_driver_version(monkeypatch: py
 
     import redis.asyncio
 
-    from service.redis_options import driver_options
+    from service.core.redis_options import driver_options
 
     driver_options()  # computed once, before the lookups are forbidden
     monkeypatch.setattr(importlib.metadata, "version", lambda name: pytest.fail(f"looked up {name}'s version"))
@@ -298,7 +298,7 @@ def test_publishing_a_job_builds_no_result_backend_in_the_request_thread(setting
     so a submit in a fresh thread must not build one."""
     import threading
 
-    from service.queue import JobQueue
+    from service.core.queue import JobQueue
 
     queue = JobQueue(settings)
     built: list[bool] = []
@@ -318,7 +318,7 @@ def test_publishing_a_job_builds_no_result_backend_in_the_request_thread(setting
 
 def test_the_app_opens_its_redis_connections_at_start(settings: Settings, store: JobStore) -> None:
     """A burst of first requests must not each open a connection: the pools are filled at start-up."""
-    from service.app import WARM_CONNECTIONS
+    from service.api.app import WARM_CONNECTIONS
 
     with app_client(settings) as client:
         assert client.get("/health").status_code == 200
@@ -365,8 +365,8 @@ def test_submits_read_the_served_models_at_most_once_a_second_and_never_miss_a_n
     a request is refused, so one advertised a moment ago is accepted at once, and a refused one says why."""
     import msgspec
 
-    from service.schemas import JobRequest
-    from service.served_models import ServedModels
+    from hydra_ablate_client.wire import JobRequest
+    from service.core.served_models import ServedModels
     from tests.test_api import SMOLLM
 
     served = ServedModels(max_age_s=60.0)
@@ -410,9 +410,9 @@ def test_the_event_loop_checks_submits_against_what_is_kept_and_never_reads_redi
     the tokenizer is not kept; a request that is wrong in another way is refused at once."""
     import msgspec
 
-    from service import limits
-    from service.schemas import JobRequest
-    from service.served_models import ServedModels
+    from hydra_ablate_client.wire import JobRequest
+    from service.core import prompt_tokens
+    from service.core.served_models import ServedModels
 
     served = ServedModels(max_age_s=60.0)
     request = msgspec.convert(JOB, JobRequest)
@@ -437,7 +437,7 @@ def test_the_event_loop_checks_submits_against_what_is_kept_and_never_reads_redi
     assert stale.resolve_recent(request, settings) is None
 
     store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())
-    counters = limits.TokenCounters(refresh_s=60.0)
+    counters = prompt_tokens.TokenCounters(refresh_s=60.0)
     assert counters.recent("tiny") == (False, None)
     tokenizer = counters.get(store, "tiny")
     assert tokenizer is not None and counters.recent("tiny") == (True, tokenizer)
@@ -449,7 +449,7 @@ def test_the_app_keeps_the_served_models_fresh_for_the_event_loop(settings: Sett
     finding it fresh (no thread, no Redis read) for as long as the app runs."""
     import msgspec
 
-    from service.schemas import JobRequest
+    from hydra_ablate_client.wire import JobRequest
 
     request = msgspec.convert(JOB, JobRequest)
     with app_client(settings) as client:
@@ -463,9 +463,9 @@ def test_the_app_keeps_the_served_models_fresh_for_the_event_loop(settings: Sett
 
 
 def test_every_job_and_webhook_route_is_rate_limited(settings: Settings) -> None:
-    """The app's one guard limits the routes whose controllers opt in (service/controllers/strict_query.py): every
+    """The app's one guard limits the routes whose controllers opt in (service/api/controllers/strict_query.py): every
     route under /v1/jobs and /v1/webhooks, and none of the open ones."""
-    from service.controllers.strict_query import RATE_LIMITED
+    from service.api.controllers.strict_query import RATE_LIMITED
 
     app = create_app(settings)
     limited = {
@@ -482,8 +482,8 @@ def test_the_app_loads_its_event_loop_scripts_at_start_up(settings: Settings, br
     NOSCRIPT and pay a second round trip."""
     import hashlib
 
-    from service.limits import RATE_SCRIPT
-    from service.store import LOOP_SCRIPTS
+    from service.api.rate_limits import RATE_SCRIPT
+    from service.core.store import LOOP_SCRIPTS
 
     digests = [hashlib.sha1(script.encode()).hexdigest() for script in (*LOOP_SCRIPTS, RATE_SCRIPT)]
     broker.script_flush()  # as on a fresh server (redis-py reloads a flushed script where one is needed)

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from tests.engine_fixtures import prompt_set, tiny_model_dir, tiny_models  # noqa: F401 - fixtures
 from tests.numbers import assert_same_numbers
-from worker.engine import fast
+from worker.engine import ablated_runs
 from worker.engine.architecture import describe
 from worker.engine.memory import (
     DEFAULT_BATCH_TOKENS,
@@ -45,7 +45,7 @@ class PretendDevice:
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        self.real = fast.run_ablated_rows
+        self.real = ablated_runs.run_ablated_rows
         self.attempted: list[int] = []
         self.ran: list[int] = []
 
@@ -68,7 +68,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_numbers_do_not_change
     reference = run_sweep(model, spec, inputs)
 
     device = PretendDevice(max_rows=3)
-    monkeypatch.setattr(fast, "run_ablated_rows", device)
+    monkeypatch.setattr(ablated_runs, "run_ablated_rows", device)
     halved = run_sweep(model, spec, inputs)
 
     assert max(device.attempted) > 3, "the first batches must be too big for the pretend device"
@@ -81,7 +81,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_numbers_do_not_change
 def test_a_row_that_does_not_fit_alone_fails_with_the_reason(
     tiny_models: Callable[[str], PreTrainedModel], prompt_set: object, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
-    monkeypatch.setattr(fast, "run_ablated_rows", PretendDevice(max_rows=0))
+    monkeypatch.setattr(ablated_runs, "run_ablated_rows", PretendDevice(max_rows=0))
     with pytest.raises(BatchDoesNotFit, match="ran out of memory even alone"):
         run_sweep(tiny_models("llama"), SPEC, SweepInputs(token_ids=prompt_set.token_ids))  # type: ignore[attr-defined]
 

@@ -6,10 +6,10 @@ import difflib
 import json
 from pathlib import Path
 
-from service.export_openapi import openapi_json
+from service.api.export_openapi import openapi_json
 
 COMMITTED = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
-REGENERATE = "python -m service.export_openapi"
+REGENERATE = "python -m service.api.export_openapi"
 
 
 def test_committed_openapi_matches_the_app() -> None:
@@ -57,8 +57,8 @@ def _undescribed(schema: dict[str, object], where: str) -> list[str]:
 
 
 def test_every_schema_and_property_has_a_description() -> None:
-    """The issue's contract: the generated document describes every schema and every property (service/schema_docs.py
-    holds the texts; a new field without one fails here)."""
+    """The issue's contract: the generated document describes every schema and every property
+    (service/api/schema_docs.py holds the texts; a new field without one fails here)."""
     document = json.loads(openapi_json())
     missing: list[str] = []
     for name, schema in document["components"]["schemas"].items():

@@ -14,9 +14,9 @@ import pytest
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.observability import ContextFilter, JsonFormatter
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.json_logging import ContextFilter, JsonFormatter
+from service.core.settings import Settings
 from tests import test_api
 from tests.test_api import submit
 from tests.test_stack_e2e import wait_terminal
@@ -117,7 +117,7 @@ def test_json_logs_carry_request_and_job_ids(client: TestClient) -> None:
 
 
 def test_log_format_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.observability import json_logs_requested
+    from service.core.json_logging import json_logs_requested
 
     monkeypatch.setenv("HYDRA_LOG_FORMAT", "JSON")
     assert json_logs_requested()

@@ -15,13 +15,15 @@ import pytest
 from litestar.testing import TestClient
 from PIL import Image
 
-from service import datasets
-from service.app import create_app
-from service.chunks import plan_chunks
-from service.figures import FIGURE_NAMES, MIN_FONT_PT, render
-from service.schemas import DatasetRef, FigureName, JobResult, JobSpec
-from service.settings import Settings
-from service.store import JobStore
+from hydra_ablate_client.vocabulary import FIGURE_NAMES, FigureName
+from hydra_ablate_client.wire import DatasetRef, JobResult, JobSpec
+from service.api.app import create_app
+from service.core import datasets
+from service.core.chunk_book import plan_chunks
+from service.core.settings import Settings
+from service.core.store import JobStore
+from service.rendering.figure_style import MIN_FONT_PT
+from service.rendering.figures import render
 from tests.checks import present
 from tests.conftest import private_settings
 from tests.test_figures import store_succeeded
@@ -60,7 +62,7 @@ def loaded(tiny_model_dirs: dict[str, str]) -> Any:
 
 @pytest.fixture(scope="module")
 def real_result(loaded: Any) -> JobResult:
-    from worker.chunking import execute
+    from worker.chunk_execution import execute
 
     return execute("job", _spec(), loaded)
 
@@ -181,7 +183,7 @@ def test_only_correct_chunks_merge_like_the_whole_job(loaded: Any) -> None:
     """Answers chosen so that every other prompt is answered correctly: those are kept, in order, chunked or not."""
     import torch
 
-    from worker.chunking import execute, execute_chunk, merge_chunks
+    from worker.chunk_execution import execute, execute_chunk, merge_chunks
 
     tops = []
     for text in PROMPTS:

@@ -1,4 +1,4 @@
-"""The API publishes Celery task messages itself (service/queue.py): built by Celery's `as_task_v2` and pushed with
+"""The API publishes Celery task messages itself (service/core/queue.py): built by Celery's `as_task_v2` and pushed with
 the API's own Redis clients instead of kombu's producer. These tests hold that message to the one kombu publishes
 for the same `send_task`, field by field, for both the thread and the event-loop paths, and check Celery's publish
 signals. Every stack test then has a real worker consume what the API pushed.
@@ -17,8 +17,8 @@ import redis
 import redis.asyncio
 from celery.signals import after_task_publish, before_task_publish
 
-from service.queue import TASK_DELIVER_CALLBACK, TASK_RUN_JOB, JobQueue
-from service.settings import Settings
+from service.core.queue import TASK_DELIVER_CALLBACK, TASK_RUN_JOB, JobQueue
+from service.core.settings import Settings
 from tests.conftest import private_settings
 
 # Fields that differ between any two messages: ids, the delivery tag and the sender's process.

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.app import create_app
-from service.queue import JobQueue
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.queue import JobQueue
+from service.core.settings import Settings
 from tests.conftest import private_settings
 from tests.live_server import serve
 

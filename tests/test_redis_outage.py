@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from service.chunks import ChunkBook
-from service.embedded_redis import EmbeddedRedis
-from service.queue import JobQueue
-from service.schemas import JobResult
-from service.settings import Settings
-from service.store import JobStore
+from hydra_ablate_client.wire import JobResult
+from service.core.chunk_book import ChunkBook
+from service.core.embedded_redis import EmbeddedRedis
+from service.core.queue import JobQueue
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.test_faults import (
     CHUNK_PROMPTS,
     MODEL,

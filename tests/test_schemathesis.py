@@ -23,9 +23,9 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-from service.app import create_app
-from service.settings import Settings
-from service.store import JobStore
+from service.api.app import create_app
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.live_server import serve
 from tests.test_api import SMOLLM, TINY
 from tests.test_figures import build_result, store_succeeded

@@ -13,7 +13,7 @@ import torch
 from litestar.testing import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.oracle import oracle_sweep
 from worker.engine.types import SweepInputs, SweepSpec
 
@@ -170,7 +170,7 @@ def test_smollm2_held_out_prompts_match_brute_force(api: TestClient) -> None:
     """The built-in model end to end: held-out known_1000 prompts, every attn and MLP layer, 1e-3 as in issue 2."""
     from worker.model_sources import builtin_smollm2
 
-    dataset = json.loads(Path("service/data/known_1000.json").read_text())
+    dataset = json.loads(Path("service/core/data/known_1000.json").read_text())
     prompts = [row["prompt"] for row in dataset[-2:]]  # two: resample needs another prompt as its source
     body = {"model": "smollm2-135m", "prompts": prompts, "components": ["attn", "mlp"], "ablation": "resample"}
     job_id = api.post("/v1/jobs", json=body).json()["id"]

@@ -13,9 +13,9 @@ import msgspec
 import pytest
 import redis
 
-from service.redis_replies import bytes_or_none
-from service.schemas import JobSpec, ModelInfo
-from service.store import JobStore
+from hydra_ablate_client.wire import JobSpec, ModelInfo
+from service.core.redis_replies import bytes_or_none
+from service.core.store import JobStore
 from tests.checks import present
 
 TTL_S = 3600

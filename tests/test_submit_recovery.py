@@ -24,11 +24,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.embedded_redis import free_port
-from service.queue import waiting_task_ids
-from service.redis_replies import bytes_list
-from service.settings import Settings
-from service.store import JobStore
+from service.core.embedded_redis import free_port
+from service.core.queue import waiting_task_ids
+from service.core.redis_replies import bytes_list
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.conftest import private_settings
 from tests.test_api import TINY
 
@@ -48,7 +48,7 @@ if os.environ.get("DIE_BEFORE_PUBLISH"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 import uvicorn
-uvicorn.run("service.app:create_app", factory=True, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+uvicorn.run("service.api.app:create_app", factory=True, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.app import create_app
-from service.exports import CSV_COLUMNS
-from service.figures import FIGURE_NAMES
+from hydra_ablate_client.vocabulary import FIGURE_NAMES
+from service.api.app import create_app
+from service.rendering.exports import CSV_COLUMNS
 from tests.browser import browser_binaries, chromium, full_page_screenshot, serve, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -36,7 +36,7 @@ ALICE_KEY, BOB_KEY = "alice-ui-key-0123456789", "bob-ui-key-0123456789"
 @pytest.fixture(scope="module")
 def base_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
     """The test stack's API with auth on and two keys, served over real HTTP."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     settings = dataclasses.replace(Settings.from_env(), auth_enabled=True, api_keys=f"alice:{ALICE_KEY},bob:{BOB_KEY}")
     with serve(create_app(settings)) as url:

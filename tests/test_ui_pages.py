@@ -15,12 +15,12 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.auth import KeyRing
-from service.schemas import ModelInfo
-from service.settings import Settings
-from service.store import JobStore
-from service.ui.session import COOKIE_NAME
+from hydra_ablate_client.wire import ModelInfo
+from service.api.app import create_app
+from service.api.ui.session import COOKIE_NAME
+from service.core.api_keys import KeyRing
+from service.core.settings import Settings
+from service.core.store import JobStore
 from tests.conftest import private_settings
 
 ALICE, BOB = "alice-pages-key-0123456789", "bob-pages-key-0123456789"
@@ -68,8 +68,8 @@ def error_at(page: str, field: str) -> str:
 
 
 def queued_job(store: JobStore, settings: Settings, owner: str) -> str:
-    from service.resolve import resolve
-    from service.schemas import JobRequest
+    from hydra_ablate_client.wire import JobRequest
+    from service.core.resolve import resolve
 
     spec = resolve(JobRequest(model="tiny", prompts=["a b", "c d"]), {"tiny": TINY}, settings)
     return store.create(spec, 12, owner).id

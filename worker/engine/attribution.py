@@ -59,11 +59,11 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from service.schemas import EstimateName
+from hydra_ablate_client.vocabulary import EstimateName
 from worker.engine.architecture import Architecture, describe
 from worker.engine.attention_probe import AttentionCall
 from worker.engine.clean import CleanRun, CleanRunCache
-from worker.engine.components import Component, parse_component
+from worker.engine.components import Component, model_component
 from worker.engine.errors import InputError
 from worker.engine.gradients import (
     Graph,
@@ -112,8 +112,8 @@ def parse_node(name: str, n_layers: int, n_heads: int) -> Node:
     """attn.L, mlp.L, head.L.H, or head.L.H.q / head.L.H.k; InputError with the reason otherwise."""
     base, _, site = name.rpartition(".")
     if site in ("q", "k") and base.startswith("head."):
-        return Node(parse_component(base, n_layers, n_heads), site)  # type: ignore[arg-type]
-    return Node(parse_component(name, n_layers, n_heads))
+        return Node(model_component(base, n_layers, n_heads), site)  # type: ignore[arg-type]
+    return Node(model_component(name, n_layers, n_heads))
 
 
 @dataclass

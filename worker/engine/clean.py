@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from worker.engine.architecture import Architecture
+from worker.engine.architecture import Architecture, cache_keyword
 from worker.engine.hooks import hooks_removed_on_exit, on_input, on_output
 
 
@@ -144,7 +144,10 @@ def run_clean(
         # A cache built without the config keeps every position of every layer: a sliding-window layer's own cache
         # would drop the keys beyond its window, which the padded batches of fast.py still index by position.
         cache = None if all_positions else DynamicCache()
-        output = model(input_ids=token_ids.unsqueeze(0), use_cache=not all_positions, cache=cache, logits_to_keep=1)
+        output = model(
+            input_ids=token_ids.unsqueeze(0), use_cache=not all_positions, logits_to_keep=1,
+            **{cache_keyword(type(model)): cache},
+        )
     logits = output.logits[0, -1]
     past_keys, past_values = _prefix_cache(output) if not all_positions else ([], [])
 

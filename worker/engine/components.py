@@ -1,9 +1,11 @@
-"""Component names (attn.L, mlp.L, head.L.H) and the downstream relation between them."""
+"""Components (attn.L, mlp.L, head.L.H; the grammar is hydra_ablate_client.vocabulary) and the downstream relation
+between them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hydra_ablate_client.vocabulary import parse_component
 from worker.engine.errors import InputError
 
 
@@ -18,20 +20,21 @@ class Component:
         return f"head.{self.layer}.{self.head}" if self.kind == "head" else f"{self.kind}.{self.layer}"
 
 
-def parse_component(name: str, n_layers: int, n_heads: int) -> Component:
-    """Parse an explicit name; raises InputError (a ValueError) with a readable reason."""
-    parts = name.split(".")
-    kind = parts[0]
-    expected = 3 if kind == "head" else 2
-    if kind not in ("attn", "mlp", "head") or len(parts) != expected or not all(p.isdigit() for p in parts[1:]):
+def model_component(name: str, n_layers: int, n_heads: int) -> Component:
+    """The model's component with this explicit name; raises InputError (a ValueError) with a readable reason."""
+    try:
+        parts = parse_component(name)
+    except ValueError:
+        parts = None
+    if parts is None or not parts.explicit or parts.layer is None:
         raise InputError(f"bad component name '{name}': use attn.L, mlp.L or head.L.H")
-    layer = int(parts[1])
+    layer = parts.layer
     if layer >= n_layers:
         raise InputError(f"component '{name}': layer {layer} out of range (model has {n_layers} layers)")
-    head = int(parts[2]) if kind == "head" else None
+    head = parts.head
     if head is not None and head >= n_heads:
         raise InputError(f"component '{name}': head {head} out of range (model has {n_heads} heads)")
-    return Component(kind, layer, head)
+    return Component(parts.kind, layer, head)
 
 
 def layer_components(n_layers: int) -> list[Component]:

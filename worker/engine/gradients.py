@@ -3,7 +3,7 @@ the run being intervened on (for an ablation job: the clean run), and the same g
 path dropped at a time (GradDrop). Estimates are made from these in worker/engine/attribution.py.
 
 The pass re-runs the clean computation from the clean residual stream entering layer 0, with the model's own
-modules and the residual wiring of worker/engine/fast.py, and keeps the tensors of the graph that matter:
+modules and the residual wiring of worker/engine/ablated_runs.py, and keeps the tensors of the graph that matter:
 
     hidden[l]       (B, P, d)     the residual stream entering block l; hidden[N] enters the final norm
     layer_out[2l]   (B, P, d)     what attention l writes (after any post-norm): the component attn.l
@@ -38,10 +38,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from worker.engine.ablated_runs import _Inputs
 from worker.engine.architecture import Architecture
 from worker.engine.attention_probe import AttentionCall, AttentionRecorder, probed_attention
 from worker.engine.clean import CleanRun
-from worker.engine.fast import _Inputs
 from worker.engine.hooks import hooks_removed_on_exit, on_input
 from worker.engine.readout import Readout
 

@@ -3,7 +3,7 @@ position of each prompt, every measure read at every measured position with its 
 scale, responses over the layer or the head basis.
 
 Read top to bottom: clean runs and replacements as in worker/engine/sweep.py, ablated runs projected position by
-position (worker/engine/position_fast.py), then the measures as tensors over a position axis.
+position (worker/engine/position_ablated_runs.py), then the measures as tensors over a position axis.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hydra_ablate_client.vocabulary import is_per_position
+from worker.engine.ablated_runs import AblatedRun
 from worker.engine.architecture import Architecture, describe, head_basis_refusal
 from worker.engine.clean import CleanRun, CleanRunCache
 from worker.engine.components import (
@@ -18,11 +20,10 @@ from worker.engine.components import (
     head_basis_components,
     is_downstream,
     layer_components,
-    parse_component,
+    model_component,
 )
-from worker.engine.fast import AblatedRun
 from worker.engine.memory import DEFAULT_BATCH_TOKENS
-from worker.engine.position_fast import head_directions, head_writes, run_ablated_projected
+from worker.engine.position_ablated_runs import head_directions, head_writes, run_ablated_projected
 from worker.engine.readout import Readout
 from worker.engine.replacements import component_rows
 from worker.engine.sweep import (
@@ -40,7 +41,7 @@ from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInpu
 
 def uses_position_engine(spec: SweepSpec) -> bool:
     """Whether a spec needs this engine (any per-position option away from the final-position defaults)."""
-    return spec.measure_positions == "all" or spec.target == "next_token" or spec.response_basis == "heads"
+    return is_per_position(spec.measure_positions, spec.target, spec.response_basis)
 
 
 def check_position_spec(spec: SweepSpec, has_given_targets: bool) -> None:
@@ -54,6 +55,8 @@ def check_position_spec(spec: SweepSpec, has_given_targets: bool) -> None:
         raise ValueError("metric logit_diff has one counterfactual per prompt, not per position: use another metric")
     if has_given_targets and (spec.measure_positions == "all" or spec.target == "next_token"):
         raise ValueError("given answers are one target per prompt: use them with measure_positions 'final' only")
+    if spec.source_seeds != 1:
+        raise ValueError("source_seeds serves the regressions across prompts at the final position: use 1 here")
 
 
 def model_tokens(ids: torch.Tensor, spec: SweepSpec) -> torch.Tensor:
@@ -84,7 +87,7 @@ def run_position_sweep(
     refusal = head_basis_refusal(model.config)
     if heads_basis and refusal is not None:
         raise ValueError(refusal)
-    components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
+    components = [model_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = head_basis_components(arch.n_layers, arch.n_heads) if heads_basis else layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
     with_heads = heads_basis or any(c.kind == "head" for c in components)

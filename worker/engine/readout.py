@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from hydra_ablate_client.vocabulary import MetricName
 from worker.engine.architecture import Architecture, weight_of
 from worker.engine.errors import InputError
-from worker.engine.types import Metric
 
 
 class Readout:
     """Reads a metric off final residual vectors, and maps component outputs to direct effects."""
 
-    def __init__(self, arch: Architecture, metric: Metric) -> None:
+    def __init__(self, arch: Architecture, metric: MetricName) -> None:
         self.arch = arch
         self.metric = metric
         weight = weight_of(arch.unembed)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from hydra_ablate_client.vocabulary import ResampleFrom
 from worker.engine.clean import CleanRun
 from worker.engine.components import Component
 from worker.engine.errors import InputError
-from worker.engine.types import ResampleFrom
 
 
 def resample_sources(

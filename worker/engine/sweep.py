@@ -1,4 +1,4 @@
-"""The ablation sweep: clean runs, replacements, batched ablated runs (worker/engine/fast.py), then measures.
+"""The ablation sweep: clean runs, replacements, batched ablated runs (worker/engine/ablated_runs.py), then measures.
 
 Read top to bottom; every measure is defined in docs/definitions.md.
 """
@@ -11,11 +11,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from hydra_ablate_client.vocabulary import NormScaleMode
+from worker.engine.ablated_runs import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, CleanRunCache, run_clean
-from worker.engine.components import Component, is_downstream, layer_components, parse_component
+from worker.engine.components import Component, is_downstream, layer_components, model_component
 from worker.engine.errors import InputError
-from worker.engine.fast import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.measures import ablated_profile, decompose, read_direct
 from worker.engine.memory import (
     DEFAULT_BATCH_TOKENS,
@@ -26,7 +27,7 @@ from worker.engine.memory import (
 )
 from worker.engine.readout import Readout
 from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
-from worker.engine.types import NormScale, PatchSample, PromptMeasures, SweepInputs, SweepResult, SweepSpec
+from worker.engine.types import DrawMeasures, PatchSample, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -56,7 +57,7 @@ def run_sweep(
     (the other chunks of a job); None computes every one.
     """
     arch = describe(model)
-    components = [parse_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
+    components = [model_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     basis = layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
     all_positions = spec.positions == "all"
@@ -94,7 +95,7 @@ def run_sweep(
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
             measure = _measure(
                 arch, readout, run, ablations, outputs, basis, target, counterfactual, samples, sources[i],
-                spec.norm_scale, spec.keep_samples,
+                spec.norm_scale, spec.keep_samples, draw_seeds(spec),
             )
             measure.index = i
             measures.append(measure)
@@ -133,11 +134,16 @@ def clean_run(
 
 
 def job_sources(spec: SweepSpec, inputs: SweepInputs) -> list[list[int]]:
-    """Each prompt's resample sources (empty lists for mean and zero ablation)."""
+    """Each prompt's resample sources (empty lists for mean and zero ablation): with `source_seeds` S, the S draws
+    (seeds seed, seed + 1, …) one after the other, so a source may appear in more than one draw."""
     n_prompts = len(inputs.token_ids)
     if spec.ablation != "resample":
         return [[] for _ in range(n_prompts)]
-    return resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed, inputs.resample_groups)
+    draws = [
+        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed + j, inputs.resample_groups)
+        for j in range(spec.source_seeds)
+    ]
+    return [[s for draw in draws for s in draw[i]] for i in range(n_prompts)]
 
 
 def complete_clean_runs(
@@ -289,7 +295,7 @@ def _responses(
     clean_out: torch.Tensor,
     u: torch.Tensor,
     s_clean: torch.Tensor,
-    norm_scale: NormScale,
+    norm_scale: NormScaleMode,
 ) -> torch.Tensor:
     """(B, 2N): each layer component's direct effect in the ablated run minus in the clean run."""
     if norm_scale == "clean":
@@ -309,10 +315,12 @@ def _measure(
     counterfactual: int | None,
     samples: int,
     sources: list[int],
-    norm_scale: NormScale,
+    norm_scale: NormScaleMode,
     keep_samples: bool = False,
+    seeds: list[int] | None = None,
 ) -> PromptMeasures:
-    """All measures of one prompt, averaged over the `samples` runs of each component."""
+    """All measures of one prompt, averaged over the `samples` runs of each component; with several draw `seeds`
+    (the runs of each component are their draws one after the other), each draw's own means too."""
     w, _ = readout.direction(target, counterfactual)
     u = readout.direct_map(w).float()
     x_clean = run.x_final.float().unsqueeze(0)
@@ -363,7 +371,48 @@ def _measure(
         if keep_samples
         else None,
         capped_total_effect=None if capped_total is None else capped_total.tolist(),
+        draws=None
+        if seeds is None or len(seeds) < 2
+        else _draws(seeds, sources, basis, total, direct, response, compensatory, norm_response),
     )
+
+
+def draw_seeds(spec: SweepSpec) -> list[int]:
+    """The seed of each draw of resample sources."""
+    return [spec.seed + j for j in range(spec.source_seeds)]
+
+
+def _draws(
+    seeds: list[int],
+    sources: list[int],
+    basis: list[Component],
+    total: torch.Tensor,
+    direct: torch.Tensor,
+    response: torch.Tensor,
+    compensatory: torch.Tensor,
+    norm_response: torch.Tensor,
+) -> list[DrawMeasures]:
+    """Each draw's means over its own runs. Rows are component-major, then draw, then source within the draw."""
+    n_draws = len(seeds)
+    k = len(sources) // n_draws
+    is_attn = torch.tensor([c.kind == "attn" for c in basis], device=response.device)
+
+    def per_draw(values: torch.Tensor) -> list[list[float]]:  # (rows,) → [draw][component]
+        return values.double().reshape(-1, n_draws, k).mean(dim=2).T.tolist()
+
+    columns = [
+        per_draw(v)
+        for v in (total, direct, compensatory, response[:, is_attn].sum(dim=1), response[:, ~is_attn].sum(dim=1),
+                  norm_response)
+    ]
+    return [
+        DrawMeasures(
+            seed=seed, sources=sources[j * k : (j + 1) * k], total_effect=columns[0][j], direct_effect=columns[1][j],
+            compensatory_effect=columns[2][j], compensatory_effect_attn=columns[3][j],
+            compensatory_effect_mlp=columns[4][j], norm_response=columns[5][j],
+        )
+        for j, seed in enumerate(seeds)
+    ]
 
 
 def _patch_samples(
@@ -371,7 +420,7 @@ def _patch_samples(
     outputs: AblatedOutputs,
     u: torch.Tensor,
     s_clean: torch.Tensor,
-    norm_scale: NormScale,
+    norm_scale: NormScaleMode,
     total: torch.Tensor,
     direct: torch.Tensor,
     sources: list[int],

@@ -9,31 +9,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-# The option lists are the API's (one definition, service/schemas.py: msgspec only, no HTTP, no Redis).
-from service.schemas import AblationKind as Ablation
-from service.schemas import MeasurePositions, ResampleFrom
-from service.schemas import MetricName as Metric
-from service.schemas import NormScaleMode as NormScale
-from service.schemas import PositionScope as Positions
-from service.schemas import ResponseBasisName as ResponseBasis
-from service.schemas import TargetName as Target
+# The option lists are the service's (one definition, stdlib only: clients/python/hydra_ablate_client/vocabulary.py).
+from hydra_ablate_client.vocabulary import (
+    AblationKind,
+    MeasurePositions,
+    MetricName,
+    NormScaleMode,
+    PositionScope,
+    ResampleFrom,
+    ResponseBasisName,
+    TargetName,
+)
 from worker.engine.measures import compensatory_effect
 
 __all__ = [
-    "Ablation",
-    "MeasurePositions",
-    "Metric",
-    "NormScale",
+    "DrawMeasures",
     "PositionMeasures",
     "PositionSweepResult",
-    "Positions",
     "PromptMeasures",
-    "ResampleFrom",
-    "ResponseBasis",
     "SweepInputs",
     "SweepResult",
     "SweepSpec",
-    "Target",
 ]
 
 
@@ -42,19 +38,22 @@ class SweepSpec:
     """What to ablate and how to measure it; components are explicit names (attn.L, mlp.L, head.L.H)."""
 
     components: tuple[str, ...]
-    ablation: Ablation = "resample"
-    positions: Positions = "final"
-    metric: Metric = "logit"
-    norm_scale: NormScale = "clean"
+    ablation: AblationKind = "resample"
+    positions: PositionScope = "final"
+    metric: MetricName = "logit"
+    norm_scale: NormScaleMode = "clean"
     resample_samples: int = 1
     resample_from: ResampleFrom = "next"
     seed: int = 0
+    # Independent draws of `resample_samples` sources per prompt, drawn with seeds seed, seed + 1, …: every measure
+    # is averaged over all draws' runs, and each draw's own means are kept too (PromptMeasures.draws).
+    source_seeds: int = 1
     keep_samples: bool = False  # also return every resample patch's TE, DE and ablated profile
     only_correct: bool = False  # measure only prompts whose clean top token is their target (`target_ids`)
     # Per-position measurement (worker/engine/position_sweep.py; docs/definitions.md, "Every position").
     measure_positions: MeasurePositions = "final"
-    target: Target = "clean_top"  # given target_ids win over "clean_top"
-    response_basis: ResponseBasis = "layers"
+    target: TargetName = "clean_top"  # given target_ids win over "clean_top"
+    response_basis: ResponseBasisName = "layers"
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,20 @@ class PatchSample:
 
 
 @dataclass
+class DrawMeasures:
+    """One draw's means (its `resample_samples` runs) of the measures the summary regresses; lists per component."""
+
+    seed: int
+    sources: list[int]
+    total_effect: list[float]
+    direct_effect: list[float]
+    compensatory_effect: list[float]
+    compensatory_effect_attn: list[float]  # CE's attention part: downstream attention responses summed
+    compensatory_effect_mlp: list[float]
+    norm_response: list[float]
+
+
+@dataclass
 class PromptMeasures:
     """Every measure for one prompt; lists over `SweepSpec.components` (outer) and the response basis (inner)."""
 
@@ -103,6 +116,8 @@ class PromptMeasures:
     # Soft-capped models (Gemma 2) only: TE of the same metric read on the capped logits; every other measure is
     # read on the pre-cap logits (docs/definitions.md, "Final-logit soft-capping"). None for other models.
     capped_total_effect: list[float] | None = None
+    # With `source_seeds` > 1: each draw's own means, in seed order (None with a single draw).
+    draws: list[DrawMeasures] | None = None
 
 
 @dataclass

@@ -1,0 +1,88 @@
+"""The service's words, defined once: every option list, the component-name grammar and the per-position rule.
+
+Standard library only, so every side imports it: the API's wire types (hydra_ablate_client.wire), the engine
+(worker/engine/), the worker, the figures, the CLI's choices and the clients derive theirs from these (option
+lists through typing.get_args). A new option list goes here, under the one name everyone uses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, NamedTuple, get_args
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE_STATES: tuple[JobState, ...] = ("queued", "running")
+TERMINAL_STATES: tuple[JobState, ...] = tuple(s for s in get_args(JobState) if s not in ACTIVE_STATES)
+AblationKind = Literal["resample", "mean", "zero"]
+PositionScope = Literal["final", "all"]
+MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
+NormScaleMode = Literal["clean", "ablated"]
+ResampleFrom = Literal["next", "random"]
+ResampleWithin = Literal["job", "relation"]
+PresetName = Literal["hydra", "rushing_nanda"]
+MeasurePositions = Literal["final", "all"]
+TargetName = Literal["clean_top", "next_token"]
+ResponseBasisName = Literal["layers", "heads"]
+PositionResponses = Literal["split", "full"]
+# Attribution-patching estimates beside the exact effects (docs/attribution.md): AtP, and AtP* (QK fix + GradDrop).
+EstimateName = Literal["atp", "atp_star"]
+DatasetName = Literal["known_1000"]
+CorpusName = Literal["known_1000_text"]
+FigureName = Literal[
+    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
+]
+FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
+FigureFormat = Literal["png", "svg", "pdf"]
+FIGURE_MEDIA_TYPES: dict[FigureFormat, str] = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
+ExportFormat = Literal["json", "msgpack", "csv", "parquet"]
+# What a fit's bootstrap resamples: prompts one by one, or whole dataset relations (clusters of prompts); a
+# per-position summary resamples documents.
+BootstrapUnit = Literal["prompt", "relation"]
+ResamplingUnit = Literal["prompt", "relation", "document"]
+# Where a served model's weights come from, as the open model list shows it: never a file-system path.
+ModelSourceKind = Literal["builtin", "local", "hub"]
+# Where a job is: queued → loading_model → clean_passes → ablating → merging → finished. A chunked job's phase only
+# moves forward, so parallel chunks never make it jump back.
+JobPhase = Literal["queued", "loading_model", "clean_passes", "ablating", "merging", "finished"]
+JOB_PHASES: tuple[JobPhase, ...] = get_args(JobPhase)
+
+# --- component names ------------------------------------------------------------------------------------------
+
+ComponentKind = Literal["attn", "mlp", "head"]
+# A component name as a request may write it: a kind (every one of that kind), `head.L` (every head of layer L),
+# or an explicit name `attn.L`, `mlp.L`, `head.L.H`. The API's schema validates with this very pattern.
+COMPONENT_PATTERN = r"^(attn|mlp|head)(\.\d+){0,2}(?![\s\S])"
+_COMPONENT = re.compile(COMPONENT_PATTERN)
+
+
+class ComponentParts(NamedTuple):
+    """A component name's parts: ("head", 3, 5) for head.3.5, ("attn", 12, None) for attn.12, ("mlp", None, None)
+    for the bare kind."""
+
+    kind: str
+    layer: int | None
+    head: int | None
+
+    @property
+    def explicit(self) -> bool:
+        """One component: attn.L, mlp.L or head.L.H (not a kind, not head.L, not attn.L.H)."""
+        return self.layer is not None and (self.head is not None) == (self.kind == "head")
+
+
+def parse_component(name: str) -> ComponentParts:
+    """The parts of a component name (COMPONENT_PATTERN); ValueError for a name outside the grammar."""
+    if _COMPONENT.match(name) is None:
+        raise ValueError(f"bad component name {name!r}: use attn.L, mlp.L or head.L.H")
+    kind, *numbers = name.split(".")
+    layer = int(numbers[0]) if numbers else None
+    head = int(numbers[1]) if len(numbers) > 1 else None
+    return ComponentParts(kind, layer, head)
+
+
+# --- the per-position rule ------------------------------------------------------------------------------------
+
+
+def is_per_position(measure_positions: str, target: str, response_basis: str) -> bool:
+    """Whether a job is measured by the per-position engine (its results carry `positions` columns): any
+    per-position option away from the final-position defaults."""
+    return measure_positions == "all" or target == "next_token" or response_basis == "heads"

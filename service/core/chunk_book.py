@@ -1,0 +1,241 @@
+"""Redis bookkeeping of a job's chunks: the plan, task ids, deliveries, progress and partial results. No torch.
+
+A job's prompts are split into chunks of `HYDRA_CHUNK_PROMPTS` (64) prompts; each chunk is one Celery task
+(worker/tasks.py). Every write here is idempotent or counted atomically, so a chunk that is delivered twice
+(its worker died, the message came back) never counts twice.
+
+Keys, under the JobStore's prefix, all expiring with the job's TTL:
+  planned:{id}          SET NX guard: only the first delivery of `hydra.run_job` plans the job
+  plan:{id}             hash: n_chunks, chunk_size, plus one field per chunk index -> "start:stop"
+  chunk_tasks:{id}      hash: chunk index -> Celery task id (to revoke queued chunks of a cancelled job)
+  deliveries:{id}       hash: chunk index -> times the chunk started (HINCRBY)
+  progress:{id}         hash: chunk index -> ablations done in that chunk (only ever raised)
+  chunk:{id}:{index}    the chunk's encoded ChunkResult
+  chunks_done:{id}      hash: chunk index -> 1 (HSETNX); the chunk whose write makes HLEN = n_chunks merges
+  revoked:{id}          SET NX guard: the chunks of a stopped job are revoked once
+  lease:{id}:{index}    which run of the chunk holds it now (service/core/leases.py); recording is fenced by it
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+import redis
+from msgspec import Struct
+
+from hydra_ablate_client.wire import PromptResult, Provenance
+from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
+from service.core.settings import env_int
+from service.core.store import JobStore
+
+DEFAULT_CHUNK_PROMPTS = 64
+DEFAULT_MAX_DELIVERIES = 3
+
+
+def chunk_prompts() -> int:
+    """Prompts per chunk, read from HYDRA_CHUNK_PROMPTS when a job is planned."""
+    return env_int("HYDRA_CHUNK_PROMPTS", DEFAULT_CHUNK_PROMPTS)
+
+
+def max_deliveries() -> int:
+    """How often one chunk may start before its job fails (its worker keeps dying): HYDRA_MAX_DELIVERIES."""
+    return env_int("HYDRA_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    start: int  # first prompt, inclusive
+    stop: int  # last prompt, exclusive
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def plan_chunks(n_prompts: int, chunk_size: int) -> list[Chunk]:
+    """Contiguous chunks of at most `chunk_size` prompts, in prompt order (at least one chunk)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {chunk_size}")
+    starts = range(0, max(n_prompts, 1), chunk_size)
+    return [Chunk(i, start, min(start + chunk_size, n_prompts)) for i, start in enumerate(starts)]
+
+
+class ChunkResult(Struct, kw_only=True):
+    """One chunk's partial result: its prompts' measures, with what the merge needs to build the JobResult."""
+
+    index: int
+    start: int
+    stop: int
+    components: list[str]
+    response_basis: list[str]
+    near_tie_gap: float
+    prompts: list[PromptResult]
+    provenance: Provenance
+
+
+# KEYS[1] progress hash, ARGV[1] chunk index, ARGV[2] done, ARGV[3] ttl. Returns the sum over chunks.
+_RECORD_PROGRESS = """
+local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > previous then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local sum = 0
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + tonumber(value) end
+return sum
+"""
+
+# KEYS[1] chunk result, KEYS[2] chunks_done hash, KEYS[3] the chunk's lease (service/core/leases.py), KEYS[4] job hash.
+# ARGV[1] result, ARGV[2] index, ARGV[3] ttl, ARGV[4] the recording run's lease token ('' records unfenced).
+# Returns the number of chunks done when this call recorded the chunk first, -1 for a chunk recorded before or a
+# job that has ended (its partials were dropped when it ended, see store.py, and none may appear afterwards),
+# -2 when another run holds the chunk's lease (this run is stale: it records nothing).
+_RECORD_RESULT = """
+local status = redis.call('HGET', KEYS[4], 'status')
+if status ~= 'queued' and status ~= 'running' then return -1 end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
+if ARGV[4] ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if holder and holder ~= ARGV[4] then return -2 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], '1')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return redis.call('HLEN', KEYS[2])
+"""
+
+LEASE_LOST = -2
+
+
+class ChunkBook:
+    """The chunk keys of every job, next to the JobStore's keys (same client, prefix and TTL)."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "hydra:", ttl_s: int = 7 * 24 * 3600) -> None:
+        self.client = client
+        self.prefix = key_prefix
+        self.ttl_s = int(ttl_s)
+        self._record_progress = client.register_script(_RECORD_PROGRESS)
+        self._record_result = client.register_script(_RECORD_RESULT)
+
+    @classmethod
+    def for_store(cls, store: JobStore) -> ChunkBook:
+        return cls(store.client, key_prefix=store.prefix, ttl_s=store.ttl_s)
+
+    # keys
+    def _key(self, kind: str, job_id: str) -> str:
+        return f"{self.prefix}{kind}:{job_id}"
+
+    def result_key(self, job_id: str, index: int) -> str:
+        return f"{self.prefix}chunk:{job_id}:{index}"
+
+    def lease_key(self, job_id: str, index: int) -> str:
+        """The chunk's lease (written by service/core/leases.py; the same key name)."""
+        return f"{self.prefix}lease:{job_id}:{index}"
+
+    def keys(self, job_id: str) -> list[str]:
+        kinds = ("planned", "plan", "chunk_tasks", "deliveries", "progress", "chunks_done", "revoked")
+        return [self._key(kind, job_id) for kind in kinds]
+
+    # planning
+    def claim_planning(self, job_id: str) -> bool:
+        """True for the first caller only: a redelivered `run_job` must not plan the job twice."""
+        return bool(self.client.set(self._key("planned", job_id), "1", nx=True, ex=self.ttl_s))
+
+    def record_plan(self, job_id: str, chunks: list[Chunk], chunk_size: int) -> None:
+        fields: dict[FieldT, EncodableT] = {"n_chunks": len(chunks), "chunk_size": chunk_size}
+        fields.update({str(c.index): f"{c.start}:{c.stop}" for c in chunks})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self._key("plan", job_id), mapping=fields)
+        pipe.expire(self._key("plan", job_id), self.ttl_s)
+        pipe.execute()
+
+    def plan(self, job_id: str) -> list[Chunk] | None:
+        plan = bytes_hash(self.client.hgetall(self._key("plan", job_id)))
+        fields = {k.decode(): v.decode() for k, v in plan.items()}
+        if "n_chunks" not in fields:
+            return None
+        chunks = []
+        for index in range(int(fields["n_chunks"])):
+            start, _, stop = fields[str(index)].partition(":")
+            chunks.append(Chunk(index, int(start), int(stop)))
+        return chunks
+
+    def n_chunks(self, job_id: str) -> int | None:
+        raw = self.client.hget(self._key("plan", job_id), "n_chunks")
+        return None if raw is None else int(raw)
+
+    def record_task(self, job_id: str, index: int, task_id: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self._key("chunk_tasks", job_id), str(index), task_id)
+        pipe.expire(self._key("chunk_tasks", job_id), self.ttl_s)
+        pipe.execute()
+
+    def task_ids(self, job_id: str) -> dict[int, str]:
+        raw = bytes_hash(self.client.hgetall(self._key("chunk_tasks", job_id)))
+        return {int(k): v.decode() for k, v in raw.items()}
+
+    def pending_task_ids(self, job_id: str) -> list[str]:
+        """Task ids of the chunks not recorded as done (queued, running, or lost)."""
+        done = self.done_indices(job_id)
+        return [task_id for index, task_id in sorted(self.task_ids(job_id).items()) if index not in done]
+
+    def claim_revoke(self, job_id: str) -> bool:
+        """True for the first caller only, so that a stopped job's chunks are revoked once, not once per chunk."""
+        return bool(self.client.set(self._key("revoked", job_id), "1", nx=True, ex=self.ttl_s))
+
+    # running
+    def count_delivery(self, job_id: str, index: int) -> int:
+        """Count one more start of this chunk; returns how often it has started, this time included."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(self._key("deliveries", job_id), str(index), 1)
+        pipe.expire(self._key("deliveries", job_id), self.ttl_s)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def deliveries(self, job_id: str) -> dict[int, int]:
+        raw = self.client.hgetall(self._key("deliveries", job_id))
+        return {int(k): int(v) for k, v in raw.items()}
+
+    def record_progress(self, job_id: str, index: int, done: int) -> int:
+        """Raise this chunk's count of finished ablations to `done`; returns the job's sum over its chunks."""
+        keys = [self._key("progress", job_id)]
+        return int(self._record_progress(keys=keys, args=[str(index), int(done), self.ttl_s]))
+
+    def progress(self, job_id: str) -> dict[int, int]:
+        """Ablations done per chunk (chunks that have not reported yet are absent)."""
+        raw = self.client.hgetall(self._key("progress", job_id))
+        return {int(k): int(v) for k, v in raw.items()}
+
+    # results
+    def record_result(self, job_id: str, index: int, result: ChunkResult, lease_token: str = "") -> int:
+        """Store a chunk's result; returns chunks done now, -1 when this chunk had been recorded before (or the job
+        has ended), or LEASE_LOST (nothing stored) when `lease_token` no longer holds the chunk's lease."""
+        keys = [
+            self.result_key(job_id, index),
+            self._key("chunks_done", job_id),
+            self.lease_key(job_id, index),
+            f"{self.prefix}job:{job_id}",
+        ]
+        args: ScriptArgs = [msgspec.json.encode(result), str(index), self.ttl_s, lease_token]
+        return int(self._record_result(keys=keys, args=args))
+
+    def is_done(self, job_id: str, index: int) -> bool:
+        return bool(self.client.hexists(self._key("chunks_done", job_id), str(index)))
+
+    def done_indices(self, job_id: str) -> set[int]:
+        return {int(k) for k in self.client.hkeys(self._key("chunks_done", job_id))}
+
+    def results(self, job_id: str, indices: Iterable[int]) -> list[ChunkResult | None]:
+        """The recorded chunk results, in the order asked (None where one is missing or expired)."""
+        wanted = list(indices)
+        if not wanted:
+            return []
+        raws = self.client.mget([self.result_key(job_id, i) for i in wanted])
+        return [None if raw is None else msgspec.json.decode(raw, type=ChunkResult) for raw in raws]
+
+    def drop_results(self, job_id: str, indices: Iterable[int]) -> None:
+        """Delete the partial results once the merged JobResult is stored (the bookkeeping keys expire)."""
+        keys = [self.result_key(job_id, i) for i in indices]
+        if keys:
+            self.client.delete(*keys)

@@ -1,0 +1,36 @@
+"""Deleting a finished job: the one place that knows every key a job leaves behind.
+
+The API (`DELETE /v1/jobs/{id}` of a finished job) and the web page's delete button both call
+`delete_finished_job`; the removal itself is one Lua script (`JobStore.delete_finished`), so a job is either
+wholly there or wholly gone, and a job still queued or running is never touched (cancel it first).
+"""
+
+from __future__ import annotations
+
+from hydra_ablate_client.vocabulary import FIGURE_MEDIA_TYPES, FIGURE_NAMES
+from service.core.chunk_book import ChunkBook
+from service.core.store import JobStore
+
+
+def figure_key(store: JobStore, job_id: str, name: str, fmt: str, suffix: str = "") -> str:
+    """Where a rendered figure is cached (`suffix`: the size and selection options, empty for the defaults)."""
+    return f"{store.prefix}figure:{job_id}:{name}:{fmt}{suffix}"
+
+
+def leftover_keys(store: JobStore, job_id: str) -> list[str]:
+    """Every key of the job besides those `JobStore.delete_finished` names itself: chunk bookkeeping, chunk
+    partials and leases, and every cached figure (any format and size, as recorded when it was cached)."""
+    book = ChunkBook.for_store(store)
+    keys = list(book.keys(job_id))
+    for index in range(book.n_chunks(job_id) or 0):
+        keys += [book.result_key(job_id, index), book.lease_key(job_id, index)]
+    # The default-size keys too: figures cached before their keys were recorded (an older version) go as well.
+    keys += [figure_key(store, job_id, name, fmt) for name in FIGURE_NAMES for fmt in FIGURE_MEDIA_TYPES]
+    keys += store.cached_figure_keys(job_id)
+    return list(dict.fromkeys(keys))
+
+
+def delete_finished_job(store: JobStore, job_id: str) -> bool | None:
+    """True once the finished job and everything it left are gone; False while it is queued or running (nothing
+    is removed); None when there is no such job."""
+    return store.delete_finished(job_id, leftover_keys(store, job_id))

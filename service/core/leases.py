@@ -1,0 +1,223 @@
+"""Chunk leases: which run of a chunk holds it right now, kept alive by the running worker's heartbeat. No torch.
+
+The broker only notices a vanished worker after its visibility timeout (hours: it must exceed the longest chunk).
+A lease notices within `HYDRA_LEASE_S`: the worker running a chunk renews it every quarter of that; a lease that
+was not renewed in time is reaped by any worker's periodic sweep (service/core/recovery.py), which sends the chunk
+again. A lease has an owner token (random per run of a chunk), so:
+
+- a second delivery of a chunk whose lease is alive does not run it (the chunk never runs twice at once);
+- a stale holder (paused, partitioned, or slower than its lease) finds its token gone at its next renewal, stops
+  at its next prompt and records nothing: recording a result or a failure is fenced by the token (see
+  service/core/chunk_book.py `record_result` and `fail_if_holder` here).
+
+Keys, under the JobStore's prefix:
+  lease:{id}:{index}   the holder's token; "queued:<task id>" for a chunk sent but not started (looked at again
+                       after a long while: its message may have been lost), "requeued:…" once a sweep sent it again
+  leases               sorted set of "{id}:{index}" scored by the lease's expiry in ms (Redis's clock, so the
+                       workers' clocks need not agree)
+A lease key is absent when Redis lost the last writes before a crash; the holder's renewal then takes it back
+(nobody else can hold it). Times come from Redis (TIME), never from a worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from service.core.redis_replies import ScriptArgs, bytes_or_none, scored_members
+from service.core.store import JobStore, utc_now
+
+QUEUED = "queued:"  # sent by the planner, not started yet
+REQUEUED = "requeued:"  # sent again by a sweep, not started yet
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function is_marker(holder)
+  return string.sub(holder, 1, 7) == 'queued:' or string.sub(holder, 1, 9) == 'requeued:'
+end
+"""
+
+# KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] token, ARGV[3] lease ms, ARGV[4] key ttl s,
+# ARGV[5] the holder's token to take over ('' for none). Returns 1 when acquired, else the live holder's token.
+_ACQUIRE = _NOW_MS + """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[2] and holder ~= ARGV[5] and not is_marker(holder) then
+  local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
+  if expiry > now then return holder end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
+# Same keys and arguments. Returns 1 when renewed, 0 when another run (or the sweep) took the lease.
+_RENEW = _NOW_MS + """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
+# KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] token ('' drops whoever holds it).
+_RELEASE = """
+local holder = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and holder and holder ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] marker, ARGV[3] ms until looked at, ARGV[4] key ttl s.
+# Marks a chunk just sent (never started) unless a run holds it. Returns 1 when marked.
+_MARK_QUEUED = _NOW_MS + """
+local holder = redis.call('GET', KEYS[1])
+if holder and not is_marker(holder) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
+# KEYS[1] leases. ARGV[1] lease key prefix, ARGV[2] batch, ARGV[3] ms until a requeued chunk is looked at again,
+# ARGV[4] key ttl s. Marks every expired lease "requeued" (it stays in the set, so a sweep that dies before
+# sending is repeated) and returns member, previous holder, member, previous holder, ... Lease keys are built
+# here from ARGV[1]: fine on one Redis.
+_REAP = _NOW_MS + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, member in ipairs(due) do
+  local key = ARGV[1] .. member
+  table.insert(out, member)
+  table.insert(out, redis.call('GET', key) or '')
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
+  redis.call('SET', key, 'requeued:' .. now, 'EX', ARGV[4])
+end
+return out
+"""
+
+# KEYS[1] job hash, KEYS[2] lease. ARGV[1] token, ARGV[2] error, ARGV[3] now (ISO), ARGV[4] ttl.
+# Fails a queued or running job only while this run still holds (or nobody holds) the chunk's lease.
+# Returns 1 failed, 0 the job had ended, -1 the lease belongs to another run.
+_FAIL_IF_HOLDER = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return -1 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[2], 'finished_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    job_id: str
+    index: int
+
+    @property
+    def member(self) -> str:
+        return f"{self.job_id}:{self.index}"
+
+    @classmethod
+    def parse(cls, member: str) -> ChunkRef:
+        job_id, _, index = member.rpartition(":")
+        return cls(job_id, int(index))
+
+
+class Leases:
+    """The chunk leases of every job, next to the JobStore's keys (same client, prefix and key TTL)."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "hydra:", ttl_s: int = 7 * 24 * 3600) -> None:
+        self.client = client
+        self.prefix = key_prefix
+        self.ttl_s = int(ttl_s)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._reap = client.register_script(_REAP)
+        self._mark_queued = client.register_script(_MARK_QUEUED)
+        self._fail_if_holder = client.register_script(_FAIL_IF_HOLDER)
+
+    @classmethod
+    def for_store(cls, store: JobStore) -> Leases:
+        return cls(store.client, key_prefix=store.prefix, ttl_s=store.ttl_s)
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}leases"
+
+    def key(self, job_id: str, index: int) -> str:
+        return f"{self.prefix}lease:{job_id}:{index}"  # ChunkBook.lease_key names the same key
+
+    def _keys(self, job_id: str, index: int) -> list[str]:
+        return [self.key(job_id, index), self.index_key]
+
+    def acquire(
+        self, job_id: str, index: int, token: str, lease_s: float, dead: Callable[[str], bool] | None = None
+    ) -> str | None:
+        """Take the chunk's lease for `lease_s`: None when taken, else the token of the run holding a live lease.
+
+        `dead(holder)` may say that a holder is gone although its lease has not expired yet (a pool process on
+        this machine that was killed): its lease is then taken over at once.
+        """
+        args: ScriptArgs = [ChunkRef(job_id, index).member, token, int(lease_s * 1000), self.ttl_s, ""]
+        outcome = self._acquire(keys=self._keys(job_id, index), args=args)
+        if outcome == 1:
+            return None
+        holder = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        if dead is not None and dead(holder):
+            args[-1] = holder
+            if self._acquire(keys=self._keys(job_id, index), args=args) == 1:
+                return None
+        return holder
+
+    def still_holds(self, job_id: str, index: int, token: str) -> bool:
+        """True while `token` holds the lease (or nobody does: Redis lost it in a crash; renewing takes it back)."""
+        holder = self.holder(job_id, index)
+        return holder is None or holder == token
+
+    def renew(self, job_id: str, index: int, token: str, lease_s: float) -> bool:
+        """Extend the lease by `lease_s` from now; False once another run or the sweep has taken it."""
+        args: ScriptArgs = [ChunkRef(job_id, index).member, token, int(lease_s * 1000), self.ttl_s]
+        return bool(self._renew(keys=self._keys(job_id, index), args=args))
+
+    def release(self, job_id: str, index: int, token: str = "") -> bool:
+        """Give the lease up (only if `token` still holds it; an empty token drops it whoever holds it)."""
+        args: ScriptArgs = [ChunkRef(job_id, index).member, token]
+        return bool(self._release(keys=self._keys(job_id, index), args=args))
+
+    def holder(self, job_id: str, index: int) -> str | None:
+        raw = bytes_or_none(self.client.get(self.key(job_id, index)))
+        return None if raw is None else raw.decode()
+
+    def expiries_ms(self) -> dict[ChunkRef, int]:
+        """Every lease with its expiry (ms, Redis clock): for tests and operators."""
+        raw = scored_members(self.client.zrange(self.index_key, 0, -1, withscores=True))
+        return {ChunkRef.parse(member.decode()): int(score) for member, score in raw}
+
+    def mark_queued(self, job_id: str, index: int, task_id: str, recheck_s: float) -> bool:
+        """A chunk was just sent: if it has not started within `recheck_s`, a sweep looks for its message (a Redis
+        crash may have lost it). False when a run holds the chunk already."""
+        args: ScriptArgs = [ChunkRef(job_id, index).member, f"{QUEUED}{task_id}", int(recheck_s * 1000), self.ttl_s]
+        return bool(self._mark_queued(keys=self._keys(job_id, index), args=args))
+
+    def reap(self, recheck_s: float, batch: int = 100) -> list[tuple[ChunkRef, str]]:
+        """Expired leases with their previous holder (a run's token, or a queued/requeued marker when the chunk
+        never started), marked "requeued" and looked at again after `recheck_s` unless their chunk starts."""
+        args: ScriptArgs = [f"{self.prefix}lease:", batch, int(recheck_s * 1000), self.ttl_s]
+        raw = self._reap(keys=[self.index_key], args=args)
+        pairs = zip(raw[0::2], raw[1::2], strict=True)
+        return [(ChunkRef.parse(member.decode()), holder.decode()) for member, holder in pairs]
+
+    @staticmethod
+    def never_started(holder: str) -> bool:
+        """True for the markers of a chunk sent but not started since (no run's token)."""
+        return holder == "" or holder.startswith((QUEUED, REQUEUED))
+
+    def fail_if_holder(self, store: JobStore, job_id: str, index: int, token: str, error: str) -> int:
+        """Fail the job unless another run took the chunk over: 1 failed, 0 already ended, -1 not the holder."""
+        keys = [store.job_key(job_id), self.key(job_id, index)]
+        return int(self._fail_if_holder(keys=keys, args=[token, error, utc_now(), store.ttl_s]))

@@ -1,0 +1,49 @@
+"""What every figure of a job shares: component names as (kind, layer), the unit of effects, layer ticks, the
+render lock and the option error. Used by the service's figures, the paper's figures and the Compare page.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, cast
+
+from hydra_ablate_client.vocabulary import parse_component
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+MIN_FONT_PT = 8.0
+RENDER_LOCK = threading.Lock()  # matplotlib promises no thread safety; renders are GIL-bound anyway, so serialise
+_UNITS = {
+    "centered_logit": "centred logit", "logit": "logit", "logprob": "log-probability", "logit_diff": "logit difference"
+}
+
+
+class FigureOptionError(ValueError):
+    """A figure option out of range (size, dpi, prompt or component); the message says what to change."""
+
+
+def kind_and_layer(name: str) -> tuple[str, int]:
+    """(kind, layer) of `attn.L`, `mlp.L` or `head.L.H` (a result's explicit component names)."""
+    parts = parse_component(name)
+    return parts.kind, parts.layer or 0
+
+
+def metric_unit(result: Any) -> str:
+    """The unit every effect of the job's result is in, as axis labels write it."""
+    metric = result.provenance.spec.metric
+    return _UNITS.get(metric, metric)
+
+
+def layer_ticks(ax: Axes, layers: list[int]) -> None:
+    """Every layer while two-digit labels fit at 9 pt (about 25 px each at 100 dpi), else every second or fifth."""
+    spec = ax.get_subplotspec()
+    columns = spec.get_gridspec().ncols if spec is not None else 1
+    figure = cast("Figure", ax.figure)
+    width_px = figure.get_figwidth() * figure.dpi / columns * 0.85
+    fits = max(1, int(width_px // 25))
+    step = next((s for s in (1, 2, 5, 10) if len(layers) / s <= fits), 20)
+    shown = layers[::step]
+    ax.set_xticks(shown, [str(layer) for layer in shown])
+    ax.tick_params(axis="both", labelsize=MIN_FONT_PT + 1)
