@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    import numpy as np
     import torch
 
     from worker.attribution_summary import summarise_attribution
@@ -128,6 +129,24 @@ def main() -> None:
                 mean_abs_error=a.mean_abs_error,
                 largest_misses=[vars(m) for m in a.largest_misses[:5]],
             )
+    # How much of each estimate's miss goes with the compensatory effect: per component, the error regressed on CE
+    # across prompts; here the median over components of slope and R², and the share whose slope interval excludes 0.
+    hydra = {}
+    for method, rows_ in summary.hydra.items():
+        slopes = [r.error_vs_ce.slope for r in rows_ if r.error_vs_ce.slope is not None]
+        r2s = [r.error_vs_ce.r2 for r in rows_ if r.error_vs_ce.r2 is not None]
+        hydra[method] = {
+            "components": len(rows_),
+            "error_vs_ce_slope_median": float(np.median(slopes)) if slopes else None,
+            "error_vs_ce_r2_median": float(np.median(r2s)) if r2s else None,
+            "slope_interval_excludes_zero_share": float(np.mean([bool(r.error_vs_ce.excludes_zero) for r in rows_])),
+            "largest_abs_error_components": [
+                {"component": r.component, "abs_error_mean": r.abs_error_mean, "error_mean": r.error_mean,
+                 "compensatory_effect_mean": r.compensatory_effect_mean, "norm_response_mean": r.norm_response_mean,
+                 "error_vs_ce_slope": r.error_vs_ce.slope, "error_vs_ce_r2": r.error_vs_ce.r2}
+                for r in sorted(rows_, key=lambda r: -r.abs_error_mean)[:5]
+            ],
+        }
     report = {
         "model": "SmolLM2-135M-Instruct",
         "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -141,6 +160,7 @@ def main() -> None:
         "clean_cpu_seconds": cpu["clean"],
         "gradient_checks": star.gradient_checks,
         "methods": methods,
+        "hydra_link": hydra,
     }
     print(f"{n} prompts × {len(names)} components ({args.components}, {args.positions}, {args.ablation}, "
           f"{args.metric}); clean passes {clean_seconds:.2f} s (shared)")
@@ -153,6 +173,10 @@ def main() -> None:
               f"{row['speedup_vs_exact_with_clean_passes']:>7.1f}{row['model_evaluations_per_prompt']:>7.1f}"
               + "".join(f"{v:>9.3f}" if isinstance(v, float) else f"{'':>9}" for v in (rho, pooled))
               + (f"{recall:>7.2f}" if isinstance(recall, float) else ""))
+    for method, row in hydra.items():
+        print(f"{method}: error on CE across prompts, median over components: slope "
+              f"{row['error_vs_ce_slope_median']:.2f}, R² {row['error_vs_ce_r2_median']:.2f}; slope interval "
+              f"excludes 0 for {row['slope_interval_excludes_zero_share']:.0%} of components")
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")

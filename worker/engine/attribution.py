@@ -436,7 +436,8 @@ def run_attribution(
             started = timer.add("atp_star", started)
         del graph, full, hidden_grads  # the graph's last references: nothing of it outlives the group
 
-        tables = {method: _flat(terms, arch).index_select(2, columns) for method, terms in per_method.items()}
+        tables = {method: _flat(terms, arch).index_select(2, columns.to(terms.layer_out.device)).cpu()
+                  for method, terms in per_method.items()}
         for b, i in enumerate(group):
             prompts.append(_prompt_estimates(i, targets[b], float(clean_metrics[b]), sources[i], tables, b))
         if on_progress is not None:
@@ -506,8 +507,9 @@ def _graddrop(
     magnitude = fixed.map(torch.abs)
     if n == 1:
         return magnitude
-    layer_of_slot = (torch.arange(2 * n) // 2).float()  # attn.l, mlp.l → l
-    layer_index = torch.arange(n).float().view(-1, 1)  # (N, 1): broadcasts over heads
+    device = magnitude.layer_out.device
+    layer_of_slot = (torch.arange(2 * n, device=device) // 2).float()  # attn.l, mlp.l → l
+    layer_index = torch.arange(n, device=device).float().view(-1, 1)  # (N, 1): broadcasts over heads
     acc = _Terms(
         magnitude.layer_out * layer_of_slot,  # j · |term|: the drops below the node
         *(None if t is None else t * layer_index for t in (magnitude.heads, magnitude.query, magnitude.key)),
@@ -544,7 +546,7 @@ def _node_columns(nodes: list[Node], arch: Architecture) -> torch.Tensor:
 def _flat(terms: _Terms, arch: Architecture) -> torch.Tensor:
     """(B, R, 2N + 3·N·H): every node's estimate in one row per run (zeros for kinds not estimated)."""
     batch, runs = terms.layer_out.shape[:2]
-    empty = torch.zeros(batch, runs, arch.n_layers * arch.n_heads, dtype=terms.layer_out.dtype)
+    empty = terms.layer_out.new_zeros(batch, runs, arch.n_layers * arch.n_heads)
     parts = [None if t is None else t.flatten(2) for t in (terms.heads, terms.query, terms.key)]
     return torch.cat([terms.layer_out, *(empty if p is None else p for p in parts)], dim=2)
 
