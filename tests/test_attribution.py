@@ -462,6 +462,21 @@ def test_estimates_sit_beside_the_exact_sweep(
     assert estimates.cost["atp"].model_evaluations / spec.resample_samples <= 3.0
 
 
+def test_refusals_say_what_to_change(
+    tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
+) -> None:
+    from worker.engine.errors import InputError
+
+    model = tiny_models("llama")
+    inputs = _inputs(prompt_set)
+    with pytest.raises(InputError, match="choose from atp, atp_star"):
+        run_attribution(model, SweepSpec(components=NODES), inputs, estimates=("atp", "ig"))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="measure_positions 'final'"):
+        run_attribution(model, SweepSpec(components=NODES, positions="all", measure_positions="all"), inputs)
+    with pytest.raises(InputError, match=r"head\.L\.H\.q or head\.L\.H\.k"):
+        run_attribution(model, SweepSpec(components=("head.1.2.v",)), inputs)
+
+
 def test_final_position_batches_agree_with_one_prompt_at_a_time(
     tiny_models: Callable[[str], nn.Module], prompt_set: PromptSet,  # noqa: F811
 ) -> None:

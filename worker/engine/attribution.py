@@ -113,7 +113,12 @@ def parse_node(name: str, n_layers: int, n_heads: int) -> Node:
     base, _, site = name.rpartition(".")
     if site in ("q", "k") and base.startswith("head."):
         return Node(model_component(base, n_layers, n_heads), site)  # type: ignore[arg-type]
-    return Node(model_component(name, n_layers, n_heads))
+    try:
+        return Node(model_component(name, n_layers, n_heads))
+    except InputError as error:
+        if "bad component name" not in str(error):
+            raise
+        raise InputError(f"bad node name '{name}': use attn.L, mlp.L, head.L.H, head.L.H.q or head.L.H.k") from None
 
 
 @dataclass
@@ -361,6 +366,11 @@ def run_attribution(
     unknown = sorted(set(estimates) - set(ESTIMATES))
     if unknown or not estimates:
         raise InputError(f"estimates {unknown or '[]'}: choose from {', '.join(ESTIMATES)}")
+    if spec.measure_positions != "final" or spec.target != "clean_top":
+        raise InputError(
+            "attribution estimates read the metric at the final position (one backward pass per prompt): use "
+            "measure_positions 'final' and target 'clean_top' (or given answers)"
+        )
     arch = describe(model)
     nodes = [parse_node(name, arch.n_layers, arch.n_heads) for name in spec.components]
     with_heads = any(n.component.kind == "head" and n.site == "out" for n in nodes)
