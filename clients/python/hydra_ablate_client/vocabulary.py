@@ -24,6 +24,8 @@ MeasurePositions = Literal["final", "all"]
 TargetName = Literal["clean_top", "next_token"]
 ResponseBasisName = Literal["layers", "heads"]
 PositionResponses = Literal["split", "full"]
+# Attribution-patching estimates beside the exact effects (docs/concepts/attribution.md): AtP, AtP* (QK fix, GradDrop).
+EstimateName = Literal["atp", "atp_star"]
 DatasetName = Literal["known_1000"]
 CorpusName = Literal["known_1000_text"]
 FigureName = Literal[
