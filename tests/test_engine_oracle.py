@@ -192,7 +192,7 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
                 if not _close(ev, ov, atol):
                     bad.append(f"prompt {i} {comp}: capped_total_effect engine {ev:.6f} oracle {ov:.6f}")
             names = ("total_effect", "direct_effect", "compensation", "norm_response", "unembed_effect",
-                     "compensatory_effect")
+                     "compensatory_effect", "ablated_unembed_effect")
             for name in names:
                 ev, ov = getattr(e, name)[k], getattr(o, name)[k]
                 if not _close(ev, ov, atol):
@@ -217,7 +217,7 @@ def _compare_samples(e, o, i: int, k: int, comp: str, basis: list[str], atol: fl
     for n, (ep, op) in enumerate(zip(e.samples[k], o.samples[k], strict=True)):
         if ep.source != op.source:
             bad.append(f"prompt {i} {comp} patch {n}: source engine {ep.source} oracle {op.source}")
-        for name in ("total_effect", "direct_effect"):
+        for name in ("total_effect", "direct_effect", "ablated_unembed_effect"):
             if not _close(getattr(ep, name), getattr(op, name), atol):
                 bad.append(f"prompt {i} {comp} patch {n}: {name} engine {getattr(ep, name)} oracle {getattr(op, name)}")
         for j, d in enumerate(basis):

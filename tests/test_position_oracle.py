@@ -24,7 +24,8 @@ from worker.engine.types import PositionSweepResult, SweepInputs, SweepSpec
 
 ATOL = 1e-4
 COMPONENTS = ("attn.0", "mlp.0", "head.0.1", "attn.1", "head.1.3", "mlp.1", "head.2.0", "mlp.2")
-FIELDS = ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response", "response")
+FIELDS = ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response", "response",
+          "ablated_unembed_effect")
 
 
 @dataclass(frozen=True)

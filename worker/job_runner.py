@@ -118,6 +118,7 @@ def sweep_spec(spec: JobSpec) -> SweepSpec:
         norm_scale=spec.norm_scale,
         resample_samples=spec.resample_samples,
         resample_from=spec.resample_from,
+        resample_sources=spec.resample_sources,
         seed=spec.seed,
         source_seeds=spec.source_seeds,
         keep_samples=spec.keep_samples,
@@ -181,10 +182,12 @@ def prompt_result(
         clean_direct_effect=m.clean_direct_effect,
         unembed_effect=m.unembed_effect,
         compensatory_effect=m.compensatory_effect,
+        ablated_unembed_effect=m.ablated_unembed_effect,
         samples=None
         if m.samples is None
         else [
-            [PatchSample(source=s.source, total_effect=s.total_effect, direct_effect=s.direct_effect, profile=s.profile)
+            [PatchSample(source=s.source, total_effect=s.total_effect, direct_effect=s.direct_effect, profile=s.profile,
+                         ablated_unembed_effect=s.ablated_unembed_effect)
              for s in patches]
             for patches in m.samples
         ],
@@ -239,6 +242,7 @@ def position_prompt_result(
         clean_direct_effect=m.clean_direct_effect[:, -1].tolist(),
         unembed_effect=m.unembed_effect[:, -1].tolist(),
         compensatory_effect=m.compensatory_effect[:, -1].tolist(),
+        ablated_unembed_effect=m.ablated_unembed_effect[:, -1].tolist(),
         capped_total_effect=None if m.capped_total_effect is None else m.capped_total_effect[:, -1].tolist(),
         positions=PositionColumns(
             positions=m.positions,
@@ -256,6 +260,7 @@ def position_prompt_result(
             clean_direct_effect=float32_bytes(m.clean_direct_effect),
             response=float32_bytes(m.response) if full_responses else None,
             capped_total_effect=None if m.capped_total_effect is None else float32_bytes(m.capped_total_effect),
+            ablated_unembed_effect=float32_bytes(m.ablated_unembed_effect),
         ),
     )
 
@@ -276,4 +281,6 @@ def provenance(loaded: LoadedModel, spec: JobSpec, started: float) -> Provenance
         engine=ENGINE_NAME,
         worker=socket.gethostname(),
         elapsed_s=time.perf_counter() - started,
+        model_about=loaded.source.about,
+        model_licence=loaded.source.licence,
     )

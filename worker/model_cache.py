@@ -131,6 +131,8 @@ def model_info(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
         vocab_size=int(config.vocab_size),
         parallel_blocks=has_parallel_blocks(config),
         source=source.kind,  # not the location: the model list is open to callers without a key
+        about=source.about,
+        licence=source.licence,
     )
 
 
@@ -162,7 +164,7 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = to
         model=model,
         tokenizer=tokenizer,
         revision=getattr(model.config, "_commit_hash", None),
-        file_sha256=_sha256(file_path) if file_path is not None else None,
+        file_sha256=source.recorded_sha256 or (_sha256(file_path) if file_path is not None else None),
     )
 
 

@@ -32,7 +32,7 @@ from hydra_ablate_client.wire import (
     Summary,
 )
 from worker.fit_statistics import CI_LEVEL, N_BOOT, cluster_mean_interval, percentile_interval
-from worker.summary import regression
+from worker.summary import EFFICACY_THRESHOLD, efficacy, regression
 
 TOP_FRACTION = 0.02  # Rushing & Nanda's top 2% of (position, token) pairs by the head's direct effect
 
@@ -229,6 +229,8 @@ def summarise_positions(
     heads = _pairs(prompts, "response_heads", c)
     mlps = _pairs(prompts, "response_mlps", c)
     norm = _pairs(prompts, "norm_response", c)
+    has_ablated = all(p.positions is not None and p.positions.ablated_unembed_effect is not None for p in prompts)
+    ablated_unembed = _pairs(prompts, "ablated_unembed_effect", c) if has_ablated else None
     clean_direct = _pairs(prompts, "clean_direct_effect", len(basis))
     gaps = _pairs(prompts, "top2_gap", 1)[0]
     full = all(p.positions is not None and p.positions.response is not None for p in prompts)
@@ -246,6 +248,7 @@ def summarise_positions(
         comp_mean, comp_se = _mean_se(compensation[i])
         un_mean, un_se = _mean_se(unembed[i])
         ce_mean, ce_se = _mean_se(compensatory[i])
+        eff = efficacy(None if ablated_unembed is None else ablated_unembed[i].numpy(), un_mean)
         summaries.append(
             ComponentSummary(
                 component=name,
@@ -267,6 +270,10 @@ def summarise_positions(
                 unembed_effect_se=un_se,
                 compensatory_effect_mean=ce_mean,
                 compensatory_effect_se=ce_se,
+                ablated_unembed_effect_mean=eff.ablated_mean,
+                ablated_unembed_effect_se=eff.ablated_se,
+                unembed_removed_share=eff.removed_share,
+                weak_ablation=eff.weak,
             )
         )
     arrays = {name: values.numpy() for name, values in
@@ -295,4 +302,5 @@ def summarise_positions(
         self_repair=repairs,
         self_repair_layers=layers,
         resampling=Resampling(unit="document", n_units=len(prompts), n_boot=N_BOOT, ci_level=CI_LEVEL, seed=seed),
+        efficacy_threshold=EFFICACY_THRESHOLD,
     )

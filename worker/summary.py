@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,6 +39,43 @@ def _field(prompts: Sequence[object], name: str) -> np.ndarray:
     return np.asarray([getattr(p, name) for p in prompts], dtype=np.float64)
 
 
+# Ablation efficacy (docs/concepts/definitions.md, "Ablation efficacy"). An ablation is flagged weak where it removed
+# less than half of the component's mean write onto the target; the share is left null where that mean write is too
+# small for a ratio to mean anything.
+EFFICACY_THRESHOLD = 0.5
+EFFICACY_MIN_UNEMBED = 1e-3
+
+
+@dataclass(frozen=True)
+class Efficacy:
+    ablated_mean: float | None
+    ablated_se: float | None
+    removed_share: float | None
+    weak: bool | None
+
+
+def efficacy(ablated: np.ndarray | None, unembed_mean: float) -> Efficacy:
+    """Mean (and SE) of Δ̃unembed(k, k) over prompts, the share of mean Δunembed the ablation removed,
+    1 − mean Δ̃unembed(k, k) / mean Δunembed, and whether it is below EFFICACY_THRESHOLD."""
+    if ablated is None or ablated.size == 0 or not np.all(np.isfinite(ablated)):
+        return Efficacy(None, None, None, None)
+    n = ablated.size
+    mean = float(ablated.mean())
+    se = float(ablated.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    if abs(unembed_mean) < EFFICACY_MIN_UNEMBED:
+        return Efficacy(mean, se, None, None)
+    share = 1.0 - mean / unembed_mean
+    return Efficacy(mean, se, share, share < EFFICACY_THRESHOLD)
+
+
+def _optional_field(prompts: Sequence[object], name: str) -> np.ndarray | None:
+    """A per-component field that results from before it existed lack (None there): None unless every prompt has it."""
+    values = [getattr(p, name, None) for p in prompts]
+    if any(v is None or len(v) == 0 for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
 def summarise(
     result: SweepResult,
     near_tie_gap: float,
@@ -58,6 +96,7 @@ def summarise(
     norm = _field(prompts, "norm_response")
     unembed = _field(prompts, "unembed_effect")
     ce = _field(prompts, "compensatory_effect")
+    ablated_unembed = _optional_field(prompts, "ablated_unembed_effect")
     response = _field(prompts, "response")  # (P, C, R)
     clean_direct = _field(prompts, "clean_direct_effect")  # (P, R)
     is_attn = np.array([name.startswith("attn.") for name in result.response_basis])
@@ -77,6 +116,7 @@ def summarise(
         comp_mean, comp_se = _mean_se(compensation[:, c])
         un_mean, un_se = _mean_se(unembed[:, c])
         ce_mean, ce_se = _mean_se(ce[:, c])
+        eff = efficacy(None if ablated_unembed is None else ablated_unembed[:, c], un_mean)
         components.append(
             ComponentSummary(
                 component=name,
@@ -104,6 +144,10 @@ def summarise(
                 ce_mlp_vs_direct=fits[c]["ce_mlp_vs_direct"],
                 unembed_drop_correlation=pearson(unembed[:, c], total[:, c]),
                 unembed_exceeds_drop_share=float((unembed[:, c] > total[:, c]).mean()),
+                ablated_unembed_effect_mean=eff.ablated_mean,
+                ablated_unembed_effect_se=eff.ablated_se,
+                unembed_removed_share=eff.removed_share,
+                weak_ablation=eff.weak,
             )
         )
     return Summary(
@@ -129,6 +173,7 @@ def summarise(
             seed=seed,
         ),
         source_seeds=seeds,
+        efficacy_threshold=EFFICACY_THRESHOLD,
     )
 
 

@@ -273,6 +273,35 @@ DOCS: dict[str, str] = {
     "PatchSample.total_effect": "This run's total effect",
     "PatchSample.direct_effect": "This run's direct effect",
     "PatchSample.profile": "Δ̃unembed(k, l): every layer component's direct effect in this ablated run",
+    "PatchSample.ablated_unembed_effect": (
+        "Δ̃unembed(k, k): the ablated component's own write onto the target in this run (clean final-norm scale)"
+    ),
+    "PromptResult.ablated_unembed_effect": (
+        "Ablation efficacy per component: Δ̃unembed(k, k), the ablated component's own write onto the target in the "
+        "ablated run (clean final-norm scale), mean over the resample patches; ≈ 0 when the ablation removes its "
+        "write; equals unembed_effect − direct_effect (null in older results)"
+    ),
+    "PositionColumns.ablated_unembed_effect": "(C, P): Δ̃unembed(k, k) at every position (null in older results)",
+    "ComponentSummary.ablated_unembed_effect_mean": "Mean over prompts of Δ̃unembed(k, k) (null in older results)",
+    "ComponentSummary.ablated_unembed_effect_se": "Its standard error over prompts",
+    "ComponentSummary.unembed_removed_share": (
+        "Share of Δunembed the ablation removed: 1 − mean Δ̃unembed(k, k) / mean Δunembed (null when |mean "
+        "Δunembed| < 0.001)"
+    ),
+    "ComponentSummary.weak_ablation": (
+        "True where the ablation removed less than Summary.efficacy_threshold of Δunembed: effects read off it "
+        "(CE slopes above all) understate what the component does"
+    ),
+    "Summary.efficacy_threshold": "The removed share of Δunembed below which an ablation is flagged weak (0.5)",
+    "JobRequest.resample_sources": (
+        "Which prompts may be resample sources: `any` other prompt (the paper), or only those whose clean top token "
+        "differs from the prompt's target (`different_target`); fails the job when a prompt has too few"
+    ),
+    "JobSpec.resample_sources": "any or different_target",
+    "ModelInfo.about": "What the model is (built-in models; null otherwise)",
+    "ModelInfo.licence": "The terms its weights are used under (built-in models; null otherwise)",
+    "Provenance.model_about": "What the model is (built-in models; null otherwise)",
+    "Provenance.model_licence": "The terms of its weights (built-in models; null otherwise)",
     "PositionColumns": (
         "One prompt's per-position measures as little-endian float32 arrays (base64 in JSON), row-major: P measured "
         "positions, C components, R response-basis entries."

@@ -12,7 +12,7 @@ from typing import Any
 
 from msgspec import UNSET
 
-from hydra_ablate_client.vocabulary import is_per_position, parse_component
+from hydra_ablate_client.vocabulary import ResampleSources, is_per_position, parse_component
 from hydra_ablate_client.wire import CorpusRef, DatasetRef, JobRequest, JobSpec, ModelInfo
 from service.core import corpora, datasets
 from service.core.errors import ValidationProblem
@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "norm_scale": "clean",
     "resample_samples": 1,
     "resample_from": "next",
+    "resample_sources": "any",
     "seed": 0,
     "source_seeds": 1,
     "keep_samples": False,
@@ -146,6 +147,7 @@ def resolve(
     mean_reference = _mean_reference(request, ablation)
     components = expand_components(pick("components"), info)
     draws = check_source_seeds(pick("source_seeds"), ablation, pick("resample_from"), per_position)
+    resample_sources = _resample_sources(pick("resample_sources"), ablation, per_position)
 
     total = n * len(components) * samples * draws
     if total > settings.max_ablations:
@@ -193,6 +195,7 @@ def resolve(
         norm_scale=pick("norm_scale"),
         resample_samples=samples,
         resample_from=pick("resample_from"),
+        resample_sources=resample_sources,
         mean_reference_prompts=mean_reference,
         seed=pick("seed"),
         source_seeds=draws,
@@ -207,6 +210,24 @@ def resolve(
         corpus=corpus,
         **options,
     )
+
+
+def _resample_sources(value: ResampleSources, ablation: str, per_position: bool) -> ResampleSources:
+    """`resample_sources` as given, or ValidationProblem where it cannot apply."""
+    if value == "any":
+        return value
+    if ablation != "resample":
+        raise ValidationProblem(
+            f"resample_sources {value!r} only applies to ablation resample (this job's ablation is {ablation})",
+            "resample_sources",
+        )
+    if per_position:
+        raise ValidationProblem(
+            f"resample_sources {value!r} compares each prompt's target with the sources' clean top token at the "
+            "final position; per-position jobs have a target per position: use resample_sources 'any'",
+            "resample_sources",
+        )
+    return value
 
 
 def _resample_groups(within: str, ablation: str, dataset: DatasetRef | None, samples: int) -> list[int] | None:

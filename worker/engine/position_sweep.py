@@ -246,7 +246,7 @@ def _measure_prompt(
             response.append((clean_proj + out.change) / s_ablated - clean_proj / s_clean)
     mask = downstream.repeat_interleave(samples, dim=0).unsqueeze(-1).to(u.device)  # (C·k, R, 1)
     response_all = torch.where(mask, torch.cat(response), torch.zeros(()))
-    total_all, direct_all = torch.cat(total), torch.cat(direct)
+    total_all, direct_all, unembed_all = torch.cat(total), torch.cat(direct), torch.cat(unembed)
     compensation = direct_all - total_all
     norm_response = compensation - response_all.sum(dim=1)
 
@@ -264,7 +264,9 @@ def _measure_prompt(
         top2_gap=(top2[:, 0] - top2[:, 1]).index_select(0, keep).cpu(),
         total_effect=per_component(total_all).cpu(),
         direct_effect=per_component(direct_all).cpu(),
-        unembed_effect=per_component(torch.cat(unembed)).cpu(),
+        unembed_effect=per_component(unembed_all).cpu(),
+        # Δ̃unembed(k, k) at every position: the replacement's own write, Δunembed − DE exactly (as in sweep.py).
+        ablated_unembed_effect=per_component(unembed_all - direct_all).cpu(),
         compensation=per_component(compensation).cpu(),
         response=per_component(response_all).cpu(),
         norm_response=per_component(norm_response).cpu(),

@@ -54,6 +54,44 @@ def resample_sources(
     return sources
 
 
+def resample_sources_different_target(
+    samples: int,
+    how: ResampleFrom,
+    seed: int,
+    targets: list[int],
+    clean_tops: list[int],
+    groups: list[int] | None = None,
+) -> list[list[int]]:
+    """Like `resample_sources`, but prompt i draws only among the prompts j whose clean top token differs from its
+    target (`clean_tops[j] != targets[i]`): a source that predicts the same token writes onto it too, and the
+    ablation then removes little of the component's write. "next" takes the following allowed prompts cyclically,
+    "random" the first `samples` of a seeded permutation of them."""
+    n_prompts = len(targets)
+    if len(clean_tops) != n_prompts or (groups is not None and len(groups) != n_prompts):
+        raise InputError(f"{len(clean_tops)} clean top tokens and {n_prompts} targets")
+    generator = torch.Generator().manual_seed(seed)
+    sources = []
+    for i in range(n_prompts):
+        order = [(i + j) % n_prompts for j in range(1, n_prompts)]  # every other prompt, following i cyclically
+        allowed = [
+            j for j in order
+            if clean_tops[j] != targets[i] and (groups is None or groups[j] == groups[i])
+        ]
+        if len(allowed) < samples:
+            where = "of its relation " if groups is not None else ""
+            raise InputError(
+                f"resample_sources 'different_target': prompt {i} (target token id {targets[i]}) has only "
+                f"{len(allowed)} prompt(s) {where}whose clean top token differs from its target, and resample_samples "
+                f"is {samples}: add prompts with other answers, lower resample_samples, or use resample_sources 'any'"
+            )
+        if how == "next":
+            sources.append(allowed[:samples])
+            continue
+        picked = torch.randperm(len(allowed), generator=generator)[:samples]
+        sources.append([allowed[int(p)] for p in picked])
+    return sources
+
+
 def align_to_length(source: torch.Tensor, length: int) -> torch.Tensor:
     """Right-align a source's per-position rows (S, e) to `length` rows; missing early rows take the source's mean."""
     have = source.shape[0]

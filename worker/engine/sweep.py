@@ -26,7 +26,13 @@ from worker.engine.memory import (
     release_cached_memory,
 )
 from worker.engine.readout import Readout
-from worker.engine.replacements import MeanActivations, align_to_length, component_rows, resample_sources
+from worker.engine.replacements import (
+    MeanActivations,
+    align_to_length,
+    component_rows,
+    resample_sources,
+    resample_sources_different_target,
+)
 from worker.engine.types import DrawMeasures, PatchSample, PromptMeasures, SweepInputs, SweepResult, SweepSpec
 
 ProgressCallback = Callable[[int, int], None]
@@ -67,11 +73,18 @@ def run_sweep(
     def clean(ids: torch.Tensor) -> CleanRun:
         return clean_run(model, arch, ids, all_positions=all_positions, with_heads=with_heads, cache=clean_cache)
 
-    sources = job_sources(spec, inputs)
     candidates = list(range(n_prompts)) if inputs.measure_indices is None else list(inputs.measure_indices)
     if on_phase is not None:
         on_phase("clean_passes")
-    runs = {i: clean(inputs.token_ids[i]) for i in candidates}
+    runs: dict[int, CleanRun] = {}
+
+    def clean_top(i: int) -> int:  # "different_target" sources: every prompt's clean pass, kept for the measuring
+        if i not in runs:
+            runs[i] = clean(inputs.token_ids[i])
+        return int(runs[i].logits_final.argmax())
+
+    sources = job_sources(spec, inputs, clean_top)
+    runs.update({i: clean(inputs.token_ids[i]) for i in candidates if i not in runs})
     measured = _correct_only(candidates, runs, inputs.target_ids) if spec.only_correct else candidates
     means = complete_clean_runs(runs, spec, inputs, measured, sources, lambda i: clean(inputs.token_ids[i]), clean)
     budget = BatchBudget(job_batch_tokens(model, arch, runs, batch_tokens, all_positions))
@@ -133,16 +146,35 @@ def clean_run(
         ) from error
 
 
-def job_sources(spec: SweepSpec, inputs: SweepInputs) -> list[list[int]]:
+def job_sources(
+    spec: SweepSpec, inputs: SweepInputs, clean_top: Callable[[int], int] | None = None
+) -> list[list[int]]:
     """Each prompt's resample sources (empty lists for mean and zero ablation): with `source_seeds` S, the S draws
-    (seeds seed, seed + 1, …) one after the other, so a source may appear in more than one draw."""
+    (seeds seed, seed + 1, …) one after the other, so a source may appear in more than one draw.
+
+    `resample_sources: "different_target"` needs every prompt's clean top token (`clean_top(i)`: a clean pass of
+    each prompt of the job, which the clean-run cache keeps for the measuring)."""
     n_prompts = len(inputs.token_ids)
     if spec.ablation != "resample":
         return [[] for _ in range(n_prompts)]
-    draws = [
-        resample_sources(n_prompts, spec.resample_samples, spec.resample_from, spec.seed + j, inputs.resample_groups)
-        for j in range(spec.source_seeds)
-    ]
+    if spec.resample_sources == "different_target":
+        if clean_top is None:
+            raise InputError("resample_sources 'different_target' needs the prompts' clean top tokens")
+        tops = [clean_top(i) for i in range(n_prompts)]
+        targets = list(inputs.target_ids) if inputs.target_ids is not None else tops
+        draws = [
+            resample_sources_different_target(
+                spec.resample_samples, spec.resample_from, spec.seed + j, targets, tops, inputs.resample_groups
+            )
+            for j in range(spec.source_seeds)
+        ]
+    else:
+        draws = [
+            resample_sources(
+                n_prompts, spec.resample_samples, spec.resample_from, spec.seed + j, inputs.resample_groups
+            )
+            for j in range(spec.source_seeds)
+        ]
     return [[s for draw in draws for s in draw[i]] for i in range(n_prompts)]
 
 
@@ -342,6 +374,10 @@ def _measure(
     response = torch.where(downstream, response, torch.zeros_like(response)).double()
     compensatory, norm_response = decompose(total, direct, response)
     unembed = read_direct(torch.stack([_final_clean(arch, run, a.component) for a in ablations]), u, s_clean)
+    # Δ̃unembed(k, k): the ablated component's own write onto the target in its ablated run, read with the clean
+    # scale. Its output there is the replacement, so this is Δunembed − DE per run exactly (a head of a post-norm
+    # block too: what the block writes with the replacement less with the slice zeroed).
+    ablated_unembed = unembed - direct
 
     def per_component(values: torch.Tensor) -> torch.Tensor:
         return values.reshape(-1, samples, *values.shape[1:]).mean(dim=1)
@@ -367,7 +403,10 @@ def _measure(
         sources=list(sources),
         unembed_effect=per_component(unembed).tolist(),
         compensatory_effect=compensatory_mean,
-        samples=_patch_samples(readout, outputs, u, s_clean, norm_scale, total, direct, sources, samples)
+        ablated_unembed_effect=per_component(ablated_unembed).tolist(),
+        samples=_patch_samples(
+            readout, outputs, u, s_clean, norm_scale, total, direct, ablated_unembed, sources, samples
+        )
         if keep_samples
         else None,
         capped_total_effect=None if capped_total is None else capped_total.tolist(),
@@ -423,16 +462,17 @@ def _patch_samples(
     norm_scale: NormScaleMode,
     total: torch.Tensor,
     direct: torch.Tensor,
+    ablated_unembed: torch.Tensor,
     sources: list[int],
     samples: int,
 ) -> list[list[PatchSample]]:
     """Every ablated run's own TE, DE and profile, grouped by component (rows are component-major)."""
     scale = s_clean.expand(outputs.x_final.shape[0]) if norm_scale == "clean" else readout.scale(outputs.x_final)
     profile = ablated_profile(outputs.layer_out_final, u, scale).tolist()
-    te, de = total.tolist(), direct.tolist()
+    te, de, own = total.tolist(), direct.tolist(), ablated_unembed.tolist()
     patches = [
         PatchSample(source=sources[b % samples] if sources else None, total_effect=te[b], direct_effect=de[b],
-                    profile=profile[b])
+                    profile=profile[b], ablated_unembed_effect=own[b])
         for b in range(len(te))
     ]
     return [patches[k : k + samples] for k in range(0, len(patches), samples)]

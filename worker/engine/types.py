@@ -17,6 +17,7 @@ from hydra_ablate_client.vocabulary import (
     NormScaleMode,
     PositionScope,
     ResampleFrom,
+    ResampleSources,
     ResponseBasisName,
     TargetName,
 )
@@ -44,6 +45,8 @@ class SweepSpec:
     norm_scale: NormScaleMode = "clean"
     resample_samples: int = 1
     resample_from: ResampleFrom = "next"
+    # "different_target": each prompt's sources are prompts whose clean top token differs from its target.
+    resample_sources: ResampleSources = "any"
     seed: int = 0
     # Independent draws of `resample_samples` sources per prompt, drawn with seeds seed, seed + 1, …: every measure
     # is averaged over all draws' runs, and each draw's own means are kept too (PromptMeasures.draws).
@@ -78,6 +81,7 @@ class PatchSample:
     total_effect: float
     direct_effect: float
     profile: list[float]  # Δ̃unembed(k, l): every layer component's direct effect in the ablated run
+    ablated_unembed_effect: float = 0.0  # Δ̃unembed(k, k) of this run, read with the clean final-norm scale
 
 
 @dataclass
@@ -111,6 +115,9 @@ class PromptMeasures:
     # The paper's measures (docs/concepts/definitions.md, "The paper's measures"); per component.
     unembed_effect: list[float] = field(default_factory=list)  # Δunembed of the ablated component (Eq. 10)
     compensatory_effect: list[float] = field(default_factory=list)  # CE (Eq. 33–34), norm excluded
+    # Δ̃unembed(k, k): the ablated component's own write onto the target in the ablated run (clean final-norm
+    # scale), mean over the runs: how much of Δunembed the ablation left in place (0 for a perfect ablation).
+    ablated_unembed_effect: list[float] = field(default_factory=list)
     samples: list[list[PatchSample]] | None = None  # [component][patch], when `keep_samples`
     index: int = -1  # the prompt's index in the job (prompts may be left out by `only_correct`)
     # Soft-capped models (Gemma 2) only: TE of the same metric read on the capped logits; every other measure is
@@ -138,6 +145,7 @@ class PositionMeasures:
     total_effect: torch.Tensor  # (C, P)
     direct_effect: torch.Tensor  # (C, P)
     unembed_effect: torch.Tensor  # (C, P): the ablated component's clean direct effect onto the target
+    ablated_unembed_effect: torch.Tensor  # (C, P): its own write onto the target in the ablated run (clean scale)
     compensation: torch.Tensor  # (C, P)
     response: torch.Tensor  # (C, R, P)
     norm_response: torch.Tensor  # (C, P)

@@ -18,6 +18,9 @@ PositionScope = Literal["final", "all"]
 MetricName = Literal["logit", "centered_logit", "logprob", "logit_diff"]
 NormScaleMode = Literal["clean", "ablated"]
 ResampleFrom = Literal["next", "random"]
+# Which prompts may be resample sources: any other prompt of the job (or relation), or only those whose clean top
+# token differs from the prompt's target (docs/concepts/definitions.md, "Resample sources").
+ResampleSources = Literal["any", "different_target"]
 ResampleWithin = Literal["job", "relation"]
 PresetName = Literal["hydra", "rushing_nanda"]
 MeasurePositions = Literal["final", "all"]

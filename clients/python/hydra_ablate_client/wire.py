@@ -29,6 +29,7 @@ from hydra_ablate_client.vocabulary import (
     PositionScope,
     PresetName,
     ResampleFrom,
+    ResampleSources,
     ResampleWithin,
     ResamplingUnit,
     ResponseBasisName,
@@ -97,6 +98,9 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     norm_scale: NormScaleMode | UnsetType = UNSET
     resample_samples: Annotated[int, Meta(ge=1, le=64)] | UnsetType = UNSET
     resample_from: ResampleFrom | UnsetType = UNSET
+    # Which prompts may serve as resample sources: any other prompt (the paper), or only those whose clean top token
+    # differs from this prompt's target (so that the source does not write onto the same token).
+    resample_sources: ResampleSources | UnsetType = UNSET
     mean_reference: DatasetRef | UnsetType = UNSET
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | UnsetType = UNSET
     # Independent draws of the resample sources (seeds seed, seed + 1, …); the summary's bootstrap redraws them.
@@ -154,6 +158,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     mean_reference_prompts: list[str] | None
     seed: int
     preset: PresetName | None = None
+    resample_sources: ResampleSources = "any"  # "different_target": sources whose clean top token is not the target
     source_seeds: int = 1  # independent draws of resample_samples sources each (seeds seed, seed + 1, …)
     dataset: DatasetRef | None = None
     prompt_fields: list[PromptFields] | None = None  # one per prompt when they come from a dataset
@@ -240,6 +245,9 @@ class ModelInfo(Struct, kw_only=True):
     # Why per-position jobs cannot use response_basis "heads" on this model (post-norm blocks whose output
     # projection has a bias); None where they can.
     head_basis_refusal: str | None = None
+    # What the model is and under which terms its weights are used (the built-in models; null for others).
+    about: str | None = None
+    licence: str | None = None
 
 
 class Regression(Struct, kw_only=True):
@@ -289,6 +297,8 @@ class PatchSample(Struct, kw_only=True):
     total_effect: float
     direct_effect: float
     profile: list[float]  # Δ̃unembed(k, l): every layer component's direct effect in this ablated run
+    # Δ̃unembed(k, k): the ablated component's own write onto the target in this run (clean final-norm scale).
+    ablated_unembed_effect: float | None = None
 
 
 class SourceDraw(Struct, kw_only=True):
@@ -330,6 +340,7 @@ class PositionColumns(Struct, kw_only=True):
     clean_direct_effect: bytes
     response: bytes | None = None
     capped_total_effect: bytes | None = None  # (C, P), soft-capped models (Gemma 2) only: TE on the capped logits
+    ablated_unembed_effect: bytes | None = None  # (C, P): Δ̃unembed(k, k) at every position (null in older results)
 
 
 class PromptResult(Struct, kw_only=True):
@@ -349,6 +360,10 @@ class PromptResult(Struct, kw_only=True):
     clean_direct_effect: list[float]
     unembed_effect: list[float]  # the paper's Δunembed of the ablated component (Eq. 10)
     compensatory_effect: list[float]  # the paper's CE (Eq. 33–34): Σ downstream responses, norm excluded
+    # Ablation efficacy: Δ̃unembed(k, k), the ablated component's own write onto the target in the ablated run
+    # (clean final-norm scale; mean over the resample patches). ≈ 0 when the ablation removes the component's write;
+    # = unembed_effect − direct_effect. Null in results computed before it existed.
+    ablated_unembed_effect: list[float] | None = None
     samples: list[list[PatchSample]] | None = None  # [component][patch], with keep_samples
     # Soft-capped models only (Gemma 2): TE read on the model's capped logits; the other measures are read on the
     # pre-cap logits (docs/concepts/definitions.md, "Final-logit soft-capping"). Null for every other model.
@@ -389,6 +404,13 @@ class ComponentSummary(Struct, kw_only=True):
     # Fig. 2: Pearson correlation across prompts of Δunembed with the drop (TE), and the share with Δunembed > TE.
     unembed_drop_correlation: float | None = None
     unembed_exceeds_drop_share: float | None = None
+    # Ablation efficacy (docs/concepts/definitions.md, "Ablation efficacy"): the mean of Δ̃unembed(k, k) over
+    # prompts, the share of Δunembed the ablation removed, 1 − mean Δ̃unembed(k, k) / mean Δunembed (null when
+    # |mean Δunembed| is below EFFICACY_MIN_UNEMBED), and whether that share is below the summary's threshold.
+    ablated_unembed_effect_mean: float | None = None
+    ablated_unembed_effect_se: float | None = None
+    unembed_removed_share: float | None = None
+    weak_ablation: bool | None = None
 
 
 class ErasureFit(Struct, kw_only=True):
@@ -495,6 +517,8 @@ class Summary(Struct, kw_only=True):
     # The bootstrap behind the summary's intervals; the seeds of the source draws (null with a single draw).
     resampling: Resampling | None = None
     source_seeds: list[int] | None = None
+    # The share of Δunembed below which a component's ablation is flagged weak (ComponentSummary.weak_ablation).
+    efficacy_threshold: float | None = None
 
 
 class Provenance(Struct, kw_only=True):
@@ -511,6 +535,9 @@ class Provenance(Struct, kw_only=True):
     engine: str
     worker: str
     elapsed_s: float
+    # The built-in models: what the model is and its terms (null for other models and in older results).
+    model_about: str | None = None
+    model_licence: str | None = None
 
 
 class JobResult(Struct, kw_only=True):
