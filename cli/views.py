@@ -36,6 +36,7 @@ from hydra_ablate_client.wire import (
     JobStatus,
     ModelInfo,
     Regression,
+    Summary,
 )
 from service.rendering.result_csv import to_csv
 
@@ -206,12 +207,14 @@ def _means(result: JobResult, width: int | None, wide: bool) -> RenderableType:
         Column("component", key=True),
         Column("DE ±SE", justify="right"),
         Column("TE ±SE", justify="right"),
+        Column("removed", DEFAULT, "right"),
         Column("comp ±SE", DEFAULT, "right"),
         Column("attn", DEFAULT, "right"),
         Column("mlp", DEFAULT, "right"),
         Column("norm", DEFAULT, "right"),
         Column("Δunembed ±SE", WIDE, "right"),
         Column("CE ±SE", WIDE, "right"),
+        Column("Δ̃unembed(k,k)", WIDE, "right"),
         Column("corr(Δunembed,TE)", WIDE, "right"),
         Column("Δunembed>TE", WIDE, "right"),
     ]
@@ -220,12 +223,14 @@ def _means(result: JobResult, width: int | None, wide: bool) -> RenderableType:
             row.component,
             _pm(row.direct_effect_mean, row.direct_effect_se),
             _pm(row.total_effect_mean, row.total_effect_se),
+            removed_share(row),
             _pm(row.compensation_mean, row.compensation_se),
             _num(row.compensation_attn_mean),
             _num(row.compensation_mlp_mean),
             _num(row.norm_response_mean),
             _pm(row.unembed_effect_mean, row.unembed_effect_se),
             _pm(row.compensatory_effect_mean, row.compensatory_effect_se),
+            "—" if row.ablated_unembed_effect_mean is None else _num(row.ablated_unembed_effect_mean),
             _num(row.unembed_drop_correlation),
             _num(row.unembed_exceeds_drop_share, ".0%"),
         ]
@@ -233,8 +238,16 @@ def _means(result: JobResult, width: int | None, wide: bool) -> RenderableType:
     ]
     return fitted(
         columns, rows, width=width, wide=wide,
-        title="Means over prompts (DE direct effect, TE total effect, comp = DE − TE = attn + mlp + norm)",
+        title="Means over prompts (DE direct effect, TE total effect, removed: share of Δunembed the ablation "
+        "removed, ! below the threshold; comp = DE − TE = attn + mlp + norm)",
     )
+
+
+def removed_share(row: ComponentSummary) -> str:
+    """The share of Δunembed the ablation removed, marked `!` where it is below the summary's threshold."""
+    if row.unembed_removed_share is None:
+        return "—"
+    return f"{row.unembed_removed_share:.0%}" + ("!" if row.weak_ablation else "")
 
 
 def regressions(components: Sequence[ComponentSummary], wide: bool = False) -> list[tuple[str, Regression]]:
@@ -334,12 +347,41 @@ def summary_lines(result: JobResult) -> list[str]:
     summary = result.summary
     spec = result.provenance.spec
     lines = [f"{result.model}: {spec.ablation} ablation, {spec.metric}, {summary.n_prompts} prompts"]
+    lines += paper_lines(summary)
     selection = summary.selection
     if selection.only_correct:
         lines.append(f"only_correct: {selection.n_kept} of {selection.n_candidates} prompts answered correctly")
-    lines.append(f"{regression_label(summary.total_vs_direct)} across components: {_fit(summary.total_vs_direct)}")
+    lines.append(f"{regression_label(summary.total_vs_direct)} across components (older headline): "
+                 f"{_fit(summary.total_vs_direct)}")
     ties = f"pairs {summary.near_ties}" if summary.n_pairs is not None else f"{summary.near_ties}"
     lines.append(f"near ties (top-2 gap small): {ties}")
+    return lines
+
+
+def paper_lines(summary: Summary) -> list[str]:
+    """The paper's statistic first: CE on Δunembed per component (how many slopes lie wholly in (0, 1)), then the
+    ablations' efficacy (how many removed less than the threshold of Δunembed, and which)."""
+    lines = []
+    fits = [(c.component, c.ce_vs_unembed) for c in summary.components if c.ce_vs_unembed is not None]
+    if fits:
+        partial = [name for name, fit in fits if fit.slope_in_unit_interval]
+        best = max(fits, key=lambda item: item[1].r2 if item[1].r2 is not None else -1.0)
+        lines.append(
+            f"CE on Δunembed (the paper's Fig. 7): slope interval wholly in (0, 1) for {len(partial)} of "
+            f"{len(fits)} components; best fit {best[0]}: slope {_num(best[1].slope, '+.2f')} {_ci(best[1])}, "
+            f"R² {_num(best[1].r2, '.2f')}"
+        )
+    if summary.efficacy_threshold is not None:
+        rated = [c for c in summary.components if c.weak_ablation is not None]
+        weak = [c for c in rated if c.weak_ablation]
+        threshold = f"{summary.efficacy_threshold:.0%}"
+        if weak:
+            named = ", ".join(f"{c.component} {c.unembed_removed_share:.0%}" for c in weak[:6])
+            more = f", … ({len(weak) - 6} more)" if len(weak) > 6 else ""
+            lines.append(f"ablation efficacy: {len(weak)} of {len(rated)} removed < {threshold} of Δunembed "
+                         f"(weak: {named}{more})")
+        elif rated:
+            lines.append(f"ablation efficacy: all {len(rated)} removed ≥ {threshold} of Δunembed")
     return lines
 
 

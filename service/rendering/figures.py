@@ -231,8 +231,19 @@ def _layer_panel(ax: Axes, result: JobResult, kind: str) -> None:
                                                    strict=True):
         ax.bar(x + offset, means, width, yerr=ses, color=colour, label=label, capsize=1.5,
                error_kw={"elinewidth": 0.7, "ecolor": "0.2"})
+    # Ablation efficacy over the Δunembed bar: what the ablated layer still writes onto the target after ablation.
+    kept = [(layer, s, s.ablated_unembed_effect_mean) for layer, s in rows if s.ablated_unembed_effect_mean is not None]
+    if kept:
+        ax.scatter([layer - 1.5 * width for layer, _, _ in kept], [own for _, _, own in kept],
+                   marker="_", s=90, linewidths=2.2, color="black", zorder=3,
+                   label="Δ̃unembed(k, k): left after ablation")
+        for layer, s, own in kept:
+            if s.weak_ablation:
+                top = max(s.unembed_effect_mean, own)
+                ax.annotate("weak", (layer - 1.5 * width, top), textcoords="offset points", xytext=(0, 4),
+                            ha="center", fontsize=MIN_FONT_PT, color="black")
     layer_ticks(ax, [int(layer) for layer in x])
-    ax.legend(loc="upper left", ncols=4, fontsize=MIN_FONT_PT + 1)
+    ax.legend(loc="upper left", ncols=5 if kept else 4, fontsize=MIN_FONT_PT + 1)
     ax.grid(True, axis="y", alpha=0.3)
 
 
@@ -247,6 +258,10 @@ def _layer_effects(fig: Figure, result: JobResult) -> None:
     heads = sum(1 for name in result.components if kind_and_layer(name)[0] == "head")
     title = (f"{result.model}: mean Δunembed, drop (TE), the paper's compensatory effect and the norm's part per "
              f"layer (± SE, {result.summary.n_prompts} prompts)")
+    threshold = result.summary.efficacy_threshold
+    if threshold is not None:
+        title += (f"\nblack dash: the ablated layer's own write left after ablation; \"weak\": it removed less than "
+                  f"{threshold:.0%} of Δunembed")
     if heads:
         title += f"\n{heads} head components not shown here (see te_vs_de)"
     fig.suptitle(title)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult
+from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult, PromptResult
 from service.rendering.figure_style import FigureOptionError, kind_and_layer, layer_ticks, metric_unit
 
 if TYPE_CHECKING:
@@ -119,8 +119,23 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
         f"{result.model}: per-layer unembedding impact, clean and with {result.components[k]} ablated\n"
         f"prompt {row.index}: {row.prompt!r} → {row.target_token!r}; drop {row.total_effect[k]:+.2f}, "
         f"Δunembed {row.unembed_effect[k]:+.2f}, CE {row.compensatory_effect[k]:+.2f} {unit}"
+        + _efficacy_line(result, row, k)
     )
     del ablated_kind
+
+
+def _efficacy_line(result: JobResult, row: PromptResult, k: int) -> str:
+    """The ablation's efficacy: this prompt's Δ̃unembed(k, k) against its Δunembed, and the job's removed share."""
+    own = row.ablated_unembed_effect[k] if row.ablated_unembed_effect else None
+    if own is None:
+        return ""
+    text = f"\nablation efficacy: {result.components[k]} still writes {own:+.2f} of its {row.unembed_effect[k]:+.2f}"
+    summary = next((c for c in result.summary.components if c.component == result.components[k]), None)
+    if summary is not None and summary.unembed_removed_share is not None:
+        text += f"; over the job's prompts the ablation removed {summary.unembed_removed_share:.0%} of Δunembed"
+        if summary.weak_ablation and result.summary.efficacy_threshold is not None:
+            text += f" (weak: below {result.summary.efficacy_threshold:.0%})"
+    return text
 
 
 # --- Fig. 2 ----------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from hydra_ablate_client.tables import iter_long, long_column_names
 from hydra_ablate_client.vocabulary import parse_component
 from hydra_ablate_client.wire import JobResult, PositionColumns
-from service.rendering.result_csv import POSITION_MEASURES, has_positions
+from service.rendering.result_csv import OPTIONAL_POSITION_MEASURES, POSITION_MEASURES, has_positions
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 METADATA_KEY = b"hydra.result"
@@ -144,8 +144,9 @@ def position_schema(result: JobResult) -> pa.Schema:
         pa.field("head", pa.int64()),
         *(pa.field(name, pa.float32()) for name in (*POSITION_PROMPT_MEASURES, *POSITION_MEASURES)),
     ]
-    if any(p.positions is not None and p.positions.capped_total_effect is not None for p in result.prompts):
-        fields.append(pa.field("capped_total_effect", pa.float32()))
+    for name in OPTIONAL_POSITION_MEASURES:
+        if any(p.positions is not None and getattr(p.positions, name) is not None for p in result.prompts):
+            fields.append(pa.field(name, pa.float32()))
     if any(p.positions is not None and p.positions.response is not None for p in result.prompts):
         fields.append(pa.field("response", pa.list_(pa.float32())))
     return pa.schema(fields, metadata={METADATA_KEY: rest})
@@ -188,13 +189,14 @@ def _position_batch(result: JobResult, schema: pa.Schema, start: int, stop: int)
             parts[name].append(pa.array(np.repeat(_float32(getattr(columns, name)), n_components)))
         for name in POSITION_MEASURES:  # stored (C, P), rows are position-major: transpose
             parts[name].append(pa.array(_float32(getattr(columns, name)).reshape(n_components, n_positions).T.ravel()))
-        if "capped_total_effect" in parts:
-            capped = columns.capped_total_effect
-            parts["capped_total_effect"].append(
-                pa.nulls(rows, type=pa.float32())
-                if capped is None
-                else pa.array(_float32(capped).reshape(n_components, n_positions).T.ravel())
-            )
+        for name in OPTIONAL_POSITION_MEASURES:
+            if name in parts:
+                stored = getattr(columns, name)
+                parts[name].append(
+                    pa.nulls(rows, type=pa.float32())
+                    if stored is None
+                    else pa.array(_float32(stored).reshape(n_components, n_positions).T.ravel())
+                )
         if "response" in parts:
             if columns.response is None:
                 parts["response"].append(pa.nulls(rows, type=pa.list_(pa.float32())))
@@ -299,7 +301,7 @@ def _from_position_table(table: pa.Table, rest: JobResult) -> JobResult:
     n_components = len(rest.components)
     columns = {name: table.column(name).to_numpy() for name in (*POSITION_PROMPT_MEASURES, *POSITION_MEASURES)}
     response = table.column("response") if "response" in table.schema.names else None
-    capped = table.column("capped_total_effect") if "capped_total_effect" in table.schema.names else None
+    optional = {name: table.column(name) for name in OPTIONAL_POSITION_MEASURES if name in table.schema.names}
     prompts, offset = [], 0
     for prompt in rest.prompts:
         if prompt.positions is None:
@@ -315,11 +317,12 @@ def _from_position_table(table: pa.Table, rest: JobResult) -> JobResult:
         }
         filled.update({name: columns[name][span][::n_components].astype("<f4").tobytes()
                        for name in POSITION_PROMPT_MEASURES})
-        if capped is not None and capped[span.start].is_valid:
-            values = capped.slice(span.start, span.stop - span.start).to_numpy()
-            filled["capped_total_effect"] = np.ascontiguousarray(values.reshape(n_positions, n_components).T).astype(
-                "<f4"
-            ).tobytes()
+        for name, stored in optional.items():
+            if stored[span.start].is_valid:
+                values = stored.slice(span.start, span.stop - span.start).to_numpy()
+                filled[name] = np.ascontiguousarray(values.reshape(n_positions, n_components).T).astype(
+                    "<f4"
+                ).tobytes()
         vectors = None
         if response is not None and response[span.start].is_valid:
             flat = np.asarray(response.slice(span.start, span.stop - span.start).combine_chunks().flatten())

@@ -36,6 +36,9 @@ CSV_COLUMNS = (
     "norm_response",
     "clean_metric",
     "near_tie",
+    "unembed_effect",  # the paper's Δunembed of the ablated component
+    "compensatory_effect",  # the paper's CE
+    "ablated_unembed_effect",  # Δ̃unembed(k, k): its own write left after ablation (empty in older results)
 )
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 assert sys.byteorder == "little", "per-position arrays are little-endian float32"
@@ -52,6 +55,9 @@ POSITION_MEASURES = (
     "response_mlps",
     "norm_response",
 )
+# (C, P) arrays that a result may lack: TE on the capped logits (soft-capped models, Gemma 2, only) and the
+# ablation's efficacy Δ̃unembed(k, k) (results computed before it existed). Empty cells / null columns where absent.
+OPTIONAL_POSITION_MEASURES = ("capped_total_effect", "ablated_unembed_effect")
 POSITION_CSV_COLUMNS = (
     "prompt_index",
     "prompt",
@@ -61,7 +67,7 @@ POSITION_CSV_COLUMNS = (
     *POSITION_MEASURES,
     "clean_metric",
     "top2_gap",
-    "capped_total_effect",  # soft-capped models (Gemma 2) only; empty otherwise
+    *OPTIONAL_POSITION_MEASURES,
 )
 
 
@@ -94,6 +100,9 @@ def to_csv(result: JobResult) -> bytes:
                     repr(prompt.norm_response[c]),
                     repr(prompt.clean_metric),
                     "true" if prompt.near_tie else "false",
+                    repr(prompt.unembed_effect[c]),
+                    repr(prompt.compensatory_effect[c]),
+                    "" if not prompt.ablated_unembed_effect else repr(prompt.ablated_unembed_effect[c]),
                 )
             )
     return buffer.getvalue().encode("utf-8")
@@ -119,7 +128,8 @@ def position_csv_rows(result: JobResult) -> Iterator[bytes]:
         arrays = [array("f", getattr(columns, name)) for name in POSITION_MEASURES]
         clean, gap = array("f", columns.clean_metric), array("f", columns.top2_gap)
         text = neutralise(prompt.prompt)
-        capped = None if columns.capped_total_effect is None else array("f", columns.capped_total_effect)
+        optional = [None if getattr(columns, name) is None else array("f", getattr(columns, name))
+                    for name in OPTIONAL_POSITION_MEASURES]
         n_positions = len(columns.positions)
         for p, (position, target) in enumerate(zip(columns.positions, columns.target_ids, strict=True)):
             for c, component in enumerate(result.components):
@@ -127,7 +137,7 @@ def position_csv_rows(result: JobResult) -> Iterator[bytes]:
                 writer.writerow(
                     (prompt.index, text, position, target, neutralise(component),
                      *(repr(values[at]) for values in arrays), repr(clean[p]), repr(gap[p]),
-                     "" if capped is None else repr(capped[at]))
+                     *("" if values is None else repr(values[at]) for values in optional))
                 )
         assert all(len(values) == n_components * n_positions for values in arrays)
         yield buffer.getvalue().encode("utf-8")
