@@ -3,12 +3,15 @@ converted copy) against the brute-force oracle (tests/oracle.py), CPU, float32.
 
 Tolerance: 1e-4 × (1 + |clean metric|), the largest clean metric of the case (Gemma's raw logits are ~20): TE, DE,
 Δunembed, CE, the norm's part, every response, Δ̃unembed(k, k) (`ablated_unembed_effect`), per patch too.
+(The converted copy holds exactly the GGUF's de-quantised weights: checked once when it is made, and its logits
+equal the GGUF path's to 0.0.)
 
 A covering set, not the product of every option: each case below runs a few prompts and components, and together
-they take every ablation kind (resample next / random, mean, zero), final and every position (ablated and measured),
+they take every ablation kind (resample with random sources, mean, zero), final and every position (ablated and measured),
 both response bases (layers, heads), both norm scales, several metrics, layer and head components (post-norm heads:
-Gemma 3 wraps attention and MLP in pre- and post-norms). The whole file takes about a minute on 2 CPU cores
-(the model loads in seconds from its converted copy; every oracle intervention is a full forward pass).
+Gemma 3 wraps attention and MLP in pre- and post-norms). The whole file takes about two minutes of CPU time
+(the model loads in seconds from its converted copy; every oracle intervention is a full forward pass, and the
+per-position oracle reads every position on the full vocabulary in float64).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from tests.oracle import oracle_position_sweep, oracle_sweep
 from tests.test_engine_oracle import compare_results
 from worker.builtin_models import GEMMA, GEMMA_GGUF_SHA256
 from worker.engine.position_sweep import run_position_sweep
-from worker.engine.replacements import resample_sources
 from worker.engine.sweep import run_sweep
 from worker.engine.types import SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel, load_model, model_info
@@ -94,9 +96,9 @@ class FinalCase:
 
 
 FINAL_CASES = (
-    FinalCase("resample", "final", "centered_logit", "clean", ("attn.3", "head.8.2", "mlp.9", "attn.15", "mlp.17"),
-              samples=2, resample_from="random"),
-    FinalCase("zero", "all", "logit", "ablated", ("head.5.0", "mlp.6", "attn.12"), given_targets=True, n_prompts=2),
+    FinalCase("resample", "final", "centered_logit", "clean", ("attn.3", "head.8.2", "mlp.9", "mlp.17"),
+              resample_from="random", n_prompts=2),
+    FinalCase("zero", "all", "logit", "ablated", ("head.5.0", "mlp.6", "attn.12"), given_targets=True, n_prompts=1),
     FinalCase("mean", "final", "logprob", "clean", ("attn.10", "mlp.14"), n_prompts=2),
 )
 
@@ -131,8 +133,8 @@ class PositionCase:
 
 
 POSITION_CASES = (
-    PositionCase("resample", "centered_logit", "next_token", "all", "heads", ("head.4.1", "mlp.7", "head.13.3")),
-    PositionCase("zero", "logit", "clean_top", "final", "layers", ("attn.2", "head.11.0", "mlp.16")),
+    PositionCase("mean", "logit", "next_token", "all", "heads", ("head.4.1", "mlp.13")),
+    PositionCase("zero", "centered_logit", "clean_top", "final", "layers", ("attn.2", "head.11.0", "mlp.16")),
 )
 
 
@@ -144,10 +146,11 @@ def test_per_position_measures_match_the_oracle(gemma: LoadedModel, case: Positi
         measure_positions=case.measure_positions, target=case.target,  # type: ignore[arg-type]
         response_basis=case.response_basis,  # type: ignore[arg-type]
     )
-    inputs = SweepInputs(token_ids=_ids(gemma, PROMPTS[:2]))
+    # One short prompt: every position of every run is read on the full 262k vocabulary by hand (resample at every
+    # position is covered on the tiny Gemma 3 in tests/test_position_oracle.py, and at the final position here).
+    inputs = SweepInputs(token_ids=_ids(gemma, PROMPTS[2:]))
     engine = run_position_sweep(gemma.model, spec, inputs)
-    pairing = resample_sources(2, 1, "random", 5) if case.ablation == "resample" else None
-    oracle: dict[str, Any] = oracle_position_sweep(gemma.model, spec, inputs, sources=pairing)
+    oracle: dict[str, Any] = oracle_position_sweep(gemma.model, spec, inputs)
     atol = 1e-4 * (1 + max(float(p["clean_metric"].abs().max()) for p in oracle["prompts"]))
     bad = []
     for i, (e, o) in enumerate(zip(engine.prompts, oracle["prompts"], strict=True)):
