@@ -9,9 +9,9 @@ equal the GGUF path's to 0.0.)
 A covering set, not the product of every option: each case below runs a few prompts and components, and together
 they take every ablation kind (resample with random sources, mean, zero), final and every position (ablated and
 measured), both response bases (layers, heads), both norm scales, several metrics, layer and head components
-(post-norm heads: Gemma 3 wraps attention and MLP in pre- and post-norms). The whole file takes about two minutes of CPU time
-(the model loads in seconds from its converted copy; every oracle intervention is a full forward pass, and the
-per-position oracle reads every position on the full vocabulary in float64).
+(post-norm heads: Gemma 3 wraps attention and MLP in pre- and post-norms). The whole file takes about two minutes
+of CPU time (the model loads in seconds from its converted copy; every oracle intervention is a full forward pass,
+and the per-position oracle reads every position on the full vocabulary in float64).
 """
 
 from __future__ import annotations
