@@ -50,6 +50,7 @@ from hydra_ablate_client.vocabulary import (
     PositionScope,
     PresetName,
     ResampleFrom,
+    ResampleSources,
     ResampleWithin,
     ResponseBasisName,
     TargetName,
@@ -95,6 +96,7 @@ if TYPE_CHECKING:  # type checkers see the Literals; Typer gets Enums, whose mem
     NormScale = NormScaleMode
     ResampleFromChoice = ResampleFrom
     ResampleWithinChoice = ResampleWithin
+    ResampleSourcesChoice = ResampleSources
     MeasureChoice = MeasurePositions
     Target = TargetName
     ResponseBasis = ResponseBasisName
@@ -111,6 +113,7 @@ else:
     NormScale = choices("NormScale", NormScaleMode)
     ResampleFromChoice = choices("ResampleFromChoice", ResampleFrom)
     ResampleWithinChoice = choices("ResampleWithinChoice", ResampleWithin)
+    ResampleSourcesChoice = choices("ResampleSourcesChoice", ResampleSources)
     MeasureChoice = choices("MeasureChoice", MeasurePositions)
     Target = choices("Target", TargetName)
     ResponseBasis = choices("ResponseBasis", ResponseBasisName)
@@ -532,6 +535,10 @@ def submit(
         ResampleWithinChoice | None,
         typer.Option(help="draw resample sources from the whole job or the prompt's dataset relation"),
     ] = None,
+    resample_sources: Annotated[
+        ResampleSourcesChoice | None,
+        typer.Option(help="any prompt as a resample source, or only those whose clean top token is not the target"),
+    ] = None,
     mean_reference: Annotated[
         Dataset | None, typer.Option(help="mean ablation: the dataset whose mean activation replaces outputs")
     ] = None,
@@ -605,6 +612,7 @@ def submit(
         norm_scale=_value(norm_scale),
         resample_from=_value(resample_from),
         resample_within=_value(resample_within),
+        resample_sources=_value(resample_sources),
         mean_reference=None if mean_reference is None else {"name": _text(mean_reference)},
         source_seeds=source_seeds,
         keep_samples=keep_samples,

@@ -822,16 +822,23 @@ def oracle_position_sweep(
     def capped(z: torch.Tensor) -> torch.Tensor:
         return z if parts.softcap is None else parts.softcap * torch.tanh(z / parts.softcap)
 
-    def metric(x: torch.Tensor, target: int, on_capped: bool = False) -> float:
-        """Pre-cap logits for logit / centered_logit; the model's capped distribution for logprob."""
-        z = hand_logits(parts, readout, x)
+    def metric(z: torch.Tensor, target: int, on_capped: bool = False) -> float:
+        """From hand logits `z`: pre-cap for logit / centered_logit; the model's capped distribution for logprob."""
         return metric_from_logits(capped(z) if on_capped or spec.metric == "logprob" else z, spec.metric, target, None)
+
+    def logits_at(x: torch.Tensor) -> torch.Tensor:
+        """(T, vocab) hand logits of every position, by hand in float64 (one product: the same numbers as
+        hand_logits per position, read from W_U once instead of once per position)."""
+        normed = torch.stack([readout.norm(x[p]) for p in range(x.shape[0])])
+        z = normed @ parts.unembed.T
+        return z + parts.unembed_bias if parts.unembed_bias is not None else z
 
     results = []
     for i, ids in enumerate(prompts):
         T = ids.shape[0]
         rec_c, x_c = clean[i]
-        logits_c = [hand_logits(parts, readout, x_c[p]) for p in range(T)]
+        z_c = logits_at(x_c)
+        logits_c = [z_c[p] for p in range(T)]
         if spec.target == "next_token":
             targets = [int(t) for t in full[i][1:]]
         elif inputs.target_ids is not None:
@@ -841,8 +848,8 @@ def oracle_position_sweep(
         measured = list(range(T)) if spec.measure_positions == "all" else [T - 1]
         w = [metric_direction(parts, spec.metric, targets[p], None) for p in range(T)]
         s_c = [readout.scale(x_c[p]) for p in range(T)]
-        m_c = [metric(x_c[p], targets[p]) for p in range(T)]
-        m_c_capped = [metric(x_c[p], targets[p], on_capped=True) for p in range(T)]
+        m_c = [metric(z_c[p], targets[p]) for p in range(T)]
+        m_c_capped = [metric(z_c[p], targets[p], on_capped=True) for p in range(T)]
         clean_de = [[readout.f(w[p], basis_output(parts, rec_c, d, p)) / s_c[p] for p in measured] for d in basis]
 
         names = ("total_effect", "direct_effect", "unembed_effect", "compensation", "norm_response",
@@ -870,9 +877,10 @@ def oracle_position_sweep(
             response_sum = torch.zeros(len(basis), len(measured), dtype=torch.float64)
             for values in runs:
                 rec_a, x_a = run_model_positions(model, parts, ids, Ablation(comp, values))
+                z_a = logits_at(x_a)
                 for k, p in enumerate(measured):
-                    te = m_c[p] - metric(x_a[p], targets[p])
-                    capped_te = m_c_capped[p] - metric(x_a[p], targets[p], on_capped=True)
+                    te = m_c[p] - metric(z_a[p], targets[p])
+                    capped_te = m_c_capped[p] - metric(z_a[p], targets[p], on_capped=True)
                     if post_norm_head:
                         attn_c = rec_c.attn_out[comp.layer][p].double()
                         delta = attn_c - rec_a.attn_out[comp.layer][p].double()
