@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult, PromptResult
-from service.rendering.figure_style import FigureOptionError, kind_and_layer, layer_ticks, metric_unit
+from service.rendering.figure_style import MIN_FONT_PT, FigureOptionError, kind_and_layer, layer_ticks, metric_unit
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -271,8 +271,14 @@ def fig7(fig: Figure, result: JobResult) -> None:
     _scatter_by_depth(ax_c, result, "mlp", "(c) MLP layers: CE against Δunembed")
     attn = _by_kind(result, "attn")
     fitted = [(best_r2, layer, c, s) for layer, c, s in attn if (best_r2 := _fit(s).r2) is not None]
+    # The paper's panel (b) is a mid-network layer (its layer 23 of 32): the best fit among the middle half of the
+    # layers, where there are fitted layers there (else among all).
+    n_layers = _n_layers(result)
+    low_mid, high_mid = n_layers // 4, (3 * n_layers) // 4
+    middle = [row for row in fitted if low_mid <= row[1] < high_mid]
+    where = f"the best fit among layers {low_mid}–{high_mid - 1}" if middle else "the best fit"
     if fitted:
-        _, layer, c, summary = max(fitted, key=lambda row: row[0])
+        _, layer, c, summary = max(middle or fitted, key=lambda row: row[0])
         xs = [p.unembed_effect[c] for p in result.prompts]
         ys = [p.compensatory_effect[c] for p in result.prompts]
         ax_b.scatter(xs, ys, s=8, alpha=0.6, color="tab:blue", linewidths=0, label="one prompt")
@@ -282,7 +288,9 @@ def fig7(fig: Figure, result: JobResult) -> None:
         assert fit.slope is not None and fit.intercept is not None  # r2 is set only with a slope
         ax_b.plot(line_x, fit.slope * line_x + fit.intercept, color="tab:red", linewidth=2,
                   label=f"fit: {_fit_text(fit)}")
-        ax_b.set_title(f"(b) attention layer {layer}, the best fit")
+        removed = summary.unembed_removed_share
+        efficacy = "" if removed is None else f"; ablation removed {removed:.0%} of Δunembed"
+        ax_b.set_title(f"(b) attention layer {layer}, {where}{efficacy}")
         ax_b.set_xlabel(_unit_label(result, "Δunembed"))
         ax_b.set_ylabel(_unit_label(result, "compensatory effect CE"))
         ax_b.legend(loc="upper left")
@@ -304,7 +312,9 @@ def fig7(fig: Figure, result: JobResult) -> None:
                   label=f"{label}: R²")
     ax_d.axhline(1, color="0.35", linestyle="--", linewidth=1)
     ax_d.axhline(0, color="0.3", linewidth=0.8)
-    _robust_ylim(ax_d, [_fit(s).slope for _, _, s in _by_kind(result, "attn") + _by_kind(result, "mlp")])
+    every = [(kind, layer, _fit(s)) for kind in ("attn", "mlp") for layer, _, s in _by_kind(result, kind)]
+    _robust_ylim(ax_d, [f.slope for _, _, f in every])
+    _note_clipping(ax_d, every)
     ax_d.set_title("(d) slope of CE on Δunembed (95% CI) and R² per layer")
     ax_d.set_xlabel("ablated layer")
     ax_d.set_ylabel("slope (dimensionless) / R²")
@@ -324,6 +334,24 @@ def _robust_ylim(ax: Axes, slopes: list[float | None]) -> None:
         return
     low, high = np.percentile(values, [5, 95])
     ax.set_ylim(min(-0.5, low - 0.5), max(1.5, high + 0.5))
+
+
+def _note_clipping(ax: Axes, fits: list[tuple[str, int, Fit]]) -> None:
+    """Say on the panel which slopes, and how many intervals, run off its y-axis (nothing is clipped silently)."""
+    low, high = ax.get_ylim()
+    off = [f"{kind}.{layer} {f.slope:+.1f}" for kind, layer, f in fits
+           if f.slope is not None and not low <= f.slope <= high]
+    cut = sum(1 for _, _, f in fits if f.slope is not None and low <= f.slope <= high
+              and ((f.slope_ci_low is not None and f.slope_ci_low < low)
+                   or (f.slope_ci_high is not None and f.slope_ci_high > high)))
+    parts = []
+    if off:
+        parts.append(f"slopes off the axes: {', '.join(off[:6])}{' …' if len(off) > 6 else ''}")
+    if cut:
+        parts.append(f"{cut} interval{'' if cut == 1 else 's'} cut at the axes")
+    if parts:
+        ax.text(0.99, 0.02, "; ".join(parts), transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=MIN_FONT_PT, color="0.25", bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
 
 
 # --- Fig. 8 ----------------------------------------------------------------------------------------------------------
