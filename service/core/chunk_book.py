@@ -27,21 +27,7 @@ from msgspec import Struct
 
 from hydra_ablate_client.wire import PromptResult, Provenance
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
-from service.core.settings import env_int
 from service.core.store import JobStore
-
-DEFAULT_CHUNK_PROMPTS = 64
-DEFAULT_MAX_DELIVERIES = 3
-
-
-def chunk_prompts() -> int:
-    """Prompts per chunk, read from HYDRA_CHUNK_PROMPTS when a job is planned."""
-    return env_int("HYDRA_CHUNK_PROMPTS", DEFAULT_CHUNK_PROMPTS)
-
-
-def max_deliveries() -> int:
-    """How often one chunk may start before its job fails (its worker keeps dying): HYDRA_MAX_DELIVERIES."""
-    return env_int("HYDRA_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES)
 
 
 @dataclass(frozen=True)
