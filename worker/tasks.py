@@ -100,7 +100,7 @@ def model_cache() -> ModelCache:
 
 
 def _job_state(store: JobStore, job_id: str) -> str | None:
-    raw = bytes_or_none(store.client.hget(store.job_key(job_id), "status"))
+    raw = bytes_or_none(store.client.hget(store.keys.job(job_id), "status"))
     return None if raw is None else raw.decode()
 
 

@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.aredis = client
         app.state.limiter = RateLimiter(client, settings)
         # Streams and long polls wait on this one subscription, not on a pooled connection each.
-        app.state.event_hub = EventHub(client, store.events_channel)
+        app.state.event_hub = EventHub(client, store.keys.events_channel)
         app.state.event_hub.start()
         await warn_without_keys(client)
 

@@ -12,11 +12,6 @@ from service.core.chunk_book import ChunkBook
 from service.core.store import JobStore
 
 
-def figure_key(store: JobStore, job_id: str, name: str, fmt: str, suffix: str = "") -> str:
-    """Where a rendered figure is cached (`suffix`: the size and selection options, empty for the defaults)."""
-    return f"{store.prefix}figure:{job_id}:{name}:{fmt}{suffix}"
-
-
 def leftover_keys(store: JobStore, job_id: str) -> list[str]:
     """Every key of the job besides those `JobStore.delete_finished` names itself: chunk bookkeeping, chunk
     partials and leases, and every cached figure (any format and size, as recorded when it was cached)."""
@@ -25,7 +20,7 @@ def leftover_keys(store: JobStore, job_id: str) -> list[str]:
     for index in range(book.n_chunks(job_id) or 0):
         keys += [book.result_key(job_id, index), book.lease_key(job_id, index)]
     # The default-size keys too: figures cached before their keys were recorded (an older version) go as well.
-    keys += [figure_key(store, job_id, name, fmt) for name in FIGURE_NAMES for fmt in FIGURE_MEDIA_TYPES]
+    keys += [store.keys.figure(job_id, name, fmt) for name in FIGURE_NAMES for fmt in FIGURE_MEDIA_TYPES]
     keys += store.cached_figure_keys(job_id)
     return list(dict.fromkeys(keys))
 
