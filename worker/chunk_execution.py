@@ -185,9 +185,11 @@ def execute(
     *,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    batch_tokens: int | None = None,
 ) -> JobResult:
     """The whole job in one piece: one chunk covering every prompt, merged."""
     chunk = execute_chunk(
-        job_id, spec, loaded, 0, 0, len(spec.prompts), on_progress=on_progress, should_stop=should_stop
+        job_id, spec, loaded, 0, 0, len(spec.prompts), on_progress=on_progress, should_stop=should_stop,
+        batch_tokens=batch_tokens,
     )
     return merge_chunks(job_id, spec, [chunk])
