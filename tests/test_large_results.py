@@ -57,14 +57,6 @@ def test_results_are_stored_gzip_compressed_and_read_back_as_json(store: JobStor
     assert gzip.decompress(store.result_gzip(job_id) or b"") == encoded
 
 
-def test_results_stored_before_compression_are_still_served(store: JobStore) -> None:
-    job_id = store_succeeded(store, build_result())
-    plain = store.result(job_id) or b""
-    store.client.set(store.keys.result(job_id), plain)  # as an older version stored it
-    assert store.result(job_id) == plain
-    assert gzip.decompress(store.result_gzip(job_id) or b"") == plain
-
-
 def served(settings: Settings) -> Iterator[int]:
     with serve(create_app(settings)) as url:
         yield int(url.rsplit(":", 1)[1])

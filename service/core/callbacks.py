@@ -23,7 +23,7 @@ import httpx
 import msgspec
 import redis
 
-from hydra_ablate_client.wire import CallbackAttempt, JobStatus
+from hydra_ablate_client.wire import CallbackAttempt
 from service.core.labels import CallbackRefused, IpNetwork, check_callback_url
 from service.core.redis_keys import RedisKeys
 from service.core.store import JobStore, utc_now
@@ -121,5 +121,3 @@ def finish_hook(store: JobStore, send: Callable[[str], None]) -> Callable[[str],
     return on_finished
 
 
-def final_status_body(status: JobStatus) -> bytes:
-    return msgspec.json.encode(status)

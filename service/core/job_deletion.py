@@ -7,7 +7,6 @@ wholly there or wholly gone, and a job still queued or running is never touched 
 
 from __future__ import annotations
 
-from hydra_ablate_client.vocabulary import FIGURE_MEDIA_TYPES, FIGURE_NAMES
 from service.core.chunk_book import ChunkBook
 from service.core.store import JobStore
 
@@ -19,8 +18,6 @@ def leftover_keys(store: JobStore, job_id: str) -> list[str]:
     keys = list(book.keys(job_id))
     for index in range(book.n_chunks(job_id) or 0):
         keys += [book.result_key(job_id, index), book.lease_key(job_id, index)]
-    # The default-size keys too: figures cached before their keys were recorded (an older version) go as well.
-    keys += [store.keys.figure(job_id, name, fmt) for name in FIGURE_NAMES for fmt in FIGURE_MEDIA_TYPES]
     keys += store.cached_figure_keys(job_id)
     return list(dict.fromkeys(keys))
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import redis
 
 from service.core.redis_keys import RedisKeys
-from service.core.redis_replies import ScriptArgs, bytes_or_none, scored_members
+from service.core.redis_replies import ScriptArgs, bytes_or_none
 from service.core.store import JobStore, utc_now
 
 QUEUED = "queued:"  # sent by the planner, not started yet
@@ -194,11 +194,6 @@ class Leases:
     def holder(self, job_id: str, index: int) -> str | None:
         raw = bytes_or_none(self.client.get(self.key(job_id, index)))
         return None if raw is None else raw.decode()
-
-    def expiries_ms(self) -> dict[ChunkRef, int]:
-        """Every lease with its expiry (ms, Redis clock): for tests and operators."""
-        raw = scored_members(self.client.zrange(self.index_key, 0, -1, withscores=True))
-        return {ChunkRef.parse(member.decode()): int(score) for member, score in raw}
 
     def mark_queued(self, job_id: str, index: int, task_id: str, recheck_s: float) -> bool:
         """A chunk was just sent: if it has not started within `recheck_s`, a sweep looks for its message (a Redis

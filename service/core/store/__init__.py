@@ -8,8 +8,9 @@ key names come from service/core/redis_keys.py. Importers take the names below f
 
 from hydra_ablate_client.vocabulary import ACTIVE_STATES, TERMINAL_STATES
 from service.core.store.job_listing import JobFilter
-from service.core.store.job_records import GZIP_MAGIC, ActiveJobsExceeded, JobLabels, utc_now
+from service.core.store.job_records import ActiveJobsExceeded, JobLabels, utc_now
 from service.core.store.jobs import LOOP_SCRIPTS, RESEND_AFTER_S, RESEND_MAX_S, JobStore
+from service.core.store.results import GZIP_MAGIC
 
 __all__ = [
     "ACTIVE_STATES",

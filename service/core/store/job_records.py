@@ -115,7 +115,6 @@ def created(status: JobStatus, outcome: int, owner: str, max_active: int) -> Job
     return status
 
 
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 EVICTED = (

@@ -6,7 +6,6 @@ import gzip
 
 from service.core.redis_replies import bytes_or_none
 from service.core.store.base import StoreBase
-from service.core.store.job_records import GZIP_MAGIC
 
 
 def compress_result(encoded: bytes) -> bytes:
@@ -16,8 +15,11 @@ def compress_result(encoded: bytes) -> bytes:
 
 
 def decompress_result(stored: bytes) -> bytes:
-    """The result's JSON from its stored form (plain JSON from before compression passes through)."""
-    return gzip.decompress(stored) if stored.startswith(GZIP_MAGIC) else stored
+    """The result's JSON from its stored form."""
+    return gzip.decompress(stored)
+
+
+GZIP_MAGIC = b"\x1f\x8b"  # how every stored result begins
 
 
 class ResultStore(StoreBase):
@@ -28,7 +30,4 @@ class ResultStore(StoreBase):
 
     def result_gzip(self, job_id: str) -> bytes | None:
         """The result's JSON gzip-compressed, as stored: served as is to clients that accept gzip."""
-        stored = bytes_or_none(self.client.get(self.keys.result(job_id)))
-        if stored is None or stored.startswith(GZIP_MAGIC):
-            return stored
-        return compress_result(stored)  # written before results were compressed
+        return bytes_or_none(self.client.get(self.keys.result(job_id)))
