@@ -618,6 +618,13 @@ def submit(
         name=name,
         callback_url=callback_url,
     )
+    submit_and_show(request, url, api_key, idempotency_key, wait, wide)
+
+
+def submit_and_show(
+    request: dict[str, Any], url: str | None, api_key: str | None, idempotency_key: str | None, wait: bool, wide: bool
+) -> None:
+    """Send the request and print the job id; with `wait`, follow the job and show its result table."""
     with HydraClient(url, api_key) as client:
         status = client.submit(to_job_request(request), idempotency_key=idempotency_key)
         out.print(status.id, highlight=False)
