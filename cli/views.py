@@ -238,8 +238,8 @@ def _means(result: JobResult, width: int | None, wide: bool) -> RenderableType:
     ]
     return fitted(
         columns, rows, width=width, wide=wide,
-        title="Means over prompts (DE direct effect, TE total effect, removed: share of Δunembed the ablation "
-        "removed, ! below the threshold; comp = DE − TE = attn + mlp + norm)",
+        title="Means over prompts (removed: share of Δunembed the ablation removed, ! weak; "
+        "comp = DE − TE = attn + mlp + norm)",
     )
 
 
@@ -351,37 +351,35 @@ def summary_lines(result: JobResult) -> list[str]:
     selection = summary.selection
     if selection.only_correct:
         lines.append(f"only_correct: {selection.n_kept} of {selection.n_candidates} prompts answered correctly")
-    lines.append(f"{regression_label(summary.total_vs_direct)} across components (older headline): "
-                 f"{_fit(summary.total_vs_direct)}")
+    lines.append(f"{regression_label(summary.total_vs_direct)} across components: {_fit(summary.total_vs_direct)}")
     ties = f"pairs {summary.near_ties}" if summary.n_pairs is not None else f"{summary.near_ties}"
     lines.append(f"near ties (top-2 gap small): {ties}")
     return lines
 
 
 def paper_lines(summary: Summary) -> list[str]:
-    """The paper's statistic first: CE on Δunembed per component (how many slopes lie wholly in (0, 1)), then the
-    ablations' efficacy (how many removed less than the threshold of Δunembed, and which)."""
+    """The paper's statistic first: CE on Δunembed per component (how many slopes lie wholly in (0, 1), the best
+    fit), then the ablations' efficacy (how many removed less than the threshold of Δunembed, the weakest named).
+    Each line fits 80 columns."""
     lines = []
     fits = [(c.component, c.ce_vs_unembed) for c in summary.components if c.ce_vs_unembed is not None]
     if fits:
         partial = [name for name, fit in fits if fit.slope_in_unit_interval]
         best = max(fits, key=lambda item: item[1].r2 if item[1].r2 is not None else -1.0)
-        lines.append(
-            f"CE on Δunembed (the paper's Fig. 7): slope interval wholly in (0, 1) for {len(partial)} of "
-            f"{len(fits)} components; best fit {best[0]}: slope {_num(best[1].slope, '+.2f')} {_ci(best[1])}, "
-            f"R² {_num(best[1].r2, '.2f')}"
-        )
+        lines.append(f"CE on Δunembed (paper's Fig. 7): slope CI within (0, 1) for {len(partial)} of {len(fits)}")
+        lines.append(f"  best fit {best[0]}: slope {_num(best[1].slope, '+.2f')} {_ci(best[1])}, "
+                     f"R² {_num(best[1].r2, '.2f')}")
     if summary.efficacy_threshold is not None:
         rated = [c for c in summary.components if c.weak_ablation is not None]
-        weak = [c for c in rated if c.weak_ablation]
+        weak = sorted((c for c in rated if c.weak_ablation), key=lambda c: c.unembed_removed_share or 0.0)
         threshold = f"{summary.efficacy_threshold:.0%}"
         if weak:
-            named = ", ".join(f"{c.component} {c.unembed_removed_share:.0%}" for c in weak[:6])
-            more = f", … ({len(weak) - 6} more)" if len(weak) > 6 else ""
-            lines.append(f"ablation efficacy: {len(weak)} of {len(rated)} removed < {threshold} of Δunembed "
-                         f"(weak: {named}{more})")
+            lines.append(f"ablation efficacy: {len(weak)} of {len(rated)} rated removed < {threshold} of Δunembed "
+                         "(! below)")
+            named = ", ".join(f"{c.component} {c.unembed_removed_share:.0%}" for c in weak[:4])
+            lines.append(f"  weakest: {named}" + (f" (+{len(weak) - 4})" if len(weak) > 4 else ""))
         elif rated:
-            lines.append(f"ablation efficacy: all {len(rated)} removed ≥ {threshold} of Δunembed")
+            lines.append(f"ablation efficacy: all {len(rated)} rated removed ≥ {threshold} of Δunembed")
     return lines
 
 

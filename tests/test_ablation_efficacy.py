@@ -87,6 +87,10 @@ def test_efficacy_against_hand_values() -> None:
     assert edge.removed_share == pytest.approx(0.5) and edge.weak is False
     tiny = efficacy(np.array([0.0001]), EFFICACY_MIN_UNEMBED / 2)
     assert tiny.ablated_mean == pytest.approx(0.0001) and tiny.removed_share is None and tiny.weak is None
+    noisy = efficacy(np.array([0.3, 0.1]), 0.2, unembed_se=0.15)  # mean Δunembed within 2 SE of 0: no ratio
+    assert noisy.removed_share is None and noisy.weak is None
+    clear = efficacy(np.array([0.3, 0.1]), 0.31, unembed_se=0.15)  # 0.31 ≥ 2 × 0.15
+    assert clear.removed_share == pytest.approx(1 - 0.2 / 0.31) and clear.weak is True
     assert efficacy(None, 1.0).ablated_mean is None
 
 
@@ -100,7 +104,8 @@ def test_summary_reports_the_removed_share_of_each_component(tiny_models, prompt
         own = np.array([p.ablated_unembed_effect[c] for p in result.prompts])
         unembed = np.array([p.unembed_effect[c] for p in result.prompts])
         assert component.ablated_unembed_effect_mean == pytest.approx(own.mean())
-        if abs(unembed.mean()) >= EFFICACY_MIN_UNEMBED:
+        se = unembed.std(ddof=1) / np.sqrt(len(unembed))
+        if abs(unembed.mean()) >= max(EFFICACY_MIN_UNEMBED, 2 * se):
             share = 1 - own.mean() / unembed.mean()
             assert component.unembed_removed_share == pytest.approx(share)
             assert component.weak_ablation is bool(share < EFFICACY_THRESHOLD)

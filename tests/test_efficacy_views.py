@@ -53,8 +53,11 @@ def test_the_summary_flags_exactly_the_weak_ablations(result: JobResult) -> None
 
 def test_the_cli_leads_with_ce_on_unembed_and_names_the_weak_ablations(result: JobResult) -> None:
     lines = summary_lines(result)
-    assert lines[1].startswith("CE on Δunembed (the paper's Fig. 7): slope interval wholly in (0, 1) for ")
-    assert lines[2] == "ablation efficacy: 2 of 8 removed < 50% of Δunembed (weak: attn.1 20%, mlp.1 40%)"
+    assert lines[1].startswith("CE on Δunembed (paper's Fig. 7): slope CI within (0, 1) for ")
+    assert lines[2].startswith("  best fit ")
+    assert lines[3] == "ablation efficacy: 2 of 8 rated removed < 50% of Δunembed (! below)"
+    assert lines[4] == "  weakest: attn.1 20%, mlp.1 40%"
+    assert all(len(line) <= 80 for line in lines)
     console = Console(width=80, record=True, color_system=None)
     console.print(result_view(result, width=80))
     text = console.export_text()

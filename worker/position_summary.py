@@ -248,7 +248,7 @@ def summarise_positions(
         comp_mean, comp_se = _mean_se(compensation[i])
         un_mean, un_se = _mean_se(unembed[i])
         ce_mean, ce_se = _mean_se(compensatory[i])
-        eff = efficacy(None if ablated_unembed is None else ablated_unembed[i].numpy(), un_mean)
+        eff = efficacy(None if ablated_unembed is None else ablated_unembed[i].numpy(), un_mean, un_se)
         summaries.append(
             ComponentSummary(
                 component=name,

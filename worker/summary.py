@@ -41,9 +41,10 @@ def _field(prompts: Sequence[object], name: str) -> np.ndarray:
 
 # Ablation efficacy (docs/concepts/definitions.md, "Ablation efficacy"). An ablation is flagged weak where it removed
 # less than half of the component's mean write onto the target; the share is left null where that mean write is too
-# small for a ratio to mean anything.
+# small for a ratio to mean anything: below EFFICACY_MIN_UNEMBED, or within EFFICACY_MIN_SE standard errors of 0.
 EFFICACY_THRESHOLD = 0.5
 EFFICACY_MIN_UNEMBED = 1e-3
+EFFICACY_MIN_SE = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,16 @@ class Efficacy:
     weak: bool | None
 
 
-def efficacy(ablated: np.ndarray | None, unembed_mean: float) -> Efficacy:
+def efficacy(ablated: np.ndarray | None, unembed_mean: float, unembed_se: float = 0.0) -> Efficacy:
     """Mean (and SE) of Δ̃unembed(k, k) over prompts, the share of mean Δunembed the ablation removed,
-    1 − mean Δ̃unembed(k, k) / mean Δunembed, and whether it is below EFFICACY_THRESHOLD."""
+    1 − mean Δ̃unembed(k, k) / mean Δunembed, and whether it is below EFFICACY_THRESHOLD (share and flag null where
+    mean Δunembed is not clearly away from 0)."""
     if ablated is None or ablated.size == 0 or not np.all(np.isfinite(ablated)):
         return Efficacy(None, None, None, None)
     n = ablated.size
     mean = float(ablated.mean())
     se = float(ablated.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-    if abs(unembed_mean) < EFFICACY_MIN_UNEMBED:
+    if abs(unembed_mean) < max(EFFICACY_MIN_UNEMBED, EFFICACY_MIN_SE * unembed_se):
         return Efficacy(mean, se, None, None)
     share = 1.0 - mean / unembed_mean
     return Efficacy(mean, se, share, share < EFFICACY_THRESHOLD)
@@ -116,7 +118,7 @@ def summarise(
         comp_mean, comp_se = _mean_se(compensation[:, c])
         un_mean, un_se = _mean_se(unembed[:, c])
         ce_mean, ce_se = _mean_se(ce[:, c])
-        eff = efficacy(None if ablated_unembed is None else ablated_unembed[:, c], un_mean)
+        eff = efficacy(None if ablated_unembed is None else ablated_unembed[:, c], un_mean, un_se)
         components.append(
             ComponentSummary(
                 component=name,

@@ -286,7 +286,7 @@ DOCS: dict[str, str] = {
     "ComponentSummary.ablated_unembed_effect_se": "Its standard error over prompts",
     "ComponentSummary.unembed_removed_share": (
         "Share of Δunembed the ablation removed: 1 − mean Δ̃unembed(k, k) / mean Δunembed (null when |mean "
-        "Δunembed| < 0.001)"
+        "Δunembed| < 0.001 or < 2 standard errors: no clear write to remove)"
     ),
     "ComponentSummary.weak_ablation": (
         "True where the ablation removed less than Summary.efficacy_threshold of Δunembed: effects read off it "

@@ -406,7 +406,7 @@ class ComponentSummary(Struct, kw_only=True):
     unembed_exceeds_drop_share: float | None = None
     # Ablation efficacy (docs/concepts/definitions.md, "Ablation efficacy"): the mean of Δ̃unembed(k, k) over
     # prompts, the share of Δunembed the ablation removed, 1 − mean Δ̃unembed(k, k) / mean Δunembed (null when
-    # |mean Δunembed| is below EFFICACY_MIN_UNEMBED), and whether that share is below the summary's threshold.
+    # |mean Δunembed| is below 0.001 or 2 standard errors), and whether that share is below the summary's threshold.
     ablated_unembed_effect_mean: float | None = None
     ablated_unembed_effect_se: float | None = None
     unembed_removed_share: float | None = None
