@@ -83,7 +83,8 @@ def test_the_figures_say_what_the_ablation_left(result: JobResult) -> None:
     assert "ablation efficacy: attn.1 still writes" in profile and "removed 20% of Δunembed" in profile
     assert "(weak: below 50%)" in profile
     assert "left after ablation" in layers and layers.count(">weak<") == 2
-    assert "among layers 1–2" in fig7 and "ablation removed" in fig7
+    # Panel (b): the best fit of the middle layers 1–2 whose ablation is not weak (attn.1 is weak: attn.2).
+    assert "(b) attention layer 2 (best fit of layers 1–2, ablations not weak); removed 90% of Δunembed" in fig7
 
 
 @pytest.fixture

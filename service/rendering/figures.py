@@ -243,6 +243,8 @@ def _layer_panel(ax: Axes, result: JobResult, kind: str) -> None:
                 ax.annotate("weak", (layer - 1.5 * width, top), textcoords="offset points", xytext=(0, 4),
                             ha="center", fontsize=MIN_FONT_PT, color="black")
     layer_ticks(ax, [int(layer) for layer in x])
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.2 * (high - low))  # room above the bars for the legend and the "weak" labels
     ax.legend(loc="upper left", ncols=5 if kept else 4, fontsize=MIN_FONT_PT + 1)
     ax.grid(True, axis="y", alpha=0.3)
 

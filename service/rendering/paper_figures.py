@@ -272,13 +272,17 @@ def fig7(fig: Figure, result: JobResult) -> None:
     attn = _by_kind(result, "attn")
     fitted = [(best_r2, layer, c, s) for layer, c, s in attn if (best_r2 := _fit(s).r2) is not None]
     # The paper's panel (b) is a mid-network layer (its layer 23 of 32): the best fit among the middle half of the
-    # layers, where there are fitted layers there (else among all).
+    # layers whose ablation removed at least the threshold share of Δunembed (a weak ablation's fit says little),
+    # else among the middle half, else among all.
     n_layers = _n_layers(result)
     low_mid, high_mid = n_layers // 4, (3 * n_layers) // 4
     middle = [row for row in fitted if low_mid <= row[1] < high_mid]
-    where = f"the best fit among layers {low_mid}–{high_mid - 1}" if middle else "the best fit"
+    effective = [row for row in middle if row[3].weak_ablation is False]
+    where = f"best fit of layers {low_mid}–{high_mid - 1}" if middle else "best fit"
+    if effective:
+        where += ", ablations not weak"
     if fitted:
-        _, layer, c, summary = max(middle or fitted, key=lambda row: row[0])
+        _, layer, c, summary = max(effective or middle or fitted, key=lambda row: row[0])
         xs = [p.unembed_effect[c] for p in result.prompts]
         ys = [p.compensatory_effect[c] for p in result.prompts]
         ax_b.scatter(xs, ys, s=8, alpha=0.6, color="tab:blue", linewidths=0, label="one prompt")
@@ -289,8 +293,8 @@ def fig7(fig: Figure, result: JobResult) -> None:
         ax_b.plot(line_x, fit.slope * line_x + fit.intercept, color="tab:red", linewidth=2,
                   label=f"fit: {_fit_text(fit)}")
         removed = summary.unembed_removed_share
-        efficacy = "" if removed is None else f"; ablation removed {removed:.0%} of Δunembed"
-        ax_b.set_title(f"(b) attention layer {layer}, {where}{efficacy}")
+        efficacy = "" if removed is None else f"; removed {removed:.0%} of Δunembed"
+        ax_b.set_title(f"(b) attention layer {layer} ({where}){efficacy}")
         ax_b.set_xlabel(_unit_label(result, "Δunembed"))
         ax_b.set_ylabel(_unit_label(result, "compensatory effect CE"))
         ax_b.legend(loc="upper left")
