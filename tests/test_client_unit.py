@@ -283,7 +283,7 @@ def test_request_is_checked_against_the_wire_schema() -> None:
 
 def test_result_table_shows_each_component(result: JobResult) -> None:
     text = _text(result_view(result))
-    attn = next(line for line in text.splitlines() if "attn.0" in line)
+    attn = next(line for line in text.splitlines() if line.lstrip().startswith("attn.0"))  # its table row
     for cell in ("+1.000 ±0.250", "+0.375 ±0.125", "+0.625 ±0.062", "+0.438", "+0.188"):
         assert cell in attn, (cell, attn)
     fit = next(line for line in text.splitlines() if "attn.0" in line and "compensation on DE" in line)
@@ -600,7 +600,8 @@ SUBMIT_FLAGS = {
     "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed",
     "source_seeds": "--source-seeds", "name": "--name",
     "tags": "--tag", "metadata": "--meta", "callback_url": "--callback-url", "keep_samples": "--keep-samples",
-    "only_correct": "--only-correct", "resample_within": "--resample-within", "texts": "--text", "corpus": "--corpus",
+    "only_correct": "--only-correct", "resample_within": "--resample-within", "resample_sources": "--resample-sources",
+    "texts": "--text", "corpus": "--corpus",
     "max_tokens": "--max-tokens", "measure_positions": "--measure-positions", "target": "--target",
     "response_basis": "--response-basis", "position_responses": "--position-responses",
 }
