@@ -362,7 +362,9 @@ def paper_lines(summary: Summary) -> list[str]:
     fit), then the ablations' efficacy (how many removed less than the threshold of Δunembed, the weakest named).
     Each line fits 80 columns."""
     lines = []
-    fits = [(c.component, c.ce_vs_unembed) for c in summary.components if c.ce_vs_unembed is not None]
+    # Components whose CE cannot vary (the last MLP: nothing downstream) have no R² and are left out of the count.
+    fits = [(c.component, c.ce_vs_unembed) for c in summary.components
+            if c.ce_vs_unembed is not None and c.ce_vs_unembed.r2 is not None]
     if fits:
         partial = [name for name, fit in fits if fit.slope_in_unit_interval]
         best = max(fits, key=lambda item: item[1].r2 if item[1].r2 is not None else -1.0)
