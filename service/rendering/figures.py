@@ -236,7 +236,7 @@ def _layer_panel(ax: Axes, result: JobResult, kind: str) -> None:
     if kept:
         ax.scatter([layer - 1.5 * width for layer, _, _ in kept], [own for _, _, own in kept],
                    marker="_", s=90, linewidths=2.2, color="black", zorder=3,
-                   label="Δ̃unembed(k, k): left after ablation")
+                   label="own write left after ablation")
         for layer, s, own in kept:
             if s.weak_ablation:
                 top = max(s.unembed_effect_mean, own)
