@@ -8,18 +8,22 @@ tests/test_position_oracle.py (every case compares it); here: the identity with 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from litestar.testing import TestClient
 
 from hydra_ablate_client.wire import JobRequest, ModelInfo
+from service.api.app import create_app
 from service.core.errors import ValidationProblem
 from service.core.resolve import resolve
 from service.core.settings import Settings
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import locate_parts, oracle_sweep, run_model
+from tests.test_stack_e2e import wait_terminal
 from worker.engine.errors import InputError
 from worker.engine.replacements import resample_sources_different_target
 from worker.engine.sweep import run_sweep
@@ -193,3 +197,40 @@ def test_the_hydra_preset_keeps_random_sources() -> None:
     chosen = resolve(JobRequest(preset="hydra", prompts=["a b", "c d", "e f"] * 6, resample_sources="different_target"),
                      {"smollm2-135m": SMOLLM}, Settings())
     assert chosen.resample_sources == "different_target"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Through the service (real Redis, Celery worker, Litestar app; a chunked job)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def api(celery_worker: object, stack_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "4")  # several chunks: each draws the same sources
+    with TestClient(create_app(stack_settings)) as client:
+        yield client
+
+
+def test_different_target_through_the_service(api: TestClient) -> None:
+    prompts = ["The capital of France is", "Water boils at", "The river flows", "Seven"] * 2
+    body: dict[str, Any] = {"model": "tiny-llama", "prompts": prompts, "components": ["attn.1"],
+                            "resample_samples": 2, "resample_from": "random", "resample_sources": "different_target"}
+    submitted = api.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    status = wait_terminal(api, submitted.json()["id"])
+    assert status["status"] == "succeeded", status
+    result = api.get(f"/v1/jobs/{submitted.json()['id']}/result").json()
+    assert result["provenance"]["spec"]["resample_sources"] == "different_target"
+    tops = {p["index"]: p["target_id"] for p in result["prompts"]}  # targets are the clean top tokens here
+    for p in result["prompts"]:
+        assert all(tops[s] != p["target_id"] for s in p["sources"]), p
+        assert len(p["ablated_unembed_effect"]) == 1
+    assert all(c["ablated_unembed_effect_mean"] is not None for c in result["summary"]["components"])
+    # One prompt repeated: no source predicts another token, and the job fails saying so.
+    failing = api.post("/v1/jobs", json={**body, "prompts": ["The capital of France is"] * 3})
+    assert failing.status_code == 202, failing.text
+    status = wait_terminal(api, failing.json()["id"])
+    assert status["status"] == "failed" and "resample_sources 'different_target'" in status["error"], status
+    refused = api.post("/v1/jobs", json={"model": "tiny-llama", "prompts": prompts, "ablation": "zero",
+                                         "resample_sources": "different_target"})
+    assert refused.status_code == 422 and refused.json()["field"] == "resample_sources", refused.text
