@@ -11,19 +11,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import hashlib
 import logging
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hydra_ablate_client.wire import ModelInfo
+from worker.builtin_models import sha256_file
 from worker.devices import device_name, normalise_device
 from worker.engine.architecture import (
     FAMILY_NAMES,
@@ -60,14 +59,6 @@ class LoadedModel:
     @property
     def device(self) -> str:
         return str(next(self.model.parameters()).device)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Loading chatter that is not a problem: transformers' and gguf's progress bars (GGUF de-quantisation, "Loading
@@ -164,7 +155,7 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = to
         model=model,
         tokenizer=tokenizer,
         revision=getattr(model.config, "_commit_hash", None),
-        file_sha256=source.recorded_sha256 or (_sha256(file_path) if file_path is not None else None),
+        file_sha256=source.recorded_sha256 or (sha256_file(file_path) if file_path is not None else None),
     )
 
 
