@@ -124,6 +124,9 @@ def test_models_are_advertised_with_shapes(api: TestClient) -> None:
     assert models["tiny-gpt_neox_parallel"]["parallel_blocks"] is True
     # Open without a key: a source kind, never where the weights lie on the worker's disk.
     assert models["smollm2-135m"]["source"] == "builtin" and models["tiny-llama"]["source"] == "local"
+    # What a built-in model is and its terms (worker/builtin_models.py); nothing of the kind for other models.
+    assert "instruction tuned" in models["smollm2-135m"]["about"] and "Apache-2.0" in models["smollm2-135m"]["licence"]
+    assert models["tiny-llama"]["about"] is None and models["tiny-llama"]["licence"] is None
     listing = api.get("/v1/models", headers={"X-API-Key": ""}).text
     assert "/tmp" not in listing and "site-packages" not in listing and ".gguf" not in listing, listing
     # Family, precision and device, as the worker publishes them (service/ never imports torch to know them).
