@@ -146,3 +146,21 @@ def test_the_walk_finds_a_forbidden_arrow_and_names_it(tmp_path: Path) -> None:
         "worker/engine/_layering_probe.py:2: worker/engine → service.core (the engine is pure tensors: torch, "
         "transformers and the client's vocabulary only)",
     ]
+
+
+# Module names that appear in two rooms because they are the same concept at two ends (the rule of names).
+SAME_CONCEPT = {
+    "errors.py": {"service/core/errors.py", "worker/engine/errors.py"},  # the domain's errors, the engine's error
+    "figures.py": {"service/api/controllers/figures.py", "service/rendering/figures.py"},  # the route, the drawing
+    "jobs.py": {"service/api/controllers/jobs.py", "service/core/store/jobs.py"},  # the route, the stored job
+}
+
+
+def test_no_two_modules_share_a_name_unless_they_are_one_concept() -> None:
+    by_name: dict[str, set[str]] = {}
+    for path in scanned_files():
+        if path.name != "__init__.py":
+            by_name.setdefault(path.name, set()).add(path.relative_to(ROOT).as_posix())
+    repeated = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    unexplained = {name: sorted(paths) for name, paths in repeated.items() if SAME_CONCEPT.get(name) != paths}
+    assert not unexplained, f"modules named alike (rename one, or say why in SAME_CONCEPT): {unexplained}"
