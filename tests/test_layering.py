@@ -164,3 +164,17 @@ def test_no_two_modules_share_a_name_unless_they_are_one_concept() -> None:
     repeated = {name: paths for name, paths in by_name.items() if len(paths) > 1}
     unexplained = {name: sorted(paths) for name, paths in repeated.items() if SAME_CONCEPT.get(name) != paths}
     assert not unexplained, f"modules named alike (rename one, or say why in SAME_CONCEPT): {unexplained}"
+
+
+def test_redis_key_names_are_built_in_one_module() -> None:
+    """No f-string starts with a key prefix outside service/core/redis_keys.py (f"{prefix}job:{id}" and the like)."""
+    builders = []
+    for path in scanned_files():
+        if path == ROOT / "service" / "core" / "redis_keys.py" or path.is_relative_to(ROOT / "clients"):
+            continue  # the client package never talks to Redis
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.FormattedValue):
+                first = ast.unparse(node.values[0].value)
+                if first.split(".")[-1] in ("prefix", "key_prefix"):
+                    builders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not builders, "build key names in service/core/redis_keys.py:\n" + "\n".join(builders)
