@@ -4,6 +4,7 @@ of every module, lazy ones inside functions included, fails naming the file, the
 from __future__ import annotations
 
 import ast
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,12 @@ def forbidden_arrows(paths: list[Path], root: Path = ROOT) -> list[str]:
 
 
 def scanned_files() -> list[Path]:
-    return sorted(path for folder in SCANNED for path in (ROOT / folder).rglob("*.py") if ".venv" not in path.parts)
+    """The checkout's Python files under SCANNED (tracked, or new and not ignored: no build/ or .venv copies)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", *SCANNED],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    return sorted(ROOT / path for path in listed if path.endswith(".py") and (ROOT / path).is_file())
 
 
 def test_no_forbidden_import_arrow() -> None:

@@ -18,6 +18,7 @@ from anyio import to_thread
 from litestar import Litestar
 from litestar._openapi.schema_generation.plugins import StructSchemaPlugin
 from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Schema
@@ -248,7 +249,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         guards=[request_guard],
         dependencies=dependencies(),
         state=state,
-        middleware=[observability_middleware, auth_middleware()],
+        middleware=[DefineMiddleware(observability_middleware, log_access=settings.access_log), auth_middleware()],
         before_send=[add_headers],
         plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),

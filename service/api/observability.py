@@ -19,7 +19,6 @@ import uuid
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.json_logging import job_id_var, request_id_var
-from service.core.settings import env_bool
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_STATE_KEY = "hydra_request_id"
@@ -41,12 +40,11 @@ def request_id_for(scope: Scope) -> str:
     return given if given is not None and _SANE_ID.match(given) else uuid.uuid4().hex
 
 
-def observability_middleware(app: ASGIApp) -> ASGIApp:
-    """The outermost middleware of the app (see service/api/app.py); headers are added by `add_headers`."""
+def observability_middleware(app: ASGIApp, log_access: bool = True) -> ASGIApp:
+    """The outermost middleware of the app (see service/api/app.py); headers are added by `add_headers`.
 
-    # HYDRA_ACCESS_LOG=off: no line per request (the local stack's default, whose terminal shows a progress bar);
-    # the metrics still count every request.
-    log_access = env_bool("HYDRA_ACCESS_LOG", True)  # read once, when the app is built
+    `log_access` (Settings.access_log, HYDRA_ACCESS_LOG): off, no line per request (the local stack's default,
+    whose terminal shows a progress bar); the metrics still count every request."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
