@@ -41,7 +41,8 @@ VARIABLES: tuple[Variable, ...] = (
     # --- Redis, keys and queues: the API and the worker must agree -----------------------------------------------
     Variable("REDIS_URL", "URL", "unset → embedded Redis (`serve`); `redis://127.0.0.1:6379/0` otherwise",
              "broker and job store", ("API", "worker", "CLI")),
-    Variable("HYDRA_KEY_PREFIX", "text", "`hydra:`", "prefix of every key the service writes", SHARED),
+    Variable("HYDRA_KEY_PREFIX", "text", "`hydra:`", "prefix of every key the service writes",
+             ("API", "worker", "CLI")),
     Variable("HYDRA_QUEUE", "text", "`hydra`", "Celery queue the API sends jobs to and workers consume", SHARED),
     Variable("HYDRA_RESULT_TTL_S", "integer", "604800 (7 days)", "how long jobs, results and figures are kept",
              SHARED),
