@@ -2,8 +2,7 @@
 
 One module per thing stored: jobs.py (the job hashes and their state changes; JobStore, the whole store, is
 defined there), results.py, event_log.py, callback_log.py, cached_figures.py, model_registry.py, job_listing.py;
-job_records.py reads and writes a job's fields; the Lua scripts are the `.lua` files here
-(service/core/lua_scripts.py loads them);
+job_records.py reads and writes a job's fields; the Lua scripts are the `.lua` files here (lua.py loads them);
 key names come from service/core/redis_keys.py. Importers take the names below from `service.core.store`.
 """
 

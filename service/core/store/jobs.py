@@ -18,7 +18,6 @@ from redis.commands.core import AsyncScript
 
 from hydra_ablate_client.vocabulary import JOB_PHASES
 from hydra_ablate_client.wire import JobSpec, JobStatus
-from service.core.lua_scripts import lua
 from service.core.redis_options import driver_options
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_list
 from service.core.settings import Settings
@@ -36,6 +35,7 @@ from service.core.store.job_records import (
     unless_evicted,
     utc_now,
 )
+from service.core.store.lua import lua
 from service.core.store.model_registry import ModelRegistry
 from service.core.store.results import ResultStore, compress_result
 
@@ -44,9 +44,8 @@ from service.core.store.results import ResultStore, compress_result
 RESEND_AFTER_S = 30.0
 RESEND_MAX_S = 3600.0
 
-SCRIPTS = "service.core.store"  # the package whose .lua files these are
-CREATE_CAPPED = lua(SCRIPTS, "create_capped")
-READ_STATUS = lua(SCRIPTS, "read_status")
+CREATE_CAPPED = lua("create_capped")
+READ_STATUS = lua("read_status")
 # The scripts the API's event loop runs (`create_async`, `status_async`): loaded at start-up (service/api/app.py),
 # so a fresh Redis does not answer the first burst with NOSCRIPT and a second round trip per request.
 LOOP_SCRIPTS = (CREATE_CAPPED, READ_STATUS)
@@ -57,17 +56,17 @@ class JobStore(EventLog, CallbackLog, ResultStore, CachedFigures, ModelRegistry,
 
     def __init__(self, client: redis.Redis, key_prefix: str = "hydra:", ttl_s: int = 7 * 24 * 3600) -> None:
         super().__init__(client, key_prefix, ttl_s)
-        self._mark_running = client.register_script(lua(SCRIPTS, "mark_running"))
-        self._set_progress = client.register_script(lua(SCRIPTS, "set_progress"))
-        self._mark_succeeded = client.register_script(lua(SCRIPTS, "mark_succeeded"))
-        self._mark_failed = client.register_script(lua(SCRIPTS, "drop_partials", "mark_failed"))
-        self._request_cancel = client.register_script(lua(SCRIPTS, "drop_partials", "request_cancel"))
+        self._mark_running = client.register_script(lua("mark_running"))
+        self._set_progress = client.register_script(lua("set_progress"))
+        self._mark_succeeded = client.register_script(lua("mark_succeeded"))
+        self._mark_failed = client.register_script(lua("drop_partials", "mark_failed"))
+        self._request_cancel = client.register_script(lua("drop_partials", "request_cancel"))
         self._create_capped = client.register_script(CREATE_CAPPED)
         self._read_status = client.register_script(READ_STATUS)
-        self._set_prompts_done = client.register_script(lua(SCRIPTS, "set_prompts_done"))
-        self._advance_phase = client.register_script(lua(SCRIPTS, "advance_phase"))
-        self._delete_finished = client.register_script(lua(SCRIPTS, "delete_finished"))
-        self._set_note = client.register_script(lua(SCRIPTS, "set_note"))
+        self._set_prompts_done = client.register_script(lua("set_prompts_done"))
+        self._advance_phase = client.register_script(lua("advance_phase"))
+        self._delete_finished = client.register_script(lua("delete_finished"))
+        self._set_note = client.register_script(lua("set_note"))
 
     @classmethod
     def from_settings(cls, settings: Settings, socket_timeout: float | None = None) -> JobStore:
