@@ -68,6 +68,10 @@ class Settings:
     queue_name: str = "hydra"
     ready_timeout_s: float = 1.0  # how long /ready waits for a worker to answer a ping
     ready_cache_s: float = 2.0  # how long /ready reuses a worker ping's answer (one ping at a time, shared)
+    # /health also pings Redis (503 when it does not answer). Off by default: an orchestrator restarting every API
+    # process during a Redis outage helps nobody. The local stack turns it on: there Redis is a child of the same
+    # `serve`, and a dead one means the stack is down.
+    health_checks_redis: bool = False
 
     # Access control. Off only on purpose: the app refuses to start with auth off unless allow_no_auth is set too,
     # so a typo in a production environment cannot silently open every job to everyone.
@@ -107,6 +111,7 @@ class Settings:
             queue_name=os.environ.get("HYDRA_QUEUE") or defaults.queue_name,
             ready_timeout_s=env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
             ready_cache_s=env_float("HYDRA_READY_CACHE_S", defaults.ready_cache_s),
+            health_checks_redis=env_bool("HYDRA_HEALTH_CHECKS_REDIS", defaults.health_checks_redis),
             auth_enabled=env_bool("HYDRA_AUTH", defaults.auth_enabled),
             allow_no_auth=env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
             api_keys=os.environ.get("HYDRA_API_KEYS", defaults.api_keys),
