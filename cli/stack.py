@@ -146,9 +146,8 @@ class Stack:
     def _spawn(self, name: str, command: list[str], env: dict[str, str], nice: int = 0) -> None:
         # Own session: Ctrl-C reaches only this process, which then stops the children in order. The session's
         # process group is what the guard ends should this process die without stopping them.
-        process = subprocess.Popen(
-            command, env=env, start_new_session=True, preexec_fn=die_with_parent()  # noqa: PLW1509 - prctl only
-        )
+        # The preexec_fn only calls prctl: no lock is taken between fork and exec.
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent())
         self.processes.append((name, process))
         if self.guard is not None:
             self.guard.watch(process.pid)

@@ -47,11 +47,18 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
-def serve_env(data_dir: Path, tiny_model_dirs: dict[str, str]) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import build_tiny_model
+
+    return build_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def serve_env(data_dir: Path, model: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("HYDRA_")}
     env.update(
         HYDRA_DATA_DIR=str(data_dir),
-        HYDRA_MODELS=f"tiny-gpt2={tiny_model_dirs['tiny-gpt2']}",
+        HYDRA_MODELS=f"tiny-gpt2={model}",
         HYDRA_API_PROCESSES="2",
         COLUMNS="200",
     )
@@ -65,11 +72,11 @@ def start_serve(data_dir: Path, port: int, env: dict[str, str], log: Path) -> su
 
 
 @pytest.fixture
-def served(tmp_path: Path, tiny_model_dirs: dict[str, str]) -> Iterator[Served]:
+def served(tmp_path: Path, tiny_gpt2: Path) -> Iterator[Served]:
     data_dir = tmp_path / "data"
     port = free_port()
     log = tmp_path / "serve.log"
-    process = start_serve(data_dir, port, serve_env(data_dir, tiny_model_dirs), log)
+    process = start_serve(data_dir, port, serve_env(data_dir, tiny_gpt2), log)
     running = Served(process, port, data_dir, log)
     try:
         deadline = time.monotonic() + 150
@@ -107,8 +114,9 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     return alive
 
 
+@pytest.mark.slow  # a whole `serve` with two API processes and a worker: a minute on a busy 2-core machine
 def test_serve_keeps_its_redis_private_its_folder_single_and_dies_whole(
-    served: Served, tiny_model_dirs: dict[str, str], tmp_path: Path
+    served: Served, tiny_gpt2: Path, tmp_path: Path
 ) -> None:
     """One serve (starting one costs most of this test's time) checked from outside, then SIGKILLed."""
     redis_dir = served.data_dir / "redis"
@@ -139,7 +147,7 @@ def test_serve_keeps_its_redis_private_its_folder_single_and_dies_whole(
         assert password not in " ".join(child.cmdline()), child.cmdline()
 
     # A second serve on another port with the same data folder is refused, naming the first.
-    second = start_serve(served.data_dir, free_port(), serve_env(served.data_dir, tiny_model_dirs), tmp_path / "2.log")
+    second = start_serve(served.data_dir, free_port(), serve_env(served.data_dir, tiny_gpt2), tmp_path / "2.log")
     assert second.wait(timeout=60) == 1
     refused = (tmp_path / "2.log").read_text()
     assert "in use by another `hydra-ablate serve`" in refused, refused

@@ -168,7 +168,7 @@ class EmbeddedRedis:
             [binary, str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=self._preexec,  # noqa: PLW1509 - only prctl, no locks taken between fork and exec
+            preexec_fn=self._preexec,  # prctl only: no lock taken between fork and exec
             pass_fds=self._pass_fds,
         )
         client = redis.Redis.from_url(self.url)
