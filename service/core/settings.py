@@ -83,6 +83,8 @@ class Settings:
     rate_limit_write: int = 120  # POST and DELETE requests per key per window
     rate_limit_read: int = 1200  # GET requests on jobs per key per window (a client polling twice a second fits)
     rate_window_s: int = 60
+    # Sign-in attempts on the web page per window, per client address and per the first characters of the key tried.
+    ui_login_limit: int = 10
     max_active_jobs: int = 100  # queued + running jobs per key
     max_prompt_tokens: int = 512  # per prompt, counted with the model's published tokenizer
     max_body_bytes: int = 10 * MIB  # request bodies above this are refused with 413 before parsing
@@ -118,6 +120,7 @@ class Settings:
             rate_limit_write=env_int("HYDRA_RATE_LIMIT_WRITE", defaults.rate_limit_write, minimum=0),
             rate_limit_read=env_int("HYDRA_RATE_LIMIT_READ", defaults.rate_limit_read, minimum=0),
             rate_window_s=env_int("HYDRA_RATE_WINDOW_S", defaults.rate_window_s),
+            ui_login_limit=env_int("HYDRA_UI_LOGIN_LIMIT", defaults.ui_login_limit, minimum=0),
             max_active_jobs=env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
             max_prompt_tokens=env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
             max_body_bytes=env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),

@@ -1,0 +1,95 @@
+"""Smaller holes a hostile visitor found, each checked on a real app over real Redis: anonymous page visits store
+nothing, sign-in attempts are throttled (per address and per key tried), pages cannot be framed and run only the
+server's own scripts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from litestar.testing import TestClient
+
+from service.api.app import create_app
+from service.core.settings import Settings
+from tests.conftest import private_settings
+from tests.live_server import serve
+
+KEY = "hk_small-holes-key-0123456789"
+
+
+@pytest.fixture()
+def settings(redis_url: str) -> Iterator[Settings]:
+    with private_settings(redis_url, "holes", api_keys=f"dora:{KEY}", ui_login_limit=3) as made:
+        yield made  # type: ignore[misc]
+
+
+def csrf(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, page[:500]
+    return match.group(1)
+
+
+def session_keys(settings: Settings) -> int:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return sum(1 for _ in client.scan_iter(f"{settings.key_prefix}ui:session:*"))
+    finally:
+        client.close()
+
+
+def test_anonymous_visits_store_nothing_and_the_sign_in_form_still_works(settings: Settings) -> None:
+    with TestClient(create_app(settings), base_url="http://testserver.local") as client:
+        for _ in range(40):  # each visit a new browser: no cookie
+            client.cookies.clear()
+            assert client.get("/ui/login").status_code == 200
+            assert client.get("/ui/jobs", follow_redirects=False).status_code == 303
+        assert session_keys(settings) == 0
+        client.cookies.clear()
+        login = client.get("/ui/login")
+        assert client.post("/ui/login", data={"csrf_token": "forged", "api_key": KEY}).status_code == 403
+        signed = client.post("/ui/login", data={"csrf_token": csrf(login.text), "api_key": KEY, "next": "/ui/jobs"})
+        assert signed.status_code == 200 and "Signed in as" in signed.text
+        assert session_keys(settings) == 1  # written on signing in, under a new id
+        token = csrf(client.get("/ui/jobs").text)
+        assert client.post("/ui/logout", data={"csrf_token": token}, follow_redirects=False).status_code == 303
+        assert session_keys(settings) == 0
+
+
+def _attempt(url: str, address: str, key: str) -> httpx.Response:
+    """One sign-in from a browser at `address` (a loopback address of its own: the server sees it as the client)."""
+    with httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address=address), timeout=10) as browser:
+        token = csrf(browser.get("/ui/login").text)
+        return browser.post("/ui/login", data={"csrf_token": token, "api_key": key, "next": "/ui/jobs"})
+
+
+def test_sign_in_attempts_are_throttled_per_address_and_per_key_tried(settings: Settings) -> None:
+    with serve(create_app(settings)) as url:
+        answers = [_attempt(url, "127.0.0.2", f"hk_guess{i:04d}-xxxxxxxx").status_code for i in range(4)]
+        assert answers == [401, 401, 401, 429], answers
+        refused = _attempt(url, "127.0.0.2", KEY)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert "sign-in attempts" in refused.text
+        # Many addresses trying keys that start alike: refused past the limit too, whatever the address.
+        tried = [_attempt(url, f"127.0.1.{i}", f"hk_same{i:04d}").status_code for i in range(1, 5)]
+        assert tried == [401, 401, 401, 429], tried
+        # Another address with another key is not held up by either.
+        assert _attempt(url, "127.0.0.3", KEY).status_code == 303  # signed in, sent on to the jobs page
+
+
+def test_pages_cannot_be_framed_and_run_only_the_servers_own_files(settings: Settings) -> None:
+    with TestClient(create_app(settings), base_url="http://testserver.local") as client:
+        for path in ("/ui/login", "/ui/static/ui.js", "/ui/jobs/unknown"):
+            answer: Any = client.get(path, follow_redirects=False)
+            assert answer.headers["x-frame-options"] == "DENY", path
+            policy = answer.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy, path
+            assert "unsafe-inline" not in policy
+        page = client.get("/ui/login").text
+        assert "<script>" not in page and " style=" not in page and " on" + "click=" not in page
+        api = client.get("/health")
+        assert api.headers["x-frame-options"] == "DENY" and api.headers["x-content-type-options"] == "nosniff"
