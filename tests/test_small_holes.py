@@ -93,3 +93,53 @@ def test_pages_cannot_be_framed_and_run_only_the_servers_own_files(settings: Set
         assert "<script>" not in page and " style=" not in page and " on" + "click=" not in page
         api = client.get("/health")
         assert api.headers["x-frame-options"] == "DENY" and api.headers["x-content-type-options"] == "nosniff"
+
+
+def test_revoking_a_key_closes_its_open_event_streams(redis_url: str) -> None:
+    import threading
+    import time
+
+    from hydra_ablate_client.wire import JobRequest, ModelInfo
+    from service.core.api_keys import KeyRing
+    from service.core.resolve import resolve
+    from service.core.store import JobStore
+
+    tiny = ModelInfo(id="tiny", architecture="llama", n_layers=3, n_heads=4, n_kv_heads=2, d_model=64,
+                     vocab_size=100, parallel_blocks=False, source="local")  # fmt: skip
+    with private_settings(redis_url, "holes-revoke") as settings:  # type: ignore[misc]
+        ring = KeyRing(redis.Redis.from_url(redis_url), settings.key_prefix)
+        erin, fred = ring.create("erin"), ring.create("fred")
+        store = JobStore.from_settings(settings)
+        spec = resolve(JobRequest(model="tiny", prompts=["a b", "c d"]), {"tiny": tiny}, settings)
+        jobs = {"erin": store.create(spec, 6, "erin").id, "fred": store.create(spec, 6, "fred").id}  # queued: quiet
+        closed: dict[str, float] = {}
+
+        def follow(name: str, key: str) -> None:
+            url = f"{base}/v1/jobs/{jobs[name]}/events"
+            with httpx.stream("GET", url, headers={"X-API-Key": key}, timeout=httpx.Timeout(60, read=60)) as answer:
+                assert answer.status_code == 200
+                for _ in answer.iter_lines():
+                    if stop.is_set():
+                        return
+            closed[name] = time.monotonic()
+
+        try:
+            with serve(create_app(settings)) as base:
+                stop = threading.Event()
+                threads = [threading.Thread(target=follow, args=pair, daemon=True) for pair in (("erin", erin),
+                                                                                               ("fred", fred))]
+                for thread in threads:
+                    thread.start()
+                time.sleep(1.0)
+                ring.revoke("erin")
+                revoked = time.monotonic()
+                threads[0].join(timeout=20)
+                assert "erin" in closed, "the revoked key's stream stayed open 20 s"
+                assert closed["erin"] - revoked < 15
+                assert "fred" not in closed  # another key's stream is untouched
+                again = httpx.get(f"{base}/v1/jobs/{jobs['erin']}/events", headers={"X-API-Key": erin}, timeout=10)
+                assert again.status_code == 401
+                stop.set()
+        finally:
+            store.close()
+            ring.client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from hydra_ablate_client.wire import (
     JobStatus,
     Summary,
 )
-from service.api.auth import SECURITY
+from service.api.auth import API_KEY_HEADER, SECURITY
 from service.api.controllers.dependencies import RouteContext
 from service.api.controllers.problems import (
     PROTECTED,
@@ -42,6 +43,7 @@ from service.api.controllers.problems import (
 )
 from service.api.controllers.strict_query import RATE_LIMITED
 from service.api.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
+from service.core.api_keys import key_digest
 from service.core.errors import ValidationProblem
 from service.core.events import follow, last_event_id, wait_for_change
 from service.core.job_actions import (
@@ -73,6 +75,7 @@ from service.rendering.exports import (
 logger = logging.getLogger(__name__)
 
 JobId = FromPath[str]
+KEY_RECHECK_S = 5.0  # an open event stream checks that its API key still exists this often (revocation ends it)
 MAX_OFFSET = 1_000_000_000  # far beyond any real listing; Redis ranges reject offsets past 64-bit integers
 
 
@@ -336,7 +339,8 @@ class JobsController(Controller):
             "streams are capped per API key and per server process, together with waiting long polls (429 with "
             "Retry-After past a cap); a stream's place is freed when the job ends or the client disconnects. The "
             "stream rides out a Redis outage of up to a minute (keep-alives go on); after that it closes without "
-            "`event: end`, to be resumed with `Last-Event-ID`."
+            "`event: end`, to be resumed with `Last-Event-ID`. A stream whose API key is revoked closes within about "
+            "ten seconds (a reconnect answers 401)."
         ),
         responses={
             200: ResponseSpec(
@@ -368,11 +372,24 @@ class JobsController(Controller):
         client, hub = state.aredis, state.event_hub
         slot = state.stream_slots.acquire(principal.name)  # TooManyStreams: 429, before the stream starts
 
+        key = request.headers.get(API_KEY_HEADER)
+        digest = key_digest(key) if key else None
+        checked = time.monotonic()
+
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
             # The slot is freed when the stream ends (the job ended or vanished), or when the client disconnects:
             # Litestar then cancels the task that iterates this generator, and `finally` runs.
+            nonlocal checked
             try:
                 async for event in follow(client, hub, store, job_id, after=last_event or "0"):
+                    # The key is checked again every KEY_RECHECK_S (at the latest on a keep-alive, every few quiet
+                    # seconds): a key revoked meanwhile ends its open streams, as it ends its next request (401).
+                    if digest is not None and time.monotonic() - checked >= KEY_RECHECK_S:
+                        checked = time.monotonic()
+                        if await state.api_keys.principal_for_digest(digest, client) is None:
+                            logger.info("event stream of job %s closed: its API key was revoked", job_id)
+                            yield ServerSentEventMessage(comment="the API key was revoked", data=None)
+                            return
                     if event.kind == "keepalive":
                         # A comment only: an empty `data:` line would be dispatched to EventSource as a message.
                         yield ServerSentEventMessage(comment="keep-alive", data=None)
