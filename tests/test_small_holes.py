@@ -143,3 +143,32 @@ def test_revoking_a_key_closes_its_open_event_streams(redis_url: str) -> None:
         finally:
             store.close()
             ring.client.close()
+
+
+def test_a_job_deleted_while_its_figure_renders_leaves_no_figure(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.rendering.figure_cache as figure_cache
+    from service.core.job_deletion import delete_finished_job
+    from service.core.store import JobStore
+    from tests.test_figures import build_result, store_succeeded
+
+    with private_settings(redis_url, "holes-fig", auth_enabled=False, allow_no_auth=True) as settings:  # type: ignore[misc]
+        store = JobStore.from_settings(settings)
+        job_id = store_succeeded(store, build_result(prompts=["Paris is in", "Rome is in"]))
+        real_render = figure_cache.render
+
+        def render_then_deleted(*args: Any, **kwargs: Any) -> bytes:
+            data = real_render(*args, **kwargs)
+            assert delete_finished_job(store, job_id)  # DELETE /v1/jobs/{id} lands while the figure renders
+            return bytes(data)
+
+        monkeypatch.setattr(figure_cache, "render", render_then_deleted)
+        try:
+            with TestClient(create_app(settings), base_url="http://testserver.local") as client:
+                client.get(f"/v1/jobs/{job_id}/figures/te_vs_de")
+                assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+            left = [key for key in store.client.scan_iter(f"{store.prefix}*") if job_id.encode() in key]
+            assert left == [], [(key, store.client.pttl(key)) for key in left]
+        finally:
+            store.close()

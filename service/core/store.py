@@ -240,6 +240,21 @@ def decompress_result(stored: bytes) -> bytes:
     return gzip.decompress(stored) if stored.startswith(GZIP_MAGIC) else stored
 
 
+# A rendered figure is cached only while its job's result is still there, and for no longer than the result: checked
+# and written in one script, so a job deleted while its figure rendered leaves no figure behind (the render takes
+# seconds; a check before it and a write after it would let the delete slip in between).
+# KEYS[1] the figure, KEYS[2] the job's set of figure keys, KEYS[3] the result. ARGV[1] the figure's bytes,
+# ARGV[2] the TTL (ms) when the result has none, ARGV[3] a margin (ms). Returns 1 cached, 0 the result is gone.
+_CACHE_FIGURE = """
+local ttl = redis.call('PTTL', KEYS[3])
+if ttl == -2 then return 0 end
+if ttl == -1 then ttl = tonumber(ARGV[2]) else ttl = math.max(1, ttl - tonumber(ARGV[3])) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+
 # KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set, KEYS[5..] the job's other keys.
 # ARGV[1] job id. Returns -1 absent, 0 still queued or running (nothing removed), 1 deleted.
 _DELETE_FINISHED = """
@@ -380,6 +395,7 @@ class JobStore:
         self.on_finished: Callable[[str], None] | None = None
         self._delete_finished = client.register_script(_DELETE_FINISHED)
         self._set_note = client.register_script(_SET_NOTE)
+        self._cache_figure = client.register_script(_CACHE_FIGURE)
 
     @classmethod
     def from_settings(cls, settings: Settings, socket_timeout: float | None = None) -> JobStore:
@@ -703,13 +719,11 @@ class JobStore:
         """The set of the job's cached figure keys (one per name, format and size asked for)."""
         return f"{self.prefix}figures:{job_id}"
 
-    def cache_figure(self, job_id: str, key: str, data: bytes, ttl_ms: int) -> None:
-        """Cache a rendered figure for `ttl_ms` and remember its key, so deleting the job finds every size of it."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(key, data, px=ttl_ms)
-        pipe.sadd(self.figures_key(job_id), key)
-        pipe.pexpire(self.figures_key(job_id), ttl_ms)  # every figure of a job expires with its result: same end
-        pipe.execute()
+    def cache_figure(self, job_id: str, key: str, data: bytes, margin_ms: int = 100) -> bool:
+        """Cache a rendered figure until the job's result expires and remember its key, so deleting the job finds
+        every size of it; False (nothing cached) when the result is gone, e.g. the job was deleted meanwhile."""
+        keys = [key, self.figures_key(job_id), self.result_key(job_id)]
+        return bool(self._cache_figure(keys=keys, args=[data, self.ttl_s * 1000, margin_ms]))
 
     def cached_figure_keys(self, job_id: str) -> list[str]:
         return [_text(key) or "" for key in self.client.smembers(self.figures_key(job_id))]
