@@ -172,3 +172,73 @@ def test_a_job_deleted_while_its_figure_renders_leaves_no_figure(
             assert left == [], [(key, store.client.pttl(key)) for key in left]
         finally:
             store.close()
+
+
+TINY_INFO = {"id": "tiny", "architecture": "llama", "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "d_model": 64,
+             "vocab_size": 100, "parallel_blocks": False, "source": "local"}  # fmt: skip
+SUBMIT = {"model": "tiny", "prompts": ["a b", "c d"], "components": ["mlp.0"]}
+
+
+def test_an_idempotency_key_whose_job_was_deleted_answers_410(redis_url: str) -> None:
+    from hydra_ablate_client.wire import ModelInfo
+    from service.core.store import JobStore
+
+    with private_settings(redis_url, "holes-idem", auth_enabled=False, allow_no_auth=True) as settings:  # type: ignore[misc]
+        store = JobStore.from_settings(settings)
+        store.advertise_model(ModelInfo(**TINY_INFO), ttl_s=600)  # type: ignore[arg-type]
+        try:
+            with TestClient(create_app(settings), base_url="http://testserver.local") as client:
+                headers = {"Idempotency-Key": "nightly-sweep-1"}
+                first = client.post("/v1/jobs", json=SUBMIT, headers=headers)
+                assert first.status_code == 202, first.text
+                job_id = first.json()["id"]
+                again = client.post("/v1/jobs", json=SUBMIT, headers=headers)
+                assert again.status_code == 202 and again.json()["id"] == job_id  # replayed while the job exists
+                assert store.mark_failed(job_id, "made to end for this test")
+                assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+                gone = client.post("/v1/jobs", json=SUBMIT, headers=headers)
+                assert gone.status_code == 410, gone.text
+                assert job_id in gone.json()["detail"] and "new key" in gone.json()["detail"]
+                renewed = client.post("/v1/jobs", json=SUBMIT, headers={"Idempotency-Key": "nightly-sweep-2"})
+                assert renewed.status_code == 202
+        finally:
+            store.close()
+
+
+def test_a_submit_whose_job_was_stored_never_answers_503_when_redis_fills_up(tmp_path: Any) -> None:
+    """Redis reaches maxmemory between storing the job and pushing its message: the job cannot be queued nor
+    marked failed, and stays stored as queued in the `unplanned` set (sent again by the sweep): the answer is the
+    202 with its id. Before, it was a 503, and the client's retry made a second job."""
+    from hydra_ablate_client.wire import ModelInfo
+    from service.core.embedded_redis import EmbeddedRedis
+    from service.core.store import JobStore
+
+    server = EmbeddedRedis(tmp_path / "redis")  # not private: the test fills it with CONFIG SET maxmemory
+    server.start()
+    admin = redis.Redis.from_url(server.url)
+    settings = Settings(redis_url=server.url, key_prefix="holes-oom:", auth_enabled=False, allow_no_auth=True)
+    store = JobStore.from_settings(settings)
+    store.advertise_model(ModelInfo(**TINY_INFO), ttl_s=600)  # type: ignore[arg-type]
+    try:
+        with TestClient(create_app(settings), base_url="http://testserver.local") as client:
+            queue = client.app.state.queue
+            real_enqueue = queue.enqueue_async
+
+            async def enqueue_into_a_full_redis(aredis: Any, job_id: str) -> None:
+                admin.config_set("maxmemory-policy", "noeviction")
+                admin.config_set("maxmemory", "1")  # full from now on: every write is refused (OOM)
+                await real_enqueue(aredis, job_id)
+
+            queue.enqueue_async = enqueue_into_a_full_redis
+            answer = client.post("/v1/jobs", json=SUBMIT)
+            admin.config_set("maxmemory", "0")
+            assert answer.status_code == 202, answer.text
+            job_id = answer.json()["id"]
+            stored = store.status(job_id)
+            assert stored is not None and stored.status == "queued"
+            assert admin.zscore(store.unplanned_key, job_id) is not None  # the sweep sends it
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.close()
+        store.close()
+        server.stop()

@@ -155,14 +155,17 @@ IdempotencyKey = Annotated[
         description=(
             "Makes the submit safe to retry: the same key (per API key) with the same body answers with the job "
             "the first request created (202, same id, `Idempotent-Replayed: true`) and queues nothing; with a "
-            "different body it is a 409. Kept as long as jobs are."
+            "different body it is a 409; once its job was deleted, a 410. Kept as long as jobs are."
         ),
     ),
 ]
 
 
 def _conflict_on_submit() -> dict[int, str]:
-    return {409: "The Idempotency-Key was already used with a different request body (or that request is in flight)"}
+    return {
+        409: "The Idempotency-Key was already used with a different request body (or that request is in flight)",
+        410: "The job this Idempotency-Key created was deleted (or expired); a new key submits it again",
+    }
 
 
 class JobsController(Controller):
@@ -184,7 +187,7 @@ class JobsController(Controller):
             "model's tokenizer is published, in tokens (422); queued + running jobs per API key and the request "
             "rate (429); the body size (413)."
         ),
-        responses=problem_responses(400, 401, 409, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
+        responses=problem_responses(400, 401, 409, 410, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
         before_request=strict_body(JobRequest),
     )
     async def submit(
