@@ -242,3 +242,86 @@ def test_a_submit_whose_job_was_stored_never_answers_503_when_redis_fills_up(tmp
         admin.close()
         store.close()
         server.stop()
+
+
+def _scanned_counts(client: redis.Redis, prefix: str) -> dict[str, int]:
+    """The oracle: every job hash read one by one (what each scrape used to do)."""
+    counts: dict[str, int] = {}
+    for key in client.scan_iter(f"{prefix}job:*", count=1000):
+        raw = client.hget(key, "status")
+        if raw is not None:
+            status = raw.decode() if isinstance(raw, bytes) else str(raw)
+            counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def _hget_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hget", {}).get("calls", 0))
+
+
+def test_metrics_counts_jobs_without_reading_every_job(tmp_path: Any) -> None:
+    from hydra_ablate_client.wire import ModelInfo
+    from service.core.embedded_redis import EmbeddedRedis
+    from service.core.job_deletion import delete_finished_job
+    from service.core.resolve import resolve
+    from service.core.store import JobStore
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    raw = redis.Redis.from_url(server.url)
+    settings = Settings(redis_url=server.url, key_prefix="holes-metrics:", auth_enabled=False, allow_no_auth=True)
+    store = JobStore.from_settings(settings)
+    try:
+        spec = resolve(tiny_request(), {"tiny": ModelInfo(**TINY_INFO)}, settings)  # type: ignore[arg-type]
+        ids = [store.create(spec, 6, "erin" if i % 2 else None).id for i in range(300)]  # scripted and pipelined
+        for job_id in ids[:120]:
+            assert store.mark_running(job_id)
+        for job_id in ids[:40]:
+            assert store.mark_succeeded(job_id, b"{}")
+        for job_id in ids[40:60]:
+            assert store.mark_failed(job_id, "boom")
+        for job_id in ids[200:230]:
+            assert store.request_cancel(job_id) is not None
+        for job_id in ids[:10] + ids[40:45] + ids[200:205]:
+            assert delete_finished_job(store, job_id)
+        want = {"queued": 300 - 120 - 30, "running": 120 - 60, "succeeded": 30, "failed": 15, "cancelled": 25}
+        assert _scanned_counts(raw, settings.key_prefix) == want
+        with TestClient(create_app(settings), base_url="http://testserver.local") as client:
+            client.get("/metrics")  # the first scrape adds the jobs kept to the counts, once
+            before = _hget_calls(raw)
+            scrape = client.get("/metrics").text
+            assert _hget_calls(raw) - before < 10  # a scrape reads no job hash (it read all 280 before)
+        for state, count in want.items():
+            assert f'hydra_jobs{{status="{state}"}} {float(count)}' in scrape, (state, scrape[:2000])
+        # Jobs stored before the counts existed are counted too (added to them once).
+        raw.delete(store.status_sets_ready_key, *(store.status_set_key(state) for state in want))
+        assert {k: v for k, v in store.count_by_status().items() if v} == want
+    finally:
+        store.close()
+        raw.close()
+        server.stop()
+
+
+def test_expired_jobs_leave_the_counts(redis_url: str) -> None:
+    import time
+
+    from hydra_ablate_client.wire import ModelInfo
+    from service.core.resolve import resolve
+    from service.core.store import JobStore
+
+    with private_settings(redis_url, "holes-expiry", result_ttl_s=1) as settings:  # type: ignore[misc]
+        store = JobStore.from_settings(settings)
+        spec = resolve(tiny_request(), {"tiny": ModelInfo(**TINY_INFO)}, settings)  # type: ignore[arg-type]
+        for _ in range(5):
+            store.create(spec, 6, "erin")
+        assert store.count_by_status()["queued"] == 5
+        time.sleep(2.5)
+        assert store.count_by_status()["queued"] == 0 == len(_scanned_counts(store.client, settings.key_prefix))
+        store.close()
+
+
+def tiny_request() -> Any:
+    """A request for the tiny model (its wire type imported here, as the other tests of this file do)."""
+    from hydra_ablate_client.wire import JobRequest
+
+    return JobRequest(model="tiny", prompts=["a b", "c d"], components=["mlp.0"])

@@ -95,12 +95,29 @@ class JobFilter:
         """Whether the job hashes must be read to filter (time bounds alone are a range of the index)."""
         return self.status is not None or self.model is not None or self.tag is not None
 
+# Jobs by status, kept as each change happens (for /metrics): a sorted set per state, `{prefix}by-status:{state}`,
+# whose members are job ids scored with when the job's hash expires (unix seconds, Redis's clock). Every script that
+# changes a job's status moves the job between the sets (`track_status`; the sets' names come from the job hash's
+# own `{prefix}job:{id}`), so counting is a ZCOUNT of the unexpired members of each set: a few commands a scrape
+# instead of a read of every job. Fine on one Redis (not Cluster), like _CREATE_CAPPED's key names.
+TRACK_STATUS = """
+local function track_status(job_key, from, to, ttl)
+  local base, id = string.match(job_key, '^(.*)job:([^:]*)$')
+  if from then redis.call('ZREM', base .. 'by-status:' .. from, id) end
+  if to then
+    local now = redis.call('TIME')
+    redis.call('ZADD', base .. 'by-status:' .. to, tonumber(now[1]) + tonumber(ttl), id)
+  end
+end
+"""
+
 # KEYS[1] job hash, KEYS[2] cancel flag. ARGV[1] now (ISO), ARGV[2] ttl seconds.
-_MARK_RUNNING = """
+_MARK_RUNNING = TRACK_STATUS + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+track_status(KEYS[1], 'queued', 'running', ARGV[2])
 return 1
 """
 
@@ -131,12 +148,13 @@ return 1
 """
 
 # KEYS[1] job hash, KEYS[2] result. ARGV[1] result bytes, ARGV[2] now, ARGV[3] ttl.
-_MARK_SUCCEEDED = """
+_MARK_SUCCEEDED = TRACK_STATUS + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 local total = redis.call('HGET', KEYS[1], 'total') or '0'
 redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[2], 'done', total)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+track_status(KEYS[1], 'running', 'succeeded', ARGV[3])
 return 1
 """
 
@@ -162,24 +180,26 @@ return 1
 """
 
 # KEYS[1] job hash, KEYS[2] chunks_done. ARGV[1] error, ARGV[2] now, ARGV[3] ttl, ARGV[4] partial key prefix.
-_MARK_FAILED = _DROP_PARTIALS + """
+_MARK_FAILED = _DROP_PARTIALS + TRACK_STATUS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+track_status(KEYS[1], status, 'failed', ARGV[3])
 drop_partials(KEYS[2], ARGV[4])
 return 1
 """
 
 # KEYS[1] job hash, KEYS[2] cancel flag, KEYS[3] chunks_done. ARGV[1] now, ARGV[2] ttl, ARGV[3] partial key prefix.
 # Returns -1 absent, 0 unchanged, 1 cancelled.
-_REQUEST_CANCEL = _DROP_PARTIALS + """
+_REQUEST_CANCEL = _DROP_PARTIALS + TRACK_STATUS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+track_status(KEYS[1], status, 'cancelled', ARGV[2])
 drop_partials(KEYS[3], ARGV[3])
 return 1
 """
@@ -195,7 +215,7 @@ return 1
 # ARGV[6] when to send again if not planned by then, ARGV[7] the first event (the status, JSON), ARGV[8] the
 # stream's cap, ARGV[9..] fields.
 # Returns -1 when created (and its first event appended), else the owner's active count (nothing written).
-_CREATE_CAPPED = """
+_CREATE_CAPPED = TRACK_STATUS + """
 local cap = tonumber(ARGV[4])
 if cap > 0 then
   local active = 0
@@ -211,6 +231,7 @@ if cap > 0 then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+track_status(KEYS[1], false, 'queued', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -221,6 +242,19 @@ redis.call('EXPIRE', KEYS[6], ARGV[2])
 return -1
 """
 
+
+# Jobs stored before the by-status sets existed are added to them once, batch by batch (then the marker is set).
+# ARGV[1] job key prefix, ARGV[2] set name prefix, ARGV[3..] job ids.
+_BACKFILL_STATUS = """
+local now = tonumber(redis.call('TIME')[1])
+for i = 3, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  local status = redis.call('HGET', key, 'status')
+  local ttl = redis.call('TTL', key)
+  if status and ttl > 0 then redis.call('ZADD', ARGV[2] .. status, now + ttl, ARGV[i]) end
+end
+return 1
+"""
 
 GZIP_MAGIC = b"\x1f\x8b"
 EVICTED = (
@@ -257,12 +291,13 @@ return 1
 
 # KEYS[1] job hash, KEYS[2] index, KEYS[3] owner index, KEYS[4] owner active set, KEYS[5..] the job's other keys.
 # ARGV[1] job id. Returns -1 absent, 0 still queued or running (nothing removed), 1 deleted.
-_DELETE_FINISHED = """
+_DELETE_FINISHED = TRACK_STATUS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status == 'queued' or status == 'running' then return 0 end
 redis.call('DEL', unpack(KEYS, 5))
 redis.call('DEL', KEYS[1])
+track_status(KEYS[1], status, false, 0)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('SREM', KEYS[4], ARGV[1])
@@ -396,6 +431,7 @@ class JobStore:
         self._delete_finished = client.register_script(_DELETE_FINISHED)
         self._set_note = client.register_script(_SET_NOTE)
         self._cache_figure = client.register_script(_CACHE_FIGURE)
+        self._backfill_status = client.register_script(_BACKFILL_STATUS)
 
     @classmethod
     def from_settings(cls, settings: Settings, socket_timeout: float | None = None) -> JobStore:
@@ -507,6 +543,9 @@ class JobStore:
             pipe = self.client.pipeline(transaction=True)
             pipe.hset(self.job_key(status.id), mapping=fields)
             pipe.expire(self.job_key(status.id), self.ttl_s)
+            # Scored on this machine's clock, not Redis's as the scripts do: a skew of seconds shifts only when
+            # the count forgets a job that expired.
+            pipe.zadd(self.status_set_key("queued"), {status.id: time.time() + self.ttl_s})
             pipe.zadd(self.index_key, {status.id: time.time()})
             pipe.zadd(self.unplanned_key, {status.id: time.time() + RESEND_AFTER_S})
             pipe.execute()
@@ -806,21 +845,35 @@ class JobStore:
                 found.append(raw_id)
             start += batch
 
-    def count_by_status(self, batch: int = 1000) -> dict[str, int]:
-        """Jobs kept, by status (every state present, zero when none): one pipelined read per `batch` jobs."""
-        counts: dict[str, int] = dict.fromkeys((*ACTIVE_STATES, *TERMINAL_STATES), 0)
+    def status_set_key(self, state: str) -> str:
+        """The sorted set of the jobs in `state` (see TRACK_STATUS)."""
+        return f"{self.prefix}by-status:{state}"
+
+    @property
+    def status_sets_ready_key(self) -> str:
+        return f"{self.prefix}by-status-ready"
+
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs kept, by status (every state present, zero when none): a ZCOUNT per state of the by-status sets,
+        whatever the number of jobs; members whose job expired are dropped on the way."""
+        states = (*ACTIVE_STATES, *TERMINAL_STATES)
+        if not self.client.exists(self.status_sets_ready_key):
+            self.backfill_status_sets()
+        now = int(self.client.time()[0])
+        pipe = self.client.pipeline(transaction=False)
+        for state in states:
+            pipe.zremrangebyscore(self.status_set_key(state), "-inf", now)
+            pipe.zcard(self.status_set_key(state))
+        counts = pipe.execute()[1::2]
+        return {state: int(count) for state, count in zip(states, counts, strict=True)}
+
+    def backfill_status_sets(self, batch: int = 1000) -> None:
+        """Add the jobs kept to the by-status sets (once, for jobs stored before the sets existed)."""
         start = 0
-        while True:
-            ids = bytes_list(self.client.zrange(self.index_key, start, start + batch - 1))
-            if not ids:
-                return counts
-            pipe = self.client.pipeline(transaction=False)
-            for raw_id in ids:
-                pipe.hget(self.job_key(raw_id.decode()), "status")
-            for status in pipe.execute():
-                if status is not None and status.decode() in counts:
-                    counts[status.decode()] += 1
+        while ids := bytes_list(self.client.zrange(self.index_key, start, start + batch - 1)):
+            self._backfill_status(args=[self.job_key(""), self.status_set_key(""), *ids])
             start += batch
+        self.client.set(self.status_sets_ready_key, b"1")
 
     def _prune_index(self, index: str | None = None, batch: int = 1000) -> None:
         # A job hash lives at least ttl_s after creation, so only older index entries can point at nothing.
