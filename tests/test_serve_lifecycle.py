@@ -209,3 +209,28 @@ def test_health_answers_503_while_the_stack_redis_is_gone(tmp_path: Path, monkey
             assert answer.status_code == 503 and "Redis" in answer.text, answer.text
     finally:
         server.stop()
+
+
+def test_keys_cli_uses_the_private_redis_without_printing_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app as cli_app
+    from service.core.api_keys import keys_hash
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("HYDRA_API_KEYS", raising=False)
+    monkeypatch.setenv("HYDRA_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HYDRA_KEY_PREFIX", "test-private-keys:")
+    server = EmbeddedRedis(data_dir=tmp_path / "redis", private=True)  # where `hydra-ablate serve` puts it
+    server.start()
+    try:
+        result = CliRunner().invoke(cli_app, ["keys", "create", "erin"])
+        assert result.exit_code == 0, result.output
+        assert server.password is not None and server.password not in result.output
+        client = redis.Redis.from_url(server.url)
+        assert client.hlen(keys_hash("test-private-keys:")) == 1
+        client.close()
+    finally:
+        server.stop()
