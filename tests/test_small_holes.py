@@ -236,7 +236,7 @@ def test_a_submit_whose_job_was_stored_never_answers_503_when_redis_fills_up(tmp
             job_id = answer.json()["id"]
             stored = store.status(job_id)
             assert stored is not None and stored.status == "queued"
-            assert admin.zscore(store.unplanned_key, job_id) is not None  # the sweep sends it
+            assert admin.zscore(store.keys.unplanned, job_id) is not None  # the sweep sends it
     finally:
         admin.config_set("maxmemory", "0")
         admin.close()
@@ -294,7 +294,7 @@ def test_metrics_counts_jobs_without_reading_every_job(tmp_path: Any) -> None:
         for state, count in want.items():
             assert f'hydra_jobs{{status="{state}"}} {float(count)}' in scrape, (state, scrape[:2000])
         # Jobs stored before the counts existed are counted too (added to them once).
-        raw.delete(store.status_sets_ready_key, *(store.status_set_key(state) for state in want))
+        raw.delete(store.keys.by_status_ready, *(store.keys.by_status(state) for state in want))
         assert {k: v for k, v in store.count_by_status().items() if v} == want
     finally:
         store.close()

@@ -14,7 +14,6 @@ import msgspec
 from hydra_ablate_client.vocabulary import FigureFormat, FigureName
 from hydra_ablate_client.wire import JobResult
 from service.core.job_actions import finished_result
-from service.core.job_deletion import figure_key as cache_key
 from service.core.redis_replies import bytes_or_none
 from service.core.store import JobStore
 from service.rendering.figures import DPI, HEIGHT_PX, WIDTH_PX, render
@@ -38,7 +37,7 @@ class FigureOptions:
 
 
 def figure_key(store: JobStore, job_id: str, name: str, fmt: str, options: FigureOptions | None = None) -> str:
-    return cache_key(store, job_id, name, fmt, (options or FigureOptions()).key_suffix())
+    return store.keys.figure(job_id, name, fmt, (options or FigureOptions()).key_suffix())
 
 
 def cached_figure(
