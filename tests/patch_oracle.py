@@ -1,0 +1,167 @@
+"""Brute-force activation patching: one full forward pass of the Hugging Face model per patch, with hooks.
+
+The independent check on worker/engine/patching.py; it shares no code with the engine (module locations come from
+tests/oracle.py's own `locate_parts` and the table below). Written to be obviously right, not fast:
+
+* the source run (clean for denoise, corrupted for noise) is one plain forward pass whose activations are captured
+  at every position with hooks;
+* each patch is one full forward pass of the base prompt (corrupted for denoise, clean for noise), no cache, with
+  one hook replacing the site's activation at one position by the source's;
+* the metric is logit(answer) − logit(counterfactual) read off the model's own output logits.
+
+Sites and their hooks:
+
+- `resid_pre.L`: a forward pre-hook on block L replacing its `hidden_states` input;
+- `attn.L` / `mlp.L`: a forward hook on the module whose output is what the block writes (tests/oracle.py);
+- `head.L.H`: a forward pre-hook on the output projection replacing the head's slice of its input;
+- `head.L.H.q|k|v`: a forward hook on the attention's `q_proj` / `k_proj` / `v_proj` replacing the head's columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tests.oracle import ModelParts, locate_parts
+
+_located: dict[int, ModelParts] = {}
+
+
+def _parts(model: Any) -> ModelParts:
+    """tests/oracle.py's module locations, found once per model (locating copies the unembedding)."""
+    if id(model) not in _located:
+        _located[id(model)] = locate_parts(model)
+    return _located[id(model)]
+
+
+def _blocks(model: Any) -> list[nn.Module]:
+    model_type = model.config.model_type
+    if model_type in ("gpt2", "gptj"):
+        return list(model.transformer.h)
+    if model_type == "gpt_neox":
+        return list(model.gpt_neox.layers)
+    return list(model.model.layers)
+
+
+def _attention(model: Any, layer: int) -> Any:
+    block: Any = _blocks(model)[layer]
+    return block.attn if model.config.model_type == "gptj" else block.self_attn
+
+
+def _parse(site: str) -> tuple[str, int, int | None, str | None]:
+    kind, *rest = site.split(".")
+    return kind, int(rest[0]), int(rest[1]) if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None
+
+
+def _module(model: Any, site: str) -> tuple[nn.Module, str]:
+    """The hooked module of a site and how it is hooked: "input" (first input / hidden_states) or "output"."""
+    parts = _parts(model)
+    kind, layer, _head, part = _parse(site)
+    if kind == "resid_pre":
+        return _blocks(model)[layer], "input"
+    if kind == "attn":
+        return parts.attn[layer], "output"
+    if kind == "mlp":
+        return parts.mlp[layer], "output"
+    if part is None:
+        return parts.out_proj[layer], "input"
+    return getattr(_attention(model, layer), f"{part}_proj"), "output"
+
+
+def _columns(model: Any, site: str) -> slice:
+    kind, _layer, head, _part = _parse(site)
+    if kind != "head":
+        return slice(None)
+    assert head is not None
+    head_dim = _parts(model).head_dim
+    return slice(head * head_dim, (head + 1) * head_dim)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture(model: Any, ids: torch.Tensor, sites: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every site's activation (T, e) in one plain forward pass, and the final logits (V,)."""
+    kept: dict[str, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+        module, where = _module(model, site)
+
+        if where == "input":
+            def keep_input(_m: nn.Module, args: tuple, kwargs: dict, site: str = site) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                kept[site] = hidden[0].detach().clone()
+
+            handles.append(module.register_forward_pre_hook(keep_input, with_kwargs=True))
+        else:
+            def keep_output(_m: nn.Module, _args: tuple, output: Any, site: str = site) -> None:
+                kept[site] = _first(output)[0].detach().clone()
+
+            handles.append(module.register_forward_hook(keep_output))
+    try:
+        logits = model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits[0, -1].double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept, logits
+
+
+@torch.no_grad()
+def patched_logits(model: Any, ids: torch.Tensor, site: str, position: int, value: torch.Tensor) -> torch.Tensor:
+    """The final logits (V,) of one full forward pass of `ids` with `site` at `position` replaced by `value`."""
+    module, where = _module(model, site)
+    cols = _columns(model, site)
+    handle: Any
+    if where == "input":
+        def replace_input(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                hidden = args[0].clone()
+                hidden[0, position, cols] = value[cols].to(hidden.dtype)
+                return (hidden, *args[1:]), kwargs
+            hidden = kwargs["hidden_states"].clone()
+            hidden[0, position, cols] = value[cols].to(hidden.dtype)
+            return args, {**kwargs, "hidden_states": hidden}
+
+        handle = module.register_forward_pre_hook(replace_input, with_kwargs=True)
+    else:
+        def replace_output(_m: nn.Module, _args: tuple, output: Any) -> Any:
+            out = _first(output).clone()
+            out[0, position, cols] = value[cols].to(out.dtype)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        handle = module.register_forward_hook(replace_output)
+    try:
+        return model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits[0, -1].double()
+    finally:
+        handle.remove()
+
+
+def oracle_patching(
+    model: Any,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    answer: int,
+    counterfactual: int,
+    sites: list[str],
+    direction: str,
+    positions: str,
+) -> tuple[float, float, list[list[float]]]:
+    """(clean metric, corrupted metric, patched metric [site][position]) by one forward pass per patch."""
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    acts, _ = capture(model, source, sites)
+    _, clean_logits = capture(model, clean, [])
+    _, corrupted_logits = capture(model, corrupted, [])
+
+    def diff(logits: torch.Tensor) -> float:
+        return float(logits[answer] - logits[counterfactual])
+
+    length = int(clean.shape[0])
+    columns = list(range(length)) if positions == "all" else [length - 1]
+    patched = [
+        [diff(patched_logits(model, base, site, p, acts[site][p])) for p in columns] for site in sites
+    ]
+    return diff(clean_logits), diff(corrupted_logits), patched
