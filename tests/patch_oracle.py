@@ -111,11 +111,23 @@ def capture(model: Any, ids: torch.Tensor, sites: list[str]) -> tuple[dict[str, 
 
 
 @torch.no_grad()
-def patched_logits(model: Any, ids: torch.Tensor, site: str, position: int, value: torch.Tensor) -> torch.Tensor:
-    """The final logits (V,) of one full forward pass of `ids` with `site` at `position` replaced by `value`."""
+def patched_logits(
+    model: Any, ids: torch.Tensor, patches: list[tuple[str, torch.Tensor]], position: int
+) -> torch.Tensor:
+    """The final logits (V,) of one full forward pass of `ids` with every (site, value) of `patches` replaced at
+    `position`: one site, or a knockout set's together."""
+    handles = [_hook(model, site, position, value) for site, value in patches]
+    try:
+        return model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits[0, -1].double()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hook(model: Any, site: str, position: int, value: torch.Tensor) -> Any:
+    """A hook replacing `site` at `position` by `value` (registered; the caller removes it)."""
     module, where = _module(model, site)
     cols = _columns(model, site)
-    handle: Any
     if where == "input":
         def replace_input(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if args:
@@ -126,18 +138,14 @@ def patched_logits(model: Any, ids: torch.Tensor, site: str, position: int, valu
             hidden[0, position, cols] = value[cols].to(hidden.dtype)
             return args, {**kwargs, "hidden_states": hidden}
 
-        handle = module.register_forward_pre_hook(replace_input, with_kwargs=True)
-    else:
-        def replace_output(_m: nn.Module, _args: tuple, output: Any) -> Any:
-            out = _first(output).clone()
-            out[0, position, cols] = value[cols].to(out.dtype)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
+        return module.register_forward_pre_hook(replace_input, with_kwargs=True)
 
-        handle = module.register_forward_hook(replace_output)
-    try:
-        return model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits[0, -1].double()
-    finally:
-        handle.remove()
+    def replace_output(_m: nn.Module, _args: tuple, output: Any) -> Any:
+        out = _first(output).clone()
+        out[0, position, cols] = value[cols].to(out.dtype)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return module.register_forward_hook(replace_output)
 
 
 def oracle_patching(
@@ -149,10 +157,13 @@ def oracle_patching(
     sites: list[str],
     direction: str,
     positions: str,
+    knockouts: list[list[str]] | None = None,
 ) -> tuple[float, float, list[list[float]]]:
-    """(clean metric, corrupted metric, patched metric [site][position]) by one forward pass per patch."""
+    """(clean metric, corrupted metric, patched metric [site or knockout set][position]) by one forward pass per
+    patch (a knockout set's sites patched together in one)."""
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    acts, _ = capture(model, source, sites)
+    rows = [[site] for site in sites] + [list(members) for members in knockouts or []]
+    acts, _ = capture(model, source, sorted({site for row in rows for site in row}))
     _, clean_logits = capture(model, clean, [])
     _, corrupted_logits = capture(model, corrupted, [])
 
@@ -162,6 +173,7 @@ def oracle_patching(
     length = int(clean.shape[0])
     columns = list(range(length)) if positions == "all" else [length - 1]
     patched = [
-        [diff(patched_logits(model, base, site, p, acts[site][p])) for p in columns] for site in sites
+        [diff(patched_logits(model, base, [(site, acts[site][p]) for site in row], p)) for p in columns]
+        for row in rows
     ]
     return diff(clean_logits), diff(corrupted_logits), patched

@@ -48,6 +48,15 @@ def _sites(model: PreTrainedModel, positions: str) -> list[str]:
     return sites
 
 
+def _knockouts(model: PreTrainedModel) -> tuple[tuple[str, ...], ...]:
+    """Sets of sites patched together: across layers, two heads of one layer, and a head part with its layer."""
+    arch = describe(model)
+    sets: list[tuple[str, ...]] = [("resid_pre.1", "attn.2"), ("head.0.1", "head.0.3", "mlp.2")]
+    if head_part_refusal(arch, "v") is None:
+        sets.append(("head.1.0.v", "head.2.2", "mlp.1"))
+    return tuple(sets)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_patching_matches_oracle(arch: str, tiny_models: Callable[[str], PreTrainedModel]) -> None:  # noqa: F811
     model = tiny_models(arch)
@@ -55,12 +64,17 @@ def test_patching_matches_oracle(arch: str, tiny_models: Callable[[str], PreTrai
     for direction in ("denoise", "noise"):
         for positions in ("final", "all"):
             sites = _sites(model, positions)
-            spec = PatchSpec(sites=tuple(sites), direction=direction, positions=positions)  # type: ignore[arg-type]
+            knockouts = _knockouts(model)
+            spec = PatchSpec(
+                sites=tuple(sites), direction=direction, positions=positions,  # type: ignore[arg-type]
+                knockouts=knockouts,
+            )
             # A small batch so that several batches per position are exercised.
             result = run_patching(model, spec, [pair], batch_rows=7)
+            assert result.sites == [*sites, *("+".join(members) for members in knockouts)]
             clean, corrupted, patched = oracle_patching(
                 model, pair.clean_ids, pair.corrupted_ids, pair.answer_id, pair.counterfactual_id, sites,
-                direction, positions,
+                direction, positions, [list(members) for members in knockouts],
             )
             got = result.pairs[0]
             assert got.clean_metric == pytest.approx(clean, abs=ATOL)
@@ -115,3 +129,7 @@ def test_refusals_say_what_to_change(tiny_models: Callable[[str], PreTrainedMode
     for arch, site, reason in cases:
         with pytest.raises(InputError, match=reason):
             run_patching(tiny_models(arch), PatchSpec(sites=(site,)), [pair])
+    for knockouts, reason in [((("attn.0", "attn.0"),), "names 'attn.0' twice"), (((),), "is empty"),
+                              ((("mlp.0", "head.0.0.k"),), "shared by groups")]:
+        with pytest.raises(InputError, match=reason):
+            run_patching(llama, PatchSpec(sites=(), knockouts=knockouts), [pair])

@@ -27,6 +27,7 @@ from hydra_ablate_client.vocabulary import (
     PatchDirection,
     PatchMetric,
     PositionScope,
+    knockout_name,
     parse_patch_site,
 )
 from worker.engine.ablated_runs import PrefixCache
@@ -81,6 +82,9 @@ class PatchSpec:
     positions: PositionScope = "final"  # "all": each site at every position, one column per position
     metric: PatchMetric = "logit_diff"
     epsilon: float = PAIR_EPSILON
+    # Knockout sets of sites, each patched together in one run and reported after `sites`, named by its members
+    # joined with "+" ("head.9.6+head.9.9").
+    knockouts: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,13 +225,14 @@ def _replace_rows(rows: list[int], cols: list[slice], values: list[torch.Tensor]
 
 @torch.no_grad()
 def patched_final(
-    arch: Architecture, base: _Run, source: _Run, sites: list[Site], start: int, length: int
+    arch: Architecture, base: _Run, source: _Run, patches: list[tuple[Site, ...]], start: int, length: int
 ) -> torch.Tensor:
-    """The residual stream entering the final norm at the final position (B, d) of each site's patched run, each
-    site patched at position `start` and only positions start … T−1 recomputed."""
-    order = sorted(range(len(sites)), key=lambda b: sites[b].layer)
-    rows = [sites[b] for b in order]
-    entry = torch.tensor([s.layer for s in rows])
+    """The residual stream entering the final norm at the final position (B, d) of each patched run, each run
+    patching its sites (one, or a knockout set's together) at position `start`; only positions start … T−1 are
+    recomputed, from the run's lowest site's layer on."""
+    order = sorted(range(len(patches)), key=lambda b: min(s.layer for s in patches[b]))
+    rows = [patches[b] for b in order]
+    entry = torch.tensor([min(s.layer for s in row) for row in rows])
     like = base.block_in
     width = length - start
     hidden = torch.empty(len(rows), width, arch.d_model, dtype=like.dtype, device=like.device)
@@ -237,30 +242,32 @@ def patched_final(
     rotary: dict[str, object] = {}
     for layer in range(int(entry.min()), arch.n_layers):
         active = int((entry <= layer).sum())
-        at_layer = [b for b in range(active) if rows[b].layer == layer]
-        hidden[at_layer] = base.block_in[layer, start:]  # every row enters at its own site's layer
-        for b in at_layer:
-            if rows[b].kind == "resid_pre":
+        entering = (entry == layer).nonzero().flatten()
+        if entering.numel():
+            hidden[entering] = base.block_in[layer, start:]  # every row enters at its lowest site's layer
+        at_layer = [(b, site) for b in range(active) for site in rows[b] if site.layer == layer]
+        for b, site in at_layer:
+            if site.kind == "resid_pre":
                 hidden[b, 0] = source.block_in[layer, start]
         h = hidden[:active]
 
-        def picked(kind: str, part: str | None = None) -> list[int]:
-            return [b for b in at_layer if rows[b].kind == kind and rows[b].part == part]  # noqa: B023
+        def picked(kind: str, part: str | None = None) -> list[tuple[int, Site]]:
+            return [(b, site) for b, site in at_layer if site.kind == kind and site.part == part]  # noqa: B023
 
         with hooks_removed_on_exit() as handles:
             heads = picked("head")
             if heads:
-                cols = [_columns(rows[b], arch.head_dim) for b in heads]
+                cols = [_columns(site, arch.head_dim) for _, site in heads]
                 values = [source.head_in[layer, start, c] for c in cols]
-                replace = on_input(_replace_rows(heads, cols, values))
+                replace = on_input(_replace_rows([b for b, _ in heads], cols, values))
                 handles.append(arch.out_proj(layer).register_forward_pre_hook(replace))
             for part in ("q", "k", "v"):
                 chosen = picked("head", part)
                 if chosen:
-                    cols = [_columns(rows[b], arch.head_dim) for b in chosen]
+                    cols = [_columns(site, arch.head_dim) for _, site in chosen]
                     values = [source.parts[(part, layer)][start, c] for c in cols]
-                    projection = head_part_projection(arch, layer, part)
-                    handles.append(projection.register_forward_hook(on_output(_replace_rows(chosen, cols, values))))
+                    edit = on_output(_replace_rows([b for b, _ in chosen], cols, values))
+                    handles.append(head_part_projection(arch, layer, part).register_forward_hook(edit))
             key = arch.rotary_key(layer)
             if key not in rotary:
                 rotary[key] = arch.position_embeddings(layer, probe, position_ids)
@@ -272,11 +279,11 @@ def patched_final(
                 kwargs["position_embeddings"] = rotary[key]
             output = arch.attn(layer)(arch.attn_norm(layer)(h), **kwargs)
         attn = arch.attn_post_norm(layer)(output[0] if isinstance(output, tuple) else output)
-        for b in picked("attn"):
+        for b, _ in picked("attn"):
             attn[b, 0] = source.attn[layer, start]
         mlp_input = h if arch.parallel_blocks else h + attn
         mlp = arch.mlp_post_norm(layer)(arch.mlp(layer)(arch.mlp_norm(layer)(mlp_input)))
-        for b in picked("mlp"):
+        for b, _ in picked("mlp"):
             mlp[b, 0] = source.mlp[layer, start]
         hidden[:active] = h + attn + mlp if arch.parallel_blocks else mlp_input + mlp
     restore = torch.empty(len(rows), dtype=torch.long)
@@ -290,6 +297,17 @@ StopCheck = Callable[[], bool]
 
 class PatchingCancelled(RuntimeError):
     """Raised between pairs when `should_stop` says so."""
+
+
+def patch_set(members: tuple[str, ...], index: int, arch: Architecture) -> tuple[Site, ...]:
+    """Knockout set `index` of sites patched together; InputError saying what to change."""
+    if not members:
+        raise InputError(f"knockout set {index} is empty: name at least one site")
+    sites = tuple(model_site(name, arch) for name in members)
+    for k, site in enumerate(sites):
+        if site in sites[:k]:
+            raise InputError(f"knockout set {index} names '{site.name}' twice: name each site once")
+    return sites
 
 
 def check_pair(pair: PatchPair, index: int) -> None:
@@ -316,13 +334,14 @@ def run_patching(
 ) -> PatchResult:
     """Every site of `spec` patched at the final position or at every position, for every pair."""
     arch = describe(model)
-    sites = [model_site(name, arch) for name in spec.sites]
+    sites: list[tuple[Site, ...]] = [(model_site(name, arch),) for name in spec.sites]
+    sites += [patch_set(members, k, arch) for k, members in enumerate(spec.knockouts)]
     if not sites:
-        raise InputError("patching needs at least one site")
+        raise InputError("patching needs at least one site or knockout set")
     for i, pair in enumerate(pairs):
         check_pair(pair, i)
     readout = Readout(arch, "logit_diff")
-    parts = {(s.part, s.layer) for s in sites if s.part is not None}
+    parts = {(s.part, s.layer) for row in sites for s in row if s.part is not None}
     results = []
     total = sum(len(sites) * (int(p.clean_ids.shape[0]) if spec.positions == "all" else 1) for p in pairs)
     done = 0
@@ -364,6 +383,9 @@ def run_patching(
             )
         )
     return PatchResult(
-        sites=[s.name for s in sites], direction=spec.direction, positions=spec.positions, epsilon=spec.epsilon,
+        sites=[knockout_name([s.name for s in row]) for row in sites],
+        direction=spec.direction,
+        positions=spec.positions,
+        epsilon=spec.epsilon,
         pairs=results,
     )
