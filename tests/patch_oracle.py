@@ -14,11 +14,16 @@ Sites and their hooks:
 - `resid_pre.L`: a forward pre-hook on block L replacing its `hidden_states` input;
 - `attn.L` / `mlp.L`: a forward hook on the module whose output is what the block writes (tests/oracle.py);
 - `head.L.H`: a forward pre-hook on the output projection replacing the head's slice of its input;
-- `head.L.H.q|k|v`: a forward hook on the attention's `q_proj` / `k_proj` / `v_proj` replacing the head's columns.
+- `head.L.H.q|k|v`: a forward hook on the attention's `q_proj` / `k_proj` / `v_proj` replacing the head's columns;
+- `head.L.H.pattern`: the model runs with eager attention, and the modelling file's `eager_attention_forward` is
+  wrapped: for layer L's attention module it reads the probabilities, replaces head H's row at the patched query
+  and recomputes that call's output as probabilities × values (the model's own function computes the rest).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,7 +52,39 @@ def _blocks(model: Any) -> list[nn.Module]:
 
 def _attention(model: Any, layer: int) -> Any:
     block: Any = _blocks(model)[layer]
-    return block.attn if model.config.model_type == "gptj" else block.self_attn
+    model_type = model.config.model_type
+    if model_type in ("gptj", "gpt2"):
+        return block.attn
+    return block.attention if model_type == "gpt_neox" else block.self_attn
+
+
+def _wrap_eager(model: Any, layer: int, edit: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[[], None]:
+    """Run the model with eager attention and layer `layer`'s eager attention call passing its probabilities
+    (1, H, T, T) to `edit`, which returns replaced probabilities (or None to keep them); returns the undo."""
+    attention = _attention(model, layer)
+    modelling = sys.modules[type(attention).__module__]
+    inner = modelling.eager_attention_forward
+    before = attention.config._attn_implementation
+
+    def eager(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any) -> Any:
+        output, probs = inner(module, query, key, value, mask, **kw)
+        if module is not attention:
+            return output, probs
+        replaced = edit(probs)
+        if replaced is None:
+            return output, probs
+        repeat = query.shape[1] // value.shape[1]
+        values = torch.repeat_interleave(value, repeat, dim=1)
+        return torch.matmul(replaced, values).transpose(1, 2).contiguous(), replaced
+
+    modelling.eager_attention_forward = eager
+    attention.config._attn_implementation = "eager"
+
+    def undo() -> None:
+        modelling.eager_attention_forward = inner
+        attention.config._attn_implementation = before
+
+    return undo
 
 
 def _parse(site: str) -> tuple[str, int, int | None, str | None]:
@@ -87,8 +124,16 @@ def _first(output: Any) -> torch.Tensor:
 def capture(model: Any, ids: torch.Tensor, sites: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every site's activation (T, e) in one plain forward pass, and the final logits (V,)."""
     kept: dict[str, torch.Tensor] = {}
-    handles = []
+    handles: list[Any] = []
     for site in sites:
+        _kind, layer, head, part = _parse(site)
+        if part == "pattern":
+            def keep_pattern(probs: torch.Tensor, site: str = site, head: Any = head) -> None:
+                kept[site] = probs[0, head].detach().clone()  # (T, T): row p is query p's pattern
+                return None
+
+            handles.append(_Undo(_wrap_eager(model, layer, keep_pattern)))
+            continue
         module, where = _module(model, site)
 
         if where == "input":
@@ -105,9 +150,16 @@ def capture(model: Any, ids: torch.Tensor, sites: list[str]) -> tuple[dict[str, 
     try:
         logits = model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits[0, -1].double()
     finally:
-        for handle in handles:
+        for handle in reversed(handles):  # wrapped functions unwrap in the reverse order
             handle.remove()
     return kept, logits
+
+
+class _Undo:
+    """A hook handle's `remove` for a wrapped function."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self.remove = undo
 
 
 @torch.no_grad()
@@ -120,12 +172,20 @@ def patched_logits(
     try:
         return model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits[0, -1].double()
     finally:
-        for handle in handles:
+        for handle in reversed(handles):  # wrapped functions unwrap in the reverse order
             handle.remove()
 
 
 def _hook(model: Any, site: str, position: int, value: torch.Tensor) -> Any:
     """A hook replacing `site` at `position` by `value` (registered; the caller removes it)."""
+    _kind, layer, head, part = _parse(site)
+    if part == "pattern":
+        def replace_pattern(probs: torch.Tensor) -> torch.Tensor:
+            probs = probs.clone()
+            probs[0, head, position] = value.to(probs.dtype)
+            return probs
+
+        return _Undo(_wrap_eager(model, layer, replace_pattern))
     module, where = _module(model, site)
     cols = _columns(model, site)
     if where == "input":

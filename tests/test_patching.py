@@ -39,7 +39,8 @@ def _sites(model: PreTrainedModel, positions: str) -> list[str]:
     """At the final position: every layer site, two heads' outputs and each head part the family supports (on two
     layers). At every position (one oracle pass per site × position): one site of each kind, on a middle layer."""
     arch = describe(model)
-    parts = [part for part in ("q", "k", "v") if head_part_refusal(arch, part) is None]
+    parts = [part for part in ("q", "k", "v", "pattern") if head_part_refusal(arch, part) is None]
+    assert "pattern" in parts  # every family's patterns can be patched
     if positions == "all":
         return ["resid_pre.1", "attn.1", "mlp.0", "head.1.3", *(f"head.1.2.{part}" for part in parts)]
     sites = [f"{kind}.{layer}" for layer in range(arch.n_layers) for kind in ("resid_pre", "attn", "mlp")]
@@ -54,6 +55,7 @@ def _knockouts(model: PreTrainedModel) -> tuple[tuple[str, ...], ...]:
     sets: list[tuple[str, ...]] = [("resid_pre.1", "attn.2"), ("head.0.1", "head.0.3", "mlp.2")]
     if head_part_refusal(arch, "v") is None:
         sets.append(("head.1.0.v", "head.2.2", "mlp.1"))
+    sets.append(("head.1.1.pattern", "head.1.3.pattern", "head.2.0.pattern"))
     return tuple(sets)
 
 
@@ -120,7 +122,6 @@ def test_refusals_say_what_to_change(tiny_models: Callable[[str], PreTrainedMode
         ("llama", "head.0.9", "head 9 out of range"),
         ("llama", "resid_pre.7", "layer 7 out of range"),
         ("llama", "resid_post.0", "bad patching site"),
-        ("llama", "head.0.0.pattern", "attention patterns are not patched"),
         ("gpt2", "head.0.0.q", "fused projection"),
         ("gpt_neox_parallel", "head.0.0.v", "fused"),
         ("phi3", "head.0.0.q", "fused"),

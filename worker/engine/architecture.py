@@ -478,14 +478,11 @@ _WHOLE_PROJECTION_QK_NORM = {"olmo2": "OLMo 2 normalises the query and key proje
 
 
 def head_part_refusal(arch: Architecture, part: str) -> str | None:
-    """Why a head's `part` ("q", "k", "v", "pattern") cannot be patched on this model (None: it can)."""
+    """Why a head's `part` ("q", "k", "v", "pattern") cannot be patched on this model (None: it can). Attention
+    patterns can be patched on every family: they are replaced inside transformers' attention interface."""
     model_type = arch.model_type
     if part == "pattern":
-        return (
-            "attention patterns are not patched: every supported family computes attention probabilities inside "
-            "its attention kernel without exposing them; patch head.L.H.q or head.L.H.k (what the pattern is made "
-            "of), or head.L.H (the head's output)"
-        )
+        return None  # replaced inside transformers' attention interface (worker/engine/attention_patterns.py)
     if model_type in _FUSED_QKV:
         return f"{_FUSED_QKV[model_type]}; patch head.L.H (the head's output) instead"
     if part in ("q", "k") and model_type in _WHOLE_PROJECTION_QK_NORM:

@@ -32,6 +32,7 @@ from hydra_ablate_client.vocabulary import (
 )
 from worker.engine.ablated_runs import PrefixCache
 from worker.engine.architecture import Architecture, cache_keyword, describe, head_part_projection, head_part_refusal
+from worker.engine.attention_patterns import PatternEdit, patterns_of
 from worker.engine.errors import InputError
 from worker.engine.hooks import hooks_removed_on_exit, on_input, on_output
 from worker.engine.readout import Readout
@@ -136,7 +137,8 @@ class _Run:
     attn: torch.Tensor  # (N, T, d): what attention writes (after any post-norm)
     mlp: torch.Tensor  # (N, T, d)
     head_in: torch.Tensor  # (N, T, H·hd): the output projection's input (every head's output)
-    parts: dict[tuple[str, int], torch.Tensor]  # ("q"|"k"|"v", layer) → (T, heads·hd) projection outputs
+    parts: dict[tuple[str, int], torch.Tensor]  # ("q"|"k"|"v", layer) → (T, heads·hd) projection outputs;
+    # ("pattern", layer) → (H, T, T) attention probabilities (source run only, added by `_with_patterns`)
     keys: list[torch.Tensor]  # per layer (1, KV, T, hd): cached keys (after rotary), base run only
     values: list[torch.Tensor]
     logits_final: torch.Tensor  # (V,)
@@ -170,6 +172,8 @@ def _record(model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: set[
             handles.append(arch.mlp_writer(layer).register_forward_hook(on_output(keep(("mlp", layer)))))
             handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep(("head", layer)))))
         for part, layer in parts:
+            if part == "pattern":
+                continue
             projection = head_part_projection(arch, layer, part)
             handles.append(projection.register_forward_hook(on_output(keep((part, layer)))))
         cache = DynamicCache()  # built without the config: keeps every position of sliding-window layers too
@@ -184,11 +188,30 @@ def _record(model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: set[
         attn=torch.stack([kept[("attn", layer)] for layer in range(n)]),
         mlp=torch.stack([kept[("mlp", layer)] for layer in range(n)]),
         head_in=torch.stack([kept[("head", layer)] for layer in range(n)]),
-        parts={key: kept[key] for key in parts},
+        parts={key: kept[key] for key in parts if key[0] != "pattern"},
         keys=[layer.keys for layer in layers],
         values=[layer.values for layer in layers],
         logits_final=output.logits[0, -1].float(),
     )
+
+
+@torch.no_grad()
+def _with_patterns(arch: Architecture, run: _Run, layers: set[int]) -> None:
+    """Add each layer's attention probabilities (H, T, T) to `run.parts`, by the layer's own attention on the run's
+    block input (worker/engine/attention_patterns.py)."""
+    length = int(run.block_in.shape[1])
+    position_ids = torch.arange(length, device=run.block_in.device).unsqueeze(0)
+    probe = run.block_in[0, :1].unsqueeze(0)
+    for layer in sorted(layers):
+        kwargs: dict[str, object] = {"attention_mask": _mask(arch, layer, 0, length, run.block_in)}
+        embeddings = arch.position_embeddings(layer, probe, position_ids)
+        if embeddings is not None:
+            kwargs["position_embeddings"] = embeddings
+        edit = PatternEdit()
+        with patterns_of(arch.attn(layer), edit):
+            arch.attn(layer)(arch.attn_norm(layer)(run.block_in[layer].unsqueeze(0)), **kwargs)
+        assert edit.kept is not None
+        run.parts[("pattern", layer)] = edit.kept[0]
 
 
 def _mask(arch: Architecture, layer: int, start: int, length: int, like: torch.Tensor) -> torch.Tensor:
@@ -268,6 +291,14 @@ def patched_final(
                     values = [source.parts[(part, layer)][start, c] for c in cols]
                     edit = on_output(_replace_rows([b for b, _ in chosen], cols, values))
                     handles.append(head_part_projection(arch, layer, part).register_forward_hook(edit))
+            patterns = picked("head", "pattern")
+            pattern_edit = PatternEdit(
+                replace={
+                    (b, site.head): source.parts[("pattern", layer)][site.head, start, : start + 1]
+                    for b, site in patterns
+                    if site.head is not None
+                }
+            )
             key = arch.rotary_key(layer)
             if key not in rotary:
                 rotary[key] = arch.position_embeddings(layer, probe, position_ids)
@@ -277,7 +308,11 @@ def patched_final(
             }
             if rotary[key] is not None:
                 kwargs["position_embeddings"] = rotary[key]
-            output = arch.attn(layer)(arch.attn_norm(layer)(h), **kwargs)
+            if patterns:
+                with patterns_of(arch.attn(layer), pattern_edit):
+                    output = arch.attn(layer)(arch.attn_norm(layer)(h), **kwargs)
+            else:
+                output = arch.attn(layer)(arch.attn_norm(layer)(h), **kwargs)
         attn = arch.attn_post_norm(layer)(output[0] if isinstance(output, tuple) else output)
         for b, _ in picked("attn"):
             attn[b, 0] = source.attn[layer, start]
@@ -351,6 +386,7 @@ def run_patching(
         clean = _record(model, arch, pair.clean_ids, parts)
         corrupted = _record(model, arch, pair.corrupted_ids, parts)
         base, source = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
+        _with_patterns(arch, source, {layer for part, layer in parts if part == "pattern"})
         answer, counterfactual = pair.answer_id, pair.counterfactual_id
 
         # The model's own output logits (soft-capped where the model caps them), like the patched runs' below.
