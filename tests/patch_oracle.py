@@ -62,7 +62,7 @@ def _wrap_eager(model: Any, layer: int, edit: Callable[[torch.Tensor], torch.Ten
     """Run the model with eager attention and layer `layer`'s eager attention call passing its probabilities
     (1, H, T, T) to `edit`, which returns replaced probabilities (or None to keep them); returns the undo."""
     attention = _attention(model, layer)
-    modelling = sys.modules[type(attention).__module__]
+    modelling: Any = sys.modules[type(attention).__module__]
     inner = modelling.eager_attention_forward
     before = attention.config._attn_implementation
 
