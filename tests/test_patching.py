@@ -107,8 +107,19 @@ def test_scores_are_normalised_and_flagged(tiny_models: Callable[[str], PreTrain
         assert score == pytest.approx(expected)
     # A pair whose prompts are the same has clean == corrupted: flagged, no score, never a division by ~0.
     same = PatchPair(pair.clean_ids, pair.clean_ids.clone(), pair.answer_id, pair.counterfactual_id)
-    flat = run_patching(model, PatchSpec(sites=(f"mlp.{n - 1}",)), [same]).pairs[0]
-    assert flat.flagged and flat.patching_score == [[None]]
+    flat = run_patching(model, PatchSpec(sites=(f"mlp.{n - 1}",)), [same])
+    assert flat.pairs[0].flagged and flat.pairs[0].patching_score == [[None]] and flat.pooled_score == [[None]]
+    # The pooled score is the score of the pairs' mean metrics (the flagged pair included in the means).
+    both = run_patching(model, PatchSpec(sites=("attn.1", "mlp.2")), [pair, same])
+    clean = sum(p.clean_metric for p in both.pairs) / 2
+    corrupted = sum(p.corrupted_metric for p in both.pairs) / 2
+    assert both.pooled_score is not None
+    for k in range(2):
+        patched = sum(p.patched_metric[k][0] for p in both.pairs) / 2
+        assert both.pooled_score[k][0] == pytest.approx((patched - corrupted) / (clean - corrupted))
+    # Every position of pairs of different lengths: no common columns, no pooled score.
+    shorter = PatchPair(pair.clean_ids[1:], pair.corrupted_ids[1:], pair.answer_id, pair.counterfactual_id)
+    assert run_patching(model, PatchSpec(sites=("attn.1",), positions="all"), [pair, shorter]).pooled_score is None
 
 
 def test_refusals_say_what_to_change(tiny_models: Callable[[str], PreTrainedModel]) -> None:  # noqa: F811

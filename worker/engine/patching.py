@@ -115,6 +115,22 @@ class PatchResult:
     positions: PositionScope
     epsilon: float
     pairs: list[PairPatching]
+    # The score of the pairs' mean metrics, [site][position]: (mean patched − mean corrupted) / (mean clean − mean
+    # corrupted) for denoise (the mirror for noise), over every pair. Per-pair scores of pairs with small gaps are
+    # noisy; this is TransformerLens' batch-mean convention. None when the mean gap is under epsilon, or (positions
+    # "all") when the pairs' lengths differ, so that their position columns do not line up.
+    pooled_score: list[list[float | None]] | None = None
+
+
+def pooled_scores(pairs: list[PairPatching], direction: str, epsilon: float) -> list[list[float | None]] | None:
+    """PatchResult.pooled_score of these pairs (None when their position columns differ)."""
+    if not pairs or any(p.positions != pairs[0].positions for p in pairs):
+        return None
+    n = len(pairs)
+    clean = sum(p.clean_metric for p in pairs) / n
+    corrupted = sum(p.corrupted_metric for p in pairs) / n
+    patched = torch.tensor([p.patched_metric for p in pairs], dtype=torch.float64).mean(dim=0).tolist()
+    return [[patching_score(v, clean, corrupted, direction, epsilon) for v in row] for row in patched]
 
 
 def patching_score(patched: float, clean: float, corrupted: float, direction: str, epsilon: float) -> float | None:
@@ -424,4 +440,5 @@ def run_patching(
         positions=spec.positions,
         epsilon=spec.epsilon,
         pairs=results,
+        pooled_score=pooled_scores(results, spec.direction, spec.epsilon),
     )
