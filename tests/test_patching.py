@@ -145,3 +145,14 @@ def test_refusals_say_what_to_change(tiny_models: Callable[[str], PreTrainedMode
                               ((("mlp.0", "head.0.0.k"),), "shared by groups")]:
         with pytest.raises(InputError, match=reason):
             run_patching(llama, PatchSpec(sites=(), knockouts=knockouts), [pair])
+
+
+def test_nothing_left_behind(tiny_models: Callable[[str], PreTrainedModel]) -> None:  # noqa: F811
+    """A worker keeps its model for many jobs: no hook stays registered, the attention implementation is restored."""
+    model = tiny_models("qwen2")
+    before = model.config._attn_implementation
+    sites = ("resid_pre.1", "attn.0", "mlp.2", "head.1.1", "head.0.2.q", "head.2.3.k", "head.1.0.v", "head.2.1.pattern")
+    run_patching(model, PatchSpec(sites=sites, positions="all"), [_pair()])
+    assert model.config._attn_implementation == before
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
