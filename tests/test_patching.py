@@ -120,6 +120,9 @@ def test_scores_are_normalised_and_flagged(tiny_models: Callable[[str], PreTrain
     # Every position of pairs of different lengths: no common columns, no pooled score.
     shorter = PatchPair(pair.clean_ids[1:], pair.corrupted_ids[1:], pair.answer_id, pair.counterfactual_id)
     assert run_patching(model, PatchSpec(sites=("attn.1",), positions="all"), [pair, shorter]).pooled_score is None
+    # The final position lines up whatever the lengths.
+    final = run_patching(model, PatchSpec(sites=("attn.1",)), [pair, shorter])
+    assert final.pooled_score is not None and final.pooled_score[0][0] is not None
 
 
 def test_refusals_say_what_to_change(tiny_models: Callable[[str], PreTrainedModel]) -> None:  # noqa: F811

@@ -122,9 +122,12 @@ class PatchResult:
     pooled_score: list[list[float | None]] | None = None
 
 
-def pooled_scores(pairs: list[PairPatching], direction: str, epsilon: float) -> list[list[float | None]] | None:
-    """PatchResult.pooled_score of these pairs (None when their position columns differ)."""
-    if not pairs or any(p.positions != pairs[0].positions for p in pairs):
+def pooled_scores(
+    pairs: list[PairPatching], direction: str, epsilon: float, positions: str
+) -> list[list[float | None]] | None:
+    """PatchResult.pooled_score of these pairs (None when their position columns differ: every position of prompts
+    of different lengths; the final position always lines up)."""
+    if not pairs or (positions == "all" and any(p.positions != pairs[0].positions for p in pairs)):
         return None
     n = len(pairs)
     clean = sum(p.clean_metric for p in pairs) / n
@@ -440,5 +443,5 @@ def run_patching(
         positions=spec.positions,
         epsilon=spec.epsilon,
         pairs=results,
-        pooled_score=pooled_scores(results, spec.direction, spec.epsilon),
+        pooled_score=pooled_scores(results, spec.direction, spec.epsilon, spec.positions),
     )
