@@ -159,3 +159,15 @@ def test_nothing_left_behind(tiny_models: Callable[[str], PreTrainedModel]) -> N
     assert model.config._attn_implementation == before
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
+
+
+def test_site_grammar() -> None:
+    from hydra_ablate_client.vocabulary import PatchSite, knockout_name, parse_patch_site
+
+    assert parse_patch_site("resid_pre.12") == PatchSite("resid_pre", 12, None, None)
+    assert parse_patch_site("head.3.5") == PatchSite("head", 3, 5, None)
+    assert parse_patch_site("head.3.5.pattern") == PatchSite("head", 3, 5, "pattern")
+    for bad in ("head.3", "attn.1.2", "mlp", "head.1.2.z", "resid_pre.1\n", "resid_post.0", "head.1.2.q.k"):
+        with pytest.raises(ValueError, match="bad patching site"):
+            parse_patch_site(bad)
+    assert knockout_name(["attn.3", "head.5.1"]) == "attn.3+head.5.1"

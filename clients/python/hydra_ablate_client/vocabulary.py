@@ -81,13 +81,9 @@ def parse_component(name: str) -> ComponentParts:
 
 # --- activation patching: sites, directions, knockout sets ----------------------------------------------------
 
-Intervention = Literal["ablate", "patch"]
 # denoise: the corrupted run with the clean activation patched in; noise: the clean run with the corrupted one.
 PatchDirection = Literal["denoise", "noise"]
 PatchMetric = Literal["logit_diff"]
-PatchSiteKind = Literal["resid_pre", "attn", "mlp", "head"]
-HeadPart = Literal["q", "k", "v", "pattern"]  # a head's query, key, value (projection outputs) or attention pattern
-HEAD_PARTS: tuple[HeadPart, ...] = get_args(HeadPart)
 # A patching site: `resid_pre.L` (the residual stream entering block L), `attn.L`, `mlp.L` (what they write),
 # `head.L.H` (the head's output, its slice of the output projection's input) and `head.L.H.q|k|v|pattern`.
 PATCH_SITE_PATTERN = r"^((resid_pre|attn|mlp)\.\d+|head\.\d+\.\d+(\.(q|k|v|pattern))?)(?![\s\S])"
@@ -120,11 +116,6 @@ def parse_patch_site(name: str) -> PatchSite:
 def knockout_name(members: list[str] | tuple[str, ...]) -> str:
     """The component name of a knockout set: its members joined with '+' ("attn.3+head.5.1")."""
     return KNOCKOUT_SEPARATOR.join(members)
-
-
-def knockout_members(name: str) -> list[str]:
-    """The members of a knockout set's name (one member for a plain component name)."""
-    return name.split(KNOCKOUT_SEPARATOR)
 
 
 # --- the per-position rule ------------------------------------------------------------------------------------
