@@ -282,6 +282,7 @@ def patched_final(
     position_ids = torch.arange(start, length, device=like.device).unsqueeze(0)
     probe = like[0, :1].unsqueeze(0)
     rotary: dict[str, object] = {}
+    masks: dict[int | None, torch.Tensor] = {}  # per sliding-window size
     for layer in range(int(entry.min()), arch.n_layers):
         active = int((entry <= layer).sum())
         entering = (entry == layer).nonzero().flatten()
@@ -321,10 +322,10 @@ def patched_final(
             key = arch.rotary_key(layer)
             if key not in rotary:
                 rotary[key] = arch.position_embeddings(layer, probe, position_ids)
-            kwargs: dict[str, object] = {
-                "attention_mask": _mask(arch, layer, start, length, like),
-                arch.cache_keyword: cache,
-            }
+            window = arch.sliding_windows[layer]
+            if window not in masks:
+                masks[window] = _mask(arch, layer, start, length, like)
+            kwargs: dict[str, object] = {"attention_mask": masks[window], arch.cache_keyword: cache}
             if rotary[key] is not None:
                 kwargs["position_embeddings"] = rotary[key]
             if patterns:
