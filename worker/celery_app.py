@@ -19,6 +19,7 @@ from celery.signals import celeryd_after_setup, setup_logging, task_postrun, tas
 from service.core.json_logging import configure_json_logging, job_id_var
 from service.core.queue import celery_config, model_queue
 from service.core.redaction import install_log_redaction
+from service.core.redis_refusals import register_refusal_errors
 from service.core.settings import Settings
 from service.core.store import JobStore
 from worker.model_sources import configured_sources
@@ -52,7 +53,10 @@ app.conf.update(celery_config(service_settings()))
 app.conf.update(
     include=["worker.tasks", "worker.callback_delivery", "worker.maintenance"],
     task_default_queue=service_settings().queue_name,
+    # Redis refusing writes (full, or its append-only file failing) reconnects instead of stopping the worker.
+    broker_transport="worker.broker_transport:Transport",
 )
+register_refusal_errors()  # in every Redis client of this process: MISCONF replies raise WritesRefused
 
 
 @task_prerun.connect

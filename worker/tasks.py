@@ -17,8 +17,10 @@ Faults (docs/operations/guarantees.md):
 - A chunk runs under a lease with the run's own token (service/core/leases.py), renewed by a heartbeat thread; a
   second delivery while the lease lives does not run, and a run that lost its lease stops at its next prompt and
   records nothing. A chunk whose worker vanished is sent again by any worker's sweep (service/core/recovery.py).
-- Every Redis call of a chunk rides out an outage of up to HYDRA_REDIS_OUTAGE_S (worker/redis_retry.py); after
-  a longer one the chunk fails its job with that reason as soon as Redis is back.
+- Every Redis call of a chunk rides out an outage of up to HYDRA_REDIS_OUTAGE_S (worker/redis_retry.py), Redis
+  refusing writes included (full at maxmemory, or unable to write its append-only file); after a longer one the
+  chunk fails its job with that reason as soon as Redis is back. The worker itself stays up: its broker
+  connection takes refused writes for a lost connection and reconnects (worker/broker_transport.py).
 - Errors: the engine's InputError (worker/engine/errors.py) is the user's to fix and becomes the job's error as
   is; anything else is a bug, logged with its traceback and reported as an internal error (no traceback).
 """
@@ -49,7 +51,7 @@ from worker import stats_recorder
 from worker.celery_app import app, service_settings, worker_settings
 from worker.model_cache import ModelCache, parse_dtype
 from worker.model_sources import configured_sources
-from worker.redis_retry import RETRYABLE, RedisOutage, RedisRetry
+from worker.redis_retry import RedisOutage, RedisRetry, is_retryable
 
 log = logging.getLogger(__name__)
 REDIS_SOCKET_TIMEOUT_S = 10.0
@@ -133,9 +135,10 @@ class HydraTask(Task):
         if not args:
             return
         job_id = args[0]
-        if isinstance(exc, RETRYABLE):
-            # Redis went away outside the retried calls: the job is not failed for a blip. An unplanned job is
-            # sent again and a chunk's lapsed lease is reaped by the recovery sweep (service/core/recovery.py).
+        if is_retryable(exc):
+            # Redis went away (or refused writes) outside the retried calls: the job is not failed for a blip. An
+            # unplanned job is sent again and a chunk's lapsed lease is reaped by the recovery sweep
+            # (service/core/recovery.py).
             log.warning("job %s: %s lost Redis (%s); the recovery sweep will send it again", job_id, self.name, exc)
             return
         if self.name == TASK_RUN_CHUNK and isinstance(exc, TimeLimitExceeded):
@@ -259,8 +262,10 @@ class ChunkRun:
         while not self._finished.wait(worker_settings().renew_s):
             try:
                 renewed = self.leases.renew(self.job_id, self.index, self.token, worker_settings().lease_s)
-            except RETRYABLE:
-                continue  # Redis is away: the lease outlives any outage the chunk rides out (see WorkerSettings)
+            except Exception as error:
+                if is_retryable(error):
+                    continue  # Redis is away or full: the lease outlives any outage the chunk rides out
+                raise
             if not renewed:
                 log.warning("job %s: chunk %d lost its lease to another run; stopping", self.job_id, self.index)
                 self.lost.set()
@@ -274,8 +279,10 @@ class ChunkRun:
         self._finished.set()
         try:
             self.leases.release(self.job_id, self.index, self.token)
-        except RETRYABLE:
-            pass  # the lease expires by itself; a sweep then finds the chunk done (or its job ended)
+        except Exception as error:
+            if not is_retryable(error):
+                raise
+            # the lease expires by itself; a sweep then finds the chunk done (or its job ended)
 
     def _fail(self, error: str) -> str:
         """Fail the job, unless another run has taken the chunk over (then this run just stops)."""
