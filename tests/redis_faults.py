@@ -81,7 +81,7 @@ class FaultyRedis:
     def full(self) -> Iterator[str]:
         """Redis at maxmemory (noeviction) while inside; yields the error a write gets."""
         client = self.client()
-        before = client.config_get("maxmemory")["maxmemory"]
+        before = str(client.config_get("maxmemory")["maxmemory"])
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", "1")
         try:

@@ -7,6 +7,9 @@ process (keys on) serves two keys.
   job's own status: 200) and a submit is a 503 that says why, never a 500.
 - Refused for longer than the budget: the job fails with that reason as soon as writes are accepted again, and the
   same worker serves the next job.
+- An idle worker taking a message while writes are refused (kombu writes its unacked index then; with the append-only
+  file failing, even the pop is refused) stays up: its consumer reconnects until writes are accepted, and the job
+  runs (a message popped but not recorded is sent again by the recovery sweep, within 30 s).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tests.test_submit_recovery import api_process
 
 BUDGET_S = 12
 SHORT_S = 6  # writes refused for this long: within the budget
-LONG_S = 16  # past it
+LONG_S = 20  # past it (with room: a chunk computing while writes are refused may not write for seconds)
 # Chunks of a few seconds: a refusal begun mid-chunk 1 spans a progress report, chunk 1's end (its result, its
 # acknowledgement) and the worker taking chunk 2 (kombu writes its unacked index).
 SAMPLES = 2
@@ -192,3 +195,19 @@ def test_writes_refused_past_the_budget_fail_the_job_with_the_reason(stack: Full
     assert time.monotonic() - back_at < 30
     quick = stack.submit(PROMPTS[:2], components=["mlp.0"], samples=1)
     assert stack.wait_terminal(quick, 60).status == "succeeded"
+
+
+@pytest.mark.parametrize("kind", ["full", "failing_aof"])
+def test_an_idle_worker_taking_a_message_while_writes_are_refused_stays_up(stack: FullStack, kind: str) -> None:
+    stack.worker.pause()  # the message waits for the worker's next pop, which comes once writes are refused
+    try:
+        job_id = stack.submit(PROMPTS[:2], components=["mlp.0"], samples=1)
+        with stack.redis.full() if kind == "full" else stack.redis.failing_aof():
+            stack.worker.resume()
+            time.sleep(SHORT_S)
+            assert stack.worker.alive, stack.worker.tail()
+    finally:
+        stack.worker.resume()
+    status = stack.wait_terminal(job_id, 90)
+    assert stack.worker.alive, stack.worker.tail()
+    assert status.status == "succeeded", f"{status.error}\n{stack.worker.tail()}"

@@ -69,12 +69,14 @@ class RedisRetry:
         self._clock = clock
         self._sleep = sleep
         self.outage_since: float | None = None
+        self.refusing = False  # the current outage is Redis refusing writes: only a write that works ends it
 
     def _failed(self, what: str, error: BaseException) -> float:
         now = self._clock()
         if self.outage_since is None:
             self.outage_since = now
-            if is_write_refusal(error):
+            self.refusing = is_write_refusal(error)
+            if self.refusing:
                 log.warning("Redis refused a write while trying to %s (%s: %s); retrying for up to %.0f s", what,
                             refusal_reason(error), error, self.budget_s)
             else:
@@ -85,13 +87,16 @@ class RedisRetry:
             raise RedisOutage(what, away, self.budget_s, error) from error
         return away
 
-    def _succeeded(self) -> None:
-        if self.outage_since is not None:
+    def _succeeded(self, writes: bool) -> None:
+        if self.outage_since is not None and (writes or not self.refusing):
             log.warning("Redis is back after %.1f s", self._clock() - self.outage_since)
             self.outage_since = None
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        """`fn()`, retried with backoff while Redis is away; RedisOutage once the outage outlasts the budget."""
+    def call(self, what: str, fn: Callable[[], T], *, writes: bool = True) -> T:
+        """`fn()`, retried with backoff while Redis is away; RedisOutage once the outage outlasts the budget.
+
+        `writes=False` for reads: a read that works does not end an outage of refused writes (reads still work then).
+        """
         wait = FIRST_WAIT_S
         while True:
             try:
@@ -103,10 +108,10 @@ class RedisRetry:
                 self._sleep(wait)
                 wait = min(LONGEST_WAIT_S, wait * 2)
                 continue
-            self._succeeded()
+            self._succeeded(writes)
             return value
 
-    def poll(self, what: str, fn: Callable[[], T], default: T) -> T:
+    def poll(self, what: str, fn: Callable[[], T], default: T, *, writes: bool = True) -> T:
         """`fn()` once; `default` while Redis is away (within the budget), so the caller need not wait."""
         try:
             value = fn()
@@ -115,7 +120,7 @@ class RedisRetry:
                 raise
             self._failed(what, error)
             return default
-        self._succeeded()
+        self._succeeded(writes)
         return value
 
     def until_back(self, what: str, fn: Callable[[], T], limit_s: float) -> T:

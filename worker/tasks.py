@@ -257,6 +257,10 @@ class ChunkRun:
     def redis(self, what: str, fn: Any) -> Any:
         return self.retry.call(what, fn)
 
+    def read(self, what: str, fn: Any) -> Any:
+        """A Redis read: retried like any call, but working while writes are refused ends no outage."""
+        return self.retry.call(what, fn, writes=False)
+
     # the lease
     def _renew_until_finished(self) -> None:
         while not self._finished.wait(worker_settings().renew_s):
@@ -323,12 +327,12 @@ class ChunkRun:
     def _run(self) -> str:
         job_id, index = self.job_id, self.index
         store, book = self.store, self.book
-        spec = self.redis("read the job", lambda: store.spec(job_id))
+        spec = self.read("read the job", lambda: store.spec(job_id))
         if spec is None:
             log.warning("job %s is unknown or expired; dropping its chunk %d", job_id, index)
             return "missing"
-        state = self.redis("read the job's state", lambda: _job_state(store, job_id))
-        n_chunks = self.redis("read the chunk plan", lambda: book.n_chunks(job_id))
+        state = self.read("read the job's state", lambda: _job_state(store, job_id))
+        n_chunks = self.read("read the chunk plan", lambda: book.n_chunks(job_id))
         if n_chunks is None:
             if state in ACTIVE_STATES:
                 error = f"internal error: job {job_id} has no chunk plan (expired?)"
@@ -336,11 +340,11 @@ class ChunkRun:
                 _stop_other_chunks(job_id, self.task_id)
                 return "failed"
             return "missing"
-        if self.redis("read the chunk's outcome", lambda: book.is_done(job_id, index)):
+        if self.read("read the chunk's outcome", lambda: book.is_done(job_id, index)):
             # A redelivery of a finished chunk (or sent again by a sweep): if the worker that was to merge died,
             # merge now.
             self.redis("drop the chunk's lease", lambda: self.leases.release(job_id, index))
-            done = self.redis("read the chunks done", lambda: book.done_indices(job_id))
+            done = self.read("read the chunks done", lambda: book.done_indices(job_id))
             if state == "running" and len(done) == n_chunks:
                 return self._merge(spec, n_chunks)
             return "duplicate"
@@ -379,10 +383,10 @@ class ChunkRun:
             log.warning("job %s: chunk %d delivered again (%d of at most %d)", job_id, index, deliveries, limit)
         if state == "queued":
             claimed = self.redis("mark the job running", lambda: store.mark_running(job_id))
-            if not claimed and self.redis("read the job's state", lambda: _job_state(store, job_id)) != "running":
+            if not claimed and self.read("read the job's state", lambda: _job_state(store, job_id)) != "running":
                 return "skipped"  # cancelled between the two reads
 
-        status = self.redis("read the job", lambda: store.status(job_id))
+        status = self.read("read the job", lambda: store.status(job_id))
         total = status.progress.total if status is not None and status.progress.total else ablation_count(spec)
 
         per_prompt = max(1, total // max(1, len(spec.prompts)))  # every prompt has the same number of ablations
@@ -407,6 +411,7 @@ class ChunkRun:
                     lambda: _job_state(store, job_id) != "running"
                     or not self.leases.still_holds(job_id, index, self.token),
                     False,
+                    writes=False,
                 )
             )
 
@@ -420,7 +425,7 @@ class ChunkRun:
                 on_phase=on_phase,
             )
         except SweepCancelled:
-            if self.lost.is_set() or not self.redis(
+            if self.lost.is_set() or not self.read(
                 "check the lease", lambda: self.leases.still_holds(job_id, index, self.token)
             ):
                 log.warning("job %s: chunk %d stopped: another run holds its lease", job_id, index)
