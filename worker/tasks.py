@@ -43,7 +43,14 @@ from hydra_ablate_client.vocabulary import ACTIVE_STATES
 from hydra_ablate_client.wire import JobSpec, encode
 from service.core.chunk_book import LEASE_LOST, Chunk, ChunkBook, chunk_prompts, max_deliveries, plan_chunks
 from service.core.leases import Leases
-from service.core.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
+from service.core.queue import (
+    TASK_DELIVER_CALLBACK,
+    TASK_RUN_CHUNK,
+    TASK_RUN_JOB,
+    model_queue,
+    time_limits,
+    webhook_queue,
+)
 from service.core.redis_replies import bytes_or_none
 from service.core.resolve import ablation_count
 from service.core.store import JobStore
@@ -64,8 +71,9 @@ def job_store() -> JobStore:
 
     # A socket timeout: a Redis that hangs (rather than refuses) must not hang a chunk past its retry budget.
     store = JobStore.from_settings(service_settings(), socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-    # A job this worker finishes (or fails) is timed and gets its webhook queued (worker/callback_delivery.py).
-    queue_name = service_settings().queue_name
+    # A job this worker finishes (or fails) is timed and gets its webhook queued on the webhook queue, which a
+    # worker of its own consumes (worker/callback_delivery.py).
+    queue_name = webhook_queue(service_settings().queue_name)
     notify = finish_hook(
         store, lambda job_id: app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=queue_name)
     )
