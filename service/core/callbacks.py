@@ -8,7 +8,13 @@ Signature (per API key; the key's owner reads its secret at GET /v1/webhooks/sec
     Hydra-Timestamp: <unix seconds>
     Hydra-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
 A receiver recomputes the HMAC over the raw body, compares with `hmac.compare_digest`, and rejects timestamps
-older than a few minutes (replays). `verify` below does exactly that.
+older than a few minutes. `verify` below does exactly that. A signature verifies again for as long as its timestamp
+is accepted (5 minutes), so a receiver that must not act twice also keeps the signatures it accepted for that long
+and refuses one it has seen (docs/guides/events-and-webhooks.md shows how); `Hydra-Delivery` (`<job id>.<attempt>`)
+is not signed.
+
+Deliveries run on the webhook queue, never in a process that runs chunks (worker/callback_delivery.py), each bounded
+in all by HYDRA_CALLBACK_TIMEOUT_S and connected to the address that was checked (service/core/webhook_http.py).
 """
 
 from __future__ import annotations
