@@ -157,7 +157,7 @@ def unavailable_to_problem(exc: BackendUnavailable) -> ProblemDetailsException:
         status_code=HTTPStatus.SERVICE_UNAVAILABLE,
         title=_phrase(HTTPStatus.SERVICE_UNAVAILABLE),
         detail=exc.detail,
-        headers={"Retry-After": "5"},
+        headers={"Retry-After": str(exc.retry_after_s)},
     )
 
 
