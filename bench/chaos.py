@@ -17,6 +17,14 @@ dict with at least "ok"):
   hostile_inputs  requests built to break the API (`HOSTILE_INPUTS`; extend the list): responses >= 500 counted
   worker_killed   the worker running chunk 0 SIGKILLed, main and pool process at once (the machine vanished):
                   the job succeeded; seconds until another worker ran the chunk, against the 10-minute target
+  redis_full      Redis at maxmemory (noeviction) for 8 s mid-chunk: the job succeeded with the same numbers,
+                  the workers stayed up; reads answered meanwhile, submits got 503 saying why
+  aof_failing     the same with Redis unable to write its append-only file (tests/redis_faults.py)
+  slow_webhook    a receiver trickling one byte a second: its delivery cut at HYDRA_CALLBACK_TIMEOUT_S, the
+                  next job as fast as one alone
+  huge_webhook    a receiver answering 600 MB: delivered, a few MiB sent by the receiver at most
+  large_submits   ten 9.6 MB submits at once: /health and a status read stay fast (p50, p99), the submits
+                  answered 202 or 503 with Retry-After
 """
 
 from __future__ import annotations
@@ -43,10 +51,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.core.chunk_book import ChunkBook
-from service.core.embedded_redis import EmbeddedRedis, free_port
+from service.core.embedded_redis import free_port
 from service.core.leases import Leases
 from service.core.settings import Settings
 from service.core.store import JobStore
+from tests.redis_faults import FaultyRedis
 
 MODEL = "tiny-chaos"
 API_KEY = "chaos-" + "k" * 32
@@ -83,7 +92,7 @@ uvicorn.run("service.api.app:create_app", factory=True, host="127.0.0.1", port=i
 @dataclass
 class Stack:
     folder: Path
-    redis: EmbeddedRedis
+    redis: FaultyRedis  # an EmbeddedRedis that can also be made to refuse writes (tests/redis_faults.py)
     env: dict[str, str]
     port: int
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -356,12 +365,202 @@ def worker_killed(stack: Stack) -> dict[str, Any]:
     return report
 
 
+# --- Redis refusing writes, webhooks that hold, large submits ------------------------------------------------
+
+SMALL_JOB = {"model": MODEL, "prompts": PROMPTS[:2], "components": ["attn.0"], "ablation": "zero"}
+REFUSAL_S = 8.0
+
+
+def start_webhook_worker(stack: Stack) -> None:
+    """The webhook queue's own worker, as `hydra-ablate serve` runs it (threads, no model)."""
+    from service.core.queue import webhook_queue
+
+    command = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads", "-c", "4",
+        "-Q", webhook_queue(stack.env["HYDRA_QUEUE"]), "-n", "chaos-webhooks@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    log = (stack.folder / "webhooks.log").open("ab")
+    process = subprocess.Popen(
+        command, env={**os.environ, **stack.env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    stack.workers.append(process)
+
+
+def _refused_writes(stack: Stack, kind: str) -> dict[str, Any]:
+    started = time.monotonic()
+    job_id = stack.submit()
+    stack.wait_mid_chunk(job_id, 1)
+    reads: list[int] = []
+    submits: list[str] = []
+    alive = [w for w in stack.workers if w.poll() is None]  # (worker_killed may have run before)
+    with stack.redis.full() if kind == "full" else stack.redis.failing_aof() as error:
+        until = time.monotonic() + REFUSAL_S
+        while time.monotonic() < until:
+            with suppress(httpx.TransportError):
+                reads.append(httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.headers, timeout=10).status_code)
+                if len(submits) < 2:
+                    answer = httpx.post(f"{stack.url}/v1/jobs", json=SMALL_JOB, headers=stack.headers, timeout=10)
+                    submits.append(f"{answer.status_code}: {answer.json().get('detail', '')[:160]}")
+            time.sleep(0.25)
+    status = stack.wait(job_id)
+    report: dict[str, Any] = {
+        "status": status["status"], "error": status.get("error"), "redis_said": error, "refused_s": REFUSAL_S,
+        "reads_during": {str(code): reads.count(code) for code in sorted(set(reads))}, "submits_during": submits,
+        "workers_alive": all(w.poll() is None for w in alive),
+    }  # fmt: skip
+    if status["status"] == "succeeded":
+        report.update(compare(stack, stack.result(job_id)))
+    store = stack.store()
+    report["deliveries"] = ChunkBook.for_store(store).deliveries(job_id)
+    store.close()
+    report["seconds"] = time.monotonic() - started
+    report["ok"] = (
+        status["status"] == "succeeded" and report.get("same_numbers", False) and report["workers_alive"]
+        and set(reads) == {200} and all(s.startswith("503") for s in submits)
+    )  # fmt: skip
+    return report
+
+
+def redis_full(stack: Stack) -> dict[str, Any]:
+    return _refused_writes(stack, "full")
+
+
+def aof_failing(stack: Stack) -> dict[str, Any]:
+    return _refused_writes(stack, "failing_aof")
+
+
+def _timed_small_job(stack: Stack, callback: str | None = None) -> tuple[str, float]:
+    started = time.monotonic()
+    body = SMALL_JOB if callback is None else {**SMALL_JOB, "callback_url": callback}
+    job_id = stack.submit(body)
+    stack.wait(job_id)
+    return job_id, time.monotonic() - started
+
+
+def _callbacks(stack: Stack, job_id: str, timeout_s: float = 60) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.headers, timeout=10).json()
+        if status.get("callbacks"):
+            return list(status["callbacks"])
+        time.sleep(0.2)
+    return []
+
+
+def slow_webhook(stack: Stack) -> dict[str, Any]:
+    from tests.test_webhook_isolation import Receivers
+
+    receivers = Receivers()
+    try:
+        _, alone_s = _timed_small_job(stack)
+        slow, _ = _timed_small_job(stack, f"http://127.0.0.1:{receivers.port}/slow")
+        deadline = time.monotonic() + 30
+        while "/slow" not in receivers.posts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _, next_s = _timed_small_job(stack)
+        attempts = _callbacks(stack, slow)
+    finally:
+        receivers.close()
+    first = attempts[0] if attempts else {}
+    return {
+        "ok": bool(first) and not first.get("delivered") and first.get("duration_ms", 1e9) < 11_500
+        and next_s < alone_s + 5,
+        "job_alone_s": round(alone_s, 2), "next_job_during_delivery_s": round(next_s, 2),
+        "attempt": first,
+    }  # fmt: skip
+
+
+def huge_webhook(stack: Stack) -> dict[str, Any]:
+    from tests.test_webhook_isolation import Receivers
+
+    receivers = Receivers()
+    try:
+        job_id, _ = _timed_small_job(stack, f"http://127.0.0.1:{receivers.port}/huge")
+        attempts = _callbacks(stack, job_id)
+        time.sleep(1.0)
+        sent = receivers.huge_sent
+    finally:
+        receivers.close()
+    first = attempts[0] if attempts else {}
+    return {
+        "ok": bool(first.get("delivered")) and sent < 64 * 1024 * 1024,
+        "attempt": first, "receiver_sent_mib": round(sent / (1 << 20), 1), "answer_mib": 600,
+    }  # fmt: skip
+
+
+def large_submits(stack: Stack) -> dict[str, Any]:
+    import statistics
+    import threading
+
+    from tests.test_large_submits import large_body
+
+    body = large_body(MODEL)
+    probe_job = stack.submit(SMALL_JOB)
+    answers: list[httpx.Response] = []
+    latencies: dict[str, list[float]] = {"health": [], "status": []}
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=stack.url, timeout=60) as client:
+            while not stop.is_set():
+                for name, path in (("health", "/health"), ("status", f"/v1/jobs/{probe_job}")):
+                    started = time.perf_counter()
+                    with suppress(httpx.TransportError):
+                        client.get(path, headers=stack.headers)
+                    latencies[name].append(time.perf_counter() - started)
+                stop.wait(0.05)
+
+    def submit() -> None:
+        headers = {**stack.headers, "Content-Type": "application/json"}
+        answers.append(httpx.post(f"{stack.url}/v1/jobs", content=body, headers=headers, timeout=300))
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    time.sleep(1.0)
+    senders = [threading.Thread(target=submit) for _ in range(10)]
+    started = time.monotonic()
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join(timeout=300)
+    elapsed = time.monotonic() - started
+    stop.set()
+    prober.join(timeout=60)
+    for response in answers:  # the accepted ones would keep the workers busy for long: cancel them
+        if response.status_code == 202:
+            httpx.delete(f"{stack.url}/v1/jobs/{response.json()['id']}", headers=stack.headers, timeout=30)
+    codes = sorted(r.status_code for r in answers)
+
+    def stats(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        return {
+            "median_s": round(statistics.median(ordered), 3),
+            "p99_s": round(ordered[max(0, int(len(ordered) * 0.99) - 1)], 3),
+            "max_s": round(ordered[-1], 3),
+        }
+
+    report = {name: stats(values) for name, values in latencies.items()}
+    return {
+        "ok": set(codes) <= {202, 503} and 202 in codes and all(v["p99_s"] < 0.5 for v in report.values()),
+        "body_mb": round(len(body) / 1e6, 1), "answers": codes, "seconds": round(elapsed, 1),
+        "retry_after": sorted({r.headers.get("Retry-After") for r in answers if r.status_code == 503}),
+        **report,
+    }  # fmt: skip
+
+
 SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [
     baseline,
     redis_restart,
     api_killed,
     hostile_inputs,
     worker_killed,
+    redis_full,
+    aof_failing,
+    slow_webhook,
+    huge_webhook,
+    large_submits,
 ]
 
 
@@ -369,7 +568,7 @@ def start_stack(folder: Path) -> Stack:
     from tests.tiny_models import build_tiny_model
 
     model_dir = build_tiny_model("llama", folder / MODEL)
-    redis = EmbeddedRedis(folder / "redis")
+    redis = FaultyRedis(folder / "redis")
     redis.start()
     env = {
         "REDIS_URL": redis.url,
@@ -382,6 +581,7 @@ def start_stack(folder: Path) -> Stack:
         # Every chunk runs its own clean passes (none kept from an earlier job or chunk), or a chunk of prompts
         # seen before ends before the fault can be injected mid-chunk.
         "HYDRA_CLEAN_CACHE_BYTES": "0",
+        "HYDRA_CALLBACK_ALLOW": "127.0.0.0/8",  # the webhook scenarios' receivers are on loopback
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
@@ -389,6 +589,7 @@ def start_stack(folder: Path) -> Stack:
     stack = Stack(folder=folder, redis=redis, env=env, port=free_port())
     stack.start_worker()
     stack.start_worker()
+    start_webhook_worker(stack)
     stack.start_api()
     return stack
 

@@ -34,12 +34,13 @@ P99_BOUND_S = 0.5
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 
 
-def large_body() -> bytes:
+def large_body(model: str = MODEL) -> bytes:
+    """About 9.6 MB of valid JSON: PROMPTS prompts of 2,000 characters (about 400 tokens each)."""
     prompts = []
     for i in range(PROMPTS):
         words = [WORDS[(i * 7 + j) % len(WORDS)] for j in range(400)]
         prompts.append(f"{i} " + " ".join(words)[:1990])
-    return msgspec.json.encode({"model": MODEL, "prompts": prompts, "components": ["attn.0"], "ablation": "zero"})
+    return msgspec.json.encode({"model": model, "prompts": prompts, "components": ["attn.0"], "ablation": "zero"})
 
 
 @dataclass
