@@ -54,7 +54,7 @@ DEVICE_ENV = "HYDRA_GPU_DEVICE"
 # The shapes measured, in order: SmolLM2-135M, Llama 3.2 1B, Llama 2 7B (bench/bench_engines.py SHAPES).
 GPU_SHAPES = ("llama-135m", "llama-1b", "llama-7b")
 PROJECTED_PROMPTS = 1209  # all of known_1000, the preset's dataset
-CHUNK_PROMPTS = 64  # the workers' chunk (HYDRA_CHUNK_PROMPTS's default, service/core/chunk_book.py)
+CHUNK_PROMPTS = 64  # the workers' chunk (HYDRA_CHUNK_PROMPTS's default, service/core/settings.py)
 DTYPE = torch.bfloat16
 # Share of a shape's time after loading and warming up that each engine gets (it stops at its next unit of work
 # past its share; the fast engine measures at least one chunk, the peers at least one batch or ablation).

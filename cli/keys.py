@@ -6,7 +6,6 @@ reach the service's Redis already controls everything in it. Only digests are st
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,7 +21,7 @@ from cli.stack import default_data_dir
 from service.core.api_keys import KeyRing, parse_api_keys
 from service.core.embedded_redis import running_embedded_url
 from service.core.redaction import redact
-from service.core.settings import Settings
+from service.core.settings import Settings, env_raw
 
 keys_app = typer.Typer(
     help="Manage API keys (stored hashed in the Redis at REDIS_URL, under HYDRA_KEY_PREFIX).",
@@ -51,7 +50,7 @@ def keys_settings() -> tuple[Settings, set[str]]:
         env_names = {principal.name for principal in parse_api_keys(settings.api_keys).values()}
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    if os.environ.get("REDIS_URL"):
+    if env_raw("REDIS_URL"):
         return settings, env_names
     data_dir = default_data_dir() / "redis"
     url = running_embedded_url(data_dir)

@@ -56,6 +56,7 @@ from hydra_ablate_client.vocabulary import (
 )
 from hydra_ablate_client.wire import JobRequest, JobResult, JobStatus
 from service.core.redaction import install_log_redaction
+from service.core.settings import env_text
 
 log = logging.getLogger("hydra-ablate")
 app = typer.Typer(
@@ -360,7 +361,7 @@ def _value(choice: object) -> str | None:
 
 def output_width() -> int | None:
     """The width to fit: COLUMNS when set, else the terminal's; None when stdout is a file or pipe (no limit)."""
-    columns = os.environ.get("COLUMNS", "")
+    columns = env_text("COLUMNS")
     if columns.isdigit() and int(columns) > 0:
         return int(columns)
     if out.is_terminal:
@@ -617,6 +618,13 @@ def submit(
         name=name,
         callback_url=callback_url,
     )
+    submit_and_show(request, url, api_key, idempotency_key, wait, wide)
+
+
+def submit_and_show(
+    request: dict[str, Any], url: str | None, api_key: str | None, idempotency_key: str | None, wait: bool, wide: bool
+) -> None:
+    """Send the request and print the job id; with `wait`, follow the job and show its result table."""
     with HydraClient(url, api_key) as client:
         status = client.submit(to_job_request(request), idempotency_key=idempotency_key)
         out.print(status.id, highlight=False)

@@ -28,7 +28,7 @@ from service.api.serve import REUSE_PORT
 from service.core.embedded_redis import EmbeddedRedis
 from service.core.queue import webhook_queue
 from service.core.redaction import redact
-from service.core.settings import env_bool, env_int
+from service.core.settings import env_bool, env_int, env_raw
 
 log = logging.getLogger("hydra-ablate")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -60,7 +60,7 @@ def check_exposure(host: str, env: dict[str, str], allow: bool = False) -> None:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("HYDRA_DATA_DIR", Path.home() / ".cache" / "hydra-ablate"))
+    return Path(env_raw("HYDRA_DATA_DIR") or Path.home() / ".cache" / "hydra-ablate")
 
 
 def default_api_processes() -> int:

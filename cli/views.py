@@ -358,11 +358,6 @@ def result_view(result: JobResult, width: int | None = None, wide: bool = False)
     return Group(*parts)
 
 
-def result_table(result: JobResult, width: int | None = None, wide: bool = False) -> Group:
-    """Alias of result_view (the name earlier versions used)."""
-    return result_view(result, width, wide)
-
-
 def result_csv(result: JobResult) -> str:
     """The API's CSV of the result (service/rendering/result_csv.py: one format for both), as text with CRLF rows."""
     return to_csv(result).decode("utf-8")

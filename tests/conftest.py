@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +99,28 @@ def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
     ) as worker:
         advertise_models()
         yield worker
+
+
+@pytest.fixture()
+def worker_setting() -> Iterator[Callable[[str, str], None]]:
+    """Sets a variable of the shared settings (HYDRA_CHUNK_PROMPTS, …) for the in-thread test worker, which reads its
+    settings once (worker/celery_app.py) and is told here to read them again; restored afterwards."""
+    from worker import celery_app
+
+    saved: dict[str, str | None] = {}
+
+    def setting(name: str, value: str) -> None:
+        saved.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
+        celery_app.service_settings.cache_clear()
+
+    yield setting
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    celery_app.service_settings.cache_clear()
 
 
 @pytest.fixture()

@@ -1,14 +1,15 @@
 """Jobs split into chunks: planning, the merge (identical to one piece), progress, cancel, redelivery guards.
 
 The stack tests go through the real API and the session's in-thread Celery worker (tests/conftest.py); the chunk
-size is read from HYDRA_CHUNK_PROMPTS when a job is planned, so a test sets it with monkeypatch.
+size is HYDRA_CHUNK_PROMPTS, which the worker reads with its settings, so a test sets it with the `worker_setting`
+fixture (the worker reads its settings again).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -19,6 +20,7 @@ from torch import nn
 from hydra_ablate_client.wire import JobSpec
 from service.core.chunk_book import Chunk, ChunkBook, plan_chunks
 from service.core.queue import TASK_RUN_JOB, model_queue, time_limits, visibility_timeout
+from service.core.settings import Settings
 from service.core.store import JobStore
 from tests.numbers import assert_same_numbers
 from worker.engine.errors import InputError
@@ -48,12 +50,12 @@ def test_model_queue_names_are_safe_and_distinct() -> None:
 def test_visibility_timeout_stays_above_the_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HYDRA_CHUNK_TIME_LIMIT_S", raising=False)
     monkeypatch.delenv("HYDRA_VISIBILITY_TIMEOUT_S", raising=False)
-    assert time_limits() == (6 * 3600 - 300, 6 * 3600)
-    assert visibility_timeout() == 7 * 3600
+    assert time_limits(Settings.from_env()) == (6 * 3600 - 300, 6 * 3600)
+    assert visibility_timeout(Settings.from_env()) == 7 * 3600
     monkeypatch.setenv("HYDRA_CHUNK_TIME_LIMIT_S", "100")
-    assert time_limits() == (90, 100)
+    assert time_limits(Settings.from_env()) == (90, 100)
     monkeypatch.setenv("HYDRA_VISIBILITY_TIMEOUT_S", "50")  # too low: raised above the hard limit
-    assert visibility_timeout() > 100
+    assert visibility_timeout(Settings.from_env()) > 100
 
 
 def _fake_loaded(model_id: str, n_params: int) -> LoadedModel:
@@ -250,12 +252,12 @@ def run(api: TestClient, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def test_a_chunked_job_equals_the_same_job_in_one_chunk(
-    api: TestClient, store: JobStore, monkeypatch: pytest.MonkeyPatch
+    api: TestClient, store: JobStore, worker_setting: Callable[[str, str], None]
 ) -> None:
     body = {"model": "tiny-llama", "prompts": PROMPTS, "components": ["attn", "mlp", "head.1.2"], "resample_samples": 2}
-    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "3")
+    worker_setting("HYDRA_CHUNK_PROMPTS", "3")
     chunked_status, chunked = run(api, body)
-    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "64")
+    worker_setting("HYDRA_CHUNK_PROMPTS", "64")
     whole_status, whole = run(api, body)
 
     assert_same_numbers(chunked["prompts"], whole["prompts"])
@@ -274,8 +276,10 @@ def test_a_chunked_job_equals_the_same_job_in_one_chunk(
     assert book.n_chunks(whole["id"]) == 1
 
 
-def test_progress_is_summed_over_chunks(api: TestClient, store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "2")
+def test_progress_is_summed_over_chunks(
+    api: TestClient, store: JobStore, worker_setting: Callable[[str, str], None]
+) -> None:
+    worker_setting("HYDRA_CHUNK_PROMPTS", "2")
     prompts = [f"Line {i} of a long list of sentences about rivers and" for i in range(12)]
     job_id = submit(api, {"model": "tiny-gpt2", "prompts": prompts, "components": ["head"], "resample_samples": 4})
     seen: list[int] = []
@@ -295,9 +299,9 @@ def test_progress_is_summed_over_chunks(api: TestClient, store: JobStore, monkey
 
 
 def test_cancelling_stops_the_remaining_chunks(
-    api: TestClient, store: JobStore, monkeypatch: pytest.MonkeyPatch
+    api: TestClient, store: JobStore, worker_setting: Callable[[str, str], None]
 ) -> None:
-    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "2")
+    worker_setting("HYDRA_CHUNK_PROMPTS", "2")
     prompts = [f"Sentence number {i} is about the weather in the city of" for i in range(40)]
     job_id = submit(api, {"model": "tiny-llama", "prompts": prompts, "components": ["head"], "resample_samples": 8})
     deadline = time.monotonic() + 60
@@ -324,11 +328,11 @@ def _spec_for_store(prompts: list[str]) -> JobSpec:
 
 
 def test_a_redelivered_run_job_does_not_plan_twice(
-    celery_worker: object, store: JobStore, stack_settings: Any, monkeypatch: pytest.MonkeyPatch
+    celery_worker: object, store: JobStore, stack_settings: Any, worker_setting: Callable[[str, str], None]
 ) -> None:
     from worker.celery_app import app
 
-    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "2")
+    worker_setting("HYDRA_CHUNK_PROMPTS", "2")
     spec = _spec_for_store([f"Word {i} is followed by" for i in range(6)])
     job_id = store.create(spec, 6 * 6).id
     for _ in range(2):  # the same message twice, as after a redelivery

@@ -29,7 +29,7 @@ from cli.main import (
     split_components,
     to_job_request,
 )
-from cli.views import models_table, result_csv, result_table
+from cli.views import models_table, result_csv, result_view
 from hydra_ablate_client.http import (
     AsyncHydraClient,
     HydraClient,
@@ -282,7 +282,7 @@ def test_request_is_checked_against_the_wire_schema() -> None:
 
 
 def test_result_table_shows_each_component(result: JobResult) -> None:
-    text = _text(result_table(result))
+    text = _text(result_view(result))
     attn = next(line for line in text.splitlines() if "attn.0" in line)
     for cell in ("+1.000 ±0.250", "+0.375 ±0.125", "+0.625 ±0.062", "+0.438", "+0.188"):
         assert cell in attn, (cell, attn)

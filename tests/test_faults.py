@@ -212,15 +212,7 @@ def compute_reference(env: dict[str, str], spec: JobSpec) -> JobResult:
 
     location = env["HYDRA_MODELS"].split("=", 1)[1]
     loaded = load_model(ModelSource(id=MODEL, location=location))
-    saved = os.environ.get("HYDRA_BATCH_TOKENS")
-    os.environ["HYDRA_BATCH_TOKENS"] = env["HYDRA_BATCH_TOKENS"]
-    try:
-        return execute("reference", spec, loaded)
-    finally:
-        if saved is None:
-            os.environ.pop("HYDRA_BATCH_TOKENS")
-        else:
-            os.environ["HYDRA_BATCH_TOKENS"] = saved
+    return execute("reference", spec, loaded, batch_tokens=int(env["HYDRA_BATCH_TOKENS"]))
 
 
 @pytest.fixture(scope="module")

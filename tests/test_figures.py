@@ -287,7 +287,7 @@ def test_rendered_figures_are_cached_in_redis_with_the_results_ttl(
     first = client.get(f"/v1/jobs/{job_id}/figures/te_vs_de")
     assert first.status_code == 200
     assert store.client.get(key) == first.content
-    result_ttl = store.client.pttl(store.result_key(job_id))
+    result_ttl = store.client.pttl(store.keys.result(job_id))
     assert 0 < store.client.pttl(key) <= result_ttl <= 3600 * 1000  # expires with the result, not after it
 
     second = client.get(f"/v1/jobs/{job_id}/figures/te_vs_de")

@@ -100,9 +100,9 @@ def test_delete_of_a_failed_job_removes_it_and_its_events(client: TestClient, st
     job = submit(client, **JOB)
     store.mark_running(job["id"])
     store.mark_failed(job["id"], "boom")
-    assert store.client.exists(store.events_key(job["id"]))
+    assert store.client.exists(store.keys.events(job["id"]))
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
-    assert not store.client.exists(store.job_key(job["id"]), store.events_key(job["id"]))
+    assert not store.client.exists(store.keys.job(job["id"]), store.keys.events(job["id"]))
     assert_problem(client.get(f"/v1/jobs/{job['id']}"), 404)
 
 

@@ -49,20 +49,12 @@ def store(private_redis: EmbeddedRedis) -> Iterator[JobStore]:
 def test_results_are_stored_gzip_compressed_and_read_back_as_json(store: JobStore) -> None:
     result = build_result(n_layers=6, prompts=[f"prompt {i}" for i in range(40)], heads=2)
     job_id = store_succeeded(store, result)
-    raw = bytes_or_none(store.client.get(store.result_key(job_id)))
+    raw = bytes_or_none(store.client.get(store.keys.result(job_id)))
     assert raw is not None and raw.startswith(GZIP_MAGIC)
     encoded = store.result(job_id)
     assert encoded is not None and msgspec.json.decode(encoded)["id"] == job_id
     assert len(raw) * 2 < len(encoded), (len(raw), len(encoded))  # numbers compress well
     assert gzip.decompress(store.result_gzip(job_id) or b"") == encoded
-
-
-def test_results_stored_before_compression_are_still_served(store: JobStore) -> None:
-    job_id = store_succeeded(store, build_result())
-    plain = store.result(job_id) or b""
-    store.client.set(store.result_key(job_id), plain)  # as an older version stored it
-    assert store.result(job_id) == plain
-    assert gzip.decompress(store.result_gzip(job_id) or b"") == plain
 
 
 def served(settings: Settings) -> Iterator[int]:
@@ -180,7 +172,7 @@ def test_an_evicted_result_never_reads_as_succeeded(store: JobStore, private_red
     """With an evicting policy the result key can vanish while the job hash stays: the job then reads as failed,
     saying why, in its status, the listing and the result route."""
     job_id = store_succeeded(store, build_result())
-    store.client.delete(store.result_key(job_id))  # what allkeys-lru did to it
+    store.client.delete(store.keys.result(job_id))  # what allkeys-lru did to it
     status = store.status(job_id)
     assert status is not None and status.status == "failed" and "evicted" in (status.error or "")
     assert [item.status for item in store.page().items] == ["failed"]

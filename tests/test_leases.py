@@ -214,7 +214,7 @@ def test_a_stored_job_is_recorded_unplanned_with_the_job_and_sent_again(store: J
     )
     assert cancelled not in store.unplanned()  # ended jobs leave the set
     # Sent again later only if still unplanned, and with a growing wait.
-    due = store.client.zscore(store.unplanned_key, plain)
+    due = store.client.zscore(store.keys.unplanned, plain)
     assert due is not None and due >= time.time() + RESEND_AFTER_S - 5
     store.mark_planned(plain)
     assert store.unplanned() == [owned]

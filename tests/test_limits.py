@@ -188,7 +188,7 @@ def word_tokenizer_json() -> str:
 
 
 def test_prompts_over_the_token_limit_are_422(settings: Settings, store: JobStore) -> None:
-    store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())
+    store.client.set(store.keys.tokenizer("tiny"), word_tokenizer_json())
     assert store.tokenizer_json("tiny") == word_tokenizer_json()
     with app_client(settings, max_prompt_tokens=5) as client:
         ok = ["the capital of france is", "paris is"]
@@ -213,7 +213,7 @@ def test_concurrent_first_submits_fetch_and_parse_the_tokenizer_once(
 
     words = [f"w{i}" for i in range(50_000)]  # a big vocabulary: parsing takes long enough for threads to pile up
     big = Tokenizer(models.WordLevel({word: i for i, word in enumerate([*words, "[UNK]"])}, unk_token="[UNK]"))
-    store.client.set(store.tokenizer_key("tiny"), big.to_str())
+    store.client.set(store.keys.tokenizer("tiny"), big.to_str())
     parses: list[int] = []
     real_parse = prompt_tokens._parse
 
@@ -249,7 +249,7 @@ def test_the_background_warmer_parses_tokenizers_before_any_request(
 
     from service.core import prompt_tokens
 
-    store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())  # the other advertised model has none
+    store.client.set(store.keys.tokenizer("tiny"), word_tokenizer_json())  # the other advertised model has none
     parses: list[str] = []
     real_parse = prompt_tokens._parse
     def parse(text: str) -> Any:
@@ -436,7 +436,7 @@ def test_the_event_loop_checks_submits_against_what_is_kept_and_never_reads_redi
     stale.refreshed(store)
     assert stale.resolve_recent(request, settings) is None
 
-    store.client.set(store.tokenizer_key("tiny"), word_tokenizer_json())
+    store.client.set(store.keys.tokenizer("tiny"), word_tokenizer_json())
     counters = prompt_tokens.TokenCounters(refresh_s=60.0)
     assert counters.recent("tiny") == (False, None)
     tokenizer = counters.get(store, "tiny")

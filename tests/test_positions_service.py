@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import msgspec
@@ -80,8 +80,8 @@ def test_per_position_options_without_a_definition_are_refused(request_fields: d
 
 
 @pytest.fixture()
-def api(celery_worker: object, stack_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "2")  # several chunks, merged
+def api(celery_worker: object, stack_settings: Any, worker_setting: Callable[[str, str], None]) -> Iterator[TestClient]:
+    worker_setting("HYDRA_CHUNK_PROMPTS", "2")  # several chunks, merged
     with TestClient(create_app(stack_settings)) as client:
         yield client
 

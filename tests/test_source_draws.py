@@ -4,7 +4,7 @@ and a job through the service whose summary's fits use the draws and resample by
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -108,8 +108,8 @@ def test_source_seeds_without_random_draws_are_refused(fields: dict[str, Any], s
 
 
 @pytest.fixture()
-def api(celery_worker: object, stack_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setenv("HYDRA_CHUNK_PROMPTS", "5")  # several chunks, merged
+def api(celery_worker: object, stack_settings: Any, worker_setting: Callable[[str, str], None]) -> Iterator[TestClient]:
+    worker_setting("HYDRA_CHUNK_PROMPTS", "5")  # several chunks, merged
     with TestClient(create_app(stack_settings)) as client:
         yield client
 

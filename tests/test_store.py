@@ -216,16 +216,16 @@ def test_exactly_one_worker_claims_a_job(store: JobStore) -> None:
 def test_every_job_key_expires(store: JobStore) -> None:
     client = store.client
     job = store.create(make_spec(), total=4)
-    assert 0 < client.ttl(store.job_key(job.id)) <= TTL_S
+    assert 0 < client.ttl(store.keys.job(job.id)) <= TTL_S
     store.mark_running(job.id)
     store.mark_succeeded(job.id, b"{}")
-    assert 0 < client.ttl(store.job_key(job.id)) <= TTL_S
-    assert 0 < client.ttl(store.result_key(job.id)) <= TTL_S
+    assert 0 < client.ttl(store.keys.job(job.id)) <= TTL_S
+    assert 0 < client.ttl(store.keys.result(job.id)) <= TTL_S
 
     other = store.create(make_spec(), total=4)
     store.request_cancel(other.id)
-    assert 0 < client.ttl(store.cancel_key(other.id)) <= TTL_S
-    assert 0 < client.ttl(store.job_key(other.id)) <= TTL_S
+    assert 0 < client.ttl(store.keys.cancel(other.id)) <= TTL_S
+    assert 0 < client.ttl(store.keys.job(other.id)) <= TTL_S
 
 
 def test_expired_jobs_disappear(redis_url: str) -> None:
@@ -236,7 +236,7 @@ def test_expired_jobs_disappear(redis_url: str) -> None:
     assert short.status(job.id) is None
     page = short.page(0, 10)
     assert page.total == 0 and page.items == []
-    assert client.zcard(short.index_key) == 0  # the index forgot it too
+    assert client.zcard(short.keys.jobs) == 0  # the index forgot it too
 
 
 def test_paging_newest_first(store: JobStore) -> None:
@@ -257,14 +257,14 @@ def test_paging_prunes_only_dead_index_entries(store: JobStore) -> None:
     fresh = store.create(make_spec(), total=1)
     long_ago = time.time() - 2 * TTL_S
     # a job created long ago but still alive (it finished late, so its TTL was refreshed) ...
-    store.client.zadd(store.index_key, {alive_old.id: long_ago})
+    store.client.zadd(store.keys.jobs, {alive_old.id: long_ago})
     # ... and one whose hash expired
-    store.client.zadd(store.index_key, {dead.id: long_ago - 1})
-    store.client.delete(store.job_key(dead.id))
+    store.client.zadd(store.keys.jobs, {dead.id: long_ago - 1})
+    store.client.delete(store.keys.job(dead.id))
     page = store.page(0, 10)
     assert page.total == 2
     assert [s.id for s in page.items] == [fresh.id, alive_old.id]
-    assert store.client.zscore(store.index_key, dead.id) is None
+    assert store.client.zscore(store.keys.jobs, dead.id) is None
 
 
 def test_models_are_advertised_and_listed(store: JobStore) -> None:
@@ -272,12 +272,12 @@ def test_models_are_advertised_and_listed(store: JobStore) -> None:
     store.advertise_model(model_info("zeta"))
     store.advertise_model(model_info("alpha"))
     store.advertise_model(model_info("zeta", n_layers=6))  # re-advertising replaces the record
-    store.client.hset(store.models_key, "broken", b"not json")
-    store.client.set(store.served_key("broken"), b"1")  # served, but its record is unreadable: skipped
+    store.client.hset(store.keys.models, "broken", b"not json")
+    store.client.set(store.keys.served("broken"), b"1")  # served, but its record is unreadable: skipped
     listed = store.models()
     assert [m.id for m in listed] == ["alpha", "zeta"]
     assert listed[1].n_layers == 6
-    record = present(bytes_or_none(store.client.hget(store.models_key, "alpha")))
+    record = present(bytes_or_none(store.client.hget(store.keys.models, "alpha")))
     assert msgspec.json.decode(record, type=ModelInfo) == model_info("alpha")
 
 

@@ -8,7 +8,6 @@ the chunks of that model's jobs wait; `-Q hydra` (the main queue, where jobs are
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from functools import cache
@@ -16,7 +15,7 @@ from functools import cache
 from celery import Celery
 from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun, worker_ready
 
-from service.core.json_logging import configure_json_logging, job_id_var
+from service.core.json_logging import configure_json_logging, job_id_var, json_logs_requested
 from service.core.queue import celery_config, model_queue, webhook_queue
 from service.core.redaction import install_log_redaction
 from service.core.redis_refusals import register_refusal_errors
@@ -74,7 +73,7 @@ def _json_logging(**_: object) -> None:
     configure_json_logging()
 
 
-if os.environ.get("HYDRA_LOG_FORMAT", "").strip().lower() == "json":
+if json_logs_requested():
     setup_logging.connect(_json_logging, weak=False)  # Celery then leaves logging to us
 
 

@@ -25,7 +25,6 @@ from worker.engine.position_sweep import run_position_sweep
 from worker.engine.sweep import PhaseCallback, ProgressCallback, StopCheck, run_sweep
 from worker.engine.types import PositionSweepResult, PromptMeasures, SweepResult
 from worker.job_runner import (
-    batch_tokens,
     near_tie_gap,
     position_prompt_result,
     prompt_result,
@@ -50,8 +49,13 @@ def execute_chunk(
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     on_phase: PhaseCallback | None = None,
+    batch_tokens: int | None = None,
 ) -> ChunkResult:
-    """Prompts `start:stop` of the job, with every other prompt available as a source (see the module doc)."""
+    """Prompts `start:stop` of the job, with every other prompt available as a source (see the module doc).
+
+    `batch_tokens`: a fixed budget per batch in rows × prompt tokens (the worker's HYDRA_BATCH_TOKENS); None lets
+    the engine derive it from the device (free CUDA memory and the model's size; 8192 on a CPU:
+    worker/engine/memory.py)."""
     if not 0 <= start < stop <= len(spec.prompts):
         raise ValueError(f"chunk {index} covers prompts {start}:{stop}, outside the job's {len(spec.prompts)}")
     started = time.perf_counter()
@@ -67,7 +71,7 @@ def execute_chunk(
             inputs,
             on_progress=on_progress,
             should_stop=should_stop,
-            batch_tokens=batch_tokens(),
+            batch_tokens=batch_tokens,
             clean_cache=loaded.clean_runs,
         )
     else:
@@ -77,7 +81,7 @@ def execute_chunk(
             inputs,
             on_progress=on_progress,
             should_stop=should_stop,
-            batch_tokens=batch_tokens(),
+            batch_tokens=batch_tokens,
             on_phase=on_phase,
             clean_cache=loaded.clean_runs,
         )
@@ -181,9 +185,11 @@ def execute(
     *,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    batch_tokens: int | None = None,
 ) -> JobResult:
     """The whole job in one piece: one chunk covering every prompt, merged."""
     chunk = execute_chunk(
-        job_id, spec, loaded, 0, 0, len(spec.prompts), on_progress=on_progress, should_stop=should_stop
+        job_id, spec, loaded, 0, 0, len(spec.prompts), on_progress=on_progress, should_stop=should_stop,
+        batch_tokens=batch_tokens,
     )
     return merge_chunks(job_id, spec, [chunk])

@@ -5,7 +5,6 @@ Free of Redis and Celery. `worker/chunk_execution.py` runs a job (or a chunk of 
 
 from __future__ import annotations
 
-import os
 import platform
 import socket
 import time
@@ -17,23 +16,13 @@ from typing import cast
 import torch
 
 from hydra_ablate_client.wire import JobSpec, PatchSample, PositionColumns, PromptResult, Provenance, SourceDraw
-from service.core.settings import env_int
 from worker.engine.errors import InputError
-from worker.engine.memory import DEFAULT_BATCH_TOKENS
 from worker.engine.types import PositionMeasures, PromptMeasures, SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel
 
 ENGINE_NAME = "resume-at-layer (worker/engine/ablated_runs.py)"
 NEAR_TIE_GAP = {"float32": 1e-4, "float64": 1e-8}
 REDUCED_PRECISION_NEAR_TIE_GAP = 0.05
-
-
-def batch_tokens() -> int | None:
-    """HYDRA_BATCH_TOKENS: a fixed budget per batch in rows × prompt tokens; unset, the engine derives it from the
-    device (free CUDA memory and the model's size; 8192 on a CPU: worker/engine/memory.py)."""
-    if not os.environ.get("HYDRA_BATCH_TOKENS", "").strip():
-        return None
-    return env_int("HYDRA_BATCH_TOKENS", DEFAULT_BATCH_TOKENS)
 
 
 class JobInputError(InputError):

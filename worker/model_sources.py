@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra_ablate_client.vocabulary import ModelSourceKind
+from service.core.settings import env_raw
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +65,8 @@ def parse_source(entry: str) -> ModelSource:
 
 def configured_sources(value: str | None = None) -> dict[str, ModelSource]:
     """The models this worker serves, from HYDRA_MODELS (default: the built-in SmolLM2)."""
-    raw = value if value is not None else os.environ.get("HYDRA_MODELS", DEFAULT_MODEL)
+    raw = value if value is not None else env_raw("HYDRA_MODELS")
+    if raw is None:
+        raw = DEFAULT_MODEL
     sources = [parse_source(entry) for entry in raw.split(",") if entry.strip()]
     return {source.id: source for source in sources}

@@ -41,7 +41,7 @@ from celery import Task
 
 from hydra_ablate_client.vocabulary import ACTIVE_STATES
 from hydra_ablate_client.wire import JobSpec, encode
-from service.core.chunk_book import LEASE_LOST, Chunk, ChunkBook, chunk_prompts, max_deliveries, plan_chunks
+from service.core.chunk_book import LEASE_LOST, Chunk, ChunkBook, plan_chunks
 from service.core.leases import Leases
 from service.core.queue import (
     TASK_DELIVER_CALLBACK,
@@ -110,7 +110,7 @@ def model_cache() -> ModelCache:
 
 
 def _job_state(store: JobStore, job_id: str) -> str | None:
-    raw = bytes_or_none(store.client.hget(store.job_key(job_id), "status"))
+    raw = bytes_or_none(store.client.hget(store.keys.job(job_id), "status"))
     return None if raw is None else raw.decode()
 
 
@@ -150,7 +150,7 @@ class HydraTask(Task):
             log.warning("job %s: %s lost Redis (%s); the recovery sweep will send it again", job_id, self.name, exc)
             return
         if self.name == TASK_RUN_CHUNK and isinstance(exc, TimeLimitExceeded):
-            _, hard = time_limits()
+            _, hard = time_limits(service_settings())
             reason = (
                 f"chunk {args[1]} of job {job_id} ran past the hard time limit of {hard:.0f} s and was killed; "
                 "raise HYDRA_CHUNK_TIME_LIMIT_S or lower HYDRA_CHUNK_PROMPTS"
@@ -187,7 +187,7 @@ def run_job(job_id: str) -> str:
     if chunks is None:
         if not claimed:
             log.warning("job %s was claimed for planning but has no plan (its planner died?); planning it", job_id)
-        size = chunk_prompts()
+        size = service_settings().chunk_prompts
         chunks = plan_chunks(len(spec.prompts), size)
         book.record_plan(job_id, chunks, size)
     sent = book.task_ids(job_id)
@@ -323,7 +323,7 @@ class ChunkRun:
             "is stable, or raise HYDRA_REDIS_OUTAGE_S"
         )
         log.error("job %s: %s", self.job_id, reason)
-        _, hard = time_limits()
+        _, hard = time_limits(service_settings())
         outcome = self.retry.until_back(
             "record the job's failure",
             lambda: self.leases.fail_if_holder(self.store, self.job_id, self.index, self.token, reason),
@@ -380,7 +380,7 @@ class ChunkRun:
 
         job_id, index, store, book = self.job_id, self.index, self.store, self.book
         deliveries = self.redis("count the delivery", lambda: book.count_delivery(job_id, index))
-        limit = max_deliveries()
+        limit = service_settings().max_deliveries
         if deliveries > limit:
             return self._fail(
                 f"chunk {index} ({self.prompts}) of job {job_id} was delivered {deliveries} times; "
@@ -430,7 +430,7 @@ class ChunkRun:
             chunk_started = time.perf_counter()
             result = execute_chunk(
                 job_id, spec, loaded, index, self.start, self.stop, on_progress=on_progress, should_stop=should_stop,
-                on_phase=on_phase,
+                on_phase=on_phase, batch_tokens=worker_settings().batch_tokens,
             )
         except SweepCancelled:
             if self.lost.is_set() or not self.read(
@@ -442,7 +442,7 @@ class ChunkRun:
             _stop_other_chunks(job_id, self.task_id)
             return "stopped"
         except SoftTimeLimitExceeded:
-            soft, _ = time_limits()
+            soft, _ = time_limits(service_settings())
             return self._fail(
                 f"chunk {index} ({self.prompts}) of job {job_id} ran past the time limit of {soft:.0f} s; "
                 "raise HYDRA_CHUNK_TIME_LIMIT_S or lower HYDRA_CHUNK_PROMPTS"

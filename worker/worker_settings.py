@@ -1,16 +1,15 @@
 """The worker's own settings, read and checked once when the worker starts (the API has service/core/settings.py).
 
 A bad value stops the worker at start-up with a message naming the variable, instead of failing every job it
-takes. Settings read per job (HYDRA_CHUNK_PROMPTS, HYDRA_MAX_DELIVERIES, HYDRA_BATCH_TOKENS, time limits) stay
-in service/core/chunk_book.py, service/core/queue.py and worker/job_runner.py, where the API and tests read them too.
+takes. Settings the API and the worker share (Redis, queue, chunks and time limits) are in service/core/settings.py;
+every variable is listed in service/core/configuration.py.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from service.core.settings import env_float, env_int
+from service.core.settings import env_float, env_int, env_text
 
 # A chunk sent (or sent again by a sweep) that has not started within this many leases is looked for by a sweep,
 # and sent once more when its message is gone (lost with a Redis crash); a long queue only gets a duplicate that
@@ -26,7 +25,7 @@ class WorkerConfigError(ValueError):
 
 def _bytes_or_zero(name: str, default: int) -> int:
     """A byte count from the environment, 0 included (off); 1e9 and 1073741824 both read."""
-    raw = os.environ.get(name, "").strip()
+    raw = env_text(name)
     if not raw:
         return default
     try:
@@ -57,6 +56,9 @@ class WorkerSettings:
     # How long a chunk rides out a Redis outage before it gives up (worker/redis_retry.py). Below the lease, so
     # an outage the chunk survives never costs it its lease.
     redis_outage_s: float = 60.0
+    # HYDRA_BATCH_TOKENS: a fixed budget per batch in rows × prompt tokens; None (unset): the engine derives it from
+    # the device (worker/engine/memory.py).
+    batch_tokens: int | None = None
 
     @property
     def renew_s(self) -> float:
@@ -71,16 +73,17 @@ class WorkerSettings:
     def from_env(cls) -> WorkerSettings:
         defaults = cls()
         try:
-            raw_bytes = os.environ.get("HYDRA_MODEL_CACHE_BYTES", "").strip()
+            raw_bytes = env_text("HYDRA_MODEL_CACHE_BYTES")
             settings = cls(
                 model_cache_size=env_int("HYDRA_MODEL_CACHE_SIZE", defaults.model_cache_size),
                 model_cache_bytes=int(env_float("HYDRA_MODEL_CACHE_BYTES", 1.0)) if raw_bytes else None,
                 clean_cache_bytes=_bytes_or_zero("HYDRA_CLEAN_CACHE_BYTES", defaults.clean_cache_bytes),
-                device=os.environ.get("HYDRA_DEVICE", "").strip() or defaults.device,
-                dtype=os.environ.get("HYDRA_DTYPE", "").strip() or defaults.dtype,
+                device=env_text("HYDRA_DEVICE", defaults.device),
+                dtype=env_text("HYDRA_DTYPE", defaults.dtype),
                 lease_s=env_float("HYDRA_LEASE_S", defaults.lease_s),
                 sweep_s=env_float("HYDRA_SWEEP_S", defaults.sweep_s),
                 redis_outage_s=env_float("HYDRA_REDIS_OUTAGE_S", defaults.redis_outage_s),
+                batch_tokens=env_int("HYDRA_BATCH_TOKENS", 1) if env_text("HYDRA_BATCH_TOKENS") else None,
             )
         except ValueError as error:
             raise WorkerConfigError(str(error)) from None

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 
 import redis
 import redis.asyncio
@@ -107,16 +108,9 @@ def check_auth_settings(settings: Settings) -> None:
         raise RuntimeError(NO_AUTH_REFUSED)
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    """A fresh app with its own Redis pools and Celery client; all are closed on shutdown."""
-    install_log_redaction()  # REDIS_URL passwords never reach a log line
-    settings = settings or Settings.from_env()
-    check_auth_settings(settings)
-    api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here
-    store = JobStore.from_settings(settings)
-    queue = JobQueue(settings, client=store.client)
-    store.on_finished = finish_hook(store, queue.notify)  # a job cancelled here gets its webhook too
-    state = State(
+def app_state(settings: Settings, store: JobStore, queue: JobQueue, api_keys: ApiKeys) -> State:
+    """What the routes share (service/api/controllers/dependencies.py hands it to them)."""
+    return State(
         {
             "settings": settings,
             "store": store,
@@ -131,41 +125,52 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "large_bodies": LargeBodies(settings.large_submit_bytes, settings.large_submits),
         }
     )
-    if json_logs_requested():
-        configure_json_logging()
 
-    async def open_async_clients(app: Litestar) -> None:
+
+class Lifecycle:
+    """The app's start-up steps, in order (`on_startup`), and its shutdown (`close_clients`)."""
+
+    def __init__(self, settings: Settings, store: JobStore, queue: JobQueue, state: State) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.state = state
+        self.warm_stop = threading.Event()
+
+    @property
+    def on_startup(self) -> list[Callable[[Litestar], Awaitable[None]]]:
+        return [self.open_async_clients, self.warm_up, self.resend_unplanned_jobs, self.freeze_startup_objects]
+
+    async def open_async_clients(self, app: Litestar) -> None:
         # Auth and rate limiting run on the event loop: an asyncio Redis pool, made in the loop that serves.
         client = redis.asyncio.Redis.from_url(
-            settings.redis_url,
+            self.settings.redis_url,
             socket_connect_timeout=5,
             socket_timeout=COMMAND_TIMEOUT_S,
             health_check_interval=30,
             **driver_options(),
         )
         app.state.aredis = client
-        app.state.limiter = RateLimiter(client, settings)
+        app.state.limiter = RateLimiter(client, self.settings)
         # Streams and long polls wait on this one subscription, not on a pooled connection each.
-        app.state.event_hub = EventHub(client, store.events_channel)
+        app.state.event_hub = EventHub(client, self.store.keys.events_channel)
         app.state.event_hub.start()
-        await warn_without_keys(client)
+        await self.warn_without_keys(client)
 
-    warm_stop = threading.Event()
-
-    async def warm_up(app: Litestar) -> None:
+    async def warm_up(self, app: Litestar) -> None:
         # A fresh API's first requests should cost what later ones do: tokenizers are parsed (and kept fresh) by a
         # background thread, and the broker connection is opened now, not by the first submit of a burst.
         # The same thread re-reads the served models every half second, so submits resolve against a recent list
         # without a Redis read (service/core/served_models.py).
-        served: ServedModels = state["served"]
+        store, served = self.store, self.state["served"]
         threading.Thread(
-            target=state["tokens"].keep_warm,
-            args=(store, warm_stop, 0.5, lambda: served.refreshed(store)),
+            target=self.state["tokens"].keep_warm,
+            args=(store, self.warm_stop, 0.5, lambda: served.refreshed(store)),
             name="hydra-warm",
             daemon=True,
         ).start()
         try:
-            await to_thread.run_sync(queue.connect)
+            await to_thread.run_sync(self.queue.connect)
             # Redis connections for a burst: each pool grows by one connection per concurrent request, and a new
             # connection costs a TCP handshake and a HELLO; open them now rather than during the first burst.
             await asyncio.gather(*(app.state.aredis.ping() for _ in range(WARM_CONNECTIONS)))
@@ -175,15 +180,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         except Exception as error:  # noqa: BLE001 - /ready reports Redis and the broker; requests connect anyway
             logger.warning("could not open the Redis and broker connections at start-up: %s", error)
 
-    async def resend_unplanned_jobs(app: Litestar) -> None:
+    async def resend_unplanned_jobs(self, app: Litestar) -> None:
         # Jobs stored but never sent (this API may have died between the two steps): send them now; workers'
         # periodic sweeps do the same later (service/core/recovery.py).
         try:
-            await to_thread.run_sync(lambda: resend_unplanned(store, queue.enqueue, everything=True))
+            await to_thread.run_sync(lambda: resend_unplanned(self.store, self.queue.enqueue, everything=True))
         except Exception as error:  # noqa: BLE001 - Redis or the broker may be down at start; workers sweep too
             logger.warning("could not send the stored but unplanned jobs at start-up: %s", error)
 
-    async def freeze_startup_objects(app: Litestar) -> None:
+    async def freeze_startup_objects(self, app: Litestar) -> None:
         # Everything start-up made (modules, the app, its routes and schemas: a few hundred thousand objects) lives
         # as long as the process. Left in the collector's generations, the first full collections scanned them all
         # during the first requests (40-45 ms pauses of each API process in the load benchmark's first second);
@@ -191,7 +196,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         gc.collect()
         gc.freeze()  # undone at shutdown (apps made and dropped in one process, as tests do, stay collectable)
 
-    async def warn_without_keys(client: redis.asyncio.Redis) -> None:
+    async def warn_without_keys(self, client: redis.asyncio.Redis) -> None:
+        settings = self.settings
         if not settings.auth_enabled or settings.api_keys.strip():
             return
         try:
@@ -204,18 +210,32 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "`hydra-ablate keys create NAME` (same REDIS_URL and HYDRA_KEY_PREFIX) or set HYDRA_API_KEYS"
             )
 
-    async def close_clients(app: Litestar) -> None:
+    async def close_clients(self, app: Litestar) -> None:
         gc.unfreeze()
-        warm_stop.set()
+        self.warm_stop.set()
         hub = app.state.get("event_hub")
         if hub is not None:
             await hub.close()
         client = app.state.get("aredis")
         if client is not None:
             await client.aclose()
-        queue.close()
-        store.close()
+        self.queue.close()
+        self.store.close()
 
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """A fresh app with its own Redis pools and Celery client; all are closed on shutdown."""
+    install_log_redaction()  # REDIS_URL passwords never reach a log line
+    settings = settings or Settings.from_env()
+    check_auth_settings(settings)
+    api_keys = ApiKeys(settings)  # hashes HYDRA_API_KEYS now; a malformed entry stops the start here
+    store = JobStore.from_settings(settings)
+    queue = JobQueue(settings, client=store.client)
+    store.on_finished = finish_hook(store, queue.notify)  # a job cancelled here gets its webhook too
+    state = app_state(settings, store, queue, api_keys)
+    if json_logs_requested():
+        configure_json_logging()
+    lifecycle = Lifecycle(settings, store, queue, state)
     app = Litestar(
         route_handlers=[
             JobsController,
@@ -235,8 +255,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,
-        on_startup=[open_async_clients, warm_up, resend_unplanned_jobs, freeze_startup_objects],
-        on_shutdown=[close_clients],
+        on_startup=lifecycle.on_startup,
+        on_shutdown=[lifecycle.close_clients],
     )
     polish(app.openapi_schema)  # built once here and cached: /schema serves the polished document
     return app

@@ -22,6 +22,7 @@ from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_409_CONFLICT
 
 from hydra_ablate_client.wire import JobRequest, JobStatus
+from service.core.redis_keys import RedisKeys
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -63,7 +64,7 @@ class IdempotencyRecords:
 
     def record_key(self, owner: str, key: str) -> str:
         # Hashed: the client's key may hold any characters and any length up to the header's limit.
-        return f"{self.prefix}idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+        return RedisKeys(self.prefix).idempotency(owner, key)
 
     def claim(self, owner: str, key: str, print_: str, job_id: str) -> tuple[bool, Record | None]:
         """(True, None) when this request now owns the key; else (False, the earlier request's record or None when

@@ -46,7 +46,7 @@ def observability_middleware(app: ASGIApp) -> ASGIApp:
 
     # HYDRA_ACCESS_LOG=off: no line per request (the local stack's default, whose terminal shows a progress bar);
     # the metrics still count every request.
-    log_access = env_bool("HYDRA_ACCESS_LOG", True)
+    log_access = env_bool("HYDRA_ACCESS_LOG", True)  # read once, when the app is built
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

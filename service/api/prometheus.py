@@ -17,7 +17,6 @@ one port and their histograms instead: `AppMetrics`); the cluster-wide series ar
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.core.queue import model_queue
-from service.core.settings import Settings
+from service.core.settings import Settings, env_raw
 from service.core.store import ACTIVE_STATES, TERMINAL_STATES, JobStore
 from service.core.worker_stats import COUNTERS, HISTOGRAMS, WorkerStats, bucket_label
 
@@ -89,7 +88,7 @@ class AppMetrics:
 
     def __init__(self, store: JobStore, settings: Settings) -> None:
         self.registry = CollectorRegistry()
-        shared = os.environ.get(MULTIPROCESS_DIR)
+        shared = env_raw(MULTIPROCESS_DIR)
         if shared:
             MultiProcessCollector(self.registry, path=shared)
         self.http = Histogram(

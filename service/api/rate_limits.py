@@ -22,6 +22,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
 
+from service.core.redis_keys import RedisKeys
 from service.core.redis_refusals import is_write_refusal
 from service.core.settings import Settings
 
@@ -64,7 +65,7 @@ class RateLimiter:
         self._hit = client.register_script(_HIT)
 
     def counter_key(self, bucket: str, name: str) -> str:
-        return f"{self.prefix}rate:{bucket}:{name}"
+        return RedisKeys(self.prefix).rate_counter(bucket, name)
 
     async def check(self, bucket: str, name: str) -> tuple[int, int, int] | None:
         """Count one request; TooManyRequestsException with Retry-After once the window's limit is spent.

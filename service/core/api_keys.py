@@ -25,6 +25,7 @@ import msgspec
 import redis
 import redis.asyncio
 
+from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import bytes_hash
 from service.core.settings import Settings
 
@@ -90,7 +91,7 @@ def parse_api_keys(spec: str) -> dict[str, Principal]:
 
 def keys_hash(prefix: str) -> str:
     """The Redis hash holding the key ring."""
-    return f"{prefix}apikeys"
+    return RedisKeys(prefix).api_keys
 
 
 def _decode_record(raw: bytes | str) -> KeyRecord | None:

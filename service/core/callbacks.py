@@ -29,8 +29,9 @@ from collections.abc import Callable
 import msgspec
 import redis
 
-from hydra_ablate_client.wire import CallbackAttempt, JobStatus
+from hydra_ablate_client.wire import CallbackAttempt
 from service.core.labels import CallbackRefused, IpNetwork, resolve_callback
+from service.core.redis_keys import RedisKeys
 from service.core.store import JobStore, utc_now
 from service.core.webhook_http import DeliveryTimeout, post
 
@@ -41,7 +42,7 @@ TOLERANCE_S = 300
 
 
 def secrets_key(prefix: str) -> str:
-    return f"{prefix}callback_secrets"
+    return RedisKeys(prefix).callback_secrets
 
 
 def key_secret(client: redis.Redis, prefix: str, owner: str) -> str:
@@ -122,11 +123,9 @@ def finish_hook(store: JobStore, send: Callable[[str], None]) -> Callable[[str],
     """The JobStore.on_finished hook: queue a delivery for finished jobs that asked for one."""
 
     def on_finished(job_id: str) -> None:
-        if store.client.hget(store.job_key(job_id), "callback_url"):
+        if store.client.hget(store.keys.job(job_id), "callback_url"):
             send(job_id)
 
     return on_finished
 
 
-def final_status_body(status: JobStatus) -> bytes:
-    return msgspec.json.encode(status)

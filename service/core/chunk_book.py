@@ -26,22 +26,9 @@ import redis
 from msgspec import Struct
 
 from hydra_ablate_client.wire import PromptResult, Provenance
+from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
-from service.core.settings import env_int
 from service.core.store import JobStore
-
-DEFAULT_CHUNK_PROMPTS = 64
-DEFAULT_MAX_DELIVERIES = 3
-
-
-def chunk_prompts() -> int:
-    """Prompts per chunk, read from HYDRA_CHUNK_PROMPTS when a job is planned."""
-    return env_int("HYDRA_CHUNK_PROMPTS", DEFAULT_CHUNK_PROMPTS)
-
-
-def max_deliveries() -> int:
-    """How often one chunk may start before its job fails (its worker keeps dying): HYDRA_MAX_DELIVERIES."""
-    return env_int("HYDRA_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES)
 
 
 @dataclass(frozen=True)
@@ -114,6 +101,7 @@ class ChunkBook:
     def __init__(self, client: redis.Redis, key_prefix: str = "hydra:", ttl_s: int = 7 * 24 * 3600) -> None:
         self.client = client
         self.prefix = key_prefix
+        self.redis_keys = RedisKeys(key_prefix)
         self.ttl_s = int(ttl_s)
         self._record_progress = client.register_script(_RECORD_PROGRESS)
         self._record_result = client.register_script(_RECORD_RESULT)
@@ -124,14 +112,14 @@ class ChunkBook:
 
     # keys
     def _key(self, kind: str, job_id: str) -> str:
-        return f"{self.prefix}{kind}:{job_id}"
+        return self.redis_keys.chunk_book(kind, job_id)
 
     def result_key(self, job_id: str, index: int) -> str:
-        return f"{self.prefix}chunk:{job_id}:{index}"
+        return self.redis_keys.chunk_result(job_id, index)
 
     def lease_key(self, job_id: str, index: int) -> str:
-        """The chunk's lease (written by service/core/leases.py; the same key name)."""
-        return f"{self.prefix}lease:{job_id}:{index}"
+        """The chunk's lease (written by service/core/leases.py)."""
+        return self.redis_keys.lease(job_id, index)
 
     def keys(self, job_id: str) -> list[str]:
         kinds = ("planned", "plan", "chunk_tasks", "deliveries", "progress", "chunks_done", "revoked")
@@ -215,7 +203,7 @@ class ChunkBook:
             self.result_key(job_id, index),
             self._key("chunks_done", job_id),
             self.lease_key(job_id, index),
-            f"{self.prefix}job:{job_id}",
+            self.redis_keys.job(job_id),
         ]
         args: ScriptArgs = [msgspec.json.encode(result), str(index), self.ttl_s, lease_token]
         return int(self._record_result(keys=keys, args=args))

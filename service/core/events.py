@@ -25,6 +25,7 @@ from hydra_ablate_client.wire import JobStatus
 from service.core.event_hub import EventHub
 from service.core.redis_replies import bytes_hash, stream_read
 from service.core.store import JobStore
+from service.core.store.job_records import decode_status
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class JobEvent:
 
 
 async def _status(hub: EventHub, client: redis.asyncio.Redis, store: JobStore, job_id: str) -> JobStatus | None:
-    fields = await hub.read(partial(client.hgetall, store.job_key(job_id)))
-    return JobStore._decode_status(bytes_hash(fields))
+    fields = await hub.read(partial(client.hgetall, store.keys.job(job_id)))
+    return decode_status(bytes_hash(fields))
 
 
 def _outage(job_id: str, down_since: float | None, outage_s: float, error: redis.RedisError) -> float:
@@ -79,7 +80,7 @@ async def follow(
     outage_s: float = OUTAGE_S,
 ) -> AsyncIterator[JobEvent]:
     """Status snapshots after event `after` ("0": all kept), until the job has ended; then one `end` event."""
-    key = store.events_key(job_id)
+    key = store.keys.events(job_id)
     cursor = after
     previous: JobStatus | None = None
     down_since: float | None = None  # when Redis stopped answering this stream's reads
@@ -130,7 +131,7 @@ async def wait_for_change(
     """Return once the job has an event after `after`, or after `timeout_s` (the long poll of GET /v1/jobs/{id})."""
     if timeout_s <= 0:
         return
-    key = store.events_key(job_id)
+    key = store.keys.events(job_id)
     deadline = time.monotonic() + timeout_s
     with hub.watch(job_id) as waiter:
         while True:
@@ -144,7 +145,7 @@ async def wait_for_change(
 
 
 async def last_event_id(client: redis.asyncio.Redis, store: JobStore, job_id: str) -> str:
-    latest = await client.xrevrange(store.events_key(job_id), count=1)
+    latest = await client.xrevrange(store.keys.events(job_id), count=1)
     if not latest:
         return "0-0"
     raw = latest[0][0]

@@ -7,14 +7,8 @@ wholly there or wholly gone, and a job still queued or running is never touched 
 
 from __future__ import annotations
 
-from hydra_ablate_client.vocabulary import FIGURE_MEDIA_TYPES, FIGURE_NAMES
 from service.core.chunk_book import ChunkBook
 from service.core.store import JobStore
-
-
-def figure_key(store: JobStore, job_id: str, name: str, fmt: str, suffix: str = "") -> str:
-    """Where a rendered figure is cached (`suffix`: the size and selection options, empty for the defaults)."""
-    return f"{store.prefix}figure:{job_id}:{name}:{fmt}{suffix}"
 
 
 def leftover_keys(store: JobStore, job_id: str) -> list[str]:
@@ -24,8 +18,6 @@ def leftover_keys(store: JobStore, job_id: str) -> list[str]:
     keys = list(book.keys(job_id))
     for index in range(book.n_chunks(job_id) or 0):
         keys += [book.result_key(job_id, index), book.lease_key(job_id, index)]
-    # The default-size keys too: figures cached before their keys were recorded (an older version) go as well.
-    keys += [figure_key(store, job_id, name, fmt) for name in FIGURE_NAMES for fmt in FIGURE_MEDIA_TYPES]
     keys += store.cached_figure_keys(job_id)
     return list(dict.fromkeys(keys))
 

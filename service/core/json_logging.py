@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import time
 from typing import Any
+
+from service.core.settings import env_text
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("hydra_request_id", default=None)
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("hydra_job_id", default=None)
@@ -52,7 +53,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def json_logs_requested() -> bool:
-    value = os.environ.get("HYDRA_LOG_FORMAT", "text").strip().lower()
+    value = env_text("HYDRA_LOG_FORMAT", "text").lower()
     if value not in ("text", "json"):
         raise ValueError(f"HYDRA_LOG_FORMAT must be text or json, got {value!r}")
     return value == "json"

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import redis
 
-from service.core.redis_replies import ScriptArgs, bytes_or_none, scored_members
+from service.core.redis_keys import RedisKeys
+from service.core.redis_replies import ScriptArgs, bytes_or_none
 from service.core.store import JobStore, utc_now
 
 QUEUED = "queued:"  # sent by the planner, not started yet
@@ -133,6 +134,7 @@ class Leases:
     def __init__(self, client: redis.Redis, key_prefix: str = "hydra:", ttl_s: int = 7 * 24 * 3600) -> None:
         self.client = client
         self.prefix = key_prefix
+        self.redis_keys = RedisKeys(key_prefix)
         self.ttl_s = int(ttl_s)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -147,10 +149,10 @@ class Leases:
 
     @property
     def index_key(self) -> str:
-        return f"{self.prefix}leases"
+        return self.redis_keys.leases
 
     def key(self, job_id: str, index: int) -> str:
-        return f"{self.prefix}lease:{job_id}:{index}"  # ChunkBook.lease_key names the same key
+        return self.redis_keys.lease(job_id, index)
 
     def _keys(self, job_id: str, index: int) -> list[str]:
         return [self.key(job_id, index), self.index_key]
@@ -193,11 +195,6 @@ class Leases:
         raw = bytes_or_none(self.client.get(self.key(job_id, index)))
         return None if raw is None else raw.decode()
 
-    def expiries_ms(self) -> dict[ChunkRef, int]:
-        """Every lease with its expiry (ms, Redis clock): for tests and operators."""
-        raw = scored_members(self.client.zrange(self.index_key, 0, -1, withscores=True))
-        return {ChunkRef.parse(member.decode()): int(score) for member, score in raw}
-
     def mark_queued(self, job_id: str, index: int, task_id: str, recheck_s: float) -> bool:
         """A chunk was just sent: if it has not started within `recheck_s`, a sweep looks for its message (a Redis
         crash may have lost it). False when a run holds the chunk already."""
@@ -207,7 +204,7 @@ class Leases:
     def reap(self, recheck_s: float, batch: int = 100) -> list[tuple[ChunkRef, str]]:
         """Expired leases with their previous holder (a run's token, or a queued/requeued marker when the chunk
         never started), marked "requeued" and looked at again after `recheck_s` unless their chunk starts."""
-        args: ScriptArgs = [f"{self.prefix}lease:", batch, int(recheck_s * 1000), self.ttl_s]
+        args: ScriptArgs = [self.redis_keys.lease_prefix, batch, int(recheck_s * 1000), self.ttl_s]
         raw = self._reap(keys=[self.index_key], args=args)
         pairs = zip(raw[0::2], raw[1::2], strict=True)
         return [(ChunkRef.parse(member.decode()), holder.decode()) for member, holder in pairs]
@@ -219,5 +216,5 @@ class Leases:
 
     def fail_if_holder(self, store: JobStore, job_id: str, index: int, token: str, error: str) -> int:
         """Fail the job unless another run took the chunk over: 1 failed, 0 already ended, -1 not the holder."""
-        keys = [store.job_key(job_id), self.key(job_id, index)]
+        keys = [store.keys.job(job_id), self.key(job_id, index)]
         return int(self._fail_if_holder(keys=keys, args=[token, error, utc_now(), store.ttl_s]))

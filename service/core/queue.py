@@ -56,35 +56,36 @@ from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as json_dumps
 
 from service.core.redis_options import driver_options
-from service.core.settings import Settings, env_float
+from service.core.settings import Settings
 
 TASK_RUN_JOB = "hydra.run_job"
 TASK_RUN_CHUNK = "hydra.run_chunk"
 TASK_DELIVER_CALLBACK = "hydra.deliver_callback"  # worker/callback_delivery.py: one webhook attempt (issue 12)
 DAY_S = 24 * 3600
 HOUR_S = 3600
-DEFAULT_CHUNK_TIME_LIMIT_S = 6 * HOUR_S
 
 _QUEUE_SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
-def time_limits() -> tuple[float, float]:
+def time_limits(settings: Settings) -> tuple[float, float]:
     """(soft, hard) time limits of one task in seconds, from HYDRA_CHUNK_TIME_LIMIT_S."""
-    hard = env_float("HYDRA_CHUNK_TIME_LIMIT_S", DEFAULT_CHUNK_TIME_LIMIT_S)
+    hard = settings.chunk_time_limit_s
     return hard - min(300.0, hard / 10), hard
 
 
-def visibility_timeout() -> float:
+def visibility_timeout(settings: Settings) -> float:
     """Seconds before Redis hands an unacknowledged message to another worker: always above the hard limit."""
-    _, hard = time_limits()
-    configured = env_float("HYDRA_VISIBILITY_TIMEOUT_S", hard + min(float(HOUR_S), hard))
+    _, hard = time_limits(settings)
+    configured = settings.visibility_timeout_s
+    if configured is None:
+        configured = hard + min(float(HOUR_S), hard)
     return max(configured, hard + 1)
 
 
-def broker_transport_options() -> dict[str, float]:
+def broker_transport_options(settings: Settings) -> dict[str, float]:
     """The visibility timeout, and how often a consumer looks for messages past it: a tenth of it, at most 100 s
     (kombu's default sweep: every 10th check of 10 s), so a short timeout also recovers quickly."""
-    timeout = visibility_timeout()
+    timeout = visibility_timeout(settings)
     sweep = min(100.0, timeout / 10)
     interval = min(10.0, sweep)
     return {
@@ -127,7 +128,7 @@ def webhook_queue(queue_name: str) -> str:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Broker settings shared by the API and the worker."""
-    soft, hard = time_limits()
+    soft, hard = time_limits(settings)
     return {
         "broker_url": settings.redis_url,
         # A task is acknowledged after it ran, so a worker killed mid-chunk hands it back to the queue...
@@ -139,7 +140,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": soft,
         "task_time_limit": hard,
         # The Redis broker redelivers unacknowledged tasks after the visibility timeout: keep it above the limit.
-        "broker_transport_options": broker_transport_options(),
+        "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "accept_content": ["json"],

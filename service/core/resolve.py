@@ -115,14 +115,7 @@ def resolve(
         "counterfactuals", None if request.counterfactuals is UNSET else list(request.counterfactuals), n
     )
     metric = pick("metric")
-    if metric == "logit_diff" and counterfactuals is None:
-        raise ValidationProblem(
-            "metric logit_diff needs counterfactuals: one counterfactual answer per prompt", "counterfactuals"
-        )
-    if metric != "logit_diff" and counterfactuals is not None:
-        raise ValidationProblem(
-            f"counterfactuals are only used by metric logit_diff (this job's metric is {metric})", "counterfactuals"
-        )
+    _check_counterfactuals(metric, counterfactuals)
 
     ablation = pick("ablation")
     samples = _samples(request, ablation, pick("resample_samples"), n)
@@ -130,16 +123,7 @@ def resolve(
     per_position = is_per_position(options["measure_positions"], options["target"], options["response_basis"])
     if per_position:
         _check_paper_options_final_only(pick("only_correct"), pick("keep_samples"), pick("resample_within"))
-    only_correct = pick("only_correct")
-    if only_correct and answers is None and dataset is None and request.only_correct is UNSET:
-        only_correct = False  # the preset selects correct answers only where there are answers to compare with
-    if only_correct and answers is None:
-        if dataset is None:
-            raise ValidationProblem(
-                "only_correct needs an answer per prompt (give answers, or use a dataset, whose answers are used)",
-                "only_correct",
-            )
-        answers = datasets.select(dataset)[1]  # the clean top token is compared with each answer's first token
+    only_correct, answers = _only_correct(pick("only_correct"), request.only_correct is UNSET, answers, dataset)
     resample_within = pick("resample_within")
     groups = _resample_groups(resample_within, ablation, dataset, samples)
     keep_samples = pick("keep_samples")
@@ -147,39 +131,14 @@ def resolve(
     components = expand_components(pick("components"), info)
     draws = check_source_seeds(pick("source_seeds"), ablation, pick("resample_from"), per_position)
 
-    total = n * len(components) * samples * draws
-    if total > settings.max_ablations:
-        runs = f"{samples} samples" + (f" × {draws} source draws" if draws > 1 else "")
-        raise ValidationProblem(
-            f"too many ablations: {n:,} prompts × {len(components):,} components × {runs} = {total:,}, "
-            f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
-            "components"
-        )
+    _check_ablation_count(n, len(components), samples, draws, settings)
     max_tokens = pick("max_tokens")
     if per_position:
         _check_position_options(pick("positions"), metric, options, answers)
         if options["response_basis"] == "heads" and info.head_basis_refusal:
             raise ValidationProblem(info.head_basis_refusal, "response_basis")
-        values = _position_values(n, len(components), info, options, max_tokens or settings.max_prompt_tokens)
-        what = (
-            f"{n:,} prompts × {len(components):,} components × up to {max_tokens or settings.max_prompt_tokens} "
-            "positions"
-        )
-    else:
-        per_pair = 2 * info.n_layers + 8 + (samples * draws * (2 * info.n_layers + 3) if keep_samples else 0)
-        per_pair += 7 * draws if draws > 1 else 0  # each draw's six means and its sources
-        values = n * len(components) * per_pair
-        what = (
-            f"{n:,} prompts × {len(components):,} components × {per_pair} per pair"
-            f"{', with keep_samples' if keep_samples else ''}"
-        )
-    if values > settings.max_result_values:
-        raise ValidationProblem(
-            f"the result would hold {values:,} numbers ({what}), above this server's limit of "
-            f"{settings.max_result_values:,}; split the job into several with fewer prompts"
-            + (", lower max_tokens or use position_responses 'split'" if per_position else "")
-            + (" or leave keep_samples off" if keep_samples else "")
-        )
+    _check_result_size(n, len(components), info, options, per_position, samples * draws, draws, keep_samples,
+                       max_tokens or settings.max_prompt_tokens, settings)
 
     return JobSpec(
         model=info.id,
@@ -207,6 +166,79 @@ def resolve(
         corpus=corpus,
         **options,
     )
+
+
+def _check_counterfactuals(metric: str, counterfactuals: list[str] | None) -> None:
+    """Counterfactuals go with metric logit_diff, and only with it."""
+    if metric == "logit_diff" and counterfactuals is None:
+        raise ValidationProblem(
+            "metric logit_diff needs counterfactuals: one counterfactual answer per prompt", "counterfactuals"
+        )
+    if metric != "logit_diff" and counterfactuals is not None:
+        raise ValidationProblem(
+            f"counterfactuals are only used by metric logit_diff (this job's metric is {metric})", "counterfactuals"
+        )
+
+
+def _only_correct(
+    only_correct: bool, not_given: bool, answers: list[str] | None, dataset: DatasetRef | None
+) -> tuple[bool, list[str] | None]:
+    """(only_correct, answers): selecting correct prompts needs an answer per prompt, the dataset's if none given."""
+    if only_correct and answers is None and dataset is None and not_given:
+        only_correct = False  # the preset selects correct answers only where there are answers to compare with
+    if only_correct and answers is None:
+        if dataset is None:
+            raise ValidationProblem(
+                "only_correct needs an answer per prompt (give answers, or use a dataset, whose answers are used)",
+                "only_correct",
+            )
+        answers = datasets.select(dataset)[1]  # the clean top token is compared with each answer's first token
+    return only_correct, answers
+
+
+def _check_ablation_count(n: int, n_components: int, samples: int, draws: int, settings: Settings) -> None:
+    total = n * n_components * samples * draws
+    if total > settings.max_ablations:
+        runs = f"{samples} samples" + (f" × {draws} source draws" if draws > 1 else "")
+        raise ValidationProblem(
+            f"too many ablations: {n:,} prompts × {n_components:,} components × {runs} = {total:,}, "
+            f"above this server's limit of {settings.max_ablations:,} per job; split the job or ablate fewer "
+            "components"
+        )
+
+
+def _check_result_size(
+    n: int,
+    n_components: int,
+    info: ModelInfo,
+    options: dict[str, Any],
+    per_position: bool,
+    runs: int,
+    draws: int,
+    keep_samples: bool,
+    max_tokens: int,
+    settings: Settings,
+) -> None:
+    """The numbers the result would hold must stay under the server's limit (a stored result must fit in Redis);
+    `runs`: resample samples × source draws per pair."""
+    if per_position:
+        values = _position_values(n, n_components, info, options, max_tokens)
+        what = f"{n:,} prompts × {n_components:,} components × up to {max_tokens} positions"
+    else:
+        per_pair = 2 * info.n_layers + 8 + (runs * (2 * info.n_layers + 3) if keep_samples else 0)
+        per_pair += 7 * draws if draws > 1 else 0  # each draw's six means and its sources
+        values = n * n_components * per_pair
+        what = (
+            f"{n:,} prompts × {n_components:,} components × {per_pair} per pair"
+            f"{', with keep_samples' if keep_samples else ''}"
+        )
+    if values > settings.max_result_values:
+        raise ValidationProblem(
+            f"the result would hold {values:,} numbers ({what}), above this server's limit of "
+            f"{settings.max_result_values:,}; split the job into several with fewer prompts"
+            + (", lower max_tokens or use position_responses 'split'" if per_position else "")
+            + (" or leave keep_samples off" if keep_samples else "")
+        )
 
 
 def _resample_groups(within: str, ablation: str, dataset: DatasetRef | None, samples: int) -> list[int] | None:

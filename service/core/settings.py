@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from service.core.configuration import variable
+
 SEVEN_DAYS_S = 7 * 24 * 3600
 MIB = 1024 * 1024
 
@@ -13,9 +15,20 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def env_int(name: str, default: int, minimum: int = 1) -> int:
+def env_raw(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The raw value of a registered variable (service/core/configuration.py), None when unset."""
+    return (os.environ if environ is None else environ).get(variable(name).name)
+
+
+def env_text(name: str, default: str = "", environ: Mapping[str, str] | None = None) -> str:
+    """A text setting, stripped; unset or blank gives the default."""
+    raw = env_raw(name, environ)
+    return default if raw is None or raw.strip() == "" else raw.strip()
+
+
+def env_int(name: str, default: int, minimum: int = 1, environ: Mapping[str, str] | None = None) -> int:
     """An integer setting from the environment; a bad value is a configuration error, never a silent default."""
-    raw = os.environ.get(name)
+    raw = env_raw(name, environ)
     if raw is None or raw.strip() == "":
         return default
     try:
@@ -29,7 +42,7 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
 
 def env_float(name: str, default: float) -> float:
     """A positive number from the environment (seconds, say); a bad value is a configuration error."""
-    raw = os.environ.get(name)
+    raw = env_raw(name)
     if raw is None or raw.strip() == "":
         return default
     try:
@@ -43,7 +56,7 @@ def env_float(name: str, default: float) -> float:
 
 def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
     """on/off, true/false, yes/no or 1/0; anything else is a configuration error, not a silent default."""
-    raw = (os.environ if environ is None else environ).get(name)
+    raw = env_raw(name, environ)
     if raw is None or raw.strip() == "":
         return default
     value = raw.strip().lower()
@@ -52,6 +65,11 @@ def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None)
     if value in _FALSE:
         return False
     raise ValueError(f"{name} must be on or off (1/0, true/false), got {raw!r}")
+
+
+def _unset_default(raw: str | None, default: str) -> str:
+    """Unset gives the default; set (even to "") is taken as it is (HYDRA_KEY_PREFIX= is an empty prefix)."""
+    return default if raw is None else raw
 
 
 @dataclass(frozen=True)
@@ -98,22 +116,32 @@ class Settings:
     callback_backoff_s: float = 5.0  # the first retry's delay; each later one doubles it
     callback_timeout_s: float = 10.0
 
+    # Chunks (service/core/chunk_book.py, service/core/queue.py): prompts per chunk when a job is planned, how often
+    # one chunk may start before its job fails (its worker keeps dying), the hard time limit of one task, and the
+    # broker's visibility timeout (None: derived from the time limit; always kept above it).
+    chunk_prompts: int = 64
+    max_deliveries: int = 3
+    chunk_time_limit_s: float = 6 * 3600.0
+    visibility_timeout_s: float | None = None
+
+    access_log: bool = True  # HYDRA_ACCESS_LOG: one log line per HTTP request (service/api/observability.py)
+
     @classmethod
     def from_env(cls) -> Settings:
         """Settings from REDIS_URL and HYDRA_* variables; unset ones keep the defaults."""
         defaults = cls()
         return cls(
-            redis_url=os.environ.get("REDIS_URL") or defaults.redis_url,
-            key_prefix=os.environ.get("HYDRA_KEY_PREFIX", defaults.key_prefix),
+            redis_url=env_raw("REDIS_URL") or defaults.redis_url,
+            key_prefix=_unset_default(env_raw("HYDRA_KEY_PREFIX"), defaults.key_prefix),
             result_ttl_s=env_int("HYDRA_RESULT_TTL_S", defaults.result_ttl_s),
             max_ablations=env_int("HYDRA_MAX_ABLATIONS", defaults.max_ablations),
             max_result_values=env_int("HYDRA_MAX_RESULT_VALUES", defaults.max_result_values),
-            queue_name=os.environ.get("HYDRA_QUEUE") or defaults.queue_name,
+            queue_name=env_raw("HYDRA_QUEUE") or defaults.queue_name,
             ready_timeout_s=env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
             ready_cache_s=env_float("HYDRA_READY_CACHE_S", defaults.ready_cache_s),
             auth_enabled=env_bool("HYDRA_AUTH", defaults.auth_enabled),
             allow_no_auth=env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
-            api_keys=os.environ.get("HYDRA_API_KEYS", defaults.api_keys),
+            api_keys=_unset_default(env_raw("HYDRA_API_KEYS"), defaults.api_keys),
             rate_limit_write=env_int("HYDRA_RATE_LIMIT_WRITE", defaults.rate_limit_write, minimum=0),
             rate_limit_read=env_int("HYDRA_RATE_LIMIT_READ", defaults.rate_limit_read, minimum=0),
             rate_window_s=env_int("HYDRA_RATE_WINDOW_S", defaults.rate_window_s),
@@ -124,8 +152,15 @@ class Settings:
             large_submits=env_int("HYDRA_LARGE_SUBMITS", defaults.large_submits),
             max_streams_per_key=env_int("HYDRA_MAX_STREAMS_PER_KEY", defaults.max_streams_per_key, minimum=0),
             max_streams=env_int("HYDRA_MAX_STREAMS", defaults.max_streams, minimum=0),
-            callback_allow=os.environ.get("HYDRA_CALLBACK_ALLOW", defaults.callback_allow),
+            callback_allow=_unset_default(env_raw("HYDRA_CALLBACK_ALLOW"), defaults.callback_allow),
             callback_max_attempts=env_int("HYDRA_CALLBACK_MAX_ATTEMPTS", defaults.callback_max_attempts),
             callback_backoff_s=env_float("HYDRA_CALLBACK_BACKOFF_S", defaults.callback_backoff_s),
             callback_timeout_s=env_float("HYDRA_CALLBACK_TIMEOUT_S", defaults.callback_timeout_s),
+            chunk_prompts=env_int("HYDRA_CHUNK_PROMPTS", defaults.chunk_prompts),
+            max_deliveries=env_int("HYDRA_MAX_DELIVERIES", defaults.max_deliveries),
+            chunk_time_limit_s=env_float("HYDRA_CHUNK_TIME_LIMIT_S", defaults.chunk_time_limit_s),
+            visibility_timeout_s=(
+                env_float("HYDRA_VISIBILITY_TIMEOUT_S", 1.0) if env_text("HYDRA_VISIBILITY_TIMEOUT_S") else None
+            ),
+            access_log=env_bool("HYDRA_ACCESS_LOG", defaults.access_log),
         )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import redis
 
+from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import bytes_hash
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
@@ -36,7 +37,7 @@ class WorkerStats:
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
-        self.key = f"{prefix}metrics"
+        self.key = RedisKeys(prefix).worker_metrics
 
     def observe(self, name: str, value: float, label: str = "") -> None:
         """One observation of histogram `name` (HISTOGRAMS), with an optional label value (e.g. the final state)."""

@@ -14,7 +14,6 @@ import msgspec
 from hydra_ablate_client.vocabulary import FigureFormat, FigureName
 from hydra_ablate_client.wire import JobResult
 from service.core.job_actions import finished_result
-from service.core.job_deletion import figure_key as cache_key
 from service.core.redis_replies import bytes_or_none
 from service.core.store import JobStore
 from service.rendering.figures import DPI, HEIGHT_PX, WIDTH_PX, render
@@ -38,7 +37,7 @@ class FigureOptions:
 
 
 def figure_key(store: JobStore, job_id: str, name: str, fmt: str, options: FigureOptions | None = None) -> str:
-    return cache_key(store, job_id, name, fmt, (options or FigureOptions()).key_suffix())
+    return store.keys.figure(job_id, name, fmt, (options or FigureOptions()).key_suffix())
 
 
 def cached_figure(
@@ -54,7 +53,7 @@ def cached_figure(
     result = msgspec.json.decode(finished_result(store, job_id), type=JobResult)
     data = render(result, name, fmt, width=options.width, height=options.height, dpi=options.dpi,
                   prompt=options.prompt, component=options.component)
-    ttl_ms = store.client.pttl(store.result_key(job_id))  # -1 no expiry, -2 gone: fall back to the store's TTL
+    ttl_ms = store.client.pttl(store.keys.result(job_id))  # -1 no expiry, -2 gone: fall back to the store's TTL
     # The cache must not outlive the result: the result's remaining time is read before the write, so take a
     # margin for the time in between.
     margin_ms = 100

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hydra_ablate_client.vocabulary import is_per_position
 from worker.engine.ablated_runs import AblatedRun
 from worker.engine.architecture import Architecture, describe, head_basis_refusal
 from worker.engine.clean import CleanRun, CleanRunCache
@@ -37,11 +36,6 @@ from worker.engine.sweep import (
     prompt_ablations,
 )
 from worker.engine.types import PositionMeasures, PositionSweepResult, SweepInputs, SweepSpec
-
-
-def uses_position_engine(spec: SweepSpec) -> bool:
-    """Whether a spec needs this engine (any per-position option away from the final-position defaults)."""
-    return is_per_position(spec.measure_positions, spec.target, spec.response_basis)
 
 
 def check_position_spec(spec: SweepSpec, has_given_targets: bool) -> None:

@@ -30,6 +30,11 @@ from hydra_ablate_client.vocabulary import FIGURE_NAMES as FIGURE_NAMES  # the f
 from hydra_ablate_client.wire import JobPage, JobRequest, JobResult, JobStatus, ModelInfo
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# The environment variables the client reads (listed in the service's settings registry too, by hand: the client
+# imports nothing of the service; tests/test_configuration.py checks the two lists agree).
+URL_VARIABLE = "HYDRA_URL"
+API_KEY_VARIABLE = "HYDRA_API_KEY"
+ENVIRONMENT = (URL_VARIABLE, API_KEY_VARIABLE)
 ModelList = list[ModelInfo]  # module-level alias: inside the client classes `list` is a method name
 
 T = TypeVar("T")
@@ -171,8 +176,8 @@ def _finish(call: _Call[T], response: httpx.Response) -> T:
 
 def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
     """Base URL and headers, falling back to HYDRA_URL / HYDRA_API_KEY so notebooks and the CLI agree."""
-    url = (base_url or os.environ.get("HYDRA_URL") or DEFAULT_URL).rstrip("/")
-    key = api_key if api_key is not None else os.environ.get("HYDRA_API_KEY")
+    url = (base_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE)
     headers = {"Accept": "application/json, application/problem+json", "User-Agent": "hydra-ablate-cli/0.1"}
     if key:
         headers["X-API-Key"] = key

@@ -17,8 +17,8 @@ from service.api.auth import SECURITY
 from service.api.controllers.dependencies import RouteContext
 from service.api.controllers.problems import PROTECTED, not_acceptable_response, problem_responses
 from service.api.controllers.strict_query import RATE_LIMITED
+from service.api.negotiation import negotiate
 from service.core.job_actions import require_succeeded
-from service.rendering.exports import negotiate
 from service.rendering.figure_cache import FigureOptions, cached_figure
 from service.rendering.figure_style import FigureOptionError
 from service.rendering.figures import (

@@ -44,6 +44,7 @@ from service.api.controllers.problems import (
 from service.api.controllers.strict_query import RATE_LIMITED
 from service.api.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from service.api.large_bodies import LargeBodies
+from service.api.negotiation import EXPORT_ACCEPT, accepts_gzip, negotiate
 from service.core.errors import ValidationProblem
 from service.core.events import follow, last_event_id, wait_for_change
 from service.core.job_actions import (
@@ -61,12 +62,9 @@ from service.core.prompt_tokens import check_prompt_tokens
 from service.core.store import JobFilter
 from service.rendering.exports import (
     CSV_COLUMNS,
-    EXPORT_ACCEPT,
     POSITION_CSV_COLUMNS,
-    accepts_gzip,
     export,
     has_positions,
-    negotiate,
     position_csv_rows,
     summary_of,
     to_csv,

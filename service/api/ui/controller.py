@@ -37,6 +37,7 @@ from litestar.status_codes import (
 
 from hydra_ablate_client.vocabulary import ACTIVE_STATES, FIGURE_MEDIA_TYPES, FIGURE_NAMES, ExportFormat, JobState
 from hydra_ablate_client.wire import JobResult, JobSpec, JobStatus
+from service.api.negotiation import EXPORT_ACCEPT
 from service.api.ui import forms
 from service.api.ui.session import CSRF_FIELD, UiSession, UiSessions
 from service.core.api_keys import Principal
@@ -48,7 +49,7 @@ from service.core.queue import JobQueue
 from service.core.resolve import DEFAULTS
 from service.core.settings import Settings
 from service.core.store import ActiveJobsExceeded, JobStore
-from service.rendering.exports import EXPORT_ACCEPT, export
+from service.rendering.exports import export
 from service.rendering.figure_cache import cached_figure
 from service.rendering.figure_style import FigureOptionError
 from service.rendering.figures import FIGURE_DESCRIPTIONS

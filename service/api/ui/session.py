@@ -10,7 +10,6 @@ Every visitor gets a session (anonymous until it signs in) so that even the sign
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie
 
 from service.core.api_keys import ApiKeys, Principal, key_digest
+from service.core.redis_keys import RedisKeys
 
 COOKIE_NAME = "hydra_ui"
 COOKIE_PATH = "/ui"
@@ -33,7 +33,7 @@ def _str(value: bytes | str) -> str:
 
 
 def _session_key(prefix: str, session_id: str) -> str:
-    return f"{prefix}ui:session:{hashlib.sha256(session_id.encode()).hexdigest()}"
+    return RedisKeys(prefix).ui_session(session_id)
 
 
 @dataclass
