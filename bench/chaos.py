@@ -491,62 +491,23 @@ def huge_webhook(stack: Stack) -> dict[str, Any]:
 
 
 def large_submits(stack: Stack) -> dict[str, Any]:
-    import statistics
-    import threading
-
-    from tests.test_large_submits import large_body
+    from tests.test_large_submits import large_body, ten_large_submits
 
     body = large_body(MODEL)
     probe_job = stack.submit(SMALL_JOB)
-    answers: list[httpx.Response] = []
-    latencies: dict[str, list[float]] = {"health": [], "status": []}
-    stop = threading.Event()
-
-    def probe() -> None:
-        with httpx.Client(base_url=stack.url, timeout=60) as client:
-            while not stop.is_set():
-                for name, path in (("health", "/health"), ("status", f"/v1/jobs/{probe_job}")):
-                    started = time.perf_counter()
-                    with suppress(httpx.TransportError):
-                        client.get(path, headers=stack.headers)
-                    latencies[name].append(time.perf_counter() - started)
-                stop.wait(0.05)
-
-    def submit() -> None:
-        headers = {**stack.headers, "Content-Type": "application/json"}
-        answers.append(httpx.post(f"{stack.url}/v1/jobs", content=body, headers=headers, timeout=300))
-
-    prober = threading.Thread(target=probe, daemon=True)
-    prober.start()
-    time.sleep(1.0)
-    senders = [threading.Thread(target=submit) for _ in range(10)]
-    started = time.monotonic()
-    for thread in senders:
-        thread.start()
-    for thread in senders:
-        thread.join(timeout=300)
-    elapsed = time.monotonic() - started
-    stop.set()
-    prober.join(timeout=60)
-    for response in answers:  # the accepted ones would keep the workers busy for long: cancel them
+    run = ten_large_submits(
+        stack.url, body, stack.headers, {"health": ("/health", {}), "status": (f"/v1/jobs/{probe_job}", stack.headers)}
+    )
+    for response in run.answers:  # the accepted ones would keep the workers busy for long: cancel them
         if response.status_code == 202:
             httpx.delete(f"{stack.url}/v1/jobs/{response.json()['id']}", headers=stack.headers, timeout=30)
-    codes = sorted(r.status_code for r in answers)
-
-    def stats(values: list[float]) -> dict[str, float]:
-        ordered = sorted(values)
-        return {
-            "median_s": round(statistics.median(ordered), 3),
-            "p99_s": round(ordered[max(0, int(len(ordered) * 0.99) - 1)], 3),
-            "max_s": round(ordered[-1], 3),
-        }
-
-    report = {name: stats(values) for name, values in latencies.items()}
+    summary = run.summary()
     return {
-        "ok": set(codes) <= {202, 503} and 202 in codes and all(v["p99_s"] < 0.5 for v in report.values()),
-        "body_mb": round(len(body) / 1e6, 1), "answers": codes, "seconds": round(elapsed, 1),
-        "retry_after": sorted({r.headers.get("Retry-After") for r in answers if r.status_code == 503}),
-        **report,
+        "ok": set(run.codes) <= {202, 503} and 202 in run.codes and all(v["p99_s"] < 0.5 for v in summary.values())
+        and all(set(codes) == {200} for codes in run.probe_codes.values()),
+        "body_mb": round(len(body) / 1e6, 1), "answers": run.codes, "seconds": round(run.seconds, 1),
+        "retry_after": sorted({r.headers.get("Retry-After") for r in run.answers if r.status_code == 503}),
+        **summary,
     }  # fmt: skip
 
 

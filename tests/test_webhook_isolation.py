@@ -11,10 +11,7 @@ own (`-Q <queue>-webhooks -P threads`), the session's Redis (a database of its o
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -88,21 +85,9 @@ class Receivers:
         self.server.server_close()
 
 
-class WebhookWorker(WorkerProcess):
+def webhook_worker(env: dict[str, str], log: Path) -> WorkerProcess:
     """`celery -A worker.celery_app worker -Q <queue>-webhooks -P threads -c 4`, as `hydra-ablate serve` runs it."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        command = [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads", "-c", "4",
-            "-Q", webhook_queue(env["HYDRA_QUEUE"]), "-n", f"hooks-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ]  # fmt: skip
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                cwd=Path(__file__).resolve().parents[1],
-            )
+    return WorkerProcess(env, log, queue=webhook_queue(env["HYDRA_QUEUE"]), pool=("threads", "4"))
 
 
 @dataclass
@@ -111,7 +96,7 @@ class HookStack:
     queue: JobQueue
     receivers: Receivers
     worker: WorkerProcess
-    hooks: WebhookWorker
+    hooks: WorkerProcess
 
     def submit(self, callback: str | None = None) -> str:
         spec = JobSpec(
@@ -166,7 +151,7 @@ def hooks_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     settings = Settings(redis_url=env["REDIS_URL"], key_prefix=env["HYDRA_KEY_PREFIX"], queue_name=env["HYDRA_QUEUE"])
     store, queue, receivers = JobStore.from_settings(settings), JobQueue(settings), Receivers()
     worker = WorkerProcess(env, root / "worker.log")
-    hooks = WebhookWorker(env, root / "hooks.log")
+    hooks = webhook_worker(env, root / "hooks.log")
     try:
         worker.wait_ready()
         hooks.wait_ready()
