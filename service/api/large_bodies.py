@@ -7,9 +7,11 @@ timed out). Bodies of at least HYDRA_LARGE_SUBMIT_BYTES (256 KiB) take this path
 - the strict decode (service/api/controllers/jobs.py `_strict_decode`) and the untyped decode Litestar would do next
   run in a thread, whose result Litestar then uses as it is;
 - the submit's resolution and token count (service/core/job_actions.py) run in a thread too;
-- at most HYDRA_LARGE_SUBMITS (2) such steps run at once per API process (a CapacityLimiter); a large body arriving
-  while all are taken is answered 503 at once with a Retry-After of about how long one takes here (the median of
-  the last ones), so that ten at once cannot take every core of the process from the small requests.
+- at most HYDRA_LARGE_SUBMITS (1) such steps run at once per API process (a CapacityLimiter); a large body arriving
+  while all are taken is answered 503 at once with a Retry-After of about how long one takes here (the medians of
+  the last ones' steps, added up), so that ten at once cannot take the process from the small requests. One at a
+  time by default: counting tokens holds the interpreter's lock, so a second thread would not finish sooner (two
+  bodies in two threads took 9.1 s here, one after the other 5.8 s) and would leave the event loop less of it.
 
 Smaller bodies, nearly every submit, keep the fast path on the loop (bench/load.py measures it).
 """
@@ -38,7 +40,7 @@ class LargeBodies:
         self.threshold_bytes = threshold_bytes
         self.concurrency = max(1, concurrency)
         self._limiter: anyio.CapacityLimiter | None = None  # made in the serving loop, on first use
-        self._durations: deque[float] = deque(maxlen=20)
+        self._durations: dict[str, deque[float]] = {}  # step -> seconds of its last runs
 
     def is_large(self, size: int) -> bool:
         return 0 < self.threshold_bytes <= size
@@ -50,8 +52,9 @@ class LargeBodies:
         return self._limiter
 
     def retry_after_s(self) -> int:
-        """About how long until a place frees up: a large body's typical time here (at least a second)."""
-        typical = statistics.median(self._durations) if self._durations else 1.0
+        """About how long until a place frees up: a large body's typical time here, its steps' medians added up (at
+        least a second)."""
+        typical = sum(statistics.median(times) for times in self._durations.values() if times)
         return max(1, math.ceil(typical))
 
     def admit(self, size: int) -> None:
@@ -66,10 +69,11 @@ class LargeBodies:
                 retry_after_s=retry,
             )
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """`fn()` in a worker thread, within the bound (waiting for a place: callers `admit` first)."""
+    async def run(self, fn: Callable[[], T], step: str) -> T:
+        """`fn()` in a worker thread, within the bound (waiting for a place: callers `admit` first); `step` names it
+        ("decode", "prepare") for the Retry-After estimate."""
         started = time.monotonic()
         try:
             return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
         finally:
-            self._durations.append(time.monotonic() - started)
+            self._durations.setdefault(step, deque(maxlen=20)).append(time.monotonic() - started)

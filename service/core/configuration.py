@@ -56,7 +56,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HYDRA_LARGE_SUBMIT_BYTES", "integer", "262144 (256 KiB)",
              "bodies of at least this size are decoded, checked and counted in tokens in worker threads, never on "
              "the API's event loop, so a 10 MB submit does not stall other requests (`0`: never)", API),
-    Variable("HYDRA_LARGE_SUBMITS", "integer", "2",
+    Variable("HYDRA_LARGE_SUBMITS", "integer", "1",
              "such large bodies worked on at once per API process; one more is answered `503` at once, with a "
              "`Retry-After` of about how long one takes", API),
     # --- readiness -------------------------------------------------------------------------------------------------

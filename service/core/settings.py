@@ -103,7 +103,7 @@ class Settings:
     # Bodies of at least this many bytes are decoded, checked and tokenised in worker threads, at most
     # `large_submits` at once per API process (busy: 503 with Retry-After); see service/api/large_bodies.py.
     large_submit_bytes: int = 256 * 1024
-    large_submits: int = 2
+    large_submits: int = 1
     # Event streams and waiting long polls held open per API process (service/api/stream_slots.py): per key and in all.
     # The total stays well below a default 1024 open-file limit (each held request is a socket); 0 switches one off.
     max_streams_per_key: int = 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import weakref
@@ -139,7 +140,7 @@ async def _strict_decode(request: Request[Any, Any, Any], body_type: type) -> No
         _decode_checked(request, body, body_type)
         return msgspec.json.decode(body)
 
-    ScopeState.from_scope(request.scope).json = await large.run(decode)
+    ScopeState.from_scope(request.scope).json = await large.run(decode, "decode")
     request.scope.setdefault("state", {})[LARGE_BODY_STATE] = True
 
 
@@ -219,7 +220,7 @@ class JobsController(Controller):
             large = request.app.state.large_bodies if request.state.get(LARGE_BODY_STATE) else None
             status = await queue_job_async(
                 data, principal, ctx.aredis, store, queue, settings, tokens, ctx.served,
-                offload=None if large is None else large.run,
+                offload=None if large is None else functools.partial(large.run, step="prepare"),
             )  # fmt: skip
             return Response(status, status_code=HTTP_202_ACCEPTED)
 
