@@ -120,14 +120,15 @@ class Stack:
             ]  # fmt: skip
             self._spawn(f"worker {index}", command, env, nice=self.worker_nice)
             log.info("worker %d started (Celery, 1 process, nice %d)", index, self.worker_nice)
-        # Webhooks are delivered by a worker of their own (threads, no model), never by a process that runs chunks.
-        hooks = webhook_queue(env.get("HYDRA_QUEUE", "hydra"))
-        command = [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-            "-Q", hooks, "-P", "threads", "-c", "4", "-n", "webhooks@%h", "--loglevel", "INFO",
-        ]  # fmt: skip
-        self._spawn("webhooks", command, env)
-        log.info("webhook worker started (Celery, 4 threads, queue %s)", hooks)
+        if self.workers:
+            # Webhooks are delivered by a worker of their own (threads, no model), never by one that runs chunks.
+            hooks = webhook_queue(env.get("HYDRA_QUEUE", "hydra"))
+            command = [
+                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                "-Q", hooks, "-P", "threads", "-c", "4", "-n", "webhooks@%h", "--loglevel", "INFO",
+            ]  # fmt: skip
+            self._spawn("webhooks", command, env)
+            log.info("webhook worker started (Celery, 4 threads, queue %s)", hooks)
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str], nice: int = 0) -> None:
         # Own session: Ctrl-C reaches only this process, which then stops the children in order.
