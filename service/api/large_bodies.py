@@ -31,6 +31,9 @@ import anyio.to_thread
 from service.core.errors import BackendUnavailable
 
 T = TypeVar("T")
+# Retry-After before any large body has finished here: a 10 MB body of long prompts takes 3 to 5 s on a shared
+# 2-core machine (its token count, mostly).
+FIRST_ESTIMATE_S = 5
 
 
 class LargeBodies:
@@ -54,6 +57,8 @@ class LargeBodies:
     def retry_after_s(self) -> int:
         """About how long until a place frees up: a large body's typical time here, its steps' medians added up (at
         least a second)."""
+        if "prepare" not in self._durations:
+            return FIRST_ESTIMATE_S
         typical = sum(statistics.median(times) for times in self._durations.values() if times)
         return max(1, math.ceil(typical))
 
