@@ -7,11 +7,13 @@ own (`-Q <queue>-webhooks -P threads`), the session's Redis (a database of its o
   few MiB at most before the connection closes (4 KiB are read; the rest fills socket buffers, then stops).
 - DNS rebinding: the host resolves to an allowed address for the check and to another one afterwards; the POST
   reaches the checked address only.
+- https to the checked address still names the host: SNI, the certificate check and the Host header.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -44,6 +46,7 @@ class Receivers:
 
     def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
         self.posts: list[str] = []
+        self.hosts: list[str | None] = []  # the Host header of each POST
         self.huge_sent = 0
         receivers = self
 
@@ -54,6 +57,7 @@ class Receivers:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 receivers.posts.append(self.path)
+                receivers.hosts.append(self.headers.get("Host"))
                 try:
                     if self.path == "/slow":
                         for byte in b"HTTP/1.1 200 OK\r\n"[: TRICKLE_S]:
@@ -231,3 +235,39 @@ def test_the_post_goes_to_the_address_that_was_checked(
     finally:
         allowed.close()
         forbidden.close()
+
+
+def test_https_names_the_host_while_connecting_to_the_checked_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS receiver on 127.0.0.1 with a certificate for `localhost` only: the POST to the checked address with the
+    host `localhost` verifies (SNI and the certificate check use the host's name, the Host header names it), and
+    the same address under another name is refused by the certificate check."""
+    import ssl
+
+    from service.core.webhook_http import WebhookTarget, post
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    receivers = Receivers()
+    seen: list[tuple[str | None, str | None]] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, _: seen.append((name, None))  # type: ignore[assignment,misc]
+    receivers.server.socket = context.wrap_socket(receivers.server.socket, server_side=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the deliverer's default context trusts this certificate
+    try:
+        target = WebhookTarget("https", "localhost", receivers.port, "/ok", "127.0.0.1")
+        assert post(target, b"{}", {"Content-Type": "application/json"}, TIMEOUT_S) == 204
+        assert seen == [("localhost", None)]
+        assert receivers.posts == ["/ok"]
+        assert receivers.hosts == [f"localhost:{receivers.port}"]
+        other = WebhookTarget("https", "other.invalid", receivers.port, "/ok", "127.0.0.1")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            post(other, b"{}", {}, TIMEOUT_S)
+    finally:
+        receivers.close()
