@@ -25,6 +25,10 @@ dict with at least "ok"):
   huge_webhook    a receiver answering 600 MB: delivered, a few MiB sent by the receiver at most
   large_submits   ten 9.6 MB submits at once: /health and a status read stay fast (p50, p99), the submits
                   answered 202 or 503 with Retry-After
+  serve_killed    a `hydra-ablate serve` of its own (embedded Redis, two API processes, a worker) SIGKILLed while
+                  a job runs: seconds until every child and grandchild was gone and the port free; a second serve on
+                  the same data folder while the first runs is refused; a new serve on the folder finds the
+                  accepted job and runs it to the end
 """
 
 from __future__ import annotations
@@ -365,6 +369,93 @@ def worker_killed(stack: Stack) -> dict[str, Any]:
     return report
 
 
+def _start_serve(stack: Stack, data_dir: Path, port: int, log_name: str) -> subprocess.Popen[bytes]:
+    """`hydra-ablate serve` on `port` with `data_dir`, its embedded Redis (REDIS_URL unset) and the tiny model."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("HYDRA_")}
+    env.update(
+        HYDRA_DATA_DIR=str(data_dir), HYDRA_MODELS=stack.env["HYDRA_MODELS"], HYDRA_API_PROCESSES="2",
+        HYDRA_CHUNK_PROMPTS="3", HYDRA_BATCH_TOKENS="1", HYDRA_CLEAN_CACHE_BYTES="0", PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200",
+    )  # fmt: skip
+    log = (stack.folder / log_name).open("ab")
+    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--ready-timeout", "300"]
+    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_serve_ready(process: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        with suppress(httpx.TransportError):
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=3).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"serve on port {port} did not become ready (exit code {process.poll()})")
+
+
+def serve_killed(stack: Stack) -> dict[str, Any]:
+    data_dir, port = stack.folder / "serve-data", free_port()
+    first = _start_serve(stack, data_dir, port, "serve-1.log")
+    report: dict[str, Any] = {}
+    children: list[psutil.Process] = []
+    try:
+        _wait_serve_ready(first, port)
+        url = f"http://127.0.0.1:{port}"
+        answer = httpx.post(f"{url}/v1/jobs", json=JOB, timeout=60)  # auth off: the local single-user stack
+        report["submit_status"] = answer.status_code
+        job_id = str(answer.json()["id"])
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["status"] != "running":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the job never started running")
+            time.sleep(0.1)
+        other = _start_serve(stack, data_dir, free_port(), "serve-2.log")
+        report["second_serve_on_the_folder_refused"] = other.wait(timeout=120) == 1 and (
+            "in use by another" in (stack.folder / "serve-2.log").read_text(errors="replace")
+        )
+        children = psutil.Process(first.pid).children(recursive=True)
+        report["children"] = len(children)
+        first.kill()
+        first.wait()
+        killed = time.monotonic()
+        alive = [child for child in children if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+        while alive and time.monotonic() - killed < 60:
+            time.sleep(0.1)
+            alive = [child for child in alive if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+        report["seconds_until_every_child_gone"] = time.monotonic() - killed if not alive else None
+        report["left_running"] = [" ".join(child.cmdline())[:80] for child in alive]
+        from service.api.serve import port_is_free
+
+        report["port_free"] = port_is_free("127.0.0.1", port)
+        again = _start_serve(stack, data_dir, port, "serve-3.log")
+        try:
+            _wait_serve_ready(again, port)
+            report["restarted_after_s"] = time.monotonic() - killed
+            deadline = time.monotonic() + 600
+            status: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                status = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+                if status.get("status") in TERMINAL:
+                    break
+                time.sleep(0.3)
+            report["job_after_restart"] = status.get("status")
+            report["seconds_until_job_done"] = time.monotonic() - killed
+            report["note"] = status.get("note")
+        finally:
+            again.terminate()
+            again.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for child in children:
+            with suppress(psutil.Error):
+                child.kill()
+    report["ok"] = bool(
+        report.get("second_serve_on_the_folder_refused") and report.get("seconds_until_every_child_gone") is not None
+        and report.get("port_free") and report.get("job_after_restart") == "succeeded"
+    )  # fmt: skip
+    return report
+
+
 # --- Redis refusing writes, webhooks that hold, large submits ------------------------------------------------
 
 SMALL_JOB = {"model": MODEL, "prompts": PROMPTS[:2], "components": ["attn.0"], "ablation": "zero"}
@@ -522,6 +613,7 @@ SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [
     slow_webhook,
     huge_webhook,
     large_submits,
+    serve_killed,
 ]
 
 

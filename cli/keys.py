@@ -59,7 +59,7 @@ def keys_settings() -> tuple[Settings, set[str]]:
             "REDIS_URL is not set and no `hydra-ablate serve` with its embedded Redis is running "
             f"(looked in {data_dir}); set REDIS_URL to the Redis your API uses"
         )
-    err.print(f"using the embedded Redis of the running `hydra-ablate serve` ({url})", highlight=False)
+    err.print(f"using the embedded Redis of the running `hydra-ablate serve` ({redact(url)})", highlight=False)
     return replace(settings, redis_url=url), env_names
 
 

@@ -9,6 +9,15 @@ On one machine the API and the workers share the cores, and two settings keep re
 - `HYDRA_WORKER_NICE` (default 10, 0 to turn off): the workers run at this lower CPU priority (their session's
   autogroup too, which is what Linux schedules by), so a burst of requests is answered first and jobs take the
   cycles it leaves. Jobs are not slower on an otherwise idle machine.
+
+The stack is one user's, and ends with `serve` however `serve` ends:
+- The embedded Redis is private (service/core/embedded_redis.py): a random password that reaches the children
+  in their environment (REDIS_URL), never on a command line; administrative commands switched off.
+- Every child gets SIGTERM from the kernel when `serve` dies, and a watchdog (cli/lifeline.py) ends their process
+  groups (Celery's pool too) if `serve` is gone without stopping them, SIGKILL after a few seconds.
+- `serve` stops (exit code 1) when its Redis dies, as when any other child does; the API's /health answers 503
+  meanwhile (HYDRA_HEALTH_CHECKS_REDIS, which the stack turns on).
+- The data folder is locked for the stack's lifetime (cli/data_lock.py): a second `serve` on it is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from pathlib import Path
 
 import httpx
 
+from cli.data_lock import DataDirLock
+from cli.lifeline import Guard, die_with_parent
 from service.api.serve import REUSE_PORT
 from service.core.embedded_redis import EmbeddedRedis
 from service.core.queue import webhook_queue
@@ -82,6 +93,8 @@ class Stack:
     worker_nice: int = field(default_factory=default_worker_nice)
     redis: EmbeddedRedis | None = None
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    lock: DataDirLock | None = None
+    guard: Guard | None = None
 
     @property
     def api_url(self) -> str:
@@ -93,14 +106,24 @@ class Stack:
         # of a job would print one) unless asked for; the worker's model loading is quiet anyway (model_cache).
         env.setdefault("HYDRA_ACCESS_LOG", "off")
         check_exposure(self.host, env, allow_remote_without_auth)
+        self.lock = DataDirLock.acquire(self.data_dir, self.host, self.port)  # DataDirInUse names the holder
+        self.guard = Guard()
+        env.setdefault("HYDRA_HEALTH_CHECKS_REDIS", "on")
         if not env.get("REDIS_URL"):
-            self.redis = EmbeddedRedis(data_dir=self.data_dir / "redis")
+            self.redis = EmbeddedRedis(
+                data_dir=self.data_dir / "redis", private=True, preexec=die_with_parent(), pass_fds=(self.lock.fd,)
+            )
             self.redis.start()
+            if self.redis.pid is not None:
+                self.guard.watch(self.redis.pid)
             env["REDIS_URL"] = self.redis.url
             # The embedded default is a single-user local setup: the only case where auth may be off.
             env.setdefault("HYDRA_AUTH", "off")
             env.setdefault("HYDRA_ALLOW_NO_AUTH", "1")
-            log.info("embedded Redis listening on %s (append-only file in %s)", self.redis.url, self.redis.data_dir)
+            log.info(
+                "embedded Redis listening on 127.0.0.1:%d, password-protected (append-only file in %s)",
+                self.redis.port, self.redis.data_dir,
+            )  # fmt: skip
         else:
             log.info("using Redis at %s", redact(env["REDIS_URL"]))
         api_env = dict(env)
@@ -131,9 +154,13 @@ class Stack:
             log.info("webhook worker started (Celery, 4 threads, queue %s)", hooks)
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str], nice: int = 0) -> None:
-        # Own session: Ctrl-C reaches only this process, which then stops the children in order.
-        process = subprocess.Popen(command, env=env, start_new_session=True)
+        # Own session: Ctrl-C reaches only this process, which then stops the children in order. The session's
+        # process group is what the guard ends should this process die without stopping them.
+        # The preexec_fn only calls prctl: no lock is taken between fork and exec.
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent())
         self.processes.append((name, process))
+        if self.guard is not None:
+            self.guard.watch(process.pid)
         lower_priority(process.pid, nice)
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
@@ -151,6 +178,11 @@ class Stack:
         raise TimeoutError(f"the stack was not ready within {timeout_s:.0f}s")
 
     def check_alive(self) -> None:
+        if self.redis is not None and (code := self.redis.exit_code()) is not None:
+            raise RuntimeError(
+                f"the embedded Redis exited with code {code} (see {self.redis.data_dir / 'redis.log'}); "
+                "stopping the API and the workers, which cannot run without it"
+            )
         for name, process in self.processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {process.returncode}")
@@ -166,10 +198,21 @@ class Stack:
                 log.warning("%s did not stop in 30 s; killing it", name)
                 process.kill()
                 process.wait()
+            if self.guard is not None:
+                self.guard.forget(process.pid)
         self.processes.clear()
         if self.redis is not None:
+            pid = self.redis.pid
             self.redis.stop()
+            if self.guard is not None and pid is not None:
+                self.guard.forget(pid)
             self.redis = None
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         log.info("stopped")
 
     def run_until_signal(self) -> None:

@@ -264,7 +264,7 @@ def test_cancel(client: TestClient, store: JobStore) -> None:
     store.mark_running(finished["id"])
     store.mark_succeeded(finished["id"], b"{}")
     figure = f"{store.prefix}figure:{finished['id']}:erasure:png"
-    store.client.set(figure, b"png bytes")  # a cached figure goes with its job
+    assert store.cache_figure(finished["id"], figure, b"png bytes")  # a cached figure goes with its job
     assert client.delete(f"/v1/jobs/{finished['id']}").status_code == 204
     assert_problem(client.get(f"/v1/jobs/{finished['id']}"), 404, finished["id"])
     assert_problem(client.get(f"/v1/jobs/{finished['id']}/result"), 404, finished["id"])

@@ -168,6 +168,7 @@ def test_access_log_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, caplog: p
     import asyncio
 
     from service.api.observability import observability_middleware
+    from service.core.settings import Settings
 
     async def inner(scope: object, receive: object, send: object) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
@@ -180,7 +181,7 @@ def test_access_log_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, caplog: p
             monkeypatch.delenv("HYDRA_ACCESS_LOG", raising=False)
         else:
             monkeypatch.setenv("HYDRA_ACCESS_LOG", setting)
-        middleware = observability_middleware(inner)  # type: ignore[arg-type]
+        middleware = observability_middleware(inner, Settings.from_env().access_log)  # type: ignore[arg-type]
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="hydra.access"):
             asyncio.run(middleware({"type": "http", "method": "GET", "path": "/ready", "headers": []},  # type: ignore[arg-type]

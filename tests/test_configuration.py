@@ -11,10 +11,10 @@ import pytest
 from hydra_ablate_client import http
 from service.core import configuration
 from service.core.settings import Settings, env_int, env_text
+from tests.test_layering import scanned_files
 from worker.worker_settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE = [ROOT / "service", ROOT / "worker", ROOT / "cli", ROOT / "clients" / "python"]
 READERS = {"env_raw", "env_text", "env_int", "env_float", "env_bool", "_bytes_or_zero"}
 # Where jobs and chunks run: their settings come from the typed objects read at start-up, never from os.environ.
 HOT_PATHS = [
@@ -27,7 +27,7 @@ HOT_PATHS = [
 
 
 def python_files() -> list[Path]:
-    return sorted(path for folder in CODE for path in folder.rglob("*.py"))
+    return scanned_files()  # service/, worker/, cli/, clients/python/ as the checkout has them
 
 
 def _name(node: ast.expr) -> str:

@@ -4,6 +4,7 @@ of every module, lazy ones inside functions included, fails naming the file, the
 from __future__ import annotations
 
 import ast
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,12 @@ def forbidden_arrows(paths: list[Path], root: Path = ROOT) -> list[str]:
 
 
 def scanned_files() -> list[Path]:
-    return sorted(path for folder in SCANNED for path in (ROOT / folder).rglob("*.py") if ".venv" not in path.parts)
+    """The checkout's Python files under SCANNED (tracked, or new and not ignored: no build/ or .venv copies)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", *SCANNED],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    return sorted(ROOT / path for path in listed if path.endswith(".py") and (ROOT / path).is_file())
 
 
 def test_no_forbidden_import_arrow() -> None:
@@ -146,3 +152,35 @@ def test_the_walk_finds_a_forbidden_arrow_and_names_it(tmp_path: Path) -> None:
         "worker/engine/_layering_probe.py:2: worker/engine → service.core (the engine is pure tensors: torch, "
         "transformers and the client's vocabulary only)",
     ]
+
+
+# Module names that appear in two rooms because they are the same concept at two ends (the rule of names).
+SAME_CONCEPT = {
+    "errors.py": {"service/core/errors.py", "worker/engine/errors.py"},  # the domain's errors, the engine's error
+    "figures.py": {"service/api/controllers/figures.py", "service/rendering/figures.py"},  # the route, the drawing
+    "jobs.py": {"service/api/controllers/jobs.py", "service/core/store/jobs.py"},  # the route, the stored job
+}
+
+
+def test_no_two_modules_share_a_name_unless_they_are_one_concept() -> None:
+    by_name: dict[str, set[str]] = {}
+    for path in scanned_files():
+        if path.name != "__init__.py":
+            by_name.setdefault(path.name, set()).add(path.relative_to(ROOT).as_posix())
+    repeated = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    unexplained = {name: sorted(paths) for name, paths in repeated.items() if SAME_CONCEPT.get(name) != paths}
+    assert not unexplained, f"modules named alike (rename one, or say why in SAME_CONCEPT): {unexplained}"
+
+
+def test_redis_key_names_are_built_in_one_module() -> None:
+    """No f-string starts with a key prefix outside service/core/redis_keys.py (f"{prefix}job:{id}" and the like)."""
+    builders = []
+    for path in scanned_files():
+        if path == ROOT / "service" / "core" / "redis_keys.py" or path.is_relative_to(ROOT / "clients"):
+            continue  # the client package never talks to Redis
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.FormattedValue):
+                first = ast.unparse(node.values[0].value)
+                if first.split(".")[-1] in ("prefix", "key_prefix"):
+                    builders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not builders, "build key names in service/core/redis_keys.py:\n" + "\n".join(builders)

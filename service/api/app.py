@@ -18,6 +18,7 @@ from anyio import to_thread
 from litestar import Litestar
 from litestar._openapi.schema_generation.plugins import StructSchemaPlugin
 from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Schema
@@ -38,7 +39,7 @@ from service.api.observability import add_headers, observability_middleware
 from service.api.openapi_polish import operation_id, polish
 from service.api.prometheus import AppMetrics
 from service.api.rate_limits import RATE_SCRIPT, RateLimiter
-from service.api.readiness import Shared, probe
+from service.api.readiness import Shared, probe, redis_alive
 from service.api.stream_slots import StreamSlots
 from service.api.ui import ui_handlers, ui_template_config
 from service.core.api_keys import ApiKeys, keys_hash
@@ -120,6 +121,7 @@ def app_state(settings: Settings, store: JobStore, queue: JobQueue, api_keys: Ap
             "tokens": TokenCounters(),
             "served": ServedModels(),
             "readiness": Shared(lambda: probe(store, queue, settings), settings.ready_cache_s),
+            "redis_health": Shared(lambda: redis_alive(store), settings.ready_cache_s),
             "metrics": AppMetrics(store, settings),
             "stream_slots": StreamSlots(settings.max_streams_per_key, settings.max_streams),
             "large_bodies": LargeBodies(settings.large_submit_bytes, settings.large_submits),
@@ -250,7 +252,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         guards=[request_guard],
         dependencies=dependencies(),
         state=state,
-        middleware=[observability_middleware, auth_middleware()],
+        middleware=[DefineMiddleware(observability_middleware, log_access=settings.access_log), auth_middleware()],
         before_send=[add_headers],
         plugins=[ProblemDetailsPlugin(problem_details_config()), StrictStructSchemaPlugin()],
         openapi_config=openapi_config(),

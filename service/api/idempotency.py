@@ -5,6 +5,8 @@ in Redis for as long as jobs live. The record is claimed with SET NX *before* th
 chosen up front, so of two concurrent requests with the same key exactly one creates the job; the other waits
 briefly for that job to appear and answers with it. The same key with a different body is a client bug: 409.
 A submit that fails (422, 429, 503) releases its claim, so the client can fix the request and retry the key.
+Once its job exists the record says so (`created`): a repeat whose job has since been deleted (or has expired) is
+answered 410 Gone, naming the job, rather than "still being processed"; a new key submits the job again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import msgspec
 import redis
 from litestar.exceptions import ClientException
-from litestar.status_codes import HTTP_409_CONFLICT
+from litestar.status_codes import HTTP_409_CONFLICT, HTTP_410_GONE
 
 from hydra_ablate_client.wire import JobRequest, JobStatus
 from service.core.redis_keys import RedisKeys
@@ -38,6 +40,7 @@ return 0
 class Record(msgspec.Struct, kw_only=True):
     fingerprint: str
     job_id: str
+    created: bool = False  # the job was stored (a record without it: the first request may still be creating it)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,14 @@ class IdempotencyRecords:
         raw = self.client.get(record_key)
         return False, None if raw is None else msgspec.json.decode(raw, type=Record)
 
+    def _mark_created(self, owner: str, key: str, print_: str, job_id: str) -> None:
+        """The job exists now: a later repeat that finds no job knows it was deleted, not still being created."""
+        value = msgspec.json.encode(Record(fingerprint=print_, job_id=job_id, created=True))
+        try:
+            self.client.set(self.record_key(owner, key), value, xx=True, keepttl=True)
+        except redis.RedisError:  # the job is made and answered; a repeat after its deletion then says 409
+            pass
+
     def release(self, owner: str, key: str, job_id: str) -> None:
         self._release(keys=[self.record_key(owner, key)], args=[job_id])
 
@@ -97,10 +108,12 @@ class IdempotencyRecords:
                 if not owned:
                     continue  # the earlier record was released or expired between SET NX and GET: claim again
                 try:
-                    return Outcome(create(job_id), replayed=False)
+                    status = create(job_id)
                 except BaseException:
                     self.release(owner, key, job_id)
                     raise
+                self._mark_created(owner, key, print_, job_id)
+                return Outcome(status, replayed=False)
             if earlier.fingerprint != print_:
                 raise ClientException(
                     status_code=HTTP_409_CONFLICT,
@@ -109,9 +122,17 @@ class IdempotencyRecords:
                         f"{earlier.job_id}); use a new key for a new job"
                     ),
                 )
-            status = lookup(earlier.job_id)
-            if status is not None:
-                return Outcome(status, replayed=True)
+            found = lookup(earlier.job_id)
+            if found is not None:
+                return Outcome(found, replayed=True)
+            if earlier.created:
+                raise ClientException(
+                    status_code=HTTP_410_GONE,
+                    detail=(
+                        f"the job {earlier.job_id} that {IDEMPOTENCY_HEADER} {key!r} created is gone (deleted, or "
+                        "expired); submit with a new key to run it again"
+                    ),
+                )
             if time.monotonic() >= deadline:
                 raise ClientException(
                     status_code=HTTP_409_CONFLICT,

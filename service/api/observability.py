@@ -19,7 +19,6 @@ import uuid
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.json_logging import job_id_var, request_id_var
-from service.core.settings import env_bool
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_STATE_KEY = "hydra_request_id"
@@ -41,12 +40,11 @@ def request_id_for(scope: Scope) -> str:
     return given if given is not None and _SANE_ID.match(given) else uuid.uuid4().hex
 
 
-def observability_middleware(app: ASGIApp) -> ASGIApp:
-    """The outermost middleware of the app (see service/api/app.py); headers are added by `add_headers`."""
+def observability_middleware(app: ASGIApp, log_access: bool = True) -> ASGIApp:
+    """The outermost middleware of the app (see service/api/app.py); headers are added by `add_headers`.
 
-    # HYDRA_ACCESS_LOG=off: no line per request (the local stack's default, whose terminal shows a progress bar);
-    # the metrics still count every request.
-    log_access = env_bool("HYDRA_ACCESS_LOG", True)  # read once, when the app is built
+    `log_access` (Settings.access_log, HYDRA_ACCESS_LOG): off, no line per request (the local stack's default,
+    whose terminal shows a progress bar); the metrics still count every request."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,15 +86,32 @@ def observability_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+# On every response: no page of this server may be framed by another site (clickjacking of the web page's forms),
+# no body is sniffed into another type. The web page (/ui) also gets a policy that runs only this server's own
+# files: its one script and stylesheet are files under /ui/static, and it has no inline script or style.
+SECURITY_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+)
+UI_CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
 async def add_headers(message: Message, scope: Scope) -> None:
-    """The app's before_send hook: X-Request-ID and RateLimit-* on every response, errors included (Litestar
-    answers exceptions outside the middleware stack, so the middleware cannot add them itself)."""
+    """The app's before_send hook: X-Request-ID, RateLimit-* and the security headers on every response, errors
+    included (Litestar answers exceptions outside the middleware stack, so the middleware cannot add them)."""
     if message["type"] != "http.response.start":
         return
     state = scope.get("state", {})
     request_id = state.get(REQUEST_ID_STATE_KEY) or request_id_for(scope)
     headers = list(message.get("headers", []))
     headers.append((b"x-request-id", request_id.encode()))
+    headers += SECURITY_HEADERS
+    if str(scope.get("path", "")).startswith("/ui"):
+        headers.append((b"content-security-policy", UI_CONTENT_SECURITY_POLICY))
     rate = state.get(RATE_STATE_KEY)
     if rate is not None:
         limit, remaining, reset_s = rate

@@ -61,7 +61,11 @@ class RateLimiter:
         self.client = client
         self.prefix = settings.key_prefix
         self.window_ms = settings.rate_window_s * 1000
-        self.limits = {"read": settings.rate_limit_read, "write": settings.rate_limit_write}
+        # "login": sign-in attempts on the web page, counted per client address and per the key's first characters
+        # (service/api/ui/controller.py), before any key is known.
+        self.limits = {
+            "read": settings.rate_limit_read, "write": settings.rate_limit_write, "login": settings.ui_login_limit
+        }  # fmt: skip
         self._hit = client.register_script(_HIT)
 
     def counter_key(self, bucket: str, name: str) -> str:
@@ -88,11 +92,12 @@ class RateLimiter:
         reset_s = max(1, math.ceil(int(ttl_ms) / 1000))
         if int(count) > limit:
             retry_after = reset_s
-            kind = "submit and cancel" if bucket == "write" else "read"
+            kind = {"write": "submit and cancel requests", "login": "sign-in attempts"}.get(bucket, "read requests")
+            whose = f"for key {name!r}" if bucket != "login" else f"from {name}"
             raise TooManyRequestsException(
                 detail=(
-                    f"rate limit: at most {limit} {kind} requests per {self.window_ms // 1000} s for key "
-                    f"{name!r}; retry in {retry_after} s"
+                    f"rate limit: at most {limit} {kind} per {self.window_ms // 1000} s {whose}; "
+                    f"retry in {retry_after} s"
                 ),
                 headers={"Retry-After": str(retry_after)},
             ) from RateSpent(limit, reset_s)

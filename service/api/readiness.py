@@ -44,6 +44,15 @@ def probe(store: JobStore, queue: JobQueue, settings: Settings) -> Readiness:
     return Readiness(status="ready", redis=True, workers=workers)
 
 
+def redis_alive(store: JobStore) -> bool:
+    """/health with HYDRA_HEALTH_CHECKS_REDIS: Redis answers a ping (blocking); BackendUnavailable if not."""
+    try:
+        store.ping()
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"unhealthy: Redis at the configured REDIS_URL does not answer ({exc})") from exc
+    return True
+
+
 class Shared(Generic[T]):
     """`make()` (blocking) run at most once per `ttl_s`, by one thread, its outcome shared by every caller."""
 

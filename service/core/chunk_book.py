@@ -26,6 +26,7 @@ import redis
 from msgspec import Struct
 
 from hydra_ablate_client.wire import PromptResult, Provenance
+from service.core.lua_scripts import lua
 from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
 from service.core.store import JobStore
@@ -63,35 +64,7 @@ class ChunkResult(Struct, kw_only=True):
     provenance: Provenance
 
 
-# KEYS[1] progress hash, ARGV[1] chunk index, ARGV[2] done, ARGV[3] ttl. Returns the sum over chunks.
-_RECORD_PROGRESS = """
-local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > previous then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local sum = 0
-for _, value in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + tonumber(value) end
-return sum
-"""
-
-# KEYS[1] chunk result, KEYS[2] chunks_done hash, KEYS[3] the chunk's lease (service/core/leases.py), KEYS[4] job hash.
-# ARGV[1] result, ARGV[2] index, ARGV[3] ttl, ARGV[4] the recording run's lease token ('' records unfenced).
-# Returns the number of chunks done when this call recorded the chunk first, -1 for a chunk recorded before or a
-# job that has ended (its partials were dropped when it ended, see store.py, and none may appear afterwards),
-# -2 when another run holds the chunk's lease (this run is stale: it records nothing).
-_RECORD_RESULT = """
-local status = redis.call('HGET', KEYS[4], 'status')
-if status ~= 'queued' and status ~= 'running' then return -1 end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
-if ARGV[4] ~= '' then
-  local holder = redis.call('GET', KEYS[3])
-  if holder and holder ~= ARGV[4] then return -2 end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[2], '1')
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return redis.call('HLEN', KEYS[2])
-"""
-
+# Its Lua scripts are chunk_book.*.lua beside this module.
 LEASE_LOST = -2
 
 
@@ -103,8 +76,8 @@ class ChunkBook:
         self.prefix = key_prefix
         self.redis_keys = RedisKeys(key_prefix)
         self.ttl_s = int(ttl_s)
-        self._record_progress = client.register_script(_RECORD_PROGRESS)
-        self._record_result = client.register_script(_RECORD_RESULT)
+        self._record_progress = client.register_script(lua("service.core", "chunk_book.record_progress"))
+        self._record_result = client.register_script(lua("service.core", "chunk_book.record_result"))
 
     @classmethod
     def for_store(cls, store: JobStore) -> ChunkBook:

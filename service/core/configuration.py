@@ -41,7 +41,8 @@ VARIABLES: tuple[Variable, ...] = (
     # --- Redis, keys and queues: the API and the worker must agree -----------------------------------------------
     Variable("REDIS_URL", "URL", "unset → embedded Redis (`serve`); `redis://127.0.0.1:6379/0` otherwise",
              "broker and job store", ("API", "worker", "CLI")),
-    Variable("HYDRA_KEY_PREFIX", "text", "`hydra:`", "prefix of every key the service writes", SHARED),
+    Variable("HYDRA_KEY_PREFIX", "text", "`hydra:`", "prefix of every key the service writes",
+             ("API", "worker", "CLI")),
     Variable("HYDRA_QUEUE", "text", "`hydra`", "Celery queue the API sends jobs to and workers consume", SHARED),
     Variable("HYDRA_RESULT_TTL_S", "integer", "604800 (7 days)", "how long jobs, results and figures are kept",
              SHARED),
@@ -63,6 +64,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HYDRA_READY_TIMEOUT_S", "number", "1.0", "how long `/ready` waits for a worker ping", API),
     Variable("HYDRA_READY_CACHE_S", "number", "2.0",
              "how long `/ready` reuses its probe's answer (one probe at a time, shared by every caller)", API),
+    Variable("HYDRA_HEALTH_CHECKS_REDIS", "on/off", "`off` (`on` in `hydra-ablate serve`)",
+             "`/health` also answers `503` while Redis does not answer a ping (shared and cached like `/ready`)",
+             ("API", "CLI")),
     # --- access control and limits ---------------------------------------------------------------------------------
     Variable("HYDRA_AUTH", "on/off", "`on` (`off` in `hydra-ablate serve` without `REDIS_URL`)",
              "API keys required on the job routes; `off` only together with `HYDRA_ALLOW_NO_AUTH=1` (jobs then "
@@ -78,6 +82,9 @@ VARIABLES: tuple[Variable, ...] = (
              "status, result, figure and list requests per API key per window (`0`: no limit)", API),
     Variable("HYDRA_RATE_WINDOW_S", "integer", "60",
              "the rate-limit window in seconds (counters in Redis, shared by every API process)", API),
+    Variable("HYDRA_UI_LOGIN_LIMIT", "integer", "10",
+             "web-page sign-in attempts per window, per client address and per the first 8 characters of the key "
+             "tried (`0`: no limit); over it → a `429` page with `Retry-After`", API),
     Variable("HYDRA_MAX_ACTIVE_JOBS", "integer", "100",
              "queued + running jobs per API key (`0`: no cap); over it → `429`", API),
     Variable("HYDRA_MAX_STREAMS_PER_KEY", "integer", "32",
@@ -140,7 +147,8 @@ VARIABLES: tuple[Variable, ...] = (
              "answers `/metrics` for all (prometheus-client's multiprocess mode)", API),
     # --- the local stack (`hydra-ablate serve`) --------------------------------------------------------------------
     Variable("HYDRA_DATA_DIR", "path", "`~/.cache/hydra-ablate`",
-             "where the embedded Redis keeps its append-only file", CLI),
+             "where the embedded Redis keeps its append-only file (in a folder only its owner may enter); one "
+             "`hydra-ablate serve` at a time per folder (a lock: a second is refused, naming the first)", CLI),
     Variable("HYDRA_API_PROCESSES", "integer", "2 (at most the CPU count; 1 off Linux)",
              "`hydra-ablate serve` only: API processes sharing the port (SO_REUSEPORT, `service/api/serve.py`: the "
              "kernel spreads connections among them); their HTTP latency metrics are shared through "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -143,7 +144,8 @@ def queue_job(
     try:
         queue.enqueue(status.id)
     except Exception as exc:  # any failure means not queued
-        store.mark_failed(status.id, f"could not be queued: {exc}")
+        if not _failed_as_unqueued(partial(store.mark_failed, status.id, f"could not be queued: {exc}"), status, exc):
+            return status
         raise _not_queued(status.id, exc) from exc
     return status
 
@@ -180,13 +182,34 @@ async def queue_job_async(
     try:
         await queue.enqueue_async(aredis, status.id)
     except Exception as exc:  # any failure means not queued
-        await anyio.to_thread.run_sync(store.mark_failed, status.id, f"could not be queued: {exc}")
+        mark = partial(store.mark_failed, status.id, f"could not be queued: {exc}")
+        if not await anyio.to_thread.run_sync(_failed_as_unqueued, mark, status, exc):
+            return status
         raise _not_queued(status.id, exc) from exc
     return status
 
 
+def _failed_as_unqueued(mark_failed: Callable[[], object], status: JobStatus, exc: Exception) -> bool:
+    """After the job was stored but its message could not be pushed: mark it failed, so that the 503 that follows
+    is true (nothing will run). When that write fails too (Redis full, or gone), the job stays stored as queued,
+    with its entry in the `unplanned` set that the API's start-up and every worker's sweep send again: it will
+    run, so the answer is the 202 with its id (False here), not a 503 that would have the client submit twice."""
+    try:
+        mark_failed()
+    except redis.RedisError as error:
+        logger.warning(
+            "job %s was stored but could not be queued (%s) nor marked failed (%s): answered as accepted; the "
+            "unplanned-job sweep will send it", status.id, exc, error,
+        )  # fmt: skip
+        return False
+    return True
+
+
 def _not_queued(job_id: str, exc: Exception) -> BackendUnavailable:
-    return BackendUnavailable(f"the job queue is unavailable, job {job_id} was not queued: {exc}")
+    return BackendUnavailable(
+        f"the job queue is unavailable: job {job_id} was stored but not queued, and is marked failed; submit again "
+        f"later ({exc})"
+    )
 
 
 def cancel_job(store: JobStore, queue: JobQueue, job_id: str, principal: Principal | None) -> JobStatus:

@@ -29,6 +29,7 @@ import redis
 from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import ScriptArgs, bytes_or_none
 from service.core.store import JobStore, utc_now
+from service.core.store.lua import lua
 
 QUEUED = "queued:"  # sent by the planner, not started yet
 REQUEUED = "requeued:"  # sent again by a sweep, not started yet
@@ -102,13 +103,14 @@ return out
 # KEYS[1] job hash, KEYS[2] lease. ARGV[1] token, ARGV[2] error, ARGV[3] now (ISO), ARGV[4] ttl.
 # Fails a queued or running job only while this run still holds (or nobody holds) the chunk's lease.
 # Returns 1 failed, 0 the job had ended, -1 the lease belongs to another run.
-_FAIL_IF_HOLDER = """
+_FAIL_IF_HOLDER = lua("track_status") + """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return -1 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[2], 'finished_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+track_status(KEYS[1], status, 'failed', ARGV[4])
 return 1
 """
 

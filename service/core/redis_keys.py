@@ -8,6 +8,8 @@
   active:{name}        set of an owner's job ids that may still be queued or running (pruned when counted)
   result:{id}          the encoded JobResult, gzip-compressed (results of the full preset are tens of MB of JSON)
   cancel:{id}          present once a cancel was requested; the worker polls it between batches
+  by-status:{state}    sorted set of the job ids in that state, scored by when the job expires (unix s): the counts
+                       of /metrics (service/core/store/track_status.lua); by-status-ready once older jobs were added
   unplanned            sorted set of job ids stored but not yet planned by a worker, scored by when to send them
                        again (service/core/recovery.py)
   events:{id}          stream of the job's status snapshots, one per change (service/core/events.py); the channel
@@ -52,6 +54,16 @@ class RedisKeys:
     def job_prefix(self) -> str:
         """`job(id)` is this followed by the id (a Lua script builds job keys from it)."""
         return self.job("")
+
+    def by_status(self, state: str) -> str:
+        """The sorted set of the jobs in `state`, scored by when each expires (store/track_status.lua builds this
+        name from the job's key: keep the two alike)."""
+        return f"{self.prefix}by-status:{state}"
+
+    @property
+    def by_status_ready(self) -> str:
+        """Present once the jobs stored before the by-status sets existed were added to them."""
+        return f"{self.prefix}by-status-ready"
 
     def result(self, job_id: str) -> str:
         return f"{self.prefix}result:{job_id}"

@@ -86,6 +86,10 @@ class Settings:
     queue_name: str = "hydra"
     ready_timeout_s: float = 1.0  # how long /ready waits for a worker to answer a ping
     ready_cache_s: float = 2.0  # how long /ready reuses a worker ping's answer (one ping at a time, shared)
+    # /health also pings Redis (503 when it does not answer). Off by default: an orchestrator restarting every API
+    # process during a Redis outage helps nobody. The local stack turns it on: there Redis is a child of the same
+    # `serve`, and a dead one means the stack is down.
+    health_checks_redis: bool = False
 
     # Access control. Off only on purpose: the app refuses to start with auth off unless allow_no_auth is set too,
     # so a typo in a production environment cannot silently open every job to everyone.
@@ -97,6 +101,8 @@ class Settings:
     rate_limit_write: int = 120  # POST and DELETE requests per key per window
     rate_limit_read: int = 1200  # GET requests on jobs per key per window (a client polling twice a second fits)
     rate_window_s: int = 60
+    # Sign-in attempts on the web page per window, per client address and per the first characters of the key tried.
+    ui_login_limit: int = 10
     max_active_jobs: int = 100  # queued + running jobs per key
     max_prompt_tokens: int = 512  # per prompt, counted with the model's published tokenizer
     max_body_bytes: int = 10 * MIB  # request bodies above this are refused with 413 before parsing
@@ -139,12 +145,14 @@ class Settings:
             queue_name=env_raw("HYDRA_QUEUE") or defaults.queue_name,
             ready_timeout_s=env_float("HYDRA_READY_TIMEOUT_S", defaults.ready_timeout_s),
             ready_cache_s=env_float("HYDRA_READY_CACHE_S", defaults.ready_cache_s),
+            health_checks_redis=env_bool("HYDRA_HEALTH_CHECKS_REDIS", defaults.health_checks_redis),
             auth_enabled=env_bool("HYDRA_AUTH", defaults.auth_enabled),
             allow_no_auth=env_bool("HYDRA_ALLOW_NO_AUTH", defaults.allow_no_auth),
             api_keys=_unset_default(env_raw("HYDRA_API_KEYS"), defaults.api_keys),
             rate_limit_write=env_int("HYDRA_RATE_LIMIT_WRITE", defaults.rate_limit_write, minimum=0),
             rate_limit_read=env_int("HYDRA_RATE_LIMIT_READ", defaults.rate_limit_read, minimum=0),
             rate_window_s=env_int("HYDRA_RATE_WINDOW_S", defaults.rate_window_s),
+            ui_login_limit=env_int("HYDRA_UI_LOGIN_LIMIT", defaults.ui_login_limit, minimum=0),
             max_active_jobs=env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
             max_prompt_tokens=env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
             max_body_bytes=env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),

@@ -53,9 +53,6 @@ def cached_figure(
     result = msgspec.json.decode(finished_result(store, job_id), type=JobResult)
     data = render(result, name, fmt, width=options.width, height=options.height, dpi=options.dpi,
                   prompt=options.prompt, component=options.component)
-    ttl_ms = store.client.pttl(store.keys.result(job_id))  # -1 no expiry, -2 gone: fall back to the store's TTL
-    # The cache must not outlive the result: the result's remaining time is read before the write, so take a
-    # margin for the time in between.
-    margin_ms = 100
-    store.cache_figure(job_id, key, data, max(1, ttl_ms - margin_ms) if ttl_ms > 0 else store.ttl_s * 1000)
+    # Cached until the result expires, and not at all when the job was deleted while this rendered (one script).
+    store.cache_figure(job_id, key, data)
     return data

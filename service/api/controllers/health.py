@@ -1,5 +1,8 @@
 """Liveness (/health: the process answers) and readiness (/ready: Redis and at least one worker answer).
 
+With HYDRA_HEALTH_CHECKS_REDIS (on in the local stack, whose Redis is a child of the same `serve`) /health also
+answers 503 when Redis does not answer a ping: a stack whose Redis died is down, not alive.
+
 Both are async and hold no request thread: /ready shares one probe (Redis ping, Celery worker ping, in one worker
 thread) between concurrent callers and reuses it briefly (service/api/readiness.py), so unauthenticated probes cannot
 starve the job routes.
@@ -19,8 +22,16 @@ class HealthController(Controller):
 
     tags = ("health",)
 
-    @get("/health", sync_to_thread=False, summary="Liveness", exclude_from_auth=True)
-    def health(self) -> Health:
+    @get(
+        "/health",
+        summary="Liveness",
+        description="With HYDRA_HEALTH_CHECKS_REDIS on, also 503 while Redis does not answer (a shared, cached ping).",
+        responses=problem_responses(503),
+        exclude_from_auth=True,
+    )
+    async def health(self, state: State) -> Health:
+        if state.settings.health_checks_redis:
+            await state.redis_health.get()
         return Health(status="ok")
 
     @get(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from hydra_ablate_client.wire import (
     JobStatus,
     Summary,
 )
-from service.api.auth import SECURITY
+from service.api.auth import API_KEY_HEADER, SECURITY
 from service.api.controllers.dependencies import RouteContext
 from service.api.controllers.problems import (
     PROTECTED,
@@ -46,6 +47,7 @@ from service.api.controllers.strict_query import RATE_LIMITED
 from service.api.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from service.api.large_bodies import LargeBodies
 from service.api.negotiation import EXPORT_ACCEPT, accepts_gzip, negotiate
+from service.core.api_keys import key_digest
 from service.core.errors import ValidationProblem
 from service.core.events import follow, last_event_id, wait_for_change
 from service.core.job_actions import (
@@ -74,6 +76,7 @@ from service.rendering.exports import (
 logger = logging.getLogger(__name__)
 
 JobId = FromPath[str]
+KEY_RECHECK_S = 5.0  # an open event stream checks that its API key still exists this often (revocation ends it)
 MAX_OFFSET = 1_000_000_000  # far beyond any real listing; Redis ranges reject offsets past 64-bit integers
 
 
@@ -175,14 +178,17 @@ IdempotencyKey = Annotated[
         description=(
             "Makes the submit safe to retry: the same key (per API key) with the same body answers with the job "
             "the first request created (202, same id, `Idempotent-Replayed: true`) and queues nothing; with a "
-            "different body it is a 409. Kept as long as jobs are."
+            "different body it is a 409; once its job was deleted, a 410. Kept as long as jobs are."
         ),
     ),
 ]
 
 
 def _conflict_on_submit() -> dict[int, str]:
-    return {409: "The Idempotency-Key was already used with a different request body (or that request is in flight)"}
+    return {
+        409: "The Idempotency-Key was already used with a different request body (or that request is in flight)",
+        410: "The job this Idempotency-Key created was deleted (or expired); a new key submits it again",
+    }
 
 
 class JobsController(Controller):
@@ -204,7 +210,7 @@ class JobsController(Controller):
             "model's tokenizer is published, in tokens (422); queued + running jobs per API key and the request "
             "rate (429); the body size (413)."
         ),
-        responses=problem_responses(400, 401, 409, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
+        responses=problem_responses(400, 401, 409, 410, 413, 422, 429, 503, descriptions=_conflict_on_submit()),
         before_request=strict_body(JobRequest),
     )
     async def submit(
@@ -363,7 +369,8 @@ class JobsController(Controller):
             "streams are capped per API key and per server process, together with waiting long polls (429 with "
             "Retry-After past a cap); a stream's place is freed when the job ends or the client disconnects. The "
             "stream rides out a Redis outage of up to a minute (keep-alives go on); after that it closes without "
-            "`event: end`, to be resumed with `Last-Event-ID`."
+            "`event: end`, to be resumed with `Last-Event-ID`. A stream whose API key is revoked closes within about "
+            "ten seconds (a reconnect answers 401)."
         ),
         responses={
             200: ResponseSpec(
@@ -395,11 +402,24 @@ class JobsController(Controller):
         client, hub = state.aredis, state.event_hub
         slot = state.stream_slots.acquire(principal.name)  # TooManyStreams: 429, before the stream starts
 
+        key = request.headers.get(API_KEY_HEADER)
+        digest = key_digest(key) if key else None
+        checked = time.monotonic()
+
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
             # The slot is freed when the stream ends (the job ended or vanished), or when the client disconnects:
             # Litestar then cancels the task that iterates this generator, and `finally` runs.
+            nonlocal checked
             try:
                 async for event in follow(client, hub, store, job_id, after=last_event or "0"):
+                    # The key is checked again every KEY_RECHECK_S (at the latest on a keep-alive, every few quiet
+                    # seconds): a key revoked meanwhile ends its open streams, as it ends its next request (401).
+                    if digest is not None and time.monotonic() - checked >= KEY_RECHECK_S:
+                        checked = time.monotonic()
+                        if await state.api_keys.principal_for_digest(digest, client) is None:
+                            logger.info("event stream of job %s closed: its API key was revoked", job_id)
+                            yield ServerSentEventMessage(comment="the API key was revoked", data=None)
+                            return
                     if event.kind == "keepalive":
                         # A comment only: an empty `data:` line would be dispatched to EventSource as a message.
                         yield ServerSentEventMessage(comment="keep-alive", data=None)

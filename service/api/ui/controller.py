@@ -86,6 +86,9 @@ async def provide_ui_session(request: Request[Any, Any, Any], state: State) -> U
     return await sessions.load(request)
 
 
+LOGIN_KEY_PREFIX = 8  # characters of a tried key that its sign-in throttle counts by ("hk_" and 5 random ones)
+
+
 def signed_in(session: UiSession, request: Request[Any, Any, Any]) -> Principal:
     if session.principal is None:
         raise SignInRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
@@ -218,12 +221,19 @@ class UiController(Controller):
     async def login(
         self, request: Request[Any, Any, Any], ui: NamedDependency[UiSession], state: State
     ) -> Response[Any]:
+        # Throttled before anything else (429 page with Retry-After past HYDRA_UI_LOGIN_LIMIT per window): per
+        # client address, and per the first characters of the key tried, so that neither one address nor many
+        # addresses trying one key can use the form as an oracle at full speed.
+        address = request.client.host if request.client else "unknown"
+        await state.limiter.check("login", f"address {address}")
         form = await read_form(request, ui)
         if not ui.auth_enabled:
             return see_other(ui, "/ui/jobs")
         settings: Settings = state.settings
         sessions = UiSessions(state.aredis, settings.key_prefix, state.api_keys, settings.auth_enabled)
         key = form.get("api_key", "").strip()
+        if key:
+            await state.limiter.check("login", f"keys starting {key[:LOGIN_KEY_PREFIX]!r}")
         fresh = await sessions.sign_in(ui, key) if key else None
         if fresh is None:
             message = "enter your API key" if not key else "this API key is unknown or was revoked"

@@ -5,12 +5,18 @@ keeps, under `{prefix}ui:session:{sha256(session id)}`, the session's CSRF token
 signed in with; the caller is resolved from that digest on every request, so revoking a key ends its sessions at
 once. Redis only holds digests: a copy of it can replay neither keys nor sessions.
 
-Every visitor gets a session (anonymous until it signs in) so that even the sign-in form carries a CSRF token.
+Every visitor gets a session (anonymous until it signs in) so that even the sign-in form carries a CSRF token, but
+an anonymous session stores nothing: its id (`a.` and 32 random bytes) is only in the visitor's cookie, and its
+CSRF token is derived from that id (a double-submit token: a page of another site can neither read the cookie nor,
+SameSite=Strict, send it). A flood of anonymous visits costs Redis nothing; a session record is written only when
+a key signs in (with a new id: no fixation).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +32,12 @@ COOKIE_NAME = "hydra_ui"
 COOKIE_PATH = "/ui"
 SESSION_TTL_S = 12 * 3600  # a working day; signing in again is one paste
 CSRF_FIELD = "csrf_token"
+ANONYMOUS = "a."  # the id of a session not signed in starts so; it has no record in Redis
+_ANONYMOUS_ID = re.compile(r"a\.[A-Za-z0-9_-]{43}")
+
+
+def _anonymous_csrf(session_id: str) -> str:
+    return hashlib.sha256(b"hydra-ui-csrf\0" + session_id.encode()).hexdigest()
 
 
 def _str(value: bytes | str) -> str:
@@ -76,14 +88,25 @@ class UiSessions:
         """The caller's session, or a fresh anonymous one (its cookie is set with the response)."""
         secure = connection.url.scheme == "https"
         session_id = connection.cookies.get(COOKIE_NAME, "")
+        if _ANONYMOUS_ID.fullmatch(session_id):
+            principal = await self._principal("")
+            return UiSession(session_id, _anonymous_csrf(session_id), principal, self.auth_enabled, secure)
         record: dict[str, str] = {}
         if session_id:
             raw = await self.client.hgetall(_session_key(self.prefix, session_id))
             record = {_str(k): _str(v) for k, v in raw.items()}
         if not record.get("csrf"):
-            return await self._create(secure)
+            return await self._anonymous(secure)
         principal = await self._principal(record.get("key_digest", ""))
         return UiSession(session_id, record["csrf"], principal, self.auth_enabled, secure)
+
+    async def _anonymous(self, secure: bool) -> UiSession:
+        """A new session that is not signed in: a cookie only, nothing in Redis."""
+        session_id = ANONYMOUS + secrets.token_urlsafe(32)
+        principal = await self._principal("")
+        session = UiSession(session_id, _anonymous_csrf(session_id), principal, self.auth_enabled, secure, is_new=True)
+        session.cookies.append(session.cookie(session_id))
+        return session
 
     async def _principal(self, digest: str) -> Principal | None:
         if not self.auth_enabled:
@@ -106,9 +129,11 @@ class UiSessions:
         digest = key_digest(api_key)
         if await self.api_keys.principal_for_digest(digest, self.client) is None:
             return None
-        await self.client.delete(_session_key(self.prefix, session.session_id))
+        if not session.session_id.startswith(ANONYMOUS):
+            await self.client.delete(_session_key(self.prefix, session.session_id))
         return await self._create(session.secure, digest)
 
     async def sign_out(self, session: UiSession) -> None:
-        await self.client.delete(_session_key(self.prefix, session.session_id))
+        if not session.session_id.startswith(ANONYMOUS):
+            await self.client.delete(_session_key(self.prefix, session.session_id))
         session.cookies.append(session.cookie(None, max_age=0))

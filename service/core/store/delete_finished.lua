@@ -5,6 +5,7 @@ if not status then return -1 end
 if status == 'queued' or status == 'running' then return 0 end
 redis.call('DEL', unpack(KEYS, 5))
 redis.call('DEL', KEYS[1])
+track_status(KEYS[1], status, false, 0)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('SREM', KEYS[4], ARGV[1])

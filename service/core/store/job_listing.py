@@ -12,6 +12,9 @@ from hydra_ablate_client.wire import JobPage
 from service.core.redis_replies import bytes_list
 from service.core.store.base import StoreBase
 from service.core.store.job_records import decode_status, unless_evicted
+from service.core.store.lua import lua
+
+BACKFILL_STATUS = lua("backfill_status")
 
 
 @dataclass(frozen=True)
@@ -89,21 +92,28 @@ class JobListing(StoreBase):
                 found.append(raw_id)
             start += batch
 
-    def count_by_status(self, batch: int = 1000) -> dict[str, int]:
-        """Jobs kept, by status (every state present, zero when none): one pipelined read per `batch` jobs."""
-        counts: dict[str, int] = dict.fromkeys((*ACTIVE_STATES, *TERMINAL_STATES), 0)
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs kept, by status (every state present, zero when none): a count per state of the by-status sets
+        (track_status.lua), whatever the number of jobs; members whose job expired are dropped on the way."""
+        states = (*ACTIVE_STATES, *TERMINAL_STATES)
+        if not self.client.exists(self.keys.by_status_ready):
+            self.backfill_status_sets()
+        now = int(self.client.time()[0])
+        pipe = self.client.pipeline(transaction=False)
+        for state in states:
+            pipe.zremrangebyscore(self.keys.by_status(state), "-inf", now)
+            pipe.zcard(self.keys.by_status(state))
+        counts = pipe.execute()[1::2]
+        return {state: int(count) for state, count in zip(states, counts, strict=True)}
+
+    def backfill_status_sets(self, batch: int = 1000) -> None:
+        """Add the jobs kept to the by-status sets (once, for jobs stored before the sets existed)."""
+        script = self.client.register_script(BACKFILL_STATUS)
         start = 0
-        while True:
-            ids = bytes_list(self.client.zrange(self.keys.jobs, start, start + batch - 1))
-            if not ids:
-                return counts
-            pipe = self.client.pipeline(transaction=False)
-            for raw_id in ids:
-                pipe.hget(self.keys.job(raw_id.decode()), "status")
-            for status in pipe.execute():
-                if status is not None and status.decode() in counts:
-                    counts[status.decode()] += 1
+        while ids := bytes_list(self.client.zrange(self.keys.jobs, start, start + batch - 1)):
+            script(args=[self.keys.job_prefix, self.keys.by_status(""), *ids])
             start += batch
+        self.client.set(self.keys.by_status_ready, b"1")
 
     def _prune_index(self, index: str | None = None, batch: int = 1000) -> None:
         # A job hash lives at least ttl_s after creation, so only older index entries can point at nothing.

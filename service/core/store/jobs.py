@@ -44,7 +44,7 @@ from service.core.store.results import ResultStore, compress_result
 RESEND_AFTER_S = 30.0
 RESEND_MAX_S = 3600.0
 
-CREATE_CAPPED = lua("create_capped")
+CREATE_CAPPED = lua("track_status", "create_capped")
 READ_STATUS = lua("read_status")
 # The scripts the API's event loop runs (`create_async`, `status_async`): loaded at start-up (service/api/app.py),
 # so a fresh Redis does not answer the first burst with NOSCRIPT and a second round trip per request.
@@ -56,16 +56,16 @@ class JobStore(EventLog, CallbackLog, ResultStore, CachedFigures, ModelRegistry,
 
     def __init__(self, client: redis.Redis, key_prefix: str = "hydra:", ttl_s: int = 7 * 24 * 3600) -> None:
         super().__init__(client, key_prefix, ttl_s)
-        self._mark_running = client.register_script(lua("mark_running"))
+        self._mark_running = client.register_script(lua("track_status", "mark_running"))
         self._set_progress = client.register_script(lua("set_progress"))
-        self._mark_succeeded = client.register_script(lua("mark_succeeded"))
-        self._mark_failed = client.register_script(lua("drop_partials", "mark_failed"))
-        self._request_cancel = client.register_script(lua("drop_partials", "request_cancel"))
+        self._mark_succeeded = client.register_script(lua("track_status", "mark_succeeded"))
+        self._mark_failed = client.register_script(lua("drop_partials", "track_status", "mark_failed"))
+        self._request_cancel = client.register_script(lua("drop_partials", "track_status", "request_cancel"))
         self._create_capped = client.register_script(CREATE_CAPPED)
         self._read_status = client.register_script(READ_STATUS)
         self._set_prompts_done = client.register_script(lua("set_prompts_done"))
         self._advance_phase = client.register_script(lua("advance_phase"))
-        self._delete_finished = client.register_script(lua("delete_finished"))
+        self._delete_finished = client.register_script(lua("track_status", "delete_finished"))
         self._set_note = client.register_script(lua("set_note"))
 
     @classmethod
@@ -124,6 +124,9 @@ class JobStore(EventLog, CallbackLog, ResultStore, CachedFigures, ModelRegistry,
             pipe = self.client.pipeline(transaction=True)
             pipe.hset(self.keys.job(status.id), mapping=fields)
             pipe.expire(self.keys.job(status.id), self.ttl_s)
+            # Scored on this machine's clock, not Redis's as the scripts do (track_status.lua): a skew of seconds
+            # only shifts when the count forgets a job that expired.
+            pipe.zadd(self.keys.by_status("queued"), {status.id: time.time() + self.ttl_s})
             pipe.zadd(self.keys.jobs, {status.id: time.time()})
             pipe.zadd(self.keys.unplanned, {status.id: time.time() + RESEND_AFTER_S})
             pipe.execute()

@@ -4,5 +4,6 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+track_status(KEYS[1], status, 'failed', ARGV[3])
 drop_partials(KEYS[2], ARGV[4])
 return 1

@@ -7,5 +7,6 @@ if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+track_status(KEYS[1], status, 'cancelled', ARGV[2])
 drop_partials(KEYS[3], ARGV[3])
 return 1
