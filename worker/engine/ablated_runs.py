@@ -24,10 +24,23 @@ from worker.engine.memory import BatchBudget, release_cached_memory
 
 @dataclass(frozen=True)
 class AblatedRun:
-    """One row of an ablated batch: which component, replaced by which rows (P, e) at the ablated positions."""
+    """One row of an ablated batch: which component, replaced by which rows (P, e) at the ablated positions.
+
+    A knockout set (several components ablated together in one run) is one row: its first member here, the others
+    in `also`, each with its own replacement."""
 
     component: Component
     replacement: torch.Tensor
+    also: tuple[AblatedRun, ...] = ()
+
+    def members(self) -> list[AblatedRun]:
+        """Every component this row replaces, one single-component AblatedRun each."""
+        return [AblatedRun(self.component, self.replacement), *self.also]
+
+    @property
+    def entry_layer(self) -> int:
+        """The first layer this row's run differs from the clean run at: its lowest member's."""
+        return min([self.component.layer, *(a.component.layer for a in self.also)])
 
 
 @dataclass(frozen=True)
@@ -72,21 +85,22 @@ def _head_slice(component: Component, head_dim: int) -> slice:
 
 
 def _edits_by_layer(arch: Architecture, batch: list[AblatedRun]) -> list[LayerEdits]:
+    members = [(b, m) for b, a in enumerate(batch) for m in a.members()]  # a knockout set edits one row many times
     edits = []
     for layer in range(arch.n_layers):
-        def rows(kind: str, layer: int = layer) -> list[int]:
-            return [b for b, a in enumerate(batch) if a.component.kind == kind and a.component.layer == layer]
+        def rows(kind: str, layer: int = layer) -> list[tuple[int, AblatedRun]]:
+            return [(b, m) for b, m in members if m.component.kind == kind and m.component.layer == layer]
 
         attn, mlp, heads = rows("attn"), rows("mlp"), rows("head")
         edits.append(
             LayerEdits(
-                attn_rows=attn,
-                attn_values=torch.stack([batch[b].replacement for b in attn]) if attn else None,
-                mlp_rows=mlp,
-                mlp_values=torch.stack([batch[b].replacement for b in mlp]) if mlp else None,
-                head_rows=heads,
-                head_slices=[_head_slice(batch[b].component, arch.head_dim) for b in heads],
-                head_values=[batch[b].replacement for b in heads],
+                attn_rows=[b for b, _ in attn],
+                attn_values=torch.stack([m.replacement for _, m in attn]) if attn else None,
+                mlp_rows=[b for b, _ in mlp],
+                mlp_values=torch.stack([m.replacement for _, m in mlp]) if mlp else None,
+                head_rows=[b for b, _ in heads],
+                head_slices=[_head_slice(m.component, arch.head_dim) for _, m in heads],
+                head_values=[m.replacement for _, m in heads],
             )
         )
     return edits
@@ -246,7 +260,7 @@ class LayerStep:
 
 def entry_order(rows: list[AblatedRun]) -> tuple[list[int], torch.Tensor]:
     """(order, restore): rows sorted by entry layer (stable), and the index that puts outputs back in row order."""
-    order = sorted(range(len(rows)), key=lambda b: rows[b].component.layer)
+    order = sorted(range(len(rows)), key=lambda b: rows[b].entry_layer)
     restore = torch.empty(len(rows), dtype=torch.long)
     restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(rows))
     return order, restore
@@ -261,7 +275,7 @@ def drive_rows(
     enters the final norm. Yields each layer's writes of the active rows (a prefix of the batch).
     """
     edits = _edits_by_layer(arch, rows)
-    entry = torch.tensor([a.component.layer for a in rows])
+    entry = torch.tensor([a.entry_layer for a in rows])
     for layer in range(arch.n_layers):
         active = int((entry <= layer).sum())
         entering = (entry == layer).nonzero().flatten()

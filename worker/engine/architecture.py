@@ -460,3 +460,43 @@ def describe(model: nn.Module) -> Architecture:
         final_logit_softcap=final_logit_softcap(config),
         eager_attention=getattr(config, "_attn_implementation", "sdpa") != "sdpa",
     )
+
+
+# --- a head's query, key and value (activation patching's head.L.H.q|k|v sites) ----------------------------------
+
+# Families whose attention computes q, k and v in one fused projection: a head's query, key or value is not the
+# output of a module of its own, and the engine does not address columns of a fused output.
+_FUSED_QKV = {
+    "gpt2": "GPT-2 computes q, k and v in one fused projection (c_attn)",
+    "gpt_neox": "GPT-NeoX (Pythia) computes q, k and v in one fused, per-head interleaved projection "
+    "(query_key_value)",
+    "phi3": "Phi-3 computes q, k and v in one fused projection (qkv_proj)",
+}
+# Families whose QK-norm normalises the whole projection (every head together): one head's query or key before the
+# norm is not that head's alone after it.
+_WHOLE_PROJECTION_QK_NORM = {"olmo2": "OLMo 2 normalises the query and key projections over all heads together"}
+
+
+def head_part_refusal(arch: Architecture, part: str) -> str | None:
+    """Why a head's `part` ("q", "k", "v", "pattern") cannot be patched on this model (None: it can). Attention
+    patterns can be patched on every family: they are replaced inside transformers' attention interface."""
+    model_type = arch.model_type
+    if part == "pattern":
+        return None  # replaced inside transformers' attention interface (worker/engine/attention_patterns.py)
+    if model_type in _FUSED_QKV:
+        return f"{_FUSED_QKV[model_type]}; patch head.L.H (the head's output) instead"
+    if part in ("q", "k") and model_type in _WHOLE_PROJECTION_QK_NORM:
+        return f"{_WHOLE_PROJECTION_QK_NORM[model_type]}; patch head.L.H.v or head.L.H instead"
+    if part in ("k", "v") and arch.n_kv_heads < arch.n_heads:
+        group = arch.n_heads // arch.n_kv_heads
+        return (
+            f"this model's keys and values are shared by groups of {group} query heads ({arch.n_heads} query heads, "
+            f"{arch.n_kv_heads} key/value heads: grouped- or multi-query attention), so no {part} belongs to one "
+            "head; patch head.L.H.q or head.L.H instead"
+        )
+    return None
+
+
+def head_part_projection(arch: Architecture, layer: int, part: str) -> nn.Module:
+    """The projection whose output holds every head's `part` ("q", "k" or "v"), head-major columns of head_dim."""
+    return getattr(arch.attn(layer), f"{part}_proj")

@@ -58,3 +58,31 @@ def is_downstream(ablated: Component, other: Component, parallel_blocks: bool) -
         return True
     same_layer_mlp_reads_attn = other.layer == ablated.layer and other.kind == "mlp" and ablated.kind != "mlp"
     return same_layer_mlp_reads_attn and not parallel_blocks
+
+
+def knockout_set(members: tuple[str, ...] | list[str], index: int, n_layers: int, n_heads: int) -> list[Component]:
+    """The components of knockout set `index` (ablated together in one run); InputError saying what to change."""
+    if not members:
+        raise InputError(f"knockout set {index} is empty: name at least one component")
+    components = [model_component(name, n_layers, n_heads) for name in members]
+    seen: set[Component] = set()
+    for c in components:
+        if c in seen:
+            raise InputError(f"knockout set {index} names '{c.name}' twice: name each component once")
+        seen.add(c)
+    layers_with_attn = {c.layer for c in components if c.kind == "attn"}
+    inside = [c.name for c in components if c.kind == "head" and c.layer in layers_with_attn]
+    if inside:
+        raise InputError(
+            f"knockout set {index} names {', '.join(inside)} and its attention layer: a head is part of attn.L, "
+            "so ablating attn.L already ablates it; drop the head or the layer"
+        )
+    return components
+
+
+def set_downstream(members: list[Component], other: Component, parallel_blocks: bool) -> bool:
+    """Can `other`'s output at the final position respond when every member is ablated? A member's own output is
+    replaced, so it is not a response."""
+    if other in members:
+        return False
+    return any(is_downstream(m, other, parallel_blocks) for m in members)

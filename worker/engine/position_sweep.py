@@ -21,6 +21,7 @@ from worker.engine.components import (
     layer_components,
     model_component,
 )
+from worker.engine.errors import InputError
 from worker.engine.memory import DEFAULT_BATCH_TOKENS
 from worker.engine.position_ablated_runs import head_directions, head_writes, run_ablated_projected
 from worker.engine.readout import Readout
@@ -77,6 +78,11 @@ def run_position_sweep(
     `clean_cache`: clean runs kept from earlier sweeps on this model, as in run_sweep)."""
     arch = describe(model)
     check_position_spec(spec, inputs.target_ids is not None)
+    if spec.knockouts:
+        raise InputError(
+            "knockouts are measured at the final position: drop the per-position options (measure_positions, "
+            "target 'next_token', response_basis 'heads') or the knockouts"
+        )
     heads_basis = spec.response_basis == "heads"
     refusal = head_basis_refusal(model.config)
     if heads_basis and refusal is not None:

@@ -11,11 +11,18 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from hydra_ablate_client.vocabulary import NormScaleMode
+from hydra_ablate_client.vocabulary import NormScaleMode, knockout_name
 from worker.engine.ablated_runs import AblatedOutputs, AblatedRun, run_ablated
 from worker.engine.architecture import Architecture, describe
 from worker.engine.clean import CleanRun, CleanRunCache, run_clean
-from worker.engine.components import Component, is_downstream, layer_components, model_component
+from worker.engine.components import (
+    Component,
+    is_downstream,
+    knockout_set,
+    layer_components,
+    model_component,
+    set_downstream,
+)
 from worker.engine.errors import InputError
 from worker.engine.measures import ablated_profile, decompose, read_direct
 from worker.engine.memory import (
@@ -58,10 +65,11 @@ def run_sweep(
     """
     arch = describe(model)
     components = [model_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
+    sets = knockout_sets(arch, spec)
     basis = layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
     all_positions = spec.positions == "all"
-    with_heads = any(c.kind == "head" for c in components)
+    with_heads = any(c.kind == "head" for c in [*components, *(c for members in sets for c in members)])
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
@@ -76,10 +84,11 @@ def run_sweep(
     means = complete_clean_runs(runs, spec, inputs, measured, sources, lambda i: clean(inputs.token_ids[i]), clean)
     budget = BatchBudget(job_batch_tokens(model, arch, runs, batch_tokens, all_positions))
     samples = len(sources[0]) if spec.ablation == "resample" else 1
-    total = len(candidates) * len(components) * samples
-    done = (len(candidates) - len(measured)) * len(components) * samples  # left-out prompts count as done
+    n_rows = len(components) + len(sets)  # a knockout set is one row per run, like one component
+    total = len(candidates) * n_rows * samples
+    done = (len(candidates) - len(measured)) * n_rows * samples  # left-out prompts count as done
     measures: list[PromptMeasures] = []
-    rows_per_prompt = len(components) * samples
+    rows_per_prompt = n_rows * samples
     if on_phase is not None:
         on_phase("ablating")
     for group in _prompt_groups(measured, runs, rows_per_prompt, all_positions, budget):
@@ -88,7 +97,7 @@ def run_sweep(
         work = []
         for i in group:
             run = runs[i]
-            work.append((run, prompt_ablations(arch, spec, components, run, runs, sources[i], means)))
+            work.append((run, prompt_ablations(arch, spec, components, run, runs, sources[i], means, sets)))
         outputs_per_run = run_ablated(arch, work, all_positions, budget)
         for i, (run, ablations), outputs in zip(group, work, outputs_per_run, strict=True):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
@@ -104,8 +113,31 @@ def run_sweep(
             if on_progress is not None:  # per prompt, not per batch: progress moves smoothly on long prompts
                 on_progress(done, total)
     return SweepResult(
-        components=[c.name for c in components], response_basis=[c.name for c in basis], prompts=measures
+        components=[c.name for c in components] + [knockout_name([c.name for c in members]) for members in sets],
+        response_basis=[c.name for c in basis],
+        prompts=measures,
     )
+
+
+def knockout_sets(arch: Architecture, spec: SweepSpec) -> list[list[Component]]:
+    """The spec's knockout sets as components, each checked (components.knockout_set).
+
+    In a post-norm block the norm mixes every head of a layer, so when attn.L can respond to another member while
+    some of its heads are members, its response cannot be told apart from those heads' own change: refused."""
+    sets = [knockout_set(members, k, arch.n_layers, arch.n_heads) for k, members in enumerate(spec.knockouts)]
+    if not arch.post_norm:
+        return sets
+    for k, members in enumerate(sets):
+        for c in members:
+            others = [m for m in members if m.kind != "head" or m.layer != c.layer]
+            if c.kind == "head" and set_downstream(others, Component("attn", c.layer), arch.parallel_blocks):
+                raise InputError(
+                    f"knockout set {k}: on this '{arch.model_type}' model a norm after attention mixes every head "
+                    f"of a layer, so attn.{c.layer}'s response to the other members cannot be separated from "
+                    f"{c.name}'s own change; knock out attn.{c.layer} instead of its heads, or put {c.name} in a set "
+                    "without earlier members"
+                )
+    return sets
 
 
 def clean_run(
@@ -187,14 +219,22 @@ def prompt_ablations(
     runs: dict[int, CleanRun],
     sources: list[int],
     means: MeanActivations | None,
+    sets: list[list[Component]] | None = None,
 ) -> list[AblatedRun]:
-    """One prompt's ablated runs, component-major: each component once per resample source (once otherwise)."""
+    """One prompt's ablated runs, component-major: each component once per resample source (once otherwise), then
+    each knockout set the same way (every member replaced from the same source in one run)."""
     per_component: list[int | None] = [*sources] or [None]
-    return [
-        AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
-        for c in components
+
+    def ablated(c: Component, source: int | None) -> AblatedRun:
+        return AblatedRun(c, _replacement(c, run, runs, source, means, arch, spec.ablation))
+
+    singles = [ablated(c, source) for c in components for source in per_component]
+    joint = [
+        replace(ablated(members[0], source), also=tuple(ablated(c, source) for c in members[1:]))
+        for members in sets or []
         for source in per_component
     ]
+    return singles + joint
 
 
 def _correct_only(candidates: list[int], runs: dict[int, CleanRun], target_ids: list[int] | None) -> list[int]:
@@ -260,11 +300,39 @@ def _to_residual(arch: Architecture, component: Component, v: torch.Tensor) -> t
 
 
 def _final_delta(arch: Architecture, run: CleanRun, ablation: AblatedRun) -> torch.Tensor:
-    """Δ_c at the final position in residual-stream coordinates: clean output minus replacement."""
+    """Δ_c at the final position in residual-stream coordinates: clean output minus replacement. A knockout set's
+    is the sum of its members' (a post-norm layer's member heads: their joint change, the norm is not linear)."""
+    if ablation.also:
+        return _set_change(arch, run, ablation.members(), zeroed=False)
     if ablation.component.kind == "head" and arch.post_norm:
         return _post_norm_head_change(arch, run, ablation.component, ablation.replacement[-1])
     clean_rows = component_rows(run, ablation.component, arch.head_dim)
     return _to_residual(arch, ablation.component, clean_rows[-1] - ablation.replacement[-1])
+
+
+def _set_change(arch: Architecture, run: CleanRun, members: list[AblatedRun], zeroed: bool) -> torch.Tensor:
+    """What a knockout set's members write at the final position less what they write ablated (`zeroed`: their
+    clean writes, the Δ of zero-ablating them), in residual-stream coordinates, summed over members."""
+    total = torch.zeros(arch.d_model, dtype=torch.float32, device=run.layer_out.device)
+    post_norm_heads: dict[int, list[AblatedRun]] = {}
+    for m in members:
+        if m.component.kind == "head" and arch.post_norm:
+            post_norm_heads.setdefault(m.component.layer, []).append(m)
+        elif zeroed:
+            total = total + _final_clean(arch, run, m.component)
+        else:
+            total = total + _final_delta(arch, run, m)
+    for layer, heads in post_norm_heads.items():
+        assert run.head_in is not None
+        head_in = run.head_in[layer, -1:]  # (1, H·hd)
+        ablated = head_in.clone()
+        for m in heads:
+            assert m.component.head is not None
+            cols = slice(m.component.head * arch.head_dim, (m.component.head + 1) * arch.head_dim)
+            ablated[:, cols] = 0 if zeroed else m.replacement[-1].to(ablated.dtype)
+        written = arch.attn_post_norm(layer)(arch.out_proj(layer)(torch.cat([head_in, ablated])))
+        total = total + (written[0].float() - written[1].float())
+    return total
 
 
 def _final_clean(arch: Architecture, run: CleanRun, component: Component) -> torch.Tensor:
@@ -287,6 +355,47 @@ def _post_norm_head_change(
     assert run.head_in is not None and component.head is not None
     head_in = run.head_in[component.layer, -1:]
     return arch.post_norm_head_change(component.layer, component.head, head_in, replacement.unsqueeze(0))[0]
+
+
+def _responds(ablation: AblatedRun, other: Component, parallel_blocks: bool) -> bool:
+    """Whether `other` is in the ablated run's downstream set (a knockout set's: downstream of any member)."""
+    if ablation.also:
+        return set_downstream([m.component for m in ablation.members()], other, parallel_blocks)
+    return is_downstream(ablation.component, other, parallel_blocks)
+
+
+def _remove_member_heads(
+    arch: Architecture,
+    readout: Readout,
+    outputs: AblatedOutputs,
+    run: CleanRun,
+    ablations: list[AblatedRun],
+    basis: list[Component],
+    u: torch.Tensor,
+    s_clean: torch.Tensor,
+    norm_scale: NormScaleMode,
+    response: torch.Tensor,
+) -> None:
+    """A knockout set's member head is part of its layer's attention output: attn.L's response to the other members
+    is its change less that head's own (replacement − clean, through its W_O slice). In place, (B, 2N).
+
+    Pre-norm blocks only (knockout_sets refuses the post-norm case, where the heads' writes do not separate)."""
+    s_ablated = readout.scale(outputs.x_final) if norm_scale == "ablated" else None
+    slot = {c: k for k, c in enumerate(basis)}
+    for b, a in enumerate(ablations):
+        if not a.also:
+            continue
+        for m in a.members():
+            if m.component.kind != "head":
+                continue
+            k = slot[Component("attn", m.component.layer)]
+            clean_write = _final_clean(arch, run, m.component)
+            replaced_write = _to_residual(arch, m.component, m.replacement[-1])
+            if norm_scale == "clean":
+                response[b, k] -= (replaced_write - clean_write) @ u / s_clean
+            else:
+                assert s_ablated is not None
+                response[b, k] -= replaced_write @ u / s_ablated[b] - clean_write @ u / s_clean
 
 
 def _responses(
@@ -334,14 +443,22 @@ def _measure(
     deltas = torch.stack([_final_delta(arch, run, a) for a in ablations])
     direct = deltas @ u / s_clean
     response = _responses(readout, outputs, clean_out, u, s_clean, norm_scale)
+    _remove_member_heads(arch, readout, outputs, run, ablations, basis, u, s_clean, norm_scale, response)
     downstream = torch.tensor(
-        [[is_downstream(a.component, d, arch.parallel_blocks) for d in basis] for a in ablations],
+        [[_responds(a, d, arch.parallel_blocks) for d in basis] for a in ablations],
         dtype=torch.bool,
         device=response.device,
     )
     response = torch.where(downstream, response, torch.zeros_like(response)).double()
     compensatory, norm_response = decompose(total, direct, response)
-    unembed = read_direct(torch.stack([_final_clean(arch, run, a.component) for a in ablations]), u, s_clean)
+    unembed = read_direct(
+        torch.stack(
+            [_set_change(arch, run, a.members(), zeroed=True) if a.also else _final_clean(arch, run, a.component)
+             for a in ablations]
+        ),
+        u,
+        s_clean,
+    )
 
     def per_component(values: torch.Tensor) -> torch.Tensor:
         return values.reshape(-1, samples, *values.shape[1:]).mean(dim=1)

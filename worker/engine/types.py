@@ -54,6 +54,9 @@ class SweepSpec:
     measure_positions: MeasurePositions = "final"
     target: TargetName = "clean_top"  # given target_ids win over "clean_top"
     response_basis: ResponseBasisName = "layers"
+    # Joint knockouts: each set of explicit component names is ablated together in one run and measured like one
+    # component, named by its members joined with "+" (after `components` in the results).
+    knockouts: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)

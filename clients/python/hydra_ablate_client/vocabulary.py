@@ -79,6 +79,45 @@ def parse_component(name: str) -> ComponentParts:
     return ComponentParts(kind, layer, head)
 
 
+# --- activation patching: sites, directions, knockout sets ----------------------------------------------------
+
+# denoise: the corrupted run with the clean activation patched in; noise: the clean run with the corrupted one.
+PatchDirection = Literal["denoise", "noise"]
+PatchMetric = Literal["logit_diff"]
+# A patching site: `resid_pre.L` (the residual stream entering block L), `attn.L`, `mlp.L` (what they write),
+# `head.L.H` (the head's output, its slice of the output projection's input) and `head.L.H.q|k|v|pattern`.
+PATCH_SITE_PATTERN = r"^((resid_pre|attn|mlp)\.\d+|head\.\d+\.\d+(\.(q|k|v|pattern))?)(?![\s\S])"
+_PATCH_SITE = re.compile(PATCH_SITE_PATTERN)
+# A knockout set is named by its members joined with "+", in the order given: "attn.3+head.5.1".
+KNOCKOUT_SEPARATOR = "+"
+
+
+class PatchSite(NamedTuple):
+    """A patching site's parts: ("head", 3, 5, "q") for head.3.5.q, ("resid_pre", 2, None, None) for resid_pre.2."""
+
+    kind: str
+    layer: int
+    head: int | None
+    part: str | None
+
+
+def parse_patch_site(name: str) -> PatchSite:
+    """The parts of a patching site name (PATCH_SITE_PATTERN); ValueError for a name outside the grammar."""
+    if _PATCH_SITE.match(name) is None:
+        raise ValueError(
+            f"bad patching site {name!r}: use resid_pre.L, attn.L, mlp.L, head.L.H or head.L.H.q|k|v|pattern"
+        )
+    kind, *rest = name.split(".")
+    head = int(rest[1]) if len(rest) > 1 else None
+    part = rest[2] if len(rest) > 2 else None
+    return PatchSite(kind, int(rest[0]), head, part)
+
+
+def knockout_name(members: list[str] | tuple[str, ...]) -> str:
+    """The component name of a knockout set: its members joined with '+' ("attn.3+head.5.1")."""
+    return KNOCKOUT_SEPARATOR.join(members)
+
+
 # --- the per-position rule ------------------------------------------------------------------------------------
 
 
