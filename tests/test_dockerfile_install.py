@@ -198,7 +198,7 @@ def test_the_worker_image_file_set_installs_and_imports(tmp_path: Path) -> None:
     probe = (
         "import json, worker, worker.celery_app, worker.tasks, worker.engine.sweep;"
         "from importlib.resources import files;"
-        "lua = sorted(p.name for package in ('service.core', 'service.core.store')"
+        "lua = sorted(p.name for package in ('service.core', 'service.core.store', 'service.api')"
         " for p in files(package).iterdir() if p.name.endswith('.lua'));"
         "print(json.dumps({'worker_at': worker.__file__, 'lua': lua}))"
     )
@@ -212,5 +212,5 @@ def test_the_worker_image_file_set_installs_and_imports(tmp_path: Path) -> None:
     assert imported.returncode == 0, imported.stderr[-3000:]
     answer = json.loads(imported.stdout.strip().splitlines()[-1])
     assert answer["worker_at"].startswith(str(tmp_path / "venv"))
-    wanted = [*(ROOT / "service" / "core").glob("*.lua"), *(ROOT / "service" / "core" / "store").glob("*.lua")]
-    assert answer["lua"] == sorted(path.name for path in wanted) and len(wanted) >= 14
+    wanted = [path for folder in ("core", "core/store", "api") for path in (ROOT / "service" / folder).glob("*.lua")]
+    assert answer["lua"] == sorted(path.name for path in wanted) and len(wanted) >= 22

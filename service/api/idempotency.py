@@ -24,17 +24,11 @@ from litestar.exceptions import ClientException
 from litestar.status_codes import HTTP_409_CONFLICT, HTTP_410_GONE
 
 from hydra_ablate_client.wire import JobRequest, JobStatus
+from service.core.lua_scripts import lua
 from service.core.redis_keys import RedisKeys
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-
-# KEYS[1] record. ARGV[1] the claimant's job id. Deletes the record only while it is still that claimant's.
-_RELEASE = """
-local raw = redis.call('GET', KEYS[1])
-if raw and cjson.decode(raw)['job_id'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class Record(msgspec.Struct, kw_only=True):
@@ -63,7 +57,7 @@ class IdempotencyRecords:
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.wait_s = wait_s  # how long a duplicate waits for the first request's job to appear
-        self._release = client.register_script(_RELEASE)
+        self._release = client.register_script(lua("service.api", "idempotency.release"))
 
     def record_key(self, owner: str, key: str) -> str:
         # Hashed: the client's key may hold any characters and any length up to the header's limit.

@@ -26,93 +26,23 @@ from dataclasses import dataclass
 
 import redis
 
+from service.core.lua_scripts import lua
 from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import ScriptArgs, bytes_or_none
 from service.core.store import JobStore, utc_now
-from service.core.store.lua import lua
 
 QUEUED = "queued:"  # sent by the planner, not started yet
 REQUEUED = "requeued:"  # sent again by a sweep, not started yet
 
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function is_marker(holder)
-  return string.sub(holder, 1, 7) == 'queued:' or string.sub(holder, 1, 9) == 'requeued:'
-end
-"""
 
-# KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] token, ARGV[3] lease ms, ARGV[4] key ttl s,
-# ARGV[5] the holder's token to take over ('' for none). Returns 1 when acquired, else the live holder's token.
-_ACQUIRE = _NOW_MS + """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[2] and holder ~= ARGV[5] and not is_marker(holder) then
-  local expiry = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
-  if expiry > now then return holder end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-return 1
-"""
+def _script(name: str) -> str:
+    """A lease script, service/core/leases.{name}.lua, after the clock and marker helpers (leases.now_ms.lua)."""
+    return lua("service.core", "leases.now_ms", f"leases.{name}")
 
-# Same keys and arguments. Returns 1 when renewed, 0 when another run (or the sweep) took the lease.
-_RENEW = _NOW_MS + """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-return 1
-"""
 
-# KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] token ('' drops whoever holds it).
-_RELEASE = """
-local holder = redis.call('GET', KEYS[1])
-if ARGV[2] ~= '' and holder and holder ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
-
-# KEYS[1] lease, KEYS[2] leases. ARGV[1] member, ARGV[2] marker, ARGV[3] ms until looked at, ARGV[4] key ttl s.
-# Marks a chunk just sent (never started) unless a run holds it. Returns 1 when marked.
-_MARK_QUEUED = _NOW_MS + """
-local holder = redis.call('GET', KEYS[1])
-if holder and not is_marker(holder) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-return 1
-"""
-
-# KEYS[1] leases. ARGV[1] lease key prefix, ARGV[2] batch, ARGV[3] ms until a requeued chunk is looked at again,
-# ARGV[4] key ttl s. Marks every expired lease "requeued" (it stays in the set, so a sweep that dies before
-# sending is repeated) and returns member, previous holder, member, previous holder, ... Lease keys are built
-# here from ARGV[1]: fine on one Redis.
-_REAP = _NOW_MS + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for _, member in ipairs(due) do
-  local key = ARGV[1] .. member
-  table.insert(out, member)
-  table.insert(out, redis.call('GET', key) or '')
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
-  redis.call('SET', key, 'requeued:' .. now, 'EX', ARGV[4])
-end
-return out
-"""
-
-# KEYS[1] job hash, KEYS[2] lease. ARGV[1] token, ARGV[2] error, ARGV[3] now (ISO), ARGV[4] ttl.
-# Fails a queued or running job only while this run still holds (or nobody holds) the chunk's lease.
-# Returns 1 failed, 0 the job had ended, -1 the lease belongs to another run.
-_FAIL_IF_HOLDER = lua("track_status") + """
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return -1 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' and status ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[2], 'finished_at', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-track_status(KEYS[1], status, 'failed', ARGV[4])
-return 1
-"""
+def _fail_script() -> str:
+    """leases.fail_if_holder.lua after the store's status bookkeeping (store/track_status.lua) that it calls."""
+    return lua("service.core.store", "track_status") + "\n" + lua("service.core", "leases.fail_if_holder")
 
 
 @dataclass(frozen=True)
@@ -138,12 +68,12 @@ class Leases:
         self.prefix = key_prefix
         self.redis_keys = RedisKeys(key_prefix)
         self.ttl_s = int(ttl_s)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
-        self._reap = client.register_script(_REAP)
-        self._mark_queued = client.register_script(_MARK_QUEUED)
-        self._fail_if_holder = client.register_script(_FAIL_IF_HOLDER)
+        self._acquire = client.register_script(_script("acquire"))
+        self._renew = client.register_script(_script("renew"))
+        self._release = client.register_script(_script("release"))
+        self._reap = client.register_script(_script("reap"))
+        self._mark_queued = client.register_script(_script("mark_queued"))
+        self._fail_if_holder = client.register_script(_fail_script())
 
     @classmethod
     def for_store(cls, store: JobStore) -> Leases:
