@@ -17,6 +17,14 @@ dict with at least "ok"):
   hostile_inputs  requests built to break the API (`HOSTILE_INPUTS`; extend the list): responses >= 500 counted
   worker_killed   the worker running chunk 0 SIGKILLed, main and pool process at once (the machine vanished):
                   the job succeeded; seconds until another worker ran the chunk, against the 10-minute target
+  redis_full      Redis at maxmemory (noeviction) for 8 s mid-chunk: the job succeeded with the same numbers,
+                  the workers stayed up; reads answered meanwhile, submits got 503 saying why
+  aof_failing     the same with Redis unable to write its append-only file (tests/redis_faults.py)
+  slow_webhook    a receiver trickling one byte a second: its delivery cut at HYDRA_CALLBACK_TIMEOUT_S, the
+                  next job as fast as one alone
+  huge_webhook    a receiver answering 600 MB: delivered, a few MiB sent by the receiver at most
+  large_submits   ten 9.6 MB submits at once: /health and a status read stay fast (p50, p99), the submits
+                  answered 202 or 503 with Retry-After
   serve_killed    a `hydra-ablate serve` of its own (embedded Redis, two API processes, a worker) SIGKILLed while
                   a job runs: seconds until every child and grandchild was gone and the port free; a second serve on
                   the same data folder while the first runs is refused; a new serve on the folder finds the
@@ -47,10 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.core.chunk_book import ChunkBook
-from service.core.embedded_redis import EmbeddedRedis, free_port
+from service.core.embedded_redis import free_port
 from service.core.leases import Leases
 from service.core.settings import Settings
 from service.core.store import JobStore
+from tests.redis_faults import FaultyRedis
 
 MODEL = "tiny-chaos"
 API_KEY = "chaos-" + "k" * 32
@@ -87,7 +96,7 @@ uvicorn.run("service.api.app:create_app", factory=True, host="127.0.0.1", port=i
 @dataclass
 class Stack:
     folder: Path
-    redis: EmbeddedRedis
+    redis: FaultyRedis  # an EmbeddedRedis that can also be made to refuse writes (tests/redis_faults.py)
     env: dict[str, str]
     port: int
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -447,12 +456,163 @@ def serve_killed(stack: Stack) -> dict[str, Any]:
     return report
 
 
+# --- Redis refusing writes, webhooks that hold, large submits ------------------------------------------------
+
+SMALL_JOB = {"model": MODEL, "prompts": PROMPTS[:2], "components": ["attn.0"], "ablation": "zero"}
+REFUSAL_S = 8.0
+
+
+def start_webhook_worker(stack: Stack) -> None:
+    """The webhook queue's own worker, as `hydra-ablate serve` runs it (threads, no model)."""
+    from service.core.queue import webhook_queue
+
+    command = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads", "-c", "4",
+        "-Q", webhook_queue(stack.env["HYDRA_QUEUE"]), "-n", "chaos-webhooks@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    log = (stack.folder / "webhooks.log").open("ab")
+    process = subprocess.Popen(
+        command, env={**os.environ, **stack.env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    stack.workers.append(process)
+
+
+def _refused_writes(stack: Stack, kind: str) -> dict[str, Any]:
+    started = time.monotonic()
+    job_id = stack.submit()
+    stack.wait_mid_chunk(job_id, 1)
+    reads: list[int] = []
+    submits: list[str] = []
+    alive = [w for w in stack.workers if w.poll() is None]  # (worker_killed may have run before)
+    with stack.redis.full() if kind == "full" else stack.redis.failing_aof() as error:
+        until = time.monotonic() + REFUSAL_S
+        while time.monotonic() < until:
+            with suppress(httpx.TransportError):
+                reads.append(httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.headers, timeout=10).status_code)
+                if len(submits) < 2:
+                    answer = httpx.post(f"{stack.url}/v1/jobs", json=SMALL_JOB, headers=stack.headers, timeout=10)
+                    submits.append(f"{answer.status_code}: {answer.json().get('detail', '')[:160]}")
+            time.sleep(0.25)
+    status = stack.wait(job_id)
+    report: dict[str, Any] = {
+        "status": status["status"], "error": status.get("error"), "redis_said": error, "refused_s": REFUSAL_S,
+        "reads_during": {str(code): reads.count(code) for code in sorted(set(reads))}, "submits_during": submits,
+        "workers_alive": all(w.poll() is None for w in alive),
+    }  # fmt: skip
+    if status["status"] == "succeeded":
+        report.update(compare(stack, stack.result(job_id)))
+    store = stack.store()
+    report["deliveries"] = ChunkBook.for_store(store).deliveries(job_id)
+    store.close()
+    report["seconds"] = time.monotonic() - started
+    report["ok"] = (
+        status["status"] == "succeeded" and report.get("same_numbers", False) and report["workers_alive"]
+        and set(reads) == {200} and all(s.startswith("503") for s in submits)
+    )  # fmt: skip
+    return report
+
+
+def redis_full(stack: Stack) -> dict[str, Any]:
+    return _refused_writes(stack, "full")
+
+
+def aof_failing(stack: Stack) -> dict[str, Any]:
+    return _refused_writes(stack, "failing_aof")
+
+
+def _timed_small_job(stack: Stack, callback: str | None = None) -> tuple[str, float]:
+    started = time.monotonic()
+    body = SMALL_JOB if callback is None else {**SMALL_JOB, "callback_url": callback}
+    job_id = stack.submit(body)
+    stack.wait(job_id)
+    return job_id, time.monotonic() - started
+
+
+def _callbacks(stack: Stack, job_id: str, timeout_s: float = 60) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.headers, timeout=10).json()
+        if status.get("callbacks"):
+            return list(status["callbacks"])
+        time.sleep(0.2)
+    return []
+
+
+def slow_webhook(stack: Stack) -> dict[str, Any]:
+    from tests.test_webhook_isolation import Receivers
+
+    receivers = Receivers()
+    try:
+        _, alone_s = _timed_small_job(stack)
+        slow, _ = _timed_small_job(stack, f"http://127.0.0.1:{receivers.port}/slow")
+        deadline = time.monotonic() + 30
+        while "/slow" not in receivers.posts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _, next_s = _timed_small_job(stack)
+        attempts = _callbacks(stack, slow)
+    finally:
+        receivers.close()
+    first = attempts[0] if attempts else {}
+    return {
+        "ok": bool(first) and not first.get("delivered") and first.get("duration_ms", 1e9) < 11_500
+        and next_s < alone_s + 5,
+        "job_alone_s": round(alone_s, 2), "next_job_during_delivery_s": round(next_s, 2),
+        "attempt": first,
+    }  # fmt: skip
+
+
+def huge_webhook(stack: Stack) -> dict[str, Any]:
+    from tests.test_webhook_isolation import Receivers
+
+    receivers = Receivers()
+    try:
+        job_id, _ = _timed_small_job(stack, f"http://127.0.0.1:{receivers.port}/huge")
+        attempts = _callbacks(stack, job_id)
+        time.sleep(1.0)
+        sent = receivers.huge_sent
+    finally:
+        receivers.close()
+    first = attempts[0] if attempts else {}
+    return {
+        "ok": bool(first.get("delivered")) and sent < 64 * 1024 * 1024,
+        "attempt": first, "receiver_sent_mib": round(sent / (1 << 20), 1), "answer_mib": 600,
+    }  # fmt: skip
+
+
+def large_submits(stack: Stack) -> dict[str, Any]:
+    from tests.test_large_submits import large_body, ten_large_submits
+
+    body = large_body(MODEL)
+    probe_job = stack.submit(SMALL_JOB)
+    run = ten_large_submits(
+        stack.url, body, stack.headers, {"health": ("/health", {}), "status": (f"/v1/jobs/{probe_job}", stack.headers)}
+    )
+    for response in run.answers:  # the accepted ones would keep the workers busy for long: cancel them
+        if response.status_code == 202:
+            httpx.delete(f"{stack.url}/v1/jobs/{response.json()['id']}", headers=stack.headers, timeout=30)
+    summary = run.summary()
+    return {
+        "ok": set(run.codes) <= {202, 503} and 202 in run.codes and all(v["p99_s"] < 0.5 for v in summary.values())
+        and all(set(codes) == {200} for codes in run.probe_codes.values()),
+        "body_mb": round(len(body) / 1e6, 1), "answers": run.codes, "seconds": round(run.seconds, 1),
+        "retry_after": sorted({r.headers.get("Retry-After") for r in run.answers if r.status_code == 503}),
+        **summary,
+    }  # fmt: skip
+
+
 SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [
     baseline,
     redis_restart,
     api_killed,
     hostile_inputs,
     worker_killed,
+    redis_full,
+    aof_failing,
+    slow_webhook,
+    huge_webhook,
+    large_submits,
     serve_killed,
 ]
 
@@ -461,7 +621,7 @@ def start_stack(folder: Path) -> Stack:
     from tests.tiny_models import build_tiny_model
 
     model_dir = build_tiny_model("llama", folder / MODEL)
-    redis = EmbeddedRedis(folder / "redis")
+    redis = FaultyRedis(folder / "redis")
     redis.start()
     env = {
         "REDIS_URL": redis.url,
@@ -474,6 +634,7 @@ def start_stack(folder: Path) -> Stack:
         # Every chunk runs its own clean passes (none kept from an earlier job or chunk), or a chunk of prompts
         # seen before ends before the fault can be injected mid-chunk.
         "HYDRA_CLEAN_CACHE_BYTES": "0",
+        "HYDRA_CALLBACK_ALLOW": "127.0.0.0/8",  # the webhook scenarios' receivers are on loopback
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
@@ -481,6 +642,7 @@ def start_stack(folder: Path) -> Stack:
     stack = Stack(folder=folder, redis=redis, env=env, port=free_port())
     stack.start_worker()
     stack.start_worker()
+    start_webhook_worker(stack)
     stack.start_api()
     return stack
 

@@ -37,6 +37,7 @@ from cli.data_lock import DataDirLock
 from cli.lifeline import Guard, die_with_parent
 from service.api.serve import REUSE_PORT
 from service.core.embedded_redis import EmbeddedRedis
+from service.core.queue import webhook_queue
 from service.core.redaction import redact
 from service.core.settings import env_bool, env_int, env_raw
 
@@ -142,6 +143,15 @@ class Stack:
             ]  # fmt: skip
             self._spawn(f"worker {index}", command, env, nice=self.worker_nice)
             log.info("worker %d started (Celery, 1 process, nice %d)", index, self.worker_nice)
+        if self.workers:
+            # Webhooks are delivered by a worker of their own (threads, no model), never by one that runs chunks.
+            hooks = webhook_queue(env.get("HYDRA_QUEUE", "hydra"))
+            command = [
+                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                "-Q", hooks, "-P", "threads", "-c", "4", "-n", "webhooks@%h", "--loglevel", "INFO",
+            ]  # fmt: skip
+            self._spawn("webhooks", command, env)
+            log.info("webhook worker started (Celery, 4 threads, queue %s)", hooks)
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str], nice: int = 0) -> None:
         # Own session: Ctrl-C reaches only this process, which then stops the children in order. The session's

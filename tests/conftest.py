@@ -87,11 +87,13 @@ def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
     """A real Celery worker (solo pool, in a thread) consuming the test queue of the private Redis."""
     from celery.contrib.testing.worker import start_worker
 
+    from service.core.queue import webhook_queue
     from worker.celery_app import advertise_models, app, served_queues
 
-    # The main queue (jobs are planned there) and one queue per served model (their chunks); `celery worker` adds
-    # the model queues itself on start, the in-thread test worker is told here.
-    queues = [STACK_QUEUE, *served_queues(STACK_QUEUE)]
+    # The main queue (jobs are planned there), one queue per served model (their chunks) and, in this one test
+    # worker, the webhook queue too (a deployment runs a webhook worker of its own); `celery worker` adds the model
+    # queues itself on start, the in-thread test worker is told here.
+    queues = [STACK_QUEUE, webhook_queue(STACK_QUEUE), *served_queues(STACK_QUEUE)]
     with start_worker(
         app, pool="solo", concurrency=1, queues=queues, perform_ping_check=False, loglevel="WARNING"
     ) as worker:

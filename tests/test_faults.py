@@ -123,13 +123,16 @@ def queue(settings: Settings) -> Iterator[JobQueue]:
 
 
 class WorkerProcess:
-    """`celery -A worker.celery_app worker -P prefork -c 1 -Q <queue>` in its own session, logging to a file."""
+    """`celery -A worker.celery_app worker -P prefork -c 1 -Q <queue>` in its own session, logging to a file
+    (`queue` and `pool` for another kind of worker, e.g. the webhook queue's: tests/test_webhook_isolation.py)."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, queue: str | None = None, pool: tuple[str, str] = ("prefork", "1")
+    ) -> None:
         self.log = log
         command = [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "prefork", "-c", "1",
-            "-Q", env["HYDRA_QUEUE"], "-n", f"fault-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
+            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", pool[0], "-c", pool[1],
+            "-Q", queue or env["HYDRA_QUEUE"], "-n", f"fault-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
         with log.open("ab") as out:

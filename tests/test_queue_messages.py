@@ -17,7 +17,7 @@ import redis
 import redis.asyncio
 from celery.signals import after_task_publish, before_task_publish
 
-from service.core.queue import TASK_DELIVER_CALLBACK, TASK_RUN_JOB, JobQueue
+from service.core.queue import TASK_DELIVER_CALLBACK, TASK_RUN_JOB, JobQueue, webhook_queue
 from service.core.settings import Settings
 from tests.conftest import private_settings
 
@@ -36,7 +36,8 @@ def settings(redis_url: str) -> Iterator[Settings]:
 def client(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings.redis_url)
     yield client
-    client.delete(settings.queue_name, f"_kombu.binding.{settings.queue_name}")
+    hooks = webhook_queue(settings.queue_name)
+    client.delete(settings.queue_name, f"_kombu.binding.{settings.queue_name}", hooks, f"_kombu.binding.{hooks}")
     client.close()
 
 
@@ -47,14 +48,18 @@ def _pop(client: redis.Redis, queue: str) -> dict[str, Any]:
     return message
 
 
-def _kombu_message(settings: Settings, client: redis.Redis, task: str, args: list[object]) -> dict[str, Any]:
-    """What Celery's send_task through kombu's producer puts on the queue (the API's former publish)."""
+def _kombu_message(
+    settings: Settings, client: redis.Redis, task: str, args: list[object], on: str | None = None
+) -> dict[str, Any]:
+    """What Celery's send_task through kombu's producer puts on the queue `on` (default: the main queue; the API's
+    former publish)."""
+    name = on or settings.queue_name
     queue = JobQueue(settings)
     try:
-        queue.celery_app.send_task(task, args=args, queue=settings.queue_name, ignore_result=True)
+        queue.celery_app.send_task(task, args=args, queue=name, ignore_result=True)
     finally:
         queue.close()
-    return _pop(client, settings.queue_name)
+    return _pop(client, name)
 
 
 def _assert_same_message(ours: dict[str, Any], kombu: dict[str, Any], task: str, args: list[object]) -> None:
@@ -78,7 +83,9 @@ def _assert_same_message(ours: dict[str, Any], kombu: dict[str, Any], task: str,
 def test_the_message_is_the_one_kombu_publishes(
     settings: Settings, client: redis.Redis, task: str, args: list[object]
 ) -> None:
-    kombu = _kombu_message(settings, client, task, args)
+    # Webhook deliveries go to a queue of their own (a webhook worker consumes it), jobs to the main queue.
+    on = settings.queue_name if task == TASK_RUN_JOB else webhook_queue(settings.queue_name)
+    kombu = _kombu_message(settings, client, task, args, on)
     queue = JobQueue(settings)
     try:
         if task == TASK_RUN_JOB:
@@ -87,8 +94,8 @@ def test_the_message_is_the_one_kombu_publishes(
             queue.notify("job-1")
     finally:
         queue.close()
-    _assert_same_message(_pop(client, settings.queue_name), kombu, task, args)
-    assert client.llen(settings.queue_name) == 0
+    _assert_same_message(_pop(client, on), kombu, task, args)
+    assert client.llen(on) == 0
 
 
 def test_the_event_loop_pushes_the_same_message(settings: Settings, client: redis.Redis) -> None:

@@ -16,8 +16,9 @@ from celery import Celery
 from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun, worker_ready
 
 from service.core.json_logging import configure_json_logging, job_id_var, json_logs_requested
-from service.core.queue import celery_config, model_queue
+from service.core.queue import celery_config, model_queue, webhook_queue
 from service.core.redaction import install_log_redaction
+from service.core.redis_refusals import register_refusal_errors
 from service.core.settings import Settings
 from service.core.store import JobStore
 from worker.model_sources import configured_sources
@@ -51,7 +52,10 @@ app.conf.update(celery_config(service_settings()))
 app.conf.update(
     include=["worker.tasks", "worker.callback_delivery", "worker.maintenance"],
     task_default_queue=service_settings().queue_name,
+    # Redis refusing writes (full, or its append-only file failing) reconnects instead of stopping the worker.
+    broker_transport="worker.broker_transport:Transport",
 )
+register_refusal_errors()  # in every Redis client of this process: MISCONF replies raise WritesRefused
 
 
 @task_prerun.connect
@@ -89,10 +93,23 @@ def served_queues(queue_name: str | None = None) -> list[str]:
     return [model_queue(name, model_id) for model_id in sources]
 
 
+_role = {"webhooks_only": False}
+
+
+def webhooks_only() -> bool:
+    """True in a worker started with `-Q <queue>-webhooks` alone: it delivers webhooks and does nothing else (no
+    model queues, no models advertised, no recovery sweeps), so receivers never share a process with chunks."""
+    return _role["webhooks_only"]
+
+
 @celeryd_after_setup.connect
 def consume_model_queues(sender: str, instance: object, **_: object) -> None:
     """After `-Q` was applied: add the queues of the models this worker serves (`celery worker` only)."""
     queues = instance.app.amqp.queues  # type: ignore[attr-defined]
+    if set(queues.consume_from or ()) == {webhook_queue(service_settings().queue_name)}:
+        _role["webhooks_only"] = True
+        log.info("%s delivers webhooks only", sender)
+        return
     for name in served_queues():
         queues.select_add(name)
         log.info("%s consumes chunk queue %s", sender, name)
@@ -101,6 +118,8 @@ def consume_model_queues(sender: str, instance: object, **_: object) -> None:
 @worker_ready.connect
 def advertise_models(**_: object) -> None:
     """Tell the API which models this worker can serve, with their shapes (from configs, no weights)."""
+    if webhooks_only():
+        return
     from worker.engine.architecture import UnsupportedArchitecture  # transformers is heavy: worker only, here only
     from worker.model_cache import model_info, parse_dtype, tokenizer_json
 

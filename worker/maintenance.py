@@ -70,5 +70,10 @@ def start_sweeping(settings: Settings, worker_config: WorkerSettings) -> None:
 
 @worker_ready.connect
 def start_recovery_sweeps(**_: object) -> None:
-    """Every worker sweeps for unplanned jobs and lapsed chunk leases (service/core/recovery.py)."""
+    """Every worker sweeps for unplanned jobs and lapsed chunk leases (service/core/recovery.py), but the ones that
+    deliver webhooks only."""
+    from worker.celery_app import webhooks_only
+
+    if webhooks_only():
+        return
     start_sweeping(service_settings(), worker_settings())

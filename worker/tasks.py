@@ -17,8 +17,10 @@ Faults (docs/operations/guarantees.md):
 - A chunk runs under a lease with the run's own token (service/core/leases.py), renewed by a heartbeat thread; a
   second delivery while the lease lives does not run, and a run that lost its lease stops at its next prompt and
   records nothing. A chunk whose worker vanished is sent again by any worker's sweep (service/core/recovery.py).
-- Every Redis call of a chunk rides out an outage of up to HYDRA_REDIS_OUTAGE_S (worker/redis_retry.py); after
-  a longer one the chunk fails its job with that reason as soon as Redis is back.
+- Every Redis call of a chunk rides out an outage of up to HYDRA_REDIS_OUTAGE_S (worker/redis_retry.py), Redis
+  refusing writes included (full at maxmemory, or unable to write its append-only file); after a longer one the
+  chunk fails its job with that reason as soon as Redis is back. The worker itself stays up: its broker
+  connection takes refused writes for a lost connection and reconnects (worker/broker_transport.py).
 - Errors: the engine's InputError (worker/engine/errors.py) is the user's to fix and becomes the job's error as
   is; anything else is a bug, logged with its traceback and reported as an internal error (no traceback).
 """
@@ -41,7 +43,14 @@ from hydra_ablate_client.vocabulary import ACTIVE_STATES
 from hydra_ablate_client.wire import JobSpec, encode
 from service.core.chunk_book import LEASE_LOST, Chunk, ChunkBook, plan_chunks
 from service.core.leases import Leases
-from service.core.queue import TASK_DELIVER_CALLBACK, TASK_RUN_CHUNK, TASK_RUN_JOB, model_queue, time_limits
+from service.core.queue import (
+    TASK_DELIVER_CALLBACK,
+    TASK_RUN_CHUNK,
+    TASK_RUN_JOB,
+    model_queue,
+    time_limits,
+    webhook_queue,
+)
 from service.core.redis_replies import bytes_or_none
 from service.core.resolve import ablation_count
 from service.core.store import JobStore
@@ -49,7 +58,7 @@ from worker import stats_recorder
 from worker.celery_app import app, service_settings, worker_settings
 from worker.model_cache import ModelCache, parse_dtype
 from worker.model_sources import configured_sources
-from worker.redis_retry import RETRYABLE, RedisOutage, RedisRetry
+from worker.redis_retry import RedisOutage, RedisRetry, is_retryable
 
 log = logging.getLogger(__name__)
 REDIS_SOCKET_TIMEOUT_S = 10.0
@@ -62,8 +71,9 @@ def job_store() -> JobStore:
 
     # A socket timeout: a Redis that hangs (rather than refuses) must not hang a chunk past its retry budget.
     store = JobStore.from_settings(service_settings(), socket_timeout=REDIS_SOCKET_TIMEOUT_S)
-    # A job this worker finishes (or fails) is timed and gets its webhook queued (worker/callback_delivery.py).
-    queue_name = service_settings().queue_name
+    # A job this worker finishes (or fails) is timed and gets its webhook queued on the webhook queue, which a
+    # worker of its own consumes (worker/callback_delivery.py).
+    queue_name = webhook_queue(service_settings().queue_name)
     notify = finish_hook(
         store, lambda job_id: app.send_task(TASK_DELIVER_CALLBACK, args=[job_id, 1], queue=queue_name)
     )
@@ -133,9 +143,10 @@ class HydraTask(Task):
         if not args:
             return
         job_id = args[0]
-        if isinstance(exc, RETRYABLE):
-            # Redis went away outside the retried calls: the job is not failed for a blip. An unplanned job is
-            # sent again and a chunk's lapsed lease is reaped by the recovery sweep (service/core/recovery.py).
+        if is_retryable(exc):
+            # Redis went away (or refused writes) outside the retried calls: the job is not failed for a blip. An
+            # unplanned job is sent again and a chunk's lapsed lease is reaped by the recovery sweep
+            # (service/core/recovery.py).
             log.warning("job %s: %s lost Redis (%s); the recovery sweep will send it again", job_id, self.name, exc)
             return
         if self.name == TASK_RUN_CHUNK and isinstance(exc, TimeLimitExceeded):
@@ -254,13 +265,19 @@ class ChunkRun:
     def redis(self, what: str, fn: Any) -> Any:
         return self.retry.call(what, fn)
 
+    def read(self, what: str, fn: Any) -> Any:
+        """A Redis read: retried like any call, but working while writes are refused ends no outage."""
+        return self.retry.call(what, fn, writes=False)
+
     # the lease
     def _renew_until_finished(self) -> None:
         while not self._finished.wait(worker_settings().renew_s):
             try:
                 renewed = self.leases.renew(self.job_id, self.index, self.token, worker_settings().lease_s)
-            except RETRYABLE:
-                continue  # Redis is away: the lease outlives any outage the chunk rides out (see WorkerSettings)
+            except Exception as error:
+                if is_retryable(error):
+                    continue  # Redis is away or full: the lease outlives any outage the chunk rides out
+                raise
             if not renewed:
                 log.warning("job %s: chunk %d lost its lease to another run; stopping", self.job_id, self.index)
                 self.lost.set()
@@ -274,8 +291,10 @@ class ChunkRun:
         self._finished.set()
         try:
             self.leases.release(self.job_id, self.index, self.token)
-        except RETRYABLE:
-            pass  # the lease expires by itself; a sweep then finds the chunk done (or its job ended)
+        except Exception as error:
+            if not is_retryable(error):
+                raise
+            # the lease expires by itself; a sweep then finds the chunk done (or its job ended)
 
     def _fail(self, error: str) -> str:
         """Fail the job, unless another run has taken the chunk over (then this run just stops)."""
@@ -316,12 +335,12 @@ class ChunkRun:
     def _run(self) -> str:
         job_id, index = self.job_id, self.index
         store, book = self.store, self.book
-        spec = self.redis("read the job", lambda: store.spec(job_id))
+        spec = self.read("read the job", lambda: store.spec(job_id))
         if spec is None:
             log.warning("job %s is unknown or expired; dropping its chunk %d", job_id, index)
             return "missing"
-        state = self.redis("read the job's state", lambda: _job_state(store, job_id))
-        n_chunks = self.redis("read the chunk plan", lambda: book.n_chunks(job_id))
+        state = self.read("read the job's state", lambda: _job_state(store, job_id))
+        n_chunks = self.read("read the chunk plan", lambda: book.n_chunks(job_id))
         if n_chunks is None:
             if state in ACTIVE_STATES:
                 error = f"internal error: job {job_id} has no chunk plan (expired?)"
@@ -329,11 +348,11 @@ class ChunkRun:
                 _stop_other_chunks(job_id, self.task_id)
                 return "failed"
             return "missing"
-        if self.redis("read the chunk's outcome", lambda: book.is_done(job_id, index)):
+        if self.read("read the chunk's outcome", lambda: book.is_done(job_id, index)):
             # A redelivery of a finished chunk (or sent again by a sweep): if the worker that was to merge died,
             # merge now.
             self.redis("drop the chunk's lease", lambda: self.leases.release(job_id, index))
-            done = self.redis("read the chunks done", lambda: book.done_indices(job_id))
+            done = self.read("read the chunks done", lambda: book.done_indices(job_id))
             if state == "running" and len(done) == n_chunks:
                 return self._merge(spec, n_chunks)
             return "duplicate"
@@ -372,10 +391,10 @@ class ChunkRun:
             log.warning("job %s: chunk %d delivered again (%d of at most %d)", job_id, index, deliveries, limit)
         if state == "queued":
             claimed = self.redis("mark the job running", lambda: store.mark_running(job_id))
-            if not claimed and self.redis("read the job's state", lambda: _job_state(store, job_id)) != "running":
+            if not claimed and self.read("read the job's state", lambda: _job_state(store, job_id)) != "running":
                 return "skipped"  # cancelled between the two reads
 
-        status = self.redis("read the job", lambda: store.status(job_id))
+        status = self.read("read the job", lambda: store.status(job_id))
         total = status.progress.total if status is not None and status.progress.total else ablation_count(spec)
 
         per_prompt = max(1, total // max(1, len(spec.prompts)))  # every prompt has the same number of ablations
@@ -400,6 +419,7 @@ class ChunkRun:
                     lambda: _job_state(store, job_id) != "running"
                     or not self.leases.still_holds(job_id, index, self.token),
                     False,
+                    writes=False,
                 )
             )
 
@@ -413,7 +433,7 @@ class ChunkRun:
                 on_phase=on_phase, batch_tokens=worker_settings().batch_tokens,
             )
         except SweepCancelled:
-            if self.lost.is_set() or not self.redis(
+            if self.lost.is_set() or not self.read(
                 "check the lease", lambda: self.leases.still_holds(job_id, index, self.token)
             ):
                 log.warning("job %s: chunk %d stopped: another run holds its lease", job_id, index)

@@ -34,6 +34,7 @@ from service.api.controllers.problems import problem_details_config
 from service.api.controllers.strict_query import request_guard
 from service.api.controllers.webhooks import WebhooksController
 from service.api.idempotency import IdempotencyRecords
+from service.api.large_bodies import LargeBodies
 from service.api.observability import add_headers, observability_middleware
 from service.api.openapi_polish import operation_id, polish
 from service.api.prometheus import AppMetrics
@@ -123,6 +124,7 @@ def app_state(settings: Settings, store: JobStore, queue: JobQueue, api_keys: Ap
             "redis_health": Shared(lambda: redis_alive(store), settings.ready_cache_s),
             "metrics": AppMetrics(store, settings),
             "stream_slots": StreamSlots(settings.max_streams_per_key, settings.max_streams),
+            "large_bodies": LargeBodies(settings.large_submit_bytes, settings.large_submits),
         }
     )
 

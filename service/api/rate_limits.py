@@ -23,6 +23,7 @@ from litestar.exceptions import TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
 
 from service.core.redis_keys import RedisKeys
+from service.core.redis_refusals import is_write_refusal
 from service.core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,6 @@ if count == 1 or ttl < 0 then
 end
 return {count, ttl}
 """
-
-
-def is_out_of_memory(exc: redis.RedisError) -> bool:
-    """A write refused because Redis reached maxmemory (directly, or from inside a script)."""
-    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 class RateSpent(Exception):
@@ -86,12 +82,12 @@ class RateLimiter:
         try:
             count, ttl_ms = await self._hit(keys=[self.counter_key(bucket, name)], args=[self.window_ms])
         except redis.ResponseError as exc:
-            if not is_out_of_memory(exc):
+            if not is_write_refusal(exc):
                 raise
-            # Redis is full (maxmemory, noeviction): the counter cannot be written. Refusing the request would turn
-            # every read into a 503 although reads still work; let it through uncounted (a submit then fails on its
-            # own write with a 503 that says Redis is full).
-            logger.warning("rate limit not counted for %r: Redis is out of memory (%s)", name, exc)
+            # Redis refuses writes (full at maxmemory, or its append-only file cannot be written): the counter
+            # cannot be written. Refusing the request would turn every read into a 503 although reads still work;
+            # let it through uncounted (a submit then fails on its own write with a 503 that says why).
+            logger.warning("rate limit not counted for %r: Redis refuses writes (%s)", name, exc)
             return None
         reset_s = max(1, math.ceil(int(ttl_ms) / 1000))
         if int(count) > limit:

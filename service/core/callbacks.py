@@ -8,25 +8,32 @@ Signature (per API key; the key's owner reads its secret at GET /v1/webhooks/sec
     Hydra-Timestamp: <unix seconds>
     Hydra-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
 A receiver recomputes the HMAC over the raw body, compares with `hmac.compare_digest`, and rejects timestamps
-older than a few minutes (replays). `verify` below does exactly that.
+older than a few minutes. `verify` below does exactly that. A signature verifies again for as long as its timestamp
+is accepted (5 minutes), so a receiver that must not act twice also keeps the signatures it accepted for that long
+and refuses one it has seen (docs/guides/events-and-webhooks.md shows how); `Hydra-Delivery` (`<job id>.<attempt>`)
+is not signed.
+
+Deliveries run on the webhook queue, never in a process that runs chunks (worker/callback_delivery.py), each bounded
+in all by HYDRA_CALLBACK_TIMEOUT_S and connected to the address that was checked (service/core/webhook_http.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import secrets
 import time
 from collections.abc import Callable
 
-import httpx
 import msgspec
 import redis
 
 from hydra_ablate_client.wire import CallbackAttempt
-from service.core.labels import CallbackRefused, IpNetwork, check_callback_url
+from service.core.labels import CallbackRefused, IpNetwork, resolve_callback
 from service.core.redis_keys import RedisKeys
 from service.core.store import JobStore, utc_now
+from service.core.webhook_http import DeliveryTimeout, post
 
 SIGNATURE_HEADER = "Hydra-Signature"
 TIMESTAMP_HEADER = "Hydra-Timestamp"
@@ -89,15 +96,16 @@ def deliver(
     code: int | None = None
     error: str | None = None
     try:
-        check_callback_url(status.callback_url, allowed)  # again: the host may resolve elsewhere by now
-        # No redirects: a public URL must not bounce the POST into a private network.
-        response = httpx.post(status.callback_url, content=body, headers=headers, timeout=timeout_s)
-        code = response.status_code
-        if not response.is_success:
+        # Checked again (the host may resolve elsewhere by now), and the POST goes to the address checked here.
+        target = resolve_callback(status.callback_url, allowed)
+        code = post(target, body, headers, timeout_s)  # the whole delivery within timeout_s; no redirects
+        if not 200 <= code < 300:
             error = f"the receiver answered {code}"
     except CallbackRefused as exc:
         error = f"refused: {exc}"
-    except httpx.HTTPError as exc:
+    except DeliveryTimeout as exc:
+        error = str(exc)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # unreachable, TLS, not HTTP
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     record = CallbackAttempt(
         attempt=attempt,

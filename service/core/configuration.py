@@ -54,6 +54,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HYDRA_MAX_PROMPT_TOKENS", "integer", "512",
              "tokens per prompt, counted with the model's published tokenizer (`0`: no cap); over it → `422`", API),
     Variable("HYDRA_MAX_BODY_BYTES", "integer", "10485760 (10 MiB)", "request body size; over it → `413`", API),
+    Variable("HYDRA_LARGE_SUBMIT_BYTES", "integer", "262144 (256 KiB)",
+             "bodies of at least this size are decoded, checked and counted in tokens in worker threads, never on "
+             "the API's event loop, so a 10 MB submit does not stall other requests (`0`: never)", API),
+    Variable("HYDRA_LARGE_SUBMITS", "integer", "1",
+             "such large bodies worked on at once per API process; one more is answered `503` at once, with a "
+             "`Retry-After` of about how long one takes", API),
     # --- readiness -------------------------------------------------------------------------------------------------
     Variable("HYDRA_READY_TIMEOUT_S", "number", "1.0", "how long `/ready` waits for a worker ping", API),
     Variable("HYDRA_READY_CACHE_S", "number", "2.0",
@@ -94,7 +100,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HYDRA_CALLBACK_BACKOFF_S", "number", "5.0",
              "the first callback retry's delay; each later one doubles it", WORKER),
     Variable("HYDRA_CALLBACK_MAX_ATTEMPTS", "integer", "6", "callback deliveries tried per job", WORKER),
-    Variable("HYDRA_CALLBACK_TIMEOUT_S", "number", "10.0", "how long one callback delivery may take", WORKER),
+    Variable("HYDRA_CALLBACK_TIMEOUT_S", "number", "10.0",
+             "how long one callback delivery may take in all (connecting, sending, the receiver's answer), however "
+             "slowly the receiver sends; at most 4 KiB of the answer are read", WORKER),
     # --- chunks and the broker: the API and the worker must agree ---------------------------------------------------
     Variable("HYDRA_CHUNK_PROMPTS", "integer", "64",
              "prompts per chunk: a job is split into chunks that any worker serving its model can run", WORKER),
@@ -127,7 +135,8 @@ VARIABLES: tuple[Variable, ...] = (
              "a running chunk's lease in Redis, renewed every quarter of it ([guarantees](guarantees.md))", WORKER),
     Variable("HYDRA_SWEEP_S", "number", "30", "how often each worker's recovery sweep runs", WORKER),
     Variable("HYDRA_REDIS_OUTAGE_S", "number", "60",
-             "how long a chunk rides out Redis being away (must stay below `HYDRA_LEASE_S`)", WORKER),
+             "how long a chunk rides out Redis being away or refusing writes (full at `maxmemory`, or unable to "
+             "write its append-only file); must stay below `HYDRA_LEASE_S`", WORKER),
     # --- logs and metrics ------------------------------------------------------------------------------------------
     Variable("HYDRA_LOG_FORMAT", "text", "`text`",
              "`json`: one JSON object per log line (API and worker), with `request_id` and `job_id`", SHARED),

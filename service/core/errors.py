@@ -18,11 +18,12 @@ class ValidationProblem(Exception):
 
 
 class BackendUnavailable(Exception):
-    """Redis or the broker did not answer: the request may succeed later."""
+    """Redis or the broker did not answer, or the process is busy: the request may succeed later (Retry-After)."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, retry_after_s: int = 5) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.retry_after_s = retry_after_s
 
 
 class JobNotFound(Exception):

@@ -8,7 +8,7 @@ API maps to problem details in one place (service/api/controllers/problems.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,8 @@ from service.core.settings import Settings
 from service.core.store import JobLabels, JobStore
 
 logger = logging.getLogger(__name__)
+# Runs a function in a worker thread and returns its value (service/api/large_bodies.py `LargeBodies.run`).
+Offload = Callable[[Callable[[], "tuple[JobSpec, JobLabels]"]], Awaitable["tuple[JobSpec, JobLabels]"]]
 
 
 def _conflict(detail: str) -> JobConflict:
@@ -157,14 +159,22 @@ async def queue_job_async(
     settings: Settings,
     tokens: TokenCounters,
     served: ServedModels,
+    offload: Offload | None = None,
 ) -> JobStatus:
     """`queue_job` (without a chosen id) on the event loop: the submit route's path. The request is checked
     against the models and tokenizers this process keeps fresh in the background; the job is stored (one script)
     and its message pushed with the loop's own Redis client. Only when something is not kept (a model advertised
-    a moment ago, a tokenizer not parsed yet) is the check done in a thread, reading Redis."""
-    prepared = _prepare_from_kept(data, settings, tokens, served)
-    if prepared is None:
-        prepared = await anyio.to_thread.run_sync(prepare_job, data, store, settings, tokens, served)
+    a moment ago, a tokenizer not parsed yet) is the check done in a thread, reading Redis.
+
+    With `offload` (a large request: thousands of prompts to count in tokens), the whole check runs through it, in a
+    worker thread within the API's bound on large bodies, never on the loop."""
+    if offload is not None:
+        prepared = await offload(lambda: prepare_job(data, store, settings, tokens, served))
+    else:
+        kept = _prepare_from_kept(data, settings, tokens, served)
+        if kept is None:
+            kept = await anyio.to_thread.run_sync(prepare_job, data, store, settings, tokens, served)
+        prepared = kept
     spec, labels = prepared
     status = await store.create_async(
         aredis, spec, ablation_count(spec), principal.name, max_active=settings.max_active_jobs, labels=labels

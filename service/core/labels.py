@@ -18,6 +18,7 @@ from msgspec import UNSET
 from hydra_ablate_client.wire import MAX_METADATA_BYTES, JobRequest
 from service.core.errors import ValidationProblem
 from service.core.store import JobLabels
+from service.core.webhook_http import WebhookTarget
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -54,6 +55,12 @@ class CallbackRefused(Exception):
 
 def check_callback_url(url: str, allowed: Iterable[IpNetwork]) -> None:
     """Raise CallbackRefused unless every address the URL's host resolves to is public or allowed."""
+    resolve_callback(url, allowed)
+
+
+def resolve_callback(url: str, allowed: Iterable[IpNetwork]) -> WebhookTarget:
+    """The URL's host resolved once and every address checked; the delivery connects to the first of them (not to a
+    second resolution, which could answer otherwise). CallbackRefused says what is wrong."""
     try:
         parts = urlsplit(url)
         hostname, _ = parts.hostname, parts.port  # both raise ValueError on a malformed authority
@@ -64,7 +71,8 @@ def check_callback_url(url: str, allowed: Iterable[IpNetwork]) -> None:
     if parts.username or parts.password:
         raise CallbackRefused("it must not carry credentials; the delivery is signed instead")
     allowed = tuple(allowed)
-    for address in _addresses(hostname):
+    addresses = _addresses(hostname)
+    for address in addresses:
         if any(address in network for network in allowed):
             continue
         if not address.is_global or address.is_multicast:
@@ -72,6 +80,16 @@ def check_callback_url(url: str, allowed: Iterable[IpNetwork]) -> None:
                 f"its host resolves to {address}, a private, loopback or reserved address; an operator can allow "
                 "such networks with HYDRA_CALLBACK_ALLOW"
             )
+    if not addresses:
+        raise CallbackRefused(f"its host {hostname!r} resolves to no address")
+    path = parts.path or "/"
+    return WebhookTarget(
+        scheme=parts.scheme,
+        host=hostname,
+        port=parts.port or (443 if parts.scheme == "https" else 80),
+        path=f"{path}?{parts.query}" if parts.query else path,
+        address=str(addresses[0]),
+    )
 
 
 def labels_of(request: JobRequest, allowed: Iterable[IpNetwork]) -> JobLabels:

@@ -120,6 +120,12 @@ def model_queue(queue_name: str, model_id: str) -> str:
     return f"{queue_name}.{safe}"
 
 
+def webhook_queue(queue_name: str) -> str:
+    """The queue of webhook deliveries: `hydra-webhooks`, consumed by a worker of its own (`-Q hydra-webhooks`), so
+    that a slow receiver never holds a process that runs chunks or plans jobs (see worker/callback_delivery.py)."""
+    return f"{queue_name}-webhooks"
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Broker settings shared by the API and the worker."""
     soft, hard = time_limits(settings)
@@ -141,7 +147,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.queue_name,
         "task_routes": {
             TASK_RUN_JOB: {"queue": settings.queue_name},
-            TASK_DELIVER_CALLBACK: {"queue": settings.queue_name},
+            TASK_DELIVER_CALLBACK: {"queue": webhook_queue(settings.queue_name)},
         },
         # Job state and results live in the JobStore; Celery keeps none.
         "task_ignore_result": True,
@@ -182,12 +188,12 @@ class JobQueue:
             settings.redis_url, socket_connect_timeout=5, health_check_interval=30, **driver_options()
         )
 
-    def message(self, task: str, args: list[object]) -> BrokerMessage:
+    def message(self, task: str, args: list[object], queue: str | None = None) -> BrokerMessage:
         """The message `Celery.send_task(task, args, queue=<hydra queue>, ignore_result=True)` publishes, built by
         Celery (`as_task_v2`) and serialised as kombu does (JSON body, base64 in the transport's envelope, the
         anonymous exchange routing to the queue's list); sends `before_task_publish` like Celery."""
         task_id = str(uuid.uuid4())
-        queue = self.settings.queue_name
+        queue = queue or self.settings.queue_name
         task_message = self.celery_app.amqp.as_task_v2(
             task_id, task, args=args, kwargs={}, ignore_result=True, reply_to=self.celery_app.oid,
             argsrepr=repr(args), kwargsrepr="{}",
@@ -237,7 +243,7 @@ class JobQueue:
 
     def notify(self, job_id: str) -> None:
         """Queue the webhook delivery of a finished job (worker/callback_delivery.py retries it)."""
-        self._push(self.message(TASK_DELIVER_CALLBACK, [job_id, 1]))
+        self._push(self.message(TASK_DELIVER_CALLBACK, [job_id, 1], webhook_queue(self.settings.queue_name)))
 
     def revoke(self, task_ids: list[str]) -> None:
         """Tell every worker to drop these queued tasks (e.g. a cancelled job's chunks; service/core/chunk_book.py)."""

@@ -106,6 +106,10 @@ class Settings:
     max_active_jobs: int = 100  # queued + running jobs per key
     max_prompt_tokens: int = 512  # per prompt, counted with the model's published tokenizer
     max_body_bytes: int = 10 * MIB  # request bodies above this are refused with 413 before parsing
+    # Bodies of at least this many bytes are decoded, checked and tokenised in worker threads, at most
+    # `large_submits` at once per API process (busy: 503 with Retry-After); see service/api/large_bodies.py.
+    large_submit_bytes: int = 256 * 1024
+    large_submits: int = 1
     # Event streams and waiting long polls held open per API process (service/api/stream_slots.py): per key and in all.
     # The total stays well below a default 1024 open-file limit (each held request is a socket); 0 switches one off.
     max_streams_per_key: int = 32
@@ -152,6 +156,8 @@ class Settings:
             max_active_jobs=env_int("HYDRA_MAX_ACTIVE_JOBS", defaults.max_active_jobs, minimum=0),
             max_prompt_tokens=env_int("HYDRA_MAX_PROMPT_TOKENS", defaults.max_prompt_tokens, minimum=0),
             max_body_bytes=env_int("HYDRA_MAX_BODY_BYTES", defaults.max_body_bytes),
+            large_submit_bytes=env_int("HYDRA_LARGE_SUBMIT_BYTES", defaults.large_submit_bytes, minimum=0),
+            large_submits=env_int("HYDRA_LARGE_SUBMITS", defaults.large_submits),
             max_streams_per_key=env_int("HYDRA_MAX_STREAMS_PER_KEY", defaults.max_streams_per_key, minimum=0),
             max_streams=env_int("HYDRA_MAX_STREAMS", defaults.max_streams, minimum=0),
             callback_allow=_unset_default(env_raw("HYDRA_CALLBACK_ALLOW"), defaults.callback_allow),

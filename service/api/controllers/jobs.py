@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -22,6 +23,7 @@ from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIRespon
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+from litestar.utils.scope.state import ScopeState
 
 from hydra_ablate_client.vocabulary import TERMINAL_STATES, ExportFormat, JobState
 from hydra_ablate_client.wire import (
@@ -43,6 +45,7 @@ from service.api.controllers.problems import (
 )
 from service.api.controllers.strict_query import RATE_LIMITED
 from service.api.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
+from service.api.large_bodies import LargeBodies
 from service.api.negotiation import EXPORT_ACCEPT, accepts_gzip, negotiate
 from service.core.api_keys import key_digest
 from service.core.errors import ValidationProblem
@@ -122,10 +125,32 @@ async def _strict_decode(request: Request[Any, Any, Any], body_type: type) -> No
     invalid UTF-8 inside a string raises UnicodeDecodeError and 50,000 nested arrays raise RecursionError, both
     unhandled. A typed, strict msgspec decode checks UTF-8 and stops at the first value of the wrong type (the
     schema nests three levels at most), so none of that reaches Litestar's decoder.
+
+    A large body (HYDRA_LARGE_SUBMIT_BYTES) is decoded in a worker thread, within the process's bound on large
+    bodies (service/api/large_bodies.py), both strictly and into the untyped objects Litestar would decode next on
+    the event loop; Litestar finds those in the request's state and uses them as they are.
     """
     body = await request.body()
     if not body:
         return  # Litestar's own "no body" answer
+    large: LargeBodies = request.app.state.large_bodies
+    if not large.is_large(len(body)):
+        _decode_checked(request, body, body_type)
+        return
+    large.admit(len(body))
+
+    def decode() -> Any:
+        _decode_checked(request, body, body_type)
+        return msgspec.json.decode(body)
+
+    ScopeState.from_scope(request.scope).json = await large.run(decode, "decode")
+    request.scope.setdefault("state", {})[LARGE_BODY_STATE] = True
+
+
+LARGE_BODY_STATE = "hydra_large_body"  # set in the request's state when its body took the large-body path
+
+
+def _decode_checked(request: Request[Any, Any, Any], body: bytes, body_type: type) -> None:
     try:
         msgspec.json.decode(body, type=body_type)
     except UnicodeDecodeError as exc:
@@ -190,15 +215,19 @@ class JobsController(Controller):
     )
     async def submit(
         self,
+        request: Request[Any, Any, Any],
         data: JSONBody[JobRequest],
         ctx: NamedDependency[RouteContext],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[JobStatus]:
         store, queue, settings, principal, tokens = ctx.store, ctx.queue, ctx.settings, ctx.principal, ctx.tokens
         if idempotency_key is None:
+            # A large body's resolution and token count run in a thread, within the bound (service/api/large_bodies.py).
+            large = request.app.state.large_bodies if request.state.get(LARGE_BODY_STATE) else None
             status = await queue_job_async(
-                data, principal, ctx.aredis, store, queue, settings, tokens, ctx.served
-            )
+                data, principal, ctx.aredis, store, queue, settings, tokens, ctx.served,
+                offload=None if large is None else functools.partial(large.run, step="prepare"),
+            )  # fmt: skip
             return Response(status, status_code=HTTP_202_ACCEPTED)
 
         # With a key: the record is claimed before the job exists, naming its id (service/api/idempotency.py); a

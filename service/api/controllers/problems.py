@@ -22,6 +22,7 @@ from litestar.status_codes import HTTP_406_NOT_ACCEPTABLE
 from hydra_ablate_client.wire import ProblemDetails
 from service.api.stream_slots import TooManyStreams
 from service.core.errors import BackendUnavailable, JobConflict, JobNotFound, ValidationProblem
+from service.core.redis_refusals import is_write_refusal, refusal_reason
 from service.core.store import ActiveJobsExceeded
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def unavailable_to_problem(exc: BackendUnavailable) -> ProblemDetailsException:
         status_code=HTTPStatus.SERVICE_UNAVAILABLE,
         title=_phrase(HTTPStatus.SERVICE_UNAVAILABLE),
         detail=exc.detail,
-        headers={"Retry-After": "5"},
+        headers={"Retry-After": str(exc.retry_after_s)},
     )
 
 
@@ -192,6 +193,9 @@ def quota_to_problem(exc: ActiveJobsExceeded) -> ProblemDetailsException:
 
 def redis_to_problem(exc: redis.RedisError) -> ProblemDetailsException:
     logger.warning("redis error while serving a request: %s", exc)
+    if is_write_refusal(exc):  # reads still work: only what writes is refused, saying why
+        detail = f"the job store (Redis) refuses writes for now: {refusal_reason(exc)} ({exc}); nothing was changed"
+        return unavailable_to_problem(BackendUnavailable(detail))
     return unavailable_to_problem(BackendUnavailable(f"the job store (Redis) is unavailable: {exc}"))
 
 
