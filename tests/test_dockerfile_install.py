@@ -213,4 +213,4 @@ def test_the_worker_image_file_set_installs_and_imports(tmp_path: Path) -> None:
     answer = json.loads(imported.stdout.strip().splitlines()[-1])
     assert answer["worker_at"].startswith(str(tmp_path / "venv"))
     wanted = [path for folder in ("core", "core/store", "api") for path in (ROOT / "service" / folder).glob("*.lua")]
-    assert answer["lua"] == sorted(path.name for path in wanted) and len(wanted) >= 22
+    assert answer["lua"] == sorted(path.name for path in wanted) and len(wanted) >= 23

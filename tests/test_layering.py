@@ -184,3 +184,17 @@ def test_redis_key_names_are_built_in_one_module() -> None:
                 if first.split(".")[-1] in ("prefix", "key_prefix"):
                     builders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not builders, "build key names in service/core/redis_keys.py:\n" + "\n".join(builders)
+
+
+def test_lua_scripts_live_in_lua_files() -> None:
+    """Every Redis script is a `.lua` file beside the module that loads it (service/core/lua_scripts.py), not a
+    string inside Python: a Lua body in a .py file is one that ruff, mypy and a Lua linter all skip."""
+    inline = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in scanned_files()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "redis.call(" in line
+    ]
+    assert not inline, "Lua inside Python (move it to a .lua file beside the module):\n" + "\n".join(inline)
+    scripts = [path for path in ROOT.joinpath("service").rglob("*.lua")]
+    assert len(scripts) >= 23  # the store's, the chunk book's, the leases', the API's idempotency and rate scripts

@@ -22,6 +22,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
 
+from service.core.lua_scripts import lua
 from service.core.redis_keys import RedisKeys
 from service.core.redis_refusals import is_write_refusal
 from service.core.settings import Settings
@@ -29,17 +30,6 @@ from service.core.settings import Settings
 logger = logging.getLogger(__name__)
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-# KEYS[1] counter. ARGV[1] window in ms. Returns {count, ms until the window ends}.
-_HIT = """
-local count = redis.call('INCR', KEYS[1])
-local ttl = redis.call('PTTL', KEYS[1])
-if count == 1 or ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
-end
-return {count, ttl}
-"""
 
 
 class RateSpent(Exception):
@@ -51,7 +41,7 @@ class RateSpent(Exception):
         self.reset_s = reset_s
 
 
-RATE_SCRIPT = _HIT  # loaded at the API's start-up with the store's loop scripts
+RATE_SCRIPT = lua("service.api", "rate_limits.hit")  # loaded at the API's start-up with the store's loop scripts
 
 
 class RateLimiter:
@@ -66,7 +56,7 @@ class RateLimiter:
         self.limits = {
             "read": settings.rate_limit_read, "write": settings.rate_limit_write, "login": settings.ui_login_limit
         }  # fmt: skip
-        self._hit = client.register_script(_HIT)
+        self._hit = client.register_script(RATE_SCRIPT)
 
     def counter_key(self, bucket: str, name: str) -> str:
         return RedisKeys(self.prefix).rate_counter(bucket, name)
