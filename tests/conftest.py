@@ -149,3 +149,30 @@ def private_settings(redis_url: str, name: str, **overrides: Any) -> Iterator[Se
             client.delete(key)
         client.delete(settings.queue_name)
         client.close()
+
+
+# Tests parametrized over every tiny architecture family run all of them with `scripts/test.sh --all`; CI runs
+# them on this covering set, one family per distinct code path of the engine: LLaMA (RMSNorm, separate q/k/v,
+# grouped keys and values, rotary), GPT-2 (LayerNorm with biases, fused qkv, learned positions), GPT-NeoX
+# parallel (attention and MLP read the same residual; partial rotary), Gemma 3 (pre- and post-block norms, QK-norm,
+# sliding windows; the family of the built-in Gemma-3-270M), Qwen3-MoE (routed experts), OLMo 2 (post-norm
+# blocks, QK-norm over all heads together). Tests that name their families themselves are left as they are.
+COVERING_ARCHS = frozenset({"llama", "gpt2", "gpt_neox_parallel", "gemma3", "qwen3_moe", "olmo2"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from tests.tiny_models import TINY_ARCHS
+
+    def family(item: pytest.Item) -> str | None:
+        callspec = getattr(item, "callspec", None)
+        arch = callspec.params.get("arch") if callspec is not None else None
+        return arch if isinstance(arch, str) else None
+
+    families: dict[str, set[str]] = {}  # test function (node id without parameters) -> the families it runs on
+    for item in items:
+        if (arch := family(item)) is not None:
+            families.setdefault(item.nodeid.split("[")[0], set()).add(arch)
+    for item in items:
+        arch = family(item)
+        if arch is not None and arch not in COVERING_ARCHS and families[item.nodeid.split("[")[0]] >= set(TINY_ARCHS):
+            item.add_marker(pytest.mark.slow)

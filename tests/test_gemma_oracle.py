@@ -32,7 +32,9 @@ from worker.engine.types import SweepInputs, SweepSpec
 from worker.model_cache import LoadedModel, load_model, model_info
 from worker.model_sources import parse_source
 
-pytestmark = pytest.mark.slow
+# CI runs the model-list check and the first final-position case (resample from random sources, the hydra
+# preset's ablation); `scripts/test.sh --all` runs every case.
+SLOW = pytest.mark.slow
 
 PROMPTS = (
     "The Eiffel Tower is located in the city of",
@@ -103,7 +105,9 @@ FINAL_CASES = (
 )
 
 
-@pytest.mark.parametrize("case", FINAL_CASES, ids=[c.id for c in FINAL_CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[SLOW] if i else []) for i, c in enumerate(FINAL_CASES)]
+)
 def test_final_position_measures_match_the_oracle(gemma: LoadedModel, case: FinalCase) -> None:
     spec = SweepSpec(
         components=case.components, ablation=case.ablation, positions=case.positions,  # type: ignore[arg-type]
@@ -140,7 +144,9 @@ POSITION_CASES = (
 )
 
 
-@pytest.mark.parametrize("case", POSITION_CASES, ids=[f"{c.ablation}-{c.response_basis}" for c in POSITION_CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=f"{c.ablation}-{c.response_basis}", marks=SLOW) for c in POSITION_CASES]
+)
 def test_per_position_measures_match_the_oracle(gemma: LoadedModel, case: PositionCase) -> None:
     spec = SweepSpec(
         components=case.components, ablation=case.ablation, positions="all", metric=case.metric,  # type: ignore[arg-type]

@@ -217,6 +217,7 @@ def test_the_report_plugin_and_its_summary(tmp_path: Path) -> None:
     assert next(g for name, g in groups.items() if name.startswith("other:"))["error"] == 1
 
 
+@pytest.mark.slow  # two minutes: the whole entry point, every tiny family and the timing shapes, on the CPU
 def test_the_entry_point_runs_on_the_cpu_and_writes_what_a_gpu_run_writes(tmp_path: Path) -> None:
     """The exact command, on the CPU, in this environment (no carried wheels: this environment has the packages),
     with one test of each kind and the 7B shape only (bench/gpu_dry_run.sh runs all three, and more tests, on

@@ -36,6 +36,8 @@ from tests.test_faults import WorkerProcess
 from tests.test_lab_api import parse_sse
 from tests.test_submit_recovery import api_process
 
+pytestmark = pytest.mark.serial  # latency bounds: run alone, after the parallel part of the suite
+
 KEY_A = "held-requests-key-of-alice"
 KEY_B = "held-requests-key-of-bob"
 PER_KEY = 100  # the per-key cap this stack runs with: as many streams as redis-py's default pool has connections

@@ -26,6 +26,8 @@ from service.core.settings import Settings
 from service.core.store import JobStore
 from tests.test_submit_recovery import api_process
 
+pytestmark = pytest.mark.serial  # latency bounds: run alone, after the parallel part of the suite
+
 MODEL = "tiny-large"
 KEY_A = "large-submits-key-of-alice"
 KEY_B = "large-submits-key-of-bob"
