@@ -29,6 +29,10 @@ dict with at least "ok"):
                   a job runs: seconds until every child and grandchild was gone and the port free; a second serve on
                   the same data folder while the first runs is refused; a new serve on the folder finds the
                   accepted job and runs it to the end
+  quiet_held      a long poll (?wait=21) and an event stream on a job that does not change for 20 s (workers
+                  paused): both held, keep-alives sent, then the change delivered and the stream ended
+  streams_one_key 100 event streams from one key on a quiet job: those past HYDRA_MAX_STREAMS_PER_KEY refused
+                  with 429 and Retry-After, the held ones open; another key's reads p99 before and meanwhile
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -602,6 +607,123 @@ def large_submits(stack: Stack) -> dict[str, Any]:
     }  # fmt: skip
 
 
+OTHER_KEY = "chaos-other-" + "k" * 26  # a second tenant, for streams_one_key
+HELD_S = 20.0  # past every client library's default read timeout (redis-py's asyncio client: 5 s)
+
+
+@contextmanager
+def workers_paused(stack: Stack) -> Iterator[None]:
+    """Every worker process (Celery main and pool) stopped: a job submitted meanwhile stays queued, quiet."""
+    processes = [psutil.Process(w.pid) for w in stack.workers if w.poll() is None]
+    processes += [child for p in list(processes) for child in p.children(recursive=True)]
+    for process in processes:
+        process.suspend()
+    try:
+        yield
+    finally:
+        for process in processes:
+            with suppress(psutil.NoSuchProcess):
+                process.resume()
+
+
+def quiet_held(stack: Stack) -> dict[str, Any]:
+    """A long poll (?wait=21) and an event stream on a job that does not change for 20 s: both held, the stream
+    sending keep-alives, then the change delivered when the job runs."""
+    answers: dict[str, Any] = {}
+    lines: list[tuple[float, str]] = []
+
+    def long_poll(job_id: str) -> None:
+        started = time.monotonic()
+        try:
+            response = httpx.get(f"{stack.url}/v1/jobs/{job_id}", params={"wait": HELD_S + 1}, headers=stack.headers,
+                                 timeout=90)  # fmt: skip
+            answers["poll"] = (time.monotonic() - started, response.status_code, response.json().get("status"))
+        except httpx.HTTPError as error:
+            answers["poll"] = (time.monotonic() - started, type(error).__name__, str(error))
+
+    def stream(job_id: str) -> None:
+        started = time.monotonic()
+        try:
+            with httpx.stream("GET", f"{stack.url}/v1/jobs/{job_id}/events", headers=stack.headers,
+                              timeout=90) as response:  # fmt: skip
+                for line in response.iter_lines():
+                    lines.append((time.monotonic() - started, line))
+            answers["stream_end"] = "closed by the server after end"
+        except httpx.HTTPError as error:
+            answers["stream_end"] = f"{type(error).__name__}: {error}"
+
+    with workers_paused(stack):
+        job_id = stack.submit(SMALL_JOB)
+        threads = [threading.Thread(target=f, args=(job_id,), daemon=True) for f in (long_poll, stream)]
+        for thread in threads:
+            thread.start()
+        time.sleep(HELD_S + 2)
+        held = "stream_end" not in answers
+    for thread in threads:
+        thread.join(timeout=90)
+    poll_s, poll_code, poll_status = answers.get("poll", (None, None, None))
+    keepalives = [at for at, line in lines if line == ": keep-alive"]
+    ended = any(line == "event: end" for _, line in lines)
+    return {
+        "ok": held and poll_code == 200 and poll_status == "queued" and poll_s is not None and poll_s >= HELD_S
+        and ended and answers.get("stream_end") == "closed by the server after end" and len(keepalives) >= 3,
+        "long_poll": {"seconds": round(poll_s or 0, 1), "code": poll_code, "status": poll_status},
+        "stream_open_for_s": round(HELD_S + 2, 1) if held else None, "keepalives_while_quiet": len(keepalives),
+        "stream_end": answers.get("stream_end"), "stream_saw_end": ended,
+    }  # fmt: skip
+
+
+def streams_one_key(stack: Stack) -> dict[str, Any]:
+    """100 event streams from one key on quiet jobs: past the per-key cap they are refused (429, Retry-After), and
+    another key's status reads are as fast as before."""
+    from tests.test_held_requests import RawStream
+
+    def reads(seconds: float) -> tuple[list[float], list[int]]:
+        times: list[float] = []
+        codes: list[int] = []
+        with httpx.Client(base_url=stack.url, headers={"X-API-Key": OTHER_KEY}, timeout=30) as client:
+            first = client.post("/v1/jobs", json=SMALL_JOB)
+            job_id = first.json()["id"] if first.status_code == 202 else "missing"
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                codes.append(client.get(f"/v1/jobs/{job_id}").status_code)
+                codes.append(client.get("/v1/jobs?limit=20").status_code)
+                times.append(time.perf_counter() - started)
+                time.sleep(0.05)
+        return times, codes
+
+    def p99(samples: list[float]) -> float:
+        return sorted(samples)[max(0, int(len(samples) * 0.99) - 1)] if samples else float("nan")
+
+    held: list[RawStream] = []
+    with workers_paused(stack):
+        job_id = stack.submit(SMALL_JOB)
+        reads(1.0)  # warm
+        idle, idle_codes = reads(8.0)
+        try:
+            for _ in range(100):
+                held.append(RawStream(stack.url, job_id, API_KEY))
+            accepted = [s for s in held if s.status == 200]
+            refused = [s for s in held if s.status == 429]
+            retry_after = sorted({line.split(":", 1)[1].strip() for s in refused for line in s.headers.splitlines()
+                                  if line.lower().startswith("retry-after:")})  # fmt: skip
+            loaded, loaded_codes = reads(8.0)
+            still_open = sum(s.is_open() for s in accepted)
+        finally:
+            for stream in held:
+                stream.close()
+    return {
+        "ok": len(accepted) + len(refused) == 100 and bool(refused) and bool(retry_after)
+        and still_open == len(accepted) and set(idle_codes) | set(loaded_codes) == {200}
+        and p99(loaded) < max(0.1, 3 * p99(idle)),
+        "accepted": len(accepted), "refused_429": len(refused), "retry_after": retry_after,
+        "held_open_at_end": still_open,
+        "other_key_p99_ms": {"before": round(1000 * p99(idle), 1), "with_100_streams": round(1000 * p99(loaded), 1)},
+        "other_key_reads": len(idle) + len(loaded),
+    }  # fmt: skip
+
+
 SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [
     baseline,
     redis_restart,
@@ -614,6 +736,8 @@ SCENARIOS: list[Callable[[Stack], dict[str, Any]]] = [
     huge_webhook,
     large_submits,
     serve_killed,
+    quiet_held,
+    streams_one_key,
 ]
 
 
@@ -628,7 +752,7 @@ def start_stack(folder: Path) -> Stack:
         "HYDRA_KEY_PREFIX": "chaos:",
         "HYDRA_QUEUE": "hydra-chaos",
         "HYDRA_MODELS": f"{MODEL}={model_dir}",
-        "HYDRA_API_KEYS": f"chaos:{API_KEY}",
+        "HYDRA_API_KEYS": f"chaos:{API_KEY},other:{OTHER_KEY}",
         "HYDRA_CHUNK_PROMPTS": "3",
         "HYDRA_BATCH_TOKENS": "1",
         # Every chunk runs its own clean passes (none kept from an earlier job or chunk), or a chunk of prompts
