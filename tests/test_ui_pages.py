@@ -254,3 +254,54 @@ def test_page_writes_count_against_the_keys_rate_limit(redis_url: str) -> None:
                 refused.status_code == 429 and "rate limit" in refused.text and int(refused.headers["retry-after"]) > 0
             )
         store.close()
+
+
+def _succeeded(store: JobStore, result: Any, owner: str) -> str:
+    import msgspec
+
+    status = store.create(result.provenance.spec, total=len(result.prompts) * len(result.components), owner=owner)
+    assert store.mark_running(status.id)
+    assert store.mark_succeeded(status.id, msgspec.json.encode(msgspec.structs.replace(result, id=status.id)))
+    return status.id
+
+
+def test_compare_page_leads_with_ce_on_unembed_and_the_ablations_efficacy(settings: Settings, store: JobStore) -> None:
+    """Per component: the CE-on-Δunembed slope with its interval, whether the whole interval lies in (0, 1), and the
+    share of Δunembed the ablation removed (weak flagged); the older regressions come after it, labelled."""
+    import msgspec
+
+    from tests.test_figures import build_result
+
+    first = build_result(seed=1)
+    # Efficacy as a worker with ablated_unembed_effect reports it: attn.0 removed 20% (weak), the others 90%.
+    components = [msgspec.structs.replace(s, unembed_removed_share=0.2 if s.component == "attn.0" else 0.9,
+                                          weak_ablation=s.component == "attn.0") for s in first.summary.components]
+    first = msgspec.structs.replace(first, summary=msgspec.structs.replace(first.summary, components=components))
+    second = build_result(seed=2)
+    ids = [_succeeded(store, result, "alice") for result in (first, second)]
+    with client_for(settings) as client:
+        sign_in(client, ALICE)
+        page = client.get(f"/ui/compare?ids={ids[0]}&ids={ids[1]}")
+        assert page.status_code == 200
+        html = page.text
+        figure = client.get(f"/ui/compare/figure?ids={ids[0]}&ids={ids[1]}")
+        assert figure.status_code == 200 and figure.content.startswith(b"\x89PNG")
+    paper = html[html.index('id="compare-paper"'):]
+    paper = paper[paper.index("</caption>"):paper.index("</table>")]
+    for result in (first, second):
+        for s in result.summary.components:
+            f = s.ce_vs_unembed
+            assert f is not None and f.slope is not None
+            assert f"{f.slope:.2f} [{f.slope_ci_low:.2f}, {f.slope_ci_high:.2f}]" in paper, s.component
+    inside = [sum(1 for s in r.summary.components if s.ce_vs_unembed and s.ce_vs_unembed.slope_in_unit_interval)
+              for r in (first, second)]
+    assert paper.count("not in (0, 1)") == 12 - sum(inside)
+    assert paper.count("in (0, 1)") == 12  # every cell says one or the other
+    assert paper.count("removed 90%") == 5 and paper.count("removed 20% <strong>weak</strong>") == 1
+    assert paper.count("removed –") == 6  # the second job reports no efficacy: a dash, not a number
+    jobs = html[html.index('id="compare-jobs"'):]
+    jobs = jobs[:jobs.index("</table>")]
+    assert f"{inside[0]} of 6" in jobs and f"{inside[1]} of 6" in jobs and "1 of 6 (removed &lt; 50%)" in jobs
+    # The paper's statistic comes first; the older regressions after it, labelled as such.
+    assert jobs.index("whole interval in (0, 1)") < jobs.index("Older: TE on DE slope")
+    assert html.index('id="compare-paper"') < html.index("older regression: compensation-on-DE slope")

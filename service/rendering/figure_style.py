@@ -5,6 +5,7 @@ render lock and the option error. Used by the service's figures, the paper's fig
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from hydra_ablate_client.vocabulary import parse_component
@@ -47,3 +48,25 @@ def layer_ticks(ax: Axes, layers: list[int]) -> None:
     shown = layers[::step]
     ax.set_xticks(shown, [str(layer) for layer in shown])
     ax.tick_params(axis="both", labelsize=MIN_FONT_PT + 1)
+
+
+def note_outside(ax: Axes, xs: Sequence[float] | None, ys: Sequence[float], *, what: str = "point") -> int:
+    """Count the finite points that fall outside the panel's current limits and write that count on the panel
+    ("n points outside the axes"): a figure may zoom on the bulk of its points, never drop some silently. `xs` None
+    checks the y-axis only. Call after the limits are final; returns the count."""
+    import math
+
+    x_low, x_high = sorted(ax.get_xlim())
+    y_low, y_high = sorted(ax.get_ylim())
+    pairs = zip(xs, ys, strict=True) if xs is not None else ((None, y) for y in ys)
+    outside = 0
+    for x, y in pairs:
+        if not math.isfinite(y) or (x is not None and not math.isfinite(x)):
+            continue
+        if not y_low <= y <= y_high or (x is not None and not x_low <= x <= x_high):
+            outside += 1
+    if outside:
+        ax.text(0.99, 0.02, f"{outside} {what}{'' if outside == 1 else 's'} outside the axes", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=MIN_FONT_PT, color="0.2", zorder=10,
+                bbox={"facecolor": "white", "alpha": 0.85, "linewidth": 0})
+    return outside

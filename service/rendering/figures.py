@@ -31,6 +31,7 @@ from service.rendering.figure_style import (
     kind_and_layer,
     layer_ticks,
     metric_unit,
+    note_outside,
 )
 
 if TYPE_CHECKING:
@@ -53,8 +54,9 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "to attention ablations regressed on the ablated layer's Δunembed",
     "profile": "the paper's Fig. 1/3 for one prompt (`prompt`) and ablated component (`component`): clean "
     "per-layer Δunembed, the ablated run's, and one faint line per resample patch (needs keep_samples)",
-    "fig2": "the paper's Fig. 2: Δunembed and the ablation's drop per layer, their correlation across prompts, and "
-    "the share of prompts with Δunembed > drop",
+    "fig2": "the paper's Fig. 2: Δunembed and the ablation's drop per layer, the drop against Δunembed per prompt "
+    "(points outside the axes counted on the panel), their correlation across prompts and the share of prompts with "
+    "Δunembed > drop",
     "fig7": "the paper's Fig. 7: CE against Δunembed for attention (coloured by depth), the best-fitting layer, MLP "
     "layers, and slope (95% bootstrap interval) and R² per layer",
     "fig8": "the paper's Fig. 8: CE's attention part and MLP part regressed on Δunembed, per attention layer",
@@ -398,6 +400,7 @@ def _self_repair(fig: Figure, result: JobResult) -> None:
     share_axis = right.twinx()
     share_axis.plot(order, shares, "D", color="tab:green", markeredgecolor="black", markersize=5, label="norm share")
     share_axis.set_ylim(-1, 1)
+    note_outside(share_axis, None, shares, what="norm share")
     share_axis.set_ylabel("norm share of the self-repair (◆)")
     right.set_title("who repairs, per layer (◆ norm share where self-repair ≥ DE / 10)")
     right.legend(loc="upper left", fontsize="small")

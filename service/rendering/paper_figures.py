@@ -12,7 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult, PromptResult
-from service.rendering.figure_style import MIN_FONT_PT, FigureOptionError, kind_and_layer, layer_ticks, metric_unit
+from service.rendering.figure_style import (
+    MIN_FONT_PT,
+    FigureOptionError,
+    kind_and_layer,
+    layer_ticks,
+    metric_unit,
+    note_outside,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -142,8 +149,9 @@ def _efficacy_line(result: JobResult, row: PromptResult, k: int) -> str:
 
 
 def fig2(fig: Figure, result: JobResult) -> None:
-    """(a, b) per layer: Δunembed and the drop (TE), per prompt and mean, attention and MLP; (c) their correlation
-    across prompts; (d) the share of prompts where Δunembed exceeds the drop."""
+    """(a, b) per layer: Δunembed and the drop (TE), per prompt and mean, attention and MLP; (c) the scatter of the
+    drop against Δunembed, one point per prompt and ablated layer, coloured by depth, with y = x; (d) their
+    correlation across prompts and the share of prompts where Δunembed exceeds the drop, per layer."""
     import numpy as np
 
     (ax_a, ax_b), (ax_c, ax_d) = fig.subplots(2, 2)
@@ -170,10 +178,13 @@ def fig2(fig: Figure, result: JobResult) -> None:
         layer_ticks(ax, [int(x) for x in layers])
         ax.legend(loc="upper left")
         ax.grid(True, alpha=0.3)
-        lo, hi = np.percentile([getattr(p, f)[c] for p in result.prompts for _, c, _ in rows
-                                for f in ("unembed_effect", "total_effect")], [0.5, 99.5])
+        values = [getattr(p, f)[c] for p in result.prompts for _, c, _ in rows
+                  for f in ("unembed_effect", "total_effect")]
+        lo, hi = np.percentile(values, [0.5, 99.5])
         pad = 0.1 * (hi - lo) if hi > lo else 1.0
         ax.set_ylim(lo - pad, hi + pad)  # the central 99% of the points: a few outliers do not flatten the rest
+        note_outside(ax, None, values)
+    _fig2_scatter(ax_c, result)
     for kind, colour, marker in (("attn", "tab:blue", "o"), ("mlp", "tab:orange", "s")):
         rows = _by_kind(result, kind)
         layer_list = [layer for layer, _, _ in rows]
@@ -181,23 +192,65 @@ def fig2(fig: Figure, result: JobResult) -> None:
         share = [s.unembed_exceeds_drop_share for _, _, s in rows]
         label = "attention" if kind == "attn" else "MLP"
         if rows:
-            ax_c.plot(layer_list, corr, color=colour, marker=marker, markersize=4, label=label)
-            ax_d.plot(layer_list, share, color=colour, marker=marker, markersize=4, label=label)
-    ax_c.set_title("(c) correlation of Δunembed with the drop, across prompts")
-    ax_c.set_ylabel("Pearson r")
-    ax_c.set_ylim(-1.05, 1.05)
-    ax_d.set_title("(d) share of prompts with Δunembed > drop")
-    ax_d.set_ylabel("share of prompts")
-    ax_d.set_ylim(-0.02, 1.02)
+            ax_d.plot(layer_list, corr, color=colour, marker=marker, markersize=4, label=f"{label}: Pearson r")
+            ax_d.plot(layer_list, share, color=colour, marker=marker, markersize=4, linestyle="--",
+                      markerfacecolor="none", label=f"{label}: share Δunembed > drop")
+    ax_d.set_title("(d) per layer: r(Δunembed, drop) solid, share Δunembed > drop dashed")
+    ax_d.set_ylabel("Pearson r / share of prompts")
+    ax_d.set_ylim(-1.05, 1.05)
     ax_d.axhline(0.5, color="0.5", linestyle=":", linewidth=1)
-    for ax in (ax_c, ax_d):
-        ax.axhline(0, color="0.3", linewidth=0.8)
-        ax.set_xlabel("ablated layer")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower left")
-        layer_ticks(ax, list(range(_n_layers(result))))
+    ax_d.axhline(0, color="0.3", linewidth=0.8)
+    ax_d.set_xlabel("ablated layer")
+    ax_d.grid(True, alpha=0.3)
+    ax_d.legend(loc="lower left", ncols=2)
+    layer_ticks(ax_d, list(range(_n_layers(result))))
     fig.suptitle(f"{result.model}: unembedding impact vs ablation impact (paper Fig. 2), "
                  f"{result.summary.n_prompts} prompts")
+
+
+def _fig2_scatter(ax: Axes, result: JobResult) -> None:
+    """Panel (c): per prompt and ablated whole layer, the drop (clean − ablated) against Δunembed; points below
+    y = x are prompts where the output fell by less than the layer wrote directly (the paper's Hydra signature)."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    cmap, norm = colormaps["viridis"], Normalize(0, max(_n_layers(result) - 1, 1))
+    xs: list[float] = []
+    ys: list[float] = []
+    image = None
+    for kind, marker, label in (("attn", "o", "attention"), ("mlp", "s", "MLP")):
+        rows = _by_kind(result, kind)
+        if not rows:
+            continue
+        kx = [p.unembed_effect[c] for _, c, _ in rows for p in result.prompts]
+        ky = [p.total_effect[c] for _, c, _ in rows for p in result.prompts]
+        depth = [layer for layer, _, _ in rows for _ in result.prompts]
+        image = ax.scatter(kx, ky, c=depth, cmap=cmap, norm=norm, marker=marker, s=9, alpha=0.5, linewidths=0,
+                           rasterized=len(kx) > _RASTERIZE_ABOVE, label=f"{label} layer, one prompt")
+        xs += kx
+        ys += ky
+    if image is None:
+        _empty(ax, "no whole-layer ablations")
+        return
+    both = np.array(xs + ys, dtype=float)
+    both = both[np.isfinite(both)]
+    lo, hi = np.percentile(both, [0.5, 99.5]) if both.size else (0.0, 1.0)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    pad = 0.1 * (hi - lo) if hi > lo else 1.0
+    ax.set_xlim(lo - pad, hi + pad)  # one scale on both axes (the central 99%), so y = x is the diagonal
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.35", linestyle="--", linewidth=1,
+            label="y = x (drop = Δunembed)")
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.grid(True, alpha=0.3)
+    ax.set_title("(c) drop against Δunembed, per prompt and layer")
+    ax.set_xlabel(_unit_label(result, "Δunembed of the ablated layer"))
+    ax.set_ylabel(_unit_label(result, "drop (clean − ablated)"))
+    ax.legend(loc="upper left")
+    ax.figure.colorbar(image, ax=ax, label="ablated layer")
+    note_outside(ax, xs, ys)
 
 
 # --- Fig. 7 ----------------------------------------------------------------------------------------------------------
@@ -227,7 +280,7 @@ def _scatter_by_depth(ax: Axes, result: JobResult, kind: str, title: str) -> Non
 
 
 def _diagonals(ax: Axes, xs: list[float], ys: list[float]) -> None:
-    """y = x (full compensation) and y = 0, over the central 99% of the points."""
+    """y = x (full compensation) and y = 0, over the central 99% of the points; the rest counted on the panel."""
     import numpy as np
 
     if not xs:
@@ -243,6 +296,7 @@ def _diagonals(ax: Axes, xs: list[float], ys: list[float]) -> None:
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.grid(True, alpha=0.3)
+    note_outside(ax, xs, ys)
 
 
 def _fit(summary: ComponentSummary) -> Fit:
@@ -316,9 +370,9 @@ def fig7(fig: Figure, result: JobResult) -> None:
                   label=f"{label}: R²")
     ax_d.axhline(1, color="0.35", linestyle="--", linewidth=1)
     ax_d.axhline(0, color="0.3", linewidth=0.8)
-    every = [(kind, layer, _fit(s)) for kind in ("attn", "mlp") for layer, _, s in _by_kind(result, kind)]
-    _robust_ylim(ax_d, [f.slope for _, _, f in every])
-    _note_clipping(ax_d, every)
+    every = [(f"{kind}.{layer}", _fit(s)) for kind in ("attn", "mlp") for layer, _, s in _by_kind(result, kind)]
+    robust_ylim(ax_d, [f.slope for _, f in every])
+    note_clipping(ax_d, every)
     ax_d.set_title("(d) slope of CE on Δunembed (95% CI) and R² per layer")
     ax_d.set_xlabel("ablated layer")
     ax_d.set_ylabel("slope (dimensionless) / R²")
@@ -329,7 +383,7 @@ def fig7(fig: Figure, result: JobResult) -> None:
                  f"(paper Fig. 7), {result.summary.n_prompts} prompts")
 
 
-def _robust_ylim(ax: Axes, slopes: list[float | None]) -> None:
+def robust_ylim(ax: Axes, slopes: list[float | None]) -> None:
     """Keep 0 and 1 and the central slopes in view; a few extreme layers (and long intervals) run off the axes."""
     import numpy as np
 
@@ -340,12 +394,12 @@ def _robust_ylim(ax: Axes, slopes: list[float | None]) -> None:
     ax.set_ylim(min(-0.5, low - 0.5), max(1.5, high + 0.5))
 
 
-def _note_clipping(ax: Axes, fits: list[tuple[str, int, Fit]]) -> None:
-    """Say on the panel which slopes, and how many intervals, run off its y-axis (nothing is clipped silently)."""
+def note_clipping(ax: Axes, fits: list[tuple[str, Fit]]) -> None:
+    """Say on the panel which slopes (named), and how many intervals, run off its y-axis (nothing is clipped
+    silently). Call after the limits are final."""
     low, high = ax.get_ylim()
-    off = [f"{kind}.{layer} {f.slope:+.1f}" for kind, layer, f in fits
-           if f.slope is not None and not low <= f.slope <= high]
-    cut = sum(1 for _, _, f in fits if f.slope is not None and low <= f.slope <= high
+    off = [f"{name} {f.slope:+.1f}" for name, f in fits if f.slope is not None and not low <= f.slope <= high]
+    cut = sum(1 for _, f in fits if f.slope is not None and low <= f.slope <= high
               and ((f.slope_ci_low is not None and f.slope_ci_low < low)
                    or (f.slope_ci_high is not None and f.slope_ci_high > high)))
     parts = []
@@ -386,7 +440,10 @@ def fig8(fig: Figure, result: JobResult) -> None:
                       capsize=2, elinewidth=1, label=f"CE's {label}")
         ax_b.plot(layers, [np.nan if f.r2 is None else f.r2 for _, f in fits], color=colour, marker=marker,
                   markersize=4, label=f"CE's {label}")
-    _robust_ylim(ax_a, [getattr(s, f).slope for _, _, s in rows for f in ("ce_attn_vs_unembed", "ce_mlp_vs_unembed")])
+    part_fits = [(f"attn.{layer} {key}", getattr(s, field)) for layer, _, s in rows
+                 for _, _, _, _, field, key in parts]
+    robust_ylim(ax_a, [f.slope for _, f in part_fits])
+    note_clipping(ax_a, part_fits)
     ax_a.set_title("(a) slope on Δunembed, 95% bootstrap interval")
     ax_a.set_ylabel("slope (dimensionless)")
     ax_b.set_title("(b) R² of the fit on Δunembed")
@@ -411,7 +468,7 @@ def fig8(fig: Figure, result: JobResult) -> None:
             fit = getattr(summary, field)
             ax.scatter(xs, parts_y[key], s=8, alpha=0.5, color=colour, marker=marker, linewidths=0,
                        label=f"{label}: {_fit_text(fit)}")
-        _diagonals(ax, xs, parts_y["attn"] + parts_y["mlp"])
+        _diagonals(ax, xs + xs, parts_y["attn"] + parts_y["mlp"])
         ax.set_title(f"({letter}) attention layer {layer} ablated")
         ax.set_xlabel(_unit_label(result, "Δunembed"))
         ax.set_ylabel(_unit_label(result, "part of CE"))

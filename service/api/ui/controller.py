@@ -53,7 +53,16 @@ from service.rendering.exports import export
 from service.rendering.figure_cache import cached_figure
 from service.rendering.figure_style import FigureOptionError
 from service.rendering.figures import FIGURE_DESCRIPTIONS
-from service.rendering.job_comparison import MAX_JOBS, MIN_JOBS, Compared, layer_tables, render_comparison
+from service.rendering.job_comparison import (
+    MAX_JOBS,
+    MIN_JOBS,
+    Compared,
+    component_rows,
+    layer_tables,
+    partial_repair_count,
+    render_comparison,
+    weak_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -495,7 +504,10 @@ class UiController(Controller):
         principal = signed_in(ui, request)
         compared = await self._compared(store, ids or [], principal)
         query = "&".join(f"ids={quote(c.result.id, safe='')}" for c in compared)
-        return page(ui, "compare", compared=compared, query=query, tables=layer_tables(compared))
+        names, per_job = component_rows(compared)
+        return page(ui, "compare", compared=compared, query=query, tables=layer_tables(compared), names=names,
+                    per_job=per_job, partial=[partial_repair_count(c.result) for c in compared],
+                    weak=[weak_count(c.result) for c in compared])
 
     @get("/compare/figure")
     async def compare_figure(
