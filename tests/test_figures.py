@@ -329,3 +329,25 @@ def test_figures_are_409_until_the_job_succeeded(client: TestClient, store: JobS
     cancelled = store.create(spec, total=24)
     store.request_cancel(cancelled.id)
     assert_problem(client.get(f"/v1/jobs/{cancelled.id}/figures/erasure"), 409, "cancelled")
+
+
+def test_note_outside_counts_finite_points_beyond_the_limits_and_writes_the_count() -> None:
+    from matplotlib.figure import Figure
+
+    from service.rendering.figure_style import note_outside
+
+    ax = Figure().add_subplot()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)  # an inverted axis counts the same
+    xs = [0.5, 2.0, 0.5, float("nan"), 1.0, -0.1]
+    ys = [0.5, 0.5, -1.0, 0.5, 1.0, 3.0]
+    assert note_outside(ax, xs, ys) == 3  # (2, .5), (.5, -1), (-.1, 3); the NaN is not drawn, (1, 1) is on the edge
+    assert [t.get_text() for t in ax.texts] == ["3 points outside the axes"]
+    alone = Figure().add_subplot()
+    alone.set_ylim(-1, 1)
+    assert note_outside(alone, None, [0.0, 1.5, float("inf")], what="norm share") == 1
+    assert [t.get_text() for t in alone.texts] == ["1 norm share outside the axes"]
+    inside = Figure().add_subplot()
+    inside.set_xlim(0, 1)
+    inside.set_ylim(0, 1)
+    assert note_outside(inside, [0.2], [0.8]) == 0 and not inside.texts  # nothing off the axes: nothing written

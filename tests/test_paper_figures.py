@@ -203,3 +203,67 @@ def test_only_correct_chunks_merge_like_the_whole_job(loaded: Any) -> None:
     for a, b in zip(whole.prompts, merged.prompts, strict=True):
         assert np.allclose(a.compensatory_effect, b.compensatory_effect, atol=1e-5)
         assert np.allclose(a.unembed_effect, b.unembed_effect, atol=1e-5)
+
+
+def _with_outlier(result: JobResult, component: str, field: str, value: float) -> JobResult:
+    """The result with one number, prompt 0's `field` for `component`, set far beyond every other point."""
+    import msgspec
+
+    c = result.components.index(component)
+    first = result.prompts[0]
+    values = list(getattr(first, field))
+    if field == "response":  # the first downstream attention layer's response: part of CE's attention part
+        row = list(values[c])
+        row[result.response_basis.index("attn.2")] = value
+        values[c] = row
+    else:
+        values[c] = value
+    moved = msgspec.structs.replace(first, **{field: values})
+    return msgspec.structs.replace(result, prompts=[moved, *result.prompts[1:]])
+
+
+def test_fig2_draws_its_scatter_panel_and_writes_what_runs_off_the_axes(real_result: JobResult) -> None:
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        svg = render(real_result, "fig2", "svg").decode()
+        far = render(_with_outlier(real_result, "attn.1", "total_effect", 1e3), "fig2", "svg").decode()
+        far7 = render(_with_outlier(real_result, "attn.1", "compensatory_effect", 1e3), "fig7", "svg").decode()
+    for text in ("(c) drop against Δunembed, per prompt and layer", "y = x (drop = Δunembed)",
+                 "Δunembed of the ablated layer (centred logit)", "drop (clean − ablated) (centred logit)",
+                 "attention layer, one prompt", "MLP layer, one prompt", "(d) per layer"):
+        assert text in svg, text
+    # One drop of 1000 among values of order 1: the panels zoom on the central 99%, so it lies off
+    # panel (a) (the attention layers' dots) and off the scatter (c), and each says so.
+    notes = re.findall(r"(\d+) points? outside the axes", far)
+    assert len(notes) >= 2 and all(int(n) >= 1 for n in notes), notes
+    assert re.search(r"\d+ points? outside the axes", far7)  # Fig. 7's scatters of CE on Δunembed too
+
+
+@pytest.mark.parametrize(("name", "field"), [("fig2", "total_effect"), ("fig7", "compensatory_effect"),
+                                             ("fig8", "response")])
+def test_paper_scatters_count_every_point_outside_the_axes(real_result: JobResult, name: str, field: str) -> None:
+    """Independent of the notes' wording: each panel's count equals the points drawn there beyond its limits."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.figure import Figure
+
+    from service.rendering.paper_figures import fig2, fig7, fig8
+
+    draw = {"fig2": fig2, "fig7": fig7, "fig8": fig8}[name]
+    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    draw(fig, _with_outlier(real_result, "attn.1", field, 1e3))  # fig8's panel (c) is attn.1 (the middle of 3)
+    checked = 0
+    for ax in fig.axes:
+        (x_low, x_high), (y_low, y_high) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        outside = 0
+        for collection in ax.collections:  # the scatters' points (error bars and colour bars are other collections)
+            points = np.asarray(collection.get_offsets(), dtype=float)
+            if not isinstance(collection, PathCollection) or points.ndim != 2 or len(points) == 0:
+                continue
+            finite = points[np.isfinite(points).all(axis=1)]
+            outside += int((~((finite[:, 0] >= x_low) & (finite[:, 0] <= x_high)
+                              & (finite[:, 1] >= y_low) & (finite[:, 1] <= y_high))).sum())
+        notes = [int(m[1]) for t in ax.texts if (m := re.match(r"(\d+) points? outside the axes", t.get_text()))]
+        assert sum(notes) == outside, (ax.get_title(), notes, outside)
+        checked += outside
+    assert checked >= 1  # the outlier was drawn somewhere, off the axes
