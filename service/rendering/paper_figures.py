@@ -192,11 +192,11 @@ def fig2(fig: Figure, result: JobResult) -> None:
         share = [s.unembed_exceeds_drop_share for _, _, s in rows]
         label = "attention" if kind == "attn" else "MLP"
         if rows:
-            ax_d.plot(layer_list, corr, color=colour, marker=marker, markersize=4, label=f"{label}: Pearson r")
+            ax_d.plot(layer_list, corr, color=colour, marker=marker, markersize=4, label=f"{label}: r")
             ax_d.plot(layer_list, share, color=colour, marker=marker, markersize=4, linestyle="--",
-                      markerfacecolor="none", label=f"{label}: share Δunembed > drop")
-    ax_d.set_title("(d) per layer: r(Δunembed, drop) solid, share Δunembed > drop dashed")
-    ax_d.set_ylabel("Pearson r / share of prompts")
+                      markerfacecolor="none", label=f"{label}: share")
+    ax_d.set_title("(d) per layer: r(Δunembed, drop); share Δunembed > drop")
+    ax_d.set_ylabel("Pearson r / share")
     ax_d.set_ylim(-1.05, 1.05)
     ax_d.axhline(0.5, color="0.5", linestyle=":", linewidth=1)
     ax_d.axhline(0, color="0.3", linewidth=0.8)
@@ -227,7 +227,7 @@ def _fig2_scatter(ax: Axes, result: JobResult) -> None:
         ky = [p.total_effect[c] for _, c, _ in rows for p in result.prompts]
         depth = [layer for layer, _, _ in rows for _ in result.prompts]
         image = ax.scatter(kx, ky, c=depth, cmap=cmap, norm=norm, marker=marker, s=9, alpha=0.5, linewidths=0,
-                           rasterized=len(kx) > _RASTERIZE_ABOVE, label=f"{label} layer, one prompt")
+                           rasterized=len(kx) > _RASTERIZE_ABOVE, label=f"{label} layer")
         xs += kx
         ys += ky
     if image is None:
@@ -241,15 +241,15 @@ def _fig2_scatter(ax: Axes, result: JobResult) -> None:
     ax.set_xlim(lo - pad, hi + pad)  # one scale on both axes (the central 99%), so y = x is the diagonal
     ax.set_ylim(lo - pad, hi + pad)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.35", linestyle="--", linewidth=1,
-            label="y = x (drop = Δunembed)")
+            label="y = x")
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.grid(True, alpha=0.3)
     ax.set_title("(c) drop against Δunembed, per prompt and layer")
-    ax.set_xlabel(_unit_label(result, "Δunembed of the ablated layer"))
-    ax.set_ylabel(_unit_label(result, "drop (clean − ablated)"))
+    ax.set_xlabel(_unit_label(result, "Δunembed"))
+    ax.set_ylabel(_unit_label(result, "drop"))
     ax.legend(loc="upper left")
-    ax.figure.colorbar(image, ax=ax, label="ablated layer")
+    ax.figure.colorbar(image, ax=ax, label="layer", fraction=0.05, pad=0.01)
     note_outside(ax, xs, ys)
 
 
