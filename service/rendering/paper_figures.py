@@ -211,7 +211,6 @@ def fig2(fig: Figure, result: JobResult) -> None:
 def _fig2_scatter(ax: Axes, result: JobResult) -> None:
     """Panel (c): per prompt and ablated whole layer, the drop (clean − ablated) against Δunembed; points below
     y = x are prompts where the output fell by less than the layer wrote directly (the paper's Hydra signature)."""
-    import numpy as np
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
@@ -233,24 +232,12 @@ def _fig2_scatter(ax: Axes, result: JobResult) -> None:
     if image is None:
         _empty(ax, "no whole-layer ablations")
         return
-    both = np.array(xs + ys, dtype=float)
-    both = both[np.isfinite(both)]
-    lo, hi = np.percentile(both, [0.5, 99.5]) if both.size else (0.0, 1.0)
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    pad = 0.1 * (hi - lo) if hi > lo else 1.0
-    ax.set_xlim(lo - pad, hi + pad)  # one scale on both axes (the central 99%), so y = x is the diagonal
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.35", linestyle="--", linewidth=1,
-            label="y = x")
-    ax.axhline(0, color="0.3", linewidth=0.8)
-    ax.axvline(0, color="0.3", linewidth=0.8)
-    ax.grid(True, alpha=0.3)
+    _diagonals(ax, xs, ys, label="y = x", same_scale=True)
     ax.set_title("(c) drop against Δunembed, per prompt and layer")
     ax.set_xlabel(_unit_label(result, "Δunembed"))
     ax.set_ylabel(_unit_label(result, "drop"))
     ax.legend(loc="upper left")
     ax.figure.colorbar(image, ax=ax, label="layer", fraction=0.05, pad=0.01)
-    note_outside(ax, xs, ys)
 
 
 # --- Fig. 7 ----------------------------------------------------------------------------------------------------------
@@ -279,20 +266,29 @@ def _scatter_by_depth(ax: Axes, result: JobResult, kind: str, title: str) -> Non
     ax.figure.colorbar(image, ax=ax, label="ablated layer")
 
 
-def _diagonals(ax: Axes, xs: list[float], ys: list[float]) -> None:
-    """y = x (full compensation) and y = 0, over the central 99% of the points; the rest counted on the panel."""
+def _diagonals(ax: Axes, xs: list[float], ys: list[float], *, label: str = "y = x (full compensation)",
+               same_scale: bool = False) -> None:
+    """y = x and the zero lines, over the central 99% of the points; the rest counted on the panel. `same_scale`:
+    one range, including 0, on both axes (where x and y are the same kind of quantity)."""
     import numpy as np
 
     if not xs:
         return
-    xlo, xhi = np.percentile(xs, [0.5, 99.5])
-    ylo, yhi = np.percentile(ys, [0.5, 99.5])
+    if same_scale:
+        both = np.array(xs + ys, dtype=float)
+        both = both[np.isfinite(both)]
+        lo, hi = np.percentile(both, [0.5, 99.5]) if both.size else (0.0, 1.0)
+        xlo = ylo = min(lo, 0.0)
+        xhi = yhi = max(hi, 0.0)
+    else:
+        xlo, xhi = np.percentile(xs, [0.5, 99.5])
+        ylo, yhi = np.percentile(ys, [0.5, 99.5])
     xpad = 0.1 * (xhi - xlo) if xhi > xlo else 1.0
     ypad = 0.1 * (yhi - ylo) if yhi > ylo else 1.0
     ax.set_xlim(xlo - xpad, xhi + xpad)
     ax.set_ylim(ylo - ypad, yhi + ypad)
     ax.plot([xlo - xpad, xhi + xpad], [xlo - xpad, xhi + xpad], color="0.35", linestyle="--", linewidth=1,
-            label="y = x (full compensation)")
+            label=label)
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.grid(True, alpha=0.3)
