@@ -3,9 +3,11 @@ model answers correctly (the paper's selection) and over all 1,209 known_1000 pr
 per-patch samples for Fig. 1/3. Writes the summaries (JSON, small) to docs/results/reproduction/ and the raw results
 (large, not committed) to .bench-out/; bench/render_reproduction.py then draws the figures and the table.
 
-    python bench/reproduce_hydra.py [--url http://127.0.0.1:8000] [--limit N] [--runs correct,samples,all]
+    python bench/reproduce_hydra.py [--url http://127.0.0.1:8000] [--model gemma-3-270m] [--limit N]
+        [--runs correct,samples,all,all_seeds,different_target]
 
-Without --url it starts its own stack (embedded Redis, API, one worker) on a free port.
+Without --url it starts its own stack (embedded Redis, API, one worker) on a free port, serving the --model too.
+Files are named hydra_<model>_<run>, <model> being the alias up to its first "-" (smollm2, gemma).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -37,6 +40,16 @@ RUNS: dict[str, dict[str, object]] = {
     # Fig. 1/3: per-patch profiles for the correctly answered prompts among the first 60.
     "samples": {"preset": "hydra", "dataset": {"name": "known_1000", "limit": 60}, "keep_samples": True},
     "all": {"preset": "hydra", "only_correct": False},
+    # The paper's 15 patches per prompt drawn as 5 independent seeded draws of 3 sources, so that the bootstrap can
+    # redraw sources (docs/concepts/definitions.md, "Statistics"); the same cost as "all".
+    "all_seeds": {"preset": "hydra", "only_correct": False, "resample_samples": 3, "source_seeds": 5},
+    "different_target": {
+        "preset": "hydra",
+        "only_correct": False,
+        "resample_samples": 3,
+        "source_seeds": 5,
+        "resample_sources": "different_target",
+    },
 }
 
 
@@ -62,7 +75,9 @@ def _parse(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def run(client: HydraClient, name: str, request: dict[str, object], adopt: str | None = None) -> None:
+def run(
+    client: HydraClient, name: str, request: dict[str, object], adopt: str | None = None, slug: str = "smollm2"
+) -> None:
     """Submit the run (or follow the already submitted job `adopt`), wait, and write its files."""
     started = time.perf_counter()
     job = client.status(adopt) if adopt else client.submit(request)
@@ -78,18 +93,32 @@ def run(client: HydraClient, name: str, request: dict[str, object], adopt: str |
     if final.status != "succeeded":
         raise SystemExit(f"{name}: job ended {final.status}: {final.error}")
     # The job's own running time (started → finished), whether this script submitted it or adopted it.
-    elapsed = (_parse(final.finished_at) - _parse(final.started_at)) if final.started_at and final.finished_at else (
-        time.perf_counter() - started
+    elapsed = (
+        (_parse(final.finished_at) - _parse(final.started_at))
+        if final.started_at and final.finished_at
+        else (time.perf_counter() - started)
     )
     result = client.result(job.id)
     RAW.mkdir(parents=True, exist_ok=True)
-    (RAW / f"hydra_smollm2_{name}.json").write_bytes(msgspec.json.encode(result))
+    (RAW / f"hydra_{slug}_{name}.json").write_bytes(msgspec.json.encode(result))
     OUT.mkdir(parents=True, exist_ok=True)
     if name != "samples":
         document = summary_document(result, elapsed, request)
-        (OUT / f"hydra_smollm2_{name}_summary.json").write_text(json.dumps(document, indent=1))
+        (OUT / f"hydra_{slug}_{name}_summary.json").write_text(json.dumps(document, indent=1))
     selection = result.summary.selection
     logging.info("%s: done in %.0f s: %d of %d prompts kept", name, elapsed, selection.n_kept, selection.n_candidates)
+
+
+def wait_for_model(client: HydraClient, alias: str, timeout_s: float = 900) -> None:
+    """Until a worker advertises `alias`: a stack is ready once any model is, and workers load theirs in turn."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        served = [model.id for model in client.models()]
+        if alias in served:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no worker serves {alias!r} after {timeout_s:.0f} s (served: {', '.join(served)})")
+        time.sleep(2.0)
 
 
 def main() -> None:
@@ -97,6 +126,7 @@ def main() -> None:
     parser.add_argument("--url", default=None)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only (default: all 1,209)")
     parser.add_argument("--runs", default="correct,samples,all", help="which runs, comma-separated")
+    parser.add_argument("--model", default=None, help="a built-in model alias (default: the preset's, SmolLM2)")
     parser.add_argument("--adopt", action="append", default=[], help="NAME=JOB_ID: follow a job already submitted")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -104,18 +134,25 @@ def main() -> None:
     stack = None
     url = args.url
     if url is None:
+        if args.model:
+            served = os.environ.get("HYDRA_MODELS", "smollm2-135m").split(",")
+            os.environ["HYDRA_MODELS"] = ",".join(dict.fromkeys([*served, args.model]))
         stack = Stack(port=free_port())
         stack.start()
         stack.wait_ready()
         url = stack.api_url
     try:
         with HydraClient(url, timeout=600) as client:
+            if args.model:
+                wait_for_model(client, args.model)
             adopted = dict(item.split("=", 1) for item in args.adopt)
             for name in args.runs.split(","):
                 request = dict(RUNS[name])
+                if args.model:
+                    request["model"] = args.model
                 if args.limit and "dataset" not in request:
                     request["dataset"] = {"name": "known_1000", "limit": args.limit}
-                run(client, name, request, adopted.get(name))
+                run(client, name, request, adopted.get(name), (args.model or "smollm2-135m").split("-")[0])
     finally:
         if stack is not None:
             stack.stop()
