@@ -95,7 +95,10 @@ def test_ctrl_c_leaves_the_job_running_and_prints_the_cancel_command(live_url: s
     command = [sys.executable, "-m", "cli.main", "submit", "--model", "tiny-llama", "--components", "head",
                "--samples", "16", *(arg for p in SLOW_PROMPTS for arg in ("-p", p)), "--wait",
                "--url", live_url]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background commands with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # give the CLI the default disposition a terminal would, whatever started this test.
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     job_id = ""
     try:
         assert process.stdout is not None
