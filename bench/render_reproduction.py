@@ -1,95 +1,119 @@
-"""Draw the reproduction's figures and per-layer tables from the raw results of bench/reproduce_hydra.py.
+"""Draw the reproductions' figures from the raw results of bench/reproduce_hydra.py and
+bench/reproduce_rushing_nanda.py, derive the correctly answered subset, then write the pages.
 
     python bench/render_reproduction.py
 
-Reads .bench-out/hydra_smollm2_{correct,all,samples}.json (whichever exist), writes docs/results/reproduction/: the
-paper's figures as PNG (1200 × 800) from the correctly answered prompts, Fig. 7 also from all prompts, Fig. 1/3 from the
-samples job, and layer_table_{run}.md with the paper's statistics per layer.
+Reads .bench-out/hydra_<model>_{all_seeds,different_target,samples}.json and rushing_nanda_<model>_result.json
+(whichever exist; <model> is gemma or smollm2) and writes into docs/results/reproduction/:
+
+- hydra_<model>_correct_summary.json: the prompts of the all_seeds run whose clean top token is the first token of
+  their known_1000 answer, summarised by the service's own summary code (worker/summary.py) from that run's
+  per-prompt results, with the same sources;
+- the paper's figures as PNG (1200 × 800), named <figure>_<model>_<run>.png, and profile_<model>.png from the samples
+  job;
+- then the pages, through bench/reproduction_report.py (from the summaries alone).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import msgspec
+from msgspec.structs import replace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import reproduction_report
+from bench.reproduce_hydra import summary_document
 from hydra_ablate_client.vocabulary import FigureName
-from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult
+from hydra_ablate_client.wire import JobResult
 from service.rendering.figures import render
 
 RAW = ROOT / ".bench-out"
-OUT = ROOT / "docs" / "results" / "reproduction"
+OUT = reproduction_report.OUT
 FIGURES: dict[str, tuple[FigureName, ...]] = {
-    "correct": ("fig2", "fig7", "fig8", "erasure", "response_heatmap", "layer_effects", "te_vs_de"),
-    "all": ("fig2", "fig7", "fig8", "erasure"),
+    "all_seeds": ("fig2", "fig7", "fig8", "erasure", "response_heatmap", "layer_effects"),
+    "correct": ("fig2", "fig7", "fig8", "erasure"),
+    "different_target": ("fig2", "fig7", "fig8"),
 }
 
 
-def load(name: str) -> JobResult | None:
-    path = RAW / f"hydra_smollm2_{name}.json"
+def load(slug: str, name: str) -> JobResult | None:
+    path = RAW / f"hydra_{slug}_{name}.json"
     return msgspec.json.decode(path.read_bytes(), type=JobResult) if path.exists() else None
 
 
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def correct_subset(result: JobResult, alias: str) -> JobResult:
+    """The all-prompts result cut to the prompts the model answers correctly (its clean top token, the measured
+    target, is the answer's first token: the service's `only_correct` rule), with the summary recomputed."""
+    from transformers import AutoTokenizer
 
+    from worker.engine.types import SweepResult
+    from worker.job_runner import NEAR_TIE_GAP
+    from worker.model_sources import parse_source
+    from worker.summary import summarise
 
-def slope_cell(fit: Fit | None) -> str:
-    if fit is None or fit.slope is None:
-        return "–"
-    mark = " *" if fit.excludes_one and (fit.slope_ci_high or 0) < 1 else ""
-    return f"{fit.slope:.2f} [{fmt(fit.slope_ci_low)}, {fmt(fit.slope_ci_high)}]{mark}"
+    spec = result.provenance.spec
+    fields = spec.prompt_fields
+    if fields is None:
+        raise SystemExit("the all-prompts result has no dataset fields: it was not run on known_1000")
+    source = parse_source(alias)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
 
+    def answer_token(text: str) -> int:
+        return int(tokenizer(text, add_special_tokens=False).input_ids[0])
 
-def table(result: JobResult) -> str:
-    """One row per layer, attention then MLP: the paper's statistics."""
-    by_name: dict[str, ComponentSummary] = {c.component: c for c in result.summary.components}
-    n_layers = len(result.response_basis) // 2
-    header = (
-        "| layer | Δunembed | drop (TE) | CE | norm | CE on Δunembed: slope [95% CI] | R² | CE on DE: slope | "
-        "corr(Δunembed, drop) | share Δunembed > drop |"
+    kept = [p for p in result.prompts if answer_token(fields[p.index].answer) == p.target_id]
+    summary = summarise(
+        # The wire's PromptResult carries every field summarise reads (as when the worker merges chunks).
+        SweepResult(result.components, result.response_basis, prompts=kept),  # type: ignore[arg-type]
+        NEAR_TIE_GAP[result.provenance.dtype],
+        seed=spec.seed,
+        n_candidates=len(spec.prompts),
+        only_correct=True,
+        relations=[fields[p.index].relation for p in kept],
     )
-    lines = []
-    for kind in ("attn", "mlp"):
-        lines += [f"\n**{'attention' if kind == 'attn' else 'MLP'} layers ablated**\n", header,
-                  "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for layer in range(n_layers):
-            c = by_name.get(f"{kind}.{layer}")
-            if c is None:
-                continue
-            lines.append(
-                f"| {layer} | {fmt(c.unembed_effect_mean)} | {fmt(c.total_effect_mean)} | "
-                f"{fmt(c.compensatory_effect_mean)} | {fmt(c.norm_response_mean)} | {slope_cell(c.ce_vs_unembed)} | "
-                f"{fmt(c.ce_vs_unembed.r2 if c.ce_vs_unembed else None)} | "
-                f"{fmt(c.ce_vs_direct.slope if c.ce_vs_direct else None)} | {fmt(c.unembed_drop_correlation)} | "
-                f"{fmt(c.unembed_exceeds_drop_share)} |"
-            )
-    selection = result.summary.selection
-    intro = (f"{selection.n_kept} of {selection.n_candidates} prompts (only_correct: {selection.only_correct}). "
-             "Effects in centred logits, means over prompts. `*`: the slope's 95% bootstrap interval lies below 1.")
-    return intro + "\n" + "\n".join(lines) + "\n"
+    return replace(result, prompts=kept, summary=summary)
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for run, names in FIGURES.items():
-        result = load(run)
-        if result is None:
-            print(f"no raw result for {run}; skipped")
-            continue
-        for name in names:
-            (OUT / f"{name}_{run}.png").write_bytes(render(result, name, "png"))
-        (OUT / f"layer_table_{run}.md").write_text(table(result))
-        print(f"{run}: {len(names)} figures and the table written")
-    samples = load("samples")
-    if samples is not None:
-        (OUT / "profile.png").write_bytes(render(samples, "profile", "png"))
-        (OUT / "profile.svg").write_bytes(render(samples, "profile", "svg"))
-        print("samples: profile written")
+    for model in reproduction_report.MODELS:
+        results = {name: load(model.slug, name) for name in ("all_seeds", "different_target")}
+        everything = results["all_seeds"]
+        if everything is not None:
+            subset = correct_subset(everything, model.alias)
+            results["correct"] = subset
+            summary_path = OUT / f"hydra_{model.slug}_all_seeds_summary.json"
+            base = json.loads(summary_path.read_text())
+            document = summary_document(subset, float(base["elapsed_s"]), base["request"])
+            document["derived_from"] = (
+                f"hydra_{model.slug}_all_seeds: its prompts whose clean top token is the first token of the answer"
+            )
+            (OUT / f"hydra_{model.slug}_correct_summary.json").write_text(json.dumps(document, indent=1))
+        for run, result in results.items():
+            if result is None:
+                print(f"{model.slug}: no raw result for {run}; skipped")
+                continue
+            for name in FIGURES[run]:
+                (OUT / f"{name}_{model.slug}_{run}.png").write_bytes(render(result, name, "png"))
+            print(f"{model.slug} {run}: {len(FIGURES[run])} figures written")
+        samples = load(model.slug, "samples")
+        if samples is not None:
+            (OUT / f"profile_{model.slug}.png").write_bytes(render(samples, "profile", "png"))
+            print(f"{model.slug}: profile written")
+        rn = RAW / f"rushing_nanda_{model.slug}_result.json"
+        if rn.exists():
+            result = msgspec.json.decode(rn.read_bytes(), type=JobResult)
+            (OUT / f"self_repair_{model.slug}.png").write_bytes(render(result, "self_repair", "png"))
+            print(f"{model.slug}: self_repair written")
+    for path, text in reproduction_report.pages().items():
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -273,6 +273,23 @@ def test_cancel(client: TestClient, store: JobStore) -> None:
     assert_problem(client.delete(f"/v1/jobs/{finished['id']}"), 404, finished["id"])
 
 
+def test_cancel_only_leaves_a_finished_job_and_its_result(client: TestClient, store: JobStore) -> None:
+    """keep_finished=true (what the client's and CLI's cancel send): a job that finished just before the request
+    is answered 200 as it is, result kept; a running one is still cancelled (202)."""
+    finished = submit(client, model="tiny", prompts=["a", "b"], components=["attn.0"])
+    store.mark_running(finished["id"])
+    store.mark_succeeded(finished["id"], b"{}")
+    kept = client.delete(f"/v1/jobs/{finished['id']}", params={"keep_finished": "true"})
+    assert kept.status_code == 200 and kept.json()["status"] == "succeeded"
+    assert store.result(finished["id"]) == b"{}"
+    assert client.get(f"/v1/jobs/{finished['id']}").json()["status"] == "succeeded"
+    running = submit(client, model="tiny", prompts=["a", "b"], components=["attn.0"])
+    store.mark_running(running["id"])
+    cancelled = client.delete(f"/v1/jobs/{running['id']}", params={"keep_finished": "true"})
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    assert_problem(client.delete(f"/v1/jobs/{running['id']}", params={"keep_finished": "maybe"}), 400, "keep_finished")
+
+
 def test_paging(client: TestClient) -> None:
     ids = [submit(client, model="tiny", prompts=["a", "b"], components=["attn.0"])["id"] for _ in range(3)]
     first = client.get("/v1/jobs", params={"limit": 2}).json()

@@ -154,7 +154,8 @@ def _result(job_id: str) -> _Call[JobResult]:
 
 
 def _cancel(job_id: str) -> _Call[JobStatus]:
-    return _Call("DELETE", _job_path(job_id), _decoder(JobStatus))
+    # keep_finished: a job that ends just before the request keeps its result (200 with its final status).
+    return _Call("DELETE", _job_path(job_id), _decoder(JobStatus), params={"keep_finished": "true"})
 
 
 def _list(offset: int, limit: int) -> _Call[JobPage]:
@@ -252,6 +253,8 @@ class HydraClient:
         return self._send(_figure(job_id, name, format, options))
 
     def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued or running job; a job that has already finished is returned as it is, result kept
+        (deleting a finished job is the API's DELETE without keep_finished)."""
         return self._send(_cancel(job_id))
 
     def list(self, offset: int = 0, limit: int = 50) -> JobPage:

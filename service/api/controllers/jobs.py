@@ -22,7 +22,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
-from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 from litestar.utils.scope.state import ScopeState
 
 from hydra_ablate_client.vocabulary import TERMINAL_STATES, ExportFormat, JobState
@@ -524,9 +524,16 @@ class JobsController(Controller):
         description=(
             "A queued job never starts; a running job stops at the worker's next check: both answer 202 with the "
             "cancelled job. A finished job (succeeded, failed or cancelled) is deleted with its result, figures "
-            "and events: 204, and the job is 404 from then on."
+            "and events: 204, and the job is 404 from then on. With `keep_finished=true` the request only "
+            "cancels: a job that has already finished is left as it is and answered 200 with its status (a "
+            "client cancelling a job that ends at that moment keeps its result)."
         ),
         responses={
+            200: ResponseSpec(
+                data_container=JobStatus,
+                description="keep_finished=true and the job had already finished: nothing was changed",
+                generate_examples=False,
+            ),
             202: ResponseSpec(data_container=JobStatus, description="The job, now cancelled", generate_examples=False),
             204: ResponseSpec(data_container=None, description="The finished job and its result were deleted"),
             **problem_responses(400, *PROTECTED, 404, 503),
@@ -536,10 +543,15 @@ class JobsController(Controller):
         self,
         job_id: JobId,
         ctx: NamedDependency[RouteContext],
+        keep_finished: Annotated[
+            bool, QueryParameter(description="only cancel: leave a finished job and its result as they are (200)")
+        ] = False,
     ) -> Response[JobStatus | None]:
         store, queue, principal = ctx.store, ctx.queue, ctx.principal
         current = visible_status(store, job_id, principal)  # another key's job: 404, and it stays as it is
         if current.status in TERMINAL_STATES:
+            if keep_finished:
+                return Response(current, status_code=HTTP_200_OK)
             if delete_finished_job(store, job_id) is None:
                 raise job_not_found(job_id)
             return Response(None, status_code=HTTP_204_NO_CONTENT)
