@@ -510,6 +510,12 @@ def hydra_page(model: ModelFacts, runs: dict[str, Run]) -> str:
         f"[Fig. 7, correct subset](reproduction/fig7_{model.slug}_correct.png) · "
         f"[Fig. 7, sources with another top token](reproduction/fig7_{model.slug}_different_target.png)",
         "",
+        "Fig. 1/3, one prompt's per-layer direct effects in the clean run and the ablated one, one faint line per "
+        "resample patch (a `keep_samples` job on the correctly answered prompts among the first 60): where the faint "
+        "lines keep the ablated layer's own write, the ablation did not remove it.",
+        "",
+        f"![Fig. 1/3](reproduction/profile_{model.slug}.png)",
+        "",
     ]
     return "\n".join(lines)
 
