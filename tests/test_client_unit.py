@@ -595,7 +595,8 @@ def test_cli_output_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> No
 # JobRequest field -> the submit flag that sets it.
 SUBMIT_FLAGS = {
     "preset": "--preset", "model": "--model", "prompts": "--prompt", "dataset": "--dataset", "answers": "--answer",
-    "counterfactuals": "--counterfactual", "components": "--components", "ablation": "--ablation",
+    "counterfactuals": "--counterfactual", "components": "--components", "knockouts": "--knockout",
+    "ablation": "--ablation",
     "positions": "--positions", "metric": "--metric", "norm_scale": "--norm-scale", "resample_samples": "--samples",
     "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed",
     "source_seeds": "--source-seeds", "name": "--name",
