@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hydra_ablate_client.vocabulary import is_knockout_name, knockout_members
 from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult, PromptResult
 from service.rendering.figure_style import (
     MIN_FONT_PT,
@@ -95,7 +96,12 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
         if name in result.response_basis:
             slot = result.response_basis.index(name)
             mean[slot] = clean[slot] - row.direct_effect[k]
-    ablated_kind, ablated_layer = kind_and_layer(result.components[k])
+        elif is_knockout_name(name):
+            # A set's DE is its members' together, not each member's: their own slots are left undrawn (NaN).
+            for member in knockout_members(name):
+                if member in result.response_basis:
+                    mean[result.response_basis.index(member)] = np.nan
+    ablated_layers = sorted({kind_and_layer(member)[1] for member in knockout_members(result.components[k])})
     axes = fig.subplots(1, 2, sharey=True)
     unit = metric_unit(result)
     for ax, kind in zip(axes, ("attn", "mlp"), strict=True):
@@ -106,7 +112,8 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
         ax.plot(layers, clean[cols], color="black", linewidth=2, marker="o", markersize=3, label="clean Δunembed")
         ax.plot(layers, mean[cols], color="tab:red", linewidth=2, linestyle="--", marker="s", markersize=3,
                 label="ablated Δ̃unembed (mean over patches)")
-        ax.axvline(ablated_layer, color="0.4", linestyle=":", linewidth=1.2)
+        for ablated_layer in ablated_layers:
+            ax.axvline(ablated_layer, color="0.4", linestyle=":", linewidth=1.2)
         ax.axhline(0, color="0.3", linewidth=0.8)
         ax.set_title(f"{'attention' if kind == 'attn' else 'MLP'} layers")
         ax.set_xlabel("layer")
@@ -128,7 +135,6 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
         f"Δunembed {row.unembed_effect[k]:+.2f}, CE {row.compensatory_effect[k]:+.2f} {unit}"
         + _efficacy_line(result, row, k)
     )
-    del ablated_kind
 
 
 def _efficacy_line(result: JobResult, row: PromptResult, k: int) -> str:
