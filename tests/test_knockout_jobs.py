@@ -25,17 +25,25 @@ from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
 from tests.checks import present
-from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from tests.knockout_oracle import oracle_knockout
 from tests.live_server import serve
+from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.sweep import run_sweep
 from worker.engine.types import SweepInputs, SweepSpec
 
 ATOL = 1e-4
 # A post-norm model record (Gemma 2 and 3 normalise the attention output before the residual add).
 POST_NORM = ModelInfo(
-    id="tiny-post-norm", architecture="gemma2", n_layers=4, n_heads=2, n_kv_heads=1, d_model=8, vocab_size=100,
-    parallel_blocks=False, source="local", post_norm=True,
+    id="tiny-post-norm",
+    architecture="gemma2",
+    n_layers=4,
+    n_heads=2,
+    n_kv_heads=1,
+    d_model=8,
+    vocab_size=100,
+    parallel_blocks=False,
+    source="local",
+    post_norm=True,
 )
 TINY_JOB = {"model": "tiny", "prompts": TWO}
 
@@ -122,9 +130,7 @@ def post_norm_store(store: JobStore) -> JobStore:  # noqa: F811
     return store
 
 
-@pytest.mark.parametrize(
-    ("body", "fragments", "field"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED]
-)
+@pytest.mark.parametrize(("body", "fragments", "field"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_bad_knockouts_are_a_422_naming_the_set(
     client: TestClient,  # noqa: F811
     post_norm_store: JobStore,
@@ -158,7 +164,8 @@ def test_knockouts_are_resolved_into_the_spec(client: TestClient, store: JobStor
 
 
 def test_the_post_norm_rule_allows_heads_without_earlier_members(
-    client: TestClient, post_norm_store: JobStore  # noqa: F811
+    client: TestClient,  # noqa: F811
+    post_norm_store: JobStore,
 ) -> None:
     body = {**TINY_JOB, "model": "tiny-post-norm", "knockouts": [["head.1.0", "head.1.1", "mlp.2"]]}
     assert client.post("/v1/jobs", json=body).status_code == 202
@@ -180,15 +187,22 @@ def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
     live_url: str, tiny_model_dirs: dict[str, str]
 ) -> None:
     names = ["+".join(members) for members in SETS]
-    with HydraClient(live_url) as client:
-        job = client.submit({
-            "model": "tiny-llama", "prompts": PROMPTS, "components": ["mlp.2"], "knockouts": SETS,
-            "ablation": "resample", "metric": "logit", "seed": 0,
-        })
-        final = client.wait(job.id, poll_s=0.05)
+    with HydraClient(live_url) as hydra:
+        job = hydra.submit(
+            {
+                "model": "tiny-llama",
+                "prompts": PROMPTS,
+                "components": ["mlp.2"],
+                "knockouts": SETS,
+                "ablation": "resample",
+                "metric": "logit",
+                "seed": 0,
+            }
+        )
+        final = hydra.wait(job.id, poll_s=0.05)
         assert final.status == "succeeded", final.error
         assert final.progress.done == final.progress.total == 3 * 3
-        result = client.result(job.id)
+        result = hydra.result(job.id)
         assert result.components == ["mlp.2", *names]
         assert result.provenance.spec.knockouts == SETS
 
@@ -196,21 +210,36 @@ def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
         ids = [torch.tensor(tokenizer(p).input_ids) for p in PROMPTS]
-        spec = SweepSpec(components=("mlp.2",), knockouts=tuple(tuple(s) for s in SETS), ablation="resample",
-                         metric="logit", seed=0)
+        spec = SweepSpec(
+            components=("mlp.2",), knockouts=tuple(tuple(s) for s in SETS), ablation="resample", metric="logit", seed=0
+        )
         engine = run_sweep(model, spec, SweepInputs(token_ids=ids))
         assert engine.components == result.components
         for served, expected in zip(result.prompts, engine.prompts, strict=True):
             assert served.sources == expected.sources
-            for field in ("total_effect", "direct_effect", "unembed_effect", "compensatory_effect", "compensation",
-                          "norm_response"):
+            for field in (
+                "total_effect",
+                "direct_effect",
+                "unembed_effect",
+                "compensatory_effect",
+                "compensation",
+                "norm_response",
+            ):
                 assert getattr(served, field) == pytest.approx(getattr(expected, field), abs=ATOL), field
             worst = (torch.tensor(served.response) - torch.tensor(expected.response)).abs().max().item()
             assert worst < ATOL, f"response off by {worst:.2e}"
             # The independent brute force (one full forward pass with every member replaced) agrees too.
             for k, members in enumerate(SETS, start=1):
-                oracle = oracle_knockout(model, ids[served.index], members, served.target_id, "resample", "final",
-                                         "clean", source_ids=ids[served.sources[0]])
+                oracle = oracle_knockout(
+                    model,
+                    ids[served.index],
+                    members,
+                    served.target_id,
+                    "resample",
+                    "final",
+                    "clean",
+                    source_ids=ids[served.sources[0]],
+                )
                 assert served.total_effect[k] == pytest.approx(oracle.total_effect, abs=ATOL)
                 assert served.direct_effect[k] == pytest.approx(oracle.direct_effect, abs=ATOL)
                 assert served.compensatory_effect[k] == pytest.approx(oracle.compensatory_effect, abs=ATOL)
@@ -235,6 +264,6 @@ def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
         for name in FIGURE_NAMES:
             if name == "self_repair":
                 continue  # per-position jobs only; knockouts are final-position
-            image = client.figure(job.id, name, "png")
+            image = hydra.figure(job.id, name, "png")
             assert image[:8] == b"\x89PNG\r\n\x1a\n", name
-        assert client.figure(job.id, "profile", "png", component=names[1])[:4] == b"\x89PNG"
+        assert hydra.figure(job.id, "profile", "png", component=names[1])[:4] == b"\x89PNG"

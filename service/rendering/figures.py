@@ -483,7 +483,8 @@ def _erasure(fig: Figure, result: JobResult) -> None:
     ax_fit.set_xlim(-0.5, n_layers - 0.5)
     layer_ticks(ax_fit, layers)
     ax_fit.grid(True, alpha=0.3)
-    fig.suptitle(f"{result.model}: erasure ({result.summary.n_prompts} prompts)")
+    note = knockout_note(result)
+    fig.suptitle(f"{result.model}: erasure ({result.summary.n_prompts} prompts)" + (f"\n{note}" if note else ""))
 
 
 def _drawers() -> dict[str, Callable[..., None]]:

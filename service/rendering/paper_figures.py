@@ -17,6 +17,7 @@ from service.rendering.figure_style import (
     MIN_FONT_PT,
     FigureOptionError,
     kind_and_layer,
+    knockout_note,
     layer_ticks,
     metric_unit,
     note_outside,
@@ -37,6 +38,12 @@ def _by_kind(result: JobResult, kind: str) -> list[tuple[int, int, ComponentSumm
         if k == kind and summary.component == f"{kind}.{layer}":
             rows.append((layer, c, summary))
     return sorted(rows, key=lambda row: row[0])
+
+
+def _knockout_line(result: JobResult) -> str:
+    """The paper's figures are per layer: a second title line saying that knockout sets are left out."""
+    note = knockout_note(result)
+    return f"\n{note}" if note else ""
 
 
 def _empty(ax: Axes, text: str) -> None:
@@ -211,7 +218,7 @@ def fig2(fig: Figure, result: JobResult) -> None:
     ax_d.legend(loc="lower left", ncols=2)
     layer_ticks(ax_d, list(range(_n_layers(result))))
     fig.suptitle(f"{result.model}: unembedding impact vs ablation impact (paper Fig. 2), "
-                 f"{result.summary.n_prompts} prompts")
+                 f"{result.summary.n_prompts} prompts" + _knockout_line(result))
 
 
 def _fig2_scatter(ax: Axes, result: JobResult) -> None:
@@ -382,7 +389,7 @@ def fig7(fig: Figure, result: JobResult) -> None:
     ax_d.grid(True, alpha=0.3)
     layer_ticks(ax_d, list(range(_n_layers(result))))
     fig.suptitle(f"{result.model}: compensatory effect against the ablated layer's unembedding impact "
-                 f"(paper Fig. 7), {result.summary.n_prompts} prompts")
+                 f"(paper Fig. 7), {result.summary.n_prompts} prompts" + _knockout_line(result))
 
 
 def robust_ylim(ax: Axes, slopes: list[float | None]) -> None:
@@ -476,4 +483,4 @@ def fig8(fig: Figure, result: JobResult) -> None:
         ax.set_ylabel(_unit_label(result, "part of CE"))
         ax.legend(loc="upper left")
     fig.suptitle(f"{result.model}: CE's attention and MLP parts against Δunembed (paper Fig. 8), "
-                 f"{result.summary.n_prompts} prompts")
+                 f"{result.summary.n_prompts} prompts" + _knockout_line(result))
