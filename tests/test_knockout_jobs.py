@@ -188,6 +188,9 @@ def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
 ) -> None:
     names = ["+".join(members) for members in SETS]
     with HydraClient(live_url) as hydra:
+        # Workers advertise which models normalise attention before the residual add (resolve's post-norm rule).
+        post_norm = {m.id: m.post_norm for m in hydra.models()}
+        assert post_norm["tiny-gemma2"] and not post_norm["tiny-llama"]
         job = hydra.submit(
             {
                 "model": "tiny-llama",

@@ -247,8 +247,9 @@ DOCS: dict[str, str] = {
     "ModelInfo.device_name": "The device's name, e.g. the GPU's or the CPU's model (null when unknown)",
     "ModelInfo.final_logit_softcap": "Gemma 2's final-logit soft cap (null for every other model)",
     "ModelInfo.post_norm": (
-        "Whether the blocks normalise the attention output before adding it to the residual stream (Gemma 2 and 3); "
-        "there a knockout set cannot hold a head of layer L together with a member of an earlier layer"
+        "Whether the blocks normalise the attention output before adding it to the residual stream (OLMo 2, "
+        "Gemma 2 and 3); there a knockout set cannot hold a head of layer L together with a member of an earlier "
+        "layer"
     ),
     "ModelInfo.head_basis_refusal": (
         "Why this model cannot run `response_basis: \"heads\"` (a post-norm block whose attention output "

@@ -256,7 +256,7 @@ class ModelInfo(Struct, kw_only=True):
     # Why per-position jobs cannot use response_basis "heads" on this model (post-norm blocks whose output
     # projection has a bias); None where they can.
     head_basis_refusal: str | None = None
-    # Blocks that normalise the attention output before the residual add (Gemma 2, 3): some knockout sets of heads
+    # Blocks that normalise the attention output before the residual add (OLMo 2, Gemma 2 and 3): some knockout sets
     # cannot be measured there (false in the records of workers that predate the field).
     post_norm: bool = False
     # What the model is and under which terms its weights are used (the built-in models; null for others).
