@@ -683,6 +683,17 @@ def test_submit_sends_every_option_it_is_given(fake_client: type[_FakeClient]) -
     assert sent.callback_url == "https://example.org/hook"
 
 
+def test_submit_sends_each_knockout_flag_as_one_set(fake_client: type[_FakeClient]) -> None:
+    outcome = CliRunner().invoke(app, [
+        "submit", "--model", "tiny", "--prompt", "a", "--prompt", "b", "--knockout", "attn.3, head.5.1",
+        "--knockout", "mlp.7,mlp.8",
+    ])
+    assert outcome.exit_code == 0, outcome.output
+    sent = fake_client.submitted[0]
+    assert sent.knockouts == [["attn.3", "head.5.1"], ["mlp.7", "mlp.8"]]
+    assert sent.components is msgspec.UNSET  # the server then ablates only the sets
+
+
 def test_submit_corpus_and_dataset_slices(fake_client: type[_FakeClient]) -> None:
     runner = CliRunner()
     assert runner.invoke(app, ["submit", "--corpus", "known_1000_text", "--limit", "4", "--offset", "2"]).exit_code == 0
