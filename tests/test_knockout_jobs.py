@@ -270,3 +270,29 @@ def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
             image = hydra.figure(job.id, name, "png")
             assert image[:8] == b"\x89PNG\r\n\x1a\n", name
         assert hydra.figure(job.id, "profile", "png", component=names[1])[:4] == b"\x89PNG"
+
+
+def test_a_job_of_knockouts_only_runs_and_draws_every_figure(live_url: str) -> None:
+    """No components: only the sets are ablated (here with per-patch data and two source draws), and the figures
+    drawn per layer say that they leave the sets out rather than failing."""
+    with HydraClient(live_url) as hydra:
+        job = hydra.submit(
+            {
+                "model": "tiny-gpt2",
+                "prompts": PROMPTS,
+                "knockouts": [["attn.0", "mlp.1"], ["head.1.0", "head.1.3"]],
+                "resample_from": "random",
+                "source_seeds": 2,
+                "keep_samples": True,
+            }
+        )
+        final = hydra.wait(job.id, poll_s=0.05)
+        assert final.status == "succeeded", final.error
+        result = hydra.result(job.id)
+        assert result.components == ["attn.0+mlp.1", "head.1.0+head.1.3"]
+        assert all(p.samples is not None and len(p.samples) == 2 for p in result.prompts)
+        assert all(p.draws is not None and len(p.draws[0].total_effect) == 2 for p in result.prompts)
+        assert result.summary.erasure == []
+        for name in FIGURE_NAMES:
+            if name != "self_repair":
+                assert hydra.figure(job.id, name, "svg").lstrip().startswith(b"<?xml"), name

@@ -7,6 +7,7 @@ bad request fails in milliseconds instead of on a GPU an hour later.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -515,7 +516,7 @@ def _knockouts(request: JobRequest, info: ModelInfo, per_position: bool) -> list
                 f"knockout set {index} is empty: name at least one component (attn.L, mlp.L or head.L.H)", field
             )
         members = [_knockout_member(name, index, info, field) for name in given]
-        repeated = sorted({name for name in members if members.count(name) > 1})
+        repeated = sorted(name for name, times in Counter(members).items() if times > 1)  # linear: sets can be long
         if repeated:
             raise ValidationProblem(
                 f"knockout set {index} names {', '.join(repr(r) for r in repeated)} twice: name each component once",

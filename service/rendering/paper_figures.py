@@ -66,7 +66,9 @@ def _unit_label(result: JobResult, what: str) -> str:
 def _default_component(result: JobResult, p: int) -> int:
     """The attention component with the largest Δunembed on this prompt (the paper shows a layer that matters)."""
     prompt = result.prompts[p]
-    columns = [c for c, name in enumerate(result.components) if name.startswith("attn.")] or list(
+    columns = [
+        c for c, name in enumerate(result.components) if name.startswith("attn.") and not is_knockout_name(name)
+    ] or list(
         range(len(result.components))
     )
     return max(columns, key=lambda c: prompt.unembed_effect[c])
