@@ -5,7 +5,8 @@ Written against the result's attributes only, so it serves the server (Parquet e
 Tables
   long            one row per prompt × component: prompt_index, prompt, target_id, target_token, clean_metric,
                   top2_gap, near_tie, the dataset fields (relation, subject, answer, dataset_index) when the
-                  prompts came from a dataset, component, kind, layer, head, then every per-component measure
+                  prompts came from a dataset, component, kind, layer, head (a knockout set: kind "knockout",
+                  no layer or head), then every per-component measure
                   (total_effect, direct_effect, compensation, norm_response, and any the server adds)
   summary         one row per component: its means, standard errors and the compensation-vs-direct regression
                   (flattened: compensation_vs_direct_slope, …)
