@@ -520,6 +520,14 @@ def submit(
         list[str] | None, typer.Option("--counterfactual", help="per prompt, the competing answer (logit_diff)")
     ] = None,
     components: Annotated[str | None, typer.Option(help="comma-separated, e.g. attn,mlp or attn.3,head.2.1")] = None,
+    knockout: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--knockout",
+            help="components ablated together in one run, comma-separated, e.g. attn.3,head.5.1 (repeatable: "
+            "one set each); alone, only the sets are ablated",
+        ),
+    ] = None,
     ablation: Annotated[
         Ablation | None, typer.Option(help="replace outputs by another prompt's, the mean, or 0")
     ] = None,
@@ -593,6 +601,7 @@ def submit(
         model=model,
         prompts=prompt,
         components=split_components(components) if components is not None else None,
+        knockouts=[split_components(members) for members in knockout] if knockout else None,
         ablation=_value(ablation),
         positions=_value(positions),
         metric=_value(metric),

@@ -595,7 +595,8 @@ def test_cli_output_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> No
 # JobRequest field -> the submit flag that sets it.
 SUBMIT_FLAGS = {
     "preset": "--preset", "model": "--model", "prompts": "--prompt", "dataset": "--dataset", "answers": "--answer",
-    "counterfactuals": "--counterfactual", "components": "--components", "ablation": "--ablation",
+    "counterfactuals": "--counterfactual", "components": "--components", "knockouts": "--knockout",
+    "ablation": "--ablation",
     "positions": "--positions", "metric": "--metric", "norm_scale": "--norm-scale", "resample_samples": "--samples",
     "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed",
     "source_seeds": "--source-seeds", "name": "--name",
@@ -680,6 +681,17 @@ def test_submit_sends_every_option_it_is_given(fake_client: type[_FakeClient]) -
         "all", "next_token", "heads", "full")
     assert (sent.name, sent.tags, sent.metadata) == ("docs", ["a", "b:1"], {"run": 3, "note": "first try"})
     assert sent.callback_url == "https://example.org/hook"
+
+
+def test_submit_sends_each_knockout_flag_as_one_set(fake_client: type[_FakeClient]) -> None:
+    outcome = CliRunner().invoke(app, [
+        "submit", "--model", "tiny", "--prompt", "a", "--prompt", "b", "--knockout", "attn.3, head.5.1",
+        "--knockout", "mlp.7,mlp.8",
+    ])
+    assert outcome.exit_code == 0, outcome.output
+    sent = fake_client.submitted[0]
+    assert sent.knockouts == [["attn.3", "head.5.1"], ["mlp.7", "mlp.8"]]
+    assert sent.components is msgspec.UNSET  # the server then ablates only the sets
 
 
 def test_submit_corpus_and_dataset_slices(fake_client: type[_FakeClient]) -> None:

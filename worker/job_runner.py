@@ -115,6 +115,7 @@ def sweep_spec(spec: JobSpec) -> SweepSpec:
         measure_positions=spec.measure_positions,
         target=spec.target,
         response_basis=spec.response_basis,
+        knockouts=tuple(tuple(members) for members in spec.knockouts),
     )
 
 

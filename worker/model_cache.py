@@ -31,6 +31,7 @@ from worker.engine.architecture import (
     describe,
     final_logit_softcap,
     has_parallel_blocks,
+    has_post_norm,
     head_basis_refusal,
 )
 from worker.engine.clean import CleanRunCache
@@ -121,6 +122,7 @@ def model_info(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
         d_model=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
         parallel_blocks=has_parallel_blocks(config),
+        post_norm=has_post_norm(config),
         source=source.kind,  # not the location: the model list is open to callers without a key
         about=source.about,
         licence=source.licence,

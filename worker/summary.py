@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hydra_ablate_client.vocabulary import is_knockout_name
 from hydra_ablate_client.wire import ComponentSummary, ErasureFit, Regression, Resampling, Selection, Summary
 from worker.engine.types import SweepResult
 from worker.fit_statistics import CI_LEVEL, N_BOOT, ols, pearson
@@ -162,9 +163,7 @@ def summarise(
         components=components,
         response_matrix=response.mean(axis=0).tolist(),
         clean_direct_effect_mean=clean_direct.mean(axis=0).tolist(),
-        total_vs_direct=regression(
-            direct.mean(axis=0), total.mean(axis=0), y_name="total_effect.mean", x_name="direct_effect.mean"
-        ),
+        total_vs_direct=_total_vs_direct(result.components, direct, total),
         near_ties=sum(1 for p in prompts if p.top2_gap < near_tie_gap),
         erasure=_erasure(result, unembed, response, clean_direct),
         resampling=Resampling(
@@ -179,6 +178,16 @@ def summarise(
     )
 
 
+def _total_vs_direct(names: list[str], direct: np.ndarray, total: np.ndarray) -> Regression:
+    """Mean TE on mean DE across the single components: knockout sets ablate several at once, so their points
+    belong to another population (they are the fit's only points when the job has nothing else)."""
+    single = [c for c, name in enumerate(names) if not is_knockout_name(name)] or list(range(len(names)))
+    return regression(
+        direct.mean(axis=0)[single], total.mean(axis=0)[single], y_name="total_effect.mean",
+        x_name="direct_effect.mean",
+    )
+
+
 def _erasure(
     result: SweepResult, unembed: np.ndarray, response: np.ndarray, clean_direct: np.ndarray
 ) -> list[ErasureFit]:
@@ -186,8 +195,8 @@ def _erasure(
     Δunembed across prompts (the paper's erasure: late MLPs erase less when a layer promoting the target is gone)."""
     fits = []
     for c, name in enumerate(result.components):
-        if not name.startswith("attn."):
-            continue
+        if not name.startswith("attn.") or is_knockout_name(name):
+            continue  # a knockout set has no one layer whose Δunembed the MLPs' erasure could be regressed on
         layer = int(name.split(".")[1])
         for d, other in enumerate(result.response_basis):
             if not other.startswith("mlp.") or int(other.split(".")[1]) < layer:

@@ -20,6 +20,11 @@ DOCS: dict[str, str] = {
     "JobRequest.components": (
         "What to ablate: kinds (`attn`, `mlp`, `head`: every layer) or names (`attn.3`, `mlp.0`, `head.2.5`)"
     ),
+    "JobRequest.knockouts": (
+        "Sets of explicit components (`attn.3`, `mlp.0`, `head.2.5`) each ablated together in one run and measured "
+        "like one component, named by its members joined with `+` (`attn.3+head.5.1`), after `components` in the "
+        "results; final-position jobs only. With knockouts and no `components`, only the sets are ablated"
+    ),
     "JobRequest.ablation": "How a component's output is replaced: `resample` (another prompt's), `mean` or `zero`",
     "JobRequest.positions": "Ablate at the final position only (`final`) or at every position (`all`)",
     "JobRequest.metric": (
@@ -156,6 +161,7 @@ DOCS: dict[str, str] = {
     "JobSpec.answers": "Per prompt target text (null: the clean top token)",
     "JobSpec.counterfactuals": "Per prompt competing answer (null unless logit_diff)",
     "JobSpec.components": "Every ablated component, by name",
+    "JobSpec.knockouts": "Every knockout set, by its members' names (results name each by them joined with +)",
     "JobSpec.ablation": "resample, mean or zero",
     "JobSpec.positions": "final or all",
     "JobSpec.metric": "The measured metric",
@@ -240,6 +246,11 @@ DOCS: dict[str, str] = {
     "ModelInfo.device": "Where the worker runs it (HYDRA_DEVICE), e.g. cuda:0",
     "ModelInfo.device_name": "The device's name, e.g. the GPU's or the CPU's model (null when unknown)",
     "ModelInfo.final_logit_softcap": "Gemma 2's final-logit soft cap (null for every other model)",
+    "ModelInfo.post_norm": (
+        "Whether the blocks normalise the attention output before adding it to the residual stream (OLMo 2, "
+        "Gemma 2 and 3); there a knockout set cannot hold a head of layer L together with a member of an earlier "
+        "layer"
+    ),
     "ModelInfo.head_basis_refusal": (
         "Why this model cannot run `response_basis: \"heads\"` (a post-norm block whose attention output "
         "projection has a bias, which belongs to no head); null when it can"

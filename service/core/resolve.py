@@ -7,6 +7,7 @@ bad request fails in milliseconds instead of on a GPU an hour later.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,9 +86,9 @@ _KIND_ORDER = {"attn": 0, "head": 1, "mlp": 2}  # within a layer: attention, its
 
 
 def ablation_count(spec: JobSpec) -> int:
-    """Ablated runs in a job: prompts × components × resample samples (one sample for mean and zero)."""
+    """Ablated runs in a job: prompts × (components + knockout sets) × resample samples (one for mean and zero)."""
     samples = spec.resample_samples * spec.source_seeds if spec.ablation == "resample" else 1
-    return len(spec.prompts) * len(spec.components) * samples
+    return len(spec.prompts) * (len(spec.components) + len(spec.knockouts)) * samples
 
 
 def resolve(
@@ -129,17 +130,22 @@ def resolve(
     groups = _resample_groups(resample_within, ablation, dataset, samples)
     keep_samples = pick("keep_samples")
     mean_reference = _mean_reference(request, ablation)
-    components = expand_components(pick("components"), info)
+    knockouts = _knockouts(request, info, per_position)
+    # With knockouts and no components, only the sets are ablated: the default (or a preset's) every-layer sweep
+    # would bury the sets among components nobody asked for.
+    components = expand_components([] if knockouts and request.components is UNSET else pick("components"), info)
+    _check_knockouts_against_components(knockouts, components)
     draws = check_source_seeds(pick("source_seeds"), ablation, pick("resample_from"), per_position)
     resample_sources = _resample_sources(pick("resample_sources"), ablation, per_position)
 
-    _check_ablation_count(n, len(components), samples, draws, settings)
+    n_rows = len(components) + len(knockouts)  # a knockout set is measured like one component
+    _check_ablation_count(n, n_rows, samples, draws, settings)
     max_tokens = pick("max_tokens")
     if per_position:
         _check_position_options(pick("positions"), metric, options, answers)
         if options["response_basis"] == "heads" and info.head_basis_refusal:
             raise ValidationProblem(info.head_basis_refusal, "response_basis")
-    _check_result_size(n, len(components), info, options, per_position, samples * draws, draws, keep_samples,
+    _check_result_size(n, n_rows, info, options, per_position, samples * draws, draws, keep_samples,
                        max_tokens or settings.max_prompt_tokens, settings)
 
     return JobSpec(
@@ -167,6 +173,7 @@ def resolve(
         resample_groups=groups,
         max_tokens=max_tokens,
         corpus=corpus,
+        knockouts=knockouts,
         **options,
     )
 
@@ -487,6 +494,114 @@ def expand_components(names: Sequence[str], info: ModelInfo) -> list[str]:
     if kinds_at is not None:
         expanded[kinds_at:kinds_at] = [name for *_, name in sorted(kinds)]
     return list(dict.fromkeys(expanded))
+
+
+def _knockouts(request: JobRequest, info: ModelInfo, per_position: bool) -> list[list[str]]:
+    """The request's knockout sets, each checked against the model (the engine's rules, worker/engine/components.py
+    knockout_set, so that a bad set fails here rather than on the worker)."""
+    if request.knockouts is UNSET or not request.knockouts:
+        return []
+    if per_position:
+        raise ValidationProblem(
+            "knockouts are measured at the final position: drop the per-position options (measure_positions 'all', "
+            "target 'next_token', response_basis 'heads') or the knockouts",
+            "knockouts",
+        )
+    sets: list[list[str]] = []
+    first_index: dict[frozenset[str], int] = {}
+    for index, given in enumerate(request.knockouts):
+        field = f"knockouts[{index}]"
+        if not given:
+            raise ValidationProblem(
+                f"knockout set {index} is empty: name at least one component (attn.L, mlp.L or head.L.H)", field
+            )
+        members = [_knockout_member(name, index, info, field) for name in given]
+        repeated = sorted(name for name, times in Counter(members).items() if times > 1)  # linear: sets can be long
+        if repeated:
+            raise ValidationProblem(
+                f"knockout set {index} names {', '.join(repr(r) for r in repeated)} twice: name each component once",
+                field,
+            )
+        layers_with_attn = {parse_component(name).layer for name in members if name.startswith("attn.")}
+        inside = [
+            name for name in members
+            if (parts := parse_component(name)).kind == "head" and parts.layer in layers_with_attn
+        ]
+        if inside:
+            raise ValidationProblem(
+                f"knockout set {index} names {', '.join(inside)} and its attention layer: a head is part of attn.L, "
+                "so ablating attn.L already ablates it; drop the head or the layer",
+                field,
+            )
+        if info.post_norm:
+            _check_post_norm_set(members, index, info, field)
+        key = frozenset(members)
+        if key in first_index:
+            raise ValidationProblem(
+                f"knockout sets {first_index[key]} and {index} name the same components: drop set {index}", field
+            )
+        first_index[key] = index
+        sets.append(list(members))
+    return sets
+
+
+def _check_post_norm_set(members: list[str], index: int, info: ModelInfo, field: str) -> None:
+    """In a post-norm block the norm mixes every head of a layer: with a member of an earlier layer, attn.L responds
+    to it, and that response cannot be told apart from the member heads' own change (the engine refuses the same,
+    worker/engine/sweep.py knockout_sets)."""
+    parts = [parse_component(name) for name in members]
+    first_layer = min(p.layer or 0 for p in parts)
+    for name, p in zip(members, parts, strict=True):
+        if p.kind == "head" and p.layer is not None and p.layer > first_layer:
+            raise ValidationProblem(
+                f"knockout set {index}: on model {info.id} a norm after attention mixes every head of a layer, so "
+                f"attn.{p.layer}'s response to the set's earlier members cannot be separated from {name}'s own "
+                f"change; knock out attn.{p.layer} instead of its heads, or put {name} in a set without earlier "
+                "members",
+                field,
+            )
+
+
+def _knockout_member(name: str, index: int, info: ModelInfo, field: str) -> str:
+    """One member of knockout set `index`, an explicit component of the model, in its canonical spelling (attn.01
+    is attn.1, as in `components`)."""
+    parts = parse_component(name)  # the schema checked the grammar
+    if not parts.explicit or parts.layer is None:
+        raise ValidationProblem(
+            f"knockout set {index}: {name!r} is not one component; a set names explicit components: attn.L, mlp.L "
+            "or head.L.H (give head.L's heads one by one)",
+            field,
+        )
+    if not 0 <= parts.layer < info.n_layers:
+        raise ValidationProblem(
+            f"knockout set {index}: {name!r}: layer {parts.layer} is out of range: model {info.id} has "
+            f"{info.n_layers} layers (0–{info.n_layers - 1})",
+            field,
+        )
+    if parts.head is not None and not 0 <= parts.head < info.n_heads:
+        raise ValidationProblem(
+            f"knockout set {index}: {name!r}: head {parts.head} is out of range: model {info.id} has "
+            f"{info.n_heads} heads per layer (0–{info.n_heads - 1})",
+            field,
+        )
+    return f"head.{parts.layer}.{parts.head}" if parts.kind == "head" else f"{parts.kind}.{parts.layer}"
+
+
+def _check_knockouts_against_components(knockouts: list[list[str]], components: list[str]) -> None:
+    """At least one thing to ablate, and no set named like a component (results name every row once)."""
+    if not components and not knockouts:
+        raise ValidationProblem(
+            "nothing to ablate: give components (e.g. ['attn', 'mlp']) or knockouts (e.g. [['attn.1', 'mlp.1']])",
+            "components",
+        )
+    single = set(components)
+    for index, members in enumerate(knockouts):
+        if len(members) == 1 and members[0] in single:
+            raise ValidationProblem(
+                f"knockout set {index} has the one member {members[0]!r}, which components already ablate on its "
+                "own: drop the set or the component",
+                f"knockouts[{index}]",
+            )
 
 
 def _check_layer(name: str, layer: int, info: ModelInfo, field: str) -> None:

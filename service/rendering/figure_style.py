@@ -8,7 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from hydra_ablate_client.vocabulary import parse_component
+from hydra_ablate_client.vocabulary import is_knockout_name, knockout_members, parse_component
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,9 +26,22 @@ class FigureOptionError(ValueError):
 
 
 def kind_and_layer(name: str) -> tuple[str, int]:
-    """(kind, layer) of `attn.L`, `mlp.L` or `head.L.H` (a result's explicit component names)."""
+    """(kind, layer) of `attn.L`, `mlp.L` or `head.L.H` (a result's explicit component names).
+
+    A knockout set of several members ("attn.3+head.5.1") is kind "knockout" at its deepest member's layer: figures
+    that select components by kind leave it out, and the scatter of every component (te_vs_de) draws it apart."""
+    if is_knockout_name(name):
+        return "knockout", max(parse_component(member).layer or 0 for member in knockout_members(name))
     parts = parse_component(name)
     return parts.kind, parts.layer or 0
+
+
+def knockout_note(result: Any) -> str:
+    """The line a layer-indexed figure adds when it leaves the job's knockout sets out ("" when there are none)."""
+    n = sum(1 for name in result.components if is_knockout_name(name))
+    if not n:
+        return ""
+    return f"{n} knockout set{'s' if n > 1 else ''} not shown here (a set spans layers; see te_vs_de)"
 
 
 def metric_unit(result: Any) -> str:

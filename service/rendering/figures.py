@@ -29,6 +29,7 @@ from service.rendering.figure_style import (
     RENDER_LOCK,
     FigureOptionError,
     kind_and_layer,
+    knockout_note,
     layer_ticks,
     metric_unit,
     note_outside,
@@ -64,7 +65,8 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "y = x (Rushing & Nanda Fig. 1), and per layer the shares of self-repair done by heads, MLPs and the norm",
 }
 
-KIND_MARKERS = {"attn": "o", "mlp": "s", "head": "^"}
+# A knockout set (several components ablated together) gets a marker of its own, coloured by its deepest member.
+KIND_MARKERS = {"attn": "o", "mlp": "s", "head": "^", "knockout": "X"}
 KIND_COLOURS = {"attn": "tab:blue", "mlp": "tab:orange"}
 _RASTERIZE_ABOVE = 5000  # scatter points; past this an SVG of vector dots gets heavy, so dots become an image
 
@@ -139,6 +141,10 @@ def _te_vs_de(fig: Figure, result: JobResult) -> None:
             linewidths=1.2,
             zorder=4,
         )
+        if kind == "knockout":  # a set's name is the only way to tell which members it ablated
+            for m in means:
+                ax.annotate(m.component, (m.direct_effect_mean, m.total_effect_mean), textcoords="offset points",
+                            xytext=(6, 6), fontsize=MIN_FONT_PT, color="black", zorder=5)
         all_values += _finite(xs) + _finite(ys)
     lo, hi = _limits(all_values)
     ax.plot([lo, hi], [lo, hi], color="0.35", linestyle="--", linewidth=1, zorder=1)
@@ -179,7 +185,9 @@ def _te_vs_de(fig: Figure, result: JobResult) -> None:
     ax.grid(True, alpha=0.3)
     present = {kind for kind, _ in parsed}
     handles = [
-        Line2D([], [], marker=m, linestyle="", color="0.4", label=k) for k, m in KIND_MARKERS.items() if k in present
+        Line2D([], [], marker=m, linestyle="", color="0.4", label="knockout set" if k == "knockout" else k)
+        for k, m in KIND_MARKERS.items()
+        if k in present
     ]
     handles += [
         Line2D(
@@ -268,6 +276,8 @@ def _layer_effects(fig: Figure, result: JobResult) -> None:
                   f"{threshold:.0%} of Δunembed")
     if heads:
         title += f"\n{heads} head components not shown here (see te_vs_de)"
+    if knockout_note(result):
+        title += f"\n{knockout_note(result)}"
     fig.suptitle(title)
 
 
@@ -334,8 +344,9 @@ def _response_heatmap(fig: Figure, result: JobResult) -> None:
     if image is not None:
         fig.colorbar(image, ax=fig.axes, label=f"mean response ({unit}); colour clipped at ±{bound:.3g}",
                      extend="both", shrink=0.9)
+    note = knockout_note(result)
     fig.suptitle(f"{result.model}: mean downstream response to each ablation ({unit}); "
-                 "row + norm = compensation; CE = row sum")
+                 "row + norm = compensation; CE = row sum" + (f"\n{note}" if note else ""))
 
 
 def _no_data(ax: Axes, message: str) -> None:
@@ -472,7 +483,8 @@ def _erasure(fig: Figure, result: JobResult) -> None:
     ax_fit.set_xlim(-0.5, n_layers - 0.5)
     layer_ticks(ax_fit, layers)
     ax_fit.grid(True, alpha=0.3)
-    fig.suptitle(f"{result.model}: erasure ({result.summary.n_prompts} prompts)")
+    note = knockout_note(result)
+    fig.suptitle(f"{result.model}: erasure ({result.summary.n_prompts} prompts)" + (f"\n{note}" if note else ""))
 
 
 def _drawers() -> dict[str, Callable[..., None]]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hydra_ablate_client.vocabulary import is_knockout_name, knockout_members
 from hydra_ablate_client.wire import ComponentSummary, Fit, JobResult, PromptResult
 from service.rendering.figure_style import (
     MIN_FONT_PT,
     FigureOptionError,
     kind_and_layer,
+    knockout_note,
     layer_ticks,
     metric_unit,
     note_outside,
@@ -38,6 +40,12 @@ def _by_kind(result: JobResult, kind: str) -> list[tuple[int, int, ComponentSumm
     return sorted(rows, key=lambda row: row[0])
 
 
+def _knockout_line(result: JobResult) -> str:
+    """The paper's figures are per layer: a second title line saying that knockout sets are left out."""
+    note = knockout_note(result)
+    return f"\n{note}" if note else ""
+
+
 def _empty(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
     ax.set_xticks([])
@@ -58,7 +66,9 @@ def _unit_label(result: JobResult, what: str) -> str:
 def _default_component(result: JobResult, p: int) -> int:
     """The attention component with the largest Δunembed on this prompt (the paper shows a layer that matters)."""
     prompt = result.prompts[p]
-    columns = [c for c, name in enumerate(result.components) if name.startswith("attn.")] or list(
+    columns = [
+        c for c, name in enumerate(result.components) if name.startswith("attn.") and not is_knockout_name(name)
+    ] or list(
         range(len(result.components))
     )
     return max(columns, key=lambda c: prompt.unembed_effect[c])
@@ -95,7 +105,12 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
         if name in result.response_basis:
             slot = result.response_basis.index(name)
             mean[slot] = clean[slot] - row.direct_effect[k]
-    ablated_kind, ablated_layer = kind_and_layer(result.components[k])
+        elif is_knockout_name(name):
+            # A set's DE is its members' together, not each member's: their own slots are left undrawn (NaN).
+            for member in knockout_members(name):
+                if member in result.response_basis:
+                    mean[result.response_basis.index(member)] = np.nan
+    ablated_layers = sorted({kind_and_layer(member)[1] for member in knockout_members(result.components[k])})
     axes = fig.subplots(1, 2, sharey=True)
     unit = metric_unit(result)
     for ax, kind in zip(axes, ("attn", "mlp"), strict=True):
@@ -106,7 +121,8 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
         ax.plot(layers, clean[cols], color="black", linewidth=2, marker="o", markersize=3, label="clean Δunembed")
         ax.plot(layers, mean[cols], color="tab:red", linewidth=2, linestyle="--", marker="s", markersize=3,
                 label="ablated Δ̃unembed (mean over patches)")
-        ax.axvline(ablated_layer, color="0.4", linestyle=":", linewidth=1.2)
+        for ablated_layer in ablated_layers:
+            ax.axvline(ablated_layer, color="0.4", linestyle=":", linewidth=1.2)
         ax.axhline(0, color="0.3", linewidth=0.8)
         ax.set_title(f"{'attention' if kind == 'attn' else 'MLP'} layers")
         ax.set_xlabel("layer")
@@ -128,7 +144,6 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
         f"Δunembed {row.unembed_effect[k]:+.2f}, CE {row.compensatory_effect[k]:+.2f} {unit}"
         + _efficacy_line(result, row, k)
     )
-    del ablated_kind
 
 
 def _efficacy_line(result: JobResult, row: PromptResult, k: int) -> str:
@@ -205,7 +220,7 @@ def fig2(fig: Figure, result: JobResult) -> None:
     ax_d.legend(loc="lower left", ncols=2)
     layer_ticks(ax_d, list(range(_n_layers(result))))
     fig.suptitle(f"{result.model}: unembedding impact vs ablation impact (paper Fig. 2), "
-                 f"{result.summary.n_prompts} prompts")
+                 f"{result.summary.n_prompts} prompts" + _knockout_line(result))
 
 
 def _fig2_scatter(ax: Axes, result: JobResult) -> None:
@@ -376,7 +391,7 @@ def fig7(fig: Figure, result: JobResult) -> None:
     ax_d.grid(True, alpha=0.3)
     layer_ticks(ax_d, list(range(_n_layers(result))))
     fig.suptitle(f"{result.model}: compensatory effect against the ablated layer's unembedding impact "
-                 f"(paper Fig. 7), {result.summary.n_prompts} prompts")
+                 f"(paper Fig. 7), {result.summary.n_prompts} prompts" + _knockout_line(result))
 
 
 def robust_ylim(ax: Axes, slopes: list[float | None]) -> None:
@@ -470,4 +485,4 @@ def fig8(fig: Figure, result: JobResult) -> None:
         ax.set_ylabel(_unit_label(result, "part of CE"))
         ax.legend(loc="upper left")
     fig.suptitle(f"{result.model}: CE's attention and MLP parts against Δunembed (paper Fig. 8), "
-                 f"{result.summary.n_prompts} prompts")
+                 f"{result.summary.n_prompts} prompts" + _knockout_line(result))

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hydra_ablate_client.tables import iter_long, long_column_names
-from hydra_ablate_client.vocabulary import parse_component
+from hydra_ablate_client.vocabulary import component_columns
 from hydra_ablate_client.wire import JobResult, PositionColumns
 from service.rendering.result_csv import OPTIONAL_POSITION_MEASURES, POSITION_MEASURES, has_positions
 
@@ -159,7 +159,7 @@ def _float32(raw: bytes) -> np.ndarray:
 def _position_batch(result: JobResult, schema: pa.Schema, start: int, stop: int) -> pa.RecordBatch:
     """Rows of prompts start:stop: prompt × position × component, numbers straight from the float32 arrays."""
     n_components = len(result.components)
-    parsed = [parse_component(name) for name in result.components]
+    parsed = [component_columns(name) for name in result.components]
     per_component = [
         pa.array(values).dictionary_encode() if name in ("component", "kind") else pa.array(values)
         for name, values in zip(

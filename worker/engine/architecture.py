@@ -354,6 +354,13 @@ def sliding_windows(config: object, n_layers: int) -> tuple[int | None, ...]:
     return (int(window),) * n_layers
 
 
+def has_post_norm(config: object) -> bool:
+    """Whether the model's blocks normalise the attention output before adding it to the residual stream (OLMo 2,
+    Gemma 2 and 3): what the API needs to refuse the knockout sets the engine cannot separate (sweep.knockout_sets)."""
+    family = _FAMILIES.get(str(getattr(config, "model_type", "")))
+    return family is not None and family.attn_post_norm is not None
+
+
 def head_basis_refusal(config: object) -> str | None:
     """Why the per-position head response basis has no definition for this model (None: it has one).
 

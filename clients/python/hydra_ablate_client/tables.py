@@ -5,7 +5,8 @@ Written against the result's attributes only, so it serves the server (Parquet e
 Tables
   long            one row per prompt × component: prompt_index, prompt, target_id, target_token, clean_metric,
                   top2_gap, near_tie, the dataset fields (relation, subject, answer, dataset_index) when the
-                  prompts came from a dataset, component, kind, layer, head, then every per-component measure
+                  prompts came from a dataset, component, kind, layer, head (a knockout set: kind "knockout",
+                  no layer or head), then every per-component measure
                   (total_effect, direct_effect, compensation, norm_response, and any the server adds)
   summary         one row per component: its means, standard errors and the compensation-vs-direct regression
                   (flattened: compensation_vs_direct_slope, …)
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from hydra_ablate_client.vocabulary import parse_component
+from hydra_ablate_client.vocabulary import component_columns
 
 TableName = Literal["long", "summary", "response", "response_mean", "prompts"]
 TABLES: tuple[TableName, ...] = ("long", "summary", "response", "response_mean", "prompts")
@@ -87,7 +88,7 @@ def iter_long(result: Any, start: int = 0, stop: int | None = None) -> Iterator[
     """Rows of the long table for prompts start:stop, in long_column_names order."""
     records = dataset_fields(result)
     measures = per_component_measures(result)
-    parsed = [parse_component(name) for name in result.components]
+    parsed = [component_columns(name) for name in result.components]
     for index in range(start, len(result.prompts) if stop is None else stop):
         prompt = result.prompts[index]
         job_index = prompt_index(prompt, index)
@@ -121,7 +122,7 @@ def summary_table(result: Any) -> Columns:
     rows = []
     for item in result.summary.components:
         row: dict[str, Any] = {}
-        kind, layer, head = parse_component(item.component)
+        kind, layer, head = component_columns(item.component)
         _flatten("", item, row)
         row = {"component": row.pop("component"), "kind": kind, "layer": layer, "head": head, **row}
         rows.append(row)

@@ -121,6 +121,25 @@ def knockout_name(members: list[str] | tuple[str, ...]) -> str:
     return KNOCKOUT_SEPARATOR.join(members)
 
 
+def is_knockout_name(name: str) -> bool:
+    """Whether a result's component is a knockout set ("attn.3+head.5.1"); a one-member set is named like its
+    member and counts as that component."""
+    return KNOCKOUT_SEPARATOR in name
+
+
+def knockout_members(name: str) -> list[str]:
+    """The members of a knockout set's name, in order (a plain component name: itself)."""
+    return name.split(KNOCKOUT_SEPARATOR)
+
+
+def component_columns(name: str) -> ComponentParts:
+    """(kind, layer, head) of a result's component as tables write them: a knockout set of several members has
+    kind "knockout" and no layer or head (its members span layers; its name lists them)."""
+    if is_knockout_name(name):
+        return ComponentParts("knockout", None, None)
+    return parse_component(name)
+
+
 # --- the per-position rule ------------------------------------------------------------------------------------
 
 

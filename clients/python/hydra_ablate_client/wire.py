@@ -91,7 +91,17 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     dataset: DatasetRef | UnsetType = UNSET
     answers: list[Prompt] | UnsetType = UNSET
     counterfactuals: list[Prompt] | UnsetType = UNSET
-    components: Annotated[list[ComponentName], Meta(min_length=1, max_length=100_000)] | UnsetType = UNSET
+    components: Annotated[list[ComponentName], Meta(max_length=100_000)] | UnsetType = UNSET
+    # Joint knockouts: each set of explicit names (attn.L, mlp.L, head.L.H) is ablated together in one run and
+    # measured like one component, named by its members joined with "+". Empty sets and repeated names are left to
+    # resolve, whose 422 names the set's index (a schema error could not say which set).
+    knockouts: (
+        Annotated[
+            list[Annotated[list[ComponentName], Meta(max_length=1_000)]],
+            Meta(max_length=10_000),
+        ]
+        | UnsetType
+    ) = UNSET
     ablation: AblationKind | UnsetType = UNSET
     positions: PositionScope | UnsetType = UNSET
     metric: MetricName | UnsetType = UNSET
@@ -172,6 +182,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     response_basis: ResponseBasisName = "layers"
     position_responses: PositionResponses = "split"
     corpus: CorpusRef | None = None
+    knockouts: list[list[str]] = msgspec.field(default_factory=list)  # after `components` in the results
 
     @property
     def per_position(self) -> bool:
@@ -245,6 +256,9 @@ class ModelInfo(Struct, kw_only=True):
     # Why per-position jobs cannot use response_basis "heads" on this model (post-norm blocks whose output
     # projection has a bias); None where they can.
     head_basis_refusal: str | None = None
+    # Blocks that normalise the attention output before the residual add (OLMo 2, Gemma 2 and 3): some knockout sets
+    # cannot be measured there (false in the records of workers that predate the field).
+    post_norm: bool = False
     # What the model is and under which terms its weights are used (the built-in models; null for others).
     about: str | None = None
     licence: str | None = None
