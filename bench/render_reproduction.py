@@ -67,7 +67,8 @@ def correct_subset(result: JobResult, alias: str) -> JobResult:
     def answer_token(text: str) -> int:
         return int(tokenizer(text, add_special_tokens=False).input_ids[0])
 
-    kept = [p for p in result.prompts if answer_token(fields[p.index].answer) == p.target_id]
+    # The fields keep the answer without its leading space; the service compares " " + answer (datasets.select).
+    kept = [p for p in result.prompts if answer_token(" " + fields[p.index].answer) == p.target_id]
     summary = summarise(
         # The wire's PromptResult carries every field summarise reads (as when the worker merges chunks).
         SweepResult(result.components, result.response_basis, prompts=kept),  # type: ignore[arg-type]

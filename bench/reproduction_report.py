@@ -36,7 +36,6 @@ PAPER_R2_LAYER, PAPER_R2 = 23, 0.92  # Fig. 7b
 # "~70% restored" in the middle layers: we call it agreement when the median middle-layer slope lies within these.
 SEVENTY_BAND = (0.6, 0.8)
 MIDDLE = (1 / 3, 2 / 3)  # the middle layers: relative depth in [1/3, 2/3)
-R2_NEAR_PAPER = 0.8  # an R² interval reaching this is "near the paper's 0.92"
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ MODELS = (
 RUN_TITLES = {
     "all_seeds": "all prompts, random sources (the paper's setup)",
     "correct": "correctly answered prompts, random sources",
-    "different_target": "all prompts, sources with another top token",
+    "different_target": "sources with another top token",
 }
 
 
@@ -124,7 +123,7 @@ def r2_text(fit: Fit | None) -> str:
 
 
 def share(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f}%"
+    return "–" if value is None else f"{100 * value:.0f}%".replace("-", "−")
 
 
 def p_text(value: float | None) -> str:
@@ -288,11 +287,17 @@ def hydra_findings(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
         o_weak = [c.component for c in other.summary.components if c.weak_ablation]
         o_late_ok = [c.component for c in o_attn if past_paper_13(layer_of(c), n) and unit_interval(c.ce_vs_unembed)]
         lines.append(
-            '- *Sources with another top token* (`resample_sources: "different_target"`, not the paper\'s choice): '
-            f"the median share removed over the attention layers becomes "
+            '- *Sources with another top token* (`resample_sources: "different_target"`, not the paper\'s choice; '
+            f"{other.summary.n_prompts:,} prompts): the median share removed over the attention layers becomes "
             f"{share(statistics.median(o_removed) if o_removed else None)}, {len(o_weak)} components stay below "
             f"{share(threshold)} ({names(o_weak)}), and {count_of(o_late_ok, late)} attention layers past the paper's "
             "layer 13 have a slope interval in (0, 1)."
+            + (
+                f" Its prompts are the first {other.summary.n_prompts:,}, the random-source run's all "
+                f"{main.summary.n_prompts:,}: the two differ in prompts as well as in sources."
+                if other.summary.n_prompts != main.summary.n_prompts
+                else ""
+            )
         )
     lines.append(
         f"- *A slope below 1 at every attention layer past layer 13* (Fig. 7d; here the layers past relative depth "
@@ -304,18 +309,26 @@ def hydra_findings(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
     best = max(fitted, key=lambda c: c.ce_vs_unembed.r2 or 0.0) if fitted else None  # type: ignore[union-attr]
     paper_r2_layer = round(PAPER_R2_LAYER * n / PAPER_LAYERS)
     at = main.by_name.get(f"attn.{paper_r2_layer}")
-    near = [c.component for c in fitted if (c.ce_vs_unembed.r2_ci_high or 0) >= R2_NEAR_PAPER]  # type: ignore[union-attr]
+    reaching = [c.component for c in fitted if (c.ce_vs_unembed.r2_ci_high or 0) >= PAPER_R2]  # type: ignore[union-attr]
+    most = [c.component for c in fitted if (c.ce_vs_unembed.r2_ci_low or 0) > 0.5]  # type: ignore[union-attr]
     if best is not None and at is not None:
+        reading = (
+            "agrees"
+            if reaching
+            else f"partly: the fit explains most of the variance (R² interval above 0.5) at {names(most)}, but no "
+            f"layer's R² interval reaches {PAPER_R2}"
+            if most
+            else "does not agree"
+        )
         lines.append(
             f"- *A fit that explains most of the variance* (Fig. 7b: R² {PAPER_R2} at layer {PAPER_R2_LAYER} of 32, "
-            f"≈ attn.{paper_r2_layer} here): **{'agrees' if near else 'does not agree'}**. attn.{paper_r2_layer}'s R² "
-            f"is {r2_text(at.ce_vs_unembed)}; the best attention layer is {best.component}, "
-            f"{r2_text(best.ce_vs_unembed)}; R² intervals reaching {R2_NEAR_PAPER}: {names(near)}."
+            f"≈ attn.{paper_r2_layer} here): **{reading}**. attn.{paper_r2_layer}'s R² is "
+            f"{r2_text(at.ce_vs_unembed)}; the best attention layer is {best.component}, {r2_text(best.ce_vs_unembed)}."
         )
     middle = [c for c in attn if is_middle(layer_of(c), n) and c.ce_vs_unembed and c.ce_vs_unembed.slope is not None]
     if middle:
-        slopes = [c.ce_vs_unembed.slope for c in middle]  # type: ignore[union-attr]
-        median = statistics.median(slopes)  # type: ignore[type-var]
+        slopes = [float(c.ce_vs_unembed.slope) for c in middle]  # type: ignore[union-attr,arg-type]
+        median = statistics.median(slopes)
         inside = SEVENTY_BAND[0] <= median <= SEVENTY_BAND[1]
         lines.append(
             f"- *About 70% restored in the middle layers* (the conclusion; this slope): **"
@@ -417,6 +430,25 @@ def erasure_findings(run: Run) -> list[str]:
     ]
 
 
+def dataset_limit(run: Run) -> int | None:
+    request = run.document.get("request")
+    dataset = request.get("dataset") if isinstance(request, dict) else None
+    return dataset.get("limit") if isinstance(dataset, dict) else None
+
+
+def run_commands(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
+    commands = []
+    for name, run in runs.items():
+        if name == "correct":
+            continue
+        limit = dataset_limit(run)
+        commands.append(
+            f"python bench/reproduce_hydra.py --model {model.alias} --runs {name}"
+            + (f" --limit {limit}" if limit else "")
+        )
+    return commands
+
+
 def run_lines(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
     main = runs["all_seeds"]
     spec = main.document["spec"]
@@ -434,11 +466,36 @@ def run_lines(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
         n_prompts = run.summary.n_prompts
         runs_per_prompt = int(spec["resample_samples"]) * int(spec.get("source_seeds", 1))  # type: ignore[call-overload]
         ablated = n_prompts * len(run.summary.components) * runs_per_prompt
+        limit = dataset_limit(run)
+        scope = f"on the first {limit:,} prompts of known_1000, sources drawn among them: " if limit else ""
         lines.append(
-            f"- **{RUN_TITLES[name]}**: {n_prompts:,} prompts × {len(run.summary.components)} components × "
+            f"- **{RUN_TITLES[name]}**: {scope}{n_prompts:,} prompts × {len(run.summary.components)} components × "
             f"{runs_per_prompt} patches = {ablated:,} ablated runs in {float(doc['elapsed_s']):,.0f} s of job time "  # type: ignore[arg-type]
             f"on a 2-core CPU; request `{json.dumps(doc['request'])}`."
         )
+    return lines
+
+
+def figure_lines(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
+    """Links to the figures drawn for the runs this page shows (bench/render_reproduction.py)."""
+    titles = {"fig2": "Fig. 2", "fig7": "Fig. 7", "fig8": "Fig. 8", "erasure": "erasure"}
+    links = [
+        f"[{titles[name]}, {RUN_TITLES[run]}](reproduction/{name}_{model.slug}_{run}.png)"
+        for run in runs
+        for name in titles
+        if (OUT / f"{name}_{model.slug}_{run}.png").exists()
+    ]
+    lines = ["Figures (1200 × 800):", "", f"![Fig. 7](reproduction/fig7_{model.slug}_all_seeds.png)", ""]
+    lines += [" · ".join(links), ""]
+    if (OUT / f"profile_{model.slug}.png").exists():
+        lines += [
+            "Fig. 1/3, one prompt's per-layer direct effects in the clean run and the ablated one, one faint line per "
+            "resample patch (a `keep_samples` job on the correctly answered prompts among the first 60): where the "
+            "faint lines keep the ablated layer's own write, the ablation did not remove it.",
+            "",
+            f"![Fig. 1/3](reproduction/profile_{model.slug}.png)",
+            "",
+        ]
     return lines
 
 
@@ -495,27 +552,12 @@ def hydra_page(model: ModelFacts, runs: dict[str, Run]) -> str:
         "subject–relation prompts); the paper measured all of Counterfact. Layers compare by relative depth only "
         f"(our {n} layers against its 32).",
         "",
-        "Regenerate: `python bench/reproduce_hydra.py --model "
-        f"{model.alias} --runs all_seeds,different_target` (starts its own stack), then "
-        "`python bench/render_reproduction.py` (figures from the raw results, which stay out of git, then these "
-        "pages).",
+        "Regenerate: "
+        + "; ".join(f"`{command}`" for command in run_commands(model, runs))
+        + " (each starts its own stack), then `python bench/render_reproduction.py` (figures from the raw results, "
+        "which stay out of git, then these pages).",
         "",
-        "Figures (1200 × 800), all prompts with random sources:",
-        "",
-        f"![Fig. 7](reproduction/fig7_{model.slug}_all_seeds.png)",
-        "",
-        f"[Fig. 2](reproduction/fig2_{model.slug}_all_seeds.png) · "
-        f"[Fig. 8](reproduction/fig8_{model.slug}_all_seeds.png)"
-        f" · [erasure](reproduction/erasure_{model.slug}_all_seeds.png) · "
-        f"[Fig. 7, correct subset](reproduction/fig7_{model.slug}_correct.png) · "
-        f"[Fig. 7, sources with another top token](reproduction/fig7_{model.slug}_different_target.png)",
-        "",
-        "Fig. 1/3, one prompt's per-layer direct effects in the clean run and the ablated one, one faint line per "
-        "resample patch (a `keep_samples` job on the correctly answered prompts among the first 60): where the faint "
-        "lines keep the ablated layer's own write, the ablation did not remove it.",
-        "",
-        f"![Fig. 1/3](reproduction/profile_{model.slug}.png)",
-        "",
+        *figure_lines(model, runs),
     ]
     return "\n".join(lines)
 
@@ -622,7 +664,8 @@ def readme_block(hydra: dict[str, dict[str, Run]]) -> str:
             f"- [The Hydra effect on {model.title}](docs/results/hydra-{model.slug}.md), all "
             f"{main.summary.n_prompts:,} known_1000 prompts, the paper's setup: the CE-on-Δunembed slope's interval "
             f"lies in (0, 1) at {count_of(ok, late)} attention layers past the paper's layer 13; the ablation removed "
-            f"less than half of Δunembed at {count_of(weak, main.summary.components)} components."
+            f"less than {share(main.summary.efficacy_threshold)} of Δunembed at "
+            f"{count_of(weak, main.summary.components)} components."
         )
         if (OUT / f"rushing_nanda_{model.slug}_summary.json").exists():
             lines.append(
