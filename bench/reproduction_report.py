@@ -599,6 +599,7 @@ def rn_page(model: ModelFacts, document: dict[str, object]) -> str:
         )
     late_repair = sum(r.self_repair_mean for r in late)
     late_de = sum(r.unembed_effect_mean for r in late)
+    late_ratio = late_repair / late_de if late_de else float("nan")
     lines = [
         f"# Self-repair at every position on {model.title}",
         "",
@@ -626,17 +627,23 @@ def rn_page(model: ModelFacts, document: dict[str, object]) -> str:
         "Beside their findings (GPT-2 and Pythia, 160M and up, on open web text; here "
         f"{model.title} on short encyclopaedic sentences):",
         "",
-        f"- *Self-repair exists and is imperfect*: in layers {half}–{n_layers - 1} the heads' summed self-repair is "
-        f"{num(late_repair / late_de if late_de else None)} of their summed direct effect; the median head's "
-        f"self-repair is {num(statistics.median(fractions) if fractions else None)} of its direct effect. "
-        f"{count_of(repairs, repair)} heads have a self-repair interval above 0, {len(anti)} below 0.",
+        f"- *Self-repair exists and is imperfect*: **{'agrees' if 0 < late_ratio < 1 else 'does not agree'}** "
+        f"in layers {half}–{n_layers - 1}, where the heads' summed self-repair is {num(late_ratio)} of their summed "
+        f"direct effect; over every head the median self-repair is "
+        f"{num(statistics.median(fractions) if fractions else None)} of the head's direct effect, and "
+        f"{count_of(repairs, repair)} heads have a self-repair interval above 0, {len(anti)} below 0 (early heads "
+        "whose ablation moves the output more than their direct write: indirect effects, not repair).",
         f"- *Noisy, sometimes over-correcting*: {count_of(over, repair)} heads over-correct (self-repair above the "
-        "direct effect) on more than half of their top pairs with the whole interval of that share above one half.",
-        f"- *LayerNorm repairs up to ~30% of the direct effect*: the norm's clipped share of the direct effect, per "
-        f"head, reaches {num(norm_max.norm_share if norm_max else None)} ({norm_max.component if norm_max else '–'}, "
+        "direct effect) on more than half of their top pairs, the whole interval of that share above one half.",
+        f"- *LayerNorm repairs up to ~30% of the direct effect*: **"
+        f"{'agrees' if not norm_30 else f'larger here at {len(norm_30)} heads'}**. The norm's clipped share of the "
+        f"direct effect, per head, reaches {num(norm_max.norm_share if norm_max else None)} "
+        f"({norm_max.component if norm_max else '–'}, "
         f"{interval(*((norm_max.norm_share_ci_low, norm_max.norm_share_ci_high) if norm_max else (None, None)))}"
         f"); {count_of(norm_30, norm)} heads have a share whose interval lies at or above 0.30. Like is compared with "
-        "like here: the same clipped per-pair ratio, the same top 2% by the same direct effect.",
+        "like: the same clipped per-pair ratio over the same top 2% by the same direct effect. Where a head's direct "
+        "effect is near 0 the per-pair ratios clip at 0 or 1, so the shares of heads with small direct effects say "
+        "little.",
         "",
         "What this does not show: their copy-suppression analysis (IOI on GPT-2 small) has no counterpart here, and "
         f"{document['documents']} documents give {repair[0].n_pairs if repair else 0} pairs per head, so per-head "

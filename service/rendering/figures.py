@@ -32,7 +32,6 @@ from service.rendering.figure_style import (
     knockout_note,
     layer_ticks,
     metric_unit,
-    note_outside,
 )
 
 if TYPE_CHECKING:
@@ -61,8 +60,9 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "fig7": "the paper's Fig. 7: CE against Δunembed for attention (coloured by depth), the best-fitting layer, MLP "
     "layers, and slope (95% bootstrap interval) and R² per layer",
     "fig8": "the paper's Fig. 8: CE's attention part and MLP part regressed on Δunembed, per attention layer",
-    "self_repair": "per-position jobs: per component, mean DE against mean TE over its top 2% pairs by DE with "
-    "y = x (Rushing & Nanda Fig. 1), and per layer the shares of self-repair done by heads, MLPs and the norm",
+    "self_repair": "per-position jobs: each component's self-repair over its top 2% pairs by direct effect against "
+    "its layer, with the per-layer mean and its interval (Rushing & Nanda Fig. 1), and per layer the parts done by "
+    "heads, MLPs and the norm, with the norm's share of the direct effect",
 }
 
 # A knockout set (several components ablated together) gets a marker of its own, coloured by its deepest member.
@@ -355,67 +355,72 @@ def _no_data(ax: Axes, message: str) -> None:
 
 
 def _self_repair(fig: Figure, result: JobResult) -> None:
-    """Rushing & Nanda's Fig. 1 in our terms (their TE and DE are ours negated; the plot uses ours), and per layer
-    the share of the self-repair done by downstream heads, MLPs and the final norm."""
+    """Rushing & Nanda's Fig. 1: each component's self-repair (our DE − TE, their TE − DE) against its layer, with
+    the per-layer trend (the mean over the layer's components and its interval); and per layer who repairs: the
+    downstream heads, MLPs and the final norm, with their norm share of the direct effect (clip(norm / DE, 0, 1)
+    per pair, averaged: R&N's "LayerNorm … up to 30% of the direct effect")."""
     repair = result.summary.self_repair
     left, right = fig.subplots(1, 2, width_ratios=[1.2, 1])
     if not repair:
         _no_data(left, "no self-repair summary: not a per-position job")
         right.set_axis_off()
         return
-    layers = [kind_and_layer(r.component)[1] for r in repair]
-    de = [r.direct_effect_mean for r in repair]
-    te = [r.total_effect_mean for r in repair]
-    points = left.scatter(de, te, c=layers, cmap="viridis", s=18, edgecolors="none")
-    low, high = _limits(_finite(de + te))
-    left.plot([low, high], [low, high], color="black", linewidth=1, label="y = x (no self-repair)")
+    unit = metric_unit(result)
+    top = f"top {100 * (result.summary.top_fraction or 0):.0f}%"
+    markers = {"head": "o", "attn": "s", "mlp": "^"}
+    trends = result.summary.self_repair_layers or []
+    for kind in dict.fromkeys(r.kind for r in repair):
+        mine = [r for r in repair if r.kind == kind]
+        # A small deterministic spread within a layer keeps heads of one layer apart.
+        offsets = {r.component: (i % 5 - 2) * 0.06 for i, r in enumerate(mine)}
+        left.scatter([r.layer + offsets[r.component] for r in mine], [r.self_repair_mean for r in mine],
+                     s=16, marker=markers.get(kind, "o"), color=KIND_COLOURS.get(kind, "tab:purple"), alpha=0.7,
+                     edgecolors="none", label=f"{kind}s: one per component")
+        trend = sorted((t for t in trends if t.kind == kind), key=lambda t: t.layer)
+        if trend:
+            xs = [t.layer for t in trend]
+            left.plot(xs, [t.self_repair_mean for t in trend], color="black", linewidth=1.4,
+                      label=f"per-layer mean ({kind}s)")
+            lows = [t.ci_low if t.ci_low is not None else float("nan") for t in trend]
+            highs = [t.ci_high if t.ci_high is not None else float("nan") for t in trend]
+            left.fill_between(xs, lows, highs, color="0.5", alpha=0.25, linewidth=0, label="95% interval of the mean")
     left.axhline(0, color="grey", linewidth=0.5)
-    left.set_xlabel(f"mean direct effect over each component's top {100 * (result.summary.top_fraction or 0):.0f}% "
-                    "pairs (clean − ablated)")
-    left.set_ylabel("mean total effect over the same pairs (clean − ablated)")
-    left.set_title("below y = x: self-repair (DE − TE = their TE − DE)")
-    left.legend(loc="upper left")
-    fig.colorbar(points, ax=left, label="layer")
+    layer_ticks(left, sorted({r.layer for r in repair}))
+    left.set_xlabel("layer of the ablated component")
+    left.set_ylabel(f"self-repair over its {top} pairs ({unit})")
+    left.set_title("self-repair per component against layer (their Fig. 1); > 0: repaired")
+    left.legend(loc="upper left", fontsize="small")
 
-    by_layer: dict[int, list[float]] = {}
-    for layer, r in zip(layers, repair, strict=True):
-        sums = by_layer.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
-        for i, value in enumerate((r.heads_mean, r.mlps_mean, r.norm_mean, r.self_repair_mean)):
-            sums[i] += value
-    order = sorted(by_layer)
-    counts = {layer: layers.count(layer) for layer in order}
-    # Per layer, the mean over its components of each part (logits): stacked bars, positive parts above zero and
-    # negative ones below, so a part that works against the repair shows as such; the dot is the self-repair.
-    above = [0.0] * len(order)
-    below = [0.0] * len(order)
-    for i, (label, colour) in enumerate((("heads", "tab:blue"), ("MLPs", "tab:orange"), ("norm", "tab:green"))):
-        values = [by_layer[layer][i] / counts[layer] for layer in order]
+    layers = sorted({r.layer for r in repair})
+    parts = {layer: [r for r in repair if r.layer == layer] for layer in layers}
+    # Per layer, the mean over its components of each part: stacked bars, positive parts above zero and negative
+    # ones below, so a part that works against the repair shows as such; the dot is the self-repair.
+    above = [0.0] * len(layers)
+    below = [0.0] * len(layers)
+    for label, colour, get in (("heads", "tab:blue", lambda r: r.heads_mean), ("MLPs", "tab:orange",
+                               lambda r: r.mlps_mean), ("norm", "tab:green", lambda r: r.norm_mean)):
+        values = [sum(get(r) for r in parts[layer]) / len(parts[layer]) for layer in layers]
         bottoms = [a if v >= 0 else b for v, a, b in zip(values, above, below, strict=True)]
-        right.bar(order, values, bottom=bottoms, color=colour, label=label, width=0.8)
+        right.bar(layers, values, bottom=bottoms, color=colour, label=label, width=0.8)
         above = [a + max(v, 0.0) for a, v in zip(above, values, strict=True)]
         below = [b + min(v, 0.0) for b, v in zip(below, values, strict=True)]
-    totals = [by_layer[layer][3] / counts[layer] for layer in order]
-    right.plot(order, totals, "o", color="black", markersize=4, label="self-repair (sum)")
+    totals = [sum(r.self_repair_mean for r in parts[layer]) / len(parts[layer]) for layer in layers]
+    right.plot(layers, totals, "o", color="black", markersize=4, label="self-repair (sum)")
     right.axhline(0, color="grey", linewidth=0.5)
+    layer_ticks(right, layers)
     right.set_xlabel("layer of the ablated component")
-    right.set_ylabel(f"mean over the layer's components ({metric_unit(result)})")
-    # The norm's share is a ratio: shown only where the layer's self-repair is at least a tenth of its direct effect
-    # (elsewhere a small denominator makes any share meaningless).
-    des = {layer: 0.0 for layer in order}
-    for layer, r in zip(layers, repair, strict=True):
-        des[layer] += r.direct_effect_mean / counts[layer]
-    shares = [
-        by_layer[layer][2] / by_layer[layer][3] if abs(total) >= 0.1 * abs(des[layer]) and total else float("nan")
-        for layer, total in zip(order, totals, strict=True)
-    ]
+    right.set_ylabel(f"mean over the layer's components ({unit})")
+    shares = []
+    for layer in layers:
+        known = [r.norm_share for r in parts[layer] if r.norm_share is not None]
+        shares.append(sum(known) / len(known) if known else float("nan"))
     share_axis = right.twinx()
-    share_axis.plot(order, shares, "D", color="tab:green", markeredgecolor="black", markersize=5, label="norm share")
-    share_axis.set_ylim(-1, 1)
-    note_outside(share_axis, None, shares, what="norm share")
-    share_axis.set_ylabel("norm share of the self-repair (◆)")
-    right.set_title("who repairs, per layer (◆ norm share where self-repair ≥ DE / 10)")
+    share_axis.plot(layers, shares, "D", color="tab:green", markeredgecolor="black", markersize=5)
+    share_axis.set_ylim(0, 1)
+    share_axis.set_ylabel("norm share of the direct effect (◆): clip(norm / DE, 0, 1)")
+    right.set_title("who repairs, per layer (◆: the norm's share, R&N's measure)")
     right.legend(loc="upper left", fontsize="small")
-    fig.suptitle(f"{result.model}: self-repair over the top pairs by direct effect ({metric_unit(result)})")
+    fig.suptitle(f"{result.model}: self-repair over each component's {top} pairs by direct effect ({unit})")
 
 
 def _erasure(fig: Figure, result: JobResult) -> None:
