@@ -1,10 +1,12 @@
-"""Reproduce the paper's setup (the `hydra` preset) on SmolLM2-135M through the service itself, over the prompts the
-model answers correctly (the paper's selection) and over all 1,209 known_1000 prompts; plus one small job with
-per-patch samples for Fig. 1/3. Writes the summaries (JSON, small) to docs/results/reproduction/ and the raw results
-(large, not committed) to .bench-out/; bench/render_reproduction.py then draws the figures and the table.
+"""Reproduce the paper's setup (the `hydra` preset) through the service itself, on SmolLM2-135M or, with --model,
+Gemma-3-270M: all 1,209 known_1000 prompts at their clean top token (`all_seeds`: the paper's 15 patches as 5 seeded
+draws of 3; `all`: one draw of 15), sources with another top token (`different_target`), the correctly answered
+prompts alone (`correct`), and one small job with per-patch samples for Fig. 1/3 (`samples`). Writes the summaries
+(JSON, small) to docs/results/reproduction/ and the raw results (large, not committed) to .bench-out/;
+bench/render_reproduction.py then draws the figures and writes the pages.
 
     python bench/reproduce_hydra.py [--url http://127.0.0.1:8000] [--model gemma-3-270m] [--limit N]
-        [--runs correct,samples,all,all_seeds,different_target]
+        [--runs all_seeds,different_target,correct,samples,all]
 
 Without --url it starts its own stack (embedded Redis, API, one worker) on a free port, serving the --model too.
 Files are named hydra_<model>_<run>, <model> being the alias up to its first "-" (smollm2, gemma).
@@ -34,11 +36,13 @@ from service.core.embedded_redis import free_port
 OUT = ROOT / "docs" / "results" / "reproduction"
 RAW = ROOT / ".bench-out"
 
-# name -> the request (on top of the hydra preset, whose only_correct is true).
+# name -> the request (on top of the hydra preset: every prompt measured at its clean top token, as the paper).
 RUNS: dict[str, dict[str, object]] = {
-    "correct": {"preset": "hydra"},
+    "correct": {"preset": "hydra", "only_correct": True},
     # Fig. 1/3: per-patch profiles for the correctly answered prompts among the first 60.
-    "samples": {"preset": "hydra", "dataset": {"name": "known_1000", "limit": 60}, "keep_samples": True},
+    "samples": {
+        "preset": "hydra", "dataset": {"name": "known_1000", "limit": 60}, "keep_samples": True, "only_correct": True
+    },
     "all": {"preset": "hydra", "only_correct": False},
     # The paper's 15 patches per prompt drawn as 5 independent seeded draws of 3 sources, so that the bootstrap can
     # redraw sources (docs/concepts/definitions.md, "Statistics"); the same cost as "all".
@@ -125,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default=None)
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only (default: all 1,209)")
-    parser.add_argument("--runs", default="correct,samples,all", help="which runs, comma-separated")
+    parser.add_argument("--runs", default="all_seeds,samples", help="which runs, comma-separated")
     parser.add_argument("--model", default=None, help="a built-in model alias (default: the preset's, SmolLM2)")
     parser.add_argument("--adopt", action="append", default=[], help="NAME=JOB_ID: follow a job already submitted")
     args = parser.parse_args()

@@ -852,9 +852,6 @@ def run_demo(
         "model": model,
         "dataset": {"name": DEFAULT_DATASET, "limit": prompts},
         "resample_samples": samples,
-        # The preset keeps only the prompts the model answers correctly (the paper's selection); among a handful
-        # of prompts that can be none, and a demo must show numbers: it measures every prompt.
-        "only_correct": False,
     }
     job = client.submit(request)
     log.info(

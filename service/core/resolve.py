@@ -44,7 +44,8 @@ DEFAULTS: dict[str, Any] = {
 
 # The Hydra-effect paper's setup (McGrath et al., 2023): resample ablation of every layer's attention and MLP at
 # the final position, 15 random sources per prompt drawn from the dataset, centred logit of the clean top token,
-# on the factual-recall prompts the model answers correctly (only_correct). Sources come from the whole job, as in
+# on every prompt, right or wrong (§2.5 measures all of Counterfact at each prompt's maximum-likelihood token;
+# only_correct is a further analysis, not the paper's selection). Sources come from the whole job, as in
 # the paper's App. A; `resample_within: "relation"` is available but cannot be the preset's on known_1000, whose
 # relations P190 (1 prompt) and P138 (9) have fewer than 16 prompts.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -56,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resample_within": "job",
         "positions": "final",
         "metric": "centered_logit",
-        "only_correct": True,
+        "only_correct": False,
     },
     # Rushing & Nanda 2024: every head resample-ablated at every position of natural text, measured at every
     # position with the true next token as target, direct effects with the clean final-norm scale, responses per
