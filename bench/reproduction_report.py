@@ -335,7 +335,8 @@ def hydra_findings(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
             f"{'agrees' if inside else 'does not agree'}**. Over the middle third of the attention layers "
             f"(attn.{layer_of(middle[0])}–{layer_of(middle[-1])}) the slopes run from {num(min(slopes))} to "  # type: ignore[type-var]
             f"{num(max(slopes))}, median {num(median)} (agreement: a median within {SEVENTY_BAND[0]}–"  # type: ignore[type-var]
-            f"{SEVENTY_BAND[1]})."
+            f"{SEVENTY_BAND[1]}); the ablation is weak at {count_of([c for c in middle if c.weak_ablation], middle)} "
+            "of these layers."
         )
     significant = [c.component for c in attn if c.ce_vs_unembed and (c.ce_vs_unembed.permutation_p_holm or 1) < 0.05]
     lines.append(
@@ -367,12 +368,19 @@ def hydra_findings(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
         ]
 
     early_mlp, late_mlp = mlp_better(halves[0]), mlp_better(halves[1])
-    grows = len(late_mlp) / max(len(halves[1]), 1) > len(early_mlp) / max(len(halves[0]), 1)
+    early_share = len(early_mlp) / max(len(halves[0]), 1)
+    late_share = len(late_mlp) / max(len(halves[1]), 1)
+    fig8 = (
+        "agrees" if late_share > early_share
+        else "partly: the MLP part is the better predictor in both halves, without a rise with depth"
+        if min(early_share, late_share) > 0.5
+        else "does not agree"
+    )
     lines.append(
         f"- *Fig. 8, which part of CE becomes the better predictor with depth* (the paper: the MLP part): CE's MLP "
         f"part has the larger R² on Δunembed at {count_of(early_mlp, halves[0])} attention layers of the first half "
-        f"and {count_of(late_mlp, halves[1])} of the second: **{'agrees' if grows else 'does not agree'}** (R² point "
-        "estimates, no interval on their difference)."
+        f"and {count_of(late_mlp, halves[1])} of the second: **{fig8}** (R² point estimates, no interval on their "
+        "difference)."
     )
     lines += erasure_findings(main)
     mean_ce = [c for c in main.summary.components if has_downstream(c.component, n)]
@@ -393,11 +401,11 @@ def hydra_findings(model: ModelFacts, runs: dict[str, Run]) -> list[str]:
             c.component for c in attention(corr_run) if past_paper_13(layer_of(c), n) and unit_interval(c.ce_vs_unembed)
         ]
         lines.append(
-            f"- *The correctly answered prompts* ({corr_run.summary.n_prompts} of "
-            f"{main.summary.n_prompts}, a further analysis, not the paper's setup): {count_of(corr_late_ok, late)} "
+            f"- *The correctly answered prompts* ({corr_run.summary.n_prompts:,} of "
+            f"{main.summary.n_prompts:,}, a further analysis, not the paper's setup): {count_of(corr_late_ok, late)} "
             f"attention layers past the paper's layer 13 have a slope interval in (0, 1); the two prompt sets' slope "
-            f"intervals do not overlap at {count_of(apart, attn)} attention layers ({names(apart)}). The prompts a "
-            "model gets right are not a random sample of the set."
+            f"intervals do not overlap at {count_of(apart, attn)} attention layers ({names(apart)})"
+            + (": there, which prompts are measured changes the slope." if apart else ".")
         )
     return lines
 
