@@ -51,6 +51,7 @@ def correct_subset(result: JobResult, alias: str) -> JobResult:
     target, is the answer's first token: the service's `only_correct` rule), with the summary recomputed."""
     from transformers import AutoTokenizer
 
+    from service.core.datasets import select
     from worker.engine.types import SweepResult
     from worker.job_runner import NEAR_TIE_GAP
     from worker.model_sources import parse_source
@@ -58,8 +59,9 @@ def correct_subset(result: JobResult, alias: str) -> JobResult:
 
     spec = result.provenance.spec
     fields = spec.prompt_fields
-    if fields is None:
+    if fields is None or spec.dataset is None:
         raise SystemExit("the all-prompts result has no dataset fields: it was not run on known_1000")
+    answers = select(spec.dataset)[1]  # the answers only_correct compares with, as the service spells them
     source = parse_source(alias)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
@@ -67,8 +69,7 @@ def correct_subset(result: JobResult, alias: str) -> JobResult:
     def answer_token(text: str) -> int:
         return int(tokenizer(text, add_special_tokens=False).input_ids[0])
 
-    # The fields keep the answer without its leading space; the service compares " " + answer (datasets.select).
-    kept = [p for p in result.prompts if answer_token(" " + fields[p.index].answer) == p.target_id]
+    kept = [p for p in result.prompts if answer_token(answers[p.index]) == p.target_id]
     summary = summarise(
         # The wire's PromptResult carries every field summarise reads (as when the worker merges chunks).
         SweepResult(result.components, result.response_basis, prompts=kept),  # type: ignore[arg-type]

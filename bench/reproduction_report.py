@@ -15,6 +15,7 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import msgspec
@@ -79,7 +80,7 @@ class Run:
     document: dict[str, object]
     summary: Summary
 
-    @property
+    @cached_property  # read once per table row and per finding: built once
     def by_name(self) -> dict[str, ComponentSummary]:
         return {c.component: c for c in self.summary.components}
 
