@@ -17,6 +17,7 @@ from hydra_ablate_client.vocabulary import ResampleSources, is_per_position, par
 from hydra_ablate_client.wire import CorpusRef, DatasetRef, JobRequest, JobSpec, ModelInfo
 from service.core import corpora, datasets
 from service.core.errors import ValidationProblem
+from service.core.estimate_options import check_estimates
 from service.core.settings import Settings
 from service.core.source_draws import check_source_seeds
 
@@ -138,6 +139,10 @@ def resolve(
     _check_knockouts_against_components(knockouts, components)
     draws = check_source_seeds(pick("source_seeds"), ablation, pick("resample_from"), per_position)
     resample_sources = _resample_sources(pick("resample_sources"), ablation, per_position)
+    estimates = check_estimates(
+        [] if request.estimates is UNSET else request.estimates, per_position=per_position, knockouts=knockouts,
+        resample_sources=resample_sources,
+    )
 
     n_rows = len(components) + len(knockouts)  # a knockout set is measured like one component
     _check_ablation_count(n, n_rows, samples, draws, settings)
@@ -175,6 +180,7 @@ def resolve(
         max_tokens=max_tokens,
         corpus=corpus,
         knockouts=knockouts,
+        estimates=estimates,
         **options,
     )
 

@@ -1,0 +1,279 @@
+"""Attribution-patching estimates as a job option (JobRequest.estimates): each refusal a 422 naming the field, and a
+job through the real stack (uvicorn, Redis, Celery worker) whose estimates equal run_attribution called directly on
+an independently loaded copy of the model, whose exact parts equal the same job without estimates, whose summary's
+agreement numbers are recomputed here from the returned rows (a rank correlation and top-k recall written with
+numpy argsort, not worker/attribution_summary.py), and whose exports, tables and figure carry the estimates."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from litestar.testing import TestClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hydra_ablate_client import HydraClient
+from hydra_ablate_client.wire import JobResult
+from service.api.app import create_app
+from service.core.settings import Settings
+from service.core.store import JobStore
+from service.rendering.parquet import from_parquet
+from tests.checks import present
+from tests.live_server import serve
+from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
+from worker.engine.attribution import run_attribution
+from worker.engine.types import SweepInputs, SweepSpec
+
+ESTIMATE_TOL = 1e-5
+SUMMARY_TOL = 1e-9
+TINY_JOB = {"model": "tiny", "prompts": TWO, "estimates": ["atp"]}
+
+REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
+    (
+        "per-position measurement",
+        {"positions": "all", "measure_positions": "all", "ablation": "zero"},
+        ("estimates read the metric at the final position", "drop the per-position options"),
+        "estimates",
+    ),
+    (
+        "next-token targets",
+        {"positions": "all", "target": "next_token", "ablation": "zero"},
+        ("estimates read the metric at the final position",),
+        "estimates",
+    ),
+    (
+        "knockout sets",
+        {"knockouts": [["attn.0", "mlp.1"]]},
+        ("estimates cover single components", "drop knockouts or estimates"),
+        "estimates",
+    ),
+    (
+        "sources with another top token",
+        {"resample_sources": "different_target", "prompts": [*TWO, "Rome is the capital of"]},
+        ("resample_sources 'different_target'", "use resample_sources 'any'"),
+        "resample_sources",
+    ),
+    ("a method twice", {"estimates": ["atp", "atp"]}, ("'atp' twice", "name each method once"), "estimates"),
+]
+
+
+@pytest.mark.parametrize(("body", "fragments", "field"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_unsupported_estimates_are_a_422_naming_the_field(
+    client: TestClient,  # noqa: F811
+    store: JobStore,  # noqa: F811
+    body: dict[str, Any],
+    fragments: tuple[str, ...],
+    field: str,
+) -> None:
+    problem = assert_problem(client.post("/v1/jobs", json={**TINY_JOB, **body}), 422, *fragments)
+    assert problem["field"] == field
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_an_unknown_method_is_refused_by_the_schema(client: TestClient) -> None:  # noqa: F811
+    problem = assert_problem(client.post("/v1/jobs", json={**TINY_JOB, "estimates": ["ig"]}), 400, "estimates")
+    assert "atp" in problem["detail"] or problem.get("errors")
+
+
+def test_estimates_are_resolved_into_the_spec(client: TestClient, store: JobStore) -> None:  # noqa: F811
+    """In the engine's order; the job's ablated runs (its progress) are the exact job's."""
+    response = client.post("/v1/jobs", json={**TINY_JOB, "estimates": ["atp_star", "atp"], "components": ["mlp"]})
+    assert response.status_code == 202, response.text
+    assert response.json()["progress"]["total"] == 2 * 4
+    spec = present(store.spec(response.json()["id"]))
+    assert spec.estimates == ["atp", "atp_star"]
+    plain = client.post("/v1/jobs", json={"model": "tiny", "prompts": TWO})
+    assert present(store.spec(plain.json()["id"])).estimates == []
+
+
+# --- through the real stack -----------------------------------------------------------------------------------------
+
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "My favourite colour is",
+    "The Eiffel Tower is located in the city of",
+    "Beats Music is owned by",
+]
+JOB: dict[str, Any] = {
+    "model": "tiny-llama",
+    "prompts": PROMPTS,
+    "components": ["attn", "mlp", "head"],
+    "ablation": "resample",
+    "resample_samples": 2,
+    "resample_from": "random",
+    "metric": "logit",
+    "seed": 3,
+}
+METHODS = ["atp", "atp_qkfix", "atp_star"]
+ESTIMATE_COLUMNS = [*METHODS, "abs_total_effect"]
+EXACT_FIELDS = ("total_effect", "direct_effect", "compensation", "norm_response", "unembed_effect",
+                "compensatory_effect", "ablated_unembed_effect", "response", "clean_direct_effect")
+
+
+@pytest.fixture(scope="module")
+def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
+    with serve(create_app(Settings.from_env())) as url:
+        yield url
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks 1 … n (ties share their mean rank), by sorting: the test's own, not the summary's."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    rx, ry = _ranks(x) - _ranks(x).mean(), _ranks(y) - _ranks(y).mean()
+    scale = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
+    return None if scale == 0 else float((rx * ry).sum() / scale)
+
+
+def _recall(exact: np.ndarray, estimate: np.ndarray, k: int) -> float:
+    """The share of the k largest |exact| among the k largest |estimate| (ties: the lower index first)."""
+    def top(values: np.ndarray) -> set[int]:
+        return {int(i) for i in np.lexsort((np.arange(len(values)), -np.abs(values)))[:k]}
+
+    return len(top(exact) & top(estimate)) / k
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+
+
+def _run(hydra: HydraClient, body: dict[str, Any]) -> JobResult:
+    job = hydra.submit(body)
+    final = hydra.wait(job.id, poll_s=0.05)
+    assert final.status == "succeeded", final.error
+    return hydra.result(job.id)
+
+
+def test_an_estimates_job_matches_the_engine_and_the_plain_job_and_exports_and_draws(
+    live_url: str, tiny_model_dirs: dict[str, str], tmp_path: Path
+) -> None:
+    from worker.tasks import model_cache
+
+    cached = model_cache().get("tiny-llama").model  # the worker's own copy (an in-process worker)
+    flags = [p.requires_grad for p in cached.parameters()]
+    hooks = _hooks(cached)
+    with HydraClient(live_url) as hydra:
+        plain = _run(hydra, {**JOB, "keep_samples": True})
+        result = _run(hydra, {**JOB, "estimates": ["atp", "atp_star"]})
+
+    # Nothing left on the worker's model: no hook, no gradient, requires_grad as it was.
+    assert [p.requires_grad for p in cached.parameters()] == flags
+    assert all(p.grad is None for p in cached.parameters())
+    assert _hooks(cached) == hooks
+
+    # The exact parts are the plain job's; the per-run samples kept for the magnitudes are not returned.
+    assert result.components == plain.components
+    for mine, theirs in zip(result.prompts, plain.prompts, strict=True):
+        assert mine.sources == theirs.sources and mine.target_id == theirs.target_id
+        for field in EXACT_FIELDS:
+            assert getattr(mine, field) == getattr(theirs, field), field
+        assert mine.samples is None and theirs.estimates is None
+        assert mine.estimates is not None and theirs.samples is not None
+        magnitudes = [float(np.mean([abs(s.total_effect) for s in runs])) for runs in theirs.samples]
+        assert mine.estimates.abs_total_effect == pytest.approx(magnitudes, abs=1e-12)
+    assert plain.summary.attribution is None
+    exact_summary = {c.component: c.total_effect_mean for c in plain.summary.components}
+    assert {c.component: c.total_effect_mean for c in result.summary.components} == exact_summary
+
+    # The estimates are run_attribution's on an independently loaded copy of the model, same inputs.
+    location = tiny_model_dirs["tiny-llama"]
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+    ids = [torch.tensor(tokenizer(p).input_ids) for p in PROMPTS]
+    spec = SweepSpec(components=tuple(result.components), ablation="resample", resample_samples=2,
+                     resample_from="random", metric="logit", seed=3)
+    direct = run_attribution(model, spec, SweepInputs(token_ids=ids), estimates=("atp", "atp_star"))
+    assert direct.nodes == result.components and direct.methods == METHODS
+    for served, expected in zip(result.prompts, direct.prompts, strict=True):
+        assert served.index == expected.index and served.sources == expected.sources
+        assert served.estimates is not None
+        for method in METHODS:
+            assert getattr(served.estimates, method) == pytest.approx(expected.values[method], abs=ESTIMATE_TOL)
+
+    # The summary's agreement, recomputed from the returned rows.
+    block = result.summary.attribution
+    assert block is not None and block.methods == METHODS
+    n_prompts, n_components = len(result.prompts), len(result.components)
+    exact = np.array([p.total_effect for p in result.prompts])
+    magnitude = np.array([present(p.estimates).abs_total_effect for p in result.prompts])
+    for a in block.agreement:
+        estimate = np.array([getattr(present(p.estimates), a.method) for p in result.prompts])
+        truth = magnitude if a.method == "atp_star" else exact
+        assert a.compared_with == ("abs_total_effect" if a.method == "atp_star" else "total_effect")
+        assert (a.n_prompts, a.n_components, a.k) == (n_prompts, n_components, 10)
+        per_prompt = [_spearman(truth[p], estimate[p]) for p in range(n_prompts)]
+        assert a.spearman_per_prompt_mean == pytest.approx(np.mean([r for r in per_prompt if r is not None]),
+                                                           abs=SUMMARY_TOL)
+        assert a.spearman_pooled == pytest.approx(_spearman(truth.ravel(), estimate.ravel()), abs=SUMMARY_TOL)
+        assert a.spearman_of_means == pytest.approx(_spearman(truth.mean(0), estimate.mean(0)), abs=SUMMARY_TOL)
+        recalls = [_recall(truth[p], estimate[p], 10) for p in range(n_prompts)]
+        assert a.recall_at_k_per_prompt_mean == pytest.approx(np.mean(recalls), abs=SUMMARY_TOL)
+        assert a.recall_at_k_of_means == pytest.approx(_recall(truth.mean(0), estimate.mean(0), 10), abs=SUMMARY_TOL)
+        assert a.mean_abs_error == pytest.approx(np.abs(estimate - truth).mean(), abs=SUMMARY_TOL)
+        worst = a.largest_misses[0]
+        assert abs(worst.error) == pytest.approx(np.abs(estimate - truth).max(), abs=SUMMARY_TOL)
+        assert worst.estimate - worst.exact == pytest.approx(worst.error, abs=SUMMARY_TOL)
+    costs = {c.method: c for c in block.cost}
+    assert list(costs) == ["exact", *METHODS]
+    assert costs["exact"].model_evaluations == 1 + 2 + n_components * 2
+    assert costs["atp"].model_evaluations == 1 + 2 + 1  # clean, two noise runs, one backward pass
+    assert all(c.seconds > 0 and c.speedup is not None for c in block.cost)
+    errors = [e for e in block.errors if e.method == "atp"]
+    assert [e.component for e in errors] == result.components
+    ce = np.array([p.compensatory_effect for p in result.prompts])
+    atp = np.array([present(p.estimates).atp for p in result.prompts])
+    for c, e in enumerate(errors):
+        assert e.error_mean == pytest.approx((atp[:, c] - exact[:, c]).mean(), abs=SUMMARY_TOL)
+        assert e.compensatory_effect_mean == pytest.approx(ce[:, c].mean(), abs=SUMMARY_TOL)
+        assert e.error_vs_ce.n == n_prompts and e.error_vs_ce.x == "compensatory_effect"
+        if e.error_vs_ce.slope is not None:
+            slope = np.polyfit(ce[:, c], atp[:, c] - exact[:, c], 1)[0]
+            assert e.error_vs_ce.slope == pytest.approx(slope, rel=1e-6, abs=1e-9)
+
+    # Tables and exports carry one column per method beside total_effect; empty for the plain job.
+    table = result.to_pandas()
+    assert set(ESTIMATE_COLUMNS) <= set(table.columns)
+    row = table[(table["prompt_index"] == 1) & (table["component"] == result.components[3])].iloc[0]
+    assert row["atp_star"] == present(result.prompts[1].estimates).atp_star[3]  # type: ignore[index]
+    assert plain.to_pandas()["atp"].isna().all()
+    export = f"{live_url}/v1/jobs/{result.id}/result"
+    rows = list(csv.DictReader(io.StringIO(httpx.get(export, params={"format": "csv"}).raise_for_status().text)))
+    assert len(rows) == n_prompts * n_components
+    first = rows[n_components + 2]  # prompt 1, component 2
+    assert first["prompt_index"] == "1" and first["component"] == result.components[2]
+    for method in ESTIMATE_COLUMNS:
+        assert float(first[method]) == getattr(result.prompts[1].estimates, method)[2]
+    plain_rows = csv.DictReader(io.StringIO(
+        httpx.get(f"{live_url}/v1/jobs/{plain.id}/result", params={"format": "csv"}).raise_for_status().text))
+    assert all(r["atp"] == "" and r["atp_star"] == "" for r in plain_rows)
+    raw = httpx.get(export, params={"format": "parquet"}).raise_for_status().content
+    parquet = pq.read_table(io.BytesIO(raw))
+    assert set(ESTIMATE_COLUMNS) <= set(parquet.schema.names)
+    assert from_parquet(parquet).prompts == result.prompts  # the estimates come back from the file
+
+    # The figure: every estimate against its exact value, coloured by CE.
+    with HydraClient(live_url) as hydra:
+        png = hydra.figure(result.id, "estimates", "png")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        (tmp_path / "estimates.png").write_bytes(png)
+        Path("/tmp/estimates-figure.png").write_bytes(png)  # to look at once
+        assert hydra.figure(plain.id, "estimates", "png")[:4] == b"\x89PNG"  # says how to ask for estimates
