@@ -277,3 +277,31 @@ def test_an_estimates_job_matches_the_engine_and_the_plain_job_and_exports_and_d
         (tmp_path / "estimates.png").write_bytes(png)
         Path("/tmp/estimates-figure.png").write_bytes(png)  # to look at once
         assert hydra.figure(plain.id, "estimates", "png")[:4] == b"\x89PNG"  # says how to ask for estimates
+
+
+def test_chunks_merge_into_the_job_in_one_piece(live_url: str) -> None:
+    """A job split into chunks (two here) carries the estimates of the job run in one piece, and its summary weighs
+    the chunks' costs by their prompts."""
+    from worker.chunk_execution import execute, execute_chunk, merge_chunks
+    from worker.tasks import model_cache
+
+    with HydraClient(live_url) as hydra:
+        spec = _run(hydra, {**JOB, "estimates": ["atp"], "components": ["attn", "mlp"]}).provenance.spec
+    loaded = model_cache().get("tiny-llama")
+    whole = execute("whole", spec, loaded)
+    chunks = [execute_chunk("split", spec, loaded, 1, 2, 5), execute_chunk("split", spec, loaded, 0, 0, 2)]
+    merged = merge_chunks("split", spec, chunks)
+    assert [p.index for p in merged.prompts] == list(range(len(PROMPTS)))
+    for a, b in zip(merged.prompts, whole.prompts, strict=True):
+        assert a.estimates is not None and b.estimates is not None and a.estimates.atp_star is None
+        assert a.estimates.atp == pytest.approx(b.estimates.atp, abs=ESTIMATE_TOL)
+        assert a.estimates.abs_total_effect == pytest.approx(b.estimates.abs_total_effect, abs=ESTIMATE_TOL)
+    split, one = present(merged.summary.attribution), present(whole.summary.attribution)
+    assert split.methods == one.methods == ["atp"]
+    assert present(split.agreement[0].spearman_pooled) == pytest.approx(present(one.agreement[0].spearman_pooled),
+                                                                          abs=1e-6)
+    costs = [c.estimate_costs for c in sorted(chunks, key=lambda c: c.index)]
+    assert all(c is not None for c in costs)
+    exact_seconds = [present(c)[0].seconds for c in costs]
+    expected = (2 * exact_seconds[0] + 3 * exact_seconds[1]) / 5
+    assert split.cost[0].method == "exact" and split.cost[0].seconds == pytest.approx(expected, rel=1e-12)
