@@ -9,16 +9,19 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import matplotlib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from litestar.testing import TestClient
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hydra_ablate_client import HydraClient
@@ -26,6 +29,8 @@ from hydra_ablate_client.wire import JobResult
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
+from service.rendering.figure_style import MIN_FONT_PT
+from service.rendering.figures import render
 from service.rendering.parquet import from_parquet
 from tests.checks import present
 from tests.live_server import serve
@@ -273,7 +278,15 @@ def test_an_estimates_job_matches_the_engine_and_the_plain_job_and_exports_and_d
     # The figure: every estimate against its exact value, coloured by CE.
     with HydraClient(live_url) as hydra:
         png = hydra.figure(result.id, "estimates", "png")
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.size == (1200, 800)
+            pixels = np.asarray(image.convert("L"))
+        assert (pixels < 245).mean() > 0.03 and len(np.unique(pixels)) > 32  # drawn, not a blank page
+        with matplotlib.rc_context({"svg.fonttype": "none"}):
+            svg = render(result, "estimates", "svg").decode()
+        sizes = [float(size) for size in re.findall(r"font-size:\s*([\d.]+)px", svg)]
+        assert sizes and min(sizes) >= MIN_FONT_PT
+        assert "AtP* against the exact |total effect|" in svg and "compensatory effect CE" in svg
         (tmp_path / "estimates.png").write_bytes(png)
         Path("/tmp/estimates-figure.png").write_bytes(png)  # to look at once
         assert hydra.figure(plain.id, "estimates", "png")[:4] == b"\x89PNG"  # says how to ask for estimates

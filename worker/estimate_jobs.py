@@ -24,11 +24,11 @@ from worker.model_cache import LoadedModel
 
 
 def exact_sweep_spec(spec: JobSpec) -> SweepSpec:
-    """The exact sweep's spec. With estimates every ablated run's TE is kept: `atp_star` is a magnitude, compared
-    with the mean over the runs of |TE| (not |mean TE|); the runs are dropped from the result again unless the job
-    asked for them (`drop_unrequested_samples`)."""
+    """The exact sweep's spec. With estimates and several ablated runs per component, every run's TE is kept:
+    `atp_star` is a magnitude, compared with the mean over the runs of |TE| (not |mean TE|); the runs are dropped
+    from the result again unless the job asked for them (`attach_estimates`)."""
     base = sweep_spec(spec)
-    return replace(base, keep_samples=True) if spec.estimates else base
+    return replace(base, keep_samples=True) if spec.estimates and runs_per_component(spec) > 1 else base
 
 
 class PhaseClock:
