@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hydra_ablate_client import HydraClient
-from hydra_ablate_client.wire import JobResult
+from hydra_ablate_client.wire import JobRequest, JobResult
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
@@ -98,6 +98,20 @@ def test_estimates_are_resolved_into_the_spec(client: TestClient, store: JobStor
     assert spec.estimates == ["atp", "atp_star"]
     plain = client.post("/v1/jobs", json={"model": "tiny", "prompts": TWO})
     assert present(store.spec(plain.json()["id"])).estimates == []
+
+
+def test_the_result_size_limit_counts_the_estimates() -> None:
+    """A job just under the limit without estimates is refused with them: their numbers are stored too."""
+    from service.core.errors import ValidationProblem
+    from service.core.resolve import resolve
+    from tests.test_api import TINY
+
+    body = {"model": "tiny", "prompts": TWO, "components": ["mlp"]}
+    per_pair = 2 * TINY.n_layers + 8
+    limit = Settings(max_result_values=2 * TINY.n_layers * per_pair)
+    assert resolve(JobRequest(**body), {"tiny": TINY}, limit).estimates == []  # type: ignore[arg-type]
+    with pytest.raises(ValidationProblem, match="numbers"):
+        resolve(JobRequest(**body, estimates=["atp"]), {"tiny": TINY}, limit)  # type: ignore[arg-type]
 
 
 # --- through the real stack -----------------------------------------------------------------------------------------

@@ -48,3 +48,11 @@ def check_estimates(
             "resample_sources",
         )
     return [name for name in get_args(EstimateName) if name in estimates]
+
+
+def estimate_values(estimates: Sequence[EstimateName]) -> int:
+    """Numbers the estimates add to a result per (prompt, component): atp and abs_total_effect, and with atp_star
+    also atp_qkfix and atp_star (the result-size check counts them)."""
+    if not estimates:
+        return 0
+    return 4 if "atp_star" in estimates else 2
