@@ -332,3 +332,38 @@ def test_chunks_merge_into_the_job_in_one_piece(live_url: str) -> None:
     exact_seconds = [present(c)[0].seconds for c in costs]
     expected = (2 * exact_seconds[0] + 3 * exact_seconds[1]) / 5
     assert split.cost[0].method == "exact" and split.cost[0].seconds == pytest.approx(expected, rel=1e-12)
+
+
+COMBINATIONS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("mean ablation at every position", {"ablation": "mean", "positions": "all"}, {"ablation": "mean",
+                                                                                    "positions": "all"}),
+    ("zero ablation, centred logit", {"ablation": "zero", "metric": "centered_logit"},
+     {"ablation": "zero", "metric": "centered_logit"}),
+    ("two source draws", {"resample_samples": 1, "resample_from": "random", "source_seeds": 2, "seed": 5},
+     {"resample_samples": 1, "resample_from": "random", "source_seeds": 2, "seed": 5}),
+]
+
+
+@pytest.mark.parametrize(("body", "engine"), [c[1:] for c in COMBINATIONS], ids=[c[0] for c in COMBINATIONS])
+def test_other_supported_jobs_carry_the_engines_estimates(
+    live_url: str, tiny_model_dirs: dict[str, str], body: dict[str, Any], engine: dict[str, Any]
+) -> None:
+    components = ["attn.0", "mlp.1", "head.2.1", "attn.2"]
+    with HydraClient(live_url) as hydra:
+        result = _run(hydra, {"model": "tiny-gpt2", "prompts": PROMPTS, "components": components,
+                              "estimates": ["atp", "atp_star"], **body})
+    location = tiny_model_dirs["tiny-gpt2"]
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+    ids = [torch.tensor(tokenizer(p).input_ids) for p in PROMPTS]
+    direct = run_attribution(model, SweepSpec(components=tuple(components), **engine), SweepInputs(token_ids=ids))
+    runs = 2 if body.get("source_seeds") == 2 else 1
+    for served, expected in zip(result.prompts, direct.prompts, strict=True):
+        assert served.sources == expected.sources and len(expected.per_run["atp"][0]) == runs
+        estimates = present(served.estimates)
+        for method in METHODS:
+            assert getattr(estimates, method) == pytest.approx(expected.values[method], abs=ESTIMATE_TOL), method
+        if runs == 1:
+            assert estimates.abs_total_effect == [abs(v) for v in served.total_effect]
+    block = present(result.summary.attribution)
+    assert [a.method for a in block.agreement] == METHODS
