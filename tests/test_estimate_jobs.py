@@ -268,6 +268,14 @@ def test_an_estimates_job_matches_the_engine_and_the_plain_job_and_exports_and_d
             slope = np.polyfit(ce[:, c], atp[:, c] - exact[:, c], 1)[0]
             assert e.error_vs_ce.slope == pytest.approx(slope, rel=1e-6, abs=1e-9)
 
+    # `hydra-ablate result` names each method's agreement in its summary lines, each within 80 columns.
+    from cli.views import summary_lines
+
+    lines = summary_lines(result)
+    assert sum(line.startswith(f"  {m} ") for line in lines for m in METHODS) == 3
+    assert all(len(line) <= 80 for line in lines)
+    assert not any("estimates" in line for line in summary_lines(plain))
+
     # Tables and exports carry one column per method beside total_effect; empty for the plain job.
     table = result.to_pandas()
     assert set(ESTIMATE_COLUMNS) <= set(table.columns)
