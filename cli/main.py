@@ -531,6 +531,13 @@ def submit(
     ablation: Annotated[
         Ablation | None, typer.Option(help="replace outputs by another prompt's, the mean, or 0")
     ] = None,
+    estimates: Annotated[
+        str | None,
+        typer.Option(
+            help="attribution-patching estimates beside the exact effects, comma-separated: atp, atp_star "
+            "(final-position jobs)"
+        ),
+    ] = None,
     positions: Annotated[Positions | None, typer.Option(help="ablate at the final position or at every one")] = None,
     metric: Annotated[Metric | None, typer.Option(help="what is read on the target token")] = None,
     norm_scale: Annotated[
@@ -602,6 +609,7 @@ def submit(
         prompts=prompt,
         components=split_components(components) if components is not None else None,
         knockouts=[split_components(members) for members in knockout] if knockout else None,
+        estimates=split_components(estimates) if estimates is not None else None,
         ablation=_value(ablation),
         positions=_value(positions),
         metric=_value(metric),

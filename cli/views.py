@@ -348,6 +348,7 @@ def summary_lines(result: JobResult) -> list[str]:
     spec = result.provenance.spec
     lines = [f"{result.model}: {spec.ablation} ablation, {spec.metric}, {summary.n_prompts} prompts"]
     lines += paper_lines(summary)
+    lines += estimate_lines(summary)
     selection = summary.selection
     if selection.only_correct:
         lines.append(f"only_correct: {selection.n_kept} of {selection.n_candidates} prompts answered correctly")
@@ -382,6 +383,22 @@ def paper_lines(summary: Summary) -> list[str]:
             lines.append(f"  weakest: {named}" + (f" (+{len(weak) - 4})" if len(weak) > 4 else ""))
         elif rated:
             lines.append(f"ablation efficacy: all {len(rated)} rated removed ≥ {threshold} of Δunembed")
+    return lines
+
+
+def estimate_lines(summary: Summary) -> list[str]:
+    """Jobs with estimates: per method its rank agreement with the exact effects, its recall of the exact top-k and
+    how much faster than the exact engine it ran (its own work per prompt). Each line fits 80 columns."""
+    block = summary.attribution
+    if block is None:
+        return []
+    speed = {c.method: c.speedup for c in block.cost}
+    lines = ["estimates against exact (Spearman ρ per prompt, pooled; top-k recall; speed):"]
+    for a in block.agreement:
+        times = speed.get(a.method)
+        lines.append(f"  {a.method:<9} ρ {_num(a.spearman_per_prompt_mean, '+.2f')}, "
+                     f"{_num(a.spearman_pooled, '+.2f')}; top-{a.k} {_num(a.recall_at_k_per_prompt_mean, '.2f')}; "
+                     + ("—" if times is None else f"{times:.1f}× exact"))
     return lines
 
 

@@ -596,7 +596,7 @@ def test_cli_output_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> No
 SUBMIT_FLAGS = {
     "preset": "--preset", "model": "--model", "prompts": "--prompt", "dataset": "--dataset", "answers": "--answer",
     "counterfactuals": "--counterfactual", "components": "--components", "knockouts": "--knockout",
-    "ablation": "--ablation",
+    "ablation": "--ablation", "estimates": "--estimates",
     "positions": "--positions", "metric": "--metric", "norm_scale": "--norm-scale", "resample_samples": "--samples",
     "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed",
     "source_seeds": "--source-seeds", "name": "--name",
@@ -692,6 +692,14 @@ def test_submit_sends_each_knockout_flag_as_one_set(fake_client: type[_FakeClien
     sent = fake_client.submitted[0]
     assert sent.knockouts == [["attn.3", "head.5.1"], ["mlp.7", "mlp.8"]]
     assert sent.components is msgspec.UNSET  # the server then ablates only the sets
+
+
+def test_submit_sends_the_estimates_flag_as_a_list(fake_client: type[_FakeClient]) -> None:
+    outcome = CliRunner().invoke(app, [
+        "submit", "--model", "tiny", "--prompt", "a", "--prompt", "b", "--estimates", "atp, atp_star",
+    ])
+    assert outcome.exit_code == 0, outcome.output
+    assert fake_client.submitted[0].estimates == ["atp", "atp_star"]
 
 
 def test_submit_corpus_and_dataset_slices(fake_client: type[_FakeClient]) -> None:

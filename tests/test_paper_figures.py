@@ -86,8 +86,9 @@ def store(settings: Settings) -> Iterator[JobStore]:
     store.close()
 
 
-# self_repair is drawn from per-position statistics (tests/test_positions_service.py); every other figure here.
-FINAL_POSITION_FIGURES = tuple(name for name in FIGURE_NAMES if name != "self_repair")
+# self_repair is drawn from per-position statistics (tests/test_positions_service.py), estimates from a job with
+# estimates (tests/test_estimate_jobs.py); every other figure here.
+FINAL_POSITION_FIGURES = tuple(name for name in FIGURE_NAMES if name not in ("self_repair", "estimates"))
 
 
 def _check_png(data: bytes, width: int, height: int) -> None:

@@ -24,6 +24,8 @@ from service.core.chunk_book import ChunkResult
 from worker.engine.position_sweep import run_position_sweep
 from worker.engine.sweep import PhaseCallback, ProgressCallback, StopCheck, run_sweep
 from worker.engine.types import PositionSweepResult, PromptMeasures, SweepResult
+from worker.estimate_jobs import ChunkEstimates, PhaseClock, attach_estimates, estimate_chunk, exact_sweep_spec
+from worker.estimate_summary import summarise_estimates
 from worker.job_runner import (
     near_tie_gap,
     position_prompt_result,
@@ -62,6 +64,7 @@ def execute_chunk(
     measure = list(range(start, stop))
     gap = near_tie_gap(loaded)
     inputs = tokenise_lazily(loaded, spec, measure)
+    estimated: ChunkEstimates | None = None
     if spec.per_position:
         if on_phase is not None:  # the per-position engine reports no phases of its own
             on_phase("ablating")
@@ -75,16 +78,19 @@ def execute_chunk(
             clean_cache=loaded.clean_runs,
         )
     else:
+        clock = PhaseClock(on_phase)
         sweep = run_sweep(
             loaded.model,
-            sweep_spec(spec),
+            exact_sweep_spec(spec),
             inputs,
             on_progress=on_progress,
             should_stop=should_stop,
             batch_tokens=batch_tokens,
-            on_phase=on_phase,
+            on_phase=clock,
             clean_cache=loaded.clean_runs,
         )
+        if spec.estimates:  # the same prompts, sources and clean runs: the estimates sit beside the exact values
+            estimated = estimate_chunk(loaded, spec, inputs, sweep, clock.seconds(), should_stop=should_stop)
     if isinstance(sweep, PositionSweepResult):
         full = spec.position_responses == "full"
         prompts = [
@@ -97,6 +103,8 @@ def execute_chunk(
             prompt_result(loaded, spec.prompts[m.index], m, gap, prompt_warnings(loaded, spec, m.index))
             for m in sweep.prompts
         ]
+        if estimated is not None:
+            attach_estimates(prompts, estimated, spec.keep_samples)
     return ChunkResult(
         index=index,
         start=start,
@@ -106,6 +114,7 @@ def execute_chunk(
         near_tie_gap=gap,
         prompts=prompts,
         provenance=provenance(loaded, spec, started),
+        estimate_costs=None if estimated is None else estimated.costs,
     )
 
 
@@ -160,20 +169,25 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
             "elapsed_s": sum(c.provenance.elapsed_s for c in ordered),
         }
     )
+    summary = (
+        summarise_positions(first.components, first.response_basis, prompts, first.near_tie_gap, seed=spec.seed)
+        if spec.per_position
+        else summarise(
+            sweep, first.near_tie_gap, seed=spec.seed, n_candidates=len(spec.prompts),
+            only_correct=spec.only_correct, relations=relations,
+        )
+    )
+    if spec.estimates:
+        summary.attribution = summarise_estimates(
+            prompts, first.components, [(len(c.prompts), c.estimate_costs or []) for c in ordered], seed=spec.seed
+        )
     return JobResult(
         id=job_id,
         model=spec.model,
         components=first.components,
         response_basis=first.response_basis,
         prompts=prompts,
-        summary=(
-            summarise_positions(first.components, first.response_basis, prompts, first.near_tie_gap, seed=spec.seed)
-            if spec.per_position
-            else summarise(
-                sweep, first.near_tie_gap, seed=spec.seed, n_candidates=len(spec.prompts),
-                only_correct=spec.only_correct, relations=relations,
-            )
-        ),
+        summary=summary,
         provenance=merged_provenance,
     )
 

@@ -464,6 +464,77 @@ DOCS: dict[str, str] = {
     "SelfRepairLayer.self_repair_mean": "Mean over those components of their self_repair_mean",
     "SelfRepairLayer.ci_low": "Lower end of its bootstrap interval (the components' document resamples)",
     "SelfRepairLayer.ci_high": "Upper end of its bootstrap interval",
+    # attribution-patching estimates (docs/concepts/attribution.md)
+    "JobSpec.estimates": "The attribution-patching methods computed beside the exact effects (empty: none)",
+    "PromptResult.estimates": (
+        "Jobs with `estimates`: this prompt's attribution-patching estimates beside total_effect (null otherwise)"
+    ),
+    "Estimates": (
+        "One prompt's attribution-patching estimates, one number per component in the order of `components`, each "
+        "the mean over the prompt's ablated runs as total_effect is."
+    ),
+    "Estimates.atp": _E + "AtP, (n − ñ) · ∂m/∂n on the clean run: an estimate of total_effect, sign included",
+    "Estimates.atp_qkfix": (
+        _E + "AtP with the QK fix (with `atp_star`); equal to atp for ablation components, whose output is after "
+        "their own softmax"
+    ),
+    "Estimates.atp_star": (
+        _E + "AtP* (QK fix and GradDrop): an estimate of the magnitude |total_effect|, compared with abs_total_effect"
+    ),
+    "Estimates.abs_total_effect": _E + "the exact value atp_star is compared with: the mean over the runs of |TE|",
+    "Summary.attribution": "Jobs with `estimates`: the estimates against the exact effects (null otherwise)",
+    "AttributionSummary": (
+        "How the job's estimates agree with its exact effects, what each method cost, and how much of their miss "
+        "goes with the compensatory effect."
+    ),
+    "AttributionSummary.methods": "The methods summarised: atp, and with atp_star also atp_qkfix and atp_star",
+    "AttributionSummary.agreement": "One entry per method: rank correlations, top-k recall, the largest misses",
+    "AttributionSummary.cost": "Per prompt, what the exact engine (`exact`, first) and each method cost",
+    "AttributionSummary.errors": "Per method and component (method-major): the error beside CE and the norm",
+    "EstimateAgreement": "One method against the exact effects over every prompt × component.",
+    "EstimateAgreement.method": "atp, atp_qkfix or atp_star",
+    "EstimateAgreement.compared_with": "`total_effect` (signed) or `abs_total_effect` (atp_star, a magnitude)",
+    "EstimateAgreement.n_prompts": "Prompts compared",
+    "EstimateAgreement.n_components": "Components compared",
+    "EstimateAgreement.k": "The k of the top-k recalls (10, or the number of components when fewer)",
+    "EstimateAgreement.spearman_per_prompt_mean": (
+        "Spearman's ρ across components within each prompt, mean over prompts (null when no prompt has spread)"
+    ),
+    "EstimateAgreement.spearman_per_prompt_median": "The median over prompts of the same per-prompt ρ",
+    "EstimateAgreement.spearman_pooled": "Spearman's ρ over every (prompt, component)",
+    "EstimateAgreement.spearman_of_means": "Spearman's ρ across components of the means over prompts",
+    "EstimateAgreement.recall_at_k_per_prompt_mean": (
+        "Share of the exact top-k components (by magnitude) found in the estimate's top-k, mean over prompts"
+    ),
+    "EstimateAgreement.recall_at_k_of_means": "The same recall on the means over prompts",
+    "EstimateAgreement.mean_abs_error": "Mean over every (prompt, component) of |estimate − exact|",
+    "EstimateAgreement.largest_misses": "The (prompt, component) pairs furthest from the exact value, largest first",
+    "EstimateMiss": "One (prompt, component) where an estimate is far from the exact value.",
+    "EstimateMiss.index": "The prompt's index in the job",
+    "EstimateMiss.component": "The component",
+    "EstimateMiss.exact": "The exact value compared with: total_effect, or abs_total_effect for atp_star",
+    "EstimateMiss.estimate": "The estimate",
+    "EstimateMiss.error": "estimate − exact",
+    "EstimateCost": "What a method cost per prompt, its shared clean passes excluded.",
+    "EstimateCost.method": "`exact` (the exact engine), atp, atp_qkfix or atp_star",
+    "EstimateCost.model_evaluations": "Forward plus backward passes, a pass over the prompt counting 1 (AtP's count)",
+    "EstimateCost.forward_passes": "Forward passes per prompt (the clean run, each noise run, each ablated run)",
+    "EstimateCost.backward_passes": "Backward passes per prompt (GradDrop's partial ones counted by their depth)",
+    "EstimateCost.seconds": "Seconds per prompt of the method's own work (the clean passes excluded)",
+    "EstimateCost.speedup": "The exact engine's seconds over this method's (null when it took no measurable time)",
+    "EstimateError": "One method and component: the estimate's error beside the Hydra measures, over prompts.",
+    "EstimateError.component": "The component",
+    "EstimateError.method": "atp, atp_qkfix or atp_star",
+    "EstimateError.error_mean": "Mean over prompts of estimate − exact",
+    "EstimateError.abs_error_mean": "Mean over prompts of |estimate − exact|",
+    "EstimateError.total_effect_mean": "Mean total effect over prompts",
+    "EstimateError.compensatory_effect_mean": "Mean compensatory effect (CE) over prompts",
+    "EstimateError.norm_response_mean": "Mean response of the final norm over prompts",
+    "EstimateError.error_vs_ce": (
+        "The error regressed on CE across prompts with a bootstrap interval of the slope: a slope of 1 means the "
+        "miss is the compensation"
+    ),
+    "EstimateError.error_ce_correlation": "Pearson's r of the error and CE across prompts (null without spread)",
 }
 
 # A Fit is a Regression: its inherited fields read the same.

@@ -17,6 +17,7 @@ from hydra_ablate_client.vocabulary import ResampleSources, is_per_position, par
 from hydra_ablate_client.wire import CorpusRef, DatasetRef, JobRequest, JobSpec, ModelInfo
 from service.core import corpora, datasets
 from service.core.errors import ValidationProblem
+from service.core.estimate_options import check_estimates, estimate_values
 from service.core.settings import Settings
 from service.core.source_draws import check_source_seeds
 
@@ -138,6 +139,10 @@ def resolve(
     _check_knockouts_against_components(knockouts, components)
     draws = check_source_seeds(pick("source_seeds"), ablation, pick("resample_from"), per_position)
     resample_sources = _resample_sources(pick("resample_sources"), ablation, per_position)
+    estimates = check_estimates(
+        [] if request.estimates is UNSET else request.estimates, per_position=per_position, knockouts=knockouts,
+        resample_sources=resample_sources,
+    )
 
     n_rows = len(components) + len(knockouts)  # a knockout set is measured like one component
     _check_ablation_count(n, n_rows, samples, draws, settings)
@@ -147,7 +152,7 @@ def resolve(
         if options["response_basis"] == "heads" and info.head_basis_refusal:
             raise ValidationProblem(info.head_basis_refusal, "response_basis")
     _check_result_size(n, n_rows, info, options, per_position, samples * draws, draws, keep_samples,
-                       max_tokens or settings.max_prompt_tokens, settings)
+                       max_tokens or settings.max_prompt_tokens, settings, estimate_values(estimates))
 
     return JobSpec(
         model=info.id,
@@ -175,6 +180,7 @@ def resolve(
         max_tokens=max_tokens,
         corpus=corpus,
         knockouts=knockouts,
+        estimates=estimates,
         **options,
     )
 
@@ -247,6 +253,7 @@ def _check_result_size(
     keep_samples: bool,
     max_tokens: int,
     settings: Settings,
+    estimates_per_pair: int = 0,
 ) -> None:
     """The numbers the result would hold must stay under the server's limit (a stored result must fit in Redis);
     `runs`: resample samples × source draws per pair."""
@@ -256,6 +263,7 @@ def _check_result_size(
     else:
         per_pair = 2 * info.n_layers + 8 + (runs * (2 * info.n_layers + 3) if keep_samples else 0)
         per_pair += 7 * draws if draws > 1 else 0  # each draw's six means and its sources
+        per_pair += estimates_per_pair
         values = n * n_components * per_pair
         what = (
             f"{n:,} prompts × {n_components:,} components × {per_pair} per pair"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from hydra_ablate_client.vocabulary import FIGURE_MEDIA_TYPES, FIGURE_NAMES, FigureFormat, FigureName
 from hydra_ablate_client.wire import JobResult
-from service.rendering import paper_figures
+from service.rendering import estimate_figure, paper_figures
 from service.rendering.figure_style import (
     MIN_FONT_PT,
     RENDER_LOCK,
@@ -63,6 +63,9 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "self_repair": "per-position jobs: each component's self-repair over its top 2% pairs by direct effect against "
     "its layer, with the per-layer mean and its interval (Rushing & Nanda Fig. 1), and per layer the parts done by "
     "heads, MLPs and the norm, with the norm's share of the direct effect",
+    "estimates": "jobs with `estimates`: every attribution-patching estimate (AtP against the total effect, AtP* "
+    "against its magnitude) against the exact value per prompt and component, coloured by the compensatory effect, "
+    "with each method's rank correlation and top-k recall",
 }
 
 # A knockout set (several components ablated together) gets a marker of its own, coloured by its deepest member.
@@ -503,6 +506,7 @@ def _drawers() -> dict[str, Callable[..., None]]:
         "fig2": paper_figures.fig2,
         "fig7": paper_figures.fig7,
         "fig8": paper_figures.fig8,
+        "estimates": estimate_figure.draw,
     }
 
 

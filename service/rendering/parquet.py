@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hydra_ablate_client.tables import iter_long, long_column_names
+from hydra_ablate_client.tables import ESTIMATE_COLUMNS, iter_long, long_column_names
 from hydra_ablate_client.vocabulary import component_columns
 from hydra_ablate_client.wire import JobResult, PositionColumns
 from service.rendering.result_csv import OPTIONAL_POSITION_MEASURES, POSITION_MEASURES, has_positions
@@ -281,13 +281,18 @@ def from_parquet(table: pa.Table) -> JobResult:
             "response": [row["response"] for row in group],
             **{name: [row[name] for row in group] for name in measures},
         }
+        if first.get("atp") is not None:  # a job with estimates: the columns rebuild PromptResult.estimates
+            fields["estimates"] = {
+                name: None if first.get(name) is None else [row[name] for row in group] for name in ESTIMATE_COLUMNS
+            }
         prompts.append(fields)
     return msgspec.convert({**msgspec.to_builtins(rest), "prompts": prompts}, type=JobResult)
 
 
 _NOT_MEASURES = frozenset(
     {"prompt_index", "prompt", "target_id", "target_token", "clean_metric", "top2_gap", "near_tie", "relation",
-     "subject", "answer", "dataset_index", "component", "kind", "layer", "head", "response", *PROMPT_LISTS}
+     "subject", "answer", "dataset_index", "component", "kind", "layer", "head", "response", *PROMPT_LISTS,
+     *ESTIMATE_COLUMNS}
 )
 
 

@@ -22,6 +22,7 @@ import sys
 from array import array
 from collections.abc import Iterator
 
+from hydra_ablate_client.tables import ESTIMATE_COLUMNS, estimate_lists
 from hydra_ablate_client.wire import JobResult
 
 CSV_COLUMNS = (
@@ -39,6 +40,7 @@ CSV_COLUMNS = (
     "unembed_effect",  # the paper's Δunembed of the ablated component
     "compensatory_effect",  # the paper's CE
     "ablated_unembed_effect",  # Δ̃unembed(k, k): its own write left after ablation (empty in older results)
+    *ESTIMATE_COLUMNS,  # attribution-patching estimates (empty for jobs without them)
 )
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 assert sys.byteorder == "little", "per-position arrays are little-endian float32"
@@ -86,6 +88,7 @@ def to_csv(result: JobResult) -> bytes:
     for prompt in result.prompts:
         index = prompt.index  # its place in the job: only_correct jobs leave prompts out
         text, token = neutralise(prompt.prompt), neutralise(prompt.target_token)
+        estimates = estimate_lists(prompt)
         for c, component in enumerate(result.components):
             writer.writerow(
                 (
@@ -103,6 +106,7 @@ def to_csv(result: JobResult) -> bytes:
                     repr(prompt.unembed_effect[c]),
                     repr(prompt.compensatory_effect[c]),
                     "" if not prompt.ablated_unembed_effect else repr(prompt.ablated_unembed_effect[c]),
+                    *("" if values is None else repr(values[c]) for values in estimates),
                 )
             )
     return buffer.getvalue().encode("utf-8")

@@ -7,7 +7,9 @@ Tables
                   top2_gap, near_tie, the dataset fields (relation, subject, answer, dataset_index) when the
                   prompts came from a dataset, component, kind, layer, head (a knockout set: kind "knockout",
                   no layer or head), then every per-component measure
-                  (total_effect, direct_effect, compensation, norm_response, and any the server adds)
+                  (total_effect, direct_effect, compensation, norm_response, and any the server adds), then the
+                  attribution-patching estimates (atp, atp_qkfix, atp_star and abs_total_effect, what atp_star
+                  is compared with; empty for jobs without estimates)
   summary         one row per component: its means, standard errors and the compensation-vs-direct regression
                   (flattened: compensation_vs_direct_slope, …)
   response        one row per prompt × ablated component × downstream component: the response matrix, long
@@ -30,6 +32,9 @@ Columns = dict[str, list[Any]]
 _NOT_PER_COMPONENT = frozenset({"sources", "response", "clean_direct_effect", "warnings"})
 PROMPT_SCALARS = ("target_id", "target_token", "clean_metric", "top2_gap", "near_tie")
 DATASET_COLUMNS = ("relation", "subject", "answer", "dataset_index")
+# PromptResult.estimates, one column each after the measures: None (an empty cell) for jobs without estimates and for
+# a method the job did not ask for, so every long table has the same columns.
+ESTIMATE_COLUMNS = ("atp", "atp_qkfix", "atp_star", "abs_total_effect")
 
 
 def _fields(value: Any) -> tuple[str, ...]:
@@ -81,7 +86,13 @@ def _prompt_values(index: int, prompt: Any, record: Any | None) -> list[Any]:
 
 def long_column_names(result: Any) -> list[str]:
     base = _prompt_columns(result, dataset_fields(result) is not None)
-    return [*base, "component", "kind", "layer", "head", *per_component_measures(result)]
+    return [*base, "component", "kind", "layer", "head", *per_component_measures(result), *ESTIMATE_COLUMNS]
+
+
+def estimate_lists(prompt: Any) -> list[list[float] | None]:
+    """The prompt's ESTIMATE_COLUMNS lists (None for each when it has no estimates)."""
+    estimates = getattr(prompt, "estimates", None)
+    return [None if estimates is None else getattr(estimates, name) for name in ESTIMATE_COLUMNS]
 
 
 def iter_long(result: Any, start: int = 0, stop: int | None = None) -> Iterator[list[Any]]:
@@ -94,8 +105,10 @@ def iter_long(result: Any, start: int = 0, stop: int | None = None) -> Iterator[
         job_index = prompt_index(prompt, index)
         head = _prompt_values(job_index, prompt, None if records is None else records[job_index])
         lists = [getattr(prompt, name) for name in measures]
+        estimates = estimate_lists(prompt)
         for c, name in enumerate(result.components):
-            yield [*head, name, *parsed[c], *(values[c] for values in lists)]
+            yield [*head, name, *parsed[c], *(values[c] for values in lists),
+                   *(None if values is None else values[c] for values in estimates)]
 
 
 def _columns(names: list[str], rows: Iterator[list[Any]]) -> Columns:

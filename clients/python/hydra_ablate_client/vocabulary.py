@@ -32,7 +32,8 @@ EstimateName = Literal["atp", "atp_star"]
 DatasetName = Literal["known_1000"]
 CorpusName = Literal["known_1000_text"]
 FigureName = Literal[
-    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8"
+    "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8",
+    "estimates",
 ]
 FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
 FigureFormat = Literal["png", "svg", "pdf"]

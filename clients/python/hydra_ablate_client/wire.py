@@ -19,6 +19,7 @@ from hydra_ablate_client.vocabulary import (
     ComponentKind,
     CorpusName,
     DatasetName,
+    EstimateName,
     JobPhase,
     JobState,
     MeasurePositions,
@@ -140,6 +141,15 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     target: TargetName | UnsetType = UNSET
     response_basis: ResponseBasisName | UnsetType = UNSET
     position_responses: PositionResponses | UnsetType = UNSET
+    # Attribution-patching estimates of every component beside its exact effect, in the same job
+    # (docs/concepts/attribution.md): final-position measurement only.
+    estimates: (
+        Annotated[
+            list[EstimateName],
+            Meta(max_length=2, description="atp, atp_star (which adds atp_qkfix); each at most once"),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class PromptFields(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -183,6 +193,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     position_responses: PositionResponses = "split"
     corpus: CorpusRef | None = None
     knockouts: list[list[str]] = msgspec.field(default_factory=list)  # after `components` in the results
+    estimates: list[EstimateName] = msgspec.field(default_factory=list)  # attribution patching beside the exact effects
 
     @property
     def per_position(self) -> bool:
@@ -357,6 +368,19 @@ class PositionColumns(Struct, kw_only=True):
     ablated_unembed_effect: bytes | None = None  # (C, P): Δ̃unembed(k, k) at every position (null in older results)
 
 
+class Estimates(Struct, kw_only=True):
+    """One prompt's attribution-patching estimates (docs/concepts/attribution.md), one number per component in the
+    result's order, each the mean over the prompt's ablated runs as `total_effect` is.
+
+    `atp` and `atp_qkfix` estimate `total_effect` (sign included); `atp_star` estimates its magnitude and is compared
+    with `abs_total_effect`, the mean over the ablated runs of |total_effect| (|total_effect| with one run)."""
+
+    atp: list[float]
+    atp_qkfix: list[float] | None = None  # with atp_star
+    atp_star: list[float] | None = None
+    abs_total_effect: list[float]
+
+
 class PromptResult(Struct, kw_only=True):
     index: int  # the prompt's position in the job's prompts (only_correct leaves some out)
     prompt: str
@@ -389,6 +413,8 @@ class PromptResult(Struct, kw_only=True):
     warnings: list[str] = msgspec.field(default_factory=list)
     # With source_seeds > 1: each draw's own means (the lists above average every draw's runs). Null otherwise.
     draws: list[SourceDraw] | None = None
+    # Jobs with `estimates`: attribution patching beside the exact effects. Null otherwise.
+    estimates: Estimates | None = None
 
 
 class ComponentSummary(Struct, kw_only=True):
@@ -514,6 +540,71 @@ class Resampling(Struct, kw_only=True):
     seed: int
 
 
+class EstimateMiss(Struct, kw_only=True):
+    """One (prompt, component) where an estimate is furthest from the exact value."""
+
+    index: int  # the prompt's index in the job
+    component: str
+    exact: float  # what the estimate is compared with: total_effect, or abs_total_effect for atp_star
+    estimate: float
+    error: float  # estimate − exact
+
+
+class EstimateAgreement(Struct, kw_only=True):
+    """One method against the exact effects over every prompt × component; rankings and top-k by magnitude."""
+
+    method: str
+    compared_with: str  # "total_effect" (signed) or "abs_total_effect" (atp_star, a magnitude)
+    n_prompts: int
+    n_components: int
+    k: int  # the top-k of the recalls
+    spearman_per_prompt_mean: float | None  # Spearman's ρ across components within each prompt, mean over prompts
+    spearman_per_prompt_median: float | None
+    spearman_pooled: float | None  # ρ over every (prompt, component)
+    spearman_of_means: float | None  # ρ across components of the means over prompts
+    recall_at_k_per_prompt_mean: float | None  # share of the exact top-k in the estimate's top-k, mean over prompts
+    recall_at_k_of_means: float | None
+    mean_abs_error: float
+    largest_misses: list[EstimateMiss]
+
+
+class EstimateCost(Struct, kw_only=True):
+    """What a method cost per prompt: model evaluations (a forward or backward pass over the prompt counts 1, as the
+    AtP paper counts) and seconds of its own work (the clean passes, shared, excluded); `exact` is the exact engine."""
+
+    method: str
+    model_evaluations: float
+    forward_passes: float
+    backward_passes: float
+    seconds: float
+    speedup: float | None  # the exact engine's seconds over this method's
+
+
+class EstimateError(Struct, kw_only=True):
+    """One component and method: the estimate's error (estimate − exact) beside the Hydra measures, over prompts, and
+    the error regressed on the compensatory effect across prompts (slope 1: the miss is the compensation)."""
+
+    component: str
+    method: str
+    error_mean: float
+    abs_error_mean: float
+    total_effect_mean: float
+    compensatory_effect_mean: float
+    norm_response_mean: float
+    error_vs_ce: Fit
+    error_ce_correlation: float | None  # Pearson's r across prompts
+
+
+class AttributionSummary(Struct, kw_only=True):
+    """How the job's attribution-patching estimates agree with its exact effects, what each cost, and how much of
+    their miss goes with the compensatory effect (docs/concepts/attribution.md)."""
+
+    methods: list[str]
+    agreement: list[EstimateAgreement]  # one per method
+    cost: list[EstimateCost]  # the exact engine first
+    errors: list[EstimateError]  # per method, per component (method-major)
+
+
 class Summary(Struct, kw_only=True):
     n_prompts: int
     selection: Selection
@@ -533,6 +624,8 @@ class Summary(Struct, kw_only=True):
     source_seeds: list[int] | None = None
     # The share of Δunembed below which a component's ablation is flagged weak (ComponentSummary.weak_ablation).
     efficacy_threshold: float | None = None
+    # Jobs with `estimates`: the estimates against the exact effects. Null otherwise.
+    attribution: AttributionSummary | None = None
 
 
 class Provenance(Struct, kw_only=True):

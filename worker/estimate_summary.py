@@ -1,0 +1,103 @@
+"""The summary's `attribution` block: a job's estimates against its exact effects, from the merged prompt results.
+
+The statistics are worker/attribution_summary.py's (agreement, cost table, the error regressed on CE); this module
+only pairs the stored results (PromptResult.estimates beside total_effect, compensatory_effect and norm_response)
+and weighs the chunks' per-prompt costs by the prompts each measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+
+from hydra_ablate_client.wire import (
+    AttributionSummary,
+    EstimateAgreement,
+    EstimateCost,
+    EstimateError,
+    Estimates,
+    PromptResult,
+)
+from worker.attribution_summary import DEFAULT_TOP_K, Paired, agreement, cost_table, hydra_link
+from worker.engine.attribution import ESTIMATED
+from worker.engine.attribution import MethodCost as EngineCost
+
+
+def _estimates(prompt: PromptResult) -> Estimates:
+    if prompt.estimates is None:
+        raise ValueError(f"prompt {prompt.index} of a job with estimates has none")
+    return prompt.estimates
+
+
+def methods_of(prompts: Sequence[PromptResult]) -> list[str]:
+    """The methods every prompt carries, in the engine's order."""
+    first = _estimates(prompts[0])
+    return [m for m in ESTIMATED if getattr(first, m) is not None]
+
+
+def paired(prompts: Sequence[PromptResult], components: Sequence[str]) -> Paired:
+    """The (P, C) arrays of the exact measures and of every method's estimates, in result order."""
+    methods = methods_of(prompts)
+    rows = [_estimates(p) for p in prompts]
+
+    def array(values: list[list[float]]) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64).reshape(len(prompts), len(components))
+
+    return Paired(
+        indices=[p.index for p in prompts],
+        components=list(components),
+        total_effect=array([p.total_effect for p in prompts]),
+        abs_total_effect=array([e.abs_total_effect for e in rows]),
+        compensatory_effect=array([p.compensatory_effect for p in prompts]),
+        norm_response=array([p.norm_response for p in prompts]),
+        estimates={m: array([getattr(e, m) for e in rows]) for m in methods},
+        compared_with={m: ESTIMATED[m] for m in methods},
+    )
+
+
+def merged_costs(chunks: Sequence[tuple[int, list[EstimateCost]]]) -> dict[str, EngineCost]:
+    """Per method, the per-prompt cost averaged over the chunks weighted by their measured prompts."""
+    weights: dict[str, float] = {}
+    sums: dict[str, np.ndarray] = {}
+    for n_prompts, costs in chunks:
+        for c in costs:
+            values = np.array([c.forward_passes, c.backward_passes, c.seconds], dtype=np.float64)
+            sums[c.method] = sums.get(c.method, np.zeros(3)) + n_prompts * values
+            weights[c.method] = weights.get(c.method, 0.0) + n_prompts
+    return {
+        method: EngineCost(*(float(v) for v in total / weights[method])) if weights[method] else EngineCost(0, 0, 0)
+        for method, total in sums.items()
+    }
+
+
+def summarise_estimates(
+    prompts: Sequence[PromptResult],
+    components: Sequence[str],
+    chunk_costs: Sequence[tuple[int, list[EstimateCost]]],
+    *,
+    seed: int = 0,
+    k: int = DEFAULT_TOP_K,
+) -> AttributionSummary:
+    """Agreement per method, the cost table (the exact engine first) and, per method and component, the error beside
+    CE and the norm's response with the error regressed on CE across prompts (the service's seeded bootstrap)."""
+    pairs = paired(prompts, components)
+    methods = list(pairs.estimates)
+    costs = merged_costs(chunk_costs)
+    exact = costs.pop("exact")
+    return AttributionSummary(
+        methods=methods,
+        agreement=[
+            msgspec.convert(
+                agreement(m, pairs.compared_with[m], pairs.exact_for(m), pairs.estimates[m], pairs.components,
+                          pairs.indices, k=k),
+                EstimateAgreement, from_attributes=True,
+            )
+            for m in methods
+        ],
+        cost=[msgspec.convert(row, EstimateCost, from_attributes=True)
+              for row in cost_table({m: costs[m] for m in methods if m in costs}, exact)],
+        errors=[msgspec.convert(row, EstimateError, from_attributes=True)
+                for m in methods for row in hydra_link(pairs, m, seed)],
+    )
