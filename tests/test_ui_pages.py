@@ -145,6 +145,7 @@ def test_forms_without_the_csrf_token_are_refused(settings: Settings, store: Job
         ({"resample_samples": "5"}, 422, "resample_samples", "resample_samples 5 is too many for 2 prompts"),
         ({"source": "dataset", "dataset_relation": "P999999"}, 422, "source", "P999999"),
         ({"knockouts": "attn.0 mlp.0\nmlp.1, mlp.1"}, 422, "knockouts", "knockout set 1 names 'mlp.1' twice"),
+        ({"knockouts": "attn.0 mlp.0", "estimates_atp": "1"}, 422, "estimates", "not knockout sets"),
     ],
 )
 def test_bad_form_values_come_back_with_the_apis_message_at_the_field(
@@ -195,6 +196,19 @@ def test_the_form_queues_knockout_sets_and_only_those_when_components_is_empty(
         spec = store.spec(reply.headers["location"].rsplit("/", 1)[-1])
         assert spec is not None and spec.components == []
         assert spec.knockouts == [["attn.0", "mlp.0"], ["mlp.1", "mlp.2"]]
+
+
+def test_the_form_asks_for_the_estimates_ticked(settings: Settings, store: JobStore) -> None:
+    with client_for(settings) as client:
+        token = sign_in(client, ALICE)
+        page = client.get("/ui/submit").text
+        assert 'name="estimates_atp"' in page and 'name="estimates_atp_star"' in page
+        body = {"csrf_token": token, "model": "tiny", "source": "prompts", "prompts": "a b\nc d",
+                "components": "attn", "estimates_atp_star": "1", "estimates_atp": "1", "resample_samples": "1"}
+        reply = client.post("/ui/submit", data=body, follow_redirects=False)
+        assert reply.status_code == 303, reply.text[:2000]
+        spec = store.spec(reply.headers["location"].rsplit("/", 1)[-1])
+        assert spec is not None and spec.estimates == ["atp", "atp_star"]
 
 
 def test_unknown_and_other_keys_job_ids_are_404_pages(settings: Settings, store: JobStore) -> None:

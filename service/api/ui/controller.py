@@ -341,6 +341,7 @@ class UiController(Controller):
             choices=forms.CHOICES,
             defaults=DEFAULTS,
             dataset_flags=forms.DATASET_FLAGS,
+            estimates=forms.ESTIMATES,
             has_name=forms.request_has("name"),
             has_tags=forms.request_has("tags"),
         )

@@ -14,7 +14,7 @@ from typing import Any, get_args
 
 import msgspec
 
-from hydra_ablate_client.vocabulary import AblationKind, MetricName, PositionScope, PresetName
+from hydra_ablate_client.vocabulary import AblationKind, EstimateName, MetricName, PositionScope, PresetName
 from hydra_ablate_client.wire import DatasetRef, JobRequest
 
 # Choices offered by the form's selects, straight from the schema (so new values appear without touching the page).
@@ -32,10 +32,12 @@ TEXT_FIELDS = ("name",)
 DATASET_FLAGS = tuple(
     f for f in ("use_answers", "only_correct") if f in DatasetRef.__struct_fields__ or f in JobRequest.__struct_fields__
 )
+# Attribution-patching estimates: one checkbox per method (docs/concepts/attribution.md).
+ESTIMATES: tuple[str, ...] = get_args(EstimateName)
 FORM_FIELDS = (
     "name", "tags", "model", "preset", "source", "prompts", "dataset_limit", "dataset_offset", "dataset_relation",
     *(f"dataset_{flag}" for flag in DATASET_FLAGS), "components", "knockouts", "ablation", "positions", "metric",
-    "resample_samples", "seed",
+    "resample_samples", "seed", *(f"estimates_{method}" for method in ESTIMATES), "estimates",
 )  # fmt: skip
 _PATH = re.compile(r"at `\$\.([A-Za-z_]+)(?:\.([A-Za-z_]+))?")
 
@@ -85,6 +87,9 @@ def form_body(form: Mapping[str, str]) -> dict[str, Any]:
     if knockouts:
         body["knockouts"] = knockouts
         body.setdefault("components", [])
+    estimates = [method for method in ESTIMATES if get(f"estimates_{method}")]
+    if estimates:
+        body["estimates"] = estimates
     if request_has("name") and get("name"):
         body["name"] = get("name")
     if request_has("tags") and get("tags"):
