@@ -25,7 +25,7 @@ import msgspec
 import redis
 from msgspec import Struct
 
-from hydra_ablate_client.wire import PromptResult, Provenance
+from hydra_ablate_client.wire import PairResult, PromptResult, Provenance
 from service.core.lua_scripts import lua
 from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
@@ -62,6 +62,7 @@ class ChunkResult(Struct, kw_only=True):
     near_tie_gap: float
     prompts: list[PromptResult]
     provenance: Provenance
+    pairs: list[PairResult] | None = None  # patching jobs: the chunk's pairs (prompts is then empty)
 
 
 # Its Lua scripts are chunk_book.*.lua beside this module.
