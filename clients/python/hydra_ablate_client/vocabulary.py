@@ -96,10 +96,11 @@ _PATCH_SITE = re.compile(PATCH_SITE_PATTERN)
 DEFAULT_PAIR_EPSILON = 1e-3
 # What a job does to each component: ablate it (the default), or patch it between a clean and a corrupted prompt.
 Intervention = Literal["ablate", "patch"]
-# What a request's `components` may name: an ablation component (COMPONENT_PATTERN) or a patching site
-# (PATCH_SITE_PATTERN); which of the two applies depends on the job's intervention, checked on submit.
+# What a request's `components` may name: an ablation component (COMPONENT_PATTERN), a patching site
+# (PATCH_SITE_PATTERN) or `resid_pre` (every layer's); which apply depends on the job's intervention, checked on
+# submit.
 COMPONENT_OR_SITE_PATTERN = (
-    r"^((attn|mlp|head)(\.\d+){0,2}|(resid_pre|attn|mlp)\.\d+|head\.\d+\.\d+(\.(q|k|v|pattern))?)(?![\s\S])"
+    r"^((attn|mlp|head)(\.\d+){0,2}|resid_pre(\.\d+)?|head\.\d+\.\d+\.(q|k|v|pattern))(?![\s\S])"
 )
 # A knockout set is named by its members joined with "+", in the order given: "attn.3+head.5.1".
 KNOCKOUT_SEPARATOR = "+"
