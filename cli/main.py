@@ -48,6 +48,7 @@ from hydra_ablate_client.vocabulary import (
     MeasurePositions,
     MetricName,
     NormScaleMode,
+    PairDatasetName,
     PatchDirection,
     PositionResponses,
     PositionScope,
@@ -108,6 +109,7 @@ if TYPE_CHECKING:  # type checkers see the Literals; Typer gets Enums, whose mem
     Corpus = CorpusName
     InterventionChoice = Intervention
     Direction = PatchDirection
+    PairDatasetChoice = PairDatasetName
 else:
     Ablation = choices("Ablation", AblationKind)
     Positions = choices("Positions", PositionScope)
@@ -127,6 +129,7 @@ else:
     Corpus = choices("Corpus", CorpusName)
     InterventionChoice = choices("InterventionChoice", Intervention)
     Direction = choices("Direction", PatchDirection)
+    PairDatasetChoice = choices("PairDatasetChoice", PairDatasetName)
 
 
 class ResultFormat(Choice):  # the CLI's own list: a table, or the API's JSON or CSV
@@ -597,6 +600,11 @@ def submit(
             "--intervention patch)",
         ),
     ] = None,
+    pair_dataset: Annotated[
+        PairDatasetChoice | None,
+        typer.Option(help="patching: draw the pairs from a built-in paired dataset (--limit of them; sets "
+                     "--intervention patch)"),
+    ] = None,
     direction: Annotated[
         Direction | None, typer.Option(help="patching: denoise (clean into corrupted) or noise (the reverse)")
     ] = None,
@@ -620,6 +628,9 @@ def submit(
 ) -> None:
     """Submit a job from a spec file and/or flags (flags win); prints the job id."""
     spec = load_spec(spec_file) if spec_file else {}
+    patching = _patch_options(_value(intervention), pairs, _value(pair_dataset), limit, _value(direction), epsilon)
+    if pair_dataset is not None:
+        limit = None  # --limit sizes the pair dataset, not a prompt dataset
     request = merge_request(
         spec,
         model=model,
@@ -658,16 +669,21 @@ def submit(
         position_responses=_value(position_responses),
         name=name,
         callback_url=callback_url,
-        **_patch_options(_value(intervention), pairs, _value(direction), epsilon),
+        **patching,
     )
     submit_and_show(request, url, api_key, idempotency_key, wait, wide)
 
 
 def _patch_options(
-    intervention: str | None, pairs: str | None, direction: str | None, epsilon: float | None
+    intervention: str | None,
+    pairs: str | None,
+    pair_dataset: str | None,
+    limit: int | None,
+    direction: str | None,
+    epsilon: float | None,
 ) -> dict[str, Any]:
     try:
-        return patch_options(intervention, pairs, direction, epsilon)
+        return patch_options(intervention, pairs, pair_dataset, limit, direction, epsilon)
     except PairsFileError as error:
         raise CliFailure(str(error)) from None
 

@@ -11,7 +11,8 @@ PAIR_KEYS = ("clean", "corrupted", "answer", "counterfactual")
 
 
 class PairsFileError(ValueError):
-    """The --pairs file cannot be read as a list of pairs (the message says what to change)."""
+    """The --pairs file cannot be read as a list of pairs, or the flags contradict each other (the message says
+    what to change)."""
 
 
 def load_pairs(path: str) -> list[dict[str, Any]]:
@@ -32,10 +33,20 @@ def load_pairs(path: str) -> list[dict[str, Any]]:
 
 
 def patch_options(
-    intervention: str | None, pairs_file: str | None, direction: str | None, epsilon: float | None
+    intervention: str | None,
+    pairs_file: str | None,
+    pair_dataset: str | None,
+    limit: int | None,
+    direction: str | None,
+    epsilon: float | None,
 ) -> dict[str, Any]:
-    """The JobRequest fields these flags give (None: not given); --pairs alone means intervention 'patch'."""
+    """The JobRequest fields these flags give (None: not given); --pairs or --pair-dataset alone means intervention
+    'patch'; --limit sizes the pair dataset."""
     pairs = None if pairs_file is None else load_pairs(pairs_file)
-    if pairs is not None and intervention is None:
+    if pairs is not None and pair_dataset is not None:
+        raise PairsFileError("--pairs and --pair-dataset are alternatives: give one source of pairs")
+    dataset = None if pair_dataset is None else {"name": pair_dataset, **({"limit": limit} if limit else {})}
+    if (pairs is not None or dataset is not None) and intervention is None:
         intervention = "patch"
-    return {"intervention": intervention, "pairs": pairs, "direction": direction, "epsilon": epsilon}
+    return {"intervention": intervention, "pairs": pairs, "pair_dataset": dataset, "direction": direction,
+            "epsilon": epsilon}

@@ -48,6 +48,10 @@ REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
     ("prompts beside pairs", {**PATCH_JOB, "prompts": ["a prompt"]}, ("prompts is an ablation option",), "prompts"),
     ("measure_positions all", {**PATCH_JOB, "measure_positions": "all"},
      ("reads its metric at the final position", "positions 'all'"), "measure_positions"),
+    ("pairs and a pair dataset", {**PATCH_JOB, "pair_dataset": {"name": "ioi"}},
+     ("give pairs or pair_dataset, not both",), "pair_dataset"),
+    ("pair dataset on an ablation job", {**TINY_JOB, "pair_dataset": {"name": "ioi"}},
+     ("pair_dataset is for activation patching",), "pair_dataset"),
     ("metric other than logit_diff", {**PATCH_JOB, "metric": "logit"}, ("use metric 'logit_diff'",), "metric"),
     ("layer out of range", {**PATCH_JOB, "components": ["attn.0", "resid_pre.4"]},
      ("site 'resid_pre.4': layer 4 is out of range: model tiny has 4 layers (0–3)",), "components[1]"),
@@ -335,3 +339,24 @@ def test_a_cancelled_patching_job_leaves_no_hooks(llama: tuple[Any, Any], tiny_m
     with pytest.raises(SweepCancelled):
         execute_chunk("job", spec, loaded, 0, 0, 2, should_stop=lambda: next(calls))
     assert hooks() == before
+
+
+def test_a_pair_dataset_is_drawn_on_the_models_tokenizer(live_url: str, llama: tuple[Any, Any]) -> None:
+    """`pair_dataset` {"name": "ioi"} draws its pairs with the job's seed on the tokenizer the workers publish; the
+    queued spec lists them, and the job runs them."""
+    _, tokenizer = llama
+    with HydraClient(live_url) as hydra:
+        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pair_dataset": {"name": "ioi", "limit": 3},
+                            "seed": 7, "components": ["mlp.1"]})
+        assert job.progress.total == 3
+        final = hydra.wait(job.id, poll_s=0.05)
+        assert final.status == "succeeded", final.error
+        result = hydra.result(job.id)
+    expected = _ioi(tokenizer, 3, seed=7)
+    patching = present(result.patching)
+    assert [(p.clean, p.corrupted, p.answer, p.counterfactual) for p in patching.pairs] == [
+        (p.clean, p.corrupted, p.answer, p.counterfactual) for p in expected
+    ]
+    spec = result.provenance.spec
+    assert spec.pair_dataset is not None and spec.pair_dataset.name == "ioi"
+    assert spec.prompts == [p.clean for p in expected]

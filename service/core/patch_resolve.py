@@ -19,7 +19,7 @@ from service.core.errors import ValidationProblem
 from service.core.settings import Settings
 
 _COMPONENT = re.compile(COMPONENT_PATTERN)
-_PATCH_ONLY = ("pairs", "direction", "epsilon")
+_PATCH_ONLY = ("pairs", "pair_dataset", "direction", "epsilon")
 # Request fields that only ablation jobs use: with intervention "patch" each is a 422 naming it. (`positions` and
 # `metric` are shared: patching reads them as the patched positions and the metric.)
 _ABLATION_ONLY = (
@@ -74,10 +74,13 @@ def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> J
             "'all')",
             "measure_positions",
         )
-    if request.pairs is UNSET:
+    if request.pairs is not UNSET and request.pair_dataset is not UNSET:
+        raise ValidationProblem("give pairs or pair_dataset, not both", "pair_dataset")
+    if request.pairs is UNSET and request.pair_dataset is UNSET:
         raise ValidationProblem(
             "intervention 'patch' needs pairs: give pairs [{\"clean\": …, \"corrupted\": …, \"answer\": …, "
-            "\"counterfactual\": …}, …], or set intervention to 'ablate' with prompts",
+            "\"counterfactual\": …}, …] or pair_dataset {\"name\": \"ioi\", \"limit\": n}, or set intervention "
+            "to 'ablate' with prompts",
             "pairs",
         )
     metric = "logit_diff" if request.metric is UNSET else request.metric
@@ -86,10 +89,13 @@ def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> J
             f"a patching job reads logit(answer) − logit(counterfactual): use metric 'logit_diff' (it is {metric!r})",
             "metric",
         )
-    pairs = list(request.pairs)
+    # A pair dataset is drawn on the model's tokenizer after resolution (service/core/patch_tokens.py): the spec
+    # leaves its pairs empty until then.
+    pairs = [] if request.pairs is UNSET else list(request.pairs)
+    dataset = None if request.pair_dataset is UNSET else request.pair_dataset
     sites = patch_sites(list(DEFAULT_SITES) if request.components is UNSET else list(request.components), info)
     positions = "final" if request.positions is UNSET else request.positions
-    _check_size(len(pairs), len(sites), positions, settings)
+    _check_size(len(pairs) if dataset is None else dataset.limit, len(sites), positions, settings)
     return JobSpec(
         model=info.id,
         prompts=[p.clean for p in pairs],
@@ -108,6 +114,7 @@ def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> J
         corrupted=[p.corrupted for p in pairs],
         direction="denoise" if request.direction is UNSET else request.direction,
         epsilon=DEFAULT_PAIR_EPSILON if request.epsilon is UNSET else request.epsilon,
+        pair_dataset=dataset,
     )
 
 

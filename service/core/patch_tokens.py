@@ -2,7 +2,8 @@
 clean and corrupted prompts of one token length, one-token answers and counterfactuals, prompts under the cap.
 
 Checked on submit, so a pair that cannot be patched is a 422 naming it rather than a failed job; without a published
-tokenizer the checks are skipped and the worker refuses the same pairs (worker/patch_execution.py).
+tokenizer the checks are skipped and the worker refuses the same pairs (worker/patch_execution.py). A job's
+`pair_dataset` is drawn here too, on the same tokenizer, so that the spec queued lists its pairs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hydra_ablate_client.wire import JobSpec
-from service.core.errors import ValidationProblem
+from service.core.errors import BackendUnavailable, ValidationProblem
+from service.core.ioi_pairs import ioi_pairs
 from service.core.settings import Settings
 
 MAX_SHOWN_TOKENS = 40  # a long prompt's tokens are shown cut, with the count
@@ -23,6 +25,8 @@ def check_pair_tokens(spec: JobSpec, tokenizer_for: Callable[[str], Any | None],
     if spec.corrupted is None:
         return
     tokenizer = tokenizer_for(spec.model)
+    if spec.pair_dataset is not None and not spec.prompts:
+        draw_pairs(spec, tokenizer)
     if tokenizer is None:
         return
     answers = spec.answers or []
@@ -53,6 +57,28 @@ def check_pair_tokens(spec: JobSpec, tokenizer_for: Callable[[str], Any | None],
                     "(often with its leading space, e.g. ' Paris')",
                     f"pairs[{index}].{what}",
                 )
+
+
+def draw_pairs(spec: JobSpec, tokenizer: Any | None) -> None:
+    """Fill the spec's pairs from its pair dataset, drawn with its seed on the model's tokenizer (only one-token
+    names are used, so clean and corrupted prompts have one length): the spec the worker runs lists them."""
+    assert spec.pair_dataset is not None
+    if tokenizer is None:
+        raise BackendUnavailable(
+            f"pair_dataset is drawn on model {spec.model}'s tokenizer, which no worker has published yet; try again "
+            "in a minute, or give pairs"
+        )
+    try:
+        pairs = ioi_pairs(
+            spec.pair_dataset.limit, spec.seed, lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+        )
+    except ValueError as error:
+        raise ValidationProblem(f"pair_dataset {spec.pair_dataset.name!r} on model {spec.model}: {error}",
+                                "pair_dataset") from None
+    spec.prompts = [p.clean for p in pairs]
+    spec.corrupted = [p.corrupted for p in pairs]
+    spec.answers = [p.answer for p in pairs]
+    spec.counterfactuals = [p.counterfactual for p in pairs]
 
 
 def _shown(tokens: list[str]) -> str:

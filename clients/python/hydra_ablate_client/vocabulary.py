@@ -94,6 +94,8 @@ _PATCH_SITE = re.compile(PATCH_SITE_PATTERN)
 # Pairs whose clean and corrupted metrics differ by less than this (in logits) get no patching score by default
 # (the engine's PAIR_EPSILON, worker/engine/patching.py).
 DEFAULT_PAIR_EPSILON = 1e-3
+# Built-in paired datasets of patching jobs (service/core/ioi_pairs.py: indirect-object identification).
+PairDatasetName = Literal["ioi"]
 # What a job does to each component: ablate it (the default), or patch it between a clean and a corrupted prompt.
 Intervention = Literal["ablate", "patch"]
 # What a request's `components` may name: an ablation component (COMPONENT_PATTERN), a patching site

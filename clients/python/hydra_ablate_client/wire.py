@@ -28,6 +28,7 @@ from hydra_ablate_client.vocabulary import (
     MetricName,
     ModelSourceKind,
     NormScaleMode,
+    PairDatasetName,
     PatchDirection,
     PatchMetric,
     PositionResponses,
@@ -101,6 +102,14 @@ class PromptPair(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 
+class PairDatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A built-in paired dataset of patching jobs, drawn with the job's `seed` on the model's tokenizer (`ioi`:
+    indirect-object prompts whose names are one token)."""
+
+    name: PairDatasetName
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 32
+
+
 class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     """A job as submitted; unset fields come from the preset, then from the defaults."""
 
@@ -159,10 +168,11 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     target: TargetName | UnsetType = UNSET
     response_basis: ResponseBasisName | UnsetType = UNSET
     position_responses: PositionResponses | UnsetType = UNSET
-    # Activation patching (docs/concepts/patching.md): intervention "patch" with pairs patches
+    # Activation patching (docs/concepts/patching.md): intervention "patch" with pairs (or pair_dataset) patches
     # each site of `components` from the source run into the base run; `positions` and `metric` keep their names.
     intervention: Intervention | UnsetType = UNSET
     pairs: Annotated[list[PromptPair], Meta(min_length=1, max_length=10_000)] | UnsetType = UNSET
+    pair_dataset: PairDatasetRef | UnsetType = UNSET
     direction: PatchDirection | UnsetType = UNSET
     epsilon: Annotated[float, Meta(gt=0, le=1_000_000)] | UnsetType = UNSET
 
@@ -214,6 +224,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     corrupted: list[str] | None = None
     direction: PatchDirection = "denoise"
     epsilon: float = DEFAULT_PAIR_EPSILON
+    pair_dataset: PairDatasetRef | None = None  # the pairs were drawn from it (on submit, with the tokenizer)
 
     @property
     def per_position(self) -> bool:
