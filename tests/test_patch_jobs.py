@@ -269,6 +269,11 @@ def test_a_patching_job_exports_long_rows_and_tables(live_url: str, llama: tuple
     figure = httpx.get(f"{live_url}/v1/jobs/{job.id}/figures/layer_effects", params={"format": "png"})
     assert_problem(figure, 400, "is a patching job")
     assert isinstance(result, JobResult)
+    # The web page shows the per-site summary instead of the ablation tables and figures.
+    page = httpx.get(f"{live_url}/ui/jobs/{job.id}")
+    assert page.status_code == 200, page.text[:2000]
+    assert 'id="patch-table"' in page.text and all(f">{site}</th>" in page.text for site in sites)
+    assert 'id="paper-table"' not in page.text and "/figures/" not in page.text
 
 
 def test_pairs_the_tokenizer_refuses_are_a_422_naming_the_pair(live_url: str, llama: tuple[Any, Any]) -> None:
