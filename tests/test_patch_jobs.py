@@ -269,6 +269,15 @@ def test_a_patching_job_exports_long_rows_and_tables(live_url: str, llama: tuple
     figure = httpx.get(f"{live_url}/v1/jobs/{job.id}/figures/layer_effects", params={"format": "png"})
     assert_problem(figure, 400, "is a patching job")
     assert isinstance(result, JobResult)
+    # `hydra-ablate result` prints the per-site summary.
+    from rich.console import Console
+
+    from cli.views import result_view
+
+    console = Console(width=160, record=True)
+    console.print(result_view(result))
+    shown = console.export_text()
+    assert "activation patching (denoise)" in shown and all(site in shown for site in sites)
     # The web page shows the per-site summary instead of the ablation tables and figures.
     page = httpx.get(f"{live_url}/ui/jobs/{job.id}")
     assert page.status_code == 200, page.text[:2000]
