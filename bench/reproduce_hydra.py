@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -93,7 +94,14 @@ def run(
             last["t"] = time.monotonic()
             logging.info("%s: progress %s/%s", name, status.progress.done, status.progress.total)  # type: ignore[attr-defined]
 
-    final = client.wait(job.id, poll_s=2.0, on_progress=report)
+    try:
+        final = client.wait(job.id, poll_s=2.0, on_progress=report)
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM): a job left queued would run first in the next stack on the same data folder.
+        if not adopt:
+            client.cancel(job.id)
+            logging.info("%s: job %s cancelled", name, job.id)
+        raise
     if final.status != "succeeded":
         raise SystemExit(f"{name}: job ended {final.status}: {final.error}")
     # The job's own running time (started → finished), whether this script submitted it or adopted it.
@@ -125,6 +133,10 @@ def wait_for_model(client: HydraClient, alias: str, timeout_s: float = 900) -> N
         time.sleep(2.0)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default=None)
@@ -134,6 +146,7 @@ def main() -> None:
     parser.add_argument("--adopt", action="append", default=[], help="NAME=JOB_ID: follow a job already submitted")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the job is cancelled and the stack stopped
 
     stack = None
     url = args.url

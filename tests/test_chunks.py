@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import torch
 from litestar.testing import TestClient
 from torch import nn
 
@@ -169,6 +170,35 @@ def test_the_chunks_of_a_job_share_their_clean_runs(tiny_model_dirs: dict[str, s
     assert uncached.clean_runs.hits == 0 and len(uncached.clean_runs) == 0
     assert uncached.clean_runs.misses == runs.hits + runs.misses  # the passes the cache saved
     assert_same_numbers(msgspec.to_builtins(merged["cached"].prompts), msgspec.to_builtins(merged["uncached"].prompts))
+
+
+def test_chunks_reuse_the_top_tokens_of_evicted_clean_runs(tiny_model_dirs: dict[str, str]) -> None:
+    """`different_target` sources need every prompt's clean top token in every chunk. A cache too small for the
+    job's runs still remembers their top tokens, so later chunks run clean passes only for their own prompts and
+    sources (each chunk used to run all of the job's), and the numbers are those of a cache that keeps everything."""
+    from worker.chunk_execution import execute_chunk, merge_chunks
+    from worker.model_cache import load_model
+
+    source = ModelSource(id="tiny-llama", location=tiny_model_dirs["tiny-llama"])
+    spec = _spec(PROMPTS, resample_samples=2, resample_sources="different_target", answers=[" blue"] * len(PROMPTS))
+    plan = plan_chunks(len(PROMPTS), 3)
+    small, roomy = load_model(source), load_model(source)
+    merged = {}
+    for name, loaded in (("small", small), ("roomy", roomy)):
+        if name == "small":
+            loaded.clean_runs.max_bytes = 1  # keeps no run, only the top tokens
+        chunks = [execute_chunk("job", spec, loaded, c.index, c.start, c.stop) for c in plan]
+        merged[name] = merge_chunks("job", spec, chunks)
+
+    sources = {p.index: set(p.sources) for p in merged["small"].prompts}
+    needed_after_first = sum(len(set(range(c.start, c.stop)).union(*(sources[i] for i in range(c.start, c.stop))))
+                             for c in plan[1:])
+    assert len(small.clean_runs) == 0 and small.clean_runs.top_token(torch.tensor([1, 2, 3])) is None
+    # The first chunk runs every prompt's pass (it learns the top tokens); each later chunk at most its own prompts'
+    # and their sources' passes, and a few of those twice (its measuring and its sources' rows are asked apart).
+    assert small.clean_runs.misses <= len(PROMPTS) + 2 * needed_after_first
+    assert small.clean_runs.misses < len(plan) * len(PROMPTS)  # what every chunk recomputing every top token costs
+    assert_same_numbers(msgspec.to_builtins(merged["small"].prompts), msgspec.to_builtins(merged["roomy"].prompts))
 
 
 def test_the_clean_run_cache_keeps_the_most_recent_runs_within_its_bytes(tiny_model_dirs: dict[str, str]) -> None:

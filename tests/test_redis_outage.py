@@ -34,11 +34,13 @@ from tests.test_faults import (
     wait_terminal,
 )
 
-OUTAGE_BUDGET_S = 12
+# The budget leaves the short outage room to wait for the worker to meet it: under two parallel test suites on 2
+# cores a chunk once went 9 s without touching Redis (HYDRA_BATCH_TOKENS=1 makes every prompt slow).
+OUTAGE_BUDGET_S = 20
 UNREACHABLE = "Redis unreachable while trying to"  # worker/redis_retry.py's first line of an outage
 SHORT_OUTAGE_S = 4  # at least this long, and until the worker has met it (see take_redis_away)
-MET_BY_S = OUTAGE_BUDGET_S - 3  # ...but never long enough to exhaust the budget
-LONG_OUTAGE_S = 16
+MET_BY_S = OUTAGE_BUDGET_S - 4  # ...but never long enough to exhaust the budget
+LONG_OUTAGE_S = OUTAGE_BUDGET_S + 4
 
 
 @pytest.fixture(scope="module")

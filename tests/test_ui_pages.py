@@ -144,6 +144,7 @@ def test_forms_without_the_csrf_token_are_refused(settings: Settings, store: Job
         ({"prompts": "only one"}, 422, "prompts", "ablation resample needs at least 2 prompts"),
         ({"resample_samples": "5"}, 422, "resample_samples", "resample_samples 5 is too many for 2 prompts"),
         ({"source": "dataset", "dataset_relation": "P999999"}, 422, "source", "P999999"),
+        ({"knockouts": "attn.0 mlp.0\nmlp.1, mlp.1"}, 422, "knockouts", "knockout set 1 names 'mlp.1' twice"),
     ],
 )
 def test_bad_form_values_come_back_with_the_apis_message_at_the_field(
@@ -180,6 +181,20 @@ def test_a_good_form_queues_the_job_for_its_key_only(settings: Settings, store: 
         sign_in(other, BOB)
         assert job_id not in other.get("/ui/jobs").text
         assert other.get(f"/ui/progress?ids={job_id}").json()["jobs"] == []
+
+
+def test_the_form_queues_knockout_sets_and_only_those_when_components_is_empty(
+    settings: Settings, store: JobStore
+) -> None:
+    with client_for(settings) as client:
+        token = sign_in(client, ALICE)
+        body = {"csrf_token": token, "model": "tiny", "source": "prompts", "prompts": "a b\nc d", "components": "",
+                "knockouts": "attn.0, mlp.0\n\nmlp.1+mlp.2", "resample_samples": "1"}  # fmt: skip
+        reply = client.post("/ui/submit", data=body, follow_redirects=False)
+        assert reply.status_code == 303, reply.text[:2000]
+        spec = store.spec(reply.headers["location"].rsplit("/", 1)[-1])
+        assert spec is not None and spec.components == []
+        assert spec.knockouts == [["attn.0", "mlp.0"], ["mlp.1", "mlp.2"]]
 
 
 def test_unknown_and_other_keys_job_ids_are_404_pages(settings: Settings, store: JobStore) -> None:

@@ -41,7 +41,11 @@ class CleanRun:
         return total
 
 
-CleanKey = tuple[bytes, bool, bool]  # (token ids, all positions, with heads)
+TokenKey = bytes  # a prompt's token ids as bytes
+CleanKey = tuple[TokenKey, bool, bool]  # (token ids, all positions, with heads)
+# Top tokens remembered apart from the runs: an int and a key of a few hundred bytes each, so 200,000 of them stay
+# within a few tens of MiB whatever the vocabulary.
+DEFAULT_MAX_TOPS = 200_000
 
 
 class CleanRunCache:
@@ -54,11 +58,18 @@ class CleanRunCache:
     tensors a new pass would compute, not an approximation. Runs are never modified after they are made (CleanRun
     is frozen and the engine only reads its tensors). Owned by the loaded model (worker/model_cache.py): a model
     evicted from a worker takes its clean runs with it.
+
+    Apart from the runs, it remembers each prompt's clean top token (`top_token`), which outlives the run's
+    eviction: `resample_sources: "different_target"` needs the top token of every prompt of the job in every
+    chunk, and a run holds the whole final logit vector (1 MiB on a 262k vocabulary), so a job of more prompts
+    than the byte budget holds would otherwise run every prompt's clean pass again in each chunk.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_tops: int = DEFAULT_MAX_TOPS) -> None:
         self.max_bytes = max_bytes
+        self.max_tops = max_tops
         self._runs: OrderedDict[CleanKey, tuple[CleanRun, int]] = OrderedDict()  # key -> (run, its bytes)
+        self._tops: OrderedDict[TokenKey, int] = OrderedDict()  # token ids -> clean top token id
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -70,6 +81,23 @@ class CleanRunCache:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    def top_token(self, token_ids: torch.Tensor) -> int | None:
+        """The clean top token at the final position of a prompt whose run this cache has seen; None otherwise."""
+        ids = token_ids.cpu().numpy().tobytes()
+        with self._lock:
+            top = self._tops.get(ids)
+            if top is not None:
+                self._tops.move_to_end(ids)
+            return top
+
+    def _remember_top(self, ids: TokenKey, run: CleanRun) -> None:  # called with the lock held
+        if self.max_tops <= 0:
+            return
+        self._tops[ids] = int(run.logits_final.argmax())
+        self._tops.move_to_end(ids)
+        while len(self._tops) > self.max_tops:
+            self._tops.popitem(last=False)
 
     def get(self, token_ids: torch.Tensor, all_positions: bool, with_heads: bool,
             compute: Callable[[], CleanRun]) -> CleanRun:
@@ -84,6 +112,7 @@ class CleanRunCache:
         size = run.nbytes()
         with self._lock:
             self.misses += 1
+            self._remember_top(key[0], run)
             if size > self.max_bytes or key in self._runs:
                 return run
             self._runs[key] = (run, size)

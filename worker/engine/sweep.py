@@ -86,9 +86,12 @@ def run_sweep(
         on_phase("clean_passes")
     runs: dict[int, CleanRun] = {}
 
-    def clean_top(i: int) -> int:  # "different_target" sources: every prompt's clean pass, kept for the measuring
+    def clean_top(i: int) -> int:  # "different_target" sources: every prompt's clean top token
         if i not in runs:
-            runs[i] = clean(inputs.token_ids[i])
+            known = clean_cache.top_token(inputs.token_ids[i]) if clean_cache is not None else None
+            if known is not None:  # seen by an earlier chunk: no clean pass (its run may have been evicted)
+                return known
+            runs[i] = clean(inputs.token_ids[i])  # kept: this prompt may be measured or a source here
         return int(runs[i].logits_final.argmax())
 
     sources = job_sources(spec, inputs, clean_top)

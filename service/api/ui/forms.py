@@ -34,7 +34,7 @@ DATASET_FLAGS = tuple(
 )
 FORM_FIELDS = (
     "name", "tags", "model", "preset", "source", "prompts", "dataset_limit", "dataset_offset", "dataset_relation",
-    *(f"dataset_{flag}" for flag in DATASET_FLAGS), "components", "ablation", "positions", "metric",
+    *(f"dataset_{flag}" for flag in DATASET_FLAGS), "components", "knockouts", "ablation", "positions", "metric",
     "resample_samples", "seed",
 )  # fmt: skip
 _PATH = re.compile(r"at `\$\.([A-Za-z_]+)(?:\.([A-Za-z_]+))?")
@@ -79,6 +79,12 @@ def form_body(form: Mapping[str, str]) -> dict[str, Any]:
             body[name] = _int_or_raw(get(name))
     if get("components"):
         body["components"] = _split(get("components"), r"[,\s]+")
+    # Knockouts: one set per line, its members separated by commas, spaces or "+" (a set's own name). With sets
+    # and an empty components box only the sets are measured (the preset's components would otherwise be added).
+    knockouts = [_split(line, r"[,\s+]+") for line in (form.get("knockouts") or "").splitlines() if line.strip()]
+    if knockouts:
+        body["knockouts"] = knockouts
+        body.setdefault("components", [])
     if request_has("name") and get("name"):
         body["name"] = get("name")
     if request_has("tags") and get("tags"):
