@@ -88,6 +88,13 @@ def test_bad_patching_requests_are_a_422_naming_the_field(
         broker.close()
 
 
+def test_a_bad_patching_job_in_a_batch_names_the_job(client: TestClient) -> None:  # noqa: F811
+    body = {"jobs": [PATCH_JOB, {**PATCH_JOB, "components": ["mlp.9"]}]}
+    problem = assert_problem(client.post("/v1/jobs/batch", json=body), 422, "jobs[1]:", "layer 9 is out of range")
+    assert problem["field"] == "jobs[1].components[0]"
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
 def test_a_patching_request_is_resolved_into_the_spec(client: TestClient, store: JobStore) -> None:  # noqa: F811
     """Sites expand and keep their order; pairs become the clean prompts, answers, counterfactuals and corrupted
     prompts; progress counts pairs × sites."""
@@ -331,6 +338,7 @@ def test_a_cancelled_patching_job_leaves_no_hooks(llama: tuple[Any, Any], tiny_m
     neither a finished nor a stopped job leaves a hook on the cached model."""
     from service.core.resolve import resolve
     from worker.chunk_execution import execute_chunk, merge_chunks
+    from worker.engine.errors import InputError
     from worker.engine.sweep import SweepCancelled
     from worker.model_cache import load_model, model_info
     from worker.model_sources import ModelSource
@@ -352,6 +360,15 @@ def test_a_cancelled_patching_job_leaves_no_hooks(llama: tuple[Any, Any], tiny_m
     calls = iter([False, True])
     with pytest.raises(SweepCancelled):
         execute_chunk("job", spec, loaded, 0, 0, 2, should_stop=lambda: next(calls))
+    assert hooks() == before
+    # Without a published tokenizer the API cannot check the pairs: the worker refuses them with the reason, which
+    # becomes the job's error (InputError).
+    uneven = msgspec.structs.replace(spec, corrupted=[spec.prompts[0] + " and more words", spec.prompts[1]])
+    with pytest.raises(InputError, match=r"pairs\[0\]: .* make them the same length"):
+        execute_chunk("job", uneven, loaded, 0, 0, 2)
+    several = msgspec.structs.replace(spec, answers=[" Anna Maria Christina", spec.answers[1]])  # type: ignore[index]
+    with pytest.raises(InputError, match=r"pairs\[0\]\.answer .* is \d+ tokens"):
+        execute_chunk("job", several, loaded, 0, 0, 2)
     assert hooks() == before
 
 

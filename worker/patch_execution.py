@@ -54,6 +54,11 @@ def patch_pairs(loaded: LoadedModel, spec: JobSpec, start: int, stop: int) -> li
     for i in range(start, stop):
         clean = loaded.tokenizer(spec.prompts[i]).input_ids
         corrupted = loaded.tokenizer(spec.corrupted[i]).input_ids
+        if len(clean) != len(corrupted):  # named by its index in the job (the engine counts within the chunk)
+            raise JobInputError(
+                f"pairs[{i}]: the clean prompt is {len(clean)} tokens long and the corrupted one {len(corrupted)}; "
+                "patching aligns them position by position, so make them the same length"
+            )
         pairs.append(
             PatchPair(
                 clean_ids=torch.tensor(clean, dtype=torch.long, device=loaded.device),
