@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cli.keys import keys_app
+from cli.patch_options import PairsFileError, patch_options
 from cli.views import (
     job_progress,
     jobs_table,
@@ -43,9 +44,12 @@ from hydra_ablate_client.vocabulary import (
     CorpusName,
     DatasetName,
     FigureFormat,
+    Intervention,
     MeasurePositions,
     MetricName,
     NormScaleMode,
+    PairDatasetName,
+    PatchDirection,
     PositionResponses,
     PositionScope,
     PresetName,
@@ -103,6 +107,9 @@ if TYPE_CHECKING:  # type checkers see the Literals; Typer gets Enums, whose mem
     ResponseBasis = ResponseBasisName
     PositionResponsesChoice = PositionResponses
     Corpus = CorpusName
+    InterventionChoice = Intervention
+    Direction = PatchDirection
+    PairDatasetChoice = PairDatasetName
 else:
     Ablation = choices("Ablation", AblationKind)
     Positions = choices("Positions", PositionScope)
@@ -120,6 +127,9 @@ else:
     ResponseBasis = choices("ResponseBasis", ResponseBasisName)
     PositionResponsesChoice = choices("PositionResponsesChoice", PositionResponses)
     Corpus = choices("Corpus", CorpusName)
+    InterventionChoice = choices("InterventionChoice", Intervention)
+    Direction = choices("Direction", PatchDirection)
+    PairDatasetChoice = choices("PairDatasetChoice", PairDatasetName)
 
 
 class ResultFormat(Choice):  # the CLI's own list: a table, or the API's JSON or CSV
@@ -586,6 +596,28 @@ def submit(
         PositionResponsesChoice | None,
         typer.Option(help="per-position jobs: split sums (heads/MLPs/norm) or the full response vector"),
     ] = None,
+    intervention: Annotated[
+        InterventionChoice | None, typer.Option(help="ablate components, or patch sites between paired prompts")
+    ] = None,
+    pairs: Annotated[
+        str | None,
+        typer.Option(
+            "--pairs",
+            help="patching: a JSON file of pairs [{clean, corrupted, answer, counterfactual}, …] (sets "
+            "--intervention patch)",
+        ),
+    ] = None,
+    pair_dataset: Annotated[
+        PairDatasetChoice | None,
+        typer.Option(help="patching: draw the pairs from a built-in paired dataset (--limit of them; sets "
+                     "--intervention patch)"),
+    ] = None,
+    direction: Annotated[
+        Direction | None, typer.Option(help="patching: denoise (clean into corrupted) or noise (the reverse)")
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(min=0.0, help="patching: pairs whose two metrics differ by less get no score")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="a label for people (not unique)")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="a label to filter jobs by (repeatable)")] = None,
     meta: Annotated[
@@ -603,6 +635,9 @@ def submit(
 ) -> None:
     """Submit a job from a spec file and/or flags (flags win); prints the job id."""
     spec = load_spec(spec_file) if spec_file else {}
+    patching = _patch_options(_value(intervention), pairs, _value(pair_dataset), limit, _value(direction), epsilon)
+    if pair_dataset is not None:
+        limit = None  # --limit sizes the pair dataset, not a prompt dataset
     request = merge_request(
         spec,
         model=model,
@@ -642,8 +677,23 @@ def submit(
         position_responses=_value(position_responses),
         name=name,
         callback_url=callback_url,
+        **patching,
     )
     submit_and_show(request, url, api_key, idempotency_key, wait, wide)
+
+
+def _patch_options(
+    intervention: str | None,
+    pairs: str | None,
+    pair_dataset: str | None,
+    limit: int | None,
+    direction: str | None,
+    epsilon: float | None,
+) -> dict[str, Any]:
+    try:
+        return patch_options(intervention, pairs, pair_dataset, limit, direction, epsilon)
+    except PairsFileError as error:
+        raise CliFailure(str(error)) from None
 
 
 def submit_and_show(

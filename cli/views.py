@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cli.patch_views import patch_result_view
 from hydra_ablate_client.wire import (
     ComponentSummary,
     Fit,
@@ -405,6 +406,8 @@ def estimate_lines(summary: Summary) -> list[str]:
 def result_view(result: JobResult, width: int | None = None, wide: bool = False) -> Group:
     """What `hydra-ablate result` prints: the summary lines, the means, the labelled regressions (and, with
     --wide, every fit and the erasure table)."""
+    if result.patching is not None:  # a patching job (cli/patch_views.py)
+        return patch_result_view(result)
     parts: list[RenderableType] = [Text(line) for line in summary_lines(result)]
     tables = [_means(result, width, wide), _self_repair(result, width, wide)]
     if any(getattr(row, name, None) is not None for row in result.summary.components for name, _ in _REGRESSIONS):

@@ -52,7 +52,9 @@ from hydra_ablate_client.wire import (
     JobSpec,
     JobStatus,
     ModelInfo,
+    PairDatasetRef,
     Progress,
+    PromptPair,
     PromptResult,
     Provenance,
     Regression,
@@ -605,6 +607,8 @@ SUBMIT_FLAGS = {
     "texts": "--text", "corpus": "--corpus",
     "max_tokens": "--max-tokens", "measure_positions": "--measure-positions", "target": "--target",
     "response_basis": "--response-basis", "position_responses": "--position-responses",
+    "intervention": "--intervention", "pairs": "--pairs", "pair_dataset": "--pair-dataset",
+    "direction": "--direction", "epsilon": "--epsilon",
 }
 
 
@@ -700,6 +704,30 @@ def test_submit_sends_the_estimates_flag_as_a_list(fake_client: type[_FakeClient
     ])
     assert outcome.exit_code == 0, outcome.output
     assert fake_client.submitted[0].estimates == ["atp", "atp_star"]
+
+
+def test_submit_sends_a_patching_job(fake_client: type[_FakeClient], tmp_path: Path) -> None:
+    pair = {"clean": "Anna gave Ben a book", "corrupted": "Clara gave David a book", "answer": " Ben",
+            "counterfactual": " Anna"}
+    (tmp_path / "pairs.json").write_text(json.dumps([pair]), encoding="utf-8")
+    runner = CliRunner()
+    outcome = runner.invoke(app, [
+        "submit", "--model", "tiny", "--pairs", str(tmp_path / "pairs.json"), "--intervention", "patch",
+        "--direction", "noise", "--components", "resid_pre,head.1.0.q", "--positions", "all", "--epsilon", "0.01",
+    ])
+    assert outcome.exit_code == 0, outcome.output
+    sent = fake_client.submitted[0]
+    assert (sent.intervention, sent.direction, sent.positions, sent.epsilon) == ("patch", "noise", "all", 0.01)
+    assert sent.components == ["resid_pre", "head.1.0.q"]
+    assert sent.pairs == [PromptPair(**pair)]
+    outcome = runner.invoke(app, ["submit", "--model", "tiny", "--pair-dataset", "ioi", "--limit", "5"])
+    assert outcome.exit_code == 0, outcome.output
+    sent = fake_client.submitted[1]
+    assert sent.intervention == "patch" and sent.pair_dataset == PairDatasetRef(name="ioi", limit=5)
+    assert sent.dataset is msgspec.UNSET  # --limit sized the pair dataset
+    (tmp_path / "bad.json").write_text('{"clean": "a"}', encoding="utf-8")
+    outcome = runner.invoke(app, ["submit", "--pairs", str(tmp_path / "bad.json")])
+    assert outcome.exit_code == 1 and "must hold a list of pairs" in outcome.output
 
 
 def test_submit_corpus_and_dataset_slices(fake_client: type[_FakeClient]) -> None:

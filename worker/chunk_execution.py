@@ -36,6 +36,7 @@ from worker.job_runner import (
     tokenise_lazily,
 )
 from worker.model_cache import LoadedModel
+from worker.patch_execution import execute_patch_chunk, merge_patch_chunks
 from worker.position_summary import summarise_positions
 from worker.summary import summarise
 
@@ -58,6 +59,11 @@ def execute_chunk(
     `batch_tokens`: a fixed budget per batch in rows × prompt tokens (the worker's HYDRA_BATCH_TOKENS); None lets
     the engine derive it from the device (free CUDA memory and the model's size; 8192 on a CPU:
     worker/engine/memory.py)."""
+    if spec.intervention == "patch":  # activation patching: its own engine and result (worker/patch_execution.py)
+        return execute_patch_chunk(
+            job_id, spec, loaded, index, start, stop, on_progress=on_progress, should_stop=should_stop,
+            on_phase=on_phase,
+        )
     if not 0 <= start < stop <= len(spec.prompts):
         raise ValueError(f"chunk {index} covers prompts {start}:{stop}, outside the job's {len(spec.prompts)}")
     started = time.perf_counter()
@@ -132,6 +138,8 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
     Provenance is the first chunk's, with `worker` and `device` listing every distinct one used and `elapsed_s`
     the chunks' compute time summed.
     """
+    if spec.intervention == "patch":
+        return merge_patch_chunks(job_id, spec, chunks)
     ordered = sorted(chunks, key=lambda c: c.index)
     if not ordered:
         raise ValueError(f"job {job_id} has no chunk results to merge")

@@ -6,6 +6,8 @@ here is served without a description (h12 added none for fields merged later), s
 
 from __future__ import annotations
 
+from service.api.patch_schema_docs import PATCH_DOCS
+
 _E = "Per component, in the order of `components`: "
 
 DOCS: dict[str, str] = {
@@ -540,3 +542,5 @@ DOCS: dict[str, str] = {
 # A Fit is a Regression: its inherited fields read the same.
 for _field in ("y", "x", "slope", "intercept", "r2", "n"):
     DOCS.setdefault(f"Fit.{_field}", DOCS[f"Regression.{_field}"])
+
+DOCS.update(PATCH_DOCS)  # activation-patching types and fields (service/api/patch_schema_docs.py)

@@ -25,7 +25,7 @@ import msgspec
 import redis
 from msgspec import Struct
 
-from hydra_ablate_client.wire import EstimateCost, PromptResult, Provenance
+from hydra_ablate_client.wire import EstimateCost, PairResult, PromptResult, Provenance
 from service.core.lua_scripts import lua
 from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
@@ -65,6 +65,7 @@ class ChunkResult(Struct, kw_only=True):
     # Jobs with estimates: per prompt of this chunk, what the exact engine and each method cost (the merge weighs
     # the chunks by their prompts).
     estimate_costs: list[EstimateCost] | None = None
+    pairs: list[PairResult] | None = None  # patching jobs: the chunk's pairs (prompts is then empty)
 
 
 # Its Lua scripts are chunk_book.*.lua beside this module.

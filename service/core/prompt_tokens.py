@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra_ablate_client.wire import JobSpec, ModelInfo
 from service.core.errors import ValidationProblem
+from service.core.patch_tokens import check_pair_tokens
 from service.core.settings import Settings
 from service.core.store import JobStore
 
@@ -140,6 +141,9 @@ def _parse(text: str) -> Any | None:
 
 def check_prompt_tokens(spec: JobSpec, tokenizer_for: Callable[[str], Any | None], settings: Settings) -> None:
     """422 naming the first prompt over `max_prompt_tokens` (with its count); nothing to do without a tokenizer."""
+    if spec.intervention == "patch":  # pairs: equal lengths and one-token answers too (service/core/patch_tokens.py)
+        check_pair_tokens(spec, tokenizer_for, settings)
+        return
     if settings.max_prompt_tokens <= 0:
         return
     if spec.max_tokens is not None and spec.max_tokens <= settings.max_prompt_tokens:

@@ -18,6 +18,7 @@ from hydra_ablate_client.wire import CorpusRef, DatasetRef, JobRequest, JobSpec,
 from service.core import corpora, datasets
 from service.core.errors import ValidationProblem
 from service.core.estimate_options import check_estimates, estimate_values
+from service.core.patch_resolve import refuse_patch_fields, resolve_patch
 from service.core.settings import Settings
 from service.core.source_draws import check_source_seeds
 
@@ -112,6 +113,9 @@ def resolve(
         return preset.get(name, DEFAULTS[name])
 
     info = _model(pick("model"), models, refused or {})
+    if request.intervention == "patch":  # activation patching: its own fields and rules
+        return resolve_patch(request, info, settings)
+    refuse_patch_fields(request)
     prompts, answers, dataset, corpus = _prompts(request)
     n = len(prompts)
     answers = _per_prompt("answers", answers, n)

@@ -16,6 +16,7 @@ from hydra_ablate_client.wire import JobResult
 from service.core.job_actions import finished_result
 from service.core.redis_replies import bytes_or_none
 from service.core.store import JobStore
+from service.rendering.figure_style import FigureOptionError
 from service.rendering.figures import DPI, HEIGHT_PX, WIDTH_PX, render
 
 
@@ -51,6 +52,11 @@ def cached_figure(
     if cached is not None:
         return cached
     result = msgspec.json.decode(finished_result(store, job_id), type=JobResult)
+    if result.patching is not None:
+        raise FigureOptionError(
+            f"figure {name!r} draws an ablation result; job {job_id} is a patching job: read its result (JSON, CSV "
+            "or Parquet) instead"
+        )
     data = render(result, name, fmt, width=options.width, height=options.height, dpi=options.dpi,
                   prompt=options.prompt, component=options.component)
     # Cached until the result expires, and not at all when the job was deleted while this rendered (one script).

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from hydra_ablate_client.tables import ESTIMATE_COLUMNS, iter_long, long_column_names
 from hydra_ablate_client.vocabulary import component_columns
 from hydra_ablate_client.wire import JobResult, PositionColumns
+from service.rendering.patch_exports import iter_patch_parquet
 from service.rendering.result_csv import OPTIONAL_POSITION_MEASURES, POSITION_MEASURES, has_positions
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
@@ -235,6 +236,9 @@ def iter_parquet(
     result: JobResult, prompts_per_group: int = PROMPTS_PER_ROW_GROUP, rows_per_group: int = POSITION_ROWS_PER_GROUP
 ) -> Iterator[bytes]:
     """The Parquet file of `result`, in pieces: one per row group, then the footer."""
+    if result.patching is not None:  # a patching job: its long rows (service/rendering/patch_exports.py)
+        yield from iter_patch_parquet(result)
+        return
     per_position = has_positions(result)
     schema = position_schema(result) if per_position else parquet_schema(result)
     groups = (

@@ -80,6 +80,10 @@ def neutralise(text: str) -> str:
 
 def to_csv(result: JobResult) -> bytes:
     """The result as CSV bytes (see the module doc)."""
+    if result.patching is not None:  # a patching job: pairs × sites × positions (service/rendering/patch_exports.py)
+        from service.rendering.patch_exports import patch_csv  # pyarrow is heavy: imported only for these
+
+        return patch_csv(result)
     if has_positions(result):
         return b"".join(position_csv_rows(result))
     buffer = io.StringIO(newline="")

@@ -15,6 +15,8 @@ Tables
   response        one row per prompt × ablated component × downstream component: the response matrix, long
   response_mean   the summary's mean response matrix, long: component, response_component, response
   prompts         one row per prompt: its scalar fields and dataset fields
+
+A patching job's result has its own long, summary and prompts (pairs) tables: hydra_ablate_client/patch_tables.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from hydra_ablate_client.patch_tables import is_patching, patch_table
 from hydra_ablate_client.vocabulary import component_columns
 
 TableName = Literal["long", "summary", "response", "response_mean", "prompts"]
@@ -187,6 +190,8 @@ _BUILDERS = {
 
 
 def table(result: Any, name: TableName = "long") -> Columns:
+    if is_patching(result):  # a patching job: pairs × sites × positions (hydra_ablate_client/patch_tables.py)
+        return patch_table(result, name)
     if name not in _BUILDERS:
         raise ValueError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
     return _BUILDERS[name](result)
@@ -199,7 +204,8 @@ def to_pandas(result: Any, name: TableName = "long") -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("to_pandas needs pandas: pip install 'hydra-ablate-client[pandas]'") from exc
     frame = pd.DataFrame(table(result, name))
-    for column in ("layer", "head", "dataset_index"):  # absent for some rows: nullable integers, not floats
+    integers = ("layer", "head", "dataset_index", *(("position",) if is_patching(result) else ()))
+    for column in integers:  # absent for some rows: nullable integers, not floats
         if column in frame:
             frame[column] = frame[column].astype("Int64")
     return frame

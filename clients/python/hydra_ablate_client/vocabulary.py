@@ -92,6 +92,19 @@ PatchMetric = Literal["logit_diff"]
 # `head.L.H` (the head's output, its slice of the output projection's input) and `head.L.H.q|k|v|pattern`.
 PATCH_SITE_PATTERN = r"^((resid_pre|attn|mlp)\.\d+|head\.\d+\.\d+(\.(q|k|v|pattern))?)(?![\s\S])"
 _PATCH_SITE = re.compile(PATCH_SITE_PATTERN)
+# Pairs whose clean and corrupted metrics differ by less than this (in logits) get no patching score by default
+# (the engine's PAIR_EPSILON, worker/engine/patching.py).
+DEFAULT_PAIR_EPSILON = 1e-3
+# Built-in paired datasets of patching jobs (service/core/ioi_pairs.py: indirect-object identification).
+PairDatasetName = Literal["ioi"]
+# What a job does to each component: ablate it (the default), or patch it between a clean and a corrupted prompt.
+Intervention = Literal["ablate", "patch"]
+# What a request's `components` may name: an ablation component (COMPONENT_PATTERN), a patching site
+# (PATCH_SITE_PATTERN) or `resid_pre` (every layer's); which apply depends on the job's intervention, checked on
+# submit.
+COMPONENT_OR_SITE_PATTERN = (
+    r"^((attn|mlp|head)(\.\d+){0,2}|resid_pre(\.\d+)?|head\.\d+\.\d+\.(q|k|v|pattern))(?![\s\S])"
+)
 # A knockout set is named by its members joined with "+", in the order given: "attn.3+head.5.1".
 KNOCKOUT_SEPARATOR = "+"
 

@@ -13,19 +13,25 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 # The option lists are the vocabulary's (one definition, stdlib only; clients/python/hydra_ablate_client/vocabulary.py).
 from hydra_ablate_client.vocabulary import (
+    COMPONENT_OR_SITE_PATTERN,
     COMPONENT_PATTERN,
+    DEFAULT_PAIR_EPSILON,
     AblationKind,
     BootstrapUnit,
     ComponentKind,
     CorpusName,
     DatasetName,
     EstimateName,
+    Intervention,
     JobPhase,
     JobState,
     MeasurePositions,
     MetricName,
     ModelSourceKind,
     NormScaleMode,
+    PairDatasetName,
+    PatchDirection,
+    PatchMetric,
     PositionResponses,
     PositionScope,
     PresetName,
@@ -63,6 +69,9 @@ CallbackUrl = Annotated[
     ),
 ]
 ComponentName = Annotated[str, Meta(min_length=1, max_length=32, pattern=COMPONENT_PATTERN)]
+# `components` of a request: ablation components, or patching sites (resid_pre.L, head.L.H.q, …) for intervention
+# "patch"; which apply is checked on submit (a 422 naming the entry).
+ComponentOrSite = Annotated[str, Meta(min_length=1, max_length=40, pattern=COMPONENT_OR_SITE_PATTERN)]
 
 
 class DatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -83,6 +92,25 @@ class CorpusRef(Struct, forbid_unknown_fields=True, kw_only=True):
     offset: Annotated[int, Meta(ge=0)] = 0
 
 
+class PromptPair(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One activation-patching pair: a clean and a corrupted prompt of the same token length, and the two answers
+    whose logit difference is read at the final position (each must be one token)."""
+
+    clean: Prompt
+    corrupted: Prompt
+    answer: Prompt
+    counterfactual: Prompt
+
+
+
+class PairDatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A built-in paired dataset of patching jobs, drawn with the job's `seed` on the model's tokenizer (`ioi`:
+    indirect-object prompts whose names are one token)."""
+
+    name: PairDatasetName
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 32
+
+
 class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     """A job as submitted; unset fields come from the preset, then from the defaults."""
 
@@ -92,7 +120,7 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     dataset: DatasetRef | UnsetType = UNSET
     answers: list[Prompt] | UnsetType = UNSET
     counterfactuals: list[Prompt] | UnsetType = UNSET
-    components: Annotated[list[ComponentName], Meta(max_length=100_000)] | UnsetType = UNSET
+    components: Annotated[list[ComponentOrSite], Meta(max_length=100_000)] | UnsetType = UNSET
     # Joint knockouts: each set of explicit names (attn.L, mlp.L, head.L.H) is ablated together in one run and
     # measured like one component, named by its members joined with "+". Empty sets and repeated names are left to
     # resolve, whose 422 names the set's index (a schema error could not say which set).
@@ -150,6 +178,13 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
         ]
         | UnsetType
     ) = UNSET
+    # Activation patching (docs/concepts/patching.md): intervention "patch" with pairs (or pair_dataset) patches
+    # each site of `components` from the source run into the base run; `positions` and `metric` keep their names.
+    intervention: Intervention | UnsetType = UNSET
+    pairs: Annotated[list[PromptPair], Meta(min_length=1, max_length=10_000)] | UnsetType = UNSET
+    pair_dataset: PairDatasetRef | UnsetType = UNSET
+    direction: PatchDirection | UnsetType = UNSET
+    epsilon: Annotated[float, Meta(gt=0, le=1_000_000)] | UnsetType = UNSET
 
 
 class PromptFields(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -194,6 +229,13 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     corpus: CorpusRef | None = None
     knockouts: list[list[str]] = msgspec.field(default_factory=list)  # after `components` in the results
     estimates: list[EstimateName] = msgspec.field(default_factory=list)  # attribution patching beside the exact effects
+    # Patching jobs: `prompts` hold the clean prompts, `answers` and `counterfactuals` the pairs' answers,
+    # `components` the sites; `corrupted` the corrupted prompts, one per pair. The ablation options are unused.
+    intervention: Intervention = "ablate"
+    corrupted: list[str] | None = None
+    direction: PatchDirection = "denoise"
+    epsilon: float = DEFAULT_PAIR_EPSILON
+    pair_dataset: PairDatasetRef | None = None  # the pairs were drawn from it (on submit, with the tokenizer)
 
     @property
     def per_position(self) -> bool:
@@ -628,6 +670,58 @@ class Summary(Struct, kw_only=True):
     attribution: AttributionSummary | None = None
 
 
+class PairResult(Struct, kw_only=True):
+    """One pair of a patching job: its two runs' metrics and, per site (outer) and patched position (inner), the
+    metric of the patched run and its patching score (null when the pair is flagged)."""
+
+    index: int  # the pair's position in the job's pairs
+    clean: str
+    corrupted: str
+    answer: str
+    counterfactual: str
+    answer_id: int
+    counterfactual_id: int
+    clean_metric: float  # logit(answer) − logit(counterfactual) at the final position of the clean run
+    corrupted_metric: float
+    flagged: bool  # |clean_metric − corrupted_metric| < epsilon: no patching score
+    positions: list[int]  # the patched positions: [T − 1] for positions "final", 0 … T − 1 for "all"
+    patched_metric: list[list[float]]  # [site][position]
+    patching_score: list[list[float | None]]  # [site][position]; 0: no change, 1: all the way to the source run
+
+
+class PatchSummary(Struct, kw_only=True):
+    """One site (and, with positions "all", one position) of a patching job over its pairs."""
+
+    site: str
+    position: int | None  # null: each pair's final position; with positions "all", the token index
+    n_pairs: int  # pairs with this position
+    n_scored: int  # of them, the pairs not flagged
+    patched_metric_mean: float
+    score_mean: float | None  # mean patching score over the scored pairs
+    score_ci_low: float | None  # percentile bootstrap over the scored pairs (PatchingResult.ci_level)
+    score_ci_high: float | None
+    # The score of the pairs' mean metrics, (mean patched − mean base) / (mean source − mean base), over every pair
+    # with this position; null when that mean gap is under epsilon.
+    pooled_score: float | None
+
+
+class PatchingResult(Struct, kw_only=True):
+    """What a patching job measured (JobResult.patching)."""
+
+    direction: PatchDirection
+    positions: PositionScope
+    metric: PatchMetric
+    epsilon: float
+    sites: list[str]
+    pairs: list[PairResult]
+    summary: list[PatchSummary]  # site-major; positions in order within a site
+    n_flagged: int
+    clean_metric_mean: float
+    corrupted_metric_mean: float
+    ci_level: float
+    n_boot: int
+
+
 class Provenance(Struct, kw_only=True):
     spec: JobSpec
     model_id: str
@@ -655,6 +749,9 @@ class JobResult(Struct, kw_only=True):
     prompts: list[PromptResult]
     summary: Summary
     provenance: Provenance
+    # Patching jobs (intervention "patch"): the pairs and their summary; `prompts` is then empty and `summary`
+    # counts the pairs only. Null for ablation jobs.
+    patching: PatchingResult | None = None
 
     def to_pandas(self, table: str = "long") -> Any:
         """A pandas DataFrame of the result: "long" (prompt × component), "summary", "response" (the response

@@ -1,0 +1,78 @@
+"""Descriptions of the activation-patching wire types and fields for the OpenAPI document; merged into
+service/api/schema_docs.py's DOCS (kept apart so that the patching texts read together)."""
+
+from __future__ import annotations
+
+PATCH_DOCS: dict[str, str] = {
+    "JobRequest.intervention": (
+        "`ablate` (the default: ablate each component) or `patch` (activation patching between the clean and "
+        "corrupted prompts of `pairs`)"
+    ),
+    "JobRequest.pairs": "Patching: the pairs (1 to 10 000), each a clean and a corrupted prompt and two answers",
+    "JobRequest.pair_dataset": "Patching: a built-in paired dataset instead of `pairs`, drawn with `seed`",
+    "JobRequest.direction": (
+        "Patching: `denoise` (the corrupted run with clean activations patched in, the default) or `noise` (the "
+        "reverse)"
+    ),
+    "JobRequest.epsilon": (
+        "Patching: pairs whose clean and corrupted metrics differ by less than this get no patching score "
+        "(default 0.001)"
+    ),
+    "PromptPair": (
+        "One activation-patching pair: clean and corrupted prompts of one token length, two one-token answers."
+    ),
+    "PromptPair.clean": "The clean prompt",
+    "PromptPair.corrupted": "The corrupted prompt: as many tokens as the clean one",
+    "PromptPair.answer": "The answer token's text (one token, often with its leading space)",
+    "PromptPair.counterfactual": "The competing answer's text (one token); the metric is logit(answer) − logit(this)",
+    "PairDatasetRef": "A built-in paired dataset of patching jobs, drawn with the job's seed on the model's tokenizer.",
+    "PairDatasetRef.name": "`ioi`: indirect-object-identification prompts",
+    "PairDatasetRef.limit": "How many pairs to draw (default 32)",
+    "JobSpec.intervention": "`ablate` or `patch`",
+    "JobSpec.corrupted": "Patching jobs: the corrupted prompt of each pair (`prompts` holds the clean ones)",
+    "JobSpec.direction": "Patching jobs: denoise or noise",
+    "JobSpec.epsilon": "Patching jobs: the smallest clean − corrupted gap that gets a patching score",
+    "JobSpec.pair_dataset": "Patching jobs: the built-in dataset the pairs were drawn from (null for given pairs)",
+    "JobResult.patching": "Patching jobs: the pairs' measures and their summary (null for ablation jobs)",
+    "PatchingResult": "What a patching job measured: per pair, per site and patched position, and a summary per site.",
+    "PatchingResult.direction": "denoise or noise",
+    "PatchingResult.positions": "final (each pair's final position) or all (every position)",
+    "PatchingResult.metric": "logit_diff: logit(answer) − logit(counterfactual) at the final position",
+    "PatchingResult.epsilon": "Pairs whose clean and corrupted metrics differ by less are flagged (no score)",
+    "PatchingResult.sites": "The patched sites, in the order of the pairs' per-site lists",
+    "PatchingResult.pairs": "Every pair, in the job's order",
+    "PatchingResult.summary": "Per site (and, with positions all, per position), over the pairs",
+    "PatchingResult.n_flagged": "Pairs whose clean and corrupted metrics differ by less than epsilon",
+    "PatchingResult.clean_metric_mean": "Mean clean metric over the pairs",
+    "PatchingResult.corrupted_metric_mean": "Mean corrupted metric over the pairs",
+    "PatchingResult.ci_level": "Level of the summary's bootstrap intervals",
+    "PatchingResult.n_boot": "Bootstrap resamples behind each interval",
+    "PairResult": (
+        "One pair of a patching job: both runs' metrics, and per site and position the patched metric and score."
+    ),
+    "PairResult.index": "The pair's position in the job's pairs",
+    "PairResult.clean": "The clean prompt",
+    "PairResult.corrupted": "The corrupted prompt",
+    "PairResult.answer": "The answer's text",
+    "PairResult.counterfactual": "The counterfactual's text",
+    "PairResult.answer_id": "The answer's token id",
+    "PairResult.counterfactual_id": "The counterfactual's token id",
+    "PairResult.clean_metric": "logit(answer) − logit(counterfactual) at the clean run's final position",
+    "PairResult.corrupted_metric": "The same on the corrupted run",
+    "PairResult.flagged": "The two metrics differ by less than epsilon: no patching score",
+    "PairResult.positions": "The patched token positions (the final one, or every one)",
+    "PairResult.patched_metric": "[site][position]: the metric of the base run with that site patched there",
+    "PairResult.patching_score": (
+        "[site][position]: 0 the patch changed nothing, 1 it moved the metric to the source run's (null when flagged)"
+    ),
+    "PatchSummary": "One site (and position) of a patching job over its pairs.",
+    "PatchSummary.site": "The site",
+    "PatchSummary.position": "The token position with positions all; null: each pair's final position",
+    "PatchSummary.n_pairs": "Pairs with this position",
+    "PatchSummary.n_scored": "Of them, the pairs not flagged",
+    "PatchSummary.patched_metric_mean": "Mean patched metric over the pairs",
+    "PatchSummary.score_mean": "Mean patching score over the scored pairs",
+    "PatchSummary.score_ci_low": "Lower end of the score's percentile-bootstrap interval over the scored pairs",
+    "PatchSummary.score_ci_high": "Upper end of the score's interval",
+    "PatchSummary.pooled_score": "The score of the pairs' mean metrics (null when their mean gap is under epsilon)",
+}
