@@ -90,7 +90,8 @@ def test_bad_patching_knockouts_are_a_422_naming_the_set(
 def test_patching_knockouts_are_resolved_into_the_spec(client: TestClient, store: JobStore) -> None:  # noqa: F811
     """Sets alone (components unset or []) patch only the sets; with components, the sets come after them; names are
     canonical; progress counts pairs × (sites + sets)."""
-    for components in ({}, {"components": []}):
+    variants: list[dict[str, Any]] = [{}, {"components": []}]
+    for components in variants:
         body = {**PATCH_JOB, **components, "pairs": [PAIR, PAIR], "knockouts": [["head.1.0.q", "mlp.03"]]}
         body = {key: value for key, value in body.items() if key != "components" or components}
         accepted = client.post("/v1/jobs", json=body)
