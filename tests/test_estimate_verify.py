@@ -184,10 +184,10 @@ def test_a_redelivered_estimate_chunk_does_not_send_the_exact_phase_twice(
         done, _ = _run(hydra, {**JOB, "components": ["mlp", "attn"], "estimates": ["atp"],
                                "verify": {"top": 2, "random": 1}})
     spec = done.provenance.spec
-    store = JobStore.from_settings(Settings.from_env())
+    jobs = JobStore.from_settings(Settings.from_env())
     try:
-        book = ChunkBook.for_store(store)
-        job_id = store.create(spec, ablation_count(spec)).id
+        book = ChunkBook.for_store(jobs)
+        job_id = jobs.create(spec, ablation_count(spec)).id
         estimate = plan_chunks(len(PROMPTS), 3)  # prompts 0-2 and 3-4, then the same ranges for the exact phase
         plan = estimate + [Chunk(2 + c.index, c.start, c.stop) for c in estimate]
         book.record_plan(job_id, plan, 3, estimate_chunks=2)
@@ -206,15 +206,15 @@ def test_a_redelivered_estimate_chunk_does_not_send_the_exact_phase_twice(
             assert run_chunk.apply(args=[job_id, 1, 3, 5]).get() == "duplicate"
             assert run_chunk.apply(args=[job_id, 0, 0, 3]).get() == "duplicate"
         deadline = time.monotonic() + 120
-        while present(store.status(job_id)).status not in {"succeeded", "failed"} and time.monotonic() < deadline:
+        while present(jobs.status(job_id)).status not in {"succeeded", "failed"} and time.monotonic() < deadline:
             time.sleep(0.05)
-        final = present(store.status(job_id))
+        final = present(jobs.status(job_id))
         assert final.status == "succeeded", final.error
         time.sleep(0.3)  # a second exact phase would have been sent by now
         assert book.task_ids(job_id) == sent
         assert book.deliveries(job_id) == {0: 1, 2: 1, 3: 1}  # each exact chunk ran once; chunk 1 never re-ran
-        result = msgspec.json.decode(store.result(job_id) or b"", type=JobResult)
+        result = msgspec.json.decode(jobs.result(job_id) or b"", type=JobResult)
         assert present(result.summary.attribution).verified == present(done.summary.attribution).verified
         assert_same_numbers(msgspec.to_builtins(result.prompts), msgspec.to_builtins(done.prompts))
     finally:
-        store.close()
+        jobs.close()
