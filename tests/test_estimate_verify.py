@@ -171,6 +171,13 @@ def test_a_verify_job_equals_the_estimates_job_and_the_plain_job_of_its_verified
     assert status.progress.total == status.progress.done == len(PROMPTS) * len(verified) * 2
     assert result.provenance.spec.verify is not None and result.provenance.spec.components == every
 
+    # `hydra-ablate result` says which components were verified, within 80 columns.
+    from cli.views import summary_lines
+
+    lines = summary_lines(result)
+    assert f"  verified {len(verified)} of {len(every)} components exactly" in "\n".join(lines)
+    assert all(len(line) <= 80 for line in lines)
+
 
 def test_a_redelivered_estimate_chunk_does_not_send_the_exact_phase_twice(
     live_url: str, stack_env: dict[str, str]
