@@ -402,8 +402,8 @@ def estimate_lines(summary: Summary) -> list[str]:
                      + ("—" if times is None else f"{times:.1f}× exact"))
     if block.verification is not None:  # estimates first: the agreement covers the verified components only
         v = block.verification
-        lines.append(f"  verified {len(v.verified)} of {len(v.components)} components exactly (top {v.top} "
-                     f"by |{v.ranked_by}|, {v.random} drawn); agreement over those")
+        lines.append(f"  verified {len(v.verified)} of {len(v.components)} components exactly; agreement over those")
+        lines.append(f"  (the top {v.top} by |mean {v.ranked_by}|, {v.random} more drawn with seed {v.seed})")
     return lines
 
 
