@@ -6,10 +6,13 @@ redelivered estimate chunk that does not send the exact phase twice."""
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import msgspec
 import numpy as np
 import pytest
@@ -170,6 +173,15 @@ def test_a_verify_job_equals_the_estimates_job_and_the_plain_job_of_its_verified
     # Progress counts the exact phase's ablated runs only.
     assert status.progress.total == status.progress.done == len(PROMPTS) * len(verified) * 2
     assert result.provenance.spec.verify is not None and result.provenance.spec.components == every
+
+    # The exports have a row per prompt × verified component, with the estimates beside the exact values.
+    export = f"{live_url}/v1/jobs/{result.id}/result"
+    rows = list(csv.DictReader(io.StringIO(httpx.get(export, params={"format": "csv"}).raise_for_status().text)))
+    assert [r["component"] for r in rows[: len(verified)]] == verified and len(rows) == len(PROMPTS) * len(verified)
+    assert float(rows[1]["atp"]) == present(result.prompts[0].estimates).atp[1]
+    assert httpx.get(export, params={"format": "parquet"}).status_code == 200
+    with HydraClient(live_url) as hydra:
+        assert hydra.figure(result.id, "estimates", "png")[:4] == b"\x89PNG"  # a point per prompt × verified one
 
     # `hydra-ablate result` says which components were verified, within 80 columns.
     from cli.views import summary_lines
