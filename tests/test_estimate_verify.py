@@ -237,3 +237,31 @@ def test_a_redelivered_estimate_chunk_does_not_send_the_exact_phase_twice(
         assert_same_numbers(msgspec.to_builtins(result.prompts), msgspec.to_builtins(done.prompts))
     finally:
         jobs.close()
+
+
+
+def test_the_ranking_uses_atp_or_atp_star_when_only_it_was_asked_for() -> None:
+    """The ranking estimate and the chosen names, on hand-made phase-1 rows (no model)."""
+    from types import SimpleNamespace
+
+    from hydra_ablate_client.wire import ComponentEstimates, JobSpec, Verify
+    from service.core.chunk_book import PromptEstimates
+    from worker.verify_jobs import choose_verified, ranked_method
+
+    components = ["attn.0", "mlp.0", "attn.1", "mlp.1", "attn.2"]
+    spec = JobSpec(model="tiny-llama", prompts=PROMPTS[:2], answers=None, counterfactuals=None, components=components,
+                   ablation="resample", positions="final", metric="logit", norm_scale="clean", resample_samples=1,
+                   resample_from="random", mean_reference_prompts=None, seed=3, estimates=["atp_star"],
+                   verify=Verify(top=1, random=1))
+    both = msgspec.structs.replace(spec, estimates=["atp", "atp_star"])
+    assert ranked_method(spec) == "atp_star" and ranked_method(both) == "atp"
+    # atp says mlp.1 (|mean| 3), atp_star says attn.0 (mean 5).
+    atp = [[0.0, 1.0, 0.0, -3.0, 0.5], [0.0, 1.0, 0.0, -3.0, 0.5]]
+    star = [[5.0, 0.0, 1.0, 0.0, 0.0], [5.0, 0.0, 1.0, 0.0, 0.0]]
+    rows = [PromptEstimates(index=i, estimates=ComponentEstimates(atp=a, atp_star=b))
+            for i, (a, b) in enumerate(zip(atp, star, strict=True))]
+    chunk: Any = SimpleNamespace(index=0, estimated=rows)  # choose_verified reads only these two fields
+    star_pick, atp_pick = choose_verified(spec, [chunk]), choose_verified(both, [chunk])
+    assert "attn.0" in star_pick and "mlp.1" in atp_pick and len(star_pick) == len(atp_pick) == 2
+    assert star_pick == [components[i] for i in verification_set(np.mean(star, axis=0), 1, 1, 3)]
+    assert atp_pick == [components[i] for i in verification_set(np.mean(atp, axis=0), 1, 1, 3)]
