@@ -549,6 +549,13 @@ def submit(
             "(final-position jobs)"
         ),
     ] = None,
+    verify: Annotated[
+        str | None,
+        typer.Option(
+            help="with --estimates: estimate every component first, then ablate exactly only TOP[,RANDOM] of them "
+            "(the TOP largest |mean estimate| and RANDOM more drawn with the seed), e.g. 20,10"
+        ),
+    ] = None,
     positions: Annotated[Positions | None, typer.Option(help="ablate at the final position or at every one")] = None,
     metric: Annotated[Metric | None, typer.Option(help="what is read on the target token")] = None,
     norm_scale: Annotated[
@@ -646,6 +653,7 @@ def submit(
         components=split_components(components) if components is not None else None,
         knockouts=[split_components(members) for members in knockout] if knockout else None,
         estimates=split_components(estimates) if estimates is not None else None,
+        verify=None if verify is None else parse_verify(verify),
         ablation=_value(ablation),
         positions=_value(positions),
         metric=_value(metric),
@@ -681,6 +689,18 @@ def submit(
         **patching,
     )
     submit_and_show(request, url, api_key, idempotency_key, wait, wide)
+
+
+def parse_verify(text: str) -> dict[str, int]:
+    """`--verify TOP[,RANDOM]` as JobRequest.verify; the server checks the numbers against the job."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        numbers = [int(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2):
+        raise CliFailure(f"--verify {text!r}: give TOP or TOP,RANDOM as whole numbers, e.g. --verify 20,10")
+    return {"top": numbers[0], "random": numbers[1] if len(numbers) == 2 else 0}
 
 
 def _patch_options(

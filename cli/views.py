@@ -400,6 +400,10 @@ def estimate_lines(summary: Summary) -> list[str]:
         lines.append(f"  {a.method:<9} ρ {_num(a.spearman_per_prompt_mean, '+.2f')}, "
                      f"{_num(a.spearman_pooled, '+.2f')}; top-{a.k} {_num(a.recall_at_k_per_prompt_mean, '.2f')}; "
                      + ("—" if times is None else f"{times:.1f}× exact"))
+    if block.verification is not None:  # estimates first: the agreement covers the verified components only
+        v = block.verification
+        lines.append(f"  verified {len(v.verified)} of {len(v.components)} components exactly; agreement over those")
+        lines.append(f"  (the top {v.top} by |mean {v.ranked_by}|, {v.random} more drawn with seed {v.seed})")
     return lines
 
 

@@ -598,7 +598,7 @@ def test_cli_output_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> No
 SUBMIT_FLAGS = {
     "preset": "--preset", "model": "--model", "prompts": "--prompt", "dataset": "--dataset", "answers": "--answer",
     "counterfactuals": "--counterfactual", "components": "--components", "knockouts": "--knockout",
-    "ablation": "--ablation", "estimates": "--estimates",
+    "ablation": "--ablation", "estimates": "--estimates", "verify": "--verify",
     "positions": "--positions", "metric": "--metric", "norm_scale": "--norm-scale", "resample_samples": "--samples",
     "resample_from": "--resample-from", "mean_reference": "--mean-reference", "seed": "--seed",
     "source_seeds": "--source-seeds", "name": "--name",
@@ -769,3 +769,13 @@ def test_ctrl_c_while_following_says_the_job_goes_on_and_how_to_cancel(fake_clie
     assert f"hydra-ablate cancel {JOB_IDS[0]} --url http://lab-box:9000" in outcome.output.splitlines()[-1]
     default = CliRunner().invoke(app, command)
     assert default.output.splitlines()[-1].strip() == f"hydra-ablate cancel {JOB_IDS[0]}"  # the default URL: no --url
+
+
+def test_verify_flag_is_top_and_an_optional_random() -> None:
+    from cli.main import parse_verify
+
+    assert parse_verify("20,10") == {"top": 20, "random": 10}
+    assert parse_verify("5") == {"top": 5, "random": 0}
+    for bad in ("", "a,b", "1,2,3"):
+        with pytest.raises(CliFailure, match="TOP or TOP,RANDOM"):
+            parse_verify(bad)

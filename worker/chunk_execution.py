@@ -16,10 +16,10 @@ sources, or every prompt for `mean` ablation over the job's own prompts).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
-from hydra_ablate_client.wire import JobResult, JobSpec, Provenance
+from hydra_ablate_client.wire import JobResult, JobSpec, PromptResult, Provenance
 from service.core.chunk_book import ChunkResult
 from worker.engine.position_sweep import run_position_sweep
 from worker.engine.sweep import PhaseCallback, ProgressCallback, StopCheck, run_sweep
@@ -39,6 +39,7 @@ from worker.model_cache import LoadedModel
 from worker.patch_execution import execute_patch_chunk, merge_patch_chunks
 from worker.position_summary import summarise_positions
 from worker.summary import summarise
+from worker.verify_jobs import merge_verified
 
 
 def execute_chunk(
@@ -132,14 +133,23 @@ def _joined(values: Sequence[str]) -> str:
     return ",".join(dict.fromkeys(values))  # distinct, in chunk order
 
 
-def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> JobResult:
+def merge_chunks(
+    job_id: str,
+    spec: JobSpec,
+    chunks: Sequence[ChunkResult],
+    *,
+    before_summary: Callable[[list[PromptResult]], None] | None = None,
+) -> JobResult:
     """The JobResult of the whole job from all its chunks (any order): prompts in order, one summary over all.
 
     Provenance is the first chunk's, with `worker` and `device` listing every distinct one used and `elapsed_s`
-    the chunks' compute time summed.
+    the chunks' compute time summed. `before_summary` may amend the merged prompts before they are summarised (jobs
+    with verify: worker/verify_jobs.py, which merges both phases through here).
     """
     if spec.intervention == "patch":
         return merge_patch_chunks(job_id, spec, chunks)
+    if spec.verify is not None:
+        return merge_verified(job_id, spec, chunks, merge_chunks)
     ordered = sorted(chunks, key=lambda c: c.index)
     if not ordered:
         raise ValueError(f"job {job_id} has no chunk results to merge")
@@ -162,6 +172,8 @@ def merge_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]) -> J
             f"only_correct kept none of the job's {len(spec.prompts)} prompts: the model's clean top token is never "
             "the first token of the answer"
         )
+    if before_summary is not None:
+        before_summary(prompts)
     # PromptResult carries every field summarise reads from PromptMeasures.
     sweep = SweepResult(
         components=first.components, response_basis=first.response_basis, prompts=cast(list[PromptMeasures], prompts)

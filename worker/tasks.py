@@ -189,12 +189,18 @@ def run_job(job_id: str) -> str:
             log.warning("job %s was claimed for planning but has no plan (its planner died?); planning it", job_id)
         size = service_settings().chunk_prompts
         chunks = plan_chunks(len(spec.prompts), size)
-        book.record_plan(job_id, chunks, size)
+        phase_one = 0
+        if spec.verify is not None:  # estimates first; the same ranges again for the exact phase (sent later)
+            phase_one = len(chunks)
+            chunks = chunks + [Chunk(phase_one + c.index, c.start, c.stop) for c in chunks]
+        book.record_plan(job_id, chunks, size, estimate_chunks=phase_one)
+    # A job with verify sends its estimate chunks now; the last of them to finish sends the exact ones.
+    first = book.estimate_chunks(job_id) or len(chunks)
     sent = book.task_ids(job_id)
-    if not claimed and len(sent) >= len(chunks):
+    if not claimed and len([i for i in sent if i < first]) >= first:
         store.mark_planned(job_id)
         return "already planned"
-    for chunk in chunks:
+    for chunk in chunks[:first]:
         if chunk.index in sent:
             continue
         # Marked before it is sent, so that a chunk that starts at once is never marked after its run took the lease.
@@ -202,8 +208,8 @@ def run_job(job_id: str) -> str:
         leases().mark_queued(job_id, chunk.index, task_id, worker_settings().recheck_s)
         book.record_task(job_id, chunk.index, send_chunk(job_id, chunk, spec.model, task_id))
     store.mark_planned(job_id)
-    log.info("job %s: %d prompts in %d chunks", job_id, len(spec.prompts), len(chunks))
-    return f"planned {len(chunks)} chunks"
+    log.info("job %s: %d prompts in %d chunks", job_id, len(spec.prompts), first)
+    return f"planned {first} chunks"
 
 
 def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
@@ -227,6 +233,37 @@ def _merge(job_id: str, spec: JobSpec, n_chunks: int) -> str:
         book.drop_results(job_id, range(n_chunks))
         return "succeeded"
     return "merged after the job ended"
+
+
+def _send_exact_phase(job_id: str, spec: JobSpec, n_estimate_chunks: int) -> str:
+    """Jobs with verify, once every estimate chunk is recorded: choose the verification set from their estimates and
+    send the exact chunks (idempotent: the set is stored once, and a redelivery sends only chunks not yet sent, as
+    `run_job` does; a chunk sent twice anyway runs once under its lease)."""
+    from worker.verify_jobs import choose_verified
+
+    store, book = job_store(), chunk_book()
+    if _job_state(store, job_id) != "running":
+        return "skipped"
+    chunks = book.plan(job_id) or []
+    exact = [c for c in chunks if c.index >= n_estimate_chunks]
+    claimed = book.claim_exact_phase(job_id)
+    sent = book.task_ids(job_id)
+    if not claimed and all(c.index in sent for c in exact):
+        return "duplicate"
+    if book.verified(job_id) is None:
+        partial = book.results(job_id, range(n_estimate_chunks))
+        missing = [i for i, chunk in enumerate(partial) if chunk is None]
+        if missing:
+            return _fail(job_id, f"internal error: the estimates of chunks {missing} of job {job_id} are missing")
+        verified = book.claim_verified(job_id, choose_verified(spec, [c for c in partial if c is not None]))
+        log.info("job %s: verifying %d of %d components exactly", job_id, len(verified), len(spec.components))
+    for chunk in exact:
+        if chunk.index in sent:
+            continue
+        task_id = uuid.uuid4().hex
+        leases().mark_queued(job_id, chunk.index, task_id, worker_settings().recheck_s)
+        book.record_task(job_id, chunk.index, send_chunk(job_id, chunk, spec.model, task_id))
+    return "estimated"
 
 
 def _holder_is_dead(holder: str) -> bool:
@@ -355,6 +392,11 @@ class ChunkRun:
             done = self.read("read the chunks done", lambda: book.done_indices(job_id))
             if state == "running" and len(done) == n_chunks:
                 return self._merge(spec, n_chunks)
+            first = self.read("read the chunk plan", lambda: book.estimate_chunks(job_id))
+            if state == "running" and index < first and all(i in done for i in range(first)):
+                # The chunk that completed the estimates may have died before it sent the exact phase.
+                sent = self.redis("send the exact phase", lambda: _send_exact_phase(job_id, spec, first))
+                return "duplicate" if sent == "duplicate" else str(sent)
             return "duplicate"
         if state not in ACTIVE_STATES:
             self.redis("drop the chunk's lease", lambda: self.leases.release(job_id, index))
@@ -377,6 +419,7 @@ class ChunkRun:
         from worker.chunk_execution import execute_chunk
         from worker.engine.errors import InputError
         from worker.engine.sweep import SweepCancelled
+        from worker.verify_jobs import estimate_only_chunk, exact_spec
 
         job_id, index, store, book = self.job_id, self.index, self.store, self.book
         deliveries = self.redis("count the delivery", lambda: book.count_delivery(job_id, index))
@@ -423,15 +466,27 @@ class ChunkRun:
                 )
             )
 
+        first = self.read("read the chunk plan", lambda: book.estimate_chunks(job_id))
+        run_spec = spec
+        if first and index >= first:  # the exact phase of a job with verify: only the verified components
+            verified = self.read("read the verification set", lambda: book.verified(job_id))
+            if verified is None:
+                return self._fail(f"internal error: chunk {index} of job {job_id} has no verification set")
+            run_spec = exact_spec(spec, verified)
         try:
             on_phase("loading_model")
             cache = model_cache()
             loaded = stats_recorder.load_model(store, spec.model in cache.cached, lambda: cache.get(spec.model))
             chunk_started = time.perf_counter()
-            result = execute_chunk(
-                job_id, spec, loaded, index, self.start, self.stop, on_progress=on_progress, should_stop=should_stop,
-                on_phase=on_phase, batch_tokens=worker_settings().batch_tokens,
-            )
+            if index < first:
+                result = estimate_only_chunk(
+                    job_id, spec, loaded, index, self.start, self.stop, should_stop=should_stop, on_phase=on_phase
+                )
+            else:
+                result = execute_chunk(
+                    job_id, run_spec, loaded, index, self.start, self.stop, on_progress=on_progress,
+                    should_stop=should_stop, on_phase=on_phase, batch_tokens=worker_settings().batch_tokens,
+                )
         except SweepCancelled:
             if self.lost.is_set() or not self.read(
                 "check the lease", lambda: self.leases.still_holds(job_id, index, self.token)
@@ -457,7 +512,8 @@ class ChunkRun:
                 f"internal error in chunk {index} of job {job_id}: {type(error).__name__}: {error} "
                 "(the worker's log has the details)"
             )
-        stats_recorder.chunk_done(store, time.perf_counter() - chunk_started, (self.stop - self.start) * per_prompt)
+        ablations = 0 if index < first else (self.stop - self.start) * per_prompt  # estimate chunks ablate nothing
+        stats_recorder.chunk_done(store, time.perf_counter() - chunk_started, ablations)
         done = self.redis(
             "record the chunk's result", lambda: book.record_result(job_id, index, result, self.token)
         )
@@ -468,6 +524,8 @@ class ChunkRun:
             return "duplicate"
         if done == n_chunks:
             return self._merge(spec, n_chunks)
+        if first and done == first:  # the last estimate chunk in (exact chunks start only after all of them)
+            return str(self.redis("send the exact phase", lambda: _send_exact_phase(job_id, spec, first)))
         return "recorded"
 
     def _merge(self, spec: JobSpec, n_chunks: int) -> str:

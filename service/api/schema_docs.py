@@ -489,6 +489,45 @@ DOCS: dict[str, str] = {
         _E + "AtP* (QK fix and GradDrop): an estimate of the magnitude |total_effect|, compared with abs_total_effect"
     ),
     "Estimates.abs_total_effect": _E + "the exact value atp_star is compared with: the mean over the runs of |TE|",
+    # estimates first, then the exact ablation of a verification set (docs/concepts/attribution.md)
+    "JobRequest.verify": (
+        "With `estimates`: estimate every component first, then run the exact ablation of the verification set only "
+        "(the `top` components by |mean estimate| plus `random` more drawn with the job's seed)"
+    ),
+    "JobSpec.verify": "With `estimates`: the verification set's sizes (null: every component runs exactly)",
+    "Verify": "Estimates first: the sizes of the verification set, the components that then run exactly.",
+    "Verify.top": "How many components with the largest |mean estimate| over the prompts run exactly (0 or more)",
+    "Verify.random": "How many more, drawn from the rest with the job's seed, run exactly (0 or more; default 0)",
+    "PromptResult.all_estimates": (
+        "Jobs with `verify`: this prompt's estimates of every component, in the order of "
+        "summary.attribution.verification.components (`estimates` covers the verified components only)"
+    ),
+    "ComponentEstimates": "One prompt's estimates of every component of a job with `verify`.",
+    "ComponentEstimates.atp": "AtP of every component: an estimate of total_effect, sign included",
+    "ComponentEstimates.atp_qkfix": "AtP with the QK fix of every component (with `atp_star`; null otherwise)",
+    "ComponentEstimates.atp_star": "AtP* of every component, an estimate of |total_effect| (with `atp_star`)",
+    "AttributionSummary.verified": (
+        "Jobs with `verify`: the components with exact values (the result's `components`); agreement, cost and "
+        "errors cover only these. Null otherwise"
+    ),
+    "AttributionSummary.verification": "Jobs with `verify`: how the verification set was chosen, both phases' costs",
+    "Verification": "How a job with `verify` chose the components it ran exactly, and what both phases cost.",
+    "Verification.ranked_by": "The estimate ranked by |mean over prompts|: atp, or atp_star when only it was asked",
+    "Verification.top": "The top components by |mean estimate| that ran exactly",
+    "Verification.random": "The further components drawn with the job's seed that ran exactly",
+    "Verification.seed": "The job's seed, which drew the random part",
+    "Verification.components": "Every component estimated, in the order of PromptResult.all_estimates",
+    "Verification.mean_estimates": "Per component, the mean over the prompts of `ranked_by`",
+    "Verification.verified": "The verification set, in the job's component order",
+    "Verification.phases": "The estimates phase (every component), then the exact phase (the verified ones)",
+    "Verification.exact_all_model_evaluations_per_prompt": (
+        "What the exact ablation of every component would cost per prompt, counted as EstimateCost counts"
+    ),
+    "PhaseCost": "One phase of a job with `verify`: the components it covered and what it cost.",
+    "PhaseCost.phase": "`estimates` (every component) or `exact` (the verified components)",
+    "PhaseCost.n_components": "Components the phase covered",
+    "PhaseCost.model_evaluations_per_prompt": "Model evaluations per prompt, as EstimateCost counts them",
+    "PhaseCost.seconds": "The phase's chunks' compute time, summed over the job's prompts",
     "Summary.attribution": "Jobs with `estimates`: the estimates against the exact effects (null otherwise)",
     "AttributionSummary": (
         "How the job's estimates agree with its exact effects, what each method cost, and how much of their miss "

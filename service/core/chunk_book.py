@@ -13,6 +13,9 @@ Keys, under the JobStore's prefix, all expiring with the job's TTL:
   chunk:{id}:{index}    the chunk's encoded ChunkResult
   chunks_done:{id}      hash: chunk index -> 1 (HSETNX); the chunk whose write makes HLEN = n_chunks merges
   revoked:{id}          SET NX guard: the chunks of a stopped job are revoked once
+  verified:{id}         jobs with verify: the verification set (JSON list of names), SET NX by the phase-1 chunk
+                        that completed the estimates, so every phase-2 chunk and any redelivery reads the same set
+  exact_phase:{id}      jobs with verify: SET NX guard, the phase-2 (exact) chunks are sent by one caller
   lease:{id}:{index}    which run of the chunk holds it now (service/core/leases.py); recording is fenced by it
 """
 
@@ -25,7 +28,7 @@ import msgspec
 import redis
 from msgspec import Struct
 
-from hydra_ablate_client.wire import EstimateCost, PairResult, PromptResult, Provenance
+from hydra_ablate_client.wire import ComponentEstimates, EstimateCost, PairResult, PromptResult, Provenance
 from service.core.lua_scripts import lua
 from service.core.redis_keys import RedisKeys
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_hash
@@ -51,6 +54,13 @@ def plan_chunks(n_prompts: int, chunk_size: int) -> list[Chunk]:
     return [Chunk(i, start, min(start + chunk_size, n_prompts)) for i, start in enumerate(starts)]
 
 
+class PromptEstimates(Struct, kw_only=True):
+    """Phase 1 of a job with verify: one prompt's estimates of every component."""
+
+    index: int
+    estimates: ComponentEstimates
+
+
 class ChunkResult(Struct, kw_only=True):
     """One chunk's partial result: its prompts' measures, with what the merge needs to build the JobResult."""
 
@@ -66,6 +76,8 @@ class ChunkResult(Struct, kw_only=True):
     # the chunks by their prompts).
     estimate_costs: list[EstimateCost] | None = None
     pairs: list[PairResult] | None = None  # patching jobs: the chunk's pairs (prompts is then empty)
+    # Jobs with verify, phase 1 (estimates only): per measured prompt its estimates (prompts is then empty).
+    estimated: list[PromptEstimates] | None = None
 
 
 # Its Lua scripts are chunk_book.*.lua beside this module.
@@ -99,7 +111,8 @@ class ChunkBook:
         return self.redis_keys.lease(job_id, index)
 
     def keys(self, job_id: str) -> list[str]:
-        kinds = ("planned", "plan", "chunk_tasks", "deliveries", "progress", "chunks_done", "revoked")
+        kinds = ("planned", "plan", "chunk_tasks", "deliveries", "progress", "chunks_done", "revoked", "verified",
+                 "exact_phase")
         return [self._key(kind, job_id) for kind in kinds]
 
     # planning
@@ -107,8 +120,11 @@ class ChunkBook:
         """True for the first caller only: a redelivered `run_job` must not plan the job twice."""
         return bool(self.client.set(self._key("planned", job_id), "1", nx=True, ex=self.ttl_s))
 
-    def record_plan(self, job_id: str, chunks: list[Chunk], chunk_size: int) -> None:
+    def record_plan(self, job_id: str, chunks: list[Chunk], chunk_size: int, estimate_chunks: int = 0) -> None:
+        """`estimate_chunks`: jobs with verify, chunks 0 … n-1 are phase 1 (estimates), the rest phase 2 (exact)."""
         fields: dict[FieldT, EncodableT] = {"n_chunks": len(chunks), "chunk_size": chunk_size}
+        if estimate_chunks:
+            fields["estimate_chunks"] = estimate_chunks
         fields.update({str(c.index): f"{c.start}:{c.stop}" for c in chunks})
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self._key("plan", job_id), mapping=fields)
@@ -125,6 +141,25 @@ class ChunkBook:
             start, _, stop = fields[str(index)].partition(":")
             chunks.append(Chunk(index, int(start), int(stop)))
         return chunks
+
+    def estimate_chunks(self, job_id: str) -> int:
+        """How many of the job's first chunks are phase-1 estimate chunks (0 for a job without verify)."""
+        raw = self.client.hget(self._key("plan", job_id), "estimate_chunks")
+        return 0 if raw is None else int(raw)
+
+    def claim_verified(self, job_id: str, components: list[str]) -> list[str]:
+        """Store the verification set unless one is stored; returns the stored one (the first caller's)."""
+        key = self._key("verified", job_id)
+        self.client.set(key, msgspec.json.encode(components), nx=True, ex=self.ttl_s)
+        return self.verified(job_id) or components
+
+    def verified(self, job_id: str) -> list[str] | None:
+        raw = self.client.get(self._key("verified", job_id))
+        return None if raw is None else msgspec.json.decode(raw, type=list[str])
+
+    def claim_exact_phase(self, job_id: str) -> bool:
+        """True for the first caller only: the phase-2 chunks of a job with verify are sent once."""
+        return bool(self.client.set(self._key("exact_phase", job_id), "1", nx=True, ex=self.ttl_s))
 
     def n_chunks(self, job_id: str) -> int | None:
         raw = self.client.hget(self._key("plan", job_id), "n_chunks")

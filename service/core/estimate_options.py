@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import get_args
 
 from hydra_ablate_client.vocabulary import EstimateName
+from hydra_ablate_client.wire import Verify
 from service.core.errors import ValidationProblem
 
 
@@ -56,3 +57,28 @@ def estimate_values(estimates: Sequence[EstimateName]) -> int:
     if not estimates:
         return 0
     return 4 if "atp_star" in estimates else 2
+
+
+def check_verify(verify: Verify | None, *, estimates: Sequence[EstimateName], n_components: int) -> Verify | None:
+    """`verify` as given, or ValidationProblem naming `verify` with what to change."""
+    if verify is None:
+        return None
+    if not estimates:
+        raise ValidationProblem(
+            "verify picks the components to run exactly from the estimates: add estimates (e.g. [\"atp\"]) or drop "
+            "verify",
+            "verify",
+        )
+    if verify.top < 0 or verify.random < 0:
+        raise ValidationProblem(
+            f"verify top ({verify.top}) and random ({verify.random}) count components: use 0 or more", "verify"
+        )
+    if verify.top + verify.random < 1:
+        raise ValidationProblem("verify top + random is 0, so nothing would run exactly: ask for 1 or more", "verify")
+    if verify.top + verify.random > n_components:
+        raise ValidationProblem(
+            f"verify asks for top {verify.top} + random {verify.random} = {verify.top + verify.random} components, "
+            f"but the job has {n_components}: lower top or random, or drop verify to run every component exactly",
+            "verify",
+        )
+    return verify

@@ -27,7 +27,7 @@ _ABLATION_ONLY = (
     "preset", "prompts", "dataset", "answers", "counterfactuals", "ablation", "norm_scale",
     "resample_samples", "resample_from", "resample_sources", "mean_reference", "source_seeds", "keep_samples",
     "only_correct", "resample_within", "texts", "corpus", "max_tokens", "target", "response_basis",
-    "position_responses", "estimates",
+    "position_responses", "estimates", "verify",
 )
 # The engine's head-part refusals (worker/engine/architecture.py): fused q/k/v projections, and QK-norms over the
 # whole projection.

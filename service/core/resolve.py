@@ -17,7 +17,7 @@ from hydra_ablate_client.vocabulary import ResampleSources, is_per_position, par
 from hydra_ablate_client.wire import CorpusRef, DatasetRef, JobRequest, JobSpec, ModelInfo
 from service.core import corpora, datasets
 from service.core.errors import ValidationProblem
-from service.core.estimate_options import check_estimates, estimate_values
+from service.core.estimate_options import check_estimates, check_verify, estimate_values
 from service.core.patch_resolve import refuse_patch_fields, resolve_patch
 from service.core.settings import Settings
 from service.core.source_draws import check_source_seeds
@@ -91,7 +91,9 @@ _KIND_ORDER = {"attn": 0, "head": 1, "mlp": 2}  # within a layer: attention, its
 def ablation_count(spec: JobSpec) -> int:
     """Ablated runs in a job: prompts × (components + knockout sets) × resample samples (one for mean and zero)."""
     samples = spec.resample_samples * spec.source_seeds if spec.ablation == "resample" else 1
-    return len(spec.prompts) * (len(spec.components) + len(spec.knockouts)) * samples
+    # With verify only the verification set is ablated: exactly top + random components (checked on submit).
+    rows = spec.verify.top + spec.verify.random if spec.verify else len(spec.components) + len(spec.knockouts)
+    return len(spec.prompts) * rows * samples
 
 
 def resolve(
@@ -147,6 +149,9 @@ def resolve(
         [] if request.estimates is UNSET else request.estimates, per_position=per_position, knockouts=knockouts,
         resample_sources=resample_sources,
     )
+    verify = check_verify(
+        None if request.verify is UNSET else request.verify, estimates=estimates, n_components=len(components)
+    )
 
     n_rows = len(components) + len(knockouts)  # a knockout set is measured like one component
     _check_ablation_count(n, n_rows, samples, draws, settings)
@@ -185,6 +190,7 @@ def resolve(
         corpus=corpus,
         knockouts=knockouts,
         estimates=estimates,
+        verify=verify,
         **options,
     )
 

@@ -111,6 +111,14 @@ class PairDatasetRef(Struct, forbid_unknown_fields=True, kw_only=True):
     limit: Annotated[int, Meta(ge=1, le=10_000)] = 32
 
 
+class Verify(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Estimates first, then the exact ablation of a verification set only: the `top` components by |mean estimate|
+    and `random` more drawn with the job's seed (docs/concepts/attribution.md, "Estimates first")."""
+
+    top: int
+    random: int = 0
+
+
 class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     """A job as submitted; unset fields come from the preset, then from the defaults."""
 
@@ -179,6 +187,8 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
         ]
         | UnsetType
     ) = UNSET
+    # With estimates: estimate every component first, then run the exact ablation of a verification set only.
+    verify: Verify | UnsetType = UNSET
     # Activation patching (docs/concepts/patching.md): intervention "patch" with pairs (or pair_dataset) patches
     # each site of `components` from the source run into the base run; `positions` and `metric` keep their names.
     intervention: Intervention | UnsetType = UNSET
@@ -230,6 +240,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     corpus: CorpusRef | None = None
     knockouts: list[list[str]] = msgspec.field(default_factory=list)  # after `components` in the results
     estimates: list[EstimateName] = msgspec.field(default_factory=list)  # attribution patching beside the exact effects
+    verify: Verify | None = None  # with estimates: exact ablation of the verification set only
     # Patching jobs: `prompts` hold the clean prompts, `answers` and `counterfactuals` the pairs' answers,
     # `components` the sites; `corrupted` the corrupted prompts, one per pair. The ablation options are unused.
     intervention: Intervention = "ablate"
@@ -424,6 +435,15 @@ class Estimates(Struct, kw_only=True):
     abs_total_effect: list[float]
 
 
+class ComponentEstimates(Struct, kw_only=True):
+    """Jobs with `verify`: one prompt's estimates of every component of the job (not only the verified ones), in the
+    order of `summary.attribution.verification.components`; exact values exist for the verified components only."""
+
+    atp: list[float]
+    atp_qkfix: list[float] | None = None  # with atp_star
+    atp_star: list[float] | None = None
+
+
 class PromptResult(Struct, kw_only=True):
     index: int  # the prompt's position in the job's prompts (only_correct leaves some out)
     prompt: str
@@ -458,6 +478,8 @@ class PromptResult(Struct, kw_only=True):
     draws: list[SourceDraw] | None = None
     # Jobs with `estimates`: attribution patching beside the exact effects. Null otherwise.
     estimates: Estimates | None = None
+    # Jobs with `verify`: the estimates of every component (`estimates` covers the verified ones). Null otherwise.
+    all_estimates: ComponentEstimates | None = None
 
 
 class ComponentSummary(Struct, kw_only=True):
@@ -638,6 +660,30 @@ class EstimateError(Struct, kw_only=True):
     error_ce_correlation: float | None  # Pearson's r across prompts
 
 
+class PhaseCost(Struct, kw_only=True):
+    """One phase of a job with `verify`: the components it covered and what it cost over all the job's prompts."""
+
+    phase: str  # "estimates" (every component) or "exact" (the verified components)
+    n_components: int
+    model_evaluations_per_prompt: float  # as EstimateCost counts them
+    seconds: float  # the phase's chunks' compute time, summed
+
+
+class Verification(Struct, kw_only=True):
+    """How a job with `verify` chose the components it ran exactly, and what both phases cost."""
+
+    ranked_by: str  # the estimate ranked by |mean over prompts|: atp, or atp_star when only it was asked for
+    top: int
+    random: int
+    seed: int  # the job's seed, which drew the random part
+    components: list[str]  # every component estimated, in the order of PromptResult.all_estimates
+    mean_estimates: list[float]  # per component, the mean over prompts of `ranked_by`
+    verified: list[str]  # the verification set, in `components` order (the result's `components`)
+    phases: list[PhaseCost]  # estimates, then exact
+    # What the exact ablation of every component would have cost per prompt, as the paper counts it.
+    exact_all_model_evaluations_per_prompt: float
+
+
 class AttributionSummary(Struct, kw_only=True):
     """How the job's attribution-patching estimates agree with its exact effects, what each cost, and how much of
     their miss goes with the compensatory effect (docs/concepts/attribution.md)."""
@@ -646,6 +692,9 @@ class AttributionSummary(Struct, kw_only=True):
     agreement: list[EstimateAgreement]  # one per method
     cost: list[EstimateCost]  # the exact engine first
     errors: list[EstimateError]  # per method, per component (method-major)
+    # Jobs with `verify`: the components with exact values; agreement, cost and errors cover only these.
+    verified: list[str] | None = None
+    verification: Verification | None = None
 
 
 class Summary(Struct, kw_only=True):
