@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from hydra_ablate_client.vocabulary import is_knockout_name, knockout_members, parse_component
 from hydra_ablate_client.wire import JobResult
@@ -67,7 +67,9 @@ def knockout_responses(result: JobResult) -> tuple[list[KnockoutBars], int]:
     drawn = []
     for c, name in sets[:MAX_SETS]:
         members = knockout_members(name)
-        means, lows, highs = [], [], []
+        means: list[float] = []
+        lows: list[float | None] = []
+        highs: list[float | None] = []
         for d in range(len(result.response_basis)):
             values = [p.response[c][d] for p in result.prompts]
             n = len(values)
@@ -106,7 +108,7 @@ def _panel(ax: Axes, bars: KnockoutBars, unit: str, n_prompts: int) -> None:
         ax.errorbar(x[has_ci], means[has_ci], yerr=[means[has_ci] - low, high - means[has_ci]], fmt="none",
                     ecolor="0.15", elinewidth=0.8, capsize=2)
     ax.axhline(0, color="0.3", linewidth=0.8)
-    figure = ax.figure
+    figure = cast("Figure", ax.figure)
     width_px = figure.get_figwidth() * figure.dpi * 0.85
     step = next((s for s in (1, 2, 4, 5, 10) if len(x) / s * 13 <= width_px), 20)
     shown = list(range(0, len(x), step))

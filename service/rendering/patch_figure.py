@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from hydra_ablate_client.vocabulary import parse_patch_site
@@ -26,7 +27,9 @@ from service.rendering.figure_style import MIN_FONT_PT
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
 LAYER_KINDS = ("resid_pre", "attn", "mlp")
 HEAD_PARTS = (None, "q", "k", "v", "pattern")  # None: the head's output
@@ -126,7 +129,7 @@ def _all_positions(patching: PatchingResult, parsed: dict[str, tuple[str, int, i
             continue
         by_row = {layers.index(layer): site for site, (k, layer, _, _) in parsed.items() if k == kind}
         grid = Grid(kind, "layer", "position", [str(layer) for layer in layers], columns)
-        grids.append(_fill(grid, lambda r, _c, m=by_row: m.get(r), positions.__getitem__, lookup))
+        grids.append(_fill(grid, partial(_row_site, by_row), positions.__getitem__, lookup))
     for part in HEAD_PARTS:
         heads = sorted((layer, head or 0) for site, (k, layer, head, p) in parsed.items() if k == "head" and p == part)
         if not heads:
@@ -135,8 +138,16 @@ def _all_positions(patching: PatchingResult, parsed: dict[str, tuple[str, int, i
                   if k == "head" and p == part}
         grid = Grid(_PART_TITLES[part], "head (layer.head)", "position", [f"{layer}.{head}" for layer, head in heads],
                     columns)
-        grids.append(_fill(grid, lambda r, _c, m=by_row: m.get(r), positions.__getitem__, lookup))
+        grids.append(_fill(grid, partial(_row_site, by_row), positions.__getitem__, lookup))
     return PatchGrids(grids, left_out, token_labels, uneven)
+
+
+def _row_site(by_row: dict[int, str], row: int, _column: int) -> str | None:
+    return by_row.get(row)  # positions "all": one site per row, across its positions
+
+
+def _cell_site(cells: dict[tuple[int, int], str], row: int, column: int) -> str | None:
+    return cells.get((row, column))
 
 
 def _final(_column: int) -> None:
@@ -156,13 +167,13 @@ def _final_position(parsed: dict[str, tuple[str, int, int | None, str | None]],
         cells = {(layers.index(layer), head): site for site, (layer, head) in mine.items()}
         grid = Grid(_PART_TITLES[part], "layer", "head", [str(layer) for layer in layers],
                     [str(h) for h in range(n_heads)])
-        grids.append(_fill(grid, lambda r, c, m=cells: m.get((r, c)), _final, lookup))
+        grids.append(_fill(grid, partial(_cell_site, cells), _final, lookup))
     kinds = [kind for kind in LAYER_KINDS if any(k == kind for k, _, _, _ in parsed.values())]
     if kinds:
         layers = sorted({layer for k, layer, _, _ in parsed.values() if k in kinds})
         cells = {(layers.index(layer), kinds.index(k)): site for site, (k, layer, _, _) in parsed.items() if k in kinds}
         grid = Grid(" / ".join(kinds), "layer", "site", [str(layer) for layer in layers], list(kinds))
-        grids.insert(0, _fill(grid, lambda r, c, m=cells: m.get((r, c)), _final, lookup))
+        grids.insert(0, _fill(grid, partial(_cell_site, cells), _final, lookup))
     return PatchGrids(grids, left_out, False, False)
 
 
@@ -171,14 +182,14 @@ def _ticks(count: int, room_px: float, per_label_px: float) -> list[int]:
     return list(range(0, count, step))
 
 
-def _panel(ax: Axes, grid: Grid, bound: float, cmap: object, width_px: float, height_px: float) -> object:
+def _panel(ax: Axes, grid: Grid, bound: float, cmap: Colormap, width_px: float, height_px: float) -> AxesImage:
     import numpy as np
 
     values = np.array(grid.values, dtype=float)
     image = ax.imshow(values, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
     n_rows, n_cols = values.shape
     tokens = grid.column_label == "position" and not all(label.isdigit() for label in grid.columns)
-    x_shown = _ticks(n_cols, width_px, 14 if tokens else 22)
+    x_shown = _ticks(n_cols, width_px, 12 if tokens else 22)  # rotated token labels: one line of 9 pt each
     ax.set_xticks(x_shown, [grid.columns[i] for i in x_shown], rotation=90 if tokens else 0)
     y_shown = _ticks(n_rows, height_px, 14)
     ax.set_yticks(y_shown, [grid.rows[i] for i in y_shown])
@@ -223,15 +234,14 @@ def draw(fig: Figure, result: JobResult) -> None:
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     width_px = fig.get_figwidth() * fig.dpi / n_cols * 0.7
     height_px = fig.get_figheight() * fig.dpi / n_rows * 0.6
-    image = None
-    for ax, grid in zip(axes.ravel(), grids, strict=False):
-        image = _panel(ax, grid, bound, cmap, width_px, height_px)
+    images = [_panel(ax, grid, bound, cmap, width_px, height_px)
+              for ax, grid in zip(axes.ravel(), grids, strict=False)]
     for ax in axes.ravel()[len(grids):]:
         ax.set_axis_off()
     label = "patching score (0: no change, 1: the source run's metric)"
     if clipped:
         label += f"; clipped at ±{bound:.3g}"
-    fig.colorbar(image, ax=list(axes.ravel()[: len(grids)]), label=label, extend="both" if clipped else "neither",
+    fig.colorbar(images[0], ax=list(axes.ravel()[: len(grids)]), label=label, extend="both" if clipped else "neither",
                  shrink=0.9)
     n_scored = len(patching.pairs) - patching.n_flagged
     pooled = any(any(row) for g in grids for row in g.pooled)
