@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,6 +27,7 @@ from hydra_ablate_client.wire import JobResult, PatchingResult
 from service.api.app import create_app
 from service.core.ioi_pairs import IoiPair, ioi_pairs
 from service.core.settings import Settings
+from service.rendering.figures import render
 from service.rendering.knockout_figure import MAX_SETS, knockout_responses
 from service.rendering.patch_figure import _token_label, patching_grids
 from tests.checks import present
@@ -201,6 +203,29 @@ def test_patching_grid_of_heads_at_the_final_position(live_url: str, tokenizer: 
     pattern = plotted.grids[3]
     assert pattern.rows == ["1", "2"] and pattern.sites[1][2] == "head.2.2.pattern" and pattern.sites[0][2] is None
     _figure(live_url, job_id, "patching_grid")
+
+
+    # Where every pair is flagged there is no per-pair score: the cells fall back to the pooled score (of the pairs'
+    # mean metrics), marked as such; recomputed from the metrics in _expected_cell.
+    patching = present(result.patching)
+    flagged = msgspec.structs.replace(
+        patching,
+        pairs=[msgspec.structs.replace(p, flagged=True, patching_score=[[None] * len(p.positions)
+                                                                         for _ in patching.sites])
+               for p in patching.pairs],
+        summary=[msgspec.structs.replace(item, n_scored=0, score_mean=None, score_ci_low=None, score_ci_high=None)
+                 for item in patching.summary],
+        n_flagged=len(patching.pairs),
+    )
+    pooled_result = msgspec.structs.replace(result, patching=flagged)
+    _check_grids(pooled_result)
+    assert all(all(row) for grid in patching_grids(pooled_result).grids for row, sites in zip(grid.pooled, grid.sites,
+               strict=True) if all(sites))
+    data = render(pooled_result, "patching_grid", "png")
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (1200, 800)
+    if os.environ.get("HYDRA_FIGURE_DIR"):
+        (Path(os.environ["HYDRA_FIGURE_DIR"]) / "patching_grid-pooled.png").write_bytes(data)
 
 
 KNOCKOUTS = [["attn.0", "head.2.1"], ["head.0.1", "head.1.2", "mlp.1"], ["mlp.0", "mlp.2"], ["attn.1", "attn.2"],

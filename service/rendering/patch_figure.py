@@ -199,7 +199,9 @@ def _panel(ax: Axes, grid: Grid, bound: float, cmap: Colormap, width_px: float, 
     ax.set_title(grid.title)
     dots = [(c, r) for r in range(n_rows) for c in range(n_cols) if grid.pooled[r][c]]
     if dots:
-        ax.scatter([c for c, _ in dots], [r for _, r in dots], s=14, color="black", marker="o", zorder=3)
+        # In the cell's corner, clear of the value written in its middle.
+        ax.scatter([c + 0.36 for c, _ in dots], [r - 0.34 for _, r in dots], s=10, color="black", marker="o",
+                   zorder=3)
     if n_rows * n_cols <= _ANNOTATE_UP_TO and n_cols * 34 <= width_px:
         for r in range(n_rows):
             for c in range(n_cols):
@@ -247,8 +249,10 @@ def draw(fig: Figure, result: JobResult) -> None:
     pooled = any(any(row) for g in grids for row in g.pooled)
     lines = [f"{result.model}: activation patching ({patching.direction}, positions {patching.positions}), "
              f"{len(patching.pairs)} pairs, {patching.n_flagged} flagged",
-             f"cell: mean patching score over the {n_scored} scored pairs"
-             + ("; •: pooled score (no pair scored there)" if pooled else "") + "; grey: not patched or no score"]
+             (f"cell: mean patching score over the {n_scored} scored pairs"
+              + ("; •: pooled score (no pair scored there)" if pooled else "") if n_scored
+              else "cell •: the pooled score of the pairs' mean metrics (every pair flagged: no per-pair score)")
+             + "; grey: not patched or no score"]
     if plotted.token_labels:
         lines.append("x: the positions' tokens in pair 0's clean prompt (␣: a leading space)")
     if plotted.uneven:
