@@ -1,11 +1,12 @@
-"""Which heads carry the IOI answer, and what takes over when they are knocked out (SmolLM2, built-in IOI pairs).
+"""Which heads carry the IOI answer, and what takes over when they are knocked out (a built-in model, IOI pairs).
 
 1. Patch every head's output at the final position (denoise) over the pairs; rank the heads by the pooled score.
 2. Knock the top `--top` heads out together (mean ablation over the pairs' clean prompts, metric logit_diff) and
    report TE, DE, CE and each layer component's response, each with a 95% bootstrap interval over the pairs.
 
 An exploration on a small model, not a verdict: the layer basis says which attention layers respond, not which
-heads. Usage: `python bench/ioi_knockout.py --pairs 16 --seed 1 --out bench/ioi-knockout-smollm2.json`.
+heads. Usage: `python bench/ioi_knockout.py [--model gemma-3-270m] --pairs 16 --seed 1 --out
+bench/ioi-knockout-smollm2.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma-3-270m"])
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--top", type=int, default=3)
@@ -38,10 +40,10 @@ def main() -> None:
     from worker.engine.sweep import run_sweep
     from worker.engine.types import SweepInputs, SweepSpec
     from worker.model_cache import load_model
-    from worker.model_sources import builtin_smollm2
+    from worker.model_sources import builtin_gemma, builtin_smollm2
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(builtin_smollm2())
+    loaded = load_model(builtin_gemma() if args.model == "gemma-3-270m" else builtin_smollm2())
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = describe(model)
 
@@ -49,9 +51,11 @@ def main() -> None:
         return list(tokenizer(text, add_special_tokens=False).input_ids)
 
     drawn = ioi_pairs(args.pairs, args.seed, encode)
+    def prompt_ids(text: str) -> torch.Tensor:  # as the service tokenises a prompt: with the model's BOS (Gemma's)
+        return torch.tensor(tokenizer(text).input_ids)
+
     pairs = [
-        PatchPair(torch.tensor(encode(p.clean)), torch.tensor(encode(p.corrupted)), encode(p.answer)[0],
-                  encode(p.counterfactual)[0])
+        PatchPair(prompt_ids(p.clean), prompt_ids(p.corrupted), encode(p.answer)[0], encode(p.counterfactual)[0])
         for p in drawn
     ]
     heads = [f"head.{layer}.{h}" for layer in range(arch.n_layers) for h in range(arch.n_heads)]
@@ -60,6 +64,14 @@ def main() -> None:
     pooled = torch.tensor([row[0] if row[0] is not None else float("nan") for row in patched.pooled_score])
     ranked = [int(i) for i in pooled.nan_to_num(float("-inf")).argsort(descending=True)]
     knocked = tuple(heads[i] for i in ranked[: args.top])
+    rule = f"the top {args.top} heads by pooled score"
+    if arch.attn_post_norm is not None:
+        # A norm after attention mixes a layer's heads, so a set may not hold a head after an earlier member
+        # (worker/engine/sweep.py): knock out the top heads of the best head's layer.
+        layer = heads[ranked[0]].split(".")[1]
+        knocked = tuple(h for h in (heads[i] for i in ranked[:10]) if h.split(".")[1] == layer)[: args.top]
+        rule = (f"the best head's layer's heads among the 10 best (at most {args.top}; layer {layer}), since on this "
+                "post-norm model a set cannot hold heads of two layers")
 
     spec = SweepSpec(components=knocked, knockouts=(knocked,), ablation="mean", metric="logit_diff")
     inputs = SweepInputs(
@@ -92,11 +104,11 @@ def main() -> None:
         }
 
     report = {
-        "model": "smollm2-135m", "pairs": n, "seed": args.seed, "orders": [p.order for p in drawn],
+        "model": args.model, "pairs": n, "seed": args.seed, "orders": [p.order for p in drawn],
         "clean_metric": interval([p.clean_metric for p in patched.pairs]),
         "corrupted_metric": interval([p.corrupted_metric for p in patched.pairs]),
         "top_heads_by_pooled_score": [{"head": heads[i], "pooled_score": float(pooled[i])} for i in ranked[:10]],
-        "knocked_out": "+".join(knocked),
+        "knocked_out": "+".join(knocked), "knockout_rule": rule,
         "knockout": measures(len(knocked)),
         "each_alone": {name: measures(k) for k, name in enumerate(knocked)},
         "ablation": "mean over the pairs' clean prompts", "bootstrap": args.bootstrap,

@@ -535,7 +535,8 @@ def submit(
         typer.Option(
             "--knockout",
             help="components ablated together in one run, comma-separated, e.g. attn.3,head.5.1 (repeatable: "
-            "one set each); alone, only the sets are ablated",
+            "one set each); alone, only the sets are ablated. With --intervention patch: sites patched together "
+            "from the source run, e.g. head.9.6,head.9.9",
         ),
     ] = None,
     ablation: Annotated[

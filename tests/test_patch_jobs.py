@@ -41,8 +41,6 @@ TINY_JOB = {"model": "tiny", "prompts": ["Paris is the capital of", "Berlin is t
 # (case, body, fragments of the detail, the field named)
 REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
     ("patch without pairs", {**PATCH_JOB, "pairs": None}, ("intervention 'patch' needs pairs",), "pairs"),
-    ("knockouts", {**PATCH_JOB, "knockouts": [["attn.0", "mlp.1"]]}, ("knockouts is an ablation option",),
-     "knockouts"),
     ("estimates", {**PATCH_JOB, "estimates": ["atp"]}, ("estimates is an ablation option",), "estimates"),
     ("resample options", {**PATCH_JOB, "resample_samples": 3}, ("resample_samples is an ablation option",),
      "resample_samples"),

@@ -77,6 +77,7 @@ def patch_spec(spec: JobSpec) -> PatchSpec:
         positions=spec.positions,
         metric="logit_diff",
         epsilon=spec.epsilon,
+        knockouts=tuple(tuple(members) for members in spec.knockouts),  # reported after the sites, named "a+b"
     )
 
 
@@ -100,7 +101,7 @@ def execute_patch_chunk(
     pairs = patch_pairs(loaded, spec, start, stop)
     if on_phase is not None:
         on_phase("ablating")
-    chunk_total = (stop - start) * len(spec.components)
+    chunk_total = (stop - start) * (len(spec.components) + len(spec.knockouts))
 
     def progress(done: int, total: int) -> None:
         if on_progress is not None:

@@ -39,7 +39,10 @@ PATCH_DOCS: dict[str, str] = {
     "PatchingResult.positions": "final (each pair's final position) or all (every position)",
     "PatchingResult.metric": "logit_diff: logit(answer) − logit(counterfactual) at the final position",
     "PatchingResult.epsilon": "Pairs whose clean and corrupted metrics differ by less are flagged (no score)",
-    "PatchingResult.sites": "The patched sites, in the order of the pairs' per-site lists",
+    "PatchingResult.sites": (
+        "The patched sites, then the knockout sets (members joined with `+`), in the order of the pairs' per-site "
+        "lists"
+    ),
     "PatchingResult.pairs": "Every pair, in the job's order",
     "PatchingResult.summary": "Per site (and, with positions all, per position), over the pairs",
     "PatchingResult.n_flagged": "Pairs whose clean and corrupted metrics differ by less than epsilon",
@@ -79,4 +82,20 @@ PATCH_DOCS: dict[str, str] = {
     "PatchSummary.score_ci_low": "Lower end of the score's percentile-bootstrap interval over the scored pairs",
     "PatchSummary.score_ci_high": "Upper end of the score's interval",
     "PatchSummary.pooled_score": "The score of the pairs' mean metrics (null when their mean gap is under epsilon)",
+    "PatchJobSummary": (
+        "GET /v1/jobs/{id}/summary of a patching job: its per-site summary and counts, without the pairs."
+    ),
+    "PatchJobSummary.intervention": "`patch`: tells this answer from an ablation job's Summary",
+    "PatchJobSummary.direction": "denoise or noise",
+    "PatchJobSummary.positions": "final (each pair's final position) or all (every position)",
+    "PatchJobSummary.metric": "logit_diff: logit(answer) − logit(counterfactual) at the final position",
+    "PatchJobSummary.epsilon": "Pairs whose clean and corrupted metrics differ by less are flagged (no score)",
+    "PatchJobSummary.sites": "The patched sites, then the knockout sets (members joined with `+`)",
+    "PatchJobSummary.n_pairs": "Pairs in the job",
+    "PatchJobSummary.n_flagged": "Pairs whose clean and corrupted metrics differ by less than epsilon",
+    "PatchJobSummary.clean_metric_mean": "Mean clean metric over the pairs",
+    "PatchJobSummary.corrupted_metric_mean": "Mean corrupted metric over the pairs",
+    "PatchJobSummary.ci_level": "Level of the summary's bootstrap intervals",
+    "PatchJobSummary.n_boot": "Bootstrap resamples behind each interval",
+    "PatchJobSummary.summary": "Per site and knockout set (and, with positions all, per position), over the pairs",
 }

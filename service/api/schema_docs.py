@@ -25,7 +25,9 @@ DOCS: dict[str, str] = {
     "JobRequest.knockouts": (
         "Sets of explicit components (`attn.3`, `mlp.0`, `head.2.5`) each ablated together in one run and measured "
         "like one component, named by its members joined with `+` (`attn.3+head.5.1`), after `components` in the "
-        "results; final-position jobs only. With knockouts and no `components`, only the sets are ablated"
+        "results; final-position jobs only. With knockouts and no `components`, only the sets are ablated. In a "
+        "patching job (intervention `patch`): sets of explicit sites (`resid_pre.2`, `head.1.0.q`, …) each patched "
+        "together from the source run, reported the same way"
     ),
     "JobRequest.ablation": "How a component's output is replaced: `resample` (another prompt's), `mean` or `zero`",
     "JobRequest.positions": "Ablate at the final position only (`final`) or at every position (`all`)",
@@ -163,7 +165,10 @@ DOCS: dict[str, str] = {
     "JobSpec.answers": "Per prompt target text (null: the clean top token)",
     "JobSpec.counterfactuals": "Per prompt competing answer (null unless logit_diff)",
     "JobSpec.components": "Every ablated component, by name",
-    "JobSpec.knockouts": "Every knockout set, by its members' names (results name each by them joined with +)",
+    "JobSpec.knockouts": (
+        "Every knockout set, by its members' names (results name each by them joined with +); in patching jobs, "
+        "sets of sites patched together"
+    ),
     "JobSpec.ablation": "resample, mean or zero",
     "JobSpec.positions": "final or all",
     "JobSpec.metric": "The measured metric",

@@ -16,6 +16,7 @@ from msgspec import UNSET
 from hydra_ablate_client.vocabulary import COMPONENT_PATTERN, DEFAULT_PAIR_EPSILON, parse_patch_site
 from hydra_ablate_client.wire import JobRequest, JobSpec, ModelInfo
 from service.core.errors import ValidationProblem
+from service.core.patch_knockouts import patch_knockouts
 from service.core.settings import Settings
 
 _COMPONENT = re.compile(COMPONENT_PATTERN)
@@ -23,7 +24,7 @@ _PATCH_ONLY = ("pairs", "pair_dataset", "direction", "epsilon")
 # Request fields that only ablation jobs use: with intervention "patch" each is a 422 naming it. (`positions` and
 # `metric` are shared: patching reads them as the patched positions and the metric.)
 _ABLATION_ONLY = (
-    "preset", "prompts", "dataset", "answers", "counterfactuals", "knockouts", "ablation", "norm_scale",
+    "preset", "prompts", "dataset", "answers", "counterfactuals", "ablation", "norm_scale",
     "resample_samples", "resample_from", "resample_sources", "mean_reference", "source_seeds", "keep_samples",
     "only_correct", "resample_within", "texts", "corpus", "max_tokens", "target", "response_basis",
     "position_responses", "estimates",
@@ -57,10 +58,7 @@ def refuse_patch_fields(request: JobRequest) -> None:
 def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> JobSpec:
     """The spec of a patching job; ValidationProblem naming the field and what to change."""
     for name in _ABLATION_ONLY:
-        value = getattr(request, name)
-        if value is UNSET:
-            continue
-        if name == "knockouts" and not value:
+        if getattr(request, name) is UNSET:
             continue
         raise ValidationProblem(
             f"{name} is an ablation option; a patching job (intervention 'patch') takes pairs, components (its "
@@ -93,15 +91,20 @@ def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> J
     # leaves its pairs empty until then.
     pairs = [] if request.pairs is UNSET else list(request.pairs)
     dataset = None if request.pair_dataset is UNSET else request.pair_dataset
-    sites = patch_sites(list(DEFAULT_SITES) if request.components is UNSET else list(request.components), info)
+    given_sets = [] if request.knockouts is UNSET else request.knockouts
+    # With knockouts and no components, only the sets are patched (as ablation jobs ablate only their sets).
+    names = list(DEFAULT_SITES) if request.components is UNSET and not given_sets else list(request.components or [])
+    sites = patch_sites(names, info) if names or not given_sets else []
+    knockouts = patch_knockouts(given_sets, sites, lambda name, field: _expand(name, info, field)[0])
     positions = "final" if request.positions is UNSET else request.positions
-    _check_size(len(pairs) if dataset is None else dataset.limit, len(sites), positions, settings)
+    _check_size(len(pairs) if dataset is None else dataset.limit, len(sites) + len(knockouts), positions, settings)
     return JobSpec(
         model=info.id,
         prompts=[p.clean for p in pairs],
         answers=[p.answer for p in pairs],
         counterfactuals=[p.counterfactual for p in pairs],
         components=sites,
+        knockouts=knockouts,
         ablation="resample",  # unused by patching; one run per pair and site in ablation_count
         positions=positions,
         metric="logit_diff",
@@ -123,7 +126,9 @@ def patch_sites(names: list[str], info: ModelInfo) -> list[str]:
     `head` alone expand to every layer's (every head's) site, `head.L` to layer L's heads."""
     if not names:
         raise ValidationProblem(
-            "nothing to patch: give components, the patching sites (e.g. ['resid_pre', 'head.1.0'])", "components"
+            "nothing to patch: give components, the patching sites (e.g. ['resid_pre', 'head.1.0']), or knockouts, "
+            "sets of sites patched together (e.g. [['head.1.0', 'head.2.1']])",
+            "components",
         )
     sites: list[str] = []
     for index, name in enumerate(names):

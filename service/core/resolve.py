@@ -578,7 +578,14 @@ def _check_post_norm_set(members: list[str], index: int, info: ModelInfo, field:
 def _knockout_member(name: str, index: int, info: ModelInfo, field: str) -> str:
     """One member of knockout set `index`, an explicit component of the model, in its canonical spelling (attn.01
     is attn.1, as in `components`)."""
-    parts = parse_component(name)  # the schema checked the grammar
+    try:
+        parts = parse_component(name)
+    except ValueError:  # the schema lets patching sites through (they make patching jobs' sets)
+        raise ValidationProblem(
+            f"knockout set {index}: {name!r} is a patching site; an ablation job's set names attn.L, mlp.L or "
+            "head.L.H: set intervention to 'patch' with pairs, or use ablation components",
+            field,
+        ) from None
     if not parts.explicit or parts.layer is None:
         raise ValidationProblem(
             f"knockout set {index}: {name!r} is not one component; a set names explicit components: attn.L, mlp.L "

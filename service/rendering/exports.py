@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
-from hydra_ablate_client.vocabulary import ExportFormat
-from hydra_ablate_client.wire import JobResult, Summary
+from hydra_ablate_client.vocabulary import ExportFormat, PatchDirection, PatchMetric, PositionScope
+from hydra_ablate_client.wire import JobResult, PatchJobSummary, PatchSummary, Summary
 from service.rendering.result_csv import (
     CSV_COLUMNS,
     POSITION_CSV_COLUMNS,
@@ -37,8 +37,39 @@ class _SummaryOnly(msgspec.Struct):
     summary: Summary
 
 
-def summary_of(stored: bytes) -> Summary:
-    return msgspec.json.decode(stored, type=_SummaryOnly).summary
+class _PatchingWithoutPairs(msgspec.Struct):
+    """A stored PatchingResult without its pairs (decoding skips them)."""
+
+    direction: PatchDirection
+    positions: PositionScope
+    metric: PatchMetric
+    epsilon: float
+    sites: list[str]
+    summary: list[PatchSummary]
+    n_flagged: int
+    clean_metric_mean: float
+    corrupted_metric_mean: float
+    ci_level: float
+    n_boot: int
+
+
+class _SummaryAndPatching(msgspec.Struct):
+    summary: Summary
+    patching: _PatchingWithoutPairs | None = None
+
+
+def summary_of(stored: bytes) -> Summary | PatchJobSummary:
+    """What GET …/summary answers: the ablation Summary, or for a patching job its per-site summary (the ablation
+    Summary of a patching job holds only its pair count)."""
+    decoded = msgspec.json.decode(stored, type=_SummaryAndPatching)
+    patching = decoded.patching
+    if patching is None:
+        return decoded.summary
+    return PatchJobSummary(
+        intervention="patch",
+        n_pairs=decoded.summary.n_prompts,
+        **{field: getattr(patching, field) for field in _PatchingWithoutPairs.__struct_fields__},
+    )
 
 
 def to_msgpack(result: JobResult) -> bytes:

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from hydra_ablate_client.tables import ESTIMATE_COLUMNS, iter_long, long_column_names
 from hydra_ablate_client.vocabulary import component_columns
 from hydra_ablate_client.wire import JobResult, PositionColumns
-from service.rendering.patch_exports import iter_patch_parquet
+from service.rendering.patch_exports import from_patch_parquet, iter_patch_parquet
 from service.rendering.result_csv import OPTIONAL_POSITION_MEASURES, POSITION_MEASURES, has_positions
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
@@ -268,6 +268,8 @@ def to_parquet(result: JobResult) -> bytes:
 def from_parquet(table: pa.Table) -> JobResult:
     """The JobResult a Parquet export was written from (the inverse of iter_parquet; used by clients and tests)."""
     rest = msgspec.json.decode(table.schema.metadata[METADATA_KEY], type=JobResult)
+    if rest.patching is not None:  # a patching job's long rows (service/rendering/patch_exports.py)
+        return from_patch_parquet(table, rest)
     if "position" in table.schema.names:
         return _from_position_table(table, rest)
     rows = table.to_pylist()

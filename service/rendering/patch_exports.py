@@ -3,7 +3,8 @@ hydra_ablate_client/patch_tables.py, one per pair × site × patched position.
 
 CSV: UTF-8, CRLF rows, floats in Python's shortest round-trip repr, an empty cell for a flagged pair's score, site
 names are ours (no formula characters). Parquet: the same columns, the result without its pairs' numbers in the
-file's `hydra.result` metadata (as for ablation results, service/rendering/parquet.py).
+file's `hydra.result` metadata (as for ablation results, service/rendering/parquet.py): each pair keeps its texts,
+ids, metrics and positions there, so `from_patch_parquet` rebuilds the JSON result from both.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hydra_ablate_client.patch_tables import LONG_COLUMNS, iter_patch_long, patch_table
-from hydra_ablate_client.wire import JobResult
+from hydra_ablate_client.wire import JobResult, PairResult
 
 METADATA_KEY = b"hydra.result"
 _TYPES: dict[str, pa.DataType] = {
@@ -40,10 +41,16 @@ def patch_csv(result: JobResult) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+def _without_numbers(pair: PairResult) -> PairResult:
+    return msgspec.structs.replace(pair, patched_metric=[], patching_score=[])
+
+
 def patch_parquet_schema(result: JobResult) -> pa.Schema:
     assert result.patching is not None
+    # The pairs keep their texts, ids, metrics and positions; their [site][position] numbers are the rows.
+    pairs = [_without_numbers(pair) for pair in result.patching.pairs]
     rest = msgspec.json.encode(
-        msgspec.structs.replace(result, patching=msgspec.structs.replace(result.patching, pairs=[]))
+        msgspec.structs.replace(result, patching=msgspec.structs.replace(result.patching, pairs=pairs))
     )
     return pa.schema(
         [pa.field(name, _TYPES.get(name, pa.float64())) for name in LONG_COLUMNS], metadata={METADATA_KEY: rest}
@@ -57,3 +64,29 @@ def iter_patch_parquet(result: JobResult) -> Iterator[bytes]:
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         writer.write_table(pa.Table.from_pydict(patch_table(result, "long"), schema=schema))
     yield sink.getvalue().to_pybytes()
+
+
+def from_patch_parquet(table: pa.Table, rest: JobResult) -> JobResult:
+    """The patching JobResult of a Parquet export: `hydra.result`'s pairs with their [site][position] numbers
+    refilled from the long rows (pair-major, then site, then position: iter_patch_long's order)."""
+    patching = rest.patching
+    assert patching is not None
+    patched = table.column("patched_metric").to_pylist()
+    scores = table.column("patching_score").to_pylist()
+    n_sites = len(patching.sites)
+    expected = sum(n_sites * len(pair.positions) for pair in patching.pairs)
+    if expected != len(patched):
+        raise ValueError(
+            f"the file has {len(patched)} rows and its metadata's pairs need {expected}: it is not a whole patching "
+            "export (files from before the pairs were kept in the metadata cannot be read back)"
+        )
+    pairs, row = [], 0
+    for pair in patching.pairs:
+        width = len(pair.positions)
+        metric, score = [], []
+        for _ in range(n_sites):
+            metric.append(patched[row : row + width])
+            score.append(scores[row : row + width])
+            row += width
+        pairs.append(msgspec.structs.replace(pair, patched_metric=metric, patching_score=score))
+    return msgspec.structs.replace(rest, patching=msgspec.structs.replace(patching, pairs=pairs))

@@ -121,12 +121,13 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     answers: list[Prompt] | UnsetType = UNSET
     counterfactuals: list[Prompt] | UnsetType = UNSET
     components: Annotated[list[ComponentOrSite], Meta(max_length=100_000)] | UnsetType = UNSET
-    # Joint knockouts: each set of explicit names (attn.L, mlp.L, head.L.H) is ablated together in one run and
-    # measured like one component, named by its members joined with "+". Empty sets and repeated names are left to
-    # resolve, whose 422 names the set's index (a schema error could not say which set).
+    # Joint knockouts: each set of explicit names (attn.L, mlp.L, head.L.H; patching sites for intervention "patch")
+    # is ablated (patched) together in one run and measured like one component, named by its members joined with
+    # "+". Empty sets, repeated names and names of the other intervention are left to resolve, whose 422 names the
+    # set's index (a schema error could not say which set).
     knockouts: (
         Annotated[
-            list[Annotated[list[ComponentName], Meta(max_length=1_000)]],
+            list[Annotated[list[ComponentOrSite], Meta(max_length=1_000)]],
             Meta(max_length=10_000),
         ]
         | UnsetType
@@ -723,6 +724,24 @@ class PatchingResult(Struct, kw_only=True):
     corrupted_metric_mean: float
     ci_level: float
     n_boot: int
+
+
+class PatchJobSummary(Struct, kw_only=True):
+    """GET /v1/jobs/{id}/summary of a patching job: PatchingResult without its pairs, and their count."""
+
+    intervention: Literal["patch"]
+    direction: PatchDirection
+    positions: PositionScope
+    metric: PatchMetric
+    epsilon: float
+    sites: list[str]  # the single sites, then the knockout sets ("a+b")
+    n_pairs: int
+    n_flagged: int
+    clean_metric_mean: float
+    corrupted_metric_mean: float
+    ci_level: float
+    n_boot: int
+    summary: list[PatchSummary]  # site-major; positions in order within a site
 
 
 class Provenance(Struct, kw_only=True):

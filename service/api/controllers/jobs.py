@@ -33,6 +33,7 @@ from hydra_ablate_client.wire import (
     JobRequest,
     JobResult,
     JobStatus,
+    PatchJobSummary,
     Summary,
 )
 from service.api.auth import API_KEY_HEADER, SECURITY
@@ -508,11 +509,13 @@ class JobsController(Controller):
         description=(
             "The `summary` of the job's result without its per-prompt (and per-position) data: per component "
             "means, regressions and, for per-position jobs, self-repair over the top pairs by direct effect. "
+            "A patching job (intervention `patch`) answers a PatchJobSummary instead: per site and knockout set "
+            "(and position) the mean patching score with its interval and the pooled score, with the pair counts. "
             "409 while the job is queued or running, and for failed or cancelled jobs."
         ),
         responses=problem_responses(400, *PROTECTED, 404, 409, 503),
     )
-    def get_summary(self, job_id: JobId, ctx: NamedDependency[RouteContext]) -> Summary:
+    def get_summary(self, job_id: JobId, ctx: NamedDependency[RouteContext]) -> Summary | PatchJobSummary:
         return summary_of(finished_result(ctx.store, job_id, ctx.principal))
 
     @delete(
