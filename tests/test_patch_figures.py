@@ -189,11 +189,13 @@ def test_patching_grid_of_heads_at_the_final_position(live_url: str, tokenizer: 
     pairs = _pairs(tokenizer, 4, same_length=False)
     sites = ["head", "head.1.1.q", "head.1.3.pattern", "head.2.2.pattern", "resid_pre.0", "attn.1", "mlp.2"]
     job_id, result = _run(live_url, {"intervention": "patch", "pairs": _wire(pairs), "components": sites,
-                                     "positions": "final", "seed": 2})
+                                     "positions": "final", "seed": 2, "knockouts": [["head.1.0", "head.2.1"]]})
     _check_grids(result)
     plotted = patching_grids(result)
     titles = [g.title for g in plotted.grids]
-    assert titles == ["resid_pre / attn / mlp", "head output", "head query (q)", "head attention pattern"]
+    assert titles == ["resid_pre / attn / mlp", "head output", "head query (q)", "head attention pattern",
+                      "knockout sets (patched together)"]
+    assert plotted.grids[-1].rows == ["head.1.0+head.2.1"] and plotted.grids[-1].columns == ["final"]
     output = plotted.grids[1]
     assert output.rows == ["0", "1", "2"] and output.columns == ["0", "1", "2", "3"]  # 3 layers × 4 heads
     assert output.sites[2][3] == "head.2.3"

@@ -6,6 +6,7 @@ information sits.
   length, said on the figure);
 - `positions: "final"`: one layer × head grid per head site part (output, q, k, v, pattern) and one layer × kind
   grid (a 1-column heatmap per kind) for resid_pre, attn and mlp.
+- knockout sets of sites (`head.9.6+head.9.9`, patched together): a panel of their own, one row per set.
 
 A cell is the mean patching score over the pairs scored there (`PatchSummary.score_mean`); where no pair was scored
 (every one flagged) it is the pooled score, marked with a dot, and grey where neither exists. `patching_grids` is the
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
-from hydra_ablate_client.vocabulary import parse_patch_site
+from hydra_ablate_client.vocabulary import is_knockout_name, parse_patch_site
 from hydra_ablate_client.wire import JobResult, PatchingResult, PatchSummary
 from service.rendering.figure_style import MIN_FONT_PT
 
@@ -109,9 +110,21 @@ def patching_grids(result: JobResult) -> PatchGrids:
             parsed[site] = tuple(parse_patch_site(site))  # type: ignore[assignment]
         except ValueError:
             left_out.append(site)
-    if patching.positions == "all":
-        return _all_positions(patching, parsed, lookup, left_out)
-    return _final_position(parsed, lookup, left_out)
+    sets = [site for site in left_out if is_knockout_name(site)]
+    left_out = [site for site in left_out if site not in sets]
+    plotted = (_all_positions(patching, parsed, lookup, left_out) if patching.positions == "all"
+               else _final_position(parsed, lookup, left_out))
+    if sets:  # knockout sets of sites patched together: one row each, after the single sites
+        columns = plotted.grids[0].columns if plotted.grids and patching.positions == "all" else (
+            [str(p) for p in sorted({p for pair in patching.pairs for p in pair.positions})]
+            if patching.positions == "all" else ["final"])
+        positions = sorted({p for pair in patching.pairs for p in pair.positions})
+        by_row = dict(enumerate(sets))
+        grid = Grid("knockout sets (patched together)", "set", "position" if patching.positions == "all" else "",
+                    sets, columns)
+        plotted.grids.append(_fill(grid, partial(_row_site, by_row),
+                                   positions.__getitem__ if patching.positions == "all" else _final, lookup))
+    return plotted
 
 
 def _all_positions(patching: PatchingResult, parsed: dict[str, tuple[str, int, int | None, str | None]],
