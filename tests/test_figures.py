@@ -25,7 +25,7 @@ from hydra_ablate_client.wire import JobResult, JobSpec, PromptResult, Provenanc
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
-from service.rendering.figures import HEIGHT_PX, WIDTH_PX, render
+from service.rendering.figures import ABLATION_FIGURES, HEIGHT_PX, WIDTH_PX, render
 from tests.conftest import private_settings
 from worker.engine.types import PromptMeasures, SweepResult
 from worker.summary import summarise
@@ -212,7 +212,7 @@ def assert_svg(data: bytes) -> ET.Element:
 # --- rendering ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FIGURE_NAMES)
+@pytest.mark.parametrize("name", ABLATION_FIGURES)  # patching_grid: tests/test_patch_figures.py
 def test_every_figure_renders_as_png_and_svg(client: TestClient, store: JobStore, result: JobResult, name: str) -> None:
     job_id = store_succeeded(store, result)
     png = client.get(f"/v1/jobs/{job_id}/figures/{name}")  # png is the default
@@ -252,7 +252,7 @@ def test_figures_label_what_they_show(result: JobResult) -> None:
 def test_figures_of_a_wide_model_fit_the_fixed_size() -> None:
     """30 layers and 60 components (the built-in model's full sweep) still render at exactly 1200 × 800."""
     wide = build_result(n_layers=30, prompts=[f"prompt {i}" for i in range(3)])
-    for name in FIGURE_NAMES:
+    for name in ABLATION_FIGURES:
         assert_png(render(wide, name, "png"))
 
 

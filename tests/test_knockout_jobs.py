@@ -19,11 +19,11 @@ from litestar.testing import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hydra_ablate_client import HydraClient
-from hydra_ablate_client.vocabulary import FIGURE_NAMES
 from hydra_ablate_client.wire import ModelInfo
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
+from service.rendering.figures import ABLATION_FIGURES
 from tests.checks import present
 from tests.knockout_oracle import oracle_knockout
 from tests.live_server import serve
@@ -264,7 +264,7 @@ def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
         knocked = parquet[parquet["component"].isin(names)]
         assert len(knocked) == 3 * 2 and set(knocked["kind"]) == {"knockout"}
 
-        for name in FIGURE_NAMES:
+        for name in ABLATION_FIGURES:
             if name == "self_repair":
                 continue  # per-position jobs only; knockouts are final-position
             image = hydra.figure(job.id, name, "png")
@@ -293,6 +293,6 @@ def test_a_job_of_knockouts_only_runs_and_draws_every_figure(live_url: str) -> N
         assert all(p.samples is not None and len(p.samples) == 2 for p in result.prompts)
         assert all(p.draws is not None and len(p.draws[0].total_effect) == 2 for p in result.prompts)
         assert result.summary.erasure == []
-        for name in FIGURE_NAMES:
+        for name in ABLATION_FIGURES:
             if name != "self_repair":
                 assert hydra.figure(job.id, name, "svg").lstrip().startswith(b"<?xml"), name

@@ -88,7 +88,9 @@ def store(settings: Settings) -> Iterator[JobStore]:
 
 # self_repair is drawn from per-position statistics (tests/test_positions_service.py), estimates from a job with
 # estimates (tests/test_estimate_jobs.py); every other figure here.
-FINAL_POSITION_FIGURES = tuple(name for name in FIGURE_NAMES if name not in ("self_repair", "estimates"))
+# knockout_response from a job with knockouts, patching_grid from patching jobs (tests/test_patch_figures.py).
+FINAL_POSITION_FIGURES = tuple(name for name in FIGURE_NAMES
+                               if name not in ("self_repair", "estimates", "knockout_response", "patching_grid"))
 
 
 def _check_png(data: bytes, width: int, height: int) -> None:

@@ -273,7 +273,7 @@ def test_a_patching_job_exports_long_rows_and_tables(live_url: str, llama: tuple
     msgpack = httpx.get(export, params={"format": "msgpack"}).raise_for_status().content
     assert msgpack  # the same result, another encoding
     figure = httpx.get(f"{live_url}/v1/jobs/{job.id}/figures/layer_effects", params={"format": "png"})
-    assert_problem(figure, 400, "is a patching job")
+    assert_problem(figure, 400, "is a patching job", "patching_grid")
     assert isinstance(result, JobResult)
     # `hydra-ablate result` prints the per-site summary.
     from rich.console import Console
@@ -288,7 +288,8 @@ def test_a_patching_job_exports_long_rows_and_tables(live_url: str, llama: tuple
     page = httpx.get(f"{live_url}/ui/jobs/{job.id}")
     assert page.status_code == 200, page.text[:2000]
     assert 'id="patch-table"' in page.text and all(f">{site}</th>" in page.text for site in sites)
-    assert 'id="paper-table"' not in page.text and "/figures/" not in page.text
+    assert 'id="paper-table"' not in page.text and "/figures/layer_effects" not in page.text
+    assert f"/ui/jobs/{job.id}/figures/patching_grid" in page.text  # its own figure (tests/test_patch_figures.py)
 
 
 def test_pairs_the_tokenizer_refuses_are_a_422_naming_the_pair(live_url: str, llama: tuple[Any, Any]) -> None:

@@ -17,14 +17,13 @@ import torch
 from litestar.testing import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hydra_ablate_client.vocabulary import FIGURE_NAMES
 from hydra_ablate_client.wire import CorpusRef, JobRequest, JobResult, ModelInfo, PositionColumns
 from service.api.app import create_app
 from service.core import corpora
 from service.core.errors import ValidationProblem
 from service.core.resolve import _position_values, resolve
 from service.core.settings import Settings
-from service.rendering.figures import PAPER_FIGURES
+from service.rendering.figures import ABLATION_FIGURES, PAPER_FIGURES
 from service.rendering.parquet import PARQUET_MEDIA_TYPE, from_parquet, iter_parquet
 from tests.oracle import oracle_position_sweep
 from tests.test_stack_e2e import wait_terminal
@@ -256,7 +255,7 @@ def test_the_preset_runs_on_the_builtin_corpus(api: TestClient) -> None:
     assert summary["n_pairs"] == 3 * 5 and summary["top_fraction"] == 0.02
     assert len(summary["self_repair"]) == len(summary["components"]) > 0
     assert summary["response_matrix"] == []  # position_responses "split": no full response vectors stored
-    for name in FIGURE_NAMES:  # every figure draws (or says why it cannot) for a per-position job
+    for name in ABLATION_FIGURES:  # every figure of ablation jobs draws (or says why it cannot) for a per-position job
         figure = api.get(f"/v1/jobs/{job_id}/figures/{name}")
         if name in PAPER_FIGURES:  # drawn from final-position statistics across prompts: a 400 that says so
             assert figure.status_code == 400, (name, figure.text)

@@ -127,6 +127,7 @@ def execute_patch_chunk(
             positions=measured.positions,
             patched_metric=measured.patched_metric,
             patching_score=measured.patching_score,
+            clean_tokens=[str(loaded.tokenizer.decode([int(t)])) for t in pair.clean_ids.tolist()],
         )
         for k, (pair, measured) in enumerate(zip(pairs, result.pairs, strict=True))
     ]

@@ -68,6 +68,10 @@ PATCH_DOCS: dict[str, str] = {
     "PairResult.patching_score": (
         "[site][position]: 0 the patch changed nothing, 1 it moved the metric to the source run's (null when flagged)"
     ),
+    "PairResult.clean_tokens": (
+        "The clean prompt's tokens as the model read them, one per position (the patching_grid figure's x labels); "
+        "null in older results"
+    ),
     "PatchSummary": "One site (and position) of a patching job over its pairs.",
     "PatchSummary.site": "The site",
     "PatchSummary.position": "The token position with positions all; null: each pair's final position",

@@ -16,7 +16,6 @@ from hydra_ablate_client.wire import JobResult
 from service.core.job_actions import finished_result
 from service.core.redis_replies import bytes_or_none
 from service.core.store import JobStore
-from service.rendering.figure_style import FigureOptionError
 from service.rendering.figures import DPI, HEIGHT_PX, WIDTH_PX, render
 
 
@@ -45,18 +44,14 @@ def cached_figure(
     store: JobStore, job_id: str, name: FigureName, fmt: FigureFormat, options: FigureOptions | None = None
 ) -> bytes:
     """The figure from the cache, else rendered from the stored result and cached until the result expires;
-    FigureOptionError (service/rendering/figure_style.py) for options the result cannot satisfy."""
+    FigureOptionError (service/rendering/figure_style.py) for options the result cannot satisfy, or a figure that
+    does not draw this kind of job (it names the ones that do)."""
     options = options or FigureOptions()
     key = figure_key(store, job_id, name, fmt, options)
     cached = bytes_or_none(store.client.get(key))
     if cached is not None:
         return cached
     result = msgspec.json.decode(finished_result(store, job_id), type=JobResult)
-    if result.patching is not None:
-        raise FigureOptionError(
-            f"figure {name!r} draws an ablation result; job {job_id} is a patching job: read its result (JSON, CSV "
-            "or Parquet) instead"
-        )
     data = render(result, name, fmt, width=options.width, height=options.height, dpi=options.dpi,
                   prompt=options.prompt, component=options.component)
     # Cached until the result expires, and not at all when the job was deleted while this rendered (one script).

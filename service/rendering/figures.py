@@ -11,7 +11,8 @@ box); constrained layout fits the content inside that frame. Text is at least 8 
 the job's metric; for the paper's `centered_logit` the unit is "centred logit".
 
 The paper's figures (McGrath et al. 2023: Fig. 1/3 `profile`, Fig. 2 `fig2`, Fig. 7 `fig7`, Fig. 8 `fig8`) are in
-service/rendering/paper_figures.py; this module has the service's own four and the rendering.
+service/rendering/paper_figures.py; this module has the service's own four and the rendering. `estimates`,
+`knockout_response` and `patching_grid` (the one figure of a patching job) have modules of their own.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
-from hydra_ablate_client.vocabulary import FIGURE_MEDIA_TYPES, FIGURE_NAMES, FigureFormat, FigureName
+from hydra_ablate_client.vocabulary import (
+    FIGURE_MEDIA_TYPES,
+    FIGURE_NAMES,
+    FigureFormat,
+    FigureName,
+    is_knockout_name,
+)
 from hydra_ablate_client.wire import JobResult
-from service.rendering import estimate_figure, paper_figures
+from service.rendering import estimate_figure, knockout_figure, paper_figures, patch_figure
 from service.rendering.figure_style import (
     MIN_FONT_PT,
     RENDER_LOCK,
@@ -66,7 +73,17 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "estimates": "jobs with `estimates`: every attribution-patching estimate (AtP against the total effect, AtP* "
     "against its magnitude) against the exact value per prompt and component, coloured by the compensatory effect, "
     "with each method's rank correlation and top-k recall",
+    "knockout_response": "jobs with `knockouts`: per knockout set (the first four), every component's mean response "
+    "to the set's ablation (its direct effect ablated − clean) with 95% intervals over prompts, members marked: "
+    "which components take over",
+    "patching_grid": "patching jobs: the mean patching score per site, a layer × position heatmap per site kind "
+    "(positions all, the clean prompt's tokens on the x axis) or a layer × head grid for heads and a layer × kind "
+    "grid for resid_pre/attn/mlp (positions final); the pooled score where no pair was scored",
 }
+# Which figures draw which results: a patching job's result has no prompts × components to draw from, and an ablation
+# result no patching scores.
+PATCHING_FIGURES: tuple[FigureName, ...] = ("patching_grid",)
+ABLATION_FIGURES: tuple[FigureName, ...] = tuple(name for name in FIGURE_NAMES if name not in PATCHING_FIGURES)
 
 # A knockout set (several components ablated together) gets a marker of its own, coloured by its deepest member.
 KIND_MARKERS = {"attn": "o", "mlp": "s", "head": "^", "knockout": "X"}
@@ -507,7 +524,33 @@ def _drawers() -> dict[str, Callable[..., None]]:
         "fig7": paper_figures.fig7,
         "fig8": paper_figures.fig8,
         "estimates": estimate_figure.draw,
+        "knockout_response": knockout_figure.draw,
+        "patching_grid": patch_figure.draw,
     }
+
+
+def applicable_figures(result: JobResult) -> tuple[FigureName, ...]:
+    """The figures `render` draws for this result (the others are a FigureOptionError that names these)."""
+    return PATCHING_FIGURES if result.patching is not None else ABLATION_FIGURES
+
+
+def shown_figures(result: JobResult) -> tuple[FigureName, ...]:
+    """The figures worth showing inline (the web job page): the applicable ones, less knockout_response for a job
+    without knockout sets (it would only say how to ask for them)."""
+    has_sets = any(is_knockout_name(name) for name in result.components)
+    return tuple(name for name in applicable_figures(result) if name != "knockout_response" or has_sets)
+
+
+def check_applicable(result: JobResult, name: FigureName) -> None:
+    """FigureOptionError, naming the figures that apply, for a figure that does not draw this kind of result."""
+    applicable = applicable_figures(result)
+    if name in applicable:
+        return
+    if result.patching is not None:
+        raise FigureOptionError(f"figure {name!r} draws an ablation result; this is a patching job: its figure is "
+                                f"{', '.join(applicable)}")
+    raise FigureOptionError(f"figure {name!r} draws a patching job (intervention 'patch'); this is an ablation job: "
+                            f"its figures are {', '.join(applicable)}")
 
 
 def check_size(width: int, height: int, dpi: int) -> None:
@@ -540,6 +583,7 @@ def render(
     if fmt not in FIGURE_MEDIA_TYPES:
         raise ValueError(f"figure format must be png, svg or pdf, not {fmt!r}")
     check_size(width, height, dpi)
+    check_applicable(result, name)
     if name in PAPER_FIGURES and result.provenance.spec.per_position:
         raise FigureOptionError(
             f"figure {name!r} is not available for per-position jobs: the paper's figures are drawn from the "

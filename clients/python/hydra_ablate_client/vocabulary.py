@@ -33,7 +33,7 @@ DatasetName = Literal["known_1000"]
 CorpusName = Literal["known_1000_text"]
 FigureName = Literal[
     "te_vs_de", "layer_effects", "response_heatmap", "erasure", "self_repair", "profile", "fig2", "fig7", "fig8",
-    "estimates",
+    "estimates", "knockout_response", "patching_grid",
 ]
 FIGURE_NAMES: tuple[FigureName, ...] = get_args(FigureName)
 FigureFormat = Literal["png", "svg", "pdf"]

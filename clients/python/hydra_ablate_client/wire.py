@@ -737,6 +737,9 @@ class PairResult(Struct, kw_only=True):
     positions: list[int]  # the patched positions: [T − 1] for positions "final", 0 … T − 1 for "all"
     patched_metric: list[list[float]]  # [site][position]
     patching_score: list[list[float | None]]  # [site][position]; 0: no change, 1: all the way to the source run
+    # The clean prompt's tokens as the model read them (one string per position; the patching_grid figure's x
+    # labels). Null in results computed before it existed.
+    clean_tokens: list[str] | None = None
 
 
 class PatchSummary(Struct, kw_only=True):

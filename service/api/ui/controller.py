@@ -52,7 +52,7 @@ from service.core.store import ActiveJobsExceeded, JobStore
 from service.rendering.exports import export
 from service.rendering.figure_cache import cached_figure
 from service.rendering.figure_style import FigureOptionError
-from service.rendering.figures import FIGURE_DESCRIPTIONS
+from service.rendering.figures import FIGURE_DESCRIPTIONS, shown_figures
 from service.rendering.job_comparison import (
     MAX_JOBS,
     MIN_JOBS,
@@ -405,7 +405,8 @@ class UiController(Controller):
             tags=job_tags(status),
             percent=percent(status),
             active=status.status in ACTIVE_STATES,
-            figures=[(name, FIGURE_DESCRIPTIONS[name]) for name in FIGURE_NAMES],
+            # Only the figures that draw this job (a patching job has its own); none before there is a result.
+            figures=[(name, FIGURE_DESCRIPTIONS[name]) for name in (shown_figures(result) if result else ())],
             formats=EXPORT_FORMATS,
         )
 
