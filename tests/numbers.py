@@ -14,6 +14,11 @@ from typing import Any
 # float32 rounding (never more than ~1e-6 seen); docs/operations/scaling-and-faults.md states chunked = unchunked up
 # to 1e-5.
 FLOAT_TOLERANCE = 1e-5
+# A permutation p-value counts the permuted slopes at least as large as the observed one: a permuted slope within
+# float32 rounding of the observed one is counted in one computation and not in the other, moving p by a whole
+# count, 1 / (N + 1) (times the number of components after Holm's adjustment). Compared within two counts so.
+PERMUTATION_P = ("permutation_p", "permutation_p_holm")
+PERMUTATION_COUNTS = 2
 
 
 def assert_same_numbers(got: Any, want: Any, path: str = "", tolerance: float = FLOAT_TOLERANCE) -> None:
@@ -23,6 +28,9 @@ def assert_same_numbers(got: Any, want: Any, path: str = "", tolerance: float = 
     elif isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), path
         for key in want:
+            if key in PERMUTATION_P and isinstance(want[key], float) and isinstance(got[key], float):
+                _assert_same_permutation_p(got[key], want[key], want, f"{path}.{key}")
+                continue
             assert_same_numbers(got[key], want[key], f"{path}.{key}", tolerance)
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), path
@@ -30,3 +38,12 @@ def assert_same_numbers(got: Any, want: Any, path: str = "", tolerance: float = 
             assert_same_numbers(g, w, f"{path}[{index}]", tolerance)
     else:
         assert got == want, (path, got, want)
+
+
+def _assert_same_permutation_p(got: float, want: float, fit: dict[str, Any], path: str) -> None:
+    n_perm = fit.get("n_permutations") or 0
+    assert n_perm > 0, (path, "a permutation p-value without its number of permutations")
+    # Holm multiplies by at most the number of tests, which n_permutations grows with (worker/fit_statistics.py:
+    # N ≥ 2m/α − 1), so m ≤ (N + 1)·α/2 ≤ N; the unadjusted p moves by one count.
+    steps = PERMUTATION_COUNTS * (1 if path.endswith("permutation_p") else max(1, (n_perm + 1) // 40))
+    assert abs(got - want) <= steps / (n_perm + 1) + 1e-12, (path, got, want, n_perm)
