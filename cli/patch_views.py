@@ -25,8 +25,11 @@ def patch_result_view(result: JobResult) -> Group:
         f"flagged pairs (|clean − corrupted| < {patching.epsilon:g}, no score): {patching.n_flagged}",
     ]
     table = Table(title=f"patching score per site (mean, {patching.ci_level:.0%} interval over pairs, pooled)")
-    for name in ("site", "position", "pairs", "score", "interval", "pooled", "patched metric"):
-        table.add_column(name, justify="left" if name == "site" else "right")
+    # Site names are never cut (a knockout set's name is long): the other columns wrap instead in 80 columns.
+    widest = max((len(item.site) for item in patching.summary), default=4)
+    table.add_column("site", justify="left", no_wrap=True, min_width=widest)
+    for name in ("position", "pairs", "score", "interval", "pooled", "patched metric"):
+        table.add_column(name, justify="right")
     for item in patching.summary:
         interval = (
             "–" if item.score_ci_low is None else f"[{_number(item.score_ci_low)}, {_number(item.score_ci_high)}]"
