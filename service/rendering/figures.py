@@ -304,9 +304,15 @@ def _layer_effects(fig: Figure, result: JobResult) -> None:
 
 
 def _heat_ticks(ax: Axes, axis: str, labels: list[str]) -> None:
+    """Every label while they fit, else every second or fourth; many heads (layer.head): each layer's first head,
+    every few layers."""
     n = len(labels)
     step = 1 if n <= 16 else (2 if n <= 32 else (4 if n <= 64 else math.ceil(n / 16)))
-    positions = list(range(0, n, step))
+    candidates = list(range(n))
+    if n > 32 and any(label.endswith(".0") for label in labels):  # heads: start each tick at a layer's head 0
+        candidates = [i for i, label in enumerate(labels) if label.endswith(".0")]
+        step = max(1, math.ceil(len(candidates) / 16))
+    positions = candidates[::step]
     shown = [labels[i] for i in positions]
     if axis == "x":
         ax.set_xticks(positions, shown, rotation=90 if any("." in label for label in shown) and n > 8 else 0)
