@@ -35,6 +35,7 @@ from worker.engine.architecture import describe
 from worker.engine.errors import InputError
 from worker.engine.sweep import run_sweep
 from worker.engine.types import SweepInputs, SweepResult, SweepSpec
+from worker.summary import summarise
 
 ATOL = 1e-4
 COMPONENTS = ("attn.0", "mlp.0", "head.0.1", "head.1.3", "attn.1", "mlp.1", "head.2.0")
@@ -95,12 +96,13 @@ def test_the_heads_of_a_layer_add_up_to_its_layer_response(
 ) -> None:
     """The same job in both bases: every measure of a component is the same, each MLP responds the same, and a
     layer's heads (their shares, in a post-norm block) add up to attn.L's response, a knockout set's member heads
-    (their own entries, masked) included. With the clean norm scale: with the ablated one an output-projection bias,
-    no head's, changes its direct effect through the scale alone, which the head basis leaves to the norm's part."""
+    (their own entries, masked) included; so CE's attention part is the same, per source draw and in the summary.
+    With the clean norm scale: with the ablated one an output-projection bias, no head's, changes its direct effect
+    through the scale alone, which the head basis leaves to the norm's part."""
     model = tiny_models(arch)
     sets = POST_NORM_SETS if describe(model).post_norm else PRE_NORM_SETS
-    case = Case("resample", "all", "centered_logit", "clean", 2, "next")
-    spec = replace(case.spec(COMPONENTS), knockouts=sets)
+    case = Case("resample", "all", "centered_logit", "clean", 2, "random", seed=3)
+    spec = replace(case.spec(COMPONENTS), knockouts=sets, source_seeds=2)
     inputs = case.inputs(prompt_set)
     layers = run_sweep(model, spec, inputs)
     heads = run_sweep(model, replace(spec, response_basis="heads"), inputs)
@@ -117,6 +119,14 @@ def test_the_heads_of_a_layer_add_up_to_its_layer_response(
         for layer in range(n_layers):  # clean writes: the heads leave only the projection's bias out of attn.L
             mlp = heads.response_basis.index(f"mlp.{layer}")
             assert hp.clean_direct_effect[mlp] == pytest.approx(lp.clean_direct_effect[2 * layer + 1], abs=ATOL)
+        assert hp.draws is not None and lp.draws is not None and len(hp.draws) == 2
+        for hd, ld in zip(hp.draws, lp.draws, strict=True):
+            assert hd.compensatory_effect_attn == pytest.approx(ld.compensatory_effect_attn, abs=ATOL)
+            assert hd.compensatory_effect_mlp == pytest.approx(ld.compensatory_effect_mlp, abs=ATOL)
+    summaries = [summarise(result, 1e-4) for result in (layers, heads)]
+    for ls, hs in zip(*(s.components for s in summaries), strict=True):
+        assert hs.compensation_attn_mean == pytest.approx(ls.compensation_attn_mean, abs=ATOL), ls.component
+        assert hs.compensation_mlp_mean == pytest.approx(ls.compensation_mlp_mean, abs=ATOL), ls.component
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
