@@ -26,7 +26,7 @@ from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
 from service.rendering.figure_style import FigureOptionError
-from service.rendering.figures import ABLATION_FIGURES, HEIGHT_PX, WIDTH_PX, render
+from service.rendering.figures import ABLATION_FIGURES, HEIGHT_PX, WIDTH_PX, render, shown_figures
 from tests.conftest import private_settings
 from worker.engine.types import PromptMeasures, SweepResult
 from worker.summary import summarise
@@ -278,6 +278,8 @@ def test_figures_of_a_final_position_job_with_the_head_basis_show_heads() -> Non
             assert_png(render(heads, name, "png"))
     with pytest.raises(FigureOptionError, match="response_basis 'layers'"):
         render(heads, "profile", "png")
+    assert "profile" not in shown_figures(heads) and "response_heatmap" in shown_figures(heads)
+    assert "profile" in shown_figures(build_result())
 
 
 def test_figures_of_a_wide_model_fit_the_fixed_size() -> None:
