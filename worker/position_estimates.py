@@ -17,11 +17,10 @@ import msgspec
 import torch
 
 from hydra_ablate_client.wire import EstimateCost, Estimates, JobSpec, PromptResult
-from worker.attribution_summary import exact_cost
 from worker.engine.position_attribution import PositionPromptEstimates, run_position_attribution
 from worker.engine.sweep import StopCheck
 from worker.engine.types import PositionSweepResult, SweepInputs
-from worker.estimate_jobs import runs_per_component
+from worker.estimate_jobs import chunk_costs
 from worker.job_runner import float32_bytes, sweep_spec
 from worker.model_cache import LoadedModel
 
@@ -60,15 +59,7 @@ def estimate_position_chunk(
         if magnitude is None:
             raise RuntimeError("the per-position sweep kept no |total_effect| for the estimates")
         by_index[i] = (p, magnitude)
-    runs = runs_per_component(spec)
-    noise = runs if spec.ablation == "resample" else 0
-    n = max(len(result.prompts), 1)
-    exact = exact_cost(len(sweep.components), runs, noise, exact_seconds / n)
-    costs = [
-        EstimateCost(method=method, model_evaluations=c.model_evaluations, forward_passes=c.forward_passes,
-                     backward_passes=c.backward_passes, seconds=c.seconds, speedup=None)
-        for method, c in {"exact": exact, **result.cost}.items()
-    ]
+    costs = chunk_costs(spec, len(sweep.components), len(result.prompts), exact_seconds, result.cost)
     return PositionChunkEstimates(by_index=by_index, costs=costs)
 
 
