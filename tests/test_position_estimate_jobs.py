@@ -246,5 +246,13 @@ def test_a_per_position_estimates_job_matches_the_engine_and_the_plain_job(
     raw = api.get(f"/v1/jobs/{result.id}/result").json()
     assert base64.b64decode(raw["prompts"][0]["positions"]["atp"]) == result.prompts[0].positions.atp  # type: ignore[union-attr]
 
+    # `hydra-ablate result` says the ranks are per (prompt, position) pair, within 80 columns.
+    from cli.views import summary_lines
+
+    lines = summary_lines(result)
+    assert any("Spearman ρ per pair" in line for line in lines)
+    assert sum(line.startswith(f"  {m} ") for line in lines for m in METHODS) == 3
+    assert all(len(line) <= 80 for line in lines)
+
     # The figure draws every (prompt, position, component) pair.
     assert render(result, "estimates", "png")[:4] == b"\x89PNG"
