@@ -546,7 +546,7 @@ def submit(
         str | None,
         typer.Option(
             help="attribution-patching estimates beside the exact effects, comma-separated: atp, atp_star "
-            "(final-position jobs)"
+            "(at every measured position in per-position jobs)"
         ),
     ] = None,
     verify: Annotated[

@@ -394,7 +394,8 @@ def estimate_lines(summary: Summary) -> list[str]:
     if block is None:
         return []
     speed = {c.method: c.speedup for c in block.cost}
-    lines = ["estimates against exact (Spearman ρ per prompt, pooled; top-k recall; speed):"]
+    unit = "pair" if any(a.n_pairs is not None for a in block.agreement) else "prompt"  # per-position: (prompt, q)
+    lines = [f"estimates against exact (Spearman ρ per {unit}, pooled; top-k recall; speed):"]
     for a in block.agreement:
         times = speed.get(a.method)
         lines.append(f"  {a.method:<9} ρ {_num(a.spearman_per_prompt_mean, '+.2f')}, "

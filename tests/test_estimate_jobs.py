@@ -44,18 +44,6 @@ TINY_JOB = {"model": "tiny", "prompts": TWO, "estimates": ["atp"]}
 
 REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
     (
-        "per-position measurement",
-        {"positions": "all", "measure_positions": "all", "ablation": "zero"},
-        ("estimates read the metric at the final position", "drop the per-position options"),
-        "estimates",
-    ),
-    (
-        "next-token targets",
-        {"positions": "all", "target": "next_token", "ablation": "zero"},
-        ("estimates read the metric at the final position",),
-        "estimates",
-    ),
-    (
         "knockout sets",
         {"knockouts": [["attn.0", "mlp.1"]]},
         ("estimates cover single components", "drop knockouts or estimates"),

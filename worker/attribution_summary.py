@@ -100,6 +100,7 @@ class Miss:
     exact: float  # what the estimate is compared with: total_effect, or |total_effect| for a magnitude
     estimate: float
     error: float  # estimate − exact
+    position: int | None = None  # per-position jobs: the measured position
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class Agreement:
     recall_at_k_of_means: float | None
     mean_abs_error: float
     largest_misses: list[Miss]
+    n_pairs: int | None = None  # per-position jobs: the rows are (prompt, position) pairs (`agreement`'s positions)
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -141,8 +143,13 @@ def agreement(
     *,
     k: int = DEFAULT_TOP_K,
     n_misses: int = DEFAULT_MISSES,
+    positions: Sequence[int] | None = None,
 ) -> Agreement:
-    """`exact` and `estimate` are (P, C) on the same scale (signed effects, or magnitudes for AtP*)."""
+    """`exact` and `estimate` are (P, C) on the same scale (signed effects, or magnitudes for AtP*).
+
+    Per-position jobs: the rows are (prompt, position) pairs, `indices` and `positions` name each row's prompt and
+    position; the per-prompt statistics are then per pair, the means over pairs, and `n_prompts` counts the distinct
+    prompts."""
     exact, estimate = np.asarray(exact, dtype=np.float64), np.asarray(estimate, dtype=np.float64)
     if exact.shape != estimate.shape or exact.ndim != 2:
         raise ValueError(f"exact {exact.shape} and estimate {estimate.shape} must both be (prompts, components)")
@@ -151,13 +158,15 @@ def agreement(
     error = estimate - exact
     flat = np.argsort(-np.abs(error), axis=None, kind="stable")[:n_misses]
     misses = [
-        Miss(int(indices[p]), components[c], float(exact[p, c]), float(estimate[p, c]), float(error[p, c]))
+        Miss(int(indices[p]), components[c], float(exact[p, c]), float(estimate[p, c]), float(error[p, c]),
+             None if positions is None else int(positions[p]))
         for p, c in (np.unravel_index(i, error.shape) for i in flat)
     ]
     return Agreement(
         method=method,
         compared_with=compared_with,
-        n_prompts=n_prompts,
+        n_prompts=n_prompts if positions is None else len(set(indices)),
+        n_pairs=None if positions is None else n_prompts,
         n_components=n_components,
         k=min(k, n_components),
         spearman_per_prompt_mean=_mean_or_none(per_prompt),
@@ -247,6 +256,8 @@ class Paired:
     norm_response: np.ndarray  # (P, C)
     estimates: dict[str, np.ndarray]  # method → (P, C)
     compared_with: dict[str, str]  # method → "total_effect" or "abs_total_effect"
+    # Per-position jobs: the rows are (prompt, position) pairs, `indices` each row's prompt and this its position.
+    positions: list[int] | None = None
 
     def exact_for(self, method: str) -> np.ndarray:
         return self.abs_total_effect if self.compared_with[method] == MAGNITUDE else self.total_effect
@@ -299,11 +310,19 @@ class ComponentError:
     error_ce_correlation: float | None  # Pearson's r across prompts
 
 
-def error_fits(ce: np.ndarray, error: np.ndarray, *, y_name: str, seed: int, n_boot: int = N_BOOT) -> list[Fit]:
+def error_fits(
+    ce: np.ndarray, error: np.ndarray, *, y_name: str, seed: int, n_boot: int = N_BOOT,
+    clusters: np.ndarray | None = None,
+) -> list[Fit]:
     """Per component (columns of the (P, C) arrays): the error regressed on CE across prompts, least squares with
-    the service's seeded percentile bootstrap of the prompts (worker/fit_statistics.py; one source draw)."""
+    the service's seeded percentile bootstrap of the prompts (worker/fit_statistics.py; one source draw).
+
+    `clusters` (P,): rows resampled together, numbered 0 … G − 1 (per-position jobs: each pair's prompt); None:
+    every row its own."""
     n, n_components = ce.shape
-    weights = bootstrap_weights(np.arange(n), 1, seed, n_boot)
+    groups = np.arange(n) if clusters is None else np.asarray(clusters, dtype=np.int64)
+    n_clusters = int(groups.max()) + 1 if groups.size else 0
+    weights = bootstrap_weights(groups, 1, seed, n_boot)
     boot_slope, boot_r2 = bootstrap_fits(weights, ce.T[:, None, :], error.T[:, None, :])
     fits = []
     for c in range(n_components):
@@ -318,7 +337,7 @@ def error_fits(ce: np.ndarray, error: np.ndarray, *, y_name: str, seed: int, n_b
             excludes_zero=excludes(slope_ci, 0.0), excludes_one=excludes(slope_ci, 1.0),
             slope_in_unit_interval=inside(slope_ci, 0.0, 1.0),
             r2_ci_low=None if r2_ci is None else r2_ci[0], r2_ci_high=None if r2_ci is None else r2_ci[1],
-            n_clusters=n,
+            n_clusters=n_clusters,
         ))
     return fits
 
@@ -327,7 +346,10 @@ def hydra_link(paired: Paired, method: str, seed: int = 0) -> list[ComponentErro
     """Per component: how much of the estimate's miss the compensatory effect explains, across prompts."""
     error = paired.estimates[method] - paired.exact_for(method)
     ce = paired.compensatory_effect
-    fits = error_fits(ce, error, y_name=f"{method} − exact", seed=seed)
+    clusters = None
+    if paired.positions is not None:  # (prompt, position) pairs: a prompt's pairs are resampled together
+        clusters = np.unique(np.asarray(paired.indices), return_inverse=True)[1]
+    fits = error_fits(ce, error, y_name=f"{method} − exact", seed=seed, clusters=clusters)
     return [
         ComponentError(
             component=name,

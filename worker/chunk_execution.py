@@ -37,6 +37,7 @@ from worker.job_runner import (
 )
 from worker.model_cache import LoadedModel
 from worker.patch_execution import execute_patch_chunk, merge_patch_chunks
+from worker.position_estimates import PositionChunkEstimates, attach_position_estimates, estimate_position_chunk
 from worker.position_summary import summarise_positions
 from worker.summary import summarise
 from worker.verify_jobs import merge_verified
@@ -71,10 +72,11 @@ def execute_chunk(
     measure = list(range(start, stop))
     gap = near_tie_gap(loaded)
     inputs = tokenise_lazily(loaded, spec, measure)
-    estimated: ChunkEstimates | None = None
+    estimated: ChunkEstimates | PositionChunkEstimates | None = None
     if spec.per_position:
         if on_phase is not None:  # the per-position engine reports no phases of its own
             on_phase("ablating")
+        exact_started = time.perf_counter()
         sweep: SweepResult | PositionSweepResult = run_position_sweep(
             loaded.model,
             sweep_spec(spec),
@@ -84,6 +86,11 @@ def execute_chunk(
             batch_tokens=batch_tokens,
             clean_cache=loaded.clean_runs,
         )
+        if spec.estimates:  # the same prompts, targets, sources and clean runs, at every measured position
+            assert isinstance(sweep, PositionSweepResult)
+            estimated = estimate_position_chunk(
+                loaded, spec, inputs, sweep, measure, time.perf_counter() - exact_started, should_stop=should_stop
+            )
     else:
         clock = PhaseClock(on_phase)
         sweep = run_sweep(
@@ -104,13 +111,15 @@ def execute_chunk(
             position_prompt_result(loaded, i, spec.prompts[i], m, gap, sweep.response_basis, full)
             for i, m in zip(measure, sweep.prompts, strict=True)
         ]
+        if isinstance(estimated, PositionChunkEstimates):
+            attach_position_estimates(prompts, estimated)
     else:
         # only_correct may leave prompts out: each result carries its index in the job.
         prompts = [
             prompt_result(loaded, spec.prompts[m.index], m, gap, prompt_warnings(loaded, spec, m.index))
             for m in sweep.prompts
         ]
-        if estimated is not None:
+        if isinstance(estimated, ChunkEstimates):
             attach_estimates(prompts, estimated, spec.keep_samples)
     return ChunkResult(
         index=index,

@@ -16,7 +16,7 @@ import numpy as np
 
 from hydra_ablate_client.wire import EstimateCost, Estimates, JobSpec, PromptResult
 from worker.attribution_summary import exact_cost
-from worker.engine.attribution import run_attribution
+from worker.engine.attribution import MethodCost, run_attribution
 from worker.engine.sweep import PhaseCallback, StopCheck
 from worker.engine.types import SweepInputs, SweepResult, SweepSpec
 from worker.job_runner import sweep_spec
@@ -91,16 +91,22 @@ def estimate_chunk(
             atp=p.values["atp"], atp_qkfix=p.values.get("atp_qkfix"), atp_star=p.values.get("atp_star"),
             abs_total_effect=magnitude,
         )
+    costs = chunk_costs(spec, len(sweep.components), len(result.prompts), exact_seconds, result.cost)
+    return ChunkEstimates(by_index=by_index, costs=costs)
+
+
+def chunk_costs(
+    spec: JobSpec, n_components: int, n_prompts: int, exact_seconds: float, methods: dict[str, MethodCost]
+) -> list[EstimateCost]:
+    """Per prompt of a chunk: the exact engine's cost (`exact_seconds` over the chunk's prompts), then each method's."""
     runs = runs_per_component(spec)
     noise = runs if spec.ablation == "resample" else 0
-    n = max(len(result.prompts), 1)
-    exact = exact_cost(len(sweep.components), runs, noise, exact_seconds / n)
-    costs = [
+    exact = exact_cost(n_components, runs, noise, exact_seconds / max(n_prompts, 1))
+    return [
         EstimateCost(method=method, model_evaluations=c.model_evaluations, forward_passes=c.forward_passes,
                      backward_passes=c.backward_passes, seconds=c.seconds, speedup=None)
-        for method, c in {"exact": exact, **result.cost}.items()
+        for method, c in {"exact": exact, **methods}.items()
     ]
-    return ChunkEstimates(by_index=by_index, costs=costs)
 
 
 def attach_estimates(prompts: Sequence[PromptResult], estimated: ChunkEstimates, keep_samples: bool) -> None:

@@ -2,7 +2,9 @@
 
 The statistics are worker/attribution_summary.py's (agreement, cost table, the error regressed on CE); this module
 only pairs the stored results (PromptResult.estimates beside total_effect, compensatory_effect and norm_response)
-and weighs the chunks' per-prompt costs by the prompts each measured.
+and weighs the chunks' per-prompt costs by the prompts each measured. Per-position jobs pair every (prompt, measured
+position) instead, from the prompts' position columns (`paired_positions`): each pair is a row, the per-prompt
+statistics are per pair, and a prompt's pairs are resampled together in the error-on-CE bootstrap.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from hydra_ablate_client.wire import (
 from worker.attribution_summary import DEFAULT_TOP_K, Paired, agreement, cost_table, hydra_link
 from worker.engine.attribution import ESTIMATED
 from worker.engine.attribution import MethodCost as EngineCost
+from worker.position_summary import column
 
 
 def _estimates(prompt: PromptResult) -> Estimates:
@@ -57,6 +60,37 @@ def paired(prompts: Sequence[PromptResult], components: Sequence[str]) -> Paired
     )
 
 
+def paired_positions(prompts: Sequence[PromptResult], components: Sequence[str]) -> Paired:
+    """The (pairs, C) arrays of a per-position job: one row per (prompt, measured position), prompt-major."""
+    first = prompts[0].positions
+    if first is None or first.atp is None:
+        raise ValueError(f"prompt {prompts[0].index} of a per-position job with estimates has no position estimates")
+    methods = [m for m in ESTIMATED if getattr(first, m) is not None]
+    n = len(components)
+    kept = [p for p in prompts if p.positions is not None]
+
+    def array(name: str) -> np.ndarray:
+        parts = []
+        for p in kept:
+            assert p.positions is not None
+            if getattr(p.positions, name) is None:
+                raise ValueError(f"prompt {p.index} of a per-position job with estimates has no {name}")
+            parts.append(column(p.positions, name, n).numpy().T)  # (P, C)
+        return np.concatenate(parts, axis=0)
+
+    return Paired(
+        indices=[p.index for p in kept for _ in p.positions.positions],  # type: ignore[union-attr]
+        components=list(components),
+        total_effect=array("total_effect"),
+        abs_total_effect=array("abs_total_effect"),
+        compensatory_effect=array("compensatory_effect"),
+        norm_response=array("norm_response"),
+        estimates={m: array(m) for m in methods},
+        compared_with={m: ESTIMATED[m] for m in methods},
+        positions=[q for p in kept for q in p.positions.positions],  # type: ignore[union-attr]
+    )
+
+
 def merged_costs(chunks: Sequence[tuple[int, list[EstimateCost]]]) -> dict[str, EngineCost]:
     """Per method, the per-prompt cost averaged over the chunks weighted by their measured prompts."""
     weights: dict[str, float] = {}
@@ -82,7 +116,8 @@ def summarise_estimates(
 ) -> AttributionSummary:
     """Agreement per method, the cost table (the exact engine first) and, per method and component, the error beside
     CE and the norm's response with the error regressed on CE across prompts (the service's seeded bootstrap)."""
-    pairs = paired(prompts, components)
+    per_position = any(p.positions is not None for p in prompts)
+    pairs = paired_positions(prompts, components) if per_position else paired(prompts, components)
     methods = list(pairs.estimates)
     costs = merged_costs(chunk_costs)
     exact = costs.pop("exact")
@@ -91,7 +126,7 @@ def summarise_estimates(
         agreement=[
             msgspec.convert(
                 agreement(m, pairs.compared_with[m], pairs.exact_for(m), pairs.estimates[m], pairs.components,
-                          pairs.indices, k=k),
+                          pairs.indices, k=k, positions=pairs.positions),
                 EstimateAgreement, from_attributes=True,
             )
             for m in methods

@@ -341,6 +341,10 @@ DOCS: dict[str, str] = {
     "PositionColumns.norm_response": "(C, P) the final norm's part of the compensation",
     "PositionColumns.clean_direct_effect": "(R, P) every response-basis entry's clean direct effect",
     "PositionColumns.response": "(C, R, P) the full response, only with position_responses `full` (null otherwise)",
+    "PositionColumns.atp": "(C, P) jobs with `estimates`: AtP at every measured position, an estimate of total_effect",
+    "PositionColumns.atp_qkfix": "(C, P) AtP with the QK fix (with `atp_star`); equal to atp for ablation components",
+    "PositionColumns.atp_star": "(C, P) AtP* (QK fix and GradDrop), an estimate of abs_total_effect",
+    "PositionColumns.abs_total_effect": "(C, P) the mean over the ablated runs of |total_effect| (jobs with estimates)",
     "Summary.selection": "Which prompts the summary covers (only_correct)",
     "Summary.erasure": "Per ablated attention layer and downstream MLP, the erasure fit (null for per-position jobs)",
     "Summary.n_pairs": "Per-position jobs: (prompt, position) pairs measured (null otherwise)",
@@ -555,12 +559,17 @@ DOCS: dict[str, str] = {
     "EstimateAgreement.recall_at_k_of_means": "The same recall on the means over prompts",
     "EstimateAgreement.mean_abs_error": "Mean over every (prompt, component) of |estimate − exact|",
     "EstimateAgreement.largest_misses": "The (prompt, component) pairs furthest from the exact value, largest first",
+    "EstimateAgreement.n_pairs": (
+        "Per-position jobs: the (prompt, position) pairs compared; the per-prompt statistics are then per pair and "
+        "the means over pairs (null otherwise)"
+    ),
     "EstimateMiss": "One (prompt, component) where an estimate is far from the exact value.",
     "EstimateMiss.index": "The prompt's index in the job",
     "EstimateMiss.component": "The component",
     "EstimateMiss.exact": "The exact value compared with: total_effect, or abs_total_effect for atp_star",
     "EstimateMiss.estimate": "The estimate",
     "EstimateMiss.error": "estimate − exact",
+    "EstimateMiss.position": "Per-position jobs: the measured position of the miss (null otherwise)",
     "EstimateCost": "What a method cost per prompt, its shared clean passes excluded.",
     "EstimateCost.method": "`exact` (the exact engine), atp, atp_qkfix or atp_star",
     "EstimateCost.model_evaluations": "Forward plus backward passes, a pass over the prompt counting 1 (AtP's count)",

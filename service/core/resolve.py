@@ -17,7 +17,7 @@ from hydra_ablate_client.vocabulary import ResampleSources, is_per_position, par
 from hydra_ablate_client.wire import CorpusRef, DatasetRef, JobRequest, JobSpec, ModelInfo
 from service.core import corpora, datasets
 from service.core.errors import ValidationProblem
-from service.core.estimate_options import check_estimates, check_verify, estimate_values
+from service.core.estimate_options import check_estimates, check_position_estimates, check_verify, estimate_values
 from service.core.patch_resolve import refuse_patch_fields, resolve_patch
 from service.core.settings import Settings
 from service.core.source_draws import check_source_seeds
@@ -146,8 +146,7 @@ def resolve(
     draws = check_source_seeds(pick("source_seeds"), ablation, pick("resample_from"), per_position)
     resample_sources = _resample_sources(pick("resample_sources"), ablation, per_position)
     estimates = check_estimates(
-        [] if request.estimates is UNSET else request.estimates, per_position=per_position, knockouts=knockouts,
-        resample_sources=resample_sources,
+        [] if request.estimates is UNSET else request.estimates, knockouts=knockouts, resample_sources=resample_sources
     )
     verify = check_verify(
         None if request.verify is UNSET else request.verify, estimates=estimates, n_components=len(components)
@@ -160,6 +159,11 @@ def resolve(
         _check_position_options(pick("positions"), metric, options, answers)
     if options["response_basis"] == "heads" and info.head_basis_refusal:
         raise ValidationProblem(info.head_basis_refusal, "response_basis")
+    if per_position:
+        check_position_estimates(
+            estimates, measure_positions=options["measure_positions"], target=options["target"],
+            max_tokens=max_tokens or settings.max_prompt_tokens, n_layers=info.n_layers, verify=verify,
+        )
     _check_result_size(n, n_rows, info, options, per_position, samples * draws, draws, keep_samples,
                        max_tokens or settings.max_prompt_tokens, settings, estimate_values(estimates))
 
@@ -268,7 +272,7 @@ def _check_result_size(
     """The numbers the result would hold must stay under the server's limit (a stored result must fit in Redis);
     `runs`: resample samples × source draws per pair."""
     if per_position:
-        values = _position_values(n, n_components, info, options, max_tokens)
+        values = _position_values(n, n_components, info, options, max_tokens, estimates_per_pair)
         what = f"{n:,} prompts × {n_components:,} components × up to {max_tokens} positions"
     else:
         # The response vector over the basis; the per-run profiles of keep_samples are per layer in either basis.
@@ -409,10 +413,12 @@ def _check_position_options(positions: str, metric: str, options: dict[str, str]
         )
 
 
-def _position_values(n: int, n_components: int, info: ModelInfo, options: dict[str, str], positions: int) -> int:
+def _position_values(
+    n: int, n_components: int, info: ModelInfo, options: dict[str, str], positions: int, estimates_per_pair: int = 0
+) -> int:
     """Numbers a per-position result holds at most (every prompt at `positions` tokens)."""
     basis = _basis_size(info, options)
-    per_pair = POSITION_COLUMNS + (basis if options["position_responses"] == "full" else 0)
+    per_pair = POSITION_COLUMNS + estimates_per_pair + (basis if options["position_responses"] == "full" else 0)
     return n * positions * (n_components * per_pair + basis + 4)
 
 

@@ -4,12 +4,13 @@ coloured by the component's compensatory effect (CE) in that prompt.
 One panel per method: `atp` against the exact total effect, `atp_star` (a magnitude) against the exact |TE| (mean
 over the ablated runs). `atp_qkfix` is left out: for ablation components (not queries or keys) it equals `atp`.
 Points off the diagonal are what the first-order estimate misses; a colour trend along the misses is self-repair the
-gradient does not see (the summary's error-on-CE fits put a number on it).
+gradient does not see (the summary's error-on-CE fits put a number on it). Per-position jobs draw a point per
+(prompt, measured position, component), from the prompts' position columns.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hydra_ablate_client.wire import JobResult
 from service.rendering.figure_style import MIN_FONT_PT, metric_unit
@@ -21,6 +22,19 @@ DRAWN = ("atp", "atp_star")
 LABELS = {"atp": "AtP", "atp_star": "AtP*"}
 
 
+def _position_values(result: JobResult, name: str) -> Any:
+    """Per-position jobs: one (C, P) array of the prompts' position columns, every pair flattened."""
+    import numpy as np
+
+    parts = [np.frombuffer(getattr(p.positions, name) or b"", dtype="<f4").astype(np.float64)
+             for p in result.prompts if p.positions is not None]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _per_position(result: JobResult) -> bool:
+    return bool(result.prompts) and all(p.positions is not None and p.positions.atp is not None for p in result.prompts)
+
+
 def draw(fig: Figure, result: JobResult) -> None:
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
@@ -30,12 +44,14 @@ def draw(fig: Figure, result: JobResult) -> None:
         ax = fig.add_subplot()
         ax.set_axis_off()
         ax.text(0.5, 0.5, 'this job has no estimates: submit it with "estimates": ["atp", "atp_star"]\n'
-                "(final-position ablation jobs; docs/concepts/attribution.md)", ha="center", va="center",
+                "(ablation jobs; docs/concepts/attribution.md)", ha="center", va="center",
                 fontsize=14, transform=ax.transAxes)
         return
     methods = [m for m in DRAWN if m in block.methods]
     agreement = {a.method: a for a in block.agreement}
-    ce = np.array([p.compensatory_effect for p in result.prompts], dtype=np.float64).ravel()
+    per_position = _per_position(result)
+    ce = (_position_values(result, "compensatory_effect") if per_position
+          else np.array([p.compensatory_effect for p in result.prompts], dtype=np.float64).ravel())
     bound = float(np.quantile(np.abs(ce), 0.99)) if ce.size else 0.0
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-max(bound, 1e-9), vmax=max(bound, 1e-9))
     unit = metric_unit(result)
@@ -43,10 +59,14 @@ def draw(fig: Figure, result: JobResult) -> None:
     points = None
     for ax, method in zip(axes, methods, strict=True):
         estimates = [p.estimates for p in result.prompts if p.estimates is not None]
-        y = np.array([getattr(e, method) for e in estimates], dtype=np.float64).ravel()
         magnitude = agreement[method].compared_with == "abs_total_effect"
-        x = (np.array([e.abs_total_effect for e in estimates]) if magnitude
-             else np.array([p.total_effect for p in result.prompts])).astype(np.float64).ravel()
+        if per_position:
+            y = _position_values(result, method)
+            x = _position_values(result, "abs_total_effect" if magnitude else "total_effect")
+        else:
+            y = np.array([getattr(e, method) for e in estimates], dtype=np.float64).ravel()
+            x = (np.array([e.abs_total_effect for e in estimates]) if magnitude
+                 else np.array([p.total_effect for p in result.prompts])).astype(np.float64).ravel()
         points = ax.scatter(x, y, c=ce, cmap="coolwarm", norm=norm, s=18, alpha=0.75, linewidths=0,
                             rasterized=x.size > 5000)
         finite = np.concatenate([x[np.isfinite(x)], y[np.isfinite(y)], [0.0]])
@@ -62,7 +82,7 @@ def draw(fig: Figure, result: JobResult) -> None:
             return "—" if v is None else f"{v:.3f}"
 
         lines = [
-            f"Spearman ρ per prompt (mean) {number(a.spearman_per_prompt_mean)}",
+            f"Spearman ρ per {'pair' if per_position else 'prompt'} (mean) {number(a.spearman_per_prompt_mean)}",
             f"pooled {number(a.spearman_pooled)}",
             f"recall of the exact top-{a.k} {number(a.recall_at_k_per_prompt_mean)}",
             f"mean |error| {a.mean_abs_error:.3g}",
@@ -78,5 +98,6 @@ def draw(fig: Figure, result: JobResult) -> None:
     if points is not None:
         fig.colorbar(points, ax=list(axes), label=f"compensatory effect CE ({unit})")
     spec = result.provenance.spec
+    where = " × every measured position" if per_position else ""
     fig.suptitle(f"{result.model}: attribution patching against exact ablation ({spec.ablation} ablation, "
-                 f"{len(result.prompts)} prompts × {len(result.components)} components)")
+                 f"{len(result.prompts)} prompts{where} × {len(result.components)} components)")

@@ -57,9 +57,10 @@ POSITION_MEASURES = (
     "response_mlps",
     "norm_response",
 )
-# (C, P) arrays that a result may lack: TE on the capped logits (soft-capped models, Gemma 2, only) and the
-# ablation's efficacy Δ̃unembed(k, k) (results computed before it existed). Empty cells / null columns where absent.
-OPTIONAL_POSITION_MEASURES = ("capped_total_effect", "ablated_unembed_effect")
+# (C, P) arrays that a result may lack: TE on the capped logits (soft-capped models, Gemma 2, only), the
+# ablation's efficacy Δ̃unembed(k, k) (results computed before it existed) and the attribution-patching estimates
+# (jobs with `estimates`). Empty cells / null columns where absent.
+OPTIONAL_POSITION_MEASURES = ("capped_total_effect", "ablated_unembed_effect", *ESTIMATE_COLUMNS)
 POSITION_CSV_COLUMNS = (
     "prompt_index",
     "prompt",

@@ -273,4 +273,5 @@ def _measure_prompt(
         clean_direct_effect=(clean_proj / s_clean).index_select(-1, keep).cpu(),
         sources=list(sources),
         capped_total_effect=per_component(torch.cat(capped_total)).cpu() if capped_total else None,
+        abs_total_effect=per_component(total_all.abs()).cpu(),
     )

@@ -158,6 +158,8 @@ class PositionMeasures:
     sources: list[int] = field(default_factory=list)
     # Soft-capped models (Gemma 2) only: TE read on the capped logits at every position (C, P); None otherwise.
     capped_total_effect: torch.Tensor | None = None
+    # (C, P): the mean over the component's ablated runs of |total_effect| (what AtP* estimates; |TE| with one run).
+    abs_total_effect: torch.Tensor | None = None
 
     @property
     def compensatory_effect(self) -> torch.Tensor:

@@ -420,6 +420,12 @@ class PositionColumns(Struct, kw_only=True):
     response: bytes | None = None
     capped_total_effect: bytes | None = None  # (C, P), soft-capped models (Gemma 2) only: TE on the capped logits
     ablated_unembed_effect: bytes | None = None  # (C, P): Δ̃unembed(k, k) at every position (null in older results)
+    # Jobs with `estimates` (C, P): attribution patching at every measured position (docs/concepts/attribution.md),
+    # and abs_total_effect, the mean over the ablated runs of |total_effect| that atp_star is compared with.
+    atp: bytes | None = None
+    atp_qkfix: bytes | None = None  # with atp_star
+    atp_star: bytes | None = None
+    abs_total_effect: bytes | None = None
 
 
 class Estimates(Struct, kw_only=True):
@@ -613,6 +619,7 @@ class EstimateMiss(Struct, kw_only=True):
     exact: float  # what the estimate is compared with: total_effect, or abs_total_effect for atp_star
     estimate: float
     error: float  # estimate − exact
+    position: int | None = None  # per-position jobs: the measured position (null otherwise)
 
 
 class EstimateAgreement(Struct, kw_only=True):
@@ -631,6 +638,9 @@ class EstimateAgreement(Struct, kw_only=True):
     recall_at_k_of_means: float | None
     mean_abs_error: float
     largest_misses: list[EstimateMiss]
+    # Per-position jobs: the (prompt, position) pairs compared; the per-prompt statistics are then per pair and the
+    # means over pairs. Null otherwise.
+    n_pairs: int | None = None
 
 
 class EstimateCost(Struct, kw_only=True):
