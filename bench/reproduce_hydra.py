@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli.stack import Stack
 from hydra_ablate_client.http import HydraClient
-from hydra_ablate_client.wire import JobResult
+from hydra_ablate_client.wire import JobResult, JobStatus
 from service.core.embedded_redis import free_port
 
 OUT = ROOT / "docs" / "results" / "reproduction"
@@ -80,19 +80,20 @@ def _parse(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def run(
-    client: HydraClient, name: str, request: dict[str, object], adopt: str | None = None, slug: str = "smollm2"
-) -> None:
-    """Submit the run (or follow the already submitted job `adopt`), wait, and write its files."""
+def finish(
+    client: HydraClient, name: str, request: dict[str, object], adopt: str | None = None
+) -> tuple[JobResult, float]:
+    """Submit the request (or follow the already submitted job `adopt`) and wait: its result and its running time
+    (started → finished). Stopped meanwhile (Ctrl-C, SIGTERM), a job it submitted is cancelled."""
     started = time.perf_counter()
     job = client.status(adopt) if adopt else client.submit(request)
     logging.info("%s: job %s %s: %s", name, job.id, "adopted" if adopt else "submitted", request)
     last = {"t": 0.0}
 
-    def report(status: object) -> None:
+    def report(status: JobStatus) -> None:
         if time.monotonic() - last["t"] > 60:
             last["t"] = time.monotonic()
-            logging.info("%s: progress %s/%s", name, status.progress.done, status.progress.total)  # type: ignore[attr-defined]
+            logging.info("%s: progress %s/%s", name, status.progress.done, status.progress.total)
 
     try:
         final = client.wait(job.id, poll_s=2.0, on_progress=report)
@@ -110,7 +111,14 @@ def run(
         if final.started_at and final.finished_at
         else (time.perf_counter() - started)
     )
-    result = client.result(job.id)
+    return client.result(job.id), elapsed
+
+
+def run(
+    client: HydraClient, name: str, request: dict[str, object], adopt: str | None = None, slug: str = "smollm2"
+) -> None:
+    """Submit the run (or follow the already submitted job `adopt`), wait, and write its files."""
+    result, elapsed = finish(client, name, request, adopt)
     RAW.mkdir(parents=True, exist_ok=True)
     (RAW / f"hydra_{slug}_{name}.json").write_bytes(msgspec.json.encode(result))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -133,6 +141,22 @@ def wait_for_model(client: HydraClient, alias: str, timeout_s: float = 900) -> N
         time.sleep(2.0)
 
 
+def start_stack(model: str | None, data_dir: Path | None = None) -> Stack:
+    """A stack of its own on a free port (embedded Redis, API, one worker), its workers serving `model` too; ready
+    when it returns (the model itself may still be loading: `wait_for_model`)."""
+    if model:
+        served = os.environ.get("HYDRA_MODELS", "smollm2-135m").split(",")
+        os.environ["HYDRA_MODELS"] = ",".join(dict.fromkeys([*served, model]))
+    stack = Stack(port=free_port()) if data_dir is None else Stack(port=free_port(), data_dir=data_dir)
+    stack.start()
+    try:
+        stack.wait_ready()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -151,12 +175,7 @@ def main() -> None:
     stack = None
     url = args.url
     if url is None:
-        if args.model:
-            served = os.environ.get("HYDRA_MODELS", "smollm2-135m").split(",")
-            os.environ["HYDRA_MODELS"] = ",".join(dict.fromkeys([*served, args.model]))
-        stack = Stack(port=free_port())
-        stack.start()
-        stack.wait_ready()
+        stack = start_stack(args.model)
         url = stack.api_url
     try:
         with HydraClient(url, timeout=600) as client:

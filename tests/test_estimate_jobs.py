@@ -10,7 +10,6 @@ import csv
 import io
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobRequest, JobResult
-from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
 from service.rendering.figure_style import MIN_FONT_PT
 from service.rendering.figures import render
 from service.rendering.parquet import from_parquet
+from tests import estimate_fixtures
 from tests.checks import present
-from tests.live_server import serve
+from tests.estimate_fixtures import EXACT_FIELDS, JOB, METHODS, PROMPTS, run_job
 from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.attribution import run_attribution
 from worker.engine.types import SweepInputs, SweepSpec
@@ -104,33 +103,9 @@ def test_the_result_size_limit_counts_the_estimates() -> None:
 
 # --- through the real stack -----------------------------------------------------------------------------------------
 
-PROMPTS = [
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "My favourite colour is",
-    "The Eiffel Tower is located in the city of",
-    "Beats Music is owned by",
-]
-JOB: dict[str, Any] = {
-    "model": "tiny-llama",
-    "prompts": PROMPTS,
-    "components": ["attn", "mlp", "head"],
-    "ablation": "resample",
-    "resample_samples": 2,
-    "resample_from": "random",
-    "metric": "logit",
-    "seed": 3,
-}
-METHODS = ["atp", "atp_qkfix", "atp_star"]
+live_url = estimate_fixtures.live_url  # the live API, one per module
+
 ESTIMATE_COLUMNS = [*METHODS, "abs_total_effect"]
-EXACT_FIELDS = ("total_effect", "direct_effect", "compensation", "norm_response", "unembed_effect",
-                "compensatory_effect", "ablated_unembed_effect", "response", "clean_direct_effect")
-
-
-@pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -164,10 +139,7 @@ def _hooks(model: torch.nn.Module) -> int:
 
 
 def _run(hydra: HydraClient, body: dict[str, Any]) -> JobResult:
-    job = hydra.submit(body)
-    final = hydra.wait(job.id, poll_s=0.05)
-    assert final.status == "succeeded", final.error
-    return hydra.result(job.id)
+    return run_job(hydra, body)[0]
 
 
 def test_an_estimates_job_matches_the_engine_and_the_plain_job_and_exports_and_draws(

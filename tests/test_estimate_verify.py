@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,13 +20,13 @@ from litestar.testing import TestClient
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobResult
-from service.api.app import create_app
 from service.core.chunk_book import Chunk, ChunkBook, plan_chunks
 from service.core.resolve import ablation_count
 from service.core.settings import Settings
 from service.core.store import JobStore
+from tests import estimate_fixtures
 from tests.checks import present
-from tests.live_server import serve
+from tests.estimate_fixtures import EXACT_FIELDS, JOB, METHODS, PROMPTS, run_job
 from tests.numbers import assert_same_numbers
 from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.attribution_summary import verification_set
@@ -76,40 +76,9 @@ def test_a_patching_job_refuses_verify(client: TestClient) -> None:  # noqa: F81
 
 # --- through the real stack -----------------------------------------------------------------------------------------
 
-PROMPTS = [
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "My favourite colour is",
-    "The Eiffel Tower is located in the city of",
-    "Beats Music is owned by",
-]
-JOB: dict[str, Any] = {
-    "model": "tiny-llama",
-    "prompts": PROMPTS,
-    "components": ["attn", "mlp", "head"],
-    "ablation": "resample",
-    "resample_samples": 2,
-    "resample_from": "random",
-    "metric": "logit",
-    "seed": 3,
-}
-METHODS = ["atp", "atp_qkfix", "atp_star"]
-EXACT_FIELDS = ("total_effect", "direct_effect", "compensation", "norm_response", "unembed_effect",
-                "compensatory_effect", "ablated_unembed_effect", "response", "clean_direct_effect")
+live_url = estimate_fixtures.live_url  # the live API, one per module
+
 TOP, RANDOM = 3, 2
-
-
-@pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
-
-
-def _run(hydra: HydraClient, body: dict[str, Any]) -> tuple[JobResult, Any]:
-    job = hydra.submit(body)
-    final = hydra.wait(job.id, poll_s=0.05)
-    assert final.status == "succeeded", final.error
-    return hydra.result(job.id), final
 
 
 def test_a_verify_job_equals_the_estimates_job_and_the_plain_job_of_its_verified_components(
@@ -117,12 +86,12 @@ def test_a_verify_job_equals_the_estimates_job_and_the_plain_job_of_its_verified
 ) -> None:
     worker_setting("HYDRA_CHUNK_PROMPTS", "2")  # three estimate chunks, then three exact chunks
     with HydraClient(live_url) as hydra:
-        estimated, _ = _run(hydra, {**JOB, "estimates": ["atp", "atp_star"]})
-        result, status = _run(hydra, {**JOB, "estimates": ["atp", "atp_star"],
+        estimated, _ = run_job(hydra, {**JOB, "estimates": ["atp", "atp_star"]})
+        result, status = run_job(hydra, {**JOB, "estimates": ["atp", "atp_star"],
                                       "verify": {"top": TOP, "random": RANDOM}})
         block = present(result.summary.attribution)
         verified = present(block.verified)
-        exact, _ = _run(hydra, {**JOB, "components": verified})
+        exact, _ = run_job(hydra, {**JOB, "components": verified})
 
     every = estimated.components
     verification = present(block.verification)
@@ -200,7 +169,7 @@ def test_a_redelivered_estimate_chunk_does_not_send_the_exact_phase_twice(
     from worker.verify_jobs import estimate_only_chunk
 
     with HydraClient(live_url) as hydra:
-        done, _ = _run(hydra, {**JOB, "components": ["mlp", "attn"], "estimates": ["atp"],
+        done, _ = run_job(hydra, {**JOB, "components": ["mlp", "attn"], "estimates": ["atp"],
                                "verify": {"top": 2, "random": 1}})
     spec = done.provenance.spec
     jobs = JobStore.from_settings(Settings.from_env())

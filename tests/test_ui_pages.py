@@ -7,6 +7,7 @@ Also: the session cookie's attributes, revoked keys ending sessions, no key aske
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -146,6 +147,14 @@ def test_forms_without_the_csrf_token_are_refused(settings: Settings, store: Job
         ({"source": "dataset", "dataset_relation": "P999999"}, 422, "source", "P999999"),
         ({"knockouts": "attn.0 mlp.0\nmlp.1, mlp.1"}, 422, "knockouts", "knockout set 1 names 'mlp.1' twice"),
         ({"knockouts": "attn.0 mlp.0", "estimates_atp": "1"}, 422, "estimates", "not knockout sets"),
+        ({"verify_top": "2"}, 422, "verify", "add estimates"),
+        ({"estimates_atp": "1", "verify_top": "-1"}, 422, "verify", "use 0 or more"),
+        ({"estimates_atp": "1", "verify_top": "0", "verify_random": "0"}, 422, "verify", "nothing would run exactly"),
+        ({"estimates_atp": "1", "verify_top": "5", "verify_random": "2"}, 422, "verify",
+         "top 5 + random 2 = 7 components, but the job has 6"),
+        ({"estimates_atp": "1", "verify_top": "lots"}, 400, "verify_top",
+         "Expected `int`, got `str` - at `$.verify.top`"),
+        ({"estimates_atp": "1", "verify_random": "1.5"}, 400, "verify_random", "at `$.verify.random`"),
     ],
 )
 def test_bad_form_values_come_back_with_the_apis_message_at_the_field(
@@ -209,6 +218,44 @@ def test_the_form_asks_for_the_estimates_ticked(settings: Settings, store: JobSt
         assert reply.status_code == 303, reply.text[:2000]
         spec = store.spec(reply.headers["location"].rsplit("/", 1)[-1])
         assert spec is not None and spec.estimates == ["atp", "atp_star"]
+
+
+@pytest.mark.parametrize(
+    ("form", "verify"),
+    [({"verify_top": "2"}, (2, 0)), ({"verify_random": " 1 "}, (0, 1)),
+     ({"verify_top": "1", "verify_random": "3"}, (1, 3)), ({}, None)],
+)
+def test_the_form_asks_for_a_verification_set(
+    settings: Settings, store: JobStore, form: dict[str, str], verify: tuple[int, int] | None
+) -> None:
+    """Either box filled sends `verify` (the other one counting 0); both empty, none."""
+    with client_for(settings) as client:
+        token = sign_in(client, ALICE)
+        page = client.get("/ui/submit").text
+        assert 'name="verify_top"' in page and 'name="verify_random"' in page
+        body = {"csrf_token": token, "model": "tiny", "source": "prompts", "prompts": "a b\nc d",
+                "components": "attn, mlp", "estimates_atp": "1", "resample_samples": "1", "verify_top": "",
+                "verify_random": "", **form}  # six components
+        reply = client.post("/ui/submit", data=body, follow_redirects=False)
+        assert reply.status_code == 303, reply.text[:2000]
+        spec = store.spec(reply.headers["location"].rsplit("/", 1)[-1])
+        assert spec is not None and spec.estimates == ["atp"]
+        assert (None if spec.verify is None else (spec.verify.top, spec.verify.random)) == verify
+
+
+@pytest.mark.parametrize("verify", [{"top": 5, "random": 2}, {"top": -1, "random": 0}, {"top": 0, "random": 0}])
+def test_the_forms_verify_message_is_the_apis(settings: Settings, store: JobStore, verify: dict[str, int]) -> None:
+    """The page shows, at the verify boxes, the very detail of the API's 422 for the same job."""
+    job = {"model": "tiny", "prompts": ["a b", "c d"], "estimates": ["atp"], "verify": verify}
+    with client_for(settings) as client:
+        api = client.post("/v1/jobs", json=job, headers={"X-API-Key": ALICE})
+        assert api.status_code == 422 and api.json()["field"] == "verify", api.text
+        token = sign_in(client, ALICE)
+        body = {"csrf_token": token, "model": "tiny", "source": "prompts", "prompts": "a b\nc d", "estimates_atp": "1",
+                "verify_top": str(verify["top"]), "verify_random": str(verify["random"])}
+        reply = client.post("/ui/submit", data=body)
+        assert reply.status_code == 422
+        assert html.unescape(error_at(reply.text, "verify")) == api.json()["detail"]
 
 
 def test_unknown_and_other_keys_job_ids_are_404_pages(settings: Settings, store: JobStore) -> None:

@@ -6,6 +6,12 @@ response vector (`response`, over the result's `response_basis`) and its prompt'
 components, response_basis, summary, provenance) is the file's key-value metadata `hydra.result` (JSON, with an
 empty `prompts`). Reading it back with pyarrow gives the same numbers as the JSON (float64 both ways).
 
+Jobs with `verify` also carry each prompt's `all_estimates` (every component of the job, not only the verified
+ones of the rows): list columns `all_estimates_atp`, `all_estimates_atp_qkfix`, `all_estimates_atp_star`, on the
+prompt's first row only (null on its other rows and for a method the job did not ask for), in the order of
+`summary.attribution.verification.components`. A list as long as the job's components, repeated on every row of
+the prompt, would make the file (components × verified) per prompt; these columns are absent for other jobs.
+
 Memory: the stored JSON is decoded once; the Parquet bytes are produced `PROMPTS_PER_ROW_GROUP` prompts at a
 time and sent as they are written, so the export never holds a second full copy of the result.
 
@@ -31,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hydra_ablate_client.tables import ESTIMATE_COLUMNS, iter_long, long_column_names
+from hydra_ablate_client.tables import ALL_ESTIMATE_METHODS, ESTIMATE_COLUMNS, iter_long, long_column_names
 from hydra_ablate_client.vocabulary import component_columns
 from hydra_ablate_client.wire import JobResult, PositionColumns
 from service.rendering.patch_exports import from_patch_parquet, iter_patch_parquet
@@ -43,6 +49,8 @@ PROMPTS_PER_ROW_GROUP = 256
 PROMPT_LISTS = ("sources", "clean_direct_effect")
 POSITION_ROWS_PER_GROUP = 1 << 18  # ≈ 15 prompts of 64 positions × 270 heads
 POSITION_PROMPT_MEASURES = ("clean_metric", "top2_gap")
+# PromptResult.all_estimates (jobs with verify): column → its field, on each prompt's first row.
+ALL_ESTIMATE_COLUMNS = {f"all_estimates_{name}": name for name in ALL_ESTIMATE_METHODS}
 
 _TYPES: dict[str, pa.DataType] = {
     "prompt_index": pa.int64(),
@@ -61,11 +69,17 @@ _TYPES: dict[str, pa.DataType] = {
     "response": pa.list_(pa.float64()),
     "sources": pa.list_(pa.int64()),
     "clean_direct_effect": pa.list_(pa.float64()),
+    **dict.fromkeys(ALL_ESTIMATE_COLUMNS, pa.list_(pa.float64())),
 }
 
 
+def has_all_estimates(result: JobResult) -> bool:
+    return any(prompt.all_estimates is not None for prompt in result.prompts)
+
+
 def parquet_schema(result: JobResult) -> pa.Schema:
-    names = [*long_column_names(result), "response", *PROMPT_LISTS]
+    names = [*long_column_names(result), "response", *PROMPT_LISTS,
+             *(ALL_ESTIMATE_COLUMNS if has_all_estimates(result) else ())]
     rest = msgspec.json.encode(msgspec.structs.replace(result, prompts=[]))
     return pa.schema([pa.field(name, _TYPES.get(name, pa.float64())) for name in names], metadata={METADATA_KEY: rest})
 
@@ -76,12 +90,16 @@ def _batch(result: JobResult, schema: pa.Schema, start: int, stop: int) -> pa.Re
     for row in iter_long(result, start, stop):
         for name, value in zip(long_names, row, strict=True):
             columns[name].append(value)
+    every = [name for name in ALL_ESTIMATE_COLUMNS if name in columns]
     for index in range(start, stop):
         prompt = result.prompts[index]
         for c in range(len(result.components)):
             columns["response"].append(prompt.response[c])
             for name in PROMPT_LISTS:
                 columns[name].append(getattr(prompt, name))
+            for name in every:
+                values = None if c or prompt.all_estimates is None else prompt.all_estimates
+                columns[name].append(None if values is None else getattr(values, ALL_ESTIMATE_COLUMNS[name]))
     return pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
@@ -291,6 +309,8 @@ def from_parquet(table: pa.Table) -> JobResult:
             fields["estimates"] = {
                 name: None if first.get(name) is None else [row[name] for row in group] for name in ESTIMATE_COLUMNS
             }
+        if any(first.get(name) is not None for name in ALL_ESTIMATE_COLUMNS):  # a job with verify
+            fields["all_estimates"] = {field: first.get(name) for name, field in ALL_ESTIMATE_COLUMNS.items()}
         prompts.append(fields)
     return msgspec.convert({**msgspec.to_builtins(rest), "prompts": prompts}, type=JobResult)
 
@@ -298,7 +318,7 @@ def from_parquet(table: pa.Table) -> JobResult:
 _NOT_MEASURES = frozenset(
     {"prompt_index", "prompt", "target_id", "target_token", "clean_metric", "top2_gap", "near_tie", "relation",
      "subject", "answer", "dataset_index", "component", "kind", "layer", "head", "response", *PROMPT_LISTS,
-     *ESTIMATE_COLUMNS}
+     *ESTIMATE_COLUMNS, *ALL_ESTIMATE_COLUMNS}
 )
 
 

@@ -15,6 +15,9 @@ Tables
   response        one row per prompt × ablated component × downstream component: the response matrix, long
   response_mean   the summary's mean response matrix, long: component, response_component, response
   prompts         one row per prompt: its scalar fields and dataset fields
+  all_estimates   jobs with `verify`: one row per prompt × every component of the job (not only the verified ones):
+                  prompt_index, component, kind, layer, head, atp, atp_qkfix, atp_star (PromptResult.all_estimates);
+                  no rows for other jobs
 
 A patching job's result has its own long, summary and prompts (pairs) tables: hydra_ablate_client/patch_tables.py.
 """
@@ -22,22 +25,24 @@ A patching job's result has its own long, summary and prompts (pairs) tables: hy
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from hydra_ablate_client.patch_tables import is_patching, patch_table
 from hydra_ablate_client.vocabulary import component_columns
 
-TableName = Literal["long", "summary", "response", "response_mean", "prompts"]
-TABLES: tuple[TableName, ...] = ("long", "summary", "response", "response_mean", "prompts")
+TableName = Literal["long", "summary", "response", "response_mean", "prompts", "all_estimates"]
+TABLES: tuple[TableName, ...] = get_args(TableName)
 Columns = dict[str, list[Any]]
 
 # Per-prompt lists that are not indexed by component.
 _NOT_PER_COMPONENT = frozenset({"sources", "response", "clean_direct_effect", "warnings"})
 PROMPT_SCALARS = ("target_id", "target_token", "clean_metric", "top2_gap", "near_tie")
 DATASET_COLUMNS = ("relation", "subject", "answer", "dataset_index")
+# The estimates of PromptResult.all_estimates (jobs with verify: every component, not only the verified ones).
+ALL_ESTIMATE_METHODS = ("atp", "atp_qkfix", "atp_star")
 # PromptResult.estimates, one column each after the measures: None (an empty cell) for jobs without estimates and for
 # a method the job did not ask for, so every long table has the same columns.
-ESTIMATE_COLUMNS = ("atp", "atp_qkfix", "atp_star", "abs_total_effect")
+ESTIMATE_COLUMNS = (*ALL_ESTIMATE_METHODS, "abs_total_effect")
 
 
 def _fields(value: Any) -> tuple[str, ...]:
@@ -180,12 +185,34 @@ def prompts_table(result: Any) -> Columns:
     return _columns(names, rows)
 
 
+def estimated_components(result: Any) -> list[str]:
+    """Every component a job with `verify` estimated, in the order of its prompts' `all_estimates` (else [])."""
+    attribution = getattr(result.summary, "attribution", None)
+    verification = getattr(attribution, "verification", None)
+    return list(verification.components) if verification is not None else []
+
+
+def all_estimates_table(result: Any) -> Columns:
+    components = estimated_components(result)
+    parsed = [component_columns(name) for name in components]
+    names = ["prompt_index", "component", "kind", "layer", "head", *ALL_ESTIMATE_METHODS]
+    rows = (
+        [prompt_index(prompt, position), name, *parsed[c],
+         *(None if getattr(every, m) is None else getattr(every, m)[c] for m in ALL_ESTIMATE_METHODS)]
+        for position, prompt in enumerate(result.prompts)
+        if (every := getattr(prompt, "all_estimates", None)) is not None
+        for c, name in enumerate(components)
+    )
+    return _columns(names, rows)
+
+
 _BUILDERS = {
     "long": long_table,
     "summary": summary_table,
     "response": response_table,
     "response_mean": response_mean_table,
     "prompts": prompts_table,
+    "all_estimates": all_estimates_table,
 }
 
 

@@ -836,7 +836,8 @@ class JobResult(Struct, kw_only=True):
 
     def to_pandas(self, table: str = "long") -> Any:
         """A pandas DataFrame of the result: "long" (prompt × component), "summary", "response" (the response
-        matrix, long), "response_mean" or "prompts"; see clients/python/hydra_ablate_client/tables.py."""
+        matrix, long), "response_mean", "prompts" or "all_estimates" (jobs with verify: prompt × every component);
+        see clients/python/hydra_ablate_client/tables.py."""
         from hydra_ablate_client.tables import to_pandas
 
         return to_pandas(self, table)  # type: ignore[arg-type]

@@ -342,6 +342,7 @@ class UiController(Controller):
             defaults=DEFAULTS,
             dataset_flags=forms.DATASET_FLAGS,
             estimates=forms.ESTIMATES,
+            verify_fields=forms.VERIFY_FIELDS,
             has_name=forms.request_has("name"),
             has_tags=forms.request_has("tags"),
         )

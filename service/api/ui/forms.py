@@ -15,7 +15,7 @@ from typing import Any, get_args
 import msgspec
 
 from hydra_ablate_client.vocabulary import AblationKind, EstimateName, MetricName, PositionScope, PresetName
-from hydra_ablate_client.wire import DatasetRef, JobRequest
+from hydra_ablate_client.wire import DatasetRef, JobRequest, Verify
 
 # Choices offered by the form's selects, straight from the schema (so new values appear without touching the page).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -34,10 +34,13 @@ DATASET_FLAGS = tuple(
 )
 # Attribution-patching estimates: one checkbox per method (docs/concepts/attribution.md).
 ESTIMATES: tuple[str, ...] = get_args(EstimateName)
+# Estimates first, then the exact ablation of a verification set: one box per field of `verify` (top, random).
+VERIFY_FIELDS: tuple[str, ...] = tuple(Verify.__struct_fields__)
 FORM_FIELDS = (
     "name", "tags", "model", "preset", "source", "prompts", "dataset_limit", "dataset_offset", "dataset_relation",
     *(f"dataset_{flag}" for flag in DATASET_FLAGS), "components", "knockouts", "ablation", "positions", "metric",
     "resample_samples", "seed", *(f"estimates_{method}" for method in ESTIMATES), "estimates",
+    *(f"verify_{name}" for name in VERIFY_FIELDS), "verify",
 )  # fmt: skip
 _PATH = re.compile(r"at `\$\.([A-Za-z_]+)(?:\.([A-Za-z_]+))?")
 
@@ -90,6 +93,10 @@ def form_body(form: Mapping[str, str]) -> dict[str, Any]:
     estimates = [method for method in ESTIMATES if get(f"estimates_{method}")]
     if estimates:
         body["estimates"] = estimates
+    # Verify: sent when either box is filled; an empty box then counts none (0) of its kind.
+    verify = {name: _int_or_raw(get(f"verify_{name}")) for name in VERIFY_FIELDS if get(f"verify_{name}")}
+    if verify:
+        body["verify"] = {name: verify.get(name, 0) for name in VERIFY_FIELDS}
     if request_has("name") and get("name"):
         body["name"] = get("name")
     if request_has("tags") and get("tags"):
@@ -130,6 +137,8 @@ def form_field(api_field: str | None, sub: str | None = None) -> str:
     api_field, sub = match.group(1), sub or match.group(2)
     if api_field == "dataset":
         return f"dataset_{sub}" if sub and f"dataset_{sub}" in FORM_FIELDS else "source"
+    if api_field == "verify":
+        return f"verify_{sub}" if sub and f"verify_{sub}" in FORM_FIELDS else "verify"
     if api_field == "answers":
         return "source"
     return api_field if api_field in FORM_FIELDS else ""
