@@ -18,9 +18,7 @@ The default run is a covering set; `HYDRA_ATTRIBUTION_CHECKS=full` runs every li
 
 from __future__ import annotations
 
-import gc
 import os
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +29,7 @@ from transformers import PreTrainedModel
 
 from tests.engine_fixtures import tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.patch_oracle import _columns, _first, _hook, _module, _parts, _Undo, _wrap_eager, capture, patched_logits
-from tests.test_attribution import _hook_counts, float64_copy
+from tests.test_attribution import ModelState, _Detached, float64_copy
 from tests.test_patching import _pair
 from tests.tiny_models import load_tiny_model
 from worker.engine.architecture import describe, head_part_refusal
@@ -78,16 +76,6 @@ def _star_sites(sites: list[str]) -> set[str]:
         first.setdefault((kind, part), site)
     resid = [site for site in sites if site.startswith("resid_pre.")]
     return {*first.values(), *resid[-1:]}
-
-
-class _Detached:
-    """A forward hook detaching a module's output: its backward path is dropped, its value unchanged."""
-
-    @staticmethod
-    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (output[0].detach(), *output[1:])
-        return output.detach()
 
 
 def reference_gradient(model: Any, ids: torch.Tensor, site: str, answer: int, counterfactual: int,
@@ -299,50 +287,17 @@ def test_refusals_say_what_to_change(tiny_models: Callable[[str], PreTrainedMode
 
 def test_nothing_left_on_the_model(tiny_model_dir: Callable[[str], Any]) -> None:  # noqa: F811
     model = load_tiny_model(tiny_model_dir("gemma2"))  # eager attention, soft-capping, post-norms
-    params = list(model.parameters())
-    for k, p in enumerate(params):  # a mix, to see each restored as it was
-        p.requires_grad_(k % 3 != 0)
-    flags = [p.requires_grad for p in params]
-    hooks = _hook_counts(model)
-    implementation = model.config._attn_implementation
-    saved: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    class Box:
-        """A saved tensor of a graph, alive exactly as long as the graph node that saved it."""
-
-        def __init__(self, t: torch.Tensor) -> None:
-            self.t = t.detach()
-
-    def pack(t: torch.Tensor) -> Box:
-        box = Box(t)
-        saved.add(box)
-        return box
-
-    def unpack(box: Box) -> torch.Tensor:
-        return box.t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):  # the check can fail: a kept graph is seen
-        kept = (torch.ones(3, requires_grad=True) * 2).exp()
-    assert len(saved) > 0
-    del kept
-    gc.collect()
-    assert len(saved) == 0
-
+    state = ModelState(model)
     arch = describe(model)
     sites = tuple(site for site in ("resid_pre.1", "attn.0", "mlp.2", "head.1.2", "head.0.1.q", "head.2.3.k",
                                     "head.1.0.v", "head.2.2.pattern")
                   if _parse(site)[3] is None or head_part_refusal(arch, str(_parse(site)[3])) is None)
     assert "head.0.1.q" in sites and "head.2.2.pattern" in sites  # the probed pass and the QK fix run
     spec = PatchSpec(sites=sites, positions="all")
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with state.tracking():
         result = run_patch_attribution(model, spec, [_pair(), _pair()])
-    gc.collect()
-    assert len(saved) == 0, f"{len(saved)} saved tensors of a graph outlived the run"
+    state.assert_unchanged()
     assert len(result.pairs) == 2
-    assert all(p.grad is None for p in params)
-    assert [p.requires_grad for p in params] == flags
-    assert _hook_counts(model) == hooks
-    assert model.config._attn_implementation == implementation
 
     calls = 0
 
@@ -351,9 +306,6 @@ def test_nothing_left_on_the_model(tiny_model_dir: Callable[[str], Any]) -> None
         calls += 1
         return calls > 1  # cancelled after the first pair
 
-    with pytest.raises(PatchingCancelled):
+    with pytest.raises(PatchingCancelled), state.tracking():
         run_patch_attribution(model, spec, [_pair(), _pair()], should_stop=stop)
-    assert all(p.grad is None for p in params)
-    assert [p.requires_grad for p in params] == flags
-    assert _hook_counts(model) == hooks
-    assert model.config._attn_implementation == implementation
+    state.assert_unchanged()

@@ -120,17 +120,25 @@ def _columns(site: Site, head_dim: int) -> slice:
     return slice(site.head * head_dim, (site.head + 1) * head_dim)
 
 
-def _tensor(graph: Graph, site: Site) -> torch.Tensor:
-    """(1, T, ·): the node a linear estimate differentiates against (not for patterns)."""
+def _node(
+    site: Site,
+    hidden: list[torch.Tensor] | None,
+    layer_out: list[torch.Tensor],
+    head_in: list[torch.Tensor],
+    parts: dict[tuple[str, int], torch.Tensor],
+) -> torch.Tensor:
+    """The site's node among a pass's tensors or their gradients (not for patterns)."""
     if site.kind == "resid_pre":
-        return graph.hidden[site.layer]
-    if site.kind == "attn":
-        return graph.layer_out[2 * site.layer]
-    if site.kind == "mlp":
-        return graph.layer_out[2 * site.layer + 1]
-    if site.part is None:
-        return graph.head_in[site.layer]
-    return graph.parts[(site.part, site.layer)]
+        assert hidden is not None
+        return hidden[site.layer]
+    if site.kind in ("attn", "mlp"):
+        return layer_out[2 * site.layer + (site.kind == "mlp")]
+    return head_in[site.layer] if site.part is None else parts[(site.part, site.layer)]
+
+
+def _tensor(graph: Graph, site: Site) -> torch.Tensor:
+    """(1, T, ·): the node a linear estimate differentiates against."""
+    return _node(site, graph.hidden, graph.layer_out, graph.head_in, graph.parts)
 
 
 def _gradient(grads: NodeGradients, site: Site, probs: bool) -> torch.Tensor:
@@ -138,16 +146,7 @@ def _gradient(grads: NodeGradients, site: Site, probs: bool) -> torch.Tensor:
     if probs:
         assert grads.probs is not None
         return grads.probs[site.layer]
-    if site.kind == "resid_pre":
-        assert grads.hidden is not None
-        return grads.hidden[site.layer]
-    if site.kind == "attn":
-        return grads.layer_out[2 * site.layer]
-    if site.kind == "mlp":
-        return grads.layer_out[2 * site.layer + 1]
-    if site.part is None:
-        return grads.head_in[site.layer]
-    return grads.parts[(site.part, site.layer)]
+    return _node(site, grads.hidden, grads.layer_out, grads.head_in, grads.parts)
 
 
 @dataclass(frozen=True)
