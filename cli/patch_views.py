@@ -1,5 +1,6 @@
 """What `hydra-ablate result` prints for a patching job: the pairs' metrics, then one row per site (and position)
-with its mean patching score, the interval over pairs and the pooled score."""
+with its mean patching score, the interval over pairs and the pooled score; with estimates, their agreement with
+the exact patches and, per site, the mean estimated score beside the exact one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from hydra_ablate_client.wire import JobResult
+from cli.estimate_views import attribution_lines
+from hydra_ablate_client.wire import JobResult, PatchingResult
 
 
 def _number(value: float | None) -> str:
@@ -44,4 +46,35 @@ def patch_result_view(result: JobResult) -> Group:
             _number(item.patched_metric_mean),
         )
     parts: list[RenderableType] = [Text(line) for line in lines]
-    return Group(*parts, Text(""), table)
+    estimated = _estimates_table(patching)
+    tail: list[RenderableType] = [] if estimated is None else [Text(""), estimated]
+    tail += [Text(line) for line in attribution_lines(patching.attribution, "pair")]
+    return Group(*parts, Text(""), table, *tail)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _estimates_table(patching: PatchingResult) -> Table | None:
+    """Per site (at the final position: the last column of each pair) the mean exact score beside each method's
+    mean estimated score over the scored pairs; None without estimates."""
+    estimates = [p.estimates for p in patching.pairs]
+    if not estimates or any(e is None for e in estimates):
+        return None
+    methods = [m for m in ("atp", "atp_qkfix", "atp_star") if getattr(estimates[0], m) is not None]
+    table = Table(title="estimated patching score per site (mean over scored pairs, final position)")
+    widest = max((len(site) for site in patching.sites), default=4)
+    table.add_column("site", justify="left", no_wrap=True, min_width=widest)
+    table.add_column("exact", justify="right")
+    for method in methods:
+        table.add_column(method if method != "atp_star" else "atp* (|score|)", justify="right")
+    for s, site in enumerate(patching.sites):
+        exact = _mean([p.patching_score[s][-1] for p in patching.pairs])
+        cells = []
+        for method in methods:
+            grids = [getattr(e, f"{method}_score") for e in estimates]
+            cells.append(_number(_mean([g[s][-1] for g in grids if g is not None])))
+        table.add_row(site, _number(exact), *cells)
+    return table

@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cli.estimate_views import attribution_lines
 from cli.patch_views import patch_result_view
 from hydra_ablate_client.wire import (
     ComponentSummary,
@@ -393,14 +394,8 @@ def estimate_lines(summary: Summary) -> list[str]:
     block = summary.attribution
     if block is None:
         return []
-    speed = {c.method: c.speedup for c in block.cost}
     unit = "pair" if any(a.n_pairs is not None for a in block.agreement) else "prompt"  # per-position: (prompt, q)
-    lines = [f"estimates against exact (Spearman ρ per {unit}, pooled; top-k recall; speed):"]
-    for a in block.agreement:
-        times = speed.get(a.method)
-        lines.append(f"  {a.method:<9} ρ {_num(a.spearman_per_prompt_mean, '+.2f')}, "
-                     f"{_num(a.spearman_pooled, '+.2f')}; top-{a.k} {_num(a.recall_at_k_per_prompt_mean, '.2f')}; "
-                     + ("—" if times is None else f"{times:.1f}× exact"))
+    lines = attribution_lines(block, unit)
     if block.verification is not None:  # estimates first: the agreement covers the verified components only
         v = block.verification
         lines.append(f"  verified {len(v.verified)} of {len(v.components)} components exactly; agreement over those")

@@ -547,51 +547,67 @@ def _hook_counts(model: nn.Module) -> list[int]:
     ]
 
 
+class _Box:
+    """A saved tensor of a graph; it lives exactly as long as the graph node that saved it (detached: keeping an op's
+    own output with its grad_fn would tie the box to the node in a cycle gc cannot see)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t.detach()
+
+
+class ModelState:
+    """What a run may leave on a model: hooks, `.grad`, `requires_grad` (set to a mix here, to see each restored as
+    it was), the attention implementation, and, for runs inside `tracking()`, saved tensors of a graph still alive."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = list(model.parameters())
+        for k, p in enumerate(self.params):
+            p.requires_grad_(k % 3 != 0)
+        self.flags = [p.requires_grad for p in self.params]
+        self.hooks = _hook_counts(model)
+        self.implementation = model.config._attn_implementation  # type: ignore[union-attr]
+        self.saved: weakref.WeakSet[Any] = weakref.WeakSet()
+        # The check can fail: a graph kept alive keeps its saved tensors in the set.
+        with self.tracking():
+            kept = (torch.ones(3, requires_grad=True) * 2).exp()
+        assert len(self.saved) > 0
+        del kept
+        gc.collect()
+        assert len(self.saved) == 0
+
+    def _pack(self, t: torch.Tensor) -> _Box:
+        box = _Box(t)
+        self.saved.add(box)
+        return box
+
+    @staticmethod
+    def _unpack(box: _Box) -> torch.Tensor:
+        return box.t
+
+    def tracking(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def assert_unchanged(self) -> None:
+        gc.collect()
+        assert len(self.saved) == 0, f"{len(self.saved)} saved tensors of a graph outlived the job"
+        assert all(p.grad is None for p in self.params)
+        assert [p.requires_grad for p in self.params] == self.flags
+        assert _hook_counts(self.model) == self.hooks
+        assert self.model.config._attn_implementation == self.implementation  # type: ignore[union-attr]
+
+
 def test_nothing_left_on_the_model(
     tiny_model_dir: Callable[[str], Any], prompt_set: PromptSet,  # noqa: F811
 ) -> None:
     model = load_tiny_model(tiny_model_dir("gemma2"))  # eager attention, soft-capping, post-norms
-    params = list(model.parameters())
-    for k, p in enumerate(params):  # a mix, to see each restored as it was
-        p.requires_grad_(k % 3 != 0)
-    flags = [p.requires_grad for p in params]
-    hooks = _hook_counts(model)
-    implementation = model.config._attn_implementation
-    saved: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    class Box:
-        """A saved tensor of a graph; it lives exactly as long as the graph node that saved it (detached: keeping an
-        op's own output with its grad_fn would tie the box to the node in a cycle gc cannot see)."""
-
-        def __init__(self, t: torch.Tensor) -> None:
-            self.t = t.detach()
-
-    def pack(t: torch.Tensor) -> Box:
-        box = Box(t)
-        saved.add(box)
-        return box
-
-    def unpack(box: Box) -> torch.Tensor:
-        return box.t
-
-    # The check can fail: a graph kept alive keeps its saved tensors in the set.
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        kept = (torch.ones(3, requires_grad=True) * 2).exp()
-    assert len(saved) > 0
-    del kept
-    gc.collect()
-    assert len(saved) == 0
+    state = ModelState(model)
 
     spec = SweepSpec(components=(*NODES, "head.1.2.q", "head.2.3.k"), ablation="resample", positions="all")
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with state.tracking():
         result = run_attribution(model, spec, _inputs(prompt_set, n=3))
-    gc.collect()
-    assert len(saved) == 0, f"{len(saved)} saved tensors of a graph outlived the job"
+    state.assert_unchanged()
     assert isinstance(result, AttributionResult) and result.prompts
-    assert all(p.grad is None for p in params)
-    assert [p.requires_grad for p in params] == flags
-    assert _hook_counts(model) == hooks
-    assert model.config._attn_implementation == implementation
 
     calls = 0
 
@@ -600,9 +616,6 @@ def test_nothing_left_on_the_model(
         calls += 1
         return calls > 1  # cancelled after the first batch
 
-    with pytest.raises(SweepCancelled):
+    with pytest.raises(SweepCancelled), state.tracking():
         run_attribution(model, spec, _inputs(prompt_set, n=3), should_stop=stop)
-    assert all(p.grad is None for p in params)
-    assert [p.requires_grad for p in params] == flags
-    assert _hook_counts(model) == hooks
-    assert model.config._attn_implementation == implementation
+    state.assert_unchanged()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,7 +42,11 @@ TINY_JOB = {"model": "tiny", "prompts": ["Paris is the capital of", "Berlin is t
 # (case, body, fragments of the detail, the field named)
 REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
     ("patch without pairs", {**PATCH_JOB, "pairs": None}, ("intervention 'patch' needs pairs",), "pairs"),
-    ("estimates", {**PATCH_JOB, "estimates": ["atp"]}, ("estimates is an ablation option",), "estimates"),
+    ("estimates with knockouts", {**PATCH_JOB, "estimates": ["atp"], "knockouts": [["attn.1", "mlp.0"]]},
+     ("estimates cover single sites", "not knockout sets"), "estimates"),
+    ("estimates named twice", {**PATCH_JOB, "estimates": ["atp", "atp"]}, ("name each method once",), "estimates"),
+    ("verify", {**PATCH_JOB, "estimates": ["atp"], "verify": {"top": 1, "random": 0}},
+     ("verify is an ablation option",), "verify"),
     ("resample options", {**PATCH_JOB, "resample_samples": 3}, ("resample_samples is an ablation option",),
      "resample_samples"),
     ("prompts beside pairs", {**PATCH_JOB, "prompts": ["a prompt"]}, ("prompts is an ablation option",), "prompts"),
@@ -391,3 +396,105 @@ def test_a_pair_dataset_is_drawn_on_the_models_tokenizer(live_url: str, llama: t
     spec = result.provenance.spec
     assert spec.pair_dataset is not None and spec.pair_dataset.name == "ioi"
     assert spec.prompts == [p.clean for p in expected]
+
+
+ESTIMATED_SITES = ["resid_pre.1", "attn.0", "mlp.2", "head.1.2", "head.0.1.q", "head.2.3.pattern"]
+
+
+@pytest.mark.parametrize(("direction", "positions"), [("denoise", "all"), ("noise", "final")])
+def test_a_patching_job_with_estimates_serves_the_engines_numbers(
+    live_url: str, llama: tuple[Any, Any], worker_setting: Any, direction: str, positions: str
+) -> None:
+    """`estimates` on a patching job: every pair's AtP, AtP + QK fix and AtP* equal the engine's on an independently
+    loaded copy of the model (worker/engine/patch_attribution.py, checked against its own references in
+    tests/test_patch_attribution.py) at 1e-4; the exact change and the estimated scores are divided as the patching
+    score is; the summary's agreement and cost; the exports, the client's table and the CLI carry them."""
+    from rich.console import Console
+
+    from cli.views import result_view
+    from worker.engine.patch_attribution import run_patch_attribution
+
+    model, tokenizer = llama
+    worker_setting("HYDRA_CHUNK_PROMPTS", "2")  # three pairs in two chunks: costs are weighed by their pairs
+    pairs = _ioi(tokenizer, 3, seed=6)
+    with HydraClient(live_url) as hydra:
+        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": _wire(pairs),
+                            "components": ESTIMATED_SITES, "direction": direction, "positions": positions,
+                            "estimates": ["atp", "atp_star"]})
+        final = hydra.wait(job.id, poll_s=0.05)
+        assert final.status == "succeeded", final.error
+        result = hydra.result(job.id)
+    patching = present(result.patching)
+    engine_pairs = [
+        PatchPair(clean_ids=torch.tensor(tokenizer(p.clean).input_ids),
+                  corrupted_ids=torch.tensor(tokenizer(p.corrupted).input_ids),
+                  answer_id=tokenizer(p.answer, add_special_tokens=False).input_ids[0],
+                  counterfactual_id=tokenizer(p.counterfactual, add_special_tokens=False).input_ids[0])
+        for p in pairs
+    ]
+    spec = PatchSpec(sites=tuple(ESTIMATED_SITES), direction=direction, positions=positions)  # type: ignore[arg-type]
+    engine = run_patch_attribution(model, spec, engine_pairs)
+    for served, expected in zip(patching.pairs, engine.pairs, strict=True):
+        estimates = present(served.estimates)
+        for method in ("atp", "atp_qkfix", "atp_star"):
+            worst = (torch.tensor(getattr(estimates, method)) - torch.tensor(expected.values[method])).abs().max()
+            assert worst.item() < ATOL, f"{method} off the engine's by {worst.item():.2e}"
+        base, source = ((served.corrupted_metric, served.clean_metric) if direction == "denoise"
+                        else (served.clean_metric, served.corrupted_metric))
+        assert expected.base_metric == pytest.approx(base, abs=ATOL)
+        for s in range(len(ESTIMATED_SITES)):
+            for c in range(len(served.positions)):
+                assert estimates.effect[s][c] == pytest.approx(served.patched_metric[s][c] - base, abs=1e-9)
+                score = estimates.atp_score[s][c]
+                star = present(estimates.atp_star_score)[s][c]
+                if served.flagged:
+                    assert score is None and star is None and served.patching_score[s][c] is None
+                else:
+                    assert score == pytest.approx(estimates.atp[s][c] / (source - base), rel=1e-9)
+                    assert star == pytest.approx(present(estimates.atp_star)[s][c] / abs(source - base), rel=1e-9)
+
+    block = present(patching.attribution)
+    assert block.methods == ["atp", "atp_qkfix", "atp_star"] and block.errors == []
+    assert [c.method for c in block.cost] == ["exact", "atp", "atp_qkfix", "atp_star"]
+    cost = {c.method: c for c in block.cost}
+    assert cost["atp"].model_evaluations == 3 and cost["atp"].forward_passes == 2
+    per_pair = sum(len(p.positions) for p in patching.pairs) / 3 * len(ESTIMATED_SITES)
+    assert cost["exact"].model_evaluations == pytest.approx(2 + per_pair)
+    common = sorted(set.intersection(*(set(p.positions) for p in patching.pairs)))
+    width = len(ESTIMATED_SITES) * (len(common) if positions == "all" else 1)
+    for agreement in block.agreement:
+        assert agreement.n_prompts == 3 and agreement.n_components == width
+        assert agreement.compared_with == ("abs_total_effect" if agreement.method == "atp_star" else "total_effect")
+        for miss in agreement.largest_misses:  # each miss names its pair and site (and position) and both values
+            site, _, at = miss.component.partition("@")
+            pair = patching.pairs[miss.index]
+            column = pair.positions.index(int(at)) if at else len(pair.positions) - 1
+            exact = present(pair.estimates).effect[ESTIMATED_SITES.index(site)][column]
+            assert miss.exact == pytest.approx(abs(exact) if agreement.method == "atp_star" else exact, abs=1e-9)
+    summary = httpx.get(f"{live_url}/v1/jobs/{job.id}/summary").raise_for_status().json()
+    assert summary["attribution"]["methods"] == block.methods
+
+    rows = [(pair, s, c) for pair in patching.pairs for s in range(len(ESTIMATED_SITES))
+            for c in range(len(pair.positions))]
+    table = result.to_pandas()
+    for name in ("effect", "atp", "atp_qkfix", "atp_star", "atp_score", "atp_qkfix_score", "atp_star_score"):
+        assert name in table.columns
+    assert list(table["atp"]) == [present(p.estimates).atp[s][c] for p, s, c in rows]
+    export = f"{live_url}/v1/jobs/{job.id}/result"
+    csv_rows = list(csv.DictReader(io.StringIO(httpx.get(export, params={"format": "csv"}).raise_for_status().text)))
+    assert [r["atp_star"] for r in csv_rows] == [repr(present(present(p.estimates).atp_star)[s][c]) for p, s, c in rows]
+    raw = httpx.get(export, params={"format": "parquet"}).raise_for_status().content
+    parquet = pq.read_table(io.BytesIO(raw))
+    assert parquet.column("effect").to_pylist() == [present(p.estimates).effect[s][c] for p, s, c in rows]
+    from service.rendering.parquet import from_parquet
+
+    assert from_parquet(parquet) == result  # the estimates come back from the file's rows
+
+    console = Console(width=80, record=True)
+    console.print(result_view(result))
+    shown = console.export_text()
+    assert "estimates against exact (Spearman ρ per pair, pooled; top-k recall; speed):" in shown
+    for method in ("atp", "atp_qkfix", "atp_star"):  # one unbroken line each in 80 columns
+        assert re.search(rf"^  {method} +ρ [^\n]*; top-\d+ [^\n]*; [^\n]*exact *$", shown, re.MULTILINE), shown
+    assert "estimated patching score per site" in shown
+    assert all(site in shown for site in ESTIMATED_SITES)

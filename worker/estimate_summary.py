@@ -1,10 +1,11 @@
 """The summary's `attribution` block: a job's estimates against its exact effects, from the merged prompt results.
 
 The statistics are worker/attribution_summary.py's (agreement, cost table, the error regressed on CE); this module
-only pairs the stored results (PromptResult.estimates beside total_effect, compensatory_effect and norm_response)
-and weighs the chunks' per-prompt costs by the prompts each measured. Per-position jobs pair every (prompt, measured
-position) instead, from the prompts' position columns (`paired_positions`): each pair is a row, the per-prompt
-statistics are per pair, and a prompt's pairs are resampled together in the error-on-CE bootstrap.
+only pairs the stored results (PromptResult.estimates beside total_effect, compensatory_effect and norm_response;
+for a patching job PairResult.estimates beside the exact change of each patch) and weighs the chunks' per-prompt
+(per-pair) costs by the prompts (pairs) each measured. Per-position jobs pair every (prompt, measured position)
+instead, from the prompts' position columns (`paired_positions`): each pair is a row, the per-prompt statistics are
+per pair, and a prompt's pairs are resampled together in the error-on-CE bootstrap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from hydra_ablate_client.wire import (
     EstimateCost,
     EstimateError,
     Estimates,
+    PairResult,
+    PatchEstimates,
     PromptResult,
 )
 from worker.attribution_summary import DEFAULT_TOP_K, Paired, agreement, cost_table, hydra_link
@@ -119,20 +122,99 @@ def summarise_estimates(
     per_position = any(p.positions is not None for p in prompts)
     pairs = paired_positions(prompts, components) if per_position else paired(prompts, components)
     methods = list(pairs.estimates)
-    costs = merged_costs(chunk_costs)
-    exact = costs.pop("exact")
     return AttributionSummary(
         methods=methods,
-        agreement=[
-            msgspec.convert(
-                agreement(m, pairs.compared_with[m], pairs.exact_for(m), pairs.estimates[m], pairs.components,
-                          pairs.indices, k=k, positions=pairs.positions),
-                EstimateAgreement, from_attributes=True,
-            )
-            for m in methods
-        ],
-        cost=[msgspec.convert(row, EstimateCost, from_attributes=True)
-              for row in cost_table({m: costs[m] for m in methods if m in costs}, exact)],
+        agreement=_agreements(pairs, k),
+        cost=_cost_rows(methods, chunk_costs),
         errors=[msgspec.convert(row, EstimateError, from_attributes=True)
                 for m in methods for row in hydra_link(pairs, m, seed)],
     )
+
+
+def _agreements(pairs: Paired, k: int) -> list[EstimateAgreement]:
+    return [
+        msgspec.convert(
+            agreement(m, pairs.compared_with[m], pairs.exact_for(m), pairs.estimates[m], pairs.components,
+                      pairs.indices, k=k, positions=pairs.positions),
+            EstimateAgreement, from_attributes=True,
+        )
+        for m in pairs.estimates
+    ]
+
+
+def _cost_rows(methods: Sequence[str], chunk_costs: Sequence[tuple[int, list[EstimateCost]]]) -> list[EstimateCost]:
+    costs = merged_costs(chunk_costs)
+    exact = costs.pop("exact")
+    return [msgspec.convert(row, EstimateCost, from_attributes=True)
+            for row in cost_table({m: costs[m] for m in methods if m in costs}, exact)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Patching jobs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _pair_estimates(pair: PairResult) -> PatchEstimates:
+    if pair.estimates is None:
+        raise ValueError(f"pair {pair.index} of a job with estimates has none")
+    return pair.estimates
+
+
+def patch_columns(pairs: Sequence[PairResult], sites: Sequence[str], positions: str) -> tuple[list[str], list[int]]:
+    """The agreement's components of a patching job and, per pair, nothing but which position column each takes:
+    the sites at the final position; with positions "all", every (site, position) that every pair has, named
+    "site@position" (pairs of different lengths share their first positions)."""
+    if positions != "all":
+        return list(sites), [0]
+    common = sorted(set.intersection(*(set(p.positions) for p in pairs))) if pairs else []
+    return [f"{site}@{position}" for site in sites for position in common], common
+
+
+def patch_paired(pairs: Sequence[PairResult], sites: Sequence[str], positions: str) -> Paired:
+    """(P, C) arrays of a patching job: the exact change of the metric (patched − base) and its magnitude beside
+    every method's estimate, C = sites (× positions). Patching has no compensatory effect or norm response: those
+    arrays are NaN (and no error is regressed on them)."""
+    names, columns = patch_columns(pairs, sites, positions)
+    rows = [_pair_estimates(p) for p in pairs]
+    methods = [m for m in ESTIMATED if getattr(rows[0], m) is not None]
+
+    def flat(pair: PairResult, grid: list[list[float]]) -> list[float]:
+        if positions != "all":
+            return [row[0] for row in grid]
+        where = [pair.positions.index(q) for q in columns]
+        return [row[c] for row in grid for c in where]
+
+    def array(values: list[list[float]]) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64).reshape(len(pairs), len(names))
+
+    effect = array([flat(p, e.effect) for p, e in zip(pairs, rows, strict=True)])
+    missing = np.full_like(effect, np.nan)
+    return Paired(
+        indices=[p.index for p in pairs],
+        components=names,
+        total_effect=effect,
+        abs_total_effect=np.abs(effect),
+        compensatory_effect=missing,
+        norm_response=missing,
+        estimates={m: array([flat(p, getattr(e, m)) for p, e in zip(pairs, rows, strict=True)]) for m in methods},
+        compared_with={m: ESTIMATED[m] for m in methods},
+    )
+
+
+def summarise_patch_estimates(
+    pairs: Sequence[PairResult],
+    sites: Sequence[str],
+    positions: str,
+    chunk_costs: Sequence[tuple[int, list[EstimateCost]]],
+    *,
+    seed: int = 0,
+    k: int = DEFAULT_TOP_K,
+) -> AttributionSummary:
+    """A patching job's estimates against its exact patches: agreement per method over pairs × sites (× positions),
+    and the cost table per pair (the exact engine first). `errors` is empty: patching measures no compensatory
+    effect to regress the miss on. `seed` is unused (no bootstrap), kept for the ablation summary's signature."""
+    del seed
+    paired_ = patch_paired(pairs, sites, positions)
+    methods = list(paired_.estimates)
+    return AttributionSummary(methods=methods, agreement=_agreements(paired_, k), cost=_cost_rows(methods, chunk_costs),
+                              errors=[])

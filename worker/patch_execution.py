@@ -15,9 +15,11 @@ import msgspec
 import torch
 
 from hydra_ablate_client.wire import (
+    EstimateCost,
     JobResult,
     JobSpec,
     PairResult,
+    PatchEstimates,
     PatchingResult,
     PatchSummary,
     Provenance,
@@ -26,8 +28,11 @@ from hydra_ablate_client.wire import (
     Summary,
 )
 from service.core.chunk_book import ChunkResult
+from worker.engine.attribution import MethodCost
+from worker.engine.patch_attribution import PairEstimates, PatchAttributionResult, run_patch_attribution
 from worker.engine.patching import PatchingCancelled, PatchPair, PatchSpec, patching_score, run_patching
 from worker.engine.sweep import PhaseCallback, ProgressCallback, StopCheck, SweepCancelled
+from worker.estimate_summary import summarise_patch_estimates
 from worker.job_runner import JobInputError, provenance
 from worker.model_cache import LoadedModel
 
@@ -107,8 +112,14 @@ def execute_patch_chunk(
         if on_progress is not None:
             on_progress(round(done / max(1, total) * chunk_total), chunk_total)
 
+    exact_started = time.perf_counter()
+    estimated: PatchAttributionResult | None = None
     try:
         result = run_patching(loaded.model, patch_spec(spec), pairs, on_progress=progress, should_stop=should_stop)
+        exact_seconds = time.perf_counter() - exact_started
+        if spec.estimates:
+            estimated = run_patch_attribution(loaded.model, patch_spec(spec), pairs,
+                                              estimates=tuple(spec.estimates), should_stop=should_stop)
     except PatchingCancelled as cancelled:
         raise SweepCancelled(str(cancelled)) from None  # the task's cancel path, as for ablation chunks
     assert spec.corrupted is not None and spec.answers is not None and spec.counterfactuals is not None
@@ -131,6 +142,11 @@ def execute_patch_chunk(
         )
         for k, (pair, measured) in enumerate(zip(pairs, result.pairs, strict=True))
     ]
+    costs = None
+    if estimated is not None:
+        for pair_result, pair_estimates in zip(results, estimated.pairs, strict=True):
+            pair_result.estimates = pair_estimates_of(pair_result, pair_estimates, spec.direction)
+        costs = estimate_costs(results, estimated, exact_seconds)
     return ChunkResult(
         index=index,
         start=start,
@@ -141,7 +157,48 @@ def execute_patch_chunk(
         prompts=[],
         provenance=msgspec.structs.replace(provenance(loaded, spec, started), engine=ENGINE_NAME),
         pairs=results,
+        estimate_costs=costs,
     )
+
+
+def pair_estimates_of(pair: PairResult, estimated: PairEstimates, direction: str) -> PatchEstimates:
+    """A pair's estimates beside its exact patches: the exact change (patched − base) and each method's estimate,
+    and the estimated scores divided as the patching score is (null for a flagged pair, as the score is)."""
+    base, source = (pair.corrupted_metric, pair.clean_metric) if direction == "denoise" else (
+        pair.clean_metric, pair.corrupted_metric)
+    gap = source - base
+
+    def scores(grid: list[list[float]] | None, magnitude: bool) -> list[list[float | None]] | None:
+        if grid is None:
+            return None
+        divisor = abs(gap) if magnitude else gap
+        return [[None if pair.flagged else v / divisor for v in row] for row in grid]
+
+    values = estimated.values
+    return PatchEstimates(
+        effect=[[v - base for v in row] for row in pair.patched_metric],
+        atp=values["atp"],
+        atp_qkfix=values.get("atp_qkfix"),
+        atp_star=values.get("atp_star"),
+        atp_score=scores(values["atp"], False) or [],
+        atp_qkfix_score=scores(values.get("atp_qkfix"), False),
+        atp_star_score=scores(values.get("atp_star"), True),
+    )
+
+
+def estimate_costs(
+    pairs: list[PairResult], estimated: PatchAttributionResult, exact_seconds: float
+) -> list[EstimateCost]:
+    """Per pair of the chunk: the exact engine (the clean and corrupted runs and one patched run per site and
+    position, as the paper counts activation patching) first, then each method."""
+    n = max(len(pairs), 1)
+    patched_runs = sum(len(p.patched_metric) * len(p.positions) for p in pairs) / n
+    exact_row = {"exact": MethodCost(2.0 + patched_runs, 0.0, exact_seconds / n)}
+    return [
+        EstimateCost(method=method, model_evaluations=c.model_evaluations, forward_passes=c.forward_passes,
+                     backward_passes=c.backward_passes, seconds=c.seconds, speedup=None)
+        for method, c in {**exact_row, **estimated.cost}.items()
+    ]
 
 
 def _bootstrap_interval(scores: list[float], seed: int) -> tuple[float | None, float | None]:
@@ -259,5 +316,9 @@ def merge_patch_chunks(job_id: str, spec: JobSpec, chunks: Sequence[ChunkResult]
             corrupted_metric_mean=sum(p.corrupted_metric for p in pairs) / n,
             ci_level=CI_LEVEL,
             n_boot=N_BOOT,
+            attribution=summarise_patch_estimates(
+                pairs, first.components, spec.positions,
+                [(len(c.pairs or []), c.estimate_costs or []) for c in ordered], seed=spec.seed,
+            ) if spec.estimates else None,
         ),
     )

@@ -3,6 +3,8 @@ service/api/schema_docs.py's DOCS (kept apart so that the patching texts read to
 
 from __future__ import annotations
 
+_G = "Per site (outer) and patched position (inner), like patched_metric: "
+
 PATCH_DOCS: dict[str, str] = {
     "JobRequest.intervention": (
         "`ablate` (the default: ablate each component) or `patch` (activation patching between the clean and "
@@ -98,4 +100,30 @@ PATCH_DOCS: dict[str, str] = {
     "PatchJobSummary.ci_level": "Level of the summary's bootstrap intervals",
     "PatchJobSummary.n_boot": "Bootstrap resamples behind each interval",
     "PatchJobSummary.summary": "Per site and knockout set (and, with positions all, per position), over the pairs",
+    "PatchJobSummary.attribution": "Jobs with `estimates`: the estimates against the exact patches (null otherwise)",
+    # attribution-patching estimates of patching jobs (docs/concepts/attribution.md, "On patching jobs")
+    "PairResult.estimates": (
+        "Jobs with `estimates`: this pair's attribution-patching estimates beside its exact patches (null otherwise)"
+    ),
+    "PatchingResult.attribution": (
+        "Jobs with `estimates`: the estimates' agreement with the exact patches across pairs × sites (site@position "
+        "with positions all) and their cost per pair (null otherwise)"
+    ),
+    "PatchEstimates": (
+        "One pair's attribution-patching estimates of its patches: the base run is the corrupted one for denoise, "
+        "the clean one for noise."
+    ),
+    "PatchEstimates.effect": _G + "the exact change of the metric, patched_metric − the base run's metric",
+    "PatchEstimates.atp": _G + "AtP, (ñ − n) · ∂m/∂n on the base run: an estimate of effect, sign included",
+    "PatchEstimates.atp_qkfix": (
+        _G + "AtP with the QK fix for head q and k sites (with `atp_star`); equal to atp for every other site"
+    ),
+    "PatchEstimates.atp_star": _G + "AtP* (QK fix and GradDrop): an estimate of |effect|",
+    "PatchEstimates.atp_score": (
+        _G + "atp divided as patching_score is, by the source run's metric − the base run's (null: flagged pair)"
+    ),
+    "PatchEstimates.atp_qkfix_score": _G + "atp_qkfix divided as patching_score is (null: flagged pair)",
+    "PatchEstimates.atp_star_score": (
+        _G + "atp_star over |source metric − base metric|, compared with |patching_score| (null: flagged pair)"
+    ),
 }

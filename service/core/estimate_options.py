@@ -109,6 +109,30 @@ def check_position_estimates(
     )
 
 
+def check_patch_estimates(
+    estimates: Sequence[EstimateName], *, knockouts: Sequence[Sequence[str]]
+) -> list[EstimateName]:
+    """The methods of a patching job's `estimates` in the engine's order (worker/engine/patch_attribution.py covers
+    every site kind at both position scopes), or ValidationProblem saying what to change."""
+    if not estimates:
+        return []
+    if knockouts:
+        raise ValidationProblem(
+            "estimates cover single sites (resid_pre.L, attn.L, mlp.L, head.L.H and its q, k, v and pattern), not "
+            "knockout sets: drop knockouts or estimates, or submit the sets as a job of their own",
+            "estimates",
+        )
+    return check_estimates(estimates, knockouts=[], resample_sources="any")
+
+
+def patch_estimate_values(estimates: Sequence[EstimateName]) -> int:
+    """Numbers the estimates add to a patching result per (pair, site, position): effect, atp and its score, and
+    with atp_star also atp_qkfix, atp_star and their scores."""
+    if not estimates:
+        return 0
+    return 7 if "atp_star" in estimates else 3
+
+
 def estimate_values(estimates: Sequence[EstimateName]) -> int:
     """Numbers the estimates add to a result per (prompt, component): atp and abs_total_effect, and with atp_star
     also atp_qkfix and atp_star (the result-size check counts them)."""

@@ -16,6 +16,7 @@ from msgspec import UNSET
 from hydra_ablate_client.vocabulary import COMPONENT_PATTERN, DEFAULT_PAIR_EPSILON, parse_patch_site
 from hydra_ablate_client.wire import JobRequest, JobSpec, ModelInfo
 from service.core.errors import ValidationProblem
+from service.core.estimate_options import check_patch_estimates, patch_estimate_values
 from service.core.patch_knockouts import patch_knockouts
 from service.core.settings import Settings
 
@@ -27,7 +28,7 @@ _ABLATION_ONLY = (
     "preset", "prompts", "dataset", "answers", "counterfactuals", "ablation", "norm_scale",
     "resample_samples", "resample_from", "resample_sources", "mean_reference", "source_seeds", "keep_samples",
     "only_correct", "resample_within", "texts", "corpus", "max_tokens", "target", "response_basis",
-    "position_responses", "estimates", "verify",
+    "position_responses", "verify",
 )
 # The engine's head-part refusals (worker/engine/architecture.py): fused q/k/v projections, and QK-norms over the
 # whole projection.
@@ -62,7 +63,8 @@ def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> J
             continue
         raise ValidationProblem(
             f"{name} is an ablation option; a patching job (intervention 'patch') takes pairs, components (its "
-            f"sites), direction, positions, metric and epsilon: drop {name}, or set intervention to 'ablate'",
+            f"sites), direction, positions, metric, epsilon and estimates: drop {name}, or set intervention to "
+            "'ablate'",
             name,
         )
     if request.measure_positions is not UNSET and request.measure_positions != "final":
@@ -97,7 +99,9 @@ def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> J
     sites = patch_sites(names, info) if names or not given_sets else []
     knockouts = patch_knockouts(given_sets, sites, lambda name, field: _expand(name, info, field)[0])
     positions = "final" if request.positions is UNSET else request.positions
-    _check_size(len(pairs) if dataset is None else dataset.limit, len(sites) + len(knockouts), positions, settings)
+    estimates = check_patch_estimates([] if request.estimates is UNSET else request.estimates, knockouts=knockouts)
+    _check_size(len(pairs) if dataset is None else dataset.limit, len(sites) + len(knockouts), positions, settings,
+                patch_estimate_values(estimates))
     return JobSpec(
         model=info.id,
         prompts=[p.clean for p in pairs],
@@ -118,6 +122,7 @@ def resolve_patch(request: JobRequest, info: ModelInfo, settings: Settings) -> J
         direction="denoise" if request.direction is UNSET else request.direction,
         epsilon=DEFAULT_PAIR_EPSILON if request.epsilon is UNSET else request.epsilon,
         pair_dataset=dataset,
+        estimates=estimates,
     )
 
 
@@ -202,7 +207,7 @@ def _part_refusal(info: ModelInfo, part: str) -> str | None:
     return None
 
 
-def _check_size(n_pairs: int, n_sites: int, positions: str, settings: Settings) -> None:
+def _check_size(n_pairs: int, n_sites: int, positions: str, settings: Settings, estimate_values: int = 0) -> None:
     """Patched runs and result numbers under the server's limits (with positions 'all', every pair is assumed as
     long as the longest prompt the server takes)."""
     length = max(1, settings.max_prompt_tokens) if positions == "all" else 1
@@ -215,7 +220,7 @@ def _check_size(n_pairs: int, n_sites: int, positions: str, settings: Settings) 
             "patch fewer sites",
             "pairs",
         )
-    values = 2 * runs
+    values = (2 + estimate_values) * runs
     if values > settings.max_result_values:
         raise ValidationProblem(
             f"the result would hold {values:,} numbers, above this server's limit of "

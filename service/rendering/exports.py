@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from hydra_ablate_client.vocabulary import ExportFormat, PatchDirection, PatchMetric, PositionScope
-from hydra_ablate_client.wire import JobResult, PatchJobSummary, PatchSummary, Summary
+from hydra_ablate_client.wire import AttributionSummary, JobResult, PatchJobSummary, PatchSummary, Summary
 from service.rendering.result_csv import (
     CSV_COLUMNS,
     POSITION_CSV_COLUMNS,
@@ -51,6 +51,7 @@ class _PatchingWithoutPairs(msgspec.Struct):
     corrupted_metric_mean: float
     ci_level: float
     n_boot: int
+    attribution: AttributionSummary | None = None
 
 
 class _SummaryAndPatching(msgspec.Struct):

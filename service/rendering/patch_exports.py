@@ -17,8 +17,8 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hydra_ablate_client.patch_tables import LONG_COLUMNS, iter_patch_long, patch_table
-from hydra_ablate_client.wire import JobResult, PairResult
+from hydra_ablate_client.patch_tables import ESTIMATE_COLUMNS, LONG_COLUMNS, iter_patch_long, patch_table
+from hydra_ablate_client.wire import JobResult, PairResult, PatchEstimates
 
 METADATA_KEY = b"hydra.result"
 _TYPES: dict[str, pa.DataType] = {
@@ -33,16 +33,16 @@ def patch_csv(result: JobResult) -> bytes:
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(LONG_COLUMNS)
-    for pair, site, position, patched, score, clean, corrupted, flagged in iter_patch_long(result):
+    for pair, site, position, patched, score, clean, corrupted, flagged, *estimates in iter_patch_long(result):
         writer.writerow(
             (pair, site, position, repr(patched), "" if score is None else repr(score), repr(clean),
-             repr(corrupted), "true" if flagged else "false")
+             repr(corrupted), "true" if flagged else "false", *("" if v is None else repr(v) for v in estimates))
         )
     return buffer.getvalue().encode("utf-8")
 
 
 def _without_numbers(pair: PairResult) -> PairResult:
-    return msgspec.structs.replace(pair, patched_metric=[], patching_score=[])
+    return msgspec.structs.replace(pair, patched_metric=[], patching_score=[], estimates=None)
 
 
 def patch_parquet_schema(result: JobResult) -> pa.Schema:
@@ -80,13 +80,33 @@ def from_patch_parquet(table: pa.Table, rest: JobResult) -> JobResult:
             f"the file has {len(patched)} rows and its metadata's pairs need {expected}: it is not a whole patching "
             "export (files from before the pairs were kept in the metadata cannot be read back)"
         )
+    names = set(table.column_names)
+    estimated = {name: table.column(name).to_pylist() for name in ESTIMATE_COLUMNS if name in names}
     pairs, row = [], 0
     for pair in patching.pairs:
         width = len(pair.positions)
         metric, score = [], []
+        first = row
         for _ in range(n_sites):
             metric.append(patched[row : row + width])
             score.append(scores[row : row + width])
             row += width
-        pairs.append(msgspec.structs.replace(pair, patched_metric=metric, patching_score=score))
+        estimates = _estimates_of(estimated, first, n_sites, width)
+        pairs.append(msgspec.structs.replace(pair, patched_metric=metric, patching_score=score, estimates=estimates))
     return msgspec.structs.replace(rest, patching=msgspec.structs.replace(patching, pairs=pairs))
+
+
+def _estimates_of(columns: dict[str, list[object]], first: int, n_sites: int, width: int) -> PatchEstimates | None:
+    """One pair's PatchEstimates from its rows first … (None when the job had none: its atp cells are empty)."""
+    atp = columns.get("atp")
+    if atp is None or n_sites * width == 0 or atp[first] is None:
+        return None
+    fields = {}
+    for name, values in columns.items():
+        grid = [values[first + s * width : first + (s + 1) * width] for s in range(n_sites)]
+        # A method the job did not ask for is empty in every row; a flagged pair's scores are empty too.
+        fields[name] = None if name in ("atp_qkfix", "atp_star") and grid[0][0] is None else grid
+    for name in ("atp_qkfix_score", "atp_star_score"):
+        if fields.get(name.removesuffix("_score")) is None:
+            fields[name] = None
+    return msgspec.convert(fields, PatchEstimates)

@@ -5,7 +5,9 @@ Written against the result's attributes only, so the server's CSV and Parquet ex
 
 Tables
   long      one row per pair × site × patched position: pair_index, site, position (the token index),
-            patched_metric, patching_score (empty for a flagged pair), clean_metric, corrupted_metric, flagged
+            patched_metric, patching_score (empty for a flagged pair), clean_metric, corrupted_metric, flagged,
+            and the attribution-patching estimates (ESTIMATE_COLUMNS: effect, atp, atp_qkfix, atp_star and the
+            estimated scores; empty for jobs without estimates)
   summary   one row per site (and position, with positions "all"): PatchSummary's fields
   prompts   one row per pair: its texts, answer ids, both metrics and whether it is flagged
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 Columns = dict[str, list[Any]]
 
-LONG_COLUMNS = (
+PAIR_SITE_COLUMNS = (
     "pair_index",
     "site",
     "position",
@@ -27,6 +29,17 @@ LONG_COLUMNS = (
     "corrupted_metric",
     "flagged",
 )
+# PatchEstimates' fields, in its order: the exact change beside each method's estimate and estimated score.
+ESTIMATE_COLUMNS = (
+    "effect",
+    "atp",
+    "atp_qkfix",
+    "atp_star",
+    "atp_score",
+    "atp_qkfix_score",
+    "atp_star_score",
+)
+LONG_COLUMNS = (*PAIR_SITE_COLUMNS, *ESTIMATE_COLUMNS)
 SUMMARY_COLUMNS = (
     "site",
     "position",
@@ -57,10 +70,19 @@ def is_patching(result: Any) -> bool:
     return getattr(result, "patching", None) is not None
 
 
+def _estimate_cells(estimates: Any, s: int, c: int) -> tuple[Any, ...]:
+    """A row's ESTIMATE_COLUMNS: each field's [site][position] value, None where the job has none."""
+    if estimates is None:
+        return (None,) * len(ESTIMATE_COLUMNS)
+    values = (getattr(estimates, name) for name in ESTIMATE_COLUMNS)
+    return tuple(None if v is None else v[s][c] for v in values)
+
+
 def iter_patch_long(result: Any) -> Iterator[tuple[Any, ...]]:
     """Rows of the long table in LONG_COLUMNS order: pair-major, then site, then position."""
     patching = result.patching
     for pair in patching.pairs:
+        estimates = getattr(pair, "estimates", None)
         for s, site in enumerate(patching.sites):
             for c, position in enumerate(pair.positions):
                 yield (
@@ -72,6 +94,7 @@ def iter_patch_long(result: Any) -> Iterator[tuple[Any, ...]]:
                     pair.clean_metric,
                     pair.corrupted_metric,
                     pair.flagged,
+                    *_estimate_cells(estimates, s, c),
                 )
 
 

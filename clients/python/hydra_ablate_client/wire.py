@@ -179,7 +179,7 @@ class JobRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     response_basis: ResponseBasisName | UnsetType = UNSET
     position_responses: PositionResponses | UnsetType = UNSET
     # Attribution-patching estimates of every component beside its exact effect, in the same job
-    # (docs/concepts/attribution.md): final-position measurement only.
+    # (docs/concepts/attribution.md): on ablation jobs final-position measurement only; on patching jobs every site.
     estimates: (
         Annotated[
             list[EstimateName],
@@ -730,6 +730,24 @@ class Summary(Struct, kw_only=True):
     attribution: AttributionSummary | None = None
 
 
+class PatchEstimates(Struct, kw_only=True):
+    """One pair's attribution-patching estimates (docs/concepts/attribution.md, "On patching jobs"), per site
+    (outer) and patched position (inner) like `patched_metric`; the base run is the corrupted one for denoise, the
+    clean one for noise, and the source run the other.
+
+    `atp` and `atp_qkfix` estimate `effect`, the exact change of the metric (patched − base), sign included;
+    `atp_star` estimates its magnitude |effect|. The scores divide as `patching_score` does, by source − base (by
+    |source − base| for `atp_star`, compared with |patching_score|), and are null where the pair is flagged."""
+
+    effect: list[list[float]]  # exact: patched_metric − the base run's metric
+    atp: list[list[float]]
+    atp_qkfix: list[list[float]] | None = None  # with atp_star
+    atp_star: list[list[float]] | None = None
+    atp_score: list[list[float | None]]
+    atp_qkfix_score: list[list[float | None]] | None = None
+    atp_star_score: list[list[float | None]] | None = None
+
+
 class PairResult(Struct, kw_only=True):
     """One pair of a patching job: its two runs' metrics and, per site (outer) and patched position (inner), the
     metric of the patched run and its patching score (null when the pair is flagged)."""
@@ -750,6 +768,8 @@ class PairResult(Struct, kw_only=True):
     # The clean prompt's tokens as the model read them (one string per position; the patching_grid figure's x
     # labels). Null in results computed before it existed.
     clean_tokens: list[str] | None = None
+    # Jobs with `estimates`: attribution patching beside the exact patches. Null otherwise.
+    estimates: PatchEstimates | None = None
 
 
 class PatchSummary(Struct, kw_only=True):
@@ -783,6 +803,9 @@ class PatchingResult(Struct, kw_only=True):
     corrupted_metric_mean: float
     ci_level: float
     n_boot: int
+    # Jobs with `estimates`: the estimates against the exact patches (components: the sites, "site@position" with
+    # positions "all"). Null otherwise.
+    attribution: AttributionSummary | None = None
 
 
 class PatchJobSummary(Struct, kw_only=True):
@@ -801,6 +824,7 @@ class PatchJobSummary(Struct, kw_only=True):
     ci_level: float
     n_boot: int
     summary: list[PatchSummary]  # site-major; positions in order within a site
+    attribution: AttributionSummary | None = None  # jobs with `estimates`
 
 
 class Provenance(Struct, kw_only=True):
