@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +23,20 @@ from transformers import AutoTokenizer
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobResult, PatchingResult
-from service.api.app import create_app
 from service.core.ioi_pairs import IoiPair, ioi_pairs
-from service.core.settings import Settings
 from service.rendering.figures import render
 from service.rendering.knockout_figure import MAX_SETS, knockout_responses
 from service.rendering.patch_figure import _token_label, patching_grids
 from tests.checks import present
-from tests.live_server import serve
+from tests.patch_fixtures import wire_pairs
 from tests.test_api import assert_problem
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_model_dirs: dict[str, str]) -> Any:
     return AutoTokenizer.from_pretrained(tiny_model_dirs["tiny-llama"])
-
-
-def _wire(pairs: list[IoiPair]) -> list[dict[str, str]]:
-    return [{"clean": p.clean, "corrupted": p.corrupted, "answer": p.answer, "counterfactual": p.counterfactual}
-            for p in pairs]
 
 
 def _pairs(tokenizer: Any, n: int, *, same_length: bool) -> list[IoiPair]:
@@ -146,7 +132,7 @@ def _check_grids(result: JobResult) -> None:
 
 def test_patching_grid_of_all_positions(live_url: str, tokenizer: Any) -> None:
     pairs = _pairs(tokenizer, 3, same_length=True)
-    job_id, result = _run(live_url, {"intervention": "patch", "pairs": _wire(pairs),
+    job_id, result = _run(live_url, {"intervention": "patch", "pairs": wire_pairs(pairs),
                                      "components": ["resid_pre", "attn", "mlp"], "positions": "all", "seed": 1})
     _check_grids(result)
     plotted = patching_grids(result)
@@ -175,7 +161,7 @@ def test_patching_grid_of_all_positions(live_url: str, tokenizer: Any) -> None:
 
 def test_patching_grid_of_pairs_of_different_lengths(live_url: str, tokenizer: Any) -> None:
     pairs = _pairs(tokenizer, 3, same_length=False)
-    job_id, result = _run(live_url, {"intervention": "patch", "pairs": _wire(pairs), "components": ["resid_pre"],
+    job_id, result = _run(live_url, {"intervention": "patch", "pairs": wire_pairs(pairs), "components": ["resid_pre"],
                                      "positions": "all", "direction": "noise"})
     _check_grids(result)
     plotted = patching_grids(result)
@@ -188,7 +174,7 @@ def test_patching_grid_of_pairs_of_different_lengths(live_url: str, tokenizer: A
 def test_patching_grid_of_heads_at_the_final_position(live_url: str, tokenizer: Any) -> None:
     pairs = _pairs(tokenizer, 4, same_length=False)
     sites = ["head", "head.1.1.q", "head.1.3.pattern", "head.2.2.pattern", "resid_pre.0", "attn.1", "mlp.2"]
-    job_id, result = _run(live_url, {"intervention": "patch", "pairs": _wire(pairs), "components": sites,
+    job_id, result = _run(live_url, {"intervention": "patch", "pairs": wire_pairs(pairs), "components": sites,
                                      "positions": "final", "seed": 2, "knockouts": [["head.1.0", "head.2.1"]]})
     _check_grids(result)
     plotted = patching_grids(result)
