@@ -8,19 +8,24 @@ the model whose cache keeps nothing (every pass runs), within 1e-5.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import msgspec
 import pytest
+from transformers import PreTrainedModel
 
 from hydra_ablate_client.wire import JobRequest, JobResult, JobSpec
 from service.core.chunk_book import plan_chunks
 from service.core.settings import Settings
 from tests.checks import present
+from tests.engine_fixtures import tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.numbers import assert_same_numbers
 from tests.patch_fixtures import tiny_ioi, wire_pairs
+from tests.test_patching import CLEAN, CORRUPTED, _ids
+from tests.tiny_models import TINY_ARCHS
 from worker.model_cache import LoadedModel
 from worker.model_sources import ModelSource
 
@@ -153,3 +158,53 @@ def test_an_ablation_job_takes_its_clean_runs_from_a_patching_jobs_runs(source: 
     with forward_passes(shared) as passes:
         _run(shared, everywhere)
     assert len(passes) == len(pairs)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_patching_run_serves_the_very_clean_run_of_its_prompt(
+    arch: str, tiny_models: Callable[[str], PreTrainedModel]  # noqa: F811
+) -> None:
+    """On every family: the clean run (scope "final", with and without heads' inputs) that a patching run serves is
+    equal, tensor for tensor and bit for bit, to `run_clean`'s own pass; and patching with the cache gives the very
+    numbers of patching without it."""
+    import torch
+
+    from worker.engine.architecture import describe, head_part_refusal
+    from worker.engine.clean import CleanRunCache, run_clean
+    from worker.engine.patching import PatchPair, PatchSpec, run_patching
+
+    model = tiny_models(arch)
+    arch_ = describe(model)
+    pair = PatchPair(_ids(CLEAN), _ids(CORRUPTED), int(_ids(" Mary")[0]), int(_ids(" John")[0]))
+    parts = [f"head.1.2.{part}" for part in ("q", "pattern") if head_part_refusal(arch_, part) is None]
+    spec = PatchSpec(sites=("resid_pre.1", "attn.0", "mlp.2", "head.1.3", *parts))
+    cache = CleanRunCache(max_bytes=1 << 30)
+    uncached = run_patching(model, spec, [pair])
+    cached = [run_patching(model, spec, [pair], cache=cache) for _ in range(2)]
+    assert cache.misses == 2 and cache.hits == 2  # the second run's two prompts came from the cache
+    for result in cached:
+        assert [p.patched_metric for p in result.pairs] == [p.patched_metric for p in uncached.pairs]
+        assert [p.clean_metric for p in result.pairs] == [p.clean_metric for p in uncached.pairs]
+
+    def not_computed() -> Any:
+        raise AssertionError("the clean run was not served by the patching run")
+
+    for ids in (pair.clean_ids, pair.corrupted_ids):
+        for with_heads in (True, False):
+            served = cache.get(ids, False, with_heads, not_computed)
+            fresh = run_clean(model, arch_, ids, all_positions=False, with_heads=with_heads)
+            for name in ("layer_out", "block_in", "head_in", "x_final", "logits_final", "x_all"):
+                got, want = getattr(served, name), getattr(fresh, name)
+                assert (got is None) == (want is None), name
+                if want is not None:
+                    assert got.shape == want.shape and torch.equal(got, want), (arch, name, with_heads)
+            assert served.length == fresh.length
+            assert len(served.past_keys) == len(fresh.past_keys) == arch_.n_layers
+            for got, want in zip([*served.past_keys, *served.past_values], [*fresh.past_keys, *fresh.past_values],
+                                 strict=True):
+                assert got.shape == want.shape and torch.equal(got, want), arch
+        # Scope "all" is a pass without a key/value cache: not served, computed.
+        misses = cache.misses
+        cache.get(ids, True, True, partial(run_clean, model, arch_, ids, all_positions=True, with_heads=True))
+        assert cache.misses == misses + 1
+    assert len(cache) == 4  # two patching runs, two runs of scope "all"; the served runs added no entry

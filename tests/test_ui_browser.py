@@ -227,6 +227,11 @@ def test_the_lab_day_in_a_browser(
             "components": ["attn", "mlp"], "knockouts": [["attn.0", "mlp.1"]], "resample_samples": 2}  # fmt: skip
     third = finished_via_api(base_url, body)
     assert "knockout_response" in figures_load(driver, base_url, third)
+    # An ablation job with attribution-patching estimates: its page draws them too.
+    towns = [f"Fact {i} about the town of" for i in range(6)]
+    estimated = finished_via_api(base_url, {"model": "tiny-llama", "prompts": towns, "components": ["attn", "mlp"],
+                                            "estimates": ["atp"], "resample_samples": 2})  # fmt: skip
+    assert "estimates" in figures_load(driver, base_url, estimated)
     driver.get(f"{base_url}/ui/jobs")
     for job_id in (first, third):
         driver.find_element(By.CSS_SELECTOR, f'input[name=ids][value="{job_id}"]').click()

@@ -28,6 +28,7 @@ from service.rendering.job_comparison import MAX_JOBS, MIN_JOBS, Compared
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.lines import Line2D
 
 ComparisonKind = Literal["ablation", "patching"]
 SITE_KINDS = ("resid_pre", "attn", "mlp", "head", "knockout")
@@ -104,15 +105,15 @@ def figure_rows(rows: PatchRows, kind: str) -> tuple[list[RowKey], int]:
     return [key for key in keys if key in kept], len(keys) - MAX_FIGURE_ROWS
 
 
-def _panel(ax: Axes, jobs: Sequence[Compared], rows: PatchRows, kind: str) -> None:
+def _panel(ax: Axes, rows: PatchRows, kind: str) -> None:
     from matplotlib import colormaps
 
     colours = colormaps["tab10"]
     keys, left_out = figure_rows(rows, kind)
-    n = len(jobs)
+    n = len(rows.per_job)
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.axvline(1, color="0.35", linewidth=0.8, linestyle="--")
-    for j, (job, per_key) in enumerate(zip(jobs, rows.per_job, strict=True)):
+    for j, per_key in enumerate(rows.per_job):
         ys, xs, low, high, hollow = [], [], [], [], []
         for r, key in enumerate(keys):
             item = per_key.get(key)
@@ -123,11 +124,11 @@ def _panel(ax: Axes, jobs: Sequence[Compared], rows: PatchRows, kind: str) -> No
             low.append(item.score_mean - (item.score_ci_low if item.score_ci_low is not None else item.score_mean))
             high.append((item.score_ci_high if item.score_ci_high is not None else item.score_mean) - item.score_mean)
             hollow.append(item.score_ci_low is None)
+        if not xs:
+            continue
         colour = colours(j % 10)
-        if xs:
-            ax.errorbar(xs, ys, xerr=[low, high], fmt="none", ecolor=colour, elinewidth=1.2, capsize=2)
-        ax.scatter(xs, ys, s=26, zorder=3, color=["white" if h else colour for h in hollow], edgecolors=colour,
-                   label=f"({j + 1}) {patching_of(job).direction}")
+        ax.errorbar(xs, ys, xerr=[low, high], fmt="none", ecolor=colour, elinewidth=1.2, capsize=2)
+        ax.scatter(xs, ys, s=26, zorder=3, color=["white" if h else colour for h in hollow], edgecolors=colour)
     ax.set_yticks(range(len(keys)), [row_label(key) for key in keys], fontsize=8)
     ax.set_ylim(len(keys) - 0.5, -0.5)  # the table's order, top down
     ax.grid(True, axis="x", alpha=0.3)
@@ -135,6 +136,16 @@ def _panel(ax: Axes, jobs: Sequence[Compared], rows: PatchRows, kind: str) -> No
     if left_out:
         title += f" ({left_out} more rows in the page's table)"
     ax.set_title(title, fontsize=10)
+
+
+def _legend(jobs: Sequence[Compared]) -> list[Line2D]:
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    colours = colormaps["tab10"]
+    return [Line2D([], [], marker="o", linestyle="", color=colours(j % 10),
+                   label=f"({j + 1}) {job.label}: {patching_of(job).direction}, positions {patching_of(job).positions}")
+            for j, job in enumerate(jobs)]
 
 
 def render_patch_comparison(jobs: Sequence[Compared]) -> bytes:
@@ -160,15 +171,13 @@ def render_patch_comparison(jobs: Sequence[Compared]) -> bytes:
         axes = []
         for index, kind in enumerate(kinds):
             ax = fig.add_subplot(grid[index // columns, index % columns])
-            _panel(ax, jobs, rows, kind)
+            _panel(ax, rows, kind)
             axes.append(ax)
         ci = "/".join(sorted({f"{100 * patching_of(job).ci_level:.0f}%" for job in jobs}))
         for ax in axes[-columns:]:
             ax.set_xlabel(f"mean patching score [{ci} interval] (0: no change, 1: the source run's value)")
-        if axes:
-            axes[0].legend(loc="best", fontsize=8, title="job (direction)", title_fontsize=8)
-        fig.suptitle("Patching scores per site of " + ", ".join(f"({n}) {job.label}" for n, job in enumerate(jobs, 1))
-                     + f"\nmean over the scored pairs with its {ci} bootstrap interval; hollow: one scored "
-                     "pair, no interval; '@ p': token position p", fontsize=10)
+        fig.legend(handles=_legend(jobs), loc="outside lower center", ncols=min(len(jobs), 4), fontsize=8)
+        fig.suptitle(f"Patching scores per site of {len(jobs)} jobs: the mean over the scored pairs with its {ci} "
+                     "bootstrap interval (hollow: one scored pair, no interval); '@ p': token position p", fontsize=10)
         fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()

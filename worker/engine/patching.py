@@ -9,7 +9,9 @@ Speed: a patch at layer L and position p leaves everything before layer L, and e
 base run. So each patched run enters the stack at layer L with the base run's residual stream, recomputes only the
 positions p … T−1, and attends to the base run's cached keys and values of positions 0 … p−1. The patches of one
 position are batched together, sorted by entry layer (the rows active at a layer are a prefix of the batch). The
-blocks are driven with the model's own modules; only the residual wiring is written here.
+blocks are driven with the model's own modules; only the residual wiring is written here. A prompt's run
+(`PatchRun`: one forward pass keeping every position) is a function of the model and its tokens alone, so with the
+model's clean-run cache (worker/engine/clean.py) each prompt runs once for every pair, chunk and job that patches it.
 
 Shapes: T tokens, W = T − p recomputed positions, N layers, H heads of width hd, d model width, B rows.
 """
