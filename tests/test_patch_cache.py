@@ -81,7 +81,8 @@ def test_a_second_patching_job_runs_no_clean_or_corrupted_pass(source: ModelSour
     uncached.clean_runs.max_bytes = 0
     pairs = tiny_ioi(cached.tokenizer, 3, seed=1)
     distinct = len({text for p in pairs for text in (p.clean, p.corrupted)})
-    body = {"intervention": "patch", "pairs": wire_pairs(pairs), "components": SITES, "positions": positions, "seed": 3}
+    sites = SITES if positions == "final" else ["resid_pre.1", "head.0.1.q", "head.2.3.pattern"]  # × every position
+    body = {"intervention": "patch", "pairs": wire_pairs(pairs), "components": sites, "positions": positions, "seed": 3}
     denoise, noise = _spec(source, body), _spec(source, {**body, "direction": "noise"})
 
     with forward_passes(cached) as first:

@@ -161,10 +161,15 @@ def test_the_comparisons_rows_and_kinds(jobs: dict[str, tuple[str, JobResult]]) 
     assert n > MAX_FIGURE_ROWS  # three layers at every position of the longer pairs, and the final position's
     assert len(every_position) == MAX_FIGURE_ROWS and left_out == n - MAX_FIGURE_ROWS
 
-    def largest(key: tuple[str, int | None]) -> float:
+    def rank(key: tuple[str, int | None]) -> tuple[int, float]:  # jobs that scored the row, then its largest score
         scores = [abs(s) for job in rows.per_job if (item := job.get(key)) and (s := item.score_mean) is not None]
-        return max(scores, default=-1.0)
+        return len(scores), max(scores, default=-1.0)
 
     dropped = [key for key in rows.keys if key[0].startswith("resid_pre") and key not in every_position]
-    assert min(largest(key) for key in every_position) >= max(largest(key) for key in dropped)
+    assert min(rank(key) for key in every_position) >= max(rank(key) for key in dropped)
     assert every_position == [key for key in rows.keys if key in set(every_position)]  # in the table's order
+    # Rows both jobs scored come first: with the noise job's final-position rows beside the denoise job's, every
+    # shared row is drawn.
+    both = patch_rows([compared[1], compared[0], Compared("noise", jobs["noise"][1])])
+    shared = [key for key in both.keys if key[0].startswith("resid_pre") and key[1] is None]
+    assert set(shared) <= set(figure_rows(both, "resid_pre")[0])

@@ -5,8 +5,9 @@ Rows are (site, position) as the jobs' summaries have them: position None is eac
 "final"), an index a token position (positions "all"); jobs of either scope line up where they share a row. The
 figure is one panel per site kind (resid_pre, attn, mlp, head, knockout sets), a row per (site, position) with each
 job's mean score and interval beside the others' (one colour per job); 0 is "the patch changed nothing", 1 "it moved
-the metric all the way to the source run's value". A kind's rows beyond MAX_FIGURE_ROWS keep the largest scores of
-any job (the panel says how many it left out; the page's table has them all).
+the metric all the way to the source run's value". A kind with more than MAX_FIGURE_ROWS rows keeps those that most
+jobs scored, then those with the largest scores (the panel says how many it left out; the page's table has them
+all).
 
 The kind of a comparison (`comparison_kind`): ablation jobs compare with ablation jobs (service/rendering/
 job_comparison.py), patching jobs with patching jobs; a selection of both is a MixedComparison that says which is
@@ -91,17 +92,18 @@ def patch_rows(jobs: Sequence[Compared]) -> PatchRows:
 
 
 def figure_rows(rows: PatchRows, kind: str) -> tuple[list[RowKey], int]:
-    """The rows of one site kind the figure draws (in the table's order) and how many it leaves out: the kind's
-    MAX_FIGURE_ROWS rows with the largest |mean score| of any job when it has more."""
+    """The rows of one site kind the figure draws (in the table's order) and how many it leaves out. A kind with more
+    than MAX_FIGURE_ROWS keeps the rows that most jobs scored (what the figure is for: scores side by side), and among
+    rows that as many jobs scored, those with the largest |mean score| of any job."""
     keys = [key for key in rows.keys if site_kind(key[0]) == kind]
     if len(keys) <= MAX_FIGURE_ROWS:
         return keys, 0
 
-    def largest(key: RowKey) -> float:
+    def rank(key: RowKey) -> tuple[int, float]:
         scores = [item.score_mean for job in rows.per_job if (item := job.get(key)) and item.score_mean is not None]
-        return max((abs(s) for s in scores), default=-1.0)
+        return len(scores), max((abs(s) for s in scores), default=-1.0)
 
-    kept = set(sorted(keys, key=largest, reverse=True)[:MAX_FIGURE_ROWS])
+    kept = set(sorted(keys, key=rank, reverse=True)[:MAX_FIGURE_ROWS])
     return [key for key in keys if key in kept], len(keys) - MAX_FIGURE_ROWS
 
 
@@ -134,7 +136,7 @@ def _panel(ax: Axes, rows: PatchRows, kind: str) -> None:
     ax.grid(True, axis="x", alpha=0.3)
     title = KIND_TITLES[kind]
     if left_out:
-        title += f" ({left_out} more rows in the page's table)"
+        title += f" ({left_out} more row{'s' if left_out > 1 else ''} in the page's table)"
     ax.set_title(title, fontsize=10)
 
 
@@ -165,8 +167,8 @@ def render_patch_comparison(jobs: Sequence[Compared]) -> bytes:
         FigureCanvasAgg(fig)
         columns = 1 if len(kinds) == 1 else 2
         n_rows = (len(kinds) + columns - 1) // columns
-        heights = [max(max(len(figure_rows(rows, k)[0]) for k in kinds[r * columns:(r + 1) * columns]), 1)
-                   for r in range(n_rows)]
+        heights = [max(max(len(figure_rows(rows, k)[0]) for k in kinds[r * columns:(r + 1) * columns]), 4)
+                   for r in range(n_rows)]  # a panel of one row still has room for its title and axis
         grid = fig.add_gridspec(n_rows, columns, height_ratios=heights)
         axes = []
         for index, kind in enumerate(kinds):
@@ -175,9 +177,10 @@ def render_patch_comparison(jobs: Sequence[Compared]) -> bytes:
             axes.append(ax)
         ci = "/".join(sorted({f"{100 * patching_of(job).ci_level:.0f}%" for job in jobs}))
         for ax in axes[-columns:]:
-            ax.set_xlabel(f"mean patching score [{ci} interval] (0: no change, 1: the source run's value)")
+            ax.set_xlabel(f"mean patching score [{ci} interval]")
         fig.legend(handles=_legend(jobs), loc="outside lower center", ncols=min(len(jobs), 4), fontsize=8)
         fig.suptitle(f"Patching scores per site of {len(jobs)} jobs: the mean over the scored pairs with its {ci} "
-                     "bootstrap interval (hollow: one scored pair, no interval); '@ p': token position p", fontsize=10)
+                     "bootstrap interval (hollow: one scored pair, no interval)\n0: the patch changed nothing, 1 "
+                     "(dashed): it moved the metric to the source run's value; '@ p': token position p", fontsize=10)
         fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
