@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobResult, PatchingResult
 from service.rendering.job_comparison import Compared
 from service.rendering.patch_comparison import (
@@ -30,19 +29,11 @@ from service.rendering.patch_comparison import (
     site_kind,
 )
 from tests.checks import present
-from tests.patch_fixtures import tiny_ioi, wire_pairs
+from tests.patch_fixtures import finished_job, tiny_ioi, wire_pairs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SITES = ["resid_pre", "attn.1", "mlp.0", "head.1.2", "head.2.0.pattern"]
 KNOCKOUTS = [["head.1.2", "head.2.0"]]
-
-
-def _run(live_url: str, body: dict[str, Any]) -> tuple[str, JobResult]:
-    with HydraClient(live_url) as hydra:
-        job = hydra.submit({"model": "tiny-llama", **body})
-        final = hydra.wait(job.id, poll_s=0.05)
-        assert final.status == "succeeded", final.error
-        return job.id, hydra.result(job.id)
 
 
 def _mean_score(patching: PatchingResult, site: str, position: int | None) -> float | None:
@@ -67,11 +58,12 @@ def jobs(live_url: str, llama: tuple[Any, Any]) -> dict[str, tuple[str, JobResul
     pairs = wire_pairs(tiny_ioi(tokenizer, 4, seed=3))
     body = {"intervention": "patch", "pairs": pairs, "components": SITES, "knockouts": KNOCKOUTS, "seed": 1}
     return {
-        "denoise": _run(live_url, body),
-        "noise": _run(live_url, {**body, "direction": "noise"}),
-        "all": _run(live_url, {**body, "components": ["resid_pre", "mlp.0"], "knockouts": [], "positions": "all"}),
-        "ablation": _run(live_url, {"prompts": [p["clean"] for p in pairs], "components": ["attn", "mlp"],
-                                    "resample_samples": 2}),
+        "denoise": finished_job(live_url, body),
+        "noise": finished_job(live_url, {**body, "direction": "noise"}),
+        "all": finished_job(live_url, {**body, "components": ["resid_pre", "mlp.0"], "knockouts": [],
+                                       "positions": "all"}),
+        "ablation": finished_job(live_url, {"prompts": [p["clean"] for p in pairs], "components": ["attn", "mlp"],
+                                            "resample_samples": 2}),
     }
 
 
@@ -139,8 +131,8 @@ def test_patching_and_ablation_jobs_do_not_compare(live_url: str, jobs: dict[str
         assert "is an activation-patching job" in message and "an ablation job" in message
         assert "compare patching jobs with patching jobs and ablation jobs with ablation jobs" in message
     # Two ablation jobs still get the ablation comparison.
-    other = _run(live_url, {"prompts": [f"Fact number {i} about the city of" for i in range(4)],
-                            "components": ["attn", "mlp"], "resample_samples": 2})[0]
+    other = finished_job(live_url, {"prompts": [f"Fact number {i} about the city of" for i in range(4)],
+                                    "components": ["attn", "mlp"], "resample_samples": 2})[0]
     page = httpx.get(f"{live_url}/ui/compare?ids={ablation_id}&ids={other}")
     assert page.status_code == 200 and 'id="compare-paper"' in page.text
 
