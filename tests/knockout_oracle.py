@@ -12,7 +12,10 @@ Measures of a set S (docs/concepts/definitions.md, the single-component definiti
   output, clean less ablated), since the norm mixes them;
 * responses: every layer component downstream of some member and not itself a member, its output in the joint run
   less in the clean run; where a member head is part of that attention layer, its own change (its replacement less
-  its clean slice, through its W_O slice) is not a response and is taken out;
+  its clean slice, through its W_O slice) is not a response and is taken out; with `response_basis: "heads"` every
+  head and MLP instead (tests/oracle.py basis_output: a head's write from the captured input of W_O, by hand), a
+  member head being an entry of its own, so nothing is taken out, and a member attention layer's heads being part
+  of the member (no response);
 * CE: the responses summed; the norm's response: DE − TE − CE.
 """
 
@@ -29,16 +32,18 @@ from tests.oracle import (
     ModelParts,
     Readout,
     RunRecord,
+    basis_output,
     downstream,
+    layer_of,
     layer_output,
     locate_parts,
     metric_direction,
     metric_from_logits,
     metric_logits,
     parse_component,
+    position_basis,
     replacement_space_output,
     resample_values,
-    response_basis,
     run_model,
     to_residual,
 )
@@ -96,11 +101,13 @@ def oracle_knockout(
     positions: str,
     norm_scale: str,
     source_ids: torch.Tensor | None = None,
+    response_basis: str = "layers",
 ) -> KnockoutMeasures:
-    """The measures of one knockout set on one prompt (metric `logit`; `zero` or `resample` from `source_ids`)."""
+    """The measures of one knockout set on one prompt (metric `logit`; `zero` or `resample` from `source_ids`;
+    responses over the layer or the head basis)."""
     parts = locate_parts(model)
     readout = Readout(parts)
-    basis = response_basis(parts)
+    basis = position_basis(parts, response_basis == "heads")
     T = int(ids.shape[0])
     comps = [parse_component(name) for name in members]
     rec_c = run_model(model, parts, ids)
@@ -147,17 +154,18 @@ def oracle_knockout(
         written += layer_output(rec_c, name) - layer_output(zeroed, name)
     de = read(delta)
 
-    down = set().union(*(downstream(m, parts.n_layers, parts.parallel) for m in members)) - set(members)
+    down = set().union(*(downstream(m, parts.n_layers, parts.parallel) for m in members))
     response = []
     for d in basis:
-        if d not in down:
+        if d in members or layer_of(d) in members or layer_of(d) not in down:  # a member attn.L's heads are in it
             response.append(0.0)
             continue
+        out_a, out_c = basis_output(parts, rec_a, d, T - 1), basis_output(parts, rec_c, d, T - 1)
         if norm_scale == "clean":
-            r = read(layer_output(rec_a, d) - layer_output(rec_c, d))
+            r = read(out_a - out_c)
         else:
-            r = readout.f(w, layer_output(rec_a, d)) / s_abl - read(layer_output(rec_c, d))
-        for a in ablations:  # a member head inside this attention layer: its own change is no response
+            r = readout.f(w, out_a) / s_abl - read(out_c)
+        for a in ablations:  # a member head inside this attention layer (layer basis): its own change is no response
             if a.component.kind == "head" and d == f"attn.{a.component.layer}":
                 clean_rep = replacement_space_output(parts, rec_c, a.component)
                 clean_write = to_residual(parts, a.component, clean_rep[T - 1])

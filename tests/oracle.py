@@ -225,6 +225,12 @@ class Component:
         return f"{self.kind}.{self.layer}"
 
 
+def layer_of(name: str) -> str:
+    """The layer component a basis entry belongs to: a head's attention layer (head.L.H -> attn.L), else itself."""
+    bits = name.split(".")
+    return f"attn.{bits[1]}" if bits[0] == "head" else name
+
+
 def parse_component(name: str) -> Component:
     bits = name.split(".")
     if bits[0] in ("attn", "mlp") and len(bits) == 2:
@@ -524,7 +530,10 @@ def oracle_sweep(
 ) -> SweepResult:
     parts = locate_parts(model)
     readout = Readout(parts)
-    basis = response_basis(parts)
+    # With response_basis "heads" the responses are per head (basis_output: a head's slice of the captured input of
+    # W_O times its slice of W_O, by hand); the per-run profiles stay per layer component.
+    basis = position_basis(parts, spec.response_basis == "heads")
+    layers = response_basis(parts)
     prompts = [torch.as_tensor(t, dtype=torch.long).view(-1) for t in inputs.token_ids]
     n = len(prompts)
     components = [parse_component(c) for c in spec.components]
@@ -575,7 +584,7 @@ def oracle_sweep(
         m_clean = metric_from_logits(metric_logits(rec_c, spec.metric), spec.metric, target, counterfactual)
         m_clean_capped = metric_from_logits(rec_c.logits, spec.metric, target, counterfactual)
         s_clean = readout.scale(rec_c.x_final)
-        clean_de = {d: readout.f(w, layer_output(rec_c, d)) / s_clean for d in basis}
+        clean_de = {d: readout.f(w, basis_output(parts, rec_c, d, T - 1)) / s_clean for d in basis}
 
         te_list, de_list, comp_list, resp_list, norm_list, capped_list = [], [], [], [], [], []
         unembed_list, ce_list, sample_list, own_list = [], [], [], []
@@ -639,20 +648,20 @@ def oracle_sweep(
                 s_abl = readout.scale(rec_a.x_final)
                 response = []
                 for d in basis:
-                    if d not in down:
+                    if layer_of(d) not in down:
                         response.append(0.0)
                     elif spec.norm_scale == "clean":
-                        change = layer_output(rec_a, d) - layer_output(rec_c, d)
+                        change = basis_output(parts, rec_a, d, T - 1) - basis_output(parts, rec_c, d, T - 1)
                         response.append(readout.f(w, change) / s_clean)
                     elif spec.norm_scale == "ablated":
-                        ablated_de = readout.f(w, layer_output(rec_a, d)) / s_abl
+                        ablated_de = readout.f(w, basis_output(parts, rec_a, d, T - 1)) / s_abl
                         response.append(ablated_de - clean_de[d])
                     else:
                         raise ValueError(spec.norm_scale)
                 norm_response = compensation - sum(response)
-                ce = sum(r for d, r in zip(basis, response, strict=True) if d in paper_set)
+                ce = sum(r for d, r in zip(basis, response, strict=True) if layer_of(d) in paper_set)
                 s_profile = s_clean if spec.norm_scale == "clean" else s_abl
-                profile = [readout.f(w, layer_output(rec_a, d)) / s_profile for d in basis]
+                profile = [readout.f(w, layer_output(rec_a, d)) / s_profile for d in layers]
                 per_run.append((te, de, compensation, response, norm_response, ce, profile, src, capped_te, own))
 
             k = len(per_run)

@@ -201,11 +201,11 @@ def compare_results(engine: SweepResult, oracle: SweepResult, atol: float = ATOL
                 ev, ov = e.response[k][j], o.response[k][j]
                 if not _close(ev, ov, atol):
                     bad.append(f"prompt {i} {comp}: response[{d}] engine {ev:.6f} oracle {ov:.6f}")
-            bad += _compare_samples(e, o, i, k, comp, basis, atol)
+            bad += _compare_samples(e, o, i, k, comp, atol)
     return bad
 
 
-def _compare_samples(e, o, i: int, k: int, comp: str, basis: list[str], atol: float) -> list[str]:
+def _compare_samples(e, o, i: int, k: int, comp: str, atol: float) -> list[str]:
     """Per-patch data: present in both or in neither; each patch's source, TE, DE and profile agree."""
     if (e.samples is None) != (o.samples is None):
         return [f"prompt {i} {comp}: samples engine {e.samples is not None} oracle {o.samples is not None}"]
@@ -220,9 +220,11 @@ def _compare_samples(e, o, i: int, k: int, comp: str, basis: list[str], atol: fl
         for name in ("total_effect", "direct_effect", "ablated_unembed_effect"):
             if not _close(getattr(ep, name), getattr(op, name), atol):
                 bad.append(f"prompt {i} {comp} patch {n}: {name} engine {getattr(ep, name)} oracle {getattr(op, name)}")
-        for j, d in enumerate(basis):
-            if not _close(ep.profile[j], op.profile[j], atol):
-                bad.append(f"prompt {i} {comp} patch {n}: profile[{d}] engine {ep.profile[j]} oracle {op.profile[j]}")
+        if len(ep.profile) != len(op.profile):  # per layer component whatever the response basis
+            bad.append(f"prompt {i} {comp} patch {n}: profile of {len(ep.profile)}, oracle {len(op.profile)}")
+        for j, (ev, ov) in enumerate(zip(ep.profile, op.profile, strict=False)):
+            if not _close(ev, ov, atol):
+                bad.append(f"prompt {i} {comp} patch {n}: profile[{j}] engine {ev} oracle {ov}")
     return bad
 
 

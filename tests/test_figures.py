@@ -25,7 +25,8 @@ from hydra_ablate_client.wire import JobResult, JobSpec, PromptResult, Provenanc
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
-from service.rendering.figures import ABLATION_FIGURES, HEIGHT_PX, WIDTH_PX, render
+from service.rendering.figure_style import FigureOptionError
+from service.rendering.figures import ABLATION_FIGURES, HEIGHT_PX, WIDTH_PX, render, shown_figures
 from tests.conftest import private_settings
 from worker.engine.types import PromptMeasures, SweepResult
 from worker.summary import summarise
@@ -48,12 +49,20 @@ def _downstream(ablated: str, basis: list[str]) -> list[bool]:
     return out
 
 
-def build_result(n_layers: int = 3, prompts: list[str] | None = None, heads: int = 0, seed: int = 0) -> JobResult:
-    """A JobResult whose summary follows from its prompts; late MLPs write negatively (erasure) and compensate."""
+def build_result(
+    n_layers: int = 3, prompts: list[str] | None = None, heads: int = 0, seed: int = 0, head_basis: int = 0
+) -> JobResult:
+    """A JobResult whose summary follows from its prompts; late MLPs write negatively (erasure) and compensate.
+    `head_basis` H > 0: responses over H heads per layer and the MLPs (`response_basis: "heads"`)."""
     rng = random.Random(seed)
     texts = list(prompts or PROMPTS)
-    basis = [f"{kind}.{layer}" for layer in range(n_layers) for kind in ("attn", "mlp")]
-    components = basis + [f"head.1.{h}" for h in range(heads)]
+    layer_basis = [f"{kind}.{layer}" for layer in range(n_layers) for kind in ("attn", "mlp")]
+    basis = (
+        [name for layer in range(n_layers) for name in [*(f"head.{layer}.{h}" for h in range(head_basis)),
+                                                         f"mlp.{layer}"]]
+        if head_basis else layer_basis
+    )
+    components = layer_basis + [f"head.1.{h}" for h in range(heads)]
     rows: list[PromptResult] = []
     for i, text in enumerate(texts):
         clean_direct = [
@@ -113,6 +122,7 @@ def build_result(n_layers: int = 3, prompts: list[str] | None = None, heads: int
         resample_from="next",
         mean_reference_prompts=None,
         seed=seed,
+        response_basis="heads" if head_basis else "layers",
     )
     return JobResult(
         id="placeholder",
@@ -247,6 +257,29 @@ def test_figures_label_what_they_show(result: JobResult) -> None:
     assert "ablated attn layer" in heatmap and "responding mlp layer" in heatmap and "norm" in heatmap
     assert "colour clipped at" in heatmap
     assert "mlp.2: " in erasure and "erasure" in erasure  # the late MLP's negative bar is called out
+
+
+def test_figures_of_a_final_position_job_with_the_head_basis_show_heads() -> None:
+    """response_basis "heads" on a final-position job: the heatmap's attention columns are heads (layer.head), head
+    ablations are rows of their own (the head → head matrix), erasure sums a layer's heads, and profile says why it
+    does not apply."""
+    import matplotlib
+
+    heads = build_result(heads=3, head_basis=4)
+    assert heads.response_basis[:5] == ["head.0.0", "head.0.1", "head.0.2", "head.0.3", "mlp.0"]
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        heatmap = render(heads, "response_heatmap", "svg").decode()
+        erasure = render(heads, "erasure", "svg").decode()
+    assert "head responses" in heatmap and "responding head (layer.head)" in heatmap
+    assert "ablated head (layer.head)" in heatmap and ">2.3<" in heatmap and ">1.2<" in heatmap
+    assert "attention (its heads summed)" in erasure
+    for name in ABLATION_FIGURES:
+        if name != "profile":
+            assert_png(render(heads, name, "png"))
+    with pytest.raises(FigureOptionError, match="response_basis 'layers'"):
+        render(heads, "profile", "png")
+    assert "profile" not in shown_figures(heads) and "response_heatmap" in shown_figures(heads)
+    assert "profile" in shown_figures(build_result())
 
 
 def test_figures_of_a_wide_model_fit_the_fixed_size() -> None:

@@ -83,8 +83,9 @@ def test_one_component_grammar_and_one_per_position_rule() -> None:
         ({}, False),
         ({"measure_positions": "all"}, True),
         ({"target": "next_token"}, True),
-        ({"response_basis": "heads"}, True),
+        ({"response_basis": "heads"}, False),  # the head basis applies to final-position jobs too
+        ({"response_basis": "heads", "target": "next_token"}, True),
     ]:
         changed = msgspec.structs.replace(spec, **options)
         assert changed.per_position is expected
-        assert vocabulary.is_per_position(changed.measure_positions, changed.target, changed.response_basis) is expected
+        assert vocabulary.is_per_position(changed.measure_positions, changed.target) is expected

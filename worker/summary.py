@@ -102,7 +102,7 @@ def summarise(
     ablated_unembed = _optional_field(prompts, "ablated_unembed_effect")
     response = _field(prompts, "response")  # (P, C, R)
     clean_direct = _field(prompts, "clean_direct_effect")  # (P, R)
-    is_attn = np.array([name.startswith("attn.") for name in result.response_basis])
+    is_attn = np.array([name.startswith(("attn.", "head.")) for name in result.response_basis])  # either basis
     ce_attn = response[:, :, is_attn].sum(axis=-1)
     ce_mlp = response[:, :, ~is_attn].sum(axis=-1)
     if relations is not None and len(relations) != len(prompts):

@@ -33,7 +33,7 @@ def check_estimates(
     if per_position:
         raise ValidationProblem(
             "estimates read the metric at the final position (one backward pass per prompt): drop the per-position "
-            "options (measure_positions 'all', target 'next_token', response_basis 'heads') or the estimates",
+            "options (measure_positions 'all', target 'next_token') or the estimates",
             "estimates",
         )
     if knockouts:

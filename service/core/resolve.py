@@ -130,7 +130,7 @@ def resolve(
     ablation = pick("ablation")
     samples = _samples(request, ablation, pick("resample_samples"), n)
     options = {name: pick(name) for name in ("measure_positions", "target", "response_basis", "position_responses")}
-    per_position = is_per_position(options["measure_positions"], options["target"], options["response_basis"])
+    per_position = is_per_position(options["measure_positions"], options["target"])
     if per_position:
         _check_paper_options_final_only(pick("only_correct"), pick("keep_samples"), pick("resample_within"))
     only_correct, answers = _only_correct(pick("only_correct"), request.only_correct is UNSET, answers, dataset)
@@ -158,8 +158,8 @@ def resolve(
     max_tokens = pick("max_tokens")
     if per_position:
         _check_position_options(pick("positions"), metric, options, answers)
-        if options["response_basis"] == "heads" and info.head_basis_refusal:
-            raise ValidationProblem(info.head_basis_refusal, "response_basis")
+    if options["response_basis"] == "heads" and info.head_basis_refusal:
+        raise ValidationProblem(info.head_basis_refusal, "response_basis")
     _check_result_size(n, n_rows, info, options, per_position, samples * draws, draws, keep_samples,
                        max_tokens or settings.max_prompt_tokens, settings, estimate_values(estimates))
 
@@ -271,7 +271,8 @@ def _check_result_size(
         values = _position_values(n, n_components, info, options, max_tokens)
         what = f"{n:,} prompts × {n_components:,} components × up to {max_tokens} positions"
     else:
-        per_pair = 2 * info.n_layers + 8 + (runs * (2 * info.n_layers + 3) if keep_samples else 0)
+        # The response vector over the basis; the per-run profiles of keep_samples are per layer in either basis.
+        per_pair = _basis_size(info, options) + 8 + (runs * (2 * info.n_layers + 3) if keep_samples else 0)
         per_pair += 7 * draws if draws > 1 else 0  # each draw's six means and its sources
         per_pair += estimates_per_pair
         values = n * n_components * per_pair
@@ -378,8 +379,8 @@ def _check_paper_options_final_only(only_correct: bool, keep_samples: bool, resa
     ):
         if used:
             raise ValidationProblem(
-                f"{name} is for final-position jobs; per-position jobs (measure_positions 'all', target "
-                "'next_token' or response_basis 'heads') do not support it",
+                f"{name} is for final-position jobs; per-position jobs (measure_positions 'all' or target "
+                "'next_token') do not support it",
                 name,
             )
 
@@ -388,8 +389,8 @@ def _check_position_options(positions: str, metric: str, options: dict[str, str]
     """The per-position engine's rules (worker/engine/position_sweep.py checks them again)."""
     if positions != "all":
         raise ValidationProblem(
-            "measure_positions 'all', target 'next_token' and response_basis 'heads' ablate the component at every "
-            f"position: set positions to 'all' (it is {positions!r})",
+            "measure_positions 'all' and target 'next_token' ablate the component at every position: set "
+            f"positions to 'all' (it is {positions!r})",
             "positions",
         )
     if metric == "logit_diff":
@@ -410,9 +411,14 @@ def _check_position_options(positions: str, metric: str, options: dict[str, str]
 
 def _position_values(n: int, n_components: int, info: ModelInfo, options: dict[str, str], positions: int) -> int:
     """Numbers a per-position result holds at most (every prompt at `positions` tokens)."""
-    basis = info.n_layers * (info.n_heads + 1 if options["response_basis"] == "heads" else 2)
+    basis = _basis_size(info, options)
     per_pair = POSITION_COLUMNS + (basis if options["position_responses"] == "full" else 0)
     return n * positions * (n_components * per_pair + basis + 4)
+
+
+def _basis_size(info: ModelInfo, options: dict[str, str]) -> int:
+    """Entries of the response basis: attn.L and mlp.L per layer, or every head and mlp.L."""
+    return info.n_layers * (info.n_heads + 1 if options["response_basis"] == "heads" else 2)
 
 
 def _empty_slice(ref: DatasetRef) -> str:
@@ -523,7 +529,7 @@ def _knockouts(request: JobRequest, info: ModelInfo, per_position: bool) -> list
     if per_position:
         raise ValidationProblem(
             "knockouts are measured at the final position: drop the per-position options (measure_positions 'all', "
-            "target 'next_token', response_basis 'heads') or the knockouts",
+            "target 'next_token') or the knockouts",
             "knockouts",
         )
     sets: list[list[str]] = []

@@ -28,6 +28,7 @@ from hydra_ablate_client.vocabulary import (
     FigureFormat,
     FigureName,
     is_knockout_name,
+    parse_component,
 )
 from hydra_ablate_client.wire import JobResult
 from service.rendering import estimate_figure, knockout_figure, paper_figures, patch_figure
@@ -55,8 +56,9 @@ PAPER_FIGURES: frozenset[FigureName] = frozenset({"profile", "fig2", "fig7", "fi
 FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "te_vs_de": "per-prompt total vs direct effect of every component, y = x and the TE-on-DE fit (slope, R²)",
     "layer_effects": "mean DE, TE, the paper's compensatory effect CE and the norm's part per layer (± SE)",
-    "response_heatmap": "mean downstream response: attention and MLP ablations apart, × responding layer, plus the "
-    "final norm's part; robust symmetric colour limits",
+    "response_heatmap": "mean downstream response: attention, head and MLP ablations apart, × responding layer (with "
+    "`response_basis: \"heads\"` × responding head: the head → head matrix), plus the final norm's part; robust "
+    "symmetric colour limits",
     "erasure": "mean clean direct effect of every layer component (negative: erasure), and the late MLPs' response "
     "to attention ablations regressed on the ablated layer's Δunembed",
     "profile": "the paper's Fig. 1/3 for one prompt (`prompt`) and ablated component (`component`): clean "
@@ -301,20 +303,40 @@ def _layer_effects(fig: Figure, result: JobResult) -> None:
     fig.suptitle(title)
 
 
-def _heat_ticks(ax: Axes, axis: str, layers: list[int]) -> None:
-    step = 1 if len(layers) <= 16 else (2 if len(layers) <= 32 else 4)
-    positions = list(range(0, len(layers), step))
-    labels = [str(layers[i]) for i in positions]
+def _heat_ticks(ax: Axes, axis: str, labels: list[str]) -> None:
+    """Every label while they fit, else every second or fourth; many heads (layer.head): each layer's first head,
+    every few layers."""
+    n = len(labels)
+    step = 1 if n <= 16 else (2 if n <= 32 else (4 if n <= 64 else math.ceil(n / 16)))
+    candidates = list(range(n))
+    if n > 32 and any(label.endswith(".0") for label in labels):  # heads: start each tick at a layer's head 0
+        candidates = [i for i, label in enumerate(labels) if label.endswith(".0")]
+        step = max(1, math.ceil(len(candidates) / 16))
+    positions = candidates[::step]
+    shown = [labels[i] for i in positions]
     if axis == "x":
-        ax.set_xticks(positions, labels)
+        ax.set_xticks(positions, shown, rotation=90 if any("." in label for label in shown) and n > 8 else 0)
     else:
-        ax.set_yticks(positions, labels)
+        ax.set_yticks(positions, shown)
     ax.tick_params(axis="both", labelsize=MIN_FONT_PT + 1)
 
 
+def _heat_entry(name: str) -> tuple[str, int, int, str]:
+    """(kind, layer, head, tick label) of a component or basis entry: layers by number, heads as layer.head."""
+    parts = parse_component(name)
+    layer, head = parts.layer or 0, parts.head or 0
+    return parts.kind, layer, head, f"{layer}.{head}" if parts.kind == "head" else str(layer)
+
+
+# Rows and columns of the response heatmap: what was ablated, what responds (attention layers or their heads).
+_HEAT_ROW_NAMES = {"attn": "attn layer", "head": "head (layer.head)", "mlp": "mlp layer"}
+
+
 def _response_heatmap(fig: Figure, result: JobResult) -> None:
-    """Which layers respond to each ablation, attention and MLP ablations apart; each row plus its norm cell sums to
-    that component's compensation. Colour limits: the 99th percentile of |value|, symmetric."""
+    """Which components respond to each ablation, attention, head and MLP ablations apart; each row plus its norm
+    cell sums to that component's compensation. With the head basis the attention columns are every head (layer.head),
+    so head ablations give the head → head response matrix. Colour limits: the 99th percentile of |value|,
+    symmetric."""
     import numpy as np
 
     if not result.summary.response_matrix:
@@ -325,14 +347,17 @@ def _response_heatmap(fig: Figure, result: JobResult) -> None:
         len(result.components), len(result.response_basis)
     )
     norm_column = np.array([s.norm_response_mean for s in result.summary.components], dtype=float)
-    parsed = [kind_and_layer(name) for name in result.components]
-    basis = [kind_and_layer(name) for name in result.response_basis]
+    parsed = [None if is_knockout_name(name) else _heat_entry(name) for name in result.components]
+    basis = [_heat_entry(name) for name in result.response_basis]
+    heads_basis = any(entry[0] == "head" for entry in basis)
     bound = robust_bound([*matrix.ravel().tolist(), *norm_column.tolist()])
-    grid = fig.add_gridspec(2, 3, width_ratios=[12, 12, 1])
+    present = [kind for kind in ("attn", "head", "mlp") if any(p is not None and p[0] == kind for p in parsed)]
+    row_kinds = present or ["attn", "mlp"]
+    grid = fig.add_gridspec(len(row_kinds), 3, width_ratios=[12, 12, 1])
     unit = metric_unit(result)
     image = None
-    for row, ablated_kind in enumerate(("attn", "mlp")):
-        rows = sorted((layer, c) for c, (k, layer) in enumerate(parsed) if k == ablated_kind)
+    for row, ablated_kind in enumerate(row_kinds):
+        rows = sorted((p[1], p[2], c) for c, p in enumerate(parsed) if p is not None and p[0] == ablated_kind)
         for col, responding in enumerate(("attn", "mlp", "norm")):
             ax = fig.add_subplot(grid[row, col])
             if not rows:
@@ -341,26 +366,30 @@ def _response_heatmap(fig: Figure, result: JobResult) -> None:
                     ax.text(0.5, 0.5, f"no {ablated_kind} ablations", ha="center", va="center", color="0.4")
                 continue
             if responding == "norm":
-                values = norm_column[[c for _, c in rows]][:, None]
+                values = norm_column[[c for _, _, c in rows]][:, None]
                 cols: list[int] = [0]
             else:
-                cols = [d for d, (k, _) in enumerate(basis) if k == responding]
-                values = matrix[np.ix_([c for _, c in rows], cols)]
+                kinds = ("attn", "head") if responding == "attn" else ("mlp",)
+                cols = [d for d, entry in enumerate(basis) if entry[0] in kinds]
+                values = matrix[np.ix_([c for _, _, c in rows], cols)]
             image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
             if responding == "norm":
                 ax.set_xticks([0], ["norm"])
                 ax.set_yticks([])
                 ax.tick_params(axis="both", labelsize=MIN_FONT_PT + 1)
             else:
-                _heat_ticks(ax, "x", [basis[d][1] for d in cols])
+                _heat_ticks(ax, "x", [basis[d][3] for d in cols])
                 if col == 0:
-                    _heat_ticks(ax, "y", [layer for layer, _ in rows])
-                    ax.set_ylabel(f"ablated {ablated_kind} layer")
+                    _heat_ticks(ax, "y", [cast(tuple[str, int, int, str], parsed[c])[3] for _, _, c in rows])
+                    ax.set_ylabel(f"ablated {_HEAT_ROW_NAMES[ablated_kind]}")
                 else:
                     ax.set_yticks([])
-                ax.set_xlabel(f"responding {responding} layer")
+                what = "head (layer.head)" if responding == "attn" and heads_basis else f"{responding} layer"
+                ax.set_xlabel(f"responding {what}")
             if row == 0:
-                ax.set_title({"attn": "attention responses", "mlp": "MLP responses", "norm": "norm"}[responding])
+                titles = {"attn": "head responses" if heads_basis else "attention responses", "mlp": "MLP responses",
+                          "norm": "norm"}
+                ax.set_title(titles[responding])
     if image is not None:
         fig.colorbar(image, ax=fig.axes, label=f"mean response ({unit}); colour clipped at ±{bound:.3g}",
                      extend="both", shrink=0.9)
@@ -450,8 +479,8 @@ def _erasure(fig: Figure, result: JobResult) -> None:
 
     ax, ax_fit = fig.subplots(2, 1)
     width = 0.4
-    basis = [kind_and_layer(name) for name in result.response_basis]
-    values = result.summary.clean_direct_effect_mean
+    basis, values, names = _per_layer_clean_effects(result)
+    heads_basis = any(name.startswith("head.") for name in result.response_basis)
     for offset, kind in ((-width / 2, "attn"), (width / 2, "mlp")):
         points = [(layer, v) for (k, layer), v in zip(basis, values, strict=True) if k == kind]
         if not points:
@@ -463,11 +492,11 @@ def _erasure(fig: Figure, result: JobResult) -> None:
                 bar.set_edgecolor("crimson")
                 bar.set_linewidth(1.4)
                 bar.set_hatch("///")
-    negatives = [(v, name) for name, v in zip(result.response_basis, values, strict=True) if v < 0]
+    negatives = [(v, name, k, layer) for name, (k, layer), v in zip(names, basis, values, strict=True) if v < 0]
     if negatives:
-        worst, name = min(negatives)
-        layer = kind_and_layer(name)[1] + (-width / 2 if name.startswith("attn") else width / 2)
-        ax.annotate(f"{name}: {worst:+.3f}", xy=(layer, worst), xytext=(0, -14), textcoords="offset points",
+        worst, name, kind, layer = min(negatives)
+        x = layer + (-width / 2 if kind == "attn" else width / 2)
+        ax.annotate(f"{name}: {worst:+.3f}", xy=(x, worst), xytext=(0, -14), textcoords="offset points",
                     ha="center", va="top", color="crimson", fontsize=MIN_FONT_PT + 2)
     ax.axhline(0, color="0.3", linewidth=0.8)
     layers = sorted({layer for _, layer in basis})
@@ -477,7 +506,8 @@ def _erasure(fig: Figure, result: JobResult) -> None:
     ax.set_ylabel(f"mean clean Δunembed ({unit})")
     ax.set_title(f"what each layer writes onto the target in the clean run ({len(negatives)} negative: erasure)")
     # A fixed legend: one patch per kind and the erasure hatch, in a corner the bars rarely reach.
-    handles = [Patch(facecolor=KIND_COLOURS["attn"], label="attention"),
+    attention = "attention (its heads summed)" if heads_basis else "attention"
+    handles = [Patch(facecolor=KIND_COLOURS["attn"], label=attention),
                Patch(facecolor=KIND_COLOURS["mlp"], label="MLP"),
                Patch(facecolor="white", edgecolor="crimson", hatch="///", label="negative: erases the target")]
     ax.legend(handles=handles, loc="upper left", ncols=3, framealpha=0.9)
@@ -512,6 +542,22 @@ def _erasure(fig: Figure, result: JobResult) -> None:
     fig.suptitle(f"{result.model}: erasure ({result.summary.n_prompts} prompts)" + (f"\n{note}" if note else ""))
 
 
+def _per_layer_clean_effects(result: JobResult) -> tuple[list[tuple[str, int]], list[float], list[str]]:
+    """(kind, layer), mean clean direct effect and name per layer component; with the head basis a layer's
+    attention is its heads summed (the output projection's bias, no head's, apart), named attn.L heads."""
+    basis = [kind_and_layer(name) for name in result.response_basis]
+    values = list(result.summary.clean_direct_effect_mean)
+    if not any(kind == "head" for kind, _ in basis):
+        return basis, values, list(result.response_basis)
+    summed: dict[tuple[str, int], float] = {}
+    for (kind, layer), value in zip(basis, values, strict=True):
+        key = ("attn" if kind == "head" else kind, layer)
+        summed[key] = summed.get(key, 0.0) + value
+    keys = list(summed)
+    return keys, [summed[k] for k in keys], [f"attn.{layer} heads" if k == "attn" else f"{k}.{layer}"
+                                             for k, layer in keys]
+
+
 def _drawers() -> dict[str, Callable[..., None]]:
     return {
         "te_vs_de": _te_vs_de,
@@ -536,9 +582,12 @@ def applicable_figures(result: JobResult) -> tuple[FigureName, ...]:
 
 def shown_figures(result: JobResult) -> tuple[FigureName, ...]:
     """The figures worth showing inline (the web job page): the applicable ones, less knockout_response for a job
-    without knockout sets (it would only say how to ask for them)."""
+    without knockout sets (it would only say how to ask for them) and profile for a job with the head basis (it
+    draws per-layer outputs: a 400 that says so)."""
     has_sets = any(is_knockout_name(name) for name in result.components)
-    return tuple(name for name in applicable_figures(result) if name != "knockout_response" or has_sets)
+    heads_basis = any(name.startswith("head.") for name in result.response_basis)
+    left_out = {*(() if has_sets else ("knockout_response",)), *(("profile",) if heads_basis else ())}
+    return tuple(name for name in applicable_figures(result) if name not in left_out)
 
 
 def check_applicable(result: JobResult, name: FigureName) -> None:

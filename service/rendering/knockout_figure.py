@@ -7,7 +7,7 @@ prompts, `response_d` = its direct effect in the ablated run minus its direct ef
 clean final-norm scale (docs/concepts/definitions.md). Positive: it writes more onto the target when the set is gone
 (it takes over); negative: it writes less. The interval is the 95% Student-t interval of the mean over prompts. The
 set's members are marked (their own change is not a response), and so is an attention layer that holds a member
-head (its response leaves that head's own change out).
+head (its response leaves that head's own change out; in the head basis a member head is an entry of its own).
 
 `knockout_responses` is the pure part (what is plotted), `draw` the drawing.
 """
@@ -60,6 +60,12 @@ def _holds_member(basis_name: str, members: list[str]) -> bool:
     return any(parse_component(m).kind == "head" and parse_component(m).layer == parts.layer for m in members)
 
 
+def _in_set(basis_name: str, members: list[str]) -> bool:
+    """A member, or (the head basis) a head of a member attention layer: its output is the member's."""
+    parts = parse_component(basis_name)
+    return basis_name in members or (parts.kind == "head" and f"attn.{parts.layer}" in members)
+
+
 def knockout_responses(result: JobResult) -> tuple[list[KnockoutBars], int]:
     """The bars of the first MAX_SETS knockout sets, from the result's per-prompt response matrices, and how many
     sets are left out."""
@@ -84,7 +90,7 @@ def knockout_responses(result: JobResult) -> tuple[list[KnockoutBars], int]:
                 lows.append(None)
                 highs.append(None)
         drawn.append(KnockoutBars(name, members, list(result.response_basis), means, lows, highs,
-                                  [b in members for b in result.response_basis],
+                                  [_in_set(b, members) for b in result.response_basis],
                                   [_holds_member(b, members) for b in result.response_basis]))
     return drawn, max(0, len(sets) - MAX_SETS)
 
@@ -144,7 +150,9 @@ def draw(fig: Figure, result: JobResult) -> None:
     axes = fig.subplots(len(drawn), 1, squeeze=False)[:, 0]
     for ax, bars in zip(axes, drawn, strict=True):
         _panel(ax, bars, unit, len(result.prompts))
-    handles = [Patch(facecolor="tab:blue", label="attention"), Patch(facecolor="tab:orange", label="MLP"),
+    heads_basis = any(name.startswith("head.") for name in result.response_basis)
+    attention = "attention heads (head.L.H)" if heads_basis else "attention"
+    handles = [Patch(facecolor="tab:blue", label=attention), Patch(facecolor="tab:orange", label="MLP"),
                Patch(facecolor="0.75", edgecolor="crimson", hatch="///", label="a member of the set (not a response)")]
     if any(any(b.holds_member) for b in drawn):
         handles.append(Patch(facecolor="white", edgecolor="white",

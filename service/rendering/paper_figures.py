@@ -53,7 +53,7 @@ def _empty(ax: Axes, text: str) -> None:
 
 
 def _n_layers(result: JobResult) -> int:
-    return len(result.response_basis) // 2
+    return sum(1 for name in result.response_basis if name.startswith("mlp."))  # one MLP per layer, either basis
 
 
 def _unit_label(result: JobResult, what: str) -> str:
@@ -80,6 +80,11 @@ def profile(fig: Figure, result: JobResult, *, prompt: int | None = None, compon
 
     if not result.prompts:
         raise FigureOptionError("the job has no prompts to draw")
+    if any(name.startswith("head.") for name in result.response_basis):
+        raise FigureOptionError(
+            "figure 'profile' draws per-layer outputs, and this job's responses are per head (response_basis "
+            "'heads'): run it with response_basis 'layers' for this figure, or see response_heatmap"
+        )
     p = 0 if prompt is None else prompt
     if not 0 <= p < len(result.prompts):
         raise FigureOptionError(f"prompt must be 0–{len(result.prompts) - 1} (a position in the result's prompts)")
@@ -471,7 +476,7 @@ def fig8(fig: Figure, result: JobResult) -> None:
         c = next(col for lay, col, _ in rows if lay == layer)
         summary = next(s for lay, _, s in rows if lay == layer)
         xs = [p.unembed_effect[c] for p in result.prompts]
-        basis_attn = [d for d, name in enumerate(result.response_basis) if name.startswith("attn.")]
+        basis_attn = [d for d, name in enumerate(result.response_basis) if name.startswith(("attn.", "head."))]
         basis_mlp = [d for d, name in enumerate(result.response_basis) if name.startswith("mlp.")]
         parts_y = {"attn": [sum(p.response[c][d] for d in basis_attn) for p in result.prompts],
                    "mlp": [sum(p.response[c][d] for d in basis_mlp) for p in result.prompts]}

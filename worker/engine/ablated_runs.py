@@ -47,6 +47,8 @@ class AblatedRun:
 class AblatedOutputs:
     layer_out_final: torch.Tensor  # (B, 2N, d): every layer component's output at the final position
     x_final: torch.Tensor  # (B, d): the residual stream entering the final norm
+    # (B, N, H·hd): each layer's out-projection input at the final position, in the model's dtype (keep_head_in)
+    head_in_final: torch.Tensor | None = None
 
 
 class PrefixCache:
@@ -314,9 +316,14 @@ def drive_rows(
 
 @torch.no_grad()
 def run_ablated_rows(
-    arch: Architecture, runs: list[CleanRun], batch: list[tuple[int, AblatedRun]], all_positions: bool
+    arch: Architecture,
+    runs: list[CleanRun],
+    batch: list[tuple[int, AblatedRun]],
+    all_positions: bool,
+    keep_head_in: bool = False,
 ) -> AblatedOutputs:
-    """Run each row (prompt index into `runs`, ablation) from its own layer on; outputs in the batch's order."""
+    """Run each row (prompt index into `runs`, ablation) from its own layer on; outputs in the batch's order.
+    `keep_head_in`: also every layer's out-projection input at the final position (the clean runs must have it)."""
     order, restore = entry_order([ablation for _, ablation in batch])
     rows = [batch[b][1] for b in order]
     row_prompt = torch.tensor([batch[b][0] for b in order])
@@ -324,10 +331,25 @@ def run_ablated_rows(
     like = runs[0].block_in
     hidden = torch.empty(len(rows), inputs.positions, arch.d_model, dtype=like.dtype, device=like.device)
     layer_out_final = inputs.clean_outputs()
-    for step in drive_rows(arch, inputs, rows, hidden):
+    head_in_final = _clean_head_in_final(runs)[row_prompt.to(like.device)] if keep_head_in else None  # (B, N, H·hd)
+    for step in drive_rows(arch, inputs, rows, hidden, keep_head_in=keep_head_in):
         layer_out_final[: step.active, 2 * step.layer] = step.attn[:, -1]
         layer_out_final[: step.active, 2 * step.layer + 1] = step.mlp[:, -1]
-    return AblatedOutputs(layer_out_final=layer_out_final[restore].float(), x_final=hidden[restore, -1].float())
+        if head_in_final is not None:  # rows that enter later keep their prompt's clean input here
+            assert step.head_in is not None
+            head_in_final[: step.active, step.layer] = step.head_in[:, -1]
+    return AblatedOutputs(
+        layer_out_final=layer_out_final[restore].float(),
+        x_final=hidden[restore, -1].float(),
+        head_in_final=None if head_in_final is None else head_in_final[restore.to(like.device)],
+    )
+
+
+def _clean_head_in_final(runs: list[CleanRun]) -> torch.Tensor:
+    """(G, N, H·hd): every prompt's clean out-projection inputs at its final position."""
+    if any(run.head_in is None for run in runs):
+        raise ValueError("the head response basis needs the clean runs' head inputs")
+    return torch.stack([run.head_in[:, -1] for run in runs if run.head_in is not None])
 
 
 def run_ablated(
@@ -335,12 +357,14 @@ def run_ablated(
     prompts: list[tuple[CleanRun, list[AblatedRun]]],
     all_positions: bool,
     batch_tokens: int | BatchBudget,
+    keep_head_in: bool = False,
 ) -> list[AblatedOutputs]:
     """Every ablated run of several prompts, batched within the budget (rows × longest prompt, × 2 for "all");
     prompts share batches only at the final position. One AblatedOutputs per prompt.
 
     A batch that runs out of device memory is retried in halves, and the halved budget holds for the rest of the
     sweep (`BatchBudget`); a single row that does not fit fails with `BatchDoesNotFit` and the reason.
+    `keep_head_in`: each row's out-projection inputs at the final position too (the head response basis).
     """
     budget = batch_tokens if isinstance(batch_tokens, BatchBudget) else BatchBudget(batch_tokens)
     runs = [run for run, _ in prompts]
@@ -356,7 +380,9 @@ def run_ablated(
         used = sorted({p for p, _ in chunk})
         local = {p: k for k, p in enumerate(used)}
         try:
-            part = run_ablated_rows(arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions)
+            part = run_ablated_rows(
+                arch, [runs[p] for p in used], [(local[p], a) for p, a in chunk], all_positions, keep_head_in
+            )
         except torch.OutOfMemoryError as error:
             release_cached_memory(device)
             budget.halve(per_row, len(chunk), error)
@@ -365,10 +391,14 @@ def run_ablated(
         start += len(chunk)
     layer_out = torch.cat([part.layer_out_final for part in parts])
     x_final = torch.cat([part.x_final for part in parts])
+    head_in = torch.cat([p.head_in_final for p in parts if p.head_in_final is not None]) if keep_head_in else None
     outputs, offset = [], 0
     for _, ablations in prompts:
         n = len(ablations)
         span = slice(offset, offset + n)
-        outputs.append(AblatedOutputs(layer_out_final=layer_out[span], x_final=x_final[span]))
+        outputs.append(AblatedOutputs(
+            layer_out_final=layer_out[span], x_final=x_final[span],
+            head_in_final=None if head_in is None else head_in[span],
+        ))
         offset += n
     return outputs

@@ -362,7 +362,7 @@ def has_post_norm(config: object) -> bool:
 
 
 def head_basis_refusal(config: object) -> str | None:
-    """Why the per-position head response basis has no definition for this model (None: it has one).
+    """Why the head response basis has no definition for this model (None: it has one), at any position.
 
     In a post-norm block a head's basis output is its share of the block's output at the block's own scale
     (docs/concepts/definitions.md, "Response basis"); an output-projection bias is rescaled by the post-norm without

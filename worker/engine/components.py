@@ -82,7 +82,8 @@ def knockout_set(members: tuple[str, ...] | list[str], index: int, n_layers: int
 
 def set_downstream(members: list[Component], other: Component, parallel_blocks: bool) -> bool:
     """Can `other`'s output at the final position respond when every member is ablated? A member's own output is
-    replaced, so it is not a response."""
-    if other in members:
+    replaced, so it is not a response, nor is a head of a member attention layer (the head basis): it is part of
+    that output."""
+    if other in members or (other.kind == "head" and Component("attn", other.layer) in members):
         return False
     return any(is_downstream(m, other, parallel_blocks) for m in members)

@@ -16,54 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.ablated_runs import AblatedRun, _Inputs, drive_rows, entry_order
-from worker.engine.architecture import Architecture, weight_of
+from worker.engine.architecture import Architecture
 from worker.engine.clean import CleanRun
+from worker.engine.head_basis import basis_width, head_directions, head_writes, project_heads
 
 
 @dataclass(frozen=True)
 class ProjectedOutputs:
     change: torch.Tensor  # (B, R, P): (out_d(ablated) − out_d(clean)) · u_p for every basis entry d, float32
     x: torch.Tensor  # (B, P, d): the residual stream entering the final norm, float32
-
-
-def out_proj_full(arch: Architecture, layer: int) -> torch.Tensor:
-    """The output projection as (d_model, H·hd), so that a row z of its input writes z @ W.T (bias apart)."""
-    weight = weight_of(arch.out_proj(layer))
-    return weight.T if arch.family.out_proj_is_conv1d else weight
-
-
-def head_directions(arch: Architecture, layer: int, u: torch.Tensor) -> torch.Tensor:
-    """(P, H·hd): for each position, u_p mapped back through W_O, so that z · dirs = head contributions · u_p.
-
-    Post-norm blocks: u_p is first multiplied by the post-norm's gain, so that, divided by the post-norm's scale
-    of the whole attention output (`head_writes`), z · dirs is each head's share of what the block writes.
-    """
-    if arch.post_norm:
-        u = u * arch.attn_post_norm_gain(layer)
-    return u @ out_proj_full(arch, layer).float()
-
-
-def project_heads(arch: Architecture, z: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-    """(…, H, P): each head's contribution · u_p, from the out-projection input z (…, P, H·hd)."""
-    per_head = (z.float() * dirs).unflatten(-1, (arch.n_heads, arch.head_dim)).sum(dim=-1)  # (…, P, H)
-    return per_head.transpose(-1, -2)
-
-
-def head_writes(arch: Architecture, layer: int, z: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-    """(…, H, P): what each head writes · u_p (docs/concepts/definitions.md, "Response basis").
-
-    Pre-norm blocks: its W_O slice times its slice of z. Post-norm blocks: that, through the post-norm with the
-    scale s(a_p) of the whole attention output a_p = W_O z_p at that position, so the heads add up to `attn.L`.
-    """
-    writes = project_heads(arch, z, dirs)
-    if arch.post_norm:
-        writes = writes / arch.attn_post_norm_scale(layer, arch.out_proj(layer)(z)).unsqueeze(-2)
-    return writes
-
-
-def basis_width(arch: Architecture, heads_basis: bool) -> int:
-    """Basis entries per layer: attn and mlp, or every head and the mlp."""
-    return arch.n_heads + 1 if heads_basis else 2
 
 
 @torch.no_grad()

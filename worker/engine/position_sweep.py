@@ -22,8 +22,9 @@ from worker.engine.components import (
     model_component,
 )
 from worker.engine.errors import InputError
+from worker.engine.head_basis import head_directions, head_writes
 from worker.engine.memory import DEFAULT_BATCH_TOKENS
-from worker.engine.position_ablated_runs import head_directions, head_writes, run_ablated_projected
+from worker.engine.position_ablated_runs import run_ablated_projected
 from worker.engine.readout import Readout
 from worker.engine.replacements import component_rows
 from worker.engine.sweep import (
@@ -43,8 +44,7 @@ def check_position_spec(spec: SweepSpec, has_given_targets: bool) -> None:
     """Refuse combinations without a definition; ValueError with the reason."""
     if spec.positions != "all":
         raise ValueError(
-            "measure_positions 'all', target 'next_token' and response_basis 'heads' ablate at every position: "
-            "use positions 'all'"
+            "measure_positions 'all' and target 'next_token' ablate at every position: use positions 'all'"
         )
     if spec.metric == "logit_diff":
         raise ValueError("metric logit_diff has one counterfactual per prompt, not per position: use another metric")
@@ -81,7 +81,7 @@ def run_position_sweep(
     if spec.knockouts:
         raise InputError(
             "knockouts are measured at the final position: drop the per-position options (measure_positions, "
-            "target 'next_token', response_basis 'heads') or the knockouts"
+            "target 'next_token') or the knockouts"
         )
     heads_basis = spec.response_basis == "heads"
     refusal = head_basis_refusal(model.config)

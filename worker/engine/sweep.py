@@ -13,10 +13,11 @@ from torch import nn
 
 from hydra_ablate_client.vocabulary import NormScaleMode, knockout_name
 from worker.engine.ablated_runs import AblatedOutputs, AblatedRun, run_ablated
-from worker.engine.architecture import Architecture, describe
+from worker.engine.architecture import Architecture, describe, head_basis_refusal
 from worker.engine.clean import CleanRun, CleanRunCache, run_clean
 from worker.engine.components import (
     Component,
+    head_basis_components,
     is_downstream,
     knockout_set,
     layer_components,
@@ -24,6 +25,7 @@ from worker.engine.components import (
     set_downstream,
 )
 from worker.engine.errors import InputError
+from worker.engine.head_basis import final_head_basis_writes
 from worker.engine.measures import ablated_profile, decompose, read_direct
 from worker.engine.memory import (
     DEFAULT_BATCH_TOKENS,
@@ -72,10 +74,15 @@ def run_sweep(
     arch = describe(model)
     components = [model_component(name, arch.n_layers, arch.n_heads) for name in spec.components]
     sets = knockout_sets(arch, spec)
-    basis = layer_components(arch.n_layers)
+    heads_basis = spec.response_basis == "heads"
+    refusal = head_basis_refusal(model.config) if heads_basis else None
+    if refusal is not None:
+        raise InputError(refusal)
+    basis = head_basis_components(arch.n_layers, arch.n_heads) if heads_basis else layer_components(arch.n_layers)
     n_prompts = len(inputs.token_ids)
     all_positions = spec.positions == "all"
-    with_heads = any(c.kind == "head" for c in [*components, *(c for members in sets for c in members)])
+    ablated = [*components, *(c for members in sets for c in members)]
+    with_heads = heads_basis or any(c.kind == "head" for c in ablated)
     readout = Readout(arch, spec.metric)
 
     def clean(ids: torch.Tensor) -> CleanRun:
@@ -114,7 +121,7 @@ def run_sweep(
         for i in group:
             run = runs[i]
             work.append((run, prompt_ablations(arch, spec, components, run, runs, sources[i], means, sets)))
-        outputs_per_run = run_ablated(arch, work, all_positions, budget)
+        outputs_per_run = run_ablated(arch, work, all_positions, budget, keep_head_in=heads_basis)
         for i, (run, ablations), outputs in zip(group, work, outputs_per_run, strict=True):
             target = inputs.target_ids[i] if inputs.target_ids is not None else int(run.logits_final.argmax())
             counterfactual = inputs.counterfactual_ids[i] if inputs.counterfactual_ids is not None else None
@@ -448,6 +455,22 @@ def _responses(
     return outputs.layer_out_final @ u / s_ablated - (clean_out @ u / s_clean)
 
 
+def _head_basis_responses(
+    readout: Readout,
+    outputs: AblatedOutputs,
+    clean_writes: torch.Tensor,
+    ablated_writes: torch.Tensor,
+    s_clean: torch.Tensor,
+    norm_scale: NormScaleMode,
+) -> torch.Tensor:
+    """(B, R): each head-basis entry's direct effect in the ablated run minus in the clean run, from its writes onto
+    u (final_head_basis_writes: clean (R,), ablated (B, R))."""
+    if norm_scale == "clean":
+        return (ablated_writes - clean_writes) / s_clean
+    s_ablated = readout.scale(outputs.x_final).unsqueeze(1)
+    return ablated_writes / s_ablated - clean_writes / s_clean
+
+
 def _measure(
     arch: Architecture,
     readout: Readout,
@@ -470,15 +493,23 @@ def _measure(
     x_clean = run.x_final.float().unsqueeze(0)
     s_clean = readout.scale(x_clean)[0]
     clean_metric = readout.value(x_clean, target, counterfactual)[0]
-    clean_out = run.final_layer_out().float()  # (2N, d)
-    clean_direct = clean_out @ u / s_clean  # (2N,)
 
     ablated_metric = readout.value(outputs.x_final, target, counterfactual)  # (B,)
     total = clean_metric - ablated_metric
     deltas = torch.stack([_final_delta(arch, run, a) for a in ablations])
     direct = deltas @ u / s_clean
-    response = _responses(readout, outputs, clean_out, u, s_clean, norm_scale)
-    _remove_member_heads(arch, readout, outputs, run, ablations, basis, u, s_clean, norm_scale, response)
+    if any(c.kind == "head" for c in basis):  # the head basis: every head's write, from W_O's input
+        assert run.head_in is not None and outputs.head_in_final is not None
+        clean_writes = final_head_basis_writes(arch, run.final_layer_out(), run.head_in[:, -1], u)  # (R,)
+        ablated_writes = final_head_basis_writes(arch, outputs.layer_out_final, outputs.head_in_final, u)  # (B, R)
+        clean_direct = clean_writes / s_clean
+        # A member head of a knockout set is an entry of its own here: masked below, nothing to take out of attn.L.
+        response = _head_basis_responses(readout, outputs, clean_writes, ablated_writes, s_clean, norm_scale)
+    else:
+        clean_out = run.final_layer_out().float()  # (2N, d)
+        clean_direct = clean_out @ u / s_clean  # (2N,)
+        response = _responses(readout, outputs, clean_out, u, s_clean, norm_scale)
+        _remove_member_heads(arch, readout, outputs, run, ablations, basis, u, s_clean, norm_scale, response)
     downstream = torch.tensor(
         [[_responds(a, d, arch.parallel_blocks) for d in basis] for a in ablations],
         dtype=torch.bool,
@@ -554,7 +585,7 @@ def _draws(
     """Each draw's means over its own runs. Rows are component-major, then draw, then source within the draw."""
     n_draws = len(seeds)
     k = len(sources) // n_draws
-    is_attn = torch.tensor([c.kind == "attn" for c in basis], device=response.device)
+    is_attn = torch.tensor([c.kind in ("attn", "head") for c in basis], device=response.device)
 
     def per_draw(values: torch.Tensor) -> list[list[float]]:  # (rows,) → [draw][component]
         return values.double().reshape(-1, n_draws, k).mean(dim=2).T.tolist()

@@ -56,6 +56,7 @@ class SweepSpec:
     # Per-position measurement (worker/engine/position_sweep.py; docs/concepts/definitions.md, "Every position").
     measure_positions: MeasurePositions = "final"
     target: TargetName = "clean_top"  # given target_ids win over "clean_top"
+    # Responses per layer component, or per head and MLP ("heads"): for final-position sweeps too.
     response_basis: ResponseBasisName = "layers"
     # Joint knockouts: each set of explicit component names is ablated together in one run and measured like one
     # component, named by its members joined with "+" (after `components` in the results).
@@ -83,7 +84,8 @@ class PatchSample:
     source: int | None
     total_effect: float
     direct_effect: float
-    profile: list[float]  # Δ̃unembed(k, l): every layer component's direct effect in the ablated run
+    profile: list[float]  # Δ̃unembed(k, l): every layer component's direct effect in the ablated run (attn.L,
+    # mlp.L, whatever the response basis)
     ablated_unembed_effect: float = 0.0  # Δ̃unembed(k, k) of this run, read with the clean final-norm scale
 
 
@@ -111,7 +113,7 @@ class PromptMeasures:
     total_effect: list[float]
     direct_effect: list[float]
     compensation: list[float]
-    response: list[list[float]]  # [component][layer component of the response basis]
+    response: list[list[float]]  # [component][entry of the response basis]
     norm_response: list[float]
     clean_direct_effect: list[float]  # over the response basis
     sources: list[int] = field(default_factory=list)  # resample sources used for this prompt (empty otherwise)
@@ -133,7 +135,7 @@ class PromptMeasures:
 @dataclass
 class SweepResult:
     components: list[str]
-    response_basis: list[str]  # attn.0, mlp.0, attn.1, ...
+    response_basis: list[str]  # layers: attn.0, mlp.0, attn.1, ...; heads: head.0.0, ..., mlp.0, head.1.0, ...
     prompts: list[PromptMeasures]
 
 

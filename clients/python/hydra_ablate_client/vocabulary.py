@@ -157,7 +157,7 @@ def component_columns(name: str) -> ComponentParts:
 # --- the per-position rule ------------------------------------------------------------------------------------
 
 
-def is_per_position(measure_positions: str, target: str, response_basis: str) -> bool:
+def is_per_position(measure_positions: str, target: str) -> bool:
     """Whether a job is measured by the per-position engine (its results carry `positions` columns): any
-    per-position option away from the final-position defaults."""
-    return measure_positions == "all" or target == "next_token" or response_basis == "heads"
+    per-position option away from the final-position defaults. `response_basis` applies to both engines."""
+    return measure_positions == "all" or target == "next_token"

@@ -252,7 +252,7 @@ class JobSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def per_position(self) -> bool:
         """Measured by the per-position engine (results carry `positions` columns)."""
-        return is_per_position(self.measure_positions, self.target, self.response_basis)
+        return is_per_position(self.measure_positions, self.target)
 
 
 class Progress(Struct):
@@ -318,7 +318,7 @@ class ModelInfo(Struct, kw_only=True):
     device: str = "cpu"  # where (HYDRA_DEVICE), e.g. "cuda:0"
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU's model name
     final_logit_softcap: float | None = None  # Gemma 2: results then carry capped_total_effect too
-    # Why per-position jobs cannot use response_basis "heads" on this model (post-norm blocks whose output
+    # Why jobs cannot use response_basis "heads" on this model (post-norm blocks whose output
     # projection has a bias); None where they can.
     head_basis_refusal: str | None = None
     # Blocks that normalise the attention output before the residual add (OLMo 2, Gemma 2 and 3): some knockout sets
