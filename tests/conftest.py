@@ -15,6 +15,10 @@ from service.core.embedded_redis import EmbeddedRedis
 if TYPE_CHECKING:
     from service.core.settings import Settings
 
+# The patching tests' shared fixtures (live_url, llama), defined once: a plugin rather than names imported into each
+# test module, which ruff would report as redefined by the tests' arguments (F811).
+pytest_plugins = ["tests.patch_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

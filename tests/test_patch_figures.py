@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +23,20 @@ from transformers import AutoTokenizer
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobResult, PatchingResult
-from service.api.app import create_app
 from service.core.ioi_pairs import IoiPair, ioi_pairs
-from service.core.settings import Settings
 from service.rendering.figures import render
 from service.rendering.knockout_figure import MAX_SETS, knockout_responses
 from service.rendering.patch_figure import _token_label, patching_grids
 from tests.checks import present
-from tests.live_server import serve
+from tests.patch_fixtures import finished_job, wire_pairs
 from tests.test_api import assert_problem
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_model_dirs: dict[str, str]) -> Any:
     return AutoTokenizer.from_pretrained(tiny_model_dirs["tiny-llama"])
-
-
-def _wire(pairs: list[IoiPair]) -> list[dict[str, str]]:
-    return [{"clean": p.clean, "corrupted": p.corrupted, "answer": p.answer, "counterfactual": p.counterfactual}
-            for p in pairs]
 
 
 def _pairs(tokenizer: Any, n: int, *, same_length: bool) -> list[IoiPair]:
@@ -65,14 +51,6 @@ def _pairs(tokenizer: Any, n: int, *, same_length: bool) -> list[IoiPair]:
         chosen = [drawn[0], other, *[p for p in drawn[1:] if p is not other]][:n]
     assert len(chosen) == n
     return chosen
-
-
-def _run(live_url: str, body: dict[str, Any]) -> tuple[str, JobResult]:
-    with HydraClient(live_url) as hydra:
-        job = hydra.submit({"model": "tiny-llama", **body})
-        final = hydra.wait(job.id, poll_s=0.05)
-        assert final.status == "succeeded", final.error
-        return job.id, hydra.result(job.id)
 
 
 def _figure(live_url: str, job_id: str, name: str, *, ink: float = 0.03, **params: Any) -> bytes:
@@ -146,8 +124,8 @@ def _check_grids(result: JobResult) -> None:
 
 def test_patching_grid_of_all_positions(live_url: str, tokenizer: Any) -> None:
     pairs = _pairs(tokenizer, 3, same_length=True)
-    job_id, result = _run(live_url, {"intervention": "patch", "pairs": _wire(pairs),
-                                     "components": ["resid_pre", "attn", "mlp"], "positions": "all", "seed": 1})
+    job_id, result = finished_job(live_url, {"intervention": "patch", "pairs": wire_pairs(pairs),
+                                             "components": ["resid_pre", "attn", "mlp"], "positions": "all", "seed": 1})
     _check_grids(result)
     plotted = patching_grids(result)
     assert [g.title for g in plotted.grids] == ["resid_pre", "attn", "mlp"]
@@ -175,8 +153,8 @@ def test_patching_grid_of_all_positions(live_url: str, tokenizer: Any) -> None:
 
 def test_patching_grid_of_pairs_of_different_lengths(live_url: str, tokenizer: Any) -> None:
     pairs = _pairs(tokenizer, 3, same_length=False)
-    job_id, result = _run(live_url, {"intervention": "patch", "pairs": _wire(pairs), "components": ["resid_pre"],
-                                     "positions": "all", "direction": "noise"})
+    job_id, result = finished_job(live_url, {"intervention": "patch", "pairs": wire_pairs(pairs),
+                                             "components": ["resid_pre"], "positions": "all", "direction": "noise"})
     _check_grids(result)
     plotted = patching_grids(result)
     longest = max(len(tokenizer(p.clean).input_ids) for p in pairs)
@@ -188,8 +166,8 @@ def test_patching_grid_of_pairs_of_different_lengths(live_url: str, tokenizer: A
 def test_patching_grid_of_heads_at_the_final_position(live_url: str, tokenizer: Any) -> None:
     pairs = _pairs(tokenizer, 4, same_length=False)
     sites = ["head", "head.1.1.q", "head.1.3.pattern", "head.2.2.pattern", "resid_pre.0", "attn.1", "mlp.2"]
-    job_id, result = _run(live_url, {"intervention": "patch", "pairs": _wire(pairs), "components": sites,
-                                     "positions": "final", "seed": 2, "knockouts": [["head.1.0", "head.2.1"]]})
+    job_id, result = finished_job(live_url, {"intervention": "patch", "pairs": wire_pairs(pairs), "components": sites,
+                                             "positions": "final", "seed": 2, "knockouts": [["head.1.0", "head.2.1"]]})
     _check_grids(result)
     plotted = patching_grids(result)
     titles = [g.title for g in plotted.grids]
@@ -237,8 +215,8 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "My fa
 
 
 def test_knockout_response_against_the_per_prompt_responses(live_url: str) -> None:
-    job_id, result = _run(live_url, {"prompts": PROMPTS, "components": ["mlp.2"], "knockouts": KNOCKOUTS,
-                                     "ablation": "mean", "metric": "logit"})
+    job_id, result = finished_job(live_url, {"prompts": PROMPTS, "components": ["mlp.2"], "knockouts": KNOCKOUTS,
+                                             "ablation": "mean", "metric": "logit"})
     drawn, left_out = knockout_responses(result)
     assert left_out == len(KNOCKOUTS) - MAX_SETS == 1
     assert [b.knockout for b in drawn] == ["+".join(s) for s in KNOCKOUTS[:MAX_SETS]]
@@ -271,7 +249,7 @@ def test_knockout_response_against_the_per_prompt_responses(live_url: str) -> No
 
 
 def test_knockout_response_of_a_job_without_sets_says_how_to_ask(live_url: str) -> None:
-    job_id, result = _run(live_url, {"prompts": PROMPTS[:2], "components": ["mlp.2"]})
+    job_id, result = finished_job(live_url, {"prompts": PROMPTS[:2], "components": ["mlp.2"]})
     assert knockout_responses(result) == ([], 0)
     _figure(live_url, job_id, "knockout_response", ink=0.002)  # a line of text saying how to ask for sets
     page = httpx.get(f"{live_url}/ui/jobs/{job_id}").text

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,17 +17,14 @@ import pytest
 import redis
 import torch
 from litestar.testing import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.vocabulary import DEFAULT_PAIR_EPSILON
 from hydra_ablate_client.wire import JobRequest, JobResult
-from service.api.app import create_app
-from service.core.ioi_pairs import IoiPair, ioi_pairs
 from service.core.settings import Settings
 from service.core.store import JobStore
 from tests.checks import present
-from tests.live_server import serve
+from tests.patch_fixtures import tiny_ioi, wire_pairs
 from tests.patch_oracle import oracle_patching
 from tests.test_api import assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.patching import PAIR_EPSILON, PatchPair, PatchSpec, pooled_scores, run_patching
@@ -122,29 +118,6 @@ def test_a_patching_request_is_resolved_into_the_spec(client: TestClient, store:
 SITES = ["resid_pre.0", "attn.1", "mlp.2", "head.1.2", "head.0.1.q", "head.2.3.pattern"]
 
 
-@pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model_dirs: dict[str, str]) -> tuple[Any, Any]:
-    location = tiny_model_dirs["tiny-llama"]
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
-    return model, tokenizer
-
-
-def _ioi(tokenizer: Any, n: int, seed: int) -> list[IoiPair]:
-    return ioi_pairs(n, seed, lambda text: tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _wire(pairs: list[IoiPair]) -> list[dict[str, str]]:
-    return [{"clean": p.clean, "corrupted": p.corrupted, "answer": p.answer, "counterfactual": p.counterfactual}
-            for p in pairs]
-
-
 def _post(live_url: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{live_url}/v1/jobs", json={"model": "tiny-llama", "intervention": "patch", **body})
 
@@ -156,9 +129,9 @@ def test_a_patching_job_matches_the_engine_and_the_oracle(
 ) -> None:
     model, tokenizer = llama
     worker_setting("HYDRA_CHUNK_PROMPTS", "2")  # three pairs in two chunks: the merge puts them back in order
-    pairs = _ioi(tokenizer, 3, seed=1)
+    pairs = tiny_ioi(tokenizer, 3, seed=1)
     with HydraClient(live_url) as hydra:
-        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": _wire(pairs),
+        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": wire_pairs(pairs),
                             "components": SITES, "direction": direction, "positions": positions, "seed": 3})
         final = hydra.wait(job.id, poll_s=0.05)
         assert final.status == "succeeded", final.error
@@ -232,10 +205,10 @@ def test_a_patching_job_matches_the_engine_and_the_oracle(
 
 def test_a_patching_job_exports_long_rows_and_tables(live_url: str, llama: tuple[Any, Any]) -> None:
     _, tokenizer = llama
-    pairs = _ioi(tokenizer, 2, seed=5)
+    pairs = tiny_ioi(tokenizer, 2, seed=5)
     sites = ["resid_pre.1", "head.2.0"]
     with HydraClient(live_url) as hydra:
-        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": _wire(pairs),
+        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": wire_pairs(pairs),
                             "components": sites, "positions": "all"})
         final = hydra.wait(job.id, poll_s=0.05)
         assert final.status == "succeeded", final.error
@@ -301,7 +274,7 @@ def test_pairs_the_tokenizer_refuses_are_a_422_naming_the_pair(live_url: str, ll
     """The API checks the pairs with the tokenizer the workers publish: equal token lengths (the message shows both
     lengths and the tokens) and one-token answers."""
     _, tokenizer = llama
-    good = _wire(_ioi(tokenizer, 1, seed=2))[0]
+    good = wire_pairs(tiny_ioi(tokenizer, 1, seed=2))[0]
     longer = {**good, "corrupted": good["corrupted"] + " and then some more words"}
     clean_n = len(tokenizer(good["clean"]).input_ids)
     corrupted_n = len(tokenizer(longer["corrupted"]).input_ids)
@@ -351,7 +324,8 @@ def test_a_cancelled_patching_job_leaves_no_hooks(llama: tuple[Any, Any], tiny_m
     _, tokenizer = llama
     source = ModelSource(id="tiny-llama", location=tiny_model_dirs["tiny-llama"])
     loaded = load_model(source)
-    request = msgspec.convert({"model": "tiny-llama", "intervention": "patch", "pairs": _wire(_ioi(tokenizer, 2, 4)),
+    pairs = wire_pairs(tiny_ioi(tokenizer, 2, 4))
+    request = msgspec.convert({"model": "tiny-llama", "intervention": "patch", "pairs": pairs,
                                "components": ["head.0.1.pattern", "head.1.0.q", "mlp.0"]}, JobRequest)
     spec = resolve(request, {"tiny-llama": model_info(source)}, Settings())
 
@@ -388,7 +362,7 @@ def test_a_pair_dataset_is_drawn_on_the_models_tokenizer(live_url: str, llama: t
         final = hydra.wait(job.id, poll_s=0.05)
         assert final.status == "succeeded", final.error
         result = hydra.result(job.id)
-    expected = _ioi(tokenizer, 3, seed=7)
+    expected = tiny_ioi(tokenizer, 3, seed=7)
     patching = present(result.patching)
     assert [(p.clean, p.corrupted, p.answer, p.counterfactual) for p in patching.pairs] == [
         (p.clean, p.corrupted, p.answer, p.counterfactual) for p in expected
@@ -416,9 +390,9 @@ def test_a_patching_job_with_estimates_serves_the_engines_numbers(
 
     model, tokenizer = llama
     worker_setting("HYDRA_CHUNK_PROMPTS", "2")  # three pairs in two chunks: costs are weighed by their pairs
-    pairs = _ioi(tokenizer, 3, seed=6)
+    pairs = tiny_ioi(tokenizer, 3, seed=6)
     with HydraClient(live_url) as hydra:
-        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": _wire(pairs),
+        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": wire_pairs(pairs),
                             "components": ESTIMATED_SITES, "direction": direction, "positions": positions,
                             "estimates": ["atp", "atp_star"]})
         final = hydra.wait(job.id, poll_s=0.05)

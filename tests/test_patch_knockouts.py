@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,16 @@ import pytest
 import redis
 import torch
 from litestar.testing import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobResult
-from service.api.app import create_app
-from service.core.ioi_pairs import IoiPair, ioi_pairs
+from service.core.ioi_pairs import IoiPair
 from service.core.settings import Settings
 from service.core.store import JobStore
 from service.rendering.parquet import from_parquet
 from tests.checks import present
-from tests.live_server import serve
+from tests.patch_fixtures import tiny_ioi, wire_pairs
 from tests.patch_oracle import oracle_patching
 from tests.test_api import assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.patching import PatchPair, PatchSpec, run_patching
@@ -120,29 +117,6 @@ KNOCKOUTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model_dirs: dict[str, str]) -> tuple[Any, Any]:
-    location = tiny_model_dirs["tiny-llama"]
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
-    return model, tokenizer
-
-
-def _ioi(tokenizer: Any, n: int, seed: int) -> list[IoiPair]:
-    return ioi_pairs(n, seed, lambda text: tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _wire(pairs: list[IoiPair]) -> list[dict[str, str]]:
-    return [{"clean": p.clean, "corrupted": p.corrupted, "answer": p.answer, "counterfactual": p.counterfactual}
-            for p in pairs]
-
-
 def _engine_pairs(tokenizer: Any, pairs: list[IoiPair]) -> list[PatchPair]:
     return [
         PatchPair(
@@ -165,10 +139,10 @@ def test_a_patching_job_with_knockouts_matches_the_engine_and_the_oracle(
 ) -> None:
     model, tokenizer = llama
     worker_setting("HYDRA_CHUNK_PROMPTS", "2")  # three pairs in two chunks
-    pairs = _ioi(tokenizer, 3, seed=11)
+    pairs = tiny_ioi(tokenizer, 3, seed=11)
     names = [*sites, *("+".join(members) for members in KNOCKOUTS)]
     with HydraClient(live_url) as hydra:
-        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": _wire(pairs),
+        job = hydra.submit({"model": "tiny-llama", "intervention": "patch", "pairs": wire_pairs(pairs),
                             "components": sites, "knockouts": KNOCKOUTS, "direction": direction,
                             "positions": positions, "seed": 3})
         final = hydra.wait(job.id, poll_s=0.05)
@@ -243,7 +217,7 @@ def test_the_summary_route_keeps_the_ablation_answer(live_url: str) -> None:
 def test_head_parts_the_model_cannot_patch_in_a_set_are_a_422(live_url: str, llama: tuple[Any, Any]) -> None:
     """The engine's head-part refusals, named by the set: GPT-2's fused q/k/v, the tiny Llama's shared keys."""
     _, tokenizer = llama
-    good = _wire(_ioi(tokenizer, 1, seed=2))
+    good = wire_pairs(tiny_ioi(tokenizer, 1, seed=2))
     problem = assert_problem(
         httpx.post(f"{live_url}/v1/jobs", json={"model": "tiny-gpt2", "intervention": "patch", "pairs": good,
                                                 "components": [], "knockouts": [["mlp.0", "head.0.1.q"]]}),
@@ -266,7 +240,7 @@ def test_the_cli_submits_knockouts_on_a_patching_job(
 
     _, tokenizer = llama
     pairs_file = tmp_path / "pairs.json"
-    pairs_file.write_text(json.dumps(_wire(_ioi(tokenizer, 2, seed=4))))
+    pairs_file.write_text(json.dumps(wire_pairs(tiny_ioi(tokenizer, 2, seed=4))))
     submitted = CliRunner().invoke(
         cli_app,
         ["submit", "--model", "tiny-llama", "--pairs", str(pairs_file), "--knockout", "head.1.2, head.2.0",

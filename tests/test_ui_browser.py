@@ -2,8 +2,10 @@
 
 One browser walks the lab's day: sign in with a key, submit a job through the form (after a bad value the form
 shows the API's message at the field), watch the job's progress bar reach 100%, open the job and see every figure
-load, download the CSV, cancel a second job, compare two finished jobs; then a second key's session sees none of
-the first key's jobs. Screenshots of every page go to a temporary folder (printed; set HYDRA_UI_SCREENSHOTS to keep
+that applies to it load, download the CSV, cancel a second job, compare two finished jobs; open an ablation job
+with knockout sets and two activation-patching jobs and see their own figures load, compare the patching jobs, and
+be told why a patching job does not compare with an ablation job; then a second key's session sees none of the
+first key's jobs. Screenshots of every page go to a temporary folder (printed; set HYDRA_UI_SCREENSHOTS to keep
 them somewhere else).
 """
 
@@ -18,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
-from hydra_ablate_client.vocabulary import FIGURE_NAMES
+from hydra_ablate_client.wire import JobResult
 from service.api.app import create_app
 from service.rendering.exports import CSV_COLUMNS
+from service.rendering.figures import shown_figures
 from tests.browser import browser_binaries, chromium, full_page_screenshot, serve, wait_for
+from tests.patch_fixtures import tiny_ioi, wire_pairs
 
 pytestmark = pytest.mark.skipif(
     browser_binaries() is None,
@@ -117,7 +122,41 @@ def submit_form(driver: Any, base_url: str, prompts: str | None, samples: str, d
     driver.find_element(By.CSS_SELECTOR, "form.submit button[type=submit]").click()
 
 
-def test_the_lab_day_in_a_browser(browser: Any, base_url: str, shots: Path, tmp_path: Path) -> None:
+def api_result(base_url: str, job_id: str) -> JobResult:
+    reply = httpx.get(f"{base_url}/v1/jobs/{job_id}/result", headers={"X-API-Key": ALICE_KEY}, timeout=60)
+    return msgspec.json.decode(reply.raise_for_status().content, type=JobResult)
+
+
+def finished_via_api(base_url: str, body: dict[str, Any]) -> str:
+    """A job submitted through the API and waited for; its id."""
+    job_id = str(httpx.post(f"{base_url}/v1/jobs", json=body, headers={"X-API-Key": ALICE_KEY}).json()["id"])
+
+    def done() -> bool:
+        reply = httpx.get(f"{base_url}/v1/jobs/{job_id}", headers={"X-API-Key": ALICE_KEY}).json()
+        assert reply["status"] in ("queued", "running", "succeeded"), reply
+        return reply["status"] == "succeeded"
+
+    wait_for(done, 120, f"job {job_id}")
+    return job_id
+
+
+def figures_load(driver: Any, base_url: str, job_id: str) -> list[str]:
+    """Opens the job's page: the figures shown are those that apply to its result, each image loaded (natural width
+    > 0); their names."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base_url}/ui/jobs/{job_id}")
+    wait_for(lambda: driver.find_elements(By.ID, "h-figures"), 20, "the finished job's figures section")
+    widths = wait_for(lambda: images_loaded(driver, "img[data-figure]"), 60, "the figures to load")
+    names = [img.get_attribute("data-figure") for img in driver.find_elements(By.CSS_SELECTOR, "img[data-figure]")]
+    assert names == list(shown_figures(api_result(base_url, job_id))), names
+    assert len(widths) == len(names) and all(w > 0 for w in widths), dict(zip(names, widths, strict=False))
+    return names
+
+
+def test_the_lab_day_in_a_browser(
+    browser: Any, base_url: str, shots: Path, tmp_path: Path, llama: tuple[Any, Any]
+) -> None:
     from selenium.webdriver.common.by import By
 
     driver = browser
@@ -159,12 +198,11 @@ def test_the_lab_day_in_a_browser(browser: Any, base_url: str, shots: Path, tmp_
     wait_for(finished, 120, "the job's progress bar to reach 100%")
     assert float(seen[-1]) == 100
 
-    # The job's page: summary, every figure loaded, the CSV downloads.
+    # The job's page: summary, every figure that applies loaded (an ablation job's, less knockout_response: it has
+    # no sets), the CSV downloads.
     driver.find_element(By.CSS_SELECTOR, f'a[href="/ui/jobs/{first}"]').click()
-    wait_for(lambda: driver.find_elements(By.ID, "h-figures"), 20, "the finished job's figures section")
-    widths = wait_for(lambda: images_loaded(driver, "img[data-figure]"), 60, "the figures to load")
-    shown = [name for name in FIGURE_NAMES if name not in ("knockout_response", "patching_grid")]  # no sets, no pairs
-    assert len(widths) == len(shown) and all(w > 0 for w in widths), widths
+    names = figures_load(driver, base_url, first)
+    assert "patching_grid" not in names and "knockout_response" not in names and "te_vs_de" in names
     full_page_screenshot(driver, shots / "job.png")
     driver.find_element(By.ID, "download-csv").click()
     downloads = tmp_path / "downloads"
@@ -183,16 +221,17 @@ def test_the_lab_day_in_a_browser(browser: Any, base_url: str, shots: Path, tmp_
     status = httpx.get(f"{base_url}/v1/jobs/{second}", headers={"X-API-Key": ALICE_KEY}).json()
     assert status["status"] == "cancelled"
 
-    # A third job (another model) through the API, then both finished jobs compared on one page.
+    # A third job (another model, a knockout set) through the API: its page adds knockout_response. Then both
+    # finished jobs compared on one page.
     body = {"model": "tiny-gpt2", "prompts": [f"Fact number {i} about the city of" for i in range(10)],
-            "components": ["attn", "mlp"], "resample_samples": 2}  # fmt: skip
-    third = httpx.post(f"{base_url}/v1/jobs", json=body, headers={"X-API-Key": ALICE_KEY}).json()["id"]
-
-    def third_done() -> bool:
-        reply = httpx.get(f"{base_url}/v1/jobs/{third}", headers={"X-API-Key": ALICE_KEY}).json()
-        return reply["status"] == "succeeded"
-
-    wait_for(third_done, 120, "the third job")
+            "components": ["attn", "mlp"], "knockouts": [["attn.0", "mlp.1"]], "resample_samples": 2}  # fmt: skip
+    third = finished_via_api(base_url, body)
+    assert "knockout_response" in figures_load(driver, base_url, third)
+    # An ablation job with attribution-patching estimates: its page draws them too.
+    towns = [f"Fact {i} about the town of" for i in range(6)]
+    estimated = finished_via_api(base_url, {"model": "tiny-llama", "prompts": towns, "components": ["attn", "mlp"],
+                                            "estimates": ["atp"], "resample_samples": 2})  # fmt: skip
+    assert "estimates" in figures_load(driver, base_url, estimated)
     driver.get(f"{base_url}/ui/jobs")
     for job_id in (first, third):
         driver.find_element(By.CSS_SELECTOR, f'input[name=ids][value="{job_id}"]').click()
@@ -202,6 +241,25 @@ def test_the_lab_day_in_a_browser(browser: Any, base_url: str, shots: Path, tmp_
     widths = wait_for(lambda: images_loaded(driver, "#compare-figure"), 60, "the comparison figure")
     assert widths == [1200]
     full_page_screenshot(driver, shots / "compare.png")
+
+    # Two activation-patching jobs: their pages show their own figures (patching_grid), they compare with each
+    # other, and a patching job with an ablation job gets a page saying why not.
+    _, tokenizer = llama
+    pairs = wire_pairs(tiny_ioi(tokenizer, 3, seed=2))
+    patch = {"model": "tiny-llama", "intervention": "patch", "pairs": pairs, "components": ["resid_pre", "head.1.2"],
+             "knockouts": [["attn.0", "mlp.1"]]}  # fmt: skip
+    patched = [finished_via_api(base_url, {**patch, "direction": direction}) for direction in ("denoise", "noise")]
+    for job_id in patched:
+        assert figures_load(driver, base_url, job_id) == ["patching_grid"]
+    full_page_screenshot(driver, shots / "patching-job.png")
+    driver.get(f"{base_url}/ui/compare?ids={patched[0]}&ids={patched[1]}")
+    assert driver.find_element(By.TAG_NAME, "h1").text == "Compare 2 patching jobs"
+    widths = wait_for(lambda: images_loaded(driver, "#compare-figure"), 60, "the patching comparison's figure")
+    assert widths == [1200]
+    full_page_screenshot(driver, shots / "compare-patching.png")
+    driver.get(f"{base_url}/ui/compare?ids={patched[0]}&ids={first}")
+    assert driver.find_element(By.TAG_NAME, "h1").text == "Error 400"
+    assert "compare patching jobs with patching jobs" in driver.find_element(By.CSS_SELECTOR, "p.error").text
 
     # A narrow window still shows the jobs without sideways scrolling of the page itself.
     driver.set_window_size(420, 800)

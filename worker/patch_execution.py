@@ -2,8 +2,9 @@
 
 Free of Redis and Celery, like worker/chunk_execution.py, which dispatches here. Pairs are independent (no pair is
 another's source), so a chunk is just its pairs run by `run_patching`; the summary is computed once, over every
-pair, at the merge. The engine's hooks are removed when it returns or raises (worker/engine/hooks.py), so nothing
-stays registered on the cached model.
+pair, at the merge. The pairs' clean and corrupted runs come from the model's clean-run cache
+(worker/engine/clean.py) when an earlier chunk or job ran the same prompts. The engine's hooks are removed when it
+returns or raises (worker/engine/hooks.py), so nothing stays registered on the cached model.
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def execute_patch_chunk(
     exact_started = time.perf_counter()
     estimated: PatchAttributionResult | None = None
     try:
-        result = run_patching(loaded.model, patch_spec(spec), pairs, on_progress=progress, should_stop=should_stop)
+        result = run_patching(
+            loaded.model, patch_spec(spec), pairs, on_progress=progress, should_stop=should_stop,
+            cache=loaded.clean_runs,  # each prompt's pass once per worker, not once per chunk and job
+        )
         exact_seconds = time.perf_counter() - exact_started
         if spec.estimates:
             estimated = run_patch_attribution(loaded.model, patch_spec(spec), pairs,

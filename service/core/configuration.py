@@ -122,8 +122,9 @@ VARIABLES: tuple[Variable, ...] = (
              "parameter bytes the model cache may hold; least recently used models are dropped to fit", WORKER),
     Variable("HYDRA_CLEAN_CACHE_BYTES", "bytes", "1073741824 (1 GiB)",
              "per loaded model, on its device: clean runs kept for the job's next chunks, so each prompt's clean "
-             "pass runs once per job instead of once per chunk that uses it as a source (least recently used first "
-             "out; `0`: off)", WORKER),
+             "pass runs once per job instead of once per chunk that uses it as a source, and patching jobs' runs of "
+             "their pairs' prompts, kept for the next chunks and jobs over the same prompts (least recently used "
+             "first out; `0`: off)", WORKER),
     Variable("HYDRA_DEVICE", "text", "`cpu`", "`cuda` on GPU workers", WORKER),
     Variable("HYDRA_DTYPE", "text", "`float32`",
              "`bfloat16` or `float16` on GPU workers (see [Precision](../concepts/precision.md))", WORKER),

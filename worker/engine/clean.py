@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
+from typing import Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -42,10 +43,37 @@ class CleanRun:
 
 
 TokenKey = bytes  # a prompt's token ids as bytes
-CleanKey = tuple[TokenKey, bool, bool]  # (token ids, all positions, with heads)
+# What an entry captured of its prompt's pass: (all positions, with heads) for a clean run of the ablation engines,
+# another engine's own capture (a hashable it names, e.g. worker/engine/patching.py's) for its runs.
+Capture = Hashable
+EntryKey = tuple[TokenKey, Capture]
 # Top tokens remembered apart from the runs: an int and a key of a few hundred bytes each, so 200,000 of them stay
 # within a few tens of MiB whatever the vocabulary.
 DEFAULT_MAX_TOPS = 200_000
+
+
+class Cached(Protocol):
+    """What the cache keeps: one unpadded prompt's pass, its size, and its final logits (for `top_token`)."""
+
+    @property
+    def logits_final(self) -> torch.Tensor: ...
+
+    def nbytes(self) -> int: ...
+
+
+@runtime_checkable
+class CoversCleanRuns(Protocol):
+    """An entry whose pass captured everything some clean run holds, the very tensors `run_clean` would compute (the
+    same forward call, the same hooks' captures), so that it can serve that run without a pass of its own."""
+
+    def as_clean_run(self, all_positions: bool, with_heads: bool) -> CleanRun | None: ...
+
+
+E = TypeVar("E", bound=Cached)
+
+
+def token_key(token_ids: torch.Tensor) -> TokenKey:
+    return bytes(token_ids.cpu().numpy().tobytes())
 
 
 class CleanRunCache:
@@ -59,6 +87,13 @@ class CleanRunCache:
     is frozen and the engine only reads its tensors). Owned by the loaded model (worker/model_cache.py): a model
     evicted from a worker takes its clean runs with it.
 
+    Entries are keyed by the token ids and what the pass captured (`Capture`): the ablation engines' clean runs by
+    (all positions, with heads), the patching engine's runs of a pair's prompts (every position, keys and values)
+    by its own capture, under the same byte budget and order. A prompt's runs are the same whichever job or role
+    (clean, corrupted, resample source) asks. An entry that covers a clean run (`CoversCleanRuns`) serves a request
+    for that run when the run itself is not kept: the clean run of an ablation job at the final position comes from
+    a patching job's run of the same prompt, without a pass or an entry of its own.
+
     Apart from the runs, it remembers each prompt's clean top token (`top_token`), which outlives the run's
     eviction: `resample_sources: "different_target"` needs the top token of every prompt of the job in every
     chunk, and a run holds the whole final logit vector (1 MiB on a 262k vocabulary), so a job of more prompts
@@ -68,7 +103,8 @@ class CleanRunCache:
     def __init__(self, max_bytes: int, max_tops: int = DEFAULT_MAX_TOPS) -> None:
         self.max_bytes = max_bytes
         self.max_tops = max_tops
-        self._runs: OrderedDict[CleanKey, tuple[CleanRun, int]] = OrderedDict()  # key -> (run, its bytes)
+        self._runs: OrderedDict[EntryKey, tuple[Cached, int]] = OrderedDict()  # key -> (entry, its bytes)
+        self._captures: dict[TokenKey, set[Capture]] = {}  # token ids -> the captures kept of them
         self._tops: OrderedDict[TokenKey, int] = OrderedDict()  # token ids -> clean top token id
         self._bytes = 0
         self._lock = threading.Lock()
@@ -84,14 +120,14 @@ class CleanRunCache:
 
     def top_token(self, token_ids: torch.Tensor) -> int | None:
         """The clean top token at the final position of a prompt whose run this cache has seen; None otherwise."""
-        ids = token_ids.cpu().numpy().tobytes()
+        ids = token_key(token_ids)
         with self._lock:
             top = self._tops.get(ids)
             if top is not None:
                 self._tops.move_to_end(ids)
             return top
 
-    def _remember_top(self, ids: TokenKey, run: CleanRun) -> None:  # called with the lock held
+    def _remember_top(self, ids: TokenKey, run: Cached) -> None:  # called with the lock held
         if self.max_tops <= 0:
             return
         self._tops[ids] = int(run.logits_final.argmax())
@@ -99,28 +135,70 @@ class CleanRunCache:
         while len(self._tops) > self.max_tops:
             self._tops.popitem(last=False)
 
-    def get(self, token_ids: torch.Tensor, all_positions: bool, with_heads: bool,
-            compute: Callable[[], CleanRun]) -> CleanRun:
-        key: CleanKey = (token_ids.cpu().numpy().tobytes(), all_positions, with_heads)
-        with self._lock:
-            kept = self._runs.get(key)
-            if kept is not None:
-                self._runs.move_to_end(key)
-                self.hits += 1
-                return kept[0]
-        run = compute()
-        size = run.nbytes()
+    def _kept(self, key: EntryKey) -> Cached | None:  # called with the lock held; counts a hit
+        kept = self._runs.get(key)
+        if kept is None:
+            return None
+        self._runs.move_to_end(key)
+        self.hits += 1
+        return kept[0]
+
+    def _covering(self, ids: TokenKey, all_positions: bool, with_heads: bool) -> CleanRun | None:
+        """The clean run served by another kept entry of these tokens (called with the lock held; counts a hit)."""
+        for capture in self._captures.get(ids, ()):
+            entry = self._runs[(ids, capture)][0]
+            if isinstance(entry, CoversCleanRuns):
+                run = entry.as_clean_run(all_positions, with_heads)
+                if run is not None:
+                    self._runs.move_to_end((ids, capture))
+                    self.hits += 1
+                    return run
+        return None
+
+    def _keep(self, key: EntryKey, entry: Cached) -> None:
+        size = entry.nbytes()
         with self._lock:
             self.misses += 1
-            self._remember_top(key[0], run)
+            self._remember_top(key[0], entry)
             if size > self.max_bytes or key in self._runs:
-                return run
-            self._runs[key] = (run, size)
+                return
+            self._runs[key] = (entry, size)
+            self._captures.setdefault(key[0], set()).add(key[1])
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, (_, evicted_size) = self._runs.popitem(last=False)
+                (ids, capture), (_, evicted_size) = self._runs.popitem(last=False)
                 self._bytes -= evicted_size
+                captures = self._captures[ids]
+                captures.discard(capture)
+                if not captures:
+                    del self._captures[ids]
+
+    def get(self, token_ids: torch.Tensor, all_positions: bool, with_heads: bool,
+            compute: Callable[[], CleanRun]) -> CleanRun:
+        """The clean run of these tokens: kept, served by an entry that covers it, or computed (and kept)."""
+        key: EntryKey = (token_key(token_ids), (all_positions, with_heads))
+        with self._lock:
+            kept = self._kept(key)
+            if kept is not None:
+                assert isinstance(kept, CleanRun)
+                return kept
+            covered = self._covering(key[0], all_positions, with_heads)
+            if covered is not None:
+                return covered
+        run = compute()
+        self._keep(key, run)
         return run
+
+    def get_entry(self, token_ids: torch.Tensor, capture: Capture, compute: Callable[[], E]) -> E:
+        """Another engine's run of these tokens under its own `capture` (always the type `compute` returns)."""
+        key: EntryKey = (token_key(token_ids), capture)
+        with self._lock:
+            kept = self._kept(key)
+        if kept is not None:
+            return cast(E, kept)  # one capture, one type: only `compute`s of this capture made entries under it
+        entry = compute()
+        self._keep(key, entry)
+        return entry
 
 
 @torch.no_grad()

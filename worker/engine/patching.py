@@ -9,7 +9,9 @@ Speed: a patch at layer L and position p leaves everything before layer L, and e
 base run. So each patched run enters the stack at layer L with the base run's residual stream, recomputes only the
 positions p … T−1, and attends to the base run's cached keys and values of positions 0 … p−1. The patches of one
 position are batched together, sorted by entry layer (the rows active at a layer are a prefix of the batch). The
-blocks are driven with the model's own modules; only the residual wiring is written here.
+blocks are driven with the model's own modules; only the residual wiring is written here. A prompt's run
+(`PatchRun`: one forward pass keeping every position) is a function of the model and its tokens alone, so with the
+model's clean-run cache (worker/engine/clean.py) each prompt runs once for every pair, chunk and job that patches it.
 
 Shapes: T tokens, W = T − p recomputed positions, N layers, H heads of width hd, d model width, B rows.
 """
@@ -17,7 +19,7 @@ Shapes: T tokens, W = T − p recomputed positions, N layers, H heads of width h
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from hydra_ablate_client.vocabulary import (
 from worker.engine.ablated_runs import PrefixCache
 from worker.engine.architecture import Architecture, cache_keyword, describe, head_part_projection, head_part_refusal
 from worker.engine.attention_patterns import PatternEdit, patterns_of
+from worker.engine.clean import CleanRun, CleanRunCache
 from worker.engine.errors import InputError
 from worker.engine.hooks import hooks_removed_on_exit, on_input, on_output
 from worker.engine.readout import Readout
@@ -149,8 +152,19 @@ def patching_score(patched: float, clean: float, corrupted: float, direction: st
 
 
 @dataclass(frozen=True)
-class _Run:
-    """What a patch reads from the base run or takes from the source run, at every position."""
+class PatchCapture:
+    """What a patching run keeps of its prompt's pass (the key of its entry in the clean-run cache, beside the token
+    ids): every position's activations, keys and values, and the outputs of these head-part projections."""
+
+    parts: frozenset[tuple[str, int]]  # ("q"|"k"|"v", layer)
+
+
+@dataclass(frozen=True)
+class PatchRun:
+    """What a patch reads from the base run or takes from the source run, at every position.
+
+    Never modified once made (the clean-run cache shares it between jobs, pairs and roles): the source's attention
+    patterns go into a copy (`_with_patterns`)."""
 
     block_in: torch.Tensor  # (N, T, d): the residual stream entering each block (resid_pre)
     attn: torch.Tensor  # (N, T, d): what attention writes (after any post-norm)
@@ -158,13 +172,38 @@ class _Run:
     head_in: torch.Tensor  # (N, T, H·hd): the output projection's input (every head's output)
     parts: dict[tuple[str, int], torch.Tensor]  # ("q"|"k"|"v", layer) → (T, heads·hd) projection outputs;
     # ("pattern", layer) → (H, T, T) attention probabilities (source run only, added by `_with_patterns`)
-    keys: list[torch.Tensor]  # per layer (1, KV, T, hd): cached keys (after rotary), base run only
+    keys: list[torch.Tensor]  # per layer (1, KV, T, hd): cached keys (after rotary)
     values: list[torch.Tensor]
+    x_final: torch.Tensor  # (d,): the residual stream entering the final norm at the final position
     logits_final: torch.Tensor  # (V,)
+
+    def nbytes(self) -> int:
+        tensors = [self.block_in, self.attn, self.mlp, self.head_in, self.x_final, self.logits_final,
+                   *self.parts.values(), *self.keys, *self.values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def as_clean_run(self, all_positions: bool, with_heads: bool) -> CleanRun | None:
+        """The clean run of scope "final" of this prompt (worker/engine/clean.py), from views of this run: `_record`
+        makes the forward call `run_clean` makes for that scope (one unpadded prompt, a cache built without the
+        config, logits of the final position) and captures the same modules' tensors, so these are its very values.
+        None for scope "all", which `run_clean` computes without a cache."""
+        if all_positions:
+            return None
+        n, length = int(self.block_in.shape[0]), int(self.block_in.shape[1])
+        return CleanRun(
+            layer_out=torch.stack([self.attn[:, -1:], self.mlp[:, -1:]], dim=1).reshape(2 * n, 1, -1),
+            block_in=self.block_in[:, -1:],
+            head_in=self.head_in[:, -1:] if with_heads else None,
+            x_final=self.x_final,
+            logits_final=self.logits_final,
+            length=length,
+            past_keys=[k[:, :, :-1] for k in self.keys],
+            past_values=[v[:, :, :-1] for v in self.values],
+        )
 
 
 @torch.no_grad()
-def _record(model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: set[tuple[str, int]]) -> _Run:
+def _record(model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: frozenset[tuple[str, int]]) -> PatchRun:
     """One forward pass of one prompt, keeping every position's activations and keys/values."""
     n = arch.n_layers
     kept: dict[tuple[str, int], torch.Tensor] = {}
@@ -184,6 +223,12 @@ def _record(model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: set[
 
         return hook
 
+    final: list[torch.Tensor] = []
+
+    def keep_x(x: torch.Tensor) -> torch.Tensor:
+        final.append(x[0, -1].clone())
+        return x
+
     with hooks_removed_on_exit() as handles:
         for layer in range(n):
             handles.append(arch.blocks[layer].register_forward_pre_hook(keep_block_in(layer), with_kwargs=True))
@@ -191,10 +236,9 @@ def _record(model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: set[
             handles.append(arch.mlp_writer(layer).register_forward_hook(on_output(keep(("mlp", layer)))))
             handles.append(arch.out_proj(layer).register_forward_pre_hook(on_input(keep(("head", layer)))))
         for part, layer in parts:
-            if part == "pattern":
-                continue
             projection = head_part_projection(arch, layer, part)
             handles.append(projection.register_forward_hook(on_output(keep((part, layer)))))
+        handles.append(arch.final_norm.register_forward_pre_hook(on_input(keep_x)))
         cache = DynamicCache()  # built without the config: keeps every position of sliding-window layers too
         output = model(
             input_ids=ids.unsqueeze(0), use_cache=True, logits_to_keep=1, **{cache_keyword(type(model)): cache}
@@ -202,22 +246,36 @@ def _record(model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: set[
     cached = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
     cached = getattr(cached, "self_attention_cache", cached)
     layers = cached.layers  # type: ignore[union-attr]
-    return _Run(
+    return PatchRun(
         block_in=torch.stack([kept[("resid_pre", layer)] for layer in range(n)]),
         attn=torch.stack([kept[("attn", layer)] for layer in range(n)]),
         mlp=torch.stack([kept[("mlp", layer)] for layer in range(n)]),
         head_in=torch.stack([kept[("head", layer)] for layer in range(n)]),
-        parts={key: kept[key] for key in parts if key[0] != "pattern"},
+        parts={key: kept[key] for key in parts},
         keys=[layer.keys for layer in layers],
         values=[layer.values for layer in layers],
+        x_final=final[0],
         logits_final=output.logits[0, -1].float(),
     )
 
 
+def _recorded(
+    model: nn.Module, arch: Architecture, ids: torch.Tensor, parts: frozenset[tuple[str, int]],
+    cache: CleanRunCache | None,
+) -> PatchRun:
+    """`_record`, or the same run kept by `cache` from an earlier pair, chunk or job (any role: clean or corrupted)."""
+    if cache is None:
+        return _record(model, arch, ids, parts)
+    return cache.get_entry(ids, PatchCapture(parts), lambda: _record(model, arch, ids, parts))
+
+
 @torch.no_grad()
-def _with_patterns(arch: Architecture, run: _Run, layers: set[int]) -> None:
-    """Add each layer's attention probabilities (H, T, T) to `run.parts`, by the layer's own attention on the run's
-    block input (worker/engine/attention_patterns.py)."""
+def _with_patterns(arch: Architecture, run: PatchRun, layers: set[int]) -> PatchRun:
+    """A copy of `run` (its tensors shared) whose `parts` add each layer's attention probabilities (H, T, T), by the
+    layer's own attention on the run's block input (worker/engine/attention_patterns.py)."""
+    if not layers:
+        return run
+    parts = dict(run.parts)
     length = int(run.block_in.shape[1])
     position_ids = torch.arange(length, device=run.block_in.device).unsqueeze(0)
     probe = run.block_in[0, :1].unsqueeze(0)
@@ -230,7 +288,8 @@ def _with_patterns(arch: Architecture, run: _Run, layers: set[int]) -> None:
         with patterns_of(arch.attn(layer), edit):
             arch.attn(layer)(arch.attn_norm(layer)(run.block_in[layer].unsqueeze(0)), **kwargs)
         assert edit.kept is not None
-        run.parts[("pattern", layer)] = edit.kept[0]
+        parts[("pattern", layer)] = edit.kept[0]
+    return replace(run, parts=parts)
 
 
 def _mask(arch: Architecture, layer: int, start: int, length: int, like: torch.Tensor) -> torch.Tensor:
@@ -267,7 +326,7 @@ def _replace_rows(rows: list[int], cols: list[slice], values: list[torch.Tensor]
 
 @torch.no_grad()
 def patched_final(
-    arch: Architecture, base: _Run, source: _Run, patches: list[tuple[Site, ...]], start: int, length: int
+    arch: Architecture, base: PatchRun, source: PatchRun, patches: list[tuple[Site, ...]], start: int, length: int
 ) -> torch.Tensor:
     """The residual stream entering the final norm at the final position (B, d) of each patched run, each run
     patching its sites (one, or a knockout set's together) at position `start`; only positions start … T−1 are
@@ -386,8 +445,13 @@ def run_patching(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    cache: CleanRunCache | None = None,
 ) -> PatchResult:
-    """Every site of `spec` patched at the final position or at every position, for every pair."""
+    """Every site of `spec` patched at the final position or at every position, for every pair.
+
+    `cache`: the model's clean-run cache (worker/engine/clean.py), which keeps each prompt's run for the other pairs,
+    chunks and jobs that patch it (and serves an ablation job's clean runs of the same prompts); None runs every
+    pair's two passes."""
     arch = describe(model)
     sites: list[tuple[Site, ...]] = [(model_site(name, arch),) for name in spec.sites]
     sites += [patch_set(members, k, arch) for k, members in enumerate(spec.knockouts)]
@@ -396,17 +460,18 @@ def run_patching(
     for i, pair in enumerate(pairs):
         check_pair(pair, i)
     readout = Readout(arch, "logit_diff")
-    parts = {(s.part, s.layer) for row in sites for s in row if s.part is not None}
+    wanted = {(s.part, s.layer) for row in sites for s in row if s.part is not None}
+    parts = frozenset(key for key in wanted if key[0] != "pattern")  # patterns: from the block input, per job
     results = []
     total = sum(len(sites) * (int(p.clean_ids.shape[0]) if spec.positions == "all" else 1) for p in pairs)
     done = 0
     for pair in pairs:
         if should_stop is not None and should_stop():
             raise PatchingCancelled("patching cancelled")
-        clean = _record(model, arch, pair.clean_ids, parts)
-        corrupted = _record(model, arch, pair.corrupted_ids, parts)
+        clean = _recorded(model, arch, pair.clean_ids, parts, cache)
+        corrupted = _recorded(model, arch, pair.corrupted_ids, parts, cache)
         base, source = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
-        _with_patterns(arch, source, {layer for part, layer in parts if part == "pattern"})
+        source = _with_patterns(arch, source, {layer for part, layer in wanted if part == "pattern"})
         answer, counterfactual = pair.answer_id, pair.counterfactual_id
 
         # The model's own output logits (soft-capped where the model caps them), like the patched runs' below.

@@ -63,6 +63,13 @@ from service.rendering.job_comparison import (
     render_comparison,
     weak_count,
 )
+from service.rendering.patch_comparison import (
+    ComparisonKind,
+    MixedComparison,
+    comparison_kind,
+    patch_rows,
+    render_patch_comparison,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +488,10 @@ class UiController(Controller):
 
     # --- compare -----------------------------------------------------------------------------------------------
 
-    async def _compared(self, store: JobStore, ids: list[str], principal: Principal) -> list[Compared]:
+    async def _compared(
+        self, store: JobStore, ids: list[str], principal: Principal
+    ) -> tuple[ComparisonKind, list[Compared]]:
+        """The selected jobs and what they are (all ablation or all patching jobs; a 400 saying why for a mix)."""
         unique = list(dict.fromkeys(job_id.strip() for job_id in ids if job_id.strip()))
         if not MIN_JOBS <= len(unique) <= MAX_JOBS:
             raise HTTPException(
@@ -494,7 +504,10 @@ class UiController(Controller):
         for status in statuses:
             result = await blocking(decode_result, await blocking(finished_result, store, status.id, principal))
             compared.append(Compared(f"{job_label(status)} ({status.model})", result))
-        return compared
+        try:
+            return comparison_kind(compared), compared
+        except MixedComparison as mixed:
+            raise HTTPException(status_code=HTTP_400_BAD_REQUEST, detail=str(mixed)) from None
 
     @get("/compare")
     async def compare(
@@ -505,8 +518,10 @@ class UiController(Controller):
         ids: FromQuery[list[str] | None] = None,
     ) -> Template:
         principal = signed_in(ui, request)
-        compared = await self._compared(store, ids or [], principal)
+        kind, compared = await self._compared(store, ids or [], principal)
         query = "&".join(f"ids={quote(c.result.id, safe='')}" for c in compared)
+        if kind == "patching":
+            return page(ui, "compare_patching", compared=compared, query=query, rows=patch_rows(compared))
         names, per_job = component_rows(compared)
         return page(ui, "compare", compared=compared, query=query, tables=layer_tables(compared), names=names,
                     per_job=per_job, partial=[partial_repair_count(c.result) for c in compared],
@@ -521,6 +536,6 @@ class UiController(Controller):
         ids: FromQuery[list[str] | None] = None,
     ) -> Response[bytes]:
         principal = signed_in(ui, request)
-        compared = await self._compared(store, ids or [], principal)
-        data = await blocking(render_comparison, compared)
+        kind, compared = await self._compared(store, ids or [], principal)
+        data = await blocking(render_patch_comparison if kind == "patching" else render_comparison, compared)
         return Response(content=data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
