@@ -49,12 +49,12 @@ class PretendDevice:
         self.attempted: list[int] = []
         self.ran: list[int] = []
 
-    def __call__(self, arch, runs, batch, all_positions):  # the engine function's signature
+    def __call__(self, arch, runs, batch, all_positions, keep_head_in=False):  # the engine function's signature
         self.attempted.append(len(batch))
         if len(batch) > self.max_rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {len(batch)} rows > {self.max_rows})")
         self.ran.append(len(batch))
-        return self.real(arch, runs, batch, all_positions)
+        return self.real(arch, runs, batch, all_positions, keep_head_in)
 
 
 @pytest.mark.parametrize("positions", ["final", "all"])

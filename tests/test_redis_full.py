@@ -39,7 +39,7 @@ SHORT_S = 6  # writes refused for this long: within the budget
 LONG_S = 20  # past it (with room: a chunk computing while writes are refused may not write for seconds)
 # Chunks of a few seconds: a refusal begun mid-chunk 1 spans a progress report, chunk 1's end (its result, its
 # acknowledgement) and the worker taking chunk 2 (kombu writes its unacked index).
-SAMPLES = 2
+SAMPLES = 6  # chunks of a second or more even on an idle machine: long enough to catch one mid-chunk
 KEY_A = "redis-full-key-of-alice"
 KEY_B = "redis-full-key-of-bob"
 
