@@ -24,7 +24,8 @@ from transformers import AutoTokenizer
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobResult, PatchingResult
 from service.core.ioi_pairs import IoiPair, ioi_pairs
-from service.rendering.figures import render
+from service.rendering.estimate_figure import patch_points
+from service.rendering.figures import applicable_figures, render, shown_figures
 from service.rendering.knockout_figure import MAX_SETS, knockout_responses
 from service.rendering.patch_figure import _token_label, patching_grids
 from tests.checks import present
@@ -142,6 +143,9 @@ def test_patching_grid_of_all_positions(live_url: str, tokenizer: Any) -> None:
     problem = assert_problem(httpx.get(f"{live_url}/v1/jobs/{job_id}/figures/te_vs_de"), 400, "patching job",
                              "patching_grid")
     assert "te_vs_de" in problem["detail"]
+    # No estimates asked for: no estimates figure, and a 400 that says how to ask.
+    assert "estimates" not in applicable_figures(result)
+    assert_problem(httpx.get(f"{live_url}/v1/jobs/{job_id}/figures/estimates"), 400, "has none", '"estimates"')
     with HydraClient(live_url) as hydra:
         assert hydra.figure(job_id, "patching_grid", "svg").lstrip().startswith(b"<?xml")
     page = httpx.get(f"{live_url}/ui/jobs/{job_id}")
@@ -206,6 +210,43 @@ def test_patching_grid_of_heads_at_the_final_position(live_url: str, tokenizer: 
         assert image.size == (1200, 800)
     if os.environ.get("HYDRA_FIGURE_DIR"):
         (Path(os.environ["HYDRA_FIGURE_DIR"]) / "patching_grid-pooled.png").write_bytes(data)
+
+
+def test_estimates_of_a_patching_job(live_url: str, tokenizer: Any) -> None:
+    """A patching job with estimates draws them: one panel per method, every (pair, site) a point at (exact effect,
+    estimate), |effect| for AtP*, grouped by site kind; the figure route and the job page serve it."""
+    pairs = _pairs(tokenizer, 3, same_length=False)
+    sites = ["resid_pre.1", "attn.0", "mlp.2", "head.1.2", "head.2.1.q", "head.0.3.pattern"]
+    job_id, result = finished_job(live_url, {"intervention": "patch", "pairs": wire_pairs(pairs), "components": sites,
+                                             "positions": "final", "estimates": ["atp", "atp_star"]})
+    patching = present(result.patching)
+    assert applicable_figures(result) == ("patching_grid", "estimates") == shown_figures(result)
+    kinds = {"resid_pre": ["resid_pre.1"], "attn": ["attn.0"], "mlp": ["mlp.2"], "head": ["head.1.2"],
+             "head q": ["head.2.1.q"], "head pattern": ["head.0.3.pattern"]}
+    for method in ("atp", "atp_star"):
+        points = patch_points(patching, method)
+        assert list(points) == list(kinds)  # in the legend's order
+        for kind, members in kinds.items():
+            s = patching.sites.index(members[0])
+            exact = [present(p.estimates).effect[s][0] for p in patching.pairs]
+            expected_x = [abs(v) for v in exact] if method == "atp_star" else exact
+            expected_y = [getattr(present(p.estimates), method)[s][0] for p in patching.pairs]
+            assert points[kind] == (expected_x, expected_y), (method, kind)
+            # The exact effect is the patched run's metric less the base (corrupted, for denoise) run's.
+            assert exact == pytest.approx([p.patched_metric[s][0] - p.corrupted_metric for p in patching.pairs],
+                                          abs=1e-6)
+    _figure(live_url, job_id, "estimates")
+    page = httpx.get(f"{live_url}/ui/jobs/{job_id}")
+    assert page.status_code == 200, page.text[:2000]
+    assert "figures/estimates" in page.text and "figures/patching_grid" in page.text
+    assert httpx.get(f"{live_url}/ui/jobs/{job_id}/figures/estimates").content[:8] == PNG
+
+    # Flagged pairs are drawn too (nothing is divided by their gap).
+    flagged = msgspec.structs.replace(patching, pairs=[msgspec.structs.replace(p, flagged=True)
+                                                       for p in patching.pairs], n_flagged=len(patching.pairs))
+    assert patch_points(flagged, "atp") == patch_points(patching, "atp")
+    data = render(msgspec.structs.replace(result, patching=flagged), "estimates", "png")
+    assert data[:8] == PNG
 
 
 KNOCKOUTS = [["attn.0", "head.2.1"], ["head.0.1", "head.1.2", "mlp.1"], ["mlp.0", "mlp.2"], ["attn.1", "attn.2"],

@@ -74,7 +74,8 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "heads, MLPs and the norm, with the norm's share of the direct effect",
     "estimates": "jobs with `estimates`: every attribution-patching estimate (AtP against the total effect, AtP* "
     "against its magnitude) against the exact value per prompt and component, coloured by the compensatory effect, "
-    "with each method's rank correlation and top-k recall",
+    "with each method's rank correlation and top-k recall; on a patching job per pair, site and patched position "
+    "against the exact patch's effect, coloured by site kind",
     "knockout_response": "jobs with `knockouts`: per knockout set (the first four), every component's mean response "
     "to the set's ablation (its direct effect ablated − clean) with 95% intervals over prompts, members marked: "
     "which components take over",
@@ -83,9 +84,10 @@ FIGURE_DESCRIPTIONS: dict[FigureName, str] = {
     "grid for resid_pre/attn/mlp (positions final); the pooled score where no pair was scored",
 }
 # Which figures draw which results: a patching job's result has no prompts × components to draw from, and an ablation
-# result no patching scores.
+# result no patching scores. `estimates` draws both kinds, when the job has estimates.
 PATCHING_FIGURES: tuple[FigureName, ...] = ("patching_grid",)
 ABLATION_FIGURES: tuple[FigureName, ...] = tuple(name for name in FIGURE_NAMES if name not in PATCHING_FIGURES)
+BOTH_KINDS: tuple[FigureName, ...] = ("estimates",)
 
 # A knockout set (several components ablated together) gets a marker of its own, coloured by its deepest member.
 KIND_MARKERS = {"attn": "o", "mlp": "s", "head": "^", "knockout": "X"}
@@ -576,8 +578,11 @@ def _drawers() -> dict[str, Callable[..., None]]:
 
 
 def applicable_figures(result: JobResult) -> tuple[FigureName, ...]:
-    """The figures `render` draws for this result (the others are a FigureOptionError that names these)."""
-    return PATCHING_FIGURES if result.patching is not None else ABLATION_FIGURES
+    """The figures `render` draws for this result (the others are a FigureOptionError that names these): a patching
+    job's own, and `estimates` where it was run with estimates."""
+    if result.patching is None:
+        return ABLATION_FIGURES
+    return PATCHING_FIGURES + (BOTH_KINDS if estimate_figure.has_estimates(result) else ())
 
 
 def shown_figures(result: JobResult) -> tuple[FigureName, ...]:
@@ -596,7 +601,11 @@ def check_applicable(result: JobResult, name: FigureName) -> None:
     if name in applicable:
         return
     if result.patching is not None:
-        raise FigureOptionError(f"figure {name!r} draws an ablation result; this is a patching job: its figure is "
+        if name in BOTH_KINDS:
+            raise FigureOptionError(f"figure {name!r} draws a job's attribution-patching estimates; this patching job "
+                                    'has none: submit it with "estimates": ["atp", "atp_star"]. Its figures are '
+                                    f"{', '.join(applicable)}")
+        raise FigureOptionError(f"figure {name!r} draws an ablation result; this is a patching job: its figures are "
                                 f"{', '.join(applicable)}")
     raise FigureOptionError(f"figure {name!r} draws a patching job (intervention 'patch'); this is an ablation job: "
                             f"its figures are {', '.join(applicable)}")
