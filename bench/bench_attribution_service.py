@@ -10,8 +10,9 @@ results report them.
 
 `--samples n`: n resample sources per prompt (`resample_samples`). The exact engine runs every head once per source;
 AtP takes its gradient once per prompt, on the clean run, and only the products with each source's replacement are
-per source, so the speed-up grows with n. `--jobs estimates` runs the `estimates` job alone (its cost table is the
-same-run comparison; the check against a separate exact job is then skipped).
+per source, so the speed-up should grow with n (expected from the costs; measure it before quoting it).
+`--jobs estimates` runs the `estimates` job alone (its cost table is the same-run comparison; the check against a
+separate exact job is then skipped).
 
 Every head at the final position, resample ablation from the next prompt, the logit of the clean top token, the
 first `--prompts` known_1000 prompts; the same request, seed and so resample sources in every job. Without --url it
