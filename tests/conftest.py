@@ -92,7 +92,7 @@ def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
     from celery.contrib.testing.worker import start_worker
 
     from service.core.queue import webhook_queue
-    from worker.celery_app import advertise_models, app, served_queues
+    from worker.celery_app import advertise_models, app, served_queues, stop_heartbeats
 
     # The main queue (jobs are planned there), one queue per served model (their chunks) and, in this one test
     # worker, the webhook queue too (a deployment runs a webhook worker of its own); `celery worker` adds the model
@@ -102,7 +102,10 @@ def celery_worker(stack_env: dict[str, str]) -> Iterator[object]:
         app, pool="solo", concurrency=1, queues=queues, perform_ping_check=False, loglevel="WARNING"
     ) as worker:
         advertise_models()
-        yield worker
+        try:
+            yield worker
+        finally:
+            stop_heartbeats()  # before the session's Redis stops
 
 
 @pytest.fixture()

@@ -37,6 +37,7 @@ from service.core.queue import JobQueue
 from service.core.settings import Settings
 from service.core.store import JobStore
 from tests.numbers import assert_same_numbers
+from tests.worker_gate import GATE_ENV, Gate, Held
 
 MODEL = "tiny-fault"
 PROMPTS = [f"Sentence number {i} is about the weather in the city of Paris, which is famous for" for i in range(9)]
@@ -124,14 +125,23 @@ def queue(settings: Settings) -> Iterator[JobQueue]:
 
 class WorkerProcess:
     """`celery -A worker.celery_app worker -P prefork -c 1 -Q <queue>` in its own session, logging to a file
-    (`queue` and `pool` for another kind of worker, e.g. the webhook queue's: tests/test_webhook_isolation.py)."""
+    (`queue` and `pool` for another kind of worker, e.g. the webhook queue's: tests/test_webhook_isolation.py;
+    `gate`, a folder, for one the test can hold at its progress reports: tests/worker_gate.py)."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, queue: str | None = None, pool: tuple[str, str] = ("prefork", "1")
+        self,
+        env: dict[str, str],
+        log: Path,
+        queue: str | None = None,
+        pool: tuple[str, str] = ("prefork", "1"),
+        gate: Path | None = None,
     ) -> None:
         self.log = log
+        if gate is not None:
+            env = {**env, GATE_ENV: str(gate)}
+        entry = "celery" if gate is None else "tests.worker_gate"  # the same command line, with the gate installed
         command = [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", pool[0], "-c", pool[1],
+            sys.executable, "-m", entry, "-A", "worker.celery_app", "worker", "-P", pool[0], "-c", pool[1],
             "-Q", queue or env["HYDRA_QUEUE"], "-n", f"fault-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
@@ -198,8 +208,21 @@ class WorkerProcess:
 
 
 @pytest.fixture(scope="module")
-def worker(fault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    process = WorkerProcess(fault_env, tmp_path_factory.mktemp("fault-logs") / "worker.log")
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Gate:
+    return Gate(tmp_path_factory.mktemp("fault-gate"))
+
+
+@pytest.fixture(autouse=True)
+def _gate_opened_after_each_test(gate: Gate) -> Iterator[None]:
+    yield
+    gate.open()  # a test that failed while holding a worker must not leave it waiting for the next test
+
+
+@pytest.fixture(scope="module")
+def worker(
+    fault_env: dict[str, str], gate: Gate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(fault_env, tmp_path_factory.mktemp("fault-logs") / "worker.log", gate=gate.folder)
     try:
         yield process
     finally:
@@ -250,17 +273,22 @@ def wait_terminal(store: JobStore, job_id: str, timeout_s: float, worker: Worker
     return status
 
 
-def running_mid_chunk(
+def mid_chunk(
     book: ChunkBook, job_id: str, index: int, delivery: int, samples: int = SAMPLES
-) -> Callable[[], bool]:
-    """True once the chunk's `delivery`-th run has measured at least one prompt (and more are left)."""
+) -> Callable[[Held], bool]:
+    """A worker held (tests/worker_gate.py) once the chunk's `delivery`-th run has measured at least one prompt and
+    more are left."""
     per_prompt = len(COMPONENTS) * samples
 
-    def check() -> bool:
-        done = book.progress(job_id).get(index, 0)
-        return book.deliveries(job_id).get(index) == delivery and per_prompt <= done < CHUNK_PROMPTS * per_prompt
+    def wanted(held: Held) -> bool:
+        return (
+            held.job_id == job_id
+            and held.chunk == index
+            and per_prompt <= held.done < CHUNK_PROMPTS * per_prompt
+            and book.deliveries(job_id).get(index) == delivery
+        )
 
-    return check
+    return wanted
 
 
 def assert_result_matches(store: JobStore, job_id: str, reference: JobResult) -> None:
@@ -273,11 +301,13 @@ def assert_result_matches(store: JobStore, job_id: str, reference: JobResult) ->
 
 
 def test_a_chunk_whose_pool_process_is_killed_runs_again_with_the_same_numbers(
-    worker: WorkerProcess, store: JobStore, book: ChunkBook, queue: JobQueue, reference: JobResult
+    worker: WorkerProcess, gate: Gate, store: JobStore, book: ChunkBook, queue: JobQueue, reference: JobResult
 ) -> None:
     job_id = submit(store, queue, job_spec(PROMPTS))
-    wait_for(running_mid_chunk(book, job_id, 1, delivery=1), 90, "chunk 1 to be running", worker)
+    held = gate.catch(mid_chunk(book, job_id, 1, delivery=1), 180, "chunk 1 to be running", worker.tail)
+    assert held.pid == worker.pool_process().pid
     worker.kill_pool_process()
+    gate.open()
 
     status = wait_terminal(store, job_id, 90, worker)
     assert status.status == "succeeded", f"{status.error}\n{worker.tail()}"
@@ -289,16 +319,17 @@ def test_a_chunk_whose_pool_process_is_killed_runs_again_with_the_same_numbers(
 
 
 def test_a_chunk_whose_worker_keeps_dying_fails_the_job(
-    worker: WorkerProcess, store: JobStore, book: ChunkBook, queue: JobQueue
+    worker: WorkerProcess, gate: Gate, store: JobStore, book: ChunkBook, queue: JobQueue
 ) -> None:
     job_id = submit(store, queue, job_spec(PROMPTS[:3], samples=2))  # one chunk
     for delivery in (1, 2, 3):
-        wait_for(
-            lambda delivery=delivery: book.deliveries(job_id).get(0) == delivery,  # type: ignore[misc]
-            60, f"delivery {delivery} of chunk 0",
-            worker,
-        )
+        held = gate.catch(
+            lambda held, delivery=delivery: held.job_id == job_id and book.deliveries(job_id).get(0) == delivery,
+            120, f"delivery {delivery} of chunk 0", worker.tail,
+        )  # fmt: skip
         worker.kill_pool_process()
+        gate.release(held)  # its process is gone; the next delivery waits at its own first report
+    gate.open()
 
     status = wait_terminal(store, job_id, 60, worker)
     assert status.status == "failed"
@@ -312,9 +343,11 @@ def test_a_chunk_whose_worker_keeps_dying_fails_the_job(
 
 
 @pytest.fixture(scope="module")
-def standby(fault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def standby(
+    fault_env: dict[str, str], gate: Gate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
     """A second worker on the same queues, ready before the fault (a machine standing by)."""
-    process = WorkerProcess(fault_env, tmp_path_factory.mktemp("standby-logs") / "standby.log")
+    process = WorkerProcess(fault_env, tmp_path_factory.mktemp("standby-logs") / "standby.log", gate=gate.folder)
     try:
         process.wait_ready()
         yield process
@@ -331,26 +364,28 @@ def small_reference(fault_env: dict[str, str]) -> JobResult:
 
 
 def running_chunk_0(
-    store: JobStore, book: ChunkBook, workers: list[WorkerProcess], job_id: str
+    gate: Gate, store: JobStore, book: ChunkBook, workers: list[WorkerProcess], job_id: str
 ) -> tuple[WorkerProcess, WorkerProcess]:
-    """Wait until chunk 0 runs (mid-chunk); returns (the worker running it, the other one), found by the lease
-    holder's process id."""
-    wait_for(running_mid_chunk(book, job_id, 0, delivery=1, samples=4), 120, "chunk 0 to be running", workers[0])
+    """Hold chunk 0 mid-chunk at the gate; returns (the worker running it, the other one), found by the lease
+    holder's process id. The gate stays closed: the caller opens it once it has struck."""
+    held = gate.catch(mid_chunk(book, job_id, 0, delivery=1, samples=4), 180, "chunk 0 to be running", workers[0].tail)
     holder = Leases.for_store(store).holder(job_id, 0)
     assert holder is not None
     pid = int(holder.split(":")[1])
+    assert pid == held.pid, (holder, held)
     running = [w for w in workers if w.runs(pid)]
     assert len(running) == 1, holder
     return running[0], next(w for w in workers if w is not running[0])
 
 
 def test_a_paused_worker_loses_its_chunk_to_another_and_records_nothing_when_it_resumes(
-    worker: WorkerProcess, standby: WorkerProcess, store: JobStore, book: ChunkBook, queue: JobQueue,
+    worker: WorkerProcess, standby: WorkerProcess, gate: Gate, store: JobStore, book: ChunkBook, queue: JobQueue,
     small_reference: JobResult,
 ) -> None:  # fmt: skip
     job_id = submit(store, queue, SMALL)
-    holder, other = running_chunk_0(store, book, [worker, standby], job_id)
+    holder, other = running_chunk_0(gate, store, book, [worker, standby], job_id)
     holder.pause()  # frozen: no heartbeat, but its process lives
+    gate.open()  # resumed, it goes on from the report it was held at
     try:
         wait_for(lambda: book.deliveries(job_id).get(0) == 2, 180, "chunk 0 to run on the other worker", other)
         assert "chunk 0 (prompts 0-2) was sent again" in (store.status(job_id).note or "")  # type: ignore[union-attr]
@@ -366,12 +401,13 @@ def test_a_paused_worker_loses_its_chunk_to_another_and_records_nothing_when_it_
 
 
 def test_a_chunk_of_a_vanished_worker_runs_on_another_worker_within_the_lease(
-    worker: WorkerProcess, standby: WorkerProcess, store: JobStore, book: ChunkBook, queue: JobQueue,
+    worker: WorkerProcess, standby: WorkerProcess, gate: Gate, store: JobStore, book: ChunkBook, queue: JobQueue,
     small_reference: JobResult,
 ) -> None:  # fmt: skip
     job_id = submit(store, queue, SMALL)
-    holder, other = running_chunk_0(store, book, [worker, standby], job_id)
+    holder, other = running_chunk_0(gate, store, book, [worker, standby], job_id)
     holder.kill()  # main and pool process at once: no shutdown, chunk 0 stays unacknowledged in the broker
+    gate.open()
     killed_at = time.monotonic()
     # The lapsed lease is noticed and the chunk sent to the live worker within lease + sweep (+ slack for a loaded
     # machine), far below the broker's visibility timeout; it runs there once that worker is free.

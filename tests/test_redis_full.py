@@ -31,15 +31,16 @@ from service.core.queue import JobQueue
 from service.core.settings import Settings
 from service.core.store import JobStore
 from tests.redis_faults import FaultyRedis
-from tests.test_faults import CHUNK_PROMPTS, MODEL, PROMPTS, WorkerProcess, job_spec, running_mid_chunk
+from tests.test_faults import CHUNK_PROMPTS, MODEL, PROMPTS, WorkerProcess, job_spec, mid_chunk, wait_for
 from tests.test_submit_recovery import api_process
+from tests.worker_gate import Gate
 
 BUDGET_S = 12
-SHORT_S = 6  # writes refused for this long: within the budget
-LONG_S = 20  # past it (with room: a chunk computing while writes are refused may not write for seconds)
-# Chunks of a few seconds: a refusal begun mid-chunk 1 spans a progress report, chunk 1's end (its result, its
-# acknowledgement) and the worker taking chunk 2 (kombu writes its unacked index).
-SAMPLES = 6  # chunks of a second or more even on an idle machine: long enough to catch one mid-chunk
+# How long writes stay refused once the worker has met the refusal (the budget runs from then).
+SHORT_S = 6  # within the budget: the refusal spans chunk 1's end (its result, its acknowledgement) and more
+LONG_S = 20  # past it
+REFUSED = "Redis refused a write"  # what the worker logs when it meets the refusal
+SAMPLES = 6
 KEY_A = "redis-full-key-of-alice"
 KEY_B = "redis-full-key-of-bob"
 
@@ -49,6 +50,7 @@ class FullStack:
     redis: FaultyRedis
     url: str
     worker: WorkerProcess
+    gate: Gate
     store: JobStore
     queue: JobQueue
     api_log: Path
@@ -100,12 +102,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullStack]:
     }
     settings = Settings(redis_url=server.url, key_prefix=env["HYDRA_KEY_PREFIX"], queue_name=env["HYDRA_QUEUE"])
     store, queue = JobStore.from_settings(settings), JobQueue(settings)
-    worker = WorkerProcess(env, root / "worker.log")
+    gate = Gate(root / "gate")
+    worker = WorkerProcess(env, root / "worker.log", gate=gate.folder)
     try:
         with api_process(env, free_port(), root / "api.log") as url:
             worker.wait_ready()
-            yield FullStack(server, url, worker, store, queue, root / "api.log")
+            yield FullStack(server, url, worker, gate, store, queue, root / "api.log")
     finally:
+        gate.open()
         worker.stop()
         store.close()
         queue.close()
@@ -118,6 +122,7 @@ class Reader:
     def __init__(self, url: str, job_id: str) -> None:
         self.url, self.job_id = url, job_id
         self.codes: dict[str, list[int]] = {"status": [], "list": [], "health": []}
+        self.refusals: list[str] = []  # what a read answered other than 200
         self.submits: list[httpx.Response] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -127,12 +132,17 @@ class Reader:
             body = {"model": MODEL, "prompts": ["Paris is in"], "components": ["attn.0"], "ablation": "zero"}
             while not self._stop.is_set():
                 alice, bob = {"X-API-Key": KEY_A}, {"X-API-Key": KEY_B}
-                self.codes["status"].append(client.get(f"/v1/jobs/{self.job_id}", headers=alice).status_code)
-                self.codes["list"].append(client.get("/v1/jobs", headers=bob).status_code)
-                self.codes["health"].append(client.get("/health").status_code)
+                self._read("status", client.get(f"/v1/jobs/{self.job_id}", headers=alice))
+                self._read("list", client.get("/v1/jobs", headers=bob))
+                self._read("health", client.get("/health"))
                 if len(self.submits) < 3:
                     self.submits.append(client.post("/v1/jobs", json=body, headers=bob))
                 self._stop.wait(0.3)
+
+    def _read(self, route: str, response: httpx.Response) -> None:
+        self.codes[route].append(response.status_code)
+        if response.status_code != 200:
+            self.refusals.append(f"{route}: {response.status_code} {response.text[:400]}")
 
     def __enter__(self) -> Reader:
         self._thread.start()
@@ -144,25 +154,30 @@ class Reader:
 
 
 def refuse_writes_mid_chunk(stack: FullStack, kind: str, seconds: float) -> tuple[str, str, Reader]:
-    """Submit a three-chunk job, refuse writes (`full` or `failing_aof`) for `seconds` once chunk 1 runs; returns
-    (job id, the error writes got, what the API answered meanwhile)."""
+    """Submit a three-chunk job, refuse writes (`full` or `failing_aof`) while chunk 1 is held mid-chunk (see
+    tests/worker_gate.py), let the worker go on and keep refusing them until it has met the refusal and `seconds`
+    more; returns (job id, the error writes got, what the API answered meanwhile)."""
     book = ChunkBook.for_store(stack.store)
     job_id = stack.submit(PROMPTS, samples=SAMPLES)
     # Generous: on a loaded machine the worker may still be finishing the module's previous job (a chunk riding
-    # out refused writes) before it takes this one; what is timed here is only when the fault starts.
-    deadline = time.monotonic() + 300
-    while not running_mid_chunk(book, job_id, 1, delivery=1, samples=SAMPLES)():
-        assert time.monotonic() < deadline, f"chunk 1 never ran\n{stack.worker.tail()}"
-        time.sleep(0.02)
+    # out refused writes) before it takes this one.
+    stack.gate.catch(mid_chunk(book, job_id, 1, delivery=1, samples=SAMPLES), 300, "chunk 1", stack.worker.tail)
+    met_before = stack.worker.log.read_text(errors="replace").count(REFUSED)
     fault = stack.redis.full() if kind == "full" else stack.redis.failing_aof()
     with fault as error, Reader(stack.url, job_id) as reader:
+        stack.gate.open()
+        wait_for(
+            lambda: stack.worker.log.read_text(errors="replace").count(REFUSED) > met_before,
+            180, "the worker to meet the refusal", stack.worker,
+        )  # fmt: skip
         time.sleep(seconds)
     return job_id, error, reader
 
 
-def assert_reads_kept_working(reader: Reader, error_word: str) -> None:
+def assert_reads_kept_working(reader: Reader, error_word: str, api_log: Path) -> None:
+    redis_errors = [line for line in api_log.read_text(errors="replace").splitlines() if "redis error" in line]
     for route, codes in reader.codes.items():
-        assert codes and set(codes) == {200}, (route, codes)
+        assert codes and set(codes) == {200}, (route, codes, reader.refusals, redis_errors[-5:])
     assert reader.submits
     for response in reader.submits:
         assert response.status_code == 503, response.text
@@ -180,8 +195,7 @@ def test_writes_refused_within_the_budget_are_ridden_out_and_reads_keep_working(
     assert stack.worker.alive, stack.worker.tail()
     assert status.status == "succeeded", f"{status.error}\n{stack.worker.tail()}"
     assert ChunkBook.for_store(stack.store).deliveries(job_id) == {0: 1, 1: 1, 2: 1}  # rode out, not run again
-    assert_reads_kept_working(reader, error_word)
-    assert "Redis refused a write" in stack.worker.log.read_text(errors="replace")
+    assert_reads_kept_working(reader, error_word, stack.api_log)
 
 
 def test_writes_refused_past_the_budget_fail_the_job_with_the_reason(stack: FullStack) -> None:

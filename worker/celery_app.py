@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from functools import cache
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun, worker_ready
+from celery.signals import (
+    celeryd_after_setup,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_ready,
+    worker_shutdown,
+)
 
 from service.core.json_logging import configure_json_logging, job_id_var, json_logs_requested
 from service.core.queue import celery_config, model_queue, webhook_queue
@@ -145,15 +151,29 @@ def advertise_models(**_: object) -> None:
     finally:
         store.close()
     if served:
+        _heartbeats_stopped.clear()
         threading.Thread(target=_heartbeat, args=(served,), name="hydra-heartbeat", daemon=True).start()
+
+
+# Set when the worker shuts down: an in-process worker (the tests' `start_worker`) outlives its Redis, and a
+# heartbeat left beating would log a failure every few seconds until the process exits.
+_heartbeats_stopped = threading.Event()
+
+
+@worker_shutdown.connect
+def stop_heartbeats(**_: object) -> None:
+    """End the heartbeat thread (its models then lapse SERVED_TTL_S later, as after a crash)."""
+    _heartbeats_stopped.set()
 
 
 def _heartbeat(model_ids: list[str]) -> None:
     """Keep this worker's models advertised while the worker lives (they lapse SERVED_TTL_S after it dies)."""
     store = JobStore.from_settings(service_settings())
-    while True:
-        time.sleep(HEARTBEAT_S)
-        try:
-            store.keep_serving(model_ids, SERVED_TTL_S)
-        except Exception as error:  # noqa: BLE001 - Redis may be briefly away; try again at the next beat
-            log.warning("heartbeat for %s failed: %s", ", ".join(model_ids), error)
+    try:
+        while not _heartbeats_stopped.wait(HEARTBEAT_S):
+            try:
+                store.keep_serving(model_ids, SERVED_TTL_S)
+            except Exception as error:  # noqa: BLE001 - Redis may be briefly away; try again at the next beat
+                log.warning("heartbeat for %s failed: %s", ", ".join(model_ids), error)
+    finally:
+        store.close()
