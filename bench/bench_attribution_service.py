@@ -212,7 +212,9 @@ def main() -> None:
         try:
             with HydraClient(url, timeout=600) as client:
                 wait_for_model(client, args.model)
+                # One source: two prompts cannot give each other more (a prompt is never its own source).
                 warm_up = {**base, "dataset": {"name": "known_1000", "limit": 2}, "components": ["attn.0"]}
+                warm_up["resample_samples"] = 1
                 finish(client, "warm-up", warm_up)  # loads the model on the worker
                 results = {name: finish(client, name, request) for name, request in requests.items()}
         finally:
