@@ -323,10 +323,11 @@ def test_a_chunk_whose_worker_keeps_dying_fails_the_job(
 ) -> None:
     job_id = submit(store, queue, job_spec(PROMPTS[:3], samples=2))  # one chunk
     for delivery in (1, 2, 3):
-        held = gate.catch(
-            lambda held, delivery=delivery: held.job_id == job_id and book.deliveries(job_id).get(0) == delivery,
-            120, f"delivery {delivery} of chunk 0", worker.tail,
-        )  # fmt: skip
+
+        def in_delivery(held: Held, delivery: int = delivery) -> bool:
+            return held.job_id == job_id and book.deliveries(job_id).get(0) == delivery
+
+        held = gate.catch(in_delivery, 120, f"delivery {delivery} of chunk 0", worker.tail)
         worker.kill_pool_process()
         gate.release(held)  # its process is gone; the next delivery waits at its own first report
     gate.open()
