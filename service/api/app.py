@@ -50,6 +50,7 @@ from service.core.prompt_tokens import TokenCounters
 from service.core.queue import JobQueue
 from service.core.recovery import resend_unplanned
 from service.core.redaction import install_log_redaction
+from service.core.redis_connections import connection_class
 from service.core.redis_options import COMMAND_TIMEOUT_S, driver_options
 from service.core.served_models import ServedModels
 from service.core.settings import Settings
@@ -150,6 +151,7 @@ class Lifecycle:
             socket_connect_timeout=5,
             socket_timeout=COMMAND_TIMEOUT_S,
             health_check_interval=30,
+            connection_class=connection_class(self.settings.redis_url, asyncio=True),
             **driver_options(),
         )
         app.state.aredis = client

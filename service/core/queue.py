@@ -55,6 +55,7 @@ from celery.signals import after_task_publish, before_task_publish
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as json_dumps
 
+from service.core.redis_connections import connection_class
 from service.core.redis_options import driver_options
 from service.core.settings import Settings
 
@@ -185,7 +186,11 @@ class JobQueue:
         # its store's client: same server, one pool).
         self._owns_client = client is None
         self.client = client or redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, health_check_interval=30, **driver_options()
+            settings.redis_url,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            connection_class=connection_class(settings.redis_url),
+            **driver_options(),
         )
 
     def message(self, task: str, args: list[object], queue: str | None = None) -> BrokerMessage:

@@ -18,6 +18,7 @@ from redis.commands.core import AsyncScript
 
 from hydra_ablate_client.vocabulary import JOB_PHASES
 from hydra_ablate_client.wire import JobSpec, JobStatus
+from service.core.redis_connections import connection_class
 from service.core.redis_options import driver_options
 from service.core.redis_replies import EncodableT, FieldT, ScriptArgs, bytes_list
 from service.core.settings import Settings
@@ -76,6 +77,7 @@ class JobStore(EventLog, CallbackLog, ResultStore, CachedFigures, ModelRegistry,
             socket_connect_timeout=5,
             socket_timeout=socket_timeout,
             health_check_interval=30,
+            connection_class=connection_class(settings.redis_url),
             **driver_options(),
         )
         return cls(client, key_prefix=settings.key_prefix, ttl_s=settings.result_ttl_s)
