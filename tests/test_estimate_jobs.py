@@ -32,7 +32,7 @@ from service.rendering.figures import render
 from service.rendering.parquet import from_parquet
 from tests import estimate_fixtures
 from tests.checks import present
-from tests.estimate_fixtures import EXACT_FIELDS, JOB, METHODS, PROMPTS, run_job
+from tests.estimate_fixtures import EXACT_FIELDS, JOB, METHODS, PROMPTS, assert_estimates_on_page, run_job
 from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.attribution import run_attribution
 from worker.engine.types import SweepInputs, SweepSpec
@@ -235,6 +235,12 @@ def test_an_estimates_job_matches_the_engine_and_the_plain_job_and_exports_and_d
     assert sum(line.startswith(f"  {m} ") for line in lines for m in METHODS) == 3
     assert all(len(line) <= 80 for line in lines)
     assert not any("estimates" in line for line in summary_lines(plain))
+
+    # The job page shows the same agreement per prompt, each method's cost and largest misses; none for the plain job.
+    page = httpx.get(f"{live_url}/ui/jobs/{result.id}").raise_for_status().text
+    section = assert_estimates_on_page(page, result, "prompt")
+    assert "Position</th>" not in section and "Every position" not in section
+    assert 'id="estimates"' not in httpx.get(f"{live_url}/ui/jobs/{plain.id}").raise_for_status().text
 
     # Tables and exports carry one column per method beside total_effect; empty for the plain job.
     table = result.to_pandas()

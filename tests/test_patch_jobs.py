@@ -24,6 +24,7 @@ from hydra_ablate_client.wire import JobRequest, JobResult
 from service.core.settings import Settings
 from service.core.store import JobStore
 from tests.checks import present
+from tests.estimate_fixtures import assert_estimates_on_page
 from tests.patch_fixtures import tiny_ioi, wire_pairs
 from tests.patch_oracle import oracle_patching
 from tests.test_api import assert_problem, client, settings, store  # noqa: F401 (fixtures)
@@ -472,3 +473,6 @@ def test_a_patching_job_with_estimates_serves_the_engines_numbers(
         assert re.search(rf"^  {method} +ρ [^\n]*; top-\d+ [^\n]*; [^\n]*exact *$", shown, re.MULTILINE), shown
     assert "estimated patching score per site" in shown
     assert all(site in shown for site in ESTIMATED_SITES)
+
+    # The job page shows the same agreement per pair, each method's cost and its largest misses.
+    assert_estimates_on_page(httpx.get(f"{live_url}/ui/jobs/{result.id}").raise_for_status().text, result, "pair")

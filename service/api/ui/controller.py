@@ -49,6 +49,7 @@ from service.core.queue import JobQueue
 from service.core.resolve import DEFAULTS
 from service.core.settings import Settings
 from service.core.store import ActiveJobsExceeded, JobStore
+from service.rendering.estimate_table import estimate_table
 from service.rendering.exports import export
 from service.rendering.figure_cache import cached_figure
 from service.rendering.figure_style import FigureOptionError
@@ -415,6 +416,8 @@ class UiController(Controller):
             active=status.status in ACTIVE_STATES,
             # Only the figures that draw this job (a patching job has its own); none before there is a result.
             figures=[(name, FIGURE_DESCRIPTIONS[name]) for name in (shown_figures(result) if result else ())],
+            # Jobs with estimates (every kind): their agreement with the exact effects and what they cost.
+            estimate_view=estimate_table(result) if result else None,
             formats=EXPORT_FORMATS,
         )
 
