@@ -1,4 +1,5 @@
-"""Fixtures and helpers the patching tests share (registered in tests/conftest.py as a pytest plugin).
+"""Fixtures and helpers the patching tests share, and with them the knockout and head-basis job tests' `live_url` and
+`llama` (registered in tests/conftest.py as a pytest plugin).
 
 `live_url`: the test stack's API (auth off) over real HTTP, one per module; `llama`: an independently loaded copy
 of the stack's tiny Llama and its tokenizer, for the engine and the oracle; `tiny_ioi` and `wire_pairs`: IOI pairs

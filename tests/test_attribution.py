@@ -1,8 +1,8 @@
 """Attribution patching (worker/engine/attribution.py) against independent computations on tiny random models.
 
 Nothing here uses the engine's passes to check the engine: every reference runs the Hugging Face model itself with
-hooks (tests/oracle.py's `run_model`, or the hooks below), reads the metric off its logits, and differentiates or
-differences it directly.
+hooks (tests/oracle.py's `run_model`, or tests/autograd_reference.py's), reads the metric off its logits, and
+differentiates or differences it directly.
 
 - Gradients: the AtP estimate with the patch Δ = n (zero ablation) is the directional derivative of the metric
   along the node's output; it is checked against a 4th-order central difference of the metric on a float64 copy of
@@ -36,6 +36,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from hydra_ablate_client.vocabulary import MetricName, PositionScope
+from tests.autograd_reference import capture_writes
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import (
     Ablation,
@@ -231,16 +232,6 @@ def test_estimate_converges_to_exact_effect(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class _Detached:
-    """Forward hooks that detach a module's output: its backward path is dropped, its forward value unchanged."""
-
-    @staticmethod
-    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (output[0].detach(), *output[1:])
-        return output.detach()
-
-
 def _direct_gradients(
     model: nn.Module, ids: torch.Tensor, target: int, dropped_layer: int | None, eager: bool
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
@@ -248,36 +239,7 @@ def _direct_gradients(
     pass of the Hugging Face model (logit metric), with the writes of `dropped_layer` detached (GradDrop).
 
     Captured by hooks, differentiated by autograd; nothing of the engine is used."""
-    parts = locate_parts(model)
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def keep(name: str) -> Any:
-        def hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
-            captured[name] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def keep_in(name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            captured[name] = args[0]
-
-        return hook
-
-    raw: dict[str, torch.Tensor] = {}
-
-    def keep_logits(_m: nn.Module, _a: tuple[Any, ...], output: torch.Tensor) -> None:
-        raw["logits"] = output  # the pre-cap logits (soft-capped models cap the model's output after this)
-
-    assert parts.lm_head is not None
-    handles.append(parts.lm_head.register_forward_hook(keep_logits))
-    for layer in range(parts.n_layers):
-        handles.append(parts.attn[layer].register_forward_hook(keep(f"attn.{layer}")))
-        handles.append(parts.mlp[layer].register_forward_hook(keep(f"mlp.{layer}")))
-        handles.append(parts.out_proj[layer].register_forward_pre_hook(keep_in(f"z.{layer}")))
-        if layer == dropped_layer:  # registered after the capture: the captured tensor is the undetached one
-            handles.append(parts.attn[layer].register_forward_hook(_Detached.hook))
-            handles.append(parts.mlp[layer].register_forward_hook(_Detached.hook))
+    captured, raw, handles = capture_writes(locate_parts(model), dropped_layer)
     try:
         with torch.enable_grad():
             out = model(input_ids=ids.view(1, -1), output_attentions=eager)

@@ -33,6 +33,7 @@ from service.rendering.parquet import from_parquet
 from tests import estimate_fixtures
 from tests.checks import present
 from tests.estimate_fixtures import EXACT_FIELDS, JOB, METHODS, PROMPTS, assert_estimates_on_page, run_job
+from tests.refusals import Refusal, assert_refused, refusal_cases
 from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.attribution import run_attribution
 from worker.engine.types import SweepInputs, SweepSpec
@@ -41,7 +42,7 @@ ESTIMATE_TOL = 1e-5
 SUMMARY_TOL = 1e-9
 TINY_JOB = {"model": "tiny", "prompts": TWO, "estimates": ["atp"]}
 
-REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
+REFUSED: list[Refusal] = [
     (
         "knockout sets",
         {"knockouts": [["attn.0", "mlp.1"]]},
@@ -58,7 +59,7 @@ REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("body", "fragments", "field"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+@refusal_cases(REFUSED)
 def test_unsupported_estimates_are_a_422_naming_the_field(
     client: TestClient,  # noqa: F811
     store: JobStore,  # noqa: F811
@@ -66,9 +67,7 @@ def test_unsupported_estimates_are_a_422_naming_the_field(
     fragments: tuple[str, ...],
     field: str,
 ) -> None:
-    problem = assert_problem(client.post("/v1/jobs", json={**TINY_JOB, **body}), 422, *fragments)
-    assert problem["field"] == field
-    assert client.get("/v1/jobs").json()["total"] == 0
+    assert_refused(client, TINY_JOB, body, fragments, field)
 
 
 def test_an_unknown_method_is_refused_by_the_schema(client: TestClient) -> None:  # noqa: F811

@@ -10,23 +10,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import JobRequest, ModelInfo
-from service.api.app import create_app
 from service.core.errors import ValidationProblem
 from service.core.resolve import resolve
 from service.core.settings import Settings
 from service.rendering.figures import ABLATION_FIGURES
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.knockout_oracle import oracle_knockout
-from tests.live_server import serve
 from tests.oracle import layer_of, locate_parts, oracle_sweep, position_basis
 from tests.test_engine_oracle import Case, compare_results
 from tests.test_knockouts import POST_NORM_SETS, PRE_NORM_SETS
@@ -215,14 +214,8 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "My fa
 SETS = [["attn.0", "head.2.1"]]
 
 
-@pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
-
-
 def test_a_head_basis_job_serves_the_engines_numbers_and_draws(
-    live_url: str, tiny_model_dirs: dict[str, str]
+    live_url: str, llama: tuple[Any, Any]
 ) -> None:
     components = ["head.1.2", "attn.1", "mlp.0"]
     names = [*components, "+".join(SETS[0])]
@@ -237,9 +230,7 @@ def test_a_head_basis_job_serves_the_engines_numbers_and_draws(
         assert result.components == names and result.provenance.spec.response_basis == "heads"
         assert all(p.positions is None for p in result.prompts)  # a final-position result, not a per-position one
 
-        location = tiny_model_dirs["tiny-llama"]
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+        model, tokenizer = llama  # the stack's tiny Llama, loaded independently (tests/patch_fixtures.py)
         ids = [torch.tensor(tokenizer(p).input_ids) for p in PROMPTS]
         spec = SweepSpec(components=tuple(components), knockouts=tuple(tuple(s) for s in SETS), ablation="resample",
                          metric="logit", seed=0, response_basis="heads")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,17 +15,14 @@ import pytest
 import redis
 import torch
 from litestar.testing import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hydra_ablate_client import HydraClient
 from hydra_ablate_client.wire import ModelInfo
-from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.store import JobStore
 from service.rendering.figures import ABLATION_FIGURES
 from tests.checks import present
 from tests.knockout_oracle import oracle_knockout
-from tests.live_server import serve
 from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.sweep import run_sweep
 from worker.engine.types import SweepInputs, SweepSpec
@@ -177,14 +173,8 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "My fa
 SETS = [["attn.0", "head.2.1"], ["head.0.1", "head.1.2", "mlp.1"]]
 
 
-@pytest.fixture(scope="module")
-def live_url(celery_worker: object, stack_env: dict[str, str]) -> Iterator[str]:
-    with serve(create_app(Settings.from_env())) as url:
-        yield url
-
-
 def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
-    live_url: str, tiny_model_dirs: dict[str, str]
+    live_url: str, llama: tuple[Any, Any]
 ) -> None:
     names = ["+".join(members) for members in SETS]
     with HydraClient(live_url) as hydra:
@@ -209,9 +199,7 @@ def test_a_knockout_job_matches_the_engine_and_the_oracle_and_exports_and_draws(
         assert result.components == ["mlp.2", *names]
         assert result.provenance.spec.knockouts == SETS
 
-        location = tiny_model_dirs["tiny-llama"]
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+        model, tokenizer = llama  # the stack's tiny Llama, loaded independently (tests/patch_fixtures.py)
         ids = [torch.tensor(tokenizer(p).input_ids) for p in PROMPTS]
         spec = SweepSpec(
             components=("mlp.2",), knockouts=tuple(tuple(s) for s in SETS), ablation="resample", metric="logit", seed=0

@@ -154,6 +154,16 @@ def test_the_walk_finds_a_forbidden_arrow_and_names_it(tmp_path: Path) -> None:
     ]
 
 
+def test_the_autograd_reference_imports_nothing_of_the_worker() -> None:
+    """tests/autograd_reference.py's hooks are how the attribution tests check the engine independently: an import of
+    worker/ there (the engine's passes, or code that calls them) would let the engine check itself."""
+    path = ROOT / "tests" / "autograd_reference.py"
+    found = imports(path, ROOT)
+    assert any(_within(module, "torch") for _line, module in found)  # the walk reads the file's imports
+    offences = [f"line {line}: {module}" for line, module in found if _within(module, "worker")]
+    assert not offences, f"{path.name} imports the worker: {offences}"
+
+
 # Module names that appear in two rooms because they are the same concept at two ends (the rule of names).
 SAME_CONCEPT = {
     "errors.py": {"service/core/errors.py", "worker/engine/errors.py"},  # the domain's errors, the engine's error

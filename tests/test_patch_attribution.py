@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from tests.autograd_reference import Detached
 from tests.engine_fixtures import tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.patch_oracle import _columns, _first, _hook, _module, _parts, _Undo, _wrap_eager, capture, patched_logits
-from tests.test_attribution import ModelState, _Detached, float64_copy
+from tests.test_attribution import ModelState, float64_copy
 from tests.test_patching import _pair
 from tests.tiny_models import load_tiny_model
 from worker.engine.architecture import describe, head_part_refusal
@@ -110,8 +111,8 @@ def reference_gradient(model: Any, ids: torch.Tensor, site: str, answer: int, co
             handles.append(module.register_forward_hook(leaf_output))
     if dropped is not None:  # registered after the leaf: a leaf of the dropped layer's write is detached too
         parts = _parts(model)
-        handles += [parts.attn[dropped].register_forward_hook(_Detached.hook),
-                    parts.mlp[dropped].register_forward_hook(_Detached.hook)]
+        handles += [parts.attn[dropped].register_forward_hook(Detached.hook),
+                    parts.mlp[dropped].register_forward_hook(Detached.hook)]
     try:
         with torch.enable_grad():
             logits = model(input_ids=ids.unsqueeze(0), logits_to_keep=1).logits[0, -1]

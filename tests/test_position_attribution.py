@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hydra_ablate_client.vocabulary import AblationKind, MetricName
+from tests.autograd_reference import capture_writes
 from tests.engine_fixtures import PromptSet, prompt_set, tiny_model_dir, tiny_models  # noqa: F401 (fixtures)
 from tests.oracle import (
     Ablation,
@@ -32,7 +33,7 @@ from tests.oracle import (
     run_model,
     run_model_positions,
 )
-from tests.test_attribution import _Detached, float64_copy
+from tests.test_attribution import float64_copy
 from worker.engine.attribution import run_attribution
 from worker.engine.errors import InputError
 from worker.engine.position_attribution import (
@@ -72,35 +73,7 @@ def _gradients_per_readout(
 ) -> list[dict[str, torch.Tensor]]:
     """For every read-out position q: ∂m_q/∂(every attn and mlp write, every out-projection input), (T, ·) each, by
     autograd on one forward pass of the model, with the writes of `dropped_layer` detached (GradDrop)."""
-    parts = locate_parts(model)
-    captured: dict[str, torch.Tensor] = {}
-    raw: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def keep(name: str) -> Any:
-        def hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
-            captured[name] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def keep_in(name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            captured[name] = args[0]
-
-        return hook
-
-    def keep_logits(_m: nn.Module, _a: tuple[Any, ...], output: torch.Tensor) -> None:
-        raw["logits"] = output
-
-    assert parts.lm_head is not None
-    handles.append(parts.lm_head.register_forward_hook(keep_logits))
-    for layer in range(parts.n_layers):
-        handles.append(parts.attn[layer].register_forward_hook(keep(f"attn.{layer}")))
-        handles.append(parts.mlp[layer].register_forward_hook(keep(f"mlp.{layer}")))
-        handles.append(parts.out_proj[layer].register_forward_pre_hook(keep_in(f"z.{layer}")))
-        if layer == dropped_layer:
-            handles.append(parts.attn[layer].register_forward_hook(_Detached.hook))
-            handles.append(parts.mlp[layer].register_forward_hook(_Detached.hook))
+    captured, raw, handles = capture_writes(locate_parts(model), dropped_layer)
     try:
         with torch.enable_grad():
             out = model(input_ids=ids.view(1, -1))

@@ -30,7 +30,8 @@ from service.core.store import JobStore
 from service.rendering.figures import render
 from service.rendering.parquet import from_parquet
 from tests.estimate_fixtures import assert_estimates_on_page
-from tests.test_api import TINY, TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
+from tests.refusals import Refusal, assert_refused, refusal_cases
+from tests.test_api import TINY, TWO, client, settings, store  # noqa: F401 (fixtures)
 from tests.test_estimate_jobs import _recall, _spearman
 from tests.test_stack_e2e import wait_terminal
 from worker.engine.position_attribution import run_position_attribution
@@ -38,7 +39,7 @@ from worker.engine.types import SweepInputs, SweepSpec
 
 PER_POSITION = {"model": "tiny", "prompts": TWO, "positions": "all", "measure_positions": "all", "ablation": "zero"}
 
-REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
+REFUSED: list[Refusal] = [
     (
         "too many backward passes",
         {"estimates": ["atp"], "max_tokens": 1100},
@@ -67,7 +68,7 @@ REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("body", "fragments", "field"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+@refusal_cases(REFUSED)
 def test_unsupported_position_estimates_are_a_422_naming_the_field(
     client: TestClient,  # noqa: F811
     store: JobStore,  # noqa: F811
@@ -75,9 +76,7 @@ def test_unsupported_position_estimates_are_a_422_naming_the_field(
     fragments: tuple[str, ...],
     field: str,
 ) -> None:
-    problem = assert_problem(client.post("/v1/jobs", json={**PER_POSITION, **body}), 422, *fragments)
-    assert problem["field"] == field
-    assert client.get("/v1/jobs").json()["total"] == 0
+    assert_refused(client, PER_POSITION, body, fragments, field)
 
 
 def test_the_bound_admits_the_rushing_nanda_preset_and_final_position_read_outs() -> None:

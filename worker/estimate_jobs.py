@@ -11,12 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
 
 import numpy as np
+from torch import nn
 
+from hydra_ablate_client.vocabulary import EstimateName
 from hydra_ablate_client.wire import EstimateCost, Estimates, JobSpec, PromptResult
 from worker.attribution_summary import exact_cost
 from worker.engine.attribution import MethodCost, run_attribution
+from worker.engine.clean import CleanRunCache
 from worker.engine.sweep import PhaseCallback, StopCheck
 from worker.engine.types import SweepInputs, SweepResult, SweepSpec
 from worker.job_runner import sweep_spec
@@ -59,6 +63,52 @@ def runs_per_component(spec: JobSpec) -> int:
     return spec.resample_samples * spec.source_seeds if spec.ablation == "resample" else 1
 
 
+class _Estimated(Protocol):
+    @property
+    def nodes(self) -> list[str]: ...
+
+
+EstimatedT_co = TypeVar("EstimatedT_co", bound=_Estimated, covariant=True)
+
+
+class EstimateEngine(Protocol[EstimatedT_co]):
+    """The engine's estimates of a sweep: `run_attribution` (final position) or `run_position_attribution`."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        spec: SweepSpec,
+        inputs: SweepInputs,
+        *,
+        estimates: tuple[EstimateName, ...],
+        clean_cache: CleanRunCache | None,
+        should_stop: StopCheck | None,
+    ) -> EstimatedT_co: ...
+
+
+def run_chunk_estimates(
+    engine: EstimateEngine[EstimatedT_co],
+    loaded: LoadedModel,
+    spec: JobSpec,
+    inputs: SweepInputs,
+    components: list[str],
+    should_stop: StopCheck | None,
+) -> EstimatedT_co:
+    """`engine`'s estimates of the job's methods on the chunk's inputs, on the clean runs its exact sweep left in the
+    model's cache; RuntimeError unless they are of the sweep's `components`, in its order."""
+    result = engine(
+        loaded.model,
+        sweep_spec(spec),
+        inputs,
+        estimates=tuple(spec.estimates),
+        clean_cache=loaded.clean_runs,
+        should_stop=should_stop,
+    )
+    if result.nodes != components:
+        raise RuntimeError(f"estimates of {result.nodes} for a sweep of {components}")
+    return result
+
+
 def estimate_chunk(
     loaded: LoadedModel,
     spec: JobSpec,
@@ -70,12 +120,7 @@ def estimate_chunk(
 ) -> ChunkEstimates:
     """The estimates of the chunk's measured prompts (those of `sweep`), on the clean runs the sweep left in the
     model's cache. `exact_seconds`: the sweep's time from its first ablated run on."""
-    result = run_attribution(
-        loaded.model, sweep_spec(spec), inputs, estimates=tuple(spec.estimates), clean_cache=loaded.clean_runs,
-        should_stop=should_stop,
-    )
-    if result.nodes != sweep.components:
-        raise RuntimeError(f"estimates of {result.nodes} for a sweep of {sweep.components}")
+    result = run_chunk_estimates(run_attribution, loaded, spec, inputs, sweep.components, should_stop)
     measured = {m.index: m for m in sweep.prompts}
     if sorted(measured) != sorted(p.index for p in result.prompts):
         raise RuntimeError("the estimates measured other prompts than the exact sweep")

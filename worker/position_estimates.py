@@ -20,8 +20,8 @@ from hydra_ablate_client.wire import EstimateCost, Estimates, JobSpec, PromptRes
 from worker.engine.position_attribution import PositionPromptEstimates, run_position_attribution
 from worker.engine.sweep import StopCheck
 from worker.engine.types import PositionSweepResult, SweepInputs
-from worker.estimate_jobs import chunk_costs
-from worker.job_runner import float32_bytes, sweep_spec
+from worker.estimate_jobs import chunk_costs, run_chunk_estimates
+from worker.job_runner import float32_bytes
 from worker.model_cache import LoadedModel
 
 
@@ -43,12 +43,7 @@ def estimate_position_chunk(
 ) -> PositionChunkEstimates:
     """The estimates of the chunk's prompts (`measure`, in the order of `sweep.prompts`), on the clean runs the sweep
     left in the model's cache. `exact_seconds`: the per-position sweep's time."""
-    result = run_position_attribution(
-        loaded.model, sweep_spec(spec), inputs, estimates=tuple(spec.estimates), clean_cache=loaded.clean_runs,
-        should_stop=should_stop,
-    )
-    if result.nodes != sweep.components:
-        raise RuntimeError(f"estimates of {result.nodes} for a sweep of {sweep.components}")
+    result = run_chunk_estimates(run_position_attribution, loaded, spec, inputs, sweep.components, should_stop)
     estimated = {p.index: p for p in result.prompts}
     by_index = {}
     for i, measures in zip(measure, sweep.prompts, strict=True):

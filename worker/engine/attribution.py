@@ -54,7 +54,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -344,6 +344,37 @@ class _Timer:
         return now
 
 
+class _JobSetup(NamedTuple):
+    readout: Readout  # the job's metric
+    timer: _Timer
+    clean: Callable[[torch.Tensor], CleanRun]  # a prompt's clean run, from the shared cache where it is there
+    started: float  # when the clean phase began (for `timer.add("clean", started)`)
+    sources: list[list[int]]  # each prompt's resample sources, as the exact engine draws them
+
+
+def _job_setup(
+    model: nn.Module,
+    arch: Architecture,
+    spec: SweepSpec,
+    inputs: SweepInputs,
+    clean_cache: CleanRunCache | None,
+    *,
+    all_positions: bool,
+    with_heads: bool,
+) -> _JobSetup:
+    """What `run_attribution` and the per-position `run_position_attribution` set up alike before their clean runs:
+    the metric's read-out, the phase timer, the clean-run function (shared with the exact engine through
+    `clean_cache`) and the resample sources, which make their estimates sit beside the exact engine's runs."""
+    readout = Readout(arch, spec.metric)
+    timer = _Timer()
+
+    def clean(ids: torch.Tensor) -> CleanRun:
+        return clean_run(model, arch, ids, all_positions=all_positions, with_heads=with_heads, cache=clean_cache)
+
+    started = time.perf_counter()
+    return _JobSetup(readout, timer, clean, started, job_sources(spec, inputs))
+
+
 def run_attribution(
     model: nn.Module,
     spec: SweepSpec,
@@ -377,14 +408,9 @@ def run_attribution(
     with_qk = any(n.site != "out" for n in nodes)
     star = "atp_star" in estimates
     all_positions = spec.positions == "all"
-    readout = Readout(arch, spec.metric)
-    timer = _Timer()
-
-    def clean(ids: torch.Tensor) -> CleanRun:
-        return clean_run(model, arch, ids, all_positions=all_positions, with_heads=with_heads, cache=clean_cache)
-
-    started = time.perf_counter()
-    sources = job_sources(spec, inputs)
+    readout, timer, clean, started, sources = _job_setup(
+        model, arch, spec, inputs, clean_cache, all_positions=all_positions, with_heads=with_heads
+    )
     candidates = list(range(len(inputs.token_ids))) if inputs.measure_indices is None else list(inputs.measure_indices)
     runs = {i: clean(inputs.token_ids[i]) for i in candidates}
     measured = _correct_only(candidates, runs, inputs.target_ids) if spec.only_correct else candidates

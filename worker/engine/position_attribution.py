@@ -52,6 +52,7 @@ from worker.engine.attribution import (
     _deltas,
     _flat,
     _graddrop,
+    _job_setup,
     _mean_rows,
     _node_columns,
     _out_terms,
@@ -69,9 +70,7 @@ from worker.engine.sweep import (
     ProgressCallback,
     StopCheck,
     SweepCancelled,
-    clean_run,
     complete_clean_runs,
-    job_sources,
 )
 from worker.engine.types import SweepInputs, SweepSpec
 
@@ -168,14 +167,9 @@ def run_position_attribution(
     # The clean runs the per-position sweep makes (and caches): with the heads' inputs also for the head basis.
     with_heads = with_head_rows or spec.response_basis == "heads"
     star = "atp_star" in estimates
-    readout = Readout(arch, spec.metric)
-    timer = _Timer()
-
-    def clean(ids: torch.Tensor) -> CleanRun:
-        return clean_run(model, arch, ids, all_positions=True, with_heads=with_heads, cache=clean_cache)
-
-    started = time.perf_counter()
-    sources = job_sources(spec, inputs)
+    readout, timer, clean, started, sources = _job_setup(
+        model, arch, spec, inputs, clean_cache, all_positions=True, with_heads=with_heads
+    )
     measured = list(range(len(inputs.token_ids))) if inputs.measure_indices is None else list(inputs.measure_indices)
     runs: dict[int, CleanRun] = {}
     mean_acts = complete_clean_runs(
