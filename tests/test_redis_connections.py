@@ -66,7 +66,7 @@ def test_a_read_on_an_idle_connection_works_while_redis_cannot_persist(faulty: F
 
 
 def test_the_asyncio_client_reads_on_an_idle_connection_while_redis_cannot_persist(faulty: FaultyRedis) -> None:
-    async def read_after_idle() -> bytes | None:
+    async def read_after_idle() -> object:
         client = redis.asyncio.Redis.from_url(
             faulty.url, health_check_interval=CHECK_S, connection_class=connection_class(faulty.url, asyncio=True)
         )
