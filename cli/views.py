@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from cli.estimate_views import attribution_lines
+from cli.estimate_views import attribution_lines, error_lines
 from cli.patch_views import patch_result_view
 from hydra_ablate_client.wire import (
     ComponentSummary,
@@ -390,7 +390,8 @@ def paper_lines(summary: Summary) -> list[str]:
 
 def estimate_lines(summary: Summary) -> list[str]:
     """Jobs with estimates: per method its rank agreement with the exact effects, its recall of the exact top-k and
-    how much faster than the exact engine it ran (its own work per prompt). Each line fits 80 columns."""
+    how much faster than the exact engine it ran (its own work per prompt), then how much of each component's miss
+    goes with the compensatory effect (cli/estimate_views.error_lines). Each line fits 80 columns."""
     block = summary.attribution
     if block is None:
         return []
@@ -400,7 +401,7 @@ def estimate_lines(summary: Summary) -> list[str]:
         v = block.verification
         lines.append(f"  verified {len(v.verified)} of {len(v.components)} components exactly; agreement over those")
         lines.append(f"  (the top {v.top} by |mean {v.ranked_by}|, {v.random} more drawn with seed {v.seed})")
-    return lines
+    return lines + error_lines(block, unit)
 
 
 def result_view(result: JobResult, width: int | None = None, wide: bool = False) -> Group:

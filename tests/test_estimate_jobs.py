@@ -21,6 +21,7 @@ import pytest
 import torch
 from litestar.testing import TestClient
 from PIL import Image
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hydra_ablate_client import HydraClient
@@ -32,7 +33,15 @@ from service.rendering.figures import render
 from service.rendering.parquet import from_parquet
 from tests import estimate_fixtures
 from tests.checks import present
-from tests.estimate_fixtures import EXACT_FIELDS, JOB, METHODS, PROMPTS, assert_estimates_on_page, run_job
+from tests.estimate_fixtures import (
+    EXACT_FIELDS,
+    JOB,
+    METHODS,
+    PROMPTS,
+    assert_errors_in_lines,
+    assert_estimates_on_page,
+    run_job,
+)
 from tests.refusals import Refusal, assert_refused, refusal_cases
 from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.engine.attribution import run_attribution
@@ -234,6 +243,17 @@ def test_an_estimates_job_matches_the_engine_and_the_plain_job_and_exports_and_d
     assert sum(line.startswith(f"  {m} ") for line in lines for m in METHODS) == 3
     assert all(len(line) <= 80 for line in lines)
     assert not any("estimates" in line for line in summary_lines(plain))
+    # … and how much of each method's miss is compensation: the result's `errors`, in lines of 80 columns that an
+    # 80-column terminal prints unbroken.
+    assert_errors_in_lines(lines, block)
+    from cli.views import result_view
+
+    console = Console(width=80, record=True, color_system=None)
+    console.print(result_view(result, width=80))
+    printed = [line.rstrip() for line in console.export_text().splitlines()]
+    assert all(len(line) <= 80 for line in printed)
+    assert all(line in printed for line in lines if line.startswith("    ")), "an error row was wrapped"
+    assert not any("how much of the miss" in line for line in summary_lines(plain))
 
     # The job page shows the same agreement per prompt, each method's cost and largest misses; none for the plain job.
     page = httpx.get(f"{live_url}/ui/jobs/{result.id}").raise_for_status().text

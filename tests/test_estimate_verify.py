@@ -26,7 +26,15 @@ from service.core.settings import Settings
 from service.core.store import JobStore
 from tests import estimate_fixtures
 from tests.checks import present
-from tests.estimate_fixtures import EXACT_FIELDS, JOB, METHODS, PROMPTS, assert_estimates_on_page, run_job
+from tests.estimate_fixtures import (
+    EXACT_FIELDS,
+    JOB,
+    METHODS,
+    PROMPTS,
+    assert_errors_in_lines,
+    assert_estimates_on_page,
+    run_job,
+)
 from tests.numbers import assert_same_numbers
 from tests.test_api import TWO, assert_problem, client, settings, store  # noqa: F401 (fixtures)
 from worker.attribution_summary import verification_set
@@ -158,6 +166,7 @@ def test_a_verify_job_equals_the_estimates_job_and_the_plain_job_of_its_verified
     lines = summary_lines(result)
     assert f"  verified {len(verified)} of {len(every)} components exactly" in "\n".join(lines)
     assert all(len(line) <= 80 for line in lines)
+    assert_errors_in_lines(lines, present(result.summary.attribution))  # over the verified components
 
     # So does the job page, above the same agreement table as any job with estimates.
     page = httpx.get(f"{live_url}/ui/jobs/{result.id}").raise_for_status().text

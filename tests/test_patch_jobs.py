@@ -472,6 +472,7 @@ def test_a_patching_job_with_estimates_serves_the_engines_numbers(
     for method in ("atp", "atp_qkfix", "atp_star"):  # one unbroken line each in 80 columns
         assert re.search(rf"^  {method} +ρ [^\n]*; top-\d+ [^\n]*; [^\n]*exact *$", shown, re.MULTILINE), shown
     assert "estimated patching score per site" in shown
+    assert "how much of the miss" not in shown  # patching measures no compensatory effect: no errors to show
     assert all(site in shown for site in ESTIMATED_SITES)
 
     # The job page shows the same agreement per pair, each method's cost and its largest misses.

@@ -29,7 +29,8 @@ from service.core.settings import Settings
 from service.core.store import JobStore
 from service.rendering.figures import render
 from service.rendering.parquet import from_parquet
-from tests.estimate_fixtures import assert_estimates_on_page
+from tests.checks import present
+from tests.estimate_fixtures import assert_errors_in_lines, assert_estimates_on_page
 from tests.refusals import Refusal, assert_refused, refusal_cases
 from tests.test_api import TINY, TWO, client, settings, store  # noqa: F401 (fixtures)
 from tests.test_estimate_jobs import _recall, _spearman
@@ -253,6 +254,7 @@ def test_a_per_position_estimates_job_matches_the_engine_and_the_plain_job(
     assert any("Spearman ρ per pair" in line for line in lines)
     assert sum(line.startswith(f"  {m} ") for line in lines for m in METHODS) == 3
     assert all(len(line) <= 80 for line in lines)
+    assert_errors_in_lines(lines, present(result.summary.attribution), "pair")  # the error on CE across pairs
 
     # The job page shows the same agreement as the summary: per method, over the (prompt, position) pairs, with each
     # method's cost and its largest misses at their positions; the plain job's page has no such section.

@@ -1,6 +1,7 @@
 """What a job page shows of a job's attribution-patching estimates: per method its agreement with the exact effect
-(rank correlations, recall of the exact top-k, mean |error|) beside its cost, the largest misses, and what a
-verification set or a per-position job changes in how to read them.
+(rank correlations, recall of the exact top-k, mean |error|) beside its cost, the largest misses, how much of each
+component's miss goes with the compensatory effect (the result's `errors`), and what a verification set or a
+per-position job changes in how to read them.
 
 One view model for every kind of job with estimates: a final-position ablation job (`summary.attribution`, rows
 per prompt), a patching job (`patching.attribution`, rows per pair) and a per-position ablation job
@@ -11,18 +12,21 @@ shows what the result carries, as `hydra-ablate result` does (cli/estimate_views
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from hydra_ablate_client.wire import (
     AttributionSummary,
     EstimateAgreement,
     EstimateCost,
+    EstimateError,
     EstimateMiss,
     JobResult,
     Verification,
 )
 
 MISSES_SHOWN = 5  # per method; the result carries up to 10 (the JSON download has them all)
+ERRORS_SHOWN = 10  # components per method, by |mean error|; the result carries every component's
 LABELS = {"atp": "AtP", "atp_qkfix": "AtP (QK fix)", "atp_star": "AtP*"}
 # What each method is compared with (EstimateAgreement.compared_with), in words: an ablation job's total effect; a
 # patching job's exact effect of the patch (patched − base metric), under the same two names.
@@ -42,6 +46,12 @@ class MethodRow:
 class MissRow:
     label: str  # the method's
     miss: EstimateMiss
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    label: str  # the method's
+    error: EstimateError
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,12 @@ class EstimateTable:
     misses_carried: int  # the most misses any method carries
     per_position: PerPosition | None
     verification: Verification | None  # jobs with verify: agreement and cost cover the verified components only
+    # Per method, the components with the largest |mean error| (estimate − exact) beside TE, CE and the norm's
+    # response, with the error regressed on CE; empty for patching jobs (no CE).
+    errors: list[ErrorRow]
+    errors_shown: int  # the most components shown per method
+    errors_carried: int  # the components per method the result carries
+    ci_level: float | None  # the slope intervals' level (the service's, one for every fit); None without errors
 
 
 def attribution_of(result: JobResult) -> AttributionSummary | None:
@@ -73,7 +89,20 @@ def attribution_of(result: JobResult) -> AttributionSummary | None:
     return result.patching.attribution if result.patching is not None else result.summary.attribution
 
 
-def estimate_table(result: JobResult, misses_shown: int = MISSES_SHOWN) -> EstimateTable | None:
+def largest_errors(errors: list[EstimateError], shown: int) -> list[EstimateError]:
+    """Per method, in the result's method order, its `shown` components with the largest |mean error| (ties: the
+    result's component order)."""
+    methods = list(dict.fromkeys(e.method for e in errors))
+    return [
+        e
+        for method in methods
+        for e in sorted((e for e in errors if e.method == method), key=lambda e: -abs(e.error_mean))[:shown]
+    ]
+
+
+def estimate_table(
+    result: JobResult, misses_shown: int = MISSES_SHOWN, errors_shown: int = ERRORS_SHOWN
+) -> EstimateTable | None:
     """The page's view of the job's estimates; None for a job without them."""
     block = attribution_of(result)
     if block is None or not block.agreement:
@@ -94,6 +123,8 @@ def estimate_table(result: JobResult, misses_shown: int = MISSES_SHOWN) -> Estim
         )
     ks = {a.k for a in block.agreement}
     carried = max(len(a.largest_misses) for a in block.agreement)
+    per_method = Counter(e.method for e in block.errors)
+    errors = largest_errors(block.errors, errors_shown)
     return EstimateTable(
         unit="(prompt, position) pair" if per_position else "pair" if patching else "prompt",
         item="Pair" if patching else "Prompt",
@@ -112,4 +143,8 @@ def estimate_table(result: JobResult, misses_shown: int = MISSES_SHOWN) -> Estim
         misses_carried=carried,
         per_position=per_position,
         verification=block.verification,
+        errors=[ErrorRow(LABELS.get(e.method, e.method), e) for e in errors],
+        errors_shown=min(errors_shown, max(per_method.values(), default=0)),
+        errors_carried=max(per_method.values(), default=0),
+        ci_level=errors[0].error_vs_ce.ci_level if errors else None,
     )
