@@ -232,6 +232,9 @@ def test_the_lab_day_in_a_browser(
     estimated = finished_via_api(base_url, {"model": "tiny-llama", "prompts": towns, "components": ["attn", "mlp"],
                                             "estimates": ["atp"], "resample_samples": 2})  # fmt: skip
     assert "estimates" in figures_load(driver, base_url, estimated)
+    tables = [t.get_attribute("id") for t in driver.find_elements(By.CSS_SELECTOR, "#estimates table")]
+    assert tables == ["estimates-table", "estimates-misses", "estimates-errors"], tables
+    full_page_screenshot(driver, shots / "estimates-job.png")
     driver.get(f"{base_url}/ui/jobs")
     for job_id in (first, third):
         driver.find_element(By.CSS_SELECTOR, f'input[name=ids][value="{job_id}"]').click()
