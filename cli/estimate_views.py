@@ -5,6 +5,8 @@ compensatory effect (the result's `errors`, as the job page's table shows them).
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hydra_ablate_client.wire import AttributionSummary, EstimateError
 from service.rendering.estimate_table import largest_errors
 
@@ -58,9 +60,7 @@ def error_lines(block: AttributionSummary | None, unit: str = "prompt", shown: i
     if block is None or not block.errors:
         return []
     rows = largest_errors(block.errors, shown)
-    carried = {e.method: 0 for e in block.errors}
-    for e in block.errors:
-        carried[e.method] += 1
+    carried = Counter(e.method for e in block.errors)  # components per method, in the result's method order
     level = f"{rows[0].error_vs_ce.ci_level:.0%}"
     name = max(9, *(len(e.component) for e in rows))
     lines = [
